@@ -1,0 +1,411 @@
+//! The per-job, per-node energy manifest: ergond writes one JSON file per job per node into
+//! its spool when the job ends; the accounting tool reads them, merges a job's nodes and
+//! records the result in sacct and the site's data store.
+//!
+//! The manifest is the durable record of a measurement, so it says not only how much
+//! energy a job used but how that number was obtained: which sensors and methods, how much
+//! of the job's time was covered, what was left unattributed. Every field is documented
+//! below; `protocol/manifest.schema.json` is the same description as a JSON Schema.
+//!
+//! # Conventions
+//!
+//! - Energies are joules (`_j`), powers watts (`_w`), times nanoseconds since the Unix
+//!   epoch (`_unix_ns`) or seconds (`_s`).
+//! - A quantity that was not measured (no such sensor on the node, or the sensor is not
+//!   supported) is `null`, never `0`.
+//! - Every field is always present (absent optional values are written as `null`).
+//!
+//! # Content hash
+//!
+//! [`Manifest::content_hash`] is `"sha256:<64 lowercase hex>"` of the compact JSON
+//! serialisation (`serde_json::to_vec`) of the manifest with `content_hash` set to `""`. The
+//! hash is over *ergon's own* serialisation: a reader parses the file (which may be
+//! pretty-printed) into [`Manifest`], re-serialises it and hashes that. This is exact because
+//! field order is fixed by the struct definitions, there are no maps with unordered keys,
+//! and floats survive the round trip bit for bit (serde_json is built with
+//! `float_roundtrip`; [`Manifest::to_json`] refuses values such as NaN that JSON cannot
+//! carry). A consequence: a reader can only verify manifests of its own schema version,
+//! so any added field bumps [`MANIFEST_SCHEMA_VERSION`].
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::wire::StepId;
+
+/// The manifest schema this build writes and reads.
+pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+
+/// Why a manifest could not be read, written or trusted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The manifest's schema version is not the one this build understands.
+    #[error("manifest schema version {got} is not supported (this build reads version {supported}); use an ergon release that matches the ergond that wrote it")]
+    UnsupportedSchema {
+        /// The manifest's `schema_version`.
+        got: u32,
+        /// [`MANIFEST_SCHEMA_VERSION`].
+        supported: u32,
+    },
+    /// The text is not valid JSON or does not have the manifest's shape.
+    #[error("manifest is not valid JSON of the expected shape: {0}; the file may be truncated or not an ergon manifest")]
+    Json(#[from] serde_json::Error),
+    /// The manifest has no content hash (it was never sealed).
+    #[error(
+        "manifest has no content hash; it was not written by ergond (seal it with Manifest::seal)"
+    )]
+    NotSealed,
+    /// The content does not match its hash: the file was modified after ergond wrote it.
+    #[error("manifest content hash mismatch: it says {expected} but the content hashes to {computed}; the file was modified or corrupted after it was written")]
+    HashMismatch {
+        /// The hash stored in the manifest.
+        expected: String,
+        /// The hash of the content as read.
+        computed: String,
+    },
+    /// The manifest holds a value JSON cannot carry exactly (a NaN or infinite float), so
+    /// it would not read back as written.
+    #[error("manifest cannot be written: {0}")]
+    NotRepresentable(String),
+}
+
+/// One job's energy on one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_SCHEMA_VERSION`] for manifests this build writes. Read first, so
+    /// that a manifest from another version fails clearly.
+    pub schema_version: u32,
+    /// Slurm cluster name (`ClusterName` in slurm.conf).
+    pub cluster: String,
+    /// The node this manifest covers, as Slurm names it.
+    pub node: String,
+    /// Who and what the job is.
+    pub job: JobInfo,
+    /// When the job started on this node.
+    pub start_unix_ns: u64,
+    /// When the job ended on this node.
+    pub end_unix_ns: u64,
+    /// `end - start` in seconds, for readers that do not want to subtract nanoseconds.
+    pub duration_s: f64,
+    /// Energy per step, in step start order.
+    pub steps: Vec<StepEnergy>,
+    /// Energy per GPU allocated to the job on this node.
+    pub gpus: Vec<GpuEnergy>,
+    /// The job's share of each CPU socket's energy.
+    pub sockets: Vec<SocketEnergy>,
+    /// The job's totals on this node.
+    pub totals: Totals,
+    /// What the whole node used over the job's interval, for context.
+    pub node_context: NodeContext,
+    /// How much of the job's interval the readings cover.
+    pub coverage: Coverage,
+    /// How energy was attributed to the job.
+    pub attribution: AttributionInfo,
+    /// The sensors the numbers come from.
+    pub sensors: Vec<SensorInfo>,
+    /// A downsampled power trace, for plots.
+    pub trace: PowerTrace,
+    /// `"sha256:<hex>"`; see the [module documentation](self#content-hash).
+    pub content_hash: String,
+}
+
+/// The job's identity and ownership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Slurm job id (for an array task, the task's own id).
+    pub job_id: u32,
+    /// The array's job id, for a task of a job array.
+    pub array_job_id: Option<u32>,
+    /// The task's index in its array.
+    pub array_task_id: Option<u32>,
+    /// The owner's user name.
+    pub user: String,
+    /// The owner's uid.
+    pub uid: u32,
+    /// Slurm account charged.
+    pub account: Option<String>,
+    /// Slurm partition.
+    pub partition: Option<String>,
+}
+
+/// Energy of one step on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEnergy {
+    /// The step, as Slurm prints it: `"batch"`, `"extern"`, `"interactive"`, `"0"`, …
+    pub step: StepId,
+    /// When the step started.
+    pub start_unix_ns: u64,
+    /// When the step ended (the job's end if the step's end was not seen).
+    pub end_unix_ns: u64,
+    /// Total energy attributed to the step: the sum of the measured components.
+    pub energy_j: f64,
+    /// GPU energy; `null` if not measured.
+    pub gpu_j: Option<f64>,
+    /// CPU package energy; `null` if not measured.
+    pub cpu_j: Option<f64>,
+    /// DRAM energy; `null` if not measured.
+    pub dram_j: Option<f64>,
+}
+
+/// How an energy figure was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergyMethod {
+    /// Difference of a cumulative hardware energy counter (NVML total energy, RAPL): the
+    /// preferred, exact method.
+    Counter,
+    /// Power samples integrated over time: a fallback where no counter exists.
+    IntegratedPower,
+    /// Estimated (e.g. a gap filled by interpolation).
+    Estimated,
+}
+
+/// Energy of one GPU over the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuEnergy {
+    /// NVML UUID (`GPU-…`), stable across reboots and renumbering.
+    pub uuid: String,
+    /// Slurm's GPU index (gres.conf order, as in `SLURM_JOB_GPUS`).
+    pub index: u32,
+    /// `/dev/nvidiaN` device minor, if known.
+    pub minor: Option<u32>,
+    /// PCI bus id (`00000000:3B:00.0`), if known.
+    pub pci_bus_id: Option<String>,
+    /// Energy attributed to the job.
+    pub energy_j: f64,
+    /// Average power over the job.
+    pub avg_w: f64,
+    /// Highest power sample seen.
+    pub peak_w: f64,
+    /// How `energy_j` was obtained.
+    pub method: EnergyMethod,
+    /// Whether the GPU was shared with other jobs (then `energy_j` is a share, not the
+    /// device's whole energy).
+    pub shared: bool,
+}
+
+/// How a socket's energy was shared among the jobs on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareMethod {
+    /// In proportion to each job's cgroup CPU time on the socket's CPUs.
+    CgroupCpuTime,
+    /// In proportion to the cores allocated to each job (when CPU time was unavailable).
+    AllocatedCores,
+}
+
+/// The job's share of one CPU socket's energy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketEnergy {
+    /// Physical package id (`/sys/devices/system/cpu/cpuN/topology/physical_package_id`).
+    pub socket: u32,
+    /// The job's share of the package energy.
+    pub package_j: f64,
+    /// The job's share of the DRAM energy; `null` where RAPL has no DRAM domain.
+    pub dram_j: Option<f64>,
+    /// How the socket's energy was measured.
+    pub method: EnergyMethod,
+    /// How the socket's energy was shared among jobs.
+    pub share_method: ShareMethod,
+}
+
+/// The job's totals on this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    /// All energy attributed to the job: the sum of the measured components.
+    pub energy_j: f64,
+    /// GPU energy; `null` if not measured.
+    pub gpu_j: Option<f64>,
+    /// CPU package energy; `null` if not measured.
+    pub cpu_j: Option<f64>,
+    /// DRAM energy; `null` if not measured.
+    pub dram_j: Option<f64>,
+    /// `energy_j` divided by the job's duration.
+    pub avg_w: f64,
+    /// Highest total power over the trace's intervals.
+    pub peak_w: f64,
+}
+
+/// The node's energy over the job's interval, so that a job's share can be judged.
+///
+/// Conservation: the energies of all jobs on the node + `idle_j` + `unattributed_j` =
+/// `node_energy_j`, over the sensors listed in [`Manifest::sensors`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeContext {
+    /// Total energy the node's sensors measured over the job's interval.
+    pub node_energy_j: f64,
+    /// Part of it attributed to idle (GPUs and CPUs not allocated to any job).
+    pub idle_j: f64,
+    /// Part of it that could not be attributed to any job or to idle.
+    pub unattributed_j: f64,
+}
+
+/// How completely the readings cover the job's interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Fraction of the interval covered by readings, `0.0..=1.0`.
+    pub fraction: f64,
+    /// The intervals without readings.
+    pub gaps: Vec<Gap>,
+}
+
+/// An interval without readings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    /// Start of the gap.
+    pub start_unix_ns: u64,
+    /// End of the gap.
+    pub end_unix_ns: u64,
+    /// Why (e.g. `"ergond restarted"`, `"nvml read failed"`).
+    pub reason: String,
+    /// Whether the gap's energy was recovered from a cumulative counter read after it
+    /// (the total is then exact, only the trace has a hole).
+    pub recovered: bool,
+}
+
+/// The attribution model used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttributionInfo {
+    /// Model name, e.g. `"exclusive-gpu+cgroup-cpu-time"`.
+    pub model: String,
+    /// Model version, bumped whenever the attribution rules change.
+    pub version: u32,
+    /// Whether any part of the figures is estimated rather than measured.
+    pub estimated: bool,
+}
+
+/// A kind of sensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SensorKind {
+    /// NVIDIA GPUs through NVML.
+    Nvml,
+    /// RAPL through `perf_event_open` (the `power` PMU).
+    RaplPerf,
+    /// RAPL through `/sys/class/powercap`.
+    RaplPowercap,
+    /// CPU time from cgroup accounting (`cpuacct.usage`, `cpu.stat`).
+    Cgroup,
+}
+
+/// A sensor the numbers come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SensorInfo {
+    /// Which kind.
+    pub kind: SensorKind,
+    /// Its version: NVIDIA driver / NVML version, kernel release, cgroup version.
+    pub version: String,
+    /// Free-form detail, e.g. the zones or devices read.
+    pub detail: String,
+}
+
+/// A downsampled power trace: one sample per `interval_ms` per series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PowerTrace {
+    /// Time between samples.
+    pub interval_ms: u32,
+    /// Time of each series' first sample.
+    pub start_unix_ns: u64,
+    /// One series per device.
+    pub series: Vec<TraceSeries>,
+}
+
+/// The power of one device over time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceSeries {
+    /// Device name: `"gpu0"` (Slurm index), `"socket0"`, `"dram0"`.
+    pub name: String,
+    /// Average power over each interval, watts (attributed to the job).
+    pub watts: Vec<f32>,
+}
+
+/// Only `schema_version`, read before the rest so a newer manifest fails clearly.
+#[derive(Deserialize)]
+struct SchemaProbe {
+    schema_version: u32,
+}
+
+impl Manifest {
+    /// The hash this manifest's content has: `"sha256:<hex>"` of its canonical JSON with
+    /// `content_hash` set to `""`.
+    pub fn compute_hash(&self) -> String {
+        let mut unsealed = self.clone();
+        unsealed.content_hash = String::new();
+        let canonical =
+            serde_json::to_vec(&unsealed).expect("a Manifest always serialises to JSON");
+        let digest = Sha256::digest(&canonical);
+        let mut out = String::with_capacity(7 + 64);
+        out.push_str("sha256:");
+        for byte in digest {
+            out.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
+            out.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
+        }
+        out
+    }
+
+    /// Set `content_hash` to the hash of the current content. Call it last, after every
+    /// other field is final.
+    pub fn seal(&mut self) {
+        self.content_hash = self.compute_hash();
+    }
+
+    /// Check that `content_hash` matches the content.
+    pub fn verify(&self) -> Result<(), ManifestError> {
+        if self.content_hash.is_empty() {
+            return Err(ManifestError::NotSealed);
+        }
+        let computed = self.compute_hash();
+        if computed != self.content_hash {
+            return Err(ManifestError::HashMismatch {
+                expected: self.content_hash.clone(),
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// Parse a manifest and verify its hash.
+    ///
+    /// `schema_version` is checked before the rest, so a manifest from another version gives
+    /// [`ManifestError::UnsupportedSchema`] rather than a shape error.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let manifest = Self::from_json_unverified(bytes)?;
+        manifest.verify()?;
+        Ok(manifest)
+    }
+
+    /// Parse a manifest without verifying its hash, e.g. to show a damaged one with a
+    /// warning. The schema version is still checked.
+    pub fn from_json_unverified(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let probe: SchemaProbe = serde_json::from_slice(bytes)?;
+        if probe.schema_version != MANIFEST_SCHEMA_VERSION {
+            return Err(ManifestError::UnsupportedSchema {
+                got: probe.schema_version,
+                supported: MANIFEST_SCHEMA_VERSION,
+            });
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// The manifest as pretty-printed JSON with a trailing newline, ready to be written to
+    /// the spool.
+    ///
+    /// Fails with [`ManifestError::NotRepresentable`] if the manifest would not read back
+    /// exactly as it is (JSON has no NaN or infinity; serde_json would write `null`), since
+    /// then its hash could never be verified.
+    pub fn to_json(&self) -> Result<Vec<u8>, ManifestError> {
+        let mut out = serde_json::to_vec_pretty(self)?;
+        out.push(b'\n');
+        let back: Manifest = serde_json::from_slice(&out).map_err(|e| {
+            ManifestError::NotRepresentable(format!(
+                "it does not read back: {e}; is a value NaN or infinite?"
+            ))
+        })?;
+        if &back != self {
+            return Err(ManifestError::NotRepresentable(
+                "it does not read back identically; is a value NaN or infinite?".to_owned(),
+            ));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,494 @@
+//! The sacct record: one short `ergon1 key=value …` segment in a sacct comment field.
+//!
+//! The accounting tool stores each job's energy in a Slurm comment field (`AdminComment` by
+//! default) with `sacctmgr modify job`, so that `sacct -o JobID,AdminComment` shows it.
+//! Three facts about Slurm 22.05 shape the format:
+//!
+//! - sacctmgr lowercases the value, so the encoding is lowercase only and reads back
+//!   unchanged;
+//! - a `"` truncates the value, so the encoding has no quotes (it is plain ASCII:
+//!   letters, digits, `=`, `.` and spaces);
+//! - other tools (Princeton's jobstats) write the same field, so ours is one segment that
+//!   is merged in without touching any other byte.
+//!
+//! # Format
+//!
+//! ```text
+//! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000> h=<hex>
+//! ```
+//!
+//! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
+//! decimals, `h` the first 12 hex digits of the job's content hash. `other` appears only when
+//! [`JobRecord::other_j`] is set. Decoding ignores keys it does not know (a later `ergon1`
+//! writer may add some) and fails on a missing required key, naming it. A change that older
+//! readers would misread becomes `ergon2`.
+//!
+//! # Segments in a field
+//!
+//! An ergon segment starts with `ergon1 ` either at the start of the field or right after
+//! `"; "`, and runs to the next `;` or the end of the field. [`merge_into_field`] replaces
+//! the segment if there is one (even one that no longer decodes: it is ours) and otherwise
+//! appends `"; "` + segment to foreign content, or writes the segment alone into an empty
+//! field. Everything else in the field is left byte for byte as it was.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The tag that starts every segment of this format.
+const TAG: &str = "ergon1";
+
+/// Length of the hash prefix stored in the record.
+pub const HASH_PREFIX_LEN: usize = 12;
+
+/// A job's energy as stored in sacct: the job's totals across all its nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Total energy, joules (`e`).
+    pub energy_j: u64,
+    /// GPU energy, joules (`gpu`).
+    pub gpu_j: u64,
+    /// CPU package energy, joules (`cpu`).
+    pub cpu_j: u64,
+    /// DRAM energy, joules (`dram`).
+    pub dram_j: u64,
+    /// Energy in no component above (e.g. a node-level meter), joules (`other`); written
+    /// only when set.
+    pub other_j: Option<u64>,
+    /// Average power, watts, kept to one decimal (`avgw`).
+    pub avg_w: f64,
+    /// Peak power, watts, kept to one decimal (`peakw`).
+    pub peak_w: f64,
+    /// Number of GPUs allocated, all nodes (`ngpu`).
+    pub gpus: u32,
+    /// Number of nodes (`nodes`).
+    pub nodes: u32,
+    /// Fraction of the job covered by readings, `0..=1`, kept to three decimals (`cov`).
+    pub coverage: f64,
+    /// First 12 lowercase hex digits of the job's content hash (`h`); see
+    /// [`JobRecord::short_hash`].
+    pub hash: String,
+}
+
+/// Why a segment could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The text does not start with `ergon1 `.
+    #[error("not an ergon record: expected it to start with \"ergon1 \", found {0:?}")]
+    NotErgon(String),
+    /// A required key is absent.
+    #[error("ergon record is missing the required key {0:?}; it was truncated or written by an incompatible ergon")]
+    MissingKey(&'static str),
+    /// A key appears twice.
+    #[error("ergon record has the key {0:?} twice")]
+    DuplicateKey(String),
+    /// A token that is not `key=value`.
+    #[error("ergon record has the malformed token {0:?}; expected key=value")]
+    MalformedToken(String),
+    /// A value of the wrong form for its key.
+    #[error("ergon record has an invalid value for {key:?}: {value:?} ({expected})")]
+    InvalidValue {
+        /// The key.
+        key: &'static str,
+        /// The value found.
+        value: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+}
+
+/// Round a finite, non-negative float to `decimals` places exactly as encoding does;
+/// anything else becomes 0.
+fn round_to(x: f64, decimals: usize) -> f64 {
+    if !x.is_finite() || x <= 0.0 {
+        return 0.0;
+    }
+    format!("{x:.decimals$}").parse().unwrap_or(0.0)
+}
+
+fn normalize_hash(hash: &str) -> String {
+    hash.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .take(HASH_PREFIX_LEN)
+        .collect()
+}
+
+impl JobRecord {
+    /// The record as [`JobRecord::decode`] will give it back from [`JobRecord::encode`]:
+    /// `avg_w`/`peak_w` rounded to one decimal and `coverage` to three (as `format!` rounds),
+    /// negative or non-finite powers set to 0, coverage clamped to `0..=1` (NaN to 0), and
+    /// `hash` reduced to its first 12 hex digits, lowercased.
+    pub fn normalized(&self) -> JobRecord {
+        let coverage = if self.coverage.is_nan() {
+            0.0
+        } else {
+            self.coverage.clamp(0.0, 1.0)
+        };
+        JobRecord {
+            avg_w: round_to(self.avg_w, 1),
+            peak_w: round_to(self.peak_w, 1),
+            coverage: round_to(coverage, 3),
+            hash: normalize_hash(&self.hash),
+            ..self.clone()
+        }
+    }
+
+    /// The 12-digit prefix stored in `h` for a manifest or job content hash such as
+    /// `"sha256:9f86d081884c…"`.
+    pub fn short_hash(content_hash: &str) -> String {
+        let hex = content_hash.strip_prefix("sha256:").unwrap_or(content_hash);
+        normalize_hash(hex)
+    }
+
+    /// The segment text. Always lowercase ASCII without `"` or `;`; see the
+    /// [module documentation](self#format) and [`JobRecord::normalized`] for the rounding.
+    pub fn encode(&self) -> String {
+        let r = self.normalized();
+        let mut out = String::with_capacity(128);
+        // Writing to a String cannot fail.
+        let _ = write!(
+            out,
+            "{TAG} e={} gpu={} cpu={} dram={}",
+            r.energy_j, r.gpu_j, r.cpu_j, r.dram_j
+        );
+        if let Some(other) = r.other_j {
+            let _ = write!(out, " other={other}");
+        }
+        let _ = write!(
+            out,
+            " avgw={:.1} peakw={:.1} ngpu={} nodes={} cov={:.3} h={}",
+            r.avg_w, r.peak_w, r.gpus, r.nodes, r.coverage, r.hash
+        );
+        out
+    }
+
+    /// Parse a segment produced by [`JobRecord::encode`] (surrounding whitespace allowed).
+    /// Unknown keys are ignored.
+    pub fn decode(text: &str) -> Result<JobRecord, RecordError> {
+        let mut tokens = text.split_ascii_whitespace();
+        if tokens.next() != Some(TAG) {
+            return Err(RecordError::NotErgon(text.chars().take(40).collect()));
+        }
+        const KEYS: [&str; 11] = [
+            "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
+        ];
+        let mut values: [Option<&str>; 11] = [None; 11];
+        for token in tokens {
+            let (key, value) = token
+                .split_once('=')
+                .ok_or_else(|| RecordError::MalformedToken(token.to_owned()))?;
+            if let Some(i) = KEYS.iter().position(|k| *k == key) {
+                if values[i].replace(value).is_some() {
+                    return Err(RecordError::DuplicateKey(key.to_owned()));
+                }
+            }
+        }
+        let get = |i: usize| values[i].ok_or(RecordError::MissingKey(KEYS[i]));
+        let record = JobRecord {
+            energy_j: parse_int(KEYS[0], get(0)?)?,
+            gpu_j: parse_int(KEYS[1], get(1)?)?,
+            cpu_j: parse_int(KEYS[2], get(2)?)?,
+            dram_j: parse_int(KEYS[3], get(3)?)?,
+            other_j: values[4].map(|v| parse_int(KEYS[4], v)).transpose()?,
+            avg_w: parse_decimal(KEYS[5], get(5)?)?,
+            peak_w: parse_decimal(KEYS[6], get(6)?)?,
+            gpus: parse_int(KEYS[7], get(7)?)?,
+            nodes: parse_int(KEYS[8], get(8)?)?,
+            coverage: parse_decimal(KEYS[9], get(9)?)?,
+            hash: parse_hash(KEYS[10], get(10)?)?,
+        };
+        if record.coverage > 1.0 {
+            return Err(RecordError::InvalidValue {
+                key: "cov",
+                value: values[9].unwrap_or_default().to_owned(),
+                expected: "a fraction between 0 and 1",
+            });
+        }
+        Ok(record)
+    }
+}
+
+fn parse_int<T: std::str::FromStr>(key: &'static str, value: &str) -> Result<T, RecordError> {
+    let invalid = || RecordError::InvalidValue {
+        key,
+        value: value.to_owned(),
+        expected: "a whole number",
+    };
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    value.parse().map_err(|_| invalid())
+}
+
+fn parse_decimal(key: &'static str, value: &str) -> Result<f64, RecordError> {
+    let invalid = || RecordError::InvalidValue {
+        key,
+        value: value.to_owned(),
+        expected: "a decimal number such as 12.5",
+    };
+    let (int, frac) = value.split_once('.').unwrap_or((value, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(int) || !digits(frac) {
+        return Err(invalid());
+    }
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(invalid)
+}
+
+fn parse_hash(key: &'static str, value: &str) -> Result<String, RecordError> {
+    if value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(value.to_owned())
+    } else {
+        Err(RecordError::InvalidValue {
+            key,
+            value: value.to_owned(),
+            expected: "lowercase hex digits",
+        })
+    }
+}
+
+/// Byte ranges of the ergon segments in `field`, in order.
+fn segments(field: &str) -> Vec<std::ops::Range<usize>> {
+    let prefix = "ergon1 ";
+    let mut out = Vec::new();
+    let mut search_from = 0;
+    while let Some(offset) = field[search_from..].find(prefix) {
+        let start = search_from + offset;
+        let at_boundary = start == 0 || field[..start].ends_with("; ");
+        if at_boundary {
+            let end = field[start..].find(';').map_or(field.len(), |i| start + i);
+            out.push(start..end);
+            search_from = end;
+        } else {
+            search_from = start + 1;
+        }
+    }
+    out
+}
+
+/// Decode the ergon segment in a comment field, if there is one.
+///
+/// `None`: the field holds no ergon segment. `Some(Err(_))`: it holds one that does not
+/// decode (damaged, or written by an incompatible version).
+pub fn find_in_field(field: &str) -> Option<Result<JobRecord, RecordError>> {
+    segments(field)
+        .first()
+        .map(|r| JobRecord::decode(&field[r.clone()]))
+}
+
+/// Put `rec` into a comment field's current value, returning the new value.
+///
+/// Replaces the existing ergon segment in place (and drops any further ones), or appends
+/// `"; "` + segment after foreign content, or gives the segment alone for an empty field.
+/// Foreign content is kept byte for byte. Note that sacctmgr will still lowercase the
+/// whole field, foreign content included, and cut it at a `"`: the caller must check the
+/// read-back.
+pub fn merge_into_field(existing: &str, rec: &JobRecord) -> String {
+    let segment = rec.encode();
+    let found = segments(existing);
+    let Some(first) = found.first() else {
+        return if existing.is_empty() {
+            segment
+        } else {
+            format!("{existing}; {segment}")
+        };
+    };
+    let mut out = String::with_capacity(existing.len() + segment.len());
+    out.push_str(&existing[..first.start]);
+    out.push_str(&segment);
+    let mut copied_to = first.end;
+    for extra in &found[1..] {
+        // Every segment after the first follows "; ", which goes with it.
+        out.push_str(&existing[copied_to..extra.start - 2]);
+        copied_to = extra.end;
+    }
+    out.push_str(&existing[copied_to..]);
+    out
+}
+
+/// A comment field's value with every ergon segment removed, along with the separator that
+/// joined it to foreign content. For a field produced by [`merge_into_field`] from foreign
+/// content `f`, this gives `f` back exactly.
+pub fn strip_from_field(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut copied_to = 0;
+    for seg in segments(field) {
+        if seg.start == 0 {
+            // Leading segment: drop it and the "; " or ";" that joins it to what follows.
+            let rest = &field[seg.end..];
+            let skip = if rest.starts_with("; ") {
+                2
+            } else {
+                usize::from(rest.starts_with(';'))
+            };
+            copied_to = seg.end + skip;
+        } else {
+            out.push_str(&field[copied_to..seg.start - 2]);
+            copied_to = seg.end;
+        }
+    }
+    out.push_str(&field[copied_to..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> JobRecord {
+        JobRecord {
+            energy_j: 123_456,
+            gpu_j: 100_000,
+            cpu_j: 20_000,
+            dram_j: 3_456,
+            other_j: None,
+            avg_w: 412.3,
+            peak_w: 980.1,
+            gpus: 4,
+            nodes: 1,
+            coverage: 0.998,
+            hash: "9f86d081884c".into(),
+        }
+    }
+
+    #[test]
+    fn encodes_the_documented_format() {
+        assert_eq!(
+            sample().encode(),
+            "ergon1 e=123456 gpu=100000 cpu=20000 dram=3456 avgw=412.3 peakw=980.1 ngpu=4 nodes=1 cov=0.998 h=9f86d081884c"
+        );
+        let with_other = JobRecord {
+            other_j: Some(7),
+            ..sample()
+        };
+        assert!(with_other.encode().contains(" dram=3456 other=7 avgw="));
+    }
+
+    #[test]
+    fn decode_reverses_encode() {
+        assert_eq!(JobRecord::decode(&sample().encode()), Ok(sample()));
+        let with_other = JobRecord {
+            other_j: Some(7),
+            ..sample()
+        };
+        assert_eq!(JobRecord::decode(&with_other.encode()), Ok(with_other));
+    }
+
+    #[test]
+    fn decode_ignores_unknown_keys_and_names_missing_ones() {
+        let text = sample().encode() + " future=abc";
+        assert_eq!(JobRecord::decode(&text), Ok(sample()));
+        let missing = sample().encode().replace(" peakw=980.1", "");
+        assert_eq!(
+            JobRecord::decode(&missing),
+            Err(RecordError::MissingKey("peakw"))
+        );
+        let err = JobRecord::decode(&missing).unwrap_err().to_string();
+        assert!(err.contains("peakw"), "{err}");
+    }
+
+    #[test]
+    fn decode_rejects_bad_values() {
+        let enc = sample().encode();
+        for (from, to) in [
+            ("e=123456", "e=-1"),
+            ("e=123456", "e=1.5"),
+            ("avgw=412.3", "avgw=nan"),
+            ("avgw=412.3", "avgw=inf"),
+            ("avgw=412.3", "avgw=1e3"),
+            ("cov=0.998", "cov=1.5"),
+            ("h=9f86d081884c", "h=9F86"),
+            ("ngpu=4", "ngpu=4294967296"),
+        ] {
+            let bad = enc.replace(from, to);
+            assert!(JobRecord::decode(&bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            JobRecord::decode(&(enc.clone() + " e=1")),
+            Err(RecordError::DuplicateKey(_))
+        ));
+        assert!(matches!(
+            JobRecord::decode(&(enc.clone() + " junk")),
+            Err(RecordError::MalformedToken(_))
+        ));
+        assert!(matches!(
+            JobRecord::decode("ergon2 e=1"),
+            Err(RecordError::NotErgon(_))
+        ));
+    }
+
+    #[test]
+    fn normalisation_rounds_clamps_and_trims() {
+        let r = JobRecord {
+            avg_w: 412.34,
+            peak_w: f64::NAN,
+            coverage: 1.7,
+            hash: "sha256:9F86D081884C7D65".into(),
+            ..sample()
+        };
+        let n = r.normalized();
+        assert_eq!((n.avg_w, n.peak_w, n.coverage), (412.3, 0.0, 1.0));
+        // The "a" of "sha" is a hex digit too: short_hash strips the prefix, normalized does not.
+        assert_eq!(n.hash, "a2569f86d081");
+        assert_eq!(
+            JobRecord::short_hash("sha256:9F86D081884C7D65"),
+            "9f86d081884c"
+        );
+        assert_eq!(JobRecord::decode(&r.encode()), Ok(n));
+    }
+
+    #[test]
+    fn merge_appends_replaces_and_strips() {
+        let seg = sample().encode();
+        assert_eq!(merge_into_field("", &sample()), seg);
+        let jobstats = "JS1:H4sIAAAAAAAAA+2Ty==";
+        let merged = merge_into_field(jobstats, &sample());
+        assert_eq!(merged, format!("{jobstats}; {seg}"));
+        assert_eq!(strip_from_field(&merged), jobstats);
+        let newer = JobRecord {
+            energy_j: 1,
+            ..sample()
+        };
+        let again = merge_into_field(&merged, &newer);
+        assert_eq!(again, format!("{jobstats}; {}", newer.encode()));
+        assert_eq!(find_in_field(&again), Some(Ok(newer.clone())));
+        // A segment at the start, followed by foreign content, is replaced in place.
+        let field = format!("{seg}; other tool");
+        assert_eq!(
+            merge_into_field(&field, &newer),
+            format!("{}; other tool", newer.encode())
+        );
+        assert_eq!(strip_from_field(&field), "other tool");
+        // Extra segments are dropped with their separator.
+        let twice = format!("a; {seg}; b; {seg}");
+        assert_eq!(
+            merge_into_field(&twice, &newer),
+            format!("a; {}; b", newer.encode())
+        );
+        assert_eq!(strip_from_field(&twice), "a; b");
+    }
+
+    #[test]
+    fn only_segments_at_a_boundary_count() {
+        assert_eq!(find_in_field("xergon1 e=1"), None);
+        assert_eq!(find_in_field("a;ergon1 e=1"), None);
+        assert_eq!(find_in_field("a; ergon1x"), None);
+        assert!(matches!(
+            find_in_field("a; ergon1 e=1"),
+            Some(Err(RecordError::MissingKey("gpu")))
+        ));
+        // A damaged segment is still ours and gets replaced.
+        assert_eq!(
+            merge_into_field("a; ergon1 e=1", &sample()),
+            format!("a; {}", sample().encode())
+        );
+    }
+}

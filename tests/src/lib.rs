@@ -1,0 +1,298 @@
+//! Harness for ergon's end-to-end tests against a real one-node Slurm cluster.
+//!
+//! The cluster is the one `scripts/slurm-cluster` runs: real munge, MariaDB, slurmdbd, slurmctld
+//! and slurmd on loopback. [`cluster()`] brings it up once per test binary (`up` is idempotent and
+//! cheap when the cluster already runs), so `cargo test -p ergon-tests` works on its own;
+//! `scripts/test` also brings it down at the end.
+//!
+//! Waiting is always for a condition (a job state in sacct, a file's appearance), polled at a short
+//! interval with a deadline, never a fixed sleep.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// How often conditions are polled.
+pub const POLL: Duration = Duration::from_millis(100);
+
+/// Default deadline for a job to reach a state. Generous: CI has 2 cores and several tests'
+/// jobs may queue behind each other.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The running development cluster, as described by `scripts/slurm-cluster env`.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The state directory (`$ERGON_CLUSTER_DIR`).
+    pub dir: PathBuf,
+    /// The `slurm.conf` every client command must use (exported as `SLURM_CONF`).
+    pub slurm_conf: PathBuf,
+    /// The node's name (`hostname -s`), as in slurm.conf.
+    pub node: String,
+    /// A non-root user registered in the accounting database, for tests that need one.
+    pub test_user: String,
+}
+
+/// The repository root (this crate lives in `<root>/tests`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The cluster, brought up on first use in this process.
+///
+/// Panics with the script's output when the cluster cannot be brought up: every end-to-end test
+/// needs it, and the script's message says which daemon failed.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| match bring_up() {
+        Ok(c) => c,
+        Err(e) => panic!("the test cluster is not available: {e:#}"),
+    })
+}
+
+fn bring_up() -> Result<Cluster> {
+    let script = repo_root().join("scripts/slurm-cluster");
+    let out = Command::new(&script)
+        .arg("up")
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} up failed ({}):\n{}{}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let env = Command::new(&script).arg("env").output()?;
+    let env = String::from_utf8(env.stdout)?;
+    let var = |name: &str| -> Result<String> {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+            .ok_or_else(|| anyhow!("`slurm-cluster env` printed no {name}"))
+    };
+    let node = String::from_utf8(Command::new("hostname").arg("-s").output()?.stdout)?
+        .trim()
+        .to_string();
+    Ok(Cluster {
+        dir: var("ERGON_CLUSTER_DIR")?.into(),
+        slurm_conf: var("SLURM_CONF")?.into(),
+        node,
+        test_user: std::env::var("ERGON_CLUSTER_TEST_USER").unwrap_or_else(|_| "ergontest".into()),
+    })
+}
+
+/// A job's state as sacct prints it for the job allocation (`-X`), e.g. `COMPLETED`, `FAILED`,
+/// `CANCELLED by 0`; the first word is what tests compare.
+pub type JobState = String;
+
+impl Cluster {
+    /// A command for a Slurm client program, with this cluster's `SLURM_CONF` and Slurm's sbin on
+    /// `PATH`.
+    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("SLURM_CONF", &self.slurm_conf);
+        let path = std::env::var("PATH").unwrap_or_default();
+        c.env("PATH", format!("{path}:/usr/sbin:/sbin"));
+        c
+    }
+
+    /// Runs a Slurm client command and returns its output, failing with stderr when it fails.
+    pub fn run<I, S>(&self, program: &str, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self
+            .cmd(program)
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !out.status.success() {
+            bail!(
+                "{program} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(out)
+    }
+
+    /// Submits a batch job with `sbatch --parsable` and returns its job id.
+    pub fn sbatch<I, S>(&self, args: I) -> Result<u32>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.run("sbatch", std::iter::once(OsStr::new("--parsable").to_owned()).chain(
+            args.into_iter().map(|a| a.as_ref().to_owned()),
+        ))?;
+        let text = String::from_utf8(out.stdout)?;
+        // --parsable prints "jobid" or "jobid;cluster".
+        let id = text.trim().split(';').next().unwrap_or_default();
+        id.parse()
+            .with_context(|| format!("sbatch printed {text:?}, not a job id"))
+    }
+
+    /// One sacct field of the job allocation (`sacct -X -n -P -j JOB -o FIELD`), or `None` when
+    /// sacct does not list the job yet.
+    pub fn sacct_field(&self, job: u32, field: &str) -> Result<Option<String>> {
+        let out = self.run(
+            "sacct",
+            ["-X", "-n", "-P", "-j", &job.to_string(), "-o", field],
+        )?;
+        let text = String::from_utf8(out.stdout)?;
+        Ok(text.lines().next().map(|l| l.trim_end().to_string()))
+    }
+
+    /// All sacct rows of a job (allocation and steps) with the given fields, `|`-separated.
+    pub fn sacct_rows(&self, job: u32, fields: &str) -> Result<Vec<Vec<String>>> {
+        let out = self.run("sacct", ["-n", "-P", "-j", &job.to_string(), "-o", fields])?;
+        Ok(String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| l.split('|').map(str::to_string).collect())
+            .collect())
+    }
+
+    /// Waits until sacct shows the job in one of `states` (compared on the first word) and returns
+    /// the state. Fails early if the job reaches a different final state.
+    pub fn wait_job_state(&self, job: u32, states: &[&str], timeout: Duration) -> Result<JobState> {
+        const FINAL: &[&str] = &[
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "PREEMPTED",
+            "BOOT_FAIL",
+            "DEADLINE",
+        ];
+        let mut last = None;
+        wait_for(timeout, &format!("job {job} to reach {states:?}"), || {
+            let state = self.sacct_field(job, "State")?;
+            last = state.clone();
+            let Some(state) = state else { return Ok(None) };
+            let word = state.split_whitespace().next().unwrap_or_default();
+            if states.contains(&word) {
+                return Ok(Some(state));
+            }
+            if FINAL.contains(&word) {
+                bail!("job {job} ended {state}, expected one of {states:?}");
+            }
+            Ok(None)
+        })
+        .with_context(|| format!("last sacct state: {last:?}"))
+    }
+
+    /// Waits for a job to complete successfully (`COMPLETED`).
+    pub fn wait_completed(&self, job: u32) -> Result<()> {
+        self.wait_job_state(job, &["COMPLETED"], JOB_TIMEOUT).map(|_| ())
+    }
+
+    /// `scontrol show job JOB` as key=value pairs (first occurrence of each key).
+    pub fn scontrol_job(&self, job: u32) -> Result<Vec<(String, String)>> {
+        let out = self.run("scontrol", ["-o", "show", "job", &job.to_string()])?;
+        let text = String::from_utf8(out.stdout)?;
+        Ok(text
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    /// Installs a plugstack.conf drop-in (`plugstack.conf.d/NAME.conf`) until the guard drops.
+    /// slurmd, sbatch and srun read plugstack.conf at every job, so no restart is needed.
+    pub fn plugstack_dropin(&self, name: &str, content: &str) -> Result<DropIn> {
+        let path = self.dir.join("etc/plugstack.conf.d").join(format!("{name}.conf"));
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+        Ok(DropIn { path })
+    }
+
+    /// The slurmd log, for tests that check what the node logged.
+    pub fn slurmd_log(&self) -> PathBuf {
+        self.dir.join("log/slurmd.log")
+    }
+}
+
+/// A plugstack.conf drop-in, removed when dropped.
+#[derive(Debug)]
+pub struct DropIn {
+    path: PathBuf,
+}
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Polls `check` every [`POLL`] until it returns `Some`, fails, or `timeout` passes.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Waits until `path` exists and returns its content.
+pub fn wait_for_file(path: &Path, timeout: Duration) -> Result<String> {
+    wait_for(timeout, &format!("{} to appear", path.display()), || {
+        match std::fs::read_to_string(path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    })
+}
+
+/// A scratch directory for one test's job scripts and outputs, readable by jobs of any user and
+/// removed at the end of the test.
+pub fn scratch_dir(name: &str) -> Result<TempDir> {
+    let base = std::env::temp_dir().join("ergon-tests");
+    std::fs::create_dir_all(&base)?;
+    let dir = base.join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    Ok(TempDir { path: dir })
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
