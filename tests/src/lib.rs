@@ -133,9 +133,11 @@ impl Cluster {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let out = self.run("sbatch", std::iter::once(OsStr::new("--parsable").to_owned()).chain(
-            args.into_iter().map(|a| a.as_ref().to_owned()),
-        ))?;
+        let out = self.run(
+            "sbatch",
+            std::iter::once(OsStr::new("--parsable").to_owned())
+                .chain(args.into_iter().map(|a| a.as_ref().to_owned())),
+        )?;
         let text = String::from_utf8(out.stdout)?;
         // --parsable prints "jobid" or "jobid;cluster".
         let id = text.trim().split(';').next().unwrap_or_default();
@@ -196,7 +198,8 @@ impl Cluster {
 
     /// Waits for a job to complete successfully (`COMPLETED`).
     pub fn wait_completed(&self, job: u32) -> Result<()> {
-        self.wait_job_state(job, &["COMPLETED"], JOB_TIMEOUT).map(|_| ())
+        self.wait_job_state(job, &["COMPLETED"], JOB_TIMEOUT)
+            .map(|_| ())
     }
 
     /// `scontrol show job JOB` as key=value pairs (first occurrence of each key).
@@ -213,7 +216,10 @@ impl Cluster {
     /// Installs a plugstack.conf drop-in (`plugstack.conf.d/NAME.conf`) until the guard drops.
     /// slurmd, sbatch and srun read plugstack.conf at every job, so no restart is needed.
     pub fn plugstack_dropin(&self, name: &str, content: &str) -> Result<DropIn> {
-        let path = self.dir.join("etc/plugstack.conf.d").join(format!("{name}.conf"));
+        let path = self
+            .dir
+            .join("etc/plugstack.conf.d")
+            .join(format!("{name}.conf"));
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
         Ok(DropIn { path })
     }
@@ -222,6 +228,64 @@ impl Cluster {
     pub fn slurmd_log(&self) -> PathBuf {
         self.dir.join("log/slurmd.log")
     }
+
+    /// The socket the test plugin configuration points the SPANK plugin at.
+    pub fn plugin_socket(&self) -> PathBuf {
+        self.dir.join("run/ergon-test.sock")
+    }
+
+    /// Installs the freshly built `spank_ergon.so` in the cluster's plugstack (socket:
+    /// [`Cluster::plugin_socket`], `extra` appended to its arguments) and restarts slurmd when
+    /// the line changed, since slurmd only learns about job prolog/epilog hooks at start.
+    pub fn install_plugin(&self, extra: &str) -> Result<()> {
+        let so = target_dir().join("debug/libspank_ergon.so");
+        if !so.exists() {
+            bail!(
+                "{} is missing: build it first (cargo build -p spank-ergon)",
+                so.display()
+            );
+        }
+        let line = format!(
+            "required {} socket={} gres_conf={} {extra}\n",
+            so.display(),
+            self.plugin_socket().display(),
+            self.dir.join("etc/gres.conf").display()
+        );
+        let path = self.dir.join("etc/plugstack.conf.d/ergon.conf");
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(line.as_str()) {
+            return Ok(());
+        }
+        std::fs::write(&path, &line).with_context(|| format!("writing {}", path.display()))?;
+        let script = repo_root().join("scripts/slurm-cluster");
+        let out = Command::new(&script).arg("restart-slurmd").output()?;
+        if !out.status.success() {
+            bail!(
+                "restart-slurmd failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Lines of the slurmd log written after `offset` bytes (see [`Cluster::slurmd_log_len`]).
+    pub fn slurmd_log_since(&self, offset: u64) -> Result<String> {
+        let bytes = std::fs::read(self.slurmd_log())?;
+        Ok(String::from_utf8_lossy(&bytes[(offset as usize).min(bytes.len())..]).into_owned())
+    }
+
+    /// The slurmd log's current length, to read only what a test causes.
+    pub fn slurmd_log_len(&self) -> u64 {
+        std::fs::metadata(self.slurmd_log())
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
 }
 
 /// A plugstack.conf drop-in, removed when dropped.
@@ -256,13 +320,15 @@ pub fn wait_for<T>(
 
 /// Waits until `path` exists and returns its content.
 pub fn wait_for_file(path: &Path, timeout: Duration) -> Result<String> {
-    wait_for(timeout, &format!("{} to appear", path.display()), || {
-        match std::fs::read_to_string(path) {
+    wait_for(
+        timeout,
+        &format!("{} to appear", path.display()),
+        || match std::fs::read_to_string(path) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    })
+        },
+    )
 }
 
 /// A scratch directory for one test's job scripts and outputs, readable by jobs of any user and
@@ -294,5 +360,115 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// How the test listener answers (see `src/bin/ergon-test-listener.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// Answers `Ok` at once.
+    Ok,
+    /// Accepts and never answers.
+    Hang,
+    /// Answers bytes that are not a frame.
+    Garbage,
+}
+
+/// A running `ergon-test-listener`, killed (and its socket removed) on drop.
+#[derive(Debug)]
+pub struct Listener {
+    child: std::process::Child,
+    socket: PathBuf,
+    events: PathBuf,
+}
+
+/// One event the listener recorded.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct RecordedEvent {
+    /// The sender's uid (`SO_PEERCRED`).
+    pub peer_uid: Option<u32>,
+    /// When the listener received it.
+    pub received_unix_ns: u64,
+    /// The decoded request.
+    pub request: ergon_protocol::Request,
+}
+
+impl Listener {
+    /// Starts a listener on `socket`, recording to `events`, and waits until it accepts.
+    pub fn start(
+        binary: &Path,
+        socket: &Path,
+        events: &Path,
+        mode: ListenerMode,
+    ) -> Result<Listener> {
+        let _ = std::fs::remove_file(socket);
+        let mode = match mode {
+            ListenerMode::Ok => "ok",
+            ListenerMode::Hang => "hang",
+            ListenerMode::Garbage => "garbage",
+        };
+        let child = Command::new(binary)
+            .arg(socket)
+            .arg(events)
+            .args(["--mode", mode])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let listener = Listener {
+            child,
+            socket: socket.to_path_buf(),
+            events: events.to_path_buf(),
+        };
+        wait_for(
+            Duration::from_secs(10),
+            "the test listener's socket",
+            || {
+                Ok(std::os::unix::net::UnixStream::connect(socket)
+                    .is_ok()
+                    .then_some(()))
+            },
+        )?;
+        // That probe connection sent nothing; the listener logs it as a bad frame and goes on.
+        Ok(listener)
+    }
+
+    /// Everything recorded so far.
+    pub fn events(&self) -> Result<Vec<RecordedEvent>> {
+        let text = match std::fs::read_to_string(&self.events) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("event line {l}")))
+            .collect()
+    }
+
+    /// Waits until the recorded events satisfy `pred`, and returns them.
+    pub fn wait_events(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&[RecordedEvent]) -> bool,
+    ) -> Result<Vec<RecordedEvent>> {
+        let mut last = Vec::new();
+        wait_for(timeout, what, || {
+            let ev = self.events()?;
+            if pred(&ev) {
+                return Ok(Some(ev));
+            }
+            last = ev;
+            Ok(None)
+        })
+        .with_context(|| format!("events so far: {last:#?}"))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
     }
 }

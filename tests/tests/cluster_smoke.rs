@@ -26,12 +26,18 @@ fn batch_job_completes_and_is_accounted_in_sacct() {
     );
     // slurmdbd fills a short job's record in from several messages (a job that ends before its
     // start record is stored is first named "allocation"), so wait until the record is whole.
-    let rows = wait_for(Duration::from_secs(60), "sacct to hold the whole job record", || {
-        let rows = c.sacct_rows(job, "JobID,JobName,State,ExitCode").unwrap();
-        let whole = rows.iter().any(|r| r[0] == job.to_string() && r[1] == "ergon-smoke")
-            && rows.iter().any(|r| r[0] == format!("{job}.batch"));
-        Ok(whole.then_some(rows))
-    })
+    let rows = wait_for(
+        Duration::from_secs(60),
+        "sacct to hold the whole job record",
+        || {
+            let rows = c.sacct_rows(job, "JobID,JobName,State,ExitCode").unwrap();
+            let whole = rows
+                .iter()
+                .any(|r| r[0] == job.to_string() && r[1] == "ergon-smoke")
+                && rows.iter().any(|r| r[0] == format!("{job}.batch"));
+            Ok(whole.then_some(rows))
+        },
+    )
     .unwrap();
     let alloc = rows.iter().find(|r| r[0] == job.to_string()).unwrap();
     assert_eq!(alloc[1], "ergon-smoke");
@@ -63,7 +69,10 @@ fn gres_gpu_allocation_is_visible_to_the_job() {
     c.wait_completed(job).unwrap();
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("SLURM_JOB_GPUS=0,1"), "job printed: {text}");
-    assert!(text.contains("CUDA_VISIBLE_DEVICES=0,1"), "job printed: {text}");
+    assert!(
+        text.contains("CUDA_VISIBLE_DEVICES=0,1"),
+        "job printed: {text}"
+    );
     let tres = c.sacct_field(job, "AllocTRES").unwrap().unwrap();
     assert!(tres.contains("gres/gpu=2"), "AllocTRES = {tres}");
 }
@@ -90,14 +99,17 @@ fn task_cgroup_exists_under_cpuacct_while_the_job_runs() {
         .lines()
         .filter_map(|l| l.splitn(3, ':').collect::<Vec<_>>().try_into().ok())
         .find_map(|[_, ctrl, path]: [&str; 3]| {
-            ctrl.split(',').any(|c| c == "cpuacct").then(|| path.to_string())
+            ctrl.split(',')
+                .any(|c| c == "cpuacct")
+                .then(|| path.to_string())
         })
         .unwrap_or_else(|| panic!("no cpuacct line in {text}"));
     assert!(
         cpuacct.contains(&format!("/job_{job}/")),
         "task cgroup {cpuacct} does not name job {job}"
     );
-    let dir_on_disk = std::path::Path::new("/sys/fs/cgroup/cpuacct").join(cpuacct.trim_start_matches('/'));
+    let dir_on_disk =
+        std::path::Path::new("/sys/fs/cgroup/cpuacct").join(cpuacct.trim_start_matches('/'));
     let usage: u64 = std::fs::read_to_string(dir_on_disk.join("cpuacct.usage"))
         .unwrap()
         .trim()
@@ -108,8 +120,10 @@ fn task_cgroup_exists_under_cpuacct_while_the_job_runs() {
     std::fs::write(&release, b"").unwrap();
     c.wait_completed(job).unwrap();
     // Slurm removes the job's cgroups when it ends.
-    wait_for(Duration::from_secs(30), "the task cgroup to be removed", || {
-        Ok((!dir_on_disk.exists()).then_some(()))
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the task cgroup to be removed",
+        || Ok((!dir_on_disk.exists()).then_some(())),
+    )
     .unwrap();
 }
