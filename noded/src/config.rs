@@ -1,0 +1,372 @@
+//! ergond configuration: `/etc/ergon/ergond.toml`.
+//!
+//! Every hardware root is a setting, which is how tests and demos run ergond against generated
+//! sysfs trees and the fake NVML library. Unknown keys are rejected (a typo must not silently
+//! fall back to a default), and [`Config::validate`] checks values at start with errors that
+//! name the key.
+//!
+//! ```toml
+//! nvml_library = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"   # default: libnvidia-ml.so.1
+//! powercap_root = "/sys/class/powercap"
+//! perf_sysfs_root = "/sys/bus/event_source/devices"
+//! cgroup_root = "/sys/fs/cgroup"
+//! proc_root = "/proc"
+//! sysfs_root = "/sys"
+//! prefer_perf = true
+//! socket_path = "/run/ergon/ergond.sock"
+//! state_dir = "/var/lib/ergon"
+//! spool_dir = "/var/spool/ergon"
+//! metrics_listen = "127.0.0.1:9713"
+//!
+//! [sampling]
+//! gpu_min_period_ms = 10        # profiling mode: 10 ms = 100 Hz
+//! gpu_max_period_ms = 200
+//! gpu_default_period_ms = 100   # used when the counter period cannot be detected
+//! rapl_period_ms = 100          # profiling mode: 1 ms = 1 kHz
+//! cgroup_period_ms = 100
+//! gpu_max_power_w = 1500        # plausibility limit per GPU
+//! cpu_max_power_w = 1000        # plausibility limit per RAPL zone
+//! ```
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/ergon/ergond.toml";
+
+/// Error loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys / wrong types (the message names the key
+    /// and line).
+    #[error("invalid configuration file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message, naming the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid value for `{key}` in the ergond configuration: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `sampling.rapl_period_ms`.
+        key: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+/// Sampling rates and plausibility limits.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Shortest GPU sampling period (ms); the detected counter period / 2 is clamped to this.
+    pub gpu_min_period_ms: u64,
+    /// Longest GPU sampling period (ms).
+    pub gpu_max_period_ms: u64,
+    /// GPU period when the counter period cannot be detected (ms).
+    pub gpu_default_period_ms: u64,
+    /// RAPL sampling period (ms).
+    pub rapl_period_ms: u64,
+    /// cgroup CPU-time sampling period (ms).
+    pub cgroup_period_ms: u64,
+    /// Highest plausible GPU power (W): larger counter jumps are dropped and flagged.
+    pub gpu_max_power_w: f64,
+    /// Highest plausible power of one RAPL zone (W).
+    pub cpu_max_power_w: f64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            gpu_min_period_ms: 10,
+            gpu_max_period_ms: 200,
+            gpu_default_period_ms: 100,
+            rapl_period_ms: 100,
+            cgroup_period_ms: 100,
+            gpu_max_power_w: 1500.0,
+            cpu_max_power_w: 1000.0,
+        }
+    }
+}
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NVML library to load; `None` = the driver's `libnvidia-ml.so.1` from the loader path.
+    pub nvml_library: Option<PathBuf>,
+    /// powercap class directory.
+    pub powercap_root: PathBuf,
+    /// perf event-source devices directory (holding `power/`).
+    pub perf_sysfs_root: PathBuf,
+    /// cgroup filesystem root.
+    pub cgroup_root: PathBuf,
+    /// procfs root.
+    pub proc_root: PathBuf,
+    /// sysfs root (CPU topology).
+    pub sysfs_root: PathBuf,
+    /// Use the perf power PMU for RAPL when possible (else powercap only).
+    pub prefer_perf: bool,
+    /// Unix socket the SPANK plugin talks to.
+    pub socket_path: PathBuf,
+    /// Journal / state directory.
+    pub state_dir: PathBuf,
+    /// Spool directory for per-job manifests.
+    pub spool_dir: PathBuf,
+    /// Prometheus `/metrics` listen address (loopback by default).
+    pub metrics_listen: String,
+    /// Sampling rates.
+    pub sampling: SamplingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nvml_library: None,
+            powercap_root: PathBuf::from("/sys/class/powercap"),
+            perf_sysfs_root: PathBuf::from("/sys/bus/event_source/devices"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            proc_root: PathBuf::from("/proc"),
+            sysfs_root: PathBuf::from("/sys"),
+            prefer_perf: true,
+            socket_path: PathBuf::from("/run/ergon/ergond.sock"),
+            state_dir: PathBuf::from("/var/lib/ergon"),
+            spool_dir: PathBuf::from("/var/spool/ergon"),
+            metrics_listen: "127.0.0.1:9713".to_string(),
+            sampling: SamplingConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse and validate TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<string>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// RAPL options derived from this configuration.
+    pub fn rapl_options(&self) -> crate::sources::rapl::RaplOptions {
+        crate::sources::rapl::RaplOptions {
+            powercap_root: self.powercap_root.clone(),
+            perf_sysfs_root: self.perf_sysfs_root.clone(),
+            sysfs_root: self.sysfs_root.clone(),
+            prefer_perf: self.prefer_perf,
+        }
+    }
+
+    /// Check every value; the error names the first offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let absolute: [(&'static str, &Path); 8] = [
+            ("powercap_root", &self.powercap_root),
+            ("perf_sysfs_root", &self.perf_sysfs_root),
+            ("cgroup_root", &self.cgroup_root),
+            ("proc_root", &self.proc_root),
+            ("sysfs_root", &self.sysfs_root),
+            ("socket_path", &self.socket_path),
+            ("state_dir", &self.state_dir),
+            ("spool_dir", &self.spool_dir),
+        ];
+        for (key, p) in absolute {
+            if !p.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{} is not an absolute path", p.display()),
+                });
+            }
+        }
+        if let Some(lib) = &self.nvml_library {
+            if lib.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "nvml_library",
+                    reason: "empty path; remove the key to use the driver's libnvidia-ml.so.1"
+                        .into(),
+                });
+            }
+        }
+        self.metrics_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Invalid {
+                key: "metrics_listen",
+                reason: format!("{:?} is not an address:port ({e})", self.metrics_listen),
+            })?;
+        let s = &self.sampling;
+        let range = |key: &'static str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{v} ms is outside {lo}..={hi} ms"),
+                })
+            }
+        };
+        // GPU counters update every ~10-100 ms: faster than 100 Hz only re-reads the same value.
+        range(
+            "sampling.gpu_min_period_ms",
+            s.gpu_min_period_ms,
+            10,
+            60_000,
+        )?;
+        range(
+            "sampling.gpu_max_period_ms",
+            s.gpu_max_period_ms,
+            10,
+            60_000,
+        )?;
+        range(
+            "sampling.gpu_default_period_ms",
+            s.gpu_default_period_ms,
+            10,
+            60_000,
+        )?;
+        // RAPL updates about every millisecond: 1 kHz is the useful limit.
+        range("sampling.rapl_period_ms", s.rapl_period_ms, 1, 60_000)?;
+        range("sampling.cgroup_period_ms", s.cgroup_period_ms, 1, 60_000)?;
+        if s.gpu_min_period_ms > s.gpu_max_period_ms {
+            return Err(ConfigError::Invalid {
+                key: "sampling.gpu_min_period_ms",
+                reason: format!(
+                    "{} ms is larger than sampling.gpu_max_period_ms ({} ms)",
+                    s.gpu_min_period_ms, s.gpu_max_period_ms
+                ),
+            });
+        }
+        for (key, w) in [
+            ("sampling.gpu_max_power_w", s.gpu_max_power_w),
+            ("sampling.cpu_max_power_w", s.cpu_max_power_w),
+        ] {
+            if !(w.is_finite() && w > 0.0 && w <= 100_000.0) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{w} W is not a power limit in (0, 100000] W"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn all_hardware_roots_are_settable() {
+        let c = Config::parse(
+            r#"
+            nvml_library = "/tmp/fake/libnvidia-ml.so.1"
+            powercap_root = "/tmp/t/powercap"
+            perf_sysfs_root = "/tmp/t/perf"
+            cgroup_root = "/tmp/t/cgroup"
+            proc_root = "/tmp/t/proc"
+            sysfs_root = "/tmp/t/sys"
+            [sampling]
+            rapl_period_ms = 1
+            gpu_min_period_ms = 10
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.nvml_library.as_deref(),
+            Some(Path::new("/tmp/fake/libnvidia-ml.so.1"))
+        );
+        assert_eq!(c.rapl_options().powercap_root, Path::new("/tmp/t/powercap"));
+        assert_eq!(c.sampling.rapl_period_ms, 1);
+        assert_eq!(c.sampling.cgroup_period_ms, 100);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let e = Config::parse("powercap_rot = \"/x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("powercap_rot"), "{e}");
+        let e = Config::parse("[sampling]\nrapl_hz = 10")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rapl_hz"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases = [
+            ("cgroup_root = \"sys/fs/cgroup\"", "cgroup_root"),
+            ("metrics_listen = \"localhost\"", "metrics_listen"),
+            ("[sampling]\nrapl_period_ms = 0", "sampling.rapl_period_ms"),
+            (
+                "[sampling]\ngpu_min_period_ms = 1",
+                "sampling.gpu_min_period_ms",
+            ),
+            (
+                "[sampling]\ngpu_min_period_ms = 300\ngpu_max_period_ms = 200",
+                "sampling.gpu_min_period_ms",
+            ),
+            (
+                "[sampling]\ngpu_max_power_w = -5.0",
+                "sampling.gpu_max_power_w",
+            ),
+            ("nvml_library = \"\"", "nvml_library"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid { key: k, .. } if k == key),
+                "{text}: {e}"
+            );
+            assert!(e.to_string().contains(key));
+        }
+        let e = Config::parse("[sampling]\nrapl_period_ms = \"fast\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rapl_period_ms"), "{e}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ergond.toml");
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("ergond.toml"), "{e}");
+        std::fs::write(&p, "prefer_perf = 3").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("ergond.toml") && e.contains("prefer_perf"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! ergond, the per-node daemon of ergon: the measurement layer (energy counters, hardware
+//! sources) and, later, attribution, journaling and serving.
+//!
+//! The library is split so that pure logic ([`counter`]) is separate from the code that touches
+//! hardware ([`sources`]); every hardware root is a parameter, which is how tests point the
+//! sources at generated trees and at a fake NVML library.
+
+#![warn(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod counter;
+pub mod sources;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

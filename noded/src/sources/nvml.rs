@@ -1,0 +1,538 @@
+//! GPU energy and power through NVML (via `nvml-wrapper`).
+//!
+//! Per GPU, at start, ergond probes what the driver offers:
+//! * the energy counter (`NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION`, mJ since driver load, Volta+),
+//! * instantaneous power (`NVML_FI_DEV_POWER_INSTANT`, mW, all architectures; `power_usage()`
+//!   is the fallback, averaged over 1 s on Ampere+),
+//!
+//! preferring one `nvmlDeviceGetFieldValues` call for both (one driver round trip, each entry
+//! with its own return code) and falling back to the separate functions when the field-values
+//! call or a field is unavailable. Energy comes from the counter when it exists; otherwise power
+//! is integrated and the GPU's method says so ([`Method::IntegratedPower`]). A GPU with neither
+//! is reported as unsupported, never as 0 W.
+//!
+//! A GPU that falls off the bus (`GPU_IS_LOST`) is marked lost and skipped from then on; the
+//! others keep being read.
+
+use crate::clock::monotonic_ns;
+use crate::counter::{
+    CounterKind, CounterSpec, EnergyCounter, EnergyTotals, Method, PowerIntegrator, RawReading,
+    Step, Support,
+};
+use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id::{
+    NVML_FI_DEV_POWER_INSTANT, NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+};
+use nvml_wrapper::{Device, Nvml};
+use nvml_wrapper_sys::bindings::nvmlDevice_t;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Error from the GPU source. Each names the GPU (UUID) or library involved.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// NVML could not be loaded or initialised.
+    #[error(
+        "cannot initialise NVML from {library}: {source}. Install the NVIDIA driver (it ships \
+         libnvidia-ml.so.1), or set `nvml_library` in ergond.toml to the library's path"
+    )]
+    Init {
+        /// Library path tried (or the default name).
+        library: String,
+        /// Underlying error.
+        source: NvmlError,
+    },
+    /// Listing or identifying devices failed.
+    #[error("NVML could not {what}: {source}")]
+    Enumerate {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        source: NvmlError,
+    },
+    /// The GPU fell off the bus.
+    #[error(
+        "GPU {uuid} is lost (NVML_ERROR_GPU_IS_LOST): it fell off the bus or stopped responding; \
+         its energy is no longer measured. Check `dmesg` for Xid errors; a node reboot or GPU \
+         reset is usually needed"
+    )]
+    Lost {
+        /// UUID of the lost GPU.
+        uuid: String,
+    },
+    /// A read failed for another reason.
+    #[error("reading {what} of GPU {uuid} failed: {source}")]
+    Read {
+        /// UUID.
+        uuid: String,
+        /// Which value.
+        what: &'static str,
+        /// Underlying error.
+        source: NvmlError,
+    },
+}
+
+/// How a GPU is identified. Slurm's gres files name `/dev/nvidiaN` (the minor number), tools
+/// print the PCI bus id, NVML indices differ between processes with different
+/// `CUDA_VISIBLE_DEVICES`: so all are kept, and the UUID is the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuIdentity {
+    /// NVML index in this process.
+    pub index: u32,
+    /// `GPU-…` UUID: the stable key.
+    pub uuid: String,
+    /// PCI bus id, e.g. `00000000:17:00.0`, if the driver reports it.
+    pub pci_bus_id: Option<String>,
+    /// Minor number N of `/dev/nvidiaN`, if reported.
+    pub minor: Option<u32>,
+    /// Product name.
+    pub name: Option<String>,
+}
+
+/// How one quantity is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadVia {
+    /// As an entry of the single `nvmlDeviceGetFieldValues` call.
+    FieldValue,
+    /// Through its own function (`total_energy_consumption` / `power_usage`).
+    Function,
+    /// Not available on this GPU.
+    Unsupported,
+}
+
+/// A GPU and what can be measured on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuInfo {
+    /// Identity.
+    pub id: GpuIdentity,
+    /// How the energy counter is read.
+    pub energy_via: ReadVia,
+    /// How instantaneous power is read.
+    pub power_via: ReadVia,
+    /// How energy is obtained: counter, integrated power, or unsupported (with why).
+    pub method: Support<Method>,
+    /// Whether the GPU has been reported lost.
+    pub lost: bool,
+}
+
+/// One reading of a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuReading {
+    /// Monotonic time (ns), the midpoint of the driver call(s).
+    pub at_ns: u64,
+    /// Monotonic time just before the driver call(s).
+    pub before_ns: u64,
+    /// Monotonic time just after the driver call(s).
+    pub after_ns: u64,
+    /// Energy counter, mJ since driver load (None when the GPU has no counter).
+    pub energy_mj: Option<u64>,
+    /// Instantaneous power, mW (None when unsupported).
+    pub power_mw: Option<u32>,
+}
+
+/// Raw device handle. `nvmlDevice_t` is an opaque token that NVML allows from any thread;
+/// nvml-wrapper's own `Device` is `Send + Sync` for the same reason.
+#[derive(Debug, Clone, Copy)]
+struct Handle(nvmlDevice_t);
+// SAFETY: see the type's documentation: the handle is never dereferenced by us.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+#[derive(Debug)]
+struct GpuState {
+    info: GpuInfo,
+    handle: Handle,
+}
+
+/// All GPUs of the node.
+pub struct GpuSource {
+    nvml: Nvml,
+    gpus: Vec<GpuState>,
+}
+
+impl std::fmt::Debug for GpuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuSource")
+            .field("gpus", &self.gpus)
+            .finish()
+    }
+}
+
+const FIELDS: [FieldId; 2] = [
+    FieldId(NVML_FI_DEV_POWER_INSTANT),
+    FieldId(NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION),
+];
+
+fn sample_u64(v: &SampleValue) -> Option<u64> {
+    match *v {
+        SampleValue::U64(x) => Some(x),
+        SampleValue::U32(x) => Some(u64::from(x)),
+        SampleValue::I64(x) => u64::try_from(x).ok(),
+        SampleValue::F64(x) if x >= 0.0 => Some(x as u64),
+        SampleValue::F64(_) => None,
+    }
+}
+
+impl GpuSource {
+    /// Load NVML (from `library`, or the driver's default `libnvidia-ml.so.1`), enumerate the
+    /// GPUs and probe each one's energy and power support.
+    pub fn open(library: Option<&Path>) -> Result<Self, GpuError> {
+        let lib_name = library
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "libnvidia-ml.so.1".to_string());
+        let nvml = match library {
+            Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
+            None => Nvml::init(),
+        }
+        .map_err(|source| GpuError::Init {
+            library: lib_name,
+            source,
+        })?;
+        let count = nvml.device_count().map_err(|source| GpuError::Enumerate {
+            what: "count devices".into(),
+            source,
+        })?;
+        let mut gpus = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let dev = nvml
+                .device_by_index(index)
+                .map_err(|source| GpuError::Enumerate {
+                    what: format!("get device {index}"),
+                    source,
+                })?;
+            let uuid = dev.uuid().map_err(|source| GpuError::Enumerate {
+                what: format!("read the UUID of device {index}"),
+                source,
+            })?;
+            let id = GpuIdentity {
+                index,
+                uuid,
+                pci_bus_id: dev.pci_info().ok().map(|p| p.bus_id),
+                minor: dev.minor_number().ok(),
+                name: dev.name().ok(),
+            };
+            let info = probe(&dev, id);
+            tracing::info!(
+                uuid = %info.id.uuid,
+                minor = ?info.id.minor,
+                energy = ?info.energy_via,
+                power = ?info.power_via,
+                method = ?info.method,
+                "GPU found"
+            );
+            // SAFETY: reading the handle out of a live Device to re-create Devices later
+            // against the same Nvml, which this struct owns for as long as the handle is used.
+            let handle = Handle(unsafe { dev.handle() });
+            gpus.push(GpuState { info, handle });
+        }
+        Ok(Self { nvml, gpus })
+    }
+
+    /// The GPUs, in NVML index order.
+    pub fn gpus(&self) -> Vec<GpuInfo> {
+        self.gpus.iter().map(|g| g.info.clone()).collect()
+    }
+
+    /// Number of GPUs.
+    pub fn len(&self) -> usize {
+        self.gpus.len()
+    }
+
+    /// Whether the node has no GPU.
+    pub fn is_empty(&self) -> bool {
+        self.gpus.is_empty()
+    }
+
+    /// Info of GPU `i`.
+    pub fn info(&self, i: usize) -> &GpuInfo {
+        &self.gpus[i].info
+    }
+
+    /// Read GPU `i`'s energy counter and power in as few driver calls as possible.
+    pub fn read(&mut self, i: usize) -> Result<GpuReading, GpuError> {
+        let Self { nvml, gpus } = self;
+        let g = &mut gpus[i];
+        if g.info.lost {
+            return Err(GpuError::Lost {
+                uuid: g.info.id.uuid.clone(),
+            });
+        }
+        // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
+        let dev = unsafe { Device::new(g.handle.0, nvml) };
+        let before_ns = monotonic_ns();
+        let result = read_device(&dev, &g.info);
+        let after_ns = monotonic_ns();
+        match result {
+            Ok((energy_mj, power_mw)) => Ok(GpuReading {
+                at_ns: before_ns + (after_ns - before_ns) / 2,
+                before_ns,
+                after_ns,
+                energy_mj,
+                power_mw,
+            }),
+            Err((_, NvmlError::GpuLost)) => {
+                g.info.lost = true;
+                tracing::error!(uuid = %g.info.id.uuid, "GPU lost; continuing with the others");
+                Err(GpuError::Lost {
+                    uuid: g.info.id.uuid.clone(),
+                })
+            }
+            Err((what, source)) => Err(GpuError::Read {
+                uuid: g.info.id.uuid.clone(),
+                what,
+                source,
+            }),
+        }
+    }
+
+    /// Find how often GPU `i`'s energy counter (or, without one, its power reading) changes,
+    /// the way zeus does: poll quickly for up to `budget` or until `max_changes` changes, and
+    /// take the shortest interval between two changes. `None` when fewer than two changes were
+    /// seen (constant power without a counter, or a budget too short).
+    pub fn detect_update_period(
+        &mut self,
+        i: usize,
+        budget: Duration,
+        max_changes: usize,
+    ) -> Result<Option<Duration>, GpuError> {
+        let deadline = monotonic_ns() + budget.as_nanos() as u64;
+        let mut last_value: Option<u64> = None;
+        let mut change_times = Vec::new();
+        while monotonic_ns() < deadline && change_times.len() < max_changes + 1 {
+            let r = self.read(i)?;
+            let v = r.energy_mj.or(r.power_mw.map(u64::from));
+            if v.is_some() && last_value.is_some() && v != last_value {
+                change_times.push(r.at_ns);
+            }
+            last_value = v;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let min = change_times.windows(2).map(|w| w[1] - w[0]).min();
+        Ok(min.map(Duration::from_nanos))
+    }
+}
+
+type ReadFailure = (&'static str, NvmlError);
+
+fn read_device(
+    dev: &Device<'_>,
+    info: &GpuInfo,
+) -> Result<(Option<u64>, Option<u32>), ReadFailure> {
+    let mut energy = None;
+    let mut power = None;
+    if info.energy_via == ReadVia::FieldValue || info.power_via == ReadVia::FieldValue {
+        let values = dev
+            .field_values_for(&FIELDS)
+            .map_err(|e| ("field values", e))?;
+        for (k, entry) in values.into_iter().enumerate() {
+            let wanted = if k == 0 {
+                info.power_via
+            } else {
+                info.energy_via
+            };
+            if wanted != ReadVia::FieldValue {
+                continue;
+            }
+            let what = if k == 0 {
+                "POWER_INSTANT"
+            } else {
+                "TOTAL_ENERGY_CONSUMPTION"
+            };
+            let sample = entry.map_err(|e| (what, e))?;
+            let v = sample.value.map_err(|e| (what, e))?;
+            let v = sample_u64(&v).ok_or((what, NvmlError::UnexpectedVariant(0)))?;
+            if k == 0 {
+                power = Some(u32::try_from(v).unwrap_or(u32::MAX));
+            } else {
+                energy = Some(v);
+            }
+        }
+    }
+    if info.energy_via == ReadVia::Function {
+        energy = Some(
+            dev.total_energy_consumption()
+                .map_err(|e| ("total energy consumption", e))?,
+        );
+    }
+    if info.power_via == ReadVia::Function {
+        power = Some(dev.power_usage().map_err(|e| ("power usage", e))?);
+    }
+    Ok((energy, power))
+}
+
+/// Decide how to read a GPU's energy and power (see the module docs).
+fn probe(dev: &Device<'_>, id: GpuIdentity) -> GpuInfo {
+    let mut energy_via = ReadVia::Unsupported;
+    let mut power_via = ReadVia::Unsupported;
+    match dev.field_values_for(&FIELDS) {
+        Ok(values) => {
+            for (k, entry) in values.iter().enumerate() {
+                let ok = matches!(entry, Ok(s) if s.value.as_ref().is_ok_and(|v| sample_u64(v).is_some()));
+                if ok {
+                    if k == 0 {
+                        power_via = ReadVia::FieldValue;
+                    } else {
+                        energy_via = ReadVia::FieldValue;
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::debug!(uuid = %id.uuid, error = %e, "field values unavailable; using separate calls")
+        }
+    }
+    if energy_via == ReadVia::Unsupported && dev.total_energy_consumption().is_ok() {
+        energy_via = ReadVia::Function;
+    }
+    if power_via == ReadVia::Unsupported && dev.power_usage().is_ok() {
+        power_via = ReadVia::Function;
+    }
+    let method = if energy_via != ReadVia::Unsupported {
+        Support::Supported(Method::Counter)
+    } else if power_via != ReadVia::Unsupported {
+        Support::Supported(Method::IntegratedPower)
+    } else {
+        Support::Unsupported(
+            "the driver reports neither an energy counter nor power for this GPU".into(),
+        )
+    };
+    GpuInfo {
+        id,
+        energy_via,
+        power_via,
+        method,
+        lost: false,
+    }
+}
+
+/// Sampling period for a GPU: half the detected counter update period (so every update is
+/// seen), clamped to `[min, max]`; `default` when nothing was detected.
+pub fn sampling_period(
+    detected: Option<Duration>,
+    min: Duration,
+    max: Duration,
+    default: Duration,
+) -> Duration {
+    match detected {
+        Some(d) => (d / 2).clamp(min, max),
+        None => default.clamp(min, max),
+    }
+}
+
+/// Turns a GPU's readings into energy with the GPU's method: counter deltas when it has a
+/// counter, trapezoidal power integration otherwise.
+#[derive(Debug, Clone)]
+pub struct GpuEnergyMeter {
+    counter: Option<EnergyCounter>,
+    integrator: PowerIntegrator,
+    totals: EnergyTotals,
+}
+
+impl GpuEnergyMeter {
+    /// A meter for a GPU measured with `method`. `max_power_w` bounds plausible deltas (use
+    /// well above the board's power limit); `update_period` is the detected counter period.
+    pub fn new(method: Method, max_power_w: f64, update_period: Duration) -> Self {
+        let counter = (method == Method::Counter).then(|| {
+            EnergyCounter::new(CounterSpec {
+                kind: CounterKind::Resetting,
+                joules_per_unit: 1e-3,
+                max_power_w,
+                margin: 1.5,
+                staleness_ns: update_period.as_nanos() as u64,
+            })
+        });
+        Self {
+            counter,
+            integrator: PowerIntegrator::new(),
+            totals: EnergyTotals::new(method),
+        }
+    }
+
+    /// Feed one reading; returns the step for this interval (also added to the totals).
+    /// A reading that lacks the needed value is a gap: the baseline is kept for counters (the
+    /// next delta spans the gap exactly) and reset for integration (never integrate blind).
+    pub fn update(&mut self, r: &GpuReading) -> Option<Step> {
+        let step = match (&mut self.counter, r.energy_mj, r.power_mw) {
+            (Some(c), Some(e), _) => c.update(RawReading {
+                at_ns: r.at_ns,
+                value: e,
+            }),
+            (None, _, Some(p)) => self.integrator.update(r.at_ns, f64::from(p) / 1000.0),
+            (None, _, None) => {
+                self.integrator.clear();
+                return None;
+            }
+            (Some(_), None, _) => return None,
+        };
+        self.totals.add(&step);
+        Some(step)
+    }
+
+    /// Accumulated totals.
+    pub fn totals(&self) -> &EnergyTotals {
+        &self.totals
+    }
+}
+
+/// The default NVML library name, for messages.
+pub fn default_library() -> PathBuf {
+    PathBuf::from("libnvidia-ml.so.1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_period_is_half_the_update_period_clamped() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            sampling_period(Some(ms(100)), ms(10), ms(200), ms(100)),
+            ms(50)
+        );
+        assert_eq!(
+            sampling_period(Some(ms(10)), ms(10), ms(200), ms(100)),
+            ms(10)
+        );
+        assert_eq!(
+            sampling_period(Some(ms(1000)), ms(10), ms(200), ms(100)),
+            ms(200)
+        );
+        assert_eq!(sampling_period(None, ms(10), ms(200), ms(100)), ms(100));
+    }
+
+    #[test]
+    fn meter_uses_counter_or_integrates() {
+        let mut m = GpuEnergyMeter::new(Method::Counter, 1000.0, Duration::from_millis(100));
+        let r = |t_ms: u64, e: Option<u64>, p: Option<u32>| GpuReading {
+            at_ns: t_ms * 1_000_000,
+            before_ns: t_ms * 1_000_000,
+            after_ns: t_ms * 1_000_000,
+            energy_mj: e,
+            power_mw: p,
+        };
+        m.update(&r(0, Some(1_000), Some(300_000)));
+        assert_eq!(m.update(&r(50, None, Some(300_000))), None);
+        m.update(&r(100, Some(31_000), Some(300_000)));
+        assert!((m.totals().joules - 30.0).abs() < 1e-9);
+
+        let mut m = GpuEnergyMeter::new(Method::IntegratedPower, 1000.0, Duration::ZERO);
+        m.update(&r(0, None, Some(100_000)));
+        m.update(&r(100, None, Some(300_000)));
+        assert!((m.totals().joules - 20.0).abs() < 1e-9);
+        assert_eq!(m.totals().method, Method::IntegratedPower);
+    }
+
+    #[test]
+    fn missing_library_error_names_it_and_the_setting() {
+        let err = GpuSource::open(Some(Path::new("/nonexistent/libnvidia-ml.so.1"))).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/libnvidia-ml.so.1") && msg.contains("nvml_library"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! Shared helpers for ergond's integration tests: the fake NVML library and the ground truth.
+
+#![allow(dead_code)]
+
+#[path = "../../../tests/fake-nvml/src/profile.rs"]
+pub mod profile;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Path of the built fake NVML library (`libnvidia_ml.so` of the `fake-nvml` crate).
+///
+/// Order: `$FAKE_NVML_LIB`; `<target>/debug/libnvidia_ml.so` (run `cargo build -p fake-nvml`
+/// first, as scripts/test does); otherwise it is built here into a separate target directory
+/// (a nested cargo on the same target directory would wait forever for the lock the outer
+/// `cargo test` holds).
+pub fn fake_nvml_lib() -> PathBuf {
+    if let Ok(p) = std::env::var("FAKE_NVML_LIB") {
+        return PathBuf::from(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let built = target.join("debug/libnvidia_ml.so");
+    if built.exists() {
+        return built;
+    }
+    let side = target.join("fake-nvml-for-tests");
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "fake-nvml"])
+        .env("CARGO_TARGET_DIR", &side)
+        .current_dir(&workspace)
+        .status()
+        .expect("run cargo build -p fake-nvml");
+    assert!(status.success(), "cargo build -p fake-nvml failed");
+    side.join("debug/libnvidia_ml.so")
+}
+
+/// A private copy of the fake library with its own scenario next to it, so tests running in
+/// parallel threads of one process do not share fake state (each copy is a separate dlopen).
+pub struct FakeNvml {
+    _dir: tempfile::TempDir,
+    pub lib: PathBuf,
+    pub start_ns: u64,
+}
+
+impl FakeNvml {
+    /// Copy the library and write `scenario` (its `start_monotonic_ns` is set to now + 20 ms
+    /// unless present).
+    pub fn new(mut scenario: serde_json::Value) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libnvidia-ml.so.1");
+        std::fs::copy(fake_nvml_lib(), &lib).unwrap();
+        let start_ns = match scenario.get("start_monotonic_ns").and_then(|v| v.as_u64()) {
+            Some(s) => s,
+            None => {
+                let s = ergond::clock::monotonic_ns() + 20_000_000;
+                scenario["start_monotonic_ns"] = s.into();
+                s
+            }
+        };
+        let scen = PathBuf::from(format!("{}.scenario.json", lib.display()));
+        std::fs::write(scen, serde_json::to_vec_pretty(&scenario).unwrap()).unwrap();
+        Self {
+            _dir: dir,
+            lib,
+            start_ns,
+        }
+    }
+
+    /// Scenario time (s) of a monotonic instant.
+    pub fn t(&self, at_ns: u64, time_scale: f64) -> f64 {
+        (at_ns as f64 - self.start_ns as f64) / 1e9 * time_scale
+    }
+
+    /// Sleep until scenario time 0.
+    pub fn wait_for_start(&self) {
+        let now = ergond::clock::monotonic_ns();
+        if now < self.start_ns {
+            std::thread::sleep(std::time::Duration::from_nanos(self.start_ns - now));
+        }
+    }
+}
+
+/// Relative error |a − b| / |b|.
+pub fn rel_err(got: f64, truth: f64) -> f64 {
+    (got - truth).abs() / truth.abs()
+}
