@@ -1,0 +1,345 @@
+//! `spank_ergon.so`: the Slurm SPANK plugin of ergon.
+//!
+//! It does two things, and must never break a job doing them:
+//! - adds `--energy-report[=text|json]` to `sbatch`, `srun` and `salloc`;
+//! - tells ergond, the node daemon, over its Unix socket when each job and step starts and ends,
+//!   with the job's user, its GPUs (as device minors) and each step's exact cgroup paths.
+//!
+//! Every notification is one blocking exchange bounded by `timeout_ms` (default 100 ms). A
+//! missing, refusing or hung daemon costs a job at most that, plus one line in the slurmd log;
+//! no hook ever fails a job because of ergon. The plugin starts no thread and no runtime (task
+//! hooks run in processes slurmstepd forks), and no panic crosses the FFI boundary (see [`ffi`]).
+//!
+//! | hook (context)                       | event sent                                  |
+//! |--------------------------------------|---------------------------------------------|
+//! | `job_prolog` (slurmd, root)          | `JobStart`: ids, user, account, GPUs, report |
+//! | `task_post_fork`, task 0 (slurmstepd) | `StepStart`: task 0's cgroups from /proc    |
+//! | `exit` (slurmstepd)                  | `StepEnd`: exit status of task 0            |
+//! | `job_epilog` (slurmd, root)          | `JobEnd`                                    |
+
+pub mod client;
+pub mod config;
+pub mod ffi;
+pub mod gpus;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use ergon_protocol::{
+    parse_proc_cgroup, CpuSet, JobEnd, JobIds, JobStart, ReportFormat, Request, StepEnd, StepId,
+    StepStart, Timestamp,
+};
+
+use crate::config::Config;
+use crate::ffi::{log_debug, log_error, Context, Spank};
+
+pub use ffi::SLURM_VERSION_NUMBER;
+
+/// What `--energy-report` asked for in this process: 0 not given, 1 text, 2 json.
+static REPORT: AtomicU8 = AtomicU8::new(0);
+
+/// The plugin's state in one process (a prolog, one slurmstepd, one sbatch…).
+struct State {
+    /// Parsed from the plugstack.conf arguments on the first hook of this process (Slurm does not
+    /// call `slurm_spank_init` before `job_prolog`/`job_epilog`, but every hook gets the arguments).
+    config: Option<Config>,
+    step_start_sent: bool,
+    exit_status: Option<i32>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    config: None,
+    step_start_sent: false,
+    exit_status: None,
+});
+
+fn state() -> std::sync::MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// This process's configuration, parsed (and its problems logged) on first use.
+fn config(spank: &Spank) -> Config {
+    let mut st = state();
+    if let Some(c) = &st.config {
+        return c.clone();
+    }
+    let (config, problems) = config::parse_args(spank.argv().iter().map(String::as_str));
+    // Configuration problems belong in the node's log, not on every user's terminal.
+    if matches!(
+        spank.context(),
+        Context::Remote | Context::JobScript | Context::Slurmd
+    ) {
+        for p in problems {
+            log_error(&p);
+        }
+    }
+    st.config = Some(config.clone());
+    config
+}
+
+/// How Slurm hands a job's SPANK option to the prolog and epilog (`SPANK_` + plugin + option).
+pub const OPTION_ENV: &str = "SPANK__SLURM_SPANK_OPTION_spank_ergon_energy_report";
+
+/// Parses the option's value: none means text. Slurm 22.05 passes a value-less option to the
+/// prolog as the string `(null)`, which also means none.
+pub fn parse_report(value: Option<&str>) -> Result<ReportFormat, String> {
+    match value {
+        None | Some("") | Some("(null)") => Ok(ReportFormat::Text),
+        Some(v) => v
+            .parse()
+            .map_err(|e: ergon_protocol::ReportFormatError| e.to_string()),
+    }
+}
+
+/// The option callback's logic: remember the format, or say why the value is wrong.
+pub(crate) fn option_given(value: Option<&str>) -> Result<(), String> {
+    let format = parse_report(value)?;
+    REPORT.store(
+        if format == ReportFormat::Json { 2 } else { 1 },
+        Ordering::Relaxed,
+    );
+    Ok(())
+}
+
+fn report_from_process() -> Option<ReportFormat> {
+    match REPORT.load(Ordering::Relaxed) {
+        1 => Some(ReportFormat::Text),
+        2 => Some(ReportFormat::Json),
+        _ => None,
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc != 0 {
+        return String::from("unknown");
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    name.split('.').next().unwrap_or_default().to_string()
+}
+
+/// The node name: slurmd's name for it where Slurm says it, else the short hostname.
+fn node(spank: &Spank) -> String {
+    spank
+        .getenv("SLURMD_NODENAME")
+        .or_else(|| env("SLURMD_NODENAME"))
+        .unwrap_or_else(hostname)
+}
+
+/// Sends one event if notifications are on; logs one line if it did not get through.
+fn notify(config: &Config, what: &str, request: &Request) {
+    if !config.notify {
+        return;
+    }
+    match client::notify(&config.socket, config.timeout, request) {
+        Ok(()) => log_debug(&format!("{what} recorded by ergond")),
+        Err(e) => log_error(&format!(
+            "{what} not recorded by ergond at {}: {e}; the job continues, its energy report will \
+             be incomplete",
+            config.socket.display()
+        )),
+    }
+}
+
+pub(crate) fn init(spank: &Spank) {
+    config(spank);
+}
+
+fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
+    let job_id = spank
+        .job_id()
+        .or_else(|| env("SLURM_JOB_ID")?.parse().ok())
+        .ok_or("Slurm gave the prolog no job id")?;
+    let uid = spank
+        .uid()
+        .or_else(|| env("SLURM_JOB_UID")?.parse().ok())
+        .ok_or("Slurm gave the prolog no job uid")?;
+    let gid = spank
+        .gid()
+        .or_else(|| env("SLURM_JOB_GID")?.parse().ok())
+        .unwrap_or(u32::MAX);
+    let node = node(spank);
+    let report = match spank.energy_report_option() {
+        Some(value) => parse_report(value.as_deref()).ok(),
+        None => match std::env::var(OPTION_ENV) {
+            Ok(value) => parse_report(Some(&value)).ok(),
+            Err(_) => report_from_process(),
+        },
+    };
+    let indices = gpus::parse_job_gpus(&env("SLURM_JOB_GPUS").unwrap_or_default());
+    let gres_conf = gpus::gres_conf_path(config.gres_conf.as_deref(), env("SLURM_CONF").as_deref());
+    let files = std::fs::read_to_string(&gres_conf)
+        .map(|text| gpus::gres_gpu_files(&text, &node))
+        .unwrap_or_default();
+    Ok(JobStart {
+        ids: JobIds {
+            job_id,
+            array_job_id: env("SLURM_ARRAY_JOB_ID").and_then(|v| v.parse().ok()),
+            array_task_id: env("SLURM_ARRAY_TASK_ID").and_then(|v| v.parse().ok()),
+        },
+        uid,
+        gid,
+        user: env("SLURM_JOB_USER").unwrap_or_else(|| uid.to_string()),
+        account: env("SLURM_JOB_ACCOUNT"),
+        partition: env("SLURM_JOB_PARTITION"),
+        cluster: env("SLURM_CLUSTER_NAME"),
+        gpus: gpus::allocations(&indices, &files),
+        cpus: CpuSet::default(),
+        report,
+        work_dir: env("SLURM_JOB_WORK_DIR"),
+        stdout_path: env("SLURM_JOB_STDOUT"),
+        node,
+        time: Timestamp::now(),
+    })
+}
+
+pub(crate) fn job_prolog(spank: &Spank) {
+    let config = config(spank);
+    if !config.notify {
+        return;
+    }
+    match job_start(spank, &config) {
+        Ok(start) => {
+            let what = format!("job {} start", start.ids.job_id);
+            notify(&config, &what, &Request::JobStart(start));
+        }
+        Err(e) => log_error(&format!("job start not sent: {e}")),
+    }
+}
+
+pub(crate) fn task_post_fork(spank: &Spank) {
+    let config = config(spank);
+    {
+        let mut st = state();
+        if st.step_start_sent || !config.notify || spank.task_id().unwrap_or(0) != 0 {
+            return;
+        }
+        st.step_start_sent = true;
+    }
+    let (Some(job_id), Some(step)) = (spank.job_id(), spank.step_id()) else {
+        log_error("step start not sent: Slurm gave no job or step id");
+        return;
+    };
+    let step = StepId::from_raw(step);
+    let pid = spank.task_pid();
+    let proc_path = match pid {
+        Some(p) => format!("/proc/{p}/cgroup"),
+        None => "/proc/self/cgroup".to_string(),
+    };
+    let cgroups = match std::fs::read_to_string(&proc_path) {
+        Ok(text) => parse_proc_cgroup(&text).unwrap_or_else(|e| {
+            log_error(&format!(
+                "{proc_path}: {e}; step {job_id}.{step} sent without cgroups"
+            ));
+            Vec::new()
+        }),
+        Err(e) => {
+            log_error(&format!(
+                "cannot read {proc_path}: {e}; step {job_id}.{step} sent without cgroups"
+            ));
+            Vec::new()
+        }
+    };
+    let start = StepStart {
+        job_id,
+        // From the job's environment: the S_JOB_ARRAY_* items are wrong in 22.05's extern step
+        // (they give the task's own job id), and its environment has no array variables.
+        array_job_id: spank
+            .getenv("SLURM_ARRAY_JOB_ID")
+            .and_then(|v| v.parse().ok()),
+        array_task_id: spank
+            .getenv("SLURM_ARRAY_TASK_ID")
+            .and_then(|v| v.parse().ok()),
+        step,
+        uid: spank.uid().unwrap_or(u32::MAX),
+        node: node(spank),
+        cgroups,
+        pid,
+        tasks: spank.local_task_count(),
+        time: Timestamp::now(),
+    };
+    notify(
+        &config,
+        &format!("step {job_id}.{step} start"),
+        &Request::StepStart(start),
+    );
+}
+
+pub(crate) fn task_exit(spank: &Spank) {
+    if spank.task_id().unwrap_or(0) == 0 {
+        state().exit_status = spank.task_exit_status();
+    }
+}
+
+pub(crate) fn exit(spank: &Spank) {
+    if spank.context() != Context::Remote {
+        return;
+    }
+    let config = config(spank);
+    let exit_status = state().exit_status;
+    if !config.notify {
+        return;
+    }
+    let (Some(job_id), Some(step)) = (spank.job_id(), spank.step_id()) else {
+        return;
+    };
+    let end = StepEnd {
+        job_id,
+        step: StepId::from_raw(step),
+        node: node(spank),
+        exit_status,
+        time: Timestamp::now(),
+    };
+    let what = format!("step {job_id}.{} end", end.step);
+    notify(&config, &what, &Request::StepEnd(end));
+}
+
+pub(crate) fn job_epilog(spank: &Spank) {
+    let config = config(spank);
+    if !config.notify {
+        return;
+    }
+    let Some(job_id) = spank.job_id().or_else(|| env("SLURM_JOB_ID")?.parse().ok()) else {
+        log_error("job end not sent: Slurm gave the epilog no job id");
+        return;
+    };
+    let end = JobEnd {
+        job_id,
+        node: node(spank),
+        time: Timestamp::now(),
+    };
+    notify(&config, &format!("job {job_id} end"), &Request::JobEnd(end));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_values() {
+        assert_eq!(parse_report(None), Ok(ReportFormat::Text));
+        assert_eq!(parse_report(Some("(null)")), Ok(ReportFormat::Text));
+        assert_eq!(parse_report(Some("json")), Ok(ReportFormat::Json));
+        assert_eq!(parse_report(Some("text")), Ok(ReportFormat::Text));
+        let err = parse_report(Some("bogus")).unwrap_err();
+        assert!(
+            err.contains("\"bogus\"") && err.contains("text") && err.contains("json"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn version_comes_from_the_installed_headers() {
+        let dir =
+            std::env::var("SLURM_INCLUDE_DIR").unwrap_or_else(|_| "/usr/include/slurm".into());
+        let header = std::fs::read_to_string(format!("{dir}/slurm_version.h")).unwrap();
+        assert!(header.contains(&format!("SLURM_VERSION_NUMBER {SLURM_VERSION_NUMBER:#x}")));
+    }
+}

@@ -1,0 +1,432 @@
+//! The SPANK plugin in a real Slurm: the option, the events it sends (checked against what Slurm
+//! itself reports), and fail-open behaviour when the daemon is missing, hung or talks garbage.
+//!
+//! All tests here share one plugin configuration and one listener socket, so they run one at a
+//! time (the `SERIAL` lock); each starts its own listener with its own events file.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ergon_protocol::{JobStart, ReportFormat, Request, StepId};
+use ergon_tests::{
+    cluster, scratch_dir, wait_for, wait_for_file, Cluster, Listener, ListenerMode, RecordedEvent,
+    TempDir, JOB_TIMEOUT,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Event timeout: events arrive within the job's own lifetime.
+const EVENTS: Duration = Duration::from_secs(60);
+
+struct Setup {
+    c: &'static Cluster,
+    dir: TempDir,
+    listener: Option<Listener>,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+fn setup(name: &str, mode: Option<ListenerMode>) -> Setup {
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cluster();
+    c.install_plugin("timeout_ms=100").unwrap();
+    let dir = scratch_dir(name).unwrap();
+    let listener = mode.map(|mode| {
+        Listener::start(
+            PathBuf::from(env!("CARGO_BIN_EXE_ergon-test-listener")).as_path(),
+            &c.plugin_socket(),
+            &dir.path().join("events.jsonl"),
+            mode,
+        )
+        .unwrap()
+    });
+    if listener.is_none() {
+        let _ = std::fs::remove_file(c.plugin_socket());
+    }
+    Setup {
+        c,
+        dir,
+        listener,
+        _guard: guard,
+    }
+}
+
+fn job_starts(ev: &[RecordedEvent], job: u32) -> Vec<JobStart> {
+    ev.iter()
+        .filter_map(|e| match &e.request {
+            Request::JobStart(s) if s.ids.job_id == job => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_job_end(ev: &[RecordedEvent], job: u32) -> bool {
+    ev.iter()
+        .any(|e| matches!(&e.request, Request::JobEnd(x) if x.job_id == job))
+}
+
+fn step_starts(ev: &[RecordedEvent], job: u32) -> Vec<ergon_protocol::StepStart> {
+    ev.iter()
+        .filter_map(|e| match &e.request {
+            Request::StepStart(s) if s.job_id == job => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn step_ends(ev: &[RecordedEvent], job: u32) -> Vec<ergon_protocol::StepEnd> {
+    ev.iter()
+        .filter_map(|e| match &e.request {
+            Request::StepEnd(s) if s.job_id == job => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Position of the first event matching `f`, for ordering checks.
+fn pos(ev: &[RecordedEvent], f: impl Fn(&Request) -> bool) -> usize {
+    ev.iter()
+        .position(|e| f(&e.request))
+        .expect("event present")
+}
+
+#[test]
+fn option_is_listed_in_help_and_a_bad_value_fails_at_once() {
+    let s = setup("help", None);
+    for cmd in ["sbatch", "srun", "salloc"] {
+        let out = s.c.run(cmd, ["--help"]).unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("--energy-report"),
+            "{cmd} --help lacks the option:\n{help}"
+        );
+        assert!(help.contains("text|json"), "{cmd} --help lacks the values");
+    }
+    let out =
+        s.c.cmd("sbatch")
+            .args(["--energy-report=bogus", "--wrap", "true"])
+            .output()
+            .unwrap();
+    assert!(
+        !out.status.success(),
+        "sbatch accepted --energy-report=bogus"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"invalid --energy-report value "bogus": expected "text" or "json""#),
+        "stderr: {err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Submitted"));
+}
+
+#[test]
+fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
+    let s = setup("batch", Some(ListenerMode::Ok));
+    let (c, l) = (s.c, s.listener.as_ref().unwrap());
+    let own = s.dir.path().join("cgroup.txt");
+    let release = s.dir.path().join("release");
+    let script = format!(
+        "cat /proc/self/cgroup > {o}.tmp && mv {o}.tmp {o}; while [ ! -e {r} ]; do sleep 0.05; done",
+        o = own.display(),
+        r = release.display()
+    );
+    let out = s.dir.path().join("job.out");
+    let job = c
+        .sbatch([
+            "--energy-report",
+            "--gres=gpu:2",
+            "--time=5",
+            &format!("--output={}", out.display()),
+            "--wrap",
+            &script,
+        ])
+        .unwrap();
+
+    // While the batch step runs: its StepStart is there and names cgroups that exist.
+    let ev = l
+        .wait_events("the batch step's start", EVENTS, |ev| {
+            step_starts(ev, job).iter().any(|s| s.step == StepId::Batch)
+        })
+        .unwrap();
+    let batch = step_starts(&ev, job)
+        .into_iter()
+        .find(|s| s.step == StepId::Batch)
+        .unwrap();
+    let task_cgroups = wait_for_file(&own, JOB_TIMEOUT).unwrap();
+    let parsed = ergon_protocol::parse_proc_cgroup(&task_cgroups).unwrap();
+    // Exactly what the task itself sees, not a path guessed from a pattern.
+    for controller in ["cpuacct", "freezer", "memory", "cpuset", "devices"] {
+        let sent = batch
+            .cgroups
+            .iter()
+            .find(|g| g.controller == controller)
+            .unwrap();
+        let seen = parsed.iter().find(|g| g.controller == controller).unwrap();
+        assert_eq!(
+            sent.path, seen.path,
+            "{controller} path differs from the task's own"
+        );
+        let on_disk = PathBuf::from("/sys/fs/cgroup")
+            .join(controller)
+            .join(sent.path.trim_start_matches('/'));
+        assert!(
+            on_disk.is_dir(),
+            "{} does not exist while the step runs",
+            on_disk.display()
+        );
+    }
+    assert!(batch
+        .cgroups
+        .iter()
+        .any(|g| g.controller == "cpuacct" && g.path.contains(&format!("/job_{job}/step_batch"))));
+    assert_eq!(batch.uid, 0);
+    assert_eq!(batch.node, c.node);
+    assert!(batch.pid.is_some());
+
+    std::fs::write(&release, b"").unwrap();
+    c.wait_completed(job).unwrap();
+    let ev = l
+        .wait_events("the job's end", EVENTS, |ev| has_job_end(ev, job))
+        .unwrap();
+
+    // JobStart: every field against Slurm's own record.
+    let starts = job_starts(&ev, job);
+    assert_eq!(starts.len(), 1, "one JobStart per node: {starts:#?}");
+    let st = &starts[0];
+    assert_eq!(st.uid, 0);
+    assert_eq!(st.gid, 0);
+    assert_eq!(st.user, "root");
+    let scontrol = c.scontrol_job(job).unwrap();
+    let field = |k: &str| {
+        scontrol
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(st.account, field("Account"));
+    assert_eq!(st.partition, field("Partition"));
+    assert_eq!(st.work_dir, field("WorkDir"));
+    assert_eq!(st.cluster.as_deref(), Some("ergon-dev"));
+    assert_eq!(st.node, c.node);
+    assert_eq!(st.report, Some(ReportFormat::Text));
+    assert_eq!(st.ids.array_job_id, None);
+    assert_eq!(st.stdout_path.as_deref(), Some(out.to_str().unwrap()));
+    // gres.conf lists fakegpu0..3 as char devices 195:0..3, so the minors follow the indices.
+    let gpus: Vec<(u32, Option<u32>)> = st.gpus.iter().map(|g| (g.index, g.minor)).collect();
+    assert_eq!(gpus, vec![(0, Some(0)), (1, Some(1))]);
+    let scontrol_gres = c.sacct_field(job, "AllocTRES").unwrap().unwrap();
+    assert!(scontrol_gres.contains("gres/gpu=2"));
+
+    // Steps: extern and batch both started and ended; batch exit status 0.
+    let started: Vec<StepId> = step_starts(&ev, job).iter().map(|s| s.step).collect();
+    let ended = step_ends(&ev, job);
+    for step in [StepId::Extern, StepId::Batch] {
+        assert!(started.contains(&step), "no start for {step}: {started:?}");
+        assert!(ended.iter().any(|e| e.step == step), "no end for {step}");
+    }
+    assert_eq!(
+        ended
+            .iter()
+            .find(|e| e.step == StepId::Batch)
+            .unwrap()
+            .exit_status,
+        Some(0)
+    );
+
+    // Order: job start < batch start < batch end < job end; all sent by root.
+    let js = pos(
+        &ev,
+        |r| matches!(r, Request::JobStart(x) if x.ids.job_id == job),
+    );
+    let bs = pos(
+        &ev,
+        |r| matches!(r, Request::StepStart(x) if x.job_id == job && x.step == StepId::Batch),
+    );
+    let be = pos(
+        &ev,
+        |r| matches!(r, Request::StepEnd(x) if x.job_id == job && x.step == StepId::Batch),
+    );
+    let je = pos(&ev, |r| matches!(r, Request::JobEnd(x) if x.job_id == job));
+    assert!(js < bs && bs < be && be < je, "order: {js} {bs} {be} {je}");
+    assert!(ev.iter().all(|e| e.peer_uid == Some(0)));
+}
+
+#[test]
+fn srun_job_with_json_report_sends_its_step() {
+    let s = setup("srun", Some(ListenerMode::Ok));
+    let (c, l) = (s.c, s.listener.as_ref().unwrap());
+    let out = c
+        .run(
+            "srun",
+            [
+                "--energy-report=json",
+                "--job-name=ergon-srun",
+                "sh",
+                "-c",
+                "echo $SLURM_JOB_ID",
+            ],
+        )
+        .unwrap();
+    let job: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let ev = l
+        .wait_events("the srun job's end", EVENTS, |ev| has_job_end(ev, job))
+        .unwrap();
+    let st = job_starts(&ev, job);
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].report, Some(ReportFormat::Json));
+    assert!(st[0].gpus.is_empty());
+    let steps = step_starts(&ev, job);
+    assert!(
+        steps.iter().any(|s| s.step == StepId::Numbered(0)),
+        "{steps:#?}"
+    );
+    assert!(step_ends(&ev, job)
+        .iter()
+        .any(|e| e.step == StepId::Numbered(0) && e.exit_status == Some(0)));
+}
+
+#[test]
+fn salloc_with_two_srun_steps() {
+    let s = setup("salloc", Some(ListenerMode::Ok));
+    let (c, l) = (s.c, s.listener.as_ref().unwrap());
+    let out = c
+        .run(
+            "salloc",
+            [
+                "--energy-report",
+                "sh",
+                "-c",
+                "srun true; srun true; echo JOB=$SLURM_JOB_ID",
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let job: u32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("JOB="))
+        .unwrap_or_else(|| panic!("salloc printed {text}"))
+        .parse()
+        .unwrap();
+    let ev = l
+        .wait_events("the allocation's end", EVENTS, |ev| has_job_end(ev, job))
+        .unwrap();
+    assert_eq!(job_starts(&ev, job)[0].report, Some(ReportFormat::Text));
+    for step in [StepId::Numbered(0), StepId::Numbered(1)] {
+        assert!(
+            step_starts(&ev, job).iter().any(|s| s.step == step),
+            "no start for step {step}"
+        );
+        assert!(
+            step_ends(&ev, job).iter().any(|s| s.step == step),
+            "no end for step {step}"
+        );
+    }
+    let rows = c.sacct_rows(job, "JobID").unwrap();
+    assert!(
+        rows.iter().any(|r| r[0] == format!("{job}.1")),
+        "sacct has no step 1: {rows:?}"
+    );
+}
+
+#[test]
+fn job_array_tasks_carry_their_array_ids() {
+    let s = setup("array", Some(ListenerMode::Ok));
+    let (c, l) = (s.c, s.listener.as_ref().unwrap());
+    let array = c
+        .sbatch(["--array=0-1", "--output=/dev/null", "--wrap", "true"])
+        .unwrap();
+    // Each array task is its own job with its own id: find them through sacct.
+    let ids: Vec<(u32, u32)> = wait_for(JOB_TIMEOUT, "both array tasks to complete", || {
+        let rows = c.sacct_rows(array, "JobID,JobIDRaw,State").unwrap();
+        let done: Vec<(u32, u32)> = rows
+            .iter()
+            .filter(|r| !r[0].contains('.') && r[2] == "COMPLETED")
+            .filter_map(|r| {
+                let task = r[0].split_once('_')?.1.parse().ok()?;
+                Some((r[1].parse().ok()?, task))
+            })
+            .collect();
+        Ok((done.len() == 2).then_some(done))
+    })
+    .unwrap();
+    let ev = l
+        .wait_events("both array tasks' ends", EVENTS, |ev| {
+            ids.iter().all(|(id, _)| has_job_end(ev, *id))
+        })
+        .unwrap();
+    for (id, task) in ids {
+        // Slurm 22.05 does not tell the prolog about arrays, so JobStart has them only where a
+        // later Slurm does; every StepStart has them.
+        let st = &job_starts(&ev, id)[0];
+        if st.ids.array_job_id.is_some() {
+            assert_eq!(
+                (st.ids.array_job_id, st.ids.array_task_id),
+                (Some(array), Some(task))
+            );
+        }
+        let steps = step_starts(&ev, id);
+        let batch = steps
+            .iter()
+            .find(|s| s.step == StepId::Batch)
+            .expect("batch step start");
+        assert_eq!(
+            (batch.array_job_id, batch.array_task_id),
+            (Some(array), Some(task)),
+            "job {id}"
+        );
+        // The extern step's environment has no array variables in 22.05: absent, never wrong.
+        for s in &steps {
+            if s.array_job_id.is_some() {
+                assert_eq!(
+                    (s.array_job_id, s.array_task_id),
+                    (Some(array), Some(task)),
+                    "job {id} step {}",
+                    s.step
+                );
+            }
+        }
+    }
+}
+
+/// Fail-open: with the daemon absent, hung, or answering garbage, jobs complete and the node's
+/// log says, once per event, what was not recorded.
+fn assert_fails_open(name: &str, mode: Option<ListenerMode>, expected: &str) {
+    let s = setup(name, mode);
+    let c = s.c;
+    let log_start = c.slurmd_log_len();
+    let job = c
+        .sbatch(["--energy-report", "--output=/dev/null", "--wrap", "true"])
+        .unwrap();
+    c.wait_completed(job).unwrap();
+    let warning = format!("spank_ergon: job {job} start not recorded by ergond");
+    let log = wait_for(
+        Duration::from_secs(30),
+        "the warnings in slurmd.log",
+        || {
+            let log = c.slurmd_log_since(log_start)?;
+            Ok(
+                (log.contains(&warning) && log.contains(&format!("job {job} end not recorded")))
+                    .then_some(log),
+            )
+        },
+    )
+    .unwrap();
+    let line = log.lines().find(|l| l.contains(&warning)).unwrap();
+    assert!(line.contains(expected), "warning does not say why: {line}");
+    assert_eq!(log.matches(&warning).count(), 1, "one warning per event");
+}
+
+#[test]
+fn daemon_absent_job_completes_with_a_warning() {
+    assert_fails_open("absent", None, "cannot connect");
+}
+
+#[test]
+fn daemon_hung_job_completes_within_the_timeout() {
+    assert_fails_open("hung", Some(ListenerMode::Hang), "no reply within 100 ms");
+}
+
+#[test]
+fn daemon_answering_garbage_job_completes() {
+    assert_fails_open("garbage", Some(ListenerMode::Garbage), "exchange failed");
+}
