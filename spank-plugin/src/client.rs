@@ -54,11 +54,7 @@ impl std::error::Error for SendError {}
 pub fn send(socket: &Path, timeout: Duration, request: &Request) -> Result<Reply, SendError> {
     let deadline = Instant::now() + timeout;
     let stream = connect(socket, deadline, timeout)?;
-    let mut stream = DeadlineStream {
-        stream,
-        deadline,
-        timeout,
-    };
+    let mut stream = DeadlineStream { stream, deadline };
     let result =
         write_frame(&mut stream, request).and_then(|()| read_frame::<_, Reply>(&mut stream));
     match result {
@@ -100,30 +96,50 @@ fn connect(path: &Path, deadline: Instant, timeout: Duration) -> Result<UnixStre
         match err.raw_os_error() {
             // A Unix socket whose backlog is full answers EAGAIN at once.
             Some(libc::EAGAIN) => return Err(SendError::Busy),
-            Some(libc::EINPROGRESS) => {
-                wait_writable(raw, deadline, timeout)?;
-            }
+            Some(libc::EINPROGRESS) => match wait_ready(raw, libc::POLLOUT, deadline) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(SendError::Timeout(timeout))
+                }
+                Err(e) => return Err(SendError::Connect(e)),
+            },
             _ => return Err(SendError::Connect(err)),
         }
     }
-    let stream = UnixStream::from(fd);
-    stream.set_nonblocking(false).map_err(SendError::Connect)?;
-    Ok(stream)
+    // The socket stays non-blocking: every read and write waits in `wait_ready` first.
+    Ok(UnixStream::from(fd))
 }
 
-fn wait_writable(fd: i32, deadline: Instant, timeout: Duration) -> Result<(), SendError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-    match n {
-        0 => Err(SendError::Timeout(timeout)),
-        n if n < 0 => Err(SendError::Connect(io::Error::last_os_error())),
-        _ => Ok(()),
+/// Waits until `fd` is ready for `events` or the deadline passes (`TimedOut`).
+///
+/// `ppoll` with the exact time left: socket timeouts (`SO_RCVTIMEO`) are rounded up to scheduler
+/// ticks and were measured 4–8 ms late here, which would break the "timeout + 5 ms" bound.
+fn wait_ready(fd: i32, events: libc::c_short, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        let ts = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and timespec; the signal mask is left alone.
+        let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+        if n > 0 {
+            return Ok(());
+        }
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
     }
 }
 
@@ -148,44 +164,45 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((addr, len as libc::socklen_t))
 }
 
-/// A stream whose every read and write may only use the time left before one deadline.
+/// A non-blocking stream whose every read and write may only use the time left before one
+/// deadline.
 struct DeadlineStream {
     stream: UnixStream,
     deadline: Instant,
-    timeout: Duration,
 }
 
 impl DeadlineStream {
-    fn left(&self) -> io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("deadline of {} ms passed", self.timeout.as_millis()),
-            ))
-        } else {
-            Ok(left)
+    fn retry<T>(
+        &mut self,
+        events: libc::c_short,
+        mut op: impl FnMut(&mut UnixStream) -> io::Result<T>,
+    ) -> io::Result<T> {
+        use std::os::fd::AsRawFd;
+        loop {
+            match op(&mut self.stream) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(self.stream.as_raw_fd(), events, self.deadline)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
         }
     }
 }
 
 impl Read for DeadlineStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        self.retry(libc::POLLIN, |s| s.read(buf))
     }
 }
 
 impl Write for DeadlineStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let left = self.left()?;
-        self.stream.set_write_timeout(Some(left))?;
-        self.stream.write(buf)
+        self.retry(libc::POLLOUT, |s| s.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
+        Ok(())
     }
 }
 
@@ -221,6 +238,21 @@ mod tests {
         assert!(matches!(err, SendError::Timeout(_)), "{err}");
         assert!(took >= Duration::from_millis(80), "{took:?}");
         assert!(took < Duration::from_millis(80 + 50), "{took:?}");
+    }
+
+    #[test]
+    fn listener_that_never_accepts_is_bounded_too() {
+        let path = tmp_socket("backlog");
+        // Bound but never accepting: the connection waits in the backlog, no reply ever comes.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let t = Instant::now();
+        let err = notify(&path, Duration::from_millis(50), &Request::Ping).unwrap_err();
+        assert!(matches!(err, SendError::Timeout(_)), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_millis(50 + 50),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
