@@ -127,3 +127,50 @@ fn task_cgroup_exists_under_cpuacct_while_the_job_runs() {
     )
     .unwrap();
 }
+
+#[test]
+fn up_again_leaves_the_same_healthy_cluster() {
+    let c = cluster();
+    let pids = |c: &ergon_tests::Cluster| -> Vec<String> {
+        [
+            "munge/run/munged.pid",
+            "mysql-run/mariadb.pid",
+            "run/slurmdbd.pid",
+            "run/slurmctld.pid",
+            "run/slurmd.pid",
+        ]
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(c.dir.join(p))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect()
+    };
+    let before = pids(c);
+    let script = ergon_tests::repo_root().join("scripts/slurm-cluster");
+    let up = std::process::Command::new(&script)
+        .arg("up")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert_eq!(pids(c), before, "a second `up` restarted daemons");
+    let status = std::process::Command::new(&script)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "status after a second up: {text}");
+    assert_eq!(text.matches("running (pid").count(), 5, "{text}");
+    for pid in before {
+        assert!(
+            std::path::Path::new("/proc").join(&pid).exists(),
+            "daemon {pid} is gone"
+        );
+    }
+}

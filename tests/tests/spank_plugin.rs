@@ -211,9 +211,22 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
     assert_eq!(st.report, Some(ReportFormat::Text));
     assert_eq!(st.ids.array_job_id, None);
     assert_eq!(st.stdout_path.as_deref(), Some(out.to_str().unwrap()));
-    // gres.conf lists fakegpu0..3 as char devices 195:0..3, so the minors follow the indices.
+    // gres.conf lists fakegpu0..3, whose minors are not their indices: the plugin must send each
+    // allocated device's own minor.
+    let minor_of = |i: u32| {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(c.dir.join(format!("dev/fakegpu{i}")))
+            .unwrap()
+            .rdev();
+        ((rdev & 0xff) | ((rdev >> 12) & !0xff)) as u32
+    };
+    assert_ne!(
+        minor_of(0),
+        0,
+        "the fixture must make index and minor differ"
+    );
     let gpus: Vec<(u32, Option<u32>)> = st.gpus.iter().map(|g| (g.index, g.minor)).collect();
-    assert_eq!(gpus, vec![(0, Some(0)), (1, Some(1))]);
+    assert_eq!(gpus, vec![(0, Some(minor_of(0))), (1, Some(minor_of(1)))]);
     let scontrol_gres = c.sacct_field(job, "AllocTRES").unwrap().unwrap();
     assert!(scontrol_gres.contains("gres/gpu=2"));
 
