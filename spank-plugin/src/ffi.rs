@@ -202,13 +202,26 @@ extern "C" fn energy_report_callback(_val: c_int, optarg: *const c_char, _remote
     .unwrap_or(-1)
 }
 
-/// Logs through Slurm: the slurmd log in slurmd/slurmstepd, stderr in sbatch/srun/salloc.
+/// Logs an error through Slurm: stderr in sbatch/srun/salloc, where the user must see it (an
+/// invalid option value). Not for node-side problems: in slurmstepd, errors are also copied to
+/// the job's stderr, and ergon must not write into users' output.
 pub fn log_error(msg: &str) {
     let Ok(msg) = CString::new(format!("spank_ergon: {msg}").replace('\0', " ")) else {
         return;
     };
     // SAFETY: "%s" with one valid C string.
     unsafe { sys::slurm_error(c"%s".as_ptr(), msg.as_ptr()) }
+}
+
+/// Logs a warning for the node's admin: info level, which reaches the slurmd log (slurmd,
+/// prolog/epilog and slurmstepd all log there at the default `SlurmdDebug=info`) but not the
+/// job's own stderr.
+pub fn log_warning(msg: &str) {
+    let Ok(msg) = CString::new(format!("spank_ergon: warning: {msg}").replace('\0', " ")) else {
+        return;
+    };
+    // SAFETY: "%s" with one valid C string.
+    unsafe { sys::slurm_info(c"%s".as_ptr(), msg.as_ptr()) }
 }
 
 /// Logs at debug level (shown with SlurmdDebug=debug).
@@ -228,7 +241,7 @@ fn hook(name: &str, raw: sys::spank_t, ac: c_int, av: *mut *mut c_char, f: fn(&S
         f(&spank)
     }));
     if result.is_err() {
-        log_error(&format!(
+        log_warning(&format!(
             "internal error (panic) in {name}; ignored, the job continues"
         ));
     }
@@ -262,7 +275,7 @@ pub extern "C" fn slurm_spank_init(sp: sys::spank_t, ac: c_int, av: *mut *mut c_
             Context::Local | Context::Remote | Context::Allocator
         ) {
             if let Err(rc) = spank.register_energy_report() {
-                log_error(&format!(
+                log_warning(&format!(
                     "cannot register --energy-report (spank error {rc})"
                 ));
             }

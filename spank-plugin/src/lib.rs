@@ -31,7 +31,7 @@ use ergon_protocol::{
 };
 
 use crate::config::Config;
-use crate::ffi::{log_debug, log_error, Context, Spank};
+use crate::ffi::{log_debug, log_warning, Context, Spank};
 
 pub use ffi::SLURM_VERSION_NUMBER;
 
@@ -70,7 +70,7 @@ fn config(spank: &Spank) -> Config {
         Context::Remote | Context::JobScript | Context::Slurmd
     ) {
         for p in problems {
-            log_error(&p);
+            log_warning(&p);
         }
     }
     st.config = Some(config.clone());
@@ -140,7 +140,7 @@ fn notify(config: &Config, what: &str, request: &Request) {
     }
     match client::notify(&config.socket, config.timeout, request) {
         Ok(()) => log_debug(&format!("{what} recorded by ergond")),
-        Err(e) => log_error(&format!(
+        Err(e) => log_warning(&format!(
             "{what} not recorded by ergond at {}: {e}; the job continues, its energy report will \
              be incomplete",
             config.socket.display()
@@ -210,7 +210,7 @@ pub(crate) fn job_prolog(spank: &Spank) {
             let what = format!("job {} start", start.ids.job_id);
             notify(&config, &what, &Request::JobStart(start));
         }
-        Err(e) => log_error(&format!("job start not sent: {e}")),
+        Err(e) => log_warning(&format!("job start not sent: {e}")),
     }
 }
 
@@ -224,7 +224,7 @@ pub(crate) fn task_post_fork(spank: &Spank) {
         st.step_start_sent = true;
     }
     let (Some(job_id), Some(step)) = (spank.job_id(), spank.step_id()) else {
-        log_error("step start not sent: Slurm gave no job or step id");
+        log_warning("step start not sent: Slurm gave no job or step id");
         return;
     };
     let step = StepId::from_raw(step);
@@ -235,13 +235,13 @@ pub(crate) fn task_post_fork(spank: &Spank) {
     };
     let cgroups = match std::fs::read_to_string(&proc_path) {
         Ok(text) => parse_proc_cgroup(&text).unwrap_or_else(|e| {
-            log_error(&format!(
+            log_warning(&format!(
                 "{proc_path}: {e}; step {job_id}.{step} sent without cgroups"
             ));
             Vec::new()
         }),
         Err(e) => {
-            log_error(&format!(
+            log_warning(&format!(
                 "cannot read {proc_path}: {e}; step {job_id}.{step} sent without cgroups"
             ));
             Vec::new()
@@ -307,7 +307,7 @@ pub(crate) fn job_epilog(spank: &Spank) {
         return;
     }
     let Some(job_id) = spank.job_id().or_else(|| env("SLURM_JOB_ID")?.parse().ok()) else {
-        log_error("job end not sent: Slurm gave the epilog no job id");
+        log_warning("job end not sent: Slurm gave the epilog no job id");
         return;
     };
     let end = JobEnd {

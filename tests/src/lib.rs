@@ -23,6 +23,9 @@ pub const POLL: Duration = Duration::from_millis(100);
 /// jobs may queue behind each other.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The plugin arguments every test runs with (besides the socket and gres.conf).
+pub const PLUGIN_ARGS: &str = "timeout_ms=100";
+
 /// The running development cluster, as described by `scripts/slurm-cluster env`.
 #[derive(Debug)]
 pub struct Cluster {
@@ -82,12 +85,16 @@ fn bring_up() -> Result<Cluster> {
     let node = String::from_utf8(Command::new("hostname").arg("-s").output()?.stdout)?
         .trim()
         .to_string();
-    Ok(Cluster {
+    let cluster = Cluster {
         dir: var("ERGON_CLUSTER_DIR")?.into(),
         slurm_conf: var("SLURM_CONF")?.into(),
         node,
         test_user: std::env::var("ERGON_CLUSTER_TEST_USER").unwrap_or_else(|_| "ergontest".into()),
-    })
+    };
+    // Every test runs with this build's plugin listed as `required`: a job-breaking hook would
+    // fail every test, and no earlier build's plugin line can linger.
+    cluster.install_plugin(PLUGIN_ARGS)?;
+    Ok(cluster)
 }
 
 /// A job's state as sacct prints it for the job allocation (`-X`), e.g. `COMPLETED`, `FAILED`,

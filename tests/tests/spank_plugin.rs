@@ -29,7 +29,7 @@ struct Setup {
 fn setup(name: &str, mode: Option<ListenerMode>) -> Setup {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
-    c.install_plugin("timeout_ms=100").unwrap();
+    c.install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
     let dir = scratch_dir(name).unwrap();
     let listener = mode.map(|mode| {
         Listener::start(
@@ -407,11 +407,19 @@ fn assert_fails_open(name: &str, mode: Option<ListenerMode>, expected: &str) {
     let s = setup(name, mode);
     let c = s.c;
     let log_start = c.slurmd_log_len();
+    let out = s.dir.path().join("job.out");
     let job = c
-        .sbatch(["--energy-report", "--output=/dev/null", "--wrap", "true"])
+        .sbatch([
+            "--energy-report",
+            &format!("--output={}", out.display()),
+            "--wrap",
+            "echo only this",
+        ])
         .unwrap();
     c.wait_completed(job).unwrap();
-    let warning = format!("spank_ergon: job {job} start not recorded by ergond");
+    // The node's problem is the admin's, not the user's: nothing in the job's output.
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "only this\n");
+    let warning = format!("spank_ergon: warning: job {job} start not recorded by ergond");
     let log = wait_for(
         Duration::from_secs(30),
         "the warnings in slurmd.log",
