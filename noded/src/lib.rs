@@ -10,6 +10,8 @@
 pub mod clock;
 pub mod config;
 pub mod counter;
+pub mod inventory;
+pub mod probe;
 pub mod sources;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

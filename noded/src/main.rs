@@ -3,25 +3,107 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// ergond samples GPU (NVML) and CPU (RAPL) energy counters on a Slurm compute node and
 /// attributes the energy to the jobs running there.
+///
+/// This build has the measurement layer and two diagnostic subcommands, `check` and `probe`;
+/// the daemon's service loop is not implemented yet, so running `ergond` without a subcommand
+/// starts nothing and exits with status 2.
 #[derive(Debug, Parser)]
-#[command(name = "ergond", version, about, long_about = None)]
+#[command(name = "ergond", version, about, long_about)]
 struct Args {
-    /// Configuration file (TOML).
-    #[arg(long, short, default_value = "/etc/ergon/ergond.toml")]
-    config: PathBuf,
+    /// Configuration file (TOML) [default: /etc/ergon/ergond.toml; if that file does not
+    /// exist, built-in defaults are used. A file given here must exist.]
+    #[arg(long, short, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration and list what this node can measure.
+    ///
+    /// Loads the configuration (errors name the key), opens each source and prints: the NVML
+    /// library and driver versions; every GPU (index, minor, UUID, PCI bus id, name) with its
+    /// energy method (counter, integrated power or unsupported, and why) and its detected
+    /// counter update period (about 1 s in total); the RAPL backend (perf or powercap) and
+    /// zones with their wrap range; the cgroup version. A source that cannot be opened is
+    /// printed as a PROBLEM line saying what failed and what to do.
+    ///
+    /// Exit status: 0 if the configuration is valid and at least one energy source works, 1 if
+    /// the configuration is invalid, 2 if no energy source works.
+    Check {
+        /// Print the inventory as one JSON object (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the NVML read path of this node's GPUs.
+    ///
+    /// Samples every GPU every PERIOD_MS for SECONDS on one dedicated thread (absolute
+    /// monotonic-clock deadlines), reading them exactly as ergond does, and reports per GPU:
+    /// the observed update period of the energy counter and of the power reading (min /
+    /// median / mean interval between changes), the latency of each NVML call per read
+    /// (p50 / p99 / max µs), and the energy of the same interval by counter difference and
+    /// by integrating the sampled power, with their relative difference.
+    ///
+    /// Exit status: 0 on success, 1 if the configuration is invalid, 2 if no GPU can be read.
+    Probe {
+        /// How long to sample, in seconds.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+        seconds: f64,
+        /// Sampling period in milliseconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        period_ms: u64,
+        /// Print the report as one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds ({e})"))?;
+    if v.is_finite() && v > 0.0 && v <= 3600.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} s is outside (0, 3600] s"))
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    eprintln!(
-        "ergond {}: the daemon's service loop is not part of this build yet (config would be read from {}); \
-         nothing was started",
-        env!("CARGO_PKG_VERSION"),
-        args.config.display()
-    );
-    ExitCode::from(2)
+    match args.command {
+        Some(Command::Check { json }) => {
+            ExitCode::from(ergond::inventory::run_check(args.config.as_ref(), json))
+        }
+        Some(Command::Probe {
+            seconds,
+            period_ms,
+            json,
+        }) => ExitCode::from(ergond::probe::run_probe(
+            args.config.as_ref(),
+            seconds,
+            period_ms,
+            json,
+        )),
+        None => {
+            eprintln!(
+                "ergond {}: the daemon's service loop is not implemented in this build yet \
+                 (configuration: {}); nothing was started. Available now: `ergond check` \
+                 (validate the configuration, list what this node can measure) and \
+                 `ergond probe` (measure the GPU read path); see `ergond --help`",
+                env!("CARGO_PKG_VERSION"),
+                args.config
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(ergond::config::DEFAULT_PATH))
+                    .display()
+            );
+            ExitCode::from(2)
+        }
+    }
 }

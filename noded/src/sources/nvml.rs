@@ -132,6 +132,18 @@ pub struct GpuReading {
     pub power_mw: Option<u32>,
 }
 
+/// How long each driver call of one [`GpuSource::read_timed`] took, in nanoseconds (`None`
+/// when that call was not made). Used by `ergond probe` to report per-call latency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CallTimes {
+    /// The single `nvmlDeviceGetFieldValues` call (energy and/or power).
+    pub field_values_ns: Option<u64>,
+    /// `nvmlDeviceGetTotalEnergyConsumption` (fallback when the field is unavailable).
+    pub energy_fn_ns: Option<u64>,
+    /// `nvmlDeviceGetPowerUsage` (fallback when the field is unavailable).
+    pub power_fn_ns: Option<u64>,
+}
+
 /// Raw device handle. `nvmlDevice_t` is an opaque token that NVML allows from any thread;
 /// nvml-wrapper's own `Device` is `Send + Sync` for the same reason.
 #[derive(Debug, Clone, Copy)]
@@ -251,8 +263,25 @@ impl GpuSource {
         &self.gpus[i].info
     }
 
+    /// Version of the loaded NVML library (e.g. `12.550.54.15`).
+    pub fn nvml_version(&self) -> Result<String, NvmlError> {
+        self.nvml.sys_nvml_version()
+    }
+
+    /// Version of the NVIDIA driver (e.g. `550.54.15`).
+    pub fn driver_version(&self) -> Result<String, NvmlError> {
+        self.nvml.sys_driver_version()
+    }
+
     /// Read GPU `i`'s energy counter and power in as few driver calls as possible.
     pub fn read(&mut self, i: usize) -> Result<GpuReading, GpuError> {
+        self.read_timed(i, &mut CallTimes::default())
+    }
+
+    /// [`Self::read`], also recording how long each driver call took into `times` (reset
+    /// first).
+    pub fn read_timed(&mut self, i: usize, times: &mut CallTimes) -> Result<GpuReading, GpuError> {
+        *times = CallTimes::default();
         let Self { nvml, gpus } = self;
         let g = &mut gpus[i];
         if g.info.lost {
@@ -263,7 +292,7 @@ impl GpuSource {
         // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
         let dev = unsafe { Device::new(g.handle.0, nvml) };
         let before_ns = monotonic_ns();
-        let result = read_device(&dev, &g.info);
+        let result = read_device(&dev, &g.info, times);
         let after_ns = monotonic_ns();
         match result {
             Ok((energy_mj, power_mw)) => Ok(GpuReading {
@@ -317,15 +346,23 @@ impl GpuSource {
 
 type ReadFailure = (&'static str, NvmlError);
 
+/// Run `f`, storing its duration (ns) into `slot`.
+fn timed<T>(slot: &mut Option<u64>, f: impl FnOnce() -> T) -> T {
+    let t0 = monotonic_ns();
+    let out = f();
+    *slot = Some(monotonic_ns() - t0);
+    out
+}
+
 fn read_device(
     dev: &Device<'_>,
     info: &GpuInfo,
+    times: &mut CallTimes,
 ) -> Result<(Option<u64>, Option<u32>), ReadFailure> {
     let mut energy = None;
     let mut power = None;
     if info.energy_via == ReadVia::FieldValue || info.power_via == ReadVia::FieldValue {
-        let values = dev
-            .field_values_for(&FIELDS)
+        let values = timed(&mut times.field_values_ns, || dev.field_values_for(&FIELDS))
             .map_err(|e| ("field values", e))?;
         for (k, entry) in values.into_iter().enumerate() {
             let wanted = if k == 0 {
@@ -353,12 +390,14 @@ fn read_device(
     }
     if info.energy_via == ReadVia::Function {
         energy = Some(
-            dev.total_energy_consumption()
+            timed(&mut times.energy_fn_ns, || dev.total_energy_consumption())
                 .map_err(|e| ("total energy consumption", e))?,
         );
     }
     if info.power_via == ReadVia::Function {
-        power = Some(dev.power_usage().map_err(|e| ("power usage", e))?);
+        power = Some(
+            timed(&mut times.power_fn_ns, || dev.power_usage()).map_err(|e| ("power usage", e))?,
+        );
     }
     Ok((energy, power))
 }
