@@ -12,6 +12,7 @@ pub mod config;
 pub mod counter;
 pub mod inventory;
 pub mod probe;
+pub mod snapshot;
 pub mod sources;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
