@@ -247,8 +247,10 @@ pub(crate) fn task_post_fork(spank: &Spank) {
             Vec::new()
         }
     };
+    let cpus = step_cpus(&cgroups);
     let start = StepStart {
         job_id,
+        cpus,
         // From the job's environment: the S_JOB_ARRAY_* items are wrong in 22.05's extern step
         // (they give the task's own job id), and its environment has no array variables.
         array_job_id: spank
@@ -270,6 +272,37 @@ pub(crate) fn task_post_fork(spank: &Spank) {
         &format!("step {job_id}.{step} start"),
         &Request::StepStart(start),
     );
+}
+
+/// Where cgroup hierarchies are mounted (the standard place; Slurm's `CgroupMountpoint` default).
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The step's CPUs, from its cpuset cgroup: v1 `cpuset/<path>/cpuset.cpus`, v2
+/// `<path>/cpuset.cpus.effective`. Empty when there is no cpuset controller or it cannot be read.
+fn step_cpus(cgroups: &[ergon_protocol::CgroupPath]) -> CpuSet {
+    let file = if let Some(g) = cgroups.iter().find(|g| g.controller == "cpuset") {
+        format!("{CGROUP_ROOT}/cpuset{}/cpuset.cpus", g.path)
+    } else if let Some(g) = cgroups.iter().find(|g| g.is_unified()) {
+        format!(
+            "{CGROUP_ROOT}{}/cpuset.cpus.effective",
+            g.path.trim_end_matches('/')
+        )
+    } else {
+        return CpuSet::default();
+    };
+    match std::fs::read_to_string(&file).map(|t| CpuSet::parse(t.trim())) {
+        Ok(Ok(set)) => set,
+        Ok(Err(e)) => {
+            log_warning(&format!("{file}: {e}; step sent without its CPU set"));
+            CpuSet::default()
+        }
+        Err(e) => {
+            log_warning(&format!(
+                "cannot read {file}: {e}; step sent without its CPU set"
+            ));
+            CpuSet::default()
+        }
+    }
 }
 
 pub(crate) fn task_exit(spank: &Spank) {

@@ -209,9 +209,10 @@ impl Cluster {
             .map(|_| ())
     }
 
-    /// `scontrol show job JOB` as key=value pairs (first occurrence of each key).
+    /// `scontrol -d show job JOB` as key=value pairs (first occurrence of each key; `-d` adds
+    /// the per-node `CPU_IDs` and GRES indices).
     pub fn scontrol_job(&self, job: u32) -> Result<Vec<(String, String)>> {
-        let out = self.run("scontrol", ["-o", "show", "job", &job.to_string()])?;
+        let out = self.run("scontrol", ["-o", "-d", "show", "job", &job.to_string()])?;
         let text = String::from_utf8(out.stdout)?;
         Ok(text
             .split_whitespace()
@@ -243,7 +244,7 @@ impl Cluster {
 
     /// Installs the freshly built `spank_ergon.so` in the cluster's plugstack (socket:
     /// [`Cluster::plugin_socket`], `extra` appended to its arguments) and restarts slurmd when
-    /// the line changed, since slurmd only learns about job prolog/epilog hooks at start.
+    /// the plugin is new there, since slurmd only learns about job prolog/epilog hooks at start.
     pub fn install_plugin(&self, extra: &str) -> Result<()> {
         let so = target_dir().join("debug/libspank_ergon.so");
         if !so.exists() {
@@ -259,10 +260,19 @@ impl Cluster {
             self.dir.join("etc/gres.conf").display()
         );
         let path = self.dir.join("etc/plugstack.conf.d/ergon.conf");
-        if std::fs::read_to_string(&path).ok().as_deref() == Some(line.as_str()) {
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        if old == line {
             return Ok(());
         }
         std::fs::write(&path, &line).with_context(|| format!("writing {}", path.display()))?;
+        // Every process that runs the plugin (the prolog/epilog helper and slurmstepd included)
+        // reads plugstack.conf when it starts, so new arguments apply to the next job. Only
+        // slurmd's own knowledge of which plugins have prolog hooks needs a restart, when the
+        // plugin itself is new.
+        let same_plugin = old.split_whitespace().nth(1) == line.split_whitespace().nth(1);
+        if same_plugin {
+            return Ok(());
+        }
         let script = repo_root().join("scripts/slurm-cluster");
         let out = Command::new(&script).arg("restart-slurmd").output()?;
         if !out.status.success() {

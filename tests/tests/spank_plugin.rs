@@ -206,6 +206,16 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
     assert_eq!(st.account, field("Account"));
     assert_eq!(st.partition, field("Partition"));
     assert_eq!(st.work_dir, field("WorkDir"));
+    // The batch and extern steps' CPU sets are the CPUs Slurm gave the job on this node.
+    let cpu_ids = ergon_protocol::CpuSet::parse(&field("CPU_IDs").unwrap()).unwrap();
+    assert!(!cpu_ids.is_empty());
+    for step in step_starts(&ev, job) {
+        assert_eq!(
+            step.cpus, cpu_ids,
+            "step {} CPU set vs scontrol CPU_IDs",
+            step.step
+        );
+    }
     assert_eq!(st.cluster.as_deref(), Some("ergon-dev"));
     assert_eq!(st.node, c.node);
     assert_eq!(st.report, Some(ReportFormat::Text));
@@ -450,4 +460,42 @@ fn daemon_hung_job_completes_within_the_timeout() {
 #[test]
 fn daemon_answering_garbage_job_completes() {
     assert_fails_open("garbage", Some(ListenerMode::Garbage), "exchange failed");
+}
+
+#[test]
+fn notify_no_sends_nothing_and_unknown_arguments_are_logged_by_name() {
+    let s = setup("notify-off", Some(ListenerMode::Ok));
+    let (c, l) = (s.c, s.listener.as_ref().unwrap());
+    let log_start = c.slurmd_log_len();
+    c.install_plugin(&format!("{} notify=no bogus=1", ergon_tests::PLUGIN_ARGS))
+        .unwrap();
+    let job = c
+        .sbatch(["--energy-report", "--output=/dev/null", "--wrap", "true"])
+        .unwrap();
+    c.wait_completed(job).unwrap();
+    let log = wait_for(
+        Duration::from_secs(30),
+        "the unknown argument in slurmd.log",
+        || {
+            let log = c.slurmd_log_since(log_start)?;
+            Ok(log
+                .contains(r#"unknown plugstack.conf argument "bogus=1""#)
+                .then_some(log))
+        },
+    )
+    .unwrap();
+    assert!(
+        !log.contains(&format!("job {job} start not recorded")),
+        "notify=no still tried to send"
+    );
+    // A job that surely ran through every hook, and still no event.
+    c.install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
+    let ev = l.events().unwrap();
+    assert!(
+        ev.iter().all(|e| !matches!(&e.request,
+            Request::JobStart(x) if x.ids.job_id == job)
+            && !matches!(&e.request, Request::StepStart(x) if x.job_id == job)
+            && !matches!(&e.request, Request::JobEnd(x) if x.job_id == job)),
+        "events sent with notify=no: {ev:#?}"
+    );
 }

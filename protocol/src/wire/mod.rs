@@ -185,7 +185,8 @@ pub struct JobStart {
     /// The GPUs allocated to the job on this node.
     #[serde(default, deserialize_with = "crate::bounded::vec")]
     pub gpus: Vec<GpuAlloc>,
-    /// The CPUs allocated to the job on this node.
+    /// The CPUs allocated to the job on this node, where the prolog can know them (empty when
+    /// not: Slurm 22.05 gives its prolog only a CPU count; see `StepStart::cpus`).
     #[serde(default)]
     pub cpus: CpuSet,
     /// Whether (and how) the user asked for an energy report (`--energy-report`).
@@ -274,6 +275,11 @@ pub struct StepStart {
     /// The step's cgroups, from `/proc/self/cgroup` inside the step; see [`parse_proc_cgroup`].
     #[serde(default, deserialize_with = "crate::bounded::vec")]
     pub cgroups: Vec<CgroupPath>,
+    /// The CPUs the step may run on, from its cpuset cgroup (`cpuset.cpus`): the exact CPU ids
+    /// Slurm confines it to. The extern step's set is the job's allocation on this node. Empty
+    /// when unknown (no cpuset controller).
+    #[serde(default)]
+    pub cpus: CpuSet,
     /// A process of the step, for diagnostics.
     #[serde(default)]
     pub pid: Option<u32>,

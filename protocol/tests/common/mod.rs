@@ -132,7 +132,7 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
         any::<Option<u32>>(),
         any::<Option<u32>>(),
         timestamp(),
-        any::<(Option<u32>, Option<u32>)>(),
+        (any::<(Option<u32>, Option<u32>)>(), cpu_set()),
     )
         .prop_map(
             |(
@@ -144,11 +144,12 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
                 pid,
                 tasks,
                 time,
-                (array_job_id, array_task_id),
+                ((array_job_id, array_task_id), cpus),
             )| StepStart {
                 job_id,
                 array_job_id,
                 array_task_id,
+                cpus,
                 step,
                 uid,
                 node,

@@ -11,13 +11,18 @@
 //!   "gpus": [ { "uuid": "GPU-…", "name": "Fake H100", "minor": 0, "pci_bus_id": "00000000:17:00.0",
 //!               "profile": {"kind": "square", "low_w": 80, "high_w": 400, "period_s": 0.5},
 //!               "update_period_ms": 10, "initial_energy_mj": 1000,
-//!               "unsupported": ["energy"], "reset_at_s": 1.0, "lost_at_s": 1.5 } ] }
+//!               "unsupported": ["energy"], "reset_at_s": 1.0, "lost_at_s": 1.5,
+//!               "read_delay_us": 25000 } ] }
 //! ```
 //! Scenario time is `(CLOCK_MONOTONIC - start_monotonic_ns) × time_scale` seconds;
 //! `start_monotonic_ns` defaults to the instant of the first successful init.
 //! `unsupported` may name `energy` (energy counter → NOT_SUPPORTED), `power` (power usage and
 //! the POWER_INSTANT field → NOT_SUPPORTED) and `field_values` (the whole field-values call →
 //! NOT_SUPPORTED, as on old drivers).
+//! `read_delay_us` (default 0) makes every reading call of that GPU (energy, power, field values)
+//! take at least that long, like a driver call on a busy or throttled GPU; the delay is spent
+//! outside the library's lock, so other GPUs are not slowed. Tests use it to make a sampler
+//! overrun its period.
 //!
 //! Every exported function catches panics and returns `NVML_ERROR_UNKNOWN` instead of unwinding
 //! into C.
@@ -92,6 +97,8 @@ struct GpuScenario {
     reset_at_s: Option<f64>,
     #[serde(default)]
     lost_at_s: Option<f64>,
+    #[serde(default)]
+    read_delay_us: u64,
 }
 
 fn default_name() -> String {
@@ -111,6 +118,7 @@ struct Gpu {
     power_supported: bool,
     field_values_supported: bool,
     lost_at_s: Option<f64>,
+    read_delay_us: u64,
 }
 
 struct State {
@@ -196,6 +204,7 @@ fn build_state(s: Scenario) -> State {
                 power_supported: has("power"),
                 field_values_supported: has("field_values"),
                 lost_at_s: g.lost_at_s,
+                read_delay_us: g.read_delay_us,
             }
         })
         .collect();
@@ -241,6 +250,20 @@ fn with_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> 
             Some(g) => f(g, t),
         }
     })
+}
+
+/// [`with_gpu`] for the functions that read a value: also spends the GPU's `read_delay_us`,
+/// after the state lock is released.
+fn read_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> nvmlReturn_t {
+    let mut delay_us = 0;
+    let rc = with_gpu(handle, |g, t| {
+        delay_us = g.read_delay_us;
+        f(g, t)
+    });
+    if delay_us > 0 {
+        std::thread::sleep(std::time::Duration::from_micros(delay_us));
+    }
+    rc
 }
 
 fn write_cstr(buf: *mut c_char, len: c_uint, s: &str) -> nvmlReturn_t {
@@ -461,7 +484,7 @@ pub extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     device: nvmlDevice_t,
     energy: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    with_gpu(device, |g, t| {
+    read_gpu(device, |g, t| {
         if energy.is_null() {
             return ERROR_INVALID_ARGUMENT;
         }
@@ -479,7 +502,7 @@ pub extern "C" fn nvmlDeviceGetPowerUsage(
     device: nvmlDevice_t,
     power: *mut c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |g, t| {
+    read_gpu(device, |g, t| {
         if power.is_null() {
             return ERROR_INVALID_ARGUMENT;
         }
@@ -498,7 +521,7 @@ pub extern "C" fn nvmlDeviceGetFieldValues(
     values_count: c_int,
     values: *mut nvmlFieldValue_t,
 ) -> nvmlReturn_t {
-    with_gpu(device, |g, t| {
+    read_gpu(device, |g, t| {
         if values.is_null() || values_count < 0 {
             return ERROR_INVALID_ARGUMENT;
         }
