@@ -127,6 +127,7 @@ fn events() -> Vec<(&'static str, Request)> {
         uid: 10_042,
         node: node.clone(),
         cgroups,
+        cpus: CpuSet::parse("0-15,64-79").expect("cpu list"),
         pid: Some(412_345),
         tasks: Some(1),
         time: Timestamp::now(),
