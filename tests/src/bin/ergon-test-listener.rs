@@ -87,6 +87,8 @@ fn serve(mut stream: UnixStream, mode: Mode, out: &Mutex<std::fs::File>) {
     let uid = peer_uid(&stream);
     let request: Request = match read_frame(&mut stream) {
         Ok(r) => r,
+        // A connection closed before any byte: the harness's readiness probe.
+        Err(ergon_protocol::FrameError::Closed) => return,
         Err(e) => {
             eprintln!("bad frame: {e}");
             return;
