@@ -1,5 +1,6 @@
 //! ergond, the per-node daemon of ergon: the measurement layer (energy counters, hardware
-//! sources) and, later, attribution, journaling and serving.
+//! sources), the [`sampler`] threads, Prometheus [`metrics`] and the node [`service`]; job
+//! tracking, attribution and manifests come next.
 //!
 //! The library is split so that pure logic ([`counter`]) is separate from the code that touches
 //! hardware ([`sources`]); every hardware root is a parameter, which is how tests point the
@@ -11,7 +12,10 @@ pub mod clock;
 pub mod config;
 pub mod counter;
 pub mod inventory;
+pub mod metrics;
 pub mod probe;
+pub mod sampler;
+pub mod service;
 pub mod snapshot;
 pub mod sources;
 #[cfg(any(test, feature = "testing"))]

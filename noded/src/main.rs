@@ -8,9 +8,16 @@ use clap::{Parser, Subcommand};
 /// ergond samples GPU (NVML) and CPU (RAPL) energy counters on a Slurm compute node and
 /// attributes the energy to the jobs running there.
 ///
-/// This build has the measurement layer and two diagnostic subcommands, `check` and `probe`;
-/// the daemon's service loop is not implemented yet, so running `ergond` without a subcommand
-/// starts nothing and exits with status 2.
+/// Without a subcommand, ergond runs as the node service: it samples every GPU and RAPL zone
+/// and serves Prometheus metrics (per-GPU and per-zone energy and power, node totals, sampler
+/// health) at http://<metrics_listen>/metrics (default 127.0.0.1:9713) until SIGTERM or SIGINT.
+/// Logs go to stderr (RUST_LOG sets the level, default info).
+///
+/// Job tracking is not implemented yet: the SPANK plugin's socket is not served and no energy is
+/// attributed to jobs.
+///
+/// Exit status of the service: 0 after a clean stop, 1 if the configuration is invalid or it
+/// cannot start, 2 if no energy source works on this node.
 #[derive(Debug, Parser)]
 #[command(name = "ergond", version, about, long_about)]
 struct Args {
@@ -91,19 +98,6 @@ fn main() -> ExitCode {
             period_ms,
             json,
         )),
-        None => {
-            eprintln!(
-                "ergond {}: the daemon's service loop is not implemented in this build yet \
-                 (configuration: {}); nothing was started. Available now: `ergond check` \
-                 (validate the configuration, list what this node can measure) and \
-                 `ergond probe` (measure the GPU read path); see `ergond --help`",
-                env!("CARGO_PKG_VERSION"),
-                args.config
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(ergond::config::DEFAULT_PATH))
-                    .display()
-            );
-            ExitCode::from(2)
-        }
+        None => ExitCode::from(ergond::service::run(args.config.as_deref())),
     }
 }

@@ -5,6 +5,10 @@
 //! Energies are cumulative since ergond started sampling (joules, `f64`), so readers take
 //! differences and never see a wrap or a reset: those are handled once, in [`crate::counter`].
 //! A quantity the hardware does not provide is `None`, never 0.
+//!
+//! Instants named `at_ns` are CLOCK_MONOTONIC nanoseconds ([`crate::clock::monotonic_ns`]): the
+//! moment of the reading a figure includes, so that readers can line GPU, RAPL and cgroup
+//! figures up on one timeline (attribution needs this; wall-clock time can jump).
 
 use crate::counter::Method;
 use crate::sources::rapl::ZoneKey;
@@ -14,12 +18,60 @@ use crate::sources::rapl::ZoneKey;
 pub struct NodeSnapshot {
     /// When the snapshot was assembled (Unix time, ns).
     pub taken_unix_ns: u64,
+    /// When the snapshot was assembled (CLOCK_MONOTONIC, ns), on the timeline of the `at_ns`
+    /// fields.
+    pub taken_monotonic_ns: u64,
     /// Every GPU NVML listed, in NVML index order, lost ones included.
     pub gpus: Vec<GpuSnapshot>,
     /// Every RAPL zone, in a stable order.
     pub zones: Vec<ZoneSnapshot>,
-    /// One entry per sampling thread.
+    /// One entry per sampled source (`gpu`, `rapl`, `cgroup`).
     pub samplers: Vec<SamplerHealth>,
+    /// Cumulative CPU time of each cgroup registered with `SamplerHandle::watch_cgroup`, in
+    /// registration order; read on the same tick as RAPL.
+    pub cgroups: Vec<CgroupSnapshot>,
+    /// Busy time per socket from `/proc/stat`, read on the same tick as the cgroups.
+    pub sockets: Vec<SocketSnapshot>,
+    /// The sampler's threads and the CPU time each has used: ergond's own overhead.
+    pub threads: Vec<SamplerThread>,
+}
+
+/// One watched cgroup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CgroupSnapshot {
+    /// The path as registered (relative to the hierarchy, e.g. `slurm/uid_1000/job_42`).
+    pub path: String,
+    /// Cumulative CPU time of the cgroup (all tasks, all CPUs), ns, as of `at_ns`.
+    pub cpu_ns: u64,
+    /// When `cpu_ns` was read (monotonic ns).
+    pub at_ns: u64,
+    /// Reads that failed (the cgroup was removed, ...); `cpu_ns` keeps the last good value.
+    pub read_errors: u64,
+}
+
+/// CPU time of one socket (from `/proc/stat`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketSnapshot {
+    /// Socket (physical package) id.
+    pub socket: u32,
+    /// Non-idle time summed over the socket's CPUs since boot, ns.
+    pub busy_ns: u64,
+    /// All time summed over the socket's CPUs since boot, ns.
+    pub total_ns: u64,
+    /// When it was read (monotonic ns).
+    pub at_ns: u64,
+}
+
+/// One sampler thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerThread {
+    /// Thread name (`ergond-gpu`, `ergond-cpu`).
+    pub name: &'static str,
+    /// The sources it reads (the `source` of [`SamplerHealth`] entries).
+    pub sources: &'static [&'static str],
+    /// CPU time the thread has used since it started (user + system, ns), from its
+    /// `pthread_getcpuclockid` clock; `None` if it could not be read (thread gone).
+    pub cpu_ns: Option<u64>,
 }
 
 /// One GPU.
@@ -45,6 +97,13 @@ pub struct GpuSnapshot {
     pub resets: u64,
     /// Intervals dropped as implausible.
     pub dropped_intervals: u64,
+    /// Whether the GPU reports an energy counter or power at all. When false, `energy_j` and
+    /// `power_w` mean nothing (energy unknown, not 0) and must not be exported.
+    pub measurable: bool,
+    /// Reads of this GPU that failed.
+    pub read_errors: u64,
+    /// When the latest successful reading was taken (monotonic ns; 0 before the first).
+    pub at_ns: u64,
 }
 
 /// One RAPL zone.
@@ -60,6 +119,8 @@ pub struct ZoneSnapshot {
     pub wraps: u64,
     /// Intervals dropped as implausible.
     pub dropped_intervals: u64,
+    /// When the latest reading was taken (monotonic ns; 0 before the first).
+    pub at_ns: u64,
 }
 
 /// Health of one sampling thread.
@@ -81,4 +142,8 @@ pub struct SamplerHealth {
     pub read_latency_p99_ns: u64,
     /// Largest tick lateness (wake-up after its deadline) in the window (ns).
     pub max_lateness_ns: u64,
+    /// Median tick lateness over the same window (ns).
+    pub lateness_p50_ns: u64,
+    /// 99th percentile of tick lateness over the same window (ns).
+    pub lateness_p99_ns: u64,
 }

@@ -1,7 +1,7 @@
 //! The `ergond` binary's diagnostic subcommands, run as a user would: `check` (text and JSON)
 //! against the fake NVML library and a generated powercap tree, with invalid configurations and
 //! with nothing to measure; `probe` against a fake GPU with a known counter period and power;
-//! and the refusal to run without a subcommand.
+//! and the service's refusals (invalid configuration, busy listen address, nothing to measure).
 
 mod common;
 
@@ -340,21 +340,53 @@ fn probe_reports_counter_period_latency_and_counter_vs_integrated_energy() {
 }
 
 #[test]
-fn no_subcommand_refuses_and_help_describes_the_subcommands() {
-    let out = ergond(&[]);
-    assert_eq!(out.status.code(), Some(2));
+fn service_refuses_bad_config_busy_port_and_no_source_and_help_is_honest() {
+    // An invalid configuration: exit 1, the key and the file named.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "metrics_listen = \"localhost\"\n").unwrap();
+    let out = ergond(&["--config", bad.to_str().unwrap()]);
     let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("service loop is not implemented"),
+        stderr.contains("metrics_listen") && stderr.contains("bad.toml"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
 
+    // The listen address is taken: exit 1, saying which key to change.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let node = Node::new(None, None);
+    let mut cfg = std::fs::read_to_string(&node.config).unwrap();
+    cfg.push_str(&format!(
+        "metrics_listen = \"{}\"\n",
+        busy.local_addr().unwrap()
+    ));
+    std::fs::write(&node.config, cfg).unwrap();
+    let out = ergond(&["--config", node.config()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on") && stderr.contains("`metrics_listen`"),
+        "{stderr}"
+    );
+
+    // Nothing to measure: exit 2 rather than serve empty metrics.
+    drop(busy);
+    let out = ergond(&["--config", node.config()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no energy source works"), "{stderr}");
+
     let out = ergond(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = text(&out.stdout);
-    assert!(
-        help.contains("check") && help.contains("probe") && help.contains("not implemented"),
-        "{help}"
-    );
+    for want in [
+        "check",
+        "probe",
+        "/metrics",
+        "Job tracking is not implemented yet",
+    ] {
+        assert!(help.contains(want), "missing {want:?} in:\n{help}");
+    }
 }

@@ -93,20 +93,25 @@ impl CgroupCpu {
 
     /// Cumulative CPU time of the cgroup (all its tasks, all CPUs), in nanoseconds.
     pub fn read_usage_ns(&mut self) -> Result<u64, CgroupError> {
-        let path = self.file.path().to_path_buf();
-        let bytes = self.file.read().map_err(|source| CgroupError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // Paths are copied only on the error paths: a read allocates nothing.
+        let (path, bytes) = match self.file.read_with_path() {
+            Ok(r) => r,
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    path: self.file.path().to_path_buf(),
+                    source,
+                })
+            }
+        };
         match self.version {
             CgroupVersion::V1 => super::parse_u64(bytes).ok_or_else(|| CgroupError::Format {
-                path,
+                path: path.to_path_buf(),
                 reason: "expected nanoseconds as one integer".into(),
             }),
             CgroupVersion::V2 => parse_usage_usec(bytes)
                 .map(|us| us.saturating_mul(1000))
                 .ok_or_else(|| CgroupError::Format {
-                    path,
+                    path: path.to_path_buf(),
                     reason: "expected a `usage_usec N` line".into(),
                 }),
         }
@@ -178,11 +183,16 @@ impl SocketBusy {
             socket,
             ..Default::default()
         }));
-        let path = self.file.path().to_path_buf();
-        let bytes = self.file.read().map_err(|source| CgroupError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // Paths are copied only on the error paths: a read allocates nothing.
+        let (path, bytes) = match self.file.read_with_path() {
+            Ok(r) => r,
+            Err(source) => {
+                return Err(CgroupError::Io {
+                    path: self.file.path().to_path_buf(),
+                    source,
+                })
+            }
+        };
         let mut seen = false;
         for line in bytes.split(|&b| b == b'\n') {
             let Some(rest) = line.strip_prefix(b"cpu") else {
@@ -196,7 +206,7 @@ impl SocketBusy {
             for slot in &mut j {
                 *slot = fields.next().and_then(super::parse_u64).ok_or_else(|| {
                     CgroupError::Format {
-                        path: path.clone(),
+                        path: path.to_path_buf(),
                         reason: format!("cpu{cpu} line has fewer than 8 numeric fields"),
                     }
                 })?;
@@ -215,7 +225,7 @@ impl SocketBusy {
         }
         if !seen && !self.sockets.is_empty() {
             return Err(CgroupError::Format {
-                path,
+                path: path.to_path_buf(),
                 reason: "no cpuN line matches a CPU of the topology".into(),
             });
         }

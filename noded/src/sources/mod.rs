@@ -44,6 +44,12 @@ impl KernelFile {
 
     /// Read the whole current contents (growing the buffer if the file is larger than before).
     pub fn read(&mut self) -> io::Result<&[u8]> {
+        Ok(self.read_with_path()?.1)
+    }
+
+    /// [`Self::read`], also lending the path, so that callers can name the file in an error
+    /// while they hold the contents (without copying the path on every read).
+    pub fn read_with_path(&mut self) -> io::Result<(&Path, &[u8])> {
         let mut len = 0;
         loop {
             if len == self.buf.len() {
@@ -55,13 +61,12 @@ impl KernelFile {
             }
             len += n;
         }
-        Ok(&self.buf[..len])
+        Ok((&self.path, &self.buf[..len]))
     }
 
     /// Read the file as one unsigned decimal integer (surrounding whitespace allowed).
     pub fn read_u64(&mut self) -> io::Result<u64> {
-        let path = self.path.clone();
-        let bytes = self.read()?;
+        let (path, bytes) = self.read_with_path()?;
         parse_u64(bytes).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,

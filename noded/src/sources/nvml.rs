@@ -20,13 +20,19 @@ use crate::counter::{
     Step, Support,
 };
 use nvml_wrapper::enums::device::SampleValue;
-use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::{
     NVML_FI_DEV_POWER_INSTANT, NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
 };
 use nvml_wrapper::{Device, Nvml};
-use nvml_wrapper_sys::bindings::nvmlDevice_t;
+use nvml_wrapper_sys::bindings::{
+    nvmlDevice_t, nvmlFieldValue_t, nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as VT_DOUBLE,
+    nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_LONG_LONG as VT_I64,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT as VT_U32,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG as VT_ULONG,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VT_U64,
+};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -292,7 +298,7 @@ impl GpuSource {
         // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
         let dev = unsafe { Device::new(g.handle.0, nvml) };
         let before_ns = monotonic_ns();
-        let result = read_device(&dev, &g.info, times);
+        let result = read_device(&dev, g.handle.0, &g.info, times);
         let after_ns = monotonic_ns();
         match result {
             Ok((energy_mj, power_mw)) => Ok(GpuReading {
@@ -354,16 +360,60 @@ fn timed<T>(slot: &mut Option<u64>, f: impl FnOnce() -> T) -> T {
     out
 }
 
+// Field ids 251..=273 were renumbered in CUDA 13.0 Update 1 (nvml-wrapper translates them);
+// ours are outside that range, so [`field_values_raw`] can pass them through unchanged.
+const _: () = assert!(
+    NVML_FI_DEV_POWER_INSTANT < 251 && NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION < 251,
+    "field ids in the renumbered range need nvml-wrapper's translation"
+);
+
+/// One `nvmlDeviceGetFieldValues` call for [`FIELDS`], into an array on the stack: the same
+/// call and decoding as `Device::field_values_for`, without its two heap allocations per call,
+/// so the sampler's per-tick path allocates nothing. One result per entry of [`FIELDS`].
+fn field_values_raw(
+    nvml: &Nvml,
+    handle: nvmlDevice_t,
+) -> Result<[Result<u64, NvmlError>; 2], NvmlError> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetFieldValues.as_ref())?;
+    // SAFETY: nvmlFieldValue_t is plain integers and a union of integers: all-zero is valid.
+    let mut raw: [nvmlFieldValue_t; 2] = unsafe { std::mem::zeroed() };
+    for (entry, id) in raw.iter_mut().zip(FIELDS) {
+        entry.fieldId = id.0;
+    }
+    // SAFETY: `handle` came from this Nvml instance; `raw` holds exactly 2 initialised entries.
+    nvml_try(unsafe { sym(handle, raw.len() as i32, raw.as_mut_ptr()) })?;
+    Ok(raw.map(|entry| {
+        nvml_try(entry.nvmlReturn)?;
+        // SAFETY: the union member read is the one `valueType` says the driver wrote.
+        let value = unsafe {
+            match entry.valueType {
+                VT_DOUBLE => SampleValue::F64(entry.value.dVal),
+                VT_U32 => SampleValue::U32(entry.value.uiVal),
+                // c_ulong is u64 here but u32 on 32-bit targets.
+                #[allow(clippy::useless_conversion)]
+                VT_ULONG => SampleValue::U64(u64::from(entry.value.ulVal)),
+                VT_U64 => SampleValue::U64(entry.value.ullVal),
+                VT_I64 => SampleValue::I64(entry.value.sllVal),
+                other => return Err(NvmlError::UnexpectedVariant(other)),
+            }
+        };
+        sample_u64(&value).ok_or(NvmlError::UnexpectedVariant(entry.valueType))
+    }))
+}
+
 fn read_device(
     dev: &Device<'_>,
+    handle: nvmlDevice_t,
     info: &GpuInfo,
     times: &mut CallTimes,
 ) -> Result<(Option<u64>, Option<u32>), ReadFailure> {
     let mut energy = None;
     let mut power = None;
     if info.energy_via == ReadVia::FieldValue || info.power_via == ReadVia::FieldValue {
-        let values = timed(&mut times.field_values_ns, || dev.field_values_for(&FIELDS))
-            .map_err(|e| ("field values", e))?;
+        let values = timed(&mut times.field_values_ns, || {
+            field_values_raw(dev.nvml(), handle)
+        })
+        .map_err(|e| ("field values", e))?;
         for (k, entry) in values.into_iter().enumerate() {
             let wanted = if k == 0 {
                 info.power_via
@@ -378,9 +428,7 @@ fn read_device(
             } else {
                 "TOTAL_ENERGY_CONSUMPTION"
             };
-            let sample = entry.map_err(|e| (what, e))?;
-            let v = sample.value.map_err(|e| (what, e))?;
-            let v = sample_u64(&v).ok_or((what, NvmlError::UnexpectedVariant(0)))?;
+            let v = entry.map_err(|e| (what, e))?;
             if k == 0 {
                 power = Some(u32::try_from(v).unwrap_or(u32::MAX));
             } else {

@@ -1,0 +1,874 @@
+//! Prometheus `/metrics`: the text exposition format (0.0.4) of a [`NodeSnapshot`].
+//!
+//! [`render`] is a pure function of the snapshot, so the format is tested without a socket;
+//! [`server`] is the small HTTP server that calls it on every scrape.
+//!
+//! Families (all prefixed `ergon_`; energies are joules since ergond started, so `rate()` and
+//! `increase()` work and a hardware wrap or reset never shows):
+//!
+//! | family | type | labels |
+//! |---|---|---|
+//! | `gpu_energy_joules_total`, `gpu_power_watts` | counter, gauge | `uuid`, `index`, `minor`, `name` |
+//! | `gpu_lost`, `gpu_counter_resets_total`, `gpu_dropped_intervals_total`, `gpu_read_errors_total` | gauge, counters | `uuid` |
+//! | `gpu_energy_method` (value 1) | gauge | `uuid`, `method` = `counter` \| `integrated_power` |
+//! | `rapl_energy_joules_total`, `rapl_power_watts` | counter, gauge | `zone`, `socket`, `domain` |
+//! | `rapl_wraps_total`, `rapl_dropped_intervals_total` | counters | `zone`, `socket`, `domain` |
+//! | `node_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram` |
+//! | `sampler_samples_total`, `sampler_missed_ticks_total`, `sampler_read_errors_total` | counters | `source` |
+//! | `sampler_period_seconds`, `sampler_max_lateness_seconds` | gauges | `source` |
+//! | `sampler_read_latency_seconds`, `sampler_lateness_seconds` | gauges | `source`, `quantile` = `0.5` \| `0.99` |
+//! | `sampler_thread_cpu_seconds_total` | counter | `thread` |
+//! | `cgroup_cpu_seconds_total`, `cgroup_read_errors_total` | counters | `cgroup` (watched job cgroups only) |
+//! | `socket_cpu_busy_seconds_total`, `socket_cpu_seconds_total` | counters | `socket` |
+//! | `build_info` (value 1) | gauge | `version` |
+//!
+//! A quantity the hardware does not provide is absent, never 0: no energy, method or power series
+//! for a GPU that has neither an energy counter nor power, no `gpu_power_watts` series for a GPU
+//! without a power reading, no `node_energy_joules_total{component="dram"}` on a node
+//! without DRAM zones (AMD), no `socket` label on a platform-wide zone (psys).
+//!
+//! `node_energy_joules_total{component="cpu"}` sums the package zones only (cores and uncore are
+//! parts of the package, psys contains it), `dram` sums the DRAM zones, `gpu` every GPU (a lost
+//! GPU keeps the energy counted before it was lost).
+//!
+//! The read latency is a gauge with a `quantile` label rather than a `summary`: the sampler keeps
+//! percentiles over a recent window, not the `_sum`/`_count` a summary promises.
+
+pub mod server;
+
+use crate::snapshot::NodeSnapshot;
+use crate::sources::rapl::{RaplDomain, ZoneKey};
+use std::fmt::Write as _;
+
+/// `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Append the whole exposition of `snapshot` to `out`.
+///
+/// Every family has one `# HELP` and one `# TYPE` line and is written once, with its samples
+/// together; a family with no sample is left out entirely.
+pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
+    let mut w = Writer { out };
+
+    // GPUs.
+    let gpu_id = |g: &crate::snapshot::GpuSnapshot| -> Vec<(&'static str, String)> {
+        let mut l = vec![("uuid", g.uuid.clone()), ("index", g.index.to_string())];
+        if let Some(minor) = g.minor {
+            l.push(("minor", minor.to_string()));
+        }
+        l.push(("name", g.name.clone()));
+        l
+    };
+    let uuid = |g: &crate::snapshot::GpuSnapshot| vec![("uuid", g.uuid.clone())];
+    let gpus = &snapshot.gpus;
+    // A GPU with neither an energy counter nor power has no energy to report: unknown, not 0.
+    let measured = || gpus.iter().filter(|g| g.measurable);
+    w.family(
+        "ergon_gpu_energy_joules_total",
+        "counter",
+        "Energy used by the GPU since ergond started, from its energy counter or, where it has none, integrated power (J).",
+        measured().map(|g| (gpu_id(g), g.energy_j)),
+    );
+    w.family(
+        "ergon_gpu_power_watts",
+        "gauge",
+        "Latest instantaneous power of the GPU (W); absent when the GPU reports none.",
+        measured().filter_map(|g| g.power_w.map(|p| (gpu_id(g), p))),
+    );
+    w.family(
+        "ergon_gpu_lost",
+        "gauge",
+        "1 when the GPU fell off the bus (GPU_IS_LOST) and is no longer read, else 0.",
+        gpus.iter()
+            .map(|g| (uuid(g), if g.lost { 1.0 } else { 0.0 })),
+    );
+    w.family(
+        "ergon_gpu_counter_resets_total",
+        "counter",
+        "Energy counter resets seen (driver reloads); energy across a reset is still counted.",
+        gpus.iter().map(|g| (uuid(g), g.resets as f64)),
+    );
+    w.family(
+        "ergon_gpu_dropped_intervals_total",
+        "counter",
+        "GPU sampling intervals dropped because their energy was physically implausible.",
+        gpus.iter().map(|g| (uuid(g), g.dropped_intervals as f64)),
+    );
+    w.family(
+        "ergon_gpu_read_errors_total",
+        "counter",
+        "Reads of the GPU that failed.",
+        gpus.iter().map(|g| (uuid(g), g.read_errors as f64)),
+    );
+    w.family(
+        "ergon_gpu_energy_method",
+        "gauge",
+        "How the GPU's energy is obtained (value 1): counter differences, or integrated power where the GPU has no energy counter.",
+        measured().map(|g| {
+            let mut l = uuid(g);
+            l.push(("method", g.method.to_string()));
+            (l, 1.0)
+        }),
+    );
+
+    // RAPL zones.
+    let zone_id = |k: &ZoneKey| -> Vec<(&'static str, String)> {
+        let mut l = vec![("zone", k.to_string())];
+        if let Some(s) = k.socket {
+            l.push(("socket", s.to_string()));
+        }
+        l.push(("domain", k.domain.to_string()));
+        l
+    };
+    let zones = &snapshot.zones;
+    w.family(
+        "ergon_rapl_energy_joules_total",
+        "counter",
+        "Energy of the RAPL zone since ergond started, wraps handled (J).",
+        zones.iter().map(|z| (zone_id(&z.key), z.energy_j)),
+    );
+    w.family(
+        "ergon_rapl_power_watts",
+        "gauge",
+        "Average power of the RAPL zone over the latest sampling interval (W).",
+        zones
+            .iter()
+            .filter_map(|z| z.power_w.map(|p| (zone_id(&z.key), p))),
+    );
+    w.family(
+        "ergon_rapl_wraps_total",
+        "counter",
+        "Wraps of the RAPL zone's hardware counter handled.",
+        zones.iter().map(|z| (zone_id(&z.key), z.wraps as f64)),
+    );
+    w.family(
+        "ergon_rapl_dropped_intervals_total",
+        "counter",
+        "RAPL sampling intervals dropped because their energy was physically implausible.",
+        zones
+            .iter()
+            .map(|z| (zone_id(&z.key), z.dropped_intervals as f64)),
+    );
+
+    // Node totals.
+    let mut totals: Vec<(Vec<(&'static str, String)>, f64)> = Vec::new();
+    if measured().next().is_some() {
+        totals.push((
+            vec![("component", "gpu".into())],
+            measured().map(|g| g.energy_j).sum(),
+        ));
+    }
+    for (component, domain) in [("cpu", RaplDomain::Package), ("dram", RaplDomain::Dram)] {
+        let mut of_domain = zones.iter().filter(|z| z.key.domain == domain).peekable();
+        if of_domain.peek().is_some() {
+            totals.push((
+                vec![("component", component.into())],
+                of_domain.map(|z| z.energy_j).sum(),
+            ));
+        }
+    }
+    w.family(
+        "ergon_node_energy_joules_total",
+        "counter",
+        "Energy of the node since ergond started by component (J): gpu = all GPUs, cpu = RAPL package zones, dram = RAPL DRAM zones.",
+        totals,
+    );
+
+    // Sampler health.
+    let samplers = &snapshot.samplers;
+    let source = |s: &crate::snapshot::SamplerHealth| vec![("source", s.source.to_string())];
+    let secs = |ns: u64| ns as f64 / 1e9;
+    w.family(
+        "ergon_sampler_samples_total",
+        "counter",
+        "Sampling ticks that ran a read.",
+        samplers.iter().map(|s| (source(s), s.samples as f64)),
+    );
+    w.family(
+        "ergon_sampler_missed_ticks_total",
+        "counter",
+        "Sampling deadlines skipped because a tick overran.",
+        samplers.iter().map(|s| (source(s), s.missed_ticks as f64)),
+    );
+    w.family(
+        "ergon_sampler_read_errors_total",
+        "counter",
+        "Hardware reads that failed.",
+        samplers.iter().map(|s| (source(s), s.read_errors as f64)),
+    );
+    w.family(
+        "ergon_sampler_period_seconds",
+        "gauge",
+        "Configured sampling period (s).",
+        samplers.iter().map(|s| (source(s), secs(s.period_ns))),
+    );
+    w.family(
+        "ergon_sampler_read_latency_seconds",
+        "gauge",
+        "Duration of one tick's reads over a recent window, by quantile (s).",
+        samplers.iter().flat_map(|s| {
+            [
+                ("0.5", s.read_latency_p50_ns),
+                ("0.99", s.read_latency_p99_ns),
+            ]
+            .map(|(q, ns)| {
+                let mut l = source(s);
+                l.push(("quantile", q.to_string()));
+                (l, secs(ns))
+            })
+        }),
+    );
+    w.family(
+        "ergon_sampler_lateness_seconds",
+        "gauge",
+        "Wake-up lateness of a tick after its deadline over a recent window, by quantile (s).",
+        samplers.iter().flat_map(|s| {
+            [("0.5", s.lateness_p50_ns), ("0.99", s.lateness_p99_ns)].map(|(q, ns)| {
+                let mut l = source(s);
+                l.push(("quantile", q.to_string()));
+                (l, secs(ns))
+            })
+        }),
+    );
+    w.family(
+        "ergon_sampler_max_lateness_seconds",
+        "gauge",
+        "Largest wake-up lateness of a tick after its deadline over a recent window (s).",
+        samplers
+            .iter()
+            .map(|s| (source(s), secs(s.max_lateness_ns))),
+    );
+    w.family(
+        "ergon_sampler_thread_cpu_seconds_total",
+        "counter",
+        "CPU time used by each sampler thread since it started (s): ergond's own measurement overhead.",
+        snapshot
+            .threads
+            .iter()
+            .filter_map(|t| t.cpu_ns.map(|ns| (vec![("thread", t.name.to_string())], secs(ns)))),
+    );
+
+    // CPU time the attribution uses: watched cgroups and per-socket busy time.
+    w.family(
+        "ergon_cgroup_cpu_seconds_total",
+        "counter",
+        "CPU time of a watched cgroup (all its tasks, all CPUs) (s).",
+        snapshot
+            .cgroups
+            .iter()
+            .map(|c| (vec![("cgroup", c.path.clone())], secs(c.cpu_ns))),
+    );
+    w.family(
+        "ergon_cgroup_read_errors_total",
+        "counter",
+        "Failed reads of a watched cgroup's CPU time (e.g. the cgroup was removed).",
+        snapshot
+            .cgroups
+            .iter()
+            .map(|c| (vec![("cgroup", c.path.clone())], c.read_errors as f64)),
+    );
+    let socket = |s: &crate::snapshot::SocketSnapshot| vec![("socket", s.socket.to_string())];
+    w.family(
+        "ergon_socket_cpu_busy_seconds_total",
+        "counter",
+        "Non-idle CPU time summed over the socket's CPUs since boot, from /proc/stat (s).",
+        snapshot
+            .sockets
+            .iter()
+            .map(|s| (socket(s), secs(s.busy_ns))),
+    );
+    w.family(
+        "ergon_socket_cpu_seconds_total",
+        "counter",
+        "All CPU time (busy and idle) summed over the socket's CPUs since boot, from /proc/stat (s).",
+        snapshot
+            .sockets
+            .iter()
+            .map(|s| (socket(s), secs(s.total_ns))),
+    );
+
+    w.family(
+        "ergon_build_info",
+        "gauge",
+        "ergond build (value 1).",
+        [(
+            vec![("version", env!("CARGO_PKG_VERSION").to_string())],
+            1.0,
+        )],
+    );
+}
+
+/// Writes families in the exposition format.
+struct Writer<'a> {
+    out: &'a mut String,
+}
+
+impl Writer<'_> {
+    /// One family: HELP, TYPE, then every sample; nothing at all when there is no sample.
+    fn family<I>(&mut self, name: &str, kind: &str, help: &str, samples: I)
+    where
+        I: IntoIterator<Item = (Vec<(&'static str, String)>, f64)>,
+    {
+        let mut samples = samples.into_iter().peekable();
+        if samples.peek().is_none() {
+            return;
+        }
+        self.out.push_str("# HELP ");
+        self.out.push_str(name);
+        self.out.push(' ');
+        escape_help(help, self.out);
+        self.out.push('\n');
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            self.out.push_str(name);
+            if !labels.is_empty() {
+                self.out.push('{');
+                for (i, (k, v)) in labels.iter().enumerate() {
+                    if i > 0 {
+                        self.out.push(',');
+                    }
+                    self.out.push_str(k);
+                    self.out.push_str("=\"");
+                    escape_label_value(v, self.out);
+                    self.out.push('"');
+                }
+                self.out.push('}');
+            }
+            self.out.push(' ');
+            write_value(value, self.out);
+            self.out.push('\n');
+        }
+    }
+}
+
+/// Label value escaping of the text format: backslash, double quote and line feed.
+pub fn escape_label_value(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// HELP text escaping: backslash and line feed (quotes are literal there).
+fn escape_help(v: &str, out: &mut String) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// A sample value as Go's `ParseFloat` reads it: shortest round-trip decimal, `+Inf`, `-Inf`,
+/// `NaN` (Rust would print `inf`).
+fn write_value(v: f64, out: &mut String) {
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::counter::Method;
+    use crate::snapshot::{
+        CgroupSnapshot, GpuSnapshot, SamplerHealth, SamplerThread, SocketSnapshot, ZoneSnapshot,
+    };
+    use std::collections::{HashMap, HashSet};
+
+    fn zone(socket: Option<u32>, domain: RaplDomain, energy_j: f64) -> ZoneSnapshot {
+        ZoneSnapshot {
+            key: ZoneKey {
+                socket,
+                die: None,
+                domain,
+            },
+            energy_j,
+            power_w: Some(energy_j / 100.0),
+            wraps: 1,
+            dropped_intervals: 0,
+            at_ns: 5,
+        }
+    }
+
+    fn snapshot() -> NodeSnapshot {
+        NodeSnapshot {
+            taken_unix_ns: 1_700_000_000_000_000_000,
+            gpus: vec![
+                GpuSnapshot {
+                    index: 0,
+                    uuid: "GPU-aaaa".into(),
+                    minor: Some(3),
+                    name: "Fake H100".into(),
+                    energy_j: 1234.5,
+                    power_w: Some(300.25),
+                    method: Method::Counter,
+                    lost: false,
+                    resets: 1,
+                    dropped_intervals: 0,
+                    measurable: true,
+                    read_errors: 0,
+                    at_ns: 5,
+                },
+                GpuSnapshot {
+                    index: 1,
+                    uuid: "GPU-bbbb".into(),
+                    minor: None,
+                    name: "Odd \"GPU\" \\ name\nline 2".into(),
+                    energy_j: 0.5,
+                    power_w: None,
+                    method: Method::IntegratedPower,
+                    lost: true,
+                    resets: 0,
+                    dropped_intervals: 2,
+                    measurable: true,
+                    read_errors: 3,
+                    at_ns: 5,
+                },
+                // Neither energy counter nor power: listed, but no energy, method or power.
+                GpuSnapshot {
+                    index: 2,
+                    uuid: "GPU-cccc".into(),
+                    minor: Some(0),
+                    name: "Fake vGPU".into(),
+                    energy_j: 0.0,
+                    power_w: None,
+                    method: Method::IntegratedPower,
+                    lost: false,
+                    resets: 0,
+                    dropped_intervals: 0,
+                    measurable: false,
+                    read_errors: 0,
+                    at_ns: 0,
+                },
+            ],
+            zones: vec![
+                zone(Some(0), RaplDomain::Package, 500.0),
+                zone(Some(0), RaplDomain::Dram, 50.0),
+                zone(Some(1), RaplDomain::Package, 400.0),
+                zone(Some(0), RaplDomain::Core, 300.0),
+                zone(None, RaplDomain::Psys, 1000.0),
+            ],
+            samplers: vec![SamplerHealth {
+                source: "gpu",
+                period_ns: 100_000_000,
+                samples: 42,
+                missed_ticks: 1,
+                read_errors: 0,
+                read_latency_p50_ns: 12_000,
+                read_latency_p99_ns: 250_000,
+                max_lateness_ns: 1_500_000,
+                lateness_p50_ns: 50_000,
+                lateness_p99_ns: 900_000,
+            }],
+            cgroups: vec![CgroupSnapshot {
+                path: "slurm/uid_1000/job_42".into(),
+                cpu_ns: 2_500_000_000,
+                at_ns: 5,
+                read_errors: 0,
+            }],
+            sockets: vec![SocketSnapshot {
+                socket: 0,
+                busy_ns: 7_000_000_000,
+                total_ns: 20_000_000_000,
+                at_ns: 5,
+            }],
+            threads: vec![SamplerThread {
+                name: "ergond-gpu",
+                sources: &["gpu"],
+                cpu_ns: Some(30_000_000),
+            }],
+            taken_monotonic_ns: 5,
+        }
+    }
+
+    const GOLDEN: &str = r#"# HELP ergon_gpu_energy_joules_total Energy used by the GPU since ergond started, from its energy counter or, where it has none, integrated power (J).
+# TYPE ergon_gpu_energy_joules_total counter
+ergon_gpu_energy_joules_total{uuid="GPU-aaaa",index="0",minor="3",name="Fake H100"} 1234.5
+ergon_gpu_energy_joules_total{uuid="GPU-bbbb",index="1",name="Odd \"GPU\" \\ name\nline 2"} 0.5
+# HELP ergon_gpu_power_watts Latest instantaneous power of the GPU (W); absent when the GPU reports none.
+# TYPE ergon_gpu_power_watts gauge
+ergon_gpu_power_watts{uuid="GPU-aaaa",index="0",minor="3",name="Fake H100"} 300.25
+# HELP ergon_gpu_lost 1 when the GPU fell off the bus (GPU_IS_LOST) and is no longer read, else 0.
+# TYPE ergon_gpu_lost gauge
+ergon_gpu_lost{uuid="GPU-aaaa"} 0
+ergon_gpu_lost{uuid="GPU-bbbb"} 1
+ergon_gpu_lost{uuid="GPU-cccc"} 0
+# HELP ergon_gpu_counter_resets_total Energy counter resets seen (driver reloads); energy across a reset is still counted.
+# TYPE ergon_gpu_counter_resets_total counter
+ergon_gpu_counter_resets_total{uuid="GPU-aaaa"} 1
+ergon_gpu_counter_resets_total{uuid="GPU-bbbb"} 0
+ergon_gpu_counter_resets_total{uuid="GPU-cccc"} 0
+# HELP ergon_gpu_dropped_intervals_total GPU sampling intervals dropped because their energy was physically implausible.
+# TYPE ergon_gpu_dropped_intervals_total counter
+ergon_gpu_dropped_intervals_total{uuid="GPU-aaaa"} 0
+ergon_gpu_dropped_intervals_total{uuid="GPU-bbbb"} 2
+ergon_gpu_dropped_intervals_total{uuid="GPU-cccc"} 0
+# HELP ergon_gpu_read_errors_total Reads of the GPU that failed.
+# TYPE ergon_gpu_read_errors_total counter
+ergon_gpu_read_errors_total{uuid="GPU-aaaa"} 0
+ergon_gpu_read_errors_total{uuid="GPU-bbbb"} 3
+ergon_gpu_read_errors_total{uuid="GPU-cccc"} 0
+# HELP ergon_gpu_energy_method How the GPU's energy is obtained (value 1): counter differences, or integrated power where the GPU has no energy counter.
+# TYPE ergon_gpu_energy_method gauge
+ergon_gpu_energy_method{uuid="GPU-aaaa",method="counter"} 1
+ergon_gpu_energy_method{uuid="GPU-bbbb",method="integrated_power"} 1
+# HELP ergon_rapl_energy_joules_total Energy of the RAPL zone since ergond started, wraps handled (J).
+# TYPE ergon_rapl_energy_joules_total counter
+ergon_rapl_energy_joules_total{zone="package-0",socket="0",domain="package"} 500
+ergon_rapl_energy_joules_total{zone="package-0:dram",socket="0",domain="dram"} 50
+ergon_rapl_energy_joules_total{zone="package-1",socket="1",domain="package"} 400
+ergon_rapl_energy_joules_total{zone="package-0:core",socket="0",domain="core"} 300
+ergon_rapl_energy_joules_total{zone="psys",domain="psys"} 1000
+# HELP ergon_rapl_power_watts Average power of the RAPL zone over the latest sampling interval (W).
+# TYPE ergon_rapl_power_watts gauge
+ergon_rapl_power_watts{zone="package-0",socket="0",domain="package"} 5
+ergon_rapl_power_watts{zone="package-0:dram",socket="0",domain="dram"} 0.5
+ergon_rapl_power_watts{zone="package-1",socket="1",domain="package"} 4
+ergon_rapl_power_watts{zone="package-0:core",socket="0",domain="core"} 3
+ergon_rapl_power_watts{zone="psys",domain="psys"} 10
+# HELP ergon_rapl_wraps_total Wraps of the RAPL zone's hardware counter handled.
+# TYPE ergon_rapl_wraps_total counter
+ergon_rapl_wraps_total{zone="package-0",socket="0",domain="package"} 1
+ergon_rapl_wraps_total{zone="package-0:dram",socket="0",domain="dram"} 1
+ergon_rapl_wraps_total{zone="package-1",socket="1",domain="package"} 1
+ergon_rapl_wraps_total{zone="package-0:core",socket="0",domain="core"} 1
+ergon_rapl_wraps_total{zone="psys",domain="psys"} 1
+# HELP ergon_rapl_dropped_intervals_total RAPL sampling intervals dropped because their energy was physically implausible.
+# TYPE ergon_rapl_dropped_intervals_total counter
+ergon_rapl_dropped_intervals_total{zone="package-0",socket="0",domain="package"} 0
+ergon_rapl_dropped_intervals_total{zone="package-0:dram",socket="0",domain="dram"} 0
+ergon_rapl_dropped_intervals_total{zone="package-1",socket="1",domain="package"} 0
+ergon_rapl_dropped_intervals_total{zone="package-0:core",socket="0",domain="core"} 0
+ergon_rapl_dropped_intervals_total{zone="psys",domain="psys"} 0
+# HELP ergon_node_energy_joules_total Energy of the node since ergond started by component (J): gpu = all GPUs, cpu = RAPL package zones, dram = RAPL DRAM zones.
+# TYPE ergon_node_energy_joules_total counter
+ergon_node_energy_joules_total{component="gpu"} 1235
+ergon_node_energy_joules_total{component="cpu"} 900
+ergon_node_energy_joules_total{component="dram"} 50
+# HELP ergon_sampler_samples_total Sampling ticks that ran a read.
+# TYPE ergon_sampler_samples_total counter
+ergon_sampler_samples_total{source="gpu"} 42
+# HELP ergon_sampler_missed_ticks_total Sampling deadlines skipped because a tick overran.
+# TYPE ergon_sampler_missed_ticks_total counter
+ergon_sampler_missed_ticks_total{source="gpu"} 1
+# HELP ergon_sampler_read_errors_total Hardware reads that failed.
+# TYPE ergon_sampler_read_errors_total counter
+ergon_sampler_read_errors_total{source="gpu"} 0
+# HELP ergon_sampler_period_seconds Configured sampling period (s).
+# TYPE ergon_sampler_period_seconds gauge
+ergon_sampler_period_seconds{source="gpu"} 0.1
+# HELP ergon_sampler_read_latency_seconds Duration of one tick's reads over a recent window, by quantile (s).
+# TYPE ergon_sampler_read_latency_seconds gauge
+ergon_sampler_read_latency_seconds{source="gpu",quantile="0.5"} 0.000012
+ergon_sampler_read_latency_seconds{source="gpu",quantile="0.99"} 0.00025
+# HELP ergon_sampler_lateness_seconds Wake-up lateness of a tick after its deadline over a recent window, by quantile (s).
+# TYPE ergon_sampler_lateness_seconds gauge
+ergon_sampler_lateness_seconds{source="gpu",quantile="0.5"} 0.00005
+ergon_sampler_lateness_seconds{source="gpu",quantile="0.99"} 0.0009
+# HELP ergon_sampler_max_lateness_seconds Largest wake-up lateness of a tick after its deadline over a recent window (s).
+# TYPE ergon_sampler_max_lateness_seconds gauge
+ergon_sampler_max_lateness_seconds{source="gpu"} 0.0015
+# HELP ergon_sampler_thread_cpu_seconds_total CPU time used by each sampler thread since it started (s): ergond's own measurement overhead.
+# TYPE ergon_sampler_thread_cpu_seconds_total counter
+ergon_sampler_thread_cpu_seconds_total{thread="ergond-gpu"} 0.03
+# HELP ergon_cgroup_cpu_seconds_total CPU time of a watched cgroup (all its tasks, all CPUs) (s).
+# TYPE ergon_cgroup_cpu_seconds_total counter
+ergon_cgroup_cpu_seconds_total{cgroup="slurm/uid_1000/job_42"} 2.5
+# HELP ergon_cgroup_read_errors_total Failed reads of a watched cgroup's CPU time (e.g. the cgroup was removed).
+# TYPE ergon_cgroup_read_errors_total counter
+ergon_cgroup_read_errors_total{cgroup="slurm/uid_1000/job_42"} 0
+# HELP ergon_socket_cpu_busy_seconds_total Non-idle CPU time summed over the socket's CPUs since boot, from /proc/stat (s).
+# TYPE ergon_socket_cpu_busy_seconds_total counter
+ergon_socket_cpu_busy_seconds_total{socket="0"} 7
+# HELP ergon_socket_cpu_seconds_total All CPU time (busy and idle) summed over the socket's CPUs since boot, from /proc/stat (s).
+# TYPE ergon_socket_cpu_seconds_total counter
+ergon_socket_cpu_seconds_total{socket="0"} 20
+# HELP ergon_build_info ergond build (value 1).
+# TYPE ergon_build_info gauge
+"#;
+
+    #[test]
+    fn renders_the_golden_exposition() {
+        let mut out = String::new();
+        render(&snapshot(), &mut out);
+        let build = format!(
+            "ergon_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(out, format!("{GOLDEN}{build}"), "got:\n{out}");
+        validate(&out).unwrap();
+    }
+
+    #[test]
+    fn empty_node_has_only_build_info_and_no_zero_energy() {
+        let mut out = String::new();
+        render(&NodeSnapshot::default(), &mut out);
+        validate(&out).unwrap();
+        assert!(!out.contains("energy"), "{out}");
+        assert!(out.contains("ergon_build_info{version="), "{out}");
+        assert_eq!(out.lines().count(), 3, "{out}");
+    }
+
+    #[test]
+    fn amd_node_has_no_dram_total_and_gpu_without_power_has_no_power_series() {
+        let mut snap = snapshot();
+        snap.zones.retain(|z| z.key.domain != RaplDomain::Dram);
+        snap.gpus[0].power_w = None;
+        let mut out = String::new();
+        render(&snap, &mut out);
+        validate(&out).unwrap();
+        assert!(!out.contains("component=\"dram\""), "{out}");
+        assert!(!out.contains("ergon_gpu_power_watts"), "{out}");
+        assert!(out.contains("ergon_node_energy_joules_total{component=\"cpu\"} 900"));
+
+        // Only unmeasurable GPUs: no GPU energy at all, not 0.
+        snap.gpus.retain(|g| !g.measurable);
+        let mut out = String::new();
+        render(&snap, &mut out);
+        validate(&out).unwrap();
+        assert!(!out.contains("ergon_gpu_energy"), "{out}");
+        assert!(!out.contains("component=\"gpu\""), "{out}");
+        assert!(out.contains("ergon_gpu_lost{uuid=\"GPU-cccc\"} 0"), "{out}");
+    }
+
+    #[test]
+    fn special_values_use_go_spelling() {
+        let mut out = String::new();
+        for v in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 1e-9, 1e20, -0.0] {
+            write_value(v, &mut out);
+            out.push(' ');
+        }
+        assert_eq!(out, "+Inf -Inf NaN 0.000000001 100000000000000000000 -0 ");
+        for s in out.split_whitespace() {
+            parse_value(s).unwrap();
+        }
+    }
+
+    #[test]
+    fn many_gpus_and_zones_stay_valid() {
+        let base = snapshot();
+        let mut snap = base.clone();
+        for i in 0..64u32 {
+            let mut g = base.gpus[i as usize % 2].clone();
+            g.index = i + 3;
+            g.uuid = format!("GPU-{i:04}");
+            g.name = format!("name with {{braces}}, commas = and \"{i}\"");
+            snap.gpus.push(g);
+        }
+        for s in 2..10 {
+            snap.zones
+                .push(zone(Some(s), RaplDomain::Package, s as f64));
+            snap.zones.push(zone(Some(s), RaplDomain::Dram, s as f64));
+        }
+        snap.samplers.push(SamplerHealth {
+            source: "rapl",
+            ..base.samplers[0].clone()
+        });
+        let mut out = String::new();
+        render(&snap, &mut out);
+        let series = validate(&out).unwrap();
+        assert_eq!(
+            series
+                .iter()
+                .filter(|s| s.starts_with("ergon_gpu_energy_joules_total["))
+                .count(),
+            66
+        );
+    }
+
+    #[test]
+    fn validator_rejects_what_it_must() {
+        let ok = "# HELP a_total x\n# TYPE a_total counter\na_total{l=\"v\"} 1\n";
+        validate(ok).unwrap();
+        for bad in [
+            // duplicate series (label order does not matter)
+            "# HELP a x\n# TYPE a gauge\na{l=\"1\",m=\"2\"} 1\na{m=\"2\",l=\"1\"} 2\n",
+            // TYPE twice
+            "# HELP a x\n# TYPE a gauge\n# TYPE a gauge\na 1\n",
+            // HELP twice
+            "# HELP a x\n# HELP a x\n# TYPE a gauge\na 1\n",
+            // family split in two
+            "# TYPE a gauge\na{l=\"1\"} 1\n# TYPE b gauge\nb 1\na{l=\"2\"} 1\n",
+            // bad escape, unterminated value, bad number, bad name
+            "# TYPE a gauge\na{l=\"\\x\"} 1\n",
+            "# TYPE a gauge\na{l=\"x} 1\n",
+            "# TYPE a gauge\na 1.2.3\n",
+            "# TYPE 1a gauge\n1a 1\n",
+            // raw newline cannot appear; missing trailing newline
+            "# TYPE a gauge\na 1",
+            // sample without TYPE
+            "a 1\n",
+        ] {
+            assert!(validate(bad).is_err(), "accepted:\n{bad}");
+        }
+    }
+
+    /// Check `text` against the exposition format and return the series (name plus sorted
+    /// labels). Every line must parse; HELP and TYPE at most once per family and before its
+    /// samples; a family's samples contiguous; no series twice; counters end in `_total`.
+    fn validate(text: &str) -> Result<Vec<String>, String> {
+        let body = text
+            .strip_suffix('\n')
+            .ok_or("the exposition must end with a line feed")?;
+        let mut help: HashSet<String> = HashSet::new();
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut closed: HashSet<String> = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut series = Vec::new();
+        let mut seen = HashSet::new();
+        let mut enter = |name: &str, current: &mut Option<String>| -> Result<(), String> {
+            if current.as_deref() != Some(name) {
+                if closed.contains(name) {
+                    return Err(format!("family {name} is split"));
+                }
+                if let Some(c) = current.take() {
+                    closed.insert(c);
+                }
+                *current = Some(name.to_string());
+            }
+            Ok(())
+        };
+        for (n, line) in body.split('\n').enumerate() {
+            let err = |m: &str| format!("line {}: {m}: {line:?}", n + 1);
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, _) = rest.split_once(' ').ok_or_else(|| err("HELP text"))?;
+                check_name(name).map_err(|e| err(&e))?;
+                enter(name, &mut current)?;
+                if !help.insert(name.to_string()) {
+                    return Err(err("second HELP"));
+                }
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').ok_or_else(|| err("TYPE"))?;
+                check_name(name).map_err(|e| err(&e))?;
+                if !["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind) {
+                    return Err(err("unknown type"));
+                }
+                if kind == "counter" && !name.ends_with("_total") {
+                    return Err(err("counter without _total"));
+                }
+                enter(name, &mut current)?;
+                if types.insert(name.to_string(), kind.to_string()).is_some() {
+                    return Err(err("second TYPE"));
+                }
+            } else if line.starts_with('#') {
+                continue;
+            } else {
+                let (name, labels, value) = parse_sample(line).map_err(|e| err(&e))?;
+                if !types.contains_key(&name) {
+                    return Err(err("sample before its TYPE"));
+                }
+                enter(&name, &mut current)?;
+                parse_value(&value).map_err(|e| err(&e))?;
+                let mut sorted = labels.clone();
+                sorted.sort();
+                let names: HashSet<&String> = sorted.iter().map(|(k, _)| k).collect();
+                if names.len() != sorted.len() {
+                    return Err(err("label twice"));
+                }
+                let key = format!("{name}{sorted:?}");
+                if !seen.insert(key.clone()) {
+                    return Err(err("duplicate series"));
+                }
+                series.push(key);
+            }
+        }
+        Ok(series)
+    }
+
+    fn check_name(name: &str) -> Result<(), String> {
+        let mut chars = name.chars();
+        let first = chars.next().ok_or("empty name")?;
+        if (first.is_ascii_alphabetic() || first == '_' || first == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            Ok(())
+        } else {
+            Err(format!("bad metric name {name:?}"))
+        }
+    }
+
+    fn parse_value(v: &str) -> Result<f64, String> {
+        match v {
+            "+Inf" => Ok(f64::INFINITY),
+            "-Inf" => Ok(f64::NEG_INFINITY),
+            "NaN" => Ok(f64::NAN),
+            _ if v.chars().all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) => {
+                v.parse().map_err(|e| format!("bad value {v:?}: {e}"))
+            }
+            _ => Err(format!("bad value {v:?}")),
+        }
+    }
+
+    /// `name{k="v",…} value` (no timestamp: ergond never sends one).
+    type Sample = (String, Vec<(String, String)>, String);
+
+    fn parse_sample(line: &str) -> Result<Sample, String> {
+        let end = line
+            .find(['{', ' '])
+            .ok_or("no value after the metric name")?;
+        let name = &line[..end];
+        check_name(name)?;
+        let mut rest = &line[end..];
+        let mut labels = Vec::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            rest = r;
+            loop {
+                if let Some(r) = rest.strip_prefix('}') {
+                    rest = r;
+                    break;
+                }
+                let eq = rest.find('=').ok_or("label without =")?;
+                let key = &rest[..eq];
+                let mut kc = key.chars();
+                if !kc
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    || !kc.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(format!("bad label name {key:?}"));
+                }
+                rest = rest[eq + 1..]
+                    .strip_prefix('"')
+                    .ok_or("label value without quote")?;
+                let mut value = String::new();
+                let mut chars = rest.char_indices();
+                let close = loop {
+                    match chars.next().ok_or("unterminated label value")? {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next().ok_or("dangling backslash")?.1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            c => return Err(format!("bad escape \\{c}")),
+                        },
+                        (_, c) => value.push(c),
+                    }
+                };
+                labels.push((key.to_string(), value));
+                rest = &rest[close + 1..];
+                if let Some(r) = rest.strip_prefix(',') {
+                    rest = r;
+                } else if !rest.starts_with('}') {
+                    return Err("expected , or } after a label".into());
+                }
+            }
+        }
+        let value = rest
+            .strip_prefix(' ')
+            .ok_or("expected a space before the value")?;
+        if value.is_empty() || value.contains(' ') {
+            return Err(format!("bad value field {value:?}"));
+        }
+        Ok((name.to_string(), labels, value.to_string()))
+    }
+}

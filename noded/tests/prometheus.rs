@@ -1,0 +1,401 @@
+//! `/metrics` scraped by a real Prometheus (the Debian package, 2.42, which
+//! `scripts/slurm-cluster install` installs): the `ergond` binary runs as a service against the
+//! fake NVML library (two GPUs at constant, known power) and a generated powercap tree; a private
+//! Prometheus scrapes it every second; the test asks Prometheus, through its HTTP API, for the
+//! GPUs' energy rate and compares it with the fake's power. Then SIGTERM stops ergond cleanly.
+//!
+//! Every wait polls a condition against a deadline; both processes are killed when the test
+//! ends, whichever way it ends.
+
+mod common;
+
+use common::FakeNvml;
+use ergond::testing::{
+    write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
+};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const GPU_A: &str = "GPU-a0a0a0a0-0000-1111-2222-333333333333";
+const GPU_B: &str = "GPU-b1b1b1b1-4444-5555-6666-777777777777";
+const WATTS_A: f64 = 300.0;
+const WATTS_B: f64 = 120.0;
+
+/// The whole test must finish within this.
+const TEST_BUDGET: Duration = Duration::from_secs(55);
+const POLL: Duration = Duration::from_millis(100);
+
+/// The Prometheus binary: `$ERGON_PROMETHEUS` or the Debian package's.
+fn prometheus_bin() -> PathBuf {
+    let p = std::env::var_os("ERGON_PROMETHEUS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/prometheus"));
+    assert!(
+        p.exists(),
+        "{} is missing: install the Debian package `prometheus` (`scripts/slurm-cluster install` \
+         does, and scripts/test runs it first) or set ERGON_PROMETHEUS to a prometheus binary",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed (and reaped) when dropped; its stderr goes to a file shown on failure.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name, child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails the test with the process's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited early ({status}); its output:\n{}",
+                self.name,
+                self.log()
+            );
+        }
+    }
+
+    /// Waits for the process to exit by itself before `deadline`.
+    fn wait_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Percent-encode everything but unreserved characters (RFC 3986).
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `GET path` over HTTP/1.0 (so no chunked response): status and body, or the I/O error.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+/// An instant query's result vector (`[]` while Prometheus is not ready or has no data).
+fn query(prom: SocketAddr, promql: &str) -> Vec<Value> {
+    match http_get(prom, &format!("/api/v1/query?query={}", url_encode(promql))) {
+        Ok((200, body)) => {
+            let v: Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("Prometheus answered {body:?}: {e}"));
+            assert_eq!(v["status"], "success", "{v}");
+            v["data"]["result"].as_array().cloned().unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The value of a vector element and one of its labels.
+fn value_of(r: &Value) -> f64 {
+    r["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+fn label<'a>(r: &'a Value, name: &str) -> &'a str {
+    r["metric"][name].as_str().unwrap_or("")
+}
+
+/// Polls `cond` until it returns `Some`, failing with `what` (and the processes' logs) at the
+/// deadline.
+fn wait_for<T>(
+    what: &str,
+    deadline: Instant,
+    procs: &mut [&mut Proc],
+    mut cond: impl FnMut() -> Option<T>,
+) -> T {
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        for p in procs.iter_mut() {
+            p.assert_running();
+        }
+        if Instant::now() >= deadline {
+            let logs: String = procs
+                .iter()
+                .map(|p| format!("--- {} ---\n{}\n", p.name, p.log()))
+                .collect();
+            panic!("timed out waiting for {what}\n{logs}");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Node trees and the ergond configuration; returns the configuration file.
+fn node(dir: &Path, nvml: &Path, metrics: SocketAddr) -> PathBuf {
+    let powercap = dir.join("powercap");
+    PowercapTree::create(
+        &powercap,
+        &PowercapLayout::IntelServer { sockets: 1 }.zones(),
+    );
+    let sys = dir.join("sys");
+    write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
+    let proc_root = dir.join("proc");
+    write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
+    let cgroup = dir.join("cgroup");
+    write_cgroup_v2_usage(&cgroup, "system.slice", 1000);
+    let config = dir.join("ergond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
+             cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
+             metrics_listen = \"{metrics}\"\n",
+            toml_str(nvml),
+            toml_str(&powercap),
+            toml_str(&dir.join("perf")),
+            toml_str(&sys),
+            toml_str(&cgroup),
+            toml_str(&proc_root),
+            toml_str(&dir.join("run/ergond.sock")),
+            toml_str(&dir.join("state")),
+            toml_str(&dir.join("spool")),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[test]
+fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
+    let start = Instant::now();
+    let deadline = start + TEST_BUDGET;
+    let prometheus = prometheus_bin();
+    let fake = FakeNvml::new(json!({"gpus": [
+        {"uuid": GPU_A, "name": "Fake H100", "minor": 2, "pci_bus_id": "00000000:17:00.0",
+         "profile": {"kind": "constant", "watts": WATTS_A}, "update_period_ms": 20.0,
+         "initial_energy_mj": 7_000_000u64},
+        {"uuid": GPU_B, "name": "Fake A100", "minor": 5, "pci_bus_id": "00000000:65:00.0",
+         "profile": {"kind": "constant", "watts": WATTS_B}, "update_period_ms": 20.0},
+    ]}));
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = node(dir.path(), &fake.lib, metrics);
+
+    let mut ergond = Proc::spawn(
+        "ergond",
+        Command::new(env!("CARGO_BIN_EXE_ergond"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info"),
+        dir.path().join("ergond.log"),
+    );
+
+    // ergond itself serves both GPUs before Prometheus is involved (once the sampler's first
+    // GPU tick is in: before it, the GPUs are listed with 0 J and no power yet).
+    let body = wait_for(
+        "ergond's /metrics to show both GPUs' power",
+        deadline,
+        &mut [&mut ergond],
+        || match http_get(metrics, "/metrics") {
+            Ok((200, b))
+                if [GPU_A, GPU_B]
+                    .iter()
+                    .all(|u| b.contains(&format!("ergon_gpu_power_watts{{uuid=\"{u}\""))) =>
+            {
+                Some(b)
+            }
+            _ => None,
+        },
+    );
+    for want in [
+        format!(
+            "ergon_gpu_power_watts{{uuid=\"{GPU_A}\",index=\"0\",minor=\"2\",name=\"Fake H100\"}} 300\n"
+        ),
+        format!("ergon_gpu_energy_method{{uuid=\"{GPU_B}\",method=\"counter\"}} 1\n"),
+        "ergon_rapl_energy_joules_total{zone=\"package-0\",socket=\"0\",domain=\"package\"}"
+            .to_string(),
+        "ergon_node_energy_joules_total{component=\"gpu\"}".to_string(),
+        "ergon_sampler_samples_total{source=\"gpu\"}".to_string(),
+        "# TYPE ergon_gpu_energy_joules_total counter\n".to_string(),
+    ] {
+        assert!(body.contains(&want), "missing {want:?} in:\n{body}");
+    }
+    let (status, index) = http_get(metrics, "/").unwrap();
+    assert!(status == 200 && index.contains("/metrics"), "{index}");
+    assert_eq!(http_get(metrics, "/other").unwrap().0, 404);
+
+    // The reference parser agrees with the format (promtool ships with the package). Exit
+    // status 3 is a lint remark (e.g. the `quantile` label on a gauge), 1 a parse error.
+    let promtool = prometheus.with_file_name("promtool");
+    if promtool.exists() {
+        let mut child = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)) && !said.contains("error"),
+            "promtool check metrics ({}): {said}",
+            out.status
+        );
+    }
+
+    // A private Prometheus scraping ergond every second.
+    let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let prom_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: ergond\n    static_configs:\n      - targets: ['{metrics}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Proc::spawn(
+        "prometheus",
+        Command::new(&prometheus).args([
+            format!("--config.file={}", prom_config.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
+            format!("--web.listen-address={prom}"),
+            "--log.level=warn".to_string(),
+        ]),
+        dir.path().join("prometheus.log"),
+    );
+
+    // Both GPUs' energy in Prometheus, scraped for longer than the rate window (7 samples in 8 s
+    // span at least 6 s): a series younger than the window makes rate() extrapolate from its
+    // first sample, which is correct PromQL but not the GPU's power.
+    wait_for(
+        "ergon_gpu_energy_joules_total of both GPUs, 7 samples each in 8 s",
+        deadline,
+        &mut [&mut ergond, &mut prometheus],
+        || {
+            let r = query(prom, "count_over_time(ergon_gpu_energy_joules_total[8s])");
+            let enough = |uuid: &str| {
+                r.iter()
+                    .any(|s| label(s, "uuid") == uuid && value_of(s) >= 7.0)
+            };
+            (enough(GPU_A) && enough(GPU_B)).then_some(())
+        },
+    );
+
+    let up = query(prom, "up{job=\"ergond\"} == 1");
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(label(&up[0], "instance"), metrics.to_string());
+
+    let rates = query(prom, "rate(ergon_gpu_energy_joules_total[5s])");
+    assert_eq!(rates.len(), 2, "{rates:?}");
+    for (uuid, watts) in [(GPU_A, WATTS_A), (GPU_B, WATTS_B)] {
+        let r = rates
+            .iter()
+            .find(|r| label(r, "uuid") == uuid)
+            .unwrap_or_else(|| panic!("no rate for {uuid}: {rates:?}"));
+        let w = value_of(r);
+        println!("{uuid}: rate {w:.2} W, fake draws {watts} W");
+        assert!(
+            (w - watts).abs() <= 0.10 * watts,
+            "{uuid}: Prometheus computes {w} W, the fake GPU draws {watts} W"
+        );
+        assert_eq!(
+            label(r, "name"),
+            if uuid == GPU_A {
+                "Fake H100"
+            } else {
+                "Fake A100"
+            }
+        );
+    }
+    let total = query(
+        prom,
+        "rate(ergon_node_energy_joules_total{component=\"gpu\"}[5s])",
+    );
+    assert_eq!(total.len(), 1, "{total:?}");
+    let w = value_of(&total[0]);
+    assert!(
+        (w - (WATTS_A + WATTS_B)).abs() <= 0.10 * (WATTS_A + WATTS_B),
+        "node GPU total {w} W"
+    );
+
+    // SIGTERM: ergond stops serving and exits 0.
+    // SAFETY: kill(2) on the pid of a child this test started and has not yet reaped.
+    let rc = unsafe { libc::kill(ergond.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = ergond
+        .wait_exit(Instant::now() + Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("ergond ignored SIGTERM:\n{}", ergond.log()));
+    assert!(status.success(), "{status}:\n{}", ergond.log());
+    assert!(http_get(metrics, "/metrics").is_err(), "still listening");
+    println!("--- ergond log ---\n{}", ergond.log());
+    assert!(start.elapsed() < TEST_BUDGET + Duration::from_secs(5));
+}
