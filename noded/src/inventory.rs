@@ -102,9 +102,10 @@ pub struct NvmlReport {
     pub problem: Option<String>,
 }
 
-/// One GPU.
+/// What identifies a GPU and how ergond reads it: shared by the `check` and `probe` reports
+/// (flattened into both, so their JSON keys are the same).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct GpuReport {
+pub struct GpuSummary {
     /// NVML index (in this process).
     pub index: u32,
     /// Minor number N of `/dev/nvidiaN`.
@@ -117,12 +118,46 @@ pub struct GpuReport {
     pub name: Option<String>,
     /// `counter`, `integrated_power` or `unsupported`.
     pub method: String,
-    /// Why this method (and, for the fallback, what it costs in accuracy).
-    pub method_reason: String,
     /// How the energy counter is read: `field_value`, `function` or `unsupported`.
     pub energy_read: String,
     /// How instantaneous power is read: `field_value`, `function` or `unsupported`.
     pub power_read: String,
+}
+
+impl GpuSummary {
+    /// The summary of one GPU as the NVML source opened it.
+    pub fn of(info: &GpuInfo) -> Self {
+        GpuSummary {
+            index: info.id.index,
+            minor: info.id.minor,
+            uuid: info.id.uuid.clone(),
+            pci_bus_id: info.id.pci_bus_id.clone(),
+            name: info.id.name.clone(),
+            method: method_and_reason(info).0,
+            energy_read: via_name(info.energy_via).into(),
+            power_read: via_name(info.power_via).into(),
+        }
+    }
+
+    /// `counter (energy counter: field value, power: field value)`, for the text reports.
+    pub fn method_line(&self) -> String {
+        format!(
+            "{} (energy counter: {}, power: {})",
+            self.method.replace('_', " "),
+            self.energy_read.replace('_', " "),
+            self.power_read.replace('_', " ")
+        )
+    }
+}
+
+/// One GPU.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GpuReport {
+    /// Identity and read path.
+    #[serde(flatten)]
+    pub gpu: GpuSummary,
+    /// Why this method (and, for the fallback, what it costs in accuracy).
+    pub method_reason: String,
     /// What the update period below is of: `energy counter` or `power reading`.
     pub update_period_of: Option<String>,
     /// Detected update period in milliseconds (shortest interval between two changes).
@@ -205,7 +240,7 @@ pub fn check(config: &Config, config_report: ConfigReport, detect_budget: Durati
     let rapl = rapl_report(config);
     let cgroup = cgroup_report(config);
     let mut energy_sources = Vec::new();
-    if nvml.gpus.iter().any(|g| g.method != "unsupported") {
+    if nvml.gpus.iter().any(|g| g.gpu.method != "unsupported") {
         energy_sources.push("nvml".to_string());
     }
     if rapl.ok {
@@ -361,17 +396,9 @@ fn nvml_report(config: &Config, cfg: &ConfigReport, detect_budget: Duration) -> 
     let mut left = measurable.len();
     for i in 0..src.len() {
         let info = src.info(i).clone();
-        let (method, method_reason) = method_and_reason(&info);
         let mut g = GpuReport {
-            index: info.id.index,
-            minor: info.id.minor,
-            uuid: info.id.uuid.clone(),
-            pci_bus_id: info.id.pci_bus_id.clone(),
-            name: info.id.name.clone(),
-            method,
-            method_reason,
-            energy_read: via_name(info.energy_via).into(),
-            power_read: via_name(info.power_via).into(),
+            gpu: GpuSummary::of(&info),
+            method_reason: method_and_reason(&info).1,
             update_period_of: None,
             update_period_ms: None,
             update_period_note: None,
@@ -551,22 +578,17 @@ pub fn render_text(inv: &Inventory) -> String {
         );
     }
     for g in &n.gpus {
+        let id = &g.gpu;
         let _ = writeln!(
             o,
             "  GPU {}  minor {}  {}  {}  {}",
-            g.index,
-            opt(&g.minor),
-            g.uuid,
-            opt(&g.pci_bus_id),
-            opt(&g.name)
+            id.index,
+            opt(&id.minor),
+            id.uuid,
+            opt(&id.pci_bus_id),
+            opt(&id.name)
         );
-        let _ = writeln!(
-            o,
-            "      energy: {} (energy counter: {}, power: {})",
-            g.method.replace('_', " "),
-            g.energy_read.replace('_', " "),
-            g.power_read.replace('_', " ")
-        );
+        let _ = writeln!(o, "      energy: {}", id.method_line());
         let _ = writeln!(o, "      why: {}", g.method_reason);
         if let Some(of) = &g.update_period_of {
             match g.update_period_ms {

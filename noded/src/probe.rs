@@ -17,7 +17,7 @@
 
 use crate::clock::monotonic_ns;
 use crate::counter::Method;
-use crate::inventory::{method_and_reason, nvml_problem, via_name, ConfigReport};
+use crate::inventory::{nvml_problem, ConfigReport, GpuSummary};
 use crate::sources::nvml::{CallTimes, GpuEnergyMeter, GpuReading, GpuSource};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -84,20 +84,9 @@ pub struct EnergyComparison {
 /// The probe's findings for one GPU.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GpuProbe {
-    /// NVML index.
-    pub index: u32,
-    /// UUID.
-    pub uuid: String,
-    /// Minor number.
-    pub minor: Option<u32>,
-    /// Product name.
-    pub name: Option<String>,
-    /// `counter`, `integrated_power` or `unsupported`.
-    pub method: String,
-    /// How the energy counter is read (`field_value`, `function`, `unsupported`).
-    pub energy_read: String,
-    /// How power is read.
-    pub power_read: String,
+    /// Identity and read path (the same keys as `ergond check --json`).
+    #[serde(flatten)]
+    pub gpu: GpuSummary,
     /// Successful readings.
     pub readings: usize,
     /// Failed readings.
@@ -347,7 +336,6 @@ pub fn probe(src: GpuSource, library: String, opts: ProbeOptions) -> ProbeReport
     let mut gpus = Vec::new();
     for (i, s) in samples.per_gpu.iter().enumerate() {
         let info = src.info(i);
-        let (method, _) = method_and_reason(info);
         let counter_changes = changes(s, |r| r.energy_mj);
         let counter_update = update_period(&counter_changes);
         let power_update = update_period(&changes(s, |r| r.power_mw.map(u64::from)));
@@ -375,13 +363,7 @@ pub fn probe(src: GpuSource, library: String, opts: ProbeOptions) -> ProbeReport
             .unwrap_or(Duration::from_millis(100));
         let (errors, first_error) = samples.errors[i].clone();
         gpus.push(GpuProbe {
-            index: info.id.index,
-            uuid: info.id.uuid.clone(),
-            minor: info.id.minor,
-            name: info.id.name.clone(),
-            method,
-            energy_read: via_name(info.energy_via).into(),
-            power_read: via_name(info.power_via).into(),
+            gpu: GpuSummary::of(info),
             readings: s.len(),
             read_errors: errors,
             first_error,
@@ -444,29 +426,26 @@ pub fn render_text(r: &ProbeReport) -> String {
         r.lateness_max_us
     );
     for g in &r.gpus {
+        let id = &g.gpu;
         let _ = writeln!(
             o,
             "\nGPU {}  minor {}  {}  {}",
-            g.index,
-            g.minor.map(|m| m.to_string()).unwrap_or_else(|| "?".into()),
-            g.uuid,
-            opt(&g.name)
+            id.index,
+            id.minor
+                .map(|m| m.to_string())
+                .unwrap_or_else(|| "?".into()),
+            id.uuid,
+            opt(&id.name)
         );
-        let _ = writeln!(
-            o,
-            "  method: {} (energy counter: {}, power: {})",
-            g.method.replace('_', " "),
-            g.energy_read.replace('_', " "),
-            g.power_read.replace('_', " ")
-        );
+        let _ = writeln!(o, "  method: {}", id.method_line());
         let _ = writeln!(o, "  readings: {} ok, {} failed", g.readings, g.read_errors);
         if let Some(e) = &g.first_error {
             let _ = writeln!(o, "  first failure: {e}");
         }
-        if g.energy_read != "unsupported" {
+        if id.energy_read != "unsupported" {
             let _ = writeln!(o, "  {}", fmt_period(&g.counter_update, "energy counter"));
         }
-        if g.power_read != "unsupported" {
+        if id.power_read != "unsupported" {
             let _ = writeln!(o, "  {}", fmt_period(&g.power_update, "power reading"));
         }
         let _ = writeln!(
