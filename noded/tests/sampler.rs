@@ -20,8 +20,6 @@ use ergond::testing::{
 };
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MS: u64 = 1_000_000;
@@ -162,20 +160,28 @@ fn trees(nvml: &Path) -> Trees {
     }
 }
 
-/// Advances the package zone at 100 W and DRAM at 10 W in 2 ms steps (modulo each zone's range,
-/// as the hardware counter does) until stopped; returns the energy written, µJ per zone.
-fn rapl_writer(tree: PowercapTree, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
-    std::thread::spawn(move || {
-        let (mut pkg, mut dram) = (0u64, 0u64);
-        while !stop.load(Ordering::Acquire) {
-            std::thread::sleep(Duration::from_millis(2));
-            pkg += 200_000;
-            dram += 20_000;
-            tree.set_energy_uj("intel-rapl:0", pkg % (PKG_RANGE_UJ + 1));
-            tree.set_energy_uj("intel-rapl:0:0", dram % (DRAM_RANGE_UJ + 1));
+/// Advances the package zone by 0.2 J and DRAM by 0.02 J per 2 ms step (100 W and 10 W; modulo
+/// each zone's range, as the hardware counter does) for `steps` steps; returns the energy
+/// written, µJ per zone. Every quarter of the package range it waits until the sampler has read
+/// what was written, so the test holds however the machine schedules the threads (a sampler that
+/// misses a whole range between two reads cannot see the wrap; that is the counter's physics, not
+/// what this test is about).
+fn write_rapl(tree: &PowercapTree, h: &SamplerHandle, steps: u64) -> (u64, u64) {
+    let (mut pkg, mut dram) = (0u64, 0u64);
+    for step in 1..=steps {
+        std::thread::sleep(Duration::from_millis(2));
+        pkg += 200_000;
+        dram += 20_000;
+        tree.set_energy_uj("intel-rapl:0", pkg % (PKG_RANGE_UJ + 1));
+        tree.set_energy_uj("intel-rapl:0:0", dram % (DRAM_RANGE_UJ + 1));
+        if step % 25 == 0 || step == steps {
+            let written = pkg as f64 * 1e-6;
+            wait_for(h, "the sampler to read the package zone", |s| {
+                (s.zones[0].energy_j - written).abs() < 1e-6
+            });
         }
-        (pkg, dram)
-    })
+    }
+    (pkg, dram)
 }
 
 #[test]
@@ -206,13 +212,11 @@ fn energies_track_ground_truth_across_rapl_wraps() {
         "GPU period {gpu_period:?} from a 20 ms counter"
     );
     wait_for(&h, "the RAPL baseline", |s| health(s, "rapl").samples >= 1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = rapl_writer(t.powercap.clone(), Arc::clone(&stop));
-    std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Release);
-    let (pkg_uj, dram_uj) = writer.join().unwrap();
-    // Let the sampler read the final values.
-    std::thread::sleep(Duration::from_millis(30));
+    // 350 steps of 0.2 J: 70 J through a 20 J range, three wraps.
+    let (pkg_uj, dram_uj) = write_rapl(&t.powercap, &h, 350);
+    wait_for(&h, "the final DRAM reading and 50 GPU ticks", |s| {
+        (s.zones[1].energy_j - dram_uj as f64 * 1e-6).abs() < 1e-6 && health(s, "gpu").samples >= 50
+    });
     let gpu_traces: Vec<_> = (0..3).map(|i| trace(&h, TraceOf::Gpu(i))).collect();
     let s = h.stop();
 
@@ -245,8 +249,9 @@ fn energies_track_ground_truth_across_rapl_wraps() {
         pkg_uj as f64 * 1e-6
     );
     assert!((s.zones[1].energy_j - dram_uj as f64 * 1e-6).abs() < 1e-6);
+    // Every 5 ms deadline over the ≥ 0.7 s of writing was either sampled or counted as missed.
     let rh = health(&s, "rapl");
-    assert!(rh.samples >= 100, "{rh:?}");
+    assert!(rh.samples + rh.missed_ticks >= 100, "{rh:?}");
 
     // Sockets from the generated /proc/stat, on the cgroup ticks.
     let tick = 1_000_000_000 / ergond::sources::cgroup::user_hz();
@@ -294,7 +299,13 @@ fn a_lost_gpu_is_reported_and_the_others_keep_being_sampled() {
         },
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(900));
+    // GPU 1 is lost 0.3 s in; the others must go on being read well past that.
+    wait_for(&h, "GPU 1 lost and the others sampled 0.5 s past it", |s| {
+        s.gpus[1].lost
+            && [0, 2]
+                .iter()
+                .all(|&i| s.gpus[i].at_ns >= s.gpus[1].at_ns + 500 * MS)
+    });
     let traces: Vec<_> = (0..3).map(|i| trace(&h, TraceOf::Gpu(i))).collect();
     let s = h.stop();
     assert!(s.gpus[1].lost, "{:?}", s.gpus[1]);
@@ -310,8 +321,8 @@ fn a_lost_gpu_is_reported_and_the_others_keep_being_sampled() {
         let g = &s.gpus[i];
         assert!(!g.lost && g.read_errors == 0);
         assert!(
-            s.taken_monotonic_ns - g.at_ns < 100 * MS,
-            "GPU {i} still sampled at the end"
+            g.at_ns >= s.gpus[1].at_ns + 500 * MS,
+            "GPU {i} still sampled after the loss"
         );
         assert_gpu_energy_tracks_truth(&fake, &model(&scenario_gpus[i]), &traces[i], &g.uuid);
     }
