@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attribution;
 pub mod clock;
 pub mod config;
 pub mod counter;

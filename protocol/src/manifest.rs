@@ -234,9 +234,12 @@ pub struct Totals {
 pub struct NodeContext {
     /// Total energy the node's sensors measured over the job's interval.
     pub node_energy_j: f64,
-    /// Part of it attributed to idle (GPUs and CPUs not allocated to any job).
+    /// Part of it attributed to idle: the idle share of CPU package and DRAM energy on CPUs no
+    /// job was allocated (or all idle CPU energy, when a site leaves idle unattributed to jobs).
+    /// See docs/attribution.md.
     pub idle_j: f64,
-    /// Part of it that could not be attributed to any job or to idle.
+    /// Part of it that no job caused: busy CPU time outside any job's cgroup (OS, daemons),
+    /// GPUs (or MIG slices) allocated to no job, and energy a split could not place.
     pub unattributed_j: f64,
 }
 
