@@ -14,6 +14,9 @@
 //! sysfs_root = "/sys"
 //! prefer_perf = true
 //! socket_path = "/run/ergon/ergond.sock"
+//! socket_mode = 0o660          # permissions of the socket file (TOML octal)
+//! socket_group = "slurm"       # group of the socket file; default: ergond's own group
+//! slurm_user = "root"          # SlurmUser: besides root, the only sender of job events
 //! state_dir = "/var/lib/ergon"
 //! spool_dir = "/var/spool/ergon"
 //! metrics_listen = "127.0.0.1:9713"
@@ -119,6 +122,15 @@ pub struct Config {
     pub prefer_perf: bool,
     /// Unix socket the SPANK plugin talks to.
     pub socket_path: PathBuf,
+    /// Permission bits of the socket file (at most `0o777`). Connecting needs write
+    /// permission, so `0o660` limits clients to the owner (root) and `socket_group`; what each
+    /// client may ask is decided per request from its `SO_PEERCRED` identity in any case.
+    pub socket_mode: u32,
+    /// Group given to the socket file; `None` keeps ergond's own group.
+    pub socket_group: Option<String>,
+    /// Slurm's `SlurmUser` (slurm.conf): besides root, the only user whose job and step events
+    /// ergond accepts, and who may query any job.
+    pub slurm_user: String,
     /// Journal / state directory.
     pub state_dir: PathBuf,
     /// Spool directory for per-job manifests.
@@ -140,6 +152,9 @@ impl Default for Config {
             sysfs_root: PathBuf::from("/sys"),
             prefer_perf: true,
             socket_path: PathBuf::from("/run/ergon/ergond.sock"),
+            socket_mode: 0o660,
+            socket_group: None,
+            slurm_user: "root".to_string(),
             state_dir: PathBuf::from("/var/lib/ergon"),
             spool_dir: PathBuf::from("/var/spool/ergon"),
             metrics_listen: "127.0.0.1:9713".to_string(),
@@ -212,6 +227,41 @@ impl Config {
                         .into(),
                 });
             }
+        }
+        if self.socket_mode > 0o777 {
+            return Err(ConfigError::Invalid {
+                key: "socket_mode",
+                reason: format!(
+                    "{:#o} is not a permission mode; give at most 0o777, e.g. 0o660",
+                    self.socket_mode
+                ),
+            });
+        }
+        let valid_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 256
+                && !n.starts_with('-')
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'))
+        };
+        if let Some(g) = &self.socket_group {
+            if !valid_name(g) {
+                return Err(ConfigError::Invalid {
+                    key: "socket_group",
+                    reason: format!(
+                        "{g:?} is not a group name; remove the key to keep ergond's group"
+                    ),
+                });
+            }
+        }
+        if !valid_name(&self.slurm_user) {
+            return Err(ConfigError::Invalid {
+                key: "slurm_user",
+                reason: format!(
+                    "{:?} is not a user name; give SlurmUser from slurm.conf (default \"root\")",
+                    self.slurm_user
+                ),
+            });
         }
         self.metrics_listen
             .parse::<SocketAddr>()
@@ -311,6 +361,21 @@ mod tests {
     }
 
     #[test]
+    fn socket_settings_parse_octal_and_default() {
+        let d = Config::default();
+        assert_eq!(
+            (d.socket_mode, d.socket_group, d.slurm_user.as_str()),
+            (0o660, None, "root")
+        );
+        let c =
+            Config::parse("socket_mode = 0o666\nsocket_group = \"slurm\"\nslurm_user = \"slurm\"")
+                .unwrap();
+        assert_eq!(c.socket_mode, 0o666);
+        assert_eq!(c.socket_group.as_deref(), Some("slurm"));
+        assert_eq!(c.slurm_user, "slurm");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_by_name() {
         let e = Config::parse("powercap_rot = \"/x\"")
             .unwrap_err()
@@ -341,6 +406,9 @@ mod tests {
                 "sampling.gpu_max_power_w",
             ),
             ("nvml_library = \"\"", "nvml_library"),
+            ("socket_mode = 0o1777", "socket_mode"),
+            ("socket_group = \"\"", "socket_group"),
+            ("slurm_user = \"a/b\"", "slurm_user"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -1,6 +1,7 @@
 //! ergond, the per-node daemon of ergon: the measurement layer (energy counters, hardware
-//! sources), the [`sampler`] threads, Prometheus [`metrics`] and the node [`service`]; job
-//! tracking, attribution and manifests come next.
+//! sources), the [`sampler`] threads, Prometheus [`metrics`], the SPANK plugin's socket
+//! [`server`], job tracking and manifests ([`jobs`], GPU energy only for now) and the node
+//! [`service`]; CPU/DRAM attribution, restart safety and the user report come next.
 //!
 //! The library is split so that pure logic ([`counter`]) is separate from the code that touches
 //! hardware ([`sources`]); every hardware root is a parameter, which is how tests point the
@@ -13,9 +14,11 @@ pub mod clock;
 pub mod config;
 pub mod counter;
 pub mod inventory;
+pub mod jobs;
 pub mod metrics;
 pub mod probe;
 pub mod sampler;
+pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod sources;

@@ -13,8 +13,9 @@ use clap::{Parser, Subcommand};
 /// health) at http://<metrics_listen>/metrics (default 127.0.0.1:9713) until SIGTERM or SIGINT.
 /// Logs go to stderr (RUST_LOG sets the level, default info).
 ///
-/// Job tracking is not implemented yet: the SPANK plugin's socket is not served and no energy is
-/// attributed to jobs.
+/// It also serves the SPANK plugin's socket (socket_path, default /run/ergon/ergond.sock) and
+/// writes one manifest per job into spool_dir when the job ends. Not implemented yet: CPU/DRAM
+/// attribution (manifests attribute GPU energy only), restart safety, the user report.
 ///
 /// Exit status of the service: 0 after a clean stop, 1 if the configuration is invalid or it
 /// cannot start, 2 if no energy source works on this node.

@@ -787,6 +787,43 @@ impl SamplerHandle {
         }
     }
 
+    /// Block until every GPU and RAPL zone being read has a reading taken at or after `at_ns`
+    /// (CLOCK_MONOTONIC), or until `timeout` has passed; returns whether they all have.
+    ///
+    /// The job registry calls this after a job or step event so that the readings bracketing the
+    /// event's instant are both in the traces, and the counters at that exact instant can be
+    /// interpolated between them ([`Self::trace`]). It waits at most one sampling period in
+    /// normal operation. It polls the published parts (one short lock each, every millisecond)
+    /// and never disturbs the sampling threads. GPUs that are lost or not measurable are not
+    /// waited for.
+    pub fn wait_for_readings_after(&self, at_ns: u64, timeout: Duration) -> bool {
+        let deadline = monotonic_ns().saturating_add(timeout.as_nanos() as u64);
+        loop {
+            let gpus_done = self.shared.gpu.as_ref().is_none_or(|p| {
+                lock(p)
+                    .gpus
+                    .iter()
+                    .all(|g| !g.measurable || g.lost || g.at_ns >= at_ns)
+            });
+            let zones_done = self.shared.cpu.as_ref().is_none_or(|p| {
+                let c = lock(p);
+                c.rapl.is_none() || c.zones.iter().all(|z| z.at_ns >= at_ns)
+            });
+            if gpus_done && zones_done {
+                return true;
+            }
+            if monotonic_ns() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The cgroup hierarchy [`Self::watch_cgroup`] reads, if any.
+    pub fn cgroup_hierarchy(&self) -> Option<&CgroupHierarchy> {
+        self.cgroups.as_ref()
+    }
+
     /// Start sampling the CPU time of cgroup `path` (relative to the hierarchy, e.g.
     /// `slurm/uid_1000/job_42` for v1 or `system.slice/slurmstepd.scope/job_42` for v2). The
     /// file is opened and read once here, so a missing cgroup is an error now, and the cgroup

@@ -1,21 +1,32 @@
 //! `ergond` without a subcommand: the node service.
 //!
-//! Loads the configuration, opens the energy sources, starts the [`crate::sampler`] threads and
-//! serves Prometheus `/metrics` on `metrics_listen` until SIGTERM or SIGINT; then stops the
-//! server and the sampler and exits 0. Logs go to stderr through `tracing` (level from
-//! `RUST_LOG`, default `info`), which systemd's journal captures.
+//! Loads the configuration, opens the energy sources, starts the [`crate::sampler`] threads,
+//! serves Prometheus `/metrics` on `metrics_listen` and the SPANK plugin's socket on
+//! `socket_path` ([`crate::server`], answered by [`crate::jobs::tracker::JobTracker`]) until
+//! SIGTERM or SIGINT; then stops both servers, writes the manifests of jobs that have ended,
+//! stops the sampler and exits 0. Logs go to stderr through `tracing` (level from `RUST_LOG`,
+//! default `info`), which systemd's journal captures.
 //!
-//! Not here yet: job tracking. The SPANK plugin's socket (`socket_path`) is not served and no
-//! energy is attributed to jobs; the log says so at start.
+//! Jobs get one manifest each in `spool_dir` when they end. Not here yet (the log says so at
+//! start): CPU and DRAM attribution (manifests attribute GPU energy only), restart safety (jobs
+//! open when ergond stops get no manifest) and the user report (`--energy-report`).
 //!
 //! Exit status: 0 after a clean stop; 1 if the configuration is invalid or the service cannot
-//! start (listen address in use, a sampling thread cannot be created); 2 if no energy source
-//! (no GPU, no RAPL) works on this node, as `ergond check` reports.
+//! start (listen address or socket in use, unknown `slurm_user` or `socket_group`, a thread
+//! cannot be created); 2 if no energy source (no GPU, no RAPL) works on this node, as
+//! `ergond check` reports.
 
 use crate::config::Config;
 use crate::inventory::{describe_config_error, load_config};
+use crate::jobs::manifest::{GpuFact, NodeFacts};
+use crate::jobs::tracker::{Access, JobTracker, TrackerConfig};
 use crate::metrics::server::{serve, Limits, SnapshotSource};
-use crate::sampler::{Sampler, SamplerSources};
+use crate::sampler::{Sampler, SamplerHandle, SamplerSources};
+use crate::server::{Handler, ServerLimits};
+use crate::sources::cgroup::CgroupVersion;
+use crate::sources::rapl::RaplBackend;
+use ergon_protocol::{EnergyMethod, SensorInfo, SensorKind};
+use std::ffi::CString;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -100,7 +111,57 @@ async fn service(config: Config, config_path: &str) -> u8 {
         }
     };
 
+    // Then the plugin's socket, with the identities it needs.
+    let slurm_uid = match lookup_uid(&config.slurm_user) {
+        Some(u) => u,
+        None => {
+            tracing::error!(
+                "slurm_user {:?} in {config_path} is not a user of this node; set it to SlurmUser \
+                 from slurm.conf",
+                config.slurm_user
+            );
+            return EXIT_START;
+        }
+    };
+    let gid = match &config.socket_group {
+        None => None,
+        Some(g) => match lookup_gid(g) {
+            Some(gid) => Some(gid),
+            None => {
+                tracing::error!(
+                    "socket_group {g:?} in {config_path} is not a group of this node; create it or \
+                     remove the key"
+                );
+                return EXIT_START;
+            }
+        },
+    };
+    let socket = match crate::server::bind(&config.socket_path, config.socket_mode, gid) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(
+                "cannot serve the plugin's socket {}: {e}; set `socket_path` in {config_path} to a \
+                 path ergond may create",
+                config.socket_path.display()
+            );
+            return EXIT_START;
+        }
+    };
+
     let (sources, problems) = SamplerSources::open(&config);
+    let sensors = sensors_of(&sources);
+    let pci: Vec<(String, Option<String>)> = sources
+        .gpu
+        .as_ref()
+        .map(|g| {
+            g.gpus()
+                .into_iter()
+                .map(|i| (i.id.uuid, i.id.pci_bus_id))
+                .collect()
+        })
+        .unwrap_or_default();
+    let spool_dir = config.spool_dir.clone();
+    let socket_path = config.socket_path.clone();
     let gpus = sources.gpu.as_ref().map_or(0, |g| g.len());
     let zones = sources.rapl.as_ref().map_or(0, |r| r.zones().len());
     if gpus == 0 && zones == 0 {
@@ -108,6 +169,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             problems = ?problems.iter().map(|p| format!("{}: {}", p.source, p.error)).collect::<Vec<_>>(),
             "no energy source works on this node (no GPU, no RAPL); `ergond check` says why"
         );
+        let _ = std::fs::remove_file(&socket_path);
         return EXIT_NO_SOURCE;
     }
     // Detecting the GPU counter period blocks for up to a second: keep it off the I/O thread.
@@ -116,32 +178,78 @@ async fn service(config: Config, config_path: &str) -> u8 {
         Ok(Ok(s)) => Arc::new(s),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "cannot start the sampler");
+            let _ = std::fs::remove_file(&socket_path);
             return EXIT_START;
         }
         Err(e) => {
             tracing::error!(error = %e, "the sampler's start-up panicked");
+            let _ = std::fs::remove_file(&socket_path);
             return EXIT_START;
         }
     };
     tracing::info!(gpus, rapl_zones = zones, options = ?sampler.options(), "sampling");
+    let tracker = match JobTracker::start(
+        Arc::clone(&sampler),
+        node_facts(&sampler, sensors, &pci),
+        TrackerConfig {
+            spool_dir,
+            default_cluster: "unknown".to_owned(),
+            access: Access {
+                slurm_uid: Some(slurm_uid),
+            },
+            limits: Default::default(),
+        },
+    ) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the job tracker thread");
+            let _ = std::fs::remove_file(&socket_path);
+            return EXIT_START;
+        }
+    };
     tracing::info!(
-        "job tracking is not implemented yet: the SPANK plugin's socket is not served and no \
-         energy is attributed to jobs"
+        "not implemented yet: CPU/DRAM attribution (manifests attribute GPU energy only), \
+         restart safety (jobs open when ergond stops get no manifest), the user report"
     );
     tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
+    tracing::info!(socket = %socket_path.display(), "serving the SPANK plugin's socket");
 
     let source: SnapshotSource = {
         let sampler = Arc::clone(&sampler);
         Arc::new(move || sampler.snapshot())
     };
-    serve(listener, source, Limits::default(), async {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "stopping");
-    })
-    .await;
+    let handler: Handler = {
+        let tracker = Arc::clone(&tracker);
+        Arc::new(move |request, uid| tracker.handle(request, uid))
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::join!(
+        serve(
+            listener,
+            source,
+            Limits::default(),
+            stopped(stop_rx.clone())
+        ),
+        crate::server::serve(socket, handler, ServerLimits::default(), stopped(stop_rx)),
+        async {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "stopping");
+            let _ = stop_tx.send(true);
+        },
+    );
+    let _ = std::fs::remove_file(&socket_path);
+    // The socket server has dropped its handler: this is the last reference. Stopping the
+    // tracker writes the manifests of jobs that have ended and releases its sampler reference.
+    match Arc::try_unwrap(tracker) {
+        Ok(t) => t.stop(),
+        Err(t) => drop(t),
+    }
 
     // The server has dropped its reference: this is the last one.
     match Arc::try_unwrap(sampler) {
@@ -151,4 +259,131 @@ async fn service(config: Config, config_path: &str) -> u8 {
     }
     tracing::info!("ergond stopped");
     EXIT_OK
+}
+
+/// The sensors the manifests name, from the opened sources.
+fn sensors_of(sources: &SamplerSources) -> Vec<SensorInfo> {
+    let mut out = Vec::new();
+    if let Some(g) = sources.gpu.as_ref().filter(|g| !g.is_empty()) {
+        out.push(SensorInfo {
+            kind: SensorKind::Nvml,
+            version: g.driver_version().unwrap_or_else(|_| "unknown".into()),
+            detail: format!(
+                "NVML {}; {} GPU(s)",
+                g.nvml_version().unwrap_or_else(|_| "unknown".into()),
+                g.len()
+            ),
+        });
+    }
+    if let Some(r) = &sources.rapl {
+        let zones: Vec<String> = r.zones().iter().map(|z| z.key.to_string()).collect();
+        out.push(SensorInfo {
+            kind: match r.backend() {
+                RaplBackend::Perf(_) => SensorKind::RaplPerf,
+                RaplBackend::Powercap(_) => SensorKind::RaplPowercap,
+            },
+            version: kernel_release(),
+            detail: format!("zones {}", zones.join(", ")),
+        });
+    }
+    if let Some(c) = &sources.cgroups {
+        out.push(SensorInfo {
+            kind: SensorKind::Cgroup,
+            version: match c.version {
+                CgroupVersion::V1 => "v1".into(),
+                CgroupVersion::V2 => "v2".into(),
+            },
+            detail: format!("cgroup root {}", c.root.display()),
+        });
+    }
+    out
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// GPUs and zones in the sampler's snapshot order, for the job tracker.
+fn node_facts(
+    sampler: &SamplerHandle,
+    sensors: Vec<SensorInfo>,
+    pci: &[(String, Option<String>)],
+) -> NodeFacts {
+    let snap = sampler.snapshot();
+    NodeFacts {
+        gpus: snap
+            .gpus
+            .iter()
+            .map(|g| GpuFact {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                minor: g.minor,
+                pci_bus_id: pci
+                    .iter()
+                    .find(|(u, _)| *u == g.uuid)
+                    .and_then(|(_, p)| p.clone()),
+                method: match g.method {
+                    crate::counter::Method::Counter => EnergyMethod::Counter,
+                    crate::counter::Method::IntegratedPower => EnergyMethod::IntegratedPower,
+                },
+            })
+            .collect(),
+        zones: snap.zones.iter().map(|z| z.key.clone()).collect(),
+        sensors,
+    }
+}
+
+/// The uid of user `name` (getpwnam_r), if it exists.
+fn lookup_uid(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids) for getpwnam_r to fill.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: valid NUL-terminated name, out-struct, buffer with its length and out-pointer.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(pwd.pw_uid)
+}
+
+/// The gid of group `name` (getgrnam_r), if it exists.
+fn lookup_gid(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: all-zero is a valid `group` for getgrnam_r to fill.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid NUL-terminated name, out-struct, buffer with its length and out-pointer.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_resolves_and_nonsense_does_not() {
+        assert_eq!(lookup_uid("root"), Some(0));
+        assert_eq!(lookup_gid("root"), Some(0));
+        assert_eq!(lookup_uid("no-such-user-ergon"), None);
+        assert_eq!(lookup_gid("no-such-group-ergon"), None);
+    }
 }

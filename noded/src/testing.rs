@@ -26,6 +26,30 @@ pub fn write_file(path: &Path, contents: &str) {
         .expect("write fixture file");
 }
 
+/// Rewrite a counter file that a sampler may be reading at the same moment.
+///
+/// `write_file` truncates and then writes: a reader in between sees an empty file, which real
+/// sysfs and cgroupfs files never show, and tests failed on that under load. Counter values are
+/// therefore written zero-padded to a fixed width with one write at offset 0 and no truncation,
+/// so every read sees either the old or the new value. (The parsers accept leading zeros.)
+pub fn write_counter_file(path: &Path, value: u64) {
+    use std::os::unix::fs::FileExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("create fixture directory");
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("open fixture file");
+    let text = format!("{value:020}\n");
+    f.write_all_at(text.as_bytes(), 0)
+        .expect("write fixture file");
+    // The first write over a shorter initial value may leave a tail; later ones are all 21 bytes.
+    f.set_len(text.len() as u64).expect("trim fixture file");
+}
+
 /// One powercap zone to generate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZoneFixture {
@@ -154,10 +178,7 @@ impl PowercapTree {
 
     /// Set a zone's counter (`dir` as in [`ZoneFixture::dir`]).
     pub fn set_energy_uj(&self, dir: &str, value: u64) {
-        write_file(
-            &self.root.join(dir).join("energy_uj"),
-            &format!("{value}\n"),
-        );
+        write_counter_file(&self.root.join(dir).join("energy_uj"), value);
     }
 }
 
@@ -196,9 +217,9 @@ pub fn write_perf_power_pmu(
 
 /// Create a cgroup v1 `cpuacct` hierarchy entry: `<root>/cpuacct/<rel>/cpuacct.usage` (ns).
 pub fn write_cgroup_v1_usage(root: &Path, rel: &str, usage_ns: u64) {
-    write_file(
+    write_counter_file(
         &root.join("cpuacct").join(rel).join("cpuacct.usage"),
-        &format!("{usage_ns}\n"),
+        usage_ns,
     );
 }
 

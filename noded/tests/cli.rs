@@ -57,12 +57,14 @@ impl Node {
             &config,
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
-                 cgroup_root = {}\n",
+                 cgroup_root = {}\nsocket_path = {}\nspool_dir = {}\n",
                 toml_str(&nvml),
                 toml_str(&powercap),
                 toml_str(&dir.path().join("perf")),
                 toml_str(&dir.path().join("sys")),
                 toml_str(&cgroup),
+                toml_str(&dir.path().join("run/ergond.sock")),
+                toml_str(&dir.path().join("spool")),
             ),
         )
         .unwrap();
@@ -371,12 +373,20 @@ fn service_refuses_bad_config_busy_port_and_no_source_and_help_is_honest() {
         "{stderr}"
     );
 
-    // Nothing to measure: exit 2 rather than serve empty metrics.
+    // Nothing to measure: exit 2 rather than serve empty metrics, leaving no socket behind.
     drop(busy);
     let out = ergond(&["--config", node.config()]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no energy source works"), "{stderr}");
+    let cfg = std::fs::read_to_string(&node.config).unwrap();
+    if let Some(socket) = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("socket_path = "))
+        .and_then(|v| serde_json::from_str::<String>(v).ok())
+    {
+        assert!(!Path::new(&socket).exists(), "{socket} left behind");
+    }
 
     let out = ergond(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
@@ -385,7 +395,8 @@ fn service_refuses_bad_config_busy_port_and_no_source_and_help_is_honest() {
         "check",
         "probe",
         "/metrics",
-        "Job tracking is not implemented yet",
+        "SPANK plugin's socket",
+        "Not implemented yet: CPU/DRAM",
     ] {
         assert!(help.contains(want), "missing {want:?} in:\n{help}");
     }

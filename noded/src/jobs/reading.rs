@@ -1,0 +1,197 @@
+//! [`Reading`]: every cumulative counter of the node at one event's instant.
+//!
+//! The sampler reads counters on its ticks (every 10–200 ms for GPUs). An event (a job's start
+//! or end) falls between two ticks; its counters are the linear interpolation of the two
+//! readings that bracket its instant ([`interpolate`]), which is exact whenever power is
+//! constant between two ticks and otherwise off by at most one tick's energy variation. The
+//! shell waits (off the reply path) until the tick after the event is in
+//! ([`crate::sampler::SamplerHandle::wait_for_readings_after`]) and then interpolates, so a
+//! one-second job is measured over exactly its second, not over whole ticks.
+
+use crate::sampler::TraceSample;
+
+/// Cumulative counters at one instant, as the sampler publishes them (energies since ergond
+/// started, joules).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// The instant (CLOCK_MONOTONIC ns).
+    pub at_mono_ns: u64,
+    /// Per GPU, by position in the snapshot: energy at the instant; `None` when it could not be
+    /// established (GPU not measurable or lost, or no readings bracketing the instant).
+    pub gpus: Vec<Option<f64>>,
+    /// Per RAPL zone, by position in the snapshot.
+    pub zones: Vec<Option<f64>>,
+    /// Watched cgroups' CPU time (ns) as of the latest cgroup tick: path and value.
+    pub cgroups: Vec<(String, u64)>,
+}
+
+impl Reading {
+    /// `later - self` for GPU `i`, when both are known and not negative.
+    pub fn gpu_delta(&self, later: &Reading, i: usize) -> Option<f64> {
+        delta(
+            self.gpus.get(i).copied().flatten(),
+            later.gpus.get(i).copied().flatten(),
+        )
+    }
+
+    /// `later - self` for zone `i`.
+    pub fn zone_delta(&self, later: &Reading, i: usize) -> Option<f64> {
+        delta(
+            self.zones.get(i).copied().flatten(),
+            later.zones.get(i).copied().flatten(),
+        )
+    }
+
+    /// CPU time (ns) of cgroup `path` in this reading.
+    pub fn cgroup_ns(&self, path: &str) -> Option<u64> {
+        self.cgroups
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|&(_, v)| v)
+    }
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b >= a => Some(b - a),
+        _ => None,
+    }
+}
+
+/// Cumulative energy at `at_ns`, interpolated linearly between the samples of `trace` (oldest
+/// first, as [`crate::sampler::SamplerHandle::trace`] gives them) that bracket it. `None` when
+/// the trace does not bracket the instant (it is older than the trace or newer than its last
+/// sample) or a sample's energy is not a number.
+pub fn interpolate(trace: &[TraceSample], at_ns: u64) -> Option<f64> {
+    let after = trace.partition_point(|s| s.at_ns < at_ns);
+    let next = trace.get(after)?;
+    if next.at_ns == at_ns {
+        return next.energy_j.is_finite().then_some(next.energy_j);
+    }
+    let prev = trace.get(after.checked_sub(1)?)?;
+    if !(prev.energy_j.is_finite() && next.energy_j.is_finite()) || next.at_ns <= prev.at_ns {
+        return None;
+    }
+    let f = (at_ns - prev.at_ns) as f64 / (next.at_ns - prev.at_ns) as f64;
+    Some(prev.energy_j + (next.energy_j - prev.energy_j) * f)
+}
+
+/// Samples of `trace` taken within `[from_ns, to_ns]`.
+pub fn window(trace: &[TraceSample], from_ns: u64, to_ns: u64) -> &[TraceSample] {
+    let a = trace.partition_point(|s| s.at_ns < from_ns);
+    let b = trace.partition_point(|s| s.at_ns <= to_ns);
+    &trace[a..b.max(a)]
+}
+
+/// Average power per bin over `[from_ns, to_ns]` cut into bins of `bin_ns`, from the energy
+/// interpolated at the bin edges; bins that the trace does not cover are dropped from the
+/// start (the series then starts later: the returned instant is its first edge) and end the
+/// series where they occur later. At most `max_points` bins.
+pub fn power_series(
+    trace: &[TraceSample],
+    from_ns: u64,
+    to_ns: u64,
+    bin_ns: u64,
+    max_points: usize,
+) -> (u64, Vec<f32>) {
+    let bin_ns = bin_ns.max(1);
+    let mut start = from_ns;
+    // Skip bins before the trace's oldest sample.
+    if let Some(first) = trace.first() {
+        if first.at_ns > start {
+            let skip = (first.at_ns - start).div_ceil(bin_ns);
+            start += skip * bin_ns;
+        }
+    }
+    let mut out = Vec::new();
+    let mut edge = start;
+    let mut prev = interpolate(trace, edge);
+    while out.len() < max_points && edge < to_ns {
+        let next_edge = (edge + bin_ns).min(to_ns);
+        let next = interpolate(trace, next_edge);
+        match (prev, next) {
+            (Some(a), Some(b)) => {
+                out.push(((b - a) / ((next_edge - edge) as f64 / 1e9)) as f32);
+            }
+            _ => break,
+        }
+        edge = next_edge;
+        prev = next;
+    }
+    (start, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(at_ns: u64, energy_j: f64) -> TraceSample {
+        TraceSample {
+            at_ns,
+            energy_j,
+            power_w: None,
+        }
+    }
+
+    #[test]
+    fn interpolates_between_bracketing_samples() {
+        let tr = [s(100, 10.0), s(200, 20.0), s(300, 40.0)];
+        assert_eq!(interpolate(&tr, 150), Some(15.0));
+        assert_eq!(interpolate(&tr, 250), Some(30.0));
+        assert_eq!(interpolate(&tr, 200), Some(20.0));
+        assert_eq!(interpolate(&tr, 100), Some(10.0));
+        assert_eq!(interpolate(&tr, 99), None, "before the trace");
+        assert_eq!(interpolate(&tr, 301), None, "not yet read");
+        assert_eq!(interpolate(&[], 5), None);
+        assert_eq!(interpolate(&[s(100, f64::NAN), s(200, 1.0)], 150), None);
+    }
+
+    #[test]
+    fn deltas_need_both_ends() {
+        let a = Reading {
+            at_mono_ns: 0,
+            gpus: vec![Some(1.0), None],
+            zones: vec![Some(5.0)],
+            cgroups: vec![("x".into(), 7)],
+        };
+        let b = Reading {
+            at_mono_ns: 1,
+            gpus: vec![Some(4.0), Some(1.0)],
+            zones: vec![Some(4.0)],
+            cgroups: vec![],
+        };
+        assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
+        assert_eq!(a.gpu_delta(&b, 1), None);
+        assert_eq!(a.gpu_delta(&b, 9), None);
+        assert_eq!(a.zone_delta(&b, 0), None, "went backwards");
+        assert_eq!(a.cgroup_ns("x"), Some(7));
+    }
+
+    #[test]
+    fn power_series_bins_constant_power() {
+        // 100 W: 0.1 J per ms, samples every 10 ms from 0 to 1 s.
+        let tr: Vec<_> = (0..=100)
+            .map(|k| s(k * 10_000_000, k as f64 * 1.0))
+            .collect();
+        let (start, w) = power_series(&tr, 50_000_000, 950_000_000, 100_000_000, 600);
+        assert_eq!(start, 50_000_000);
+        assert_eq!(w.len(), 9);
+        assert!(w.iter().all(|&p| (p - 100.0).abs() < 1e-3), "{w:?}");
+        let (_, w) = power_series(&tr, 0, 1_000_000_000, 1_000_000, 5);
+        assert_eq!(w.len(), 5, "capped");
+        let (start, w) = power_series(&tr[50..], 0, 1_000_000_000, 100_000_000, 600);
+        assert_eq!(
+            (start, w.len()),
+            (500_000_000, 5),
+            "starts where the trace does"
+        );
+    }
+
+    #[test]
+    fn window_selects_inclusive_range() {
+        let tr = [s(1, 0.0), s(2, 0.0), s(3, 0.0), s(4, 0.0)];
+        assert_eq!(window(&tr, 2, 3).len(), 2);
+        assert_eq!(window(&tr, 5, 9).len(), 0);
+        assert_eq!(window(&tr, 3, 2).len(), 0);
+    }
+}

@@ -1,0 +1,735 @@
+//! [`JobRegistry`]: the jobs and steps running on this node, built from the SPANK plugin's
+//! events. Pure state machine: it performs no I/O and reads no clock. Each event returns the
+//! [`Action`]s the I/O shell ([`super::tracker`]) must perform (take a counter reading at the
+//! event's instant, watch or unwatch a cgroup, write the manifest), and readings come back
+//! through [`JobRegistry::record_reading`].
+//!
+//! Events arrive in any order and may be missing (ergond restarted, a hook failed): a step or
+//! job end for a job ergond never saw start creates the job with `start_seen = false`, so what
+//! is known is still recorded and the manifest marks the coverage partial. Nothing here panics
+//! on hostile or inconsistent input; memory is bounded by [`Limits`].
+
+use std::collections::BTreeMap;
+
+use ergon_protocol::{
+    CgroupPath, CpuSet, GpuAlloc, JobEnd, JobSnapshot, JobStart, ReportFormat, StepEnd, StepId,
+    StepStart,
+};
+
+use super::reading::Reading;
+
+/// Bounds on what the registry holds, so a misbehaving client cannot grow ergond's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open jobs (started, not yet finished) at most.
+    pub max_jobs: usize,
+    /// Steps per job at most.
+    pub max_steps: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_jobs: 4096,
+            max_steps: 1024,
+        }
+    }
+}
+
+/// The instant an event refers to, on both clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTime {
+    /// As the plugin stamped it (Unix ns).
+    pub unix_ns: u64,
+    /// The same instant on CLOCK_MONOTONIC, as the shell mapped it (readings are on this clock).
+    pub mono_ns: u64,
+}
+
+/// Which event a reading belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mark {
+    /// The job's start.
+    JobStart,
+    /// The job's end.
+    JobEnd,
+    /// A step's start.
+    StepStart(StepId),
+    /// A step's end.
+    StepEnd(StepId),
+}
+
+/// What the shell must do after an event, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read every counter at `at.mono_ns` and hand the result to
+    /// [`JobRegistry::record_reading`].
+    Read {
+        /// The job.
+        job_id: u32,
+        /// The event.
+        mark: Mark,
+        /// The event's instant.
+        at: EventTime,
+    },
+    /// Start sampling the CPU time of this cgroup (relative to its hierarchy).
+    Watch {
+        /// e.g. `slurm_node1/uid_1000/job_5/step_0`.
+        path: String,
+    },
+    /// Stop sampling it.
+    Unwatch {
+        /// As given to [`Action::Watch`].
+        path: String,
+    },
+    /// The job has ended: once the readings requested before are recorded, take it out with
+    /// [`JobRegistry::take`] and write its manifest.
+    Finish {
+        /// The job.
+        job_id: u32,
+    },
+}
+
+/// Why an event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Too many open jobs.
+    #[error("ergond is tracking {0} open jobs, its limit; the job is not tracked")]
+    TooManyJobs(usize),
+    /// Too many steps in one job.
+    #[error("job {job_id} has {max} steps, ergond's limit; step not tracked")]
+    TooManySteps {
+        /// The job.
+        job_id: u32,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// One step of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Which step.
+    pub id: StepId,
+    /// Its start, if seen.
+    pub start: Option<EventTime>,
+    /// Its end, if seen.
+    pub end: Option<EventTime>,
+    /// Its cgroups, as the plugin sent them.
+    pub cgroups: Vec<CgroupPath>,
+    /// Its CPUs (`cpuset.cpus`).
+    pub cpus: CpuSet,
+    /// The cgroup watched for its CPU time, if any.
+    pub watched: Option<String>,
+    /// Counters at its start.
+    pub start_reading: Option<Reading>,
+    /// Counters at its end.
+    pub end_reading: Option<Reading>,
+    /// Exit status, if seen.
+    pub exit_status: Option<i32>,
+}
+
+/// One job on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Slurm job id.
+    pub job_id: u32,
+    /// Array job id, from JobStart or a StepStart.
+    pub array_job_id: Option<u32>,
+    /// Array task id.
+    pub array_task_id: Option<u32>,
+    /// Owner's uid, if known (JobStart or StepStart).
+    pub uid: Option<u32>,
+    /// Owner's user name (JobStart only).
+    pub user: Option<String>,
+    /// Slurm account.
+    pub account: Option<String>,
+    /// Slurm partition.
+    pub partition: Option<String>,
+    /// Slurm cluster.
+    pub cluster: Option<String>,
+    /// Node name as Slurm knows it (from the first event).
+    pub node: String,
+    /// GPUs allocated (JobStart).
+    pub gpus: Vec<GpuAlloc>,
+    /// CPUs allocated (JobStart, else the extern step's set).
+    pub cpus: CpuSet,
+    /// Report requested.
+    pub report: Option<ReportFormat>,
+    /// Working directory.
+    pub work_dir: Option<String>,
+    /// Stdout file.
+    pub stdout_path: Option<String>,
+    /// Whether ergond saw the JobStart. When false, `start` is the first event seen.
+    pub start_seen: bool,
+    /// The job's start (or the first event seen).
+    pub start: EventTime,
+    /// The job's end, once seen.
+    pub end: Option<EventTime>,
+    /// Counters at `start` (only when `start_seen`).
+    pub start_reading: Option<Reading>,
+    /// Counters at `end`.
+    pub end_reading: Option<Reading>,
+    /// Steps, in the order their first event arrived.
+    pub steps: Vec<Step>,
+}
+
+impl Job {
+    fn unknown(job_id: u32, node: &str, first: EventTime) -> Self {
+        Self {
+            job_id,
+            array_job_id: None,
+            array_task_id: None,
+            uid: None,
+            user: None,
+            account: None,
+            partition: None,
+            cluster: None,
+            node: node.to_owned(),
+            gpus: Vec::new(),
+            cpus: CpuSet::new(),
+            report: None,
+            work_dir: None,
+            stdout_path: None,
+            start_seen: false,
+            start: first,
+            end: None,
+            start_reading: None,
+            end_reading: None,
+            steps: Vec::new(),
+        }
+    }
+
+    /// The step `id`, if known.
+    pub fn step(&self, id: StepId) -> Option<&Step> {
+        self.steps.iter().find(|s| s.id == id)
+    }
+}
+
+/// The jobs open on this node; see the module documentation.
+#[derive(Debug, Default)]
+pub struct JobRegistry {
+    jobs: BTreeMap<u32, Job>,
+    limits: Limits,
+}
+
+/// The cgroup to watch for a step's CPU time: the v1 `cpuacct` entry, else the v2 unified one;
+/// truncated after its `step_*` component (the plugin sends a task's cgroup, e.g.
+/// `…/step_0/task_0` or `…/step_0/user/task_0`, and the step's own cgroup holds all its tasks);
+/// relative to the hierarchy (no leading `/`). `None` when the step has neither entry.
+pub fn step_cgroup(cgroups: &[CgroupPath]) -> Option<String> {
+    let entry = cgroups
+        .iter()
+        .find(|c| c.controller == "cpuacct")
+        .or_else(|| cgroups.iter().find(|c| c.is_unified()))?;
+    let mut out = Vec::new();
+    for part in entry.path.split('/').filter(|p| !p.is_empty()) {
+        if part == ".." || part == "." {
+            return None;
+        }
+        out.push(part);
+        if part.starts_with("step_") {
+            break;
+        }
+    }
+    (!out.is_empty()).then(|| out.join("/"))
+}
+
+impl JobRegistry {
+    /// An empty registry.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            jobs: BTreeMap::new(),
+            limits,
+        }
+    }
+
+    /// Open jobs.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether no job is open.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// The job, if open.
+    pub fn get(&self, job_id: u32) -> Option<&Job> {
+        self.jobs.get(&job_id)
+    }
+
+    /// The owner's uid, if the job is open and its owner known.
+    pub fn owner(&self, job_id: u32) -> Option<u32> {
+        self.jobs.get(&job_id).and_then(|j| j.uid)
+    }
+
+    fn job_or_unknown(
+        &mut self,
+        job_id: u32,
+        node: &str,
+        at: EventTime,
+    ) -> Result<&mut Job, Refusal> {
+        if !self.jobs.contains_key(&job_id) && self.jobs.len() >= self.limits.max_jobs {
+            return Err(Refusal::TooManyJobs(self.limits.max_jobs));
+        }
+        Ok(self
+            .jobs
+            .entry(job_id)
+            .or_insert_with(|| Job::unknown(job_id, node, at)))
+    }
+
+    /// JobStart. A repeated JobStart for an open job only fills what was unknown (a job first
+    /// seen through a step event); its start stays the first one seen.
+    pub fn job_start(&mut self, m: &JobStart, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        let job_id = m.ids.job_id;
+        let fresh = !self.jobs.contains_key(&job_id);
+        let job = self.job_or_unknown(job_id, &m.node, at)?;
+        job.uid = Some(m.uid);
+        job.user = Some(m.user.clone());
+        job.array_job_id = m.ids.array_job_id.or(job.array_job_id);
+        job.array_task_id = m.ids.array_task_id.or(job.array_task_id);
+        job.account.clone_from(&m.account);
+        job.partition.clone_from(&m.partition);
+        job.cluster.clone_from(&m.cluster);
+        job.gpus.clone_from(&m.gpus);
+        if !m.cpus.is_empty() {
+            job.cpus = m.cpus.clone();
+        }
+        job.report = m.report;
+        job.work_dir.clone_from(&m.work_dir);
+        job.stdout_path.clone_from(&m.stdout_path);
+        if fresh {
+            job.start_seen = true;
+            job.start = at;
+            return Ok(vec![Action::Read {
+                job_id,
+                mark: Mark::JobStart,
+                at,
+            }]);
+        }
+        // Known already: either a duplicate JobStart (nothing to do) or a job first seen
+        // through a step event, whose start ergond missed; its coverage stays partial.
+        Ok(Vec::new())
+    }
+
+    /// StepStart: records the step, and asks for a reading and for its cgroup to be watched.
+    pub fn step_start(&mut self, m: &StepStart, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        let max_steps = self.limits.max_steps;
+        let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        job.uid = job.uid.or(Some(m.uid));
+        job.array_job_id = job.array_job_id.or(m.array_job_id);
+        job.array_task_id = job.array_task_id.or(m.array_task_id);
+        if m.step == StepId::Extern && job.cpus.is_empty() {
+            job.cpus = m.cpus.clone();
+        }
+        if job
+            .steps
+            .iter()
+            .any(|s| s.id == m.step && s.start.is_some())
+        {
+            return Ok(Vec::new()); // duplicate
+        }
+        let watched = step_cgroup(&m.cgroups);
+        let step = match job.steps.iter_mut().find(|s| s.id == m.step) {
+            Some(s) => s,
+            None => {
+                if job.steps.len() >= max_steps {
+                    return Err(Refusal::TooManySteps {
+                        job_id: m.job_id,
+                        max: max_steps,
+                    });
+                }
+                job.steps.push(Step {
+                    id: m.step,
+                    start: None,
+                    end: None,
+                    cgroups: Vec::new(),
+                    cpus: CpuSet::new(),
+                    watched: None,
+                    start_reading: None,
+                    end_reading: None,
+                    exit_status: None,
+                });
+                job.steps.last_mut().expect("just pushed")
+            }
+        };
+        step.start = Some(at);
+        step.cgroups.clone_from(&m.cgroups);
+        step.cpus = m.cpus.clone();
+        // Watch first, so that the start reading includes the cgroup's CPU time. A step whose
+        // end came first (out of order) is not watched any more.
+        let mut actions = Vec::with_capacity(2);
+        if step.end.is_none() {
+            if let Some(path) = watched {
+                step.watched = Some(path.clone());
+                actions.push(Action::Watch { path });
+            }
+        }
+        actions.push(Action::Read {
+            job_id: m.job_id,
+            mark: Mark::StepStart(m.step),
+            at,
+        });
+        Ok(actions)
+    }
+
+    /// StepEnd: asks for a reading and for the step's cgroup to be unwatched.
+    pub fn step_end(&mut self, m: &StepEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        let max_steps = self.limits.max_steps;
+        let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        let step = match job.steps.iter_mut().find(|s| s.id == m.step) {
+            Some(s) if s.end.is_some() => return Ok(Vec::new()), // duplicate
+            Some(s) => s,
+            None => {
+                if job.steps.len() >= max_steps {
+                    return Err(Refusal::TooManySteps {
+                        job_id: m.job_id,
+                        max: max_steps,
+                    });
+                }
+                job.steps.push(Step {
+                    id: m.step,
+                    start: None,
+                    end: None,
+                    cgroups: Vec::new(),
+                    cpus: CpuSet::new(),
+                    watched: None,
+                    start_reading: None,
+                    end_reading: None,
+                    exit_status: None,
+                });
+                job.steps.last_mut().expect("just pushed")
+            }
+        };
+        step.end = Some(at);
+        step.exit_status = m.exit_status;
+        let mut actions = vec![Action::Read {
+            job_id: m.job_id,
+            mark: Mark::StepEnd(m.step),
+            at,
+        }];
+        if let Some(path) = step.watched.clone() {
+            actions.push(Action::Unwatch { path });
+        }
+        Ok(actions)
+    }
+
+    /// JobEnd: asks for the final reading, unwatches steps still watched, then finishes the job.
+    /// A repeated JobEnd does nothing.
+    pub fn job_end(&mut self, m: &JobEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        if job.end.is_some() {
+            return Ok(Vec::new());
+        }
+        job.end = Some(at);
+        let mut actions = vec![Action::Read {
+            job_id: m.job_id,
+            mark: Mark::JobEnd,
+            at,
+        }];
+        for s in &job.steps {
+            if s.end.is_none() {
+                if let Some(path) = &s.watched {
+                    actions.push(Action::Unwatch { path: path.clone() });
+                }
+            }
+        }
+        actions.push(Action::Finish { job_id: m.job_id });
+        Ok(actions)
+    }
+
+    /// Store a reading asked for by an [`Action::Read`]. Returns false when the job or step is
+    /// no longer there (then the reading is dropped).
+    pub fn record_reading(&mut self, job_id: u32, mark: Mark, reading: Reading) -> bool {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        let slot = match mark {
+            Mark::JobStart => &mut job.start_reading,
+            Mark::JobEnd => &mut job.end_reading,
+            Mark::StepStart(id) | Mark::StepEnd(id) => {
+                let Some(step) = job.steps.iter_mut().find(|s| s.id == id) else {
+                    return false;
+                };
+                if matches!(mark, Mark::StepStart(_)) {
+                    &mut step.start_reading
+                } else {
+                    &mut step.end_reading
+                }
+            }
+        };
+        *slot = Some(reading);
+        true
+    }
+
+    /// Take an ended job out of the registry (after [`Action::Finish`]). `None` if it is not
+    /// open or has not ended.
+    pub fn take(&mut self, job_id: u32) -> Option<Job> {
+        self.jobs.get(&job_id)?.end?;
+        self.jobs.remove(&job_id)
+    }
+
+    /// What [`ergon_protocol::Request::QueryJob`] answers; `energy_j` is filled by the shell.
+    pub fn snapshot(&self, job_id: u32) -> Option<JobSnapshot> {
+        let job = self.jobs.get(&job_id)?;
+        Some(JobSnapshot {
+            job_id,
+            uid: job.uid.unwrap_or(u32::MAX),
+            started: ergon_protocol::Timestamp::from_unix_ns(job.start.unix_ns),
+            steps: job.steps.iter().map(|s| s.id).collect(),
+            energy_j: None,
+            coverage: Some(if job.start_seen { 1.0 } else { 0.0 }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ergon_protocol::{JobIds, Timestamp};
+
+    fn t(s: u64) -> EventTime {
+        EventTime {
+            unix_ns: 1_700_000_000_000_000_000 + s * 1_000_000_000,
+            mono_ns: s * 1_000_000_000,
+        }
+    }
+
+    fn job_start(id: u32) -> JobStart {
+        JobStart {
+            ids: JobIds {
+                job_id: id,
+                array_job_id: None,
+                array_task_id: None,
+            },
+            uid: 1000,
+            gid: 1000,
+            user: "alice".into(),
+            account: Some("proj".into()),
+            partition: Some("gpu".into()),
+            cluster: Some("c1".into()),
+            node: "n1".into(),
+            gpus: vec![GpuAlloc {
+                index: 0,
+                minor: Some(3),
+            }],
+            cpus: CpuSet::new(),
+            report: None,
+            work_dir: None,
+            stdout_path: None,
+            time: Timestamp::from_unix_ns(t(0).unix_ns),
+        }
+    }
+
+    fn step_start(id: u32, step: StepId) -> StepStart {
+        StepStart {
+            job_id: id,
+            array_job_id: Some(77),
+            array_task_id: Some(2),
+            step,
+            uid: 1000,
+            node: "n1".into(),
+            cgroups: vec![
+                CgroupPath {
+                    controller: "memory".into(),
+                    path: "/slurm_n1/uid_1000/job_5/step_0/task_0".into(),
+                },
+                CgroupPath {
+                    controller: "cpuacct".into(),
+                    path: "/slurm_n1/uid_1000/job_5/step_0/task_0".into(),
+                },
+            ],
+            cpus: "0-3".parse().unwrap(),
+            pid: None,
+            tasks: None,
+            time: Timestamp::default(),
+        }
+    }
+
+    fn step_end(id: u32, step: StepId) -> StepEnd {
+        StepEnd {
+            job_id: id,
+            step,
+            node: "n1".into(),
+            exit_status: Some(0),
+            time: Timestamp::default(),
+        }
+    }
+
+    fn job_end(id: u32) -> JobEnd {
+        JobEnd {
+            job_id: id,
+            node: "n1".into(),
+            time: Timestamp::default(),
+        }
+    }
+
+    fn reading(at: EventTime) -> Reading {
+        Reading {
+            at_mono_ns: at.mono_ns,
+            gpus: vec![Some(1.0)],
+            zones: vec![],
+            cgroups: vec![],
+        }
+    }
+
+    #[test]
+    fn full_lifecycle_asks_for_readings_watches_and_finishes() {
+        let mut r = JobRegistry::default();
+        let a = r.job_start(&job_start(5), t(0)).unwrap();
+        assert_eq!(
+            a,
+            vec![Action::Read {
+                job_id: 5,
+                mark: Mark::JobStart,
+                at: t(0)
+            }]
+        );
+        let a = r
+            .step_start(&step_start(5, StepId::Numbered(0)), t(1))
+            .unwrap();
+        let path = "slurm_n1/uid_1000/job_5/step_0".to_string();
+        assert_eq!(
+            a,
+            vec![
+                Action::Watch { path: path.clone() },
+                Action::Read {
+                    job_id: 5,
+                    mark: Mark::StepStart(StepId::Numbered(0)),
+                    at: t(1)
+                },
+            ]
+        );
+        let a = r.step_end(&step_end(5, StepId::Numbered(0)), t(3)).unwrap();
+        assert_eq!(a[1], Action::Unwatch { path: path.clone() });
+        assert!(r.take(5).is_none(), "not ended yet");
+        let a = r.job_end(&job_end(5), t(4)).unwrap();
+        assert_eq!(
+            a,
+            vec![
+                Action::Read {
+                    job_id: 5,
+                    mark: Mark::JobEnd,
+                    at: t(4)
+                },
+                Action::Finish { job_id: 5 }
+            ]
+        );
+        assert!(r.record_reading(5, Mark::JobEnd, reading(t(4))));
+        assert!(r.record_reading(5, Mark::StepStart(StepId::Numbered(0)), reading(t(1))));
+        assert!(!r.record_reading(5, Mark::StepStart(StepId::Batch), reading(t(1))));
+        let job = r.take(5).unwrap();
+        assert!(job.start_seen);
+        assert_eq!((job.start, job.end), (t(0), Some(t(4))));
+        assert_eq!(job.array_job_id, Some(77), "array ids from the step");
+        assert_eq!(job.user.as_deref(), Some("alice"));
+        let s = job.step(StepId::Numbered(0)).unwrap();
+        assert_eq!(
+            (s.start, s.end, s.exit_status),
+            (Some(t(1)), Some(t(3)), Some(0))
+        );
+        assert!(s.start_reading.is_some() && s.end_reading.is_none());
+        assert!(r.is_empty());
+        assert!(!r.record_reading(5, Mark::JobEnd, reading(t(4))), "gone");
+    }
+
+    #[test]
+    fn end_of_an_unknown_job_is_recorded_with_start_unseen() {
+        let mut r = JobRegistry::default();
+        let a = r.step_end(&step_end(9, StepId::Batch), t(10)).unwrap();
+        assert_eq!(a.len(), 1, "no cgroup to unwatch: {a:?}");
+        let a = r.job_end(&job_end(9), t(11)).unwrap();
+        assert_eq!(a.last(), Some(&Action::Finish { job_id: 9 }));
+        let job = r.take(9).unwrap();
+        assert!(!job.start_seen);
+        assert_eq!(job.start, t(10), "first event seen");
+        assert_eq!(job.uid, None);
+        assert_eq!(job.steps[0].start, None);
+    }
+
+    #[test]
+    fn duplicates_do_nothing_and_late_job_start_keeps_partial_coverage() {
+        let mut r = JobRegistry::default();
+        r.step_start(&step_start(5, StepId::Extern), t(1)).unwrap();
+        assert!(r
+            .step_start(&step_start(5, StepId::Extern), t(2))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            r.get(5).unwrap().cpus.to_string(),
+            "0-3",
+            "extern step's set"
+        );
+        assert!(r.job_start(&job_start(5), t(3)).unwrap().is_empty());
+        let job = r.get(5).unwrap();
+        assert!(!job.start_seen);
+        assert_eq!(job.start, t(1));
+        assert_eq!(job.gpus.len(), 1, "fields filled in");
+        r.job_end(&job_end(5), t(4)).unwrap();
+        assert!(r.job_end(&job_end(5), t(5)).unwrap().is_empty());
+        assert_eq!(r.get(5).unwrap().end, Some(t(4)));
+        // JobEnd unwatches the steps that never ended.
+        let mut r = JobRegistry::default();
+        r.job_start(&job_start(6), t(0)).unwrap();
+        r.step_start(&step_start(6, StepId::Batch), t(1)).unwrap();
+        let a = r.job_end(&job_end(6), t(2)).unwrap();
+        assert!(matches!(&a[1], Action::Unwatch { .. }), "{a:?}");
+    }
+
+    #[test]
+    fn limits_refuse_instead_of_growing() {
+        let mut r = JobRegistry::new(Limits {
+            max_jobs: 2,
+            max_steps: 1,
+        });
+        r.job_start(&job_start(1), t(0)).unwrap();
+        r.job_start(&job_start(2), t(0)).unwrap();
+        assert_eq!(
+            r.job_start(&job_start(3), t(0)),
+            Err(Refusal::TooManyJobs(2))
+        );
+        assert!(r.job_end(&job_end(3), t(0)).is_err());
+        r.step_start(&step_start(1, StepId::Numbered(0)), t(1))
+            .unwrap();
+        assert!(matches!(
+            r.step_start(&step_start(1, StepId::Numbered(1)), t(1)),
+            Err(Refusal::TooManySteps { job_id: 1, max: 1 })
+        ));
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn query_snapshot_and_owner() {
+        let mut r = JobRegistry::default();
+        assert!(r.snapshot(5).is_none());
+        r.job_start(&job_start(5), t(0)).unwrap();
+        r.step_start(&step_start(5, StepId::Batch), t(1)).unwrap();
+        assert_eq!(r.owner(5), Some(1000));
+        let s = r.snapshot(5).unwrap();
+        assert_eq!((s.uid, s.steps.as_slice()), (1000, &[StepId::Batch][..]));
+        assert_eq!(s.coverage, Some(1.0));
+    }
+
+    #[test]
+    fn step_cgroup_picks_the_step_and_refuses_traversal() {
+        let cg = |c: &str, p: &str| CgroupPath {
+            controller: c.into(),
+            path: p.into(),
+        };
+        assert_eq!(
+            step_cgroup(&[cg(
+                "",
+                "/system.slice/slurmstepd.scope/job_7/step_0/user/task_0"
+            )])
+            .as_deref(),
+            Some("system.slice/slurmstepd.scope/job_7/step_0")
+        );
+        assert_eq!(
+            step_cgroup(&[cg("cpuacct", "/slurm/uid_0/job_5/step_batch/task_0")]).as_deref(),
+            Some("slurm/uid_0/job_5/step_batch")
+        );
+        assert_eq!(step_cgroup(&[cg("memory", "/a/step_0")]), None);
+        assert_eq!(step_cgroup(&[cg("", "/a/../../etc")]), None);
+        assert_eq!(step_cgroup(&[cg("", "/")]), None);
+    }
+}

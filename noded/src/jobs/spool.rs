@@ -1,0 +1,90 @@
+//! Writing manifests into the spool atomically: a temporary file in the spool itself, fsync,
+//! rename over the final name, fsync the directory. A reader (the accounting run) therefore sees
+//! either no manifest or a complete one, also after a crash or power loss.
+//!
+//! File name: `<cluster>-<job id>-<node>.json`, each name reduced to `[A-Za-z0-9._-]` (other
+//! bytes become `_`) so that no value from the plugin can name a path outside the spool.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ergon_protocol::Manifest;
+
+/// `s` with every byte outside `[A-Za-z0-9._-]` replaced by `_`, never empty or starting with a
+/// dot.
+fn sanitize(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with('.') {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The manifest's file name in the spool.
+pub fn file_name(m: &Manifest) -> String {
+    format!(
+        "{}-{}-{}.json",
+        sanitize(&m.cluster),
+        m.job.job_id,
+        sanitize(&m.node)
+    )
+}
+
+/// Write the (sealed) manifest into `dir` atomically; returns its path. Creates `dir` if needed.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let json = m.to_json().context("cannot serialise the manifest")?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
+    let name = file_name(m);
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(&json)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| {
+            format!(
+                "cannot write manifest {}; check that ergond may write to spool_dir",
+                path.display()
+            )
+        });
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitize_keeps_names_inside_the_spool() {
+        assert_eq!(sanitize("node-1.a_b"), "node-1.a_b");
+        assert_eq!(sanitize("../../etc"), "_.._.._etc");
+        assert_eq!(sanitize(""), "_");
+        assert_eq!(sanitize(".hidden"), "_.hidden");
+        assert_eq!(sanitize("a/b c"), "a_b_c");
+    }
+}

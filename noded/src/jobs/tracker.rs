@@ -1,0 +1,406 @@
+//! [`JobTracker`]: the imperative shell around the [`JobRegistry`].
+//!
+//! [`JobTracker::handle`] answers a request at once (it only updates the registry under a
+//! mutex and queues the registry's [`Action`]s), so the plugin's one-shot client gets its
+//! reply in microseconds. One worker thread (`ergond-jobs`) performs the actions in order:
+//! it waits for the sampler's tick after an event and interpolates the counters at the event's
+//! instant, watches and unwatches step cgroups, and at a job's end builds, seals and writes its
+//! manifest to the spool. Being one FIFO thread, it always records a job's readings before it
+//! finishes the job.
+//!
+//! Not here yet: restart safety (open jobs live in memory only; a job open when ergond stops
+//! gets no manifest from this run) and the user report.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ergon_protocol::{ErrorCode, Reply, Request, Timestamp, PROTOCOL_VERSION};
+
+use super::manifest::{self, match_gpus, NodeFacts};
+use super::reading::{interpolate, Reading};
+use super::registry::{Action, EventTime, JobRegistry, Limits, Mark};
+use super::spool::write_manifest;
+use crate::clock::monotonic_ns;
+use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
+
+/// Actions queued for the worker at most; beyond, requests get [`ErrorCode::Busy`].
+pub const QUEUE_CAPACITY: usize = 65_536;
+/// How long the worker waits for the tick after an event before using what it has.
+pub const READING_TIMEOUT: Duration = Duration::from_secs(2);
+/// An event stamped longer ago than this is taken as having happened this long ago (a stale
+/// or wrong plugin clock must not make ergond read counters far in the past).
+pub const MAX_EVENT_AGE_NS: u64 = 5_000_000_000;
+
+/// Who may do what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// SlurmUser's uid, if resolved (root is always allowed).
+    pub slurm_uid: Option<u32>,
+}
+
+impl Access {
+    /// Whether `uid` may send job and step events and query any job.
+    pub fn privileged(&self, uid: u32) -> bool {
+        uid == 0 || Some(uid) == self.slurm_uid
+    }
+}
+
+/// Configuration of the tracker.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    /// Where manifests go.
+    pub spool_dir: PathBuf,
+    /// Cluster name written when the plugin did not send one.
+    pub default_cluster: String,
+    /// Who may do what.
+    pub access: Access,
+    /// Registry bounds.
+    pub limits: Limits,
+}
+
+struct Inner {
+    registry: Mutex<JobRegistry>,
+    facts: NodeFacts,
+    sampler: Arc<SamplerHandle>,
+    config: TrackerConfig,
+}
+
+fn lock(m: &Mutex<JobRegistry>) -> MutexGuard<'_, JobRegistry> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The job tracker; see the module documentation.
+pub struct JobTracker {
+    inner: Arc<Inner>,
+    tx: Option<SyncSender<Action>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for JobTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobTracker").finish_non_exhaustive()
+    }
+}
+
+impl JobTracker {
+    /// Start the worker thread.
+    pub fn start(
+        sampler: Arc<SamplerHandle>,
+        facts: NodeFacts,
+        config: TrackerConfig,
+    ) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            registry: Mutex::new(JobRegistry::new(config.limits)),
+            facts,
+            sampler,
+            config,
+        });
+        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        let worker = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("ergond-jobs".into())
+                .spawn(move || worker(&inner, rx))?
+        };
+        Ok(Self {
+            inner,
+            tx: Some(tx),
+            worker: Some(worker),
+        })
+    }
+
+    /// Answer one request from a peer with uid `peer_uid` (from `SO_PEERCRED`).
+    pub fn handle(&self, request: Request, peer_uid: u32) -> Reply {
+        let access = self.inner.config.access;
+        let deny = |what: &str| {
+            Reply::error(
+                ErrorCode::PermissionDenied,
+                format!(
+                    "{what} may be sent only by root or SlurmUser (uid {}); this client runs as \
+                     uid {peer_uid}",
+                    access
+                        .slurm_uid
+                        .map_or_else(|| "unresolved".to_owned(), |u| u.to_string())
+                ),
+            )
+        };
+        match &request {
+            Request::Hello { .. } => {
+                return Reply::Hello {
+                    server: format!("ergond {}", env!("CARGO_PKG_VERSION")),
+                    version: PROTOCOL_VERSION,
+                }
+            }
+            Request::Ping => return Reply::Pong,
+            Request::QueryJob { job_id } => return self.query(*job_id, peer_uid),
+            _ => {}
+        }
+        let actions = {
+            let mut reg = lock(&self.inner.registry);
+            let result = match &request {
+                Request::Hello { .. } | Request::Ping | Request::QueryJob { .. } => {
+                    return Reply::error(ErrorCode::Internal, "request answered twice")
+                }
+                _ if !access.privileged(peer_uid) => {
+                    tracing::warn!(
+                        uid = peer_uid,
+                        "refused a job event from an unprivileged client"
+                    );
+                    return deny("job and step events");
+                }
+                Request::JobStart(m) => reg.job_start(m, event_time(m.time)),
+                Request::JobEnd(m) => reg.job_end(m, event_time(m.time)),
+                Request::StepStart(m) => reg.step_start(m, event_time(m.time)),
+                Request::StepEnd(m) => reg.step_end(m, event_time(m.time)),
+            };
+            match result {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job event refused");
+                    return Reply::error(ErrorCode::Busy, e.to_string());
+                }
+            }
+        };
+        let Some(tx) = &self.tx else {
+            return Reply::error(ErrorCode::Busy, "ergond is shutting down");
+        };
+        for a in actions {
+            match tx.try_send(a) {
+                Ok(()) => {}
+                Err(TrySendError::Full(a)) => {
+                    tracing::error!(action = ?a, "job worker queue full; action dropped");
+                    return Reply::error(
+                        ErrorCode::Busy,
+                        "ergond's job worker is backlogged; the event was only partly recorded",
+                    );
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Reply::error(ErrorCode::Internal, "ergond's job worker has stopped");
+                }
+            }
+        }
+        Reply::Ok
+    }
+
+    fn query(&self, job_id: u32, peer_uid: u32) -> Reply {
+        // Copy what is needed, so that the sampler snapshot below is taken without the lock.
+        let found = {
+            let reg = lock(&self.inner.registry);
+            reg.get(job_id)
+                .map(|j| (j.uid, j.gpus.clone(), j.start_reading.clone()))
+                .zip(reg.snapshot(job_id))
+        };
+        let Some(((owner, gpus, start_reading), mut snap)) = found else {
+            return Reply::error(
+                ErrorCode::UnknownJob,
+                format!("job {job_id} is not running on this node"),
+            );
+        };
+        if !self.inner.config.access.privileged(peer_uid) && owner != Some(peer_uid) {
+            return Reply::error(
+                ErrorCode::PermissionDenied,
+                format!("job {job_id} belongs to another user; you may query only your own jobs"),
+            );
+        }
+        // GPU energy so far: latest published counters minus the start reading.
+        if let Some(start) = &start_reading {
+            let now = self.inner.sampler.snapshot();
+            let e: Option<f64> = match_gpus(&gpus, &self.inner.facts.gpus)
+                .iter()
+                .filter_map(|(_, m)| m.map(|(p, _)| p))
+                .map(|p| {
+                    let cur = now.gpus.get(p)?.energy_j;
+                    start
+                        .gpus
+                        .get(p)
+                        .copied()
+                        .flatten()
+                        .map(|s| (cur - s).max(0.0))
+                })
+                .sum();
+            snap.energy_j = e;
+        }
+        Reply::Job(snap)
+    }
+
+    /// Jobs open now.
+    pub fn open_jobs(&self) -> usize {
+        lock(&self.inner.registry).len()
+    }
+
+    /// Stop taking events, let the worker finish what is queued (manifests of ended jobs), and
+    /// join it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            if w.join().is_err() {
+                tracing::error!("the job worker panicked");
+            }
+        }
+        let open = lock(&self.inner.registry).len();
+        if open > 0 {
+            tracing::warn!(
+                open_jobs = open,
+                "stopping with jobs still open: they get no manifest from this run (restart \
+                 safety is not implemented yet)"
+            );
+        }
+    }
+}
+
+impl Drop for JobTracker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The event's instant on both clocks: the plugin's stamp, mapped onto CLOCK_MONOTONIC by the
+/// current offset between the clocks. A stamp in the future is taken as now, one older than
+/// [`MAX_EVENT_AGE_NS`] as that old, and a missing one (0) as now.
+pub fn event_time(stamp: Timestamp) -> EventTime {
+    let now_unix = Timestamp::now().unix_ns;
+    let now_mono = monotonic_ns();
+    if stamp.unix_ns == 0 {
+        return EventTime {
+            unix_ns: now_unix,
+            mono_ns: now_mono,
+        };
+    }
+    let age = now_unix.saturating_sub(stamp.unix_ns).min(MAX_EVENT_AGE_NS);
+    EventTime {
+        unix_ns: stamp.unix_ns,
+        mono_ns: now_mono.saturating_sub(age),
+    }
+}
+
+fn worker(inner: &Inner, rx: Receiver<Action>) {
+    let mut buf: Vec<TraceSample> = Vec::new();
+    while let Ok(action) = rx.recv() {
+        match action {
+            Action::Read { job_id, mark, at } => {
+                let reading = read_at(&inner.sampler, at.mono_ns, &mut buf);
+                lock(&inner.registry).record_reading(job_id, mark, reading);
+                if matches!(mark, Mark::JobStart) {
+                    tracing::info!(job_id, "job started");
+                }
+            }
+            Action::Watch { path } => {
+                if let Err(e) = inner.sampler.watch_cgroup(&path) {
+                    tracing::warn!(cgroup = %path, error = %e, "cannot watch the step's cgroup; its CPU time is not measured");
+                }
+            }
+            Action::Unwatch { path } => {
+                inner.sampler.unwatch_cgroup(&path);
+            }
+            Action::Finish { job_id } => finish(inner, job_id, &mut buf),
+        }
+    }
+}
+
+/// Counters at `at_ns`, interpolated from the traces once the tick after it is in.
+fn read_at(sampler: &SamplerHandle, at_ns: u64, buf: &mut Vec<TraceSample>) -> Reading {
+    if !sampler.wait_for_readings_after(at_ns, READING_TIMEOUT) {
+        tracing::warn!("the sampler had no reading after an event within 2 s; some counters at the event are unknown");
+    }
+    let snap = sampler.snapshot();
+    let mut series = |of: TraceOf| {
+        if sampler.trace(of, buf) {
+            interpolate(buf, at_ns)
+        } else {
+            None
+        }
+    };
+    let gpus = (0..snap.gpus.len())
+        .map(|i| {
+            let g = &snap.gpus[i];
+            if g.measurable {
+                series(TraceOf::Gpu(i))
+            } else {
+                None
+            }
+        })
+        .collect();
+    let zones = (0..snap.zones.len())
+        .map(|i| series(TraceOf::Zone(i)))
+        .collect();
+    Reading {
+        at_mono_ns: at_ns,
+        gpus,
+        zones,
+        cgroups: snap
+            .cgroups
+            .into_iter()
+            .map(|c| (c.path, c.cpu_ns))
+            .collect(),
+    }
+}
+
+fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
+    let Some(job) = lock(&inner.registry).take(job_id) else {
+        tracing::warn!(job_id, "job to finish is not in the registry");
+        return;
+    };
+    let traces: Vec<Vec<TraceSample>> = (0..inner.facts.gpus.len())
+        .map(|i| {
+            if inner.sampler.trace(TraceOf::Gpu(i), buf) {
+                buf.clone()
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let mut m = manifest::build(&job, &inner.facts, &traces, &inner.config.default_cluster);
+    m.seal();
+    match write_manifest(&inner.config.spool_dir, &m) {
+        Ok(path) => tracing::info!(
+            job_id,
+            manifest = %path.display(),
+            gpu_j = m.totals.gpu_j,
+            coverage = m.coverage.fraction,
+            "job ended; manifest written"
+        ),
+        Err(e) => tracing::error!(
+            job_id,
+            error = format!("{e:#}"),
+            "job ended; manifest not written"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_time_clamps_stale_and_future_stamps() {
+        let now = Timestamp::now().unix_ns;
+        let mono = monotonic_ns();
+        let e = event_time(Timestamp::from_unix_ns(now - 1_000_000_000));
+        assert!(e.mono_ns + 900_000_000 < monotonic_ns() && e.mono_ns + 1_200_000_000 > mono);
+        let e = event_time(Timestamp::from_unix_ns(now + 60_000_000_000));
+        assert!(e.mono_ns >= mono, "future is now");
+        let e = event_time(Timestamp::from_unix_ns(1));
+        assert!(
+            e.mono_ns + MAX_EVENT_AGE_NS + 100_000_000 >= mono,
+            "clamped"
+        );
+        let e = event_time(Timestamp::from_unix_ns(0));
+        assert!(e.unix_ns >= now);
+    }
+
+    #[test]
+    fn root_and_slurm_user_are_privileged() {
+        let a = Access {
+            slurm_uid: Some(64030),
+        };
+        assert!(a.privileged(0) && a.privileged(64030) && !a.privileged(1000));
+        assert!(!Access { slurm_uid: None }.privileged(1000));
+    }
+}

@@ -1,0 +1,583 @@
+//! Job tracking end to end: the `ergond` binary runs on the fake NVML library (four GPUs at
+//! constant, known power; device minors differ from NVML indices) and a generated powercap
+//! tree, and this test talks to its socket with a real `UnixStream` the way the SPANK plugin
+//! does (one request, one reply).
+//!
+//! - A job on 2 of the 4 GPUs (allocated by minor) with one step: its manifest appears in the
+//!   spool, verifies, charges the two allocated GPUs within 0.5% of power × interval and does
+//!   not mention the other two; the step's GPU energy matches its own interval.
+//! - A job end for a job ergond never saw start still gives a manifest, with coverage 0 and a
+//!   gap.
+//! - A client running as another uid (a forked child that `setuid`s) is refused job events and
+//!   may query only its own job.
+//! - Several requests on one connection are answered in order; the 257th concurrent connection
+//!   is told `Busy`.
+//! - 10,000 random or truncated frames leave the daemon serving (a Ping gets Pong) and its RSS
+//!   roughly flat.
+
+mod common;
+
+use common::{rel_err, FakeNvml};
+use ergon_protocol::{
+    encode_frame, read_frame, write_frame, CgroupPath, CpuSet, ErrorCode, GpuAlloc, JobEnd, JobIds,
+    JobStart, Manifest, Reply, Request, StepEnd, StepId, StepStart, Timestamp, MAX_FRAME_LEN,
+};
+use ergond::testing::{
+    write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
+};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// (uuid, minor, watts) of NVML devices 0..4.
+const GPUS: [(&str, u32, f64); 4] = [
+    ("GPU-00000000-0000-0000-0000-000000000000", 7, 100.0),
+    ("GPU-11111111-1111-1111-1111-111111111111", 5, 200.0),
+    ("GPU-22222222-2222-2222-2222-222222222222", 3, 300.0),
+    ("GPU-33333333-3333-3333-3333-333333333333", 1, 400.0),
+];
+const CLUSTER: &str = "testcl";
+const NODE: &str = "node1";
+const NOBODY: u32 = 65534;
+
+struct Ergond {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Ergond {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Ergond {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
+    let powercap = dir.join("powercap");
+    PowercapTree::create(
+        &powercap,
+        &PowercapLayout::IntelServer { sockets: 1 }.zones(),
+    );
+    let sys = dir.join("sys");
+    write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
+    let proc_root = dir.join("proc");
+    write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
+    let cgroup = dir.join("cgroup");
+    write_cgroup_v2_usage(&cgroup, "slurm/job_42/step_0", 1_000_000);
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let socket = dir.join("run/ergond.sock");
+    let spool = dir.join("spool");
+    let config = dir.join("ergond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
+             cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
+             metrics_listen = \"127.0.0.1:{port}\"\nsocket_mode = 0o666\n",
+            toml_str(nvml),
+            toml_str(&powercap),
+            toml_str(&dir.join("perf")),
+            toml_str(&sys),
+            toml_str(&cgroup),
+            toml_str(&proc_root),
+            toml_str(&socket),
+            toml_str(&dir.join("state")),
+            toml_str(&spool),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("ergond.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ergond"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut ergond = Ergond { child, log };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Reply::Pong) = try_request(&socket, &Request::Ping) {
+            break;
+        }
+        if let Some(s) = ergond.child.try_wait().unwrap() {
+            panic!("ergond exited ({s}):\n{}", ergond.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ergond's socket never answered:\n{}",
+            ergond.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (ergond, socket, spool)
+}
+
+fn try_request(socket: &Path, req: &Request) -> std::io::Result<Reply> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write_frame(&mut s, req).map_err(std::io::Error::other)?;
+    read_frame(&mut s).map_err(std::io::Error::other)
+}
+
+/// One request, one reply, as the plugin does; returns the reply and how long it took.
+fn request(socket: &Path, req: &Request) -> (Reply, Duration) {
+    let t0 = Instant::now();
+    let reply = try_request(socket, req).unwrap_or_else(|e| panic!("{req:?}: {e}"));
+    (reply, t0.elapsed())
+}
+
+fn job_start(job_id: u32, uid: u32, gpus: Vec<GpuAlloc>) -> JobStart {
+    JobStart {
+        ids: JobIds {
+            job_id,
+            array_job_id: None,
+            array_task_id: None,
+        },
+        uid,
+        gid: uid,
+        user: "alice".into(),
+        account: Some("proj".into()),
+        partition: Some("gpu".into()),
+        cluster: Some(CLUSTER.into()),
+        node: NODE.into(),
+        gpus,
+        cpus: CpuSet::new(),
+        report: None,
+        work_dir: None,
+        stdout_path: None,
+        time: Timestamp::now(),
+    }
+}
+
+fn wait_for_file(path: &Path, ergond: &Ergond) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no manifest {}:\n{}",
+            path.display(),
+            ergond.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Send `frame` as uid `uid` from a forked child (raw system calls only between fork and
+/// exit), and return the reply it read.
+fn request_as(uid: u32, socket: &Path, req: &Request) -> Reply {
+    use std::os::unix::ffi::OsStrExt;
+    let frame = encode_frame(req).unwrap();
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = socket.as_os_str().as_bytes();
+    assert!(path.len() < addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let mut fds = [0; 2];
+    // SAFETY: valid out-array of two fds.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let mut buf = vec![0u8; 4 + MAX_FRAME_LEN];
+    // SAFETY: the child only makes async-signal-safe system calls on memory prepared before
+    // the fork, then _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        unsafe {
+            libc::close(fds[0]);
+            if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+                libc::_exit(2);
+            }
+            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if libc::connect(
+                s,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            ) != 0
+            {
+                libc::_exit(3);
+            }
+            if libc::write(s, frame.as_ptr().cast(), frame.len()) != frame.len() as isize {
+                libc::_exit(4);
+            }
+            let mut got = 0usize;
+            let mut want = 4usize;
+            while got < want {
+                let n = libc::read(s, buf.as_mut_ptr().add(got).cast(), buf.len() - got);
+                if n <= 0 {
+                    libc::_exit(5);
+                }
+                got += n as usize;
+                if want == 4 && got >= 4 {
+                    want = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if want > buf.len() {
+                        libc::_exit(6);
+                    }
+                }
+            }
+            libc::write(fds[1], buf.as_ptr().cast(), want);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end; reading the read end through a File we own.
+    unsafe { libc::close(fds[1]) };
+    let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    let mut out = Vec::new();
+    pipe.read_to_end(&mut out).unwrap();
+    let mut status = 0;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "client as uid {uid} failed (exit {})",
+        libc::WEXITSTATUS(status)
+    );
+    read_frame(&mut out.as_slice()).unwrap()
+}
+
+/// xorshift64*: deterministic garbage.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// One hostile connection: garbage of one of several kinds, then half-close and read whatever
+/// the daemon answers.
+fn garbage(socket: &Path, rng: &mut Rng, valid: &[u8]) {
+    let bytes = match rng.next() % 5 {
+        // Random length prefix (mostly oversize), random tail.
+        0 => {
+            let n = 4 + (rng.next() % 64) as usize;
+            rng.bytes(n)
+        }
+        // Plausible length, random msgpack body.
+        1 => {
+            let n = 1 + (rng.next() % 200) as usize;
+            let mut b = (n as u32).to_be_bytes().to_vec();
+            b.extend(rng.bytes(n));
+            b
+        }
+        // A real frame cut short.
+        2 => valid[..(rng.next() as usize % valid.len())].to_vec(),
+        // A real frame with a byte flipped.
+        3 => {
+            let mut b = valid.to_vec();
+            let i = 4 + rng.next() as usize % (b.len() - 4);
+            b[i] ^= 1 + (rng.next() % 255) as u8;
+            b
+        }
+        // Announces a huge frame.
+        _ => {
+            let mut b = u32::MAX.to_be_bytes().to_vec();
+            b.extend(rng.bytes(16));
+            b
+        }
+    };
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let _ = s.write_all(&bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+}
+
+#[test]
+fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
+    let t_test = Instant::now();
+    let fake = FakeNvml::new(
+        json!({"gpus": GPUS.iter().map(|(uuid, minor, watts)| json!({
+        "uuid": uuid, "name": "Fake", "minor": minor,
+        "profile": {"kind": "constant", "watts": watts}, "update_period_ms": 10.0,
+    })).collect::<Vec<_>>()}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // The uid-nobody client must reach the socket.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ergond, socket, spool) = start_ergond(dir.path(), &fake.lib);
+    fake.wait_for_start();
+
+    // --- A job on the GPUs with minors 3 and 5 (NVML devices 2 and 1). ---
+    let start = job_start(
+        42,
+        1000,
+        vec![
+            GpuAlloc {
+                index: 0,
+                minor: Some(3),
+            },
+            GpuAlloc {
+                index: 1,
+                minor: Some(5),
+            },
+        ],
+    );
+    let t_start = start.time;
+    let mut latencies = Vec::new();
+    let (r, d) = request(&socket, &Request::JobStart(start));
+    assert_eq!(r, Reply::Ok);
+    latencies.push(d);
+    std::thread::sleep(Duration::from_millis(1000));
+    let step_start = StepStart {
+        job_id: 42,
+        array_job_id: None,
+        array_task_id: None,
+        step: StepId::Numbered(0),
+        uid: 1000,
+        node: NODE.into(),
+        cgroups: vec![CgroupPath {
+            controller: String::new(),
+            path: "/slurm/job_42/step_0/user/task_0".into(),
+        }],
+        cpus: "0-1".parse().unwrap(),
+        pid: None,
+        tasks: Some(1),
+        time: Timestamp::now(),
+    };
+    let t_step0 = step_start.time;
+    let (r, d) = request(&socket, &Request::StepStart(step_start));
+    assert_eq!(r, Reply::Ok);
+    latencies.push(d);
+    // The job's owner may query it, others may not.
+    match request_as(1000, &socket, &Request::QueryJob { job_id: 42 }) {
+        Reply::Job(s) => assert_eq!((s.job_id, s.uid, s.steps.len()), (42, 1000, 1)),
+        other => panic!("owner's query: {other:?}"),
+    }
+    match request_as(NOBODY, &socket, &Request::QueryJob { job_id: 42 }) {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::PermissionDenied),
+        other => panic!("stranger's query: {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let step_end = StepEnd {
+        job_id: 42,
+        step: StepId::Numbered(0),
+        node: NODE.into(),
+        exit_status: Some(0),
+        time: Timestamp::now(),
+    };
+    let t_step1 = step_end.time;
+    let (r, d) = request(&socket, &Request::StepEnd(step_end));
+    assert_eq!(r, Reply::Ok);
+    latencies.push(d);
+    std::thread::sleep(Duration::from_millis(1000));
+    let end = JobEnd {
+        job_id: 42,
+        node: NODE.into(),
+        time: Timestamp::now(),
+    };
+    let t_end = end.time;
+    let (r, d) = request(&socket, &Request::JobEnd(end));
+    assert_eq!(r, Reply::Ok);
+    latencies.push(d);
+    println!("lifecycle reply latencies (connect + request + reply): {latencies:?}");
+    for d in &latencies {
+        assert!(*d < Duration::from_millis(100), "slow reply {d:?}");
+    }
+
+    let path = spool.join(format!("{CLUSTER}-42-{NODE}.json"));
+    let m = Manifest::from_json(&wait_for_file(&path, &ergond)).expect("manifest verifies");
+    println!("{}", String::from_utf8_lossy(&m.to_json().unwrap()));
+    let secs = t_end.seconds_since(t_start);
+    assert_eq!(
+        (m.job.job_id, m.job.uid, m.job.user.as_str()),
+        (42, 1000, "alice")
+    );
+    assert_eq!((m.cluster.as_str(), m.node.as_str()), (CLUSTER, NODE));
+    assert_eq!(
+        (m.start_unix_ns, m.end_unix_ns),
+        (t_start.unix_ns, t_end.unix_ns)
+    );
+    assert_eq!(m.gpus.len(), 2, "{:?}", m.gpus);
+    for (slurm_index, nvml) in [(0u32, 2usize), (1, 1)] {
+        let (uuid, minor, watts) = GPUS[nvml];
+        let g = m
+            .gpus
+            .iter()
+            .find(|g| g.uuid == uuid)
+            .unwrap_or_else(|| panic!("GPU minor {minor} not charged: {:?}", m.gpus));
+        let truth = watts * secs;
+        println!(
+            "{uuid}: {:.3} J, truth {truth:.3} J, error {:.4}%",
+            g.energy_j,
+            100.0 * rel_err(g.energy_j, truth)
+        );
+        assert!(rel_err(g.energy_j, truth) < 0.005, "{g:?} vs {truth} J");
+        assert_eq!((g.index, g.minor), (slurm_index, Some(minor)));
+        assert!((g.avg_w - watts).abs() < 0.005 * watts, "{g:?}");
+        assert!((g.peak_w - watts).abs() < 0.01 * watts, "{g:?}");
+    }
+    for (uuid, _, _) in [GPUS[0], GPUS[3]] {
+        assert!(m.gpus.iter().all(|g| g.uuid != uuid), "{uuid} charged");
+    }
+    let truth = (GPUS[1].2 + GPUS[2].2) * secs;
+    assert!(
+        rel_err(m.totals.gpu_j.unwrap(), truth) < 0.005,
+        "{:?}",
+        m.totals
+    );
+    assert_eq!(m.coverage.fraction, 1.0);
+    assert!(m.coverage.gaps.is_empty());
+    assert_eq!(m.attribution.model, "gpu-exclusive-only");
+    assert_eq!(m.steps.len(), 1);
+    let step_truth = (GPUS[1].2 + GPUS[2].2) * t_step1.seconds_since(t_step0);
+    let step_j = m.steps[0].gpu_j.unwrap();
+    assert!(
+        rel_err(step_j, step_truth) < 0.01,
+        "step {step_j} J vs {step_truth} J"
+    );
+    assert_eq!(m.trace.series.len(), 2);
+    assert!(m
+        .trace
+        .series
+        .iter()
+        .all(|s| !s.watts.is_empty() && s.watts.len() <= 600));
+    assert!(m
+        .sensors
+        .iter()
+        .any(|s| s.kind == ergon_protocol::SensorKind::Nvml));
+
+    // --- The end of a job ergond never saw start. ---
+    let (r, _) = request(
+        &socket,
+        &Request::JobEnd(JobEnd {
+            job_id: 77,
+            node: NODE.into(),
+            time: Timestamp::now(),
+        }),
+    );
+    assert_eq!(r, Reply::Ok);
+    let m = Manifest::from_json(&wait_for_file(
+        &spool.join(format!("unknown-77-{NODE}.json")),
+        &ergond,
+    ))
+    .unwrap();
+    assert_eq!(m.coverage.fraction, 0.0);
+    assert_eq!(m.coverage.gaps.len(), 1);
+    assert!(m.gpus.is_empty());
+
+    // --- Another uid may not send job events. ---
+    match request_as(
+        NOBODY,
+        &socket,
+        &Request::JobStart(job_start(43, NOBODY, vec![])),
+    ) {
+        Reply::Error { code, reason } => {
+            assert_eq!(code, ErrorCode::PermissionDenied);
+            assert!(reason.contains("65534"), "{reason}");
+        }
+        other => panic!("unprivileged JobStart: {other:?}"),
+    }
+    assert_eq!(request_as(NOBODY, &socket, &Request::Ping), Reply::Pong);
+    assert!(
+        !spool.join(format!("{CLUSTER}-43-{NODE}.json")).exists()
+            && matches!(
+                request(&socket, &Request::QueryJob { job_id: 43 }).0,
+                Reply::Error {
+                    code: ErrorCode::UnknownJob,
+                    ..
+                }
+            ),
+        "the refused job must not be tracked"
+    );
+
+    // --- Several requests on one connection, in order. ---
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for req in [
+        Request::Hello {
+            client: "jobs test".into(),
+        },
+        Request::Ping,
+        Request::Ping,
+    ] {
+        write_frame(&mut s, &req).unwrap();
+        let reply: Reply = read_frame(&mut s).unwrap();
+        match req {
+            Request::Hello { .. } => assert!(matches!(reply, Reply::Hello { version: 1, .. })),
+            _ => assert_eq!(reply, Reply::Pong),
+        }
+    }
+    drop(s);
+
+    // --- The 257th concurrent connection is refused with Busy. ---
+    let held: Vec<UnixStream> = (0..256)
+        .map(|_| {
+            let mut s = UnixStream::connect(&socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write_frame(&mut s, &Request::Ping).unwrap();
+            assert_eq!(read_frame::<_, Reply>(&mut s).unwrap(), Reply::Pong);
+            s
+        })
+        .collect();
+    match request(&socket, &Request::Ping).0 {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Busy),
+        other => panic!("257th connection: {other:?}"),
+    }
+    drop(held);
+
+    // --- 10,000 hostile frames. ---
+    let valid = encode_frame(&Request::JobStart(job_start(44, 0, vec![]))).unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let t_garbage = Instant::now();
+    for _ in 0..500 {
+        garbage(&socket, &mut rng, &valid);
+    }
+    let rss_before = ergond.rss_kib();
+    for _ in 0..10_000 {
+        garbage(&socket, &mut rng, &valid);
+    }
+    let rss_after = ergond.rss_kib();
+    println!(
+        "10,500 hostile connections in {:?}; RSS {rss_before} KiB -> {rss_after} KiB",
+        t_garbage.elapsed()
+    );
+    assert_eq!(request(&socket, &Request::Ping).0, Reply::Pong);
+    assert!(
+        rss_after < rss_before + 5 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    assert!(ergond.log().contains("malformed request"));
+    println!("test took {:?}", t_test.elapsed());
+}
