@@ -1,0 +1,382 @@
+//! `/etc/ergon/accounting.toml`. Unknown keys are errors that name the key, so a typo never
+//! silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The default config path.
+pub const DEFAULT_PATH: &str = "/etc/ergon/accounting.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Spool directories ergond writes manifests into (local or shared).
+    #[serde(default = "default_spools")]
+    pub spool_dirs: Vec<PathBuf>,
+    /// Where bad manifests are moved, each with a `<name>.reason`.
+    #[serde(default = "default_quarantine")]
+    pub quarantine_dir: PathBuf,
+    /// The state directory (state file and lock).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// A job is collected only once its newest manifest is this old, so that all its nodes'
+    /// manifests are in.
+    #[serde(default = "default_settle")]
+    pub settle_s: u64,
+    /// State bounds.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// sacct records.
+    #[serde(default)]
+    pub sacct: SacctConfig,
+    /// Retry policy shared by the upload sinks.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// InfluxDB line protocol to VictoriaMetrics (or InfluxDB 1.x `/write`).
+    pub victoria_metrics: Option<VictoriaMetricsConfig>,
+    /// Generic HTTPS JSON ingest.
+    pub http: Option<HttpConfig>,
+}
+
+fn default_spools() -> Vec<PathBuf> {
+    vec!["/var/spool/ergon".into()]
+}
+fn default_quarantine() -> PathBuf {
+    "/var/lib/ergon/quarantine".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/ergon".into()
+}
+fn default_settle() -> u64 {
+    60
+}
+
+/// Bounds of the state (write-ahead log).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Entries of jobs that ended longer ago than this are removed (pending ones are counted
+    /// as dropped).
+    #[serde(default = "default_max_age")]
+    pub max_age_days: u64,
+    /// At most this many entries are kept (oldest removed first, counted when pending).
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
+}
+
+fn default_max_age() -> u64 {
+    30
+}
+fn default_max_jobs() -> usize {
+    1_000_000
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            max_age_days: default_max_age(),
+            max_jobs: default_max_jobs(),
+        }
+    }
+}
+
+/// Which sacct field holds the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SacctField {
+    /// `AdminComment` (admin-only; the default).
+    AdminComment,
+    /// `Comment` (needs `AccountingStoreFlags=job_comment`; users can overwrite it).
+    Comment,
+    /// `SystemComment`.
+    SystemComment,
+}
+
+impl SacctField {
+    /// The name sacct and sacctmgr use.
+    pub fn name(self) -> &'static str {
+        match self {
+            SacctField::AdminComment => "AdminComment",
+            SacctField::Comment => "Comment",
+            SacctField::SystemComment => "SystemComment",
+        }
+    }
+}
+
+/// What to do when the field holds foreign content that sacctmgr would damage (it lowercases
+/// the whole value and cuts it at a `"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForeignUnsafe {
+    /// Do not write; mark the job's sacct record as skipped (shown by `ergon status`).
+    Skip,
+    /// Write anyway: the foreign content is stored lowercased.
+    Lowercase,
+}
+
+/// sacct settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SacctConfig {
+    /// Write sacct records at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The field.
+    #[serde(default = "default_field")]
+    pub field: SacctField,
+    /// `sacctmgr` program.
+    #[serde(default = "default_sacctmgr")]
+    pub sacctmgr: PathBuf,
+    /// `sacct` program.
+    #[serde(default = "default_sacct")]
+    pub sacct: PathBuf,
+    /// sacctmgr processes run at once (each modify costs ~0.27 s, mostly waiting on slurmdbd;
+    /// measured: 1 → 3.6, 4 → 13.4, 8 → 24, 16 → 36 jobs/s).
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Write + read-back rounds per run before a job is left pending.
+    #[serde(default = "default_verify_attempts")]
+    pub verify_attempts: u32,
+    /// What to do with foreign content sacctmgr would alter.
+    #[serde(default = "default_foreign")]
+    pub foreign_unsafe: ForeignUnsafe,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_field() -> SacctField {
+    SacctField::AdminComment
+}
+fn default_sacctmgr() -> PathBuf {
+    "sacctmgr".into()
+}
+fn default_sacct() -> PathBuf {
+    "sacct".into()
+}
+fn default_parallel() -> usize {
+    8
+}
+fn default_verify_attempts() -> u32 {
+    3
+}
+fn default_foreign() -> ForeignUnsafe {
+    ForeignUnsafe::Skip
+}
+
+impl Default for SacctConfig {
+    fn default() -> Self {
+        SacctConfig {
+            enabled: true,
+            field: default_field(),
+            sacctmgr: default_sacctmgr(),
+            sacct: default_sacct(),
+            parallel: default_parallel(),
+            verify_attempts: default_verify_attempts(),
+            foreign_unsafe: default_foreign(),
+        }
+    }
+}
+
+/// Retries of one batch within a run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per batch per run; after that the sink stops for this run and the rest stays
+    /// pending.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First backoff, milliseconds; doubled each attempt, with jitter.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_ms: u64,
+    /// Largest backoff, milliseconds.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+    /// A `Retry-After` longer than this stops the sink for this run instead of waiting.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_s: u64,
+}
+
+fn default_attempts() -> u32 {
+    5
+}
+fn default_initial_backoff() -> u64 {
+    500
+}
+fn default_max_backoff() -> u64 {
+    30_000
+}
+fn default_max_retry_after() -> u64 {
+    300
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: default_attempts(),
+            initial_backoff_ms: default_initial_backoff(),
+            max_backoff_ms: default_max_backoff(),
+            max_retry_after_s: default_max_retry_after(),
+        }
+    }
+}
+
+/// VictoriaMetrics sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VictoriaMetricsConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8428` (`/write` is appended).
+    pub url: String,
+    /// Records per request.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Request timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+}
+
+/// HTTPS JSON ingest sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// The ingest URL records are POSTed to.
+    pub url: String,
+    /// A file holding the bearer token (trailing whitespace ignored).
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle to trust instead of the built-in roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// Records per request.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Request timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: u64,
+    /// Connect timeout, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_s: u64,
+}
+
+fn default_batch() -> usize {
+    1000
+}
+fn default_timeout() -> u64 {
+    30
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+/// Why the config could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Bad TOML or an unknown/mistyped key (the message names it).
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and line.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parse TOML text (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message: message.to_owned(),
+        };
+        if config.spool_dirs.is_empty() {
+            return Err(invalid(
+                "spool_dirs",
+                "at least one spool directory is needed",
+            ));
+        }
+        if config.sacct.parallel == 0 {
+            return Err(invalid("sacct.parallel", "must be at least 1"));
+        }
+        if config.retry.max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        if config
+            .victoria_metrics
+            .as_ref()
+            .is_some_and(|v| v.batch_size == 0)
+        {
+            return Err(invalid("victoria_metrics.batch_size", "must be at least 1"));
+        }
+        if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
+            return Err(invalid("http.batch_size", "must be at least 1"));
+        }
+        Ok(config)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("spool_dir = [\"/x\"]\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spool_dir"), "{err}");
+        let err = Config::parse("[sacct]\nfeild = \"Comment\"\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("feild"), "{err}");
+        let err = Config::parse("[sacct]\nparallel = 0\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sacct.parallel"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../slurm-conf-examples/accounting.toml");
+        let c = Config::parse(text, Path::new("accounting.toml")).unwrap();
+        assert_eq!(c.state.max_age_days, 30);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse("", Path::new("a.toml")).unwrap();
+        assert_eq!(c.sacct.field, SacctField::AdminComment);
+        assert_eq!(c.spool_dirs, [PathBuf::from("/var/spool/ergon")]);
+        assert!(c.victoria_metrics.is_none());
+    }
+}

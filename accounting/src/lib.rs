@@ -1,0 +1,21 @@
+//! `ergon`, ergon's accounting tool: it turns the per-node energy manifests ergond writes into one
+//! record per job, writes a short record into sacct, and uploads job records to a site's data
+//! stores, keeping a write-ahead log so that nothing is lost or silently dropped.
+//!
+//! - [`collect`]: read, verify, quarantine and combine manifests;
+//! - [`state`]: the state directory (write-ahead log, bounds, run lock);
+//! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
+//! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
+//! - [`run`]: `ergon run`;
+//! - [`report`]: `ergon report` and `ergon status`;
+//! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
+
+#![warn(missing_docs)]
+
+pub mod collect;
+pub mod config;
+pub mod report;
+pub mod run;
+pub mod sacct;
+pub mod sinks;
+pub mod state;

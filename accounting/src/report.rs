@@ -1,0 +1,257 @@
+//! `ergon report JOBID` (for users) and `ergon status` (for admins).
+
+use std::path::PathBuf;
+
+use ergon_protocol::manifest::Manifest;
+use ergon_protocol::record::{find_in_field, strip_from_field, JobRecord};
+use serde::Serialize;
+
+use crate::collect::{self, combine, JobRecordFull};
+use crate::config::Config;
+use crate::sacct::Sacct;
+use crate::state::{Delivery, State};
+
+/// What `ergon report` shows.
+#[derive(Debug, Serialize)]
+pub struct JobReport {
+    /// The job.
+    pub job_id: u32,
+    /// The sacct field read.
+    pub field: String,
+    /// The record found in sacct.
+    pub sacct_record: Option<JobRecord>,
+    /// Why there is none, or why it did not decode.
+    pub sacct_note: Option<String>,
+    /// The field's other content.
+    pub foreign_content: Option<String>,
+    /// The job combined from readable manifests in the spools.
+    pub manifests: Option<JobRecordFull>,
+    /// Manifest files that matched the job but did not verify.
+    pub manifest_problems: Vec<String>,
+}
+
+/// Build the report of `job_id` (from sacct on `cluster`, or sacct's default cluster).
+pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobReport {
+    let sacct = Sacct::new(config.sacct.clone());
+    let mut report = JobReport {
+        job_id,
+        field: sacct.field().name().to_owned(),
+        sacct_record: None,
+        sacct_note: None,
+        foreign_content: None,
+        manifests: None,
+        manifest_problems: Vec::new(),
+    };
+    match sacct.read(cluster, &[job_id]) {
+        Ok(values) => match values.get(&job_id) {
+            None => report.sacct_note = Some(format!("sacct does not list job {job_id}")),
+            Some(value) => {
+                let foreign = strip_from_field(value);
+                if !foreign.is_empty() {
+                    report.foreign_content = Some(foreign);
+                }
+                match find_in_field(value) {
+                    Some(Ok(r)) => report.sacct_record = Some(r),
+                    Some(Err(e)) => report.sacct_note = Some(e.to_string()),
+                    None => report.sacct_note = Some(
+                        "no ergon record in sacct (yet): `ergon run` writes it after the job ends"
+                            .into(),
+                    ),
+                }
+            }
+        },
+        Err(e) => report.sacct_note = Some(e),
+    }
+    let mut found = Vec::new();
+    for spool in &config.spool_dirs {
+        let Ok(entries) = std::fs::read_dir(spool) else {
+            continue;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(m) = Manifest::from_json_unverified(&bytes) else {
+                continue;
+            };
+            if m.job.job_id != job_id || cluster.is_some_and(|c| c != m.cluster) {
+                continue;
+            }
+            match m.verify() {
+                Ok(()) => found.push(m),
+                Err(e) => report
+                    .manifest_problems
+                    .push(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    if !found.is_empty() {
+        report.manifests = Some(combine(&found));
+    }
+    report
+}
+
+/// The report as text.
+pub fn render_job_report(r: &JobReport) -> String {
+    let mut out = format!("job {}\n", r.job_id);
+    match &r.sacct_record {
+        Some(rec) => {
+            out += &format!(
+                "  energy    {:.3} kWh ({} J)\n  by part   gpu {} J, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s)\n  coverage  {:.1}%\n",
+                rec.energy_j as f64 / 3.6e6,
+                rec.energy_j,
+                rec.gpu_j,
+                rec.cpu_j,
+                rec.dram_j,
+                rec.other_j.map(|o| format!(", other {o} J")).unwrap_or_default(),
+                rec.avg_w,
+                rec.peak_w,
+                rec.gpus,
+                rec.nodes,
+                rec.coverage * 100.0
+            );
+        }
+        None => {
+            out += &format!(
+                "  sacct ({}): {}\n",
+                r.field,
+                r.sacct_note.as_deref().unwrap_or("no record")
+            )
+        }
+    }
+    if let Some(m) = &r.manifests {
+        out += &format!("  from manifests ({} node(s)):\n", m.nodes.len());
+        for n in &m.nodes {
+            out += &format!(
+                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%\n",
+                n.node,
+                n.energy_j,
+                n.avg_w,
+                n.peak_w,
+                n.coverage * 100.0
+            );
+        }
+        for g in &m.gpus {
+            out += &format!(
+                "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W\n",
+                g.node, g.index, g.uuid, g.energy_j, g.avg_w
+            );
+        }
+    }
+    for p in &r.manifest_problems {
+        out += &format!("  warning: {p}\n");
+    }
+    out
+}
+
+/// What `ergon status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Jobs in the state.
+    pub jobs: usize,
+    /// Per destination (`sacct` and each sink): records pending.
+    pub backlog: Vec<(String, usize)>,
+    /// sacct records skipped on purpose.
+    pub sacct_skipped: usize,
+    /// Per destination: last success (Unix seconds) and last error.
+    pub destinations: Vec<(String, Option<u64>, Option<String>)>,
+    /// Manifests in quarantine.
+    pub quarantined: usize,
+    /// Records dropped by bounds with deliveries pending (age, size) and manifests skipped
+    /// before the horizon.
+    pub dropped_by_age: u64,
+    /// See above.
+    pub dropped_by_size: u64,
+    /// See above.
+    pub skipped_before_horizon: u64,
+    /// Last run, Unix seconds.
+    pub last_run_unix: Option<u64>,
+    /// Its summary.
+    pub last_run_summary: Option<String>,
+}
+
+/// Build the status from the state directory.
+pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
+    let state = State::load(&config.state_dir)?;
+    let mut names: Vec<String> = state.sinks.keys().cloned().collect();
+    for e in state.jobs.values() {
+        for n in e.sinks.keys() {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+    }
+    if config.sacct.enabled && !names.iter().any(|n| n == "sacct") {
+        names.push("sacct".into());
+    }
+    names.sort();
+    let backlog = names
+        .iter()
+        .map(|n| (n.clone(), state.pending_for(n).len()))
+        .collect();
+    let destinations = names
+        .iter()
+        .map(|n| {
+            let s = state.sinks.get(n).cloned().unwrap_or_default();
+            (n.clone(), s.last_success_unix, s.last_error)
+        })
+        .collect();
+    Ok(Status {
+        state_dir: config.state_dir.clone(),
+        jobs: state.jobs.len(),
+        backlog,
+        sacct_skipped: state
+            .jobs
+            .values()
+            .filter(|e| matches!(e.sacct, Some(Delivery::Skipped { .. })))
+            .count(),
+        destinations,
+        quarantined: collect::quarantined_count(&config.quarantine_dir),
+        dropped_by_age: state.dropped.by_age,
+        dropped_by_size: state.dropped.by_size,
+        skipped_before_horizon: state.dropped.skipped_before_horizon,
+        last_run_unix: state.last_run_unix,
+        last_run_summary: state.last_run_summary,
+    })
+}
+
+/// The status as text.
+pub fn render_status(s: &Status) -> String {
+    let ago = |t: Option<u64>| match t {
+        None => "never".to_string(),
+        Some(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(t);
+            format!("{}s ago", now.saturating_sub(t))
+        }
+    };
+    let mut out = format!("state      {} ({} jobs)\n", s.state_dir.display(), s.jobs);
+    out += &format!("last run   {}\n", ago(s.last_run_unix));
+    if let Some(line) = &s.last_run_summary {
+        out += &format!("           {line}\n");
+    }
+    for ((name, pending), (_, success, error)) in s.backlog.iter().zip(&s.destinations) {
+        out += &format!(
+            "{name:<18} backlog {pending}, last success {}{}\n",
+            ago(*success),
+            error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    out += &format!("sacct skipped (foreign content) {}\n", s.sacct_skipped);
+    out += &format!("quarantined manifests {}\n", s.quarantined);
+    out += &format!(
+        "dropped    {} by age, {} by size (with deliveries pending); last run skipped {} jobs that ended before the retention horizon\n",
+        s.dropped_by_age, s.dropped_by_size, s.skipped_before_horizon
+    );
+    out
+}

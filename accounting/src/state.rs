@@ -1,0 +1,450 @@
+//! The state directory: which jobs were collected and, per sink, which were delivered. It is
+//! ergon's write-ahead log: a record enters it (durably) before any delivery is attempted, and
+//! leaves it only once every sink has it or when a bound drops it, which is counted.
+//!
+//! The state is one JSON file, `state.json`, replaced atomically (write a temporary file, fsync,
+//! rename over the old one, fsync the directory), so a crash leaves either the old or the new
+//! state, never a mix. A crash after a delivery but before the save makes the next run deliver
+//! again: delivery is at least once, and every record carries an idempotency key.
+//!
+//! Bounds: entries whose job ended more than `max_age` ago, and the oldest entries beyond
+//! `max_jobs`, are removed. Removing an entry that still had a delivery pending is counted in
+//! [`Dropped`] and shown by `ergon status`. The end time of the newest removed entry becomes the
+//! *horizon*: manifests of jobs that ended at or before it are not collected again (they would
+//! otherwise be delivered a second time, since their entry is gone), and are counted as skipped.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::collect::JobRecordFull;
+
+/// The state file's format version.
+pub const STATE_VERSION: u32 = 1;
+
+/// Whether a record has reached one destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Delivery {
+    /// Not yet; `attempts` runs tried.
+    Pending {
+        /// Runs that tried and failed.
+        attempts: u32,
+        /// The last failure.
+        last_error: Option<String>,
+    },
+    /// Delivered at this time (Unix seconds).
+    Done {
+        /// When.
+        at_unix: u64,
+    },
+    /// Will not be delivered, on purpose (e.g. sacct: foreign content that sacctmgr would
+    /// damage). Not retried; shown by `ergon status`.
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Delivery {
+    /// A fresh pending delivery.
+    pub fn pending() -> Self {
+        Delivery::Pending {
+            attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Whether it is still to be done.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, Delivery::Pending { .. })
+    }
+
+    /// Record a failed attempt.
+    pub fn failed(&mut self, error: impl Into<String>) {
+        let attempts = match self {
+            Delivery::Pending { attempts, .. } => *attempts + 1,
+            _ => 1,
+        };
+        *self = Delivery::Pending {
+            attempts,
+            last_error: Some(error.into()),
+        };
+    }
+}
+
+/// One job in the state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEntry {
+    /// The record's idempotency key.
+    pub key: String,
+    /// When it was collected (Unix seconds).
+    pub collected_unix: u64,
+    /// The job's end (Unix ns), which the age bound uses.
+    pub end_unix_ns: u64,
+    /// The record, kept while any delivery is pending.
+    pub record: Option<JobRecordFull>,
+    /// The sacct write (absent when sacct is disabled).
+    pub sacct: Option<Delivery>,
+    /// Per sink name.
+    pub sinks: BTreeMap<String, Delivery>,
+}
+
+impl JobEntry {
+    /// Whether anything is still to be delivered.
+    pub fn any_pending(&self) -> bool {
+        self.sacct.as_ref().is_some_and(Delivery::is_pending)
+            || self.sinks.values().any(Delivery::is_pending)
+    }
+}
+
+/// A sink's (or sacct's) history, for `ergon status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SinkStatus {
+    /// Last time a delivery succeeded (Unix seconds).
+    pub last_success_unix: Option<u64>,
+    /// Last error and when.
+    pub last_error: Option<String>,
+    /// When the last error happened (Unix seconds).
+    pub last_error_unix: Option<u64>,
+    /// Records delivered, all time.
+    pub delivered_total: u64,
+}
+
+/// Records removed by a bound while a delivery was still pending.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// Removed because the job ended more than `max_age` ago.
+    pub by_age: u64,
+    /// Removed because the state held more than `max_jobs` entries.
+    pub by_size: u64,
+    /// Jobs the last run did not collect because they ended at or before the horizon (their
+    /// manifests are still in the spool; not a loss by this run).
+    pub skipped_before_horizon: u64,
+}
+
+/// The whole state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// [`STATE_VERSION`].
+    pub version: u32,
+    /// Jobs by `cluster/job`.
+    pub jobs: BTreeMap<String, JobEntry>,
+    /// Per sink name (`sacct` included).
+    pub sinks: BTreeMap<String, SinkStatus>,
+    /// What bounds removed.
+    pub dropped: Dropped,
+    /// End time (Unix ns) of the newest entry a bound removed; see the module docs.
+    pub horizon_unix_ns: u64,
+    /// When the last `ergon run` finished (Unix seconds), and how.
+    pub last_run_unix: Option<u64>,
+    /// The last run's summary line.
+    pub last_run_summary: Option<String>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            version: STATE_VERSION,
+            jobs: BTreeMap::new(),
+            sinks: BTreeMap::new(),
+            dropped: Dropped::default(),
+            horizon_unix_ns: 0,
+            last_run_unix: None,
+            last_run_summary: None,
+        }
+    }
+}
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// I/O on a state file.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not a state this build reads.
+    #[error("state file {path} cannot be read: {reason}; move it away to start from an empty state (already delivered records would then be delivered again)")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The bounds the state keeps to.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Keep entries of jobs that ended within this many seconds.
+    pub max_age_s: u64,
+    /// Keep at most this many entries.
+    pub max_jobs: usize,
+}
+
+/// What [`State::prune`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Fully delivered entries removed (no loss).
+    pub delivered: usize,
+    /// Entries removed by age with a delivery pending.
+    pub dropped_by_age: usize,
+    /// Entries removed by size with a delivery pending.
+    pub dropped_by_size: usize,
+}
+
+impl State {
+    /// The state file in `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("state.json")
+    }
+
+    /// Load the state from `dir`; an absent file is an empty state.
+    pub fn load(dir: &Path) -> Result<State, StateError> {
+        let path = Self::path(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "reading",
+                    path,
+                    source,
+                })
+            }
+        };
+        let state: State = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path,
+                reason: format!(
+                    "version {} (this build reads {STATE_VERSION})",
+                    state.version
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Write the state to `dir` atomically and durably.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let path = Self::path(dir);
+        let tmp = dir.join(".state.json.tmp");
+        let io = |what: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { what, path, source }
+        };
+        let bytes = serde_json::to_vec(self).expect("the state always serialises");
+        let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        file.write_all(&bytes).map_err(io("writing", &tmp))?;
+        file.sync_all().map_err(io("syncing", &tmp))?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing directory", dir))?;
+        Ok(())
+    }
+
+    /// Remove entries beyond the bounds; see the module docs. `now_unix_ns` is the current time.
+    pub fn prune(&mut self, bounds: Bounds, now_unix_ns: u64) -> Pruned {
+        let mut pruned = Pruned::default();
+        let cutoff = now_unix_ns.saturating_sub(bounds.max_age_s.saturating_mul(1_000_000_000));
+        let old: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(_, e)| e.end_unix_ns < cutoff)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in old {
+            self.remove(&key, &mut pruned, true);
+        }
+        if self.jobs.len() > bounds.max_jobs {
+            // Oldest first; among equals, delivered ones before pending ones.
+            let mut order: Vec<(bool, u64, String)> = self
+                .jobs
+                .iter()
+                .map(|(k, e)| (e.any_pending(), e.end_unix_ns, k.clone()))
+                .collect();
+            order.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+            let excess = self.jobs.len() - bounds.max_jobs;
+            for (_, _, key) in order.into_iter().take(excess) {
+                self.remove(&key, &mut pruned, false);
+            }
+        }
+        pruned
+    }
+
+    fn remove(&mut self, key: &str, pruned: &mut Pruned, by_age: bool) {
+        let Some(entry) = self.jobs.remove(key) else {
+            return;
+        };
+        self.horizon_unix_ns = self.horizon_unix_ns.max(entry.end_unix_ns);
+        if entry.any_pending() {
+            if by_age {
+                pruned.dropped_by_age += 1;
+                self.dropped.by_age += 1;
+            } else {
+                pruned.dropped_by_size += 1;
+                self.dropped.by_size += 1;
+            }
+            tracing::error!(
+                "dropped {key} ({}) from the state with a delivery still pending: the {} bound was reached",
+                entry.key,
+                if by_age { "age" } else { "size" }
+            );
+        } else {
+            pruned.delivered += 1;
+        }
+    }
+
+    /// Drop the record bodies of entries with nothing pending, to keep the file small.
+    pub fn forget_delivered_bodies(&mut self) {
+        for entry in self.jobs.values_mut() {
+            if !entry.any_pending() {
+                entry.record = None;
+            }
+        }
+    }
+
+    /// Entries with a delivery pending for `sink` (`"sacct"` for sacct).
+    pub fn pending_for(&self, sink: &str) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, e)| {
+                if sink == "sacct" {
+                    e.sacct.as_ref().is_some_and(Delivery::is_pending)
+                } else {
+                    e.sinks.get(sink).is_some_and(Delivery::is_pending)
+                }
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+/// An exclusive, non-blocking lock on `<state dir>/ergon.lock`, held while the value lives.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+/// Why the lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("another `ergon run` holds the lock {0}; this run did nothing (cron will start the next one)")]
+    Busy(PathBuf),
+    /// The lock file could not be opened or locked.
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        /// The lock file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl RunLock {
+    /// Take the lock without waiting.
+    pub fn try_acquire(state_dir: &Path) -> Result<RunLock, LockError> {
+        let path = state_dir.join("ergon.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| LockError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        // SAFETY: flock on a file descriptor we own and keep open for the lock's lifetime.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(LockError::Busy(path));
+            }
+            return Err(LockError::Io { path, source: err });
+        }
+        Ok(RunLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(end: u64, pending: bool) -> JobEntry {
+        let mut sinks = BTreeMap::new();
+        sinks.insert(
+            "vm".to_string(),
+            if pending {
+                Delivery::pending()
+            } else {
+                Delivery::Done { at_unix: 1 }
+            },
+        );
+        JobEntry {
+            key: format!("c/{end}/h"),
+            collected_unix: 0,
+            end_unix_ns: end,
+            record: None,
+            sacct: None,
+            sinks,
+        }
+    }
+
+    #[test]
+    fn prune_counts_pending_drops_and_moves_the_horizon() {
+        let mut s = State::default();
+        let sec = 1_000_000_000u64;
+        s.jobs.insert("c/1".into(), entry(10 * sec, true));
+        s.jobs.insert("c/2".into(), entry(20 * sec, false));
+        s.jobs.insert("c/3".into(), entry(100 * sec, true));
+        s.jobs.insert("c/4".into(), entry(110 * sec, false));
+        s.jobs.insert("c/5".into(), entry(120 * sec, true));
+        let p = s.prune(
+            Bounds {
+                max_age_s: 50,
+                max_jobs: 2,
+            },
+            130 * sec,
+        );
+        assert_eq!(p.dropped_by_age, 1);
+        assert_eq!(p.delivered, 1);
+        assert_eq!(p.dropped_by_size, 1);
+        assert_eq!(s.dropped.by_age, 1);
+        assert_eq!(s.dropped.by_size, 1);
+        assert_eq!(s.horizon_unix_ns, 100 * sec);
+        assert_eq!(s.jobs.keys().collect::<Vec<_>>(), ["c/4", "c/5"]);
+    }
+
+    #[test]
+    fn save_and_load_round_trip_and_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        s.jobs.insert("c/1".into(), entry(5, true));
+        s.save(dir.path()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), s);
+        let held = RunLock::try_acquire(dir.path()).unwrap();
+        assert!(matches!(
+            RunLock::try_acquire(dir.path()),
+            Err(LockError::Busy(_))
+        ));
+        drop(held);
+        RunLock::try_acquire(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,131 @@
+//! Collection: bad manifests are quarantined with their reasons, good ones are combined per job.
+
+mod common;
+
+use common::*;
+use ergon_accounting::collect::combine;
+
+#[test]
+fn bad_manifests_are_quarantined_with_reasons_and_good_ones_go_on() {
+    let s = Setup::new();
+    s.write_config("");
+    // Job 1 on two nodes, job 2 on one: good.
+    write_manifest(&s.spool(), &manifest("c1", 1, "n1", 100.0, 10.0, 1.0));
+    write_manifest(&s.spool(), &manifest("c1", 1, "n2", 300.0, 30.0, 0.5));
+    write_manifest(&s.spool(), &manifest("c1", 2, "n1", 50.0, 5.0, 1.0));
+    // Corrupt JSON, truncated, another schema version, modified after sealing.
+    std::fs::write(s.spool().join("corrupt.json"), b"{ not json at all").unwrap();
+    let good = manifest("c1", 3, "n1", 1.0, 1.0, 1.0).to_json().unwrap();
+    std::fs::write(s.spool().join("truncated.json"), &good[..good.len() / 2]).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    v["schema_version"] = 99.into();
+    std::fs::write(
+        s.spool().join("version.json"),
+        serde_json::to_vec(&v).unwrap(),
+    )
+    .unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    v["totals"]["energy_j"] = 12345.0.into();
+    std::fs::write(
+        s.spool().join("tampered.json"),
+        serde_json::to_vec(&v).unwrap(),
+    )
+    .unwrap();
+
+    let out = s.run();
+    // Quarantining makes the run "not everything went through".
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+
+    let reason = |name: &str| {
+        std::fs::read_to_string(s.quarantine().join(format!("{name}.reason")))
+            .unwrap_or_else(|e| panic!("no reason for {name}: {e}"))
+    };
+    assert!(reason("corrupt.json").contains("not valid JSON"));
+    assert!(reason("truncated.json").contains("not valid JSON"));
+    assert!(reason("version.json").contains("schema version 99"));
+    assert!(reason("tampered.json").contains("hash mismatch"));
+    for name in ["corrupt", "truncated", "version", "tampered"] {
+        assert!(s.quarantine().join(format!("{name}.json")).exists());
+        assert!(!s.spool().join(format!("{name}.json")).exists());
+    }
+    let status = s.status_json();
+    assert_eq!(status["quarantined"], 4);
+    assert_eq!(status["jobs"], 2, "{status}");
+
+    // A second run finds nothing new and nothing bad.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(s.status_json()["jobs"], 2);
+}
+
+#[test]
+fn nodes_are_combined_into_one_record() {
+    let a = manifest("c1", 7, "n2", 300.0, 30.0, 0.5);
+    let b = manifest("c1", 7, "n1", 100.0, 10.0, 1.0);
+    let r = combine(&[a.clone(), b.clone()]);
+    assert_eq!(r, combine(&[b.clone(), a.clone()]), "order must not matter");
+    assert_eq!(r.energy_j, 440.0);
+    assert_eq!(r.gpu_j, Some(400.0));
+    assert_eq!(r.cpu_j, Some(40.0));
+    assert_eq!(r.dram_j, None);
+    assert_eq!(r.nodes.len(), 2);
+    assert_eq!(r.nodes[0].node, "n1");
+    assert_eq!(r.gpus.len(), 2);
+    assert_eq!(r.coverage_min, 0.5);
+    // Energy-weighted: (110 * 1.0 + 330 * 0.5) / 440.
+    assert!((r.coverage_weighted - 0.625).abs() < 1e-12);
+    assert!(r.idempotency_key.starts_with("c1/7/"));
+    let rec = r.sacct_record();
+    assert_eq!((rec.energy_j, rec.gpus, rec.nodes), (440, 2, 2));
+    assert_eq!(rec.coverage, 0.5);
+    // A different set of manifests gives a different key.
+    let c = manifest("c1", 7, "n3", 1.0, 1.0, 1.0);
+    assert_ne!(combine(&[a, b, c]).idempotency_key, r.idempotency_key);
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let s = Setup::new();
+    s.write_config("");
+    write_manifest(&s.spool(), &manifest("c1", 1, "n1", 100.0, 10.0, 1.0));
+    std::fs::write(s.spool().join("corrupt.json"), b"{").unwrap();
+    let out = s.ergon().args(["run", "--dry-run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 new jobs"), "{text}");
+    assert!(text.contains("1 bad manifests"), "{text}");
+    assert!(s.spool().join("corrupt.json").exists());
+    assert!(!s.quarantine().exists());
+    assert!(!s.state().exists());
+}
+
+#[test]
+fn records_beyond_the_age_bound_are_dropped_counted_and_not_collected_again() {
+    let s = Setup::new();
+    // A sink that cannot be reached keeps the record pending.
+    let port = free_port();
+    s.write_config(&format!(
+        "[state]\nmax_age_days = 1\n\n[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\n"
+    ));
+    let mut old = manifest("c1", 1, "n1", 100.0, 10.0, 1.0);
+    old.end_unix_ns -= 3 * 86_400 * 1_000_000_000;
+    old.start_unix_ns -= 3 * 86_400 * 1_000_000_000;
+    old.seal();
+    write_manifest(&s.spool(), &old);
+    write_manifest(&s.spool(), &manifest("c1", 2, "n1", 100.0, 10.0, 1.0));
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let status = s.status_json();
+    assert_eq!(status["dropped_by_age"], 1, "{status}");
+    assert_eq!(status["jobs"], 1);
+    assert_eq!(backlog(&status, "victoria_metrics"), 1);
+
+    // The old job's manifest is still in the spool; it is not collected (or dropped) again.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let status = s.status_json();
+    assert_eq!(status["dropped_by_age"], 1, "{status}");
+    assert_eq!(status["skipped_before_horizon"], 1, "{status}");
+    assert_eq!(status["jobs"], 1);
+}

@@ -1,0 +1,356 @@
+//! Shared by the service tests: manifests, configs, running the `ergon` binary, and a small
+//! HTTPS ingest server.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ergon_protocol::manifest::*;
+use ergon_protocol::StepId;
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A sealed manifest for `job` on `node` with the given energies.
+pub fn manifest(
+    cluster: &str,
+    job: u32,
+    node: &str,
+    gpu_j: f64,
+    cpu_j: f64,
+    coverage: f64,
+) -> Manifest {
+    let end = now_ns() - 60_000_000_000;
+    let start = end - 100_000_000_000;
+    let mut m = Manifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
+        cluster: cluster.into(),
+        node: node.into(),
+        job: JobInfo {
+            job_id: job,
+            array_job_id: None,
+            array_task_id: None,
+            user: "alice".into(),
+            uid: 1000,
+            account: Some("phys".into()),
+            partition: Some("gpu".into()),
+        },
+        start_unix_ns: start,
+        end_unix_ns: end,
+        duration_s: 100.0,
+        steps: vec![StepEnergy {
+            step: StepId::Batch,
+            start_unix_ns: start,
+            end_unix_ns: end,
+            energy_j: gpu_j + cpu_j,
+            gpu_j: Some(gpu_j),
+            cpu_j: Some(cpu_j),
+            dram_j: None,
+        }],
+        gpus: vec![GpuEnergy {
+            uuid: format!("GPU-{node}-0"),
+            index: 0,
+            minor: Some(0),
+            pci_bus_id: None,
+            energy_j: gpu_j,
+            avg_w: gpu_j / 100.0,
+            peak_w: gpu_j / 50.0,
+            method: EnergyMethod::Counter,
+            shared: false,
+        }],
+        sockets: vec![SocketEnergy {
+            socket: 0,
+            package_j: cpu_j,
+            dram_j: None,
+            method: EnergyMethod::Counter,
+            share_method: ShareMethod::CgroupCpuTime,
+        }],
+        totals: Totals {
+            energy_j: gpu_j + cpu_j,
+            gpu_j: Some(gpu_j),
+            cpu_j: Some(cpu_j),
+            dram_j: None,
+            avg_w: (gpu_j + cpu_j) / 100.0,
+            peak_w: (gpu_j + cpu_j) / 50.0,
+        },
+        node_context: NodeContext {
+            node_energy_j: gpu_j + cpu_j + 10.0,
+            idle_j: 10.0,
+            unattributed_j: 0.0,
+        },
+        coverage: Coverage {
+            fraction: coverage,
+            gaps: vec![],
+        },
+        attribution: AttributionInfo {
+            model: "exclusive-gpu+cgroup-cpu-time".into(),
+            version: 1,
+            estimated: false,
+        },
+        sensors: vec![],
+        trace: PowerTrace {
+            interval_ms: 1000,
+            start_unix_ns: start,
+            series: vec![],
+        },
+        content_hash: String::new(),
+    };
+    m.seal();
+    m
+}
+
+/// Write a manifest into `spool` as `<job>.<node>.json`.
+pub fn write_manifest(spool: &Path, m: &Manifest) -> PathBuf {
+    let path = spool.join(format!("{}.{}.json", m.job.job_id, m.node));
+    std::fs::write(&path, m.to_json().unwrap()).unwrap();
+    path
+}
+
+/// A test setup: spool, quarantine and state directories under one temp dir.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let s = Setup {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        std::fs::create_dir_all(s.spool()).unwrap();
+        s
+    }
+    pub fn spool(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+    pub fn quarantine(&self) -> PathBuf {
+        self.dir.path().join("quarantine")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("accounting.toml")
+    }
+    /// Write the config: the common part plus `extra` TOML (sections).
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "spool_dirs = [{:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n{extra}",
+            self.spool(),
+            self.quarantine(),
+            self.state()
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+    pub fn ergon(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ergon"));
+        c.arg("--config").arg(self.config_path());
+        c
+    }
+    pub fn run(&self) -> Output {
+        self.ergon().arg("run").output().unwrap()
+    }
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ergon().args(["status", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+pub fn backlog(status: &serde_json::Value, sink: &str) -> u64 {
+    status["backlog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e[0] == sink)
+        .map(|e| e[1].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request the ingest server received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: std::time::Instant,
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+    pub status: u16,
+}
+
+/// A canned answer: status and extra headers.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            headers: vec![],
+        }
+    }
+    pub fn retry_after(secs: u64) -> Answer {
+        Answer {
+            status: 429,
+            headers: vec![("Retry-After".into(), secs.to_string())],
+        }
+    }
+}
+
+/// An HTTPS server on loopback with a CA made for it: answers requests with the scripted
+/// answers in order, then with `then`, and records every request.
+pub struct IngestServer {
+    pub port: u16,
+    pub ca_pem: String,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl IngestServer {
+    pub fn start(script: Vec<Answer>, then: Answer) -> IngestServer {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "ergon test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .unwrap();
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for stream in listener.incoming() {
+                let Ok(tcp) = stream else { continue };
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let answer = script.next().unwrap_or_else(|| then.clone());
+                // Requests are served one per connection (answers say Connection: close).
+                let Some((authorization, body)) = read_request(&mut tls) else {
+                    continue;
+                };
+                rec.lock().unwrap().push(Received {
+                    at: std::time::Instant::now(),
+                    authorization,
+                    body,
+                    status: answer.status,
+                });
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\nContent-Length: 2\r\nConnection: close\r\n",
+                    answer.status
+                );
+                for (k, v) in &answer.headers {
+                    head += &format!("{k}: {v}\r\n");
+                }
+                head += "\r\n{}";
+                let _ = tls.write_all(head.as_bytes());
+                let _ = tls.flush();
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        IngestServer {
+            port,
+            ca_pem: ca.pem(),
+            received,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/ingest", self.port)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn read_request<S: Read>(stream: &mut S) -> Option<(Option<String>, Vec<u8>)> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    if line.is_empty() {
+        return None;
+    }
+    let mut length = 0usize;
+    let mut authorization = None;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let v = v.trim().to_string();
+            match k.to_ascii_lowercase().as_str() {
+                "content-length" => length = v.parse().ok()?,
+                "authorization" => authorization = Some(v),
+                _ => {}
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some((authorization, body))
+}
+
+/// The idempotency keys in an ingest request body.
+pub fn keys_in(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["schema"], "ergon.job-records/1");
+    v["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
+        .collect()
+}

@@ -1,0 +1,138 @@
+//! The HTTPS JSON ingest sink against a TLS server run by the test (its own CA, a bearer token
+//! from a file).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn http_config(s: &Setup, server: &IngestServer, extra: &str) {
+    let ca = s.dir.path().join("ca.pem");
+    std::fs::write(&ca, &server.ca_pem).unwrap();
+    let token = s.dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    s.write_config(&format!(
+        "[retry]\nmax_attempts = 6\ninitial_backoff_ms = 100\nmax_backoff_ms = 400\n\n[http]\nurl = \"{}\"\ntoken_file = {:?}\nca_bundle = {:?}\nbatch_size = 100\ntimeout_s = 10\n{extra}",
+        server.url(),
+        token,
+        ca
+    ));
+}
+
+#[test]
+fn retry_after_then_server_errors_then_success_delivers_once() {
+    let server = IngestServer::start(
+        vec![
+            Answer::retry_after(2),
+            Answer::status(500),
+            Answer::status(503),
+        ],
+        Answer::status(200),
+    );
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    for job in 1..=5 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let start = Instant::now();
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let got = server.received();
+    assert_eq!(
+        got.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [429, 500, 503, 200]
+    );
+    // The Retry-After wait was honoured.
+    assert!(
+        got[1].at - got[0].at >= Duration::from_secs(2),
+        "{:?}",
+        got[1].at - got[0].at
+    );
+    assert!(start.elapsed() >= Duration::from_secs(2));
+    for r in &got {
+        assert_eq!(r.authorization.as_deref(), Some("Bearer s3cret-token"));
+        assert_eq!(keys_in(&r.body).len(), 5);
+    }
+    let mut keys = keys_in(&got[3].body);
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 5);
+
+    // Delivered once: another run sends nothing.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(server.received().len(), 4);
+    let status = s.status_json();
+    assert_eq!(backlog(&status, "http"), 0);
+}
+
+#[test]
+fn refused_credentials_stop_the_sink_loudly_and_keep_records_pending() {
+    let server = IngestServer::start(vec![], Answer::status(401));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    write_manifest(&s.spool(), &manifest("c1", 1, "n1", 10.0, 1.0, 1.0));
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(4), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("STOPPED"),
+        "{}",
+        show(&out)
+    );
+    // No retries on 401.
+    assert_eq!(server.received().len(), 1);
+    assert_eq!(backlog(&s.status_json(), "http"), 1);
+}
+
+#[test]
+fn an_unknown_ca_is_not_trusted() {
+    let server = IngestServer::start(vec![], Answer::status(200));
+    let other = IngestServer::start(vec![], Answer::status(200));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    // Point the CA bundle at another CA.
+    std::fs::write(s.dir.path().join("ca.pem"), &other.ca_pem).unwrap();
+    std::fs::write(
+        s.config_path(),
+        std::fs::read_to_string(s.config_path())
+            .unwrap()
+            .replace("max_attempts = 6", "max_attempts = 1"),
+    )
+    .unwrap();
+    write_manifest(&s.spool(), &manifest("c1", 1, "n1", 10.0, 1.0, 1.0));
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(server.received().is_empty());
+}
+
+#[test]
+fn two_runs_at_once_one_exits_cleanly_nothing_doubled() {
+    // The first run waits out a Retry-After while holding the lock.
+    let server = IngestServer::start(vec![Answer::retry_after(2)], Answer::status(200));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    for job in 1..=3 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let first = s.ergon().arg("run").spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.received().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = s.run();
+    assert_eq!(second.status.code(), Some(75), "{}", show(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("holds the lock"),
+        "{}",
+        show(&second)
+    );
+    let first = first.wait_with_output().unwrap();
+    assert_eq!(first.status.code(), Some(0));
+    let got = server.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(keys_in(&got[1].body).len(), 3);
+    // And afterwards nothing is sent again.
+    assert_eq!(s.run().status.code(), Some(0));
+    assert_eq!(server.received().len(), 2);
+}
