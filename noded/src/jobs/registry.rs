@@ -105,6 +105,32 @@ pub enum Refusal {
     },
 }
 
+/// The job's step `id`, created empty if this is the first event about it (events may come out
+/// of order, or the start may have been missed); refused beyond `max_steps`.
+fn step_mut(job: &mut Job, id: StepId, max_steps: usize) -> Result<&mut Step, Refusal> {
+    if let Some(i) = job.steps.iter().position(|s| s.id == id) {
+        return Ok(&mut job.steps[i]);
+    }
+    if job.steps.len() >= max_steps {
+        return Err(Refusal::TooManySteps {
+            job_id: job.job_id,
+            max: max_steps,
+        });
+    }
+    job.steps.push(Step {
+        id,
+        start: None,
+        end: None,
+        cgroups: Vec::new(),
+        cpus: CpuSet::new(),
+        watched: None,
+        start_reading: None,
+        end_reading: None,
+        exit_status: None,
+    });
+    Ok(job.steps.last_mut().expect("just pushed"))
+}
+
 /// One step of a job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -330,29 +356,7 @@ impl JobRegistry {
             return Ok(Vec::new()); // duplicate
         }
         let watched = step_cgroup(&m.cgroups);
-        let step = match job.steps.iter_mut().find(|s| s.id == m.step) {
-            Some(s) => s,
-            None => {
-                if job.steps.len() >= max_steps {
-                    return Err(Refusal::TooManySteps {
-                        job_id: m.job_id,
-                        max: max_steps,
-                    });
-                }
-                job.steps.push(Step {
-                    id: m.step,
-                    start: None,
-                    end: None,
-                    cgroups: Vec::new(),
-                    cpus: CpuSet::new(),
-                    watched: None,
-                    start_reading: None,
-                    end_reading: None,
-                    exit_status: None,
-                });
-                job.steps.last_mut().expect("just pushed")
-            }
-        };
+        let step = step_mut(job, m.step, max_steps)?;
         step.start = Some(at);
         step.cgroups.clone_from(&m.cgroups);
         step.cpus = m.cpus.clone();
@@ -377,30 +381,10 @@ impl JobRegistry {
     pub fn step_end(&mut self, m: &StepEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
         let max_steps = self.limits.max_steps;
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
-        let step = match job.steps.iter_mut().find(|s| s.id == m.step) {
-            Some(s) if s.end.is_some() => return Ok(Vec::new()), // duplicate
-            Some(s) => s,
-            None => {
-                if job.steps.len() >= max_steps {
-                    return Err(Refusal::TooManySteps {
-                        job_id: m.job_id,
-                        max: max_steps,
-                    });
-                }
-                job.steps.push(Step {
-                    id: m.step,
-                    start: None,
-                    end: None,
-                    cgroups: Vec::new(),
-                    cpus: CpuSet::new(),
-                    watched: None,
-                    start_reading: None,
-                    end_reading: None,
-                    exit_status: None,
-                });
-                job.steps.last_mut().expect("just pushed")
-            }
-        };
+        let step = step_mut(job, m.step, max_steps)?;
+        if step.end.is_some() {
+            return Ok(Vec::new()); // duplicate
+        }
         step.end = Some(at);
         step.exit_status = m.exit_status;
         let mut actions = vec![Action::Read {
