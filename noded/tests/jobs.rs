@@ -361,6 +361,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     latencies.push(d);
     std::thread::sleep(Duration::from_millis(1000));
     let step_start = StepStart {
+        cluster: None,
         job_id: 42,
         array_job_id: None,
         array_task_id: None,
@@ -391,6 +392,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     let step_end = StepEnd {
+        cluster: None,
         job_id: 42,
         step: StepId::Numbered(0),
         node: NODE.into(),
@@ -403,6 +405,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     latencies.push(d);
     std::thread::sleep(Duration::from_millis(1000));
     let end = JobEnd {
+        cluster: None,
         job_id: 42,
         node: NODE.into(),
         time: Timestamp::now(),
@@ -482,6 +485,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     let (r, _) = request(
         &socket,
         &Request::JobEnd(JobEnd {
+            cluster: None,
             job_id: 77,
             node: NODE.into(),
             time: Timestamp::now(),

@@ -77,12 +77,14 @@ fn every_variant_round_trips() {
         },
         Request::JobStart(start),
         Request::JobEnd(JobEnd {
+            cluster: None,
             job_id: 5,
             node: "n1".into(),
             time: Timestamp::from_unix_ns(9),
         }),
         Request::StepStart(step),
         Request::StepEnd(StepEnd {
+            cluster: None,
             job_id: 5,
             step: StepId::Batch,
             node: "n1".into(),
@@ -307,6 +309,7 @@ fn oversize_message_is_refused_by_the_sender() {
 #[test]
 fn truncation_reports_counts() {
     let msg = Request::StepEnd(StepEnd {
+        cluster: None,
         job_id: 77,
         step: StepId::Numbered(3),
         node: "node-1".into(),
@@ -503,6 +506,7 @@ fn newer_peers_fields_and_codes_are_tolerated() {
     assert_eq!(
         read_frame::<_, Request>(&mut &frame[..]).unwrap(),
         Request::JobEnd(JobEnd {
+            cluster: None,
             job_id: 3,
             node: "n".into(),
             time: Timestamp::from_unix_ns(10)
@@ -551,6 +555,7 @@ fn newer_peers_fields_and_codes_are_tolerated() {
         Request::StepStart(s) => {
             assert_eq!(s.step, StepId::Extern);
             assert!(s.cgroups.is_empty() && s.pid.is_none() && s.tasks.is_none());
+            assert!(s.cluster.is_none() && s.cpus.is_empty());
         }
         other => panic!("expected StepStart, got {other:?}"),
     }

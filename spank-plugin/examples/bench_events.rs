@@ -120,6 +120,7 @@ fn events() -> Vec<(&'static str, Request)> {
     let cgroups = parse_proc_cgroup(&proc_cgroup).expect("cgroup text");
     assert_eq!(cgroups.len(), 10, "cgroup fixture");
     let step_start = StepStart {
+        cluster: None,
         job_id,
         array_job_id: Some(1_234_500),
         array_task_id: Some(67),
@@ -133,6 +134,7 @@ fn events() -> Vec<(&'static str, Request)> {
         time: Timestamp::now(),
     };
     let step_end = StepEnd {
+        cluster: None,
         job_id,
         step: StepId::Batch,
         node: node.clone(),
@@ -140,6 +142,7 @@ fn events() -> Vec<(&'static str, Request)> {
         time: Timestamp::now(),
     };
     let job_end = JobEnd {
+        cluster: None,
         job_id,
         node,
         time: Timestamp::now(),

@@ -133,6 +133,14 @@ fn node(spank: &Spank) -> String {
         .unwrap_or_else(hostname)
 }
 
+/// The cluster's name (`SLURM_CLUSTER_NAME`): from the job's environment in slurmstepd, from the
+/// process environment in the prolog and epilog.
+fn cluster(spank: &Spank) -> Option<String> {
+    spank
+        .getenv("SLURM_CLUSTER_NAME")
+        .or_else(|| env("SLURM_CLUSTER_NAME"))
+}
+
 /// Sends one event if notifications are on; logs one line if it did not get through.
 fn notify(config: &Config, what: &str, request: &Request) {
     if !config.notify {
@@ -250,6 +258,7 @@ pub(crate) fn task_post_fork(spank: &Spank) {
     let cpus = step_cpus(&cgroups);
     let start = StepStart {
         job_id,
+        cluster: cluster(spank),
         cpus,
         // From the job's environment: the S_JOB_ARRAY_* items are wrong in 22.05's extern step
         // (they give the task's own job id), and its environment has no array variables.
@@ -325,6 +334,7 @@ pub(crate) fn exit(spank: &Spank) {
     };
     let end = StepEnd {
         job_id,
+        cluster: cluster(spank),
         step: StepId::from_raw(step),
         node: node(spank),
         exit_status,
@@ -345,6 +355,7 @@ pub(crate) fn job_epilog(spank: &Spank) {
     };
     let end = JobEnd {
         job_id,
+        cluster: cluster(spank),
         node: node(spank),
         time: Timestamp::now(),
     };

@@ -271,6 +271,18 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
     );
     let je = pos(&ev, |r| matches!(r, Request::JobEnd(x) if x.job_id == job));
     assert!(js < bs && bs < be && be < je, "order: {js} {bs} {be} {je}");
+    // Every event names the cluster, so ergond can name a job whose start it missed; except
+    // the extern step's, whose environment has no SLURM_CLUSTER_NAME in 22.05.
+    for e in ev.iter().map(|e| &e.request) {
+        let cluster = match e {
+            Request::JobStart(x) if x.ids.job_id == job => &x.cluster,
+            Request::StepStart(x) if x.job_id == job && x.step != StepId::Extern => &x.cluster,
+            Request::StepEnd(x) if x.job_id == job && x.step != StepId::Extern => &x.cluster,
+            Request::JobEnd(x) if x.job_id == job => &x.cluster,
+            _ => continue,
+        };
+        assert_eq!(cluster.as_deref(), Some("ergon-dev"), "{e:?}");
+    }
     assert!(ev.iter().all(|e| e.peer_uid == Some(0)));
 }
 

@@ -465,6 +465,7 @@ mod tests {
         r.job_start(&start, at(1)).unwrap();
         r.record_reading(42, Mark::JobStart, reading(1));
         let step = StepStart {
+            cluster: None,
             job_id: 42,
             array_job_id: None,
             array_task_id: None,
@@ -483,6 +484,7 @@ mod tests {
         r.step_start(&step, at(2)).unwrap();
         r.record_reading(42, Mark::StepStart(StepId::Numbered(0)), reading(2));
         let end = JobEnd {
+            cluster: None,
             job_id: 42,
             node: "n1".into(),
             time: Timestamp::default(),

@@ -342,6 +342,9 @@ impl JobRegistry {
     pub fn step_start(&mut self, m: &StepStart, at: EventTime) -> Result<Vec<Action>, Refusal> {
         let max_steps = self.limits.max_steps;
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        if job.cluster.is_none() {
+            job.cluster.clone_from(&m.cluster);
+        }
         job.uid = job.uid.or(Some(m.uid));
         job.array_job_id = job.array_job_id.or(m.array_job_id);
         job.array_task_id = job.array_task_id.or(m.array_task_id);
@@ -381,6 +384,9 @@ impl JobRegistry {
     pub fn step_end(&mut self, m: &StepEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
         let max_steps = self.limits.max_steps;
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        if job.cluster.is_none() {
+            job.cluster.clone_from(&m.cluster);
+        }
         let step = step_mut(job, m.step, max_steps)?;
         if step.end.is_some() {
             return Ok(Vec::new()); // duplicate
@@ -402,6 +408,9 @@ impl JobRegistry {
     /// A repeated JobEnd does nothing.
     pub fn job_end(&mut self, m: &JobEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
+        if job.cluster.is_none() {
+            job.cluster.clone_from(&m.cluster);
+        }
         if job.end.is_some() {
             return Ok(Vec::new());
         }
@@ -507,6 +516,7 @@ mod tests {
 
     fn step_start(id: u32, step: StepId) -> StepStart {
         StepStart {
+            cluster: None,
             job_id: id,
             array_job_id: Some(77),
             array_task_id: Some(2),
@@ -532,6 +542,7 @@ mod tests {
 
     fn step_end(id: u32, step: StepId) -> StepEnd {
         StepEnd {
+            cluster: None,
             job_id: id,
             step,
             node: "n1".into(),
@@ -542,6 +553,7 @@ mod tests {
 
     fn job_end(id: u32) -> JobEnd {
         JobEnd {
+            cluster: None,
             job_id: id,
             node: "n1".into(),
             time: Timestamp::default(),
@@ -715,5 +727,14 @@ mod tests {
         assert_eq!(step_cgroup(&[cg("memory", "/a/step_0")]), None);
         assert_eq!(step_cgroup(&[cg("", "/a/../../etc")]), None);
         assert_eq!(step_cgroup(&[cg("", "/")]), None);
+    }
+
+    #[test]
+    fn a_job_first_seen_through_its_end_takes_the_cluster_the_event_names() {
+        let mut r = JobRegistry::default();
+        let mut end = job_end(9);
+        end.cluster = Some("c9".into());
+        r.job_end(&end, t(5)).unwrap();
+        assert_eq!(r.take(9).unwrap().cluster.as_deref(), Some("c9"));
     }
 }

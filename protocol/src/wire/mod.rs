@@ -270,6 +270,10 @@ pub struct StepStart {
     pub step: StepId,
     /// The job owner's uid.
     pub uid: u32,
+    /// The Slurm cluster (`SLURM_CLUSTER_NAME`), so that ergond can name a job whose start it
+    /// missed (it was down) correctly.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// This node's name as Slurm knows it.
     pub node: String,
     /// The step's cgroups, from `/proc/self/cgroup` inside the step; see [`parse_proc_cgroup`].
@@ -297,6 +301,10 @@ pub struct StepEnd {
     pub job_id: u32,
     /// Which step.
     pub step: StepId,
+    /// The Slurm cluster (`SLURM_CLUSTER_NAME`), so that ergond can name a job whose start it
+    /// missed (it was down) correctly.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// This node's name as Slurm knows it.
     pub node: String,
     /// The step's exit status, if the plugin saw it.
@@ -311,6 +319,10 @@ pub struct StepEnd {
 pub struct JobEnd {
     /// Which job.
     pub job_id: u32,
+    /// The Slurm cluster (`SLURM_CLUSTER_NAME`), so that ergond can name a job whose start it
+    /// missed (it was down) correctly.
+    #[serde(default)]
+    pub cluster: Option<String>,
     /// This node's name as Slurm knows it.
     pub node: String,
     /// When the job ended, stamped by the plugin.

@@ -132,7 +132,11 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
         any::<Option<u32>>(),
         any::<Option<u32>>(),
         timestamp(),
-        (any::<(Option<u32>, Option<u32>)>(), cpu_set()),
+        (
+            any::<(Option<u32>, Option<u32>)>(),
+            cpu_set(),
+            prop::option::of(text()),
+        ),
     )
         .prop_map(
             |(
@@ -144,9 +148,10 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
                 pid,
                 tasks,
                 time,
-                ((array_job_id, array_task_id), cpus),
+                ((array_job_id, array_task_id), cpus, cluster),
             )| StepStart {
                 job_id,
+                cluster,
                 array_job_id,
                 array_task_id,
                 cpus,
@@ -168,9 +173,11 @@ pub fn step_end() -> impl Strategy<Value = StepEnd> {
         text(),
         any::<Option<i32>>(),
         timestamp(),
+        prop::option::of(text()),
     )
-        .prop_map(|(job_id, step, node, exit_status, time)| StepEnd {
+        .prop_map(|(job_id, step, node, exit_status, time, cluster)| StepEnd {
             job_id,
+            cluster,
             step,
             node,
             exit_status,
@@ -179,11 +186,14 @@ pub fn step_end() -> impl Strategy<Value = StepEnd> {
 }
 
 pub fn job_end() -> impl Strategy<Value = JobEnd> {
-    (any::<u32>(), text(), timestamp()).prop_map(|(job_id, node, time)| JobEnd {
-        job_id,
-        node,
-        time,
-    })
+    (any::<u32>(), text(), timestamp(), prop::option::of(text())).prop_map(
+        |(job_id, node, time, cluster)| JobEnd {
+            job_id,
+            cluster,
+            node,
+            time,
+        },
+    )
 }
 
 pub fn job_snapshot() -> impl Strategy<Value = JobSnapshot> {
