@@ -143,29 +143,6 @@ struct Samples {
     skipped: u64,
 }
 
-/// Sleep until the absolute CLOCK_MONOTONIC instant `deadline_ns`.
-fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-    };
-    loop {
-        // SAFETY: `ts` is a valid timespec; the remaining-time pointer may be null with
-        // TIMER_ABSTIME.
-        let rc = unsafe {
-            libc::clock_nanosleep(
-                libc::CLOCK_MONOTONIC,
-                libc::TIMER_ABSTIME,
-                &ts,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != libc::EINTR {
-            return;
-        }
-    }
-}
-
 /// The sampling loop (runs on the probe thread).
 fn sample(src: &mut GpuSource, opts: &ProbeOptions) -> Samples {
     let n = src.len();
@@ -183,7 +160,7 @@ fn sample(src: &mut GpuSource, opts: &ProbeOptions) -> Samples {
     let mut k: u64 = 0;
     while (k as usize) < ticks {
         let deadline = start + k * period;
-        sleep_until(deadline);
+        crate::clock::sleep_until(deadline);
         let now = monotonic_ns();
         out.lateness_ns.push(now.saturating_sub(deadline));
         for (i, samples) in out.per_gpu.iter_mut().enumerate() {
@@ -320,9 +297,7 @@ pub fn probe(src: GpuSource, library: String, opts: ProbeOptions) -> ProbeReport
     let (src, samples) = std::thread::Builder::new()
         .name("ergond-probe".into())
         .spawn(move || {
-            // Wake up at the deadline rather than up to 50 µs (the default timer slack) later.
-            // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only affects this thread.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+            crate::clock::fine_timer_slack();
             let mut src = src;
             let samples = sample(&mut src, &opts);
             (src, samples)

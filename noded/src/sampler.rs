@@ -686,9 +686,7 @@ impl SamplerHandle {
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                // Wake up at the deadline rather than up to 50 µs (the default slack) later.
-                // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread.
-                unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+                crate::clock::fine_timer_slack();
                 body(&cpu);
             })
             .map_err(|source| SamplerError::Spawn { name, source })?;
@@ -955,7 +953,7 @@ impl Ticker {
             if now >= deadline {
                 return Some(now - deadline);
             }
-            sleep_until(deadline.min(now + STOP_CHECK_NS));
+            crate::clock::sleep_until(deadline.min(now + STOP_CHECK_NS));
         }
     }
 
@@ -966,28 +964,6 @@ impl Ticker {
         let missed = next.saturating_sub(self.k + 1);
         self.k = next.max(self.k + 1);
         missed
-    }
-}
-
-fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-    };
-    loop {
-        // SAFETY: `ts` is a valid timespec; the remaining-time pointer may be null with
-        // TIMER_ABSTIME.
-        let rc = unsafe {
-            libc::clock_nanosleep(
-                libc::CLOCK_MONOTONIC,
-                libc::TIMER_ABSTIME,
-                &ts,
-                std::ptr::null_mut(),
-            )
-        };
-        if rc != libc::EINTR {
-            return;
-        }
     }
 }
 
