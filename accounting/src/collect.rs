@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use ergon_protocol::manifest::{EnergyMethod, Manifest};
+use ergon_protocol::manifest::{EnergyMethod, Manifest, ManifestError};
 use ergon_protocol::record::JobRecord;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -331,21 +331,19 @@ pub fn scan(
             })
             .collect();
         paths.sort();
-        for path in paths {
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
+        for (path, read) in paths.iter().zip(read_and_verify(&paths)) {
+            let path = path.clone();
+            let (parsed, mtime) = match read {
+                Read::Gone => continue,
+                Read::Failed(e) => {
                     tracing::warn!("cannot read manifest {}: {e}; skipped", path.display());
                     continue;
                 }
+                Read::Parsed(parsed, mtime) => (*parsed, mtime),
             };
-            match Manifest::from_json(&bytes) {
+            match parsed {
                 Ok(manifest) => {
                     let key = job_key(&manifest.cluster, manifest.job.job_id);
-                    let mtime = std::fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .unwrap_or(SystemTime::UNIX_EPOCH);
                     let n = newest.entry(key.clone()).or_insert(mtime);
                     *n = (*n).max(mtime);
                     scan.jobs
@@ -387,6 +385,68 @@ pub fn scan(
         settled
     });
     Ok(scan)
+}
+
+/// What reading one manifest file gave.
+enum Read {
+    /// The file went away between listing and reading.
+    Gone,
+    /// It could not be read.
+    Failed(std::io::Error),
+    /// Read; parsed and verified (or why not), and its modification time.
+    Parsed(Box<Result<Manifest, ManifestError>>, SystemTime),
+}
+
+fn read_one(path: &Path) -> Read {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Read::Gone,
+        Err(e) => return Read::Failed(e),
+    };
+    let parsed = Manifest::from_json(&bytes).map(|mut m| {
+        // The power trace is not part of the job record; dropping it here keeps a large
+        // backlog's memory small (`ergon report` reads it from the file).
+        m.trace.series = Vec::new();
+        m
+    });
+    let mtime = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Read::Parsed(Box::new(parsed), mtime)
+}
+
+/// Read, parse and verify `paths` (the costly part of a scan: JSON parsing and the sha256 over
+/// each manifest's canonical form) on up to 8 threads; the results in the order of `paths`.
+fn read_and_verify(paths: &[PathBuf]) -> Vec<Read> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+        .min(paths.len().div_ceil(64).max(1));
+    if threads == 1 {
+        return paths.iter().map(|p| read_one(p)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<(usize, Read)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else { break };
+                        out.push((i, read_one(path)));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a manifest reader thread panicked"))
+            .collect()
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Move `path` into `dir` (keeping its name, made unique if taken) and write `<name>.reason`

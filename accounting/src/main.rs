@@ -115,6 +115,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             tracing::info!("{}", summary.line());
+            tracing::debug!("timings: {:?}", summary.timings);
             if !summary.auth_refused.is_empty() {
                 return Ok(ExitCode::from(4));
             }

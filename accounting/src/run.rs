@@ -51,6 +51,31 @@ pub struct RunSummary {
     pub auth_refused: Vec<String>,
     /// Entries dropped by the bounds this run with deliveries pending.
     pub dropped: usize,
+    /// Where the run's time went (for the debug log and benchmarks).
+    pub timings: RunTimings,
+}
+
+/// Wall-clock time of each step of a run, and the state saves.
+#[derive(Debug, Default, Clone)]
+pub struct RunTimings {
+    /// Reading the state file.
+    pub load_state: Duration,
+    /// Reading, parsing and verifying the manifests (`collect::scan`).
+    pub scan: Duration,
+    /// Combining the manifests into job records and entering them in the state (with pruning).
+    pub combine: Duration,
+    /// Writing sacct records (state saves included).
+    pub sacct: Duration,
+    /// Per sink: uploading (state saves included).
+    pub upload: BTreeMap<String, Duration>,
+    /// How many times the state file was written.
+    pub state_saves: u32,
+    /// Time spent writing the state file, all saves.
+    pub state_save_time: Duration,
+    /// The largest state file written (bytes).
+    pub state_bytes_max: u64,
+    /// The whole run.
+    pub total: Duration,
 }
 
 impl RunSummary {
@@ -141,18 +166,33 @@ struct Saver<'a> {
     config: &'a Config,
     last: Instant,
     every: Duration,
+    saves: u32,
+    time: Duration,
+    last_took: Duration,
+    bytes_max: u64,
 }
 
 impl Saver<'_> {
+    /// Save if `every` has passed since the last save, and at least ten times as long as the
+    /// last save took: a state of 100,000 pending records is over 100 MB, and saving it every
+    /// 2 s would take a large share of the run (each save is a full rewrite and an fsync). A
+    /// crash between saves only makes the next run deliver those records again.
     fn maybe(&mut self, state: &State) -> Result<()> {
-        if self.last.elapsed() >= self.every {
+        if self.last.elapsed() >= self.every.max(self.last_took * 10) {
             self.now(state)?;
         }
         Ok(())
     }
     fn now(&mut self, state: &State) -> Result<()> {
+        let start = Instant::now();
         state.save(&self.config.state_dir)?;
         self.last = Instant::now();
+        self.saves += 1;
+        self.last_took = self.last - start;
+        self.time += self.last_took;
+        if let Ok(meta) = std::fs::metadata(State::path(&self.config.state_dir)) {
+            self.bytes_max = self.bytes_max.max(meta.len());
+        }
         Ok(())
     }
 }
@@ -160,6 +200,7 @@ impl Saver<'_> {
 /// One `ergon run`. Fails with [`crate::state::LockError::Busy`] (inside the anyhow error) when
 /// another run holds the lock.
 pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
+    let started = Instant::now();
     let mut summary = RunSummary::default();
     if !options.dry_run {
         std::fs::create_dir_all(&config.state_dir).with_context(|| {
@@ -175,6 +216,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         Some(RunLock::try_acquire(&config.state_dir)?)
     };
     let mut state = State::load(&config.state_dir)?;
+    summary.timings.load_state = started.elapsed();
     let bounds = Bounds {
         max_age_s: config.state.max_age_days.saturating_mul(86_400),
         max_jobs: config.state.max_jobs,
@@ -184,16 +226,23 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         config,
         last: Instant::now(),
         every: Duration::from_secs(2),
+        saves: 0,
+        time: Duration::ZERO,
+        last_took: Duration::ZERO,
+        bytes_max: 0,
     };
 
     // 1. Collect.
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    let step = Instant::now();
     let scan = collect::scan(
         &config.spool_dirs,
         (!options.dry_run).then_some(config.quarantine_dir.as_path()),
         Duration::from_secs(config.settle_s),
     )?;
+    summary.timings.scan = step.elapsed();
+    let step = Instant::now();
     summary.quarantined = scan.quarantined.len();
     summary.unsettled = scan.unsettled;
     for (key, found) in scan.jobs {
@@ -228,6 +277,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     state.dropped.skipped_before_horizon = summary.skipped_before_horizon as u64;
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    summary.timings.combine = step.elapsed();
 
     if options.dry_run {
         print_dry_run(config, &state, &sinks, &summary);
@@ -237,11 +287,14 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
 
     // 2. sacct.
     if config.sacct.enabled {
+        let step = Instant::now();
         write_sacct(config, &mut state, &mut summary, &mut saver, options)?;
+        summary.timings.sacct = step.elapsed();
     }
 
     // 3. Upload.
     for sink in &sinks {
+        let step = Instant::now();
         upload(
             config,
             sink.as_ref(),
@@ -250,12 +303,20 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
             &mut saver,
             options,
         )?;
+        summary
+            .timings
+            .upload
+            .insert(sink.name().to_owned(), step.elapsed());
     }
 
     state.forget_delivered_bodies();
     state.last_run_unix = Some(now_unix());
     state.last_run_summary = Some(summary.line());
     saver.now(&state)?;
+    summary.timings.state_saves = saver.saves;
+    summary.timings.state_save_time = saver.time;
+    summary.timings.state_bytes_max = saver.bytes_max;
+    summary.timings.total = started.elapsed();
     Ok(summary)
 }
 
@@ -349,10 +410,19 @@ fn upload(
                 status.last_success_unix = Some(now_unix());
                 status.delivered_total += batch_keys.len() as u64;
                 for key in batch_keys {
-                    if let Some(d) = state.jobs.get_mut(key).and_then(|e| e.sinks.get_mut(&name)) {
+                    let Some(entry) = state.jobs.get_mut(key) else {
+                        continue;
+                    };
+                    if let Some(d) = entry.sinks.get_mut(&name) {
                         *d = Delivery::Done {
                             at_unix: now_unix(),
                         };
+                    }
+                    // Delivered everywhere: the body is no longer needed, and dropping it now
+                    // keeps the state saves during a large upload small (the WAL only needs the
+                    // bodies of pending deliveries).
+                    if !entry.any_pending() {
+                        entry.record = None;
                     }
                 }
                 delivered += batch_keys.len();
