@@ -334,9 +334,25 @@ impl Manifest {
     pub fn compute_hash(&self) -> String {
         let mut unsealed = self.clone();
         unsealed.content_hash = String::new();
-        let canonical =
-            serde_json::to_vec(&unsealed).expect("a Manifest always serialises to JSON");
-        let digest = Sha256::digest(&canonical);
+        unsealed.hash_unsealed()
+    }
+
+    /// The hash of this manifest as it is, `content_hash` included (callers make it empty).
+    /// The canonical JSON is streamed into the hasher, never held in memory.
+    fn hash_unsealed(&self) -> String {
+        struct Hasher(Sha256);
+        impl std::io::Write for Hasher {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut hasher = Hasher(Sha256::new());
+        serde_json::to_writer(&mut hasher, self).expect("a Manifest always serialises to JSON");
+        let digest = hasher.0.finalize();
         let mut out = String::with_capacity(7 + 64);
         out.push_str("sha256:");
         for byte in digest {
@@ -344,6 +360,24 @@ impl Manifest {
             out.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
         }
         out
+    }
+
+    /// [`Manifest::verify`] for a manifest the caller owns: the hash is computed with the stored
+    /// one taken out, instead of over a copy (manifests with long power traces are large).
+    fn verified(mut self) -> Result<Manifest, ManifestError> {
+        if self.content_hash.is_empty() {
+            return Err(ManifestError::NotSealed);
+        }
+        let stored = std::mem::take(&mut self.content_hash);
+        let computed = self.hash_unsealed();
+        self.content_hash = stored;
+        if computed != self.content_hash {
+            return Err(ManifestError::HashMismatch {
+                expected: self.content_hash,
+                computed,
+            });
+        }
+        Ok(self)
     }
 
     /// Set `content_hash` to the hash of the current content. Call it last, after every
@@ -372,22 +406,28 @@ impl Manifest {
     /// `schema_version` is checked before the rest, so a manifest from another version gives
     /// [`ManifestError::UnsupportedSchema`] rather than a shape error.
     pub fn from_json(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let manifest = Self::from_json_unverified(bytes)?;
-        manifest.verify()?;
-        Ok(manifest)
+        Self::from_json_unverified(bytes)?.verified()
     }
 
     /// Parse a manifest without verifying its hash, e.g. to show a damaged one with a
     /// warning. The schema version is still checked.
     pub fn from_json_unverified(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let probe: SchemaProbe = serde_json::from_slice(bytes)?;
-        if probe.schema_version != MANIFEST_SCHEMA_VERSION {
-            return Err(ManifestError::UnsupportedSchema {
-                got: probe.schema_version,
-                supported: MANIFEST_SCHEMA_VERSION,
-            });
+        let unsupported = |got| ManifestError::UnsupportedSchema {
+            got,
+            supported: MANIFEST_SCHEMA_VERSION,
+        };
+        // One parse in the common case; the version alone is read only to explain a failure,
+        // so that a manifest of another version is reported as such, not as a shape error.
+        match serde_json::from_slice::<Manifest>(bytes) {
+            Ok(m) if m.schema_version == MANIFEST_SCHEMA_VERSION => Ok(m),
+            Ok(m) => Err(unsupported(m.schema_version)),
+            Err(e) => match serde_json::from_slice::<SchemaProbe>(bytes) {
+                Ok(p) if p.schema_version != MANIFEST_SCHEMA_VERSION => {
+                    Err(unsupported(p.schema_version))
+                }
+                _ => Err(e.into()),
+            },
         }
-        Ok(serde_json::from_slice(bytes)?)
     }
 
     /// The manifest as pretty-printed JSON with a trailing newline, ready to be written to
