@@ -167,10 +167,19 @@ fn classify(status: StatusCode, retry_after: Option<&str>, body: &str) -> SendOu
     }
 }
 
-/// `Retry-After` as delay-seconds. (The HTTP-date form is not honoured: the normal backoff
-/// applies instead.)
+/// `Retry-After` in either form RFC 9110 allows: delay-seconds (`120`) or an HTTP-date
+/// (`Wed, 21 Oct 2026 07:28:00 GMT`, the wait until then; a date in the past means now).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    retry_after_at(value, std::time::SystemTime::now())
+}
+
+fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
@@ -412,6 +421,24 @@ mod tests {
         assert_eq!(backoff(&r, 2, 1.0), Duration::from_millis(400));
         assert_eq!(backoff(&r, 10, 1.0), Duration::from_millis(1000));
         assert_eq!(backoff(&r, 40, 0.0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let now = UNIX_EPOCH + Duration::from_secs(1_445_412_450); // Wed, 21 Oct 2015 07:27:30 GMT
+        assert_eq!(retry_after_at("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(retry_after_at("soon", now), None);
+        assert_eq!(parse_retry_after(" 5 "), Some(Duration::from_secs(5)));
     }
 
     #[test]
