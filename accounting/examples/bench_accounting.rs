@@ -122,9 +122,9 @@ fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
                 index: i,
                 minor: Some(i),
                 pci_bus_id: realistic.then(|| format!("00000000:{:02X}:00.0", 0x17 + i * 0x20)),
-                energy_j: (avg * duration_s).round(),
-                avg_w: avg,
-                peak_w: avg * 1.4,
+                energy_j: Some((avg * duration_s).round()),
+                avg_w: Some(avg),
+                peak_w: Some(avg * 1.4),
                 method: EnergyMethod::Counter,
                 shared: false,
             }
@@ -139,7 +139,7 @@ fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
             share_method: ShareMethod::CgroupCpuTime,
         })
         .collect();
-    let gpu_j: f64 = gpus.iter().map(|g| g.energy_j).sum();
+    let gpu_j: f64 = gpus.iter().filter_map(|g| g.energy_j).sum();
     let cpu_j: f64 = sockets.iter().map(|s| s.package_j).sum();
     let dram_j: Option<f64> = realistic.then(|| sockets.iter().filter_map(|s| s.dram_j).sum());
     let energy_j = gpu_j + cpu_j + dram_j.unwrap_or(0.0);
@@ -176,7 +176,11 @@ fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
                 .collect(),
         };
         for g in &gpus {
-            series.push(trace(format!("gpu{}", g.index), g.avg_w, &mut rng));
+            series.push(trace(
+                format!("gpu{}", g.index),
+                g.avg_w.unwrap_or(0.0),
+                &mut rng,
+            ));
         }
         for s in &sockets {
             series.push(trace(

@@ -107,12 +107,12 @@ pub struct GpuSummary {
     pub uuid: String,
     /// Slurm GPU index on the node.
     pub index: u32,
-    /// Energy, joules.
-    pub energy_j: f64,
+    /// Energy, joules; `None` when the GPU could not be read (never 0 for an unmeasured GPU).
+    pub energy_j: Option<f64>,
     /// Average power, watts.
-    pub avg_w: f64,
+    pub avg_w: Option<f64>,
     /// Peak power, watts.
-    pub peak_w: f64,
+    pub peak_w: Option<f64>,
     /// How the energy was obtained.
     pub method: EnergyMethod,
 }

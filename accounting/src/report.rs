@@ -135,10 +135,16 @@ pub fn render_job_report(r: &JobReport) -> String {
             );
         }
         for g in &m.gpus {
-            out += &format!(
-                "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W\n",
-                g.node, g.index, g.uuid, g.energy_j, g.avg_w
-            );
+            out += &match (g.energy_j, g.avg_w) {
+                (Some(e), Some(w)) => format!(
+                    "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W\n",
+                    g.node, g.index, g.uuid, e, w
+                ),
+                _ => format!(
+                    "    {} gpu{} {:<40} not measured (could not be read)\n",
+                    g.node, g.index, g.uuid
+                ),
+            };
         }
     }
     for p in &r.manifest_problems {

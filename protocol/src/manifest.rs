@@ -171,12 +171,13 @@ pub struct GpuEnergy {
     pub minor: Option<u32>,
     /// PCI bus id (`00000000:3B:00.0`), if known.
     pub pci_bus_id: Option<String>,
-    /// Energy attributed to the job.
-    pub energy_j: f64,
-    /// Average power over the job.
-    pub avg_w: f64,
-    /// Highest power sample seen.
-    pub peak_w: f64,
+    /// Energy attributed to the job; `null` when the GPU could not be read (never 0 for an
+    /// unmeasured GPU).
+    pub energy_j: Option<f64>,
+    /// Average power over the job; `null` with `energy_j`.
+    pub avg_w: Option<f64>,
+    /// Highest power sample seen; `null` when no sample was.
+    pub peak_w: Option<f64>,
     /// How `energy_j` was obtained.
     pub method: EnergyMethod,
     /// Whether the GPU was shared with other jobs (then `energy_j` is a share, not the

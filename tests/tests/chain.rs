@@ -494,11 +494,12 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
                 "{g:?}: expected Slurm index {index}, minor {minor}"
             );
             let truth = fake.watts * secs;
-            let err = (g.energy_j - truth).abs() / truth;
+            let energy = g.energy_j.ok_or_else(|| anyhow!("GPU {index} not measured: {g:?}"))?;
+            let err = (energy - truth).abs() / truth;
             println!(
                 "GPU {index} (minor {minor}, {} W): {:.2} J over {secs:.3} s, truth {truth:.2} J, error {:.3}%",
                 fake.watts,
-                g.energy_j,
+                energy,
                 100.0 * err
             );
             ensure!(err < ENERGY_TOLERANCE, "{g:?} vs {truth} J");

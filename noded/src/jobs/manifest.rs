@@ -183,28 +183,33 @@ pub fn build(
             .fold(None, |acc: Option<f32>, w| {
                 Some(acc.map_or(w, |a| a.max(w)))
             });
-        let (method, energy_j) = match energy {
-            Some(e) => (fact.method, e),
+        // A GPU that could not be read at the job's start or end has no energy: `null`, never 0.
+        let method = match energy {
+            Some(_) => fact.method,
             None => {
                 estimated_notes.push(format!(
-                    "GPU {} could not be read at the job's start or end",
+                    "GPU {} could not be read at the job's start or end: its energy is unknown",
                     fact.uuid
                 ));
-                (EnergyMethod::Estimated, 0.0)
+                EnergyMethod::Estimated
             }
         };
-        if energy.is_some() {
-            *gpu_total.get_or_insert(0.0) += energy_j;
+        if let Some(e) = energy {
+            *gpu_total.get_or_insert(0.0) += e;
         }
-        let avg_w = per_s(energy_j);
+        let avg_w = energy.map(per_s);
+        let peak_w = match (peak.map(f64::from), avg_w) {
+            (Some(p), Some(a)) => Some(p.max(a)),
+            (p, a) => p.or(a),
+        };
         gpus.push(GpuEnergy {
             uuid: fact.uuid.clone(),
             index: alloc.index,
             minor: alloc.minor.or(fact.minor),
             pci_bus_id: fact.pci_bus_id.clone(),
-            energy_j,
+            energy_j: energy,
             avg_w,
-            peak_w: peak.map_or(avg_w, f64::from).max(avg_w),
+            peak_w,
             method,
             shared: false,
         });
@@ -495,6 +500,28 @@ mod tests {
     }
 
     #[test]
+    fn a_gpu_that_could_not_be_read_has_no_energy_not_zero() {
+        let mut job = ended_job(vec![
+            GpuAlloc {
+                index: 0,
+                minor: Some(3),
+            },
+            GpuAlloc {
+                index: 1,
+                minor: Some(5),
+            },
+        ]);
+        // NVML position 2 (minor 3) failed at the job's end.
+        job.end_reading.as_mut().unwrap().gpus[2] = None;
+        let m = build(&job, &facts(), &traces(), "cl");
+        let unread = m.gpus.iter().find(|g| g.uuid == "GPU-2").unwrap();
+        assert_eq!((unread.energy_j, unread.avg_w), (None, None));
+        assert_eq!(unread.method, EnergyMethod::Estimated);
+        // The total counts what was measured, and says nothing about the unread GPU.
+        assert_eq!(m.totals.gpu_j, Some(800.0));
+    }
+
+    #[test]
     fn allocated_gpus_matched_by_minor_get_their_whole_energy() {
         let job = ended_job(vec![
             GpuAlloc {
@@ -511,14 +538,14 @@ mod tests {
         // minor 3 is NVML position 2 (300 W), minor 5 position 1 (200 W); 4 s.
         assert_eq!(
             (m.gpus[0].uuid.as_str(), m.gpus[0].energy_j),
-            ("GPU-2", 1200.0)
+            ("GPU-2", Some(1200.0))
         );
         assert_eq!(
             (m.gpus[1].uuid.as_str(), m.gpus[1].energy_j),
-            ("GPU-1", 800.0)
+            ("GPU-1", Some(800.0))
         );
-        assert_eq!(m.gpus[0].avg_w, 300.0);
-        assert_eq!(m.gpus[0].peak_w, 300.0);
+        assert_eq!(m.gpus[0].avg_w, Some(300.0));
+        assert_eq!(m.gpus[0].peak_w, Some(300.0));
         assert_eq!(m.totals.gpu_j, Some(2000.0));
         assert_eq!(m.totals.cpu_j, None);
         assert_eq!(m.duration_s, 4.0);
