@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::FakeNvml;
+use common::{toml_str, FakeNvml};
 use ergond::testing::{PowercapLayout, PowercapTree};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -23,10 +23,6 @@ fn ergond(args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn toml_str(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
 }
 
 /// A node: config file plus the trees it points at.

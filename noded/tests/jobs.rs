@@ -22,9 +22,6 @@ use ergon_protocol::{
     encode_frame, read_frame, write_frame, CgroupPath, CpuSet, ErrorCode, GpuAlloc, JobEnd, JobIds,
     JobStart, Manifest, Reply, Request, StepEnd, StepId, StepStart, Timestamp, MAX_FRAME_LEN,
 };
-use ergond::testing::{
-    write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
-};
 use serde_json::json;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -72,48 +69,22 @@ impl Drop for Ergond {
     }
 }
 
-fn toml_str(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
-    let powercap = dir.join("powercap");
-    PowercapTree::create(
-        &powercap,
-        &PowercapLayout::IntelServer { sockets: 1 }.zones(),
-    );
-    let sys = dir.join("sys");
-    write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
-    let proc_root = dir.join("proc");
-    write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
-    let cgroup = dir.join("cgroup");
-    write_cgroup_v2_usage(&cgroup, "slurm/job_42/step_0", 1_000_000);
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let config = common::write_node(
+        dir,
+        nvml,
+        &format!("127.0.0.1:{port}"),
+        "slurm/job_42/step_0",
+        1_000_000,
+        "socket_mode = 0o666\n",
+    );
     let socket = dir.join("run/ergond.sock");
     let spool = dir.join("spool");
-    let config = dir.join("ergond.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
-             cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
-             metrics_listen = \"127.0.0.1:{port}\"\nsocket_mode = 0o666\n",
-            toml_str(nvml),
-            toml_str(&powercap),
-            toml_str(&dir.join("perf")),
-            toml_str(&sys),
-            toml_str(&cgroup),
-            toml_str(&proc_root),
-            toml_str(&socket),
-            toml_str(&dir.join("state")),
-            toml_str(&spool),
-        ),
-    )
-    .unwrap();
     let log = dir.join("ergond.log");
     let file = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ergond"))

@@ -10,9 +10,6 @@
 mod common;
 
 use common::FakeNvml;
-use ergond::testing::{
-    write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
-};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -184,43 +181,9 @@ fn wait_for<T>(
     }
 }
 
-fn toml_str(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 /// Node trees and the ergond configuration; returns the configuration file.
 fn node(dir: &Path, nvml: &Path, metrics: SocketAddr) -> PathBuf {
-    let powercap = dir.join("powercap");
-    PowercapTree::create(
-        &powercap,
-        &PowercapLayout::IntelServer { sockets: 1 }.zones(),
-    );
-    let sys = dir.join("sys");
-    write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
-    let proc_root = dir.join("proc");
-    write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
-    let cgroup = dir.join("cgroup");
-    write_cgroup_v2_usage(&cgroup, "system.slice", 1000);
-    let config = dir.join("ergond.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
-             cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
-             metrics_listen = \"{metrics}\"\n",
-            toml_str(nvml),
-            toml_str(&powercap),
-            toml_str(&dir.join("perf")),
-            toml_str(&sys),
-            toml_str(&cgroup),
-            toml_str(&proc_root),
-            toml_str(&dir.join("run/ergond.sock")),
-            toml_str(&dir.join("state")),
-            toml_str(&dir.join("spool")),
-        ),
-    )
-    .unwrap();
-    config
+    common::write_node(dir, nvml, &metrics.to_string(), "system.slice", 1000, "")
 }
 
 #[test]

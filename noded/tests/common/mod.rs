@@ -90,3 +90,57 @@ impl FakeNvml {
 pub fn rel_err(got: f64, truth: f64) -> f64 {
     (got - truth).abs() / truth.abs()
 }
+
+/// A path as a TOML string literal.
+pub fn toml_str(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// A generated node under `dir` for running the `ergond` binary: a one-socket Intel powercap
+/// tree, a 2-CPU topology and `/proc/stat`, a cgroup v2 tree with `cgroup_rel` at `usage_usec`,
+/// and `ergond.toml` pointing every root there (socket `run/ergond.sock`, `state/`, `spool/`),
+/// NVML at `nvml`, `/metrics` at `metrics`, and `extra` TOML lines appended. Returns the
+/// configuration file.
+pub fn write_node(
+    dir: &Path,
+    nvml: &Path,
+    metrics: &str,
+    cgroup_rel: &str,
+    usage_usec: u64,
+    extra: &str,
+) -> PathBuf {
+    use ergond::testing::{
+        write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
+    };
+    let powercap = dir.join("powercap");
+    PowercapTree::create(
+        &powercap,
+        &PowercapLayout::IntelServer { sockets: 1 }.zones(),
+    );
+    let sys = dir.join("sys");
+    write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
+    let proc_root = dir.join("proc");
+    write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
+    let cgroup = dir.join("cgroup");
+    write_cgroup_v2_usage(&cgroup, cgroup_rel, usage_usec);
+    let config = dir.join("ergond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
+             cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
+             metrics_listen = \"{metrics}\"\n{extra}",
+            toml_str(nvml),
+            toml_str(&powercap),
+            toml_str(&dir.join("perf")),
+            toml_str(&sys),
+            toml_str(&cgroup),
+            toml_str(&proc_root),
+            toml_str(&dir.join("run/ergond.sock")),
+            toml_str(&dir.join("state")),
+            toml_str(&dir.join("spool")),
+        ),
+    )
+    .unwrap();
+    config
+}
