@@ -160,7 +160,7 @@ pub struct GpuReport {
     pub method_reason: String,
     /// What the update period below is of: `energy counter` or `power reading`.
     pub update_period_of: Option<String>,
-    /// Detected update period in milliseconds (shortest interval between two changes).
+    /// Detected update period in milliseconds (median interval between two changes).
     pub update_period_ms: Option<f64>,
     /// Why no period was detected, when it was not.
     pub update_period_note: Option<String>,

@@ -274,8 +274,9 @@ impl SamplerSources {
 
 /// Find how often the GPUs' energy counters (or, for GPUs without one, their power readings)
 /// change: poll every measurable GPU every 200 µs until each has changed 4 times or `budget`
-/// is spent, and take the shortest interval between two changes of any GPU. `None` when no GPU
-/// changed twice (constant power without a counter, or a budget too short).
+/// is spent, and take the median interval between two changes over all GPUs
+/// ([`crate::sources::nvml::update_period_from_intervals`]). `None` when no GPU changed twice
+/// (constant power without a counter, or a budget too short).
 pub fn detect_gpu_counter_period(src: &mut GpuSource, budget: Duration) -> Option<Duration> {
     const CHANGES: usize = 4;
     let measurable: Vec<usize> = (0..src.len())
@@ -298,11 +299,11 @@ pub fn detect_gpu_counter_period(src: &mut GpuSource, budget: Duration) -> Optio
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    changes
-        .iter()
-        .flat_map(|c| c.windows(2).map(|w| w[1] - w[0]))
-        .min()
-        .map(Duration::from_nanos)
+    crate::sources::nvml::update_period_from_intervals(
+        changes
+            .iter()
+            .flat_map(|c| c.windows(2).map(|w| w[1] - w[0])),
+    )
 }
 
 /// One sample of a GPU's or zone's trace.

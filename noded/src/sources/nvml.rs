@@ -323,10 +323,10 @@ impl GpuSource {
         }
     }
 
-    /// Find how often GPU `i`'s energy counter (or, without one, its power reading) changes,
-    /// the way zeus does: poll quickly for up to `budget` or until `max_changes` changes, and
-    /// take the shortest interval between two changes. `None` when fewer than two changes were
-    /// seen (constant power without a counter, or a budget too short).
+    /// Find how often GPU `i`'s energy counter (or, without one, its power reading) changes:
+    /// poll quickly for up to `budget` or until `max_changes` changes, and take the median
+    /// interval between two changes ([`update_period_from_intervals`]). `None` when fewer than
+    /// two changes were seen (constant power without a counter, or a budget too short).
     pub fn detect_update_period(
         &mut self,
         i: usize,
@@ -345,9 +345,25 @@ impl GpuSource {
             last_value = v;
             std::thread::sleep(Duration::from_micros(200));
         }
-        let min = change_times.windows(2).map(|w| w[1] - w[0]).min();
-        Ok(min.map(Duration::from_nanos))
+        Ok(update_period_from_intervals(
+            change_times.windows(2).map(|w| w[1] - w[0]),
+        ))
     }
+}
+
+/// A counter's update period from the intervals (ns) between the changes a poller saw: their
+/// median. zeus takes the shortest, but a poll that runs late sees one change late, which makes
+/// one interval too long and the next one too short by the delay; the shortest then
+/// underestimates the period (7.5 ms seen for a 10 ms counter on a loaded machine), while the
+/// median is unaffected by a minority of late polls. `None` without any interval.
+pub fn update_period_from_intervals(intervals: impl Iterator<Item = u64>) -> Option<Duration> {
+    let mut v: Vec<u64> = intervals.collect();
+    if v.is_empty() {
+        return None;
+    }
+    let mid = (v.len() - 1) / 2;
+    let (_, median, _) = v.select_nth_unstable(mid);
+    Some(Duration::from_nanos(*median))
 }
 
 type ReadFailure = (&'static str, NvmlError);
@@ -572,6 +588,22 @@ pub fn default_library() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn update_period_is_the_median_interval_so_a_late_poll_does_not_shorten_it() {
+        let ms = |v: u64| v * 1_000_000;
+        // A 10 ms counter; the third change was seen 2.5 ms late.
+        let seen = [ms(10), ms(10), ms(25) / 2, ms(15) / 2, ms(10)];
+        assert_eq!(
+            update_period_from_intervals(seen.into_iter()),
+            Some(Duration::from_millis(10))
+        );
+        assert_eq!(update_period_from_intervals(std::iter::empty()), None);
+        assert_eq!(
+            update_period_from_intervals([ms(20)].into_iter()),
+            Some(Duration::from_millis(20))
+        );
+    }
 
     #[test]
     fn sampling_period_is_half_the_update_period_clamped() {
