@@ -56,6 +56,7 @@ pub enum IdlePolicy {
 
 /// Site choices for the attribution model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AttributionConfig {
     /// Where CPU idle energy goes; default [`IdlePolicy::ByAllocatedCpus`].
     pub cpu_idle: IdlePolicy,

@@ -139,6 +139,9 @@ pub struct Config {
     pub metrics_listen: String,
     /// Sampling rates.
     pub sampling: SamplingConfig,
+    /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`
+    /// (docs/attribution.md).
+    pub attribution: crate::attribution::AttributionConfig,
 }
 
 impl Default for Config {
@@ -159,6 +162,7 @@ impl Default for Config {
             spool_dir: PathBuf::from("/var/spool/ergon"),
             metrics_listen: "127.0.0.1:9713".to_string(),
             sampling: SamplingConfig::default(),
+            attribution: Default::default(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! ergond, the per-node daemon of ergon: the measurement layer (energy counters, hardware
 //! sources), the [`sampler`] threads, Prometheus [`metrics`], the SPANK plugin's socket
 //! [`server`], job tracking and manifests ([`jobs`], GPU energy only for now) and the node
-//! [`service`]; CPU/DRAM attribution, restart safety and the user report come next.
+//! [`service`] with its [`systemd`] integration; CPU/DRAM attribution, restart safety and the
+//! user report come next.
 //!
 //! The library is split so that pure logic ([`counter`]) is separate from the code that touches
 //! hardware ([`sources`]); every hardware root is a parameter, which is how tests point the
@@ -22,5 +23,6 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod sources;
+pub mod systemd;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

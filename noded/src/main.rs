@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 /// ergond samples GPU (NVML) and CPU (RAPL) energy counters on a Slurm compute node and
 /// attributes the energy to the jobs running there.
@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 /// Without a subcommand, ergond runs as the node service: it samples every GPU and RAPL zone
 /// and serves Prometheus metrics (per-GPU and per-zone energy and power, node totals, sampler
 /// health) at http://<metrics_listen>/metrics (default 127.0.0.1:9713) until SIGTERM or SIGINT.
-/// Logs go to stderr (RUST_LOG sets the level, default info).
+/// Logs go to stderr, or to the journal when stderr is connected to it (see --log); RUST_LOG
+/// sets the level, default info. Under systemd (Type=notify) it reports readiness, STATUS= and
+/// STOPPING=, and pings the watchdog (WatchdogSec=) while the sampler ticks.
 ///
 /// It also serves the SPANK plugin's socket (socket_path, default /run/ergon/ergond.sock) and
 /// writes one manifest per job into spool_dir when the job ends. Not implemented yet: CPU/DRAM
@@ -26,6 +28,11 @@ struct Args {
     /// exist, built-in defaults are used. A file given here must exist.]
     #[arg(long, short, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+
+    /// Where the service logs: auto = the journal (native protocol) when stderr is connected to
+    /// it (JOURNAL_STREAM), else stderr.
+    #[arg(long, value_enum, default_value_t = ergond::systemd::LogTarget::Auto)]
+    log: ergond::systemd::LogTarget,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -70,6 +77,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (ergond.8, ergond-check.8, ...) into DIR (used by scripts/install).
+    #[command(long_flag = "generate-man", hide = true)]
+    GenerateMan {
+        /// Directory to write the pages into (must exist).
+        dir: PathBuf,
+    },
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -99,6 +112,38 @@ fn main() -> ExitCode {
             period_ms,
             json,
         )),
-        None => ExitCode::from(ergond::service::run(args.config.as_deref())),
+        Some(Command::GenerateMan { dir }) => match write_man_pages(Args::command(), "8", &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "ergond: cannot write the man pages into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(1)
+            }
+        },
+        None => ExitCode::from(ergond::service::run(args.config.as_deref(), args.log)),
     }
+}
+
+/// One roff page per command and visible subcommand (`ergond.8`, `ergond-check.8`, ...).
+fn write_man_pages(
+    cmd: clap::Command,
+    section: &str,
+    dir: &std::path::Path,
+) -> std::io::Result<()> {
+    fn write(cmd: clap::Command, section: &str, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), section, dir)?;
+        }
+        clap_mangen::Man::new(cmd)
+            .section(section)
+            .source(concat!("ergon ", env!("CARGO_PKG_VERSION")))
+            .manual("ergon")
+            .generate_to(dir)
+            .map(drop)
+    }
+    let mut cmd = cmd.disable_help_subcommand(true);
+    cmd.build();
+    write(cmd, section, dir)
 }

@@ -20,6 +20,9 @@
 //! | `sampler_thread_cpu_seconds_total` | counter | `thread` |
 //! | `cgroup_cpu_seconds_total`, `cgroup_read_errors_total` | counters | `cgroup` (watched job cgroups only) |
 //! | `socket_cpu_busy_seconds_total`, `socket_cpu_seconds_total` | counters | `socket` |
+//! | `jobs_open`, `attribution_conservation_error_joules` | gauges | |
+//! | `attribution_intervals_total`, `attribution_failed_intervals_total`, `attribution_conservation_failures_total`, `attribution_late_readings_total` | counters | |
+//! | `attribution_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram`, `bucket` = `measured` \| `jobs` \| `idle` \| `unattributed` |
 //! | `build_info` (value 1) | gauge | `version` |
 //!
 //! A quantity the hardware does not provide is absent, never 0: no energy, method or power series
@@ -287,6 +290,65 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
             .map(|s| (socket(s), secs(s.total_ns))),
     );
 
+    // Job attribution: its running balance, checked continuously.
+    if let Some(a) = &snapshot.attribution {
+        w.family(
+            "ergon_jobs_open",
+            "gauge",
+            "Jobs open on this node (started, not yet ended).",
+            [(vec![], a.open_jobs as f64)],
+        );
+        w.family(
+            "ergon_attribution_intervals_total",
+            "counter",
+            "Intervals of node energy attributed to jobs.",
+            [(vec![], a.intervals as f64)],
+        );
+        w.family(
+            "ergon_attribution_failed_intervals_total",
+            "counter",
+            "Intervals whose readings the attribution model refused (nothing attributed; see the log).",
+            [(vec![], a.failed_intervals as f64)],
+        );
+        w.family(
+            "ergon_attribution_conservation_failures_total",
+            "counter",
+            "Intervals whose attribution failed the independent conservation check (see the log).",
+            [(vec![], a.conservation_failures as f64)],
+        );
+        w.family(
+            "ergon_attribution_late_readings_total",
+            "counter",
+            "Event readings older than the last closed interval, applied at that interval's end.",
+            [(vec![], a.late_readings as f64)],
+        );
+        w.family(
+            "ergon_attribution_conservation_error_joules",
+            "gauge",
+            "Measured energy minus jobs + idle + unattributed, summed over all intervals (J): 0 up to rounding.",
+            [(vec![], a.conservation_error_j)],
+        );
+        w.family(
+            "ergon_attribution_energy_joules_total",
+            "counter",
+            "Measured node energy by where the attribution put it (J): bucket = jobs | idle | unattributed; measured = their sum.",
+            a.components.iter().flat_map(|(component, v)| {
+                ["measured", "jobs", "idle", "unattributed"]
+                    .into_iter()
+                    .zip(*v)
+                    .map(move |(bucket, j)| {
+                        (
+                            vec![
+                                ("component", (*component).to_string()),
+                                ("bucket", bucket.to_string()),
+                            ],
+                            j,
+                        )
+                    })
+            }),
+        );
+    }
+
     w.family(
         "ergon_build_info",
         "gauge",
@@ -387,6 +449,8 @@ mod tests {
 
     fn zone(socket: Option<u32>, domain: RaplDomain, energy_j: f64) -> ZoneSnapshot {
         ZoneSnapshot {
+            raw_j: None,
+            range_j: None,
             key: ZoneKey {
                 socket,
                 die: None,
@@ -418,6 +482,7 @@ mod tests {
                     measurable: true,
                     read_errors: 0,
                     at_ns: 5,
+                    raw_j: None,
                 },
                 GpuSnapshot {
                     index: 1,
@@ -433,6 +498,7 @@ mod tests {
                     measurable: true,
                     read_errors: 3,
                     at_ns: 5,
+                    raw_j: None,
                 },
                 // Neither energy counter nor power: listed, but no energy, method or power.
                 GpuSnapshot {
@@ -449,6 +515,7 @@ mod tests {
                     measurable: false,
                     read_errors: 0,
                     at_ns: 0,
+                    raw_j: None,
                 },
             ],
             zones: vec![
@@ -488,6 +555,7 @@ mod tests {
                 cpu_ns: Some(30_000_000),
             }],
             taken_monotonic_ns: 5,
+            attribution: None,
         }
     }
 
@@ -607,6 +675,32 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
         );
         assert_eq!(out, format!("{GOLDEN}{build}"), "got:\n{out}");
         validate(&out).unwrap();
+    }
+
+    #[test]
+    fn attribution_balance_is_exported_when_the_tracker_runs() {
+        let snap = NodeSnapshot {
+            attribution: Some(crate::snapshot::AttributionSnapshot {
+                open_jobs: 2,
+                intervals: 10,
+                conservation_error_j: 1e-12,
+                components: vec![("gpu", [100.0, 60.0, 0.0, 40.0])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        render(&snap, &mut out);
+        validate(&out).unwrap();
+        for line in [
+            "ergon_jobs_open 2\n",
+            "ergon_attribution_intervals_total 10\n",
+            "ergon_attribution_conservation_error_joules 0.000000000001\n",
+            "ergon_attribution_energy_joules_total{component=\"gpu\",bucket=\"jobs\"} 60\n",
+            "ergon_attribution_energy_joules_total{component=\"gpu\",bucket=\"unattributed\"} 40\n",
+        ] {
+            assert!(out.contains(line), "{line} missing from\n{out}");
+        }
     }
 
     #[test]

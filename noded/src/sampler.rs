@@ -554,6 +554,7 @@ impl Sampler {
                         measurable: method.is_some(),
                         read_errors: 0,
                         at_ns: 0,
+                        raw_j: None,
                     }
                 })
                 .collect();
@@ -581,6 +582,8 @@ impl Sampler {
                             wraps: 0,
                             dropped_intervals: 0,
                             at_ns: 0,
+                            raw_j: None,
+                            range_j: None,
                         })
                         .collect::<Vec<_>>()
                 })
@@ -1030,6 +1033,7 @@ fn gpu_thread(mut src: GpuSource, opts: &SamplerOptions, shared: &Shared) {
                 g.resets = t.resets;
                 g.dropped_intervals = t.dropped;
                 g.at_ns = r.at_ns;
+                g.raw_j = r.energy_mj.map(|mj| mj as f64 / 1000.0);
                 traces[i].push(TraceSample {
                     at_ns: r.at_ns,
                     energy_j: t.joules,
@@ -1179,6 +1183,14 @@ fn cpu_thread_main(
                         zs.wraps = t.wraps;
                         zs.dropped_intervals = t.dropped;
                         zs.at_ns = at;
+                        let spec = counters[z].spec();
+                        zs.raw_j = raw.get(z).map(|&v| v as f64 * spec.joules_per_unit);
+                        zs.range_j = match spec.kind {
+                            crate::counter::CounterKind::Wrapping { modulus } => {
+                                Some(modulus as f64 * spec.joules_per_unit)
+                            }
+                            crate::counter::CounterKind::Resetting => None,
+                        };
                         traces[z].push(TraceSample {
                             at_ns: at,
                             energy_j: t.joules,

@@ -4,8 +4,9 @@
 //! serves Prometheus `/metrics` on `metrics_listen` and the SPANK plugin's socket on
 //! `socket_path` ([`crate::server`], answered by [`crate::jobs::tracker::JobTracker`]) until
 //! SIGTERM or SIGINT; then stops both servers, writes the manifests of jobs that have ended,
-//! stops the sampler and exits 0. Logs go to stderr through `tracing` (level from `RUST_LOG`,
-//! default `info`), which systemd's journal captures.
+//! stops the sampler and exits 0. Logs go through `tracing` (level from `RUST_LOG`, default
+//! `info`) to stderr, or to the journal when stderr is connected to it; under systemd it
+//! notifies readiness, status and stopping and pings the watchdog ([`crate::systemd`]).
 //!
 //! Jobs get one manifest each in `spool_dir` when they end. Not here yet (the log says so at
 //! start): CPU and DRAM attribution (manifests attribute GPU energy only), restart safety (jobs
@@ -39,23 +40,10 @@ pub const EXIT_START: u8 = 1;
 /// Exit status: no energy source works on this node.
 pub const EXIT_NO_SOURCE: u8 = 2;
 
-/// Log to stderr; `RUST_LOG` filters (default `info`). Colours only on a terminal (not in the
-/// journal or a log file).
-fn init_logging() {
-    use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second initialisation (tests calling `run` twice) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .try_init();
-}
-
-/// Run the service until SIGTERM/SIGINT; returns the exit status.
-pub fn run(explicit_config: Option<&Path>) -> u8 {
-    init_logging();
+/// Run the service until SIGTERM/SIGINT, logging to `log`; returns the exit status.
+pub fn run(explicit_config: Option<&Path>, log: crate::systemd::LogTarget) -> u8 {
+    crate::systemd::init_logging(log);
+    crate::systemd::status("starting");
     let (config, report) = match load_config(explicit_config) {
         Ok(c) => c,
         Err(e) => {
@@ -162,6 +150,19 @@ async fn service(config: Config, config_path: &str) -> u8 {
         .unwrap_or_default();
     let spool_dir = config.spool_dir.clone();
     let socket_path = config.socket_path.clone();
+    let socket_cpus = crate::sources::topology::CpuTopology::discover(&config.sysfs_root)
+        .map(|t| t.socket_cpus())
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "CPU topology unreadable: jobs' CPU energy is split by socket size");
+            Vec::new()
+        });
+    let attribution = config.attribution;
+    let state_dir = config.state_dir.clone();
+    let proc_root = config.proc_root.clone();
+    let power = crate::jobs::recovery::PowerLimits {
+        gpu_max_power_w: config.sampling.gpu_max_power_w,
+        cpu_max_power_w: config.sampling.cpu_max_power_w,
+    };
     let gpus = sources.gpu.as_ref().map_or(0, |g| g.len());
     let zones = sources.rapl.as_ref().map_or(0, |r| r.zones().len());
     if gpus == 0 && zones == 0 {
@@ -190,7 +191,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
     tracing::info!(gpus, rapl_zones = zones, options = ?sampler.options(), "sampling");
     let tracker = match JobTracker::start(
         Arc::clone(&sampler),
-        node_facts(&sampler, sensors, &pci),
+        node_facts(&sampler, sensors, &pci, socket_cpus),
         TrackerConfig {
             spool_dir,
             default_cluster: "unknown".to_owned(),
@@ -198,6 +199,10 @@ async fn service(config: Config, config_path: &str) -> u8 {
                 slurm_uid: Some(slurm_uid),
             },
             limits: Default::default(),
+            attribution,
+            state_dir: Some(state_dir),
+            proc_root,
+            power,
         },
     ) {
         Ok(t) => Arc::new(t),
@@ -213,10 +218,21 @@ async fn service(config: Config, config_path: &str) -> u8 {
     );
     tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
     tracing::info!(socket = %socket_path.display(), "serving the SPANK plugin's socket");
+    let running = format!(
+        "sampling {gpus} GPU(s), {zones} RAPL zone(s); metrics on http://{addr}/metrics; \
+         plugin socket {}",
+        socket_path.display()
+    );
+    crate::systemd::ready(&running);
 
     let source: SnapshotSource = {
         let sampler = Arc::clone(&sampler);
-        Arc::new(move || sampler.snapshot())
+        let tracker = Arc::clone(&tracker);
+        Arc::new(move || {
+            let mut s = sampler.snapshot();
+            s.attribution = Some(tracker.attribution_snapshot());
+            s
+        })
     };
     let handler: Handler = {
         let tracker = Arc::clone(&tracker);
@@ -227,6 +243,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
         let _ = rx.wait_for(|s| *s).await;
     };
     tokio::join!(
+        crate::systemd::watchdog(Arc::clone(&source), running, stopped(stop_rx.clone())),
         serve(
             listener,
             source,
@@ -240,6 +257,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
                 _ = int.recv() => "SIGINT",
             };
             tracing::info!(signal = name, "stopping");
+            crate::systemd::stopping();
             let _ = stop_tx.send(true);
         },
     );
@@ -310,6 +328,7 @@ fn node_facts(
     sampler: &SamplerHandle,
     sensors: Vec<SensorInfo>,
     pci: &[(String, Option<String>)],
+    sockets: Vec<(u32, ergon_protocol::CpuSet)>,
 ) -> NodeFacts {
     let snap = sampler.snapshot();
     NodeFacts {
@@ -332,6 +351,7 @@ fn node_facts(
             .collect(),
         zones: snap.zones.iter().map(|z| z.key.clone()).collect(),
         sensors,
+        sockets,
     }
 }
 

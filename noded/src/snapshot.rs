@@ -34,6 +34,28 @@ pub struct NodeSnapshot {
     pub sockets: Vec<SocketSnapshot>,
     /// The sampler's threads and the CPU time each has used: ergond's own overhead.
     pub threads: Vec<SamplerThread>,
+    /// The job attribution's running balance, when the job tracker runs (the service fills it
+    /// in; the sampler alone leaves it `None`).
+    pub attribution: Option<AttributionSnapshot>,
+}
+
+/// The attribution's running figures since ergond started.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AttributionSnapshot {
+    /// Jobs open now.
+    pub open_jobs: usize,
+    /// Intervals attributed.
+    pub intervals: u64,
+    /// Intervals the model refused (nothing attributed).
+    pub failed_intervals: u64,
+    /// Intervals that failed the independent conservation check.
+    pub conservation_failures: u64,
+    /// Event readings older than the last closed interval.
+    pub late_readings: u64,
+    /// Σ over intervals of (measured − jobs − idle − unattributed), J: 0 up to rounding.
+    pub conservation_error_j: f64,
+    /// Per component (`gpu`, `cpu`, `dram`): measured, jobs, idle, unattributed (J).
+    pub components: Vec<(&'static str, [f64; 4])>,
 }
 
 /// One watched cgroup.
@@ -104,6 +126,9 @@ pub struct GpuSnapshot {
     pub read_errors: u64,
     /// When the latest successful reading was taken (monotonic ns; 0 before the first).
     pub at_ns: u64,
+    /// The hardware counter itself at `at_ns` (J since the driver loaded), when the GPU has
+    /// one: what restart recovery compares across an outage.
+    pub raw_j: Option<f64>,
 }
 
 /// One RAPL zone.
@@ -121,6 +146,10 @@ pub struct ZoneSnapshot {
     pub dropped_intervals: u64,
     /// When the latest reading was taken (monotonic ns; 0 before the first).
     pub at_ns: u64,
+    /// The hardware counter itself at `at_ns` (J, modulo `range_j`).
+    pub raw_j: Option<f64>,
+    /// The counter's range (J) when it wraps; `None` when it does not (perf).
+    pub range_j: Option<f64>,
 }
 
 /// Health of one sampling thread.

@@ -53,13 +53,14 @@ impl Node {
             &config,
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
-                 cgroup_root = {}\nsocket_path = {}\nspool_dir = {}\n",
+                 cgroup_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n",
                 toml_str(&nvml),
                 toml_str(&powercap),
                 toml_str(&dir.path().join("perf")),
                 toml_str(&dir.path().join("sys")),
                 toml_str(&cgroup),
                 toml_str(&dir.path().join("run/ergond.sock")),
+                toml_str(&dir.path().join("state")),
                 toml_str(&dir.path().join("spool")),
             ),
         )

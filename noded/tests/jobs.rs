@@ -434,7 +434,11 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     );
     assert_eq!(m.coverage.fraction, 1.0);
     assert!(m.coverage.gaps.is_empty());
-    assert_eq!(m.attribution.model, "gpu-exclusive-only");
+    assert_eq!(m.attribution.model, ergond::attribution::MODEL_NAME);
+    assert!(
+        !m.attribution.estimated,
+        "exclusive GPUs are measured, not estimated"
+    );
     assert_eq!(m.steps.len(), 1);
     let step_truth = (GPUS[1].2 + GPUS[2].2) * t_step1.seconds_since(t_step0);
     let step_j = m.steps[0].gpu_j.unwrap();
@@ -442,7 +446,14 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
         rel_err(step_j, step_truth) < 0.01,
         "step {step_j} J vs {step_truth} J"
     );
-    assert_eq!(m.trace.series.len(), 2);
+    assert_eq!(
+        m.trace
+            .series
+            .iter()
+            .filter(|s| s.name.starts_with("gpu"))
+            .count(),
+        2
+    );
     assert!(m
         .trace
         .series

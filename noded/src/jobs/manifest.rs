@@ -1,22 +1,18 @@
 //! Building a job's [`Manifest`] from its registry entry, the counter readings taken at its
-//! events and the sampler's traces. Pure: no I/O, no clock.
+//! events, the attributor's result and the sampler's traces. Pure: no I/O, no clock.
 //!
-//! # What is attributed (temporary model `gpu-exclusive-only`)
+//! # What is attributed (model `exclusive-gpu+cgroup-cpu-time`, docs/attribution.md)
 //!
-//! Only GPUs are attributed: a GPU allocated to the job gets all of its energy between the
-//! job's start and end readings, idle included (Slurm allocates GPUs exclusively). CPU and DRAM
-//! attribution is not done here yet (it belongs to the attribution module); until it is wired
-//! in:
-//! - `sockets[]` is empty: a job's share of a socket is not known yet, and the node's whole
-//!   package/DRAM energy there would read as the job's (the node's measured total over the job's
-//!   interval is in `node_context.node_energy_j`);
-//! - `totals.cpu_j` and `totals.dram_j` are `null` (not measured for the job, never 0) and
-//!   `totals.energy_j` is GPU energy only;
-//! - the job's cgroup CPU time is reported in the `cgroup` sensor's `detail`;
-//! - `attribution` is `{model: "gpu-exclusive-only", version: 1, estimated: true}`.
+//! The [`super::attributor::Attributor`] splits the node's energy interval by interval: a GPU
+//! allocated to the job alone gets all of its energy (idle included); a GPU several jobs
+//! claim is split equally and marked `shared` (estimated); each socket's package and DRAM
+//! energy is split by the jobs' cgroup CPU time (active part) and allocated CPUs (idle part).
+//! The manifest carries the job's share per GPU and per socket, the totals, and the node's
+//! measured, idle and unattributed energy over the job's interval (`node_context`).
 //!
-//! `node_context.node_energy_j` is every GPU plus every package and DRAM zone over the
-//! interval; `idle_j` is 0 and `unattributed_j` the rest (other jobs' energy included).
+//! When the attributor has no result for the job (it was not open in the attributor), GPU
+//! energy falls back to the counter difference between the start and end readings and the
+//! CPU figures are `null` (not measured, never 0).
 //!
 //! A job whose start ergond did not see (it was down) gets coverage 0 with one gap over its
 //! known interval, its owner as `uid` 4294967295 / user `"unknown"` unless a step told it, and
@@ -24,17 +20,19 @@
 
 use ergon_protocol::{
     AttributionInfo, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, JobInfo, Manifest,
-    NodeContext, PowerTrace, SensorInfo, SensorKind, SocketEnergy, StepEnergy, Totals, TraceSeries,
-    MANIFEST_SCHEMA_VERSION,
+    NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals,
+    TraceSeries, MANIFEST_SCHEMA_VERSION,
 };
 
+use super::attributor::JobResult;
 use super::reading::{power_series, window, Reading};
 use super::registry::Job;
+use crate::attribution::{EstimateReason, MODEL_NAME, MODEL_VERSION};
 use crate::sampler::TraceSample;
 use crate::sources::rapl::{RaplDomain, ZoneKey};
 
-/// The attribution model name written while only GPUs are attributed.
-pub const MODEL: &str = "gpu-exclusive-only";
+/// The model named when the attributor had no result for the job (GPU counters only).
+pub const FALLBACK_MODEL: &str = "gpu-counters-only";
 /// Most points per trace series.
 pub const MAX_TRACE_POINTS: usize = 600;
 /// Shortest trace bin.
@@ -66,6 +64,8 @@ pub struct NodeFacts {
     pub zones: Vec<ZoneKey>,
     /// Sensors (NVML with its driver version, RAPL with its backend, cgroup version).
     pub sensors: Vec<SensorInfo>,
+    /// CPU sockets and their logical CPUs (from `/sys/devices/system/cpu`).
+    pub sockets: Vec<(u32, ergon_protocol::CpuSet)>,
 }
 
 /// How an allocated GPU was matched to an NVML device.
@@ -102,11 +102,13 @@ pub fn match_gpus(
 }
 
 /// Build the (unsealed) manifest of an ended job. `traces` holds each GPU's trace by snapshot
-/// position (oldest first); `default_cluster` is used when the job did not say.
+/// position (oldest first); `result` is the attributor's figures for the job, if it had it
+/// open; `default_cluster` is used when the job did not say.
 pub fn build(
     job: &Job,
     facts: &NodeFacts,
     traces: &[Vec<TraceSample>],
+    result: Option<&JobResult>,
     default_cluster: &str,
 ) -> Manifest {
     let start = job.start;
@@ -175,7 +177,17 @@ pub fn build(
                 alloc.index
             ));
         }
-        let energy = readings.and_then(|(a, b)| a.gpu_delta(b, pos));
+        let minor_key = fact.minor.unwrap_or(1_000_000 + fact.index);
+        let energy = match result.and_then(|r| r.share.gpus.get(&minor_key)) {
+            Some(e) => *e,
+            None => readings.and_then(|(a, b)| a.gpu_delta(b, pos)),
+        };
+        let shared = result.is_some_and(|r| {
+            r.share.estimated.iter().any(|e| {
+                matches!(e, EstimateReason::SharedGpuEqual { minor }
+                    | EstimateReason::SharedGpuByUtilisation { minor } if *minor == minor_key)
+            })
+        });
         let trace = traces.get(pos).map(Vec::as_slice).unwrap_or(&[]);
         let peak = window(trace, start.mono_ns, end.mono_ns)
             .iter()
@@ -211,7 +223,7 @@ pub fn build(
             avg_w,
             peak_w,
             method,
-            shared: false,
+            shared,
         });
         let (_, watts) = power_series(
             trace,
@@ -226,49 +238,136 @@ pub fn build(
         });
     }
 
-    // The node's measured total over the job's interval: every GPU and every package and DRAM
-    // zone. Per-socket job shares wait for the attribution module (see the module docs).
-    let sockets: Vec<SocketEnergy> = Vec::new();
-    let mut node_energy = 0.0;
-    if let Some((a, b)) = readings {
-        for (pos, _) in facts.gpus.iter().enumerate() {
-            node_energy += a.gpu_delta(b, pos).unwrap_or(0.0);
-        }
-        for (pos, key) in facts.zones.iter().enumerate() {
-            let Some(d) = a.zone_delta(b, pos) else {
+    // Sockets: the job's share of each, with its power trace.
+    let mut sockets: Vec<SocketEnergy> = Vec::new();
+    let (mut cpu_total, mut dram_total): (Option<f64>, Option<f64>) = (None, None);
+    if let Some(r) = result {
+        for (&socket, sh) in &r.share.sockets {
+            let Some(package_j) = sh.package_j else {
                 continue;
             };
-            if key.socket.is_some() && matches!(key.domain, RaplDomain::Package | RaplDomain::Dram)
-            {
-                node_energy += d;
+            *cpu_total.get_or_insert(0.0) += package_j;
+            if let Some(d) = sh.dram_j {
+                *dram_total.get_or_insert(0.0) += d;
+            }
+            sockets.push(SocketEnergy {
+                socket,
+                package_j,
+                dram_j: sh.dram_j,
+                method: EnergyMethod::Counter,
+                share_method: ShareMethod::CgroupCpuTime,
+            });
+            let points = r.cpu_trace.get(&socket).map(Vec::as_slice).unwrap_or(&[]);
+            let mut pkg = vec![TraceSample {
+                at_ns: start.mono_ns,
+                energy_j: 0.0,
+                power_w: None,
+            }];
+            let mut dram = pkg.clone();
+            for &(at_ns, p, d) in points.iter().filter(|p| p.0 > start.mono_ns) {
+                pkg.push(TraceSample {
+                    at_ns,
+                    energy_j: p,
+                    power_w: None,
+                });
+                dram.push(TraceSample {
+                    at_ns,
+                    energy_j: d,
+                    power_w: None,
+                });
+            }
+            let (_, watts) = power_series(
+                &pkg,
+                trace_start_mono,
+                end.mono_ns,
+                bin_ns,
+                MAX_TRACE_POINTS,
+            );
+            series.push(TraceSeries {
+                name: format!("socket{socket}"),
+                watts,
+            });
+            if sh.dram_j.is_some() {
+                let (_, watts) = power_series(
+                    &dram,
+                    trace_start_mono,
+                    end.mono_ns,
+                    bin_ns,
+                    MAX_TRACE_POINTS,
+                );
+                series.push(TraceSeries {
+                    name: format!("dram{socket}"),
+                    watts,
+                });
             }
         }
     }
 
-    // Steps.
+    // The node over the job's interval: the attributor's balance, else every GPU and every
+    // package and DRAM zone between the readings (all of it unattributed to this job).
+    let (node_energy, node_idle, node_unattributed) = match result {
+        Some(r) => (
+            r.node.measured_j(),
+            r.node.idle_j(),
+            r.node.unattributed_j(),
+        ),
+        None => {
+            let mut node_energy = 0.0;
+            if let Some((a, b)) = readings {
+                for (pos, _) in facts.gpus.iter().enumerate() {
+                    node_energy += a.gpu_delta(b, pos).unwrap_or(0.0);
+                }
+                for (pos, key) in facts.zones.iter().enumerate() {
+                    let Some(d) = a.zone_delta(b, pos) else {
+                        continue;
+                    };
+                    if key.socket.is_some()
+                        && matches!(key.domain, RaplDomain::Package | RaplDomain::Dram)
+                    {
+                        node_energy += d;
+                    }
+                }
+            }
+            let own = gpu_total.unwrap_or(0.0);
+            (node_energy, 0.0, (node_energy - own).max(0.0))
+        }
+    };
+
+    // Steps: the job's energy during each step's own interval.
     let steps = job
         .steps
         .iter()
         .map(|s| {
             let s_start = s.start.unwrap_or(start);
             let s_end = s.end.or(job.end).unwrap_or(end);
-            let from: Option<&Reading> = s.start_reading.as_ref();
-            let to: Option<&Reading> = s.end_reading.as_ref().or(job.end_reading.as_ref());
-            let gpu_j = match (from, to) {
-                (Some(a), Some(b)) if !gpus.is_empty() => matched
-                    .iter()
-                    .filter_map(|(_, m)| m.map(|(p, _)| a.gpu_delta(b, p)))
-                    .sum::<Option<f64>>(),
-                _ => None,
+            let attributed = result.and_then(|r| r.steps.get(&s.id));
+            let (gpu_j, cpu_j, dram_j) = match attributed {
+                Some(sh) => (
+                    if gpus.is_empty() { None } else { sh.gpu_j() },
+                    sh.package_j(),
+                    sh.dram_j(),
+                ),
+                None => {
+                    let from: Option<&Reading> = s.start_reading.as_ref();
+                    let to: Option<&Reading> = s.end_reading.as_ref().or(job.end_reading.as_ref());
+                    let gpu_j = match (from, to) {
+                        (Some(a), Some(b)) if !gpus.is_empty() => matched
+                            .iter()
+                            .filter_map(|(_, m)| m.map(|(p, _)| a.gpu_delta(b, p)))
+                            .sum::<Option<f64>>(),
+                        _ => None,
+                    };
+                    (gpu_j, None, None)
+                }
             };
             StepEnergy {
                 step: s.id,
                 start_unix_ns: s_start.unix_ns,
                 end_unix_ns: s_end.unix_ns.max(s_start.unix_ns),
-                energy_j: gpu_j.unwrap_or(0.0),
+                energy_j: gpu_j.unwrap_or(0.0) + cpu_j.unwrap_or(0.0) + dram_j.unwrap_or(0.0),
                 gpu_j,
-                cpu_j: None,
-                dram_j: None,
+                cpu_j,
+                dram_j,
             }
         })
         .collect();
@@ -306,7 +405,7 @@ pub fn build(
         }
     }
 
-    let energy_j = gpu_total.unwrap_or(0.0);
+    let energy_j = gpu_total.unwrap_or(0.0) + cpu_total.unwrap_or(0.0) + dram_total.unwrap_or(0.0);
     let peak_total = (0..series.iter().map(|s| s.watts.len()).max().unwrap_or(0))
         .map(|k| {
             series
@@ -317,7 +416,26 @@ pub fn build(
         })
         .fold(0.0, f64::max);
     let avg_w = per_s(energy_j);
-    let covered = job.start_seen && readings.is_some();
+    // Coverage: the part of the job's interval with readings or recovered energy.
+    gaps.extend(job.gaps.iter().cloned());
+    let unrecovered_ns: u64 = job
+        .gaps
+        .iter()
+        .filter(|g| !g.recovered)
+        .map(|g| g.end_unix_ns.saturating_sub(g.start_unix_ns))
+        .sum();
+    let span_ns = end_unix.saturating_sub(start.unix_ns);
+    let fraction = if !(job.start_seen && (readings.is_some() || result.is_some())) {
+        0.0
+    } else if span_ns == 0 {
+        if unrecovered_ns > 0 {
+            0.0
+        } else {
+            1.0
+        }
+    } else {
+        (1.0 - unrecovered_ns as f64 / span_ns as f64).clamp(0.0, 1.0)
+    };
     Manifest {
         schema_version: MANIFEST_SCHEMA_VERSION,
         cluster: job
@@ -343,24 +461,28 @@ pub fn build(
         totals: Totals {
             energy_j,
             gpu_j: gpu_total,
-            cpu_j: None,
-            dram_j: None,
+            cpu_j: cpu_total,
+            dram_j: dram_total,
             avg_w,
             peak_w: peak_total.max(avg_w),
         },
         node_context: NodeContext {
             node_energy_j: node_energy,
-            idle_j: 0.0,
-            unattributed_j: (node_energy - energy_j).max(0.0),
+            idle_j: node_idle,
+            unattributed_j: node_unattributed,
         },
-        coverage: Coverage {
-            fraction: if covered { 1.0 } else { 0.0 },
-            gaps,
-        },
-        attribution: AttributionInfo {
-            model: MODEL.to_owned(),
-            version: 1,
-            estimated: true,
+        coverage: Coverage { fraction, gaps },
+        attribution: match result {
+            Some(r) => AttributionInfo {
+                model: MODEL_NAME.to_owned(),
+                version: MODEL_VERSION,
+                estimated: !r.share.estimated.is_empty() || !estimated_notes.is_empty(),
+            },
+            None => AttributionInfo {
+                model: FALLBACK_MODEL.to_owned(),
+                version: 1,
+                estimated: true,
+            },
         },
         sensors,
         trace: PowerTrace {
@@ -410,6 +532,7 @@ mod tests {
                 version: "550".into(),
                 detail: "3 GPUs".into(),
             }],
+            sockets: vec![(0, CpuSet::parse("0-3").unwrap())],
         }
     }
 
@@ -428,6 +551,7 @@ mod tests {
             gpus: (0..3).map(|i| Some((i + 1) as f64 * 100.0 * t)).collect(),
             zones: vec![Some(50.0 * t), Some(30.0 * t), Some(10.0 * t)],
             cgroups: vec![("job/step_0".into(), s * 2_000_000_000)],
+            sockets: vec![],
         }
     }
 
@@ -500,6 +624,71 @@ mod tests {
     }
 
     #[test]
+    fn attributed_job_carries_its_socket_share_and_a_balanced_node_context() {
+        use crate::attribution::AttributionConfig;
+        use crate::jobs::attributor::Attributor;
+        let job = ended_job(vec![GpuAlloc {
+            index: 0,
+            minor: Some(3),
+        }]);
+        // 4 CPUs, half busy; the job's step (from t = 2 s) uses 1 CPU-s per second.
+        let r = |s: u64| {
+            let mut x = reading(s);
+            x.cgroups = vec![("job/step_0".into(), s.saturating_sub(2) * 1_000_000_000)];
+            x.sockets = vec![(0, s * 2_000_000_000, s * 4_000_000_000)];
+            x
+        };
+        let mut att = Attributor::new(&facts(), AttributionConfig::default());
+        att.advance(&r(1));
+        att.job_start(42, vec![2], CpuSet::parse("0-1").unwrap());
+        att.advance(&r(2));
+        att.step_start(42, StepId::Numbered(0), Some("job/step_0"), Some(0));
+        for s in 3..=5 {
+            att.advance(&r(s));
+        }
+        let res = att.job_end(42).unwrap();
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        // GPU minor 3 (300 W) × 4 s.
+        assert!(close(m.totals.gpu_j.unwrap(), 1200.0));
+        // Package 50 W, half active: the job's 1 of 2 busy CPU-s per second from 2 s gives it
+        // 12.5 W × 3 s; half idle: its 2 of 4 CPUs give it 12.5 W × 4 s. 87.5 J in all.
+        // DRAM (10 W) the same way: 2.5 W × 3 s + 2.5 W × 4 s = 17.5 J.
+        assert_eq!(m.sockets.len(), 1);
+        assert!(close(m.sockets[0].package_j, 87.5), "{:?}", m.sockets);
+        assert!(close(m.sockets[0].dram_j.unwrap(), 17.5));
+        assert!(close(m.totals.cpu_j.unwrap(), 87.5));
+        assert!(close(m.totals.energy_j, 1305.0));
+        // Node: 2640 J measured = this job 1305 + idle 60 (the unallocated CPUs' idle part)
+        // + unattributed 1275 (the other GPUs 1200, busy CPU time outside jobs 75).
+        let n = &m.node_context;
+        assert!(close(n.node_energy_j, 2640.0));
+        assert!(close(n.idle_j, 60.0), "{n:?}");
+        assert!(close(n.unattributed_j, 1275.0), "{n:?}");
+        assert!(close(
+            m.totals.energy_j + n.idle_j + n.unattributed_j,
+            n.node_energy_j
+        ));
+        assert_eq!(m.attribution.model, crate::attribution::MODEL_NAME);
+        assert!(!m.attribution.estimated);
+        // The step (from 2 s) gets the job's energy over its own 3 s.
+        assert!(close(m.steps[0].gpu_j.unwrap(), 900.0));
+        assert!(close(m.steps[0].cpu_j.unwrap(), 75.0), "{:?}", m.steps[0]);
+        // Trace: the job's package share, 12.5 W in its first second, 25 W after.
+        let sock = m.trace.series.iter().find(|s| s.name == "socket0").unwrap();
+        assert_eq!(sock.watts.len(), 40);
+        assert!(
+            sock.watts[..10].iter().all(|&w| (w - 12.5).abs() < 0.01),
+            "{sock:?}"
+        );
+        assert!(
+            sock.watts[10..].iter().all(|&w| (w - 25.0).abs() < 0.01),
+            "{sock:?}"
+        );
+        assert!(m.trace.series.iter().any(|s| s.name == "dram0"));
+    }
+
+    #[test]
     fn a_gpu_that_could_not_be_read_has_no_energy_not_zero() {
         let mut job = ended_job(vec![
             GpuAlloc {
@@ -513,7 +702,7 @@ mod tests {
         ]);
         // NVML position 2 (minor 3) failed at the job's end.
         job.end_reading.as_mut().unwrap().gpus[2] = None;
-        let m = build(&job, &facts(), &traces(), "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl");
         let unread = m.gpus.iter().find(|g| g.uuid == "GPU-2").unwrap();
         assert_eq!((unread.energy_j, unread.avg_w), (None, None));
         assert_eq!(unread.method, EnergyMethod::Estimated);
@@ -533,7 +722,7 @@ mod tests {
                 minor: Some(5),
             },
         ]);
-        let mut m = build(&job, &facts(), &traces(), "cl");
+        let mut m = build(&job, &facts(), &traces(), None, "cl");
         assert_eq!(m.gpus.len(), 2);
         // minor 3 is NVML position 2 (300 W), minor 5 position 1 (200 W); 4 s.
         assert_eq!(
@@ -554,11 +743,11 @@ mod tests {
         assert_eq!(m.cluster, "cl");
         // Node: 600 W GPUs + 50 W package + 10 W DRAM (core is inside package), 4 s.
         assert_eq!(m.node_context.node_energy_j, 2640.0);
-        // No per-socket job share yet: nothing that would read as the job's CPU energy.
+        // Without an attributor result: no per-socket share that would read as the job's.
         assert!(m.sockets.is_empty());
         // Step 0 from 2 s to the job's end (no StepEnd): 3 s × 500 W.
         assert_eq!(m.steps[0].gpu_j, Some(1500.0));
-        assert_eq!(m.attribution.model, MODEL);
+        assert_eq!(m.attribution.model, FALLBACK_MODEL);
         // Trace: 100 ms bins over 4 s, constant power.
         assert_eq!(m.trace.interval_ms, 100);
         assert_eq!(m.trace.series[0].name, "gpu0");
@@ -585,7 +774,7 @@ mod tests {
                 minor: Some(99),
             },
         ]);
-        let m = build(&job, &facts(), &traces(), "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl");
         assert_eq!(m.gpus.len(), 1);
         assert_eq!(m.gpus[0].uuid, "GPU-0");
         assert!(m.attribution.estimated);
@@ -603,7 +792,7 @@ mod tests {
             minor: Some(3),
         }]);
         job.start_seen = false;
-        let m = build(&job, &facts(), &traces(), "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl");
         assert_eq!(m.coverage.fraction, 0.0);
         assert_eq!(m.coverage.gaps.len(), 1);
         assert!(m.gpus.is_empty());

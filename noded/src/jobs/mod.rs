@@ -7,11 +7,14 @@
 //! - [`spool`]: writing it atomically;
 //! - [`tracker`]: the shell that ties them to the sampler and answers requests.
 //!
-//! Attribution is GPU-only for now (see [`manifest`]); restart safety and the user report are
-//! not implemented yet.
+//! - [`attributor`]: the node's energy split between open jobs, interval by interval;
+//! - [`journal`]: open jobs kept safe across restarts in `state_dir`;
 
+pub mod attributor;
+pub mod journal;
 pub mod manifest;
 pub mod reading;
+pub mod recovery;
 pub mod registry;
 pub mod spool;
 pub mod tracker;

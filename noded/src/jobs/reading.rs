@@ -8,11 +8,13 @@
 //! ([`crate::sampler::SamplerHandle::wait_for_readings_after`]) and then interpolates, so a
 //! one-second job is measured over exactly its second, not over whole ticks.
 
+use serde::{Deserialize, Serialize};
+
 use crate::sampler::TraceSample;
 
 /// Cumulative counters at one instant, as the sampler publishes them (energies since ergond
 /// started, joules).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Reading {
     /// The instant (CLOCK_MONOTONIC ns).
     pub at_mono_ns: u64,
@@ -23,6 +25,9 @@ pub struct Reading {
     pub zones: Vec<Option<f64>>,
     /// Watched cgroups' CPU time (ns) as of the latest cgroup tick: path and value.
     pub cgroups: Vec<(String, u64)>,
+    /// Per socket, from `/proc/stat` as of the latest cgroup tick: (socket, busy ns, total
+    /// ns), cumulative since boot.
+    pub sockets: Vec<(u32, u64, u64)>,
 }
 
 impl Reading {
@@ -164,12 +169,14 @@ mod tests {
             gpus: vec![Some(1.0), None],
             zones: vec![Some(5.0)],
             cgroups: vec![("x".into(), 7)],
+            sockets: vec![],
         };
         let b = Reading {
             at_mono_ns: 1,
             gpus: vec![Some(4.0), Some(1.0)],
             zones: vec![Some(4.0)],
             cgroups: vec![],
+            sockets: vec![],
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
         assert_eq!(a.gpu_delta(&b, 1), None);

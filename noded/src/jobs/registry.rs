@@ -12,9 +12,10 @@
 use std::collections::BTreeMap;
 
 use ergon_protocol::{
-    CgroupPath, CpuSet, GpuAlloc, JobEnd, JobSnapshot, JobStart, ReportFormat, StepEnd, StepId,
-    StepStart,
+    CgroupPath, CpuSet, Gap, GpuAlloc, JobEnd, JobSnapshot, JobStart, ReportFormat, StepEnd,
+    StepId, StepStart,
 };
+use serde::{Deserialize, Serialize};
 
 use super::reading::Reading;
 
@@ -37,7 +38,7 @@ impl Default for Limits {
 }
 
 /// The instant an event refers to, on both clocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventTime {
     /// As the plugin stamped it (Unix ns).
     pub unix_ns: u64,
@@ -132,7 +133,7 @@ fn step_mut(job: &mut Job, id: StepId, max_steps: usize) -> Result<&mut Step, Re
 }
 
 /// One step of a job.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
     /// Which step.
     pub id: StepId,
@@ -155,7 +156,7 @@ pub struct Step {
 }
 
 /// One job on this node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// Slurm job id.
     pub job_id: u32,
@@ -197,6 +198,8 @@ pub struct Job {
     pub end_reading: Option<Reading>,
     /// Steps, in the order their first event arrived.
     pub steps: Vec<Step>,
+    /// Outages while the job ran (ergond restarted), with whether their energy was recovered.
+    pub gaps: Vec<Gap>,
 }
 
 impl Job {
@@ -222,6 +225,7 @@ impl Job {
             start_reading: None,
             end_reading: None,
             steps: Vec::new(),
+            gaps: Vec::new(),
         }
     }
 
@@ -455,6 +459,29 @@ impl JobRegistry {
         true
     }
 
+    /// The open jobs (for the journal).
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// Put back jobs from the journal (beyond the limit, the rest are returned).
+    pub fn restore(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        let mut refused = Vec::new();
+        for job in jobs {
+            if self.jobs.len() >= self.limits.max_jobs && !self.jobs.contains_key(&job.job_id) {
+                refused.push(job);
+            } else {
+                self.jobs.insert(job.job_id, job);
+            }
+        }
+        refused
+    }
+
+    /// A job, to change (restart recovery records gaps and ends).
+    pub fn get_mut(&mut self, job_id: u32) -> Option<&mut Job> {
+        self.jobs.get_mut(&job_id)
+    }
+
     /// Take an ended job out of the registry (after [`Action::Finish`]). `None` if it is not
     /// open or has not ended.
     pub fn take(&mut self, job_id: u32) -> Option<Job> {
@@ -566,6 +593,7 @@ mod tests {
             gpus: vec![Some(1.0)],
             zones: vec![],
             cgroups: vec![],
+            sockets: vec![],
         }
     }
 

@@ -8,19 +8,24 @@
 //! manifest to the spool. Being one FIFO thread, it always records a job's readings before it
 //! finishes the job.
 //!
-//! Not here yet: restart safety (open jobs live in memory only; a job open when ergond stops
-//! gets no manifest from this run) and the user report.
+//! The worker also drives the [`Attributor`] (an interval at every event and about once a
+//! second between events) and writes the journal (at most every [`JOURNAL_PERIOD`], when
+//! something changed, and at shutdown), so a job open when ergond stops or is killed is
+//! finished by the next start ([`super::recovery`]).
 
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ergon_protocol::{ErrorCode, Reply, Request, Timestamp, PROTOCOL_VERSION};
 
+use super::attributor::Attributor;
+use super::journal::{self, boot_id};
 use super::manifest::{self, match_gpus, NodeFacts};
 use super::reading::{interpolate, Reading};
+use super::recovery::{journal_state, restore, PowerLimits, Restored};
 use super::registry::{Action, EventTime, JobRegistry, Limits, Mark};
 use super::spool::write_manifest;
 use crate::clock::monotonic_ns;
@@ -30,6 +35,10 @@ use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
 pub const QUEUE_CAPACITY: usize = 65_536;
 /// How long the worker waits for the tick after an event before using what it has.
 pub const READING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often, at most, the journal is written (when something changed).
+pub const JOURNAL_PERIOD: Duration = Duration::from_millis(250);
+/// How often the worker closes an attribution interval when no event does.
+pub const ATTRIBUTION_PERIOD: Duration = Duration::from_secs(1);
 /// An event stamped longer ago than this is taken as having happened this long ago (a stale
 /// or wrong plugin clock must not make ergond read counters far in the past).
 pub const MAX_EVENT_AGE_NS: u64 = 5_000_000_000;
@@ -59,16 +68,26 @@ pub struct TrackerConfig {
     pub access: Access,
     /// Registry bounds.
     pub limits: Limits,
+    /// Attribution choices (CPU idle policy).
+    pub attribution: crate::attribution::AttributionConfig,
+    /// Where the job journal lives (`None`: no journal, open jobs are lost on restart).
+    pub state_dir: Option<PathBuf>,
+    /// procfs root (the boot id).
+    pub proc_root: PathBuf,
+    /// Power limits that judge an outage's energy.
+    pub power: PowerLimits,
 }
 
 struct Inner {
     registry: Mutex<JobRegistry>,
+    attributor: Mutex<Attributor>,
+    boot_id: String,
     facts: NodeFacts,
     sampler: Arc<SamplerHandle>,
     config: TrackerConfig,
 }
 
-fn lock(m: &Mutex<JobRegistry>) -> MutexGuard<'_, JobRegistry> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -92,13 +111,39 @@ impl JobTracker {
         facts: NodeFacts,
         config: TrackerConfig,
     ) -> std::io::Result<Self> {
+        let mut registry = JobRegistry::new(config.limits);
+        let mut attributor = Attributor::new(&facts, config.attribution);
+        let restored = match &config.state_dir {
+            Some(dir) => restore(
+                dir,
+                &config.proc_root,
+                &sampler,
+                &facts,
+                &mut registry,
+                &mut attributor,
+            ),
+            None => Restored::default(),
+        };
+        if restored.jobs > 0 {
+            tracing::info!(
+                jobs = restored.jobs,
+                recovered = restored.recovered,
+                "restored the open jobs from the journal"
+            );
+        }
         let inner = Arc::new(Inner {
-            registry: Mutex::new(JobRegistry::new(config.limits)),
+            registry: Mutex::new(registry),
+            attributor: Mutex::new(attributor),
+            boot_id: boot_id(&config.proc_root),
             facts,
             sampler,
             config,
         });
         let (tx, rx) = sync_channel(QUEUE_CAPACITY);
+        for a in restored.actions {
+            // The queue is empty and far larger than the registry's limit.
+            let _ = tx.try_send(a);
+        }
         let worker = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
@@ -226,6 +271,36 @@ impl JobTracker {
         Reply::Job(snap)
     }
 
+    /// The attribution's running figures, for `/metrics`.
+    pub fn attribution_snapshot(&self) -> crate::snapshot::AttributionSnapshot {
+        let open_jobs = lock(&self.inner.registry).len();
+        let att = lock(&self.inner.attributor);
+        let stats = att.stats();
+        let acc = att.accumulator();
+        let components = acc
+            .node()
+            .components()
+            .into_iter()
+            .map(|(c, b)| {
+                let name = match c {
+                    crate::attribution::Component::Gpu => "gpu",
+                    crate::attribution::Component::Package => "cpu",
+                    crate::attribution::Component::Dram => "dram",
+                };
+                (name, [b.measured_j, b.jobs_j, b.idle_j, b.unattributed_j])
+            })
+            .collect();
+        crate::snapshot::AttributionSnapshot {
+            open_jobs,
+            intervals: stats.intervals,
+            failed_intervals: stats.failed_intervals,
+            conservation_failures: stats.conservation_failures,
+            late_readings: stats.late_readings,
+            conservation_error_j: acc.conservation_error_j(),
+            components,
+        }
+    }
+
     /// Jobs open now.
     pub fn open_jobs(&self) -> usize {
         lock(&self.inner.registry).len()
@@ -245,11 +320,19 @@ impl JobTracker {
             }
         }
         let open = lock(&self.inner.registry).len();
-        if open > 0 {
+        if self.inner.config.state_dir.is_some() {
+            write_journal(&self.inner);
+            if open > 0 {
+                tracing::info!(
+                    open_jobs = open,
+                    "stopping with jobs still open: they are in the journal and the next start \
+                     finishes them"
+                );
+            }
+        } else if open > 0 {
             tracing::warn!(
                 open_jobs = open,
-                "stopping with jobs still open: they get no manifest from this run (restart \
-                 safety is not implemented yet)"
+                "stopping with jobs still open and no state_dir: they get no manifest"
             );
         }
     }
@@ -282,14 +365,67 @@ pub fn event_time(stamp: Timestamp) -> EventTime {
 
 fn worker(inner: &Inner, rx: Receiver<Action>) {
     let mut buf: Vec<TraceSample> = Vec::new();
-    while let Ok(action) = rx.recv() {
+    let mut last_periodic = std::time::Instant::now();
+    let mut last_journal = std::time::Instant::now();
+    let mut dirty = false;
+    loop {
+        if dirty && last_journal.elapsed() >= JOURNAL_PERIOD {
+            write_journal(inner);
+            last_journal = std::time::Instant::now();
+            dirty = false;
+        }
+        // Periodic intervals only while no action waits: an event already queued must close
+        // its interval at its own instant first.
+        let action = match rx.recv_timeout(JOURNAL_PERIOD) {
+            Ok(a) => a,
+            Err(RecvTimeoutError::Timeout) => {
+                if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
+                    periodic(inner, &mut buf);
+                    last_periodic = std::time::Instant::now();
+                    // Only open jobs need their figures journaled.
+                    dirty |= !lock(&inner.registry).is_empty();
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        dirty = true;
         match action {
             Action::Read { job_id, mark, at } => {
                 let reading = read_at(&inner.sampler, at.mono_ns, &mut buf);
-                lock(&inner.registry).record_reading(job_id, mark, reading);
-                if matches!(mark, Mark::JobStart) {
-                    tracing::info!(job_id, "job started");
+                let mut att = lock(&inner.attributor);
+                att.advance(&reading);
+                let mut reg = lock(&inner.registry);
+                match mark {
+                    Mark::JobStart => {
+                        if let Some(job) = reg.get(job_id) {
+                            let gpus = match_gpus(&job.gpus, &inner.facts.gpus)
+                                .iter()
+                                .filter_map(|(_, m)| m.map(|(p, _)| p))
+                                .collect();
+                            att.job_start(job_id, gpus, job.cpus.clone());
+                        }
+                        tracing::info!(job_id, "job started");
+                    }
+                    Mark::StepStart(step) => {
+                        let (path, cpus) = reg
+                            .get(job_id)
+                            .map(|j| (j.step(step).and_then(|s| s.watched.clone()), j.cpus.clone()))
+                            .unwrap_or_default();
+                        let baseline = path.as_deref().and_then(|p| reading.cgroup_ns(p));
+                        att.step_start(job_id, step, path.as_deref(), baseline);
+                        att.set_cpus_if_unknown(job_id, cpus);
+                    }
+                    Mark::StepEnd(step) => {
+                        let path = reg
+                            .get(job_id)
+                            .and_then(|j| j.step(step))
+                            .and_then(|s| s.watched.clone());
+                        att.step_end(job_id, step, path.as_deref());
+                    }
+                    Mark::JobEnd => {}
                 }
+                reg.record_reading(job_id, mark, reading);
             }
             Action::Watch { path } => {
                 if let Err(e) = inner.sampler.watch_cgroup(&path) {
@@ -302,6 +438,51 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
             Action::Finish { job_id } => finish(inner, job_id, &mut buf),
         }
     }
+}
+
+/// Write the journal now (no-op without a state directory).
+fn write_journal(inner: &Inner) {
+    let Some(dir) = &inner.config.state_dir else {
+        return;
+    };
+    // Lock order: attributor, then registry (as the worker does for readings).
+    let state = {
+        let att = lock(&inner.attributor);
+        let reg = lock(&inner.registry);
+        journal_state(
+            &reg,
+            &att,
+            &inner.sampler,
+            &inner.facts,
+            inner.config.power,
+            &inner.boot_id,
+        )
+    };
+    if let Err(e) = journal::write(dir, &state) {
+        tracing::error!(error = %e, "cannot write the job journal; open jobs would be lost if ergond stopped now");
+    }
+}
+
+/// Close an attribution interval at the newest instant every sampled series covers.
+fn periodic(inner: &Inner, buf: &mut Vec<TraceSample>) {
+    let snap = inner.sampler.snapshot();
+    let covered = snap
+        .gpus
+        .iter()
+        .filter(|g| g.measurable && !g.lost)
+        .map(|g| g.at_ns)
+        .chain(snap.zones.iter().map(|z| z.at_ns))
+        .chain(snap.sockets.iter().map(|s| s.at_ns))
+        .min();
+    let Some(at) = covered.filter(|&t| t > 0) else {
+        return;
+    };
+    let mut att = lock(&inner.attributor);
+    if att.last_at().is_some_and(|l| at <= l) {
+        return;
+    }
+    let reading = read_at(&inner.sampler, at, buf);
+    att.advance(&reading);
 }
 
 /// Counters at `at_ns`, interpolated from the traces once the tick after it is in.
@@ -339,6 +520,11 @@ fn read_at(sampler: &SamplerHandle, at_ns: u64, buf: &mut Vec<TraceSample>) -> R
             .into_iter()
             .map(|c| (c.path, c.cpu_ns))
             .collect(),
+        sockets: snap
+            .sockets
+            .iter()
+            .map(|s| (s.socket, s.busy_ns, s.total_ns))
+            .collect(),
     }
 }
 
@@ -356,13 +542,21 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
             }
         })
         .collect();
-    let mut m = manifest::build(&job, &inner.facts, &traces, &inner.config.default_cluster);
+    let result = lock(&inner.attributor).job_end(job_id);
+    let mut m = manifest::build(
+        &job,
+        &inner.facts,
+        &traces,
+        result.as_ref(),
+        &inner.config.default_cluster,
+    );
     m.seal();
     match write_manifest(&inner.config.spool_dir, &m) {
         Ok(path) => tracing::info!(
             job_id,
             manifest = %path.display(),
             gpu_j = m.totals.gpu_j,
+            cpu_j = m.totals.cpu_j,
             coverage = m.coverage.fraction,
             "job ended; manifest written"
         ),

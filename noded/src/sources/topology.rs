@@ -105,6 +105,23 @@ impl CpuTopology {
         s
     }
 
+    /// Each socket with its CPUs, sockets in order.
+    pub fn socket_cpus(&self) -> Vec<(u32, ergon_protocol::CpuSet)> {
+        let mut out: Vec<(u32, ergon_protocol::CpuSet)> = Vec::new();
+        for (&cpu, place) in &self.cpus {
+            match out.iter_mut().find(|(s, _)| *s == place.socket) {
+                Some((_, set)) => set.insert(cpu),
+                None => {
+                    let mut set = ergon_protocol::CpuSet::new();
+                    set.insert(cpu);
+                    out.push((place.socket, set));
+                }
+            }
+        }
+        out.sort_by_key(|(s, _)| *s);
+        out
+    }
+
     /// All (cpu, place) pairs in CPU order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, CpuPlace)> + '_ {
         self.cpus.iter().map(|(&c, &p)| (c, p))

@@ -1,0 +1,700 @@
+//! [`Attributor`]: feeds the pure [`crate::attribution`] model with the node's counters, one
+//! interval at a time, and keeps each open job's running share.
+//!
+//! The job worker calls [`Attributor::advance`] with a [`Reading`] at every job or step event
+//! (the counters interpolated at the event's exact instant) and, between events, about once a
+//! second at the newest instant every sampled series covers. Each call closes the interval
+//! since the previous one and attributes it to the jobs that were open *during* it: membership
+//! changes ([`Attributor::job_start`], [`Attributor::step_start`], ...) are applied only after
+//! the interval up to the event is closed. So a job's share telescopes exactly from its start
+//! reading to its end reading (an exclusive GPU's share is its counter difference over the
+//! job, to floating-point rounding), and per interval
+//! `Σ jobs + idle + unattributed = measured` ([`crate::attribution::check_conservation`]).
+//!
+//! CPU time comes from each step's cgroup (cumulative in the kernel): its difference between
+//! two readings is the job's CPU time in the interval, spread over sockets by the job's
+//! allocated CPUs ([`split_cpu_time`]). Busy and total CPU time per socket come from
+//! `/proc/stat`. A step's cgroup counts from its value at the step's start reading (or, when
+//! that is unknown, from its first reading).
+//!
+//! Pure and serialisable: no clock, no I/O; the journal stores it as it is.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ergon_protocol::{CpuSet, StepId};
+use serde::{Deserialize, Serialize};
+
+use super::reading::Reading;
+use crate::attribution::{
+    attribute, check_conservation, cpus_per_socket, split_cpu_time, Accumulator, AttributionConfig,
+    GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, NodeBalance, SocketInterval,
+    SocketJob, SocketShare,
+};
+use crate::counter::Support;
+use crate::sources::rapl::RaplDomain;
+
+use super::manifest::NodeFacts;
+
+/// Where a socket's energy and CPUs are, by position in the snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SocketLayout {
+    /// Physical package id.
+    pub socket: u32,
+    /// Its logical CPUs.
+    pub cpus: CpuSet,
+    /// Snapshot positions of its package zones (one per die).
+    pub package_zones: Vec<usize>,
+    /// Snapshot positions of its DRAM zones.
+    pub dram_zones: Vec<usize>,
+}
+
+/// The node's sockets: every socket that has CPUs or a package/DRAM zone.
+pub fn socket_layout(facts: &NodeFacts) -> Vec<SocketLayout> {
+    let mut ids: BTreeSet<u32> = facts.sockets.iter().map(|(s, _)| *s).collect();
+    ids.extend(facts.zones.iter().filter_map(|z| z.socket));
+    ids.into_iter()
+        .map(|socket| {
+            let zones = |d: RaplDomain| -> Vec<usize> {
+                facts
+                    .zones
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, z)| z.socket == Some(socket) && z.domain == d)
+                    .map(|(i, _)| i)
+                    .collect()
+            };
+            SocketLayout {
+                socket,
+                cpus: facts
+                    .sockets
+                    .iter()
+                    .find(|(s, _)| *s == socket)
+                    .map(|(_, c)| c.clone())
+                    .unwrap_or_default(),
+                package_zones: zones(RaplDomain::Package),
+                dram_zones: zones(RaplDomain::Dram),
+            }
+        })
+        .collect()
+}
+
+/// One open job as the attributor sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// Snapshot positions of its GPUs.
+    pub gpus: Vec<usize>,
+    /// Its allocated CPUs (may be empty: then its CPU time is spread by socket size).
+    pub cpus: CpuSet,
+    /// Its steps' watched cgroups.
+    pub cgroups: BTreeSet<String>,
+    /// The node's balance when it started (its interval's node figures are the difference).
+    pub node_at_start: NodeBalance,
+    /// Its share when each open step started.
+    pub step_marks: BTreeMap<StepId, JobShare>,
+    /// Ended steps' shares.
+    pub steps: BTreeMap<StepId, JobShare>,
+    /// Intervals attributed while it was open.
+    pub intervals: u64,
+    /// Per socket: its cumulative share at the end of each interval (monotonic ns, package J,
+    /// DRAM J), thinned to at most [`MAX_CPU_TRACE`] points: the manifest's CPU power trace.
+    pub cpu_trace: BTreeMap<u32, Vec<(u64, f64, f64)>>,
+}
+
+/// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
+/// (the trace's resolution halves, its cumulative values stay exact).
+pub const MAX_CPU_TRACE: usize = 1200;
+
+/// What a job got, when it ends.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobResult {
+    /// Its share of the node over its life.
+    pub share: JobShare,
+    /// The node's balance over the job's life (measured, idle, unattributed, all jobs).
+    pub node: NodeBalance,
+    /// Each step's share over the step's life (steps that overlap share the node's energy:
+    /// each step gets the job's energy during its own interval).
+    pub steps: BTreeMap<StepId, JobShare>,
+    /// Intervals attributed while it was open.
+    pub intervals: u64,
+    /// See [`Member::cpu_trace`].
+    pub cpu_trace: BTreeMap<u32, Vec<(u64, f64, f64)>>,
+}
+
+/// Counters of the attributor's own health, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct AttributorStats {
+    /// Intervals attributed.
+    pub intervals: u64,
+    /// Intervals whose inputs the model refused (nothing attributed; logged).
+    pub failed_intervals: u64,
+    /// Intervals that failed the independent conservation check (logged).
+    pub conservation_failures: u64,
+    /// Readings older than the last closed interval (an event stamped before the previous
+    /// periodic close): applied at that instant instead.
+    pub late_readings: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attributor {
+    config: AttributionConfig,
+    /// Per GPU position: its device minor (NVML index + 1,000,000 when it has none).
+    gpu_minors: Vec<u32>,
+    sockets: Vec<SocketLayout>,
+    last: Option<Reading>,
+    members: BTreeMap<u32, Member>,
+    acc: Accumulator<u32>,
+    /// Last CPU time (ns) of each member cgroup.
+    cg_last: BTreeMap<String, u64>,
+    stats: AttributorStats,
+}
+
+fn balance_sub(a: &NodeBalance, b: &NodeBalance) -> NodeBalance {
+    let mut out = *a;
+    for (o, x) in [
+        (&mut out.gpu, &b.gpu),
+        (&mut out.package, &b.package),
+        (&mut out.dram, &b.dram),
+    ] {
+        o.measured_j -= x.measured_j;
+        o.jobs_j -= x.jobs_j;
+        o.idle_j -= x.idle_j;
+        o.unattributed_j -= x.unattributed_j;
+    }
+    out
+}
+
+fn opt_sub(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some((a - b).max(0.0)),
+        (a, _) => a,
+    }
+}
+
+/// `a - b`, entry by entry (a share's figures only grow, so this is the share between two
+/// instants).
+pub fn share_sub(a: &JobShare, b: &JobShare) -> JobShare {
+    JobShare {
+        gpus: a
+            .gpus
+            .iter()
+            .map(|(m, v)| (*m, opt_sub(*v, b.gpus.get(m).copied().flatten())))
+            .collect(),
+        sockets: a
+            .sockets
+            .iter()
+            .map(|(s, v)| {
+                let o = b.sockets.get(s).copied().unwrap_or_default();
+                (
+                    *s,
+                    SocketShare {
+                        package_j: opt_sub(v.package_j, o.package_j),
+                        dram_j: opt_sub(v.dram_j, o.dram_j),
+                    },
+                )
+            })
+            .collect(),
+        estimated: a.estimated.clone(),
+    }
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b >= a => Some(b - a),
+        _ => None,
+    }
+}
+
+impl Attributor {
+    /// An attributor for the node described by `facts`.
+    pub fn new(facts: &NodeFacts, config: AttributionConfig) -> Self {
+        Self {
+            config,
+            gpu_minors: facts
+                .gpus
+                .iter()
+                .map(|g| g.minor.unwrap_or(1_000_000 + g.index))
+                .collect(),
+            sockets: socket_layout(facts),
+            last: None,
+            members: BTreeMap::new(),
+            acc: Accumulator::new(),
+            cg_last: BTreeMap::new(),
+            stats: AttributorStats::default(),
+        }
+    }
+
+    /// The instant of the last closed interval (monotonic ns).
+    pub fn last_at(&self) -> Option<u64> {
+        self.last.as_ref().map(|r| r.at_mono_ns)
+    }
+
+    /// The last reading (the start of the interval now open).
+    pub fn last(&self) -> Option<&Reading> {
+        self.last.as_ref()
+    }
+
+    /// Replace the last reading (restart recovery maps the journal's reading onto the new
+    /// sampler's counters and sets it here).
+    pub fn set_last(&mut self, reading: Option<Reading>) {
+        self.last = reading;
+    }
+
+    /// Health counters.
+    pub fn stats(&self) -> AttributorStats {
+        self.stats
+    }
+
+    /// The node's running balance since the attributor started.
+    pub fn node(&self) -> &NodeBalance {
+        self.acc.node()
+    }
+
+    /// The accumulator (conservation figures for `/metrics`).
+    pub fn accumulator(&self) -> &Accumulator<u32> {
+        &self.acc
+    }
+
+    /// Open jobs.
+    pub fn members(&self) -> &BTreeMap<u32, Member> {
+        &self.members
+    }
+
+    /// A job's share so far, if it is open.
+    pub fn share(&self, job_id: u32) -> Option<JobShare> {
+        self.members.get(&job_id)?;
+        Some(self.acc.job(&job_id).cloned().unwrap_or_default())
+    }
+
+    /// Close the interval from the last reading to `r` and attribute it to the open jobs.
+    /// The first reading only sets the start. A reading not after the last one is counted
+    /// in [`AttributorStats::late_readings`] and closes nothing.
+    pub fn advance(&mut self, r: &Reading) {
+        let Some(last) = &self.last else {
+            self.last = Some(r.clone());
+            return;
+        };
+        if r.at_mono_ns <= last.at_mono_ns {
+            if r.at_mono_ns < last.at_mono_ns {
+                self.stats.late_readings += 1;
+            }
+            return;
+        }
+        let inputs = self.inputs(last, r);
+        match attribute(&inputs, &self.config) {
+            Ok(out) => {
+                if let Err(e) = check_conservation(&inputs, &out) {
+                    self.stats.conservation_failures += 1;
+                    tracing::error!(error = %e, "attribution failed its conservation check");
+                }
+                self.acc.add(&out);
+                self.stats.intervals += 1;
+                for (job, m) in self.members.iter_mut() {
+                    m.intervals += 1;
+                    let Some(share) = self.acc.job(job) else {
+                        continue;
+                    };
+                    for (socket, sh) in &share.sockets {
+                        let t = m.cpu_trace.entry(*socket).or_default();
+                        t.push((
+                            r.at_mono_ns,
+                            sh.package_j.unwrap_or(0.0),
+                            sh.dram_j.unwrap_or(0.0),
+                        ));
+                        if t.len() > MAX_CPU_TRACE {
+                            let mut k = 0;
+                            t.retain(|_| {
+                                k += 1;
+                                k % 2 == 1
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.stats.failed_intervals += 1;
+                tracing::warn!(error = %e, "an interval could not be attributed");
+            }
+        }
+        // Move the member cgroups' baselines on, whether or not the interval was attributed;
+        // a cgroup first seen now counts from here.
+        for m in self.members.values() {
+            for path in &m.cgroups {
+                if let Some(v) = r.cgroup_ns(path) {
+                    let last = self.cg_last.entry(path.clone()).or_insert(v);
+                    *last = (*last).max(v);
+                }
+            }
+        }
+        self.last = Some(r.clone());
+    }
+
+    fn inputs(&self, a: &Reading, b: &Reading) -> IntervalInputs<u32> {
+        let duration_s = (b.at_mono_ns - a.at_mono_ns) as f64 / 1e9;
+        let gpus = self
+            .gpu_minors
+            .iter()
+            .enumerate()
+            .map(|(pos, &minor)| {
+                let holders: Vec<GpuHolder<u32>> = self
+                    .members
+                    .iter()
+                    .filter(|(_, m)| m.gpus.contains(&pos))
+                    .map(|(&job, _)| GpuHolder {
+                        job,
+                        utilisation: None,
+                    })
+                    .collect();
+                GpuInterval {
+                    minor,
+                    energy_j: match a.gpu_delta(b, pos) {
+                        Some(e) => Support::Supported(e),
+                        None => Support::Unsupported("not read in this interval".into()),
+                    },
+                    idle_power_w: None,
+                    usage: GpuUsage::Whole(holders),
+                }
+            })
+            .collect();
+        // Each member's CPU time in the interval, spread over sockets.
+        let socket_cpus: Vec<(u32, CpuSet)> = self
+            .sockets
+            .iter()
+            .map(|s| (s.socket, s.cpus.clone()))
+            .collect();
+        let mut per_socket: BTreeMap<u32, Vec<SocketJob<u32>>> = BTreeMap::new();
+        for (&job, m) in &self.members {
+            let mut cpu_ns: u64 = 0;
+            for path in &m.cgroups {
+                let (Some(now), Some(prev)) = (b.cgroup_ns(path), self.cg_last.get(path)) else {
+                    continue;
+                };
+                cpu_ns += now.saturating_sub(*prev);
+            }
+            let allocated = cpus_per_socket(&m.cpus, &socket_cpus);
+            let cpu_s = cpu_ns as f64 / 1e9;
+            let split = split_cpu_time(cpu_s, &allocated).or_else(|_| {
+                let by_size: Vec<(u32, u32)> = self
+                    .sockets
+                    .iter()
+                    .map(|s| (s.socket, s.cpus.len().max(1) as u32))
+                    .collect();
+                split_cpu_time(cpu_s, &by_size)
+            });
+            let split = split.unwrap_or_default();
+            for s in &self.sockets {
+                let n = allocated
+                    .iter()
+                    .find(|(id, _)| *id == s.socket)
+                    .map_or(0, |(_, n)| *n);
+                let c = split
+                    .iter()
+                    .find(|(id, _)| *id == s.socket)
+                    .map_or(0.0, |(_, c)| *c);
+                if n > 0 || c > 0.0 {
+                    per_socket.entry(s.socket).or_default().push(SocketJob {
+                        job,
+                        cpu_s: c,
+                        allocated_cpus: n,
+                    });
+                }
+            }
+        }
+        let sockets = self
+            .sockets
+            .iter()
+            .map(|s| {
+                let energy = |zones: &[usize], what: &str| -> Support<f64> {
+                    if zones.is_empty() {
+                        return Support::Unsupported(format!("no {what} zone"));
+                    }
+                    zones
+                        .iter()
+                        .map(|&z| a.zone_delta(b, z))
+                        .sum::<Option<f64>>()
+                        .map_or_else(
+                            || Support::Unsupported("not read in this interval".into()),
+                            Support::Supported,
+                        )
+                };
+                let times = |r: &Reading| r.sockets.iter().find(|t| t.0 == s.socket).copied();
+                let (busy, total) = match (times(a), times(b)) {
+                    (Some(x), Some(y)) => (
+                        y.1.saturating_sub(x.1) as f64 / 1e9,
+                        y.2.saturating_sub(x.2) as f64 / 1e9,
+                    ),
+                    _ => (0.0, 0.0),
+                };
+                SocketInterval {
+                    socket: s.socket,
+                    package_j: energy(&s.package_zones, "package"),
+                    dram_j: energy(&s.dram_zones, "DRAM"),
+                    busy_cpu_s: busy,
+                    total_cpu_s: total,
+                    cpus: s.cpus.len().max(1) as u32,
+                    jobs: per_socket.remove(&s.socket).unwrap_or_default(),
+                }
+            })
+            .collect();
+        IntervalInputs {
+            duration_s,
+            gpus,
+            sockets,
+        }
+    }
+
+    /// A job starts (after [`Attributor::advance`] to its start reading). `gpus` are snapshot
+    /// positions. A job already open keeps its figures (a duplicate start).
+    pub fn job_start(&mut self, job_id: u32, gpus: Vec<usize>, cpus: CpuSet) {
+        let node = *self.acc.node();
+        let m = self.members.entry(job_id).or_insert_with(|| Member {
+            gpus: Vec::new(),
+            cpus: CpuSet::new(),
+            cgroups: BTreeSet::new(),
+            node_at_start: node,
+            step_marks: BTreeMap::new(),
+            steps: BTreeMap::new(),
+            intervals: 0,
+            cpu_trace: BTreeMap::new(),
+        });
+        if m.gpus.is_empty() {
+            m.gpus = gpus;
+        }
+        if m.cpus.is_empty() {
+            m.cpus = cpus;
+        }
+    }
+
+    /// A step starts (after [`Attributor::advance`] to its start reading): its cgroup's CPU
+    /// time counts from `baseline_ns` (its value in the start reading), else from its first
+    /// reading. Opens the job if it is not open (a start ergond missed).
+    pub fn step_start(
+        &mut self,
+        job_id: u32,
+        step: StepId,
+        cgroup: Option<&str>,
+        baseline_ns: Option<u64>,
+    ) {
+        if !self.members.contains_key(&job_id) {
+            self.job_start(job_id, Vec::new(), CpuSet::new());
+        }
+        let share = self.acc.job(&job_id).cloned().unwrap_or_default();
+        let m = self.members.get_mut(&job_id).expect("just ensured");
+        m.step_marks.entry(step).or_insert(share);
+        if let Some(path) = cgroup {
+            m.cgroups.insert(path.to_owned());
+            if let Some(v) = baseline_ns {
+                self.cg_last.entry(path.to_owned()).or_insert(v);
+            }
+        }
+    }
+
+    /// Set an open job's CPUs if they are not known yet (the extern step names them when the
+    /// job start did not).
+    pub fn set_cpus_if_unknown(&mut self, job_id: u32, cpus: CpuSet) {
+        if let Some(m) = self.members.get_mut(&job_id) {
+            if m.cpus.is_empty() {
+                m.cpus = cpus;
+            }
+        }
+    }
+
+    /// Begin counting an already running cgroup from `value` (restart discovery).
+    pub fn baseline_cgroup(&mut self, path: &str, value: u64) {
+        self.cg_last.entry(path.to_owned()).or_insert(value);
+    }
+
+    /// A step ends (after [`Attributor::advance`] to its end reading).
+    pub fn step_end(&mut self, job_id: u32, step: StepId, cgroup: Option<&str>) {
+        let share = self.acc.job(&job_id).cloned().unwrap_or_default();
+        let Some(m) = self.members.get_mut(&job_id) else {
+            return;
+        };
+        let start = m.step_marks.remove(&step).unwrap_or_default();
+        m.steps.insert(step, share_sub(&share, &start));
+        if let Some(path) = cgroup {
+            if m.cgroups.remove(path) {
+                self.cg_last.remove(path);
+            }
+        }
+    }
+
+    /// A job ends (after [`Attributor::advance`] to its end reading): its result, and it is
+    /// no longer charged. `None` if it was not open.
+    pub fn job_end(&mut self, job_id: u32) -> Option<JobResult> {
+        let mut m = self.members.remove(&job_id)?;
+        let share = self.acc.take_job(&job_id).unwrap_or_default();
+        for (step, start) in std::mem::take(&mut m.step_marks) {
+            m.steps.insert(step, share_sub(&share, &start));
+        }
+        for path in &m.cgroups {
+            self.cg_last.remove(path);
+        }
+        Some(JobResult {
+            node: balance_sub(self.acc.node(), &m.node_at_start),
+            share,
+            steps: m.steps,
+            intervals: m.intervals,
+            cpu_trace: m.cpu_trace,
+        })
+    }
+}
+
+/// The reading's figure `delta` helper, exposed for the journal's gap arithmetic.
+pub fn counter_delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    delta(a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::manifest::GpuFact;
+    use crate::sources::rapl::ZoneKey;
+    use ergon_protocol::EnergyMethod;
+
+    fn facts() -> NodeFacts {
+        let gpu = |index, minor| GpuFact {
+            index,
+            uuid: format!("GPU-{index}"),
+            minor: Some(minor),
+            pci_bus_id: None,
+            method: EnergyMethod::Counter,
+        };
+        let zone = |socket, domain| ZoneKey {
+            socket: Some(socket),
+            die: None,
+            domain,
+        };
+        NodeFacts {
+            gpus: vec![gpu(0, 6), gpu(1, 7)],
+            zones: vec![
+                zone(0, RaplDomain::Package),
+                zone(0, RaplDomain::Dram),
+                zone(1, RaplDomain::Package),
+                zone(1, RaplDomain::Dram),
+            ],
+            sockets: vec![
+                (0, CpuSet::parse("0-3").unwrap()),
+                (1, CpuSet::parse("4-7").unwrap()),
+            ],
+            sensors: Vec::new(),
+        }
+    }
+
+    /// A reading at `t` seconds: GPUs at 100 W and 200 W, packages at 50 W, DRAM at 10 W, all
+    /// 8 CPUs half busy, and the given cgroups' CPU times.
+    fn reading(t: f64, cgroups: &[(&str, f64)]) -> Reading {
+        Reading {
+            at_mono_ns: (t * 1e9) as u64,
+            gpus: vec![Some(100.0 * t), Some(200.0 * t)],
+            zones: vec![
+                Some(50.0 * t),
+                Some(10.0 * t),
+                Some(50.0 * t),
+                Some(10.0 * t),
+            ],
+            cgroups: cgroups
+                .iter()
+                .map(|(p, s)| ((*p).to_owned(), (s * 1e9) as u64))
+                .collect(),
+            sockets: vec![
+                (0, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
+                (1, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
+            ],
+        }
+    }
+
+    #[test]
+    fn two_jobs_share_a_socket_by_cpu_time_and_the_node_balances() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        // Job 1: GPU minor 6, CPUs 0-1; job 2: no GPU, CPUs 2-3. Both on socket 0.
+        a.job_start(1, vec![0], CpuSet::parse("0-1").unwrap());
+        a.step_start(1, StepId::Batch, Some("job_1/step_batch"), Some(0));
+        a.job_start(2, vec![], CpuSet::parse("2-3").unwrap());
+        a.step_start(2, StepId::Batch, Some("job_2/step_batch"), Some(0));
+        // Over 10 s, job 1 uses 15 CPU-s, job 2 uses 5 (socket 0: 20 of 40 CPU-s busy).
+        for k in 1..=10 {
+            let t = f64::from(k);
+            a.advance(&reading(
+                t,
+                &[("job_1/step_batch", 1.5 * t), ("job_2/step_batch", 0.5 * t)],
+            ));
+        }
+        let r1 = a.job_end(1).unwrap();
+        let r2 = a.job_end(2).unwrap();
+        // GPU: all of minor 6's energy to job 1, none of minor 7's to anyone.
+        assert!((r1.share.gpus[&6].unwrap() - 1000.0).abs() < 1e-9);
+        assert!(!r1.share.gpus.contains_key(&7) && r2.share.gpus.is_empty());
+        // Socket 0 package: 500 J, busy half: 250 J active split 3:1, 250 J idle split by the
+        // 2 + 2 of 4 CPUs allocated.
+        let p1 = r1.share.sockets[&0].package_j.unwrap();
+        let p2 = r2.share.sockets[&0].package_j.unwrap();
+        assert!((p1 - (187.5 + 125.0)).abs() < 1e-9, "{p1}");
+        assert!((p2 - (62.5 + 125.0)).abs() < 1e-9, "{p2}");
+        // Conservation over the run, per component.
+        let n = a.node();
+        for (_, c) in n.components() {
+            let acc = c.jobs_j + c.idle_j + c.unattributed_j;
+            assert!((c.measured_j - acc).abs() < 1e-9, "{c:?}");
+        }
+        assert!((n.gpu.measured_j - 3000.0).abs() < 1e-9);
+        assert!((n.gpu.unattributed_j - 2000.0).abs() < 1e-9);
+        assert_eq!(a.stats().conservation_failures, 0);
+        assert_eq!(a.stats().intervals, 10);
+    }
+
+    #[test]
+    fn membership_changes_apply_after_the_interval_up_to_the_event() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.advance(&reading(2.0, &[]));
+        a.job_start(1, vec![1], CpuSet::new());
+        a.advance(&reading(2.5, &[]));
+        a.advance(&reading(3.0, &[]));
+        let r = a.job_end(1).unwrap();
+        // Exactly 1 s of minor 7's 200 W.
+        assert!((r.share.gpus[&7].unwrap() - 200.0).abs() < 1e-9);
+        assert!((r.node.gpu.measured_j - 300.0).abs() < 1e-9);
+        assert_eq!(r.intervals, 2);
+        a.advance(&reading(4.0, &[]));
+        assert!(a.share(1).is_none());
+    }
+
+    #[test]
+    fn steps_get_the_jobs_energy_during_their_own_interval() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![0], CpuSet::parse("0-3").unwrap());
+        a.advance(&reading(1.0, &[]));
+        a.step_start(1, StepId::Numbered(0), Some("s0"), Some(0));
+        a.advance(&reading(3.0, &[("s0", 4.0)]));
+        a.step_end(1, StepId::Numbered(0), Some("s0"));
+        a.advance(&reading(4.0, &[]));
+        let r = a.job_end(1).unwrap();
+        assert!((r.share.gpus[&6].unwrap() - 400.0).abs() < 1e-9);
+        assert!((r.steps[&StepId::Numbered(0)].gpus[&6].unwrap() - 200.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_late_reading_closes_nothing_and_is_counted() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.advance(&reading(2.0, &[]));
+        a.advance(&reading(1.0, &[]));
+        assert_eq!(a.stats().late_readings, 1);
+        assert_eq!(a.last_at(), Some(2_000_000_000));
+    }
+
+    #[test]
+    fn serialises_for_the_journal() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![0], CpuSet::parse("0-1").unwrap());
+        a.step_start(1, StepId::Batch, Some("b"), Some(0));
+        a.advance(&reading(1.0, &[("b", 0.5)]));
+        let bytes = rmp_serde::to_vec_named(&a).unwrap();
+        let b: Attributor = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,258 @@
+//! Restart safety: writing the [`journal`] from the tracker's state, and restoring that state
+//! when ergond starts again (see the journal's module documentation for the model).
+
+use std::path::Path;
+use std::time::Duration;
+
+use ergon_protocol::{Gap, Timestamp};
+
+use super::attributor::Attributor;
+use super::journal::{self, map_across_restart, DeviceFrame, JournalState};
+use super::manifest::NodeFacts;
+use super::reading::Reading;
+use super::registry::{Action, EventTime, JobRegistry, Mark};
+use crate::clock::monotonic_ns;
+use crate::sampler::SamplerHandle;
+
+/// Power limits used to judge an outage's energy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PowerLimits {
+    /// Highest plausible GPU power (W).
+    pub gpu_max_power_w: f64,
+    /// Highest plausible power of one RAPL zone (W).
+    pub cpu_max_power_w: f64,
+}
+
+/// The journal's picture of the tracker now.
+pub fn journal_state(
+    registry: &JobRegistry,
+    attributor: &Attributor,
+    sampler: &SamplerHandle,
+    facts: &NodeFacts,
+    limits: PowerLimits,
+    boot_id: &str,
+) -> JournalState {
+    let snap = sampler.snapshot();
+    let now_unix = Timestamp::now().unix_ns;
+    let now_mono = monotonic_ns();
+    let last_unix_ns = attributor.last_at().map_or(now_unix, |at| {
+        now_unix.saturating_sub(now_mono.saturating_sub(at))
+    });
+    JournalState {
+        boot_id: boot_id.to_owned(),
+        written_unix_ns: now_unix,
+        last_unix_ns,
+        jobs: registry.jobs().cloned().collect(),
+        attributor: attributor.clone(),
+        gpus: facts
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| DeviceFrame {
+                id: g.uuid.clone(),
+                offset_j: snap
+                    .gpus
+                    .get(i)
+                    .filter(|s| s.at_ns > 0)
+                    .and_then(|s| s.raw_j.map(|r| r - s.energy_j)),
+                range_j: None,
+                max_power_w: limits.gpu_max_power_w,
+            })
+            .collect(),
+        zones: facts
+            .zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                let s = snap.zones.get(i).filter(|s| s.at_ns > 0);
+                DeviceFrame {
+                    id: z.to_string(),
+                    offset_j: s.and_then(|s| s.raw_j.map(|r| r - s.energy_j)),
+                    range_j: s.and_then(|s| s.range_j),
+                    max_power_w: limits.cpu_max_power_w,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// What restoring found.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Jobs put back.
+    pub jobs: usize,
+    /// Whether the outage's energy was recovered from the hardware counters.
+    pub recovered: bool,
+    /// Actions for the worker: jobs that ended while ergond was down are finished now.
+    pub actions: Vec<Action>,
+}
+
+/// Restore the journal in `dir` into `registry` and `attributor`. A journal that cannot be
+/// read, or is from another boot, is set aside with an error in the log; nothing else stops
+/// ergond from starting.
+#[allow(clippy::too_many_arguments)]
+pub fn restore(
+    dir: &Path,
+    proc_root: &Path,
+    sampler: &SamplerHandle,
+    facts: &NodeFacts,
+    registry: &mut JobRegistry,
+    attributor: &mut Attributor,
+) -> Restored {
+    let now_s = Timestamp::now().unix_ns / 1_000_000_000;
+    let state = match journal::read(dir) {
+        Ok(Some(s)) => s,
+        Ok(None) => return Restored::default(),
+        Err(e) => {
+            let aside = journal::set_aside(dir, now_s);
+            tracing::error!(
+                error = %e,
+                set_aside = ?aside.as_ref().map(|p| p.display().to_string()),
+                "the job journal is unreadable; the jobs it held get manifests only from the \
+                 events still to come. The file is kept for inspection"
+            );
+            return Restored::default();
+        }
+    };
+    let boot = journal::boot_id(proc_root);
+    if state.boot_id != boot {
+        let aside = journal::set_aside(dir, now_s);
+        tracing::warn!(
+            jobs = state.jobs.len(),
+            set_aside = ?aside.as_ref().map(|p| p.display().to_string()),
+            "the job journal is from another boot; its jobs ended with that boot"
+        );
+        return Restored::default();
+    }
+    let same_node = state.gpus.len() == facts.gpus.len()
+        && state.zones.len() == facts.zones.len()
+        && state
+            .gpus
+            .iter()
+            .zip(&facts.gpus)
+            .all(|(a, b)| a.id == b.uuid)
+        && state
+            .zones
+            .iter()
+            .zip(&facts.zones)
+            .all(|(a, b)| a.id == b.to_string());
+
+    // The sampler's first readings, to compare the hardware counters with the journal's.
+    if !sampler.wait_for_readings_after(monotonic_ns(), Duration::from_secs(3)) {
+        tracing::warn!("no sampler reading within 3 s of start; the outage is not recovered");
+    }
+    let snap = sampler.snapshot();
+    let now_mono = monotonic_ns();
+    let now_unix = Timestamp::now().unix_ns;
+    *attributor = state.attributor;
+    let mut recovered = false;
+    let mut why = String::from("the node's GPUs or RAPL zones changed");
+    if let (true, Some(old)) = (same_node, attributor.last().cloned()) {
+        let outage_s = now_mono.saturating_sub(old.at_mono_ns) as f64 / 1e9;
+        let mut all = true;
+        let gpus: Vec<Option<f64>> = (0..facts.gpus.len())
+            .map(|i| {
+                let g = snap.gpus.get(i)?;
+                let old_v = old.gpus.get(i).copied().flatten();
+                let v = map_across_restart(&state.gpus[i], old_v, g.raw_j, g.energy_j, outage_s);
+                all &= old_v.is_none() || v.is_some();
+                v
+            })
+            .collect();
+        let zones: Vec<Option<f64>> = (0..facts.zones.len())
+            .map(|i| {
+                let z = snap.zones.get(i)?;
+                let old_v = old.zones.get(i).copied().flatten();
+                let v = map_across_restart(&state.zones[i], old_v, z.raw_j, z.energy_j, outage_s);
+                all &= old_v.is_none() || v.is_some();
+                v
+            })
+            .collect();
+        recovered = all;
+        if !all {
+            why = "a hardware counter reset or may have wrapped during the outage".into();
+        }
+        attributor.set_last(Some(Reading { gpus, zones, ..old }));
+    } else {
+        // Nothing to measure the outage with: start afresh from the next reading.
+        attributor.set_last(None);
+    }
+
+    let refused = registry.restore(state.jobs);
+    for job in &refused {
+        tracing::error!(
+            job_id = job.job_id,
+            "journaled job not restored: the registry is full"
+        );
+    }
+    let gap_start = state.last_unix_ns;
+    let reason = if recovered {
+        "ergond was not running (killed or restarted); the outage's energy was recovered from \
+         the hardware counters"
+            .to_owned()
+    } else {
+        format!(
+            "ergond was not running (killed or restarted); the outage's energy is unknown: {why}"
+        )
+    };
+    let ids: Vec<u32> = registry.jobs().map(|j| j.job_id).collect();
+    let mut out = Restored {
+        jobs: ids.len(),
+        recovered,
+        actions: Vec::new(),
+    };
+    let now = EventTime {
+        unix_ns: now_unix,
+        mono_ns: now_mono,
+    };
+    for id in ids {
+        let Some(job) = registry.get_mut(id) else {
+            continue;
+        };
+        job.gaps.push(Gap {
+            start_unix_ns: gap_start.min(now_unix),
+            end_unix_ns: now_unix,
+            reason: reason.clone(),
+            recovered,
+        });
+        // Watch the open steps' cgroups again; a job none of whose cgroups exist any more
+        // ended while ergond was down.
+        let open: Vec<String> = job
+            .steps
+            .iter()
+            .filter(|s| s.end.is_none())
+            .filter_map(|s| s.watched.clone())
+            .collect();
+        let mut alive = open.is_empty();
+        for path in &open {
+            match sampler.watch_cgroup(path) {
+                Ok(()) => alive = true,
+                Err(e) => {
+                    tracing::info!(job_id = id, cgroup = %path, error = %e, "step cgroup gone")
+                }
+            }
+        }
+        if !alive && job.end.is_none() {
+            tracing::warn!(
+                job_id = id,
+                "the job ended while ergond was down; finishing it now (its end time is unknown)"
+            );
+            job.end = Some(now);
+            job.gaps.push(Gap {
+                start_unix_ns: gap_start.min(now_unix),
+                end_unix_ns: now_unix,
+                reason: "the job ended while ergond was not running; its end time is not known \
+                         and it is charged up to ergond's restart"
+                    .into(),
+                recovered: false,
+            });
+            out.actions.push(Action::Read {
+                job_id: id,
+                mark: Mark::JobEnd,
+                at: now,
+            });
+            out.actions.push(Action::Finish { job_id: id });
+        }
+    }
+    out
+}
