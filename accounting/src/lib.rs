@@ -8,12 +8,14 @@
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
+//! - [`plot`]: `ergon plot`, a job's power over time as SVG or PNG;
 //! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
 
 #![warn(missing_docs)]
 
 pub mod collect;
 pub mod config;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod sacct;

@@ -8,14 +8,21 @@
 //!   quarantined, records dropped by a bound); `ergon status` says what;
 //! - 4: a sink refused its credentials (401/403): an admin must fix the token;
 //! - 75: another `ergon run` holds the lock; this one did nothing.
+//!
+//! Exit codes of `ergon plot`:
+//! - 0: the picture was written;
+//! - 1: error (no manifests of the job, a manifest of the job that does not verify, no power
+//!   trace in them, the file cannot be written): see the message; no file was written;
+//! - 2: usage error, including an output name that ends in neither `.svg` nor `.png`.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use ergon_accounting::config::{Config, DEFAULT_PATH};
+use ergon_accounting::plot;
 use ergon_accounting::report;
 use ergon_accounting::run::{run, RunOptions};
 use ergon_accounting::state::LockError;
@@ -34,6 +41,12 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Write the man pages (ergon.1, ergon-run.1, ...) into DIR (used by scripts/install).
+    #[command(long_flag = "generate-man", hide = true)]
+    GenerateMan {
+        /// Directory to write the pages into (must exist).
+        dir: PathBuf,
+    },
     /// Collect manifests, write sacct records, upload (the cron entry point).
     ///
     /// Exit codes: 0 all done; 1 error; 3 something still pending, quarantined or dropped
@@ -60,6 +73,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Draw a job's power over time from its manifests' power traces, as SVG or PNG.
+    ///
+    /// One line per device per node, the job's and steps' start and end marked, each device's
+    /// energy in the legend. Exit codes: 0 written; 1 error (no manifests or no trace; nothing
+    /// written); 2 usage error (such as an output name not ending in .svg or .png).
+    Plot {
+        /// The job id.
+        job_id: u32,
+        /// The output file: .svg or .png.
+        #[arg(short, long, value_parser = parse_plot_output)]
+        output: PathBuf,
+        /// Read these manifest files instead of searching the spool directories (repeatable).
+        #[arg(long = "manifest", value_name = "PATH")]
+        manifests: Vec<PathBuf>,
+        /// The cluster, when the spools hold manifests of the same job id from several.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Width in pixels.
+        #[arg(long, default_value_t = plot::DEFAULT_WIDTH, value_parser = clap::value_parser!(u32).range(400..=8000))]
+        width: u32,
+        /// Height in pixels.
+        #[arg(long, default_value_t = plot::DEFAULT_HEIGHT, value_parser = clap::value_parser!(u32).range(300..=8000))]
+        height: u32,
+    },
+}
+
+/// `-o` of `ergon plot`: a path whose extension names a format.
+fn parse_plot_output(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    plot::Format::from_path(&path).map_err(|e| e.to_string())?;
+    Ok(path)
 }
 
 /// Exit code when another run holds the lock (EX_TEMPFAIL).
@@ -102,6 +146,10 @@ fn load_config(path: &std::path::Path, required: bool) -> anyhow::Result<Config>
 
 fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
+        Cmd::GenerateMan { dir } => {
+            write_man_pages(&dir).with_context(|| format!("writing man pages into {dir:?}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Run { dry_run } => {
             let config = load_config(&args.config, true)?;
             let summary = run(
@@ -156,5 +204,47 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Cmd::Plot {
+            job_id,
+            output,
+            manifests,
+            cluster,
+            width,
+            height,
+        } => {
+            let format = plot::Format::from_path(&output)?;
+            let found = if manifests.is_empty() {
+                // As for `report`: users may not be able to read the admin's config.
+                let config = load_config(&args.config, false)
+                    .or_else(|_| Config::parse("", &args.config))
+                    .context("reading the config")?;
+                plot::find_in_spools(&config.spool_dirs, cluster.as_deref(), job_id)?
+            } else {
+                plot::read_files(&manifests, cluster.as_deref(), job_id)?
+            };
+            let picture = plot::build(job_id, &found)?;
+            let bytes = plot::render(&picture, format, width, height)?;
+            plot::write_atomic(&output, &bytes)?;
+            eprintln!("ergon: wrote {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// One roff page per command and visible subcommand, section 1 (`ergon.1`, `ergon-run.1`, ...).
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    fn write(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), dir)?;
+        }
+        clap_mangen::Man::new(cmd)
+            .section("1")
+            .source(concat!("ergon ", env!("CARGO_PKG_VERSION")))
+            .manual("ergon")
+            .generate_to(dir)
+            .map(drop)
+    }
+    let mut cmd = Args::command().disable_help_subcommand(true);
+    cmd.build();
+    write(cmd, dir)
 }
