@@ -139,6 +139,9 @@ pub struct Config {
     pub metrics_listen: String,
     /// Sampling rates.
     pub sampling: SamplingConfig,
+    /// Every this many seconds, open jobs older than that whose cgroups are all gone are
+    /// finished (their end event was lost). Default 60.
+    pub lost_job_check_s: u64,
     /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`
     /// (docs/attribution.md).
     pub attribution: crate::attribution::AttributionConfig,
@@ -163,6 +166,7 @@ impl Default for Config {
             metrics_listen: "127.0.0.1:9713".to_string(),
             sampling: SamplingConfig::default(),
             attribution: Default::default(),
+            lost_job_check_s: 60,
         }
     }
 }
@@ -231,6 +235,15 @@ impl Config {
                         .into(),
                 });
             }
+        }
+        if self.lost_job_check_s == 0 || self.lost_job_check_s > 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "lost_job_check_s",
+                reason: format!(
+                    "{} is out of range; give 1 to 86400 seconds (default 60)",
+                    self.lost_job_check_s
+                ),
+            });
         }
         if self.socket_mode > 0o777 {
             return Err(ConfigError::Invalid {

@@ -16,8 +16,10 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 /// STOPPING=, and pings the watchdog (WatchdogSec=) while the sampler ticks.
 ///
 /// It also serves the SPANK plugin's socket (socket_path, default /run/ergon/ergond.sock) and
-/// writes one manifest per job into spool_dir when the job ends. Not implemented yet: CPU/DRAM
-/// attribution (manifests attribute GPU energy only), restart safety, the user report.
+/// writes one manifest per job into spool_dir when the job ends: GPU, CPU package and DRAM
+/// energy attributed to the job, the node's idle and unattributed energy, coverage and gaps.
+/// Open jobs are journaled in state_dir, so a restart (even kill -9) loses no job; jobs that
+/// asked for --energy-report get a report written as their user.
 ///
 /// Exit status of the service: 0 after a clean stop, 1 if the configuration is invalid or it
 /// cannot start, 2 if no energy source works on this node.

@@ -8,9 +8,10 @@
 //! `info`) to stderr, or to the journal when stderr is connected to it; under systemd it
 //! notifies readiness, status and stopping and pings the watchdog ([`crate::systemd`]).
 //!
-//! Jobs get one manifest each in `spool_dir` when they end. Not here yet (the log says so at
-//! start): CPU and DRAM attribution (manifests attribute GPU energy only), restart safety (jobs
-//! open when ergond stops get no manifest) and the user report (`--energy-report`).
+//! Jobs get one manifest each in `spool_dir` when they end, with GPU, CPU package and DRAM
+//! energy attributed per job ([`crate::jobs::attributor`]); open jobs are journaled in
+//! `state_dir` and taken back after a restart ([`crate::jobs::recovery`]); a job that asked
+//! for `--energy-report` gets its report, written as its user ([`crate::jobs::report`]).
 //!
 //! Exit status: 0 after a clean stop; 1 if the configuration is invalid or the service cannot
 //! start (listen address or socket in use, unknown `slurm_user` or `socket_group`, a thread
@@ -157,6 +158,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             Vec::new()
         });
     let attribution = config.attribution;
+    let reap_period = std::time::Duration::from_secs(config.lost_job_check_s);
     let state_dir = config.state_dir.clone();
     let proc_root = config.proc_root.clone();
     let power = crate::jobs::recovery::PowerLimits {
@@ -203,6 +205,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             state_dir: Some(state_dir),
             proc_root,
             power,
+            reap_period,
         },
     ) {
         Ok(t) => Arc::new(t),
@@ -212,10 +215,6 @@ async fn service(config: Config, config_path: &str) -> u8 {
             return EXIT_START;
         }
     };
-    tracing::info!(
-        "not implemented yet: CPU/DRAM attribution (manifests attribute GPU energy only), \
-         restart safety (jobs open when ergond stops get no manifest), the user report"
-    );
     tracing::info!("serving Prometheus metrics on http://{addr}/metrics");
     tracing::info!(socket = %socket_path.display(), "serving the SPANK plugin's socket");
     let running = format!(

@@ -404,3 +404,38 @@ fn kill_9_mid_job_recovers_the_outage_from_the_counters() {
     assert!(rel_err(cpu / secs, 36.0) < 0.25, "{cpu} J over {secs} s");
     assert!(e2.log().contains("restored the open jobs"), "{}", e2.log());
 }
+
+#[test]
+fn a_job_whose_end_event_is_lost_is_finished_when_its_cgroup_goes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-000000000003", "name": "Fake", "minor": 0,
+        "profile": {"kind": "constant", "watts": 100.0}, "update_period_ms": 20.0,
+    }]}));
+    let dir = tempfile::tempdir().unwrap();
+    let cg = "slurm/job_3/step_0";
+    let _driver = Driver::start(dir.path(), vec![]);
+    write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 1_000);
+    let e = start(
+        dir.path(),
+        &fake.lib,
+        "lost_job_check_s = 1\n",
+        "ergond.log",
+    );
+    let socket = dir.path().join("run/ergond.sock");
+    send(&socket, job_start(3, vec![], "0-1"));
+    send(&socket, step_start(3, cg, "0-1"));
+    // The job ends, but its JobEnd never reaches ergond: only its cgroup disappears.
+    std::fs::remove_dir_all(dir.path().join("cgroup/slurm/job_3")).unwrap();
+    let m = manifest(&dir.path().join("spool"), 3, &e);
+    assert!(
+        m.coverage
+            .gaps
+            .iter()
+            .any(|g| !g.recovered && g.reason.contains("end was not reported")),
+        "{:?}",
+        m.coverage
+    );
+    assert!(m.coverage.fraction < 1.0);
+    assert!(e.log().contains("its cgroup is gone"), "{}", e.log());
+}

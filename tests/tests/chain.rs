@@ -9,8 +9,13 @@
 //!   batch step's real cgroup is watched while it runs. Then `ergon run` writes the record into
 //!   AdminComment with the manifest's numbers and `ergon report --json` shows the same.
 //! - `killed_ergond_job_still_completes_and_the_manifest_is_honest`: ergond is SIGKILLed while
-//!   a job runs and restarted; the job completes (fail-open), and the manifest ergond writes for
-//!   it says that it missed the start (coverage < 1, a gap) instead of inventing numbers.
+//!   a job runs and restarted; the job completes (fail-open), the restarted ergond takes the job
+//!   back from its journal, and the manifest records the outage as a gap whose energy was
+//!   recovered from the GPU's counter: the GPU energy over the whole job is right.
+//! - `energy_report_is_written_as_the_user_and_never_through_a_symlink`: a job of the
+//!   unprivileged test user with `--energy-report` gets the report appended to its
+//!   `slurm-<id>.out`, which stays the user's; a `--energy-report=json` job whose
+//!   `ergon-<id>.json` is a symlink to a root-owned file gets nothing written through it.
 //!
 //! The plugin's socket is shared with `spank_plugin.rs`, whose tests run in another test binary
 //! (cargo runs binaries one after another); the tests here run one at a time (`SERIAL`).
@@ -105,7 +110,10 @@ impl Ergond {
         let lib = dir.join("nvml/libnvidia-ml.so.1");
         std::fs::create_dir_all(lib.parent().unwrap())?;
         std::fs::copy(&built, &lib)?;
+        // The counters start at the first start of ergond and keep counting across its
+        // restarts, like a real driver's (mJ since the driver loaded).
         let scenario = serde_json::json!({
+            "start_monotonic_ns": ergond::clock::monotonic_ns(),
             "gpus": gpus.iter().map(|g| serde_json::json!({
                 "uuid": g.uuid, "name": "Fake chain GPU", "minor": g.minor,
                 "profile": {"kind": "constant", "watts": g.watts},
@@ -324,6 +332,9 @@ impl Setup {
             "--time=5".into(),
             "--job-name=ergon-chain".into(),
             "--output=/dev/null".into(),
+            // The report (--energy-report) then goes to ergon-<id>.txt here, not into the
+            // directory the tests run from.
+            format!("--chdir={}", self.dir.path().display()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(["--wrap".into(), script]);
@@ -525,9 +536,12 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
             "{:?} vs {total} J",
             m.totals
         );
-        // Peak: the highest total over the power trace's bins, at constant power.
+        // Peak: the highest total over the power trace's bins, at constant power. A bin sees
+        // whole counter updates only (one per COUNTER_PERIOD_MS), so it can be off by one
+        // update's worth: the period over the bin's length.
+        let slack = COUNTER_PERIOD_MS / f64::from(m.trace.interval_ms.max(1));
         ensure!(
-            m.totals.peak_w <= 1.05 * sum_w && m.totals.peak_w >= 0.95 * sum_w,
+            m.totals.peak_w <= (1.0 + slack + 0.01) * sum_w && m.totals.peak_w >= 0.95 * sum_w,
             "peak {} W at a constant {sum_w} W; trace {:?}",
             m.totals.peak_w,
             m.trace
@@ -612,33 +626,167 @@ fn killed_ergond_job_still_completes_and_the_manifest_is_honest() {
             ),
             "ergond does not know the running job"
         );
+        let index = allocated_gpu_indices(c, job)?[0];
+        // Wait until the journal holds the job (it is written within 250 ms of a change).
+        let known = std::time::SystemTime::now();
+        let journal = s.dir.path().join("state/jobs.journal");
+        wait_for(Duration::from_secs(5), "the journal to be written", || {
+            Ok(std::fs::metadata(&journal)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > known)
+                .then_some(()))
+        })?;
+        let t_kill = Instant::now();
         s.ergond.kill();
         s.ergond.spawn()?;
+        let outage = t_kill.elapsed();
         std::fs::write(&release, b"")?;
-        // Fail-open: the job completes, whatever ergond knows about it.
+        // Fail-open: the job completes, whatever happened to ergond.
         c.wait_completed(job)?;
-        // The restarted ergond saw the steps' and the job's ends but not the start: it writes
-        // a manifest that says so. (Restart safety, which would recover the start, is issue
-        // 5's open item.)
+        // The restarted ergond took the job back from the journal: the manifest is complete,
+        // the outage is a gap whose energy was recovered from the GPU's counter.
         let (path, m) = s.ergond.wait_manifest(job, &c.node)?;
-        println!("manifest after restart: {}", path.display());
+        println!(
+            "manifest after restart: {} (outage {outage:?})",
+            path.display()
+        );
         ensure!(m.job.job_id == job, "{:?}", m.job);
         ensure!(
-            m.coverage.fraction < 1.0 && !m.coverage.gaps.is_empty(),
-            "a job whose start ergond missed claims {:?}",
+            m.coverage.gaps.len() == 1 && m.coverage.gaps[0].recovered,
+            "the outage is not a recovered gap: {:?}",
             m.coverage
         );
-        if m.coverage.fraction == 0.0 {
-            ensure!(
-                m.gpus.is_empty() && m.totals.energy_j == 0.0 && m.totals.gpu_j.is_none(),
-                "energy attributed without a start reading: {:?} {:?}",
-                m.gpus,
-                m.totals
-            );
-        }
+        ensure!(m.coverage.fraction == 1.0, "{:?}", m.coverage);
+        let secs = (m.end_unix_ns - m.start_unix_ns) as f64 / 1e9;
+        let fake = s
+            .gpus
+            .iter()
+            .find(|g| g.minor == minor_of(c, index))
+            .unwrap();
+        let truth = fake.watts * secs;
+        let energy = m.gpus[0]
+            .energy_j
+            .ok_or_else(|| anyhow!("GPU not measured: {:?}", m.gpus))?;
+        println!("GPU {energy:.2} J over {secs:.3} s (outage included), truth {truth:.2} J");
+        ensure!(
+            (energy - truth).abs() / truth < ENERGY_TOLERANCE,
+            "{energy} J vs {truth} J"
+        );
         // The plugin sends the cluster's name with every event, so even a job whose start was
         // missed is named right (and `ergon run` can find it in sacct).
         ensure!(m.cluster == "ergon-dev", "cluster {:?}", m.cluster);
+        Ok(())
+    });
+    println!("test took {:?}", t_test.elapsed());
+}
+
+/// The uid and gid of `user`.
+fn ids_of(user: &str) -> Result<(u32, u32)> {
+    let id = |flag: &str| -> Result<u32> {
+        let out = Command::new("id").args([flag, user]).output()?;
+        ensure!(out.status.success(), "id {flag} {user} failed");
+        Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+#[test]
+fn energy_report_is_written_as_the_user_and_never_through_a_symlink() {
+    use std::os::unix::fs::MetadataExt;
+    let t_test = Instant::now();
+    let mut s = setup("chain-report");
+    s.run(|s| {
+        let c = s.c;
+        let user = c.test_user.clone();
+        let (uid, gid) = ids_of(&user)?;
+        let home = s.dir.path().join("userdir");
+        std::fs::create_dir_all(&home)?;
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid))?;
+        let sbatch_as = |args: Vec<String>| -> Result<u32> {
+            let mut all: Vec<String> = vec![
+                "-u".into(),
+                user.clone(),
+                "--".into(),
+                "sbatch".into(),
+                "--parsable".into(),
+                format!("--chdir={}", home.display()),
+                "--time=5".into(),
+            ];
+            all.extend(args);
+            let out = c.run("runuser", &all)?;
+            let text = String::from_utf8(out.stdout)?;
+            Ok(text.trim().split(';').next().unwrap_or_default().parse()?)
+        };
+
+        // 1. A text report lands at the end of the job's own stdout file, still the user's.
+        let job = sbatch_as(vec![
+            "--energy-report".into(),
+            "--gres=gpu:1".into(),
+            format!("--output={}", home.join("slurm-%j.out").display()),
+            "--wrap".into(),
+            "echo hello from the job; sleep 1".into(),
+        ])?;
+        c.wait_completed(job)?;
+        let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
+        let out = home.join(format!("slurm-{job}.out"));
+        let text = wait_for(
+            Duration::from_secs(15),
+            "the report in the job's stdout",
+            || {
+                let t = std::fs::read_to_string(&out).unwrap_or_default();
+                Ok(t.contains("ergon energy report").then_some(t))
+            },
+        )?;
+        println!("{text}");
+        ensure!(text.starts_with("hello from the job\n"), "{text}");
+        ensure!(text.contains(&format!("job {job} on {}", c.node)), "{text}");
+        ensure!(
+            m.gpus.len() == 1 && text.contains(&m.gpus[0].uuid),
+            "the report does not name the job's GPU {:?}:\n{text}",
+            m.gpus
+        );
+        let md = std::fs::metadata(&out)?;
+        ensure!(
+            (md.uid(), md.gid()) == (uid, gid),
+            "owner {}:{}",
+            md.uid(),
+            md.gid()
+        );
+        ensure!(!home.join(format!("ergon-{job}.txt")).exists());
+
+        // 2. A JSON report whose file is a symlink to a root-owned file: nothing is written
+        // through it, and ergond says why.
+        let victim = s.dir.path().join("victim");
+        std::fs::write(&victim, b"root's file\n")?;
+        let job2 = sbatch_as(vec![
+            "--hold".into(),
+            "--energy-report=json".into(),
+            "--output=/dev/null".into(),
+            "--wrap".into(),
+            "true".into(),
+        ])?;
+        let link = home.join(format!("ergon-{job2}.json"));
+        std::os::unix::fs::symlink(&victim, &link)?;
+        c.run("scontrol", ["release", &job2.to_string()])?;
+        c.wait_completed(job2)?;
+        s.ergond.wait_manifest(job2, &c.node)?;
+        let needle = format!("job_id={job2}");
+        wait_for(
+            Duration::from_secs(15),
+            "ergond to refuse the report",
+            || {
+                Ok(s.ergond
+                    .log_text()
+                    .lines()
+                    .any(|l| l.contains("energy report not written") && l.contains(&needle))
+                    .then_some(()))
+            },
+        )?;
+        ensure!(
+            std::fs::read(&victim)? == b"root's file\n",
+            "written through the symlink"
+        );
+        ensure!(std::fs::symlink_metadata(&link)?.file_type().is_symlink());
         Ok(())
     });
     println!("test took {:?}", t_test.elapsed());

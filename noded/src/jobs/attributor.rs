@@ -224,6 +224,22 @@ impl Attributor {
         }
     }
 
+    /// Take the running state (open jobs, balance, baselines, last reading, counters) of a
+    /// journaled attributor, keeping this one's configuration and node layout: a changed
+    /// `cpu_idle` applies from the restart on.
+    pub fn restore_state(&mut self, journaled: Attributor) {
+        self.last = journaled.last;
+        self.members = journaled.members;
+        self.acc = journaled.acc;
+        self.cg_last = journaled.cg_last;
+        self.stats = journaled.stats;
+    }
+
+    /// Whether `other` was built for the same GPUs and sockets as this one.
+    pub fn same_layout(&self, other: &Attributor) -> bool {
+        self.gpu_minors == other.gpu_minors && self.sockets == other.sockets
+    }
+
     /// The instant of the last closed interval (monotonic ns).
     pub fn last_at(&self) -> Option<u64> {
         self.last.as_ref().map(|r| r.at_mono_ns)

@@ -5,6 +5,7 @@
 //! - [`reading`]: counters at an event's exact instant, interpolated between sampler ticks;
 //! - [`manifest`]: building a job's manifest (pure);
 //! - [`spool`]: writing it atomically;
+//! - [`report`]: the user's `--energy-report`, written as the user;
 //! - [`tracker`]: the shell that ties them to the sampler and answers requests.
 //!
 //! - [`attributor`]: the node's energy split between open jobs, interval by interval;
@@ -16,5 +17,6 @@ pub mod manifest;
 pub mod reading;
 pub mod recovery;
 pub mod registry;
+pub mod report;
 pub mod spool;
 pub mod tracker;

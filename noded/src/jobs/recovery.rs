@@ -144,7 +144,8 @@ pub fn restore(
     let snap = sampler.snapshot();
     let now_mono = monotonic_ns();
     let now_unix = Timestamp::now().unix_ns;
-    *attributor = state.attributor;
+    let same_node = same_node && attributor.same_layout(&state.attributor);
+    attributor.restore_state(state.attributor);
     let mut recovered = false;
     let mut why = String::from("the node's GPUs or RAPL zones changed");
     if let (true, Some(old)) = (same_node, attributor.last().cloned()) {
@@ -215,6 +216,19 @@ pub fn restore(
             reason: reason.clone(),
             recovered,
         });
+        if let Some(at) = job.end {
+            // Its end was seen before the stop; finish it now (its end reading, if it was
+            // not taken, is read now).
+            if job.end_reading.is_none() {
+                out.actions.push(Action::Read {
+                    job_id: id,
+                    mark: Mark::JobEnd,
+                    at,
+                });
+            }
+            out.actions.push(Action::Finish { job_id: id });
+            continue;
+        }
         // Watch the open steps' cgroups again; a job none of whose cgroups exist any more
         // ended while ergond was down.
         let open: Vec<String> = job

@@ -168,6 +168,9 @@ pub struct Job {
     pub uid: Option<u32>,
     /// Owner's user name (JobStart only).
     pub user: Option<String>,
+    /// Owner's primary gid (JobStart only).
+    #[serde(default)]
+    pub gid: Option<u32>,
     /// Slurm account.
     pub account: Option<String>,
     /// Slurm partition.
@@ -210,6 +213,7 @@ impl Job {
             array_task_id: None,
             uid: None,
             user: None,
+            gid: None,
             account: None,
             partition: None,
             cluster: None,
@@ -315,6 +319,7 @@ impl JobRegistry {
         let fresh = !self.jobs.contains_key(&job_id);
         let job = self.job_or_unknown(job_id, &m.node, at)?;
         job.uid = Some(m.uid);
+        job.gid = Some(m.gid);
         job.user = Some(m.user.clone());
         job.array_job_id = m.ids.array_job_id.or(job.array_job_id);
         job.array_task_id = m.ids.array_task_id.or(job.array_task_id);

@@ -27,6 +27,7 @@ use super::manifest::{self, match_gpus, NodeFacts};
 use super::reading::{interpolate, Reading};
 use super::recovery::{journal_state, restore, PowerLimits, Restored};
 use super::registry::{Action, EventTime, JobRegistry, Limits, Mark};
+use super::report;
 use super::spool::write_manifest;
 use crate::clock::monotonic_ns;
 use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
@@ -35,6 +36,8 @@ use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
 pub const QUEUE_CAPACITY: usize = 65_536;
 /// How long the worker waits for the tick after an event before using what it has.
 pub const READING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reports waiting for the writer at most.
+pub const REPORT_QUEUE: usize = 1024;
 /// How often, at most, the journal is written (when something changed).
 pub const JOURNAL_PERIOD: Duration = Duration::from_millis(250);
 /// How often the worker closes an attribution interval when no event does.
@@ -76,9 +79,12 @@ pub struct TrackerConfig {
     pub proc_root: PathBuf,
     /// Power limits that judge an outage's energy.
     pub power: PowerLimits,
+    /// How often open jobs are checked for a lost end event, and how old they must be.
+    pub reap_period: Duration,
 }
 
 struct Inner {
+    reports: Option<SyncSender<ReportWork>>,
     registry: Mutex<JobRegistry>,
     attributor: Mutex<Attributor>,
     boot_id: String,
@@ -131,7 +137,12 @@ impl JobTracker {
                 "restored the open jobs from the journal"
             );
         }
+        let (report_tx, report_rx) = sync_channel(REPORT_QUEUE);
+        std::thread::Builder::new()
+            .name("ergond-report".into())
+            .spawn(move || report_writer(report_rx))?;
         let inner = Arc::new(Inner {
+            reports: Some(report_tx),
             registry: Mutex::new(registry),
             attributor: Mutex::new(attributor),
             boot_id: boot_id(&config.proc_root),
@@ -183,6 +194,14 @@ impl JobTracker {
             Request::QueryJob { job_id } => return self.query(*job_id, peer_uid),
             _ => {}
         }
+        // The batch script's stdout, as slurmstepd opened it (patterns like %j expanded):
+        // where a text report is appended. Read before taking the lock.
+        let mut batch_stdout = match &request {
+            Request::StepStart(m) if m.step == ergon_protocol::StepId::Batch => m
+                .pid
+                .and_then(|pid| batch_stdout_path(&self.inner.config.proc_root, pid)),
+            _ => None,
+        };
         let actions = {
             let mut reg = lock(&self.inner.registry);
             let result = match &request {
@@ -198,7 +217,15 @@ impl JobTracker {
                 }
                 Request::JobStart(m) => reg.job_start(m, event_time(m.time)),
                 Request::JobEnd(m) => reg.job_end(m, event_time(m.time)),
-                Request::StepStart(m) => reg.step_start(m, event_time(m.time)),
+                Request::StepStart(m) => {
+                    let r = reg.step_start(m, event_time(m.time));
+                    if let (Ok(_), Some(path)) = (&r, batch_stdout.take()) {
+                        if let Some(job) = reg.get_mut(m.job_id) {
+                            job.stdout_path = Some(path);
+                        }
+                    }
+                    r
+                }
                 Request::StepEnd(m) => reg.step_end(m, event_time(m.time)),
             };
             match result {
@@ -344,6 +371,22 @@ impl Drop for JobTracker {
     }
 }
 
+/// The file a process's stdout is, from `/proc/<pid>/fd/1`: an absolute path of a regular
+/// file, else `None` (a terminal, a pipe, `/dev/null`, a deleted file).
+pub fn batch_stdout_path(proc_root: &std::path::Path, pid: u32) -> Option<String> {
+    let fd = proc_root.join(pid.to_string()).join("fd/1");
+    let target = std::fs::read_link(&fd).ok()?;
+    let text = target.to_str()?.to_owned();
+    if !target.is_absolute() || text.ends_with(" (deleted)") {
+        return None;
+    }
+    // Only a regular file (stat follows the link, as the process sees its stdout).
+    std::fs::metadata(&fd)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .map(|_| text)
+}
+
 /// The event's instant on both clocks: the plugin's stamp, mapped onto CLOCK_MONOTONIC by the
 /// current offset between the clocks. A stamp in the future is taken as now, one older than
 /// [`MAX_EVENT_AGE_NS`] as that old, and a missing one (0) as now.
@@ -366,6 +409,7 @@ pub fn event_time(stamp: Timestamp) -> EventTime {
 fn worker(inner: &Inner, rx: Receiver<Action>) {
     let mut buf: Vec<TraceSample> = Vec::new();
     let mut last_periodic = std::time::Instant::now();
+    let mut last_reap = std::time::Instant::now();
     let mut last_journal = std::time::Instant::now();
     let mut dirty = false;
     loop {
@@ -379,6 +423,10 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
         let action = match rx.recv_timeout(JOURNAL_PERIOD) {
             Ok(a) => a,
             Err(RecvTimeoutError::Timeout) => {
+                if last_reap.elapsed() >= inner.config.reap_period {
+                    reap(inner, &mut buf);
+                    last_reap = std::time::Instant::now();
+                }
                 if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
                     periodic(inner, &mut buf);
                     last_periodic = std::time::Instant::now();
@@ -390,52 +438,208 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         dirty = true;
-        match action {
-            Action::Read { job_id, mark, at } => {
-                let reading = read_at(&inner.sampler, at.mono_ns, &mut buf);
-                let mut att = lock(&inner.attributor);
-                att.advance(&reading);
-                let mut reg = lock(&inner.registry);
-                match mark {
-                    Mark::JobStart => {
-                        if let Some(job) = reg.get(job_id) {
-                            let gpus = match_gpus(&job.gpus, &inner.facts.gpus)
-                                .iter()
-                                .filter_map(|(_, m)| m.map(|(p, _)| p))
-                                .collect();
-                            att.job_start(job_id, gpus, job.cpus.clone());
-                        }
-                        tracing::info!(job_id, "job started");
+        perform(inner, action, &mut buf);
+    }
+}
+
+/// Finish the open jobs whose end event never came (a lost JobEnd): every `lost_job_check_s`, a job
+/// older than a minute (`lost_job_check_s`) none of whose step cgroups' job directories exists
+/// any more has ended.
+/// It is finished now, with a gap saying so.
+fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) {
+    let Some(h) = inner.sampler.cgroup_hierarchy() else {
+        return;
+    };
+    let now_mono = crate::clock::monotonic_ns();
+    let gone: Vec<(u32, String)> = {
+        let reg = lock(&inner.registry);
+        reg.jobs()
+            .filter(|j| j.end.is_none())
+            .filter(|j| {
+                now_mono.saturating_sub(j.start.mono_ns)
+                    > inner.config.reap_period.as_nanos() as u64
+            })
+            .filter_map(|j| {
+                let dirs: Vec<String> = j
+                    .steps
+                    .iter()
+                    .filter_map(|s| s.watched.as_deref())
+                    .map(|p| match p.rsplit_once('/') {
+                        Some((dir, last)) if last.starts_with("step_") => dir.to_owned(),
+                        _ => p.to_owned(),
+                    })
+                    .collect();
+                let exists = |rel: &str| match h.version {
+                    crate::sources::cgroup::CgroupVersion::V1 => {
+                        h.root.join("cpuacct").join(rel).exists()
                     }
-                    Mark::StepStart(step) => {
-                        let (path, cpus) = reg
-                            .get(job_id)
-                            .map(|j| (j.step(step).and_then(|s| s.watched.clone()), j.cpus.clone()))
-                            .unwrap_or_default();
-                        let baseline = path.as_deref().and_then(|p| reading.cgroup_ns(p));
-                        att.step_start(job_id, step, path.as_deref(), baseline);
-                        att.set_cpus_if_unknown(job_id, cpus);
+                    crate::sources::cgroup::CgroupVersion::V2 => h.root.join(rel).exists(),
+                };
+                (!dirs.is_empty() && !dirs.iter().any(|d| exists(d)))
+                    .then(|| (j.job_id, j.node.clone()))
+            })
+            .collect()
+    };
+    for (job_id, node) in gone {
+        tracing::warn!(
+            job_id,
+            "the job's end was never reported and its cgroup is gone: finishing it now"
+        );
+        let at = event_time(Timestamp::now());
+        let actions = {
+            let mut reg = lock(&inner.registry);
+            let actions = reg
+                .job_end(
+                    &ergon_protocol::JobEnd {
+                        cluster: None,
+                        job_id,
+                        node,
+                        time: Timestamp::from_unix_ns(at.unix_ns),
+                    },
+                    at,
+                )
+                .unwrap_or_default();
+            if let Some(job) = reg.get_mut(job_id) {
+                job.gaps.push(ergon_protocol::Gap {
+                    start_unix_ns: at
+                        .unix_ns
+                        .saturating_sub(inner.config.reap_period.as_nanos() as u64),
+                    end_unix_ns: at.unix_ns,
+                    reason: "the job's end was not reported to ergond (a lost event); it was \
+                             finished when its cgroup was found gone, and is charged up to then"
+                        .into(),
+                    recovered: false,
+                });
+            }
+            actions
+        };
+        for a in actions {
+            perform(inner, a, buf);
+        }
+    }
+}
+
+/// Perform one action of the registry's.
+fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
+    match action {
+        Action::Read { job_id, mark, at } => {
+            let reading = read_at(&inner.sampler, at.mono_ns, buf);
+            let mut att = lock(&inner.attributor);
+            att.advance(&reading);
+            let mut reg = lock(&inner.registry);
+            match mark {
+                Mark::JobStart => {
+                    if let Some(job) = reg.get(job_id) {
+                        let gpus = match_gpus(&job.gpus, &inner.facts.gpus)
+                            .iter()
+                            .filter_map(|(_, m)| m.map(|(p, _)| p))
+                            .collect();
+                        att.job_start(job_id, gpus, job.cpus.clone());
                     }
-                    Mark::StepEnd(step) => {
-                        let path = reg
-                            .get(job_id)
-                            .and_then(|j| j.step(step))
-                            .and_then(|s| s.watched.clone());
-                        att.step_end(job_id, step, path.as_deref());
-                    }
-                    Mark::JobEnd => {}
+                    tracing::info!(job_id, "job started");
                 }
-                reg.record_reading(job_id, mark, reading);
-            }
-            Action::Watch { path } => {
-                if let Err(e) = inner.sampler.watch_cgroup(&path) {
-                    tracing::warn!(cgroup = %path, error = %e, "cannot watch the step's cgroup; its CPU time is not measured");
+                Mark::StepStart(step) => {
+                    let (path, cpus) = reg
+                        .get(job_id)
+                        .map(|j| (j.step(step).and_then(|s| s.watched.clone()), j.cpus.clone()))
+                        .unwrap_or_default();
+                    let baseline = path.as_deref().and_then(|p| reading.cgroup_ns(p));
+                    att.step_start(job_id, step, path.as_deref(), baseline);
+                    att.set_cpus_if_unknown(job_id, cpus);
                 }
+                Mark::StepEnd(step) => {
+                    let path = reg
+                        .get(job_id)
+                        .and_then(|j| j.step(step))
+                        .and_then(|s| s.watched.clone());
+                    att.step_end(job_id, step, path.as_deref());
+                }
+                Mark::JobEnd => {}
             }
-            Action::Unwatch { path } => {
-                inner.sampler.unwatch_cgroup(&path);
+            reg.record_reading(job_id, mark, reading);
+        }
+        Action::Watch { path } => {
+            if let Err(e) = inner.sampler.watch_cgroup(&path) {
+                tracing::warn!(cgroup = %path, error = %e, "cannot watch the step's cgroup; its CPU time is not measured");
             }
-            Action::Finish { job_id } => finish(inner, job_id, &mut buf),
+        }
+        Action::Unwatch { path } => {
+            inner.sampler.unwatch_cgroup(&path);
+        }
+        Action::Finish { job_id } => finish(inner, job_id, buf),
+    }
+}
+
+/// Hand the job's report to the report writer thread (it writes as the user, which may block
+/// on a slow filesystem; the job worker must not wait for it).
+fn queue_report(
+    inner: &Inner,
+    job: &super::registry::Job,
+    m: &ergon_protocol::Manifest,
+    format: ergon_protocol::ReportFormat,
+    manifest_path: Option<&std::path::Path>,
+) {
+    let Some(uid) = job.uid else {
+        tracing::warn!(job_id = job.job_id, "no report: the job's owner is unknown");
+        return;
+    };
+    let ran_batch = job
+        .steps
+        .iter()
+        .any(|s| s.id == ergon_protocol::StepId::Batch);
+    let targets = report::targets(
+        m,
+        format,
+        job.stdout_path.as_deref(),
+        job.work_dir.as_deref(),
+        ran_batch,
+    );
+    if targets.is_empty() {
+        tracing::warn!(
+            job_id = job.job_id,
+            "no report: the job named neither a stdout file nor a working directory"
+        );
+        return;
+    }
+    let text = match format {
+        ergon_protocol::ReportFormat::Text => report::render_text(m, manifest_path),
+        ergon_protocol::ReportFormat::Json => report::render_json(m, manifest_path),
+    };
+    let gid = job.gid.unwrap_or(uid);
+    let work = ReportWork {
+        job_id: job.job_id,
+        uid,
+        gid,
+        targets,
+        text,
+    };
+    let Some(tx) = &inner.reports else { return };
+    if let Err(e) = tx.try_send(work) {
+        tracing::error!(job_id = job.job_id, error = %e, "report writer backlogged; report dropped");
+    }
+}
+
+/// A report to write.
+struct ReportWork {
+    job_id: u32,
+    uid: u32,
+    gid: u32,
+    targets: Vec<report::Target>,
+    text: String,
+}
+
+fn report_writer(rx: Receiver<ReportWork>) {
+    while let Ok(w) = rx.recv() {
+        match report::deliver(&w.targets, w.uid, w.gid, &w.text) {
+            Ok(path) => {
+                tracing::info!(job_id = w.job_id, file = %path.display(), "energy report written")
+            }
+            Err(errors) => tracing::warn!(
+                job_id = w.job_id,
+                uid = w.uid,
+                errors = ?errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "energy report not written"
+            ),
         }
     }
 }
@@ -551,7 +755,17 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
         &inner.config.default_cluster,
     );
     m.seal();
-    match write_manifest(&inner.config.spool_dir, &m) {
+    let written = write_manifest(&inner.config.spool_dir, &m);
+    if let Some(format) = job.report {
+        queue_report(
+            inner,
+            &job,
+            &m,
+            format,
+            written.as_ref().ok().map(PathBuf::as_path),
+        );
+    }
+    match written {
         Ok(path) => tracing::info!(
             job_id,
             manifest = %path.display(),
@@ -587,6 +801,25 @@ mod tests {
         );
         let e = event_time(Timestamp::from_unix_ns(0));
         assert!(e.unix_ns >= now);
+    }
+
+    #[test]
+    fn batch_stdout_is_the_regular_file_behind_fd_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = dir.path().join("77/fd");
+        std::fs::create_dir_all(&fd).unwrap();
+        let out = dir.path().join("slurm-5.out");
+        std::fs::write(&out, b"").unwrap();
+        std::os::unix::fs::symlink(&out, fd.join("1")).unwrap();
+        assert_eq!(batch_stdout_path(dir.path(), 77).as_deref(), out.to_str());
+        std::fs::remove_file(fd.join("1")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", fd.join("1")).unwrap();
+        assert_eq!(
+            batch_stdout_path(dir.path(), 77),
+            None,
+            "not a regular file"
+        );
+        assert_eq!(batch_stdout_path(dir.path(), 78), None, "no such process");
     }
 
     #[test]
