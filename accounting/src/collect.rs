@@ -346,10 +346,30 @@ pub fn scan(
                     let key = job_key(&manifest.cluster, manifest.job.job_id);
                     let n = newest.entry(key.clone()).or_insert(mtime);
                     *n = (*n).max(mtime);
-                    scan.jobs
-                        .entry(key)
-                        .or_default()
-                        .push(FoundManifest { path, manifest });
+                    let found = scan.jobs.entry(key).or_default();
+                    // The same manifest seen twice (a local spool and its copy on a shared
+                    // filesystem) counts once; two different manifests of one node (a
+                    // rewritten one) count once too: the more complete, then the later.
+                    match found.iter().position(|f| f.manifest.node == manifest.node) {
+                        None => found.push(FoundManifest { path, manifest }),
+                        Some(i) if found[i].manifest.content_hash == manifest.content_hash => {}
+                        Some(i) => {
+                            let old = &found[i].manifest;
+                            let better = (manifest.coverage.fraction, manifest.end_unix_ns)
+                                > (old.coverage.fraction, old.end_unix_ns);
+                            tracing::warn!(
+                                "two different manifests of job {} on node {}: {} and {}; using {}",
+                                manifest.job.job_id,
+                                manifest.node,
+                                found[i].path.display(),
+                                path.display(),
+                                if better { "the second" } else { "the first" }
+                            );
+                            if better {
+                                found[i] = FoundManifest { path, manifest };
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
                     let Some(quarantine) = quarantine else {

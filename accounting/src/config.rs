@@ -271,12 +271,14 @@ fn default_connect_timeout() -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Unreadable file.
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}: {reason}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The OS error's text (kept as text: printed once, not again as a source).
+        reason: String,
+        /// Whether the file does not exist.
+        not_found: bool,
     },
     /// Bad TOML or an unknown/mistyped key (the message names it).
     #[error("config {path}: {message}")]
@@ -337,9 +339,10 @@ impl Config {
 
     /// Read and parse a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            reason: e.to_string(),
+            not_found: e.kind() == std::io::ErrorKind::NotFound,
         })?;
         Self::parse(&text, path)
     }

@@ -135,8 +135,8 @@ fn main() -> ExitCode {
 fn load_config(path: &std::path::Path, required: bool) -> anyhow::Result<Config> {
     match Config::load(path) {
         Ok(c) => Ok(c),
-        Err(ergon_accounting::config::ConfigError::Read { source, .. })
-            if !required && source.kind() == std::io::ErrorKind::NotFound =>
+        Err(ergon_accounting::config::ConfigError::Read { not_found, .. })
+            if !required && not_found =>
         {
             Ok(Config::parse("", path)?)
         }

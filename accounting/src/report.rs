@@ -71,16 +71,43 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 continue;
             }
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
+            // Manifests are named <cluster>-<job>-<node>.json: a file of this job's that
+            // cannot be read or parsed is reported, not silently left out.
+            let ours = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.contains(&format!("-{job_id}-")));
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    if ours {
+                        report
+                            .manifest_problems
+                            .push(format!("{}: cannot read: {e}", path.display()));
+                    }
+                    continue;
+                }
             };
-            let Ok(m) = Manifest::from_json_unverified(&bytes) else {
-                continue;
+            let m = match Manifest::from_json_unverified(&bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    if ours {
+                        report
+                            .manifest_problems
+                            .push(format!("{}: not a valid manifest: {e}", path.display()));
+                    }
+                    continue;
+                }
             };
             if m.job.job_id != job_id || cluster.is_some_and(|c| c != m.cluster) {
                 continue;
             }
             match m.verify() {
+                // The same manifest in two spools counts once.
+                Ok(())
+                    if found
+                        .iter()
+                        .any(|f: &Manifest| f.content_hash == m.content_hash) => {}
                 Ok(()) => found.push(m),
                 Err(e) => report
                     .manifest_problems

@@ -129,3 +129,64 @@ fn records_beyond_the_age_bound_are_dropped_counted_and_not_collected_again() {
     assert_eq!(status["skipped_before_horizon"], 1, "{status}");
     assert_eq!(status["jobs"], 1);
 }
+
+#[test]
+fn a_manifest_seen_in_two_spools_counts_once() {
+    use ergon_accounting::collect::scan;
+    let dir = tempfile::tempdir().unwrap();
+    let (local, shared) = (dir.path().join("local"), dir.path().join("shared"));
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    let a = manifest("c1", 9, "n1", 100.0, 10.0, 1.0);
+    write_manifest(&local, &a);
+    write_manifest(&shared, &a);
+    // A second, different manifest of the same node (rewritten, more complete) wins over a
+    // partial one, whatever the order the spools are read in.
+    let partial = manifest("c1", 9, "n2", 5.0, 1.0, 0.2);
+    let full = manifest("c1", 9, "n2", 50.0, 5.0, 1.0);
+    write_manifest(&local, &partial);
+    let p = write_manifest(&shared, &full);
+    std::fs::rename(&p, shared.join("c1-9-n2.copy.json")).unwrap();
+    let s = scan(&[local, shared], None, std::time::Duration::ZERO).unwrap();
+    let found = &s.jobs["c1/9"];
+    assert_eq!(found.len(), 2, "one manifest per node");
+    let ms: Vec<_> = found.iter().map(|f| f.manifest.clone()).collect();
+    let r = combine(&ms);
+    assert_eq!(r.energy_j, 110.0 + 55.0);
+}
+
+#[test]
+fn report_names_a_broken_manifest_of_the_job_and_counts_a_duplicate_once() {
+    let s = Setup::new();
+    s.write_config("");
+    let a = manifest("c1", 5, "n1", 100.0, 10.0, 1.0);
+    write_manifest(&s.spool(), &a);
+    let copy = s.dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    write_manifest(&copy, &a);
+    std::fs::write(
+        s.spool().join("c1-5-n2.json"),
+        b"{\"schema_version\": 1, trunc",
+    )
+    .unwrap();
+    std::fs::write(s.spool().join("c1-6-n2.json"), b"not ours").unwrap();
+    let cfg = format!(
+        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n",
+        s.spool(),
+        copy,
+        s.quarantine(),
+        s.state()
+    );
+    std::fs::write(s.config_path(), cfg).unwrap();
+    let out = s.ergon().args(["report", "5", "--json"]).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("c1-5-n2.json") && text.contains("not a valid manifest"),
+        "{text}"
+    );
+    assert!(!text.contains("c1-6-n2.json"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifests"]["energy_j"].as_f64(), Some(110.0), "{v}");
+    assert_eq!(v["manifest_problems"].as_array().unwrap().len(), 1, "{v}");
+}

@@ -103,7 +103,14 @@ pub fn write(dir: &Path, state: &JournalState) -> Result<(), JournalError> {
         let path = path.to_path_buf();
         move |source| JournalError::Io { path, source }
     };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
     let payload = rmp_serde::to_vec_named(state).map_err(|e| JournalError::Corrupt {
         path: dir.join(JOURNAL_FILE),
         reason: format!("cannot encode: {e}"),
