@@ -1,8 +1,8 @@
 //! ergond, the per-node daemon of ergon: the measurement layer (energy counters, hardware
 //! sources), the [`sampler`] threads, Prometheus [`metrics`], the SPANK plugin's socket
-//! [`server`], job tracking and manifests ([`jobs`], GPU energy only for now) and the node
-//! [`service`] with its [`systemd`] integration; CPU/DRAM attribution, restart safety and the
-//! user report come next.
+//! [`server`], job tracking ([`jobs`]: per-job GPU, CPU and DRAM attribution, manifests, the
+//! restart journal, jobs found running at start-up, the user's report) and the node [`service`]
+//! with its [`systemd`] integration.
 //!
 //! The library is split so that pure logic ([`counter`]) is separate from the code that touches
 //! hardware ([`sources`]); every hardware root is a parameter, which is how tests point the

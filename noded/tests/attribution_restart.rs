@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -43,17 +43,19 @@ const DRAM_W: f64 = 8.0;
 const BUSY: f64 = 0.75;
 
 /// Moves the generated hardware every 50 ms: RAPL counters, `/proc/stat`, and each cgroup at
-/// its CPU rate.
+/// its CPU rate from the moment it was added (a step's cgroup is created when the step starts).
 struct Driver {
     stop: Arc<AtomicBool>,
+    cgroups: Arc<Mutex<Vec<(String, f64, Instant)>>>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl Driver {
-    fn start(dir: &Path, cgroups: Vec<(String, f64)>) -> Self {
+    fn start(dir: &Path) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let cgroups: Arc<Mutex<Vec<(String, f64, Instant)>>> = Arc::default();
         let dir = dir.to_path_buf();
-        let s = Arc::clone(&stop);
+        let (s, cg) = (Arc::clone(&stop), Arc::clone(&cgroups));
         let handle = std::thread::spawn(move || {
             let t0 = Instant::now();
             let pkg = dir.join("powercap/intel-rapl:0/energy_uj");
@@ -72,7 +74,8 @@ impl Driver {
                         (1, [busy, 0, 0, idle, 0, 0, 0, 0]),
                     ],
                 );
-                for (rel, cpus) in &cgroups {
+                for (rel, cpus, since) in cg.lock().unwrap().iter() {
+                    let t = since.elapsed().as_secs_f64();
                     write_cgroup_v2_usage(&dir.join("cgroup"), rel, (cpus * t * 1e6) as u64);
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -80,8 +83,18 @@ impl Driver {
         });
         Self {
             stop,
+            cgroups,
             handle: Some(handle),
         }
+    }
+
+    /// Create `rel` now and run it at `cpus` CPUs from now on.
+    fn add_cgroup(&self, dir: &Path, rel: &str, cpus: f64) {
+        write_cgroup_v2_usage(&dir.join("cgroup"), rel, 0);
+        self.cgroups
+            .lock()
+            .unwrap()
+            .push((rel.to_owned(), cpus, Instant::now()));
     }
 }
 
@@ -136,7 +149,7 @@ fn start(dir: &Path, nvml: &Path, extra: &str, log_name: &str) -> Ergond {
             dir,
             nvml,
             &format!("127.0.0.1:{port}"),
-            "slurm/job_1/step_0",
+            "system.slice/cron.service",
             0,
             extra,
         );
@@ -242,10 +255,7 @@ fn two_jobs_split_the_cpu_by_cpu_time_and_the_node_balances() {
     }]}));
     let dir = tempfile::tempdir().unwrap();
     let (a_cg, b_cg) = ("slurm/job_1/step_0", "slurm/job_2/step_0");
-    let _driver = Driver::start(
-        dir.path(),
-        vec![(a_cg.to_owned(), 1.0), (b_cg.to_owned(), 0.5)],
-    );
+    let driver = Driver::start(dir.path());
     let e = start(
         dir.path(),
         &fake.lib,
@@ -255,8 +265,10 @@ fn two_jobs_split_the_cpu_by_cpu_time_and_the_node_balances() {
     let socket = dir.path().join("run/ergond.sock");
     fake.wait_for_start();
     send(&socket, job_start(1, vec![], "0"));
+    driver.add_cgroup(dir.path(), a_cg, 1.0);
     send(&socket, step_start(1, a_cg, "0"));
     send(&socket, job_start(2, vec![], "1"));
+    driver.add_cgroup(dir.path(), b_cg, 0.5);
     send(&socket, step_start(2, b_cg, "1"));
     std::thread::sleep(Duration::from_secs(4)); // the jobs run
     send(&socket, job_end(2));
@@ -264,7 +276,16 @@ fn two_jobs_split_the_cpu_by_cpu_time_and_the_node_balances() {
     let spool = dir.path().join("spool");
     let a = manifest(&spool, 1, &e);
     let b = manifest(&spool, 2, &e);
-    let (pa, pb) = (a.totals.cpu_j.unwrap(), b.totals.cpu_j.unwrap());
+    let (pa, pb) = match (a.totals.cpu_j, b.totals.cpu_j) {
+        (Some(pa), Some(pb)) => (pa, pb),
+        _ => panic!(
+            "no CPU energy: {:?} {:?}\n{:?}\n{}",
+            a.totals,
+            b.totals,
+            a.sockets,
+            e.log()
+        ),
+    };
     println!(
         "A {pa:.3} J, B {pb:.3} J, ratio {:.4}; A node {:?}",
         pa / pb,
@@ -341,7 +362,7 @@ fn kill_9_mid_job_recovers_the_outage_from_the_counters() {
     }]}));
     let dir = tempfile::tempdir().unwrap();
     let cg = "slurm/job_1/step_0";
-    let _driver = Driver::start(dir.path(), vec![(cg.to_owned(), 1.0)]);
+    let driver = Driver::start(dir.path());
     let mut e = start(dir.path(), &fake.lib, "", "ergond-1.log");
     let socket = dir.path().join("run/ergond.sock");
     fake.wait_for_start();
@@ -358,6 +379,7 @@ fn kill_9_mid_job_recovers_the_outage_from_the_counters() {
         _ => unreachable!(),
     };
     send(&socket, start_req);
+    driver.add_cgroup(dir.path(), cg, 1.0);
     send(&socket, step_start(1, cg, "0-1"));
     // Let the journal take the job (it is written within 250 ms of a change).
     let journal = dir.path().join("state/jobs.journal");
@@ -414,8 +436,7 @@ fn a_job_whose_end_event_is_lost_is_finished_when_its_cgroup_goes() {
     }]}));
     let dir = tempfile::tempdir().unwrap();
     let cg = "slurm/job_3/step_0";
-    let _driver = Driver::start(dir.path(), vec![]);
-    write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 1_000);
+    let _driver = Driver::start(dir.path());
     let e = start(
         dir.path(),
         &fake.lib,
@@ -424,6 +445,7 @@ fn a_job_whose_end_event_is_lost_is_finished_when_its_cgroup_goes() {
     );
     let socket = dir.path().join("run/ergond.sock");
     send(&socket, job_start(3, vec![], "0-1"));
+    write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 1_000);
     send(&socket, step_start(3, cg, "0-1"));
     // The job ends, but its JobEnd never reaches ergond: only its cgroup disappears.
     std::fs::remove_dir_all(dir.path().join("cgroup/slurm/job_3")).unwrap();
@@ -438,4 +460,44 @@ fn a_job_whose_end_event_is_lost_is_finished_when_its_cgroup_goes() {
     );
     assert!(m.coverage.fraction < 1.0);
     assert!(e.log().contains("its cgroup is gone"), "{}", e.log());
+}
+
+#[test]
+fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-000000000004", "name": "Fake", "minor": 0,
+        "profile": {"kind": "constant", "watts": 100.0}, "update_period_ms": 20.0,
+    }]}));
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Driver::start(dir.path());
+    // The job started while ergond was down: its step cgroup is already there.
+    let cg = "slurm/uid_1000/job_8/step_batch";
+    driver.add_cgroup(dir.path(), cg, 1.0);
+    std::thread::sleep(Duration::from_millis(1200)); // the part ergond will miss
+    let e = start(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    // It is known without any event, and measured from now on.
+    match request(&socket, &Request::QueryJob { job_id: 8 }).unwrap() {
+        Reply::Job(j) => assert_eq!(j.uid, 1000, "{j:?}"),
+        other => panic!("job 8 not found in the cgroup tree: {other:?}\n{}", e.log()),
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    send(&socket, job_end(8));
+    let m = manifest(&dir.path().join("spool"), 8, &e);
+    let gap = m
+        .coverage
+        .gaps
+        .iter()
+        .find(|g| g.reason.contains("found the job in the cgroup tree"))
+        .unwrap_or_else(|| panic!("{:?}", m.coverage));
+    assert!(!gap.recovered);
+    assert!(
+        m.coverage.fraction > 0.2 && m.coverage.fraction < 0.9,
+        "{:?}",
+        m.coverage
+    );
+    assert_eq!(m.job.uid, 1000);
+    assert!(m.totals.cpu_j.unwrap() > 0.0, "{:?}", m.totals);
+    assert!(m.steps.iter().any(|s| s.step == StepId::Batch));
 }

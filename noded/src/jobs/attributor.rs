@@ -287,6 +287,7 @@ impl Attributor {
     /// in [`AttributorStats::late_readings`] and closes nothing.
     pub fn advance(&mut self, r: &Reading) {
         let Some(last) = &self.last else {
+            self.move_baselines(r);
             self.last = Some(r.clone());
             return;
         };
@@ -332,8 +333,13 @@ impl Attributor {
                 tracing::warn!(error = %e, "an interval could not be attributed");
             }
         }
-        // Move the member cgroups' baselines on, whether or not the interval was attributed;
-        // a cgroup first seen now counts from here.
+        self.move_baselines(r);
+        self.last = Some(r.clone());
+    }
+
+    /// Move the member cgroups' baselines on to `r`, whether or not its interval was
+    /// attributed; a cgroup first seen now counts from here.
+    fn move_baselines(&mut self, r: &Reading) {
         for m in self.members.values() {
             for path in &m.cgroups {
                 if let Some(v) = r.cgroup_ns(path) {
@@ -342,7 +348,6 @@ impl Attributor {
                 }
             }
         }
-        self.last = Some(r.clone());
     }
 
     fn inputs(&self, a: &Reading, b: &Reading) -> IntervalInputs<u32> {

@@ -10,7 +10,8 @@
 //! cannot be recovered (the counter reset, or RAPL may have wrapped more than once), the gap
 //! is recorded as not recovered. cgroup CPU time and `/proc/stat` are cumulative in the kernel
 //! and CLOCK_MONOTONIC is system-wide, so they carry across the restart unchanged; a reboot
-//! (another `boot_id`) invalidates everything and the journal is set aside.
+//! (another `boot_id`) invalidates everything and the journal is set aside as
+//! `jobs.journal.other-boot-<unix s>`.
 //!
 //! Format: `ERGONJ01`, the payload length (u64 LE), the payload (MessagePack), and the
 //! payload's SHA-256. Written to a temporary file (no symlinks followed), fsync'd, renamed
@@ -190,8 +191,28 @@ pub fn read(dir: &Path) -> Result<Option<JournalState>, JournalError> {
 
 /// Move a bad journal aside (`jobs.journal.bad-<unix s>`), returning its new path.
 pub fn set_aside(dir: &Path, unix_s: u64) -> std::io::Result<PathBuf> {
-    let to = dir.join(format!("{JOURNAL_FILE}.bad-{unix_s}"));
+    set_aside_as(dir, "bad", unix_s)
+}
+
+/// Move the journal aside as `jobs.journal.<what>-<unix s>` (`bad`: unreadable;
+/// `other-boot`: written before a reboot), keeping at most the newest 8 of that kind.
+pub fn set_aside_as(dir: &Path, what: &str, unix_s: u64) -> std::io::Result<PathBuf> {
+    let to = dir.join(format!("{JOURNAL_FILE}.{what}-{unix_s}"));
     std::fs::rename(dir.join(JOURNAL_FILE), &to)?;
+    let prefix = format!("{JOURNAL_FILE}.{what}-");
+    let mut old: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let t = name.strip_prefix(&prefix)?.parse().ok()?;
+            Some((t, e.path()))
+        })
+        .collect();
+    old.sort();
+    let excess = old.len().saturating_sub(8);
+    for (_, p) in old.into_iter().take(excess) {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(to)
 }
 

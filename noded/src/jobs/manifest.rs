@@ -133,11 +133,12 @@ pub fn build(
             start_unix_ns: start.unix_ns,
             end_unix_ns: end_unix,
             reason: "ergond did not see the job start (it was down or restarted); the job's \
-                     start time and GPU allocation are unknown and no energy is attributed"
+                     start time and GPU allocation are unknown, and its energy before ergond \
+                     first heard of it is not measured"
                 .into(),
             recovered: false,
         });
-    } else if readings.is_none() {
+    } else if readings.is_none() && result.is_none() {
         gaps.push(Gap {
             start_unix_ns: start.unix_ns,
             end_unix_ns: end_unix,
@@ -418,12 +419,23 @@ pub fn build(
     let avg_w = per_s(energy_j);
     // Coverage: the part of the job's interval with readings or recovered energy.
     gaps.extend(job.gaps.iter().cloned());
-    let unrecovered_ns: u64 = job
+    // Unrecovered time is the union of the unrecovered gaps (two may cover the same outage).
+    let mut spans: Vec<(u64, u64)> = job
         .gaps
         .iter()
         .filter(|g| !g.recovered)
-        .map(|g| g.end_unix_ns.saturating_sub(g.start_unix_ns))
-        .sum();
+        .map(|g| (g.start_unix_ns, g.end_unix_ns.max(g.start_unix_ns)))
+        .collect();
+    spans.sort_unstable();
+    let mut unrecovered_ns: u64 = 0;
+    let mut reach: u64 = 0;
+    for (a, b) in spans {
+        let a = a.max(reach);
+        if b > a {
+            unrecovered_ns += b - a;
+        }
+        reach = reach.max(b);
+    }
     let span_ns = end_unix.saturating_sub(start.unix_ns);
     let fraction = if !(job.start_seen && (readings.is_some() || result.is_some())) {
         0.0

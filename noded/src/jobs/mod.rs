@@ -10,8 +10,10 @@
 //!
 //! - [`attributor`]: the node's energy split between open jobs, interval by interval;
 //! - [`journal`]: open jobs kept safe across restarts in `state_dir`;
+//! - [`discovery`]: jobs already running when ergond starts, found in the cgroup tree;
 
 pub mod attributor;
+pub mod discovery;
 pub mod journal;
 pub mod manifest;
 pub mod reading;

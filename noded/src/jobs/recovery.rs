@@ -116,7 +116,7 @@ pub fn restore(
     };
     let boot = journal::boot_id(proc_root);
     if state.boot_id != boot {
-        let aside = journal::set_aside(dir, now_s);
+        let aside = journal::set_aside_as(dir, "other-boot", now_s);
         tracing::warn!(
             jobs = state.jobs.len(),
             set_aside = ?aside.as_ref().map(|p| p.display().to_string()),
@@ -147,7 +147,11 @@ pub fn restore(
     let same_node = same_node && attributor.same_layout(&state.attributor);
     attributor.restore_state(state.attributor);
     let mut recovered = false;
-    let mut why = String::from("the node's GPUs or RAPL zones changed");
+    let mut why = if same_node {
+        String::from("no reading was journaled")
+    } else {
+        String::from("the node's GPUs or RAPL zones changed")
+    };
     if let (true, Some(old)) = (same_node, attributor.last().cloned()) {
         let outage_s = now_mono.saturating_sub(old.at_mono_ns) as f64 / 1e9;
         let mut all = true;
@@ -269,4 +273,92 @@ pub fn restore(
         }
     }
     out
+}
+
+/// Take on the jobs running in the cgroup tree that the registry does not know (ergond was
+/// down when they started; see [`super::discovery`]). Returns how many.
+pub fn discover(
+    sampler: &SamplerHandle,
+    facts: &NodeFacts,
+    registry: &mut JobRegistry,
+    attributor: &mut Attributor,
+) -> usize {
+    let Some(h) = sampler.cgroup_hierarchy() else {
+        return 0;
+    };
+    let now = EventTime {
+        unix_ns: Timestamp::now().unix_ns,
+        mono_ns: monotonic_ns(),
+    };
+    let node = host_name();
+    let mut n = 0;
+    for found in super::discovery::find_jobs(&h.root, h.version) {
+        if registry.get(found.job_id).is_some() {
+            continue;
+        }
+        let since = found.since_unix_ns.unwrap_or(now.unix_ns).min(now.unix_ns);
+        let start = EventTime {
+            unix_ns: since,
+            mono_ns: now.mono_ns.saturating_sub(now.unix_ns - since),
+        };
+        let positions: Vec<usize> = found
+            .gpu_minors
+            .iter()
+            .filter_map(|m| facts.gpus.iter().position(|g| g.minor == Some(*m)))
+            .collect();
+        let gpus = positions
+            .iter()
+            .map(|&p| ergon_protocol::GpuAlloc {
+                index: facts.gpus[p].index,
+                minor: facts.gpus[p].minor,
+            })
+            .collect();
+        match registry.discovered(
+            found.job_id,
+            found.uid,
+            &node,
+            start,
+            now,
+            found.cpus.clone(),
+            gpus,
+            &found.steps,
+        ) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(job_id = found.job_id, error = %e, "running job not taken on");
+                continue;
+            }
+        }
+        attributor.job_start(found.job_id, positions, found.cpus.clone());
+        for (step, path) in &found.steps {
+            match sampler.watch_cgroup(path) {
+                Ok(()) => attributor.step_start(found.job_id, *step, Some(path), None),
+                Err(e) => {
+                    tracing::info!(job_id = found.job_id, cgroup = %path, error = %e, "step cgroup not watched");
+                }
+            }
+        }
+        tracing::warn!(
+            job_id = found.job_id,
+            cgroup = %found.path,
+            "found a running job ergond did not know (it was down when the job started): \
+             measuring it from now, its manifest will show the gap"
+        );
+        n += 1;
+    }
+    n
+}
+
+/// This host's name up to the first dot (Slurm's default NodeName).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    name.split('.').next().unwrap_or("unknown").to_owned()
 }

@@ -203,6 +203,10 @@ pub struct Job {
     pub steps: Vec<Step>,
     /// Outages while the job ran (ergond restarted), with whether their energy was recovered.
     pub gaps: Vec<Gap>,
+    /// Found running in the cgroup tree when ergond started (its node name is then ergond's
+    /// host name until an event names it).
+    #[serde(default)]
+    pub discovered: bool,
 }
 
 impl Job {
@@ -230,6 +234,7 @@ impl Job {
             end_reading: None,
             steps: Vec::new(),
             gaps: Vec::new(),
+            discovered: false,
         }
     }
 
@@ -306,10 +311,55 @@ impl JobRegistry {
         if !self.jobs.contains_key(&job_id) && self.jobs.len() >= self.limits.max_jobs {
             return Err(Refusal::TooManyJobs(self.limits.max_jobs));
         }
-        Ok(self
+        let job = self
             .jobs
             .entry(job_id)
-            .or_insert_with(|| Job::unknown(job_id, node, at)))
+            .or_insert_with(|| Job::unknown(job_id, node, at));
+        if job.discovered && job.node != node && !node.is_empty() {
+            job.node = node.to_owned();
+        }
+        Ok(job)
+    }
+
+    /// A job found running in the cgroup tree at start-up (see [`super::discovery`]): open
+    /// since `start` (about), measured from `now`, with its steps' cgroups watched. A job
+    /// already known is left alone (returns false).
+    #[allow(clippy::too_many_arguments)]
+    pub fn discovered(
+        &mut self,
+        job_id: u32,
+        uid: Option<u32>,
+        node: &str,
+        start: EventTime,
+        now: EventTime,
+        cpus: CpuSet,
+        gpus: Vec<GpuAlloc>,
+        steps: &[(StepId, String)],
+    ) -> Result<bool, Refusal> {
+        if self.jobs.contains_key(&job_id) {
+            return Ok(false);
+        }
+        let max_steps = self.limits.max_steps;
+        let job = self.job_or_unknown(job_id, node, start)?;
+        job.start_seen = true;
+        job.discovered = true;
+        job.uid = uid;
+        job.cpus = cpus;
+        job.gpus = gpus;
+        job.gaps.push(Gap {
+            start_unix_ns: start.unix_ns.min(now.unix_ns),
+            end_unix_ns: now.unix_ns,
+            reason: "ergond was not running when the job started: it found the job in the \
+                     cgroup tree when it started, and measured it from then on (the start is \
+                     the job cgroup's modification time)"
+                .into(),
+            recovered: false,
+        });
+        for (id, path) in steps.iter().take(max_steps) {
+            let step = step_mut(job, *id, max_steps)?;
+            step.watched = Some(path.clone());
+        }
+        Ok(true)
     }
 
     /// JobStart. A repeated JobStart for an open job only fills what was unknown (a job first

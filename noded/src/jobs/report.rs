@@ -2,8 +2,9 @@
 //! job's end **as the job's user**.
 //!
 //! Where it goes (per node):
-//! - `text` on the node that ran the batch script: appended to the job's stdout file
-//!   (`SLURM_JOB_STDOUT`), so it is the last thing in `slurm-<jobid>.out`;
+//! - `text` on the node that ran the batch script: appended to the job's stdout file (the
+//!   file behind the batch script's `/proc/<pid>/fd/1` when the plugin's StepStart named the
+//!   task, else `SLURM_JOB_STDOUT`), so it is the last thing in `slurm-<jobid>.out`;
 //! - otherwise (a `json` report, a node without the batch step, an `srun`/`salloc` job
 //!   whose stdout is a terminal, or a stdout file that cannot be appended to):
 //!   `ergon-<jobid>.txt` / `.json` in the job's working directory, or

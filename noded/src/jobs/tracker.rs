@@ -25,7 +25,7 @@ use super::attributor::Attributor;
 use super::journal::{self, boot_id};
 use super::manifest::{self, match_gpus, NodeFacts};
 use super::reading::{interpolate, Reading};
-use super::recovery::{journal_state, restore, PowerLimits, Restored};
+use super::recovery::{discover, journal_state, restore, PowerLimits, Restored};
 use super::registry::{Action, EventTime, JobRegistry, Limits, Mark};
 use super::report;
 use super::spool::write_manifest;
@@ -130,6 +130,13 @@ impl JobTracker {
             ),
             None => Restored::default(),
         };
+        let found = discover(&sampler, &facts, &mut registry, &mut attributor);
+        if found > 0 {
+            tracing::info!(
+                jobs = found,
+                "took on running jobs found in the cgroup tree"
+            );
+        }
         if restored.jobs > 0 {
             tracing::info!(
                 jobs = restored.jobs,
@@ -424,7 +431,7 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
             Ok(a) => a,
             Err(RecvTimeoutError::Timeout) => {
                 if last_reap.elapsed() >= inner.config.reap_period {
-                    reap(inner, &mut buf);
+                    dirty |= reap(inner, &mut buf);
                     last_reap = std::time::Instant::now();
                 }
                 if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
@@ -446,9 +453,9 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
 /// older than a minute (`lost_job_check_s`) none of whose step cgroups' job directories exists
 /// any more has ended.
 /// It is finished now, with a gap saying so.
-fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) {
+fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
     let Some(h) = inner.sampler.cgroup_hierarchy() else {
-        return;
+        return false;
     };
     let now_mono = crate::clock::monotonic_ns();
     let gone: Vec<(u32, String)> = {
@@ -480,6 +487,7 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) {
             })
             .collect()
     };
+    let any = !gone.is_empty();
     for (job_id, node) in gone {
         tracing::warn!(
             job_id,
@@ -517,6 +525,7 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) {
             perform(inner, a, buf);
         }
     }
+    any
 }
 
 /// Perform one action of the registry's.
@@ -605,7 +614,8 @@ fn queue_report(
         ergon_protocol::ReportFormat::Text => report::render_text(m, manifest_path),
         ergon_protocol::ReportFormat::Json => report::render_json(m, manifest_path),
     };
-    let gid = job.gid.unwrap_or(uid);
+    // The plugin sends u32::MAX when it could not tell the gid.
+    let gid = job.gid.filter(|&g| g != u32::MAX).unwrap_or(uid);
     let work = ReportWork {
         job_id: job.job_id,
         uid,
