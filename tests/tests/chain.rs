@@ -49,8 +49,16 @@ const COUNTER_PERIOD_MS: f64 = 20.0;
 /// How long ergond may take to write a manifest after the job ended.
 const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Relative error allowed on a GPU's energy against power × interval.
-const ENERGY_TOLERANCE: f64 = 0.02;
+/// Relative error allowed on a GPU's energy against power × interval (the issue's 0.5 %).
+const ENERGY_TOLERANCE: f64 = 0.005;
+
+/// Relative error allowed on a GPU's energy over a job during which ergond was killed and
+/// restarted.
+const RESTART_TOLERANCE: f64 = 0.02;
+
+/// Power of the generated RAPL package zone, and of its DRAM zone, watts.
+const PACKAGE_W: f64 = 50.0;
+const DRAM_W: f64 = 10.0;
 
 /// Device minor of the cluster's `dev/fakegpu<i>` (what gres.conf lists as GPU `i`).
 fn minor_of(c: &Cluster, i: u32) -> u32 {
@@ -88,6 +96,8 @@ fn fake_gpus(c: &Cluster) -> Vec<FakeGpu> {
 /// The real `ergond` binary on the fake NVML library and the real cgroup tree, killed and its
 /// socket removed on drop.
 struct Ergond {
+    /// Stops the thread that moves the generated RAPL counters.
+    rapl: std::sync::Arc<std::sync::atomic::AtomicBool>,
     child: Option<Child>,
     config: PathBuf,
     log: PathBuf,
@@ -100,7 +110,7 @@ struct Ergond {
 impl Ergond {
     /// Write the configuration under `dir` and start ergond; returns once its socket answers a
     /// Ping and `/metrics` shows the four GPUs.
-    fn start(c: &Cluster, dir: &Path, gpus: &[FakeGpu]) -> Result<Ergond> {
+    fn start(c: &Cluster, dir: &Path, gpus: &[FakeGpu], extra: &str) -> Result<Ergond> {
         let built = target_dir().join("debug/libnvidia_ml.so");
         ensure!(
             built.exists(),
@@ -129,6 +139,25 @@ impl Ergond {
             &powercap,
             &PowercapLayout::IntelServer { sockets: 1 }.zones(),
         );
+        // The package and DRAM counters move at constant power (the node's real CPUs and
+        // cgroups decide who gets it).
+        let rapl = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let stop = std::sync::Arc::clone(&rapl);
+            let (pkg, dram) = (
+                powercap.join("intel-rapl:0/energy_uj"),
+                powercap.join("intel-rapl:0:0/energy_uj"),
+            );
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = t0.elapsed().as_secs_f64();
+                    ergond::testing::write_counter_file(&pkg, (PACKAGE_W * t * 1e6) as u64);
+                    ergond::testing::write_counter_file(&dram, (DRAM_W * t * 1e6) as u64);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -142,7 +171,7 @@ impl Ergond {
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nprefer_perf = false\n\
                  cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsocket_path = {}\n\
-                 state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n",
+                 state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{extra}",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),
@@ -152,6 +181,7 @@ impl Ergond {
             ),
         )?;
         let mut e = Ergond {
+            rapl,
             child: None,
             config,
             log: dir.join("ergond.log"),
@@ -276,6 +306,7 @@ impl Ergond {
 
 impl Drop for Ergond {
     fn drop(&mut self) {
+        self.rapl.store(true, std::sync::atomic::Ordering::Relaxed);
         self.kill();
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -291,12 +322,17 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+/// As [`setup`], with `extra` lines in ergond's configuration.
+fn setup_with(name: &str, extra: &str) -> Setup {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
     c.install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
     let dir = scratch_dir(name).unwrap();
     let gpus = fake_gpus(c);
-    let ergond = Ergond::start(c, dir.path(), &gpus).unwrap_or_else(|e| {
+    let ergond = Ergond::start(c, dir.path(), &gpus, extra).unwrap_or_else(|e| {
         let log = std::fs::read_to_string(dir.path().join("ergond.log")).unwrap_or_default();
         panic!("ergond did not start: {e:#}\n--- ergond log ---\n{log}")
     });
@@ -668,8 +704,10 @@ fn killed_ergond_job_still_completes_and_the_manifest_is_honest() {
             .energy_j
             .ok_or_else(|| anyhow!("GPU not measured: {:?}", m.gpus))?;
         println!("GPU {energy:.2} J over {secs:.3} s (outage included), truth {truth:.2} J");
+        // Bounded: the outage is measured by the counters at its two ends, read 10-20 ms
+        // apart from the instants the gap's bounds name.
         ensure!(
-            (energy - truth).abs() / truth < ENERGY_TOLERANCE,
+            (energy - truth).abs() / truth < RESTART_TOLERANCE,
             "{energy} J vs {truth} J"
         );
         // The plugin sends the cluster's name with every event, so even a job whose start was
@@ -787,6 +825,186 @@ fn energy_report_is_written_as_the_user_and_never_through_a_symlink() {
             "written through the symlink"
         );
         ensure!(std::fs::symlink_metadata(&link)?.file_type().is_symlink());
+        Ok(())
+    });
+    println!("test took {:?}", t_test.elapsed());
+}
+
+/// The job ids of an array's tasks (sacct's JobIDRaw), once sacct lists them all.
+fn array_tasks(c: &Cluster, array: u32, n: usize) -> Result<Vec<u32>> {
+    wait_for(Duration::from_secs(60), "sacct to list the array's tasks", || {
+        let out = c.run(
+            "sacct",
+            ["-X", "-n", "-P", "-j", &array.to_string(), "-o", "JobIDRaw"],
+        )?;
+        let ids: Vec<u32> = String::from_utf8(out.stdout)?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        Ok((ids.len() == n).then_some(ids))
+    })
+}
+
+/// `job cgroup CPU time X s` from the manifest's cgroup sensor.
+fn cgroup_cpu_s(m: &Manifest) -> Result<f64> {
+    let s = m
+        .sensors
+        .iter()
+        .find(|s| s.kind == ergon_protocol::manifest::SensorKind::Cgroup)
+        .ok_or_else(|| anyhow!("no cgroup sensor: {:?}", m.sensors))?;
+    let v = s
+        .detail
+        .split("job cgroup CPU time ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no CPU time in {:?}", s.detail))?;
+    Ok(v)
+}
+
+#[test]
+fn short_array_and_multi_step_jobs_are_measured() {
+    let t_test = Instant::now();
+    let mut s = setup("chain-kinds");
+    s.run(|s| {
+        let c = s.c;
+        let dir = s.dir.path().display().to_string();
+        let common = |extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec![
+                "--time=5".into(),
+                "--output=/dev/null".into(),
+                format!("--chdir={dir}"),
+            ];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        // A one-second GPU job: its energy is the GPU's power over exactly its interval.
+        let short = c.sbatch(common(&["--gres=gpu:1", "--wrap", "sleep 1"]))?;
+        // A job array of three tasks.
+        let array = c.sbatch(common(&["--array=1-3", "--wrap", "sleep 0.2"]))?;
+        // A job with two srun steps.
+        let multi = c.sbatch(common(&[
+            "--gres=gpu:1",
+            "--wrap",
+            "srun -n1 true; srun -n1 sleep 0.5",
+        ]))?;
+
+        c.wait_completed(short)?;
+        let (_, m) = s.ergond.wait_manifest(short, &c.node)?;
+        let secs = (m.end_unix_ns - m.start_unix_ns) as f64 / 1e9;
+        ensure!((0.8..5.0).contains(&secs), "a 1 s job lasted {secs} s");
+        let g = &m.gpus[0];
+        let fake = s.gpus.iter().find(|f| f.uuid == g.uuid).unwrap();
+        let (energy, truth) = (g.energy_j.unwrap_or(0.0), fake.watts * secs);
+        println!("1-second job: {energy:.3} J over {secs:.3} s, truth {truth:.3} J");
+        ensure!((energy - truth).abs() / truth < ENERGY_TOLERANCE, "{energy} vs {truth}");
+        ensure!(m.coverage.fraction == 1.0, "{:?}", m.coverage);
+
+        let tasks = array_tasks(c, array, 3)?;
+        let mut seen = Vec::new();
+        for t in &tasks {
+            c.wait_completed(*t)?;
+            let (_, m) = s.ergond.wait_manifest(*t, &c.node)?;
+            ensure!(
+                m.job.array_job_id == Some(array),
+                "task {t}: array id {:?}, expected {array}",
+                m.job.array_job_id
+            );
+            seen.push(m.job.array_task_id.ok_or_else(|| anyhow!("task {t}: no task id"))?);
+            ensure!(m.totals.cpu_j.is_some(), "task {t}: no CPU energy {:?}", m.totals);
+        }
+        seen.sort_unstable();
+        ensure!(seen == vec![1, 2, 3], "array task ids {seen:?}");
+
+        c.wait_completed(multi)?;
+        let (_, m) = s.ergond.wait_manifest(multi, &c.node)?;
+        let steps: Vec<StepId> = m.steps.iter().map(|s| s.step).collect();
+        for want in [StepId::Batch, StepId::Numbered(0), StepId::Numbered(1)] {
+            ensure!(steps.contains(&want), "step {want} missing: {steps:?}");
+        }
+        let g = &m.gpus[0];
+        let watts = s.gpus.iter().find(|f| f.uuid == g.uuid).unwrap().watts;
+        for st in &m.steps {
+            let secs = (st.end_unix_ns - st.start_unix_ns) as f64 / 1e9;
+            let gpu = st.gpu_j.ok_or_else(|| anyhow!("step {} has no GPU energy", st.step))?;
+            println!("step {}: {gpu:.3} J over {secs:.3} s", st.step);
+            ensure!(
+                (gpu - watts * secs).abs() <= 0.01 * watts * secs + watts * 0.02,
+                "step {}: {gpu} J over {secs} s at {watts} W",
+                st.step
+            );
+            ensure!(st.energy_j <= m.totals.energy_j + 1e-6, "{st:?} > {:?}", m.totals);
+        }
+        Ok(())
+    });
+    println!("test took {:?}", t_test.elapsed());
+}
+
+#[test]
+fn two_jobs_sharing_the_node_split_cpu_energy_by_cpu_time() {
+    let t_test = Instant::now();
+    let mut s = setup_with("chain-share", "[attribution]\ncpu_idle = \"node_idle\"\n");
+    s.run(|s| {
+        let c = s.c;
+        let dir = s.dir.path().display().to_string();
+        let job = |script: &str| -> Result<u32> {
+            c.sbatch([
+                "--time=5".to_string(),
+                "-c1".into(),
+                "--output=/dev/null".into(),
+                format!("--chdir={dir}"),
+                "--wrap".into(),
+                script.into(),
+            ])
+        };
+        let before = s.ergond.scrape()?;
+        // A keeps one CPU busy for 3 s; B for 1 s, then sleeps 2 s.
+        let a = job("timeout 3 sh -c 'while :; do :; done'; true")?;
+        let b = job("timeout 1 sh -c 'while :; do :; done'; sleep 2")?;
+        c.wait_completed(a)?;
+        c.wait_completed(b)?;
+        let (_, ma) = s.ergond.wait_manifest(a, &c.node)?;
+        let (_, mb) = s.ergond.wait_manifest(b, &c.node)?;
+        let (ta, tb) = (cgroup_cpu_s(&ma)?, cgroup_cpu_s(&mb)?);
+        let (ea, eb) = (
+            ma.totals.cpu_j.ok_or_else(|| anyhow!("A: no CPU energy"))?,
+            mb.totals.cpu_j.ok_or_else(|| anyhow!("B: no CPU energy"))?,
+        );
+        println!("A: {ta:.3} CPU-s, {ea:.2} J; B: {tb:.3} CPU-s, {eb:.2} J");
+        ensure!(ta / tb > 1.8, "the jobs' CPU times are too close to tell: {ta} vs {tb}");
+        // Jobs pay for their CPU time only (node_idle): the energies stand as the CPU times.
+        let (re, rt) = (ea / eb, ta / tb);
+        ensure!(
+            (re / rt - 1.0).abs() < 0.25,
+            "energy ratio {re:.3} vs CPU-time ratio {rt:.3}"
+        );
+        // Conservation, node-wide over the run: every joule measured is in a job, idle or
+        // unattributed, and the running check reports no error.
+        let after = s.ergond.scrape()?;
+        let value = |text: &str, name: &str, labels: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(labels))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        for comp in ["cpu", "dram", "gpu"] {
+            let d = |bucket: &str| {
+                let l = format!("component=\"{comp}\",bucket=\"{bucket}\"");
+                value(&after, "ergon_attribution_energy_joules_total", &l)
+                    - value(&before, "ergon_attribution_energy_joules_total", &l)
+            };
+            let (m, j, i, u) = (d("measured"), d("jobs"), d("idle"), d("unattributed"));
+            ensure!(
+                (m - (j + i + u)).abs() < 1e-6 * m.max(1.0),
+                "{comp}: measured {m} J vs jobs {j} + idle {i} + unattributed {u}"
+            );
+            if comp == "cpu" {
+                ensure!(j + 1e-6 >= ea + eb, "{comp}: jobs bucket {j} J < A + B {}", ea + eb);
+            }
+        }
+        let err = value(&after, "ergon_attribution_conservation_error_joules", "");
+        ensure!(err.abs() < 1e-3, "conservation error {err} J");
         Ok(())
     });
     println!("test took {:?}", t_test.elapsed());
