@@ -832,17 +832,21 @@ fn energy_report_is_written_as_the_user_and_never_through_a_symlink() {
 
 /// The job ids of an array's tasks (sacct's JobIDRaw), once sacct lists them all.
 fn array_tasks(c: &Cluster, array: u32, n: usize) -> Result<Vec<u32>> {
-    wait_for(Duration::from_secs(60), "sacct to list the array's tasks", || {
-        let out = c.run(
-            "sacct",
-            ["-X", "-n", "-P", "-j", &array.to_string(), "-o", "JobIDRaw"],
-        )?;
-        let ids: Vec<u32> = String::from_utf8(out.stdout)?
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        Ok((ids.len() == n).then_some(ids))
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "sacct to list the array's tasks",
+        || {
+            let out = c.run(
+                "sacct",
+                ["-X", "-n", "-P", "-j", &array.to_string(), "-o", "JobIDRaw"],
+            )?;
+            let ids: Vec<u32> = String::from_utf8(out.stdout)?
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            Ok((ids.len() == n).then_some(ids))
+        },
+    )
 }
 
 /// `job cgroup CPU time X s` from the manifest's cgroup sensor.
@@ -897,7 +901,10 @@ fn short_array_and_multi_step_jobs_are_measured() {
         let fake = s.gpus.iter().find(|f| f.uuid == g.uuid).unwrap();
         let (energy, truth) = (g.energy_j.unwrap_or(0.0), fake.watts * secs);
         println!("1-second job: {energy:.3} J over {secs:.3} s, truth {truth:.3} J");
-        ensure!((energy - truth).abs() / truth < ENERGY_TOLERANCE, "{energy} vs {truth}");
+        ensure!(
+            (energy - truth).abs() / truth < ENERGY_TOLERANCE,
+            "{energy} vs {truth}"
+        );
         ensure!(m.coverage.fraction == 1.0, "{:?}", m.coverage);
 
         let tasks = array_tasks(c, array, 3)?;
@@ -910,8 +917,16 @@ fn short_array_and_multi_step_jobs_are_measured() {
                 "task {t}: array id {:?}, expected {array}",
                 m.job.array_job_id
             );
-            seen.push(m.job.array_task_id.ok_or_else(|| anyhow!("task {t}: no task id"))?);
-            ensure!(m.totals.cpu_j.is_some(), "task {t}: no CPU energy {:?}", m.totals);
+            seen.push(
+                m.job
+                    .array_task_id
+                    .ok_or_else(|| anyhow!("task {t}: no task id"))?,
+            );
+            ensure!(
+                m.totals.cpu_j.is_some(),
+                "task {t}: no CPU energy {:?}",
+                m.totals
+            );
         }
         seen.sort_unstable();
         ensure!(seen == vec![1, 2, 3], "array task ids {seen:?}");
@@ -926,14 +941,20 @@ fn short_array_and_multi_step_jobs_are_measured() {
         let watts = s.gpus.iter().find(|f| f.uuid == g.uuid).unwrap().watts;
         for st in &m.steps {
             let secs = (st.end_unix_ns - st.start_unix_ns) as f64 / 1e9;
-            let gpu = st.gpu_j.ok_or_else(|| anyhow!("step {} has no GPU energy", st.step))?;
+            let gpu = st
+                .gpu_j
+                .ok_or_else(|| anyhow!("step {} has no GPU energy", st.step))?;
             println!("step {}: {gpu:.3} J over {secs:.3} s", st.step);
             ensure!(
                 (gpu - watts * secs).abs() <= 0.01 * watts * secs + watts * 0.02,
                 "step {}: {gpu} J over {secs} s at {watts} W",
                 st.step
             );
-            ensure!(st.energy_j <= m.totals.energy_j + 1e-6, "{st:?} > {:?}", m.totals);
+            ensure!(
+                st.energy_j <= m.totals.energy_j + 1e-6,
+                "{st:?} > {:?}",
+                m.totals
+            );
         }
         Ok(())
     });
@@ -971,7 +992,10 @@ fn two_jobs_sharing_the_node_split_cpu_energy_by_cpu_time() {
             mb.totals.cpu_j.ok_or_else(|| anyhow!("B: no CPU energy"))?,
         );
         println!("A: {ta:.3} CPU-s, {ea:.2} J; B: {tb:.3} CPU-s, {eb:.2} J");
-        ensure!(ta / tb > 1.8, "the jobs' CPU times are too close to tell: {ta} vs {tb}");
+        ensure!(
+            ta / tb > 1.8,
+            "the jobs' CPU times are too close to tell: {ta} vs {tb}"
+        );
         // Jobs pay for their CPU time only (node_idle): the energies stand as the CPU times.
         let (re, rt) = (ea / eb, ta / tb);
         ensure!(
@@ -1000,7 +1024,11 @@ fn two_jobs_sharing_the_node_split_cpu_energy_by_cpu_time() {
                 "{comp}: measured {m} J vs jobs {j} + idle {i} + unattributed {u}"
             );
             if comp == "cpu" {
-                ensure!(j + 1e-6 >= ea + eb, "{comp}: jobs bucket {j} J < A + B {}", ea + eb);
+                ensure!(
+                    j + 1e-6 >= ea + eb,
+                    "{comp}: jobs bucket {j} J < A + B {}",
+                    ea + eb
+                );
             }
         }
         let err = value(&after, "ergon_attribution_conservation_error_joules", "");
