@@ -136,3 +136,57 @@ fn two_runs_at_once_one_exits_cleanly_nothing_doubled() {
     assert_eq!(s.run().status.code(), Some(0));
     assert_eq!(server.received().len(), 2);
 }
+
+/// `ergon run` on a terminal shows a progress bar for a large backlog, and none when its
+/// output is not a terminal (cron, a pipe). The terminal is a real pseudo-terminal from
+/// `script(1)`.
+#[test]
+fn a_large_backlog_shows_a_progress_bar_on_a_terminal_only() {
+    let server = IngestServer::start(vec![], Answer::status(200));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    for job in 1..=300 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let cmd = format!(
+        "{} --config {} run",
+        env!("CARGO_BIN_EXE_ergon"),
+        s.config_path().display()
+    );
+    // script -q -e: quiet, the command's exit status; -c: the command; the transcript to
+    // /dev/null and the terminal's output on our stdout.
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux");
+    let tty = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{tty}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        tty.contains("/300") && tty.contains("http"),
+        "no progress bar on the terminal:\n{tty}"
+    );
+    assert_eq!(keys_in_all(&server), 300);
+
+    // Not a terminal: no bar.
+    let s2 = Setup::new();
+    http_config(&s2, &server, "");
+    for job in 1..=300 {
+        write_manifest(&s2.spool(), &manifest("c2", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let out = s2.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = show(&out);
+    assert!(!text.contains("/300"), "a progress bar without a terminal:\n{text}");
+}
+
+fn keys_in_all(server: &IngestServer) -> usize {
+    let mut keys: Vec<String> = server
+        .received()
+        .iter()
+        .filter(|r| r.status == 200)
+        .flat_map(|r| keys_in(&r.body))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.len()
+}
