@@ -792,6 +792,41 @@ fn energy_report_is_written_as_the_user_and_never_through_a_symlink() {
         );
         ensure!(!home.join(format!("ergon-{job}.txt")).exists());
 
+        // The user reads the job's energy with `ergon report`, as themself (no root): from the
+        // manifest in the spool (sacct has no record before `ergon run`).
+        let config = home.join("accounting.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "spool_dirs = [{:?}]\nstate_dir = {:?}\n",
+                s.ergond.spool.display().to_string(),
+                home.join("state").display().to_string()
+            ),
+        )?;
+        let bin = target_dir().join("debug/ergon");
+        let out = c
+            .cmd("runuser")
+            .args(["-u", &user, "--"])
+            .arg(&bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["report", &job.to_string(), "--json"])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "ergon report as {user}: {}",
+            show(&out)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| show(&out))?;
+        let reported = v["manifests"]["energy_j"].as_f64().unwrap_or(-1.0);
+        ensure!(
+            (reported - m.totals.energy_j).abs() < 1e-6 * m.totals.energy_j.max(1.0),
+            "ergon report as {user} says {reported} J, the manifest {} J: {}",
+            m.totals.energy_j,
+            show(&out)
+        );
+
         // 2. A JSON report whose file is a symlink to a root-owned file: nothing is written
         // through it, and ergond says why.
         let victim = s.dir.path().join("victim");
