@@ -510,11 +510,11 @@ impl Attributor {
         }
     }
 
-    /// Set an open job's CPUs if they are not known yet (the extern step names them when the
-    /// job start did not).
-    pub fn set_cpus_if_unknown(&mut self, job_id: u32, cpus: CpuSet) {
+    /// Set an open job's CPUs from the registry's latest view (the extern step's set replaces
+    /// a first step's).
+    pub fn set_cpus(&mut self, job_id: u32, cpus: CpuSet) {
         if let Some(m) = self.members.get_mut(&job_id) {
-            if m.cpus.is_empty() {
+            if !cpus.is_empty() {
                 m.cpus = cpus;
             }
         }

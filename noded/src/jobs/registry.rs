@@ -407,7 +407,9 @@ impl JobRegistry {
         job.uid = job.uid.or(Some(m.uid));
         job.array_job_id = job.array_job_id.or(m.array_job_id);
         job.array_task_id = job.array_task_id.or(m.array_task_id);
-        if m.step == StepId::Extern && job.cpus.is_empty() {
+        // The job's CPUs: the extern step's set (the whole allocation on this node), else, until
+        // it comes, the first step's (JobStart carries none when the plugin cannot tell).
+        if (m.step == StepId::Extern || job.cpus.is_empty()) && !m.cpus.is_empty() {
             job.cpus = m.cpus.clone();
         }
         if job
@@ -650,6 +652,29 @@ mod tests {
             cgroups: vec![],
             sockets: vec![],
         }
+    }
+
+    #[test]
+    fn a_jobs_cpus_come_from_its_first_step_until_the_extern_step_names_them() {
+        let mut r = JobRegistry::default();
+        r.job_start(&job_start(5), t(0)).unwrap();
+        assert!(r.get(5).unwrap().cpus.is_empty());
+        let mut batch = step_start(5, StepId::Batch);
+        batch.cpus = "1".parse().unwrap();
+        r.step_start(&batch, t(1)).unwrap();
+        assert_eq!(r.get(5).unwrap().cpus, "1".parse().unwrap());
+        let mut ext = step_start(5, StepId::Extern);
+        ext.cpus = "0-3".parse().unwrap();
+        r.step_start(&ext, t(2)).unwrap();
+        assert_eq!(r.get(5).unwrap().cpus, "0-3".parse().unwrap());
+        let mut s0 = step_start(5, StepId::Numbered(0));
+        s0.cpus = "2".parse().unwrap();
+        r.step_start(&s0, t(3)).unwrap();
+        assert_eq!(
+            r.get(5).unwrap().cpus,
+            "0-3".parse().unwrap(),
+            "a later step does not narrow it"
+        );
     }
 
     #[test]

@@ -554,7 +554,7 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
                         .unwrap_or_default();
                     let baseline = path.as_deref().and_then(|p| reading.cgroup_ns(p));
                     att.step_start(job_id, step, path.as_deref(), baseline);
-                    att.set_cpus_if_unknown(job_id, cpus);
+                    att.set_cpus(job_id, cpus);
                 }
                 Mark::StepEnd(step) => {
                     let path = reg
