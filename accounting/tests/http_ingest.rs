@@ -160,7 +160,11 @@ fn a_large_backlog_shows_a_progress_bar_on_a_terminal_only() {
         .output()
         .expect("script(1) from util-linux");
     let tty = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{tty}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{tty}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         tty.contains("/300") && tty.contains("http"),
         "no progress bar on the terminal:\n{tty}"
@@ -176,7 +180,10 @@ fn a_large_backlog_shows_a_progress_bar_on_a_terminal_only() {
     let out = s2.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let text = show(&out);
-    assert!(!text.contains("/300"), "a progress bar without a terminal:\n{text}");
+    assert!(
+        !text.contains("/300"),
+        "a progress bar without a terminal:\n{text}"
+    );
 }
 
 fn keys_in_all(server: &IngestServer) -> usize {

@@ -483,6 +483,7 @@ mod tests {
                     read_errors: 0,
                     at_ns: 5,
                     raw_j: None,
+                    processes: None,
                 },
                 GpuSnapshot {
                     index: 1,
@@ -499,6 +500,7 @@ mod tests {
                     read_errors: 3,
                     at_ns: 5,
                     raw_j: None,
+                    processes: None,
                 },
                 // Neither energy counter nor power: listed, but no energy, method or power.
                 GpuSnapshot {
@@ -516,6 +518,7 @@ mod tests {
                     read_errors: 0,
                     at_ns: 0,
                     raw_j: None,
+                    processes: None,
                 },
             ],
             zones: vec![

@@ -334,6 +334,9 @@ pub enum TraceOf {
     Zone(usize),
 }
 
+/// How often the per-process utilisation of shared GPUs is read.
+pub const PROCESS_UTIL_PERIOD_NS: u64 = 1_000_000_000;
+
 /// Fixed-capacity ring buffer: the newest `capacity` values, oldest overwritten.
 #[derive(Debug, Clone)]
 struct Ring<T> {
@@ -477,6 +480,9 @@ struct Watched {
 #[derive(Debug)]
 struct Shared {
     stop: AtomicBool,
+    /// Per GPU: whether several jobs hold it, so its per-process utilisation is wanted (read
+    /// about once a second by the GPU thread, only for these GPUs).
+    gpu_shared: Vec<AtomicBool>,
     gpu: Option<Mutex<GpuPart>>,
     cpu: Option<Mutex<CpuPart>>,
     cgroups: Mutex<Vec<Watched>>,
@@ -555,6 +561,7 @@ impl Sampler {
                         read_errors: 0,
                         at_ns: 0,
                         raw_j: None,
+                        processes: None,
                     }
                 })
                 .collect();
@@ -615,8 +622,10 @@ impl Sampler {
             })
         });
 
+        let gpu_count = gpu_part.as_ref().map_or(0, |p| lock(p).gpus.len());
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            gpu_shared: (0..gpu_count).map(|_| AtomicBool::new(false)).collect(),
             gpu: gpu_part,
             cpu: cpu_part,
             cgroups: Mutex::new(Vec::new()),
@@ -821,6 +830,14 @@ impl SamplerHandle {
         }
     }
 
+    /// Say whether several jobs hold GPU `i` (snapshot position): only then does the GPU
+    /// thread read its per-process utilisation (into [`GpuSnapshot::processes`]).
+    pub fn set_gpu_shared(&self, i: usize, shared: bool) {
+        if let Some(f) = self.shared.gpu_shared.get(i) {
+            f.store(shared, Ordering::Relaxed);
+        }
+    }
+
     /// The cgroup hierarchy [`Self::watch_cgroup`] reads, if any.
     pub fn cgroup_hierarchy(&self) -> Option<&CgroupHierarchy> {
         self.cgroups.as_ref()
@@ -988,7 +1005,34 @@ fn gpu_thread(mut src: GpuSource, opts: &SamplerOptions, shared: &Shared) {
     let mut readings: Vec<Option<GpuReading>> = vec![None; n];
     let mut errors: Vec<u64> = vec![0; n];
     let mut ticker = Ticker::new(opts.gpu_period.as_nanos() as u64);
+    let mut last_processes = 0u64;
+    let mut was_shared = vec![false; n];
+    let mut wanted = vec![false; n];
     while let Some(lateness) = ticker.wait(&shared.stop) {
+        // Per-process utilisation of the shared GPUs: about once a second, and at once when a
+        // GPU has just become shared.
+        let now = monotonic_ns();
+        for (i, w) in wanted.iter_mut().enumerate() {
+            *w = shared
+                .gpu_shared
+                .get(i)
+                .is_some_and(|f| f.load(Ordering::Relaxed));
+        }
+        let newly = wanted.iter().zip(&was_shared).any(|(w, was)| *w && !*was);
+        if newly || now.saturating_sub(last_processes) >= PROCESS_UTIL_PERIOD_NS {
+            last_processes = now;
+            for (i, &want) in wanted.iter().enumerate() {
+                let processes = if want {
+                    src.process_utilization(i)
+                } else {
+                    None
+                };
+                if let Some(p) = &shared.gpu {
+                    lock(p).gpus[i].processes = processes.map(|v| (now, v));
+                }
+            }
+        }
+        was_shared.copy_from_slice(&wanted);
         let t0 = monotonic_ns();
         let mut tick_errors = 0;
         for i in 0..n {

@@ -129,6 +129,9 @@ pub struct GpuSnapshot {
     /// The hardware counter itself at `at_ns` (J since the driver loaded), when the GPU has
     /// one: what restart recovery compares across an outage.
     pub raw_j: Option<f64>,
+    /// For a GPU several jobs hold: when it was read (monotonic ns) and each process's SM
+    /// utilisation (pid, %); `None` when not read (not shared, or not reported by the driver).
+    pub processes: Option<(u64, Vec<(u32, u32)>)>,
 }
 
 /// One RAPL zone.

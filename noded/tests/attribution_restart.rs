@@ -501,3 +501,66 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     assert!(m.totals.cpu_j.unwrap() > 0.0, "{:?}", m.totals);
     assert!(m.steps.iter().any(|s| s.step == StepId::Batch));
 }
+
+#[test]
+fn a_gpu_two_jobs_share_is_split_by_their_processes_utilisation() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let watts = 200.0;
+    // The driver reports two processes on the GPU: 75 % and 25 % SM.
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-000000000005", "name": "Fake", "minor": 2,
+        "profile": {"kind": "constant", "watts": watts}, "update_period_ms": 20.0,
+        "processes": [{"pid": 40001, "sm": 75}, {"pid": 40002, "sm": 25}],
+    }]}));
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Driver::start(dir.path());
+    let e = start(dir.path(), &fake.lib, "", "ergond.log");
+    // Each process in its job's cgroup, as /proc/<pid>/cgroup says.
+    for (pid, job) in [(40001, 21), (40002, 22)] {
+        let d = dir.path().join(format!("proc/{pid}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cgroup"), format!("0::/slurm/job_{job}/step_0\n")).unwrap();
+    }
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    // Both jobs hold the same GPU (Slurm's GPU sharding).
+    let gpu = || {
+        vec![GpuAlloc {
+            index: 0,
+            minor: Some(2),
+        }]
+    };
+    send(&socket, job_start(21, gpu(), "0"));
+    send(&socket, job_start(22, gpu(), "1"));
+    for job in [21, 22] {
+        let cg = format!("slurm/job_{job}/step_0");
+        driver.add_cgroup(dir.path(), &cg, 0.5);
+        send(
+            &socket,
+            step_start(job, &cg, if job == 21 { "0" } else { "1" }),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    send(&socket, job_end(21));
+    send(&socket, job_end(22));
+    let spool = dir.path().join("spool");
+    let (a, b) = (manifest(&spool, 21, &e), manifest(&spool, 22, &e));
+    let (ea, eb) = (a.gpus[0].energy_j.unwrap(), b.gpus[0].energy_j.unwrap());
+    println!("job 21 {ea:.2} J, job 22 {eb:.2} J, ratio {:.3}", ea / eb);
+    assert!(
+        rel_err(ea / eb, 3.0) < 0.05,
+        "ratio {} (75 % vs 25 % SM)",
+        ea / eb
+    );
+    // Together they got the GPU's whole energy while both held it.
+    let secs = a.duration_s.min(b.duration_s);
+    assert!(
+        rel_err(ea + eb, watts * secs) < 0.02,
+        "{ea} + {eb} J vs {} J",
+        watts * secs
+    );
+    for m in [&a, &b] {
+        assert!(m.gpus[0].shared, "{:?}", m.gpus[0]);
+        assert!(m.attribution.estimated);
+    }
+}

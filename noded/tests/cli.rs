@@ -393,7 +393,9 @@ fn service_refuses_bad_config_busy_port_and_no_source_and_help_is_honest() {
         "probe",
         "/metrics",
         "SPANK plugin's socket",
-        "Not implemented yet: CPU/DRAM",
+        "CPU package and DRAM",
+        "journaled",
+        "--energy-report",
     ] {
         assert!(help.contains(want), "missing {want:?} in:\n{help}");
     }

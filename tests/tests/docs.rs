@@ -122,7 +122,9 @@ fn readme_commands_exist() {
 /// Keys documented in the `| \`key\` |` rows of the part of configuration.md between the
 /// headings `from` and `to`.
 fn documented(md: &str, from: &str, to: &str) -> BTreeSet<String> {
-    let start = md.find(from).unwrap_or_else(|| panic!("no {from:?} heading"));
+    let start = md
+        .find(from)
+        .unwrap_or_else(|| panic!("no {from:?} heading"));
     let end = md[start..].find(to).map_or(md.len(), |e| start + e);
     md[start..end]
         .lines()
@@ -171,7 +173,12 @@ fn wrong_type(key: &str) -> String {
     }
 }
 
-fn check(name: &str, documented: &BTreeSet<String>, code: &BTreeSet<String>, parse: &dyn Fn(&str) -> String) {
+fn check(
+    name: &str,
+    documented: &BTreeSet<String>,
+    code: &BTreeSet<String>,
+    parse: &dyn Fn(&str) -> String,
+) {
     let missing: Vec<_> = code.difference(documented).collect();
     let extra: Vec<_> = documented.difference(code).collect();
     assert!(
@@ -201,11 +208,12 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
     assert!(code.len() >= 20, "{code:?}");
     check("ergond.toml", &doc, &code, &ergond);
 
-    let accounting = |text: &str| {
-        match ergon_accounting::config::Config::parse(text, Path::new("accounting.toml")) {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        }
+    let accounting = |text: &str| match ergon_accounting::config::Config::parse(
+        text,
+        Path::new("accounting.toml"),
+    ) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
     };
     let doc = documented(&md, "## `/etc/ergon/accounting.toml`", "\n## The SPANK");
     let code = code_keys(

@@ -271,6 +271,18 @@ impl Attributor {
         &self.acc
     }
 
+    /// How many open jobs hold each GPU (by snapshot position).
+    pub fn holders_per_gpu(&self) -> Vec<usize> {
+        (0..self.gpu_minors.len())
+            .map(|pos| {
+                self.members
+                    .values()
+                    .filter(|m| m.gpus.contains(&pos))
+                    .count()
+            })
+            .collect()
+    }
+
     /// Open jobs.
     pub fn members(&self) -> &BTreeMap<u32, Member> {
         &self.members
@@ -357,13 +369,17 @@ impl Attributor {
             .iter()
             .enumerate()
             .map(|(pos, &minor)| {
+                // Each holder's processes' utilisation, when the driver reported it for this
+                // GPU at the interval's end (a holder with no process there: 0).
+                let util = b.gpu_util.get(pos).and_then(Option::as_ref);
                 let holders: Vec<GpuHolder<u32>> = self
                     .members
                     .iter()
                     .filter(|(_, m)| m.gpus.contains(&pos))
                     .map(|(&job, _)| GpuHolder {
                         job,
-                        utilisation: None,
+                        utilisation: util
+                            .map(|u| u.iter().filter(|(j, _)| *j == job).map(|(_, v)| *v).sum()),
                     })
                     .collect();
                 GpuInterval {
@@ -622,6 +638,7 @@ mod tests {
                 (0, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
                 (1, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
             ],
+            gpu_util: vec![],
         }
     }
 

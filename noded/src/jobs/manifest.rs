@@ -564,6 +564,7 @@ mod tests {
             zones: vec![Some(50.0 * t), Some(30.0 * t), Some(10.0 * t)],
             cgroups: vec![("job/step_0".into(), s * 2_000_000_000)],
             sockets: vec![],
+            gpu_util: vec![],
         }
     }
 

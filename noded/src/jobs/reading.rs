@@ -28,6 +28,23 @@ pub struct Reading {
     /// Per socket, from `/proc/stat` as of the latest cgroup tick: (socket, busy ns, total
     /// ns), cumulative since boot.
     pub sockets: Vec<(u32, u64, u64)>,
+    /// Per GPU (snapshot position) several jobs hold: the SM utilisation of each job's
+    /// processes, `(job id, %)`, from the driver's per-process utilisation; `None` where not
+    /// read or not reported.
+    #[serde(default)]
+    pub gpu_util: Vec<Option<Vec<(u32, f64)>>>,
+}
+
+/// The Slurm job a process belongs to, from `<proc_root>/<pid>/cgroup` (a `job_<id>` path
+/// component), if any.
+pub fn job_of_pid(proc_root: &std::path::Path, pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        l.rsplit(':')
+            .next()?
+            .split('/')
+            .find_map(|c| c.strip_prefix("job_")?.parse().ok())
+    })
 }
 
 impl Reading {
@@ -170,6 +187,7 @@ mod tests {
             zones: vec![Some(5.0)],
             cgroups: vec![("x".into(), 7)],
             sockets: vec![],
+            gpu_util: vec![],
         };
         let b = Reading {
             at_mono_ns: 1,
@@ -177,6 +195,7 @@ mod tests {
             zones: vec![Some(4.0)],
             cgroups: vec![],
             sockets: vec![],
+            gpu_util: vec![],
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
         assert_eq!(a.gpu_delta(&b, 1), None);

@@ -651,6 +651,7 @@ mod tests {
             zones: vec![],
             cgroups: vec![],
             sockets: vec![],
+            gpu_util: vec![],
         }
     }
 

@@ -148,6 +148,7 @@ impl JobTracker {
         std::thread::Builder::new()
             .name("ergond-report".into())
             .spawn(move || report_writer(report_rx))?;
+        flag_shared_gpus(&sampler, &attributor);
         let inner = Arc::new(Inner {
             reports: Some(report_tx),
             registry: Mutex::new(registry),
@@ -532,7 +533,7 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
 fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
     match action {
         Action::Read { job_id, mark, at } => {
-            let reading = read_at(&inner.sampler, at.mono_ns, buf);
+            let reading = read_at(&inner.sampler, &inner.config.proc_root, at.mono_ns, buf);
             let mut att = lock(&inner.attributor);
             att.advance(&reading);
             let mut reg = lock(&inner.registry);
@@ -544,6 +545,7 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
                             .filter_map(|(_, m)| m.map(|(p, _)| p))
                             .collect();
                         att.job_start(job_id, gpus, job.cpus.clone());
+                        flag_shared_gpus(&inner.sampler, &att);
                     }
                     tracing::info!(job_id, "job started");
                 }
@@ -677,6 +679,13 @@ fn write_journal(inner: &Inner) {
     }
 }
 
+/// Tell the sampler which GPUs several jobs hold (their per-process utilisation splits them).
+fn flag_shared_gpus(sampler: &SamplerHandle, att: &Attributor) {
+    for (pos, n) in att.holders_per_gpu().into_iter().enumerate() {
+        sampler.set_gpu_shared(pos, n >= 2);
+    }
+}
+
 /// Close an attribution interval at the newest instant every sampled series covers.
 fn periodic(inner: &Inner, buf: &mut Vec<TraceSample>) {
     let snap = inner.sampler.snapshot();
@@ -695,12 +704,17 @@ fn periodic(inner: &Inner, buf: &mut Vec<TraceSample>) {
     if att.last_at().is_some_and(|l| at <= l) {
         return;
     }
-    let reading = read_at(&inner.sampler, at, buf);
+    let reading = read_at(&inner.sampler, &inner.config.proc_root, at, buf);
     att.advance(&reading);
 }
 
 /// Counters at `at_ns`, interpolated from the traces once the tick after it is in.
-fn read_at(sampler: &SamplerHandle, at_ns: u64, buf: &mut Vec<TraceSample>) -> Reading {
+fn read_at(
+    sampler: &SamplerHandle,
+    proc_root: &std::path::Path,
+    at_ns: u64,
+    buf: &mut Vec<TraceSample>,
+) -> Reading {
     if !sampler.wait_for_readings_after(at_ns, READING_TIMEOUT) {
         tracing::warn!("the sampler had no reading after an event within 2 s; some counters at the event are unknown");
     }
@@ -739,6 +753,24 @@ fn read_at(sampler: &SamplerHandle, at_ns: u64, buf: &mut Vec<TraceSample>) -> R
             .iter()
             .map(|s| (s.socket, s.busy_ns, s.total_ns))
             .collect(),
+        gpu_util: snap
+            .gpus
+            .iter()
+            .map(|g| {
+                let (_, procs) = g.processes.as_ref()?;
+                let mut by_job: Vec<(u32, f64)> = Vec::new();
+                for &(pid, sm) in procs {
+                    let Some(job) = super::reading::job_of_pid(proc_root, pid) else {
+                        continue;
+                    };
+                    match by_job.iter_mut().find(|(j, _)| *j == job) {
+                        Some(e) => e.1 += f64::from(sm),
+                        None => by_job.push((job, f64::from(sm))),
+                    }
+                }
+                Some(by_job)
+            })
+            .collect(),
     }
 }
 
@@ -756,7 +788,12 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
             }
         })
         .collect();
-    let result = lock(&inner.attributor).job_end(job_id);
+    let result = {
+        let mut att = lock(&inner.attributor);
+        let r = att.job_end(job_id);
+        flag_shared_gpus(&inner.sampler, &att);
+        r
+    };
     let mut m = manifest::build(
         &job,
         &inner.facts,

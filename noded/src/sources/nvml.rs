@@ -323,6 +323,39 @@ impl GpuSource {
         }
     }
 
+    /// The processes using GPU `i` and their SM utilisation (%) in the driver's latest sample
+    /// window (`nvmlDeviceGetProcessUtilization`): `(pid, sm %)`, one entry per pid (the
+    /// highest if several samples name it). Empty when no process ran; `None` when the GPU or
+    /// driver does not report it (then shared GPUs are split equally).
+    pub fn process_utilization(&mut self, i: usize) -> Option<Vec<(u32, u32)>> {
+        let Self { nvml, gpus } = self;
+        let g = &gpus[i];
+        if g.info.lost {
+            return None;
+        }
+        // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
+        let dev = unsafe { Device::new(g.handle.0, nvml) };
+        // Samples of the last second (the driver keeps a short history).
+        let since_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+            .saturating_sub(1_000_000);
+        match dev.process_utilization_stats(since_us) {
+            Ok(samples) => {
+                let mut out: Vec<(u32, u32)> = Vec::with_capacity(samples.len());
+                for s in samples {
+                    match out.iter_mut().find(|(p, _)| *p == s.pid) {
+                        Some(e) => e.1 = e.1.max(s.sm_util),
+                        None => out.push((s.pid, s.sm_util)),
+                    }
+                }
+                Some(out)
+            }
+            Err(NvmlError::NotFound) => Some(Vec::new()),
+            Err(_) => None,
+        }
+    }
+
     /// Find how often GPU `i`'s energy counter (or, without one, its power reading) changes:
     /// poll quickly for up to `budget` or until `max_changes` changes, and take the median
     /// interval between two changes ([`update_period_from_intervals`]). `None` when fewer than

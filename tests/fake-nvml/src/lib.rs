@@ -12,7 +12,8 @@
 //!               "profile": {"kind": "square", "low_w": 80, "high_w": 400, "period_s": 0.5},
 //!               "update_period_ms": 10, "initial_energy_mj": 1000,
 //!               "unsupported": ["energy"], "reset_at_s": 1.0, "lost_at_s": 1.5,
-//!               "read_delay_us": 25000 } ] }
+//!               "read_delay_us": 25000,
+//!               "processes": [ {"pid": 4242, "sm": 75}, {"pid": 4343, "sm": 25} ] } ] }
 //! ```
 //! Scenario time is `(CLOCK_MONOTONIC - start_monotonic_ns) × time_scale` seconds;
 //! `start_monotonic_ns` defaults to the instant of the first successful init.
@@ -23,6 +24,9 @@
 //! take at least that long, like a driver call on a busy or throttled GPU; the delay is spent
 //! outside the library's lock, so other GPUs are not slowed. Tests use it to make a sampler
 //! overrun its period.
+//!
+//! `processes` (default none) are what `nvmlDeviceGetProcessUtilization` reports: each process
+//! with its SM utilisation (%), constant; `unsupported` may name `process_utilization`.
 //!
 //! Every exported function catches panics and returns `NVML_ERROR_UNKNOWN` instead of unwinding
 //! into C.
@@ -35,8 +39,8 @@
 pub mod profile;
 
 use nvml_wrapper_sys::bindings::{
-    field_id, nvmlDevice_st, nvmlDevice_t, nvmlFieldValue_t, nvmlPciInfo_t, nvmlReturn_t,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
+    field_id, nvmlDevice_st, nvmlDevice_t, nvmlFieldValue_t, nvmlPciInfo_t,
+    nvmlProcessUtilizationSample_t, nvmlReturn_t, nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
     nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
 };
 use profile::{DeviceModel, Profile};
@@ -99,6 +103,15 @@ struct GpuScenario {
     lost_at_s: Option<f64>,
     #[serde(default)]
     read_delay_us: u64,
+    #[serde(default)]
+    processes: Vec<ProcessScenario>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProcessScenario {
+    pid: u32,
+    sm: u32,
 }
 
 fn default_name() -> String {
@@ -119,6 +132,9 @@ struct Gpu {
     field_values_supported: bool,
     lost_at_s: Option<f64>,
     read_delay_us: u64,
+    process_utilization_supported: bool,
+    /// (pid, SM %)
+    processes: Vec<(u32, u32)>,
 }
 
 struct State {
@@ -205,6 +221,8 @@ fn build_state(s: Scenario) -> State {
                 field_values_supported: has("field_values"),
                 lost_at_s: g.lost_at_s,
                 read_delay_us: g.read_delay_us,
+                process_utilization_supported: has("process_utilization"),
+                processes: g.processes.iter().map(|p| (p.pid, p.sm)).collect(),
             }
         })
         .collect();
@@ -554,6 +572,53 @@ pub extern "C" fn nvmlDeviceGetFieldValues(
                     }
                 }
                 _ => e.nvmlReturn = ERROR_NOT_SUPPORTED,
+            }
+        }
+        SUCCESS
+    })
+}
+
+/// Per-process utilisation: the scenario's processes, stamped now (µs since the epoch).
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: nvmlDevice_t,
+    utilization: *mut nvmlProcessUtilizationSample_t,
+    count: *mut c_uint,
+    _last_seen_timestamp: c_ulonglong,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, _t| {
+        if count.is_null() {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        if !g.process_utilization_supported {
+            return ERROR_NOT_SUPPORTED;
+        }
+        if g.processes.is_empty() {
+            return ERROR_NOT_FOUND;
+        }
+        let n = g.processes.len() as c_uint;
+        // SAFETY: non-null in/out pointer from the caller.
+        let room = unsafe { *count };
+        if utilization.is_null() || room < n {
+            // SAFETY: as above.
+            unsafe { *count = n };
+            return ERROR_INSUFFICIENT_SIZE;
+        }
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        for (i, &(pid, sm)) in g.processes.iter().enumerate() {
+            // SAFETY: the caller gave room for `room >= n` samples.
+            unsafe {
+                *utilization.add(i) = nvmlProcessUtilizationSample_t {
+                    pid,
+                    timeStamp: now_us,
+                    smUtil: sm,
+                    memUtil: 0,
+                    encUtil: 0,
+                    decUtil: 0,
+                };
+                *count = n;
             }
         }
         SUCCESS
