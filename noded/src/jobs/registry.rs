@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::reading::Reading;
 
+/// How the gap of a job found running at start-up begins.
+pub const DISCOVERED_GAP: &str = "ergond was not running when the job started";
+
 /// Bounds on what the registry holds, so a misbehaving client cannot grow ergond's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -349,10 +352,10 @@ impl JobRegistry {
         job.gaps.push(Gap {
             start_unix_ns: start.unix_ns.min(now.unix_ns),
             end_unix_ns: now.unix_ns,
-            reason: "ergond was not running when the job started: it found the job in the \
-                     cgroup tree when it started, and measured it from then on (the start is \
-                     the job cgroup's modification time)"
-                .into(),
+            reason: format!(
+                "{DISCOVERED_GAP}: it found the job in the cgroup tree when it started, and \
+                 measured it from then on (the start is the job cgroup's modification time)"
+            ),
             recovered: false,
         });
         for (id, path) in steps.iter().take(max_steps) {
@@ -383,7 +386,14 @@ impl JobRegistry {
         job.report = m.report;
         job.work_dir.clone_from(&m.work_dir);
         job.stdout_path.clone_from(&m.stdout_path);
-        if fresh {
+        // A job found in the cgroup tree at start-up whose JobStart comes after all (ergond
+        // started between Slurm creating its cgroups and its prolog): the event is the truth.
+        let promoted = job.discovered && at.unix_ns >= job.start.unix_ns;
+        if promoted {
+            job.discovered = false;
+            job.gaps.retain(|g| !g.reason.starts_with(DISCOVERED_GAP));
+        }
+        if fresh || promoted {
             job.start_seen = true;
             job.start = at;
             return Ok(vec![Action::Read {
@@ -653,6 +663,44 @@ mod tests {
             sockets: vec![],
             gpu_util: vec![],
         }
+    }
+
+    #[test]
+    fn a_job_found_at_start_up_is_promoted_by_a_later_job_start() {
+        let mut r = JobRegistry::default();
+        let steps = vec![(StepId::Extern, "slurm/job_5/step_extern".to_owned())];
+        assert!(r
+            .discovered(
+                5,
+                Some(1000),
+                "n1",
+                t(0),
+                t(1),
+                CpuSet::new(),
+                vec![],
+                &steps
+            )
+            .unwrap());
+        assert!(r.get(5).unwrap().discovered && r.get(5).unwrap().gaps.len() == 1);
+        assert!(!r
+            .discovered(5, None, "n1", t(0), t(1), CpuSet::new(), vec![], &[])
+            .unwrap());
+        let a = r.job_start(&job_start(5), t(2)).unwrap();
+        assert!(
+            matches!(
+                a[..],
+                [Action::Read {
+                    mark: Mark::JobStart,
+                    ..
+                }]
+            ),
+            "{a:?}"
+        );
+        let j = r.get(5).unwrap();
+        assert!(!j.discovered && j.start_seen && j.gaps.is_empty());
+        assert_eq!(j.start, t(2));
+        // A second JobStart is a duplicate.
+        assert!(r.job_start(&job_start(5), t(3)).unwrap().is_empty());
     }
 
     #[test]

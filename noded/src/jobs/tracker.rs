@@ -544,6 +544,12 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
                             .iter()
                             .filter_map(|(_, m)| m.map(|(p, _)| p))
                             .collect();
+                        // A job taken on at start-up and now properly started: its figures
+                        // start again from this event.
+                        if att.members().contains_key(&job_id) {
+                            let _ = att.job_end(job_id);
+                        }
+                        // (Its steps' own StepStart events follow and open them again.)
                         att.job_start(job_id, gpus, job.cpus.clone());
                         flag_shared_gpus(&inner.sampler, &att);
                     }
