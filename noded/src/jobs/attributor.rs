@@ -102,10 +102,11 @@ pub struct Member {
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
 /// (the trace's resolution halves, its cumulative values stay exact).
-pub const MAX_CPU_TRACE: usize = 1200;
+pub const MAX_CPU_TRACE: usize = 300;
 
-/// What a job got, when it ends.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// What a job got, when it ends (kept with the job until its manifest is written, so the
+/// journal carries it across a restart).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct JobResult {
     /// Its share of the node over its life.
     pub share: JobShare,
@@ -324,7 +325,10 @@ impl Attributor {
                         continue;
                     };
                     for (socket, sh) in &share.sockets {
-                        let t = m.cpu_trace.entry(*socket).or_default();
+                        let t = m
+                            .cpu_trace
+                            .entry(*socket)
+                            .or_insert_with(|| Vec::with_capacity(MAX_CPU_TRACE + 1));
                         t.push((
                             r.at_mono_ns,
                             sh.package_j.unwrap_or(0.0),

@@ -206,6 +206,10 @@ pub struct Job {
     pub steps: Vec<Step>,
     /// Outages while the job ran (ergond restarted), with whether their energy was recovered.
     pub gaps: Vec<Gap>,
+    /// Its attribution, once it has ended and its figures are final (until its manifest is
+    /// written).
+    #[serde(default)]
+    pub result: Option<super::attributor::JobResult>,
     /// Found running in the cgroup tree when ergond started (its node name is then ergond's
     /// host name until an event names it).
     #[serde(default)]
@@ -237,6 +241,7 @@ impl Job {
             end_reading: None,
             steps: Vec::new(),
             gaps: Vec::new(),
+            result: None,
             discovered: false,
         }
     }
@@ -311,7 +316,11 @@ impl JobRegistry {
         node: &str,
         at: EventTime,
     ) -> Result<&mut Job, Refusal> {
-        if !self.jobs.contains_key(&job_id) && self.jobs.len() >= self.limits.max_jobs {
+        // Only running jobs count: ended ones waiting for their manifest leave soon.
+        if !self.jobs.contains_key(&job_id)
+            && (self.running() >= self.limits.max_jobs
+                || self.jobs.len() >= 2 * self.limits.max_jobs)
+        {
             return Err(Refusal::TooManyJobs(self.limits.max_jobs));
         }
         let job = self
@@ -526,6 +535,11 @@ impl JobRegistry {
         true
     }
 
+    /// Jobs started and not yet ended.
+    pub fn running(&self) -> usize {
+        self.jobs.values().filter(|j| j.end.is_none()).count()
+    }
+
     /// The open jobs (for the journal).
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
         self.jobs.values()
@@ -554,6 +568,18 @@ impl JobRegistry {
     pub fn take(&mut self, job_id: u32) -> Option<Job> {
         self.jobs.get(&job_id)?.end?;
         self.jobs.remove(&job_id)
+    }
+
+    /// Remove a finished job once its manifest is written, if it is still the same job (its
+    /// start unchanged: a job id reused meanwhile stays).
+    pub fn remove_written(&mut self, job_id: u32, start: EventTime) {
+        if self
+            .jobs
+            .get(&job_id)
+            .is_some_and(|j| j.end.is_some() && j.start == start)
+        {
+            self.jobs.remove(&job_id);
+        }
     }
 
     /// What [`ergon_protocol::Request::QueryJob`] answers; `energy_j` is filled by the shell.

@@ -36,10 +36,14 @@ use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
 pub const QUEUE_CAPACITY: usize = 65_536;
 /// How long the worker waits for the tick after an event before using what it has.
 pub const READING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Manifests waiting for the spool writer at most (then the job worker waits).
+pub const SPOOL_QUEUE: usize = 1024;
 /// Reports waiting for the writer at most.
 pub const REPORT_QUEUE: usize = 1024;
 /// How often, at most, the journal is written (when something changed).
 pub const JOURNAL_PERIOD: Duration = Duration::from_millis(250);
+/// How often the journal is rewritten while jobs are open but no event comes.
+pub const JOURNAL_IDLE_PERIOD: Duration = Duration::from_secs(30);
 /// How often the worker closes an attribution interval when no event does.
 pub const ATTRIBUTION_PERIOD: Duration = Duration::from_secs(1);
 /// An event stamped longer ago than this is taken as having happened this long ago (a stale
@@ -84,7 +88,14 @@ pub struct TrackerConfig {
 }
 
 struct Inner {
+    /// Something the journal holds changed (set by the worker and the spool writer).
+    journal_dirty: std::sync::atomic::AtomicBool,
+    /// Job events refused so far (for rate-limited logging).
+    refused: std::sync::atomic::AtomicU64,
     reports: Option<SyncSender<ReportWork>>,
+    /// Sealed manifests for the spool writer thread (fsync off the job worker); taken (None)
+    /// at shutdown so the writer drains and stops.
+    spool: Mutex<Option<SyncSender<SpoolWork>>>,
     registry: Mutex<JobRegistry>,
     attributor: Mutex<Attributor>,
     boot_id: String,
@@ -102,6 +113,7 @@ pub struct JobTracker {
     inner: Arc<Inner>,
     tx: Option<SyncSender<Action>>,
     worker: Option<JoinHandle<()>>,
+    spool_writer: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for JobTracker {
@@ -149,7 +161,11 @@ impl JobTracker {
             .name("ergond-report".into())
             .spawn(move || report_writer(report_rx))?;
         flag_shared_gpus(&sampler, &attributor);
+        let (spool_tx, spool_rx) = sync_channel::<SpoolWork>(SPOOL_QUEUE);
         let inner = Arc::new(Inner {
+            journal_dirty: std::sync::atomic::AtomicBool::new(false),
+            refused: std::sync::atomic::AtomicU64::new(0),
+            spool: Mutex::new(Some(spool_tx)),
             reports: Some(report_tx),
             registry: Mutex::new(registry),
             attributor: Mutex::new(attributor),
@@ -163,6 +179,12 @@ impl JobTracker {
             // The queue is empty and far larger than the registry's limit.
             let _ = tx.try_send(a);
         }
+        let spool_writer = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("ergond-spool".into())
+                .spawn(move || spool_writer(&inner, spool_rx))?
+        };
         let worker = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
@@ -173,6 +195,7 @@ impl JobTracker {
             inner,
             tx: Some(tx),
             worker: Some(worker),
+            spool_writer: Some(spool_writer),
         })
     }
 
@@ -239,7 +262,14 @@ impl JobTracker {
             match result {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "job event refused");
+                    // Logged once per 1,000 under a flood (each is also in the reply).
+                    let n = self
+                        .inner
+                        .refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n % 1000 == 0 {
+                        tracing::warn!(error = %e, refused_so_far = n + 1, "job event refused");
+                    }
                     return Reply::error(ErrorCode::Busy, e.to_string());
                 }
             }
@@ -354,6 +384,13 @@ impl JobTracker {
                 tracing::error!("the job worker panicked");
             }
         }
+        // The worker has handed over every manifest: let the spool writer write them and stop.
+        lock(&self.inner.spool).take();
+        if let Some(w) = self.spool_writer.take() {
+            if w.join().is_err() {
+                tracing::error!("the spool writer panicked");
+            }
+        }
         let open = lock(&self.inner.registry).len();
         if self.inner.config.state_dir.is_some() {
             write_journal(&self.inner);
@@ -415,16 +452,20 @@ pub fn event_time(stamp: Timestamp) -> EventTime {
 }
 
 fn worker(inner: &Inner, rx: Receiver<Action>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut buf: Vec<TraceSample> = Vec::new();
     let mut last_periodic = std::time::Instant::now();
     let mut last_reap = std::time::Instant::now();
     let mut last_journal = std::time::Instant::now();
-    let mut dirty = false;
     loop {
-        if dirty && last_journal.elapsed() >= JOURNAL_PERIOD {
+        // The journal follows job events (at most every JOURNAL_PERIOD) and, while jobs are
+        // open and nothing happens, the running figures every JOURNAL_IDLE_PERIOD: an outage
+        // after an older journal is still measured, as one longer interval.
+        let since = last_journal.elapsed();
+        let idle_due = since >= JOURNAL_IDLE_PERIOD && !lock(&inner.registry).is_empty();
+        if since >= JOURNAL_PERIOD && (inner.journal_dirty.swap(false, Relaxed) || idle_due) {
             write_journal(inner);
             last_journal = std::time::Instant::now();
-            dirty = false;
         }
         // Periodic intervals only while no action waits: an event already queued must close
         // its interval at its own instant first.
@@ -432,20 +473,20 @@ fn worker(inner: &Inner, rx: Receiver<Action>) {
             Ok(a) => a,
             Err(RecvTimeoutError::Timeout) => {
                 if last_reap.elapsed() >= inner.config.reap_period {
-                    dirty |= reap(inner, &mut buf);
+                    if reap(inner, &mut buf) {
+                        inner.journal_dirty.store(true, Relaxed);
+                    }
                     last_reap = std::time::Instant::now();
                 }
                 if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
                     periodic(inner, &mut buf);
                     last_periodic = std::time::Instant::now();
-                    // Only open jobs need their figures journaled.
-                    dirty |= !lock(&inner.registry).is_empty();
                 }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        dirty = true;
+        inner.journal_dirty.store(true, Relaxed);
         perform(inner, action, &mut buf);
     }
 }
@@ -573,6 +614,14 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
                 }
                 Mark::JobEnd => {}
             }
+            // The job keeps only its own cgroups' figures (a reading holds every watched one).
+            let mut reading = reading;
+            if let Some(job) = reg.get(job_id) {
+                reading
+                    .cgroups
+                    .retain(|(p, _)| job.steps.iter().any(|s| s.watched.as_deref() == Some(p)));
+            }
+            reading.gpu_util = Vec::new();
             reg.record_reading(job_id, mark, reading);
         }
         Action::Watch { path } => {
@@ -781,10 +830,34 @@ fn read_at(
 }
 
 fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
-    let Some(job) = lock(&inner.registry).take(job_id) else {
-        tracing::warn!(job_id, "job to finish is not in the registry");
-        return;
+    // The job stays in the registry (and so in the journal), with its final figures, until
+    // the spool writer has written its manifest: a kill in between loses nothing.
+    let job = {
+        let mut reg = lock(&inner.registry);
+        match reg.get(job_id) {
+            Some(j) if j.end.is_some() => {}
+            _ => {
+                tracing::warn!(
+                    job_id,
+                    "job to finish is not in the registry or has not ended"
+                );
+                return;
+            }
+        }
+        let needs_result = reg.get(job_id).is_some_and(|j| j.result.is_none());
+        if needs_result {
+            let mut att = lock(&inner.attributor);
+            let r = att.job_end(job_id);
+            flag_shared_gpus(&inner.sampler, &att);
+            if let Some(j) = reg.get_mut(job_id) {
+                j.result = r;
+            }
+        }
+        reg.get(job_id).cloned().expect("checked above")
     };
+    inner
+        .journal_dirty
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let traces: Vec<Vec<TraceSample>> = (0..inner.facts.gpus.len())
         .map(|i| {
             if inner.sampler.trace(TraceOf::Gpu(i), buf) {
@@ -794,21 +867,51 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
             }
         })
         .collect();
-    let result = {
-        let mut att = lock(&inner.attributor);
-        let r = att.job_end(job_id);
-        flag_shared_gpus(&inner.sampler, &att);
-        r
-    };
     let mut m = manifest::build(
         &job,
         &inner.facts,
         &traces,
-        result.as_ref(),
+        job.result.as_ref(),
         &inner.config.default_cluster,
     );
     m.seal();
+    let work = SpoolWork { job, manifest: m };
+    let tx = lock(&inner.spool).clone();
+    match tx {
+        // Blocks when the writer is behind: the worker slows down, no manifest is dropped.
+        Some(tx) => {
+            if let Err(e) = tx.send(work) {
+                write_one(inner, e.0);
+            }
+        }
+        None => write_one(inner, work),
+    }
+}
+
+/// A sealed manifest for the spool writer, with its job (for the report).
+struct SpoolWork {
+    job: super::registry::Job,
+    manifest: ergon_protocol::Manifest,
+}
+
+/// The spool writer thread: writes each manifest (atomic, fsync'd) and hands the job's report
+/// on, in order.
+fn spool_writer(inner: &Inner, rx: Receiver<SpoolWork>) {
+    while let Ok(w) = rx.recv() {
+        write_one(inner, w);
+    }
+}
+
+fn write_one(inner: &Inner, w: SpoolWork) {
+    let SpoolWork { job, manifest: m } = w;
+    let job_id = job.job_id;
     let written = write_manifest(&inner.config.spool_dir, &m);
+    if written.is_ok() {
+        lock(&inner.registry).remove_written(job_id, job.start);
+        inner
+            .journal_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if let Some(format) = job.report {
         queue_report(
             inner,
