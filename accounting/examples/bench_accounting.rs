@@ -2,7 +2,9 @@
 //! records, against a private VictoriaMetrics.
 //!
 //! For each manifest size (`lean`: one GPU, one socket, no trace; `realistic`: 1–4 GPUs, two
-//! sockets with DRAM, two steps, sensors and a 600-point power trace per device), it:
+//! sockets with DRAM, two steps, sensors and a 600-point power trace per device;
+//! `realistic-v1`: the same as schema 1 manifests, traces as decimal arrays, as ergon wrote them
+//! before schema 2), it:
 //!
 //! 1. writes `--jobs` sealed manifests (one node per job) into a temporary spool, the way ergond
 //!    writes them (`Manifest::to_json`), and sums their sizes;
@@ -11,13 +13,15 @@
 //!    its own (so that its peak RSS is its own) with the VictoriaMetrics sink only and sacct
 //!    disabled, and records the run's step timings;
 //! 4. queries VictoriaMetrics (`/api/v1/export`) and checks that every job arrived exactly once;
-//! 5. runs `ergon run` again with nothing new (the cost of a cron run over a full spool) and checks
-//!    that nothing was sent again.
+//! 5. runs `ergon run` again with nothing new (the cost of a cron run over a full spool: the spool
+//!    index lets it skip every file unread) and checks that nothing was sent again;
+//! 6. writes `--jobs / 100` more manifests and runs `ergon run` once more (a cron run with a little
+//!    new work in a full spool), and checks that exactly those jobs were added, once each.
 //!
 //! Prints a table and, with `--json PATH`, appends one JSON object per size to PATH.
 //!
 //! ```text
-//! bench_accounting [--jobs N] [--sizes lean,realistic] [--json PATH]
+//! bench_accounting [--jobs N] [--sizes lean,realistic,realistic-v1] [--json PATH]
 //! ```
 
 use std::collections::BTreeMap;
@@ -52,7 +56,7 @@ fn main() {
             "--sizes" => {
                 sizes = it
                     .next()
-                    .expect("--sizes lean,realistic")
+                    .expect("--sizes lean,realistic,realistic-v1")
                     .split(',')
                     .map(str::to_owned)
                     .collect()
@@ -67,12 +71,13 @@ fn main() {
     );
     let mut rows = Vec::new();
     for size in &sizes {
-        let realistic = match size.as_str() {
-            "lean" => false,
-            "realistic" => true,
-            other => panic!("unknown size {other} (lean, realistic)"),
+        let (realistic, schema) = match size.as_str() {
+            "lean" => (false, MANIFEST_SCHEMA_VERSION),
+            "realistic" => (true, MANIFEST_SCHEMA_VERSION),
+            "realistic-v1" => (true, 1),
+            other => panic!("unknown size {other} (lean, realistic, realistic-v1)"),
         };
-        let row = bench_size(jobs, realistic);
+        let row = bench_size(jobs, realistic, schema, size);
         if let Some(path) = &json_path {
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
@@ -104,8 +109,8 @@ impl Rng {
     }
 }
 
-/// One job's sealed manifest (one node). `base_ns`: the newest end time.
-fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
+/// One job's sealed manifest (one node) of schema `schema`. `base_ns`: the newest end time.
+fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
     let mut rng = Rng(u64::from(job).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     // Jobs ended over the last ~28 hours, 1 s apart, all older than a minute.
     let end = base_ns - u64::from(job) * 1_000_000_000;
@@ -213,7 +218,7 @@ fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
         vec![]
     };
     let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
+        schema_version: schema,
         cluster: "bench".into(),
         node,
         job: JobInfo {
@@ -265,17 +270,23 @@ fn manifest(job: u32, realistic: bool, base_ns: u64) -> Manifest {
     m
 }
 
-/// Write `jobs` manifests into `spool` on two threads; the total bytes written.
-fn generate(spool: &Path, jobs: u32, realistic: bool) -> u64 {
-    let base = now_ns() - 120_000_000_000;
+/// Write the manifests of `jobs` into `spool` on two threads; the total bytes written. `base`: the end time of job 0 (job `n` ended `n` seconds before).
+fn generate(
+    spool: &Path,
+    jobs: std::ops::RangeInclusive<u32>,
+    realistic: bool,
+    schema: u32,
+    base: u64,
+) -> u64 {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4)) as u32;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
+                let jobs = jobs.clone();
                 s.spawn(move || {
                     let mut bytes = 0u64;
-                    for job in (1..=jobs).filter(|j| j % threads == t) {
-                        let m = manifest(job, realistic, base);
+                    for job in jobs.filter(|j| j % threads == t) {
+                        let m = manifest(job, realistic, schema, base);
                         let text = m.to_json().expect("manifest serialises");
                         bytes += text.len() as u64;
                         std::fs::write(spool.join(format!("{job}.{}.json", m.node)), text)
@@ -414,6 +425,8 @@ fn child_run(config_path: &Path) {
         json!({
             "collected": summary.collected,
             "quarantined": summary.quarantined,
+            "manifests_read": summary.manifests_read,
+            "manifests_known": summary.manifests_known,
             "delivered": summary.delivered.get("victoria_metrics").copied().unwrap_or(0),
             "pending": summary.pending.get("victoria_metrics").copied().unwrap_or(0),
             "complete": summary.complete(),
@@ -432,8 +445,7 @@ fn child_run(config_path: &Path) {
     );
 }
 
-fn bench_size(jobs: u32, realistic: bool) -> Value {
-    let size = if realistic { "realistic" } else { "lean" };
+fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
     let dir = tempfile::Builder::new()
         .prefix("ergon-bench-accounting.")
         .tempdir()
@@ -442,7 +454,10 @@ fn bench_size(jobs: u32, realistic: bool) -> Value {
     std::fs::create_dir_all(&spool).unwrap();
     eprintln!("[{size}] writing {jobs} manifests into {}", spool.display());
     let t = Instant::now();
-    let bytes = generate(&spool, jobs, realistic);
+    // Jobs 1..=jobs ended over the last ~28 hours (1 s apart), all older than a minute; the
+    // later batch (step 6) ended before them, so that the age bound keeps both.
+    let base = now_ns() - 120_000_000_000;
+    let bytes = generate(&spool, 1..=jobs, realistic, schema, base);
     eprintln!(
         "[{size}] {bytes} bytes ({:.0} per manifest) in {:.1} s",
         bytes as f64 / f64::from(jobs),
@@ -483,6 +498,26 @@ fn bench_size(jobs: u32, realistic: bool) -> Value {
     let (rerun_wall, rerun) = run_child(&config);
     let after = vm.samples_per_job();
     let unchanged = after == per_job;
+    eprintln!("[{size}] {rerun}");
+
+    let more = (jobs / 100).max(1);
+    eprintln!("[{size}] {more} new manifests, ergon run again");
+    let more_bytes = generate(&spool, jobs + 1..=jobs + more, realistic, schema, base);
+    let (incr_wall, incr) = run_child(&config);
+    // New series can take a moment to be searchable: wait up to 30 s for all of them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after_incr = vm.samples_per_job();
+    while after_incr.len() < (jobs + more) as usize && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        after_incr = vm.samples_per_job();
+    }
+    let incr_missing = (1..=jobs + more)
+        .filter(|j| !after_incr.contains_key(j))
+        .count();
+    let incr_not_once = after_incr.values().filter(|n| **n != 1).count();
+    let incr_exactly_once =
+        incr_missing == 0 && incr_not_once == 0 && after_incr.len() == (jobs + more) as usize;
+    eprintln!("[{size}] {incr}");
 
     let n = f64::from(jobs);
     let collect_s = first["scan_s"].as_f64().unwrap() + first["combine_s"].as_f64().unwrap();
@@ -513,6 +548,14 @@ fn bench_size(jobs: u32, realistic: bool) -> Value {
         "rerun_wall_s": rerun_wall,
         "rerun": rerun,
         "rerun_sent_nothing": unchanged && rerun["delivered"] == 0,
+        "schema_version": schema,
+        "incremental_jobs": more,
+        "incremental_bytes": more_bytes,
+        "incremental_wall_s": incr_wall,
+        "incremental": incr,
+        "incremental_exactly_once": incr_exactly_once,
+        "incremental_vm_missing": incr_missing,
+        "incremental_vm_not_once": incr_not_once,
         "target": ">= 5000 records/s end to end",
         "target_met": e2e >= 5000.0 && exactly_once,
     })
@@ -521,14 +564,14 @@ fn bench_size(jobs: u32, realistic: bool) -> Value {
 fn print_table(rows: &[Value]) {
     println!();
     println!(
-        "| size | jobs | manifest B | collect rec/s | upload rec/s | end-to-end rec/s | run s | scan s | combine s | upload s | saves (s) | state max / final | peak RSS | ergon / VM CPU s | exactly once | re-run s | target ≥ 5000/s |"
+        "| size | jobs | manifest B | collect rec/s | upload rec/s | end-to-end rec/s | run s | scan s | combine s | upload s | saves (s) | state max / final | peak RSS | ergon / VM CPU s | exactly once | re-run s (read / known) | +1 % run s (read) | target ≥ 5000/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let run = &r["run"];
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.1} / {:.1} MiB | {:.0} MiB | {:.1} / {:.1} | {} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} ({:.2}) | {:.1} / {:.1} MiB | {:.0} MiB | {:.1} / {:.1} | {} | {:.2} ({} / {}) | {:.2} ({}) | {} |",
             r["size"].as_str().unwrap(),
             r["jobs"],
             f(&r["manifest_bytes_mean"]),
@@ -546,8 +589,19 @@ fn print_table(rows: &[Value]) {
             f(&run["maxrss_kib"]) / 1024.0,
             f(&run["user_cpu_s"]) + f(&run["sys_cpu_s"]),
             f(&r["vm_cpu_s"]),
-            if r["exactly_once"] == true && r["rerun_sent_nothing"] == true { "yes" } else { "NO" },
+            if r["exactly_once"] == true
+                && r["rerun_sent_nothing"] == true
+                && r["incremental_exactly_once"] == true
+            {
+                "yes"
+            } else {
+                "NO"
+            },
             f(&r["rerun_wall_s"]),
+            r["rerun"]["manifests_read"],
+            r["rerun"]["manifests_known"],
+            f(&r["incremental_wall_s"]),
+            r["incremental"]["manifests_read"],
             if r["target_met"] == true { "met" } else { "MISSED" },
         );
     }

@@ -2,9 +2,10 @@
 //! bad ones in quarantine and combine the nodes of each job into one [`JobRecordFull`].
 //!
 //! Reading and moving files is here; combining manifests is the pure function
-//! [`combine`], tested without any files.
+//! [`combine`], tested without any files. [`scan_indexed`] skips the files the state's spool
+//! index knows unchanged, so that a run reads only what is new.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +13,8 @@ use ergon_protocol::manifest::{EnergyMethod, Manifest, ManifestError};
 use ergon_protocol::record::JobRecord;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::state::IndexEntry;
 
 /// One job's energy across all its nodes: what the sinks receive and what the sacct record is
 /// made from.
@@ -287,16 +290,67 @@ pub struct Quarantined {
     pub reason: String,
 }
 
+/// A manifest file a scan found good (verified now, or known from the index unchanged), with
+/// what the spool index keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexedFile {
+    /// The file's path, as the index keys it.
+    pub path: String,
+    /// What the index remembers.
+    pub entry: IndexEntry,
+}
+
 /// What one pass over the spools found.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// Verified manifests grouped by `cluster/job`.
+    /// Verified manifests grouped by `cluster/job`: every job with a manifest that is new or
+    /// not in the index, with all of its manifests (those in the index read again).
     pub jobs: BTreeMap<String, Vec<FoundManifest>>,
     /// Manifests put in quarantine by this scan.
     pub quarantined: Vec<Quarantined>,
     /// Jobs left for a later run because a manifest of theirs changed less than `settle` ago
     /// (another node's manifest may still be coming).
     pub unsettled: usize,
+    /// The files the index may hold after this scan: those of the jobs in [`Scan::jobs`] and
+    /// the unchanged ones of other jobs, in spool order. New files of unsettled jobs are left
+    /// out, so that a later run reads them again. The caller keeps those of jobs it has.
+    pub index: Vec<IndexedFile>,
+    /// Files read, parsed and verified by this scan.
+    pub read: usize,
+    /// Files not read because the index knew them unchanged (same size and modification time).
+    pub known: usize,
+}
+
+/// The index of a spool: [`crate::state::State::index`].
+pub type SpoolIndex = BTreeMap<String, IndexEntry>;
+
+/// [`scan_indexed`] with an empty index: every file is read.
+pub fn scan(
+    spools: &[PathBuf],
+    quarantine: Option<&Path>,
+    settle: Duration,
+) -> std::io::Result<Scan> {
+    scan_indexed(spools, quarantine, settle, &SpoolIndex::new())
+}
+
+/// A `*.json` file in a spool, as listed (before it is read).
+struct Listed {
+    path: PathBuf,
+    /// The index key: the path as UTF-8 (`None`: not indexable, always read).
+    key: Option<String>,
+    size: u64,
+    mtime_ns: i64,
+    mtime: SystemTime,
+}
+
+/// What became of a listed file.
+enum Outcome {
+    /// Not (yet) read: known from the index, or not needed.
+    Unread,
+    /// Gone, unreadable or quarantined: not a manifest of any job this run.
+    Dropped,
+    /// Read and verified.
+    Good(Box<Manifest>),
 }
 
 /// Read every `*.json` file directly in each spool directory (temporary files that ergond is
@@ -304,14 +358,27 @@ pub struct Scan {
 /// good ones by job. Jobs with a manifest modified less than `settle` ago are left out (counted in
 /// [`Scan::unsettled`]).
 ///
+/// `index` (the state's spool index) spares reading: a file it lists with the same size and
+/// modification time is not read, and its job is not collected again, unless another file of
+/// the job is new (then all the job's files are read, to combine them). A file it lists that
+/// changed is read again: the same content hash only updates its entry; a different one means
+/// the manifest changed after it was collected, and the file is quarantined (the job's record
+/// keeps what was collected; ergond writes a manifest once, so this is not ergond's doing,
+/// except a requeued job that ran again on the same node, which a person should look at).
+///
 /// With `quarantine` `None` (a dry run) bad manifests are reported but not moved.
-pub fn scan(
+pub fn scan_indexed(
     spools: &[PathBuf],
     quarantine: Option<&Path>,
     settle: Duration,
+    index: &SpoolIndex,
 ) -> std::io::Result<Scan> {
+    use std::os::unix::fs::MetadataExt as _;
+
     let mut scan = Scan::default();
-    let mut newest: BTreeMap<String, SystemTime> = BTreeMap::new();
+    // 1. List, in spool order then name order (the order decides between two manifests of
+    //    one node), with the size and modification time taken before any read.
+    let mut files: Vec<Listed> = Vec::new();
     for spool in spools {
         let entries = match std::fs::read_dir(spool) {
             Ok(e) => e,
@@ -327,84 +394,209 @@ pub fn scan(
             .map(|e| e.path())
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.') && name.ends_with(".json") && p.is_file()
+                !name.starts_with('.') && name.ends_with(".json")
             })
             .collect();
         paths.sort();
-        for (path, read) in paths.iter().zip(read_and_verify(&paths)) {
-            let path = path.clone();
-            let (parsed, mtime) = match read {
-                Read::Gone => continue,
-                Read::Failed(e) => {
-                    tracing::warn!("cannot read manifest {}: {e}; skipped", path.display());
-                    continue;
-                }
-                Read::Parsed(parsed, mtime) => (*parsed, mtime),
+        for path in paths {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
             };
-            match parsed {
-                Ok(manifest) => {
-                    let key = job_key(&manifest.cluster, manifest.job.job_id);
-                    let n = newest.entry(key.clone()).or_insert(mtime);
-                    *n = (*n).max(mtime);
-                    let found = scan.jobs.entry(key).or_default();
-                    // The same manifest seen twice (a local spool and its copy on a shared
-                    // filesystem) counts once; two different manifests of one node (a
-                    // rewritten one) count once too: the more complete, then the later.
-                    match found.iter().position(|f| f.manifest.node == manifest.node) {
-                        None => found.push(FoundManifest { path, manifest }),
-                        Some(i) if found[i].manifest.content_hash == manifest.content_hash => {}
-                        Some(i) => {
-                            let old = &found[i].manifest;
-                            let better = (manifest.coverage.fraction, manifest.end_unix_ns)
-                                > (old.coverage.fraction, old.end_unix_ns);
-                            tracing::warn!(
-                                "two different manifests of job {} on node {}: {} and {}; using {}",
-                                manifest.job.job_id,
-                                manifest.node,
-                                found[i].path.display(),
-                                path.display(),
-                                if better { "the second" } else { "the first" }
-                            );
-                            if better {
-                                found[i] = FoundManifest { path, manifest };
-                            }
-                        }
-                    }
+            if !meta.is_file() {
+                continue;
+            }
+            files.push(Listed {
+                key: path.to_str().map(str::to_owned),
+                size: meta.len(),
+                mtime_ns: meta
+                    .mtime()
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(meta.mtime_nsec()),
+                mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                path,
+            });
+        }
+    }
+    let indexed = |f: &Listed| f.key.as_ref().and_then(|k| index.get(k));
+    let unchanged =
+        |f: &Listed| indexed(f).filter(|e| e.size == f.size && e.mtime_ns == f.mtime_ns);
+
+    // 2. Read the files the index does not know unchanged.
+    let mut outcome: Vec<Outcome> = files.iter().map(|_| Outcome::Unread).collect();
+    // The job of each good file: from the index for unchanged ones, from the content otherwise.
+    let mut job_of: Vec<Option<String>> = files
+        .iter()
+        .map(|f| unchanged(f).map(|e| e.job.clone()))
+        .collect();
+    let to_read: Vec<usize> = (0..files.len()).filter(|&i| job_of[i].is_none()).collect();
+    // Jobs with a file that is new to the index: collected (again) from all their files.
+    let mut affected: BTreeSet<String> = BTreeSet::new();
+    let paths: Vec<&Path> = to_read.iter().map(|&i| files[i].path.as_path()).collect();
+    for (&i, read) in to_read.iter().zip(read_and_verify(&paths)) {
+        let f = &files[i];
+        match check(&mut scan, f, read, indexed(f), quarantine)? {
+            Some(manifest) => {
+                let job = job_key(&manifest.cluster, manifest.job.job_id);
+                if indexed(f).is_none() {
+                    affected.insert(job.clone());
                 }
-                Err(e) => {
-                    let Some(quarantine) = quarantine else {
-                        tracing::warn!("bad manifest {} (dry run: not moved): {e}", path.display());
-                        scan.quarantined.push(Quarantined {
-                            from: path.clone(),
-                            to: path,
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    };
-                    let q = quarantine_file(&path, quarantine, &e.to_string())?;
-                    tracing::warn!(
-                        "quarantined manifest {} as {}: {}",
-                        q.from.display(),
-                        q.to.display(),
-                        q.reason
-                    );
-                    scan.quarantined.push(q);
+                // Known with the same content (e.g. touched): only its entry changes.
+                job_of[i] = Some(job);
+                outcome[i] = Outcome::Good(Box::new(manifest));
+            }
+            None => outcome[i] = Outcome::Dropped,
+        }
+    }
+
+    // 3. Settle: a job is collected once its newest file is `settle` old.
+    let now = SystemTime::now();
+    let mut newest: BTreeMap<&str, SystemTime> = BTreeMap::new();
+    for (f, job) in files.iter().zip(&job_of) {
+        if let Some(job) = job.as_deref().filter(|j| affected.contains(*j)) {
+            let n = newest.entry(job).or_insert(f.mtime);
+            *n = (*n).max(f.mtime);
+        }
+    }
+    let settled: BTreeSet<String> = newest
+        .into_iter()
+        .filter(|(_, t)| now.duration_since(*t).is_ok_and(|age| age >= settle))
+        .map(|(job, _)| job.to_owned())
+        .collect();
+    scan.unsettled = affected.len() - settled.len();
+
+    // 4. Read the unchanged files of the jobs to collect, to combine them with the new ones.
+    let again: Vec<usize> = (0..files.len())
+        .filter(|&i| {
+            matches!(outcome[i], Outcome::Unread)
+                && job_of[i].as_ref().is_some_and(|j| settled.contains(j))
+        })
+        .collect();
+    let paths: Vec<&Path> = again.iter().map(|&i| files[i].path.as_path()).collect();
+    for (&i, read) in again.iter().zip(read_and_verify(&paths)) {
+        let f = &files[i];
+        outcome[i] = match check(&mut scan, f, read, indexed(f), quarantine)? {
+            Some(manifest) => Outcome::Good(Box::new(manifest)),
+            None => Outcome::Dropped,
+        };
+    }
+    scan.read = to_read.len() + again.len();
+    scan.known = files.len() - scan.read;
+
+    // 5. Group the settled jobs' manifests, in listing order; list what the index may keep.
+    for (i, (f, out)) in files.iter().zip(outcome).enumerate() {
+        let Some(job) = job_of[i].take() else {
+            continue;
+        };
+        let entry = |content_hash: String| IndexedFile {
+            path: f.key.clone().unwrap_or_default(),
+            entry: IndexEntry {
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                content_hash,
+                job: job.clone(),
+            },
+        };
+        match out {
+            Outcome::Dropped => {}
+            Outcome::Unread => {
+                // Known and unchanged, of a job not collected this run.
+                if let Some(e) = unchanged(f) {
+                    scan.index.push(entry(e.content_hash.clone()));
+                }
+            }
+            Outcome::Good(manifest) => {
+                let new_and_unsettled = affected.contains(&job) && !settled.contains(&job);
+                if f.key.is_some() && !(new_and_unsettled && indexed(f).is_none()) {
+                    scan.index.push(entry(manifest.content_hash.clone()));
+                }
+                if settled.contains(&job) {
+                    add_found(&mut scan, &job, f.path.clone(), *manifest);
                 }
             }
         }
     }
-    let now = SystemTime::now();
-    scan.jobs.retain(|key, _| {
-        let settled = newest
-            .get(key)
-            .and_then(|t| now.duration_since(*t).ok())
-            .is_some_and(|age| age >= settle);
-        if !settled {
-            scan.unsettled += 1;
-        }
-        settled
-    });
     Ok(scan)
+}
+
+/// Add a verified manifest to its job in `scan`. The same manifest seen twice (a local spool
+/// and its copy on a shared filesystem) counts once; two different manifests of one node (a
+/// rewritten one) count once too: the more complete, then the later.
+fn add_found(scan: &mut Scan, job: &str, path: PathBuf, manifest: Manifest) {
+    let found = scan.jobs.entry(job.to_owned()).or_default();
+    match found.iter().position(|f| f.manifest.node == manifest.node) {
+        None => found.push(FoundManifest { path, manifest }),
+        Some(i) if found[i].manifest.content_hash == manifest.content_hash => {}
+        Some(i) => {
+            let old = &found[i].manifest;
+            let better = (manifest.coverage.fraction, manifest.end_unix_ns)
+                > (old.coverage.fraction, old.end_unix_ns);
+            tracing::warn!(
+                "two different manifests of job {} on node {}: {} and {}; using {}",
+                manifest.job.job_id,
+                manifest.node,
+                found[i].path.display(),
+                path.display(),
+                if better { "the second" } else { "the first" }
+            );
+            if better {
+                found[i] = FoundManifest { path, manifest };
+            }
+        }
+    }
+}
+
+/// The verified manifest of a file just read, or `None` when it is gone, unreadable or bad
+/// (then quarantined, or reported in a dry run), or changed after it was collected (then
+/// quarantined too: see [`scan_indexed`]).
+fn check(
+    scan: &mut Scan,
+    file: &Listed,
+    read: Read,
+    indexed: Option<&IndexEntry>,
+    quarantine: Option<&Path>,
+) -> std::io::Result<Option<Manifest>> {
+    let path = &file.path;
+    let reason = match read {
+        Read::Gone => return Ok(None),
+        Read::Failed(e) => {
+            tracing::warn!("cannot read manifest {}: {e}; skipped", path.display());
+            return Ok(None);
+        }
+        Read::Parsed(parsed) => match *parsed {
+            Ok(m) => match indexed {
+                Some(e) if e.content_hash != m.content_hash => format!(
+                    "manifest changed after it was collected: it was {} (job {}), it is now {} (job {}); the job's record keeps the content collected",
+                    e.content_hash,
+                    e.job,
+                    m.content_hash,
+                    job_key(&m.cluster, m.job.job_id)
+                ),
+                _ => return Ok(Some(m)),
+            },
+            Err(e) => e.to_string(),
+        },
+    };
+    let Some(quarantine) = quarantine else {
+        tracing::warn!(
+            "bad manifest {} (dry run: not moved): {reason}",
+            path.display()
+        );
+        scan.quarantined.push(Quarantined {
+            from: path.clone(),
+            to: path.clone(),
+            reason,
+        });
+        return Ok(None);
+    };
+    let q = quarantine_file(path, quarantine, &reason)?;
+    tracing::warn!(
+        "quarantined manifest {} as {}: {}",
+        q.from.display(),
+        q.to.display(),
+        q.reason
+    );
+    scan.quarantined.push(q);
+    Ok(None)
 }
 
 /// What reading one manifest file gave.
@@ -413,8 +605,8 @@ enum Read {
     Gone,
     /// It could not be read.
     Failed(std::io::Error),
-    /// Read; parsed and verified (or why not), and its modification time.
-    Parsed(Box<Result<Manifest, ManifestError>>, SystemTime),
+    /// Read; parsed and verified (or why not).
+    Parsed(Box<Result<Manifest, ManifestError>>),
 }
 
 fn read_one(path: &Path) -> Read {
@@ -429,19 +621,16 @@ fn read_one(path: &Path) -> Read {
         m.trace.series = Vec::new();
         m
     });
-    let mtime = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    Read::Parsed(Box::new(parsed), mtime)
+    Read::Parsed(Box::new(parsed))
 }
 
-/// Read, parse and verify `paths` (the costly part of a scan: JSON parsing and the sha256 over
-/// each manifest's canonical form) on up to 8 threads; the results in the order of `paths`.
-fn read_and_verify(paths: &[PathBuf]) -> Vec<Read> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8)
-        .min(paths.len().div_ceil(64).max(1));
+/// Read, parse and verify `paths` (the costly part of a scan: reading the files, JSON parsing
+/// and the sha256 over each manifest's canonical form) on up to 8 threads, also with fewer
+/// cores: manifests written an hour ago are often no longer in the page cache, and reading them
+/// is then largely waiting for the disk (cold, 8 threads read 20,000 manifests about twice as
+/// fast as 2 on a 2-core machine; warm, the same). The results in the order of `paths`.
+fn read_and_verify(paths: &[&Path]) -> Vec<Read> {
+    let threads = paths.len().div_ceil(64).clamp(1, 8);
     if threads == 1 {
         return paths.iter().map(|p| read_one(p)).collect();
     }

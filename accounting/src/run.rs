@@ -51,6 +51,10 @@ pub struct RunSummary {
     pub auth_refused: Vec<String>,
     /// Entries dropped by the bounds this run with deliveries pending.
     pub dropped: usize,
+    /// Manifest files read and verified this run.
+    pub manifests_read: usize,
+    /// Manifest files not read because the spool index knew them unchanged.
+    pub manifests_known: usize,
     /// Where the run's time went (for the debug log and benchmarks).
     pub timings: RunTimings,
 }
@@ -60,7 +64,8 @@ pub struct RunSummary {
 pub struct RunTimings {
     /// Reading the state file.
     pub load_state: Duration,
-    /// Reading, parsing and verifying the manifests (`collect::scan`).
+    /// Listing the spools and reading, parsing and verifying the manifests not in the spool
+    /// index (`collect::scan_indexed`).
     pub scan: Duration,
     /// Combining the manifests into job records and entering them in the state (with pruning).
     pub combine: Duration,
@@ -92,9 +97,11 @@ impl RunSummary {
             })
             .collect();
         format!(
-            "collected {} new and {} updated jobs, {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} skipped, {} pending; {}; {} dropped",
+            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} skipped, {} pending; {}; {} dropped",
             self.collected,
             self.updated,
+            self.manifests_read,
+            self.manifests_known,
             self.quarantined,
             self.unsettled,
             self.skipped_before_horizon,
@@ -236,15 +243,18 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
     let step = Instant::now();
-    let scan = collect::scan(
+    let scan = collect::scan_indexed(
         &config.spool_dirs,
         (!options.dry_run).then_some(config.quarantine_dir.as_path()),
         Duration::from_secs(config.settle_s),
+        &state.index,
     )?;
     summary.timings.scan = step.elapsed();
     let step = Instant::now();
     summary.quarantined = scan.quarantined.len();
     summary.unsettled = scan.unsettled;
+    summary.manifests_read = scan.read;
+    summary.manifests_known = scan.known;
     for (key, found) in scan.jobs {
         let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
         let record = combine(&manifests);
@@ -275,6 +285,14 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         state.jobs.insert(key, entry);
     }
     state.dropped.skipped_before_horizon = summary.skipped_before_horizon as u64;
+    // The spool index: the good files of the jobs the state has (prune keeps it to those).
+    // Files of jobs not entered (before the horizon) are read again next run.
+    state.index = scan
+        .index
+        .into_iter()
+        .filter(|f| state.jobs.contains_key(&f.entry.job))
+        .map(|f| (f.path, f.entry))
+        .collect();
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
     summary.timings.combine = step.elapsed();

@@ -12,6 +12,13 @@
 //! [`Dropped`] and shown by `ergon status`. The end time of the newest removed entry becomes the
 //! *horizon*: manifests of jobs that ended at or before it are not collected again (they would
 //! otherwise be delivered a second time, since their entry is gone), and are counted as skipped.
+//!
+//! The state also holds the *spool index* ([`State::index`]): every manifest file collected,
+//! by path, with its size, modification time, content hash and job. A run skips a file whose
+//! size and modification time are unchanged without reading it (see [`crate::collect`]). The
+//! index only names jobs that have an entry, so the bounds above bound it too: removing a job
+//! removes its files from the index (such a file, if still in the spool, is read again and
+//! skipped by the horizon). Losing the index costs only time: the next run reads every file.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -126,6 +133,19 @@ pub struct Dropped {
     pub skipped_before_horizon: u64,
 }
 
+/// A manifest file already collected: what [`State::index`] remembers of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// File size in bytes when it was read.
+    pub size: u64,
+    /// Modification time when it was read, ns since the Unix epoch (`st_mtime`, `st_mtime_nsec`).
+    pub mtime_ns: i64,
+    /// The manifest's content hash (`sha256:<hex>`), as verified.
+    pub content_hash: String,
+    /// The job it belongs to (`cluster/job`, a key of [`State::jobs`]).
+    pub job: String,
+}
+
 /// The whole state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -143,6 +163,11 @@ pub struct State {
     pub last_run_unix: Option<u64>,
     /// The last run's summary line.
     pub last_run_summary: Option<String>,
+    /// The spool index: manifest files already collected, by path (see the module docs). Only
+    /// jobs in [`State::jobs`] appear in it. Absent in states written before the index
+    /// existed (the next run then reads every manifest once and fills it).
+    #[serde(default)]
+    pub index: BTreeMap<String, IndexEntry>,
 }
 
 impl Default for State {
@@ -155,6 +180,7 @@ impl Default for State {
             horizon_unix_ns: 0,
             last_run_unix: None,
             last_run_summary: None,
+            index: BTreeMap::new(),
         }
     }
 }
@@ -284,7 +310,15 @@ impl State {
                 self.remove(&key, &mut pruned, false);
             }
         }
+        self.retain_indexed_jobs();
         pruned
+    }
+
+    /// Remove index entries whose job has no entry (any more): the index is bounded by the
+    /// jobs it names.
+    pub fn retain_indexed_jobs(&mut self) {
+        let jobs = &self.jobs;
+        self.index.retain(|_, e| jobs.contains_key(&e.job));
     }
 
     fn remove(&mut self, key: &str, pruned: &mut Pruned, by_age: bool) {
@@ -433,10 +467,64 @@ mod tests {
     }
 
     #[test]
+    fn prune_removes_the_index_entries_of_removed_jobs() {
+        let mut s = State::default();
+        let sec = 1_000_000_000u64;
+        s.jobs.insert("c/1".into(), entry(10 * sec, false));
+        s.jobs.insert("c/2".into(), entry(100 * sec, false));
+        s.jobs.insert("c/3".into(), entry(120 * sec, false));
+        let file = |job: &str| IndexEntry {
+            size: 1,
+            mtime_ns: 2,
+            content_hash: "sha256:00".into(),
+            job: job.into(),
+        };
+        for (path, job) in [
+            ("/s/1a", "c/1"),
+            ("/s/1b", "c/1"),
+            ("/s/2", "c/2"),
+            ("/s/3", "c/3"),
+        ] {
+            s.index.insert(path.into(), file(job));
+        }
+        // An entry of a job the state does not have (never collected) goes too.
+        s.index.insert("/s/9".into(), file("c/9"));
+        s.prune(
+            Bounds {
+                max_age_s: 50,
+                max_jobs: 1,
+            },
+            130 * sec,
+        );
+        assert_eq!(s.jobs.keys().collect::<Vec<_>>(), ["c/3"]);
+        assert_eq!(s.index.keys().collect::<Vec<_>>(), ["/s/3"]);
+    }
+
+    #[test]
+    fn a_state_without_an_index_loads_with_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        s.jobs.insert("c/1".into(), entry(5, true));
+        let mut v = serde_json::to_value(&s).unwrap();
+        v.as_object_mut().unwrap().remove("index").unwrap();
+        std::fs::write(State::path(dir.path()), serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(State::load(dir.path()).unwrap(), s);
+    }
+
+    #[test]
     fn save_and_load_round_trip_and_lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::default();
         s.jobs.insert("c/1".into(), entry(5, true));
+        s.index.insert(
+            "/spool/c-1-n1.json".into(),
+            IndexEntry {
+                size: 68_269,
+                mtime_ns: 1_700_000_000_123_456_789,
+                content_hash: format!("sha256:{}", "ab".repeat(32)),
+                job: "c/1".into(),
+            },
+        );
         s.save(dir.path()).unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), s);
         let held = RunLock::try_acquire(dir.path()).unwrap();

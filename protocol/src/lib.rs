@@ -40,7 +40,7 @@ pub mod wire;
 pub use manifest::{
     AttributionInfo, Coverage, EnergyMethod, Gap, GpuEnergy, JobInfo, Manifest, ManifestError,
     NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals,
-    TraceSeries, MANIFEST_SCHEMA_VERSION,
+    TraceSeries, MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_MIN,
 };
 pub use record::{find_in_field, merge_into_field, strip_from_field, JobRecord, RecordError};
 pub use wire::{

@@ -15,36 +15,66 @@
 //!   supported) is `null`, never `0`.
 //! - Every field is always present (absent optional values are written as `null`).
 //!
+//! # Power traces on the wire
+//!
+//! [`TraceSeries::watts`] is a `Vec<f32>` in Rust. In the JSON of **schema 2** (what this build
+//! writes) it is the field `watts_f32le_b64`: the values as IEEE 754 binary32, little-endian,
+//! 4 bytes each in order, encoded as one base64 string (RFC 4648 §4: standard alphabet, `=`
+//! padding, no line breaks). A 600-point series is 3,200 characters; as decimal text it was
+//! about 6,000 compact at full f32 precision and about 10,000 pretty-printed (one value a line,
+//! as ergond writes files), and reading it back is a base64 decode instead of 600 float parses.
+//! In **schema 1** it is the field `watts`, an array of decimal numbers; this build still reads
+//! and verifies schema 1 manifests. Values are finite (never NaN or infinite) in both.
+//!
 //! # Content hash
 //!
-//! [`Manifest::content_hash`] is `"sha256:<64 lowercase hex>"` of the compact JSON
-//! serialisation (`serde_json::to_vec`) of the manifest with `content_hash` set to `""`. The
-//! hash is over *ergon's own* serialisation: a reader parses the file (which may be
-//! pretty-printed) into [`Manifest`], re-serialises it and hashes that. This is exact because
-//! field order is fixed by the struct definitions, there are no maps with unordered keys,
-//! and floats survive the round trip bit for bit (serde_json is built with
-//! `float_roundtrip`; [`Manifest::to_json`] refuses values such as NaN that JSON cannot
-//! carry). A consequence: a reader can only verify manifests of its own schema version,
-//! so any added field bumps [`MANIFEST_SCHEMA_VERSION`].
+//! [`Manifest::content_hash`] is `"sha256:<64 lowercase hex>"` of the manifest's *canonical
+//! JSON*: its compact serialisation (`serde_json::to_vec`, fields in the order of the struct
+//! definitions) with `content_hash` set to `""`. The hash is over *ergon's own* serialisation:
+//! a reader parses the file (which may be pretty-printed) into [`Manifest`], re-serialises it
+//! in canonical form and hashes that. This is exact because field order is fixed, there are no
+//! maps with unordered keys, and every value survives the round trip bit for bit (serde_json is
+//! built with `float_roundtrip`; trace values are their own bytes; [`Manifest::to_json`]
+//! refuses values such as NaN that would not read back).
+//!
+//! The canonical form of a trace series is simply its serialised form in the manifest's
+//! `schema_version`: for schema 2 the base64 string exactly as written (the encoding is
+//! canonical: one string per sequence of values), for schema 1 the decimal array (serde_json's
+//! shortest round-trip spelling of each f32), so a schema 1 manifest hashes to exactly what
+//! the release that sealed it computed. The reader also accepts the other version's spelling of
+//! a series (what is verified is the values, through the version's canonical form), but
+//! writers use their version's. Any other change to the fields or their serialisation bumps
+//! [`MANIFEST_SCHEMA_VERSION`]; a reader verifies the versions from
+//! [`MANIFEST_SCHEMA_VERSION_MIN`] to [`MANIFEST_SCHEMA_VERSION`].
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde::de::{self, MapAccess, Visitor};
+use serde::ser::SerializeStruct as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::wire::StepId;
 
-/// The manifest schema this build writes and reads.
-pub const MANIFEST_SCHEMA_VERSION: u32 = 1;
+/// The manifest schema this build writes (and the newest it reads).
+pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
+
+/// The oldest manifest schema this build still reads and verifies: schema 1, whose power
+/// traces are decimal arrays (see the [module documentation](self#power-traces-on-the-wire)).
+pub const MANIFEST_SCHEMA_VERSION_MIN: u32 = 1;
 
 /// Why a manifest could not be read, written or trusted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManifestError {
-    /// The manifest's schema version is not the one this build understands.
-    #[error("manifest schema version {got} is not supported (this build reads version {supported}); use an ergon release that matches the ergond that wrote it")]
+    /// The manifest's schema version is not one this build understands.
+    #[error("manifest schema version {got} is not supported (this build reads versions {MANIFEST_SCHEMA_VERSION_MIN} to {supported}); use an ergon release that matches the ergond that wrote it")]
     UnsupportedSchema {
         /// The manifest's `schema_version`.
         got: u32,
-        /// [`MANIFEST_SCHEMA_VERSION`].
+        /// [`MANIFEST_SCHEMA_VERSION`], the newest version this build reads.
         supported: u32,
     },
     /// The text is not valid JSON or does not have the manifest's shape.
@@ -70,9 +100,12 @@ pub enum ManifestError {
 }
 
 /// One job's energy on one node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Serialised with the fields in this order; the power trace in the form of the manifest's
+/// `schema_version` (see the [module documentation](self#power-traces-on-the-wire)).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Manifest {
-    /// Always [`MANIFEST_SCHEMA_VERSION`] for manifests this build writes. Read first, so
+    /// Always [`MANIFEST_SCHEMA_VERSION`] for manifests this build writes. Checked first, so
     /// that a manifest from another version fails clearly.
     pub schema_version: u32,
     /// Slurm cluster name (`ClusterName` in slurm.conf).
@@ -315,12 +348,183 @@ pub struct PowerTrace {
 }
 
 /// The power of one device over time.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// In JSON (schema 2): `{"name": "gpu0", "watts_f32le_b64": "<base64>"}`; in schema 1 the
+/// values were `"watts": [<numbers>]`. Both are read; see the
+/// [module documentation](self#power-traces-on-the-wire).
+#[derive(Debug, Clone, PartialEq)]
 pub struct TraceSeries {
     /// Device name: `"gpu0"` (Slurm index), `"socket0"`, `"dram0"`.
     pub name: String,
-    /// Average power over each interval, watts (attributed to the job).
+    /// Average power over each interval, watts (attributed to the job). Finite.
     pub watts: Vec<f32>,
+}
+
+/// The JSON field of a series' values in schema 2.
+const WATTS_B64: &str = "watts_f32le_b64";
+/// The JSON field of a series' values in schema 1.
+const WATTS_DECIMAL: &str = "watts";
+
+/// `watts` as schema 2 writes them: base64 of the little-endian f32 bytes.
+fn encode_watts(watts: &[f32]) -> String {
+    let bytes: Vec<u8> = watts.iter().flat_map(|w| w.to_le_bytes()).collect();
+    BASE64.encode(bytes)
+}
+
+/// The inverse of [`encode_watts`]. Only the canonical encoding is accepted (padding required,
+/// no stray bits or characters), and every value must be finite.
+fn decode_watts(text: &str) -> Result<Vec<f32>, String> {
+    let bytes = BASE64
+        .decode(text)
+        .map_err(|e| format!("{WATTS_B64} is not valid base64: {e}"))?;
+    if bytes.len() % 4 != 0 {
+        return Err(format!(
+            "{WATTS_B64} holds {} bytes, not a whole number of 4-byte f32 values",
+            bytes.len()
+        ));
+    }
+    let watts: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(i) = watts.iter().position(|w| !w.is_finite()) {
+        return Err(format!("{WATTS_B64} value {i} is NaN or infinite"));
+    }
+    Ok(watts)
+}
+
+impl Serialize for TraceSeries {
+    /// The schema 2 form.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("TraceSeries", 2)?;
+        s.serialize_field("name", &self.name)?;
+        s.serialize_field(WATTS_B64, &encode_watts(&self.watts))?;
+        s.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceSeries {
+    /// Either form: `name` and exactly one of `watts_f32le_b64` (schema 2) or `watts`
+    /// (schema 1). Other fields are ignored, as everywhere in the manifest.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// `watts_f32le_b64`'s value, decoded straight from the (usually borrowed) text.
+        struct B64Watts(Vec<f32>);
+        impl<'de> Deserialize<'de> for B64Watts {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = B64Watts;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a base64 string of little-endian f32 values")
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<B64Watts, E> {
+                        decode_watts(v).map(B64Watts).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(V)
+            }
+        }
+
+        struct SeriesVisitor;
+        impl<'de> Visitor<'de> for SeriesVisitor {
+            type Value = TraceSeries;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a trace series: name and watts_f32le_b64 (or watts)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TraceSeries, A::Error> {
+                let mut name: Option<String> = None;
+                let mut watts: Option<Vec<f32>> = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "name" => {
+                            if name.is_some() {
+                                return Err(de::Error::duplicate_field("name"));
+                            }
+                            name = Some(map.next_value()?);
+                        }
+                        WATTS_B64 | WATTS_DECIMAL => {
+                            if watts.is_some() {
+                                return Err(de::Error::custom(format!(
+                                    "a trace series has more than one of {WATTS_B64} and {WATTS_DECIMAL}"
+                                )));
+                            }
+                            watts = Some(if key.as_ref() == WATTS_B64 {
+                                map.next_value::<B64Watts>()?.0
+                            } else {
+                                map.next_value::<Vec<f32>>()?
+                            });
+                        }
+                        _ => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(TraceSeries {
+                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                    watts: watts.ok_or_else(|| de::Error::missing_field(WATTS_B64))?,
+                })
+            }
+        }
+
+        deserializer.deserialize_struct(
+            "TraceSeries",
+            &["name", WATTS_B64, WATTS_DECIMAL],
+            SeriesVisitor,
+        )
+    }
+}
+
+/// A power trace serialised in schema 1's form (`watts` as decimal arrays).
+struct PowerTraceV1<'a>(&'a PowerTrace);
+
+impl Serialize for PowerTraceV1<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct SeriesV1<'a>(&'a TraceSeries);
+        impl Serialize for SeriesV1<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut s = serializer.serialize_struct("TraceSeries", 2)?;
+                s.serialize_field("name", &self.0.name)?;
+                s.serialize_field(WATTS_DECIMAL, &self.0.watts)?;
+                s.end()
+            }
+        }
+        let t = self.0;
+        let mut s = serializer.serialize_struct("PowerTrace", 3)?;
+        s.serialize_field("interval_ms", &t.interval_ms)?;
+        s.serialize_field("start_unix_ns", &t.start_unix_ns)?;
+        s.serialize_field("series", &t.series.iter().map(SeriesV1).collect::<Vec<_>>())?;
+        s.end()
+    }
+}
+
+impl Serialize for Manifest {
+    /// The fields in struct order (the order the canonical form and the schema use), the power
+    /// trace in the form of `schema_version`: decimal arrays for schema 1, base64 otherwise.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Manifest", 17)?;
+        s.serialize_field("schema_version", &self.schema_version)?;
+        s.serialize_field("cluster", &self.cluster)?;
+        s.serialize_field("node", &self.node)?;
+        s.serialize_field("job", &self.job)?;
+        s.serialize_field("start_unix_ns", &self.start_unix_ns)?;
+        s.serialize_field("end_unix_ns", &self.end_unix_ns)?;
+        s.serialize_field("duration_s", &self.duration_s)?;
+        s.serialize_field("steps", &self.steps)?;
+        s.serialize_field("gpus", &self.gpus)?;
+        s.serialize_field("sockets", &self.sockets)?;
+        s.serialize_field("totals", &self.totals)?;
+        s.serialize_field("node_context", &self.node_context)?;
+        s.serialize_field("coverage", &self.coverage)?;
+        s.serialize_field("attribution", &self.attribution)?;
+        s.serialize_field("sensors", &self.sensors)?;
+        if self.schema_version == 1 {
+            s.serialize_field("trace", &PowerTraceV1(&self.trace))?;
+        } else {
+            s.serialize_field("trace", &self.trace)?;
+        }
+        s.serialize_field("content_hash", &self.content_hash)?;
+        s.end()
+    }
 }
 
 /// Only `schema_version`, read before the rest so a newer manifest fails clearly.
@@ -417,15 +621,14 @@ impl Manifest {
             got,
             supported: MANIFEST_SCHEMA_VERSION,
         };
+        let known = |v: u32| (MANIFEST_SCHEMA_VERSION_MIN..=MANIFEST_SCHEMA_VERSION).contains(&v);
         // One parse in the common case; the version alone is read only to explain a failure,
         // so that a manifest of another version is reported as such, not as a shape error.
         match serde_json::from_slice::<Manifest>(bytes) {
-            Ok(m) if m.schema_version == MANIFEST_SCHEMA_VERSION => Ok(m),
+            Ok(m) if known(m.schema_version) => Ok(m),
             Ok(m) => Err(unsupported(m.schema_version)),
             Err(e) => match serde_json::from_slice::<SchemaProbe>(bytes) {
-                Ok(p) if p.schema_version != MANIFEST_SCHEMA_VERSION => {
-                    Err(unsupported(p.schema_version))
-                }
+                Ok(p) if !known(p.schema_version) => Err(unsupported(p.schema_version)),
                 _ => Err(e.into()),
             },
         }

@@ -144,14 +144,228 @@ fn seal_then_verify_round_trips_through_json() {
 }
 
 /// Pins the canonical serialisation. If this fails, a change altered the bytes that are
-/// hashed (field order, names, number formatting): manifests already written would no
-/// longer verify, so that change must bump MANIFEST_SCHEMA_VERSION.
+/// hashed (field order, names, number formatting, the trace encoding): manifests already
+/// written would no longer verify, so that change must bump MANIFEST_SCHEMA_VERSION.
 #[test]
 fn hash_of_the_sample_is_stable() {
+    assert_eq!(MANIFEST_SCHEMA_VERSION, 2);
     assert_eq!(
         sample().content_hash,
+        "sha256:8d861ed8dee32995721aec6fda75c1d3b6c809d4c56ea1f85c8e077d20d93d63"
+    );
+    // The same content as a schema 1 manifest hashes exactly as the schema 1 release did
+    // (this is the value this test pinned before schema 2).
+    let mut v1 = sample();
+    v1.schema_version = 1;
+    v1.seal();
+    assert_eq!(
+        v1.content_hash,
         "sha256:c57867c03072c97e7ab83ea5bdc7d3f957aa5b606607caaddea1785dd96193a7"
     );
+}
+
+/// A schema 1 manifest written and sealed by the schema 1 release (before the base64 trace
+/// encoding), pretty as ergond wrote it, and its compact form.
+const V1_PRETTY: &[u8] = include_bytes!("fixtures/manifest-v1.json");
+const V1_COMPACT: &[u8] = include_bytes!("fixtures/manifest-v1-compact.json");
+
+#[test]
+fn schema_1_manifests_still_verify_byte_for_byte() {
+    let m = Manifest::from_json(V1_PRETTY).unwrap();
+    assert_eq!(m.schema_version, 1);
+    assert_eq!(
+        m.content_hash,
+        "sha256:21700c80ca9c75ef1846f9100d46d803331385310522796de1626fddde904152"
+    );
+    assert_eq!(Manifest::from_json(V1_COMPACT).unwrap(), m);
+    m.verify().unwrap();
+    // Extremes, subnormals and negative zero came through the decimal form exactly.
+    let gpu0 = &m.trace.series[0].watts;
+    assert_eq!(gpu0.len(), 14);
+    assert_eq!(gpu0[5].to_bits(), (-0.0f32).to_bits());
+    assert_eq!(gpu0[6], f32::MAX);
+    assert_eq!(gpu0[8].to_bits(), 1);
+    assert!(m.trace.series[2].watts.is_empty());
+    // The canonical form, and the file as written, are reproduced exactly: a schema 1
+    // manifest is still serialised in schema 1's form (decimal `watts` arrays).
+    assert_eq!(serde_json::to_vec(&m).unwrap(), V1_COMPACT);
+    assert_eq!(m.to_json().unwrap(), V1_PRETTY);
+    let v: Value = serde_json::from_slice(&m.to_json().unwrap()).unwrap();
+    assert!(v["trace"]["series"][0]["watts"].is_array());
+    assert!(v["trace"]["series"][0].get("watts_f32le_b64").is_none());
+    // The same content as schema 2: the hash of its canonical form, computed independently
+    // (Python: the compact fixture with `"schema_version":2`, each `"watts":[…]` replaced by
+    // `"watts_f32le_b64":"<base64 of struct.pack('<f', …)>"` and content_hash "", sha256).
+    let mut v2 = m.clone();
+    v2.schema_version = 2;
+    v2.seal();
+    assert_eq!(
+        v2.content_hash,
+        "sha256:bc791678dfe3eb35a12ac70833d40560574d64076e422f93eb63a6ec53ae44c4"
+    );
+    let canonical = String::from_utf8(serde_json::to_vec(&v2).unwrap()).unwrap();
+    assert!(
+        canonical.contains(r#"{"name":"socket0","watts_f32le_b64":"AICgQgAAvkJmZptCmpmiQg=="}"#)
+    );
+    // Tampering with a schema 1 trace is still detected.
+    let text = String::from_utf8(V1_PRETTY.to_vec()).unwrap();
+    let tampered = text.replacen("123.456", "123.457", 1);
+    assert_ne!(tampered, text);
+    assert!(matches!(
+        Manifest::from_json(tampered.as_bytes()),
+        Err(ManifestError::HashMismatch { .. })
+    ));
+}
+
+#[test]
+fn schema_2_writes_traces_as_base64_of_little_endian_f32() {
+    let mut m = sample();
+    m.trace.series[0].watts = vec![1.0, -2.5];
+    m.trace.series[1].watts = vec![];
+    m.seal();
+    let json = m.to_json().unwrap();
+    let v: Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(v["schema_version"], 2);
+    let s0 = &v["trace"]["series"][0];
+    // 00 00 80 3f | 00 00 20 c0, RFC 4648 standard alphabet with padding.
+    assert_eq!(s0["watts_f32le_b64"], "AACAPwAAIMA=");
+    assert_eq!(s0["name"], "gpu0");
+    assert!(s0.get("watts").is_none());
+    assert_eq!(v["trace"]["series"][1]["watts_f32le_b64"], "");
+    // The canonical form carries the same string: hashing it is hashing what is written.
+    let canonical = String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap();
+    assert!(canonical.contains(r#"{"name":"gpu0","watts_f32le_b64":"AACAPwAAIMA="}"#));
+    assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    // A long trace is about 4/3 byte per byte of f32, not ~8 characters per decimal value.
+    let mut long = sample();
+    long.trace.series[0].watts = (0..600).map(|i| 100.0 + i as f32 * 0.1).collect();
+    long.seal();
+    let b64 = serde_json::to_value(&long).unwrap()["trace"]["series"][0]["watts_f32le_b64"]
+        .as_str()
+        .unwrap()
+        .len();
+    assert_eq!(b64, 3200);
+}
+
+#[test]
+fn a_series_is_read_in_either_spelling_and_hashed_in_the_version_s() {
+    let m = sample();
+    // A schema 2 manifest whose series were spelled as decimal arrays (not what a writer does)
+    // reads as the same values, so it verifies: the canonical form is the version's.
+    let mut v: Value = serde_json::to_value(&m).unwrap();
+    for (i, s) in v["trace"]["series"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        let obj = s.as_object_mut().unwrap();
+        obj.remove("watts_f32le_b64").unwrap();
+        obj.insert(
+            "watts".into(),
+            serde_json::to_value(&m.trace.series[i].watts).unwrap(),
+        );
+    }
+    assert_eq!(
+        Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap(),
+        m
+    );
+}
+
+#[test]
+fn bad_trace_encodings_are_json_errors() {
+    let m = sample();
+    let good = serde_json::to_value(&m).unwrap();
+    let with = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut v = good.clone();
+        f(v["trace"]["series"][0].as_object_mut().unwrap());
+        serde_json::to_vec(&v).unwrap()
+    };
+    let nan = {
+        use base64::Engine as _;
+        let bytes: Vec<u8> = [1.0f32, f32::NAN]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "not base64",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), "not base64!".into());
+            }),
+        ),
+        (
+            "padding missing",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), "AACAPwAAIMA".into());
+            }),
+        ),
+        (
+            "stray bits",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), "AACAPwAAIMB=".into());
+            }),
+        ),
+        (
+            "line break",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), "AACAPw\nAAIMA=".into());
+            }),
+        ),
+        (
+            "3 bytes",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), "AACA".into());
+            }),
+        ),
+        (
+            "NaN",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), nan.clone().into());
+            }),
+        ),
+        (
+            "a number",
+            with(&|o| {
+                o.insert("watts_f32le_b64".into(), 5.into());
+            }),
+        ),
+        (
+            "both spellings",
+            with(&|o| {
+                o.insert("watts".into(), Value::Array(vec![]));
+            }),
+        ),
+        (
+            "no values",
+            with(&|o| {
+                o.remove("watts_f32le_b64");
+            }),
+        ),
+        (
+            "no name",
+            with(&|o| {
+                o.remove("name");
+            }),
+        ),
+    ];
+    for (what, bytes) in cases {
+        match Manifest::from_json(&bytes) {
+            Err(ManifestError::Json(e)) => {
+                let text = e.to_string();
+                assert!(!text.is_empty(), "{what}");
+            }
+            other => panic!("{what}: expected a JSON error, got {other:?}"),
+        }
+    }
+    // The JSON error names the problem.
+    let err = Manifest::from_json(&with(&|o| {
+        o.insert("watts_f32le_b64".into(), nan.clone().into());
+    }))
+    .unwrap_err();
+    assert!(err.to_string().contains("NaN or infinite"), "{err}");
 }
 
 #[test]
@@ -193,16 +407,23 @@ fn unsealed_manifest_is_refused() {
 
 #[test]
 fn other_schema_versions_are_refused_first() {
-    let mut v: Value = serde_json::to_value(sample()).unwrap();
-    v["schema_version"] = 2.into();
-    let bytes = serde_json::to_vec(&v).unwrap();
-    assert!(matches!(
-        Manifest::from_json(&bytes),
-        Err(ManifestError::UnsupportedSchema {
-            got: 2,
-            supported: MANIFEST_SCHEMA_VERSION
-        })
-    ));
+    for version in [0u32, 3] {
+        let mut v: Value = serde_json::to_value(sample()).unwrap();
+        v["schema_version"] = version.into();
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let err = Manifest::from_json(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ManifestError::UnsupportedSchema {
+                    got,
+                    supported: MANIFEST_SCHEMA_VERSION
+                } if got == version
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("versions 1 to 2"), "{err}");
+    }
     // Even when the rest has a shape this build does not know.
     let future = br#"{"schema_version": 7, "totally": ["different"]}"#;
     let err = Manifest::from_json(future).unwrap_err();
@@ -298,8 +519,10 @@ proptest! {
         b in common::finite(),
         c in proptest::option::of(common::finite()),
         watts in prop::collection::vec(finite_f32(), 0..64),
+        version in MANIFEST_SCHEMA_VERSION_MIN..=MANIFEST_SCHEMA_VERSION,
     ) {
         let mut m = sample();
+        m.schema_version = version;
         m.totals.energy_j = a;
         m.duration_s = b;
         m.steps[1].dram_j = c;
@@ -308,6 +531,9 @@ proptest! {
         let json = m.to_json().unwrap();
         let back = Manifest::from_json(&json).unwrap();
         prop_assert_eq!(back.totals.energy_j.to_bits(), a.to_bits());
+        for (x, y) in back.trace.series[1].watts.iter().zip(&m.trace.series[1].watts) {
+            prop_assert_eq!(x.to_bits(), y.to_bits());
+        }
         prop_assert_eq!(back, m);
     }
 }
@@ -324,6 +550,27 @@ fn schema_matches_the_serialised_manifest() {
     let mut checked = 0;
     check_object(&schema, &schema, &sample, "$", &mut checked);
     assert!(checked >= 14, "only {checked} objects checked");
+    // The schema 1 fixture too (the other form of trace series).
+    let v1: Value = serde_json::from_slice(V1_PRETTY).unwrap();
+    let mut checked = 0;
+    check_object(&schema, &schema, &v1, "$", &mut checked);
+    assert!(checked >= 14, "only {checked} objects checked");
+    // Each version's trace form is the one the schema ties to it.
+    let forms = &schema["allOf"];
+    for (i, (version, field)) in [(2, "watts_f32le_b64"), (1, "watts")].iter().enumerate() {
+        assert_eq!(
+            forms[i]["if"]["properties"]["schema_version"]["const"],
+            *version
+        );
+        assert_eq!(
+            forms[i]["then"]["properties"]["trace"]["properties"]["series"]["items"]["required"],
+            serde_json::json!([field])
+        );
+    }
+    assert!(sample["trace"]["series"][0]
+        .get("watts_f32le_b64")
+        .is_some());
+    assert!(v1["trace"]["series"][0].get("watts").is_some());
 }
 
 fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
@@ -353,6 +600,36 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
                 .iter()
                 .map(|v| v.as_str().unwrap())
                 .collect();
+            // Alternatives (`oneOf`, each naming the fields it requires): exactly one of them
+            // is written, and its fields count as required.
+            let alternatives: Vec<Vec<&str>> = schema
+                .get("oneOf")
+                .and_then(Value::as_array)
+                .map(|alts| {
+                    alts.iter()
+                        .map(|a| {
+                            a["required"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|v| v.as_str().unwrap())
+                                .collect()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !alternatives.is_empty() {
+                let present: Vec<&Vec<&str>> = alternatives
+                    .iter()
+                    .filter(|alt| alt.iter().all(|k| map.contains_key(*k)))
+                    .collect();
+                assert_eq!(present.len(), 1, "{at}: exactly one of {alternatives:?}");
+                required.extend(present[0]);
+                let chosen = present[0].clone();
+                schema_keys.retain(|k| {
+                    chosen.contains(k) || !alternatives.iter().flatten().any(|a| a == k)
+                });
+            }
             keys.sort_unstable();
             schema_keys.sort_unstable();
             required.sort_unstable();
@@ -388,6 +665,7 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
             assert!(
                 ty == "number"
                     || ty == "integer"
+                    || schema.get("enum").is_some()
                     || schema.get("const").is_some()
                     || ty.as_array().is_some(),
                 "{at}: schema type {ty} for a number"
