@@ -575,54 +575,65 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
     match action {
         Action::Read { job_id, mark, at } => {
             let reading = read_at(&inner.sampler, &inner.config.proc_root, at.mono_ns, buf);
-            let mut att = lock(&inner.attributor);
-            att.advance(&reading);
-            let mut reg = lock(&inner.registry);
-            match mark {
-                Mark::JobStart => {
-                    if let Some(job) = reg.get(job_id) {
-                        let gpus = match_gpus(&job.gpus, &inner.facts.gpus)
-                            .iter()
-                            .filter_map(|(_, m)| m.map(|(p, _)| p))
-                            .collect();
+            // What the attributor needs from the registry, copied under a brief lock: the
+            // socket handler takes the registry lock for every request, so it is never held
+            // while the interval is attributed (which walks every open job).
+            struct Info {
+                gpus: Vec<usize>,
+                cpus: ergon_protocol::CpuSet,
+                path: Option<String>,
+                own: Vec<String>,
+            }
+            let info = {
+                let reg = lock(&inner.registry);
+                reg.get(job_id).map(|job| Info {
+                    gpus: match_gpus(&job.gpus, &inner.facts.gpus)
+                        .iter()
+                        .filter_map(|(_, m)| m.map(|(p, _)| p))
+                        .collect(),
+                    cpus: job.cpus.clone(),
+                    path: match mark {
+                        Mark::StepStart(s) | Mark::StepEnd(s) => {
+                            job.step(s).and_then(|s| s.watched.clone())
+                        }
+                        _ => None,
+                    },
+                    own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
+                })
+            };
+            {
+                let mut att = lock(&inner.attributor);
+                att.advance(&reading);
+                match (mark, &info) {
+                    (Mark::JobStart, Some(i)) => {
                         // A job taken on at start-up and now properly started: its figures
-                        // start again from this event.
+                        // start again from this event (its steps' own StepStart events follow).
                         if att.members().contains_key(&job_id) {
                             let _ = att.job_end(job_id);
                         }
-                        // (Its steps' own StepStart events follow and open them again.)
-                        att.job_start(job_id, gpus, job.cpus.clone());
+                        att.job_start(job_id, i.gpus.clone(), i.cpus.clone());
                         flag_shared_gpus(&inner.sampler, &att);
                     }
-                    tracing::info!(job_id, "job started");
+                    (Mark::StepStart(step), Some(i)) => {
+                        let baseline = i.path.as_deref().and_then(|p| reading.cgroup_ns(p));
+                        att.step_start(job_id, step, i.path.as_deref(), baseline);
+                        att.set_cpus(job_id, i.cpus.clone());
+                    }
+                    (Mark::StepEnd(step), Some(i)) => {
+                        att.step_end(job_id, step, i.path.as_deref());
+                    }
+                    _ => {}
                 }
-                Mark::StepStart(step) => {
-                    let (path, cpus) = reg
-                        .get(job_id)
-                        .map(|j| (j.step(step).and_then(|s| s.watched.clone()), j.cpus.clone()))
-                        .unwrap_or_default();
-                    let baseline = path.as_deref().and_then(|p| reading.cgroup_ns(p));
-                    att.step_start(job_id, step, path.as_deref(), baseline);
-                    att.set_cpus(job_id, cpus);
-                }
-                Mark::StepEnd(step) => {
-                    let path = reg
-                        .get(job_id)
-                        .and_then(|j| j.step(step))
-                        .and_then(|s| s.watched.clone());
-                    att.step_end(job_id, step, path.as_deref());
-                }
-                Mark::JobEnd => {}
+            }
+            if matches!(mark, Mark::JobStart) {
+                tracing::info!(job_id, "job started");
             }
             // The job keeps only its own cgroups' figures (a reading holds every watched one).
             let mut reading = reading;
-            if let Some(job) = reg.get(job_id) {
-                reading
-                    .cgroups
-                    .retain(|(p, _)| job.steps.iter().any(|s| s.watched.as_deref() == Some(p)));
-            }
+            let own = info.map(|i| i.own).unwrap_or_default();
+            reading.cgroups.retain(|(p, _)| own.contains(p));
             reading.gpu_util = Vec::new();
-            reg.record_reading(job_id, mark, reading);
+            lock(&inner.registry).record_reading(job_id, mark, reading);
         }
         Action::Watch { path } => {
             if let Err(e) = inner.sampler.watch_cgroup(&path) {
