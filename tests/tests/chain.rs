@@ -936,9 +936,12 @@ fn short_array_and_multi_step_jobs_are_measured() {
         let fake = s.gpus.iter().find(|f| f.uuid == g.uuid).unwrap();
         let (energy, truth) = (g.energy_j.unwrap_or(0.0), fake.watts * secs);
         println!("1-second job: {energy:.3} J over {secs:.3} s, truth {truth:.3} J");
+        // Within one counter update at each end: the fake counter moves in 20 ms steps, and the
+        // readings at the two events are interpolated between samples of it.
+        let bound = 2.0 * fake.watts * COUNTER_PERIOD_MS / 1000.0;
         ensure!(
-            (energy - truth).abs() / truth < ENERGY_TOLERANCE,
-            "{energy} vs {truth}"
+            (energy - truth).abs() <= bound,
+            "{energy} vs {truth} (bound {bound} J)"
         );
         ensure!(m.coverage.fraction == 1.0, "{:?}", m.coverage);
 
