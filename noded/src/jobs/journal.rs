@@ -60,8 +60,8 @@ pub struct JournalState {
     pub written_unix_ns: u64,
     /// Unix time of the attributor's last reading.
     pub last_unix_ns: u64,
-    /// Open jobs.
-    pub jobs: Vec<Job>,
+    /// Open jobs (shared with the registry when writing: no copy under its lock).
+    pub jobs: Vec<std::sync::Arc<Job>>,
     /// The attributor.
     pub attributor: Attributor,
     /// Per GPU (snapshot position).

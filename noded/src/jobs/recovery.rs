@@ -42,7 +42,7 @@ pub fn journal_state(
         boot_id: boot_id.to_owned(),
         written_unix_ns: now_unix,
         last_unix_ns,
-        jobs: registry.jobs().cloned().collect(),
+        jobs: registry.shared_jobs(),
         attributor: attributor.clone(),
         gpus: facts
             .gpus
@@ -183,7 +183,13 @@ pub fn restore(
         attributor.set_last(None);
     }
 
-    let refused = registry.restore(state.jobs);
+    let refused = registry.restore(
+        state
+            .jobs
+            .into_iter()
+            .map(|j| std::sync::Arc::try_unwrap(j).unwrap_or_else(|j| (*j).clone()))
+            .collect(),
+    );
     for job in &refused {
         tracing::error!(
             job_id = job.job_id,

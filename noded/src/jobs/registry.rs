@@ -10,6 +10,7 @@
 //! on hostile or inconsistent input; memory is bounded by [`Limits`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ergon_protocol::{
     CgroupPath, CpuSet, Gap, GpuAlloc, JobEnd, JobSnapshot, JobStart, ReportFormat, StepEnd,
@@ -255,7 +256,8 @@ impl Job {
 /// The jobs open on this node; see the module documentation.
 #[derive(Debug, Default)]
 pub struct JobRegistry {
-    jobs: BTreeMap<u32, Job>,
+    /// Copy-on-write: the journal's snapshot clones the `Arc`s, not the jobs.
+    jobs: BTreeMap<u32, Arc<Job>>,
     limits: Limits,
 }
 
@@ -302,7 +304,7 @@ impl JobRegistry {
 
     /// The job, if open.
     pub fn get(&self, job_id: u32) -> Option<&Job> {
-        self.jobs.get(&job_id)
+        self.jobs.get(&job_id).map(|j| &**j)
     }
 
     /// The owner's uid, if the job is open and its owner known.
@@ -323,10 +325,11 @@ impl JobRegistry {
         {
             return Err(Refusal::TooManyJobs(self.limits.max_jobs));
         }
-        let job = self
-            .jobs
-            .entry(job_id)
-            .or_insert_with(|| Job::unknown(job_id, node, at));
+        let job = Arc::make_mut(
+            self.jobs
+                .entry(job_id)
+                .or_insert_with(|| Arc::new(Job::unknown(job_id, node, at))),
+        );
         if job.discovered && job.node != node && !node.is_empty() {
             job.node = node.to_owned();
         }
@@ -514,7 +517,7 @@ impl JobRegistry {
     /// Store a reading asked for by an [`Action::Read`]. Returns false when the job or step is
     /// no longer there (then the reading is dropped).
     pub fn record_reading(&mut self, job_id: u32, mark: Mark, reading: Reading) -> bool {
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
             return false;
         };
         let slot = match mark {
@@ -542,7 +545,7 @@ impl JobRegistry {
 
     /// The open jobs (for the journal).
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values()
+        self.jobs.values().map(|j| &**j)
     }
 
     /// Put back jobs from the journal (beyond the limit, the rest are returned).
@@ -552,7 +555,7 @@ impl JobRegistry {
             if self.jobs.len() >= self.limits.max_jobs && !self.jobs.contains_key(&job.job_id) {
                 refused.push(job);
             } else {
-                self.jobs.insert(job.job_id, job);
+                self.jobs.insert(job.job_id, Arc::new(job));
             }
         }
         refused
@@ -560,14 +563,22 @@ impl JobRegistry {
 
     /// A job, to change (restart recovery records gaps and ends).
     pub fn get_mut(&mut self, job_id: u32) -> Option<&mut Job> {
-        self.jobs.get_mut(&job_id)
+        self.jobs.get_mut(&job_id).map(Arc::make_mut)
     }
 
     /// Take an ended job out of the registry (after [`Action::Finish`]). `None` if it is not
     /// open or has not ended.
     pub fn take(&mut self, job_id: u32) -> Option<Job> {
         self.jobs.get(&job_id)?.end?;
-        self.jobs.remove(&job_id)
+        self.jobs
+            .remove(&job_id)
+            .map(|j| Arc::try_unwrap(j).unwrap_or_else(|j| (*j).clone()))
+    }
+
+    /// The open jobs, shared (cheap: the journal takes this under the lock and serialises it
+    /// after).
+    pub fn shared_jobs(&self) -> Vec<Arc<Job>> {
+        self.jobs.values().cloned().collect()
     }
 
     /// Remove a finished job once its manifest is written, if it is still the same job (its
