@@ -25,7 +25,7 @@ pub struct PowerLimits {
 
 /// The journal's picture of the tracker now.
 pub fn journal_state(
-    registry: &JobRegistry,
+    jobs: Vec<std::sync::Arc<super::registry::Job>>,
     attributor: &Attributor,
     sampler: &SamplerHandle,
     facts: &NodeFacts,
@@ -42,7 +42,7 @@ pub fn journal_state(
         boot_id: boot_id.to_owned(),
         written_unix_ns: now_unix,
         last_unix_ns,
-        jobs: registry.shared_jobs(),
+        jobs,
         attributor: attributor.clone(),
         gpus: facts
             .gpus

@@ -727,12 +727,14 @@ fn write_journal(inner: &Inner) {
     let Some(dir) = &inner.config.state_dir else {
         return;
     };
-    // Lock order: attributor, then registry (as the worker does for readings).
+    // A consistent pair: the attributor is frozen while its lock is held, and the registry's
+    // jobs are taken (shared, no copy) in that window under a brief lock; the attributor is
+    // then copied without holding the registry lock the socket handler needs.
     let state = {
         let att = lock(&inner.attributor);
-        let reg = lock(&inner.registry);
+        let jobs = lock(&inner.registry).shared_jobs();
         journal_state(
-            &reg,
+            jobs,
             &att,
             &inner.sampler,
             &inner.facts,
