@@ -316,8 +316,14 @@ fn two_jobs_split_the_cpu_by_cpu_time_and_the_node_balances() {
     );
     // Under node_idle, CPU idle (25 % of the package and DRAM energy) is the node's. The GPU
     // (100 W, exact: the fake NVML follows the clock) is the rest of the node's energy.
+    // 10 %: the GPU's counter moves in 20 ms steps and /proc/stat in whole jiffies, and the
+    // driver thread may lag; under by_allocated_cpus the node's idle here would be about 0.
     let cpu_measured = n.node_energy_j - 100.0 * a.duration_s;
-    assert!(rel_err(n.idle_j / cpu_measured, 1.0 - BUSY) < 0.05, "{n:?}");
+    assert!(
+        rel_err(n.idle_j / cpu_measured, 1.0 - BUSY) < 0.10,
+        "{n:?}, idle fraction {}",
+        n.idle_j / cpu_measured
+    );
     assert_eq!(a.sockets.len(), 1);
     assert_eq!(a.attribution.model, ergond::attribution::MODEL_NAME);
     // The running conservation check is exported.
