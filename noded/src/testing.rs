@@ -163,7 +163,9 @@ impl PowercapTree {
                 &dir.join("max_energy_range_uj"),
                 &format!("{}\n", z.max_energy_range_uj),
             );
-            write_file(&dir.join("energy_uj"), "0\n");
+            // Fixed width from the start (see write_counter_file): a later rewrite never
+            // changes the file's length, so a concurrent reader never sees a torn value.
+            write_counter_file(&dir.join("energy_uj"), 0);
             write_file(&dir.join("enabled"), "1\n");
         }
         Self {

@@ -55,11 +55,18 @@ impl Driver {
         let stop = Arc::new(AtomicBool::new(false));
         let cgroups: Arc<Mutex<Vec<(String, f64, Instant)>>> = Arc::default();
         let dir = dir.to_path_buf();
+        let pkg = dir.join("powercap/intel-rapl:0/energy_uj");
+        let dram = dir.join("powercap/intel-rapl:0:0/energy_uj");
+        // The counter files get their final (fixed) width before ergond can open them: the
+        // first rewrite changes the file's length, and a read during it could see a torn value,
+        // which would make ergond give up on RAPL at start (real sysfs never shows that).
+        if pkg.exists() {
+            write_counter_file(&pkg, 0);
+            write_counter_file(&dram, 0);
+        }
         let (s, cg) = (Arc::clone(&stop), Arc::clone(&cgroups));
         let handle = std::thread::spawn(move || {
             let t0 = Instant::now();
-            let pkg = dir.join("powercap/intel-rapl:0/energy_uj");
-            let dram = dir.join("powercap/intel-rapl:0:0/energy_uj");
             while !s.load(Ordering::Relaxed) {
                 let t = t0.elapsed().as_secs_f64();
                 write_counter_file(&pkg, (PACKAGE_W * t * 1e6) as u64);
