@@ -199,13 +199,6 @@ pub fn share_sub(a: &JobShare, b: &JobShare) -> JobShare {
     }
 }
 
-fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    match (a, b) {
-        (Some(a), Some(b)) if b >= a => Some(b - a),
-        _ => None,
-    }
-}
-
 impl Attributor {
     /// An attributor for the node described by `facts`.
     pub fn new(facts: &NodeFacts, config: AttributionConfig) -> Self {
@@ -579,11 +572,6 @@ impl Attributor {
             cpu_trace: m.cpu_trace,
         })
     }
-}
-
-/// The reading's figure `delta` helper, exposed for the journal's gap arithmetic.
-pub fn counter_delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-    delta(a, b)
 }
 
 #[cfg(test)]
