@@ -16,18 +16,17 @@
 mod common;
 
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{rel_err, FakeNvml};
+use common::{rel_err, Ergond, FakeNvml};
 use ergon_protocol::{
-    read_frame, write_frame, CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest,
-    Reply, Request, StepId, StepStart, Timestamp,
+    CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, Reply, Request, StepId,
+    StepStart, Timestamp,
 };
 use ergond::testing::{write_cgroup_v2_usage, write_counter_file, write_proc_stat};
 use serde_json::json;
@@ -114,29 +113,8 @@ impl Drop for Driver {
     }
 }
 
-struct Ergond {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Ergond {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Ergond {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn request(socket: &Path, req: &Request) -> std::io::Result<Reply> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write_frame(&mut s, req).map_err(std::io::Error::other)?;
-    read_frame(&mut s).map_err(std::io::Error::other)
+    common::try_request(socket, req)
 }
 
 fn send(socket: &Path, req: Request) {

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{rel_err, FakeNvml};
+use common::{rel_err, try_request, Ergond, FakeNvml};
 use ergon_protocol::{
     encode_frame, read_frame, write_frame, CgroupPath, CpuSet, ErrorCode, GpuAlloc, JobEnd, JobIds,
     JobStart, Manifest, Reply, Request, StepEnd, StepId, StepStart, Timestamp, MAX_FRAME_LEN,
@@ -28,7 +28,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// (uuid, minor, watts) of NVML devices 0..4.
@@ -41,33 +41,6 @@ const GPUS: [(&str, u32, f64); 4] = [
 const CLUSTER: &str = "testcl";
 const NODE: &str = "node1";
 const NOBODY: u32 = 65534;
-
-struct Ergond {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Ergond {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Ergond {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
     let port = TcpListener::bind("127.0.0.1:0")
@@ -112,13 +85,6 @@ fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
         std::thread::sleep(Duration::from_millis(50));
     }
     (ergond, socket, spool)
-}
-
-fn try_request(socket: &Path, req: &Request) -> std::io::Result<Reply> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write_frame(&mut s, req).map_err(std::io::Error::other)?;
-    read_frame(&mut s).map_err(std::io::Error::other)
 }
 
 /// One request, one reply, as the plugin does; returns the reply and how long it took.

@@ -6,7 +6,7 @@
 pub mod profile;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 
 /// Path of the built fake NVML library (`libnvidia_ml.so` of the `fake-nvml` crate).
 ///
@@ -143,4 +143,45 @@ pub fn write_node(
     )
     .unwrap();
     config
+}
+
+/// A running `ergond` child, killed on drop, with its log file.
+pub struct Ergond {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Ergond {
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its resident memory (KiB).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Ergond {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request on a fresh connection, one reply, as the plugin does.
+pub fn try_request(
+    socket: &Path,
+    req: &ergon_protocol::Request,
+) -> std::io::Result<ergon_protocol::Reply> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    ergon_protocol::write_frame(&mut s, req).map_err(std::io::Error::other)?;
+    ergon_protocol::read_frame(&mut s).map_err(std::io::Error::other)
 }
