@@ -33,6 +33,13 @@ pub fn write_file(path: &Path, contents: &str) {
 /// therefore written zero-padded to a fixed width with one write at offset 0 and no truncation,
 /// so every read sees either the old or the new value. (The parsers accept leading zeros.)
 pub fn write_counter_file(path: &Path, value: u64) {
+    write_in_place(path, &format!("{value:020}\n"));
+}
+
+/// Rewrite `path` with one write at offset 0 and no truncation window (see
+/// [`write_counter_file`]): callers keep the length constant (zero-padded numbers), so a reader
+/// sees either the old or the new contents, as with real sysfs, cgroupfs and procfs files.
+pub fn write_in_place(path: &Path, text: &str) {
     use std::os::unix::fs::FileExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).expect("create fixture directory");
@@ -43,10 +50,9 @@ pub fn write_counter_file(path: &Path, value: u64) {
         .truncate(false)
         .open(path)
         .expect("open fixture file");
-    let text = format!("{value:020}\n");
     f.write_all_at(text.as_bytes(), 0)
         .expect("write fixture file");
-    // The first write over a shorter initial value may leave a tail; later ones are all 21 bytes.
+    // The first write over a shorter initial value may leave a tail; later ones are one length.
     f.set_len(text.len() as u64).expect("trim fixture file");
 }
 
@@ -227,15 +233,16 @@ pub fn write_cgroup_v1_usage(root: &Path, rel: &str, usage_ns: u64) {
 
 /// Create a cgroup v2 entry: `<root>/cgroup.controllers` and `<root>/<rel>/cpu.stat`.
 pub fn write_cgroup_v2_usage(root: &Path, rel: &str, usage_usec: u64) {
-    write_file(
-        &root.join("cgroup.controllers"),
-        "cpuset cpu io memory pids\n",
-    );
+    let controllers = root.join("cgroup.controllers");
+    if !controllers.is_file() {
+        write_file(&controllers, "cpuset cpu io memory pids\n");
+    }
     let user = usage_usec * 2 / 3;
-    write_file(
+    // Fixed-width numbers, rewritten in place: tests rewrite this while ergond reads it.
+    write_in_place(
         &root.join(rel).join("cpu.stat"),
         &format!(
-            "usage_usec {usage_usec}\nuser_usec {user}\nsystem_usec {}\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
+            "usage_usec {usage_usec:020}\nuser_usec {user:020}\nsystem_usec {:020}\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n",
             usage_usec - user
         ),
     );
@@ -254,7 +261,7 @@ pub fn write_proc_stat(proc_root: &Path, cpus: &[(u32, CpuJiffies)]) {
     }
     let line = |label: &str, j: &CpuJiffies| {
         format!(
-            "{label} {} {} {} {} {} {} {} {} 0 0\n",
+            "{label} {:020} {:020} {:020} {:020} {:020} {:020} {:020} {:020} 0 0\n",
             j[0], j[1], j[2], j[3], j[4], j[5], j[6], j[7]
         )
     };
@@ -267,5 +274,6 @@ pub fn write_proc_stat(proc_root: &Path, cpus: &[(u32, CpuJiffies)]) {
         "intr 12345 0 0\nctxt 999\nbtime 1700000000\nprocesses 42"
     );
     s.push_str("procs_running 1\nprocs_blocked 0\nsoftirq 1 2 3 4 5 6 7 8 9 10 11\n");
-    write_file(&proc_root.join("stat"), &s);
+    // Fixed-width numbers, rewritten in place: tests rewrite this while ergond reads it.
+    write_in_place(&proc_root.join("stat"), &s);
 }

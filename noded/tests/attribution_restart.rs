@@ -465,6 +465,13 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     // The job started while ergond was down: its step cgroup is already there.
     let cg = "slurm/uid_1000/job_8/step_batch";
     driver.add_cgroup(dir.path(), cg, 1.0);
+    // Slurm's cgroup/v2 plugin confines the job to its CPUs.
+    std::fs::write(
+        dir.path()
+            .join("cgroup/slurm/uid_1000/job_8/cpuset.cpus.effective"),
+        "0\n",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(1200)); // the part ergond will miss
     let e = start(dir.path(), &fake.lib, "", "ergond.log");
     let socket = dir.path().join("run/ergond.sock");
