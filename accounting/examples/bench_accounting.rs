@@ -132,6 +132,7 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
                 peak_w: Some(avg * 1.4),
                 method: EnergyMethod::Counter,
                 shared: false,
+                mig: None,
             }
         })
         .collect();

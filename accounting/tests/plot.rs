@@ -44,6 +44,7 @@ fn gpu(index: u32, energy_j: Option<f64>) -> GpuEnergy {
         peak_w: Some(250.0),
         method: EnergyMethod::Counter,
         shared: false,
+        mig: None,
     }
 }
 

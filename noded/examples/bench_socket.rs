@@ -576,10 +576,12 @@ fn job_events(job_id: u32) -> [Request; 4] {
             GpuAlloc {
                 index: 0,
                 minor: Some(2 * pair),
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(2 * pair + 1),
+                mig: None,
             },
         ],
         cpus: CpuSet::parse("0-15,32-47").expect("cpu list"),

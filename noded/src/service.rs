@@ -139,13 +139,17 @@ async fn service(config: Config, config_path: &str) -> u8 {
 
     let (sources, problems) = SamplerSources::open(&config);
     let sensors = sensors_of(&sources);
-    let pci: Vec<(String, Option<String>)> = sources
+    let gpu_extra: Vec<GpuExtra> = sources
         .gpu
         .as_ref()
         .map(|g| {
             g.gpus()
                 .into_iter()
-                .map(|i| (i.id.uuid, i.id.pci_bus_id))
+                .map(|i| GpuExtra {
+                    uuid: i.id.uuid,
+                    pci_bus_id: i.id.pci_bus_id,
+                    mig: i.mig,
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -193,7 +197,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
     tracing::info!(gpus, rapl_zones = zones, options = ?sampler.options(), "sampling");
     let tracker = match JobTracker::start(
         Arc::clone(&sampler),
-        node_facts(&sampler, sensors, &pci, socket_cpus),
+        node_facts(&sampler, sensors, &gpu_extra, socket_cpus),
         TrackerConfig {
             spool_dir,
             default_cluster: "unknown".to_owned(),
@@ -322,11 +326,18 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// What the job tracker needs of a GPU beyond the sampler's snapshot, by UUID.
+struct GpuExtra {
+    uuid: String,
+    pci_bus_id: Option<String>,
+    mig: Option<crate::sources::nvml::MigLayout>,
+}
+
 /// GPUs and zones in the sampler's snapshot order, for the job tracker.
 fn node_facts(
     sampler: &SamplerHandle,
     sensors: Vec<SensorInfo>,
-    pci: &[(String, Option<String>)],
+    extra: &[GpuExtra],
     sockets: Vec<(u32, ergon_protocol::CpuSet)>,
 ) -> NodeFacts {
     let snap = sampler.snapshot();
@@ -334,18 +345,19 @@ fn node_facts(
         gpus: snap
             .gpus
             .iter()
-            .map(|g| GpuFact {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                minor: g.minor,
-                pci_bus_id: pci
-                    .iter()
-                    .find(|(u, _)| *u == g.uuid)
-                    .and_then(|(_, p)| p.clone()),
-                method: match g.method {
-                    crate::counter::Method::Counter => EnergyMethod::Counter,
-                    crate::counter::Method::IntegratedPower => EnergyMethod::IntegratedPower,
-                },
+            .map(|g| {
+                let extra = extra.iter().find(|e| e.uuid == g.uuid);
+                GpuFact {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    minor: g.minor,
+                    pci_bus_id: extra.and_then(|e| e.pci_bus_id.clone()),
+                    mig: extra.and_then(|e| e.mig.clone()),
+                    method: match g.method {
+                        crate::counter::Method::Counter => EnergyMethod::Counter,
+                        crate::counter::Method::IntegratedPower => EnergyMethod::IntegratedPower,
+                    },
+                }
             })
             .collect(),
         zones: snap.zones.iter().map(|z| z.key.clone()).collect(),

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use common::{rel_err, Ergond, FakeNvml};
 use ergon_protocol::{
-    CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, Reply, Request, StepId,
-    StepStart, Timestamp,
+    CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, MigAlloc, MigShareMethod,
+    Reply, Request, StepId, StepStart, Timestamp,
 };
 use ergond::testing::{write_cgroup_v2_usage, write_counter_file, write_proc_stat};
 use serde_json::json;
@@ -362,6 +362,7 @@ fn kill_9_mid_job_recovers_the_outage_from_the_counters() {
         vec![GpuAlloc {
             index: 0,
             minor: Some(3),
+            mig: None,
         }],
         "0-1",
     );
@@ -526,6 +527,7 @@ fn a_gpu_two_jobs_share_is_split_by_their_processes_utilisation() {
         vec![GpuAlloc {
             index: 0,
             minor: Some(2),
+            mig: None,
         }]
     };
     send(&socket, job_start(21, gpu(), "0"));
@@ -560,5 +562,77 @@ fn a_gpu_two_jobs_share_is_split_by_their_processes_utilisation() {
     for m in [&a, &b] {
         assert!(m.gpus[0].shared, "{:?}", m.gpus[0]);
         assert!(m.attribution.estimated);
+    }
+}
+
+#[test]
+fn mig_instances_are_charged_their_slices_of_the_board_never_the_whole() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let watts = 280.0;
+    // One GPU in MIG mode (7 slices): a 3-slice, a 2-slice and a 1-slice instance, one free
+    // slice. NVML reports power and energy for the board only.
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-000000000007", "name": "Fake H100", "minor": 1,
+        "profile": {"kind": "constant", "watts": watts}, "update_period_ms": 20.0,
+        "mig": {"total_slices": 7, "instances": [
+            {"gi": 1, "ci": 0, "slices": 3, "uuid": "MIG-00000000-0000-4000-8000-000000000071", "profile": "3g.40gb"},
+            {"gi": 2, "ci": 0, "slices": 2, "uuid": "MIG-00000000-0000-4000-8000-000000000072", "profile": "2g.20gb"},
+            {"gi": 5, "ci": 0, "slices": 1, "uuid": "MIG-00000000-0000-4000-8000-000000000075", "profile": "1g.10gb"}
+        ]},
+    }]}));
+    let dir = tempfile::tempdir().unwrap();
+    let _driver = Driver::start(dir.path());
+    let e = start(dir.path(), &fake.lib, "", "ergond.log");
+    assert!(
+        e.log().contains("mig_instances=3"),
+        "the MIG layout is read at start:\n{}",
+        e.log()
+    );
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    // Job 31 holds GI 1 (3 slices), job 32 GI 2 (2 slices), as the plugin resolves them from
+    // gres.conf's MultipleFiles and /proc/driver/nvidia-caps/mig-minors.
+    let mig = |gi| {
+        vec![GpuAlloc {
+            index: gi,
+            minor: Some(1),
+            mig: Some(MigAlloc {
+                gpu_instance_id: gi,
+                compute_instance_id: Some(0),
+            }),
+        }]
+    };
+    send(&socket, job_start(31, mig(1), "0"));
+    send(&socket, job_start(32, mig(2), "1"));
+    std::thread::sleep(Duration::from_secs(3)); // the jobs run
+    send(&socket, job_end(31));
+    send(&socket, job_end(32));
+    let spool = dir.path().join("spool");
+    for (job, gi, slices) in [(31, 1, 3), (32, 2, 2)] {
+        let m = manifest(&spool, job, &e);
+        assert_eq!(m.gpus.len(), 1, "{:?}", m.gpus);
+        let g = &m.gpus[0];
+        let want_w = watts * f64::from(slices) / 7.0;
+        let got_w = g.energy_j.unwrap() / m.duration_s;
+        println!("job {job}: {got_w:.2} W of the board's {watts} W (expected {want_w:.2})");
+        assert!(
+            (got_w / want_w - 1.0).abs() < 0.01,
+            "job {job}: {got_w} W, expected {want_w} W\n{:?}",
+            m.gpus
+        );
+        assert!(g.shared);
+        let mi = g.mig.as_ref().expect("the manifest names the MIG instance");
+        assert_eq!(mi.total_slices, 7);
+        assert_eq!(mi.share_method, MigShareMethod::SliceSize);
+        assert_eq!(mi.instances.len(), 1);
+        assert_eq!(mi.instances[0].gpu_instance_id, gi);
+        assert_eq!(mi.instances[0].slices, Some(slices));
+        assert_eq!(
+            mi.instances[0].uuid.as_deref(),
+            Some(format!("MIG-00000000-0000-4000-8000-00000000007{gi}").as_str())
+        );
+        // The trace is the job's part of the board, not the board.
+        let peak = g.peak_w.unwrap();
+        assert!(peak < want_w * 1.05, "peak {peak} W for a {want_w} W share");
     }
 }

@@ -284,10 +284,12 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
             GpuAlloc {
                 index: 0,
                 minor: Some(3),
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(5),
+                mig: None,
             },
         ],
     );

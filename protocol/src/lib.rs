@@ -38,16 +38,17 @@ pub mod record;
 pub mod wire;
 
 pub use manifest::{
-    AttributionInfo, Coverage, EnergyMethod, Gap, GpuEnergy, JobInfo, Manifest, ManifestError,
-    NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals,
-    TraceSeries, MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_MIN,
+    AttributionInfo, Coverage, EnergyMethod, Gap, GpuEnergy, GpuMig, JobInfo, Manifest,
+    ManifestError, MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo, SensorKind,
+    ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries, MANIFEST_SCHEMA_VERSION,
+    MANIFEST_SCHEMA_VERSION_MAX, MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
 };
 pub use record::{find_in_field, merge_into_field, strip_from_field, JobRecord, RecordError};
 pub use wire::{
     decode_body, encode_frame, parse_proc_cgroup, read_frame, read_frame_with_limit, write_frame,
     CgroupParseError, CgroupPath, CpuSet, CpuSetError, ErrorCode, FrameError, GpuAlloc, JobEnd,
-    JobIds, JobSnapshot, JobStart, Reply, ReportFormat, ReportFormatError, Request, StepEnd,
-    StepId, StepIdError, StepStart, Timestamp, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    JobIds, JobSnapshot, JobStart, MigAlloc, Reply, ReportFormat, ReportFormatError, Request,
+    StepEnd, StepId, StepIdError, StepStart, Timestamp, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 #[cfg(feature = "tokio")]
 pub use wire::{read_frame_async, read_frame_async_with_limit, write_frame_async};

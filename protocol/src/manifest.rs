@@ -45,7 +45,8 @@
 //! a series (what is verified is the values, through the version's canonical form), but
 //! writers use their version's. Any other change to the fields or their serialisation bumps
 //! [`MANIFEST_SCHEMA_VERSION`]; a reader verifies the versions from
-//! [`MANIFEST_SCHEMA_VERSION_MIN`] to [`MANIFEST_SCHEMA_VERSION`].
+//! [`MANIFEST_SCHEMA_VERSION_MIN`] to [`MANIFEST_SCHEMA_VERSION_MAX`]. Schema 3 is schema 2
+//! plus the optional `gpus[].mig`, and only manifests that have it are written as 3.
 
 use std::fmt;
 
@@ -58,8 +59,17 @@ use sha2::{Digest, Sha256};
 
 use crate::wire::StepId;
 
-/// The manifest schema this build writes (and the newest it reads).
+/// The manifest schema this build writes for jobs that held whole GPUs only.
 pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
+
+/// The schema written for a job that held MIG instances: schema 2 plus `gpus[].mig`
+/// ([`GpuEnergy::mig`]). Readers that predate it cannot verify such a manifest (they would
+/// hash it without the field), so only these manifests carry the new number and every other
+/// manifest stays readable by them. See [`Manifest::schema_version_for`].
+pub const MANIFEST_SCHEMA_VERSION_MIG: u32 = 3;
+
+/// The newest manifest schema this build reads.
+pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_MIG;
 
 /// The oldest manifest schema this build still reads and verifies: schema 1, whose power
 /// traces are decimal arrays (see the [module documentation](self#power-traces-on-the-wire)).
@@ -74,8 +84,18 @@ pub enum ManifestError {
     UnsupportedSchema {
         /// The manifest's `schema_version`.
         got: u32,
-        /// [`MANIFEST_SCHEMA_VERSION`], the newest version this build reads.
+        /// [`MANIFEST_SCHEMA_VERSION_MAX`], the newest version this build reads.
         supported: u32,
+    },
+    /// A field appears in a schema version that does not have it.
+    #[error("manifest of schema version {version} has {field}, which needs schema version {needs}; the file was not written by a matching ergond")]
+    FieldNeedsVersion {
+        /// The manifest's `schema_version`.
+        version: u32,
+        /// The field.
+        field: &'static str,
+        /// The first version that has it.
+        needs: u32,
     },
     /// The text is not valid JSON or does not have the manifest's shape.
     #[error("manifest is not valid JSON of the expected shape: {0}; the file may be truncated or not an ergon manifest")]
@@ -214,8 +234,52 @@ pub struct GpuEnergy {
     /// How `energy_j` was obtained.
     pub method: EnergyMethod,
     /// Whether the GPU was shared with other jobs (then `energy_j` is a share, not the
-    /// device's whole energy).
+    /// device's whole energy). True for a MIG instance.
     pub shared: bool,
+    /// The job's MIG instances on this GPU, when it held instances rather than the whole GPU
+    /// (then `energy_j` is the job's modelled share of the board, `shared` is true). Absent
+    /// for a whole GPU, also in manifests written before MIG support (their hashes are
+    /// unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<GpuMig>,
+}
+
+/// A job's MIG instances on one GPU and how the board's energy was shared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuMig {
+    /// Compute slices of the whole GPU (7 on A100/H100).
+    pub total_slices: u32,
+    /// The job's instances on it.
+    pub instances: Vec<MigInstanceRef>,
+    /// How the board's energy was split among the instances' jobs.
+    pub share_method: MigShareMethod,
+}
+
+/// One MIG instance a job held.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigInstanceRef {
+    /// GPU instance id.
+    pub gpu_instance_id: u32,
+    /// Compute instance id, if known.
+    pub compute_instance_id: Option<u32>,
+    /// Its GPU instance slices; `null` when ergond did not find the instance on the GPU.
+    pub slices: Option<u32>,
+    /// Its `MIG-…` UUID; `null` when ergond did not find the instance on the GPU.
+    pub uuid: Option<String>,
+}
+
+/// How a MIG GPU's energy was split (docs/attribution.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigShareMethod {
+    /// By instance slices over the GPU's total slices (unused slices unattributed).
+    SliceSize,
+    /// By instance activity × slices.
+    Activity,
+    /// As a whole GPU among its holders (by process utilisation or equally), because a holder
+    /// held no instance ergond knew (a MIG layout that changed while ergond ran, or an
+    /// allocation the plugin could not resolve).
+    WholeGpu,
 }
 
 /// How a socket's energy was shared among the jobs on it.
@@ -606,6 +670,16 @@ impl Manifest {
         Ok(())
     }
 
+    /// The schema version a writer uses for this content: [`MANIFEST_SCHEMA_VERSION_MIG`] when a
+    /// GPU entry has `mig`, else [`MANIFEST_SCHEMA_VERSION`].
+    pub fn schema_version_for(&self) -> u32 {
+        if self.gpus.iter().any(|g| g.mig.is_some()) {
+            MANIFEST_SCHEMA_VERSION_MIG
+        } else {
+            MANIFEST_SCHEMA_VERSION
+        }
+    }
+
     /// Parse a manifest and verify its hash.
     ///
     /// `schema_version` is checked before the rest, so a manifest from another version gives
@@ -619,12 +693,23 @@ impl Manifest {
     pub fn from_json_unverified(bytes: &[u8]) -> Result<Manifest, ManifestError> {
         let unsupported = |got| ManifestError::UnsupportedSchema {
             got,
-            supported: MANIFEST_SCHEMA_VERSION,
+            supported: MANIFEST_SCHEMA_VERSION_MAX,
         };
-        let known = |v: u32| (MANIFEST_SCHEMA_VERSION_MIN..=MANIFEST_SCHEMA_VERSION).contains(&v);
+        let known =
+            |v: u32| (MANIFEST_SCHEMA_VERSION_MIN..=MANIFEST_SCHEMA_VERSION_MAX).contains(&v);
         // One parse in the common case; the version alone is read only to explain a failure,
         // so that a manifest of another version is reported as such, not as a shape error.
         match serde_json::from_slice::<Manifest>(bytes) {
+            Ok(m)
+                if m.schema_version < MANIFEST_SCHEMA_VERSION_MIG
+                    && m.gpus.iter().any(|g| g.mig.is_some()) =>
+            {
+                Err(ManifestError::FieldNeedsVersion {
+                    version: m.schema_version,
+                    field: "gpus[].mig",
+                    needs: MANIFEST_SCHEMA_VERSION_MIG,
+                })
+            }
             Ok(m) if known(m.schema_version) => Ok(m),
             Ok(m) => Err(unsupported(m.schema_version)),
             Err(e) => match serde_json::from_slice::<SchemaProbe>(bytes) {

@@ -57,6 +57,7 @@ fn sample() -> Manifest {
             peak_w: Some(699.5),
             method: EnergyMethod::Counter,
             shared: false,
+            mig: None,
         }],
         sockets: vec![SocketEnergy {
             socket: 0,
@@ -407,7 +408,7 @@ fn unsealed_manifest_is_refused() {
 
 #[test]
 fn other_schema_versions_are_refused_first() {
-    for version in [0u32, 3] {
+    for version in [0u32, 4] {
         let mut v: Value = serde_json::to_value(sample()).unwrap();
         v["schema_version"] = version.into();
         let bytes = serde_json::to_vec(&v).unwrap();
@@ -417,12 +418,12 @@ fn other_schema_versions_are_refused_first() {
                 err,
                 ManifestError::UnsupportedSchema {
                     got,
-                    supported: MANIFEST_SCHEMA_VERSION
+                    supported: MANIFEST_SCHEMA_VERSION_MAX
                 } if got == version
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("versions 1 to 2"), "{err}");
+        assert!(err.to_string().contains("versions 1 to 3"), "{err}");
     }
     // Even when the rest has a shape this build does not know.
     let future = br#"{"schema_version": 7, "totally": ["different"]}"#;
@@ -538,6 +539,9 @@ proptest! {
     }
 }
 
+/// Fields the schema lists but does not require: written only when they apply.
+const OPTIONAL_FIELDS: &[&str] = &["mig"];
+
 /// The schema's `properties`/`required` match what the types serialise, object by object.
 #[test]
 fn schema_matches_the_serialised_manifest() {
@@ -546,10 +550,52 @@ fn schema_matches_the_serialised_manifest() {
         schema["$schema"],
         "https://json-schema.org/draft/2020-12/schema"
     );
+    let mut with_mig = sample();
     let sample = serde_json::to_value(sample()).unwrap();
     let mut checked = 0;
     check_object(&schema, &schema, &sample, "$", &mut checked);
     assert!(checked >= 14, "only {checked} objects checked");
+    // A GPU held as MIG instances: its optional `mig` object too.
+    with_mig.gpus[0].shared = true;
+    with_mig.gpus[0].mig = Some(GpuMig {
+        total_slices: 7,
+        instances: vec![
+            MigInstanceRef {
+                gpu_instance_id: 1,
+                compute_instance_id: Some(0),
+                slices: Some(3),
+                uuid: Some("MIG-11111111-2222-3333-4444-555555555555".into()),
+            },
+            MigInstanceRef {
+                gpu_instance_id: 9,
+                compute_instance_id: None,
+                slices: None,
+                uuid: None,
+            },
+        ],
+        share_method: MigShareMethod::SliceSize,
+    });
+    let value = serde_json::to_value(&with_mig).unwrap();
+    assert!(value["gpus"][0].get("mig").is_some());
+    assert!(
+        sample["gpus"][0].get("mig").is_none(),
+        "absent for a whole GPU"
+    );
+    let mut checked_mig = 0;
+    check_object(&schema, &schema, &value, "$", &mut checked_mig);
+    assert!(checked_mig >= checked + 3, "{checked_mig} vs {checked}");
+    // It survives sealing and verification, as schema 3; as schema 2 it is refused.
+    assert_eq!(with_mig.schema_version_for(), MANIFEST_SCHEMA_VERSION_MIG);
+    let mut as_v2 = with_mig.clone();
+    as_v2.seal();
+    assert!(matches!(
+        Manifest::from_json(&as_v2.to_json().unwrap()),
+        Err(ManifestError::FieldNeedsVersion { version: 2, .. })
+    ));
+    with_mig.schema_version = with_mig.schema_version_for();
+    with_mig.seal();
+    let back = Manifest::from_json(&with_mig.to_json().unwrap()).unwrap();
+    assert_eq!(back.gpus[0].mig, with_mig.gpus[0].mig);
     // The schema 1 fixture too (the other form of trace series).
     let v1: Value = serde_json::from_slice(V1_PRETTY).unwrap();
     let mut checked = 0;
@@ -633,13 +679,29 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
             keys.sort_unstable();
             schema_keys.sort_unstable();
             required.sort_unstable();
-            assert_eq!(
-                keys, schema_keys,
-                "{at}: serialised keys vs schema properties"
+            // Every field is always written, so every field is required, except the few
+            // optional ones (absent in older manifests, whose hashes must not change).
+            let optional: Vec<&str> = schema_keys
+                .iter()
+                .copied()
+                .filter(|k| !required.contains(k))
+                .collect();
+            assert!(
+                optional.iter().all(|k| OPTIONAL_FIELDS.contains(k)),
+                "{at}: {optional:?} not required by the schema"
             );
+            let written_required: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| !optional.contains(k))
+                .collect();
             assert_eq!(
-                keys, required,
-                "{at}: every field is always written, so every field is required"
+                written_required, required,
+                "{at}: serialised keys vs schema's required properties"
+            );
+            assert!(
+                keys.iter().all(|k| schema_keys.contains(k)),
+                "{at}: serialised keys {keys:?} vs schema properties {schema_keys:?}"
             );
             assert_eq!(schema["additionalProperties"], false, "{at}");
             *checked += 1;

@@ -606,3 +606,39 @@ proptest! {
         let _ = read_frame::<_, Request>(&mut &frame[..]);
     }
 }
+
+/// A MIG allocation round-trips; an allocation from a plugin without MIG support (no `mig`
+/// key) decodes as a whole GPU, and a whole GPU is encoded without the key.
+#[test]
+fn mig_allocations_are_optional_on_the_wire() {
+    let mig = GpuAlloc {
+        index: 3,
+        minor: Some(0),
+        mig: Some(MigAlloc {
+            gpu_instance_id: 2,
+            compute_instance_id: Some(0),
+        }),
+    };
+    assert_eq!(round_trip(&mig), mig);
+    #[derive(Serialize)]
+    struct OldGpuAlloc {
+        index: u32,
+        minor: Option<u32>,
+    }
+    let frame = encode_frame(&OldGpuAlloc {
+        index: 1,
+        minor: Some(4),
+    })
+    .unwrap();
+    let back: GpuAlloc = decode_body(&frame[4..]).unwrap();
+    assert_eq!(
+        back,
+        GpuAlloc {
+            index: 1,
+            minor: Some(4),
+            mig: None
+        }
+    );
+    let whole = encode_frame(&back).unwrap();
+    assert_eq!(whole, frame, "a whole GPU is written as before MIG support");
+}

@@ -89,10 +89,12 @@ fn events() -> Vec<(&'static str, Request)> {
             GpuAlloc {
                 index: 0,
                 minor: Some(0),
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(1),
+                mig: None,
             },
         ],
         cpus: CpuSet::parse("0-15,32-47").expect("cpu list"),

@@ -10,6 +10,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::gpus::DEFAULT_MIG_MINORS;
+
 /// Where ergond listens unless `socket=` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/ergon/ergond.sock";
 /// Bound on the time one event may add to a job: connect, send and reply together.
@@ -29,6 +31,9 @@ pub struct Config {
     /// gres.conf to map GPU indices to device minors; default: beside `$SLURM_CONF`, else
     /// `/etc/slurm/gres.conf`.
     pub gres_conf: Option<PathBuf>,
+    /// The NVIDIA driver's list of MIG capability minors, read only when a job has a
+    /// `MultipleFiles=` GPU (a MIG instance).
+    pub mig_minors: PathBuf,
 }
 
 impl Default for Config {
@@ -38,6 +43,7 @@ impl Default for Config {
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
             notify: true,
             gres_conf: None,
+            mig_minors: PathBuf::from(DEFAULT_MIG_MINORS),
         }
     }
 }
@@ -74,9 +80,15 @@ pub fn parse_args<'a>(args: impl IntoIterator<Item = &'a str>) -> (Config, Vec<S
             "gres_conf" => problems.push(format!(
                 "plugstack.conf argument gres_conf={value:?} is not an absolute path; ignored"
             )),
+            "mig_minors" if value.starts_with('/') => config.mig_minors = PathBuf::from(value),
+            "mig_minors" => problems.push(format!(
+                "plugstack.conf argument mig_minors={value:?} is not an absolute path; using {}",
+                config.mig_minors.display()
+            )),
             _ => problems.push(format!(
                 "unknown plugstack.conf argument {arg:?} ignored \
-                 (known: socket=PATH, timeout_ms=N, notify=yes|no, gres_conf=PATH)"
+                 (known: socket=PATH, timeout_ms=N, notify=yes|no, gres_conf=PATH, \
+                 mig_minors=PATH)"
             )),
         }
     }
@@ -110,12 +122,14 @@ mod tests {
             "timeout_ms=250",
             "notify=no",
             "gres_conf=/etc/slurm/gres.conf",
+            "mig_minors=/run/test/mig-minors",
         ]);
         assert!(p.is_empty(), "{p:?}");
         assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.timeout, Duration::from_millis(250));
         assert!(!c.notify);
         assert_eq!(c.gres_conf, Some(PathBuf::from("/etc/slurm/gres.conf")));
+        assert_eq!(c.mig_minors, PathBuf::from("/run/test/mig-minors"));
     }
 
     #[test]
@@ -126,12 +140,16 @@ mod tests {
             "timeout_ms=abc",
             "socket=rel",
             "notify=maybe",
+            "mig_minors=mig-minors",
         ]);
         assert_eq!(c, Config::default());
-        assert_eq!(p.len(), 5);
+        assert_eq!(c.mig_minors, PathBuf::from(DEFAULT_MIG_MINORS));
+        assert_eq!(p.len(), 6);
         assert!(p[0].contains("\"bogus=1\""), "{}", p[0]);
         assert!(p[1].contains("timeout_ms=\"0\""));
         assert!(p[3].contains("socket=\"rel\""));
         assert!(p[4].contains("notify=\"maybe\""));
+        assert!(p[5].contains("mig_minors=\"mig-minors\""), "{}", p[5]);
+        assert!(p[0].contains("mig_minors=PATH"), "{}", p[0]);
     }
 }

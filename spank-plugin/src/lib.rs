@@ -183,9 +183,13 @@ fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
     };
     let indices = gpus::parse_job_gpus(&env("SLURM_JOB_GPUS").unwrap_or_default());
     let gres_conf = gpus::gres_conf_path(config.gres_conf.as_deref(), env("SLURM_CONF").as_deref());
-    let files = std::fs::read_to_string(&gres_conf)
-        .map(|text| gpus::gres_gpu_files(&text, &node))
+    let gres = std::fs::read_to_string(&gres_conf)
+        .map(|text| gpus::gres_gpus(&text, &node))
         .unwrap_or_default();
+    let (gpus, problems) = gpus::allocations(&indices, &gres, &config.mig_minors);
+    for p in problems {
+        log_warning(&p);
+    }
     Ok(JobStart {
         ids: JobIds {
             job_id,
@@ -198,7 +202,7 @@ fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
         account: env("SLURM_JOB_ACCOUNT"),
         partition: env("SLURM_JOB_PARTITION"),
         cluster: env("SLURM_CLUSTER_NAME"),
-        gpus: gpus::allocations(&indices, &files),
+        gpus,
         cpus: CpuSet::default(),
         report,
         work_dir: env("SLURM_JOB_WORK_DIR"),

@@ -61,6 +61,7 @@ fn manifest(cluster: &str, job: u32) -> Manifest {
             peak_w: Some(80.0),
             method: EnergyMethod::Counter,
             shared: false,
+            mig: None,
         }],
         sockets: vec![],
         totals: Totals {

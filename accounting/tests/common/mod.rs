@@ -65,6 +65,7 @@ pub fn manifest(
             peak_w: Some(gpu_j / 50.0),
             method: EnergyMethod::Counter,
             shared: false,
+            mig: None,
         }],
         sockets: vec![SocketEnergy {
             socket: 0,

@@ -27,10 +27,11 @@ use serde::{Deserialize, Serialize};
 use super::reading::Reading;
 use crate::attribution::{
     attribute, check_conservation, cpus_per_socket, split_cpu_time, Accumulator, AttributionConfig,
-    GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, NodeBalance, SocketInterval,
-    SocketJob, SocketShare,
+    GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance, NodeBalance,
+    SocketInterval, SocketJob, SocketShare,
 };
 use crate::counter::Support;
+use crate::sources::nvml::MigLayout;
 use crate::sources::rapl::RaplDomain;
 
 use super::manifest::NodeFacts;
@@ -83,6 +84,9 @@ pub fn socket_layout(facts: &NodeFacts) -> Vec<SocketLayout> {
 pub struct Member {
     /// Snapshot positions of its GPUs.
     pub gpus: Vec<usize>,
+    /// The MIG instances it holds: (GPU snapshot position, GPU instance id).
+    #[serde(default)]
+    pub mig: Vec<(usize, u32)>,
     /// Its allocated CPUs (may be empty: then its CPU time is spread by socket size).
     pub cpus: CpuSet,
     /// Its steps' watched cgroups.
@@ -141,6 +145,9 @@ pub struct Attributor {
     config: AttributionConfig,
     /// Per GPU position: its device minor (NVML index + 1,000,000 when it has none).
     gpu_minors: Vec<u32>,
+    /// Per GPU position: its MIG instances, when it is in MIG mode.
+    #[serde(default)]
+    gpu_mig: Vec<Option<MigLayout>>,
     sockets: Vec<SocketLayout>,
     last: Option<Reading>,
     members: BTreeMap<u32, Member>,
@@ -209,6 +216,7 @@ impl Attributor {
                 .iter()
                 .map(|g| g.minor.unwrap_or(1_000_000 + g.index))
                 .collect(),
+            gpu_mig: facts.gpus.iter().map(|g| g.mig.clone()).collect(),
             sockets: socket_layout(facts),
             last: None,
             members: BTreeMap::new(),
@@ -231,7 +239,10 @@ impl Attributor {
 
     /// Whether `other` was built for the same GPUs and sockets as this one.
     pub fn same_layout(&self, other: &Attributor) -> bool {
-        self.gpu_minors == other.gpu_minors && self.sockets == other.sockets
+        let mig = |a: &Attributor, pos: usize| a.gpu_mig.get(pos).cloned().flatten();
+        self.gpu_minors == other.gpu_minors
+            && self.sockets == other.sockets
+            && (0..self.gpu_minors.len()).all(|pos| mig(self, pos) == mig(other, pos))
     }
 
     /// The instant of the last closed interval (monotonic ns).
@@ -359,6 +370,47 @@ impl Attributor {
         }
     }
 
+    /// How the open jobs hold a GPU in MIG mode: each instance of `layout` with the job
+    /// holding it (the lowest job id, should two claim one). `None` when a holder of the GPU
+    /// holds no instance of the layout (a whole-GPU or unresolved allocation): then the caller
+    /// splits the GPU as a whole among its holders.
+    fn mig_usage(
+        &self,
+        pos: usize,
+        layout: &MigLayout,
+        holders: &[GpuHolder<u32>],
+    ) -> Option<GpuUsage<u32>> {
+        let holds = |job: u32, gi: u32| {
+            self.members
+                .get(&job)
+                .is_some_and(|m| m.mig.contains(&(pos, gi)))
+        };
+        let every_holder_has_one = holders.iter().all(|h| {
+            layout
+                .instances
+                .iter()
+                .any(|i| holds(h.job, i.gpu_instance_id))
+        });
+        if !every_holder_has_one {
+            return None;
+        }
+        Some(GpuUsage::Mig {
+            total_slices: layout.total_slices,
+            instances: layout
+                .instances
+                .iter()
+                .map(|i| MigInstance {
+                    job: holders
+                        .iter()
+                        .map(|h| h.job)
+                        .find(|&j| holds(j, i.gpu_instance_id)),
+                    slices: i.slices,
+                    activity: None,
+                })
+                .collect(),
+        })
+    }
+
     fn inputs(&self, a: &Reading, b: &Reading) -> IntervalInputs<u32> {
         let duration_s = (b.at_mono_ns - a.at_mono_ns) as f64 / 1e9;
         let gpus = self
@@ -379,6 +431,12 @@ impl Attributor {
                             .map(|u| u.iter().filter(|(j, _)| *j == job).map(|(_, v)| *v).sum()),
                     })
                     .collect();
+                let usage = match self.gpu_mig.get(pos) {
+                    Some(Some(layout)) => self
+                        .mig_usage(pos, layout, &holders)
+                        .unwrap_or(GpuUsage::Whole(holders)),
+                    _ => GpuUsage::Whole(holders),
+                };
                 GpuInterval {
                     minor,
                     energy_j: match a.gpu_delta(b, pos) {
@@ -386,7 +444,7 @@ impl Attributor {
                         None => Support::Unsupported("not read in this interval".into()),
                     },
                     idle_power_w: None,
-                    usage: GpuUsage::Whole(holders),
+                    usage,
                 }
             })
             .collect();
@@ -483,6 +541,7 @@ impl Attributor {
         let node = *self.acc.node();
         let m = self.members.entry(job_id).or_insert_with(|| Member {
             gpus: Vec::new(),
+            mig: Vec::new(),
             cpus: CpuSet::new(),
             cgroups: BTreeSet::new(),
             node_at_start: node,
@@ -521,6 +580,34 @@ impl Attributor {
                 self.cg_last.entry(path.to_owned()).or_insert(v);
             }
         }
+    }
+
+    /// Set the MIG instances an open job holds: (GPU snapshot position, GPU instance id), from
+    /// its allocation. On a GPU in MIG mode a job holding no known instance makes the GPU fall
+    /// back to the whole-GPU split (see docs/attribution.md); it is logged here, once per job.
+    pub fn set_mig(&mut self, job_id: u32, mig: Vec<(usize, u32)>) {
+        let Some(m) = self.members.get_mut(&job_id) else {
+            return;
+        };
+        for &pos in &m.gpus {
+            let Some(Some(layout)) = self.gpu_mig.get(pos) else {
+                continue;
+            };
+            let known = mig.iter().any(|&(p, gi)| {
+                p == pos && layout.instances.iter().any(|i| i.gpu_instance_id == gi)
+            });
+            if !known {
+                tracing::warn!(
+                    job = job_id,
+                    minor = self.gpu_minors[pos],
+                    held = ?mig.iter().filter(|(p, _)| *p == pos).map(|(_, gi)| gi).collect::<Vec<_>>(),
+                    "job holds a GPU in MIG mode but no MIG instance ergond knows; the GPU's \
+                     holders share it as a whole GPU while this job runs (a MIG change needs \
+                     gres.conf, slurmd and ergond to be updated together)"
+                );
+            }
+        }
+        m.mig = mig;
     }
 
     /// Set an open job's CPUs from the registry's latest view (the extern step's set replaces
@@ -577,6 +664,7 @@ impl Attributor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::EstimateReason;
     use crate::jobs::manifest::GpuFact;
     use crate::sources::rapl::ZoneKey;
     use ergon_protocol::EnergyMethod;
@@ -588,6 +676,7 @@ mod tests {
             minor: Some(minor),
             pci_bus_id: None,
             method: EnergyMethod::Counter,
+            mig: None,
         };
         let zone = |socket, domain| ZoneKey {
             socket: Some(socket),
@@ -672,6 +761,74 @@ mod tests {
         assert!((n.gpu.unattributed_j - 2000.0).abs() < 1e-9);
         assert_eq!(a.stats().conservation_failures, 0);
         assert_eq!(a.stats().intervals, 10);
+    }
+
+    /// `facts()` with minor 7 (200 W in `reading`) in MIG mode: 7 slices, instances GI 1 (3
+    /// slices), GI 2 (2) and GI 5 (1); one slice in no instance.
+    fn mig_facts() -> NodeFacts {
+        use crate::sources::nvml::{MigInstanceInfo, MigLayout};
+        let mut f = facts();
+        let inst = |gi: u32, slices: u32| MigInstanceInfo {
+            gpu_instance_id: gi,
+            compute_instance_id: 0,
+            slices,
+            uuid: format!("MIG-{gi}"),
+            name: None,
+        };
+        f.gpus[1].mig = Some(MigLayout {
+            total_slices: 7,
+            instances: vec![inst(1, 3), inst(2, 2), inst(5, 1)],
+        });
+        f
+    }
+
+    #[test]
+    fn mig_instances_share_their_gpu_by_slice_size_and_the_rest_is_unattributed() {
+        let mut a = Attributor::new(&mig_facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![1], CpuSet::new());
+        a.set_mig(1, vec![(1, 1)]);
+        a.job_start(2, vec![1], CpuSet::new());
+        a.set_mig(2, vec![(1, 2)]);
+        for k in 1..=7 {
+            a.advance(&reading(f64::from(k), &[]));
+        }
+        let (r1, r2) = (a.job_end(1).unwrap(), a.job_end(2).unwrap());
+        // 7 s of 200 W = 1400 J: 3/7 and 2/7 of it; GI 5 (held by nobody) and the free slice
+        // are unattributed. Never the whole board to either job.
+        assert!((r1.share.gpus[&7].unwrap() - 600.0).abs() < 1e-9, "{r1:?}");
+        assert!((r2.share.gpus[&7].unwrap() - 400.0).abs() < 1e-9, "{r2:?}");
+        assert!(r1
+            .share
+            .estimated
+            .contains(&EstimateReason::MigBySliceSize { minor: 7 }));
+        let n = a.node();
+        assert!((n.gpu.measured_j - 2100.0).abs() < 1e-9);
+        // Minor 6 (700 J, no holder) + 2/7 of minor 7.
+        assert!((n.gpu.unattributed_j - 1100.0).abs() < 1e-9, "{n:?}");
+        assert_eq!(a.stats().conservation_failures, 0);
+    }
+
+    #[test]
+    fn a_job_holding_two_instances_gets_both_and_a_whole_gpu_holder_falls_back() {
+        let mut a = Attributor::new(&mig_facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![1, 1], CpuSet::new());
+        a.set_mig(1, vec![(1, 1), (1, 5)]);
+        a.advance(&reading(1.0, &[]));
+        assert!((a.share(1).unwrap().gpus[&7].unwrap() - 200.0 * 4.0 / 7.0).abs() < 1e-9);
+        // A job whose allocation names no known instance (an unresolved MIG device): the GPU
+        // is split as a whole between its holders, equally (no utilisation reported).
+        a.job_start(2, vec![1], CpuSet::new());
+        a.set_mig(2, vec![(1, 9)]);
+        a.advance(&reading(2.0, &[]));
+        let (r1, r2) = (a.job_end(1).unwrap(), a.job_end(2).unwrap());
+        assert!((r2.share.gpus[&7].unwrap() - 100.0).abs() < 1e-9, "{r2:?}");
+        assert!((r1.share.gpus[&7].unwrap() - (200.0 * 4.0 / 7.0 + 100.0)).abs() < 1e-9);
+        assert!(r2
+            .share
+            .estimated
+            .contains(&EstimateReason::SharedGpuEqual { minor: 7 }));
     }
 
     #[test]

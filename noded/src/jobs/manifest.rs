@@ -19,9 +19,10 @@
 //! no GPU energy (its allocation is unknown).
 
 use ergon_protocol::{
-    AttributionInfo, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, JobInfo, Manifest,
-    NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals,
-    TraceSeries, MANIFEST_SCHEMA_VERSION,
+    AttributionInfo, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, GpuMig, JobInfo, Manifest,
+    MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod,
+    SocketEnergy, StepEnergy, Totals, TraceSeries, MANIFEST_SCHEMA_VERSION,
+    MANIFEST_SCHEMA_VERSION_MIG,
 };
 
 use super::attributor::JobResult;
@@ -53,6 +54,8 @@ pub struct GpuFact {
     pub pci_bus_id: Option<String>,
     /// How its energy is measured.
     pub method: EnergyMethod,
+    /// Its MIG instances, when it is in MIG mode.
+    pub mig: Option<crate::sources::nvml::MigLayout>,
 }
 
 /// What does not change while ergond runs.
@@ -163,7 +166,15 @@ pub fn build(
     let mut gpus = Vec::new();
     let mut series = Vec::new();
     let mut gpu_total: Option<f64> = None;
+    let mut mig_done: Vec<usize> = Vec::new();
     for (alloc, m) in &matched {
+        // A job's MIG instances on one GPU make one entry (its share of the board).
+        if let (Some(_), Some((pos, _))) = (alloc.mig, *m) {
+            if mig_done.contains(&pos) {
+                continue;
+            }
+            mig_done.push(pos);
+        }
         let Some((pos, by)) = *m else {
             estimated_notes.push(format!(
                 "allocated GPU (index {}, minor {:?}) matches no NVML device; not measured",
@@ -181,21 +192,100 @@ pub fn build(
         let minor_key = fact.minor.unwrap_or(1_000_000 + fact.index);
         let energy = match result.and_then(|r| r.share.gpus.get(&minor_key)) {
             Some(e) => *e,
-            None => readings.and_then(|(a, b)| a.gpu_delta(b, pos)),
+            // Without the attributor's figures: the board between the job's readings, or for
+            // MIG instances their slices' part of it (never the whole board).
+            None => readings
+                .and_then(|(a, b)| a.gpu_delta(b, pos))
+                .and_then(|board| match (alloc.mig, &fact.mig) {
+                    (None, _) => Some(board),
+                    (Some(_), Some(layout)) if layout.total_slices > 0 => {
+                        let slices: u32 = layout
+                            .instances
+                            .iter()
+                            .filter(|i| {
+                                matched.iter().any(|(a, m)| {
+                                    m.is_some_and(|(p, _)| p == pos)
+                                        && a.mig
+                                            .is_some_and(|x| x.gpu_instance_id == i.gpu_instance_id)
+                                })
+                            })
+                            .map(|i| i.slices)
+                            .sum();
+                        Some(board * f64::from(slices) / f64::from(layout.total_slices))
+                    }
+                    (Some(_), _) => None,
+                }),
         };
-        let shared = result.is_some_and(|r| {
-            r.share.estimated.iter().any(|e| {
-                matches!(e, EstimateReason::SharedGpuEqual { minor }
-                    | EstimateReason::SharedGpuByUtilisation { minor } if *minor == minor_key)
-            })
+        let reasons: Vec<EstimateReason> = result
+            .map(|r| r.share.estimated.iter().copied().collect())
+            .unwrap_or_default();
+        let reason_here = |want: fn(&EstimateReason) -> Option<u32>| {
+            reasons.iter().any(|e| want(e) == Some(minor_key))
+        };
+        let shared_whole = reason_here(|e| match e {
+            EstimateReason::SharedGpuEqual { minor }
+            | EstimateReason::SharedGpuByUtilisation { minor } => Some(*minor),
+            _ => None,
         });
+        let mig = alloc.mig.map(|_| {
+            let layout = fact.mig.as_ref();
+            let instances = matched
+                .iter()
+                .filter(|(_, m)| m.is_some_and(|(p, _)| p == pos))
+                .filter_map(|(a, _)| a.mig)
+                .map(|mi| {
+                    let known = layout.and_then(|l| {
+                        l.instances
+                            .iter()
+                            .find(|i| i.gpu_instance_id == mi.gpu_instance_id)
+                    });
+                    MigInstanceRef {
+                        gpu_instance_id: mi.gpu_instance_id,
+                        compute_instance_id: mi
+                            .compute_instance_id
+                            .or(known.map(|k| k.compute_instance_id)),
+                        slices: known.map(|k| k.slices),
+                        uuid: known.map(|k| k.uuid.clone()),
+                    }
+                })
+                .collect();
+            let share_method = if reason_here(|e| match e {
+                EstimateReason::MigByActivity { minor } => Some(*minor),
+                _ => None,
+            }) {
+                MigShareMethod::Activity
+            } else if reason_here(|e| match e {
+                EstimateReason::MigBySliceSize { minor } => Some(*minor),
+                _ => None,
+            }) || (result.is_none() && layout.is_some())
+            {
+                MigShareMethod::SliceSize
+            } else {
+                MigShareMethod::WholeGpu
+            };
+            GpuMig {
+                total_slices: layout.map_or(0, |l| l.total_slices),
+                instances,
+                share_method,
+            }
+        });
+        let shared = shared_whole || mig.is_some();
+        // For a MIG share, the board's power scaled by the job's part of the board's energy
+        // over the job (an estimate, like the share itself).
+        let board_j = readings.and_then(|(a, b)| a.gpu_delta(b, pos));
+        let scale = match (&mig, energy, board_j) {
+            (Some(_), Some(e), Some(b)) if b > 0.0 => (e / b).clamp(0.0, 1.0),
+            (Some(_), _, _) => 0.0,
+            _ => 1.0,
+        };
         let trace = traces.get(pos).map(Vec::as_slice).unwrap_or(&[]);
         let peak = window(trace, start.mono_ns, end.mono_ns)
             .iter()
             .filter_map(|s| s.power_w)
             .fold(None, |acc: Option<f32>, w| {
                 Some(acc.map_or(w, |a| a.max(w)))
-            });
+            })
+            .map(|w| w * scale as f32);
         // A GPU that could not be read at the job's start or end has no energy: `null`, never 0.
         let method = match energy {
             Some(_) => fact.method,
@@ -225,14 +315,20 @@ pub fn build(
             peak_w,
             method,
             shared,
+            mig,
         });
-        let (_, watts) = power_series(
+        let (_, mut watts) = power_series(
             trace,
             trace_start_mono,
             end.mono_ns,
             bin_ns,
             MAX_TRACE_POINTS,
         );
+        if scale != 1.0 {
+            for w in &mut watts {
+                *w *= scale as f32;
+            }
+        }
         series.push(TraceSeries {
             name: format!("gpu{}", alloc.index),
             watts,
@@ -448,8 +544,14 @@ pub fn build(
     } else {
         (1.0 - unrecovered_ns as f64 / span_ns as f64).clamp(0.0, 1.0)
     };
+    // Schema 3 only where a GPU entry has `mig`: older readers keep reading the rest.
+    let schema_version = if gpus.iter().any(|g| g.mig.is_some()) {
+        MANIFEST_SCHEMA_VERSION_MIG
+    } else {
+        MANIFEST_SCHEMA_VERSION
+    };
     Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
+        schema_version,
         cluster: job
             .cluster
             .clone()
@@ -519,6 +621,7 @@ mod tests {
             minor: Some(minor),
             pci_bus_id: None,
             method: EnergyMethod::Counter,
+            mig: None,
         };
         NodeFacts {
             gpus: vec![gpu(0, 7), gpu(1, 5), gpu(2, 3)],
@@ -643,6 +746,7 @@ mod tests {
         let job = ended_job(vec![GpuAlloc {
             index: 0,
             minor: Some(3),
+            mig: None,
         }]);
         // 4 CPUs, half busy; the job's step (from t = 2 s) uses 1 CPU-s per second.
         let r = |s: u64| {
@@ -707,10 +811,12 @@ mod tests {
             GpuAlloc {
                 index: 0,
                 minor: Some(3),
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(5),
+                mig: None,
             },
         ]);
         // NVML position 2 (minor 3) failed at the job's end.
@@ -729,10 +835,12 @@ mod tests {
             GpuAlloc {
                 index: 0,
                 minor: Some(3),
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(5),
+                mig: None,
             },
         ]);
         let mut m = build(&job, &facts(), &traces(), None, "cl");
@@ -781,10 +889,12 @@ mod tests {
             GpuAlloc {
                 index: 0,
                 minor: None,
+                mig: None,
             },
             GpuAlloc {
                 index: 1,
                 minor: Some(99),
+                mig: None,
             },
         ]);
         let m = build(&job, &facts(), &traces(), None, "cl");
@@ -803,6 +913,7 @@ mod tests {
         let mut job = ended_job(vec![GpuAlloc {
             index: 0,
             minor: Some(3),
+            mig: None,
         }]);
         job.start_seen = false;
         let m = build(&job, &facts(), &traces(), None, "cl");
@@ -821,10 +932,12 @@ mod tests {
                 GpuAlloc {
                     index: 2,
                     minor: Some(7),
+                    mig: None,
                 },
                 GpuAlloc {
                     index: 2,
                     minor: None,
+                    mig: None,
                 },
             ],
             &f,

@@ -317,6 +317,7 @@ pub fn discover(
             .map(|&p| ergon_protocol::GpuAlloc {
                 index: facts.gpus[p].index,
                 minor: facts.gpus[p].minor,
+                mig: None,
             })
             .collect();
         match registry.discovered(

@@ -636,6 +636,7 @@ mod tests {
             gpus: vec![GpuAlloc {
                 index: 0,
                 minor: Some(3),
+                mig: None,
             }],
             cpus: CpuSet::new(),
             report: None,

@@ -155,7 +155,29 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
                 .map_or_else(|| "n/a".into(), |w| format!("{w:.1} W")),
             g.peak_w
                 .map_or_else(|| "n/a".into(), |w| format!("{w:.1} W")),
-            if g.shared { " [shared: estimated]" } else { "" }
+            match &g.mig {
+                Some(mig) => format!(
+                    " [MIG {}: estimated, {}]",
+                    mig.instances
+                        .iter()
+                        .map(|i| match i.slices {
+                            Some(n) => format!(
+                                "GI {} ({n} of {} slices)",
+                                i.gpu_instance_id, mig.total_slices
+                            ),
+                            None => format!("GI {}", i.gpu_instance_id),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    match mig.share_method {
+                        ergon_protocol::MigShareMethod::SliceSize => "by slice size",
+                        ergon_protocol::MigShareMethod::Activity => "by activity",
+                        ergon_protocol::MigShareMethod::WholeGpu => "as a shared whole GPU",
+                    }
+                ),
+                None if g.shared => " [shared: estimated]".to_owned(),
+                None => String::new(),
+            }
         );
     }
     let _ = writeln!(s, "  CPU      {}", opt_energy(t.cpu_j));
@@ -477,6 +499,29 @@ mod tests {
             "attribution":{"model":"exclusive-gpu+cgroup-cpu-time","version":1,"estimated":false},
             "sensors":[],"trace":{"interval_ms":1000,"start_unix_ns":0,"series":[]},"content_hash":""}"#;
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_mig_share_is_named_with_its_instances_and_method() {
+        let mut m = manifest();
+        m.gpus[0].shared = true;
+        m.gpus[0].mig = Some(ergon_protocol::GpuMig {
+            total_slices: 7,
+            instances: vec![ergon_protocol::MigInstanceRef {
+                gpu_instance_id: 2,
+                compute_instance_id: Some(0),
+                slices: Some(3),
+                uuid: Some("MIG-x".into()),
+            }],
+            share_method: ergon_protocol::MigShareMethod::SliceSize,
+        });
+        let t = render_text(&m, None);
+        assert!(
+            t.contains("[MIG GI 2 (3 of 7 slices): estimated, by slice size]"),
+            "{t}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        assert_eq!(j["gpus"][0]["mig"]["total_slices"], 7);
     }
 
     #[test]

@@ -580,25 +580,33 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
             // while the interval is attributed (which walks every open job).
             struct Info {
                 gpus: Vec<usize>,
+                mig: Vec<(usize, u32)>,
                 cpus: ergon_protocol::CpuSet,
                 path: Option<String>,
                 own: Vec<String>,
             }
             let info = {
                 let reg = lock(&inner.registry);
-                reg.get(job_id).map(|job| Info {
-                    gpus: match_gpus(&job.gpus, &inner.facts.gpus)
-                        .iter()
-                        .filter_map(|(_, m)| m.map(|(p, _)| p))
-                        .collect(),
-                    cpus: job.cpus.clone(),
-                    path: match mark {
-                        Mark::StepStart(s) | Mark::StepEnd(s) => {
-                            job.step(s).and_then(|s| s.watched.clone())
-                        }
-                        _ => None,
-                    },
-                    own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
+                reg.get(job_id).map(|job| {
+                    let matched = match_gpus(&job.gpus, &inner.facts.gpus);
+                    Info {
+                        gpus: matched
+                            .iter()
+                            .filter_map(|(_, m)| m.map(|(p, _)| p))
+                            .collect(),
+                        mig: matched
+                            .iter()
+                            .filter_map(|(a, m)| Some((m.as_ref()?.0, a.mig?.gpu_instance_id)))
+                            .collect(),
+                        cpus: job.cpus.clone(),
+                        path: match mark {
+                            Mark::StepStart(s) | Mark::StepEnd(s) => {
+                                job.step(s).and_then(|s| s.watched.clone())
+                            }
+                            _ => None,
+                        },
+                        own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
+                    }
                 })
             };
             {
@@ -612,6 +620,7 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
                             let _ = att.job_end(job_id);
                         }
                         att.job_start(job_id, i.gpus.clone(), i.cpus.clone());
+                        att.set_mig(job_id, i.mig.clone());
                         flag_shared_gpus(&inner.sampler, &att);
                     }
                     (Mark::StepStart(step), Some(i)) => {

@@ -27,11 +27,13 @@ use nvml_wrapper::sys_exports::field_id::{
 };
 use nvml_wrapper::{Device, Nvml};
 use nvml_wrapper_sys::bindings::{
-    nvmlDevice_t, nvmlFieldValue_t, nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as VT_DOUBLE,
+    nvmlDevice_t, nvmlFieldValue_t, nvmlGpuInstanceProfileInfo_t,
+    nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as VT_DOUBLE,
     nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_LONG_LONG as VT_I64,
     nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT as VT_U32,
     nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG as VT_ULONG,
     nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VT_U64,
+    NVML_GPU_INSTANCE_PROFILE_COUNT,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -121,6 +123,35 @@ pub struct GpuInfo {
     pub method: Support<Method>,
     /// Whether the GPU has been reported lost.
     pub lost: bool,
+    /// Its MIG instances, when it is in MIG mode (read once at start: a MIG change needs a
+    /// restart of ergond, as it needs one of slurmd).
+    pub mig: Option<MigLayout>,
+}
+
+/// The MIG instances of a GPU in MIG mode. NVML has no per-instance power or energy: the
+/// board's counter is split among the instances' jobs by the attribution model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigLayout {
+    /// Compute slices of the whole GPU (7 on A100/H100, 4 on A30): the largest GPU instance
+    /// profile's slice count.
+    pub total_slices: u32,
+    /// The configured instances, in NVML's MIG device order.
+    pub instances: Vec<MigInstanceInfo>,
+}
+
+/// One MIG device (a GPU instance with a compute instance).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigInstanceInfo {
+    /// GPU instance id.
+    pub gpu_instance_id: u32,
+    /// Compute instance id within it.
+    pub compute_instance_id: u32,
+    /// Its GPU instance slices (3 for a `3g.40gb`).
+    pub slices: u32,
+    /// `MIG-…` UUID.
+    pub uuid: String,
+    /// Product name as NVML gives it (e.g. `NVIDIA H100 80GB HBM3 MIG 3g.40gb`).
+    pub name: Option<String>,
 }
 
 /// One reading of a GPU.
@@ -232,13 +263,15 @@ impl GpuSource {
                 minor: dev.minor_number().ok(),
                 name: dev.name().ok(),
             };
-            let info = probe(&dev, id);
+            let mut info = probe(&dev, id);
+            info.mig = mig_layout(&nvml, &dev);
             tracing::info!(
                 uuid = %info.id.uuid,
                 minor = ?info.id.minor,
                 energy = ?info.energy_via,
                 power = ?info.power_via,
                 method = ?info.method,
+                mig_instances = info.mig.as_ref().map(|m| m.instances.len()),
                 "GPU found"
             );
             // SAFETY: reading the handle out of a live Device to re-create Devices later
@@ -541,7 +574,94 @@ fn probe(dev: &Device<'_>, id: GpuIdentity) -> GpuInfo {
         power_via,
         method,
         lost: false,
+        mig: None,
     }
+}
+
+/// The GPU's MIG instances if it is in MIG mode (`None` otherwise, or when the driver does not
+/// say). Instances whose ids or slice count cannot be read are left out with a warning: their
+/// slices then count as unused, so their share stays unattributed rather than going to others.
+fn mig_layout(nvml: &Nvml, dev: &Device<'_>) -> Option<MigLayout> {
+    let mode = dev.mig_mode().ok()?;
+    if mode.current != 1 {
+        return None;
+    }
+    let max = dev.mig_device_count().unwrap_or(0);
+    let parent = dev.uuid().unwrap_or_default();
+    let mut instances = Vec::new();
+    for i in 0..max {
+        let mig = match dev.mig_device_by_index(i) {
+            Ok(m) => m,
+            Err(NvmlError::NotFound) => continue,
+            Err(e) => {
+                tracing::warn!(gpu = %parent, slot = i, error = %e, "MIG device unreadable; left out");
+                continue;
+            }
+        };
+        // SAFETY: the handle of a live MIG device of this Nvml, used at once.
+        let handle = unsafe { mig.handle() };
+        let ids = (
+            instance_id(nvml, handle, true),
+            instance_id(nvml, handle, false),
+        );
+        let slices = mig.attributes().map(|a| a.gpu_instance_slice_count);
+        match (ids, slices, mig.uuid()) {
+            ((Ok(gi), Ok(ci)), Ok(slices), Ok(uuid)) if slices > 0 => {
+                instances.push(MigInstanceInfo {
+                    gpu_instance_id: gi,
+                    compute_instance_id: ci,
+                    slices,
+                    uuid,
+                    name: mig.name().ok(),
+                })
+            }
+            (ids, slices, uuid) => tracing::warn!(
+                gpu = %parent, slot = i, ?ids, ?slices, ?uuid,
+                "MIG device without ids or slice count; left out (its slices count as unused)"
+            ),
+        }
+    }
+    let total_slices = total_slices(nvml, dev)
+        .unwrap_or(max)
+        .max(instances.iter().map(|m| m.slices).sum());
+    if total_slices == 0 {
+        return None;
+    }
+    Some(MigLayout {
+        total_slices,
+        instances,
+    })
+}
+
+/// `nvmlDeviceGetGpuInstanceId` (`gpu`) or `nvmlDeviceGetComputeInstanceId` of a MIG device:
+/// not wrapped by nvml-wrapper, called through its loaded library.
+fn instance_id(nvml: &Nvml, handle: nvmlDevice_t, gpu: bool) -> Result<u32, NvmlError> {
+    let lib = nvml.lib();
+    let sym = if gpu {
+        nvml_sym(lib.nvmlDeviceGetGpuInstanceId.as_ref())?
+    } else {
+        nvml_sym(lib.nvmlDeviceGetComputeInstanceId.as_ref())?
+    };
+    let mut id: std::ffi::c_uint = 0;
+    // SAFETY: `handle` is a live MIG device handle of this library; `id` is a valid out-pointer.
+    nvml_try(unsafe { sym(handle, &mut id) })?;
+    Ok(id)
+}
+
+/// The largest slice count among the GPU instance profiles the GPU supports (its whole size).
+fn total_slices(nvml: &Nvml, dev: &Device<'_>) -> Option<u32> {
+    let sym = nvml_sym(nvml.lib().nvmlDeviceGetGpuInstanceProfileInfo.as_ref()).ok()?;
+    // SAFETY: the handle of a live device of this Nvml.
+    let handle = unsafe { dev.handle() };
+    (0..NVML_GPU_INSTANCE_PROFILE_COUNT)
+        .filter_map(|profile| {
+            // SAFETY: plain integers; all-zero is a valid value.
+            let mut info: nvmlGpuInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: live handle, valid out-pointer.
+            let rc = unsafe { sym(handle, profile, &mut info) };
+            (rc == 0).then_some(info.sliceCount)
+        })
+        .max()
 }
 
 /// Sampling period for a GPU: half the detected counter update period (so every update is

@@ -211,9 +211,25 @@ pub struct GpuAlloc {
     /// Slurm's index in `gres.conf` order, as in `SLURM_JOB_GPUS`.
     pub index: u32,
     /// The `/dev/nvidiaN` device minor, which is how ergond matches NVML devices; `None`
-    /// if the plugin could not resolve it.
+    /// if the plugin could not resolve it. For a MIG instance, the minor of its parent GPU.
     #[serde(default)]
     pub minor: Option<u32>,
+    /// The MIG instance, when the GRES is one (gres.conf `MultipleFiles=` naming
+    /// `/dev/nvidia-caps/nvidia-capN` files); `None` for a whole GPU. Absent in frames from
+    /// plugins that predate MIG support, which decode as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<MigAlloc>,
+}
+
+/// A MIG instance of a GPU, as NVML identifies it within its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MigAlloc {
+    /// GPU instance id (`nvidia-smi mig -lgi`; `gpuN/giG` in
+    /// `/proc/driver/nvidia-caps/mig-minors`).
+    pub gpu_instance_id: u32,
+    /// Compute instance id within it, if the GRES names one (`gpuN/giG/ciC`).
+    #[serde(default)]
+    pub compute_instance_id: Option<u32>,
 }
 
 /// The format of the per-job report a user asked for with `--energy-report[=text|json]`.

@@ -60,7 +60,11 @@ pub fn job_ids() -> impl Strategy<Value = JobIds> {
 }
 
 pub fn gpu_alloc() -> impl Strategy<Value = GpuAlloc> {
-    (any::<u32>(), any::<Option<u32>>()).prop_map(|(index, minor)| GpuAlloc { index, minor })
+    (any::<u32>(), any::<Option<u32>>()).prop_map(|(index, minor)| GpuAlloc {
+        index,
+        minor,
+        mig: None,
+    })
 }
 
 pub fn report_format() -> impl Strategy<Value = Option<ReportFormat>> {

@@ -28,6 +28,51 @@
 //! `processes` (default none) are what `nvmlDeviceGetProcessUtilization` reports: each process
 //! with its SM utilisation (%), constant; `unsupported` may name `process_utilization`.
 //!
+//! ## MIG (Multi-Instance GPU)
+//! A GPU may carry a `mig` object, which puts it in MIG mode (current = pending = 1):
+//!
+//! ```json
+//! "mig": { "total_slices": 7,
+//!          "instances": [ {"gi": 1, "ci": 0, "slices": 3, "uuid": "MIG-1111…", "profile": "3g.40gb"},
+//!                         {"gi": 2, "slices": 2, "uuid": "MIG-2222…"} ] }
+//! ```
+//! `ci` defaults to 0 and `profile` to `"<slices>g"`. Checked at load (a bad layout fails init
+//! with `NVML_ERROR_DRIVER_NOT_LOADED`, like any invalid scenario): `1 <= total_slices <= 256`,
+//! every `slices >= 1`, the slices sum to at most `total_slices` (the rest is free space), and
+//! `gi` is unique within the GPU. `unsupported` may name `mig`: every MIG query below then
+//! answers `NVML_ERROR_NOT_SUPPORTED` (a GPU without MIG capability, or a driver without MIG),
+//! and a `mig` object is ignored. A GPU without `mig` (and MIG supported) is MIG-capable with
+//! MIG disabled: mode 0/0, max MIG device count 0, no profiles.
+//!
+//! MIG device handles are tagged pointers `MIG_HANDLE_BASE + gpu_index × 256 + slot`, a range
+//! disjoint from the GPU handles; `slot` is the instance's position in `instances`. The MIG
+//! calls and what they answer:
+//! - `nvmlDeviceGetMigMode(gpu)`: 1/1 in MIG mode, else 0/0.
+//! - `nvmlDeviceGetMaxMigDeviceCount(gpu)`: `total_slices` in MIG mode, else 0.
+//! - `nvmlDeviceGetMigDeviceHandleByIndex(gpu, i)`: the `i`-th instance; `NOT_FOUND` for an
+//!   empty slot (`instances.len() <= i < total_slices`, as real NVML); `INVALID_ARGUMENT` past
+//!   the max count.
+//! - `nvmlDeviceIsMigDeviceHandle(any)`: 1 for a MIG handle, 0 for a GPU handle.
+//! - `nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig)`: the parent GPU's handle.
+//! - `nvmlDeviceGetGpuInstanceId(mig)` / `nvmlDeviceGetComputeInstanceId(mig)`: `gi` / `ci`.
+//! - `nvmlDeviceGetAttributes_v2(mig)`: GPU and compute instance slice count = `slices`,
+//!   16 SMs and 10240 MB per slice, one shared copy engine, no shared decoders/encoders/JPEG/OFA;
+//!   on a GPU handle `NOT_SUPPORTED`.
+//! - `nvmlDeviceGetGpuInstanceProfileInfo(gpu, profile)`: for a GPU in MIG mode, the profiles
+//!   `NVML_GPU_INSTANCE_PROFILE_{1,2,3,4,7,8,6}_SLICE` (ids 0–6) whose slice count is at most
+//!   `total_slices` and is 1, 2, 3, 4 or exactly `total_slices` (so the largest supported
+//!   profile is the whole GPU); `instanceCount = total_slices / sliceCount`, SMs and memory as
+//!   for attributes. Other profiles, and a GPU not in MIG mode: `NOT_SUPPORTED`; an id
+//!   `>= NVML_GPU_INSTANCE_PROFILE_COUNT`: `INVALID_ARGUMENT`.
+//! - `nvmlDeviceGetUUID(mig)`: the instance's `uuid`; `nvmlDeviceGetName(mig)`:
+//!   `"<GPU name> MIG <profile>"`.
+//!
+//! A MIG handle of a lost GPU answers `NVML_ERROR_GPU_IS_LOST`, like its parent. The reading
+//! calls (energy, power, field values, process utilisation) answer `NOT_SUPPORTED` for a MIG
+//! handle, as NVML has no per-instance power; every other GPU call (index, minor number, PCI
+//! info, the MIG calls meant for a parent, profile info) answers `INVALID_ARGUMENT`. The parent
+//! GPU keeps reporting the whole board's energy and power.
+//!
 //! Every exported function catches panics and returns `NVML_ERROR_UNKNOWN` instead of unwinding
 //! into C.
 
@@ -39,9 +84,14 @@
 pub mod profile;
 
 use nvml_wrapper_sys::bindings::{
-    field_id, nvmlDevice_st, nvmlDevice_t, nvmlFieldValue_t, nvmlPciInfo_t,
-    nvmlProcessUtilizationSample_t, nvmlReturn_t, nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG,
+    field_id, nvmlDeviceAttributes_t, nvmlDevice_st, nvmlDevice_t, nvmlFieldValue_t,
+    nvmlGpuInstanceProfileInfo_t, nvmlPciInfo_t, nvmlProcessUtilizationSample_t, nvmlReturn_t,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
+    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, NVML_DEVICE_MIG_DISABLE,
+    NVML_DEVICE_MIG_ENABLE, NVML_GPU_INSTANCE_PROFILE_1_SLICE, NVML_GPU_INSTANCE_PROFILE_2_SLICE,
+    NVML_GPU_INSTANCE_PROFILE_3_SLICE, NVML_GPU_INSTANCE_PROFILE_4_SLICE,
+    NVML_GPU_INSTANCE_PROFILE_6_SLICE, NVML_GPU_INSTANCE_PROFILE_7_SLICE,
+    NVML_GPU_INSTANCE_PROFILE_8_SLICE, NVML_GPU_INSTANCE_PROFILE_COUNT,
 };
 use profile::{DeviceModel, Profile};
 use serde::Deserialize;
@@ -61,6 +111,24 @@ const ERROR_UNKNOWN: nvmlReturn_t = 999;
 
 /// Handles are tagged pointers `HANDLE_BASE + index`; nvml-wrapper never dereferences them.
 const HANDLE_BASE: usize = 0x6_0000;
+/// MIG device handles are `MIG_HANDLE_BASE + gpu_index * MIG_SLOTS + slot`; GPU handles stay
+/// below this (a GPU index is only decoded from a handle under it).
+const MIG_HANDLE_BASE: usize = 0x100_0000;
+/// MIG handle slots per GPU: also the largest `total_slices` a scenario may give.
+const MIG_SLOTS: usize = 256;
+/// Per MIG slice: streaming multiprocessors and memory (MB), in attributes and profile info.
+const SMS_PER_SLICE: u32 = 16;
+const MB_PER_SLICE: u64 = 10_240;
+/// GPU instance profiles the fake knows: (NVML profile id, slice count).
+const GI_PROFILES: [(u32, u32); 7] = [
+    (NVML_GPU_INSTANCE_PROFILE_1_SLICE, 1),
+    (NVML_GPU_INSTANCE_PROFILE_2_SLICE, 2),
+    (NVML_GPU_INSTANCE_PROFILE_3_SLICE, 3),
+    (NVML_GPU_INSTANCE_PROFILE_4_SLICE, 4),
+    (NVML_GPU_INSTANCE_PROFILE_7_SLICE, 7),
+    (NVML_GPU_INSTANCE_PROFILE_8_SLICE, 8),
+    (NVML_GPU_INSTANCE_PROFILE_6_SLICE, 6),
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +173,28 @@ struct GpuScenario {
     read_delay_us: u64,
     #[serde(default)]
     processes: Vec<ProcessScenario>,
+    #[serde(default)]
+    mig: Option<MigScenario>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigScenario {
+    total_slices: u32,
+    #[serde(default)]
+    instances: Vec<MigInstanceScenario>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigInstanceScenario {
+    gi: u32,
+    #[serde(default)]
+    ci: u32,
+    slices: u32,
+    uuid: String,
+    #[serde(default)]
+    profile: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +225,71 @@ struct Gpu {
     process_utilization_supported: bool,
     /// (pid, SM %)
     processes: Vec<(u32, u32)>,
+    mig: MigState,
+}
+
+/// A GPU's MIG capability and mode.
+enum MigState {
+    /// `unsupported: ["mig"]`: every MIG query answers NOT_SUPPORTED.
+    Unsupported,
+    /// MIG-capable, MIG mode off.
+    Disabled,
+    /// MIG mode on, with this layout.
+    Enabled(MigLayout),
+}
+
+struct MigLayout {
+    total_slices: u32,
+    /// In scenario order: slot `i` is `instances[i]`.
+    instances: Vec<MigInstance>,
+}
+
+struct MigInstance {
+    gi: u32,
+    ci: u32,
+    slices: u32,
+    uuid: String,
+    /// e.g. `3g.40gb`
+    profile: String,
+}
+
+impl Gpu {
+    fn mig_layout(&self) -> Option<&MigLayout> {
+        match &self.mig {
+            MigState::Enabled(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// What a handle names, decoded without the state (see [`State::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Gpu(usize),
+    Mig { gpu: usize, slot: usize },
+}
+
+fn decode_handle(handle: nvmlDevice_t) -> Option<Target> {
+    let h = handle as usize;
+    if h >= MIG_HANDLE_BASE {
+        let rel = h - MIG_HANDLE_BASE;
+        Some(Target::Mig {
+            gpu: rel / MIG_SLOTS,
+            slot: rel % MIG_SLOTS,
+        })
+    } else if h >= HANDLE_BASE {
+        Some(Target::Gpu(h - HANDLE_BASE))
+    } else {
+        None
+    }
+}
+
+fn gpu_handle(index: usize) -> nvmlDevice_t {
+    (HANDLE_BASE + index) as *mut nvmlDevice_st
+}
+
+fn mig_handle(gpu: usize, slot: usize) -> nvmlDevice_t {
+    (MIG_HANDLE_BASE + gpu * MIG_SLOTS + slot) as *mut nvmlDevice_st
 }
 
 struct State {
@@ -187,13 +342,51 @@ fn load_scenario() -> Option<Scenario> {
         _ => std::env::var("FAKE_NVML_SCENARIO").ok()?,
     };
     let text = std::fs::read_to_string(&path).ok()?;
-    match serde_json::from_str(&text) {
+    match parse_scenario(&text) {
         Ok(s) => Some(s),
         Err(e) => {
             eprintln!("fake-nvml: invalid scenario {path}: {e}");
             None
         }
     }
+}
+
+/// Parses and checks a scenario (the checks serde cannot express).
+fn parse_scenario(text: &str) -> Result<Scenario, String> {
+    let s: Scenario = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    for g in &s.gpus {
+        if let Some(m) = &g.mig {
+            validate_mig(m).map_err(|e| format!("GPU {}: mig: {e}", g.uuid))?;
+        }
+    }
+    Ok(s)
+}
+
+fn validate_mig(m: &MigScenario) -> Result<(), String> {
+    if m.total_slices == 0 || m.total_slices as usize > MIG_SLOTS {
+        return Err(format!(
+            "total_slices must be 1..={MIG_SLOTS}, not {}",
+            m.total_slices
+        ));
+    }
+    let mut used: u64 = 0;
+    let mut seen_gi = std::collections::HashSet::new();
+    for inst in &m.instances {
+        if inst.slices == 0 {
+            return Err(format!("instance gi {} has no slices", inst.gi));
+        }
+        if !seen_gi.insert(inst.gi) {
+            return Err(format!("gi {} appears twice", inst.gi));
+        }
+        used += u64::from(inst.slices);
+    }
+    if used > u64::from(m.total_slices) {
+        return Err(format!(
+            "instances use {used} slices, more than total_slices {}",
+            m.total_slices
+        ));
+    }
+    Ok(())
 }
 
 fn build_state(s: Scenario) -> State {
@@ -223,6 +416,24 @@ fn build_state(s: Scenario) -> State {
                 read_delay_us: g.read_delay_us,
                 process_utilization_supported: has("process_utilization"),
                 processes: g.processes.iter().map(|p| (p.pid, p.sm)).collect(),
+                mig: match g.mig {
+                    _ if !has("mig") => MigState::Unsupported,
+                    None => MigState::Disabled,
+                    Some(m) => MigState::Enabled(MigLayout {
+                        total_slices: m.total_slices,
+                        instances: m
+                            .instances
+                            .into_iter()
+                            .map(|i| MigInstance {
+                                profile: i.profile.unwrap_or_else(|| format!("{}g", i.slices)),
+                                gi: i.gi,
+                                ci: i.ci,
+                                slices: i.slices,
+                                uuid: i.uuid,
+                            })
+                            .collect(),
+                    }),
+                },
             }
         })
         .collect();
@@ -240,6 +451,90 @@ impl State {
         let now = monotonic_ns();
         (now.saturating_sub(self.start_ns) as f64 / 1e9) * self.time_scale
     }
+
+    /// The live target of `handle`: a GPU index, or a MIG slot that exists (its GPU is in MIG
+    /// mode with MIG supported and has an instance there). `None` for anything else.
+    fn resolve(&self, handle: nvmlDevice_t) -> Option<Target> {
+        let target = decode_handle(handle)?;
+        match target {
+            Target::Gpu(i) => (i < self.gpus.len()).then_some(target),
+            Target::Mig { gpu, slot } => {
+                let layout = self.gpus.get(gpu)?.mig_layout()?;
+                (slot < layout.instances.len()).then_some(target)
+            }
+        }
+    }
+}
+
+/// What a MIG-aware call is given: a GPU, or one MIG instance with its parent.
+enum Dev<'a> {
+    Gpu(usize, &'a Gpu),
+    Mig {
+        gpu: usize,
+        parent: &'a Gpu,
+        inst: &'a MigInstance,
+    },
+}
+
+/// Runs `f` with the GPU or MIG device behind `handle` (INVALID_ARGUMENT for an unknown handle),
+/// applying "GPU lost" (of the parent, for a MIG device) first.
+fn with_dev(handle: nvmlDevice_t, f: impl FnOnce(Dev<'_>) -> nvmlReturn_t) -> nvmlReturn_t {
+    with_state(|s| {
+        let t = s.now_s();
+        let dev = match s.resolve(handle) {
+            None => return ERROR_INVALID_ARGUMENT,
+            Some(Target::Gpu(i)) => Dev::Gpu(i, &s.gpus[i]),
+            Some(Target::Mig { gpu, slot }) => {
+                let parent = &s.gpus[gpu];
+                let Some(inst) = parent.mig_layout().and_then(|l| l.instances.get(slot)) else {
+                    return ERROR_INVALID_ARGUMENT;
+                };
+                Dev::Mig { gpu, parent, inst }
+            }
+        };
+        let g = match &dev {
+            Dev::Gpu(_, g) => g,
+            Dev::Mig { parent, .. } => parent,
+        };
+        if g.lost_at_s.is_some_and(|l| t >= l) {
+            return ERROR_GPU_IS_LOST;
+        }
+        f(dev)
+    })
+}
+
+/// Runs `f` with the GPU behind `handle` (a MIG-aware call's GPU-only part): `on_mig` for a MIG
+/// device handle.
+fn with_parent(
+    handle: nvmlDevice_t,
+    on_mig: nvmlReturn_t,
+    f: impl FnOnce(usize, &Gpu) -> nvmlReturn_t,
+) -> nvmlReturn_t {
+    with_dev(handle, |d| match d {
+        Dev::Gpu(i, g) => f(i, g),
+        Dev::Mig { .. } => on_mig,
+    })
+}
+
+/// Runs `f` with the MIG device behind `handle`: INVALID_ARGUMENT for a GPU handle.
+fn with_mig(
+    handle: nvmlDevice_t,
+    f: impl FnOnce(usize, &MigInstance) -> nvmlReturn_t,
+) -> nvmlReturn_t {
+    with_dev(handle, |d| match d {
+        Dev::Gpu(..) => ERROR_INVALID_ARGUMENT,
+        Dev::Mig { gpu, inst, .. } => f(gpu, inst),
+    })
+}
+
+/// Writes `value` through a caller's out-pointer: INVALID_ARGUMENT when it is null.
+fn put<T>(out: *mut T, value: T) -> nvmlReturn_t {
+    if out.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    // SAFETY: non-null out-pointer from the caller, who gives room for one `T`.
+    unsafe { out.write(value) };
+    SUCCESS
 }
 
 /// Runs `f` with the initialised state, turning panics into `NVML_ERROR_UNKNOWN`.
@@ -257,24 +552,42 @@ fn with_state(f: impl FnOnce(&mut State) -> nvmlReturn_t) -> nvmlReturn_t {
     .unwrap_or(ERROR_UNKNOWN)
 }
 
-/// Runs `f` with the device behind `handle`, applying "GPU lost" first.
-fn with_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> nvmlReturn_t {
+/// Runs `f` with the GPU behind `handle`, applying "GPU lost" first. A MIG device handle gets
+/// `on_mig` (after "GPU lost" of its parent); an unknown handle INVALID_ARGUMENT.
+fn with_gpu_or(
+    handle: nvmlDevice_t,
+    on_mig: nvmlReturn_t,
+    f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t,
+) -> nvmlReturn_t {
     with_state(|s| {
-        let idx = (handle as usize).wrapping_sub(HANDLE_BASE);
         let t = s.now_s();
-        match s.gpus.get(idx) {
-            None => ERROR_INVALID_ARGUMENT,
-            Some(g) if g.lost_at_s.is_some_and(|l| t >= l) => ERROR_GPU_IS_LOST,
-            Some(g) => f(g, t),
+        let g = match s.resolve(handle) {
+            None => return ERROR_INVALID_ARGUMENT,
+            Some(Target::Gpu(i)) => &s.gpus[i],
+            Some(Target::Mig { gpu, .. }) => &s.gpus[gpu],
+        };
+        if g.lost_at_s.is_some_and(|l| t >= l) {
+            return ERROR_GPU_IS_LOST;
+        }
+        match decode_handle(handle) {
+            Some(Target::Gpu(_)) => f(g, t),
+            _ => on_mig,
         }
     })
 }
 
-/// [`with_gpu`] for the functions that read a value: also spends the GPU's `read_delay_us`,
-/// after the state lock is released.
+/// Runs `f` with the GPU behind `handle`, applying "GPU lost" first; INVALID_ARGUMENT for a
+/// MIG device handle.
+fn with_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> nvmlReturn_t {
+    with_gpu_or(handle, ERROR_INVALID_ARGUMENT, f)
+}
+
+/// [`with_gpu`] for the functions that read a value: NOT_SUPPORTED for a MIG device handle (NVML
+/// has no per-instance power or energy); also spends the GPU's `read_delay_us`, after the state
+/// lock is released.
 fn read_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> nvmlReturn_t {
     let mut delay_us = 0;
-    let rc = with_gpu(handle, |g, t| {
+    let rc = with_gpu_or(handle, ERROR_NOT_SUPPORTED, |g, t| {
         delay_us = g.read_delay_us;
         f(g, t)
     });
@@ -391,7 +704,7 @@ pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(
             return ERROR_INVALID_ARGUMENT;
         }
         // SAFETY: non-null out-pointer from the caller.
-        unsafe { *device = (HANDLE_BASE + index as usize) as *mut nvmlDevice_st };
+        unsafe { *device = gpu_handle(index as usize) };
         SUCCESS
     })
 }
@@ -410,7 +723,7 @@ pub extern "C" fn nvmlDeviceGetHandleByUUID(
         match s.gpus.iter().position(|g| g.uuid == wanted) {
             Some(i) => {
                 // SAFETY: non-null out-pointer from the caller.
-                unsafe { *device = (HANDLE_BASE + i) as *mut nvmlDevice_st };
+                unsafe { *device = gpu_handle(i) };
                 SUCCESS
             }
             None => ERROR_NOT_FOUND,
@@ -436,7 +749,10 @@ pub extern "C" fn nvmlDeviceGetUUID(
     uuid: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |g, _| write_cstr(uuid, length, &g.uuid))
+    with_dev(device, |d| match d {
+        Dev::Gpu(_, g) => write_cstr(uuid, length, &g.uuid),
+        Dev::Mig { inst, .. } => write_cstr(uuid, length, &inst.uuid),
+    })
 }
 
 #[no_mangle]
@@ -445,7 +761,14 @@ pub extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
-    with_gpu(device, |g, _| write_cstr(name, length, &g.name))
+    with_dev(device, |d| match d {
+        Dev::Gpu(_, g) => write_cstr(name, length, &g.name),
+        Dev::Mig { parent, inst, .. } => write_cstr(
+            name,
+            length,
+            &format!("{} MIG {}", parent.name, inst.profile),
+        ),
+    })
 }
 
 #[no_mangle]
@@ -623,4 +946,591 @@ pub extern "C" fn nvmlDeviceGetProcessUtilization(
         }
         SUCCESS
     })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMigMode(
+    device: nvmlDevice_t,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> nvmlReturn_t {
+    with_parent(device, ERROR_INVALID_ARGUMENT, |_, g| {
+        if current.is_null() || pending.is_null() {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        let mode = match g.mig {
+            MigState::Unsupported => return ERROR_NOT_SUPPORTED,
+            MigState::Disabled => NVML_DEVICE_MIG_DISABLE,
+            MigState::Enabled(_) => NVML_DEVICE_MIG_ENABLE,
+        };
+        put(current, mode);
+        put(pending, mode)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    with_parent(device, ERROR_INVALID_ARGUMENT, |_, g| match &g.mig {
+        MigState::Unsupported => ERROR_NOT_SUPPORTED,
+        MigState::Disabled => put(count, 0),
+        MigState::Enabled(l) => put(count, l.total_slices),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    with_parent(device, ERROR_INVALID_ARGUMENT, |i, g| {
+        if mig.is_null() {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        let index = index as usize;
+        match &g.mig {
+            MigState::Unsupported => ERROR_NOT_SUPPORTED,
+            MigState::Disabled => ERROR_INVALID_ARGUMENT,
+            MigState::Enabled(l) if index < l.instances.len() => put(mig, mig_handle(i, index)),
+            MigState::Enabled(l) if index < l.total_slices as usize => ERROR_NOT_FOUND,
+            MigState::Enabled(_) => ERROR_INVALID_ARGUMENT,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceIsMigDeviceHandle(
+    device: nvmlDevice_t,
+    is_mig: *mut c_uint,
+) -> nvmlReturn_t {
+    with_dev(device, |d| match d {
+        Dev::Gpu(_, g) if matches!(g.mig, MigState::Unsupported) => ERROR_NOT_SUPPORTED,
+        Dev::Gpu(..) => put(is_mig, 0),
+        Dev::Mig { .. } => put(is_mig, 1),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(
+    mig: nvmlDevice_t,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    with_mig(mig, |gpu, _| put(device, gpu_handle(gpu)))
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetGpuInstanceId(mig: nvmlDevice_t, id: *mut c_uint) -> nvmlReturn_t {
+    with_mig(mig, |_, inst| put(id, inst.gi))
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetComputeInstanceId(
+    mig: nvmlDevice_t,
+    id: *mut c_uint,
+) -> nvmlReturn_t {
+    with_mig(mig, |_, inst| put(id, inst.ci))
+}
+
+/// Attributes of a MIG device (slice counts, SMs, memory); NOT_SUPPORTED on a GPU.
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetAttributes_v2(
+    device: nvmlDevice_t,
+    attributes: *mut nvmlDeviceAttributes_t,
+) -> nvmlReturn_t {
+    with_dev(device, |d| match d {
+        Dev::Gpu(..) => ERROR_NOT_SUPPORTED,
+        Dev::Mig { inst, .. } => put(
+            attributes,
+            nvmlDeviceAttributes_t {
+                multiprocessorCount: SMS_PER_SLICE * inst.slices,
+                sharedCopyEngineCount: 1,
+                sharedDecoderCount: 0,
+                sharedEncoderCount: 0,
+                sharedJpegCount: 0,
+                sharedOfaCount: 0,
+                gpuInstanceSliceCount: inst.slices,
+                computeInstanceSliceCount: inst.slices,
+                memorySizeMB: MB_PER_SLICE * u64::from(inst.slices),
+            },
+        ),
+    })
+}
+
+/// GPU instance profile info of a GPU in MIG mode (see the module docs for which exist).
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(
+    device: nvmlDevice_t,
+    profile: c_uint,
+    info: *mut nvmlGpuInstanceProfileInfo_t,
+) -> nvmlReturn_t {
+    with_parent(device, ERROR_INVALID_ARGUMENT, |_, g| {
+        if info.is_null() || profile >= NVML_GPU_INSTANCE_PROFILE_COUNT {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        let Some(layout) = g.mig_layout() else {
+            return ERROR_NOT_SUPPORTED;
+        };
+        let total = layout.total_slices;
+        let slices = GI_PROFILES
+            .iter()
+            .find(|&&(id, _)| id == profile)
+            .map(|&(_, n)| n)
+            .filter(|&n| n <= total && (n <= 4 || n == total));
+        let Some(slices) = slices else {
+            return ERROR_NOT_SUPPORTED;
+        };
+        put(
+            info,
+            nvmlGpuInstanceProfileInfo_t {
+                id: profile,
+                isP2pSupported: 0,
+                sliceCount: slices,
+                instanceCount: total / slices,
+                multiprocessorCount: SMS_PER_SLICE * slices,
+                copyEngineCount: 1,
+                decoderCount: 0,
+                encoderCount: 0,
+                jpegCount: 0,
+                ofaCount: 0,
+                memorySizeMB: MB_PER_SLICE * u64::from(slices),
+            },
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr::null_mut;
+    use std::sync::MutexGuard;
+
+    /// The library state is global: tests that touch it run one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(state: Option<State>) {
+        *STATE.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// Installs `json` as the initialised library state.
+    fn install(json: &str) -> MutexGuard<'static, ()> {
+        let guard = serial();
+        let mut state = build_state(parse_scenario(json).expect("valid scenario"));
+        state.refcount = 1;
+        set_state(Some(state));
+        guard
+    }
+
+    const MIG_UUID_1: &str = "MIG-11111111-1111-1111-1111-111111111111";
+    const MIG_UUID_2: &str = "MIG-22222222-2222-2222-2222-222222222222";
+
+    /// GPU 0: MIG, 7 slices, GI 1 (3 slices, CI 0) and GI 2 (2 slices, CI 1), 4 slots empty;
+    /// GPU 1: MIG disabled; GPU 2: no MIG support; GPU 3: MIG, lost from the start.
+    fn scenario() -> String {
+        format!(
+            r#"{{ "gpus": [
+              {{ "uuid": "GPU-0", "name": "Fake A100", "minor": 0,
+                 "profile": {{"kind": "constant", "watts": 100}},
+                 "mig": {{ "total_slices": 7, "instances": [
+                   {{"gi": 1, "ci": 0, "slices": 3, "uuid": "{MIG_UUID_1}", "profile": "3g.40gb"}},
+                   {{"gi": 2, "ci": 1, "slices": 2, "uuid": "{MIG_UUID_2}"}} ] }} }},
+              {{ "uuid": "GPU-1", "minor": 1, "profile": {{"kind": "constant", "watts": 50}} }},
+              {{ "uuid": "GPU-2", "minor": 2, "profile": {{"kind": "constant", "watts": 50}},
+                 "unsupported": ["mig"] }},
+              {{ "uuid": "GPU-3", "minor": 3, "profile": {{"kind": "constant", "watts": 50}},
+                 "lost_at_s": 0.0,
+                 "mig": {{ "total_slices": 4, "instances": [
+                   {{"gi": 5, "slices": 4, "uuid": "MIG-3"}} ] }} }} ] }}"#
+        )
+    }
+
+    fn handle(index: u32) -> nvmlDevice_t {
+        let mut h = null_mut();
+        assert_eq!(nvmlDeviceGetHandleByIndex_v2(index, &mut h), SUCCESS);
+        h
+    }
+
+    fn mig_by_index(gpu: nvmlDevice_t, index: u32) -> Result<nvmlDevice_t, nvmlReturn_t> {
+        let mut h = null_mut();
+        match nvmlDeviceGetMigDeviceHandleByIndex(gpu, index, &mut h) {
+            SUCCESS => Ok(h),
+            rc => Err(rc),
+        }
+    }
+
+    fn mig_mode(dev: nvmlDevice_t) -> Result<(u32, u32), nvmlReturn_t> {
+        let (mut cur, mut pending) = (9, 9);
+        match nvmlDeviceGetMigMode(dev, &mut cur, &mut pending) {
+            SUCCESS => Ok((cur, pending)),
+            rc => Err(rc),
+        }
+    }
+
+    fn uint(
+        f: extern "C" fn(nvmlDevice_t, *mut c_uint) -> nvmlReturn_t,
+        dev: nvmlDevice_t,
+    ) -> Result<u32, nvmlReturn_t> {
+        let mut v = 0;
+        match f(dev, &mut v) {
+            SUCCESS => Ok(v),
+            rc => Err(rc),
+        }
+    }
+
+    fn string(
+        f: extern "C" fn(nvmlDevice_t, *mut c_char, c_uint) -> nvmlReturn_t,
+        dev: nvmlDevice_t,
+    ) -> Result<String, nvmlReturn_t> {
+        let mut buf = [0 as c_char; 96];
+        match f(dev, buf.as_mut_ptr(), buf.len() as c_uint) {
+            // SAFETY: on success the buffer holds a NUL-terminated string.
+            SUCCESS => Ok(unsafe { CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()),
+            rc => Err(rc),
+        }
+    }
+
+    fn attributes(dev: nvmlDevice_t) -> Result<nvmlDeviceAttributes_t, nvmlReturn_t> {
+        // SAFETY: plain integers; all-zero is valid.
+        let mut a: nvmlDeviceAttributes_t = unsafe { std::mem::zeroed() };
+        match nvmlDeviceGetAttributes_v2(dev, &mut a) {
+            SUCCESS => Ok(a),
+            rc => Err(rc),
+        }
+    }
+
+    fn profile_info(
+        dev: nvmlDevice_t,
+        profile: u32,
+    ) -> Result<nvmlGpuInstanceProfileInfo_t, nvmlReturn_t> {
+        // SAFETY: plain integers; all-zero is valid.
+        let mut i: nvmlGpuInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+        match nvmlDeviceGetGpuInstanceProfileInfo(dev, profile, &mut i) {
+            SUCCESS => Ok(i),
+            rc => Err(rc),
+        }
+    }
+
+    fn energy(dev: nvmlDevice_t) -> Result<u64, nvmlReturn_t> {
+        let mut e = 0;
+        match nvmlDeviceGetTotalEnergyConsumption(dev, &mut e) {
+            SUCCESS => Ok(e),
+            rc => Err(rc),
+        }
+    }
+
+    #[test]
+    fn mig_gpu_enumerates_its_instances() {
+        let _g = install(&scenario());
+        let gpu = handle(0);
+        assert_eq!(mig_mode(gpu), Ok((1, 1)));
+        assert_eq!(uint(nvmlDeviceGetMaxMigDeviceCount, gpu), Ok(7));
+        assert_eq!(uint(nvmlDeviceIsMigDeviceHandle, gpu), Ok(0));
+
+        let m1 = mig_by_index(gpu, 0).expect("slot 0");
+        let m2 = mig_by_index(gpu, 1).expect("slot 1");
+        for empty in 2..7 {
+            assert_eq!(
+                mig_by_index(gpu, empty),
+                Err(ERROR_NOT_FOUND),
+                "slot {empty}"
+            );
+        }
+        assert_eq!(mig_by_index(gpu, 7), Err(ERROR_INVALID_ARGUMENT));
+        assert_ne!(m1, m2);
+        for g in 0..4 {
+            assert!(m1 != handle(g) && m2 != handle(g));
+        }
+
+        for (m, gi, ci, slices, uuid, name) in [
+            (m1, 1, 0, 3, MIG_UUID_1, "Fake A100 MIG 3g.40gb"),
+            (m2, 2, 1, 2, MIG_UUID_2, "Fake A100 MIG 2g"),
+        ] {
+            assert_eq!(uint(nvmlDeviceIsMigDeviceHandle, m), Ok(1));
+            let mut parent = null_mut();
+            assert_eq!(
+                nvmlDeviceGetDeviceHandleFromMigDeviceHandle(m, &mut parent),
+                SUCCESS
+            );
+            assert_eq!(parent, gpu);
+            assert_eq!(uint(nvmlDeviceGetGpuInstanceId, m), Ok(gi));
+            assert_eq!(uint(nvmlDeviceGetComputeInstanceId, m), Ok(ci));
+            let a = attributes(m).expect("attributes");
+            assert_eq!(a.gpuInstanceSliceCount, slices);
+            assert_eq!(a.computeInstanceSliceCount, slices);
+            assert_eq!(a.multiprocessorCount, 16 * slices);
+            assert_eq!(a.memorySizeMB, 10_240 * u64::from(slices));
+            assert_eq!(string(nvmlDeviceGetUUID, m).as_deref(), Ok(uuid));
+            assert_eq!(string(nvmlDeviceGetName, m).as_deref(), Ok(name));
+
+            // GPU-only calls refuse a MIG handle rather than misreading it as a GPU index.
+            assert_eq!(mig_mode(m), Err(ERROR_INVALID_ARGUMENT));
+            assert_eq!(
+                uint(nvmlDeviceGetMaxMigDeviceCount, m),
+                Err(ERROR_INVALID_ARGUMENT)
+            );
+            assert_eq!(mig_by_index(m, 0), Err(ERROR_INVALID_ARGUMENT));
+            assert_eq!(profile_info(m, 0).map(|_| ()), Err(ERROR_INVALID_ARGUMENT));
+            assert_eq!(uint(nvmlDeviceGetIndex, m), Err(ERROR_INVALID_ARGUMENT));
+            assert_eq!(
+                uint(nvmlDeviceGetMinorNumber, m),
+                Err(ERROR_INVALID_ARGUMENT)
+            );
+            // SAFETY: plain integers and char arrays; all-zero is valid.
+            let mut pci: nvmlPciInfo_t = unsafe { std::mem::zeroed() };
+            assert_eq!(nvmlDeviceGetPciInfo_v3(m, &mut pci), ERROR_INVALID_ARGUMENT);
+        }
+
+        // The parent: no attributes; GI/CI ids are for MIG handles only.
+        assert_eq!(attributes(gpu).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(
+            uint(nvmlDeviceGetGpuInstanceId, gpu),
+            Err(ERROR_INVALID_ARGUMENT)
+        );
+        assert_eq!(
+            uint(nvmlDeviceGetComputeInstanceId, gpu),
+            Err(ERROR_INVALID_ARGUMENT)
+        );
+        let mut parent = null_mut();
+        assert_eq!(
+            nvmlDeviceGetDeviceHandleFromMigDeviceHandle(gpu, &mut parent),
+            ERROR_INVALID_ARGUMENT
+        );
+        assert_eq!(string(nvmlDeviceGetUUID, gpu).as_deref(), Ok("GPU-0"));
+        assert_eq!(string(nvmlDeviceGetName, gpu).as_deref(), Ok("Fake A100"));
+        assert_eq!(uint(nvmlDeviceGetIndex, gpu), Ok(0));
+    }
+
+    #[test]
+    fn profile_info_follows_total_slices() {
+        let _g = install(&scenario());
+        let gpu = handle(0);
+        let supported: Vec<(u32, u32, u32)> = (0..NVML_GPU_INSTANCE_PROFILE_COUNT)
+            .filter_map(|p| profile_info(gpu, p).ok())
+            .map(|i| (i.id, i.sliceCount, i.instanceCount))
+            .collect();
+        assert_eq!(
+            supported,
+            [
+                (NVML_GPU_INSTANCE_PROFILE_1_SLICE, 1, 7),
+                (NVML_GPU_INSTANCE_PROFILE_2_SLICE, 2, 3),
+                (NVML_GPU_INSTANCE_PROFILE_3_SLICE, 3, 2),
+                (NVML_GPU_INSTANCE_PROFILE_4_SLICE, 4, 1),
+                (NVML_GPU_INSTANCE_PROFILE_7_SLICE, 7, 1),
+            ]
+        );
+        let max = supported.iter().map(|&(_, n, _)| n).max();
+        assert_eq!(max, Some(7), "the largest profile is the whole GPU");
+        let three = profile_info(gpu, NVML_GPU_INSTANCE_PROFILE_3_SLICE).unwrap();
+        assert_eq!(three.multiprocessorCount, 48);
+        assert_eq!(three.memorySizeMB, 30_720);
+        for p in [
+            NVML_GPU_INSTANCE_PROFILE_8_SLICE,
+            NVML_GPU_INSTANCE_PROFILE_6_SLICE,
+        ] {
+            assert_eq!(profile_info(gpu, p).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        }
+        assert_eq!(
+            profile_info(gpu, NVML_GPU_INSTANCE_PROFILE_COUNT).map(|_| ()),
+            Err(ERROR_INVALID_ARGUMENT)
+        );
+        assert_eq!(
+            nvmlDeviceGetGpuInstanceProfileInfo(gpu, 0, null_mut()),
+            ERROR_INVALID_ARGUMENT
+        );
+    }
+
+    #[test]
+    fn non_mig_gpu_reports_mig_disabled() {
+        let _g = install(&scenario());
+        let gpu = handle(1);
+        assert_eq!(mig_mode(gpu), Ok((0, 0)));
+        assert_eq!(uint(nvmlDeviceGetMaxMigDeviceCount, gpu), Ok(0));
+        assert_eq!(uint(nvmlDeviceIsMigDeviceHandle, gpu), Ok(0));
+        assert_eq!(mig_by_index(gpu, 0), Err(ERROR_INVALID_ARGUMENT));
+        assert_eq!(profile_info(gpu, 0).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(attributes(gpu).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(
+            uint(nvmlDeviceGetGpuInstanceId, gpu),
+            Err(ERROR_INVALID_ARGUMENT)
+        );
+        // A forged MIG handle on a GPU without MIG is no device.
+        let forged = mig_handle(1, 0);
+        assert_eq!(
+            string(nvmlDeviceGetUUID, forged),
+            Err(ERROR_INVALID_ARGUMENT)
+        );
+        assert_eq!(energy(forged), Err(ERROR_INVALID_ARGUMENT));
+    }
+
+    #[test]
+    fn mig_unsupported_answers_not_supported() {
+        let _g = install(&scenario());
+        let gpu = handle(2);
+        assert_eq!(mig_mode(gpu), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(
+            uint(nvmlDeviceGetMaxMigDeviceCount, gpu),
+            Err(ERROR_NOT_SUPPORTED)
+        );
+        assert_eq!(
+            uint(nvmlDeviceIsMigDeviceHandle, gpu),
+            Err(ERROR_NOT_SUPPORTED)
+        );
+        assert_eq!(mig_by_index(gpu, 0), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(profile_info(gpu, 0).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        assert_eq!(attributes(gpu).map(|_| ()), Err(ERROR_NOT_SUPPORTED));
+        // The GPU itself still works.
+        assert!(energy(gpu).is_ok());
+    }
+
+    #[test]
+    fn mig_handles_have_no_readings_but_the_parent_has() {
+        let _g = install(&scenario());
+        let gpu = handle(0);
+        let mig = mig_by_index(gpu, 0).unwrap();
+
+        assert_eq!(energy(mig), Err(ERROR_NOT_SUPPORTED));
+        let mut mw = 0;
+        assert_eq!(nvmlDeviceGetPowerUsage(mig, &mut mw), ERROR_NOT_SUPPORTED);
+        // SAFETY: plain data; all-zero is valid.
+        let mut fv: nvmlFieldValue_t = unsafe { std::mem::zeroed() };
+        fv.fieldId = field_id::NVML_FI_DEV_POWER_INSTANT;
+        assert_eq!(
+            nvmlDeviceGetFieldValues(mig, 1, &mut fv),
+            ERROR_NOT_SUPPORTED
+        );
+        let mut n = 0;
+        assert_eq!(
+            nvmlDeviceGetProcessUtilization(mig, null_mut(), &mut n, 0),
+            ERROR_NOT_SUPPORTED
+        );
+
+        assert!(energy(gpu).is_ok());
+        assert_eq!(nvmlDeviceGetPowerUsage(gpu, &mut mw), SUCCESS);
+        assert_eq!(mw, 100_000, "the parent reports the whole board");
+        assert_eq!(nvmlDeviceGetFieldValues(gpu, 1, &mut fv), SUCCESS);
+        assert_eq!(fv.nvmlReturn, SUCCESS);
+    }
+
+    #[test]
+    fn bogus_and_lost_handles() {
+        let _g = install(&scenario());
+        let gpu = handle(0);
+        // An empty slot, a slot past the layout, a GPU past the list, no handle at all.
+        for h in [
+            mig_handle(0, 2),
+            mig_handle(0, 200),
+            mig_handle(9, 0),
+            null_mut(),
+            (HANDLE_BASE + 4) as nvmlDevice_t,
+        ] {
+            assert_eq!(string(nvmlDeviceGetUUID, h), Err(ERROR_INVALID_ARGUMENT));
+            assert_eq!(
+                uint(nvmlDeviceIsMigDeviceHandle, h),
+                Err(ERROR_INVALID_ARGUMENT)
+            );
+            assert_eq!(energy(h), Err(ERROR_INVALID_ARGUMENT));
+        }
+        // Null out-pointers.
+        assert_eq!(
+            nvmlDeviceGetMigDeviceHandleByIndex(gpu, 0, null_mut()),
+            ERROR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            nvmlDeviceGetMaxMigDeviceCount(gpu, null_mut()),
+            ERROR_INVALID_ARGUMENT
+        );
+        // A lost GPU takes its MIG devices with it (handle made directly: the GPU is lost).
+        let lost_mig = mig_handle(3, 0);
+        assert_eq!(mig_mode(handle(3)), Err(ERROR_GPU_IS_LOST));
+        assert_eq!(
+            uint(nvmlDeviceGetGpuInstanceId, lost_mig),
+            Err(ERROR_GPU_IS_LOST)
+        );
+        assert_eq!(energy(lost_mig), Err(ERROR_GPU_IS_LOST));
+    }
+
+    #[test]
+    fn bad_mig_layouts_are_rejected() {
+        let gpu = |mig: &str| {
+            format!(
+                r#"{{"gpus": [{{"uuid": "GPU-0", "minor": 0,
+                    "profile": {{"kind": "constant", "watts": 1}}, "mig": {mig}}}]}}"#
+            )
+        };
+        let inst = |gi: u32, slices: u32| {
+            format!(r#"{{"gi": {gi}, "slices": {slices}, "uuid": "MIG-{gi}"}}"#)
+        };
+        let ok = gpu(&format!(
+            r#"{{"total_slices": 7, "instances": [{}, {}]}}"#,
+            inst(1, 4),
+            inst(2, 3)
+        ));
+        assert!(parse_scenario(&ok).is_ok());
+        for (what, mig) in [
+            ("no slices", r#"{"total_slices": 0}"#.to_string()),
+            ("too many slices", r#"{"total_slices": 257}"#.to_string()),
+            (
+                "over-full",
+                format!(
+                    r#"{{"total_slices": 7, "instances": [{}, {}]}}"#,
+                    inst(1, 4),
+                    inst(2, 4)
+                ),
+            ),
+            (
+                "empty instance",
+                format!(r#"{{"total_slices": 7, "instances": [{}]}}"#, inst(1, 0)),
+            ),
+            (
+                "duplicate gi",
+                format!(
+                    r#"{{"total_slices": 7, "instances": [{}, {}]}}"#,
+                    inst(1, 1),
+                    inst(1, 2)
+                ),
+            ),
+            (
+                "unknown field",
+                r#"{"total_slices": 7, "instances": [], "mode": 1}"#.to_string(),
+            ),
+            (
+                "missing uuid",
+                r#"{"total_slices": 7, "instances": [{"gi": 1, "slices": 1}]}"#.to_string(),
+            ),
+        ] {
+            assert!(parse_scenario(&gpu(&mig)).is_err(), "{what} accepted");
+        }
+    }
+
+    /// Through the real load path: a bad layout fails init, a good one initialises.
+    #[test]
+    fn init_loads_and_checks_the_mig_layout() {
+        let _g = serial();
+        let dir = std::env::temp_dir().join(format!("fake-nvml-mig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("scenario.json");
+        std::env::set_var("FAKE_NVML_SCENARIO", &path);
+
+        let bad = scenario().replace(r#""gi": 2"#, r#""gi": 1"#);
+        std::fs::write(&path, bad).unwrap();
+        set_state(None);
+        assert_eq!(nvmlInit_v2(), ERROR_DRIVER_NOT_LOADED);
+
+        std::fs::write(&path, scenario()).unwrap();
+        assert_eq!(nvmlInit_v2(), SUCCESS);
+        assert_eq!(uint(nvmlDeviceGetMaxMigDeviceCount, handle(0)), Ok(7));
+        assert_eq!(nvmlShutdown(), SUCCESS);
+
+        set_state(None);
+        std::env::remove_var("FAKE_NVML_SCENARIO");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
