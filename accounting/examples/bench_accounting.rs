@@ -20,6 +20,10 @@
 //!
 //! Prints a table and, with `--json PATH`, appends one JSON object per size to PATH.
 //!
+//! `ergon run` pipelines collection and upload; with `ERGON_BENCH_SEQUENTIAL` set in the
+//! environment the child runs use the sequential path instead (`RunOptions::sequential`: collect
+//! everything, save the whole state, then upload), for comparison.
+//!
 //! ```text
 //! bench_accounting [--jobs N] [--sizes lean,realistic,realistic-v1] [--json PATH]
 //! ```
@@ -412,6 +416,7 @@ fn child_run(config_path: &Path) {
         RunOptions {
             dry_run: false,
             progress: false,
+            sequential: std::env::var_os("ERGON_BENCH_SEQUENTIAL").is_some(),
         },
     )
     .expect("ergon run");
@@ -438,6 +443,10 @@ fn child_run(config_path: &Path) {
             "state_saves": t.state_saves,
             "state_save_s": t.state_save_time.as_secs_f64(),
             "state_bytes_max": t.state_bytes_max,
+            "pipelined": t.pipelined,
+            "journal_bytes": t.journal_bytes,
+            "journal_syncs": t.journal_syncs,
+            "journal_s": t.journal_time.as_secs_f64(),
             "run_s": t.total.as_secs_f64(),
             "user_cpu_s": cpu(usage.ru_utime),
             "sys_cpu_s": cpu(usage.ru_stime),

@@ -343,16 +343,6 @@ struct Listed {
     mtime: SystemTime,
 }
 
-/// What became of a listed file.
-enum Outcome {
-    /// Not (yet) read: known from the index, or not needed.
-    Unread,
-    /// Gone, unreadable or quarantined: not a manifest of any job this run.
-    Dropped,
-    /// Read and verified.
-    Good(Box<Manifest>),
-}
-
 /// Read every `*.json` file directly in each spool directory (temporary files that ergond is
 /// still writing, `.*` and `*.tmp`, are skipped), verify it, quarantine the bad ones, and group the
 /// good ones by job. Jobs with a manifest modified less than `settle` ago are left out (counted in
@@ -367,17 +357,404 @@ enum Outcome {
 /// except a requeued job that ran again on the same node, which a person should look at).
 ///
 /// With `quarantine` `None` (a dry run) bad manifests are reported but not moved.
+///
+/// This is [`scan_streaming`] without peeking: every new file is read before any job is
+/// grouped, and the jobs are returned together in [`Scan::jobs`].
 pub fn scan_indexed(
     spools: &[PathBuf],
     quarantine: Option<&Path>,
     settle: Duration,
     index: &SpoolIndex,
 ) -> std::io::Result<Scan> {
-    use std::os::unix::fs::MetadataExt as _;
+    let mut jobs = BTreeMap::new();
+    let mut scan = scan_streaming(spools, quarantine, settle, index, false, |found| {
+        if let Streamed::Job(job, manifests) = found {
+            jobs.insert(job, manifests);
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
+    scan.jobs = jobs;
+    Ok(scan)
+}
 
+/// What [`scan_streaming`] hands its caller while it scans.
+#[derive(Debug)]
+pub enum Streamed {
+    /// Sent once, before any job: how many jobs the scan expects to hand over (the jobs with a
+    /// new file that have settled, as far as known before reading the files).
+    Planned(usize),
+    /// A job whose files in this scan have all been read: every verified manifest of it, one per
+    /// node (as in [`Scan::jobs`]). Each job is handed over at most once per scan.
+    Job(String, Vec<FoundManifest>),
+}
+
+/// Where a listed file stands.
+enum Outcome {
+    /// Not (yet) read: known from the index, or not needed.
+    Unread,
+    /// Gone, unreadable or quarantined: not a manifest of any job this run.
+    Dropped,
+    /// Read and verified.
+    Good(Box<Manifest>),
+    /// Read and verified, and handed over in its job.
+    Taken,
+    /// Read and verified, but of a job already handed over (its head named another job): left
+    /// for the next run, which combines the job again with it. Not indexed.
+    Late,
+}
+
+/// [`scan_indexed`], handing each job to `on` as soon as all of its files have been read, so
+/// that the caller can deliver the first jobs while later files are still being read.
+///
+/// **Grouping.** A job must be handed over with all its manifests in the spools, so the scan
+/// must know which files belong to a job before it has read them all. It knows it for files in
+/// the index (the job is in the entry) and, with `peek`, for new files from their first bytes
+/// (`"cluster"` and `"job_id"`, which ergond writes near the top: [`peek_job`]); a file whose
+/// head does not say is read before anything is handed over. The files are then read in spool
+/// order, and a job is handed over when the last of its files has been read and verified (for
+/// ergond's file names, `<cluster>-<job>-<node>.json`, a job's files are next to each other in
+/// a spool). The job a file really belongs to is taken from its verified content, as without
+/// peeking: a file whose head named another job joins its real job; if that job was already
+/// handed over in this scan the file is left for the next run ([`Outcome::Late`]: not indexed,
+/// so the next run reads it and combines the job again, as for a late node manifest). Files
+/// whose content cannot disagree with their heads (ergond's) never take that path.
+///
+/// Jobs that could not be handed over while reading (a head that named another job, or a job
+/// spread over several spools) are handed over at the end. The return value is as for
+/// [`scan_indexed`], with [`Scan::jobs`] empty. An error from `on` stops the scan and is
+/// returned.
+pub fn scan_streaming<E: From<std::io::Error>>(
+    spools: &[PathBuf],
+    quarantine: Option<&Path>,
+    settle: Duration,
+    index: &SpoolIndex,
+    peek: bool,
+    mut on: impl FnMut(Streamed) -> Result<(), E>,
+) -> Result<Scan, E> {
     let mut scan = Scan::default();
     // 1. List, in spool order then name order (the order decides between two manifests of
     //    one node), with the size and modification time taken before any read.
+    let files = list(spools)?;
+    let indexed = |f: &Listed| f.key.as_ref().and_then(|k| index.get(k));
+    let unchanged =
+        |f: &Listed| indexed(f).filter(|e| e.size == f.size && e.mtime_ns == f.mtime_ns);
+    let n = files.len();
+    let mut outcome: Vec<Outcome> = (0..n).map(|_| Outcome::Unread).collect();
+    // The job of each file, by content: from the index for unchanged files, from the verified
+    // manifest for the files read. `None` until known.
+    let mut job_of: Vec<Option<String>> = files
+        .iter()
+        .map(|f| unchanged(f).map(|e| e.job.clone()))
+        .collect();
+    let mut hash_of: Vec<Option<String>> = vec![None; n];
+    let to_read: Vec<usize> = (0..n).filter(|&i| job_of[i].is_none()).collect();
+
+    // 2. The job each file to read is expected to hold: a changed file in the index holds the
+    //    job of its entry (or it fails verification against the entry's hash and is
+    //    quarantined); a new file, what its head says (with `peek`).
+    let mut hint: Vec<Option<String>> = vec![None; n];
+    for &i in &to_read {
+        hint[i] = indexed(&files[i]).map(|e| e.job.clone());
+    }
+    if peek {
+        let new: Vec<usize> = to_read
+            .iter()
+            .copied()
+            .filter(|&i| hint[i].is_none())
+            .collect();
+        let paths: Vec<&Path> = new.iter().map(|&i| files[i].path.as_path()).collect();
+        parallel_each(
+            paths.len(),
+            |k| peek_job(paths[k]),
+            |k, job| {
+                hint[new[k]] = job;
+                Ok::<(), std::io::Error>(())
+            },
+        )?;
+    }
+
+    let mut reads = 0usize;
+    // Read a file and record what it holds.
+    let mut take = |scan: &mut Scan,
+                    i: usize,
+                    read: Read,
+                    outcome: &mut [Outcome],
+                    job_of: &mut [Option<String>],
+                    hash_of: &mut [Option<String>]|
+     -> std::io::Result<()> {
+        let f = &files[i];
+        reads += 1;
+        match check(scan, f, read, indexed(f), quarantine)? {
+            Some(manifest) => {
+                job_of[i] = Some(job_key(&manifest.cluster, manifest.job.job_id));
+                hash_of[i] = Some(manifest.content_hash.clone());
+                outcome[i] = Outcome::Good(Box::new(manifest));
+            }
+            None => outcome[i] = Outcome::Dropped,
+        }
+        Ok(())
+    };
+
+    // 3. Read the files whose job is not known at all (without `peek`: every file to read).
+    let blind: Vec<usize> = to_read
+        .iter()
+        .copied()
+        .filter(|&i| hint[i].is_none())
+        .collect();
+    let paths: Vec<&Path> = blind.iter().map(|&i| files[i].path.as_path()).collect();
+    parallel_each(
+        paths.len(),
+        |k| read_one(paths[k]),
+        |k, read| {
+            take(
+                &mut scan,
+                blind[k],
+                read,
+                &mut outcome,
+                &mut job_of,
+                &mut hash_of,
+            )
+        },
+    )?;
+
+    // 4. Plan: the jobs with a new file (as far as known), those that have settled (a job is
+    //    collected once its newest file is `settle` old), and for these the files still to
+    //    read: their unread new files and their files in the index, to combine them.
+    let now = SystemTime::now();
+    let is_settled = |newest: SystemTime| now.duration_since(newest).is_ok_and(|a| a >= settle);
+    let expected =
+        |i: usize, job_of: &[Option<String>]| job_of[i].clone().or_else(|| hint[i].clone());
+    let mut newest: BTreeMap<String, SystemTime> = BTreeMap::new();
+    let mut affected: BTreeSet<String> = BTreeSet::new();
+    for (i, f) in files.iter().enumerate() {
+        if indexed(f).is_none() && !matches!(outcome[i], Outcome::Dropped) {
+            if let Some(job) = expected(i, &job_of) {
+                affected.insert(job);
+            }
+        }
+    }
+    for (i, f) in files.iter().enumerate() {
+        if matches!(outcome[i], Outcome::Dropped) {
+            continue;
+        }
+        if let Some(job) = expected(i, &job_of).filter(|j| affected.contains(j)) {
+            let t = newest.entry(job).or_insert(f.mtime);
+            *t = (*t).max(f.mtime);
+        }
+    }
+    let planned: BTreeSet<String> = newest
+        .into_iter()
+        .filter(|(_, t)| is_settled(*t))
+        .map(|(job, _)| job)
+        .collect();
+    let plan: Vec<usize> = (0..n)
+        .filter(|&i| match outcome[i] {
+            Outcome::Unread => {
+                job_of[i].is_none() || job_of[i].as_ref().is_some_and(|j| planned.contains(j))
+            }
+            _ => false,
+        })
+        .collect();
+    // The files of each planned job still to read.
+    let mut remaining: BTreeMap<String, usize> = planned.iter().map(|j| (j.clone(), 0)).collect();
+    for &i in &plan {
+        if let Some(r) = expected(i, &job_of).and_then(|j| remaining.get_mut(&j)) {
+            *r += 1;
+        }
+    }
+    on(Streamed::Planned(planned.len()))?;
+
+    // The files of each job by content, in listing order (known ones now, read ones as read).
+    let mut files_of: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, job) in job_of.iter().enumerate() {
+        if let Some(job) = job {
+            files_of.entry(job.clone()).or_default().push(i);
+        }
+    }
+    let mut handed: BTreeSet<String> = BTreeSet::new();
+    // Hand `job` over if it has a new file and has settled, judged on the files it holds
+    // (some files may have been quarantined, or may have turned out to be of another job).
+    let hand = |job: &str,
+                files_of: &BTreeMap<String, Vec<usize>>,
+                outcome: &mut [Outcome],
+                handed: &mut BTreeSet<String>|
+     -> Option<Vec<FoundManifest>> {
+        let mine = files_of.get(job)?;
+        let live = || {
+            mine.iter()
+                .filter(|&&i| matches!(outcome[i], Outcome::Unread | Outcome::Good(_)))
+        };
+        let new = live().any(|&i| indexed(&files[i]).is_none());
+        let newest = live().map(|&i| files[i].mtime).max()?;
+        if !new || !is_settled(newest) {
+            return None;
+        }
+        let mut found = Scan::default();
+        for &i in mine {
+            if let Outcome::Good(_) = outcome[i] {
+                let Outcome::Good(m) = std::mem::replace(&mut outcome[i], Outcome::Taken) else {
+                    unreachable!()
+                };
+                add_found(&mut found, job, files[i].path.clone(), *m);
+            }
+        }
+        handed.insert(job.to_owned());
+        found.jobs.remove(job)
+    };
+
+    // Jobs with nothing left to read go at once.
+    let ready: Vec<String> = remaining
+        .iter()
+        .filter(|(_, r)| **r == 0)
+        .map(|(j, _)| j.clone())
+        .collect();
+    for job in ready {
+        if let Some(found) = hand(&job, &files_of, &mut outcome, &mut handed) {
+            on(Streamed::Job(job, found))?;
+        }
+    }
+
+    // 5. Read the plan in listing order; hand each job over when its last file is in.
+    let paths: Vec<&Path> = plan.iter().map(|&i| files[i].path.as_path()).collect();
+    parallel_each(
+        paths.len(),
+        |k| read_one(paths[k]),
+        |k, read| -> Result<(), E> {
+            let i = plan[k];
+            let expected_job = expected(i, &job_of);
+            let known = job_of[i].is_some();
+            take(&mut scan, i, read, &mut outcome, &mut job_of, &mut hash_of)?;
+            if let Some(job) = job_of[i].clone().filter(|_| !known) {
+                if Some(&job) != expected_job.as_ref() && handed.contains(&job) {
+                    // Its head named another job, and that job has been handed over.
+                    {
+                        tracing::warn!(
+                            "manifest {} is of job {job}, already collected by this run (its first bytes named {}): left for the next run",
+                            files[i].path.display(),
+                            expected_job.as_deref().unwrap_or("no job")
+                        );
+                        outcome[i] = Outcome::Late;
+                    }
+                } else {
+                    // Its job (usually the one its head named; if not, its real one, which
+                    // has not been handed over yet).
+                    files_of.entry(job).or_default().push(i);
+                }
+            }
+            if let Some(job) = expected_job {
+                if let Some(r) = remaining.get_mut(&job) {
+                    *r -= 1;
+                    if *r == 0 && !handed.contains(&job) {
+                        if let Some(v) = files_of.get_mut(&job) {
+                            v.sort_unstable();
+                        }
+                        if let Some(found) = hand(&job, &files_of, &mut outcome, &mut handed) {
+                            on(Streamed::Job(job, found))?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+
+    // 6. The rest: jobs that now have a new file and have settled but were not handed over
+    //    (a file whose head named another job): read their other files and hand them over.
+    let mut rest: Vec<String> = Vec::new();
+    for (job, mine) in files_of.iter_mut() {
+        mine.sort_unstable();
+        if handed.contains(job) {
+            continue;
+        }
+        let live = mine
+            .iter()
+            .filter(|&&i| matches!(outcome[i], Outcome::Unread | Outcome::Good(_)));
+        let mut new = false;
+        let mut newest = None;
+        for &i in live {
+            new |= indexed(&files[i]).is_none();
+            newest = newest.max(Some(files[i].mtime));
+        }
+        if new && newest.is_some_and(is_settled) {
+            rest.push(job.clone());
+        }
+    }
+    let again: Vec<usize> = rest
+        .iter()
+        .flat_map(|j| files_of[j].iter().copied())
+        .filter(|&i| matches!(outcome[i], Outcome::Unread))
+        .collect();
+    let paths: Vec<&Path> = again.iter().map(|&i| files[i].path.as_path()).collect();
+    parallel_each(
+        paths.len(),
+        |k| read_one(paths[k]),
+        |k, read| {
+            take(
+                &mut scan,
+                again[k],
+                read,
+                &mut outcome,
+                &mut job_of,
+                &mut hash_of,
+            )
+        },
+    )?;
+    for job in rest {
+        if let Some(found) = hand(&job, &files_of, &mut outcome, &mut handed) {
+            on(Streamed::Job(job, found))?;
+        }
+    }
+    scan.read = reads;
+    scan.known = n - reads;
+
+    // 7. Jobs with a new file that have not settled; list what the index may keep.
+    let mut unsettled: BTreeSet<&str> = BTreeSet::new();
+    for (i, f) in files.iter().enumerate() {
+        if indexed(f).is_none() && matches!(outcome[i], Outcome::Good(_) | Outcome::Taken) {
+            if let Some(job) = job_of[i].as_deref().filter(|j| !handed.contains(*j)) {
+                unsettled.insert(job);
+            }
+        }
+    }
+    scan.unsettled = unsettled.len();
+    for (i, f) in files.iter().enumerate() {
+        let Some(job) = job_of[i].as_ref() else {
+            continue;
+        };
+        let entry = |content_hash: String| IndexedFile {
+            path: f.key.clone().unwrap_or_default(),
+            entry: IndexEntry {
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                content_hash,
+                job: job.clone(),
+            },
+        };
+        match outcome[i] {
+            Outcome::Dropped | Outcome::Late => {}
+            Outcome::Unread => {
+                // Known and unchanged, of a job not collected this run.
+                if let Some(e) = unchanged(f) {
+                    scan.index.push(entry(e.content_hash.clone()));
+                }
+            }
+            Outcome::Good(_) | Outcome::Taken => {
+                // New files of a job that has not settled are read again next run.
+                let new_and_unsettled = unsettled.contains(job.as_str()) && indexed(f).is_none();
+                if f.key.is_some() && !new_and_unsettled {
+                    if let Some(hash) = hash_of[i].clone() {
+                        scan.index.push(entry(hash));
+                    }
+                }
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// List the `*.json` files of the spools, in spool order then name order.
+fn list(spools: &[PathBuf]) -> std::io::Result<Vec<Listed>> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut files: Vec<Listed> = Vec::new();
     for spool in spools {
         let entries = match std::fs::read_dir(spool) {
@@ -417,105 +794,52 @@ pub fn scan_indexed(
             });
         }
     }
-    let indexed = |f: &Listed| f.key.as_ref().and_then(|k| index.get(k));
-    let unchanged =
-        |f: &Listed| indexed(f).filter(|e| e.size == f.size && e.mtime_ns == f.mtime_ns);
+    Ok(files)
+}
 
-    // 2. Read the files the index does not know unchanged.
-    let mut outcome: Vec<Outcome> = files.iter().map(|_| Outcome::Unread).collect();
-    // The job of each good file: from the index for unchanged ones, from the content otherwise.
-    let mut job_of: Vec<Option<String>> = files
-        .iter()
-        .map(|f| unchanged(f).map(|e| e.job.clone()))
-        .collect();
-    let to_read: Vec<usize> = (0..files.len()).filter(|&i| job_of[i].is_none()).collect();
-    // Jobs with a file that is new to the index: collected (again) from all their files.
-    let mut affected: BTreeSet<String> = BTreeSet::new();
-    let paths: Vec<&Path> = to_read.iter().map(|&i| files[i].path.as_path()).collect();
-    for (&i, read) in to_read.iter().zip(read_and_verify(&paths)) {
-        let f = &files[i];
-        match check(&mut scan, f, read, indexed(f), quarantine)? {
-            Some(manifest) => {
-                let job = job_key(&manifest.cluster, manifest.job.job_id);
-                if indexed(f).is_none() {
-                    affected.insert(job.clone());
-                }
-                // Known with the same content (e.g. touched): only its entry changes.
-                job_of[i] = Some(job);
-                outcome[i] = Outcome::Good(Box::new(manifest));
-            }
-            None => outcome[i] = Outcome::Dropped,
+/// The job (`cluster/job`) a manifest file's first bytes name, without reading the rest: the
+/// first `"cluster": "…"` and `"job_id": N` in its first 1 KiB (ergond writes `schema_version`,
+/// `cluster`, `node`, then `job` with `job_id` first, in the first ~200 bytes). `None` when
+/// they are not there, or the cluster name has an escape. Only a hint: the job a file belongs
+/// to is what its verified content says ([`scan_streaming`]).
+pub fn peek_job(path: &Path) -> Option<String> {
+    use std::io::Read as _;
+    let mut head = [0u8; 1024];
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut len = 0;
+    while len < head.len() {
+        match file.read(&mut head[len..]) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
         }
     }
+    peek_head(&head[..len])
+}
 
-    // 3. Settle: a job is collected once its newest file is `settle` old.
-    let now = SystemTime::now();
-    let mut newest: BTreeMap<&str, SystemTime> = BTreeMap::new();
-    for (f, job) in files.iter().zip(&job_of) {
-        if let Some(job) = job.as_deref().filter(|j| affected.contains(*j)) {
-            let n = newest.entry(job).or_insert(f.mtime);
-            *n = (*n).max(f.mtime);
-        }
+/// [`peek_job`] on bytes.
+pub fn peek_head(head: &[u8]) -> Option<String> {
+    fn value_after<'a>(head: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+        let at = head.windows(key.len()).position(|w| w == key)? + key.len();
+        let rest = &head[at..];
+        let rest = rest.trim_ascii_start().strip_prefix(b":")?;
+        Some(rest.trim_ascii_start())
     }
-    let settled: BTreeSet<String> = newest
-        .into_iter()
-        .filter(|(_, t)| now.duration_since(*t).is_ok_and(|age| age >= settle))
-        .map(|(job, _)| job.to_owned())
-        .collect();
-    scan.unsettled = affected.len() - settled.len();
-
-    // 4. Read the unchanged files of the jobs to collect, to combine them with the new ones.
-    let again: Vec<usize> = (0..files.len())
-        .filter(|&i| {
-            matches!(outcome[i], Outcome::Unread)
-                && job_of[i].as_ref().is_some_and(|j| settled.contains(j))
-        })
-        .collect();
-    let paths: Vec<&Path> = again.iter().map(|&i| files[i].path.as_path()).collect();
-    for (&i, read) in again.iter().zip(read_and_verify(&paths)) {
-        let f = &files[i];
-        outcome[i] = match check(&mut scan, f, read, indexed(f), quarantine)? {
-            Some(manifest) => Outcome::Good(Box::new(manifest)),
-            None => Outcome::Dropped,
-        };
+    let cluster = value_after(head, b"\"cluster\"")?.strip_prefix(b"\"")?;
+    let end = cluster.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if cluster[end] != b'"' {
+        return None;
     }
-    scan.read = to_read.len() + again.len();
-    scan.known = files.len() - scan.read;
-
-    // 5. Group the settled jobs' manifests, in listing order; list what the index may keep.
-    for (i, (f, out)) in files.iter().zip(outcome).enumerate() {
-        let Some(job) = job_of[i].take() else {
-            continue;
-        };
-        let entry = |content_hash: String| IndexedFile {
-            path: f.key.clone().unwrap_or_default(),
-            entry: IndexEntry {
-                size: f.size,
-                mtime_ns: f.mtime_ns,
-                content_hash,
-                job: job.clone(),
-            },
-        };
-        match out {
-            Outcome::Dropped => {}
-            Outcome::Unread => {
-                // Known and unchanged, of a job not collected this run.
-                if let Some(e) = unchanged(f) {
-                    scan.index.push(entry(e.content_hash.clone()));
-                }
-            }
-            Outcome::Good(manifest) => {
-                let new_and_unsettled = affected.contains(&job) && !settled.contains(&job);
-                if f.key.is_some() && !(new_and_unsettled && indexed(f).is_none()) {
-                    scan.index.push(entry(manifest.content_hash.clone()));
-                }
-                if settled.contains(&job) {
-                    add_found(&mut scan, &job, f.path.clone(), *manifest);
-                }
-            }
-        }
+    let cluster = std::str::from_utf8(&cluster[..end]).ok()?;
+    let id = value_after(head, b"\"job_id\"")?;
+    let digits = id.iter().take_while(|b| b.is_ascii_digit()).count();
+    // The number must end inside the head (a cut-off number would be another job).
+    if digits == 0 || digits == id.len() {
+        return None;
     }
-    Ok(scan)
+    let job: u32 = std::str::from_utf8(&id[..digits]).ok()?.parse().ok()?;
+    Some(job_key(cluster, job))
 }
 
 /// Add a verified manifest to its job in `scan`. The same manifest seen twice (a local spool
@@ -624,38 +948,65 @@ fn read_one(path: &Path) -> Read {
     Read::Parsed(Box::new(parsed))
 }
 
-/// Read, parse and verify `paths` (the costly part of a scan: reading the files, JSON parsing
-/// and the sha256 over each manifest's canonical form) on up to 8 threads, also with fewer
-/// cores: manifests written an hour ago are often no longer in the page cache, and reading them
-/// is then largely waiting for the disk (cold, 8 threads read 20,000 manifests about twice as
-/// fast as 2 on a 2-core machine; warm, the same). The results in the order of `paths`.
-fn read_and_verify(paths: &[&Path]) -> Vec<Read> {
-    let threads = paths.len().div_ceil(64).clamp(1, 8);
+/// Run `work` on the items `0..n` on up to 8 threads and hand the results to `consume` on the
+/// calling thread, in item order, as they come (a result waits only for those before it).
+/// Reading, parsing and verifying manifests is the costly part of a scan: reading the files,
+/// JSON parsing and the sha256 over each manifest's canonical form. Up to 8 threads also with
+/// fewer cores: manifests written an hour ago are often no longer in the page cache, and
+/// reading them is then largely waiting for the disk (cold, 8 threads read 20,000 manifests
+/// about twice as fast as 2 on a 2-core machine; warm, the same). An error from `consume` stops
+/// the workers and is returned.
+fn parallel_each<T: Send, E>(
+    n: usize,
+    work: impl Fn(usize) -> T + Sync,
+    mut consume: impl FnMut(usize, T) -> Result<(), E>,
+) -> Result<(), E> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let threads = n.div_ceil(64).clamp(1, 8);
     if threads == 1 {
-        return paths.iter().map(|p| read_one(p)).collect();
+        for i in 0..n {
+            consume(i, work(i))?;
+        }
+        return Ok(());
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<(usize, Read)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(path) = paths.get(i) else { break };
-                        out.push((i, read_one(path)));
-                    }
-                    out
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("a manifest reader thread panicked"))
-            .collect()
-    });
-    results.sort_unstable_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Bounded, so that the readers stay at most a few hundred files ahead of `consume`.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, T)>(256);
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (next, stop, work) = (&next, &stop, &work);
+            s.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || tx.send((i, work(i))).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut waiting: BTreeMap<usize, T> = BTreeMap::new();
+        let mut due = 0;
+        let result = (|| {
+            for (i, t) in rx.iter() {
+                waiting.insert(i, t);
+                while let Some(t) = waiting.remove(&due) {
+                    consume(due, t)?;
+                    due += 1;
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // Dropping the receiver ends the workers blocked on a full channel.
+        drop(rx);
+        result
+    })
 }
 
 /// Move `path` into `dir` (keeping its name, made unique if taken) and write `<name>.reason`
@@ -705,4 +1056,24 @@ pub fn quarantined_count(dir: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_names_the_job_or_nothing() {
+        let pretty = b"{\n  \"schema_version\": 2,\n  \"cluster\": \"c-1\",\n  \"node\": \"n1\",\n  \"job\": {\n    \"job_id\": 42,\n    \"array_job_id\": 7,";
+        assert_eq!(peek_head(pretty).as_deref(), Some("c-1/42"));
+        let compact =
+            br#"{"schema_version":2,"cluster":"c","node":"n","job":{"array_job_id":7,"job_id":5}}"#;
+        assert_eq!(peek_head(compact).as_deref(), Some("c/5"));
+        // An escape in the cluster name, a number cut off by the end of the head, or no job:
+        // not known (the file is then read before anything is handed over).
+        assert_eq!(peek_head(br#"{"cluster":"a\"b","job":{"job_id":1}}"#), None);
+        assert_eq!(peek_head(br#"{"cluster":"c","job":{"job_id":12"#), None);
+        assert_eq!(peek_head(br#"{"cluster":"c","node":"n"}"#), None);
+        assert_eq!(peek_head(b"not json"), None);
+    }
 }

@@ -157,6 +157,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                 RunOptions {
                     dry_run,
                     progress: std::io::stderr().is_terminal(),
+                    sequential: false,
                 },
             )?;
             if dry_run {

@@ -1,16 +1,34 @@
-//! `ergon run`: collect → sacct → upload, with the state as write-ahead log.
+//! `ergon run`: collect → upload (and sacct), with the state as write-ahead log.
+//!
+//! By default collection and upload are **pipelined**: the spools are scanned with
+//! [`collect::scan_streaming`], which hands over each job as soon as all its manifests have been
+//! read; every [`CHUNK`] jobs the new entries are appended to the state's journal and fsynced
+//! (the write-ahead step), then handed to one uploader thread per sink, which sends them in its
+//! own batches while the scan goes on. Results come back to this thread, which alone changes
+//! the state, and are journalled too. sacct is written after the collection. With
+//! [`RunOptions::sequential`] (and for `--dry-run`) a run collects everything first, saves the
+//! whole state, then writes sacct and uploads: the path before pipelining.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::{self, combine};
-use crate::config::Config;
+use crate::collect::{self, combine, FoundManifest, JobRecordFull, Streamed};
+use crate::config::{Config, RetryConfig};
 use crate::sacct::{Sacct, SacctJob, SacctOutcome};
 use crate::sinks::{deliver_batch, BatchResult, HttpIngest, Sink, VictoriaMetrics};
-use crate::state::{Bounds, Delivery, JobEntry, RunLock, SinkStatus, State};
+use crate::state::{Bounds, Delivery, JobEntry, Journal, JournalOp, RunLock, SinkStatus, State};
+
+/// A sink the uploader threads can use.
+pub type SharedSink = Box<dyn Sink + Send + Sync>;
+
+/// Jobs per write-ahead chunk in a pipelined run: each chunk's entries are appended to the
+/// journal and fsynced in one go before any of them is sent.
+pub const CHUNK: usize = 1000;
 
 /// The name sacct has among the destinations in the state.
 pub const SACCT: &str = "sacct";
@@ -22,6 +40,8 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Show a progress bar (the caller checks for a TTY).
     pub progress: bool,
+    /// Collect everything, save the whole state, then deliver (no pipelining; for comparison).
+    pub sequential: bool,
 }
 
 /// What a run did.
@@ -62,17 +82,30 @@ pub struct RunSummary {
 /// Wall-clock time of each step of a run, and the state saves.
 #[derive(Debug, Default, Clone)]
 pub struct RunTimings {
-    /// Reading the state file.
+    /// Whether collection and upload were pipelined.
+    pub pipelined: bool,
+    /// Reading the state file (and replaying a journal).
     pub load_state: Duration,
     /// Listing the spools and reading, parsing and verifying the manifests not in the spool
-    /// index (`collect::scan_indexed`).
+    /// index (`collect::scan_indexed`). Pipelined: the whole streaming scan, the time spent in
+    /// `combine` included.
     pub scan: Duration,
     /// Combining the manifests into job records and entering them in the state (with pruning).
+    /// Pipelined: also journalling them and handing them to the uploaders.
     pub combine: Duration,
     /// Writing sacct records (state saves included).
     pub sacct: Duration,
-    /// Per sink: uploading (state saves included).
+    /// Per sink: uploading (state saves included). Pipelined: from the start of the
+    /// collection until the sink's last batch, overlapping `scan`.
     pub upload: BTreeMap<String, Duration>,
+    /// Journal appends (pipelined runs), the fsynced ones and the time they took, and bytes.
+    pub journal_appends: u32,
+    /// Of which fsynced (the write-ahead chunks).
+    pub journal_syncs: u32,
+    /// Time spent appending to the journal.
+    pub journal_time: Duration,
+    /// Bytes appended to the journal.
+    pub journal_bytes: u64,
     /// How many times the state file was written.
     pub state_saves: u32,
     /// Time spent writing the state file, all saves.
@@ -153,8 +186,8 @@ fn bar(enabled: bool, len: usize, what: &str) -> ProgressBar {
 }
 
 /// Build the configured sinks.
-pub fn build_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>> {
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+pub fn build_sinks(config: &Config) -> Result<Vec<SharedSink>> {
+    let mut sinks: Vec<SharedSink> = Vec::new();
     if let Some(vm) = &config.victoria_metrics {
         sinks.push(Box::new(
             VictoriaMetrics::new(vm).context("setting up the victoria_metrics sink")?,
@@ -168,7 +201,8 @@ pub fn build_sinks(config: &Config) -> Result<Vec<Box<dyn Sink>>> {
     Ok(sinks)
 }
 
-/// Saves the state at most every `every`, and always when asked to.
+/// Saves the state at most every `every`, and always when asked to; appends to its journal in
+/// between.
 struct Saver<'a> {
     config: &'a Config,
     last: Instant,
@@ -177,21 +211,47 @@ struct Saver<'a> {
     time: Duration,
     last_took: Duration,
     bytes_max: u64,
+    /// The journal since the last save, once something was appended.
+    journal: Option<Journal>,
+    appends: u32,
+    syncs: u32,
+    journal_time: Duration,
+    journal_bytes: u64,
 }
 
 impl Saver<'_> {
+    fn new(config: &Config) -> Saver<'_> {
+        Saver {
+            config,
+            last: Instant::now(),
+            every: Duration::from_secs(2),
+            saves: 0,
+            time: Duration::ZERO,
+            last_took: Duration::ZERO,
+            bytes_max: 0,
+            journal: None,
+            appends: 0,
+            syncs: 0,
+            journal_time: Duration::ZERO,
+            journal_bytes: 0,
+        }
+    }
+
     /// Save if `every` has passed since the last save, and at least ten times as long as the
     /// last save took: a state of 100,000 pending records is over 100 MB, and saving it every
     /// 2 s would take a large share of the run (each save is a full rewrite and an fsync). A
     /// crash between saves only makes the next run deliver those records again.
-    fn maybe(&mut self, state: &State) -> Result<()> {
+    fn maybe(&mut self, state: &mut State) -> Result<()> {
         if self.last.elapsed() >= self.every.max(self.last_took * 10) {
             self.now(state)?;
         }
         Ok(())
     }
-    fn now(&mut self, state: &State) -> Result<()> {
+
+    /// Save the whole state (a new generation; the journal goes).
+    fn now(&mut self, state: &mut State) -> Result<()> {
         let start = Instant::now();
+        self.end_journal();
         state.save(&self.config.state_dir)?;
         self.last = Instant::now();
         self.saves += 1;
@@ -201,6 +261,55 @@ impl Saver<'_> {
             self.bytes_max = self.bytes_max.max(meta.len());
         }
         Ok(())
+    }
+
+    fn end_journal(&mut self) {
+        if let Some(j) = self.journal.take() {
+            self.journal_bytes += j.bytes;
+        }
+    }
+
+    fn journal(&mut self, state: &State) -> Result<&mut Journal> {
+        if self.journal.is_none() {
+            self.journal = Some(Journal::create(&self.config.state_dir, state.generation)?);
+        }
+        Ok(self.journal.as_mut().expect("just created"))
+    }
+
+    /// Append the entries of `keys` to the journal and fsync: the write-ahead step.
+    fn put(&mut self, state: &State, keys: &[String]) -> Result<()> {
+        let start = Instant::now();
+        let entries: Vec<(&str, &JobEntry)> = keys
+            .iter()
+            .filter_map(|k| state.jobs.get(k).map(|e| (k.as_str(), e)))
+            .collect();
+        self.journal(state)?.put(&entries, true)?;
+        self.appends += 1;
+        self.syncs += 1;
+        self.journal_time += start.elapsed();
+        Ok(())
+    }
+
+    /// Apply `op` to the state and append it to the journal, without fsync (losing it in a
+    /// crash only makes the next run deliver those records again).
+    fn op(&mut self, state: &mut State, op: JournalOp) -> Result<()> {
+        let start = Instant::now();
+        state.apply(&op);
+        self.journal(state)?.append(&op, false)?;
+        self.appends += 1;
+        self.journal_time += start.elapsed();
+        Ok(())
+    }
+
+    fn report(&mut self, timings: &mut RunTimings) {
+        self.end_journal();
+        timings.state_saves = self.saves;
+        timings.state_save_time = self.time;
+        timings.state_bytes_max = self.bytes_max;
+        timings.journal_appends = self.appends;
+        timings.journal_syncs = self.syncs;
+        timings.journal_time = self.journal_time;
+        timings.journal_bytes = self.journal_bytes;
     }
 }
 
@@ -229,19 +338,108 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         max_jobs: config.state.max_jobs,
     };
     let sinks = build_sinks(config)?;
-    let mut saver = Saver {
-        config,
-        last: Instant::now(),
-        every: Duration::from_secs(2),
-        saves: 0,
-        time: Duration::ZERO,
-        last_took: Duration::ZERO,
-        bytes_max: 0,
-    };
+    let mut saver = Saver::new(config);
+    if state.replayed > 0 && !options.dry_run {
+        tracing::warn!(
+            "an earlier run was interrupted: replayed {} journal entries; records it may have sent are sent again",
+            state.replayed
+        );
+        saver.now(&mut state)?;
+    }
 
-    // 1. Collect.
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    if options.dry_run || options.sequential {
+        run_sequential(
+            config,
+            options,
+            &mut state,
+            &mut summary,
+            &sinks,
+            &mut saver,
+            bounds,
+        )?;
+        if options.dry_run {
+            return Ok(summary);
+        }
+    } else {
+        summary.timings.pipelined = true;
+        run_pipelined(
+            config,
+            options,
+            &mut state,
+            &mut summary,
+            &sinks,
+            &mut saver,
+            bounds,
+        )?;
+        if config.sacct.enabled {
+            let step = Instant::now();
+            write_sacct(config, &mut state, &mut summary, &mut saver, options)?;
+            summary.timings.sacct = step.elapsed();
+        }
+    }
+
+    state.forget_delivered_bodies();
+    state.last_run_unix = Some(now_unix());
+    state.last_run_summary = Some(summary.line());
+    saver.now(&mut state)?;
+    saver.report(&mut summary.timings);
+    summary.timings.total = started.elapsed();
+    Ok(summary)
+}
+
+/// A new entry for `record`, or `None` when the job is in the state with the same key, or
+/// ended before the horizon (counted).
+fn new_entry(
+    config: &Config,
+    state: &State,
+    sinks: &[SharedSink],
+    summary: &mut RunSummary,
+    key: &str,
+    found: Vec<FoundManifest>,
+    horizon_unix_ns: u64,
+) -> Option<JobEntry> {
+    let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
+    let record = combine(&manifests);
+    let existing = state.jobs.get(key);
+    if existing.is_some_and(|e| e.key == record.idempotency_key) {
+        return None;
+    }
+    if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
+        summary.skipped_before_horizon += 1;
+        return None;
+    }
+    if existing.is_some() {
+        summary.updated += 1;
+    } else {
+        summary.collected += 1;
+    }
+    Some(JobEntry {
+        key: record.idempotency_key.clone(),
+        collected_unix: now_unix(),
+        end_unix_ns: record.end_unix_ns,
+        sacct: config.sacct.enabled.then(Delivery::pending),
+        sinks: sinks
+            .iter()
+            .map(|s| (s.name().to_owned(), Delivery::pending()))
+            .collect(),
+        record: Some(record),
+    })
+}
+
+/// Collect everything, save the whole state (the write-ahead step), write sacct, then upload
+/// sink by sink. `--dry-run` stops after collecting and prints what it would do.
+fn run_sequential(
+    config: &Config,
+    options: RunOptions,
+    state: &mut State,
+    summary: &mut RunSummary,
+    sinks: &[SharedSink],
+    saver: &mut Saver<'_>,
+    bounds: Bounds,
+) -> Result<()> {
+    // 1. Collect.
     let step = Instant::now();
     let scan = collect::scan_indexed(
         &config.spool_dirs,
@@ -255,34 +453,11 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     summary.unsettled = scan.unsettled;
     summary.manifests_read = scan.read;
     summary.manifests_known = scan.known;
+    let horizon = state.horizon_unix_ns;
     for (key, found) in scan.jobs {
-        let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
-        let record = combine(&manifests);
-        let existing = state.jobs.get(&key);
-        if existing.is_some_and(|e| e.key == record.idempotency_key) {
-            continue;
+        if let Some(entry) = new_entry(config, state, sinks, summary, &key, found, horizon) {
+            state.jobs.insert(key, entry);
         }
-        if existing.is_none() && record.end_unix_ns <= state.horizon_unix_ns {
-            summary.skipped_before_horizon += 1;
-            continue;
-        }
-        if existing.is_some() {
-            summary.updated += 1;
-        } else {
-            summary.collected += 1;
-        }
-        let entry = JobEntry {
-            key: record.idempotency_key.clone(),
-            collected_unix: now_unix(),
-            end_unix_ns: record.end_unix_ns,
-            sacct: config.sacct.enabled.then(Delivery::pending),
-            sinks: sinks
-                .iter()
-                .map(|s| (s.name().to_owned(), Delivery::pending()))
-                .collect(),
-            record: Some(record),
-        };
-        state.jobs.insert(key, entry);
     }
     state.dropped.skipped_before_horizon = summary.skipped_before_horizon as u64;
     // The spool index: the good files of the jobs the state has (prune keeps it to those).
@@ -298,44 +473,449 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     summary.timings.combine = step.elapsed();
 
     if options.dry_run {
-        print_dry_run(config, &state, &sinks, &summary);
-        return Ok(summary);
+        print_dry_run(config, state, sinks, summary);
+        return Ok(());
     }
-    saver.now(&state)?;
+    saver.now(state)?;
 
     // 2. sacct.
     if config.sacct.enabled {
         let step = Instant::now();
-        write_sacct(config, &mut state, &mut summary, &mut saver, options)?;
+        write_sacct(config, state, summary, saver, options)?;
         summary.timings.sacct = step.elapsed();
     }
 
     // 3. Upload.
-    for sink in &sinks {
+    for sink in sinks {
         let step = Instant::now();
-        upload(
-            config,
-            sink.as_ref(),
-            &mut state,
-            &mut summary,
-            &mut saver,
-            options,
-        )?;
+        upload(config, sink.as_ref(), state, summary, saver, options)?;
         summary
             .timings
             .upload
             .insert(sink.name().to_owned(), step.elapsed());
     }
+    Ok(())
+}
 
-    state.forget_delivered_bodies();
-    state.last_run_unix = Some(now_unix());
-    state.last_run_summary = Some(summary.line());
-    saver.now(&state)?;
-    summary.timings.state_saves = saver.saves;
-    summary.timings.state_save_time = saver.time;
-    summary.timings.state_bytes_max = saver.bytes_max;
-    summary.timings.total = started.elapsed();
-    Ok(summary)
+/// Records for an uploader: `cluster/job` and the record.
+type Feed = Vec<(String, Arc<JobRecordFull>)>;
+
+/// What an uploader thread reports.
+enum Uploaded {
+    /// A batch went through: `cluster/job` and idempotency key of each record.
+    Delivered {
+        sink: usize,
+        keys: Vec<(String, String)>,
+    },
+    /// A batch did not; the sink sends nothing more this run.
+    Stopped {
+        sink: usize,
+        keys: Vec<(String, String)>,
+        error: String,
+        auth: bool,
+    },
+    /// The uploader is done, after this long.
+    Finished { sink: usize, took: Duration },
+}
+
+/// Requests in flight per sink in a pipelined run. With one, the sink's server waits while
+/// ergon prepares the next batch and ergon waits while the server works; with two, a server on
+/// the same few cores (VictoriaMetrics creating new series) keeps them busy.
+pub const LANES: usize = 2;
+
+/// One uploader thread: send what comes on `feed` in batches of the sink's size until the feed
+/// closes (a last, smaller batch then) or the sink stops, [`LANES`] batches at a time.
+fn uploader(
+    index: usize,
+    sink: &(dyn Sink + Send + Sync),
+    feed: Receiver<Feed>,
+    events: Sender<Uploaded>,
+    retry: &RetryConfig,
+    bar: ProgressBar,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let started = Instant::now();
+    let size = sink.batch_size().max(1);
+    let stopped = AtomicBool::new(false);
+    let (batches_tx, batches_rx) = mpsc::sync_channel::<Feed>(0);
+    let batches_rx = std::sync::Mutex::new(batches_rx);
+    std::thread::scope(|scope| {
+        for _ in 0..LANES {
+            let (events, bar, stopped, batches_rx) = (events.clone(), &bar, &stopped, &batches_rx);
+            scope.spawn(move || {
+                // One batch at a time from the batcher (the lock is held only to take one).
+                let next = || batches_rx.lock().ok().and_then(|rx| rx.recv().ok());
+                while let Some(batch) = next() {
+                    if stopped.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let records: Vec<&JobRecordFull> =
+                        batch.iter().map(|(_, r)| r.as_ref()).collect();
+                    let result = deliver_batch(sink, &records, retry, &mut std::thread::sleep);
+                    let keys: Vec<(String, String)> = batch
+                        .iter()
+                        .map(|(k, r)| (k.clone(), r.idempotency_key.clone()))
+                        .collect();
+                    match result {
+                        BatchResult::Delivered { .. } => {
+                            bar.inc(keys.len() as u64);
+                            let _ = events.send(Uploaded::Delivered { sink: index, keys });
+                        }
+                        BatchResult::Stopped { error, auth } => {
+                            stopped.store(true, Ordering::Relaxed);
+                            let _ = events.send(Uploaded::Stopped {
+                                sink: index,
+                                keys,
+                                error,
+                                auth,
+                            });
+                        }
+                    }
+                }
+            });
+        }
+        let mut queue: std::collections::VecDeque<(String, Arc<JobRecordFull>)> =
+            Default::default();
+        let mut open = true;
+        while !stopped.load(Ordering::Relaxed) {
+            while open && queue.len() < size {
+                match feed.recv() {
+                    Ok(items) => queue.extend(items),
+                    Err(_) => open = false,
+                }
+            }
+            if queue.is_empty() {
+                break;
+            }
+            let batch: Feed = queue.drain(..queue.len().min(size)).collect();
+            if batches_tx.send(batch).is_err() {
+                break;
+            }
+        }
+        drop(batches_tx);
+    });
+    let _ = events.send(Uploaded::Finished {
+        sink: index,
+        took: started.elapsed(),
+    });
+}
+
+/// The collecting side of a pipelined run: it alone changes the state.
+struct Pipeline<'a, 'c> {
+    config: &'a Config,
+    sinks: &'a [SharedSink],
+    state: &'a mut State,
+    summary: &'a mut RunSummary,
+    saver: &'a mut Saver<'c>,
+    bounds: Bounds,
+    horizon_unix_ns: u64,
+    /// Per sink: its uploader's feed (`None` once it stopped).
+    feeds: Vec<Option<Sender<Feed>>>,
+    events: Receiver<Uploaded>,
+    bars: Vec<ProgressBar>,
+    multi: MultiProgress,
+    progress: bool,
+    backlog: u64,
+    /// Entered, not yet journalled nor sent.
+    chunk: Vec<String>,
+    /// Time in `job` and `flush`.
+    busy: Duration,
+}
+
+impl Pipeline<'_, '_> {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.sinks.iter().map(|s| s.name())
+    }
+
+    /// The scan's plan: size and show the progress bars.
+    fn planned(&mut self, jobs: usize) {
+        for bar in &self.bars {
+            bar.set_length(self.backlog + jobs as u64);
+            if self.progress && self.backlog + jobs as u64 >= 100 {
+                self.multi.add(bar.clone());
+            }
+        }
+    }
+
+    fn less_planned(&self) {
+        for bar in &self.bars {
+            bar.set_length(bar.length().unwrap_or(0).saturating_sub(1));
+        }
+    }
+
+    /// A job from the scan: enter it; every [`CHUNK`] jobs, journal and send.
+    fn job(&mut self, key: String, found: Vec<FoundManifest>) -> Result<()> {
+        let start = Instant::now();
+        let entry = new_entry(
+            self.config,
+            self.state,
+            self.sinks,
+            self.summary,
+            &key,
+            found,
+            self.horizon_unix_ns,
+        );
+        match entry {
+            None => self.less_planned(),
+            Some(entry) => {
+                self.state.jobs.insert(key.clone(), entry);
+                // The age bound, as at the end of a sequential collection.
+                let pruned = self.state.prune_entry(&key, self.bounds, now_unix_ns());
+                if pruned.dropped_by_age > 0 {
+                    self.summary.dropped += pruned.dropped_by_age;
+                    self.less_planned();
+                } else {
+                    self.chunk.push(key);
+                }
+            }
+        }
+        if self.chunk.len() >= CHUNK {
+            self.flush()?;
+        }
+        self.busy += start.elapsed();
+        // Take in what the uploaders have done meanwhile.
+        while let Ok(event) = self.events.try_recv() {
+            self.uploaded(event)?;
+        }
+        Ok(())
+    }
+
+    /// Journal the chunk's entries (fsync), then hand them to the uploaders.
+    fn flush(&mut self) -> Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.chunk);
+        self.saver.put(self.state, &chunk)?;
+        let feed: Feed = chunk
+            .into_iter()
+            .filter_map(|k| {
+                let record = self.state.jobs.get(&k)?.record.clone()?;
+                Some((k, Arc::new(record)))
+            })
+            .collect();
+        self.send(|_| true, &feed);
+        Ok(())
+    }
+
+    fn send(&mut self, to: impl Fn(usize) -> bool, feed: &Feed) {
+        for (i, tx) in self.feeds.iter_mut().enumerate() {
+            if !to(i) {
+                continue;
+            }
+            if tx.as_ref().is_some_and(|tx| tx.send(feed.clone()).is_err()) {
+                // The uploader stopped; its records stay pending.
+                *tx = None;
+            }
+        }
+    }
+
+    /// Apply what an uploader reports. A record counts only if the job's entry still has its
+    /// key (a job collected again meanwhile has a new record, still to send).
+    fn uploaded(&mut self, event: Uploaded) -> Result<()> {
+        let current = |state: &State, keys: Vec<(String, String)>| -> Vec<String> {
+            keys.into_iter()
+                .filter(|(job, key)| state.jobs.get(job).is_some_and(|e| &e.key == key))
+                .map(|(job, _)| job)
+                .collect()
+        };
+        match event {
+            Uploaded::Delivered { sink, keys } => {
+                let name = self.sinks[sink].name().to_owned();
+                let keys = current(self.state, keys);
+                let mut status = self.state.sinks.get(&name).cloned().unwrap_or_default();
+                status.last_success_unix = Some(now_unix());
+                status.delivered_total += keys.len() as u64;
+                *self.summary.delivered.entry(name.clone()).or_default() += keys.len();
+                self.saver.op(
+                    self.state,
+                    JournalOp::Delivered {
+                        sink: name,
+                        at_unix: now_unix(),
+                        keys,
+                        status,
+                    },
+                )?;
+            }
+            Uploaded::Stopped {
+                sink,
+                keys,
+                error,
+                auth,
+            } => {
+                let name = self.sinks[sink].name().to_owned();
+                if auth {
+                    tracing::error!(
+                        "{name}: STOPPED: {error}. Nothing more is sent to this sink until this is fixed; its records stay pending"
+                    );
+                    self.summary.auth_refused.push(name.clone());
+                } else {
+                    tracing::error!(
+                        "{name}: {error}; the remaining records stay pending for the next run"
+                    );
+                }
+                let keys = current(self.state, keys);
+                let mut status: SinkStatus =
+                    self.state.sinks.get(&name).cloned().unwrap_or_default();
+                status.last_error = Some(error.clone());
+                status.last_error_unix = Some(now_unix());
+                self.saver.op(
+                    self.state,
+                    JournalOp::Failed {
+                        sink: name,
+                        error,
+                        keys,
+                        status,
+                    },
+                )?;
+                self.feeds[sink] = None;
+            }
+            Uploaded::Finished { sink, took } => {
+                let name = self.sinks[sink].name().to_owned();
+                self.summary.timings.upload.insert(name, took);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collect and upload at once (see the module docs).
+fn run_pipelined(
+    config: &Config,
+    options: RunOptions,
+    state: &mut State,
+    summary: &mut RunSummary,
+    sinks: &[SharedSink],
+    saver: &mut Saver<'_>,
+    bounds: Bounds,
+) -> Result<()> {
+    let started = Instant::now();
+    // The records left pending by earlier runs go first, oldest job first.
+    let backlogs: Vec<Feed> = sinks
+        .iter()
+        .map(|sink| {
+            let mut keys = state.pending_for(sink.name());
+            keys.sort_by_key(|k| state.jobs.get(k).map_or(0, |e| e.end_unix_ns));
+            keys.into_iter()
+                .filter_map(|k| {
+                    let record = state.jobs.get(&k)?.record.clone()?;
+                    Some((k, Arc::new(record)))
+                })
+                .collect()
+        })
+        .collect();
+    let index = std::mem::take(&mut state.index);
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let bars: Vec<ProgressBar> = sinks
+        .iter()
+        .map(|s| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg:>18} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(s.name().to_owned());
+            bar
+        })
+        .collect();
+    let horizon_unix_ns = state.horizon_unix_ns;
+    std::thread::scope(|scope| -> Result<()> {
+        let (events_tx, events) = mpsc::channel();
+        let mut feeds = Vec::new();
+        for (i, sink) in sinks.iter().enumerate() {
+            let (tx, rx) = mpsc::channel::<Feed>();
+            let events = events_tx.clone();
+            let bar = bars[i].clone();
+            let sink: &(dyn Sink + Send + Sync) = sink.as_ref();
+            let retry = &config.retry;
+            scope.spawn(move || uploader(i, sink, rx, events, retry, bar));
+            feeds.push(Some(tx));
+        }
+        drop(events_tx);
+        let backlog = backlogs.iter().map(Vec::len).max().unwrap_or(0) as u64;
+        let mut pipe = Pipeline {
+            config,
+            sinks,
+            state,
+            summary,
+            saver,
+            bounds,
+            horizon_unix_ns,
+            feeds,
+            events,
+            bars: bars.clone(),
+            multi,
+            progress: options.progress,
+            backlog,
+            chunk: Vec::new(),
+            busy: Duration::ZERO,
+        };
+        for (i, feed) in backlogs.iter().enumerate() {
+            if !feed.is_empty() {
+                pipe.send(|k| k == i, feed);
+            }
+        }
+        let result = (|| -> Result<()> {
+            let scan = collect::scan_streaming(
+                &config.spool_dirs,
+                Some(config.quarantine_dir.as_path()),
+                Duration::from_secs(config.settle_s),
+                &index,
+                true,
+                |found| match found {
+                    Streamed::Planned(jobs) => {
+                        pipe.planned(jobs);
+                        Ok(())
+                    }
+                    Streamed::Job(key, found) => pipe.job(key, found),
+                },
+            )?;
+            let start = Instant::now();
+            pipe.flush()?;
+            pipe.busy += start.elapsed();
+            pipe.summary.timings.scan = started.elapsed();
+            pipe.summary.timings.combine = pipe.busy;
+            pipe.summary.quarantined = scan.quarantined.len();
+            pipe.summary.unsettled = scan.unsettled;
+            pipe.summary.manifests_read = scan.read;
+            pipe.summary.manifests_known = scan.known;
+            pipe.state.dropped.skipped_before_horizon = pipe.summary.skipped_before_horizon as u64;
+            // The spool index: the good files of the jobs the state has (see run_sequential).
+            let jobs = &pipe.state.jobs;
+            pipe.state.index = scan
+                .index
+                .into_iter()
+                .filter(|f| jobs.contains_key(&f.entry.job))
+                .map(|f| (f.path, f.entry))
+                .collect();
+            Ok(())
+        })();
+        // Close the feeds (on an error too: the uploaders finish what they have, and what
+        // they deliver is taken in before the error is returned).
+        for feed in &mut pipe.feeds {
+            *feed = None;
+        }
+        while let Ok(event) = pipe.events.recv() {
+            pipe.uploaded(event)?;
+        }
+        result?;
+        let names: Vec<String> = pipe.names().map(str::to_owned).collect();
+        for name in names {
+            pipe.summary.delivered.entry(name.clone()).or_default();
+            let pending = pipe.state.pending_for(&name).len();
+            pipe.summary.pending.insert(name, pending);
+        }
+        Ok(())
+    })?;
+    for bar in &bars {
+        bar.finish_and_clear();
+    }
+    let pruned = state.prune(bounds, now_unix_ns());
+    summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    Ok(())
 }
 
 fn write_sacct(
@@ -480,7 +1060,7 @@ fn upload(
     Ok(())
 }
 
-fn print_dry_run(config: &Config, state: &State, sinks: &[Box<dyn Sink>], summary: &RunSummary) {
+fn print_dry_run(config: &Config, state: &State, sinks: &[SharedSink], summary: &RunSummary) {
     println!("dry run: nothing is written, moved or sent");
     println!(
         "collect: {} new jobs, {} updated, {} bad manifests (would be quarantined), {} unsettled, {} before the horizon",

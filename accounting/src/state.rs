@@ -7,6 +7,13 @@
 //! state, never a mix. A crash after a delivery but before the save makes the next run deliver
 //! again: delivery is at least once, and every record carries an idempotency key.
 //!
+//! Between two saves a run can append to a [`Journal`] (`journal.jsonl`) instead of rewriting
+//! the whole file: the entries of newly collected jobs (fsynced before any of them is sent) and
+//! what became of each delivery. Each save numbers the state ([`State::generation`]) and
+//! removes the journal; a journal names the generation it follows, and [`State::load`] replays
+//! it only onto that one (a journal left by a crash between a save and its removal is stale and
+//! ignored). A line cut short by a crash is ignored: nothing it held was sent.
+//!
 //! Bounds: entries whose job ended more than `max_age` ago, and the oldest entries beyond
 //! `max_jobs`, are removed. Removing an entry that still had a delivery pending is counted in
 //! [`Dropped`] and shown by `ergon status`. The end time of the newest removed entry becomes the
@@ -101,6 +108,15 @@ pub struct JobEntry {
 }
 
 impl JobEntry {
+    /// The delivery to `sink` (`"sacct"` for sacct), if the entry has one.
+    pub fn delivery_mut(&mut self, sink: &str) -> Option<&mut Delivery> {
+        if sink == "sacct" {
+            self.sacct.as_mut()
+        } else {
+            self.sinks.get_mut(sink)
+        }
+    }
+
     /// Whether anything is still to be delivered.
     pub fn any_pending(&self) -> bool {
         self.sacct.as_ref().is_some_and(Delivery::is_pending)
@@ -168,6 +184,12 @@ pub struct State {
     /// existed (the next run then reads every manifest once and fills it).
     #[serde(default)]
     pub index: BTreeMap<String, IndexEntry>,
+    /// Incremented by every [`State::save`]; a [`Journal`] applies to the generation it names.
+    #[serde(default)]
+    pub generation: u64,
+    /// Journal lines replayed by [`State::load`] (not saved).
+    #[serde(skip)]
+    pub replayed: usize,
 }
 
 impl Default for State {
@@ -181,6 +203,8 @@ impl Default for State {
             last_run_unix: None,
             last_run_summary: None,
             index: BTreeMap::new(),
+            generation: 0,
+            replayed: 0,
         }
     }
 }
@@ -239,7 +263,12 @@ impl State {
         let path = Self::path(dir);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No save yet; a first run interrupted may have left a journal.
+                let mut state = State::default();
+                state.replay(dir)?;
+                return Ok(state);
+            }
             Err(source) => {
                 return Err(StateError::Io {
                     what: "reading",
@@ -261,11 +290,118 @@ impl State {
                 ),
             });
         }
+        let mut state = state;
+        state.replay(dir)?;
         Ok(state)
     }
 
-    /// Write the state to `dir` atomically and durably.
-    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+    /// Apply the journal in `dir`, if it follows this generation.
+    fn replay(&mut self, dir: &Path) -> Result<(), StateError> {
+        let path = Journal::path(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    what: "reading",
+                    path,
+                    source,
+                })
+            }
+        };
+        let corrupt = |reason: String| StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        // Only complete lines: a last line without its newline was cut short by a crash while
+        // it was written, before its fsync, so nothing in it was sent.
+        let complete = bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(&bytes[..0], |end| &bytes[..end]);
+        let mut lines = complete.split(|&b| b == b'\n');
+        let Some(header) = lines.next().filter(|l| !l.is_empty()) else {
+            return Ok(());
+        };
+        let header: JournalHeader =
+            serde_json::from_slice(header).map_err(|e| corrupt(format!("journal header: {e}")))?;
+        if header.follows_generation != self.generation {
+            // Left by a crash after a save and before the journal's removal: already in the
+            // state.
+            return Ok(());
+        }
+        for (n, line) in lines.enumerate() {
+            let op: JournalOp = serde_json::from_slice(line)
+                .map_err(|e| corrupt(format!("journal line {}: {e}", n + 2)))?;
+            self.apply(&op);
+            self.replayed += 1;
+        }
+        Ok(())
+    }
+
+    /// Apply one journal operation (the run applies each one it appends, so that the state in
+    /// memory and a replay agree).
+    pub fn apply(&mut self, op: &JournalOp) {
+        match op {
+            JournalOp::Put { jobs } => {
+                for (key, entry) in jobs {
+                    self.jobs.insert(key.clone(), entry.clone());
+                }
+            }
+            JournalOp::Delivered {
+                sink,
+                at_unix,
+                keys,
+                status,
+            } => {
+                self.sinks.insert(sink.clone(), status.clone());
+                for key in keys {
+                    let Some(entry) = self.jobs.get_mut(key) else {
+                        continue;
+                    };
+                    if let Some(d) = entry.delivery_mut(sink) {
+                        *d = Delivery::Done { at_unix: *at_unix };
+                    }
+                    // Delivered everywhere: the body is no longer needed (the WAL only needs
+                    // the bodies of pending deliveries).
+                    if !entry.any_pending() {
+                        entry.record = None;
+                    }
+                }
+            }
+            JournalOp::Failed {
+                sink,
+                error,
+                keys,
+                status,
+            } => {
+                self.sinks.insert(sink.clone(), status.clone());
+                for key in keys {
+                    if let Some(d) = self.jobs.get_mut(key).and_then(|e| e.delivery_mut(sink)) {
+                        d.failed(error.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write the state to `dir` atomically and durably, as the next generation, and remove the
+    /// journal (now contained in the state).
+    pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
+        self.generation += 1;
+        self.write(dir)?;
+        match std::fs::remove_file(Journal::path(dir)) {
+            Ok(()) => sync_dir(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StateError::Io {
+                what: "removing",
+                path: Journal::path(dir),
+                source,
+            }),
+        }
+    }
+
+    fn write(&self, dir: &Path) -> Result<(), StateError> {
         let path = Self::path(dir);
         let tmp = dir.join(".state.json.tmp");
         let io = |what: &'static str, path: &Path| {
@@ -278,10 +414,7 @@ impl State {
         file.sync_all().map_err(io("syncing", &tmp))?;
         drop(file);
         std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing directory", dir))?;
-        Ok(())
+        sync_dir(dir)
     }
 
     /// Remove entries beyond the bounds; see the module docs. `now_unix_ns` is the current time.
@@ -311,6 +444,16 @@ impl State {
             }
         }
         self.retain_indexed_jobs();
+        pruned
+    }
+
+    /// Remove the entry `key` if it is beyond the age bound, as [`State::prune`] would.
+    pub fn prune_entry(&mut self, key: &str, bounds: Bounds, now_unix_ns: u64) -> Pruned {
+        let mut pruned = Pruned::default();
+        let cutoff = now_unix_ns.saturating_sub(bounds.max_age_s.saturating_mul(1_000_000_000));
+        if self.jobs.get(key).is_some_and(|e| e.end_unix_ns < cutoff) {
+            self.remove(key, &mut pruned, true);
+        }
         pruned
     }
 
@@ -366,6 +509,137 @@ impl State {
             })
             .map(|(k, _)| k.clone())
             .collect()
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StateError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StateError::Io {
+            what: "syncing directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// The first line of a journal.
+#[derive(Debug, Serialize, Deserialize)]
+struct JournalHeader {
+    /// The [`State::generation`] this journal applies to.
+    follows_generation: u64,
+}
+
+/// One line of the journal (see the module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalOp {
+    /// Entries added or replaced (newly collected jobs, with their records).
+    Put {
+        /// `cluster/job` and its entry.
+        jobs: Vec<(String, JobEntry)>,
+    },
+    /// Delivered to `sink` (`"sacct"` for sacct).
+    Delivered {
+        /// The destination.
+        sink: String,
+        /// When.
+        at_unix: u64,
+        /// The jobs (`cluster/job`).
+        keys: Vec<String>,
+        /// The destination's history after this.
+        status: SinkStatus,
+    },
+    /// A failed attempt to deliver to `sink`.
+    Failed {
+        /// The destination.
+        sink: String,
+        /// What went wrong.
+        error: String,
+        /// The jobs (`cluster/job`).
+        keys: Vec<String>,
+        /// The destination's history after this.
+        status: SinkStatus,
+    },
+}
+
+/// [`JournalOp::Put`] by reference, to write entries without copying them.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum PutRef<'a> {
+    Put { jobs: Vec<(&'a str, &'a JobEntry)> },
+}
+
+/// The state's journal, open for appending (see the module docs). Created by the first append
+/// after a save; [`State::save`] removes it.
+#[derive(Debug)]
+pub struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+    /// Bytes written, header included.
+    pub bytes: u64,
+}
+
+impl Journal {
+    /// The journal in `dir`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join("journal.jsonl")
+    }
+
+    /// Start a journal after generation `generation` of the state (replacing a stale one).
+    pub fn create(dir: &Path, generation: u64) -> Result<Journal, StateError> {
+        let path = Self::path(dir);
+        let io = |what: &'static str| {
+            let path = path.clone();
+            move |source| StateError::Io { what, path, source }
+        };
+        let mut file = std::fs::File::create(&path).map_err(io("creating"))?;
+        let mut line = serde_json::to_vec(&JournalHeader {
+            follows_generation: generation,
+        })
+        .expect("the header serialises");
+        line.push(b'\n');
+        file.write_all(&line).map_err(io("writing"))?;
+        file.sync_all().map_err(io("syncing"))?;
+        sync_dir(dir)?;
+        Ok(Journal {
+            bytes: line.len() as u64,
+            file,
+            path,
+        })
+    }
+
+    /// Append the entries `jobs`; with `sync`, durably (fsync) before returning.
+    pub fn put(&mut self, jobs: &[(&str, &JobEntry)], sync: bool) -> Result<(), StateError> {
+        let mut line = serde_json::to_vec(&PutRef::Put {
+            jobs: jobs.to_vec(),
+        })
+        .expect("entries serialise");
+        line.push(b'\n');
+        self.write(&line, sync)
+    }
+
+    /// Append `op`; with `sync`, durably before returning.
+    pub fn append(&mut self, op: &JournalOp, sync: bool) -> Result<(), StateError> {
+        let mut line = serde_json::to_vec(op).expect("journal operations serialise");
+        line.push(b'\n');
+        self.write(&line, sync)
+    }
+
+    fn write(&mut self, line: &[u8], sync: bool) -> Result<(), StateError> {
+        let path = &self.path;
+        let io = |what: &'static str| {
+            move |source| StateError::Io {
+                what,
+                path: path.clone(),
+                source,
+            }
+        };
+        self.file.write_all(line).map_err(io("appending to"))?;
+        if sync {
+            self.file.sync_data().map_err(io("syncing"))?;
+        }
+        self.bytes += line.len() as u64;
+        Ok(())
     }
 }
 
@@ -509,6 +783,54 @@ mod tests {
         v.as_object_mut().unwrap().remove("index").unwrap();
         std::fs::write(State::path(dir.path()), serde_json::to_vec(&v).unwrap()).unwrap();
         assert_eq!(State::load(dir.path()).unwrap(), s);
+    }
+
+    #[test]
+    fn the_journal_replays_onto_its_generation_only_and_a_cut_line_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        s.jobs.insert("c/1".into(), entry(5, true));
+        s.save(dir.path()).unwrap();
+        let mut journal = Journal::create(dir.path(), s.generation).unwrap();
+        let new = entry(6, true);
+        journal.put(&[("c/2", &new)], true).unwrap();
+        let delivered = JournalOp::Delivered {
+            sink: "vm".into(),
+            at_unix: 9,
+            keys: vec!["c/1".into()],
+            status: SinkStatus {
+                delivered_total: 1,
+                ..SinkStatus::default()
+            },
+        };
+        journal.append(&delivered, false).unwrap();
+        drop(journal);
+        // A line cut short by a crash.
+        let path = Journal::path(dir.path());
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"put\":{\"jobs\":[[\"c/3\",{\"key");
+        std::fs::write(&path, text).unwrap();
+
+        let loaded = State::load(dir.path()).unwrap();
+        assert_eq!(loaded.replayed, 2);
+        assert_eq!(loaded.jobs.len(), 2, "c/3 was cut short");
+        assert_eq!(loaded.jobs["c/2"], new);
+        assert_eq!(
+            loaded.jobs["c/1"].sinks["vm"],
+            Delivery::Done { at_unix: 9 }
+        );
+        assert_eq!(loaded.sinks["vm"].delivered_total, 1);
+
+        // A save contains the journal and removes it; a journal of an older generation (a
+        // crash between the save and the removal) is not replayed.
+        let mut again = loaded.clone();
+        again.save(dir.path()).unwrap();
+        assert!(!path.exists());
+        let mut stale = Journal::create(dir.path(), loaded.generation).unwrap();
+        stale.put(&[("c/4", &entry(7, true))], true).unwrap();
+        let reloaded = State::load(dir.path()).unwrap();
+        assert_eq!(reloaded.replayed, 0);
+        assert!(!reloaded.jobs.contains_key("c/4"));
     }
 
     #[test]

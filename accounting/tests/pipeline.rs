@@ -1,0 +1,285 @@
+//! The pipelined run (collection and upload at once): many batches with a job whose node
+//! manifests are far apart in the spools, and a run killed between batches.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ergon_accounting::state::State;
+
+/// A plain-HTTP `/write` endpoint standing in for VictoriaMetrics: records the job ids of each
+/// request it accepts (answers 204). With `stall_at = Some(n)` it announces the `n`th request on
+/// the channel and leaves it (and every later request) unanswered until `release` is called;
+/// they are recorded then.
+struct Receiver {
+    port: u16,
+    /// Job ids per accepted request.
+    accepted: Arc<Mutex<Vec<Vec<u32>>>>,
+    stalled: Arc<Mutex<bool>>,
+}
+
+impl Receiver {
+    fn start(stall_at: Option<usize>, announce: mpsc::Sender<()>) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stalled = Arc::new(Mutex::new(false));
+        let (acc, st) = (accepted.clone(), stalled.clone());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let announce = Arc::new(Mutex::new(announce));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { continue };
+                let (acc, st, seen, announce) =
+                    (acc.clone(), st.clone(), seen.clone(), announce.clone());
+                std::thread::spawn(move || loop {
+                    // Keep-alive: serve requests on this connection until it closes.
+                    let Some(body) = read_body(&mut tcp) else {
+                        return;
+                    };
+                    if stall_at == Some(seen.fetch_add(1, Ordering::SeqCst) + 1) {
+                        *st.lock().unwrap() = true;
+                        let _ = announce.lock().unwrap().send(());
+                    }
+                    while *st.lock().unwrap() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let jobs: Vec<u32> = String::from_utf8_lossy(&body)
+                        .lines()
+                        .filter_map(|l| {
+                            let rest = l.split_once(",job_id=")?.1;
+                            rest.split(',').next()?.parse().ok()
+                        })
+                        .collect();
+                    acc.lock().unwrap().push(jobs);
+                    if tcp
+                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                });
+            }
+        });
+        Receiver {
+            port,
+            accepted,
+            stalled,
+        }
+    }
+
+    fn release(&self) {
+        *self.stalled.lock().unwrap() = false;
+    }
+
+    /// How many times each job id arrived.
+    fn per_job(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        for jobs in self.accepted.lock().unwrap().iter() {
+            for j in jobs {
+                *out.entry(*j).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    fn requests(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
+}
+
+fn read_body(tcp: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    let mut reader = BufReader::new(tcp);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    if line.is_empty() {
+        return None;
+    }
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).ok()?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+/// The config: two spools, the VictoriaMetrics sink at `port` with `batch_size`.
+fn config(s: &Setup, port: u16, batch_size: usize) {
+    let text = format!(
+        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\n",
+        s.spool(),
+        s.dir.path().join("spool2"),
+        s.quarantine(),
+        s.state()
+    );
+    std::fs::write(s.config_path(), text).unwrap();
+}
+
+fn write_as(dir: &std::path::Path, name: &str, m: &ergon_protocol::manifest::Manifest) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(name), m.to_json().unwrap()).unwrap();
+}
+
+const JOBS: u32 = 2500;
+const SPREAD: u32 = 9000;
+
+/// `JOBS` one-node jobs in the first spool (`<job>.n1.json`), and job `SPREAD` on three nodes:
+/// its first manifest sorts first in the first spool, its second last, its third is in the
+/// second spool.
+fn spool(s: &Setup) {
+    for job in 1..=JOBS {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    write_as(
+        &s.spool(),
+        "0000-first.json",
+        &manifest("c1", SPREAD, "n1", 100.0, 1.0, 1.0),
+    );
+    write_as(
+        &s.spool(),
+        "zzz-last.json",
+        &manifest("c1", SPREAD, "n2", 200.0, 2.0, 1.0),
+    );
+    write_as(
+        &s.dir.path().join("spool2"),
+        &format!("c1-{SPREAD}-n3.json"),
+        &manifest("c1", SPREAD, "n3", 300.0, 3.0, 1.0),
+    );
+}
+
+#[test]
+fn many_batches_deliver_each_job_once_and_a_spread_job_as_one_record() {
+    let s = Setup::new();
+    spool(&s);
+    let (tx, _rx) = mpsc::channel();
+    let server = Receiver::start(None, tx);
+    config(&s, server.port, 50);
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let per_job = server.per_job();
+    assert_eq!(per_job.len(), JOBS as usize + 1, "every job arrived");
+    let not_once: Vec<_> = per_job.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(not_once.is_empty(), "not exactly once: {not_once:?}");
+    assert!(server.requests() >= 50, "{} requests", server.requests());
+    // One record for the three nodes, with all three.
+    let state = State::load(&s.state()).unwrap();
+    assert_eq!(state.jobs.len(), JOBS as usize + 1);
+    let spread = &state.jobs[&format!("c1/{SPREAD}")];
+    assert!(!spread.any_pending());
+    let nodes: Vec<&str> = state
+        .index
+        .values()
+        .filter(|e| e.job == format!("c1/{SPREAD}"))
+        .map(|e| e.content_hash.as_str())
+        .collect();
+    assert_eq!(nodes.len(), 3, "the three files are indexed for the job");
+    assert!(
+        !State::path(&s.state())
+            .with_file_name("journal.jsonl")
+            .exists(),
+        "the final save removes the journal"
+    );
+
+    // The next run sends nothing.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(server.per_job().values().sum::<usize>(), JOBS as usize + 1);
+}
+
+#[test]
+fn the_spread_job_is_combined_from_its_three_nodes() {
+    // The record itself: ergon report reads the job's manifests; the state's record is gone once
+    // delivered, so check it while the sink refuses (records stay pending with their bodies).
+    let s = Setup::new();
+    spool(&s);
+    let port = free_port();
+    config(&s, port, 50);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let state = State::load(&s.state()).unwrap();
+    let record = state.jobs[&format!("c1/{SPREAD}")]
+        .record
+        .as_ref()
+        .expect("pending: the record is kept");
+    let nodes: Vec<&str> = record.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(nodes, ["n1", "n2", "n3"]);
+    assert_eq!(record.energy_j, 606.0);
+    assert_eq!(
+        state.pending_for("victoria_metrics").len(),
+        JOBS as usize + 1
+    );
+}
+
+#[test]
+fn a_run_killed_between_batches_loses_nothing() {
+    let s = Setup::new();
+    spool(&s);
+    let (tx, rx) = mpsc::channel();
+    // The 8th request stalls; the run is killed while it (and maybe another lane's) hangs.
+    let server = Receiver::start(Some(8), tx);
+    config(&s, server.port, 100);
+    let mut child = s
+        .ergon()
+        .arg("run")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the run reached the 8th request");
+    std::thread::sleep(Duration::from_millis(200));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = server.per_job();
+    assert!(
+        before.len() >= 600,
+        "{} jobs delivered before",
+        before.len()
+    );
+    assert!(before.len() < JOBS as usize, "the run was killed early");
+
+    // Write-ahead: everything that reached the sink is in the state (the journal, replayed).
+    let state = State::load(&s.state()).unwrap();
+    assert!(state.replayed > 0, "the journal was replayed");
+    for job in before.keys() {
+        assert!(
+            state.jobs.contains_key(&format!("c1/{job}")),
+            "job {job} reached the sink but is not in the state"
+        );
+    }
+
+    // The next run delivers the rest; only the batches in flight at the kill come twice.
+    server.release();
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let after = server.per_job();
+    assert_eq!(after.len(), JOBS as usize + 1, "nothing lost");
+    let twice = after.values().filter(|n| **n > 1).count();
+    assert!(
+        after.values().all(|n| *n <= 2) && twice <= 4 * 100,
+        "{twice} jobs delivered twice (at most the batches in flight)"
+    );
+    let state = State::load(&s.state()).unwrap();
+    assert_eq!(state.replayed, 0);
+    assert!(state.pending_for("victoria_metrics").is_empty());
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(server.per_job(), after, "the run after sends nothing");
+}
