@@ -16,6 +16,9 @@
 //!   unprivileged test user with `--energy-report` gets the report appended to its
 //!   `slurm-<id>.out`, which stays the user's; a `--energy-report=json` job whose
 //!   `ergon-<id>.json` is a symlink to a root-owned file gets nothing written through it.
+//! - `two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it`: gres.conf rewritten with two
+//!   `MultipleFiles=` MIG instances of one fake GPU in MIG mode; two jobs on them at once are
+//!   each charged their instance's slices of the board; gres.conf and slurmd are restored.
 //!
 //! The plugin's socket is shared with `spank_plugin.rs`, whose tests run in another test binary
 //! (cargo runs binaries one after another); the tests here run one at a time (`SERIAL`).
@@ -76,6 +79,8 @@ struct FakeGpu {
     uuid: String,
     minor: u32,
     watts: f64,
+    /// The fake NVML's `mig` object for a GPU in MIG mode.
+    mig: Option<serde_json::Value>,
 }
 
 /// The fake GPUs in NVML order: the cluster's four devices in reverse gres.conf order, so that
@@ -89,6 +94,7 @@ fn fake_gpus(c: &Cluster) -> Vec<FakeGpu> {
             uuid: format!("GPU-{minor:08x}-0000-4000-8000-{i:012x}"),
             minor,
             watts: watts(i),
+            mig: None,
         })
         .collect()
 }
@@ -124,11 +130,17 @@ impl Ergond {
         // restarts, like a real driver's (mJ since the driver loaded).
         let scenario = serde_json::json!({
             "start_monotonic_ns": ergond::clock::monotonic_ns(),
-            "gpus": gpus.iter().map(|g| serde_json::json!({
-                "uuid": g.uuid, "name": "Fake chain GPU", "minor": g.minor,
-                "profile": {"kind": "constant", "watts": g.watts},
-                "update_period_ms": COUNTER_PERIOD_MS,
-            })).collect::<Vec<_>>(),
+            "gpus": gpus.iter().map(|g| {
+                let mut gpu = serde_json::json!({
+                    "uuid": g.uuid, "name": "Fake chain GPU", "minor": g.minor,
+                    "profile": {"kind": "constant", "watts": g.watts},
+                    "update_period_ms": COUNTER_PERIOD_MS,
+                });
+                if let Some(mig) = &g.mig {
+                    gpu["mig"] = mig.clone();
+                }
+                gpu
+            }).collect::<Vec<_>>(),
         });
         std::fs::write(
             format!("{}.scenario.json", lib.display()),
@@ -327,11 +339,17 @@ fn setup(name: &str) -> Setup {
 
 /// As [`setup`], with `extra` lines in ergond's configuration.
 fn setup_with(name: &str, extra: &str) -> Setup {
+    setup_gpus(name, extra, |_| {})
+}
+
+/// As [`setup_with`], with the fake GPUs changed by `edit` first.
+fn setup_gpus(name: &str, extra: &str, edit: impl FnOnce(&mut Vec<FakeGpu>)) -> Setup {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let c = cluster();
     c.install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
     let dir = scratch_dir(name).unwrap();
-    let gpus = fake_gpus(c);
+    let mut gpus = fake_gpus(c);
+    edit(&mut gpus);
     let ergond = Ergond::start(c, dir.path(), &gpus, extra).unwrap_or_else(|e| {
         let log = std::fs::read_to_string(dir.path().join("ergond.log")).unwrap_or_default();
         panic!("ergond did not start: {e:#}\n--- ergond log ---\n{log}")
@@ -1074,4 +1092,177 @@ fn two_jobs_sharing_the_node_split_cpu_energy_by_cpu_time() {
         Ok(())
     });
     println!("test took {:?}", t_test.elapsed());
+}
+
+fn restart_slurmd() -> Result<()> {
+    let out = Command::new(ergon_tests::repo_root().join("scripts/slurm-cluster"))
+        .arg("restart-slurmd")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "restart-slurmd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Puts the cluster's gres.conf back, removes the fake capability devices and restarts slurmd
+/// when dropped (also when the test fails).
+struct RestoreGres {
+    gres_conf: PathBuf,
+    original: String,
+    caps: Vec<PathBuf>,
+}
+
+impl Drop for RestoreGres {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.gres_conf, &self.original);
+        for c in &self.caps {
+            let _ = std::fs::remove_file(c);
+        }
+        if let Err(e) = restart_slurmd() {
+            eprintln!("could not restore slurmd: {e:#}");
+        }
+    }
+}
+
+/// MIG through the whole chain. The GPU behind `dev/fakegpu0` (device minor 6) is in MIG mode
+/// in the fake NVML: GPU instances 1 (3 of 7 slices), 2 (2 slices) and 5 (1 slice). gres.conf
+/// is rewritten so that the node's four GPUs are GI 1 and GI 2 of it (`MultipleFiles=` with
+/// fake nvidia-caps devices, named in a mig-minors fixture) and the whole GPUs fakegpu1 and
+/// fakegpu2; slurmd is restarted, and everything is put back at the end. Two jobs with
+/// `--gres=gpu:1` run at once on the two instances: each manifest names its instance and
+/// charges it its slices of the board (3/7 and 2/7 of its constant power), never the board.
+#[test]
+fn two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it() {
+    let dev = cluster().dir.join("dev");
+    let mig_minor = minor_of(cluster(), 0);
+    let mut s = setup_gpus("chain-mig", "", |gpus| {
+        let g = gpus.iter_mut().find(|g| g.minor == mig_minor).unwrap();
+        g.mig = Some(serde_json::json!({"total_slices": 7, "instances": [
+            {"gi": 1, "ci": 0, "slices": 3, "uuid": "MIG-00000000-0000-4000-8000-0000000000c1"},
+            {"gi": 2, "ci": 0, "slices": 2, "uuid": "MIG-00000000-0000-4000-8000-0000000000c2"},
+            {"gi": 5, "ci": 0, "slices": 1, "uuid": "MIG-00000000-0000-4000-8000-0000000000c5"},
+        ]}));
+    });
+    let board_w = s.gpus.iter().find(|g| g.minor == mig_minor).unwrap().watts;
+    let gres_conf = s.c.dir.join("etc/gres.conf");
+    let caps: Vec<PathBuf> = [21, 22, 30, 31]
+        .iter()
+        .map(|n| dev.join(format!("nvidia-cap{n}")))
+        .collect();
+    let restore = RestoreGres {
+        gres_conf: gres_conf.clone(),
+        original: std::fs::read_to_string(&gres_conf).unwrap(),
+        caps: caps.clone(),
+    };
+    s.run(|s| {
+        let c = s.c;
+        for (path, minor) in caps.iter().zip([21, 22, 30, 31]) {
+            let _ = std::fs::remove_file(path);
+            let out = Command::new("mknod")
+                .arg(path)
+                .args(["c", "236", &minor.to_string()])
+                .output()?;
+            ensure!(out.status.success(), "mknod {}", path.display());
+        }
+        let mig_minors = s.dir.path().join("mig-minors");
+        std::fs::write(
+            &mig_minors,
+            format!(
+                "config 1\nmonitor 2\n\
+                 gpu{mig_minor}/gi1/access 21\ngpu{mig_minor}/gi1/ci0/access 22\n\
+                 gpu{mig_minor}/gi2/access 30\ngpu{mig_minor}/gi2/ci0/access 31\n"
+            ),
+        )?;
+        let d = dev.display();
+        std::fs::write(
+            &gres_conf,
+            format!(
+                "AutoDetect=off\n\
+                 Name=gpu MultipleFiles={d}/fakegpu0,{d}/nvidia-cap21,{d}/nvidia-cap22\n\
+                 Name=gpu MultipleFiles={d}/fakegpu0,{d}/nvidia-cap30,{d}/nvidia-cap31\n\
+                 Name=gpu File={d}/fakegpu[1-2]\n"
+            ),
+        )?;
+        c.install_plugin(&format!(
+            "{} mig_minors={}",
+            ergon_tests::PLUGIN_ARGS,
+            mig_minors.display()
+        ))?;
+        restart_slurmd()?;
+
+        // Two jobs holding one GPU each, both running at once.
+        let release = s.dir.path().join("release");
+        let mut jobs = Vec::new();
+        for k in 0..2 {
+            let started = s.dir.path().join(format!("started-{k}"));
+            let script = format!(
+                "echo SLURM_JOB_GPUS=$SLURM_JOB_GPUS; touch {s}; while [ ! -e {r} ]; do sleep 0.05; done",
+                s = started.display(),
+                r = release.display()
+            );
+            let out = s.dir.path().join(format!("job-{k}.out"));
+            let job = c.sbatch([
+                "--gres=gpu:1",
+                "--time=5",
+                &format!("--output={}", out.display()),
+                "--wrap",
+                &script,
+            ])?;
+            wait_for_file(&started, JOB_TIMEOUT)?;
+            jobs.push((job, out));
+        }
+        let mut indices: Vec<u32> = Vec::new();
+        for (job, _) in &jobs {
+            indices.extend(allocated_gpu_indices(c, *job)?);
+        }
+        indices.sort_unstable();
+        ensure!(indices == [0, 1], "Slurm gave the jobs GPUs {indices:?}, not the two MIG instances");
+        std::thread::sleep(Duration::from_secs(2));
+        std::fs::write(&release, b"")?;
+        let mut seen = Vec::new();
+        for (job, out) in &jobs {
+            c.wait_completed(*job)?;
+            let (_, m) = s.ergond.wait_manifest(*job, &c.node)?;
+            let text = std::fs::read_to_string(out).unwrap_or_default();
+            ensure!(m.gpus.len() == 1, "job {job}: {:?}\n{text}", m.gpus);
+            let g = &m.gpus[0];
+            let mig = g
+                .mig
+                .as_ref()
+                .ok_or_else(|| anyhow!("job {job}: no MIG instance in {g:?}\n{text}"))?;
+            ensure!(m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_MIG);
+            ensure!(g.minor == Some(mig_minor) && g.shared, "{g:?}");
+            ensure!(
+                mig.total_slices == 7
+                    && mig.share_method == ergon_protocol::MigShareMethod::SliceSize
+                    && mig.instances.len() == 1,
+                "{mig:?}"
+            );
+            let gi = mig.instances[0].gpu_instance_id;
+            let slices = match gi {
+                1 => 3.0,
+                2 => 2.0,
+                other => bail!("job {job} charged for GPU instance {other}"),
+            };
+            ensure!(mig.instances[0].slices == Some(slices as u32), "{mig:?}");
+            let want_w = board_w * slices / 7.0;
+            let got_w = g.energy_j.unwrap_or(f64::NAN) / m.duration_s;
+            println!("job {job}: GI {gi}, {got_w:.2} W of the board's {board_w} W (expected {want_w:.2})");
+            ensure!(
+                (got_w / want_w - 1.0).abs() < ENERGY_TOLERANCE * 2.0,
+                "job {job} (GI {gi}): {got_w} W, expected {want_w} W"
+            );
+            seen.push(gi);
+        }
+        seen.sort_unstable();
+        ensure!(seen == [1, 2], "instances charged: {seen:?}");
+        Ok(())
+    });
+    // gres.conf and slurmd back, and the plugin's usual arguments, before the next test may
+    // take the lock.
+    drop(restore);
+    cluster().install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
+    drop(s);
 }
