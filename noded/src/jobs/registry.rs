@@ -318,8 +318,11 @@ impl JobRegistry {
         node: &str,
         at: EventTime,
     ) -> Result<&mut Job, Refusal> {
-        // Only running jobs count: ended ones waiting for their manifest leave soon.
+        // Only running jobs count: ended ones waiting for their manifest leave soon. Counting
+        // them walks every job, under the lock the socket handler holds: only when the map is
+        // large enough for the limit to be reached (running <= len).
         if !self.jobs.contains_key(&job_id)
+            && self.jobs.len() >= self.limits.max_jobs
             && (self.running() >= self.limits.max_jobs
                 || self.jobs.len() >= 2 * self.limits.max_jobs)
         {

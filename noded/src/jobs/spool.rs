@@ -1,6 +1,8 @@
 //! Writing manifests into the spool atomically: a temporary file in the spool itself, fsync,
 //! rename over the final name, fsync the directory. A reader (the accounting run) therefore sees
-//! either no manifest or a complete one, also after a crash or power loss.
+//! either no manifest or a complete one, also after a crash or power loss. Several manifests
+//! written in a row may share one directory fsync ([`write_manifest_file`], then
+//! [`sync_dir`]): none of them counts as written before it.
 //!
 //! File name: `<cluster>-<job id>-<node>.json`, each name reduced to `[A-Za-z0-9._-]` (other
 //! bytes become `_`) so that no value from the plugin can name a path outside the spool.
@@ -41,8 +43,25 @@ pub fn file_name(m: &Manifest) -> String {
     )
 }
 
-/// Write the (sealed) manifest into `dir` atomically; returns its path. Creates `dir` if needed.
+/// Write the (sealed) manifest into `dir` atomically and durably; returns its path. Creates
+/// `dir` if needed.
 pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
+    let path = write_manifest_file(dir, m)?;
+    sync_dir(dir)?;
+    Ok(path)
+}
+
+/// Make the renames done in `dir` durable (fsync the directory).
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot fsync the spool directory {}", dir.display()))
+}
+
+/// As [`write_manifest`] but without the directory fsync: the file is complete under its final
+/// name, and durable once [`sync_dir`] returns.
+pub fn write_manifest_file(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
     use anyhow::Context as _;
     let json = m.to_json().context("cannot serialise the manifest")?;
     std::fs::create_dir_all(dir)
@@ -60,8 +79,7 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
             .open(&tmp)?;
         f.write_all(&json)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, &path)
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);

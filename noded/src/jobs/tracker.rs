@@ -28,7 +28,7 @@ use super::reading::{interpolate, Reading};
 use super::recovery::{discover, journal_state, restore, PowerLimits, Restored};
 use super::registry::{Action, EventTime, JobRegistry, Limits, Mark};
 use super::report;
-use super::spool::write_manifest;
+use super::spool::{sync_dir, write_manifest_file};
 use crate::clock::monotonic_ns;
 use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
 
@@ -918,16 +918,54 @@ struct SpoolWork {
 
 /// The spool writer thread: writes each manifest (atomic, fsync'd) and hands the job's report
 /// on, in order.
+/// Most manifests written under one directory fsync.
+const SPOOL_BATCH: usize = 64;
+
+/// Writes the manifests queued for the spool. Those already waiting are written together and
+/// made durable by one directory fsync (a burst of job ends costs one per batch, not one per
+/// job); a job leaves the journal only after that fsync.
 fn spool_writer(inner: &Inner, rx: Receiver<SpoolWork>) {
-    while let Ok(w) = rx.recv() {
-        write_one(inner, w);
+    let dir = &inner.config.spool_dir;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < SPOOL_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let files: Vec<anyhow::Result<PathBuf>> = batch
+            .iter()
+            .map(|w| write_manifest_file(dir, &w.manifest))
+            .collect();
+        let synced = if files.iter().any(Result::is_ok) {
+            sync_dir(dir).map_err(|e| format!("{e:#}"))
+        } else {
+            Ok(())
+        };
+        for (w, file) in batch.into_iter().zip(files) {
+            let written = match (file, &synced) {
+                (Ok(path), Ok(())) => Ok(path),
+                (Ok(path), Err(e)) => Err(anyhow::anyhow!(
+                    "{} was written but may not survive a crash: {e}",
+                    path.display()
+                )),
+                (Err(e), _) => Err(e),
+            };
+            finish_one(inner, w, written);
+        }
     }
 }
 
+/// Write one manifest durably here (when the spool writer is gone, at shutdown).
 fn write_one(inner: &Inner, w: SpoolWork) {
+    let written = super::spool::write_manifest(&inner.config.spool_dir, &w.manifest);
+    finish_one(inner, w, written);
+}
+
+fn finish_one(inner: &Inner, w: SpoolWork, written: anyhow::Result<PathBuf>) {
     let SpoolWork { job, manifest: m } = w;
     let job_id = job.job_id;
-    let written = write_manifest(&inner.config.spool_dir, &m);
     if written.is_ok() {
         lock(&inner.registry).remove_written(job_id, job.start);
         inner
