@@ -377,10 +377,14 @@ fn a_slow_gpu_overruns_ticks_that_are_skipped_and_counted() {
     assert!(g.read_latency_p50_ns >= 25 * MS, "{g:?}");
     // After an overrun the next tick is the next future deadline, not a burst of late ones.
     assert!(g.lateness_p50_ns < period, "{g:?}");
-    // RAPL has its own thread and is not dragged along.
+    // RAPL has its own thread and is not dragged along: on the GPU's thread it could sample
+    // only once per 25 ms GPU read (as often as the GPU); on its own it keeps its 5 ms period.
+    // (Bounds loose enough for a loaded 2-core CI machine, where the thread may be starved
+    // for ~100 ms: that costs a fraction of its 120 deadlines, not 80 % of them.)
     let r = health(&s, "rapl");
-    assert!(r.samples >= 60, "{r:?}");
-    assert!(r.missed_ticks * 4 < r.samples, "{r:?}");
+    assert!(r.samples >= 3 * g.samples, "rapl {r:?}\ngpu {g:?}");
+    assert!(r.samples >= 40, "{r:?}");
+    assert!(r.missed_ticks < r.samples, "{r:?}");
 }
 
 #[test]
