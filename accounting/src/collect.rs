@@ -118,6 +118,10 @@ pub struct GpuSummary {
     pub peak_w: Option<f64>,
     /// How the energy was obtained.
     pub method: EnergyMethod,
+    /// The job's MIG instances on this GPU, when it held instances (its `energy_j` is then its
+    /// modelled share of the board); absent for a whole GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<ergon_protocol::GpuMig>,
 }
 
 impl JobRecordFull {
@@ -226,6 +230,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
                 avg_w: g.avg_w,
                 peak_w: g.peak_w,
                 method: g.method,
+                mig: g.mig.clone(),
             })
         })
         .collect();

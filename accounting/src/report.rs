@@ -164,8 +164,13 @@ pub fn render_job_report(r: &JobReport) -> String {
         for g in &m.gpus {
             out += &match (g.energy_j, g.avg_w) {
                 (Some(e), Some(w)) => format!(
-                    "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W\n",
-                    g.node, g.index, g.uuid, e, w
+                    "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W{}\n",
+                    g.node,
+                    g.index,
+                    g.uuid,
+                    e,
+                    w,
+                    g.mig.as_ref().map_or_else(String::new, mig_note)
                 ),
                 _ => format!(
                     "    {} gpu{} {:<40} not measured (could not be read)\n",
@@ -178,6 +183,27 @@ pub fn render_job_report(r: &JobReport) -> String {
         out += &format!("  warning: {p}\n");
     }
     out
+}
+
+/// `  MIG GI 1 (3 of 7 slices), estimated by slice size` for a GPU held as MIG instances.
+fn mig_note(mig: &ergon_protocol::GpuMig) -> String {
+    let instances: Vec<String> = mig
+        .instances
+        .iter()
+        .map(|i| match i.slices {
+            Some(n) => format!(
+                "GI {} ({n} of {} slices)",
+                i.gpu_instance_id, mig.total_slices
+            ),
+            None => format!("GI {}", i.gpu_instance_id),
+        })
+        .collect();
+    let how = match mig.share_method {
+        ergon_protocol::MigShareMethod::SliceSize => "by slice size",
+        ergon_protocol::MigShareMethod::Activity => "by activity",
+        ergon_protocol::MigShareMethod::WholeGpu => "as a shared whole GPU",
+    };
+    format!("  MIG {}, estimated {how}", instances.join(", "))
 }
 
 /// What `ergon status` shows.

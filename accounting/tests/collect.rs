@@ -190,3 +190,39 @@ fn report_names_a_broken_manifest_of_the_job_and_counts_a_duplicate_once() {
     assert_eq!(v["manifests"]["energy_j"].as_f64(), Some(110.0), "{v}");
     assert_eq!(v["manifest_problems"].as_array().unwrap().len(), 1, "{v}");
 }
+
+/// A job on a MIG instance (manifest schema 3) is collected like any other, its GPU keeps the
+/// instance, and `ergon report` names it.
+#[test]
+fn a_mig_share_is_collected_and_reported_with_its_instance() {
+    let s = Setup::new();
+    s.write_config("");
+    let mut m = manifest("c1", 7, "n1", 100.0, 10.0, 1.0);
+    m.gpus[0].shared = true;
+    m.gpus[0].mig = Some(ergon_protocol::GpuMig {
+        total_slices: 7,
+        instances: vec![ergon_protocol::MigInstanceRef {
+            gpu_instance_id: 2,
+            compute_instance_id: Some(0),
+            slices: Some(3),
+            uuid: Some("MIG-2".into()),
+        }],
+        share_method: ergon_protocol::MigShareMethod::SliceSize,
+    });
+    m.schema_version = m.schema_version_for();
+    m.seal();
+    assert_eq!(m.schema_version, ergon_protocol::MANIFEST_SCHEMA_VERSION_MIG);
+    write_manifest(&s.spool(), &m);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let out = s.ergon().args(["report", "7"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("MIG GI 2 (3 of 7 slices), estimated by slice size"),
+        "{text}"
+    );
+    let out = s.ergon().args(["report", "7", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpu = &v["manifests"]["gpus"][0];
+    assert_eq!(gpu["mig"]["instances"][0]["gpu_instance_id"], 2, "{v}");
+}
