@@ -170,7 +170,9 @@ pub fn render_job_report(r: &JobReport) -> String {
                     g.uuid,
                     e,
                     w,
-                    g.mig.as_ref().map_or_else(String::new, mig_note)
+                    g.mig
+                        .as_ref()
+                        .map_or_else(String::new, |m| format!("  MIG {}", m.describe()))
                 ),
                 _ => format!(
                     "    {} gpu{} {:<40} not measured (could not be read)\n",
@@ -183,27 +185,6 @@ pub fn render_job_report(r: &JobReport) -> String {
         out += &format!("  warning: {p}\n");
     }
     out
-}
-
-/// `  MIG GI 1 (3 of 7 slices), estimated by slice size` for a GPU held as MIG instances.
-fn mig_note(mig: &ergon_protocol::GpuMig) -> String {
-    let instances: Vec<String> = mig
-        .instances
-        .iter()
-        .map(|i| match i.slices {
-            Some(n) => format!(
-                "GI {} ({n} of {} slices)",
-                i.gpu_instance_id, mig.total_slices
-            ),
-            None => format!("GI {}", i.gpu_instance_id),
-        })
-        .collect();
-    let how = match mig.share_method {
-        ergon_protocol::MigShareMethod::SliceSize => "by slice size",
-        ergon_protocol::MigShareMethod::Activity => "by activity",
-        ergon_protocol::MigShareMethod::WholeGpu => "as a shared whole GPU",
-    };
-    format!("  MIG {}, estimated {how}", instances.join(", "))
 }
 
 /// What `ergon status` shows.

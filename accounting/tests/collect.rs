@@ -211,7 +211,10 @@ fn a_mig_share_is_collected_and_reported_with_its_instance() {
     });
     m.schema_version = m.schema_version_for();
     m.seal();
-    assert_eq!(m.schema_version, ergon_protocol::MANIFEST_SCHEMA_VERSION_MIG);
+    assert_eq!(
+        m.schema_version,
+        ergon_protocol::MANIFEST_SCHEMA_VERSION_MIG
+    );
     write_manifest(&s.spool(), &m);
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

@@ -255,6 +255,29 @@ pub struct GpuMig {
     pub share_method: MigShareMethod,
 }
 
+impl GpuMig {
+    /// For people: `GI 1 (3 of 7 slices), estimated by slice size`.
+    pub fn describe(&self) -> String {
+        let instances: Vec<String> = self
+            .instances
+            .iter()
+            .map(|i| match i.slices {
+                Some(n) => format!(
+                    "GI {} ({n} of {} slices)",
+                    i.gpu_instance_id, self.total_slices
+                ),
+                None => format!("GI {}", i.gpu_instance_id),
+            })
+            .collect();
+        let how = match self.share_method {
+            MigShareMethod::SliceSize => "by slice size",
+            MigShareMethod::Activity => "by activity",
+            MigShareMethod::WholeGpu => "as a shared whole GPU",
+        };
+        format!("{}, estimated {how}", instances.join(", "))
+    }
+}
+
 /// One MIG instance a job held.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigInstanceRef {

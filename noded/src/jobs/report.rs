@@ -156,25 +156,7 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
             g.peak_w
                 .map_or_else(|| "n/a".into(), |w| format!("{w:.1} W")),
             match &g.mig {
-                Some(mig) => format!(
-                    " [MIG {}: estimated, {}]",
-                    mig.instances
-                        .iter()
-                        .map(|i| match i.slices {
-                            Some(n) => format!(
-                                "GI {} ({n} of {} slices)",
-                                i.gpu_instance_id, mig.total_slices
-                            ),
-                            None => format!("GI {}", i.gpu_instance_id),
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    match mig.share_method {
-                        ergon_protocol::MigShareMethod::SliceSize => "by slice size",
-                        ergon_protocol::MigShareMethod::Activity => "by activity",
-                        ergon_protocol::MigShareMethod::WholeGpu => "as a shared whole GPU",
-                    }
-                ),
+                Some(mig) => format!(" [MIG {}]", mig.describe()),
                 None if g.shared => " [shared: estimated]".to_owned(),
                 None => String::new(),
             }
@@ -517,7 +499,7 @@ mod tests {
         });
         let t = render_text(&m, None);
         assert!(
-            t.contains("[MIG GI 2 (3 of 7 slices): estimated, by slice size]"),
+            t.contains("[MIG GI 2 (3 of 7 slices), estimated by slice size]"),
             "{t}"
         );
         let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
