@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -40,7 +40,7 @@ impl Receiver {
                     (acc.clone(), st.clone(), seen.clone(), announce.clone());
                 std::thread::spawn(move || loop {
                     // Keep-alive: serve requests on this connection until it closes.
-                    let Some(body) = read_body(&mut tcp) else {
+                    let Some((_, body)) = read_request(&mut tcp) else {
                         return;
                     };
                     if stall_at == Some(seen.fetch_add(1, Ordering::SeqCst) + 1) {
@@ -92,32 +92,6 @@ impl Receiver {
     fn requests(&self) -> usize {
         self.accepted.lock().unwrap().len()
     }
-}
-
-fn read_body(tcp: &mut std::net::TcpStream) -> Option<Vec<u8>> {
-    let mut reader = BufReader::new(tcp);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    if line.is_empty() {
-        return None;
-    }
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).ok()?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().ok()?;
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).ok()?;
-    Some(body)
 }
 
 /// The config: two spools, the VictoriaMetrics sink at `port` with `batch_size`.

@@ -314,7 +314,8 @@ impl IngestServer {
     }
 }
 
-fn read_request<S: Read>(stream: &mut S) -> Option<(Option<String>, Vec<u8>)> {
+/// One HTTP/1.1 request from `stream`: its `Authorization` header, if any, and its body.
+pub fn read_request<S: Read>(stream: &mut S) -> Option<(Option<String>, Vec<u8>)> {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
