@@ -33,7 +33,7 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The `slurm.conf` every client command must use (exported as `SLURM_CONF`).
     pub slurm_conf: PathBuf,
-    /// The node's name (`hostname -s`), as in slurm.conf.
+    /// The node's name as in slurm.conf (`$ERGON_CLUSTER_NODE`, default `hostname -s`).
     pub node: String,
     /// A non-root user registered in the accounting database, for tests that need one.
     pub test_user: String,
@@ -82,9 +82,7 @@ fn bring_up() -> Result<Cluster> {
             .map(|v| v.trim_matches('\'').to_string())
             .ok_or_else(|| anyhow!("`slurm-cluster env` printed no {name}"))
     };
-    let node = String::from_utf8(Command::new("hostname").arg("-s").output()?.stdout)?
-        .trim()
-        .to_string();
+    let node = var("ERGON_CLUSTER_NODE")?;
     let cluster = Cluster {
         dir: var("ERGON_CLUSTER_DIR")?.into(),
         slurm_conf: var("SLURM_CONF")?.into(),
