@@ -234,6 +234,7 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
             uid: 10_000 + job % 200,
             account: Some(format!("proj{:02}", job % 40)),
             partition: Some("gpu".into()),
+            sluid: None,
         },
         start_unix_ns: start,
         end_unix_ns: end,
@@ -257,6 +258,8 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
         coverage: Coverage {
             fraction: 0.999,
             gaps: vec![],
+            components: None,
+            gpus_unknown: None,
         },
         attribution: AttributionInfo {
             model: "exclusive-gpu+cgroup-cpu-time".into(),

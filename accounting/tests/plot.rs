@@ -30,6 +30,7 @@ fn job_info() -> JobInfo {
         uid: 1000,
         account: Some("proj".into()),
         partition: Some("gpu".into()),
+        sluid: None,
     }
 }
 
@@ -111,6 +112,8 @@ fn base_manifest(
         coverage: Coverage {
             fraction: 1.0,
             gaps: vec![],
+            components: None,
+            gpus_unknown: None,
         },
         attribution: AttributionInfo {
             model: "gpu-exclusive-only".into(),

@@ -592,6 +592,7 @@ fn job_events(job_id: u32) -> [Request; 4] {
             "/home/alice.researcher/projects/climate-sim/run-042/slurm-{job_id}.out"
         )),
         time: Timestamp::now(),
+        sluid: None,
     };
     let task = format!("/slurm_{NODE}/uid_{UID}/job_{job_id}/step_batch/task_0");
     let step_dir = format!("/slurm_{NODE}/uid_{UID}/job_{job_id}/step_batch");
@@ -613,6 +614,7 @@ fn job_events(job_id: u32) -> [Request; 4] {
         pid: Some(412_345),
         tasks: Some(1),
         time: Timestamp::now(),
+        sluid: None,
     };
     let step_end = StepEnd {
         cluster: None,

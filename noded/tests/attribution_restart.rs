@@ -182,6 +182,7 @@ fn job_start(job_id: u32, gpus: Vec<GpuAlloc>, cpus: &str) -> Request {
         work_dir: None,
         stdout_path: None,
         time: Timestamp::now(),
+        sluid: None,
     })
 }
 
@@ -202,6 +203,7 @@ fn step_start(job_id: u32, cgroup: &str, cpus: &str) -> Request {
         pid: None,
         tasks: Some(1),
         time: Timestamp::now(),
+        sluid: None,
     })
 }
 

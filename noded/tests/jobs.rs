@@ -114,6 +114,7 @@ fn job_start(job_id: u32, uid: u32, gpus: Vec<GpuAlloc>) -> JobStart {
         work_dir: None,
         stdout_path: None,
         time: Timestamp::now(),
+        sluid: None,
     }
 }
 
@@ -315,6 +316,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
         pid: None,
         tasks: Some(1),
         time: Timestamp::now(),
+        sluid: None,
     };
     let t_step0 = step_start.time;
     let (r, d) = request(&socket, &Request::StepStart(step_start));

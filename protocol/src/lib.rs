@@ -38,10 +38,11 @@ pub mod record;
 pub mod wire;
 
 pub use manifest::{
-    AttributionInfo, Coverage, EnergyMethod, Gap, GpuEnergy, GpuMig, JobInfo, Manifest,
-    ManifestError, MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo, SensorKind,
-    ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries, MANIFEST_SCHEMA_VERSION,
-    MANIFEST_SCHEMA_VERSION_MAX, MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
+    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GapEstimate, GpuEnergy,
+    GpuMig, JobInfo, Manifest, ManifestError, MigInstanceRef, MigShareMethod, NodeContext,
+    PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries,
+    MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_MAX,
+    MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
 };
 pub use record::{find_in_field, merge_into_field, strip_from_field, JobRecord, RecordError};
 pub use wire::{

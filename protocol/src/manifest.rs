@@ -68,8 +68,16 @@ pub const MANIFEST_SCHEMA_VERSION: u32 = 2;
 /// manifest stays readable by them. See [`Manifest::schema_version_for`].
 pub const MANIFEST_SCHEMA_VERSION_MIG: u32 = 3;
 
+/// Schema 4: schema 3 plus what makes a partial or estimated figure say so — per-component
+/// coverage ([`Coverage::components`]), a job's GPUs that could not be known
+/// ([`Coverage::gpus_unknown`]), estimated gaps with an error bound ([`Gap::estimate`]) — and
+/// Slurm's cluster-unique job id ([`JobInfo::sluid`], Slurm 26.05+). ergond writes every
+/// manifest as schema 4; the new fields are optional in the JSON, so a schema 2 or 3 manifest
+/// reads (and verifies) as it always did.
+pub const MANIFEST_SCHEMA_VERSION_COVERAGE: u32 = 4;
+
 /// The newest manifest schema this build reads.
-pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_MIG;
+pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_COVERAGE;
 
 /// The oldest manifest schema this build still reads and verifies: schema 1, whose power
 /// traces are decimal arrays (see the [module documentation](self#power-traces-on-the-wire)).
@@ -179,6 +187,11 @@ pub struct JobInfo {
     pub account: Option<String>,
     /// Slurm partition.
     pub partition: Option<String>,
+    /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), lowercase (it is
+    /// Crockford base32, case-insensitive). Absent where Slurm does not provide one
+    /// (schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sluid: Option<String>,
 }
 
 /// Energy of one step on this node.
@@ -367,14 +380,46 @@ pub struct NodeContext {
 /// How completely the readings cover the job's interval.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Coverage {
-    /// Fraction of the interval covered by readings, `0.0..=1.0`.
+    /// Fraction of the interval covered by readings, `0.0..=1.0`. From schema 4 on, the
+    /// lowest of [`Coverage::components`]: a component that is missing cannot hide behind
+    /// another that is complete.
     pub fraction: f64,
-    /// The intervals without readings.
+    /// The intervals without readings, or whose figures are estimated.
     pub gaps: Vec<Gap>,
+    /// Coverage per component (schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<ComponentCoverage>,
+    /// Why the job's GPUs on this node are not known, when they are not (schema 4): the job's
+    /// GPU energy is then unknown — `totals.gpu_j` is `null` and `components.gpu` is 0 —
+    /// never a zero that would look like a CPU-only job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_unknown: Option<String>,
 }
 
-/// An interval without readings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The fraction of the job's interval each component's figure covers, `0.0..=1.0`; `null` for
+/// a component the job does not have on this node (no GPU allocated, no RAPL DRAM domain).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ComponentCoverage {
+    /// The job's GPUs.
+    pub gpu: Option<f64>,
+    /// CPU packages.
+    pub cpu: Option<f64>,
+    /// DRAM.
+    pub dram: Option<f64>,
+}
+
+impl ComponentCoverage {
+    /// The lowest coverage of the components the job has (1.0 when it has none).
+    pub fn lowest(&self) -> f64 {
+        [self.gpu, self.cpu, self.dram]
+            .into_iter()
+            .flatten()
+            .fold(1.0, f64::min)
+    }
+}
+
+/// An interval without readings, or whose figures are estimated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gap {
     /// Start of the gap.
     pub start_unix_ns: u64,
@@ -385,6 +430,41 @@ pub struct Gap {
     /// Whether the gap's energy was recovered from a cumulative counter read after it
     /// (the total is then exact, only the trace has a hole).
     pub recovered: bool,
+    /// For a gap whose energy is in the totals but was split by estimate (an event's
+    /// counters interpolated across a stretch the sampler did not run, a job that ended while
+    /// ergond was down): how much of the job's energy was estimated and how far off it can
+    /// be (schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<GapEstimate>,
+}
+
+impl Gap {
+    /// A gap with no estimate.
+    pub fn new(
+        start_unix_ns: u64,
+        end_unix_ns: u64,
+        reason: impl Into<String>,
+        recovered: bool,
+    ) -> Self {
+        Self {
+            start_unix_ns,
+            end_unix_ns,
+            reason: reason.into(),
+            recovered,
+            estimate: None,
+        }
+    }
+}
+
+/// The estimated part of a job's energy in a [`Gap`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GapEstimate {
+    /// The job's energy in the estimated part, joules (included in the totals).
+    pub energy_j: f64,
+    /// The largest error that estimate can have, joules: the true figure is within
+    /// `energy_j ± bound_j` (derived from the counters on each side of the gap and the
+    /// hardware's power limits, not from a model).
+    pub bound_j: f64,
 }
 
 /// The attribution model used.
@@ -693,13 +773,32 @@ impl Manifest {
         Ok(())
     }
 
-    /// The schema version a writer uses for this content: [`MANIFEST_SCHEMA_VERSION_MIG`] when a
-    /// GPU entry has `mig`, else [`MANIFEST_SCHEMA_VERSION`].
+    /// The schema version a writer uses for this content: the lowest that has every field
+    /// present — [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
+    /// [`MANIFEST_SCHEMA_VERSION_MIG`] when a GPU entry has `mig`, else
+    /// [`MANIFEST_SCHEMA_VERSION`].
     pub fn schema_version_for(&self) -> u32 {
-        if self.gpus.iter().any(|g| g.mig.is_some()) {
+        if self.schema4_field().is_some() {
+            MANIFEST_SCHEMA_VERSION_COVERAGE
+        } else if self.gpus.iter().any(|g| g.mig.is_some()) {
             MANIFEST_SCHEMA_VERSION_MIG
         } else {
             MANIFEST_SCHEMA_VERSION
+        }
+    }
+
+    /// The first schema 4 field this manifest has, if any.
+    fn schema4_field(&self) -> Option<&'static str> {
+        if self.job.sluid.is_some() {
+            Some("job.sluid")
+        } else if self.coverage.components.is_some() {
+            Some("coverage.components")
+        } else if self.coverage.gpus_unknown.is_some() {
+            Some("coverage.gpus_unknown")
+        } else if self.coverage.gaps.iter().any(|g| g.estimate.is_some()) {
+            Some("coverage.gaps[].estimate")
+        } else {
+            None
         }
     }
 
@@ -731,6 +830,16 @@ impl Manifest {
                     version: m.schema_version,
                     field: "gpus[].mig",
                     needs: MANIFEST_SCHEMA_VERSION_MIG,
+                })
+            }
+            Ok(m)
+                if m.schema_version < MANIFEST_SCHEMA_VERSION_COVERAGE
+                    && m.schema4_field().is_some() =>
+            {
+                Err(ManifestError::FieldNeedsVersion {
+                    version: m.schema_version,
+                    field: m.schema4_field().unwrap_or_default(),
+                    needs: MANIFEST_SCHEMA_VERSION_COVERAGE,
                 })
             }
             Ok(m) if known(m.schema_version) => Ok(m),

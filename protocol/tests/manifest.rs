@@ -23,6 +23,7 @@ fn sample() -> Manifest {
             uid: 1001,
             account: Some("physics".into()),
             partition: None,
+            sluid: None,
         },
         start_unix_ns: start,
         end_unix_ns: end,
@@ -86,7 +87,10 @@ fn sample() -> Manifest {
                 end_unix_ns: start + 15_000_000_000,
                 reason: "ergond restarted".into(),
                 recovered: true,
+                estimate: None,
             }],
+            components: None,
+            gpus_unknown: None,
         },
         attribution: AttributionInfo {
             model: "exclusive-gpu+cgroup-cpu-time".into(),
@@ -408,7 +412,7 @@ fn unsealed_manifest_is_refused() {
 
 #[test]
 fn other_schema_versions_are_refused_first() {
-    for version in [0u32, 4] {
+    for version in [0u32, 5] {
         let mut v: Value = serde_json::to_value(sample()).unwrap();
         v["schema_version"] = version.into();
         let bytes = serde_json::to_vec(&v).unwrap();
@@ -423,7 +427,7 @@ fn other_schema_versions_are_refused_first() {
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("versions 1 to 3"), "{err}");
+        assert!(err.to_string().contains("versions 1 to 4"), "{err}");
     }
     // Even when the rest has a shape this build does not know.
     let future = br#"{"schema_version": 7, "totally": ["different"]}"#;
@@ -540,7 +544,7 @@ proptest! {
 }
 
 /// Fields the schema lists but does not require: written only when they apply.
-const OPTIONAL_FIELDS: &[&str] = &["mig"];
+const OPTIONAL_FIELDS: &[&str] = &["mig", "sluid", "components", "gpus_unknown", "estimate"];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
 #[test]
@@ -744,4 +748,61 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
         }
         Value::Bool(_) => assert_eq!(schema["type"], "boolean", "{at}"),
     }
+}
+
+/// Schema 4's fields: in the JSON Schema, refused in an older version, kept through sealing.
+#[test]
+fn schema_4_fields_need_schema_4() {
+    let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
+    let mut m = sample();
+    assert_eq!(m.schema_version_for(), MANIFEST_SCHEMA_VERSION);
+    m.job.sluid = Some("s2gxm9475ceh00".into());
+    m.coverage.components = Some(ComponentCoverage {
+        gpu: Some(0.0),
+        cpu: Some(0.9),
+        dram: None,
+    });
+    m.coverage.gpus_unknown = Some("not in the job's cgroup".into());
+    m.coverage.gaps[0].estimate = Some(GapEstimate {
+        energy_j: 120.0,
+        bound_j: 35.5,
+    });
+    let value = serde_json::to_value(&m).unwrap();
+    let mut checked = 0;
+    check_object(&schema, &schema, &value, "$", &mut checked);
+    assert!(checked >= 17, "only {checked} objects checked");
+    assert_eq!(m.schema_version_for(), MANIFEST_SCHEMA_VERSION_COVERAGE);
+    assert_eq!(m.coverage.components.unwrap().lowest(), 0.0);
+    // Each field alone makes a schema 3 manifest unreadable: an older reader would hash it
+    // without the field.
+    for field in [
+        "job.sluid",
+        "coverage.components",
+        "coverage.gpus_unknown",
+        "coverage.gaps[].estimate",
+    ] {
+        let mut one = sample();
+        match field {
+            "job.sluid" => one.job.sluid = m.job.sluid.clone(),
+            "coverage.components" => one.coverage.components = m.coverage.components,
+            "coverage.gpus_unknown" => one.coverage.gpus_unknown = m.coverage.gpus_unknown.clone(),
+            _ => one.coverage.gaps[0].estimate = m.coverage.gaps[0].estimate,
+        }
+        one.schema_version = MANIFEST_SCHEMA_VERSION_MIG;
+        one.seal();
+        match Manifest::from_json(&one.to_json().unwrap()) {
+            Err(ManifestError::FieldNeedsVersion {
+                version: 3,
+                field: f,
+                needs: 4,
+            }) => {
+                assert_eq!(f, field)
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    m.schema_version = m.schema_version_for();
+    m.seal();
+    let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
+    assert_eq!(back, m);
 }

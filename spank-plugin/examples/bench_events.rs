@@ -104,6 +104,7 @@ fn events() -> Vec<(&'static str, Request)> {
             "/home/alice.researcher/projects/climate-sim/run-042/slurm-1234567_67.out".into(),
         ),
         time: Timestamp::now(),
+        sluid: None,
     };
     // What task 0 of a batch step sees in /proc/<pid>/cgroup under Slurm 22.05 with cgroup/v1:
     // eight hierarchies, ten entries (cpu,cpuacct and net_cls,net_prio each give two).
@@ -134,6 +135,7 @@ fn events() -> Vec<(&'static str, Request)> {
         pid: Some(412_345),
         tasks: Some(1),
         time: Timestamp::now(),
+        sluid: None,
     };
     let step_end = StepEnd {
         cluster: None,

@@ -209,6 +209,7 @@ fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
         stdout_path: env("SLURM_JOB_STDOUT"),
         node,
         time: Timestamp::now(),
+        sluid: env("SLURM_JOB_SLUID").map(|s| s.to_ascii_lowercase()),
     })
 }
 
@@ -279,6 +280,9 @@ pub(crate) fn task_post_fork(spank: &Spank) {
         pid,
         tasks: spank.local_task_count(),
         time: Timestamp::now(),
+        sluid: spank
+            .getenv("SLURM_JOB_SLUID")
+            .map(|s| s.to_ascii_lowercase()),
     };
     notify(
         &config,

@@ -38,6 +38,7 @@ fn manifest(cluster: &str, job: u32) -> Manifest {
             uid: 0,
             account: None,
             partition: None,
+            sluid: None,
         },
         start_unix_ns: start,
         end_unix_ns: end,
@@ -80,6 +81,8 @@ fn manifest(cluster: &str, job: u32) -> Manifest {
         coverage: Coverage {
             fraction: 0.99,
             gaps: vec![],
+            components: None,
+            gpus_unknown: None,
         },
         attribution: AttributionInfo {
             model: "exclusive-gpu+cgroup-cpu-time".into(),

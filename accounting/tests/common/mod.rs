@@ -42,6 +42,7 @@ pub fn manifest(
             uid: 1000,
             account: Some("phys".into()),
             partition: Some("gpu".into()),
+            sluid: None,
         },
         start_unix_ns: start,
         end_unix_ns: end,
@@ -90,6 +91,8 @@ pub fn manifest(
         coverage: Coverage {
             fraction: coverage,
             gaps: vec![],
+            components: None,
+            gpus_unknown: None,
         },
         attribution: AttributionInfo {
             model: "exclusive-gpu+cgroup-cpu-time".into(),

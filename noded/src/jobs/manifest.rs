@@ -140,6 +140,7 @@ pub fn build(
                      first heard of it is not measured"
                 .into(),
             recovered: false,
+            estimate: None,
         });
     } else if readings.is_none() && result.is_none() {
         gaps.push(Gap {
@@ -147,6 +148,7 @@ pub fn build(
             end_unix_ns: end_unix,
             reason: "the counters could not be read at the job's start or end".into(),
             recovered: false,
+            estimate: None,
         });
     }
 
@@ -565,6 +567,7 @@ pub fn build(
             uid: job.uid.unwrap_or(UNKNOWN_UID),
             account: job.account.clone(),
             partition: job.partition.clone(),
+            sluid: None,
         },
         start_unix_ns: start.unix_ns,
         end_unix_ns: end_unix,
@@ -585,7 +588,12 @@ pub fn build(
             idle_j: node_idle,
             unattributed_j: node_unattributed,
         },
-        coverage: Coverage { fraction, gaps },
+        coverage: Coverage {
+            fraction,
+            gaps,
+            components: None,
+            gpus_unknown: None,
+        },
         attribution: match result {
             Some(r) => AttributionInfo {
                 model: MODEL_NAME.to_owned(),
@@ -706,6 +714,7 @@ mod tests {
             work_dir: None,
             stdout_path: None,
             time: Timestamp::default(),
+            sluid: None,
         };
         r.job_start(&start, at(1)).unwrap();
         r.record_reading(42, Mark::JobStart, reading(1));
@@ -725,6 +734,7 @@ mod tests {
             pid: None,
             tasks: None,
             time: Timestamp::default(),
+            sluid: None,
         };
         r.step_start(&step, at(2)).unwrap();
         r.record_reading(42, Mark::StepStart(StepId::Numbered(0)), reading(2));

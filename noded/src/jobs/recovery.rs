@@ -225,6 +225,7 @@ pub fn restore(
             end_unix_ns: now_unix,
             reason: reason.clone(),
             recovered,
+            estimate: None,
         });
         if let Some(at) = job.end {
             // Its end was seen before the stop; finish it now (its end reading, if it was
@@ -269,6 +270,7 @@ pub fn restore(
                          and it is charged up to ergond's restart"
                     .into(),
                 recovered: false,
+                estimate: None,
             });
             out.actions.push(Action::Read {
                 job_id: id,

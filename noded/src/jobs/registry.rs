@@ -372,6 +372,7 @@ impl JobRegistry {
                  measured it from then on (the start is the job cgroup's modification time)"
             ),
             recovered: false,
+            estimate: None,
         });
         for (id, path) in steps.iter().take(max_steps) {
             let step = step_mut(job, *id, max_steps)?;
@@ -646,6 +647,7 @@ mod tests {
             work_dir: None,
             stdout_path: None,
             time: Timestamp::from_unix_ns(t(0).unix_ns),
+            sluid: None,
         }
     }
 
@@ -672,6 +674,7 @@ mod tests {
             pid: None,
             tasks: None,
             time: Timestamp::default(),
+            sluid: None,
         }
     }
 

@@ -559,6 +559,7 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
                              finished when its cgroup was found gone, and is charged up to then"
                         .into(),
                     recovered: false,
+                    estimate: None,
                 });
             }
             actions

@@ -200,6 +200,10 @@ pub struct JobStart {
     pub stdout_path: Option<String>,
     /// When the job started, stamped by the plugin.
     pub time: Timestamp,
+    /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), when the prolog's
+    /// environment has it. Absent from older plugins' frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sluid: Option<String>,
 }
 
 /// One GPU allocated to a job.
@@ -308,6 +312,10 @@ pub struct StepStart {
     pub tasks: Option<u32>,
     /// When the step started, stamped by the plugin.
     pub time: Timestamp,
+    /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), from the step's
+    /// environment. Absent from older plugins' frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sluid: Option<String>,
 }
 
 /// A step has ended on this node.

@@ -114,6 +114,7 @@ pub fn job_start() -> impl Strategy<Value = JobStart> {
                 work_dir,
                 stdout_path,
                 time,
+                sluid: None,
             },
         )
 }
@@ -166,6 +167,7 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
                 pid,
                 tasks,
                 time,
+                sluid: None,
             },
         )
 }
