@@ -6,8 +6,9 @@
 //! - [`manifest`]: building a job's manifest (pure);
 //! - [`spool`]: writing it atomically;
 //! - [`report`]: the user's `--energy-report`, written as the user;
-//! - [`tracker`]: the shell that ties them to the sampler and answers requests.
-//!
+//! - [`tracker`]: the shell that answers requests and owns the threads below;
+//! - [`worker`]: the thread that performs the registry's actions in order;
+//! - [`writers`]: the spool and report writer threads;
 //! - [`attributor`]: the node's energy split between open jobs, interval by interval;
 //! - [`journal`]: open jobs kept safe across restarts in `state_dir`;
 //! - [`discovery`]: jobs already running when ergond starts, found in the cgroup tree;
@@ -22,3 +23,5 @@ pub mod registry;
 pub mod report;
 pub mod spool;
 pub mod tracker;
+pub mod worker;
+pub mod writers;
