@@ -23,6 +23,7 @@
 //! | `jobs_open`, `attribution_conservation_error_joules` | gauges | |
 //! | `attribution_intervals_total`, `attribution_failed_intervals_total`, `attribution_conservation_failures_total`, `attribution_late_readings_total` | counters | |
 //! | `attribution_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram`, `bucket` = `measured` \| `jobs` \| `idle` \| `unattributed` |
+//! | `socket_connections_total`, `socket_evictions_total`, `socket_refusals_total`, `socket_malformed_frames_total`, `socket_timeouts_total` | counters | |
 //! | `build_info` (value 1) | gauge | `version` |
 //!
 //! A quantity the hardware does not provide is absent, never 0: no energy, method or power series
@@ -349,6 +350,39 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         );
     }
 
+    // The plugin socket: connections it took, made room for, refused, and bad frames.
+    if let Some(k) = &snapshot.socket_server {
+        for (name, help, v) in [
+            (
+                "ergon_socket_connections_total",
+                "Connections accepted on the plugin socket.",
+                k.accepted,
+            ),
+            (
+                "ergon_socket_evictions_total",
+                "Idle connections closed to make room at the connection cap.",
+                k.evicted,
+            ),
+            (
+                "ergon_socket_refusals_total",
+                "Connections refused (per-uid limit, or every slot busy with a request).",
+                k.refused,
+            ),
+            (
+                "ergon_socket_malformed_frames_total",
+                "Frames on the plugin socket that could not be decoded.",
+                k.malformed,
+            ),
+            (
+                "ergon_socket_timeouts_total",
+                "Connections closed for staying silent past their deadline.",
+                k.timed_out,
+            ),
+        ] {
+            w.family(name, "counter", help, [(vec![], v as f64)]);
+        }
+    }
+
     w.family(
         "ergon_build_info",
         "gauge",
@@ -559,6 +593,7 @@ mod tests {
             }],
             taken_monotonic_ns: 5,
             attribution: None,
+            socket_server: None,
         }
     }
 

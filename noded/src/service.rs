@@ -228,14 +228,21 @@ async fn service(config: Config, config_path: &str) -> u8 {
     );
     crate::systemd::ready(&running);
 
+    let socket_stats = Arc::new(crate::server::ServerStats::default());
     let source: SnapshotSource = {
         let sampler = Arc::clone(&sampler);
         let tracker = Arc::clone(&tracker);
+        let socket_stats = Arc::clone(&socket_stats);
         Arc::new(move || {
             let mut s = sampler.snapshot();
             s.attribution = Some(tracker.attribution_snapshot());
+            s.socket_server = Some(socket_stats.snapshot());
             s
         })
+    };
+    let socket_limits = ServerLimits {
+        trusted_uid: Some(slurm_uid),
+        ..ServerLimits::default()
     };
     let handler: Handler = {
         let tracker = Arc::clone(&tracker);
@@ -253,7 +260,13 @@ async fn service(config: Config, config_path: &str) -> u8 {
             Limits::default(),
             stopped(stop_rx.clone())
         ),
-        crate::server::serve(socket, handler, ServerLimits::default(), stopped(stop_rx)),
+        crate::server::serve(
+            socket,
+            handler,
+            socket_limits,
+            socket_stats,
+            stopped(stop_rx)
+        ),
         async {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",

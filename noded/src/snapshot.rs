@@ -37,6 +37,23 @@ pub struct NodeSnapshot {
     /// The job attribution's running balance, when the job tracker runs (the service fills it
     /// in; the sampler alone leaves it `None`).
     pub attribution: Option<AttributionSnapshot>,
+    /// The plugin socket's counters, when the socket server runs (the service fills it in).
+    pub socket_server: Option<SocketServerSnapshot>,
+}
+
+/// The plugin socket server's counters since ergond started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SocketServerSnapshot {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Idle connections closed to make room for new ones.
+    pub evicted: u64,
+    /// Connections refused (per-uid limit, or every slot busy with a request).
+    pub refused: u64,
+    /// Frames that could not be decoded.
+    pub malformed: u64,
+    /// Connections closed for staying silent past their deadline.
+    pub timed_out: u64,
 }
 
 /// The attribution's running figures since ergond started.

@@ -314,35 +314,10 @@ fn two_jobs_split_the_cpu_by_cpu_time_and_the_node_balances() {
     assert_eq!(a.sockets.len(), 1);
     assert_eq!(a.attribution.model, ergond::attribution::MODEL_NAME);
     // The running conservation check is exported.
-    let metrics = metrics(dir.path());
-    let err: f64 = metric(&metrics, "ergon_attribution_conservation_error_joules");
+    let metrics = common::scrape_metrics(dir.path());
+    let err: f64 = common::metric(&metrics, "ergon_attribution_conservation_error_joules");
     assert!(err.abs() < 1e-6, "{err}");
-    assert!(metric(&metrics, "ergon_attribution_intervals_total") >= 4.0);
-}
-
-fn metrics(dir: &Path) -> String {
-    let config = std::fs::read_to_string(dir.join("ergond.toml")).unwrap();
-    let addr = config
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics_listen = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_owned();
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    assert!(common::metric(&metrics, "ergon_attribution_intervals_total") >= 4.0);
 }
 
 #[test]

@@ -1,37 +1,48 @@
 //! One client connection: read a request, answer it, repeat until the client closes, stays
-//! silent past the timeout, or sends something that is not a request.
+//! silent past its deadline, sends something that is not a request, or is evicted to make room
+//! for another connection (see [`super::listener`]).
+
+use std::sync::atomic::Ordering;
 
 use ergon_protocol::{read_frame_async, write_frame_async, ErrorCode, FrameError, Reply, Request};
 use tokio::net::UnixStream;
 
-use super::{Handler, ServerLimits};
+use super::listener::Slot;
+use super::{Handler, ServerLimits, ServerStats};
 
-/// Serve one connection to its end. Malformed input gets an error reply (when the socket still
-/// takes one) and one warning in the log, then the connection is closed: after a bad frame the
-/// stream cannot be trusted to be in step.
-pub async fn run(mut stream: UnixStream, handler: Handler, limits: ServerLimits) {
-    let (uid, pid) = match stream.peer_cred() {
-        Ok(c) => (c.uid(), c.pid()),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot identify a socket client (SO_PEERCRED); closing");
-            return;
-        }
-    };
+/// Serve one connection from `uid` to its end. Malformed input gets an error reply (when the
+/// socket still takes one) and is counted (and logged, rate-limited), then the connection is
+/// closed: after a bad frame the stream cannot be trusted to be in step.
+pub async fn run(
+    mut stream: UnixStream,
+    uid: u32,
+    pid: Option<i32>,
+    handler: Handler,
+    limits: ServerLimits,
+    slot: &Slot,
+    stats: &ServerStats,
+) {
+    let mut deadline = limits.first_frame_timeout;
     loop {
-        let read = tokio::time::timeout(
-            limits.read_timeout,
-            read_frame_async::<_, Request>(&mut stream),
-        )
-        .await;
+        let read = tokio::select! {
+            r = tokio::time::timeout(deadline, read_frame_async::<_, Request>(&mut stream)) => r,
+            () = slot.evicted() => {
+                tracing::debug!(uid, "idle socket client closed to make room");
+                return;
+            }
+        };
+        deadline = limits.read_timeout;
         let request = match read {
             Err(_) => {
+                stats.timed_out.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(uid, "socket client silent past the timeout; closing");
                 return;
             }
             Ok(Ok(r)) => r,
             Ok(Err(FrameError::Closed)) => return,
             Ok(Err(e)) => {
-                tracing::warn!(uid, pid, error = %e, "malformed request on the ergond socket");
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                stats.log_malformed(uid, pid, &e);
                 let code = match e {
                     FrameError::UnknownVersion { .. } => ErrorCode::UnsupportedVersion,
                     _ => ErrorCode::Malformed,
@@ -47,10 +58,12 @@ pub async fn run(mut stream: UnixStream, handler: Handler, limits: ServerLimits)
                 return;
             }
         };
+        slot.busy();
         let reply = handler(request, uid);
-        match tokio::time::timeout(limits.read_timeout, write_frame_async(&mut stream, &reply))
-            .await
-        {
+        let written =
+            tokio::time::timeout(limits.read_timeout, write_frame_async(&mut stream, &reply)).await;
+        slot.idle();
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(uid, error = %e, "cannot send a reply; closing");

@@ -185,3 +185,30 @@ pub fn try_request(
     ergon_protocol::write_frame(&mut s, req).map_err(std::io::Error::other)?;
     ergon_protocol::read_frame(&mut s).map_err(std::io::Error::other)
 }
+
+/// `/metrics` of the ergond whose config `write_node` wrote into `dir`.
+pub fn scrape_metrics(dir: &Path) -> String {
+    let config = std::fs::read_to_string(dir.join("ergond.toml")).unwrap();
+    let addr = config
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics_listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the first sample of `name` in an exposition.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
