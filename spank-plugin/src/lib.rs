@@ -20,7 +20,6 @@
 pub mod client;
 pub mod config;
 pub mod ffi;
-pub mod gpus;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -34,6 +33,8 @@ use crate::config::Config;
 use crate::ffi::{log_debug, log_warning, Context, Spank};
 
 pub use ffi::SLURM_VERSION_NUMBER;
+/// gres.conf GPUs and their device minors (shared with ergond's discovery).
+pub use ergon_gres as gpus;
 
 /// What `--energy-report` asked for in this process: 0 not given, 1 text, 2 json.
 static REPORT: AtomicU8 = AtomicU8::new(0);

@@ -1,10 +1,11 @@
-//! Which GPUs of this node a job has, as device minor numbers (and MIG instances) ergond can
-//! match to NVML devices.
+//! Which GPUs of a node a Slurm job has, as device minor numbers (and MIG instances) ergond can
+//! match to NVML devices. Used by the SPANK plugin (at a job's start) and by ergond (for jobs
+//! it finds already running, from their environment).
 //!
 //! Slurm tells a job its GPUs as indices (`SLURM_JOB_GPUS=0,2`) into the node's GPU list in
 //! gres.conf order. NVML knows devices by minor number (`/dev/nvidiaN`), UUID and PCI bus id, and
 //! index 2 is not `/dev/nvidia2` in general (jobstats and slurm-job-exporter both met this bug).
-//! So the plugin reads the node's gres.conf, lists its GPUs in order, and takes each allocated
+//! So ergon reads the node's gres.conf, lists its GPUs in order, and takes each allocated
 //! device file's minor number from the file itself (`stat`), never from its name.
 //!
 //! The list has one entry per GRES device: each file of a `File=` line (`File=/dev/nvidia[0-3]`
@@ -15,6 +16,8 @@
 //! `/proc/driver/nvidia-caps/mig-minors`.
 //!
 //! Reading files ([`allocations`]) is kept apart from the mapping ([`resolve`]), which is pure.
+
+#![deny(unsafe_code)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
