@@ -20,6 +20,10 @@
 //! state_dir = "/var/lib/ergon"
 //! spool_dir = "/var/spool/ergon"
 //! metrics_listen = "127.0.0.1:9713"
+//! node_name = "gpu017"         # Slurm's name for this node; default: the short host name
+//! gres_conf = "/etc/slurm/gres.conf"   # maps a found job's SLURM_JOB_GPUS to device minors
+//! mig_minors = "/proc/driver/nvidia-caps/mig-minors"
+//! queue_dir = "/run/ergon/queue"       # events the plugin could not deliver; default: beside socket_path
 //!
 //! [sampling]
 //! gpu_min_period_ms = 10        # profiling mode: 10 ms = 100 Hz
@@ -145,6 +149,18 @@ pub struct Config {
     /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`
     /// (docs/attribution.md).
     pub attribution: crate::attribution::AttributionConfig,
+    /// Slurm's name for this node (`NodeName`), for jobs found running at start-up before any
+    /// event names it; `None`: the short host name (Slurm's default).
+    pub node_name: Option<String>,
+    /// The node's gres.conf: maps the `SLURM_JOB_GPUS` indices of a job found running at
+    /// start-up to device minors, as the plugin does at a job's start.
+    pub gres_conf: PathBuf,
+    /// The NVIDIA driver's list of MIG capability minors (for MIG instances in gres.conf).
+    pub mig_minors: PathBuf,
+    /// Where the plugin leaves the events it could not deliver (ergond down, hung or full);
+    /// ergond replays them at start and every second. `None`: `queue/` beside `socket_path`,
+    /// which is the plugin's default too.
+    pub queue_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -167,6 +183,10 @@ impl Default for Config {
             sampling: SamplingConfig::default(),
             attribution: Default::default(),
             lost_job_check_s: 60,
+            node_name: None,
+            gres_conf: PathBuf::from("/etc/slurm/gres.conf"),
+            mig_minors: PathBuf::from(ergon_gres::DEFAULT_MIG_MINORS),
+            queue_dir: None,
         }
     }
 }
@@ -207,9 +227,19 @@ impl Config {
         }
     }
 
+    /// The plugin's queue directory: `queue_dir`, else `queue/` beside the socket.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.queue_dir.clone().unwrap_or_else(|| {
+            self.socket_path
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join("queue")
+        })
+    }
+
     /// Check every value; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let absolute: [(&'static str, &Path); 8] = [
+        let absolute: [(&'static str, &Path); 10] = [
             ("powercap_root", &self.powercap_root),
             ("perf_sysfs_root", &self.perf_sysfs_root),
             ("cgroup_root", &self.cgroup_root),
@@ -218,7 +248,17 @@ impl Config {
             ("socket_path", &self.socket_path),
             ("state_dir", &self.state_dir),
             ("spool_dir", &self.spool_dir),
+            ("gres_conf", &self.gres_conf),
+            ("mig_minors", &self.mig_minors),
         ];
+        if let Some(q) = &self.queue_dir {
+            if !q.is_absolute() {
+                return Err(ConfigError::Invalid {
+                    key: "queue_dir",
+                    reason: format!("{} is not an absolute path", q.display()),
+                });
+            }
+        }
         for (key, p) in absolute {
             if !p.is_absolute() {
                 return Err(ConfigError::Invalid {
@@ -267,6 +307,17 @@ impl Config {
                     key: "socket_group",
                     reason: format!(
                         "{g:?} is not a group name; remove the key to keep ergond's group"
+                    ),
+                });
+            }
+        }
+        if let Some(n) = &self.node_name {
+            if !valid_name(n) {
+                return Err(ConfigError::Invalid {
+                    key: "node_name",
+                    reason: format!(
+                        "{n:?} is not a node name; give NodeName from slurm.conf, or remove the \
+                         key to use the short host name"
                     ),
                 });
             }

@@ -41,14 +41,11 @@ use crate::snapshot::{
     CgroupSnapshot, GpuSnapshot, NodeSnapshot, SamplerHealth, SamplerThread, SocketSnapshot,
     ZoneSnapshot,
 };
-use crate::sources::cgroup::{
-    detect_version, CgroupCpu, CgroupError, CgroupVersion, SocketBusy, SocketTimes,
-};
+use crate::sources::cgroup::{detect_version, CgroupCpu, CgroupError, SocketBusy, SocketTimes};
 use crate::sources::nvml::{sampling_period, GpuEnergyMeter, GpuReading, GpuSource};
 use crate::sources::rapl::RaplSource;
 use crate::sources::topology::CpuTopology;
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -186,14 +183,7 @@ pub enum SamplerError {
     Cgroup(#[from] CgroupError),
 }
 
-/// Where cgroup CPU time is read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CgroupHierarchy {
-    /// cgroup filesystem root (`cgroup_root`).
-    pub root: PathBuf,
-    /// v1 (`cpuacct`) or v2.
-    pub version: CgroupVersion,
-}
+pub use crate::sources::cgroup::CgroupHierarchy;
 
 /// The opened sources handed to the sampler; any may be absent.
 #[derive(Debug, Default)]

@@ -165,6 +165,12 @@ async fn service(config: Config, config_path: &str) -> u8 {
     let reap_period = std::time::Duration::from_secs(config.lost_job_check_s);
     let state_dir = config.state_dir.clone();
     let proc_root = config.proc_root.clone();
+    let slurm = crate::jobs::discovery::SlurmNode {
+        name: config.node_name.clone().unwrap_or_else(short_host_name),
+        gres_conf: config.gres_conf.clone(),
+        mig_minors: config.mig_minors.clone(),
+    };
+    let queue_dir = Some(config.queue_dir());
     let power = crate::jobs::recovery::PowerLimits {
         gpu_max_power_w: config.sampling.gpu_max_power_w,
         cpu_max_power_w: config.sampling.cpu_max_power_w,
@@ -210,6 +216,8 @@ async fn service(config: Config, config_path: &str) -> u8 {
             proc_root,
             power,
             reap_period,
+            slurm,
+            queue_dir,
         },
     ) {
         Ok(t) => Arc::new(t),
@@ -293,6 +301,16 @@ async fn service(config: Config, config_path: &str) -> u8 {
     }
     tracing::info!("ergond stopped");
     EXIT_OK
+}
+
+/// This host's name up to the first dot (Slurm's default NodeName).
+pub fn short_host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .and_then(|n| n.split('.').next().map(str::to_owned))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// The sensors the manifests name, from the opened sources.

@@ -44,6 +44,10 @@ const NODE: &str = "node1";
 const NOBODY: u32 = 65534;
 
 fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
+    start_ergond_with(dir, nvml, "")
+}
+
+fn start_ergond_with(dir: &Path, nvml: &Path, extra: &str) -> (Ergond, PathBuf, PathBuf) {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -55,7 +59,7 @@ fn start_ergond(dir: &Path, nvml: &Path) -> (Ergond, PathBuf, PathBuf) {
         &format!("127.0.0.1:{port}"),
         "slurm/job_42/step_0",
         1_000_000,
-        "socket_mode = 0o666\n",
+        &format!("socket_mode = 0o666\n{extra}"),
     );
     let socket = dir.join("run/ergond.sock");
     let spool = dir.join("spool");
@@ -620,4 +624,57 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
         "most of the hostile frames are counted (a frame with a flipped byte may still decode)"
     );
     println!("test took {:?}", t_test.elapsed());
+}
+
+/// A step end for a job whose start ergond never heard of (its JobStart was lost) opens the
+/// job with partial coverage; when its end never comes either, the job is finished once its
+/// cgroup is not in the tree, never left open.
+#[test]
+fn a_job_known_only_from_a_step_event_is_never_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeNvml::new(
+        json!({"gpus": GPUS.iter().map(|(uuid, minor, watts)| json!({
+        "uuid": uuid, "name": "Fake", "minor": minor,
+        "profile": {"kind": "constant", "watts": watts}, "update_period_ms": 10.0,
+    })).collect::<Vec<_>>()}),
+    );
+    let (ergond, socket, spool) =
+        start_ergond_with(dir.path(), &fake.lib, "lost_job_check_s = 1\n");
+    let end = StepEnd {
+        cluster: Some(CLUSTER.into()),
+        job_id: 701,
+        step: StepId::Numbered(0),
+        node: NODE.into(),
+        exit_status: Some(0),
+        time: Timestamp::now(),
+    };
+    assert_eq!(request(&socket, &Request::StepEnd(end)).0, Reply::Ok);
+    let t0 = Instant::now();
+    let m = Manifest::from_json(&wait_for_file(
+        &spool.join(format!("{CLUSTER}-701-{NODE}.json")),
+        &ergond,
+    ))
+    .unwrap();
+    println!("orphan finished after {:?}", t0.elapsed());
+    assert_eq!(m.coverage.fraction, 0.0, "its start was not seen");
+    assert!(
+        m.coverage
+            .gaps
+            .iter()
+            .any(|g| g.reason.contains("end was not reported")),
+        "{:?}",
+        m.coverage.gaps
+    );
+    assert!(ergond.log().contains("its cgroup is gone"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(
+        request(&socket, &Request::QueryJob { job_id: 701 }).0,
+        Reply::Error {
+            code: ErrorCode::UnknownJob,
+            ..
+        }
+    ) {
+        assert!(Instant::now() < deadline, "the job stays open:\n{}", ergond.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -32,9 +32,9 @@ use ergon_protocol::{
 use crate::config::Config;
 use crate::ffi::{log_debug, log_warning, Context, Spank};
 
-pub use ffi::SLURM_VERSION_NUMBER;
 /// gres.conf GPUs and their device minors (shared with ergond's discovery).
 pub use ergon_gres as gpus;
+pub use ffi::SLURM_VERSION_NUMBER;
 
 /// What `--energy-report` asked for in this process: 0 not given, 1 text, 2 json.
 static REPORT: AtomicU8 = AtomicU8::new(0);

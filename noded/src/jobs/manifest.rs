@@ -104,6 +104,21 @@ pub fn match_gpus(
         .collect()
 }
 
+/// The snapshot positions of the NVML devices `allocs` match, and the MIG instances among them
+/// as (position, GPU instance id): what the attributor needs of a job's GPUs.
+pub fn gpu_positions(allocs: &[GpuAlloc], gpus: &[GpuFact]) -> (Vec<usize>, Vec<(usize, u32)>) {
+    let matched = match_gpus(allocs, gpus);
+    let positions = matched
+        .iter()
+        .filter_map(|(_, m)| m.map(|(p, _)| p))
+        .collect();
+    let mig = matched
+        .iter()
+        .filter_map(|(a, m)| Some((m.as_ref()?.0, a.mig?.gpu_instance_id)))
+        .collect();
+    (positions, mig)
+}
+
 /// Build the (unsealed) manifest of an ended job. `traces` holds each GPU's trace by snapshot
 /// position (oldest first); `result` is the attributor's figures for the job, if it had it
 /// open; `default_cluster` is used when the job did not say.

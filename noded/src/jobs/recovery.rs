@@ -7,10 +7,12 @@ use std::time::Duration;
 use ergon_protocol::{Gap, Timestamp};
 
 use super::attributor::Attributor;
+use super::discovery::{find_jobs, resolve_gpus, SlurmNode};
 use super::journal::{self, map_across_restart, DeviceFrame, JournalState};
+use super::manifest::gpu_positions;
 use super::manifest::NodeFacts;
 use super::reading::Reading;
-use super::registry::{Action, EventTime, JobRegistry, Mark};
+use super::registry::{Action, Discovered, EventTime, JobRegistry, Mark};
 use crate::clock::monotonic_ns;
 use crate::sampler::SamplerHandle;
 
@@ -284,10 +286,13 @@ pub fn restore(
 }
 
 /// Take on the jobs running in the cgroup tree that the registry does not know (ergond was
-/// down when they started; see [`super::discovery`]). Returns how many.
+/// down when they started, and no event the plugin queued named them; see
+/// [`super::discovery`]). Returns how many.
 pub fn discover(
     sampler: &SamplerHandle,
     facts: &NodeFacts,
+    slurm: &SlurmNode,
+    proc_root: &Path,
     registry: &mut JobRegistry,
     attributor: &mut Attributor,
 ) -> usize {
@@ -298,9 +303,28 @@ pub fn discover(
         unix_ns: Timestamp::now().unix_ns,
         mono_ns: monotonic_ns(),
     };
-    let node = host_name();
+    let found = find_jobs(h, proc_root);
+    if found.iter().all(|f| registry.get(f.job_id).is_some()) {
+        return 0;
+    }
+    let gres = match std::fs::read_to_string(&slurm.gres_conf) {
+        Ok(text) => Some(ergon_gres::gres_gpus(&text, &slurm.name)),
+        Err(e) => {
+            tracing::warn!(
+                gres_conf = %slurm.gres_conf.display(),
+                error = %e,
+                "cannot read gres.conf: the GPUs of jobs found running are matched by index"
+            );
+            None
+        }
+    };
+    let node_gpus: Vec<(u32, Option<u32>, String)> = facts
+        .gpus
+        .iter()
+        .map(|g| (g.index, g.minor, g.uuid.clone()))
+        .collect();
     let mut n = 0;
-    for found in super::discovery::find_jobs(&h.root, h.version) {
+    for found in found {
         if registry.get(found.job_id).is_some() {
             continue;
         }
@@ -309,29 +333,25 @@ pub fn discover(
             unix_ns: since,
             mono_ns: now.mono_ns.saturating_sub(now.unix_ns - since),
         };
-        let positions: Vec<usize> = found
-            .gpu_minors
-            .iter()
-            .filter_map(|m| facts.gpus.iter().position(|g| g.minor == Some(*m)))
-            .collect();
-        let gpus = positions
-            .iter()
-            .map(|&p| ergon_protocol::GpuAlloc {
-                index: facts.gpus[p].index,
-                minor: facts.gpus[p].minor,
-                mig: None,
-            })
-            .collect();
-        match registry.discovered(
-            found.job_id,
-            found.uid,
-            &node,
+        let gpus = resolve_gpus(&found, &node_gpus, gres.as_deref(), &slurm.mig_minors);
+        let env = found.env.clone().unwrap_or_default();
+        let discovered = Discovered {
+            job_id: found.job_id,
+            sluid: env.sluid.clone(),
+            uid: found.uid(),
+            user: env.user.clone(),
+            account: env.account.clone(),
+            partition: env.partition.clone(),
+            cluster: env.cluster.clone(),
+            array_job_id: env.array_job_id,
+            array_task_id: env.array_task_id,
+            node: env.node.clone().unwrap_or_else(|| slurm.name.clone()),
             start,
-            now,
-            found.cpus.clone(),
+            cpus: found.cpus.clone(),
             gpus,
-            &found.steps,
-        ) {
+            steps: found.dir.steps.clone(),
+        };
+        match registry.discovered(&discovered, now) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -339,8 +359,16 @@ pub fn discover(
                 continue;
             }
         }
+        let (positions, mig) = match &discovered.gpus {
+            Ok(allocs) => gpu_positions(allocs, &facts.gpus),
+            Err(why) => {
+                tracing::warn!(job_id = found.job_id, "{why}: its GPU energy is unknown");
+                (Vec::new(), Vec::new())
+            }
+        };
         attributor.job_start(found.job_id, positions, found.cpus.clone());
-        for (step, path) in &found.steps {
+        attributor.set_mig(found.job_id, mig);
+        for (step, path) in &found.dir.steps {
             match sampler.watch_cgroup(path) {
                 Ok(()) => attributor.step_start(found.job_id, *step, Some(path), None),
                 Err(e) => {
@@ -350,24 +378,11 @@ pub fn discover(
         }
         tracing::warn!(
             job_id = found.job_id,
-            cgroup = %found.path,
+            cgroup = %found.dir.rel,
             "found a running job ergond did not know (it was down when the job started): \
              measuring it from now, its manifest will show the gap"
         );
         n += 1;
     }
     n
-}
-
-/// This host's name up to the first dot (Slurm's default NodeName).
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for its length; gethostname NUL-terminates within it on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    name.split('.').next().unwrap_or("unknown").to_owned()
 }

@@ -211,10 +211,17 @@ pub struct Job {
     /// written).
     #[serde(default)]
     pub result: Option<super::attributor::JobResult>,
-    /// Found running in the cgroup tree when ergond started (its node name is then ergond's
-    /// host name until an event names it).
+    /// Found running in the cgroup tree when ergond started (its node name is then the one
+    /// its processes' environment or ergond's configuration gives, until an event names it).
     #[serde(default)]
     pub discovered: bool,
+    /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), lowercase.
+    #[serde(default)]
+    pub sluid: Option<String>,
+    /// Why the job's GPUs on this node are not known, when they are not (a job found running
+    /// whose allocation could not be read): its GPU energy is then unknown, not zero.
+    #[serde(default)]
+    pub gpus_unknown: Option<String>,
 }
 
 impl Job {
@@ -244,6 +251,8 @@ impl Job {
             gaps: Vec::new(),
             result: None,
             discovered: false,
+            sluid: None,
+            gpus_unknown: None,
         }
     }
 
@@ -251,6 +260,39 @@ impl Job {
     pub fn step(&self, id: StepId) -> Option<&Step> {
         self.steps.iter().find(|s| s.id == id)
     }
+}
+
+/// What start-up discovery knows of a job found running (see [`JobRegistry::discovered`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discovered {
+    /// Slurm job id.
+    pub job_id: u32,
+    /// Its SLUID, lowercase.
+    pub sluid: Option<String>,
+    /// Owner.
+    pub uid: Option<u32>,
+    /// Owner's name.
+    pub user: Option<String>,
+    /// Account.
+    pub account: Option<String>,
+    /// Partition.
+    pub partition: Option<String>,
+    /// Cluster.
+    pub cluster: Option<String>,
+    /// Array job id.
+    pub array_job_id: Option<u32>,
+    /// Array task id.
+    pub array_task_id: Option<u32>,
+    /// Slurm's name for this node.
+    pub node: String,
+    /// About when it started (the job cgroup's modification time).
+    pub start: EventTime,
+    /// Its CPUs.
+    pub cpus: CpuSet,
+    /// Its GPUs, or why they are not known.
+    pub gpus: Result<Vec<GpuAlloc>, String>,
+    /// Its steps and their cgroups.
+    pub steps: Vec<(StepId, String)>,
 }
 
 /// The jobs open on this node; see the module documentation.
@@ -340,41 +382,40 @@ impl JobRegistry {
     }
 
     /// A job found running in the cgroup tree at start-up (see [`super::discovery`]): open
-    /// since `start` (about), measured from `now`, with its steps' cgroups watched. A job
+    /// since `found.start` (about), measured from `now`, with its steps' cgroups watched. A job
     /// already known is left alone (returns false).
-    #[allow(clippy::too_many_arguments)]
-    pub fn discovered(
-        &mut self,
-        job_id: u32,
-        uid: Option<u32>,
-        node: &str,
-        start: EventTime,
-        now: EventTime,
-        cpus: CpuSet,
-        gpus: Vec<GpuAlloc>,
-        steps: &[(StepId, String)],
-    ) -> Result<bool, Refusal> {
-        if self.jobs.contains_key(&job_id) {
+    pub fn discovered(&mut self, found: &Discovered, now: EventTime) -> Result<bool, Refusal> {
+        if self.jobs.contains_key(&found.job_id) {
             return Ok(false);
         }
         let max_steps = self.limits.max_steps;
-        let job = self.job_or_unknown(job_id, node, start)?;
+        let start = found.start;
+        let job = self.job_or_unknown(found.job_id, &found.node, start)?;
         job.start_seen = true;
         job.discovered = true;
-        job.uid = uid;
-        job.cpus = cpus;
-        job.gpus = gpus;
-        job.gaps.push(Gap {
-            start_unix_ns: start.unix_ns.min(now.unix_ns),
-            end_unix_ns: now.unix_ns,
-            reason: format!(
+        job.uid = found.uid;
+        job.user.clone_from(&found.user);
+        job.account.clone_from(&found.account);
+        job.partition.clone_from(&found.partition);
+        job.cluster.clone_from(&found.cluster);
+        job.array_job_id = found.array_job_id;
+        job.array_task_id = found.array_task_id;
+        job.sluid.clone_from(&found.sluid);
+        job.cpus = found.cpus.clone();
+        match &found.gpus {
+            Ok(gpus) => job.gpus.clone_from(gpus),
+            Err(why) => job.gpus_unknown = Some(why.clone()),
+        }
+        job.gaps.push(Gap::new(
+            start.unix_ns.min(now.unix_ns),
+            now.unix_ns,
+            format!(
                 "{DISCOVERED_GAP}: it found the job in the cgroup tree when it started, and \
                  measured it from then on (the start is the job cgroup's modification time)"
             ),
-            recovered: false,
-            estimate: None,
-        });
-        for (id, path) in steps.iter().take(max_steps) {
+            false,
+        ));
+        for (id, path) in found.steps.iter().take(max_steps) {
             let step = step_mut(job, *id, max_steps)?;
             step.watched = Some(path.clone());
         }
@@ -400,6 +441,11 @@ impl JobRegistry {
             job.cpus = m.cpus.clone();
         }
         job.report = m.report;
+        if m.sluid.is_some() {
+            job.sluid.clone_from(&m.sluid);
+        }
+        // The plugin's allocation is the truth: a discovered job's unknown GPUs are known now.
+        job.gpus_unknown = None;
         job.work_dir.clone_from(&m.work_dir);
         job.stdout_path.clone_from(&m.stdout_path);
         // A job found in the cgroup tree at start-up whose JobStart comes after all (ergond
@@ -429,6 +475,9 @@ impl JobRegistry {
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
         if job.cluster.is_none() {
             job.cluster.clone_from(&m.cluster);
+        }
+        if job.sluid.is_none() {
+            job.sluid.clone_from(&m.sluid);
         }
         job.uid = job.uid.or(Some(m.uid));
         job.array_job_id = job.array_job_id.or(m.array_job_id);
@@ -712,23 +761,27 @@ mod tests {
     #[test]
     fn a_job_found_at_start_up_is_promoted_by_a_later_job_start() {
         let mut r = JobRegistry::default();
-        let steps = vec![(StepId::Extern, "slurm/job_5/step_extern".to_owned())];
-        assert!(r
-            .discovered(
-                5,
-                Some(1000),
-                "n1",
-                t(0),
-                t(1),
-                CpuSet::new(),
-                vec![],
-                &steps
-            )
-            .unwrap());
-        assert!(r.get(5).unwrap().discovered && r.get(5).unwrap().gaps.len() == 1);
-        assert!(!r
-            .discovered(5, None, "n1", t(0), t(1), CpuSet::new(), vec![], &[])
-            .unwrap());
+        let found = Discovered {
+            job_id: 5,
+            sluid: None,
+            uid: Some(1000),
+            user: None,
+            account: None,
+            partition: None,
+            cluster: None,
+            array_job_id: None,
+            array_task_id: None,
+            node: "n1".into(),
+            start: t(0),
+            cpus: CpuSet::new(),
+            gpus: Err("not known".into()),
+            steps: vec![(StepId::Extern, "slurm/job_5/step_extern".to_owned())],
+        };
+        assert!(r.discovered(&found, t(1)).unwrap());
+        let j = r.get(5).unwrap();
+        assert!(j.discovered && j.gaps.len() == 1);
+        assert_eq!(j.gpus_unknown.as_deref(), Some("not known"));
+        assert!(!r.discovered(&found, t(1)).unwrap());
         let a = r.job_start(&job_start(5), t(2)).unwrap();
         assert!(
             matches!(
@@ -742,6 +795,7 @@ mod tests {
         );
         let j = r.get(5).unwrap();
         assert!(!j.discovered && j.start_seen && j.gaps.is_empty());
+        assert_eq!(j.gpus_unknown, None, "the plugin's allocation is the truth");
         assert_eq!(j.start, t(2));
         // A second JobStart is a duplicate.
         assert!(r.job_start(&job_start(5), t(3)).unwrap().is_empty());

@@ -17,6 +17,7 @@ use std::time::Duration;
 use ergon_protocol::{ErrorCode, Reply, Request, Timestamp, PROTOCOL_VERSION};
 
 use super::attributor::Attributor;
+use super::discovery::SlurmNode;
 use super::journal::boot_id;
 use super::manifest::{match_gpus, NodeFacts};
 use super::recovery::{discover, restore, PowerLimits, Restored};
@@ -79,6 +80,10 @@ pub struct TrackerConfig {
     pub power: PowerLimits,
     /// How often open jobs are checked for a lost end event, and how old they must be.
     pub reap_period: Duration,
+    /// This node's Slurm name and GPU configuration (for jobs found running at start-up).
+    pub slurm: SlurmNode,
+    /// Where the plugin leaves the events it could not deliver (`None`: no replay).
+    pub queue_dir: Option<PathBuf>,
 }
 
 pub(super) struct Inner {
@@ -136,7 +141,14 @@ impl JobTracker {
             ),
             None => Restored::default(),
         };
-        let found = discover(&sampler, &facts, &mut registry, &mut attributor);
+        let found = discover(
+            &sampler,
+            &facts,
+            &config.slurm,
+            &config.proc_root,
+            &mut registry,
+            &mut attributor,
+        );
         if found > 0 {
             tracing::info!(
                 jobs = found,

@@ -11,7 +11,7 @@ use ergon_protocol::Timestamp;
 
 use super::attributor::Attributor;
 use super::journal;
-use super::manifest::{self, match_gpus};
+use super::manifest::{self, gpu_positions};
 use super::reading::{interpolate, Reading};
 use super::recovery::journal_state;
 use super::registry::{Action, Mark};
@@ -62,42 +62,57 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>) {
     }
 }
 
-/// Finish the open jobs whose end event never came (a lost JobEnd): every `lost_job_check_s`, a job
-/// older than a minute (`lost_job_check_s`) none of whose step cgroups' job directories exists
-/// any more has ended.
-/// It is finished now, with a gap saying so.
+/// Finish the open jobs whose end event never came (a lost JobEnd): every
+/// `lost_job_check_s`, a job older than that has ended when
+/// - its steps' cgroups were watched and none of their job directories exists any more, or
+/// - none was ever watched (it is known only from events without cgroups, e.g. a step end
+///   whose job start was lost) and the cgroup tree, which does have Slurm's job directories,
+///   holds no directory for it (by job id or SLUID).
+///
+/// It is finished now, with a gap saying so. Without Slurm's cgroup tree on the node a job of
+/// the second kind cannot be judged, and stays open until its end event comes.
 fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
     let Some(h) = inner.sampler.cgroup_hierarchy() else {
         return false;
     };
     let now_mono = crate::clock::monotonic_ns();
+    let old_enough = |j: &super::registry::Job| {
+        now_mono.saturating_sub(j.start.mono_ns) > inner.config.reap_period.as_nanos() as u64
+    };
+    let job_dirs = |j: &super::registry::Job| -> Vec<String> {
+        j.steps
+            .iter()
+            .filter_map(|s| s.watched.as_deref())
+            .map(|p| match p.rsplit_once('/') {
+                Some((dir, last)) if last.starts_with("step_") => dir.to_owned(),
+                _ => p.to_owned(),
+            })
+            .collect()
+    };
+    // The tree is scanned only when a job without cgroups is a candidate.
+    let needs_scan = lock(&inner.registry)
+        .jobs()
+        .any(|j| j.end.is_none() && old_enough(j) && job_dirs(j).is_empty());
+    let scanned = needs_scan.then(|| super::discovery::scan(h));
     let gone: Vec<(u32, String)> = {
         let reg = lock(&inner.registry);
         reg.jobs()
-            .filter(|j| j.end.is_none())
+            .filter(|j| j.end.is_none() && old_enough(j))
             .filter(|j| {
-                now_mono.saturating_sub(j.start.mono_ns)
-                    > inner.config.reap_period.as_nanos() as u64
-            })
-            .filter_map(|j| {
-                let dirs: Vec<String> = j
-                    .steps
-                    .iter()
-                    .filter_map(|s| s.watched.as_deref())
-                    .map(|p| match p.rsplit_once('/') {
-                        Some((dir, last)) if last.starts_with("step_") => dir.to_owned(),
-                        _ => p.to_owned(),
+                let dirs = job_dirs(j);
+                if !dirs.is_empty() {
+                    return !dirs.iter().any(|d| h.exists(d));
+                }
+                let Some(scan) = &scanned else { return false };
+                scan.slurm_tree
+                    && !scan.jobs.iter().any(|d| match &d.key {
+                        super::discovery::JobKey::Id(id) => *id == j.job_id,
+                        super::discovery::JobKey::Sluid(s) => {
+                            j.sluid.as_deref() == Some(s.to_ascii_lowercase().as_str())
+                        }
                     })
-                    .collect();
-                let exists = |rel: &str| match h.version {
-                    crate::sources::cgroup::CgroupVersion::V1 => {
-                        h.root.join("cpuacct").join(rel).exists()
-                    }
-                    crate::sources::cgroup::CgroupVersion::V2 => h.root.join(rel).exists(),
-                };
-                (!dirs.is_empty() && !dirs.iter().any(|d| exists(d)))
-                    .then(|| (j.job_id, j.node.clone()))
             })
+            .map(|j| (j.job_id, j.node.clone()))
             .collect()
     };
     let any = !gone.is_empty();
@@ -160,16 +175,10 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
             let info = {
                 let reg = lock(&inner.registry);
                 reg.get(job_id).map(|job| {
-                    let matched = match_gpus(&job.gpus, &inner.facts.gpus);
+                    let (gpus, mig) = gpu_positions(&job.gpus, &inner.facts.gpus);
                     Info {
-                        gpus: matched
-                            .iter()
-                            .filter_map(|(_, m)| m.map(|(p, _)| p))
-                            .collect(),
-                        mig: matched
-                            .iter()
-                            .filter_map(|(a, m)| Some((m.as_ref()?.0, a.mig?.gpu_instance_id)))
-                            .collect(),
+                        gpus,
+                        mig,
                         cpus: job.cpus.clone(),
                         path: match mark {
                             Mark::StepStart(s) | Mark::StepEnd(s) => {

@@ -52,6 +52,32 @@ pub enum CgroupVersion {
     V2,
 }
 
+/// Where cgroup CPU time is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupHierarchy {
+    /// cgroup filesystem root (`cgroup_root`).
+    pub root: PathBuf,
+    /// v1 (`cpuacct`) or v2.
+    pub version: CgroupVersion,
+}
+
+impl CgroupHierarchy {
+    /// Where cgroup `rel` (relative to the hierarchy, as the plugin and the sampler name
+    /// cgroups) keeps its CPU accounting: `<root>/cpuacct/<rel>` (v1) or `<root>/<rel>` (v2).
+    pub fn cpu_dir(&self, rel: &str) -> PathBuf {
+        let rel = rel.trim_start_matches('/');
+        match self.version {
+            CgroupVersion::V1 => self.root.join("cpuacct").join(rel),
+            CgroupVersion::V2 => self.root.join(rel),
+        }
+    }
+
+    /// Whether cgroup `rel` exists.
+    pub fn exists(&self, rel: &str) -> bool {
+        self.cpu_dir(rel).is_dir()
+    }
+}
+
 /// Detect the hierarchy under `root` (normally `/sys/fs/cgroup`). A hybrid mount (v1
 /// controllers plus a v2 `unified` directory) counts as v1, since CPU accounting is there.
 pub fn detect_version(root: &Path) -> Result<CgroupVersion, CgroupError> {
