@@ -370,6 +370,20 @@ struct Health {
     read_errors: u64,
     latency_ns: Ring<u64>,
     lateness_ns: Ring<u64>,
+    /// The previous tick's instant (0 before the first).
+    last_tick_ns: u64,
+    /// Stretches longer than [`hole_ns`] between two ticks: (previous tick, this tick).
+    holes: Ring<(u64, u64)>,
+}
+
+/// Most sampling holes remembered per source.
+pub const HOLES_KEPT: usize = 64;
+
+/// The longest time between two ticks of a source sampling every `period_ns` that is not a
+/// hole: three periods, and at least 250 ms (a loaded machine's scheduling delays are not
+/// holes; ergond stopped, hung, starved or a read blocking for seconds is).
+pub fn hole_ns(period_ns: u64) -> u64 {
+    period_ns.saturating_mul(3).max(250_000_000)
 }
 
 impl Health {
@@ -382,7 +396,20 @@ impl Health {
             read_errors: 0,
             latency_ns: Ring::new(window, UNSET),
             lateness_ns: Ring::new(window, UNSET),
+            last_tick_ns: 0,
+            holes: Ring::new(HOLES_KEPT, (0, 0)),
         }
+    }
+
+    /// Note a tick at `at_ns`: a stretch since the previous one longer than [`hole_ns`] is a
+    /// hole in the sampling.
+    fn tick(&mut self, at_ns: u64) {
+        if self.last_tick_ns > 0
+            && at_ns.saturating_sub(self.last_tick_ns) > hole_ns(self.period_ns)
+        {
+            self.holes.push((self.last_tick_ns, at_ns));
+        }
+        self.last_tick_ns = at_ns;
     }
 
     fn record(&mut self, latency_ns: u64, lateness_ns: u64, errors: u64) {
@@ -820,6 +847,43 @@ impl SamplerHandle {
         }
     }
 
+    /// The stretches where a source did not sample for longer than [`hole_ns`] of its period
+    /// (ergond stopped, hung or starved; a read blocking for seconds), merged across sources,
+    /// oldest first: (last tick before, first tick after), CLOCK_MONOTONIC ns. The last
+    /// [`HOLES_KEPT`] per source are kept.
+    pub fn holes(&self) -> Vec<(u64, u64)> {
+        let mut all = Vec::new();
+        let mut one = Vec::new();
+        if let Some(p) = &self.shared.gpu {
+            lock(p).health.holes.copy_into(&mut one);
+            all.append(&mut one);
+        }
+        if let Some(p) = &self.shared.cpu {
+            let c = lock(p);
+            for h in [&c.rapl, &c.cgroup].into_iter().flatten() {
+                h.holes.copy_into(&mut one);
+                all.append(&mut one);
+            }
+        }
+        all.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+        for (a, b) in all {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        merged
+    }
+
+    /// The widest bracket between two samples of a series of `of` that is not a hole.
+    pub fn hole_threshold_ns(&self, of: TraceOf) -> u64 {
+        hole_ns(match of {
+            TraceOf::Gpu(_) => self.options.gpu_period.as_nanos() as u64,
+            TraceOf::Zone(_) => self.options.rapl_period.as_nanos() as u64,
+        })
+    }
+
     /// Say whether several jobs hold GPU `i` (snapshot position): only then does the GPU
     /// thread read its per-process utilisation (into [`GpuSnapshot::processes`]).
     pub fn set_gpu_shared(&self, i: usize, shared: bool) {
@@ -1074,6 +1138,7 @@ fn gpu_thread(mut src: GpuSource, opts: &SamplerOptions, shared: &Shared) {
                     power_w: g.power_w.map(|w| w as f32),
                 });
             }
+            health.tick(t0);
             health.record(latency, lateness, tick_errors);
         }
         let missed = ticker.advance();
@@ -1232,6 +1297,7 @@ fn cpu_thread_main(
                         });
                     }
                 }
+                h.tick(at);
                 h.record(latency, lateness, errs);
             }
             if let (Some((latency, at, errs, missed)), Some(h)) = (cg_tick, ch.as_mut()) {

@@ -440,9 +440,25 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     }]}));
     let dir = tempfile::tempdir().unwrap();
     let driver = Driver::start(dir.path());
-    // The job started while ergond was down: its step cgroup is already there.
+    // Two jobs started while ergond was down: their step cgroups are already there. Job 8's
+    // batch task shows its environment (Slurm gave it GPU 0); job 9's processes show nothing,
+    // and its cgroup says nothing of its devices (cgroup v2).
     let cg = "slurm/uid_1000/job_8/step_batch";
     driver.add_cgroup(dir.path(), cg, 1.0);
+    driver.add_cgroup(dir.path(), "slurm/uid_1000/job_9/step_batch", 0.0);
+    std::fs::write(
+        dir.path().join("cgroup").join(cg).join("cgroup.procs"),
+        "4242\n",
+    )
+    .unwrap();
+    let environ = dir.path().join("proc/4242/environ");
+    std::fs::create_dir_all(environ.parent().unwrap()).unwrap();
+    std::fs::write(
+        &environ,
+        b"SLURM_JOB_ID=8\0SLURM_JOB_UID=1000\0SLURM_JOB_USER=alice\0SLURM_JOB_ACCOUNT=proj\0\
+          SLURM_JOB_GPUS=0\0SLURMD_NODENAME=n7\0",
+    )
+    .unwrap();
     // Slurm's cgroup/v2 plugin confines the job to its CPUs.
     std::fs::write(
         dir.path()
@@ -452,6 +468,7 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(1200)); // the part ergond will miss
     let e = start(dir.path(), &fake.lib, "", "ergond.log");
+    let t_found = Instant::now();
     let socket = dir.path().join("run/ergond.sock");
     // It is known without any event, and measured from now on.
     match request(&socket, &Request::QueryJob { job_id: 8 }).unwrap() {
@@ -460,6 +477,8 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     send(&socket, job_end(8));
+    send(&socket, job_end(9));
+    let measured_s = t_found.elapsed().as_secs_f64();
     let m = manifest(&dir.path().join("spool"), 8, &e);
     let gap = m
         .coverage
@@ -474,8 +493,37 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
         m.coverage
     );
     assert_eq!(m.job.uid, 1000);
+    assert_eq!(
+        (m.job.user.as_str(), m.job.account.as_deref()),
+        ("alice", Some("proj")),
+        "from its environment"
+    );
     assert!(m.totals.cpu_j.unwrap() > 0.0, "{:?}", m.totals);
     assert!(m.steps.iter().any(|s| s.step == StepId::Batch));
+    // Its GPU, from SLURM_JOB_GPUS, measured from when ergond found the job.
+    assert_eq!(m.gpus.len(), 1, "{:?}", m.gpus);
+    let gpu_j = m.totals.gpu_j.unwrap();
+    assert!(
+        gpu_j > 100.0 * (measured_s - 0.5) * 0.9 && gpu_j < 100.0 * (measured_s + 0.5),
+        "{gpu_j} J over about {measured_s} s"
+    );
+    assert_eq!(m.coverage.gpus_unknown, None);
+    // Job 9's GPUs cannot be known: its GPU energy is unknown and its coverage says so, never
+    // a zero that would look like a CPU-only job.
+    let m = manifest(&dir.path().join("spool"), 9, &e);
+    assert!(
+        m.coverage
+            .gpus_unknown
+            .as_deref()
+            .is_some_and(|r| r.contains("SLURM_JOB_GPUS")),
+        "{:?}",
+        m.coverage
+    );
+    assert_eq!(m.totals.gpu_j, None);
+    let c = m.coverage.components.unwrap();
+    assert_eq!(c.gpu, Some(0.0));
+    assert!(c.cpu.unwrap() > 0.2, "{c:?}");
+    assert_eq!(m.coverage.fraction, 0.0);
 }
 
 #[test]

@@ -674,7 +674,11 @@ fn a_job_known_only_from_a_step_event_is_never_left_open() {
             ..
         }
     ) {
-        assert!(Instant::now() < deadline, "the job stays open:\n{}", ergond.log());
+        assert!(
+            Instant::now() < deadline,
+            "the job stays open:\n{}",
+            ergond.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -720,6 +720,7 @@ mod tests {
                 (1, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
             ],
             gpu_util: vec![],
+            across: None,
         }
     }
 

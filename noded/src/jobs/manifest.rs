@@ -19,10 +19,10 @@
 //! no GPU energy (its allocation is unknown).
 
 use ergon_protocol::{
-    AttributionInfo, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, GpuMig, JobInfo, Manifest,
-    MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod,
-    SocketEnergy, StepEnergy, Totals, TraceSeries, MANIFEST_SCHEMA_VERSION,
-    MANIFEST_SCHEMA_VERSION_MIG,
+    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, GpuMig,
+    JobInfo, Manifest, MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo,
+    SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries,
+    MANIFEST_SCHEMA_VERSION,
 };
 
 use super::attributor::JobResult;
@@ -183,6 +183,7 @@ pub fn build(
     let mut gpus = Vec::new();
     let mut series = Vec::new();
     let mut gpu_total: Option<f64> = None;
+    let mut unmatched_gpus = 0usize;
     let mut mig_done: Vec<usize> = Vec::new();
     for (alloc, m) in &matched {
         // A job's MIG instances on one GPU make one entry (its share of the board).
@@ -193,6 +194,7 @@ pub fn build(
             mig_done.push(pos);
         }
         let Some((pos, by)) = *m else {
+            unmatched_gpus += 1;
             estimated_notes.push(format!(
                 "allocated GPU (index {}, minor {:?}) matches no NVML device; not measured",
                 alloc.index, alloc.minor
@@ -356,6 +358,17 @@ pub fn build(
     let mut sockets: Vec<SocketEnergy> = Vec::new();
     let (mut cpu_total, mut dram_total): (Option<f64>, Option<f64>) = (None, None);
     if let Some(r) = result {
+        // Attributed, but never on a socket (no CPU allocated, no CPU time): measured as none.
+        if r.share.sockets.is_empty() {
+            let has = |d: RaplDomain| {
+                facts
+                    .zones
+                    .iter()
+                    .any(|z| z.socket.is_some() && z.domain == d)
+            };
+            cpu_total = has(RaplDomain::Package).then_some(0.0);
+            dram_total = has(RaplDomain::Dram).then_some(0.0);
+        }
         for (&socket, sh) in &r.share.sockets {
             let Some(package_j) = sh.package_j else {
                 continue;
@@ -550,7 +563,8 @@ pub fn build(
         reach = reach.max(b);
     }
     let span_ns = end_unix.saturating_sub(start.unix_ns);
-    let fraction = if !(job.start_seen && (readings.is_some() || result.is_some())) {
+    // The part of the job's interval with readings or recovered energy, then per component.
+    let time_fraction = if !(job.start_seen && (readings.is_some() || result.is_some())) {
         0.0
     } else if span_ns == 0 {
         if unrecovered_ns > 0 {
@@ -561,14 +575,22 @@ pub fn build(
     } else {
         (1.0 - unrecovered_ns as f64 / span_ns as f64).clamp(0.0, 1.0)
     };
-    // Schema 3 only where a GPU entry has `mig`: older readers keep reading the rest.
-    let schema_version = if gpus.iter().any(|g| g.mig.is_some()) {
-        MANIFEST_SCHEMA_VERSION_MIG
+    let components = component_coverage(
+        time_fraction,
+        job.gpus_unknown.is_some(),
+        gpus.len() + unmatched_gpus,
+        gpus.iter().filter(|g| g.energy_j.is_some()).count(),
+        facts,
+        cpu_total.is_some(),
+        dram_total.is_some(),
+    );
+    let gpu_total = if job.gpus_unknown.is_some() {
+        None
     } else {
-        MANIFEST_SCHEMA_VERSION
+        gpu_total
     };
-    Manifest {
-        schema_version,
+    let mut manifest = Manifest {
+        schema_version: MANIFEST_SCHEMA_VERSION,
         cluster: job
             .cluster
             .clone()
@@ -582,7 +604,7 @@ pub fn build(
             uid: job.uid.unwrap_or(UNKNOWN_UID),
             account: job.account.clone(),
             partition: job.partition.clone(),
-            sluid: None,
+            sluid: job.sluid.clone(),
         },
         start_unix_ns: start.unix_ns,
         end_unix_ns: end_unix,
@@ -604,10 +626,10 @@ pub fn build(
             unattributed_j: node_unattributed,
         },
         coverage: Coverage {
-            fraction,
+            fraction: components.lowest(),
             gaps,
-            components: None,
-            gpus_unknown: None,
+            components: Some(components),
+            gpus_unknown: job.gpus_unknown.clone(),
         },
         attribution: match result {
             Some(r) => AttributionInfo {
@@ -628,6 +650,44 @@ pub fn build(
             series,
         },
         content_hash: String::new(),
+    };
+    manifest.schema_version = manifest.schema_version_for();
+    manifest
+}
+
+/// Coverage per component: each component the job has on this node covers `time_fraction` of
+/// its interval, except GPUs whose allocation is unknown (0), GPUs of which only some could be
+/// read (in proportion), and CPU or DRAM figures the attribution did not produce (0). A
+/// component the job does not have (no GPU allocated, no RAPL zone) is `None`.
+fn component_coverage(
+    time_fraction: f64,
+    gpus_unknown: bool,
+    gpus_allocated: usize,
+    gpus_measured: usize,
+    facts: &NodeFacts,
+    cpu_measured: bool,
+    dram_measured: bool,
+) -> ComponentCoverage {
+    let has = |d: RaplDomain| {
+        facts
+            .zones
+            .iter()
+            .any(|z| z.socket.is_some() && z.domain == d)
+    };
+    let gpu = if gpus_unknown {
+        Some(0.0)
+    } else if gpus_allocated > 0 {
+        Some(time_fraction * gpus_measured as f64 / gpus_allocated as f64)
+    } else {
+        None
+    };
+    let measured = |present: bool, measured: bool| {
+        present.then_some(if measured { time_fraction } else { 0.0 })
+    };
+    ComponentCoverage {
+        gpu,
+        cpu: measured(has(RaplDomain::Package), cpu_measured),
+        dram: measured(has(RaplDomain::Dram), dram_measured),
     }
 }
 
@@ -691,6 +751,7 @@ mod tests {
             cgroups: vec![("job/step_0".into(), s * 2_000_000_000)],
             sockets: vec![],
             gpu_util: vec![],
+            across: None,
         }
     }
 
@@ -884,8 +945,16 @@ mod tests {
         assert_eq!(m.totals.gpu_j, Some(2000.0));
         assert_eq!(m.totals.cpu_j, None);
         assert_eq!(m.duration_s, 4.0);
-        assert_eq!(m.coverage.fraction, 1.0);
+        // Its GPUs are covered; its CPU share is not measured without the attributor, and the
+        // job's coverage is its least-covered component's.
+        let c = m.coverage.components.unwrap();
+        assert_eq!((c.gpu, c.cpu, c.dram), (Some(1.0), Some(0.0), Some(0.0)));
+        assert_eq!(m.coverage.fraction, 0.0);
         assert!(m.coverage.gaps.is_empty());
+        assert_eq!(
+            m.schema_version,
+            ergon_protocol::MANIFEST_SCHEMA_VERSION_COVERAGE
+        );
         assert_eq!(m.cluster, "cl");
         // Node: 600 W GPUs + 50 W package + 10 W DRAM (core is inside package), 4 s.
         assert_eq!(m.node_context.node_energy_j, 2640.0);

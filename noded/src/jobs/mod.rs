@@ -12,11 +12,13 @@
 //! - [`attributor`]: the node's energy split between open jobs, interval by interval;
 //! - [`journal`]: open jobs kept safe across restarts in `state_dir`;
 //! - [`discovery`]: jobs already running when ergond starts, found in the cgroup tree;
+//! - [`queue`]: the events the plugin could not deliver, replayed;
 
 pub mod attributor;
 pub mod discovery;
 pub mod journal;
 pub mod manifest;
+pub mod queue;
 pub mod reading;
 pub mod recovery;
 pub mod registry;

@@ -33,6 +33,48 @@ pub struct Reading {
     /// read or not reported.
     #[serde(default)]
     pub gpu_util: Vec<Option<Vec<(u32, f64)>>>,
+    /// Set when a counter at this instant had to be interpolated across a stretch the sampler
+    /// did not cover (ergond stopped, hung, starved or down): the figures that depend on it are
+    /// estimates, off by at most the stretch's energy.
+    #[serde(default)]
+    pub across: Option<Across>,
+}
+
+/// A stretch without samples that a [`Reading`] was interpolated across.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Across {
+    /// The last sample before the instant (CLOCK_MONOTONIC ns; the earliest over the series
+    /// interpolated across the stretch).
+    pub from_mono_ns: u64,
+    /// The first sample after it (the latest over those series).
+    pub to_mono_ns: u64,
+    /// Per GPU (snapshot position): the energy of the whole stretch, for the GPUs whose value
+    /// was interpolated across it. The true value at the instant lies between the two samples,
+    /// so the interpolated one is off by at most this.
+    pub gpus: Vec<Option<f64>>,
+    /// Per RAPL zone, likewise.
+    pub zones: Vec<Option<f64>>,
+}
+
+impl Across {
+    /// Note that series `i` of `slot` was interpolated between samples at `from` and `to`
+    /// whose energies differ by `energy_j`.
+    pub fn add(slot: &mut Vec<Option<f64>>, n: usize, i: usize, energy_j: f64) {
+        if slot.len() < n {
+            slot.resize(n, None);
+        }
+        if let Some(s) = slot.get_mut(i) {
+            *s = Some(energy_j.max(0.0));
+        }
+    }
+
+    /// Widen the stretch to cover `[from, to]`.
+    pub fn cover(&mut self, from: u64, to: u64) {
+        if self.from_mono_ns == 0 || from < self.from_mono_ns {
+            self.from_mono_ns = from;
+        }
+        self.to_mono_ns = self.to_mono_ns.max(to);
+    }
 }
 
 /// The Slurm job a process belongs to, from `<proc_root>/<pid>/cgroup` (a `job_<id>` path
@@ -96,6 +138,65 @@ pub fn interpolate(trace: &[TraceSample], at_ns: u64) -> Option<f64> {
     }
     let f = (at_ns - prev.at_ns) as f64 / (next.at_ns - prev.at_ns) as f64;
     Some(prev.energy_j + (next.energy_j - prev.energy_j) * f)
+}
+
+/// A value interpolated at an instant, with the two samples it lies between.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bracketed {
+    /// The interpolated cumulative energy.
+    pub value: f64,
+    /// The sample before (or at) the instant: (ns, J).
+    pub before: (u64, f64),
+    /// The sample after (or at) it.
+    pub after: (u64, f64),
+}
+
+impl Bracketed {
+    /// Time between the two samples.
+    pub fn width_ns(&self) -> u64 {
+        self.after.0.saturating_sub(self.before.0)
+    }
+
+    /// Energy between the two samples: the most the interpolated value can be off by.
+    pub fn energy_j(&self) -> f64 {
+        (self.after.1 - self.before.1).max(0.0)
+    }
+}
+
+/// As [`interpolate`], with the bracketing samples.
+pub fn interpolate_bracketed(trace: &[TraceSample], at_ns: u64) -> Option<Bracketed> {
+    let after = trace.partition_point(|s| s.at_ns < at_ns);
+    let next = trace.get(after)?;
+    if next.at_ns == at_ns {
+        let v = (next.at_ns, next.energy_j);
+        return next.energy_j.is_finite().then_some(Bracketed {
+            value: next.energy_j,
+            before: v,
+            after: v,
+        });
+    }
+    let prev = trace.get(after.checked_sub(1)?)?;
+    bracket_between(
+        (prev.at_ns, prev.energy_j),
+        (next.at_ns, next.energy_j),
+        at_ns,
+    )
+}
+
+/// Linear interpolation at `at_ns` between two (ns, J) samples that bracket it.
+pub fn bracket_between(before: (u64, f64), after: (u64, f64), at_ns: u64) -> Option<Bracketed> {
+    if !(before.1.is_finite() && after.1.is_finite())
+        || after.0 <= before.0
+        || !(before.0..=after.0).contains(&at_ns)
+    {
+        return None;
+    }
+    let f = (at_ns - before.0) as f64 / (after.0 - before.0) as f64;
+    Some(Bracketed {
+        value: before.1 + (after.1 - before.1) * f,
+        before,
+        after,
+    })
 }
 
 /// Samples of `trace` taken within `[from_ns, to_ns]`.
@@ -180,6 +281,32 @@ mod tests {
     }
 
     #[test]
+    fn bracketed_values_know_their_samples() {
+        let tr = [s(100, 10.0), s(200, 20.0), s(1_300, 40.0)];
+        let b = interpolate_bracketed(&tr, 750).unwrap();
+        assert_eq!(
+            (b.value, b.before, b.after),
+            (30.0, (200, 20.0), (1_300, 40.0))
+        );
+        assert_eq!((b.width_ns(), b.energy_j()), (1_100, 20.0));
+        let at = interpolate_bracketed(&tr, 200).unwrap();
+        assert_eq!(
+            (at.width_ns(), at.energy_j()),
+            (0, 0.0),
+            "a sample at the instant"
+        );
+        assert_eq!(interpolate_bracketed(&tr, 50), None);
+        assert_eq!(bracket_between((0, 0.0), (10, 5.0), 11), None, "outside");
+        assert_eq!(bracket_between((0, 0.0), (10, 5.0), 4).unwrap().value, 2.0);
+        let mut a = Across::default();
+        a.cover(50, 60);
+        a.cover(40, 55);
+        assert_eq!((a.from_mono_ns, a.to_mono_ns), (40, 60));
+        Across::add(&mut a.gpus, 3, 1, 7.5);
+        assert_eq!(a.gpus, vec![None, Some(7.5), None]);
+    }
+
+    #[test]
     fn deltas_need_both_ends() {
         let a = Reading {
             at_mono_ns: 0,
@@ -188,6 +315,7 @@ mod tests {
             cgroups: vec![("x".into(), 7)],
             sockets: vec![],
             gpu_util: vec![],
+            across: None,
         };
         let b = Reading {
             at_mono_ns: 1,
@@ -196,6 +324,7 @@ mod tests {
             cgroups: vec![],
             sockets: vec![],
             gpu_util: vec![],
+            across: None,
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
         assert_eq!(a.gpu_delta(&b, 1), None);

@@ -85,8 +85,14 @@ pub struct Restored {
     pub jobs: usize,
     /// Whether the outage's energy was recovered from the hardware counters.
     pub recovered: bool,
-    /// Actions for the worker: jobs that ended while ergond was down are finished now.
+    /// Actions for the worker: jobs whose end was seen before the stop are finished now.
     pub actions: Vec<Action>,
+    /// Open jobs none of whose cgroups exist any more: they ended while ergond was down. Once
+    /// the events the plugin queued meanwhile are replayed (they may give the real end),
+    /// [`finish_vanished`] ends those still open.
+    pub vanished: Vec<u32>,
+    /// When the journal's last reading was taken (Unix ns): the outage's start.
+    pub outage_start_unix_ns: u64,
 }
 
 /// Restore the journal in `dir` into `registry` and `attributor`. A journal that cannot be
@@ -212,23 +218,24 @@ pub fn restore(
     let mut out = Restored {
         jobs: ids.len(),
         recovered,
-        actions: Vec::new(),
+        ..Restored::default()
     };
-    let now = EventTime {
-        unix_ns: now_unix,
-        mono_ns: now_mono,
-    };
+    out.outage_start_unix_ns = gap_start.min(now_unix);
     for id in ids {
         let Some(job) = registry.get_mut(id) else {
             continue;
         };
-        job.gaps.push(Gap {
-            start_unix_ns: gap_start.min(now_unix),
-            end_unix_ns: now_unix,
-            reason: reason.clone(),
-            recovered,
-            estimate: None,
-        });
+        // The outage is a gap of the jobs open in it: not of one that had ended before (its
+        // manifest was only waiting to be written).
+        if job.end.is_none_or(|e| e.unix_ns > gap_start) {
+            job.gaps.push(Gap::new(
+                gap_start.min(now_unix),
+                job.end
+                    .map_or(now_unix, |e| e.unix_ns.clamp(gap_start, now_unix)),
+                reason.clone(),
+                recovered,
+            ));
+        }
         if let Some(at) = job.end {
             // Its end was seen before the stop; finish it now (its end reading, if it was
             // not taken, is read now).
@@ -259,30 +266,53 @@ pub fn restore(
                 }
             }
         }
-        if !alive && job.end.is_none() {
-            tracing::warn!(
-                job_id = id,
-                "the job ended while ergond was down; finishing it now (its end time is unknown)"
-            );
-            job.end = Some(now);
-            job.gaps.push(Gap {
-                start_unix_ns: gap_start.min(now_unix),
-                end_unix_ns: now_unix,
-                reason: "the job ended while ergond was not running; its end time is not known \
-                         and it is charged up to ergond's restart"
-                    .into(),
-                recovered: false,
-                estimate: None,
-            });
-            out.actions.push(Action::Read {
-                job_id: id,
-                mark: Mark::JobEnd,
-                at: now,
-            });
-            out.actions.push(Action::Finish { job_id: id });
+        if !alive {
+            out.vanished.push(id);
         }
     }
     out
+}
+
+/// End the jobs of [`Restored::vanished`] that no replayed event ended: their end time is not
+/// known, so they are charged up to now, with a gap saying so. Returns the actions that read
+/// their counters and finish them.
+pub fn finish_vanished(
+    registry: &mut JobRegistry,
+    vanished: &[u32],
+    outage_start_unix_ns: u64,
+) -> Vec<Action> {
+    let now = EventTime {
+        unix_ns: Timestamp::now().unix_ns,
+        mono_ns: monotonic_ns(),
+    };
+    let mut actions = Vec::new();
+    for &id in vanished {
+        let Some(job) = registry.get_mut(id) else {
+            continue;
+        };
+        if job.end.is_some() {
+            continue; // a queued JobEnd said when
+        }
+        tracing::warn!(
+            job_id = id,
+            "the job ended while ergond was down and no event says when; finishing it now"
+        );
+        job.end = Some(now);
+        job.gaps.push(Gap::new(
+            outage_start_unix_ns.min(now.unix_ns),
+            now.unix_ns,
+            "the job ended while ergond was not running and its end event was lost; its end \
+             time is not known and it is charged up to ergond's restart",
+            false,
+        ));
+        actions.push(Action::Read {
+            job_id: id,
+            mark: Mark::JobEnd,
+            at: now,
+        });
+        actions.push(Action::Finish { job_id: id });
+    }
+    actions
 }
 
 /// Take on the jobs running in the cgroup tree that the registry does not know (ergond was

@@ -755,6 +755,7 @@ mod tests {
             cgroups: vec![],
             sockets: vec![],
             gpu_util: vec![],
+            across: None,
         }
     }
 

@@ -20,9 +20,9 @@ use super::attributor::Attributor;
 use super::discovery::SlurmNode;
 use super::journal::boot_id;
 use super::manifest::{match_gpus, NodeFacts};
-use super::recovery::{discover, restore, PowerLimits, Restored};
+use super::recovery::{discover, finish_vanished, restore, PowerLimits, Restored};
 use super::registry::{Action, EventTime, JobRegistry, Limits};
-use super::worker::{flag_shared_gpus, worker, write_journal};
+use super::worker::{close_now, flag_shared_gpus, perform, worker, write_journal, WorkerState};
 use super::writers::{report_writer, spool_writer, ReportWork, SpoolWork};
 use crate::clock::monotonic_ns;
 use crate::sampler::SamplerHandle;
@@ -42,8 +42,12 @@ pub const JOURNAL_IDLE_PERIOD: Duration = Duration::from_secs(30);
 /// How often the worker closes an attribution interval when no event does.
 pub const ATTRIBUTION_PERIOD: Duration = Duration::from_secs(1);
 /// An event stamped longer ago than this is taken as having happened this long ago (a stale
-/// or wrong plugin clock must not make ergond read counters far in the past).
-pub const MAX_EVENT_AGE_NS: u64 = 5_000_000_000;
+/// or wrong plugin clock must not make ergond read counters far in the past). Long enough for
+/// an event that waited in the socket while ergond was stopped or starved: its counters are
+/// then interpolated across the stretch, and the job's figures say so.
+pub const MAX_EVENT_AGE_NS: u64 = 600_000_000_000;
+/// As [`MAX_EVENT_AGE_NS`], for events the plugin queued while ergond was down (a week).
+pub const MAX_REPLAY_AGE_NS: u64 = 7 * 86_400_000_000_000;
 
 /// Who may do what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +95,8 @@ pub(super) struct Inner {
     pub(super) journal_dirty: std::sync::atomic::AtomicBool,
     /// Job events refused so far (for rate-limited logging).
     pub(super) refused: std::sync::atomic::AtomicU64,
+    /// Events replayed from the plugin's queue so far.
+    pub(super) replayed: std::sync::atomic::AtomicU64,
     pub(super) reports: Option<SyncSender<ReportWork>>,
     /// Sealed manifests for the spool writer thread (fsync off the job worker); taken (None)
     /// at shutdown so the writer drains and stops.
@@ -122,7 +128,8 @@ impl std::fmt::Debug for JobTracker {
 }
 
 impl JobTracker {
-    /// Start the worker thread.
+    /// Restore what the journal holds, replay what the plugin queued, take on the jobs running
+    /// in the cgroup tree, then start the worker and writer threads.
     pub fn start(
         sampler: Arc<SamplerHandle>,
         facts: NodeFacts,
@@ -141,20 +148,6 @@ impl JobTracker {
             ),
             None => Restored::default(),
         };
-        let found = discover(
-            &sampler,
-            &facts,
-            &config.slurm,
-            &config.proc_root,
-            &mut registry,
-            &mut attributor,
-        );
-        if found > 0 {
-            tracing::info!(
-                jobs = found,
-                "took on running jobs found in the cgroup tree"
-            );
-        }
         if restored.jobs > 0 {
             tracing::info!(
                 jobs = restored.jobs,
@@ -171,6 +164,7 @@ impl JobTracker {
         let inner = Arc::new(Inner {
             journal_dirty: std::sync::atomic::AtomicBool::new(false),
             refused: std::sync::atomic::AtomicU64::new(0),
+            replayed: std::sync::atomic::AtomicU64::new(0),
             spool: Mutex::new(Some(spool_tx)),
             reports: Some(report_tx),
             registry: Mutex::new(registry),
@@ -180,22 +174,61 @@ impl JobTracker {
             sampler,
             config,
         });
-        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
-        for a in restored.actions {
-            // The queue is empty and far larger than the registry's limit.
-            let _ = tx.try_send(a);
-        }
         let spool_writer = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-spool".into())
                 .spawn(move || spool_writer(&inner, spool_rx))?
         };
+        // Start-up, in order, before the worker takes new events:
+        let mut st = WorkerState::default();
+        // 1. what the journal left to do (jobs whose end was seen before the stop);
+        for a in restored.actions {
+            perform(&inner, a, &mut st);
+        }
+        // 2. the events the plugin queued while ergond could not take them (a JobEnd gives a
+        //    job that ended meanwhile its real end, a JobStart a job that started its GPUs);
+        replay_queue(&inner, &mut st);
+        // 3. the journaled jobs that vanished with no event saying when: ended now;
+        let vanished = finish_vanished(
+            &mut lock(&inner.registry),
+            &restored.vanished,
+            restored.outage_start_unix_ns,
+        );
+        for a in vanished {
+            perform(&inner, a, &mut st);
+        }
+        // 4. the outage closed now, so that the jobs found next are measured from now;
+        close_now(&inner, &mut st);
+        // 5. the jobs running that nothing named: found in the cgroup tree.
+        let found = {
+            let mut att = lock(&inner.attributor);
+            let found = discover(
+                &inner.sampler,
+                &inner.facts,
+                &inner.config.slurm,
+                &inner.config.proc_root,
+                &mut lock(&inner.registry),
+                &mut att,
+            );
+            flag_shared_gpus(&inner.sampler, &att);
+            found
+        };
+        if found > 0 {
+            tracing::info!(
+                jobs = found,
+                "took on running jobs found in the cgroup tree"
+            );
+        }
+        inner
+            .journal_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = sync_channel(QUEUE_CAPACITY);
         let worker = {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-jobs".into())
-                .spawn(move || worker(&inner, rx))?
+                .spawn(move || worker(&inner, rx, st))?
         };
         Ok(Self {
             inner,
@@ -207,19 +240,6 @@ impl JobTracker {
 
     /// Answer one request from a peer with uid `peer_uid` (from `SO_PEERCRED`).
     pub fn handle(&self, request: Request, peer_uid: u32) -> Reply {
-        let access = self.inner.config.access;
-        let deny = |what: &str| {
-            Reply::error(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "{what} may be sent only by root or SlurmUser (uid {}); this client runs as \
-                     uid {peer_uid}",
-                    access
-                        .slurm_uid
-                        .map_or_else(|| "unresolved".to_owned(), |u| u.to_string())
-                ),
-            )
-        };
         match &request {
             Request::Hello { .. } => {
                 return Reply::Hello {
@@ -231,54 +251,9 @@ impl JobTracker {
             Request::QueryJob { job_id } => return self.query(*job_id, peer_uid),
             _ => {}
         }
-        // The batch script's stdout, as slurmstepd opened it (patterns like %j expanded):
-        // where a text report is appended. Read before taking the lock.
-        let mut batch_stdout = match &request {
-            Request::StepStart(m) if m.step == ergon_protocol::StepId::Batch => m
-                .pid
-                .and_then(|pid| batch_stdout_path(&self.inner.config.proc_root, pid)),
-            _ => None,
-        };
-        let actions = {
-            let mut reg = lock(&self.inner.registry);
-            let result = match &request {
-                Request::Hello { .. } | Request::Ping | Request::QueryJob { .. } => {
-                    return Reply::error(ErrorCode::Internal, "request answered twice")
-                }
-                _ if !access.privileged(peer_uid) => {
-                    tracing::warn!(
-                        uid = peer_uid,
-                        "refused a job event from an unprivileged client"
-                    );
-                    return deny("job and step events");
-                }
-                Request::JobStart(m) => reg.job_start(m, event_time(m.time)),
-                Request::JobEnd(m) => reg.job_end(m, event_time(m.time)),
-                Request::StepStart(m) => {
-                    let r = reg.step_start(m, event_time(m.time));
-                    if let (Ok(_), Some(path)) = (&r, batch_stdout.take()) {
-                        if let Some(job) = reg.get_mut(m.job_id) {
-                            job.stdout_path = Some(path);
-                        }
-                    }
-                    r
-                }
-                Request::StepEnd(m) => reg.step_end(m, event_time(m.time)),
-            };
-            match result {
-                Ok(a) => a,
-                Err(e) => {
-                    // Logged once per 1,000 under a flood (each is also in the reply).
-                    let n = self
-                        .inner
-                        .refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if n % 1000 == 0 {
-                        tracing::warn!(error = %e, refused_so_far = n + 1, "job event refused");
-                    }
-                    return Reply::error(ErrorCode::Busy, e.to_string());
-                }
-            }
+        let actions = match apply(&self.inner, &request, peer_uid, MAX_EVENT_AGE_NS) {
+            Ok(a) => a,
+            Err(reply) => return reply,
         };
         let Some(tx) = &self.tx else {
             return Reply::error(ErrorCode::Busy, "ergond is shutting down");
@@ -422,6 +397,115 @@ impl Drop for JobTracker {
     }
 }
 
+/// Apply a lifecycle event from a peer with uid `peer_uid` to the registry: the actions the
+/// worker must perform, or the reply that refuses it. `max_age_ns` bounds how far in the past
+/// the event's stamp is believed (see [`event_time`]).
+pub(super) fn apply(
+    inner: &Inner,
+    request: &Request,
+    peer_uid: u32,
+    max_age_ns: u64,
+) -> Result<Vec<Action>, Reply> {
+    let access = inner.config.access;
+    if !request.is_lifecycle() {
+        return Err(Reply::error(ErrorCode::Internal, "not a lifecycle event"));
+    }
+    if !access.privileged(peer_uid) {
+        tracing::warn!(
+            uid = peer_uid,
+            "refused a job event from an unprivileged client"
+        );
+        return Err(Reply::error(
+            ErrorCode::PermissionDenied,
+            format!(
+                "job and step events may be sent only by root or SlurmUser (uid {}); this client \
+                 runs as uid {peer_uid}",
+                access
+                    .slurm_uid
+                    .map_or_else(|| "unresolved".to_owned(), |u| u.to_string())
+            ),
+        ));
+    }
+    let time = |stamp| event_time(stamp, max_age_ns);
+    // The batch script's stdout, as slurmstepd opened it (patterns like %j expanded): where a
+    // text report is appended. Read before taking the lock.
+    let mut batch_stdout = match request {
+        Request::StepStart(m) if m.step == ergon_protocol::StepId::Batch => m
+            .pid
+            .and_then(|pid| batch_stdout_path(&inner.config.proc_root, pid)),
+        _ => None,
+    };
+    let mut reg = lock(&inner.registry);
+    let result = match request {
+        Request::JobStart(m) => reg.job_start(m, time(m.time)),
+        Request::JobEnd(m) => reg.job_end(m, time(m.time)),
+        Request::StepStart(m) => {
+            let r = reg.step_start(m, time(m.time));
+            if let (Ok(_), Some(path)) = (&r, batch_stdout.take()) {
+                if let Some(job) = reg.get_mut(m.job_id) {
+                    job.stdout_path = Some(path);
+                }
+            }
+            r
+        }
+        Request::StepEnd(m) => reg.step_end(m, time(m.time)),
+        _ => return Err(Reply::error(ErrorCode::Internal, "not a lifecycle event")),
+    };
+    result.map_err(|e| {
+        // Logged once per 1,000 under a flood (each is also in the reply).
+        let n = inner
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % 1000 == 0 {
+            tracing::warn!(error = %e, refused_so_far = n + 1, "job event refused");
+        }
+        Reply::error(ErrorCode::Busy, e.to_string())
+    })
+}
+
+/// Replay the events the plugin queued (see [`super::queue`]), performing their actions here
+/// and now, in order; returns how many were replayed. An event the registry refuses (at its
+/// limits) stays queued for the next pass.
+pub(super) fn replay_queue(inner: &Inner, st: &mut WorkerState) -> usize {
+    let Some(dir) = &inner.config.queue_dir else {
+        return 0;
+    };
+    let access = inner.config.access;
+    let mut n = 0;
+    for q in super::queue::pending(dir, |uid| access.privileged(uid)) {
+        match apply(inner, &q.request, q.uid, MAX_REPLAY_AGE_NS) {
+            Ok(actions) => {
+                for a in actions {
+                    perform(inner, a, st);
+                }
+                super::queue::done(&q);
+                n += 1;
+            }
+            Err(Reply::Error {
+                code: ErrorCode::Busy,
+                reason,
+            }) => {
+                tracing::warn!(file = %q.path.display(), reason, "a queued event waits: ergond is at its limits");
+                break;
+            }
+            Err(other) => {
+                tracing::warn!(file = %q.path.display(), reply = ?other, "a queued event was refused; removed");
+                super::queue::done(&q);
+            }
+        }
+    }
+    if n > 0 {
+        inner
+            .replayed
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        inner
+            .journal_dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(events = n, queue = %dir.display(), "replayed events the plugin queued while ergond could not take them");
+    }
+    n
+}
+
 /// The file a process's stdout is, from `/proc/<pid>/fd/1`: an absolute path of a regular
 /// file, else `None` (a terminal, a pipe, `/dev/null`, a deleted file).
 pub fn batch_stdout_path(proc_root: &std::path::Path, pid: u32) -> Option<String> {
@@ -440,8 +524,8 @@ pub fn batch_stdout_path(proc_root: &std::path::Path, pid: u32) -> Option<String
 
 /// The event's instant on both clocks: the plugin's stamp, mapped onto CLOCK_MONOTONIC by the
 /// current offset between the clocks. A stamp in the future is taken as now, one older than
-/// [`MAX_EVENT_AGE_NS`] as that old, and a missing one (0) as now.
-pub fn event_time(stamp: Timestamp) -> EventTime {
+/// `max_age_ns` as that old, and a missing one (0) as now.
+pub fn event_time(stamp: Timestamp, max_age_ns: u64) -> EventTime {
     let now_unix = Timestamp::now().unix_ns;
     let now_mono = monotonic_ns();
     if stamp.unix_ns == 0 {
@@ -450,7 +534,7 @@ pub fn event_time(stamp: Timestamp) -> EventTime {
             mono_ns: now_mono,
         };
     }
-    let age = now_unix.saturating_sub(stamp.unix_ns).min(MAX_EVENT_AGE_NS);
+    let age = now_unix.saturating_sub(stamp.unix_ns).min(max_age_ns);
     EventTime {
         unix_ns: stamp.unix_ns,
         mono_ns: now_mono.saturating_sub(age),
@@ -465,16 +549,22 @@ mod tests {
     fn event_time_clamps_stale_and_future_stamps() {
         let now = Timestamp::now().unix_ns;
         let mono = monotonic_ns();
-        let e = event_time(Timestamp::from_unix_ns(now - 1_000_000_000));
+        let e = event_time(
+            Timestamp::from_unix_ns(now - 1_000_000_000),
+            MAX_EVENT_AGE_NS,
+        );
         assert!(e.mono_ns + 900_000_000 < monotonic_ns() && e.mono_ns + 1_200_000_000 > mono);
-        let e = event_time(Timestamp::from_unix_ns(now + 60_000_000_000));
+        let e = event_time(
+            Timestamp::from_unix_ns(now + 60_000_000_000),
+            MAX_EVENT_AGE_NS,
+        );
         assert!(e.mono_ns >= mono, "future is now");
-        let e = event_time(Timestamp::from_unix_ns(1));
+        let e = event_time(Timestamp::from_unix_ns(1), MAX_EVENT_AGE_NS);
         assert!(
             e.mono_ns + MAX_EVENT_AGE_NS + 100_000_000 >= mono,
             "clamped"
         );
-        let e = event_time(Timestamp::from_unix_ns(0));
+        let e = event_time(Timestamp::from_unix_ns(0), MAX_EVENT_AGE_NS);
         assert!(e.unix_ns >= now);
     }
 

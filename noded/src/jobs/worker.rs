@@ -7,24 +7,34 @@
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
-use ergon_protocol::Timestamp;
+use ergon_protocol::{Gap, Timestamp};
 
 use super::attributor::Attributor;
 use super::journal;
 use super::manifest::{self, gpu_positions};
-use super::reading::{interpolate, Reading};
+use super::reading::{bracket_between, interpolate_bracketed, Across, Reading};
 use super::recovery::journal_state;
-use super::registry::{Action, Mark};
+use super::registry::{Action, EventTime, Mark};
 use super::tracker::{
     event_time, lock, Inner, ATTRIBUTION_PERIOD, JOURNAL_IDLE_PERIOD, JOURNAL_PERIOD,
     READING_TIMEOUT,
 };
 use super::writers::{write_one, SpoolWork};
 use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
+use crate::sources::rapl::RaplDomain;
 
-pub(super) fn worker(inner: &Inner, rx: Receiver<Action>) {
+/// The worker's own state between actions.
+#[derive(Debug, Default)]
+pub(super) struct WorkerState {
+    /// Scratch space for a trace.
+    buf: Vec<TraceSample>,
+    /// Estimated gaps whose job energy is the job's share at the end of the next interval (a
+    /// job that started inside a stretch the sampler did not cover): (job, gap index).
+    pending: Vec<(u32, usize)>,
+}
+
+pub(super) fn worker(inner: &Inner, rx: Receiver<Action>, mut st: WorkerState) {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut buf: Vec<TraceSample> = Vec::new();
     let mut last_periodic = std::time::Instant::now();
     let mut last_reap = std::time::Instant::now();
     let mut last_journal = std::time::Instant::now();
@@ -44,13 +54,16 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>) {
             Ok(a) => a,
             Err(RecvTimeoutError::Timeout) => {
                 if last_reap.elapsed() >= inner.config.reap_period {
-                    if reap(inner, &mut buf) {
+                    if reap(inner, &mut st) {
                         inner.journal_dirty.store(true, Relaxed);
                     }
                     last_reap = std::time::Instant::now();
                 }
                 if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
-                    periodic(inner, &mut buf);
+                    // Events the plugin queued while ergond was hung or busy: their own
+                    // instants come before this interval's end.
+                    super::tracker::replay_queue(inner, &mut st);
+                    periodic(inner, &mut st);
                     last_periodic = std::time::Instant::now();
                 }
                 continue;
@@ -58,7 +71,7 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>) {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         inner.journal_dirty.store(true, Relaxed);
-        perform(inner, action, &mut buf);
+        perform(inner, action, &mut st);
     }
 }
 
@@ -71,7 +84,7 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>) {
 ///
 /// It is finished now, with a gap saying so. Without Slurm's cgroup tree on the node a job of
 /// the second kind cannot be judged, and stays open until its end event comes.
-fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
+fn reap(inner: &Inner, st: &mut WorkerState) -> bool {
     let Some(h) = inner.sampler.cgroup_hierarchy() else {
         return false;
     };
@@ -121,7 +134,7 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
             job_id,
             "the job's end was never reported and its cgroup is gone: finishing it now"
         );
-        let at = event_time(Timestamp::now());
+        let at = event_time(Timestamp::now(), 0);
         let actions = {
             let mut reg = lock(&inner.registry);
             let actions = reg
@@ -151,80 +164,16 @@ fn reap(inner: &Inner, buf: &mut Vec<TraceSample>) -> bool {
             actions
         };
         for a in actions {
-            perform(inner, a, buf);
+            perform(inner, a, st);
         }
     }
     any
 }
 
 /// Perform one action of the registry's.
-fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
+pub(super) fn perform(inner: &Inner, action: Action, st: &mut WorkerState) {
     match action {
-        Action::Read { job_id, mark, at } => {
-            let reading = read_at(&inner.sampler, &inner.config.proc_root, at.mono_ns, buf);
-            // What the attributor needs from the registry, copied under a brief lock: the
-            // socket handler takes the registry lock for every request, so it is never held
-            // while the interval is attributed (which walks every open job).
-            struct Info {
-                gpus: Vec<usize>,
-                mig: Vec<(usize, u32)>,
-                cpus: ergon_protocol::CpuSet,
-                path: Option<String>,
-                own: Vec<String>,
-            }
-            let info = {
-                let reg = lock(&inner.registry);
-                reg.get(job_id).map(|job| {
-                    let (gpus, mig) = gpu_positions(&job.gpus, &inner.facts.gpus);
-                    Info {
-                        gpus,
-                        mig,
-                        cpus: job.cpus.clone(),
-                        path: match mark {
-                            Mark::StepStart(s) | Mark::StepEnd(s) => {
-                                job.step(s).and_then(|s| s.watched.clone())
-                            }
-                            _ => None,
-                        },
-                        own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
-                    }
-                })
-            };
-            {
-                let mut att = lock(&inner.attributor);
-                att.advance(&reading);
-                match (mark, &info) {
-                    (Mark::JobStart, Some(i)) => {
-                        // A job taken on at start-up and now properly started: its figures
-                        // start again from this event (its steps' own StepStart events follow).
-                        if att.members().contains_key(&job_id) {
-                            let _ = att.job_end(job_id);
-                        }
-                        att.job_start(job_id, i.gpus.clone(), i.cpus.clone());
-                        att.set_mig(job_id, i.mig.clone());
-                        flag_shared_gpus(&inner.sampler, &att);
-                    }
-                    (Mark::StepStart(step), Some(i)) => {
-                        let baseline = i.path.as_deref().and_then(|p| reading.cgroup_ns(p));
-                        att.step_start(job_id, step, i.path.as_deref(), baseline);
-                        att.set_cpus(job_id, i.cpus.clone());
-                    }
-                    (Mark::StepEnd(step), Some(i)) => {
-                        att.step_end(job_id, step, i.path.as_deref());
-                    }
-                    _ => {}
-                }
-            }
-            if matches!(mark, Mark::JobStart) {
-                tracing::info!(job_id, "job started");
-            }
-            // The job keeps only its own cgroups' figures (a reading holds every watched one).
-            let mut reading = reading;
-            let own = info.map(|i| i.own).unwrap_or_default();
-            reading.cgroups.retain(|(p, _)| own.contains(p));
-            reading.gpu_util = Vec::new();
-            lock(&inner.registry).record_reading(job_id, mark, reading);
-        }
+        Action::Read { job_id, mark, at } => read_for_event(inner, job_id, mark, at, st),
         Action::Watch { path } => {
             if let Err(e) = inner.sampler.watch_cgroup(&path) {
                 tracing::warn!(cgroup = %path, error = %e, "cannot watch the step's cgroup; its CPU time is not measured");
@@ -233,8 +182,209 @@ fn perform(inner: &Inner, action: Action, buf: &mut Vec<TraceSample>) {
         Action::Unwatch { path } => {
             inner.sampler.unwatch_cgroup(&path);
         }
-        Action::Finish { job_id } => finish(inner, job_id, buf),
+        Action::Finish { job_id } => finish(inner, job_id, &mut st.buf),
     }
+}
+
+/// The counters at an event's instant: close the attribution interval there, apply the
+/// event's membership change, and keep the reading with the job. Where the instant fell in a
+/// stretch the sampler did not cover, or before ergond measured at all, the job's gaps say so.
+fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mut WorkerState) {
+    let prior = lock(&inner.attributor).last().cloned();
+    let reading = read_at(inner, at.mono_ns, &mut st.buf, prior.as_ref());
+    // What the attributor needs from the registry, copied under a brief lock: the socket
+    // handler takes the registry lock for every request, so it is never held while the
+    // interval is attributed (which walks every open job).
+    struct Info {
+        gpus: Vec<usize>,
+        mig: Vec<(usize, u32)>,
+        cpus: ergon_protocol::CpuSet,
+        path: Option<String>,
+        own: Vec<String>,
+    }
+    let info = {
+        let reg = lock(&inner.registry);
+        reg.get(job_id).map(|job| {
+            let (gpus, mig) = gpu_positions(&job.gpus, &inner.facts.gpus);
+            Info {
+                gpus,
+                mig,
+                cpus: job.cpus.clone(),
+                path: match mark {
+                    Mark::StepStart(s) | Mark::StepEnd(s) => {
+                        job.step(s).and_then(|s| s.watched.clone())
+                    }
+                    _ => None,
+                },
+                own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
+            }
+        })
+    };
+    let (share_before, share_after, late) = {
+        let mut att = lock(&inner.attributor);
+        let share_before = att.share(job_id).map(|s| s.total_j());
+        att.advance(&reading);
+        let late = att.last_at() != Some(reading.at_mono_ns);
+        let share_after = att.share(job_id).map(|s| s.total_j());
+        match (mark, &info) {
+            (Mark::JobStart, Some(i)) => {
+                // A job taken on at start-up and now properly started: its figures start
+                // again from this event (its steps' own StepStart events follow).
+                if att.members().contains_key(&job_id) {
+                    let _ = att.job_end(job_id);
+                }
+                att.job_start(job_id, i.gpus.clone(), i.cpus.clone());
+                att.set_mig(job_id, i.mig.clone());
+                flag_shared_gpus(&inner.sampler, &att);
+            }
+            (Mark::StepStart(step), Some(i)) => {
+                let baseline = i.path.as_deref().and_then(|p| reading.cgroup_ns(p));
+                att.step_start(job_id, step, i.path.as_deref(), baseline);
+                att.set_cpus(job_id, i.cpus.clone());
+            }
+            (Mark::StepEnd(step), Some(i)) => {
+                att.step_end(job_id, step, i.path.as_deref());
+            }
+            _ => {}
+        }
+        fill_pending(inner, &att, &mut st.pending);
+        (share_before, share_after, late)
+    };
+    if matches!(mark, Mark::JobStart) {
+        tracing::info!(job_id, "job started");
+    }
+    if let Some(i) = &info {
+        let unix_of = |mono: u64| at.unix_ns.saturating_sub(at.mono_ns.saturating_sub(mono));
+        let mut reg = lock(&inner.registry);
+        if let Some(job) = reg.get_mut(job_id) {
+            match (&reading.across, mark) {
+                (Some(across), Mark::JobStart | Mark::JobEnd) => {
+                    let bound = across_bound(across, &i.gpus, &inner.facts);
+                    let (from, to) = (unix_of(across.from_mono_ns), unix_of(across.to_mono_ns));
+                    let (span, energy) = if mark == Mark::JobEnd {
+                        let e = share_after.unwrap_or(0.0) - share_before.unwrap_or(0.0);
+                        ((from.max(job.start.unix_ns), at.unix_ns), Some(e.max(0.0)))
+                    } else {
+                        ((at.unix_ns, to), None)
+                    };
+                    let idx = attach_estimate(job, span, bound, energy, mark);
+                    if energy.is_none() {
+                        st.pending.push((job_id, idx));
+                    }
+                }
+                (None, Mark::JobStart) if late => {
+                    // Before the interval ergond has already closed (an event it could not
+                    // take at the time, replayed later): the job is measured from then.
+                    let since = prior.as_ref().map_or(at.unix_ns, |p| unix_of(p.at_mono_ns));
+                    job.gaps.push(Gap::new(
+                        at.unix_ns,
+                        since.max(at.unix_ns),
+                        "ergond could not take the job's start when it happened (it was down \
+                         or busy); the job is measured from when it could",
+                        false,
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    // The job keeps only its own cgroups' figures (a reading holds every watched one).
+    let mut reading = reading;
+    let own = info.map(|i| i.own).unwrap_or_default();
+    reading.cgroups.retain(|(p, _)| own.contains(p));
+    reading.gpu_util = Vec::new();
+    lock(&inner.registry).record_reading(job_id, mark, reading);
+}
+
+/// The most a job's figures can be off by when a reading at its start or end was
+/// interpolated across `across`: the whole stretch's energy of each of its GPUs and of every
+/// CPU package and DRAM zone (its part of a stretch nobody measured is somewhere between none
+/// and all of it).
+fn across_bound(across: &Across, gpus: &[usize], facts: &manifest::NodeFacts) -> f64 {
+    let gpu: f64 = gpus
+        .iter()
+        .filter_map(|&p| across.gpus.get(p).copied().flatten())
+        .sum();
+    let cpu: f64 = facts
+        .zones
+        .iter()
+        .enumerate()
+        .filter(|(_, z)| {
+            z.socket.is_some() && matches!(z.domain, RaplDomain::Package | RaplDomain::Dram)
+        })
+        .filter_map(|(i, _)| across.zones.get(i).copied().flatten())
+        .sum();
+    gpu + cpu
+}
+
+/// Record an estimate over `span` (Unix ns) in the job's gaps: on the gap of the outage it
+/// lies in, when there is one (ergond was down), else as a gap of its own. Returns the gap's
+/// index.
+fn attach_estimate(
+    job: &mut super::registry::Job,
+    span: (u64, u64),
+    bound_j: f64,
+    energy_j: Option<f64>,
+    mark: Mark,
+) -> usize {
+    let estimate = ergon_protocol::GapEstimate {
+        energy_j: energy_j.unwrap_or(0.0),
+        bound_j,
+    };
+    let which = if mark == Mark::JobEnd { "end" } else { "start" };
+    let outage = job
+        .gaps
+        .iter()
+        .position(|g| g.start_unix_ns <= span.0.max(span.1) && g.end_unix_ns >= span.0.min(span.1));
+    if let Some(i) = outage {
+        let g = &mut job.gaps[i];
+        if mark == Mark::JobEnd {
+            g.end_unix_ns = g.end_unix_ns.min(span.1).max(g.start_unix_ns);
+        }
+        g.estimate = Some(estimate);
+        g.reason = format!(
+            "{}; the job's {which} fell in it and its counters there were interpolated, so the \
+             figures are an estimate",
+            g.reason
+        );
+        return i;
+    }
+    job.gaps.push(Gap {
+        start_unix_ns: span.0.min(span.1),
+        end_unix_ns: span.1.max(span.0),
+        reason: format!(
+            "ergond's sampler did not run in this stretch (ergond stopped, hung or starved); the \
+             job's {which} fell in it and its counters there were interpolated, so the figures \
+             are an estimate"
+        ),
+        recovered: true,
+        estimate: Some(estimate),
+    });
+    job.gaps.len() - 1
+}
+
+/// Fill in the energy of estimates waiting for the interval after a job's start.
+fn fill_pending(inner: &Inner, att: &Attributor, pending: &mut Vec<(u32, usize)>) {
+    if pending.is_empty() {
+        return;
+    }
+    let mut reg = lock(&inner.registry);
+    pending.retain(|&(job_id, idx)| {
+        let Some(share) = att.share(job_id) else {
+            return false;
+        };
+        if att.members().get(&job_id).is_some_and(|m| m.intervals == 0) {
+            return true; // not closed yet
+        }
+        if let Some(est) = reg
+            .get_mut(job_id)
+            .and_then(|j| j.gaps.get_mut(idx))
+            .and_then(|g| g.estimate.as_mut())
+        {
+            est.energy_j = share.total_j();
+        }
+        false
+    });
 }
 
 /// Write the journal now (no-op without a state directory).
@@ -269,8 +419,19 @@ pub(super) fn flag_shared_gpus(sampler: &SamplerHandle, att: &Attributor) {
     }
 }
 
+/// Close the attribution interval now (at start-up: the outage since the journal's last
+/// reading is attributed to the jobs open in it, before any job found running joins).
+pub(super) fn close_now(inner: &Inner, st: &mut WorkerState) {
+    let at = crate::clock::monotonic_ns();
+    let prior = lock(&inner.attributor).last().cloned();
+    let reading = read_at(inner, at, &mut st.buf, prior.as_ref());
+    let mut att = lock(&inner.attributor);
+    att.advance(&reading);
+    fill_pending(inner, &att, &mut st.pending);
+}
+
 /// Close an attribution interval at the newest instant every sampled series covers.
-fn periodic(inner: &Inner, buf: &mut Vec<TraceSample>) {
+fn periodic(inner: &Inner, st: &mut WorkerState) {
     let snap = inner.sampler.snapshot();
     let covered = snap
         .gpus
@@ -283,45 +444,82 @@ fn periodic(inner: &Inner, buf: &mut Vec<TraceSample>) {
     let Some(at) = covered.filter(|&t| t > 0) else {
         return;
     };
+    let prior = {
+        let att = lock(&inner.attributor);
+        if att.last_at().is_some_and(|l| at <= l) {
+            return;
+        }
+        att.last().cloned()
+    };
+    let reading = read_at(inner, at, &mut st.buf, prior.as_ref());
     let mut att = lock(&inner.attributor);
-    if att.last_at().is_some_and(|l| at <= l) {
-        return;
-    }
-    let reading = read_at(&inner.sampler, &inner.config.proc_root, at, buf);
     att.advance(&reading);
+    fill_pending(inner, &att, &mut st.pending);
 }
 
-/// Counters at `at_ns`, interpolated from the traces once the tick after it is in.
-fn read_at(
-    sampler: &SamplerHandle,
-    proc_root: &std::path::Path,
+/// Counters at `at_ns`, interpolated from the traces once the tick after it is in. A series
+/// whose samples around the instant are further apart than a few sampling periods (ergond
+/// stopped, hung or starved), or that starts only after it (ergond was down: then `prior`, the
+/// last reading before the outage, is the sample before), is marked in [`Reading::across`].
+pub(super) fn read_at(
+    inner: &Inner,
     at_ns: u64,
     buf: &mut Vec<TraceSample>,
+    prior: Option<&Reading>,
 ) -> Reading {
+    let sampler = &inner.sampler;
     if !sampler.wait_for_readings_after(at_ns, READING_TIMEOUT) {
         tracing::warn!("the sampler had no reading after an event within 2 s; some counters at the event are unknown");
     }
     let snap = sampler.snapshot();
-    let mut series = |of: TraceOf| {
-        if sampler.trace(of, buf) {
-            interpolate(buf, at_ns)
-        } else {
-            None
-        }
-    };
-    let gpus = (0..snap.gpus.len())
+    let mut across = Across::default();
+    let mut series =
+        |of: TraceOf, prior_value: Option<f64>, slot: &mut Vec<Option<f64>>, i: usize, n: usize| {
+            if !sampler.trace(of, buf) {
+                return None;
+            }
+            let b = interpolate_bracketed(buf, at_ns).or_else(|| {
+                // Before the trace: between the reading before the outage and the first sample.
+                let p = prior.filter(|p| p.at_mono_ns < at_ns)?;
+                let first = buf.first().filter(|f| f.at_ns > at_ns)?;
+                bracket_between(
+                    (p.at_mono_ns, prior_value?),
+                    (first.at_ns, first.energy_j),
+                    at_ns,
+                )
+            })?;
+            if b.width_ns() > sampler.hole_threshold_ns(of) {
+                Across::add(slot, n, i, b.energy_j());
+                across.cover(b.before.0, b.after.0);
+            }
+            Some(b.value)
+        };
+    let n_gpus = snap.gpus.len();
+    let mut gpu_across = Vec::new();
+    let gpus = (0..n_gpus)
         .map(|i| {
-            let g = &snap.gpus[i];
-            if g.measurable {
-                series(TraceOf::Gpu(i))
+            if snap.gpus[i].measurable {
+                let p = prior.and_then(|p| p.gpus.get(i).copied().flatten());
+                series(TraceOf::Gpu(i), p, &mut gpu_across, i, n_gpus)
             } else {
                 None
             }
         })
         .collect();
-    let zones = (0..snap.zones.len())
-        .map(|i| series(TraceOf::Zone(i)))
+    let n_zones = snap.zones.len();
+    let mut zone_across = Vec::new();
+    let zones = (0..n_zones)
+        .map(|i| {
+            let p = prior.and_then(|p| p.zones.get(i).copied().flatten());
+            series(TraceOf::Zone(i), p, &mut zone_across, i, n_zones)
+        })
         .collect();
+    let across = (across.to_mono_ns > 0).then_some(Across {
+        gpus: gpu_across,
+        zones: zone_across,
+        ..across
+    });
+    let proc_root = &inner.config.proc_root;
     Reading {
         at_mono_ns: at_ns,
         gpus,
@@ -354,6 +552,7 @@ fn read_at(
                 Some(by_job)
             })
             .collect(),
+        across,
     }
 }
 

@@ -86,6 +86,16 @@ pub enum Request {
     Ping,
 }
 
+impl Request {
+    /// Whether this is a job or step lifecycle event (what only root or SlurmUser may send).
+    pub fn is_lifecycle(&self) -> bool {
+        matches!(
+            self,
+            Request::JobStart(_) | Request::JobEnd(_) | Request::StepStart(_) | Request::StepEnd(_)
+        )
+    }
+}
+
 /// ergond's answer to a [`Request`]; every request gets exactly one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
