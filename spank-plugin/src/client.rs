@@ -6,13 +6,14 @@
 //! before the deadline, not a fresh timeout each.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ergon_protocol::{read_frame, write_frame, ErrorCode, FrameError, Reply, Request};
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::time::TimeSpec;
 
 /// Why an event did not reach ergond. The `Display` text is what the slurmd log shows.
 #[derive(Debug)]
@@ -74,94 +75,136 @@ pub fn notify(socket: &Path, timeout: Duration, request: &Request) -> Result<(),
 }
 
 fn connect(path: &Path, deadline: Instant, timeout: Duration) -> Result<UnixStream, SendError> {
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
+    use nix::errno::Errno;
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(path).map_err(|e| {
+        SendError::Connect(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is too long or contains a NUL byte ({e})",
+                path.display()
+            ),
+        ))
+    })?;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
         )
-    };
-    if fd < 0 {
-        return Err(SendError::Connect(io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (addr, len) = sockaddr(path).map_err(SendError::Connect)?;
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: addr is a valid sockaddr_un of length len.
-    let rc = unsafe { libc::connect(raw, &addr as *const _ as *const libc::sockaddr, len) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            // A Unix socket whose backlog is full answers EAGAIN at once.
-            Some(libc::EAGAIN) => return Err(SendError::Busy),
-            Some(libc::EINPROGRESS) => match wait_ready(raw, libc::POLLOUT, deadline) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(SendError::Timeout(timeout))
+        .map_err(|e| SendError::Connect(e.into()))?;
+        match nix::sys::socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(UnixStream::from(fd)),
+            Err(Errno::EINPROGRESS) => {
+                return match wait_ready(&fd, PollFlags::POLLOUT, deadline) {
+                    Ok(()) => Ok(UnixStream::from(fd)),
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                        Err(SendError::Timeout(timeout))
+                    }
+                    Err(e) => Err(SendError::Connect(e)),
+                };
+            }
+            // A Unix socket whose backlog is full answers EAGAIN at once: the daemon is
+            // accepting as fast as it can (a burst, or a client flooding it), so try again
+            // until the deadline rather than give up on the first refusal.
+            Err(Errno::EAGAIN) => {
+                if Instant::now() + CONNECT_RETRY >= deadline {
+                    return Err(SendError::Busy);
                 }
-                Err(e) => return Err(SendError::Connect(e)),
-            },
-            _ => return Err(SendError::Connect(err)),
+                std::thread::sleep(CONNECT_RETRY);
+            }
+            Err(e) => return Err(SendError::Connect(e.into())),
         }
     }
-    // The socket stays non-blocking: every read and write waits in `wait_ready` first.
-    Ok(UnixStream::from(fd))
 }
+
+/// Most events left in the queue directory; beyond, an event is dropped (and logged): a
+/// daemon that has been down that long has lost more than these.
+pub const QUEUE_MAX_FILES: usize = 10_000;
+/// The suffix of a queued event (ergond replays only these).
+pub const QUEUE_SUFFIX: &str = ".event";
+
+/// Leave an event ergond could not take in the queue directory `dir`, for ergond to replay
+/// when it can (at its next start, or within a second if it runs): one file per event, named by
+/// the event's own time so that ergond replays them in order, written under a temporary name
+/// and renamed (ergond never reads half an event), mode 0600, never through a symlink. `dir`
+/// is created (mode 0700) if missing; one that is not a directory we own is refused. Bounded
+/// by [`QUEUE_MAX_FILES`]. Returns the file written.
+pub fn queue(dir: &Path, stamp_ns: u64, request: &Request) -> Result<std::path::PathBuf, String> {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::symlink_metadata(dir).map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "{} is not a directory owned by this process's user",
+            dir.display()
+        ));
+    }
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .take(QUEUE_MAX_FILES + 1)
+        .count();
+    if entries > QUEUE_MAX_FILES {
+        return Err(format!(
+            "{} already holds {QUEUE_MAX_FILES} events (is ergond down for good?)",
+            dir.display()
+        ));
+    }
+    let frame = ergon_protocol::encode_frame(request).map_err(|e| e.to_string())?;
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let name = format!("{stamp_ns:020}-{pid}-{seq}{QUEUE_SUFFIX}");
+    let tmp = dir.join(format!(".tmp-{pid}-{seq}{QUEUE_SUFFIX}"));
+    let path = dir.join(&name);
+    let write = || -> io::Result<()> {
+        let fd = nix::fcntl::open(
+            &tmp,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )?;
+        std::fs::File::from(fd).write_all(&frame)?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write {}: {e}", path.display())
+    })?;
+    Ok(path)
+}
+
+/// How long to wait before connecting again when the daemon's backlog is full.
+const CONNECT_RETRY: Duration = Duration::from_millis(1);
 
 /// Waits until `fd` is ready for `events` or the deadline passes (`TimedOut`).
 ///
 /// `ppoll` with the exact time left: socket timeouts (`SO_RCVTIMEO`) are rounded up to scheduler
 /// ticks and were measured 4–8 ms late here, which would break the "timeout + 5 ms" bound.
-fn wait_ready(fd: i32, events: libc::c_short, deadline: Instant) -> io::Result<()> {
+fn wait_ready(fd: &impl AsFd, events: PollFlags, deadline: Instant) -> io::Result<()> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
         }
-        let ts = libc::timespec {
-            tv_sec: left.as_secs() as libc::time_t,
-            tv_nsec: left.subsec_nanos() as libc::c_long,
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd and timespec; the signal mask is left alone.
-        let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if n > 0 {
-            return Ok(());
-        }
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
+        let mut fds = [PollFd::new(fd.as_fd(), events)];
+        match ppoll(&mut fds, Some(TimeSpec::from_duration(left)), None) {
+            Ok(n) if n > 0 => return Ok(()),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-}
-
-fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "socket path {} is too long or contains a NUL byte",
-                path.display()
-            ),
-        ));
-    }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    Ok((addr, len as libc::socklen_t))
 }
 
 /// A non-blocking stream whose every read and write may only use the time left before one
@@ -174,14 +217,13 @@ struct DeadlineStream {
 impl DeadlineStream {
     fn retry<T>(
         &mut self,
-        events: libc::c_short,
+        events: PollFlags,
         mut op: impl FnMut(&mut UnixStream) -> io::Result<T>,
     ) -> io::Result<T> {
-        use std::os::fd::AsRawFd;
         loop {
             match op(&mut self.stream) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_ready(self.stream.as_raw_fd(), events, self.deadline)?
+                    wait_ready(&self.stream, events, self.deadline)?
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
@@ -192,13 +234,13 @@ impl DeadlineStream {
 
 impl Read for DeadlineStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.retry(libc::POLLIN, |s| s.read(buf))
+        self.retry(PollFlags::POLLIN, |s| s.read(buf))
     }
 }
 
 impl Write for DeadlineStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.retry(libc::POLLOUT, |s| s.write(buf))
+        self.retry(PollFlags::POLLOUT, |s| s.write(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -277,6 +319,33 @@ mod tests {
             "{err}"
         );
         server.join().unwrap();
+    }
+
+    #[test]
+    fn an_event_is_queued_as_one_frame_named_by_its_time_and_bounded() {
+        let dir = tmp_socket("queue").parent().unwrap().join("queue");
+        let ev = Request::QueryJob { job_id: 7 };
+        let a = queue(&dir, 2_000, &ev).unwrap();
+        let b = queue(&dir, 1_000, &ev).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "created private");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+        assert!(names[0].starts_with("00000000000000001000-") && names[0].ends_with(QUEUE_SUFFIX));
+        assert_eq!(dir.join(&names[0]), b);
+        assert_eq!(dir.join(&names[1]), a);
+        let bytes = std::fs::read(&a).unwrap();
+        assert_eq!(read_frame::<_, Request>(&mut bytes.as_slice()).unwrap(), ev);
+        assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o600);
+        // A symlink in place of the directory is refused.
+        let link = dir.with_file_name("queue-link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(queue(&link, 3_000, &ev).unwrap_err().contains("not a directory"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The plugin's arguments from its `plugstack.conf` line.
 //!
 //! ```text
-//! optional /usr/lib/slurm/spank_ergon.so socket=/run/ergon/ergond.sock timeout_ms=100 notify=yes
+//! optional /usr/lib/slurm/spank_ergon.so socket=/run/ergon/ergond.sock timeout_ms=100 notify=yes queue_dir=/run/ergon/queue
 //! ```
 //!
 //! A bad argument never stops a job: it is reported by name in the slurmd log and the default is
@@ -34,6 +34,26 @@ pub struct Config {
     /// The NVIDIA driver's list of MIG capability minors, read only when a job has a
     /// `MultipleFiles=` GPU (a MIG instance).
     pub mig_minors: PathBuf,
+    /// Where an event ergond could not take is left for it to replay; `None`: `queue/` beside
+    /// the socket (ergond's default too). `queue_dir=none` turns queueing off.
+    pub queue_dir: Option<PathBuf>,
+    /// Whether undelivered events are queued at all.
+    pub queue: bool,
+}
+
+impl Config {
+    /// The queue directory in use, if queueing is on.
+    pub fn queue_dir(&self) -> Option<PathBuf> {
+        if !self.queue {
+            return None;
+        }
+        Some(self.queue_dir.clone().unwrap_or_else(|| {
+            self.socket
+                .parent()
+                .unwrap_or(std::path::Path::new("/"))
+                .join("queue")
+        }))
+    }
 }
 
 impl Default for Config {
@@ -44,6 +64,8 @@ impl Default for Config {
             notify: true,
             gres_conf: None,
             mig_minors: PathBuf::from(DEFAULT_MIG_MINORS),
+            queue_dir: None,
+            queue: true,
         }
     }
 }
@@ -85,10 +107,16 @@ pub fn parse_args<'a>(args: impl IntoIterator<Item = &'a str>) -> (Config, Vec<S
                 "plugstack.conf argument mig_minors={value:?} is not an absolute path; using {}",
                 config.mig_minors.display()
             )),
+            "queue_dir" if value == "none" => config.queue = false,
+            "queue_dir" if value.starts_with('/') => config.queue_dir = Some(PathBuf::from(value)),
+            "queue_dir" => problems.push(format!(
+                "plugstack.conf argument queue_dir={value:?} is neither an absolute path nor \
+                 \"none\"; using queue/ beside the socket"
+            )),
             _ => problems.push(format!(
                 "unknown plugstack.conf argument {arg:?} ignored \
                  (known: socket=PATH, timeout_ms=N, notify=yes|no, gres_conf=PATH, \
-                 mig_minors=PATH)"
+                 mig_minors=PATH, queue_dir=PATH|none)"
             )),
         }
     }
@@ -130,6 +158,11 @@ mod tests {
         assert!(!c.notify);
         assert_eq!(c.gres_conf, Some(PathBuf::from("/etc/slurm/gres.conf")));
         assert_eq!(c.mig_minors, PathBuf::from("/run/test/mig-minors"));
+        assert_eq!(c.queue_dir(), Some(PathBuf::from("/tmp/queue")), "beside the socket");
+        let (c, _) = parse_args(["queue_dir=/var/q"]);
+        assert_eq!(c.queue_dir(), Some(PathBuf::from("/var/q")));
+        let (c, _) = parse_args(["queue_dir=none"]);
+        assert_eq!(c.queue_dir(), None);
     }
 
     #[test]

@@ -17,8 +17,12 @@
 //! | `exit` (slurmstepd)                  | `StepEnd`: exit status of task 0            |
 //! | `job_epilog` (slurmd, root)          | `JobEnd`                                    |
 
+#![deny(unsafe_code)]
+
 pub mod client;
 pub mod config;
+// The C ABI Slurm calls: the only unsafe code of the plugin.
+#[allow(unsafe_code)]
 pub mod ffi;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -115,15 +119,12 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is writable for its length.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if rc != 0 {
-        return String::from("unknown");
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    name.split('.').next().unwrap_or_default().to_string()
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|n| n.into_string().ok())
+        .and_then(|n| n.split('.').next().map(str::to_owned))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// The node name: slurmd's name for it where Slurm says it, else the short hostname.
@@ -142,18 +143,56 @@ fn cluster(spank: &Spank) -> Option<String> {
         .or_else(|| env("SLURM_CLUSTER_NAME"))
 }
 
-/// Sends one event if notifications are on; logs one line if it did not get through.
+/// Sends one event if notifications are on. One that did not get through is left in the
+/// queue directory for ergond to replay (unless ergond refused it for good: a replay would be
+/// refused too), and one line says so in slurmd's log.
 fn notify(config: &Config, what: &str, request: &Request) {
     if !config.notify {
         return;
     }
-    match client::notify(&config.socket, config.timeout, request) {
-        Ok(()) => log_debug(&format!("{what} recorded by ergond")),
-        Err(e) => log_warning(&format!(
-            "{what} not recorded by ergond at {}: {e}; the job continues, its energy report will \
-             be incomplete",
-            config.socket.display()
-        )),
+    let e = match client::notify(&config.socket, config.timeout, request) {
+        Ok(()) => return log_debug(&format!("{what} recorded by ergond")),
+        Err(e) => e,
+    };
+    let for_good = matches!(
+        e,
+        client::SendError::Refused(
+            ergon_protocol::ErrorCode::PermissionDenied
+                | ergon_protocol::ErrorCode::Malformed
+                | ergon_protocol::ErrorCode::UnsupportedVersion,
+            _
+        )
+    );
+    let queued = match config.queue_dir() {
+        Some(dir) if !for_good => Some(client::queue(&dir, stamp(request), request)),
+        _ => None,
+    };
+    let socket = config.socket.display();
+    log_warning(&match queued {
+        Some(Ok(file)) => format!(
+            "{what} not taken by ergond at {socket}: {e}; queued as {} for ergond to replay \
+             (the job continues)",
+            file.display()
+        ),
+        Some(Err(q)) => format!(
+            "{what} not recorded by ergond at {socket}: {e}; and not queued either ({q}); the \
+             job continues, its energy report will be incomplete"
+        ),
+        None => format!(
+            "{what} not recorded by ergond at {socket}: {e}; the job continues, its energy \
+             report will be incomplete"
+        ),
+    });
+}
+
+/// The instant an event happened (what names its queue file).
+fn stamp(request: &Request) -> u64 {
+    match request {
+        Request::JobStart(m) => m.time.unix_ns,
+        Request::JobEnd(m) => m.time.unix_ns,
+        Request::StepStart(m) => m.time.unix_ns,
+        Request::StepEnd(m) => m.time.unix_ns,
+        _ => Timestamp::now().unix_ns,
     }
 }
 
