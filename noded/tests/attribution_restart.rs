@@ -15,9 +15,7 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -123,43 +121,7 @@ fn send(socket: &Path, req: Request) {
 
 /// Write the node (once) and start ergond on it; returns when its socket answers.
 fn start(dir: &Path, nvml: &Path, extra: &str, log_name: &str) -> Ergond {
-    let config = dir.join("ergond.toml");
-    if !config.exists() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        common::write_node(
-            dir,
-            nvml,
-            &format!("127.0.0.1:{port}"),
-            "system.slice/cron.service",
-            0,
-            extra,
-        );
-    }
-    let log = dir.join(log_name);
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_ergond"))
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut e = Ergond { child, log };
-    let socket = dir.join("run/ergond.sock");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(request(&socket, &Request::Ping), Ok(Reply::Pong)) {
-        if let Some(s) = e.child.try_wait().unwrap() {
-            panic!("ergond exited ({s}):\n{}", e.log());
-        }
-        assert!(Instant::now() < deadline, "no socket:\n{}", e.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    e
+    common::start_node(dir, nvml, extra, log_name)
 }
 
 fn job_start(job_id: u32, gpus: Vec<GpuAlloc>, cpus: &str) -> Request {
@@ -217,20 +179,7 @@ fn job_end(job_id: u32) -> Request {
 }
 
 fn manifest(spool: &Path, job_id: u32, e: &Ergond) -> Manifest {
-    let path = spool.join(format!("c-{job_id}-{NODE}.json"));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Ok(b) = std::fs::read(&path) {
-            return Manifest::from_json(&b).expect("a valid, sealed manifest");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no manifest {}:\n{}",
-            path.display(),
-            e.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_manifest(&spool.join(format!("c-{job_id}-{NODE}.json")), e)
 }
 
 #[test]

@@ -341,11 +341,16 @@ mod tests {
         assert_eq!(dir.join(&names[1]), a);
         let bytes = std::fs::read(&a).unwrap();
         assert_eq!(read_frame::<_, Request>(&mut bytes.as_slice()).unwrap(), ev);
-        assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&a).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // A symlink in place of the directory is refused.
         let link = dir.with_file_name("queue-link");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
-        assert!(queue(&link, 3_000, &ev).unwrap_err().contains("not a directory"));
+        assert!(queue(&link, 3_000, &ev)
+            .unwrap_err()
+            .contains("not a directory"));
     }
 
     #[test]

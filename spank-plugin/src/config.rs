@@ -158,7 +158,11 @@ mod tests {
         assert!(!c.notify);
         assert_eq!(c.gres_conf, Some(PathBuf::from("/etc/slurm/gres.conf")));
         assert_eq!(c.mig_minors, PathBuf::from("/run/test/mig-minors"));
-        assert_eq!(c.queue_dir(), Some(PathBuf::from("/tmp/queue")), "beside the socket");
+        assert_eq!(
+            c.queue_dir(),
+            Some(PathBuf::from("/tmp/queue")),
+            "beside the socket"
+        );
         let (c, _) = parse_args(["queue_dir=/var/q"]);
         assert_eq!(c.queue_dir(), Some(PathBuf::from("/var/q")));
         let (c, _) = parse_args(["queue_dir=none"]);

@@ -589,6 +589,7 @@ pub fn build(
     } else {
         gpu_total
     };
+    let estimated_gaps = gaps.iter().any(|g| g.estimate.is_some());
     let mut manifest = Manifest {
         schema_version: MANIFEST_SCHEMA_VERSION,
         cluster: job
@@ -635,7 +636,9 @@ pub fn build(
             Some(r) => AttributionInfo {
                 model: MODEL_NAME.to_owned(),
                 version: MODEL_VERSION,
-                estimated: !r.share.estimated.is_empty() || !estimated_notes.is_empty(),
+                estimated: !r.share.estimated.is_empty()
+                    || !estimated_notes.is_empty()
+                    || estimated_gaps,
             },
             None => AttributionInfo {
                 model: FALLBACK_MODEL.to_owned(),

@@ -37,8 +37,11 @@ pub const SPOOL_QUEUE: usize = 1024;
 pub const REPORT_QUEUE: usize = 1024;
 /// How often, at most, the journal is written (when something changed).
 pub const JOURNAL_PERIOD: Duration = Duration::from_millis(250);
-/// How often the journal is rewritten while jobs are open but no event comes.
-pub const JOURNAL_IDLE_PERIOD: Duration = Duration::from_secs(30);
+/// How often the journal is rewritten while jobs are open but no event comes. An outage's
+/// energy is recovered from the counters whatever its length, but a job that ends in it is
+/// split at its end by estimate over the stretch since the journal's last reading: this bounds
+/// how much older than the outage that reading can be.
+pub const JOURNAL_IDLE_PERIOD: Duration = Duration::from_secs(5);
 /// How often the worker closes an attribution interval when no event does.
 pub const ATTRIBUTION_PERIOD: Duration = Duration::from_secs(1);
 /// An event stamped longer ago than this is taken as having happened this long ago (a stale

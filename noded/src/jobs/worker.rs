@@ -253,6 +253,13 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
     if matches!(mark, Mark::JobStart) {
         tracing::info!(job_id, "job started");
     }
+    // No counter at all at the instant: it is before anything ergond sampled.
+    let unmeasured = !(reading.gpus.is_empty() && reading.zones.is_empty())
+        && reading
+            .gpus
+            .iter()
+            .chain(&reading.zones)
+            .all(Option::is_none);
     if let Some(i) = &info {
         let unix_of = |mono: u64| at.unix_ns.saturating_sub(at.mono_ns.saturating_sub(mono));
         let mut reg = lock(&inner.registry);
@@ -272,10 +279,14 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
                         st.pending.push((job_id, idx));
                     }
                 }
-                (None, Mark::JobStart) if late => {
-                    // Before the interval ergond has already closed (an event it could not
-                    // take at the time, replayed later): the job is measured from then.
-                    let since = prior.as_ref().map_or(at.unix_ns, |p| unix_of(p.at_mono_ns));
+                (None, Mark::JobStart) if late || unmeasured => {
+                    // Before the interval ergond has already closed, or before it measured at
+                    // all (an event it could not take at the time, replayed later): the job
+                    // is measured from then.
+                    let since = match &prior {
+                        Some(p) if late => unix_of(p.at_mono_ns),
+                        _ => Timestamp::now().unix_ns,
+                    };
                     job.gaps.push(Gap::new(
                         at.unix_ns,
                         since.max(at.unix_ns),

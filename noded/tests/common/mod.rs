@@ -212,3 +212,67 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
+
+/// Write the node under `dir` (once: a later call restarts ergond on the same node) and start
+/// ergond on it, logging to `log_name`; returns when its socket answers.
+pub fn start_node(dir: &Path, nvml: &Path, extra: &str, log_name: &str) -> Ergond {
+    use std::time::{Duration, Instant};
+    let config = dir.join("ergond.toml");
+    if !config.exists() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        write_node(
+            dir,
+            nvml,
+            &format!("127.0.0.1:{port}"),
+            "system.slice/cron.service",
+            0,
+            extra,
+        );
+    }
+    let log = dir.join(log_name);
+    let file = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ergond"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut e = Ergond { child, log };
+    let socket = dir.join("run/ergond.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        try_request(&socket, &ergon_protocol::Request::Ping),
+        Ok(ergon_protocol::Reply::Pong)
+    ) {
+        if let Some(s) = e.child.try_wait().unwrap() {
+            panic!("ergond exited ({s}):\n{}", e.log());
+        }
+        assert!(Instant::now() < deadline, "no socket:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    e
+}
+
+/// The sealed manifest at `path`, once ergond has written it (15 s at most).
+pub fn wait_manifest(path: &Path, e: &Ergond) -> ergon_protocol::Manifest {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            return ergon_protocol::Manifest::from_json(&b).expect("a valid, sealed manifest");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no manifest {}:\n{}",
+            path.display(),
+            e.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,295 @@
+//! ergond on an operator's bad day: the `ergond` binary on the fake NVML library, whose GPU
+//! draws a square wave with a known time origin, so every figure has an exact ground truth.
+//!
+//! - ergond stopped (SIGSTOP) while a job ends: the job's end falls in a stretch the sampler
+//!   did not run; its energy is within 1 % of the truth or flagged as an estimate whose stated
+//!   bound covers the error — never a wrong figure with coverage 1.0 and no gap.
+//! - ergond killed (-9) and restarted after the job ended: the plugin queued the job's end;
+//!   ergond replays it and charges the job up to its real end, as an estimate with its bound.
+//! - ergond down when a job starts: the queued start gives the job its GPUs; the part before
+//!   ergond could measure is a gap, never a GPU energy of zero.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::profile::Profile;
+use common::{start_node, wait_manifest, FakeNvml};
+use ergon_protocol::{
+    encode_frame, CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, Reply, Request,
+    StepId, StepStart, Timestamp,
+};
+use serde_json::json;
+
+const NODE: &str = "node3";
+/// 100 W for a second, then 500 W for a second.
+const SQUARE: (f64, f64, f64) = (100.0, 500.0, 2.0);
+
+fn square_gpu(uuid: &str) -> (FakeNvml, Profile) {
+    let (low_w, high_w, period_s) = SQUARE;
+    let profile = json!({"kind": "square", "low_w": low_w, "high_w": high_w, "period_s": period_s});
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": uuid, "name": "Fake", "minor": 0,
+        "profile": profile, "update_period_ms": 20.0,
+    }]}));
+    (fake, serde_json::from_value(profile).unwrap())
+}
+
+fn gpu0() -> Vec<GpuAlloc> {
+    vec![GpuAlloc {
+        index: 0,
+        minor: Some(0),
+        mig: None,
+    }]
+}
+
+fn job_start(job_id: u32, time: Timestamp) -> Request {
+    Request::JobStart(JobStart {
+        ids: JobIds {
+            job_id,
+            array_job_id: None,
+            array_task_id: None,
+        },
+        uid: 1000,
+        gid: 1000,
+        user: "alice".into(),
+        account: None,
+        partition: None,
+        cluster: Some("c".into()),
+        node: NODE.into(),
+        gpus: gpu0(),
+        cpus: CpuSet::new(),
+        report: None,
+        work_dir: None,
+        stdout_path: None,
+        time,
+        sluid: None,
+    })
+}
+
+fn job_end(job_id: u32, time: Timestamp) -> Request {
+    Request::JobEnd(JobEnd {
+        cluster: Some("c".into()),
+        job_id,
+        node: NODE.into(),
+        time,
+    })
+}
+
+/// An event as the plugin sends it: one frame on a fresh connection, 100 ms for everything.
+fn plugin_send(socket: &Path, req: &Request) -> std::io::Result<Reply> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_write_timeout(Some(Duration::from_millis(100)))?;
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    ergon_protocol::write_frame(&mut s, req).map_err(std::io::Error::other)?;
+    ergon_protocol::read_frame(&mut s).map_err(std::io::Error::other)
+}
+
+/// An event left in the queue directory as the plugin leaves one ergond could not take.
+fn queue(dir: &Path, req: &Request, stamp: Timestamp) {
+    use std::os::unix::fs::PermissionsExt;
+    let q = dir.join("run/queue");
+    std::fs::create_dir_all(&q).unwrap();
+    std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let name = format!("{:020}-{}-0.event", stamp.unix_ns, std::process::id());
+    std::fs::write(q.join(name), encode_frame(req).unwrap()).unwrap();
+}
+
+/// Now on both clocks.
+fn now() -> (Timestamp, u64) {
+    (Timestamp::now(), ergond::clock::monotonic_ns())
+}
+
+/// The GPU energy is the truth within 1 %, or the manifest flags it as an estimate whose
+/// bound covers the error. Returns whether it was flagged.
+fn truthful(m: &Manifest, truth: f64) -> bool {
+    let got = m.totals.gpu_j.expect("GPU energy measured");
+    let err = (got - truth).abs();
+    let flagged: Vec<_> = m
+        .coverage
+        .gaps
+        .iter()
+        .filter_map(|g| g.estimate.map(|e| (g, e)))
+        .collect();
+    println!(
+        "GPU {got:.1} J, truth {truth:.1} J, error {err:.1} J ({:.2} %), estimates {:?}",
+        err / truth * 100.0,
+        flagged.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+    if flagged.is_empty() {
+        assert!(
+            err / truth < 0.01,
+            "{err} J off and nothing says so: {:?}",
+            m.coverage
+        );
+        return false;
+    }
+    let bound: f64 = flagged.iter().map(|(_, e)| e.bound_j).sum();
+    assert!(
+        err <= bound,
+        "{err} J off, beyond the stated bound of {bound} J"
+    );
+    assert!(m.attribution.estimated, "an estimate is marked estimated");
+    true
+}
+
+#[test]
+fn a_stopped_ergond_flags_what_it_could_not_measure() {
+    let (fake, profile) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f3");
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_node(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    std::thread::sleep(Duration::from_millis(300));
+    let (t_start, m_start) = now();
+    assert_eq!(
+        plugin_send(&socket, &job_start(1, t_start)).unwrap(),
+        Reply::Ok
+    );
+    std::thread::sleep(Duration::from_millis(1300));
+    // ergond stops (a debugger, a frozen cgroup, a starved node) for 3 s; the job ends 0.7 s
+    // into it. The plugin's event waits in the socket (the plugin gave up after 100 ms).
+    let pid = nix::unistd::Pid::from_raw(e.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let (t_end, m_end) = now();
+    assert!(
+        plugin_send(&socket, &job_end(1, t_end)).is_err(),
+        "ergond is stopped"
+    );
+    std::thread::sleep(Duration::from_millis(2300));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let m = wait_manifest(&dir.path().join(format!("spool/c-1-{NODE}.json")), &e);
+    assert_eq!(m.end_unix_ns, t_end.unix_ns, "the event's own time");
+    let truth = profile.energy_j(fake.t(m_start, 1.0), fake.t(m_end, 1.0));
+    assert!(
+        truthful(&m, truth),
+        "the stretch is flagged: {:?}",
+        m.coverage
+    );
+    let gap = m
+        .coverage
+        .gaps
+        .iter()
+        .find(|g| g.estimate.is_some())
+        .unwrap();
+    assert!(
+        gap.reason.contains("did not run") && gap.end_unix_ns == t_end.unix_ns,
+        "{gap:?}"
+    );
+    assert!(gap.start_unix_ns < t_end.unix_ns - 500_000_000, "{gap:?}");
+    drop(e.child.kill());
+}
+
+#[test]
+fn a_job_that_ends_while_ergond_is_down_is_charged_to_its_real_end() {
+    let (fake, profile) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f4");
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_node(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    std::thread::sleep(Duration::from_millis(300));
+    let (t_start, m_start) = now();
+    assert_eq!(
+        plugin_send(&socket, &job_start(2, t_start)).unwrap(),
+        Reply::Ok
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    // Killed (OOM, kill -9): the journal holds the job.
+    e.child.kill().unwrap();
+    e.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    // The job ends while ergond is down: the plugin queues its end.
+    let (t_end, m_end) = now();
+    queue(dir.path(), &job_end(2, t_end), t_end);
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = start_node(dir.path(), &fake.lib, "", "ergond2.log");
+    let m = wait_manifest(&dir.path().join(format!("spool/c-2-{NODE}.json")), &e);
+    assert_eq!(
+        m.end_unix_ns, t_end.unix_ns,
+        "charged to its real end, not the restart"
+    );
+    let truth = profile.energy_j(fake.t(m_start, 1.0), fake.t(m_end, 1.0));
+    assert!(
+        truthful(&m, truth),
+        "the outage is flagged: {:?}",
+        m.coverage
+    );
+    let gap = m
+        .coverage
+        .gaps
+        .iter()
+        .find(|g| g.estimate.is_some())
+        .unwrap();
+    assert!(gap.reason.contains("ergond was not running"), "{gap:?}");
+    assert_eq!(gap.end_unix_ns, t_end.unix_ns, "the gap ends with the job");
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("run/queue"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "the replayed event is removed");
+    assert!(e.log().contains("replayed events the plugin queued"));
+}
+
+#[test]
+fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
+    let (fake, profile) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f5");
+    let dir = tempfile::tempdir().unwrap();
+    // The job starts before ergond ever ran: the plugin queued its start and its step.
+    fake.wait_for_start();
+    let (t_start, _) = now();
+    queue(dir.path(), &job_start(3, t_start), t_start);
+    let cg = "slurm/uid_1000/job_3/step_0";
+    ergond::testing::write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 0);
+    let step = Request::StepStart(StepStart {
+        cluster: Some("c".into()),
+        job_id: 3,
+        array_job_id: None,
+        array_task_id: None,
+        step: StepId::Numbered(0),
+        uid: 1000,
+        node: NODE.into(),
+        cgroups: vec![CgroupPath {
+            controller: String::new(),
+            path: format!("/{cg}/user/task_0"),
+        }],
+        cpus: CpuSet::new(),
+        pid: None,
+        tasks: Some(1),
+        time: Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000),
+        sluid: None,
+    });
+    queue(dir.path(), &step, Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000));
+    std::thread::sleep(Duration::from_millis(1000));
+    let e = start_node(dir.path(), &fake.lib, "", "ergond.log");
+    let m_measured = ergond::clock::monotonic_ns();
+    let socket = dir.path().join("run/ergond.sock");
+    std::thread::sleep(Duration::from_millis(2000));
+    let (t_end, m_end) = now();
+    assert_eq!(plugin_send(&socket, &job_end(3, t_end)).unwrap(), Reply::Ok);
+    let m = wait_manifest(&dir.path().join(format!("spool/c-3-{NODE}.json")), &e);
+    assert_eq!(m.start_unix_ns, t_start.unix_ns, "the job's own start");
+    assert_eq!(
+        m.gpus.len(),
+        1,
+        "its GPU, from the queued start: {:?}",
+        m.gpus
+    );
+    assert_eq!(m.coverage.gpus_unknown, None);
+    let gap = m
+        .coverage
+        .gaps
+        .iter()
+        .find(|g| g.reason.contains("could not take the job's start"))
+        .unwrap_or_else(|| panic!("{:?}", m.coverage));
+    assert!(!gap.recovered && gap.start_unix_ns == t_start.unix_ns);
+    let gpu_cov = m.coverage.components.unwrap().gpu.unwrap();
+    assert!(gpu_cov > 0.4 && gpu_cov < 0.9, "{:?}", m.coverage);
+    // What it has is the GPU's energy from about when ergond started measuring.
+    let measured = profile.energy_j(fake.t(m_measured, 1.0), fake.t(m_end, 1.0));
+    let got = m.totals.gpu_j.unwrap();
+    assert!(
+        got > 0.0 && got <= measured * 1.05 + 50.0,
+        "{got} J, about {measured} J measured"
+    );
+}
