@@ -20,7 +20,8 @@
 //! | `sampler_thread_cpu_seconds_total` | counter | `thread` |
 //! | `cgroup_cpu_seconds_total`, `cgroup_read_errors_total` | counters | `cgroup` (watched job cgroups only) |
 //! | `socket_cpu_busy_seconds_total`, `socket_cpu_seconds_total` | counters | `socket` |
-//! | `jobs_open`, `attribution_conservation_error_joules` | gauges | |
+//! | `jobs_open`, `manifests_pending`, `attribution_conservation_error_joules` | gauges | |
+//! | `spool_write_failures_total`, `queue_replayed_events_total` | counters | |
 //! | `attribution_intervals_total`, `attribution_failed_intervals_total`, `attribution_conservation_failures_total`, `attribution_late_readings_total` | counters | |
 //! | `attribution_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram`, `bucket` = `measured` \| `jobs` \| `idle` \| `unattributed` |
 //! | `socket_connections_total`, `socket_evictions_total`, `socket_refusals_total`, `socket_malformed_frames_total`, `socket_timeouts_total` | counters | |
@@ -296,8 +297,26 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         w.family(
             "ergon_jobs_open",
             "gauge",
-            "Jobs open on this node (started, not yet ended).",
+            "Jobs running on this node (started, not yet ended).",
             [(vec![], a.open_jobs as f64)],
+        );
+        w.family(
+            "ergon_manifests_pending",
+            "gauge",
+            "Jobs that have ended and whose manifest is not written yet (retried while the spool does not take it).",
+            [(vec![], a.manifests_pending as f64)],
+        );
+        w.family(
+            "ergon_spool_write_failures_total",
+            "counter",
+            "Failed attempts to write a manifest into the spool (disk full, read-only, permissions; see the log).",
+            [(vec![], a.spool_failures as f64)],
+        );
+        w.family(
+            "ergon_queue_replayed_events_total",
+            "counter",
+            "Job and step events the plugin queued while ergond could not take them, replayed.",
+            [(vec![], a.replayed_events as f64)],
         );
         w.family(
             "ergon_attribution_intervals_total",

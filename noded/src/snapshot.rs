@@ -59,8 +59,15 @@ pub struct SocketServerSnapshot {
 /// The attribution's running figures since ergond started.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct AttributionSnapshot {
-    /// Jobs open now.
+    /// Jobs running now (started, not ended).
     pub open_jobs: usize,
+    /// Jobs that have ended and whose manifest is not written yet (the spool is behind, or
+    /// does not take it: retried).
+    pub manifests_pending: usize,
+    /// Failed attempts to write a manifest into the spool.
+    pub spool_failures: u64,
+    /// Events the plugin queued that ergond replayed.
+    pub replayed_events: u64,
     /// Intervals attributed.
     pub intervals: u64,
     /// Intervals the model refused (nothing attributed).

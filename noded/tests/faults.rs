@@ -259,7 +259,11 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
         time: Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000),
         sluid: None,
     });
-    queue(dir.path(), &step, Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000));
+    queue(
+        dir.path(),
+        &step,
+        Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000),
+    );
     std::thread::sleep(Duration::from_millis(1000));
     let e = start_node(dir.path(), &fake.lib, "", "ergond.log");
     let m_measured = ergond::clock::monotonic_ns();
@@ -292,4 +296,149 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
         got > 0.0 && got <= measured * 1.05 + 50.0,
         "{got} J, about {measured} J measured"
     );
+}
+
+/// A tmpfs of `size` mounted at `path`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "mounting a tmpfs needs root (the test suite runs as root)"
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    fn remount(&self, opts: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Wait until `cond` holds (10 s at most).
+fn wait_until(what: &str, e: &common::Ergond, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}, still not after 10 s:\n{}",
+            e.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_full_or_read_only_spool_delays_manifests_and_loses_none() {
+    use std::os::unix::fs::PermissionsExt;
+    let (fake, _) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f6");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = Tmpfs::mount(&dir.path().join("spool"), "256k");
+    // The users' working directory, where their reports go.
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The spool is full.
+    let filler = dir.path().join("spool/filler");
+    let _ = std::fs::write(&filler, vec![0u8; 300 * 1024]);
+    let e = start_node(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    let metrics = || common::scrape_metrics(dir.path());
+    let metric = |name: &str| common::metric(&metrics(), name);
+    let ended = |job_id: u32| {
+        let mut start = job_start(job_id, Timestamp::now());
+        if let Request::JobStart(s) = &mut start {
+            s.report = Some(ergon_protocol::ReportFormat::Text);
+            s.work_dir = Some(work.display().to_string());
+        }
+        assert_eq!(plugin_send(&socket, &start).unwrap(), Reply::Ok);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            plugin_send(&socket, &job_end(job_id, Timestamp::now())).unwrap(),
+            Reply::Ok
+        );
+    };
+    for job in 10..13 {
+        ended(job);
+    }
+    wait_until("three manifests waiting", &e, || {
+        metric("ergon_manifests_pending") == 3.0
+    });
+    assert_eq!(metric("ergon_jobs_open"), 0.0, "no job is running");
+    assert!(metric("ergon_spool_write_failures_total") >= 3.0);
+    let manifest = |job: u32| dir.path().join(format!("spool/c-{job}-{NODE}.json"));
+    assert!(!manifest(10).exists());
+    // The users got their reports anyway, once each.
+    let report = |job: u32| work.join(format!("ergon-{job}.{NODE}.txt"));
+    wait_until("the reports", &e, || (10..13).all(|j| report(j).exists()));
+    // One line when the spool started failing, not one per manifest or retry.
+    let log = e.log();
+    assert_eq!(
+        log.matches("the spool takes no manifest").count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("lost"), "nothing is lost:\n{log}");
+
+    // Space comes back: the manifests are written without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("the manifests written", &e, || {
+        (10..13).all(|j| manifest(j).exists())
+    });
+    wait_until("nothing pending", &e, || {
+        metric("ergon_manifests_pending") == 0.0
+    });
+    assert!(e.log().contains("the spool takes manifests again"));
+
+    // A read-only remount: the same, and a restart meanwhile loses nothing and adds nothing.
+    spool.remount("ro");
+    ended(14);
+    wait_until("one manifest waiting", &e, || {
+        metric("ergon_manifests_pending") == 1.0
+    });
+    wait_until("its report", &e, || report(14).exists());
+    drop(e); // killed while the manifest waits
+    spool.remount("rw");
+    let e = start_node(dir.path(), &fake.lib, "", "ergond2.log");
+    let m = wait_manifest(&manifest(14), &e);
+    assert!(
+        m.coverage.gaps.is_empty(),
+        "no gap invented after the job's end: {:?}",
+        m.coverage.gaps
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for job in [10, 11, 12, 14] {
+        let text = std::fs::read_to_string(report(job)).unwrap();
+        assert_eq!(
+            text.matches(&format!("job {job} ")).count(),
+            1,
+            "exactly one report for job {job}:\n{text}"
+        );
+    }
 }

@@ -221,13 +221,21 @@ pub fn restore(
         ..Restored::default()
     };
     out.outage_start_unix_ns = gap_start.min(now_unix);
+    // The journal's last reading (CLOCK_MONOTONIC carries across the restart): a job that had
+    // ended by then was not open in the outage.
+    let last_mono = attributor.last_at();
     for id in ids {
         let Some(job) = registry.get_mut(id) else {
             continue;
         };
         // The outage is a gap of the jobs open in it: not of one that had ended before (its
         // manifest was only waiting to be written).
-        if job.end.is_none_or(|e| e.unix_ns > gap_start) {
+        let open_in_outage = match (job.end, last_mono) {
+            (None, _) => true,
+            (Some(e), Some(last)) => e.mono_ns > last,
+            (Some(e), None) => e.unix_ns > gap_start,
+        };
+        if open_in_outage {
             job.gaps.push(Gap::new(
                 gap_start.min(now_unix),
                 job.end

@@ -222,6 +222,10 @@ pub struct Job {
     /// whose allocation could not be read): its GPU energy is then unknown, not zero.
     #[serde(default)]
     pub gpus_unknown: Option<String>,
+    /// Whether the user's report has been handed to the report writer (it is sent once, even
+    /// when the manifest is retried or ergond restarts before writing it).
+    #[serde(default)]
+    pub report_sent: bool,
 }
 
 impl Job {
@@ -253,6 +257,7 @@ impl Job {
             discovered: false,
             sluid: None,
             gpus_unknown: None,
+            report_sent: false,
         }
     }
 
@@ -589,6 +594,11 @@ impl JobRegistry {
         };
         *slot = Some(reading);
         true
+    }
+
+    /// Jobs that have ended and wait for their manifest to be written.
+    pub fn ended(&self) -> usize {
+        self.jobs.values().filter(|j| j.end.is_some()).count()
     }
 
     /// Jobs started and not yet ended.

@@ -100,6 +100,10 @@ pub(super) struct Inner {
     pub(super) refused: std::sync::atomic::AtomicU64,
     /// Events replayed from the plugin's queue so far.
     pub(super) replayed: std::sync::atomic::AtomicU64,
+    /// Failed attempts to write a manifest into the spool so far.
+    pub(super) spool_failures: std::sync::atomic::AtomicU64,
+    /// Manifests waiting for the spool to take them (the spool writer's backlog of retries).
+    pub(super) spool_waiting: std::sync::atomic::AtomicU64,
     pub(super) reports: Option<SyncSender<ReportWork>>,
     /// Sealed manifests for the spool writer thread (fsync off the job worker); taken (None)
     /// at shutdown so the writer drains and stops.
@@ -168,6 +172,8 @@ impl JobTracker {
             journal_dirty: std::sync::atomic::AtomicBool::new(false),
             refused: std::sync::atomic::AtomicU64::new(0),
             replayed: std::sync::atomic::AtomicU64::new(0),
+            spool_failures: std::sync::atomic::AtomicU64::new(0),
+            spool_waiting: std::sync::atomic::AtomicU64::new(0),
             spool: Mutex::new(Some(spool_tx)),
             reports: Some(report_tx),
             registry: Mutex::new(registry),
@@ -322,7 +328,11 @@ impl JobTracker {
 
     /// The attribution's running figures, for `/metrics`.
     pub fn attribution_snapshot(&self) -> crate::snapshot::AttributionSnapshot {
-        let open_jobs = lock(&self.inner.registry).len();
+        let (open_jobs, manifests_pending) = {
+            let reg = lock(&self.inner.registry);
+            (reg.running(), reg.ended())
+        };
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
         let att = lock(&self.inner.attributor);
         let stats = att.stats();
         let acc = att.accumulator();
@@ -341,6 +351,9 @@ impl JobTracker {
             .collect();
         crate::snapshot::AttributionSnapshot {
             open_jobs,
+            manifests_pending,
+            spool_failures: self.inner.spool_failures.load(relaxed),
+            replayed_events: self.inner.replayed.load(relaxed),
             intervals: stats.intervals,
             failed_intervals: stats.failed_intervals,
             conservation_failures: stats.conservation_failures,
