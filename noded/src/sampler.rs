@@ -876,6 +876,14 @@ impl SamplerHandle {
         merged
     }
 
+    /// Whether GPU `i` (snapshot position) is read by the sampler (measurable, not lost).
+    pub fn gpu_readable(&self, i: usize) -> bool {
+        self.shared
+            .gpu
+            .as_ref()
+            .is_some_and(|p| lock(p).gpus.get(i).is_some_and(|g| g.measurable && !g.lost))
+    }
+
     /// The widest bracket between two samples of a series of `of` that is not a hole.
     pub fn hole_threshold_ns(&self, of: TraceOf) -> u64 {
         hole_ns(match of {

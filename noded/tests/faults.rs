@@ -442,3 +442,35 @@ fn a_full_or_read_only_spool_delays_manifests_and_loses_none() {
         );
     }
 }
+
+#[test]
+fn a_driver_call_hanging_for_seconds_is_flagged_not_misstated() {
+    let (low_w, high_w, period_s) = SQUARE;
+    let profile_json =
+        json!({"kind": "square", "low_w": low_w, "high_w": high_w, "period_s": period_s});
+    // The GPU's reads block from 1.5 s to 4.5 s of scenario time.
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-0000000000f7", "name": "Fake", "minor": 0,
+        "profile": profile_json, "update_period_ms": 20.0,
+        "hang": {"at_s": 1.5, "for_s": 3.0},
+    }]}));
+    let profile: Profile = serde_json::from_value(profile_json).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let e = start_node(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    std::thread::sleep(Duration::from_millis(500));
+    let (t_start, m_start) = now();
+    assert_eq!(
+        plugin_send(&socket, &job_start(5, t_start)).unwrap(),
+        Reply::Ok
+    );
+    // The job ends 1.2 s into the hang; ergond answers at once (its socket does not wait for
+    // the sampler).
+    std::thread::sleep(Duration::from_millis(2200));
+    let (t_end, m_end) = now();
+    assert_eq!(plugin_send(&socket, &job_end(5, t_end)).unwrap(), Reply::Ok);
+    let m = wait_manifest(&dir.path().join(format!("spool/c-5-{NODE}.json")), &e);
+    let truth = profile.energy_j(fake.t(m_start, 1.0), fake.t(m_end, 1.0));
+    assert!(truthful(&m, truth), "the hang is flagged: {:?}", m.coverage);
+}

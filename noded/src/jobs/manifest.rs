@@ -128,6 +128,7 @@ pub fn build(
     traces: &[Vec<TraceSample>],
     result: Option<&JobResult>,
     default_cluster: &str,
+    holes: &[(u64, u64)],
 ) -> Manifest {
     let start = job.start;
     let end = job.end.unwrap_or(start);
@@ -545,6 +546,39 @@ pub fn build(
     let avg_w = per_s(energy_j);
     // Coverage: the part of the job's interval with readings or recovered energy.
     gaps.extend(job.gaps.iter().cloned());
+    // Stretches the sampler did not run in while the job did (ergond stopped, hung, starved,
+    // a driver call blocking): the counters carry the energy across them, so the totals are
+    // whole, but the power trace has a hole there. Those already a gap are not repeated.
+    let unix_of = |mono: u64| {
+        start
+            .unix_ns
+            .saturating_add(mono)
+            .saturating_sub(start.mono_ns)
+    };
+    for &(from, to) in holes {
+        if to <= start.mono_ns || from >= end.mono_ns {
+            continue;
+        }
+        let (a, b) = (
+            unix_of(from.max(start.mono_ns)),
+            unix_of(to.min(end.mono_ns)),
+        );
+        if gaps
+            .iter()
+            .any(|g| g.start_unix_ns < b && g.end_unix_ns > a)
+        {
+            continue;
+        }
+        gaps.push(Gap::new(
+            a,
+            b,
+            "ergond's sampler did not run in this stretch (ergond stopped, hung or starved, or \
+             a sensor read blocked); the energy over it is in the totals from the hardware \
+             counters, the power trace has a hole",
+            true,
+        ));
+    }
+    gaps.sort_by_key(|g| g.start_unix_ns);
     // Unrecovered time is the union of the unrecovered gaps (two may cover the same outage).
     let mut spans: Vec<(u64, u64)> = job
         .gaps
@@ -829,6 +863,27 @@ mod tests {
     }
 
     #[test]
+    fn a_sampling_hole_in_the_job_is_a_recovered_gap_that_keeps_its_coverage() {
+        let job = ended_job(vec![GpuAlloc {
+            index: 0,
+            minor: Some(3),
+            mig: None,
+        }]);
+        // The job runs from 1 s to 5 s; the sampler stopped from 2 s to 3.5 s, and once
+        // before the job (not its gap).
+        let holes = [(100_000_000, 400_000_000), (2_000_000_000, 3_500_000_000)];
+        let m = build(&job, &facts(), &traces(), None, "cl", &holes);
+        assert_eq!(m.coverage.gaps.len(), 1, "{:?}", m.coverage.gaps);
+        let g = &m.coverage.gaps[0];
+        assert!(g.recovered && g.estimate.is_none());
+        assert_eq!(
+            (g.start_unix_ns, g.end_unix_ns),
+            (at(2).unix_ns, at(2).unix_ns + 1_500_000_000)
+        );
+        assert_eq!(m.coverage.components.unwrap().gpu, Some(1.0));
+    }
+
+    #[test]
     fn attributed_job_carries_its_socket_share_and_a_balanced_node_context() {
         use crate::attribution::AttributionConfig;
         use crate::jobs::attributor::Attributor;
@@ -853,7 +908,7 @@ mod tests {
             att.advance(&r(s));
         }
         let res = att.job_end(42).unwrap();
-        let m = build(&job, &facts(), &traces(), Some(&res), "cl");
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         // GPU minor 3 (300 W) × 4 s.
         assert!(close(m.totals.gpu_j.unwrap(), 1200.0));
@@ -910,7 +965,7 @@ mod tests {
         ]);
         // NVML position 2 (minor 3) failed at the job's end.
         job.end_reading.as_mut().unwrap().gpus[2] = None;
-        let m = build(&job, &facts(), &traces(), None, "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
         let unread = m.gpus.iter().find(|g| g.uuid == "GPU-2").unwrap();
         assert_eq!((unread.energy_j, unread.avg_w), (None, None));
         assert_eq!(unread.method, EnergyMethod::Estimated);
@@ -932,7 +987,7 @@ mod tests {
                 mig: None,
             },
         ]);
-        let mut m = build(&job, &facts(), &traces(), None, "cl");
+        let mut m = build(&job, &facts(), &traces(), None, "cl", &[]);
         assert_eq!(m.gpus.len(), 2);
         // minor 3 is NVML position 2 (300 W), minor 5 position 1 (200 W); 4 s.
         assert_eq!(
@@ -994,7 +1049,7 @@ mod tests {
                 mig: None,
             },
         ]);
-        let m = build(&job, &facts(), &traces(), None, "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
         assert_eq!(m.gpus.len(), 1);
         assert_eq!(m.gpus[0].uuid, "GPU-0");
         assert!(m.attribution.estimated);
@@ -1013,7 +1068,7 @@ mod tests {
             mig: None,
         }]);
         job.start_seen = false;
-        let m = build(&job, &facts(), &traces(), None, "cl");
+        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
         assert_eq!(m.coverage.fraction, 0.0);
         assert_eq!(m.coverage.gaps.len(), 1);
         assert!(m.gpus.is_empty());

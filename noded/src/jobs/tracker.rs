@@ -29,8 +29,11 @@ use crate::sampler::SamplerHandle;
 
 /// Actions queued for the worker at most; beyond, requests get [`ErrorCode::Busy`].
 pub const QUEUE_CAPACITY: usize = 65_536;
-/// How long the worker waits for the tick after an event before using what it has.
-pub const READING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the worker waits for the tick after an event before using what it has: long
+/// enough for a sensor read that blocks for seconds (a hung driver call), after which the
+/// event's counters are interpolated across the stretch and flagged; a series still without a
+/// reading then is unknown at the event, and the job's gaps say so.
+pub const READING_TIMEOUT: Duration = Duration::from_secs(15);
 /// Manifests waiting for the spool writer at most (then the job worker waits).
 pub const SPOOL_QUEUE: usize = 1024;
 /// Reports waiting for the writer at most.

@@ -297,6 +297,30 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
                 }
                 _ => {}
             }
+            // A GPU of the job the sampler reads but had no reading for at the instant (a read
+            // blocking for longer than the wait): its energy around the event is unknown.
+            let unread: Vec<usize> = i
+                .gpus
+                .iter()
+                .copied()
+                .filter(|&p| reading.gpus.get(p).is_some_and(Option::is_none))
+                .filter(|&p| inner.sampler.gpu_readable(p))
+                .collect();
+            if !unread.is_empty() && matches!(mark, Mark::JobStart | Mark::JobEnd) && !unmeasured {
+                let which = if mark == Mark::JobEnd { "end" } else { "start" };
+                job.gaps.push(Gap::new(
+                    at.unix_ns,
+                    Timestamp::now().unix_ns.max(at.unix_ns),
+                    format!(
+                        "the counters of {} GPU(s) could not be read at the job's {which} (the \
+                         sampler had no reading within {} s: a blocked sensor read); their \
+                         energy around it is not measured",
+                        unread.len(),
+                        READING_TIMEOUT.as_secs()
+                    ),
+                    false,
+                ));
+            }
         }
     }
     // The job keeps only its own cgroups' figures (a reading holds every watched one).
@@ -480,7 +504,7 @@ pub(super) fn read_at(
 ) -> Reading {
     let sampler = &inner.sampler;
     if !sampler.wait_for_readings_after(at_ns, READING_TIMEOUT) {
-        tracing::warn!("the sampler had no reading after an event within 2 s; some counters at the event are unknown");
+        tracing::warn!("the sampler had no reading after an event within 15 s (a sensor read blocking?); some counters at the event are unknown");
     }
     let snap = sampler.snapshot();
     let mut across = Across::default();
@@ -611,6 +635,7 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
         &traces,
         job.result.as_ref(),
         &inner.config.default_cluster,
+        &inner.sampler.holes(),
     );
     m.seal();
     let work = SpoolWork { job, manifest: m };

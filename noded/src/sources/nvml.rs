@@ -335,7 +335,7 @@ impl GpuSource {
         let after_ns = monotonic_ns();
         match result {
             Ok((energy_mj, power_mw)) => Ok(GpuReading {
-                at_ns: before_ns + (after_ns - before_ns) / 2,
+                at_ns: reading_instant(before_ns, after_ns),
                 before_ns,
                 after_ns,
                 energy_mj,
@@ -738,8 +738,36 @@ pub fn default_library() -> PathBuf {
     PathBuf::from("libnvidia-ml.so.1")
 }
 
+/// A driver call slower than this is a blocked one, not a slow one.
+pub const BLOCKED_READ_NS: u64 = 50_000_000;
+
+/// The instant a reading taken between `before_ns` and `after_ns` is stamped with: the
+/// midpoint of a normal call (microseconds, so at most half of that off), but the end of a
+/// call that blocked (a hung driver): the value it returns is then from when it returned, not
+/// from when it was asked, and stamping it at the midpoint would put energy seconds early.
+pub fn reading_instant(before_ns: u64, after_ns: u64) -> u64 {
+    let took = after_ns.saturating_sub(before_ns);
+    if took > BLOCKED_READ_NS {
+        after_ns
+    } else {
+        before_ns + took / 2
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_blocked_read_is_stamped_when_it_returned() {
+        assert_eq!(
+            reading_instant(1_000, 3_000),
+            2_000,
+            "midpoint of a normal call"
+        );
+        let end = 1_000 + BLOCKED_READ_NS + 1;
+        assert_eq!(reading_instant(1_000, end), end, "the end of a blocked one");
+    }
+
     use super::*;
 
     #[test]

@@ -25,6 +25,10 @@
 //! outside the library's lock, so other GPUs are not slowed. Tests use it to make a sampler
 //! overrun its period.
 //!
+//! `hang` (`{"at_s": 2.0, "for_s": 3.0}`, default none) makes the reading calls of that GPU
+//! made within that stretch of scenario time block until it ends, like a driver call hanging
+//! for seconds; they return the value at their return.
+//!
 //! `processes` (default none) are what `nvmlDeviceGetProcessUtilization` reports: each process
 //! with its SM utilisation (%), constant; `unsupported` may name `process_utilization`.
 //!
@@ -172,6 +176,8 @@ struct GpuScenario {
     #[serde(default)]
     read_delay_us: u64,
     #[serde(default)]
+    hang: Option<HangScenario>,
+    #[serde(default)]
     processes: Vec<ProcessScenario>,
     #[serde(default)]
     mig: Option<MigScenario>,
@@ -195,6 +201,14 @@ struct MigInstanceScenario {
     uuid: String,
     #[serde(default)]
     profile: Option<String>,
+}
+
+/// Reading calls made in `[at_s, at_s + for_s)` of scenario time block until its end.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct HangScenario {
+    at_s: f64,
+    for_s: f64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +236,7 @@ struct Gpu {
     field_values_supported: bool,
     lost_at_s: Option<f64>,
     read_delay_us: u64,
+    hang: Option<HangScenario>,
     process_utilization_supported: bool,
     /// (pid, SM %)
     processes: Vec<(u32, u32)>,
@@ -414,6 +429,7 @@ fn build_state(s: Scenario) -> State {
                 field_values_supported: has("field_values"),
                 lost_at_s: g.lost_at_s,
                 read_delay_us: g.read_delay_us,
+                hang: g.hang,
                 process_utilization_supported: has("process_utilization"),
                 processes: g.processes.iter().map(|p| (p.pid, p.sm)).collect(),
                 mig: match g.mig {
@@ -586,6 +602,24 @@ fn with_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> 
 /// has no per-instance power or energy); also spends the GPU's `read_delay_us`, after the state
 /// lock is released.
 fn read_gpu(handle: nvmlDevice_t, f: impl FnOnce(&Gpu, f64) -> nvmlReturn_t) -> nvmlReturn_t {
+    // A driver call that hangs: it returns (with the value at its return) when the hang ends.
+    let mut hang_s = 0.0;
+    let mut scale = 1.0;
+    with_state(|s| {
+        let t = s.now_s();
+        scale = s.time_scale;
+        if let Some(Target::Gpu(i) | Target::Mig { gpu: i, .. }) = s.resolve(handle) {
+            if let Some(h) = s.gpus[i].hang {
+                if t >= h.at_s && t < h.at_s + h.for_s {
+                    hang_s = h.at_s + h.for_s - t;
+                }
+            }
+        }
+        SUCCESS
+    });
+    if hang_s > 0.0 {
+        std::thread::sleep(std::time::Duration::from_secs_f64(hang_s / scale.max(1e-9)));
+    }
     let mut delay_us = 0;
     let rc = with_gpu_or(handle, ERROR_NOT_SUPPORTED, |g, t| {
         delay_us = g.read_delay_us;
