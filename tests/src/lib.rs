@@ -240,6 +240,42 @@ impl Cluster {
         self.dir.join("run/ergon-test.sock")
     }
 
+    /// Where the plugin queues the events ergond could not take (its default: `queue/` beside
+    /// [`Cluster::plugin_socket`]).
+    pub fn plugin_queue(&self) -> PathBuf {
+        self.dir.join("run/queue")
+    }
+
+    /// The events queued in [`Cluster::plugin_queue`], oldest first.
+    pub fn queued_events(&self) -> Result<Vec<ergon_protocol::Request>> {
+        let mut names: Vec<PathBuf> = match std::fs::read_dir(self.plugin_queue()) {
+            Ok(d) => d
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "event"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        names.sort();
+        names
+            .iter()
+            .map(|p| {
+                let bytes = std::fs::read(p)?;
+                Ok(ergon_protocol::read_frame(&mut bytes.as_slice())?)
+            })
+            .collect()
+    }
+
+    /// Empty the plugin's queue, so that an ergond started fresh replays only what its own
+    /// test queues.
+    pub fn clear_plugin_queue(&self) -> Result<()> {
+        match std::fs::remove_dir_all(self.plugin_queue()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Installs the freshly built `spank_ergon.so` in the cluster's plugstack (socket:
     /// [`Cluster::plugin_socket`], `extra` appended to its arguments) and restarts slurmd when
     /// the plugin is new there, since slurmd only learns about job prolog/epilog hooks at start.

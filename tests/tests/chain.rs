@@ -176,6 +176,8 @@ impl Ergond {
         let spool = dir.join("spool");
         std::fs::create_dir_all(&spool)?;
         let socket = c.plugin_socket();
+        // A fresh ergond replays only what its own test queues.
+        c.clear_plugin_queue()?;
         let q = |p: &Path| format!("{:?}", p.display().to_string());
         let config = dir.join("ergond.toml");
         std::fs::write(
@@ -183,13 +185,16 @@ impl Ergond {
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nprefer_perf = false\n\
                  cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsocket_path = {}\n\
-                 state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n{extra}",
+                 state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+                 node_name = {:?}\ngres_conf = {}\n{extra}",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),
                 q(&socket),
                 q(&dir.join("state")),
                 q(&spool),
+                c.node,
+                q(&c.dir.join("etc/gres.conf")),
             ),
         )?;
         let mut e = Ergond {
@@ -736,6 +741,130 @@ fn killed_ergond_job_still_completes_and_the_manifest_is_honest() {
     println!("test took {:?}", t_test.elapsed());
 }
 
+/// ergond is down for a whole GPU job: the plugin queues every event; ergond, restarted after
+/// the job, replays them: the job has its GPUs and its real start and end (Slurm's), and the
+/// energy of the outage it fell in is split at them as an estimate with a stated bound.
+#[test]
+fn a_job_run_while_ergond_is_down_is_measured_from_its_queued_events() {
+    let t_test = Instant::now();
+    let mut s = setup("chain-queued");
+    s.run(|s| {
+        let c = s.c;
+        // Let the journal hold ergond's last reading (written within 250 ms of the start).
+        let journal = s.dir.path().join("state/jobs.journal");
+        wait_for(Duration::from_secs(5), "the journal", || {
+            Ok(journal.exists().then_some(()))
+        })?;
+        s.ergond.kill();
+        let (job, started, release) = s.held_job(&["--gres=gpu:2"])?;
+        wait_for_file(&started, JOB_TIMEOUT)?;
+        let indices = allocated_gpu_indices(c, job)?;
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(&release, b"")?;
+        c.wait_completed(job)?;
+        let queued = c.queued_events()?;
+        ensure!(
+            queued
+                .iter()
+                .any(|r| matches!(r, Request::JobEnd(e) if e.job_id == job)),
+            "the job's end is not queued: {queued:?}"
+        );
+        s.ergond.spawn()?;
+        let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
+        // Its GPUs, from the queued start.
+        let mut want: Vec<u32> = indices.iter().map(|&i| minor_of(c, i)).collect();
+        let mut got: Vec<u32> = m.gpus.iter().filter_map(|g| g.minor).collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        ensure!(got == want, "GPUs {got:?}, allocated minors {want:?}");
+        ensure!(m.coverage.gpus_unknown.is_none(), "{:?}", m.coverage);
+        // Its real start and end: Slurm's, to the second.
+        let (start, end) = sacct_start_end(c, job)?;
+        let near = |ns: u64, s: u64| (ns / 1_000_000_000).abs_diff(s) <= 1;
+        ensure!(
+            near(m.start_unix_ns, start) && near(m.end_unix_ns, end),
+            "manifest {}..{} vs sacct {start}..{end}",
+            m.start_unix_ns,
+            m.end_unix_ns
+        );
+        // The energy: the GPUs' constant power over the job, within the stated bound.
+        let secs = (m.end_unix_ns - m.start_unix_ns) as f64 / 1e9;
+        let truth: f64 = want
+            .iter()
+            .map(|&minor| s.gpus.iter().find(|g| g.minor == minor).unwrap().watts * secs)
+            .sum();
+        let got_j = m
+            .totals
+            .gpu_j
+            .ok_or_else(|| anyhow!("no GPU energy: {:?}", m.totals))?;
+        let bound: f64 = m
+            .coverage
+            .gaps
+            .iter()
+            .filter_map(|g| g.estimate.map(|e| e.bound_j))
+            .sum();
+        println!("GPU {got_j:.1} J, truth {truth:.1} J, stated bound {bound:.1} J");
+        ensure!(bound > 0.0 && m.attribution.estimated, "{:?}", m.coverage);
+        ensure!((got_j - truth).abs() <= bound, "{got_j} J vs {truth} J");
+        ensure!(c.queued_events()?.is_empty(), "the queue is drained");
+        Ok(())
+    });
+    println!("test took {:?}", t_test.elapsed());
+}
+
+/// ergond restarts while a GPU job runs, and nothing was queued (the plugin's queue is off):
+/// it finds the job in the cgroup tree and its GPUs in its processes' environment
+/// (SLURM_JOB_GPUS mapped through gres.conf), never an empty list that looks CPU-only.
+#[test]
+fn a_job_found_running_after_a_restart_keeps_its_gpus() {
+    let t_test = Instant::now();
+    let mut s = setup("chain-found");
+    s.run(|s| {
+        let c = s.c;
+        c.install_plugin(&format!("{} queue_dir=none", ergon_tests::PLUGIN_ARGS))?;
+        s.ergond.kill();
+        let (job, started, release) = s.held_job(&["--gres=gpu:2"])?;
+        wait_for_file(&started, JOB_TIMEOUT)?;
+        let indices = allocated_gpu_indices(c, job)?;
+        s.ergond.spawn()?;
+        ensure!(
+            matches!(
+                s.ergond.request(&Request::QueryJob { job_id: job })?,
+                Reply::Job(_)
+            ),
+            "ergond did not find the running job"
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        std::fs::write(&release, b"")?;
+        c.wait_completed(job)?;
+        let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
+        c.install_plugin(ergon_tests::PLUGIN_ARGS)?;
+        let mut want: Vec<u32> = indices.iter().map(|&i| minor_of(c, i)).collect();
+        let mut got: Vec<u32> = m.gpus.iter().filter_map(|g| g.minor).collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        ensure!(
+            got == want,
+            "GPUs {got:?}, allocated minors {want:?}: {:?}",
+            m.coverage
+        );
+        ensure!(m.coverage.gpus_unknown.is_none(), "{:?}", m.coverage);
+        ensure!(m.totals.gpu_j.is_some_and(|j| j > 0.0), "{:?}", m.totals);
+        let gpu_cov = m.coverage.components.and_then(|c| c.gpu).unwrap_or(0.0);
+        ensure!(gpu_cov > 0.0 && gpu_cov < 1.0, "{:?}", m.coverage);
+        ensure!(
+            m.coverage
+                .gaps
+                .iter()
+                .any(|g| g.reason.contains("found the job in the cgroup tree")),
+            "{:?}",
+            m.coverage
+        );
+        Ok(())
+    });
+    println!("test took {:?}", t_test.elapsed());
+}
+
 /// The uid and gid of `user`.
 fn ids_of(user: &str) -> Result<(u32, u32)> {
     let id = |flag: &str| -> Result<u32> {
@@ -1232,7 +1361,7 @@ fn two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it() {
                 .mig
                 .as_ref()
                 .ok_or_else(|| anyhow!("job {job}: no MIG instance in {g:?}\n{text}"))?;
-            ensure!(m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_MIG);
+            ensure!(m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_COVERAGE);
             ensure!(g.minor == Some(mig_minor) && g.shared, "{g:?}");
             ensure!(
                 mig.total_slices == 7

@@ -423,11 +423,13 @@ fn job_array_tasks_carry_their_array_ids() {
     }
 }
 
-/// Fail-open: with the daemon absent, hung, or answering garbage, jobs complete and the node's
-/// log says, once per event, what was not recorded.
+/// Fail-open: with the daemon absent, hung, or answering garbage, jobs complete, the node's
+/// log says, once per event, what ergond did not take, and the events wait in the plugin's
+/// queue for ergond to replay.
 fn assert_fails_open(name: &str, mode: Option<ListenerMode>, expected: &str) {
     let s = setup(name, mode);
     let c = s.c;
+    c.clear_plugin_queue().unwrap();
     let log_start = c.slurmd_log_len();
     let out = s.dir.path().join("job.out");
     let job = c
@@ -441,14 +443,14 @@ fn assert_fails_open(name: &str, mode: Option<ListenerMode>, expected: &str) {
     c.wait_completed(job).unwrap();
     // The node's problem is the admin's, not the user's: nothing in the job's output.
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "only this\n");
-    let warning = format!("spank_ergon: warning: job {job} start not recorded by ergond");
+    let warning = format!("spank_ergon: warning: job {job} start not taken by ergond");
     let log = wait_for(
         Duration::from_secs(30),
         "the warnings in slurmd.log",
         || {
             let log = c.slurmd_log_since(log_start)?;
             Ok(
-                (log.contains(&warning) && log.contains(&format!("job {job} end not recorded")))
+                (log.contains(&warning) && log.contains(&format!("job {job} end not taken")))
                     .then_some(log),
             )
         },
@@ -456,7 +458,33 @@ fn assert_fails_open(name: &str, mode: Option<ListenerMode>, expected: &str) {
     .unwrap();
     let line = log.lines().find(|l| l.contains(&warning)).unwrap();
     assert!(line.contains(expected), "warning does not say why: {line}");
+    assert!(line.contains("queued as"), "and where it waits: {line}");
     assert_eq!(log.matches(&warning).count(), 1, "one warning per event");
+    // Every event of the job waits in the queue, in order, for ergond to replay.
+    let queued: Vec<String> = c
+        .queued_events()
+        .unwrap()
+        .iter()
+        .filter_map(|r| match r {
+            Request::JobStart(x) if x.ids.job_id == job => Some("JobStart".to_owned()),
+            Request::StepStart(x) if x.job_id == job => Some(format!("StepStart {}", x.step)),
+            Request::StepEnd(x) if x.job_id == job => Some(format!("StepEnd {}", x.step)),
+            Request::JobEnd(x) if x.job_id == job => Some("JobEnd".to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        queued.first().map(String::as_str),
+        Some("JobStart"),
+        "{queued:?}"
+    );
+    assert_eq!(
+        queued.last().map(String::as_str),
+        Some("JobEnd"),
+        "{queued:?}"
+    );
+    assert!(queued.iter().any(|q| q == "StepStart batch"), "{queued:?}");
+    c.clear_plugin_queue().unwrap();
 }
 
 #[test]
@@ -497,7 +525,7 @@ fn notify_no_sends_nothing_and_unknown_arguments_are_logged_by_name() {
     )
     .unwrap();
     assert!(
-        !log.contains(&format!("job {job} start not recorded")),
+        !log.contains(&format!("job {job} start not")),
         "notify=no still tried to send"
     );
     // A job that surely ran through every hook, and still no event.
