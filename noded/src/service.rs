@@ -20,7 +20,7 @@
 
 use crate::config::Config;
 use crate::inventory::{describe_config_error, load_config};
-use crate::jobs::manifest::{GpuFact, NodeFacts};
+use crate::jobs::facts::{GpuFact, NodeFacts};
 use crate::jobs::tracker::{Access, JobTracker, TrackerConfig};
 use crate::metrics::server::{serve, Limits, SnapshotSource};
 use crate::sampler::{Sampler, SamplerHandle, SamplerSources};

@@ -525,6 +525,9 @@ fn shipped_configs_are_valid_and_their_commented_keys_are_real_defaults() {
         Config {
             nvml_library: Some("/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1".into()),
             socket_group: Some("slurm".into()),
+            // Examples of keys whose default is derived (the host name; beside the socket).
+            node_name: Some("gpu017".into()),
+            queue_dir: Some("/run/ergon/queue".into()),
             ..Config::default()
         },
         "a commented value in packaging/ergond.toml is not the default"

@@ -34,7 +34,7 @@ use crate::counter::Support;
 use crate::sources::nvml::MigLayout;
 use crate::sources::rapl::RaplDomain;
 
-use super::manifest::NodeFacts;
+use super::facts::{gpu_key, NodeFacts};
 
 /// Where a socket's energy and CPUs are, by position in the snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,11 +211,7 @@ impl Attributor {
     pub fn new(facts: &NodeFacts, config: AttributionConfig) -> Self {
         Self {
             config,
-            gpu_minors: facts
-                .gpus
-                .iter()
-                .map(|g| g.minor.unwrap_or(1_000_000 + g.index))
-                .collect(),
+            gpu_minors: facts.gpus.iter().map(gpu_key).collect(),
             gpu_mig: facts.gpus.iter().map(|g| g.mig.clone()).collect(),
             sockets: socket_layout(facts),
             last: None,

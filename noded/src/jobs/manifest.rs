@@ -19,18 +19,18 @@
 //! no GPU energy (its allocation is unknown).
 
 use ergon_protocol::{
-    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GpuAlloc, GpuEnergy, GpuMig,
-    JobInfo, Manifest, MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorInfo,
-    SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries,
-    MANIFEST_SCHEMA_VERSION,
+    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GpuEnergy, GpuMig, JobInfo,
+    Manifest, MigInstanceRef, MigShareMethod, NodeContext, PowerTrace, SensorKind, ShareMethod,
+    SocketEnergy, StepEnergy, Totals, TraceSeries, MANIFEST_SCHEMA_VERSION,
 };
 
 use super::attributor::JobResult;
+pub use super::facts::{gpu_key, gpu_positions, match_gpus, GpuFact, MatchedBy, NodeFacts};
 use super::reading::{power_series, window, Reading};
 use super::registry::Job;
 use crate::attribution::{EstimateReason, MODEL_NAME, MODEL_VERSION};
 use crate::sampler::TraceSample;
-use crate::sources::rapl::{RaplDomain, ZoneKey};
+use crate::sources::rapl::RaplDomain;
 
 /// The model named when the attributor had no result for the job (GPU counters only).
 pub const FALLBACK_MODEL: &str = "gpu-counters-only";
@@ -40,84 +40,6 @@ pub const MAX_TRACE_POINTS: usize = 600;
 pub const MIN_TRACE_BIN_NS: u64 = 100_000_000;
 /// `uid` written when the job's owner is unknown.
 pub const UNKNOWN_UID: u32 = u32::MAX;
-
-/// One GPU of the node, by position in the sampler's snapshot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GpuFact {
-    /// NVML index.
-    pub index: u32,
-    /// NVML UUID.
-    pub uuid: String,
-    /// `/dev/nvidiaN` minor.
-    pub minor: Option<u32>,
-    /// PCI bus id.
-    pub pci_bus_id: Option<String>,
-    /// How its energy is measured.
-    pub method: EnergyMethod,
-    /// Its MIG instances, when it is in MIG mode.
-    pub mig: Option<crate::sources::nvml::MigLayout>,
-}
-
-/// What does not change while ergond runs.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct NodeFacts {
-    /// GPUs, by snapshot position.
-    pub gpus: Vec<GpuFact>,
-    /// RAPL zones, by snapshot position.
-    pub zones: Vec<ZoneKey>,
-    /// Sensors (NVML with its driver version, RAPL with its backend, cgroup version).
-    pub sensors: Vec<SensorInfo>,
-    /// CPU sockets and their logical CPUs (from `/sys/devices/system/cpu`).
-    pub sockets: Vec<(u32, ergon_protocol::CpuSet)>,
-}
-
-/// How an allocated GPU was matched to an NVML device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatchedBy {
-    /// By device minor: Slurm and NVML agree on it.
-    Minor,
-    /// By index, because the plugin sent no minor: right only when gres.conf lists the GPUs in
-    /// NVML (PCI bus) order.
-    Index,
-}
-
-/// Each allocated GPU with the position of its NVML device, if one matches.
-pub fn match_gpus(
-    allocs: &[GpuAlloc],
-    gpus: &[GpuFact],
-) -> Vec<(GpuAlloc, Option<(usize, MatchedBy)>)> {
-    allocs
-        .iter()
-        .map(|a| {
-            let m = match a.minor {
-                Some(minor) => gpus
-                    .iter()
-                    .position(|g| g.minor == Some(minor))
-                    .map(|p| (p, MatchedBy::Minor)),
-                None => gpus
-                    .iter()
-                    .position(|g| g.index == a.index)
-                    .map(|p| (p, MatchedBy::Index)),
-            };
-            (*a, m)
-        })
-        .collect()
-}
-
-/// The snapshot positions of the NVML devices `allocs` match, and the MIG instances among them
-/// as (position, GPU instance id): what the attributor needs of a job's GPUs.
-pub fn gpu_positions(allocs: &[GpuAlloc], gpus: &[GpuFact]) -> (Vec<usize>, Vec<(usize, u32)>) {
-    let matched = match_gpus(allocs, gpus);
-    let positions = matched
-        .iter()
-        .filter_map(|(_, m)| m.map(|(p, _)| p))
-        .collect();
-    let mig = matched
-        .iter()
-        .filter_map(|(a, m)| Some((m.as_ref()?.0, a.mig?.gpu_instance_id)))
-        .collect();
-    (positions, mig)
-}
 
 /// Build the (unsealed) manifest of an ended job. `traces` holds each GPU's trace by snapshot
 /// position (oldest first); `result` is the attributor's figures for the job, if it had it
@@ -209,7 +131,7 @@ pub fn build(
                 alloc.index
             ));
         }
-        let minor_key = fact.minor.unwrap_or(1_000_000 + fact.index);
+        let minor_key = gpu_key(fact);
         let energy = match result.and_then(|r| r.share.gpus.get(&minor_key)) {
             Some(e) => *e,
             // Without the attributor's figures: the board between the job's readings, or for
@@ -732,7 +654,10 @@ fn component_coverage(
 mod tests {
     use super::*;
     use crate::jobs::registry::{EventTime, JobRegistry, Mark};
-    use ergon_protocol::{CpuSet, JobEnd, JobIds, JobStart, StepId, StepStart, Timestamp};
+    use crate::sources::rapl::ZoneKey;
+    use ergon_protocol::{
+        CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, SensorInfo, StepId, StepStart, Timestamp,
+    };
 
     fn facts() -> NodeFacts {
         let gpu = |index, minor| GpuFact {

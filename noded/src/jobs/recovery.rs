@@ -8,9 +8,8 @@ use ergon_protocol::{Gap, Timestamp};
 
 use super::attributor::Attributor;
 use super::discovery::{find_jobs, resolve_gpus, SlurmNode};
+use super::facts::{gpu_positions, NodeFacts};
 use super::journal::{self, map_across_restart, DeviceFrame, JournalState};
-use super::manifest::gpu_positions;
-use super::manifest::NodeFacts;
 use super::reading::Reading;
 use super::registry::{Action, Discovered, EventTime, JobRegistry, Mark};
 use crate::clock::monotonic_ns;

@@ -10,16 +10,18 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use ergon_protocol::{Gap, Timestamp};
 
 use super::attributor::Attributor;
+use super::facts::{gpu_positions, NodeFacts};
 use super::journal;
-use super::manifest::{self, gpu_positions};
+use super::manifest;
 use super::reading::{bracket_between, interpolate_bracketed, Across, Reading};
 use super::recovery::journal_state;
 use super::registry::{Action, EventTime, Mark};
-use super::tracker::{
+use super::state::SpoolWork;
+use super::state::{
     event_time, lock, Inner, ATTRIBUTION_PERIOD, JOURNAL_IDLE_PERIOD, JOURNAL_PERIOD,
     READING_TIMEOUT,
 };
-use super::writers::{write_one, SpoolWork};
+use super::writers::write_one;
 use crate::sampler::{SamplerHandle, TraceOf, TraceSample};
 use crate::sources::rapl::RaplDomain;
 
@@ -62,7 +64,9 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>, mut st: WorkerState) {
                 if last_periodic.elapsed() >= ATTRIBUTION_PERIOD {
                     // Events the plugin queued while ergond was hung or busy: their own
                     // instants come before this interval's end.
-                    super::tracker::replay_queue(inner, &mut st);
+                    for a in super::commands::take_queued(inner) {
+                        perform(inner, a, &mut st);
+                    }
                     periodic(inner, &mut st);
                     last_periodic = std::time::Instant::now();
                 }
@@ -335,7 +339,7 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
 /// interpolated across `across`: the whole stretch's energy of each of its GPUs and of every
 /// CPU package and DRAM zone (its part of a stretch nobody measured is somewhere between none
 /// and all of it).
-fn across_bound(across: &Across, gpus: &[usize], facts: &manifest::NodeFacts) -> f64 {
+fn across_bound(across: &Across, gpus: &[usize], facts: &NodeFacts) -> f64 {
     let gpu: f64 = gpus
         .iter()
         .filter_map(|&p| across.gpus.get(p).copied().flatten())

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::report;
 use super::spool::{sync_dir, write_manifest_file};
-use super::tracker::{lock, Inner};
+use super::state::{lock, Inner, ReportWork, SpoolWork};
 
 /// Hand the job's report to the report writer thread (it writes as the user, which may block
 /// on a slow filesystem; the job worker must not wait for it).
@@ -63,15 +63,6 @@ pub(super) fn queue_report(
     }
 }
 
-/// A report to write.
-pub(super) struct ReportWork {
-    job_id: u32,
-    uid: u32,
-    gid: u32,
-    targets: Vec<report::Target>,
-    text: String,
-}
-
 pub(super) fn report_writer(rx: Receiver<ReportWork>) {
     while let Ok(w) = rx.recv() {
         match report::deliver(&w.targets, w.uid, w.gid, &w.text) {
@@ -86,12 +77,6 @@ pub(super) fn report_writer(rx: Receiver<ReportWork>) {
             ),
         }
     }
-}
-
-/// A sealed manifest for the spool writer, with its job (for the report).
-pub(super) struct SpoolWork {
-    pub(super) job: super::registry::Job,
-    pub(super) manifest: ergon_protocol::Manifest,
 }
 
 /// The spool writer thread: writes each manifest (atomic, fsync'd) and hands the job's report

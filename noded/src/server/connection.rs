@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use ergon_protocol::{read_frame_async, write_frame_async, ErrorCode, FrameError, Reply, Request};
 use tokio::net::UnixStream;
 
-use super::listener::Slot;
+use super::slots::Slot;
 use super::{Handler, ServerLimits, ServerStats};
 
 /// Serve one connection from `uid` to its end. Malformed input gets an error reply (when the

@@ -10,10 +10,11 @@
 //! connections open at once ([`ServerLimits::max_connections`]; at the cap the longest-idle
 //! connection is closed to make room, see [`listener`]) and per uid
 //! ([`ServerLimits::max_per_peer`]). Floods (bad frames, refused connections) are logged once
-//! per [`listener::LOG_EVERY`] with a count, and counted in [`ServerStats`] for `/metrics`.
+//! per [`slots::LOG_EVERY`] with a count, and counted in [`ServerStats`] for `/metrics`.
 
 pub mod connection;
 pub mod listener;
+pub mod slots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use std::time::Duration;
 
 use ergon_protocol::{Reply, Request};
 
-pub use listener::{bind, serve, LogLimit};
+pub use listener::{bind, serve};
+pub use slots::LogLimit;
 
 /// Answers one request from a peer with the given uid.
 pub type Handler = Arc<dyn Fn(Request, u32) -> Reply + Send + Sync>;

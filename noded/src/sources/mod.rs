@@ -6,6 +6,7 @@
 //! job of [`crate::counter`].
 
 pub mod cgroup;
+pub mod domains;
 pub mod nvml;
 pub mod perf;
 pub mod rapl;

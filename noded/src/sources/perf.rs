@@ -9,7 +9,7 @@
 //! Opening goes through an injectable function so tests can hand back pipe file descriptors
 //! (write 8 bytes, read them back through the same code), since no test machine has RAPL.
 
-use super::rapl::{RaplDomain, ZoneInfo, ZoneKey};
+use super::domains::{RaplDomain, ZoneInfo, ZoneKey};
 use super::topology::{parse_cpu_list, CpuTopology};
 use crate::counter::CounterKind;
 use std::io;
