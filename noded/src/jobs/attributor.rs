@@ -102,6 +102,13 @@ pub struct Member {
     /// Per socket: its cumulative share at the end of each interval (monotonic ns, package J,
     /// DRAM J), thinned to at most [`MAX_CPU_TRACE`] points: the manifest's CPU power trace.
     pub cpu_trace: BTreeMap<u32, Vec<(u64, f64, f64)>>,
+    /// Its steps' cgroup CPU time over the intervals attributed (ns).
+    #[serde(default)]
+    pub cpu_ns: u64,
+    /// Per GPU it holds (by share key): how long its counter could not be read while the
+    /// node's others were (a lost GPU, failing reads), ns. Its energy then is not measured.
+    #[serde(default)]
+    pub gpu_unread_ns: BTreeMap<u32, u64>,
 }
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
@@ -123,6 +130,12 @@ pub struct JobResult {
     pub intervals: u64,
     /// See [`Member::cpu_trace`].
     pub cpu_trace: BTreeMap<u32, Vec<(u64, f64, f64)>>,
+    /// See [`Member::cpu_ns`].
+    #[serde(default)]
+    pub cpu_ns: u64,
+    /// See [`Member::gpu_unread_ns`].
+    #[serde(default)]
+    pub gpu_unread_ns: BTreeMap<u32, u64>,
 }
 
 /// Counters of the attributor's own health, for `/metrics`.
@@ -311,6 +324,34 @@ impl Attributor {
             return;
         }
         let inputs = self.inputs(last, r);
+        let cpu_ns: Vec<(u32, u64)> = self
+            .members
+            .iter()
+            .map(|(&job, m)| (job, self.member_cpu_ns(m, r)))
+            .collect();
+        for (job, ns) in cpu_ns {
+            if let Some(m) = self.members.get_mut(&job) {
+                m.cpu_ns += ns;
+            }
+        }
+        // A held GPU not read in this interval while the node's other series were: that
+        // stretch of its energy is not the job's (nor anyone's). An interval with nothing read
+        // at all is ergond not measuring, which the job's gaps say.
+        let anything_read = (0..last.gpus.len()).any(|p| last.gpu_delta(r, p).is_some())
+            || (0..last.zones.len()).any(|z| last.zone_delta(r, z).is_some());
+        if anything_read {
+            let dur = r.at_mono_ns - last.at_mono_ns;
+            let unread: Vec<usize> = (0..self.gpu_minors.len())
+                .filter(|&p| last.gpu_delta(r, p).is_none())
+                .collect();
+            if !unread.is_empty() {
+                for m in self.members.values_mut() {
+                    for &p in m.gpus.iter().filter(|p| unread.contains(p)) {
+                        *m.gpu_unread_ns.entry(self.gpu_minors[p]).or_insert(0) += dur;
+                    }
+                }
+            }
+        }
         match attribute(&inputs, &self.config) {
             Ok(out) => {
                 if let Err(e) = check_conservation(&inputs, &out) {
@@ -452,13 +493,7 @@ impl Attributor {
             .collect();
         let mut per_socket: BTreeMap<u32, Vec<SocketJob<u32>>> = BTreeMap::new();
         for (&job, m) in &self.members {
-            let mut cpu_ns: u64 = 0;
-            for path in &m.cgroups {
-                let (Some(now), Some(prev)) = (b.cgroup_ns(path), self.cg_last.get(path)) else {
-                    continue;
-                };
-                cpu_ns += now.saturating_sub(*prev);
-            }
+            let cpu_ns = self.member_cpu_ns(m, b);
             let allocated = cpus_per_socket(&m.cpus, &socket_cpus);
             let cpu_s = cpu_ns as f64 / 1e9;
             let split = split_cpu_time(cpu_s, &allocated).or_else(|_| {
@@ -531,6 +566,14 @@ impl Attributor {
         }
     }
 
+    /// A member's CPU time since the last reading, up to `b` (its cgroups' counters' rise).
+    fn member_cpu_ns(&self, m: &Member, b: &Reading) -> u64 {
+        m.cgroups
+            .iter()
+            .filter_map(|path| Some(b.cgroup_ns(path)?.saturating_sub(*self.cg_last.get(path)?)))
+            .sum()
+    }
+
     /// A job starts (after [`Attributor::advance`] to its start reading). `gpus` are snapshot
     /// positions. A job already open keeps its figures (a duplicate start).
     pub fn job_start(&mut self, job_id: u32, gpus: Vec<usize>, cpus: CpuSet) {
@@ -545,6 +588,8 @@ impl Attributor {
             steps: BTreeMap::new(),
             intervals: 0,
             cpu_trace: BTreeMap::new(),
+            cpu_ns: 0,
+            gpu_unread_ns: BTreeMap::new(),
         });
         if m.gpus.is_empty() {
             m.gpus = gpus;
@@ -653,6 +698,8 @@ impl Attributor {
             steps: m.steps,
             intervals: m.intervals,
             cpu_trace: m.cpu_trace,
+            cpu_ns: m.cpu_ns,
+            gpu_unread_ns: m.gpu_unread_ns,
         })
     }
 }

@@ -1,5 +1,7 @@
-//! Building a job's [`Manifest`] from its registry entry, the counter readings taken at its
-//! events, the attributor's result and the sampler's traces. Pure: no I/O, no clock.
+//! Rendering a job's [`Manifest`]: the attributor's result for the job (every energy figure,
+//! MIG and shared GPUs included, comes from it: there is one energy path), the facts of its
+//! registry entry (ids, owner, times, steps, gaps) and of the node, and the sampler's traces
+//! (for the power trace and peaks). Pure: no I/O, no clock.
 //!
 //! # What is attributed (model `exclusive-gpu+cgroup-cpu-time`, docs/attribution.md)
 //!
@@ -10,9 +12,9 @@
 //! The manifest carries the job's share per GPU and per socket, the totals, and the node's
 //! measured, idle and unattributed energy over the job's interval (`node_context`).
 //!
-//! When the attributor has no result for the job (it was not open in the attributor), GPU
-//! energy falls back to the counter difference between the start and end readings and the
-//! CPU figures are `null` (not measured, never 0).
+//! When the attributor has no result for the job (ergond never took a reading while it ran),
+//! every energy is `null` (not measured, never 0), the coverage 0 and the model
+//! [`UNATTRIBUTED_MODEL`].
 //!
 //! A job whose start ergond did not see (it was down) gets coverage 0 with one gap over its
 //! known interval, its owner as `uid` 4294967295 / user `"unknown"` unless a step told it, and
@@ -26,14 +28,14 @@ use ergon_protocol::{
 
 use super::attributor::JobResult;
 pub use super::facts::{gpu_key, gpu_positions, match_gpus, GpuFact, MatchedBy, NodeFacts};
-use super::reading::{power_series, window, Reading};
+use super::reading::{interpolate, power_series, window};
 use super::registry::Job;
 use crate::attribution::{EstimateReason, MODEL_NAME, MODEL_VERSION};
 use crate::sampler::TraceSample;
 use crate::sources::rapl::RaplDomain;
 
-/// The model named when the attributor had no result for the job (GPU counters only).
-pub const FALLBACK_MODEL: &str = "gpu-counters-only";
+/// The model named when the attributor had no result for the job: nothing is attributed.
+pub const UNATTRIBUTED_MODEL: &str = "unattributed";
 /// Most points per trace series.
 pub const MAX_TRACE_POINTS: usize = 600;
 /// Shortest trace bin.
@@ -63,10 +65,11 @@ pub fn build(
             0.0
         }
     };
-    let readings = match (&job.start_reading, &job.end_reading) {
-        (Some(a), Some(b)) if job.start_seen => Some((a, b)),
-        _ => None,
-    };
+    // The attributor's figures are the job's energy; without them (ergond never took a
+    // reading for the job) nothing is invented.
+    let attributed = result.is_some();
+    let empty = JobResult::default();
+    let r = result.unwrap_or(&empty);
     let mut estimated_notes: Vec<String> = Vec::new();
     let mut gaps: Vec<Gap> = Vec::new();
     if !job.start_seen {
@@ -80,14 +83,13 @@ pub fn build(
             recovered: false,
             estimate: None,
         });
-    } else if readings.is_none() && result.is_none() {
-        gaps.push(Gap {
-            start_unix_ns: start.unix_ns,
-            end_unix_ns: end_unix,
-            reason: "the counters could not be read at the job's start or end".into(),
-            recovered: false,
-            estimate: None,
-        });
+    } else if !attributed {
+        gaps.push(Gap::new(
+            start.unix_ns,
+            end_unix,
+            "ergond has no figures for the job: it never took a reading while the job ran",
+            false,
+        ));
     }
 
     // GPUs.
@@ -106,7 +108,10 @@ pub fn build(
     let mut gpus = Vec::new();
     let mut series = Vec::new();
     let mut gpu_total: Option<f64> = None;
-    let mut unmatched_gpus = 0usize;
+    // Per allocated GPU: the part of the job's interval its energy covers (0 for one that
+    // matches no device or was never read).
+    let mut gpu_covered: Vec<f64> = Vec::new();
+    let span_mono = end.mono_ns.saturating_sub(start.mono_ns);
     let mut mig_done: Vec<usize> = Vec::new();
     for (alloc, m) in &matched {
         // A job's MIG instances on one GPU make one entry (its share of the board).
@@ -117,7 +122,7 @@ pub fn build(
             mig_done.push(pos);
         }
         let Some((pos, by)) = *m else {
-            unmatched_gpus += 1;
+            gpu_covered.push(0.0);
             estimated_notes.push(format!(
                 "allocated GPU (index {}, minor {:?}) matches no NVML device; not measured",
                 alloc.index, alloc.minor
@@ -132,35 +137,9 @@ pub fn build(
             ));
         }
         let minor_key = gpu_key(fact);
-        let energy = match result.and_then(|r| r.share.gpus.get(&minor_key)) {
-            Some(e) => *e,
-            // Without the attributor's figures: the board between the job's readings, or for
-            // MIG instances their slices' part of it (never the whole board).
-            None => readings
-                .and_then(|(a, b)| a.gpu_delta(b, pos))
-                .and_then(|board| match (alloc.mig, &fact.mig) {
-                    (None, _) => Some(board),
-                    (Some(_), Some(layout)) if layout.total_slices > 0 => {
-                        let slices: u32 = layout
-                            .instances
-                            .iter()
-                            .filter(|i| {
-                                matched.iter().any(|(a, m)| {
-                                    m.is_some_and(|(p, _)| p == pos)
-                                        && a.mig
-                                            .is_some_and(|x| x.gpu_instance_id == i.gpu_instance_id)
-                                })
-                            })
-                            .map(|i| i.slices)
-                            .sum();
-                        Some(board * f64::from(slices) / f64::from(layout.total_slices))
-                    }
-                    (Some(_), _) => None,
-                }),
-        };
-        let reasons: Vec<EstimateReason> = result
-            .map(|r| r.share.estimated.iter().copied().collect())
-            .unwrap_or_default();
+        // The attributor's share of the GPU (for MIG instances, their part of the board).
+        let energy = r.share.gpus.get(&minor_key).copied().flatten();
+        let reasons: Vec<EstimateReason> = r.share.estimated.iter().copied().collect();
         let reason_here = |want: fn(&EstimateReason) -> Option<u32>| {
             reasons.iter().any(|e| want(e) == Some(minor_key))
         };
@@ -199,7 +178,7 @@ pub fn build(
             } else if reason_here(|e| match e {
                 EstimateReason::MigBySliceSize { minor } => Some(*minor),
                 _ => None,
-            }) || (result.is_none() && layout.is_some())
+            }) || (!attributed && layout.is_some())
             {
                 MigShareMethod::SliceSize
             } else {
@@ -213,14 +192,16 @@ pub fn build(
         });
         let shared = shared_whole || mig.is_some();
         // For a MIG share, the board's power scaled by the job's part of the board's energy
-        // over the job (an estimate, like the share itself).
-        let board_j = readings.and_then(|(a, b)| a.gpu_delta(b, pos));
+        // over the job (from the trace; an estimate, like the share itself).
+        let trace = traces.get(pos).map(Vec::as_slice).unwrap_or(&[]);
+        let board_j = interpolate(trace, start.mono_ns)
+            .zip(interpolate(trace, end.mono_ns))
+            .map(|(a, b)| b - a);
         let scale = match (&mig, energy, board_j) {
             (Some(_), Some(e), Some(b)) if b > 0.0 => (e / b).clamp(0.0, 1.0),
             (Some(_), _, _) => 0.0,
             _ => 1.0,
         };
-        let trace = traces.get(pos).map(Vec::as_slice).unwrap_or(&[]);
         let peak = window(trace, start.mono_ns, end.mono_ns)
             .iter()
             .filter_map(|s| s.power_w)
@@ -233,7 +214,7 @@ pub fn build(
             Some(_) => fact.method,
             None => {
                 estimated_notes.push(format!(
-                    "GPU {} could not be read at the job's start or end: its energy is unknown",
+                    "GPU {} was not read while the job ran: its energy is unknown",
                     fact.uuid
                 ));
                 EnergyMethod::Estimated
@@ -242,6 +223,20 @@ pub fn build(
         if let Some(e) = energy {
             *gpu_total.get_or_insert(0.0) += e;
         }
+        let unread_ns = r.gpu_unread_ns.get(&minor_key).copied().unwrap_or(0);
+        if energy.is_some() && unread_ns > 0 {
+            estimated_notes.push(format!(
+                "GPU {} was not read for {:.1} s of the job (lost, or its reads failed): its \
+                 energy in that time is not measured",
+                fact.uuid,
+                unread_ns as f64 / 1e9
+            ));
+        }
+        gpu_covered.push(match energy {
+            Some(_) if span_mono > 0 => 1.0 - (unread_ns as f64 / span_mono as f64).min(1.0),
+            Some(_) => 1.0,
+            None => 0.0,
+        });
         let avg_w = energy.map(per_s);
         let peak_w = match (peak.map(f64::from), avg_w) {
             (Some(p), Some(a)) => Some(p.max(a)),
@@ -280,7 +275,7 @@ pub fn build(
     // Sockets: the job's share of each, with its power trace.
     let mut sockets: Vec<SocketEnergy> = Vec::new();
     let (mut cpu_total, mut dram_total): (Option<f64>, Option<f64>) = (None, None);
-    if let Some(r) = result {
+    if attributed {
         // Attributed, but never on a socket (no CPU allocated, no CPU time): measured as none.
         if r.share.sockets.is_empty() {
             let has = |d: RaplDomain| {
@@ -353,35 +348,12 @@ pub fn build(
         }
     }
 
-    // The node over the job's interval: the attributor's balance, else every GPU and every
-    // package and DRAM zone between the readings (all of it unattributed to this job).
-    let (node_energy, node_idle, node_unattributed) = match result {
-        Some(r) => (
-            r.node.measured_j(),
-            r.node.idle_j(),
-            r.node.unattributed_j(),
-        ),
-        None => {
-            let mut node_energy = 0.0;
-            if let Some((a, b)) = readings {
-                for (pos, _) in facts.gpus.iter().enumerate() {
-                    node_energy += a.gpu_delta(b, pos).unwrap_or(0.0);
-                }
-                for (pos, key) in facts.zones.iter().enumerate() {
-                    let Some(d) = a.zone_delta(b, pos) else {
-                        continue;
-                    };
-                    if key.socket.is_some()
-                        && matches!(key.domain, RaplDomain::Package | RaplDomain::Dram)
-                    {
-                        node_energy += d;
-                    }
-                }
-            }
-            let own = gpu_total.unwrap_or(0.0);
-            (node_energy, 0.0, (node_energy - own).max(0.0))
-        }
-    };
+    // The node over the job's interval: the attributor's balance.
+    let (node_energy, node_idle, node_unattributed) = (
+        r.node.measured_j(),
+        r.node.idle_j(),
+        r.node.unattributed_j(),
+    );
 
     // Steps: the job's energy during each step's own interval.
     let steps = job
@@ -390,25 +362,13 @@ pub fn build(
         .map(|s| {
             let s_start = s.start.unwrap_or(start);
             let s_end = s.end.or(job.end).unwrap_or(end);
-            let attributed = result.and_then(|r| r.steps.get(&s.id));
-            let (gpu_j, cpu_j, dram_j) = match attributed {
+            let (gpu_j, cpu_j, dram_j) = match r.steps.get(&s.id) {
                 Some(sh) => (
                     if gpus.is_empty() { None } else { sh.gpu_j() },
                     sh.package_j(),
                     sh.dram_j(),
                 ),
-                None => {
-                    let from: Option<&Reading> = s.start_reading.as_ref();
-                    let to: Option<&Reading> = s.end_reading.as_ref().or(job.end_reading.as_ref());
-                    let gpu_j = match (from, to) {
-                        (Some(a), Some(b)) if !gpus.is_empty() => matched
-                            .iter()
-                            .filter_map(|(_, m)| m.map(|(p, _)| a.gpu_delta(b, p)))
-                            .sum::<Option<f64>>(),
-                        _ => None,
-                    };
-                    (gpu_j, None, None)
-                }
+                None => (None, None, None),
             };
             StepEnergy {
                 step: s.id,
@@ -422,22 +382,9 @@ pub fn build(
         })
         .collect();
 
-    // cgroup CPU time of the job's steps.
-    let mut cpu_ns: u64 = 0;
-    let mut cpu_steps = 0;
-    for s in &job.steps {
-        let Some(path) = &s.watched else { continue };
-        let a = s.start_reading.as_ref().and_then(|r| r.cgroup_ns(path));
-        let b = s
-            .end_reading
-            .as_ref()
-            .or(job.end_reading.as_ref())
-            .and_then(|r| r.cgroup_ns(path));
-        if let (Some(a), Some(b)) = (a, b) {
-            cpu_ns += b.saturating_sub(a);
-            cpu_steps += 1;
-        }
-    }
+    // cgroup CPU time of the job's steps, as the attributor counted it.
+    let cpu_ns = r.cpu_ns;
+    let cpu_steps = job.steps.iter().filter(|s| s.watched.is_some()).count();
     let mut sensors = facts.sensors.clone();
     for sensor in &mut sensors {
         match sensor.kind {
@@ -520,7 +467,7 @@ pub fn build(
     }
     let span_ns = end_unix.saturating_sub(start.unix_ns);
     // The part of the job's interval with readings or recovered energy, then per component.
-    let time_fraction = if !(job.start_seen && (readings.is_some() || result.is_some())) {
+    let time_fraction = if !(job.start_seen && attributed) {
         0.0
     } else if span_ns == 0 {
         if unrecovered_ns > 0 {
@@ -534,8 +481,7 @@ pub fn build(
     let components = component_coverage(
         time_fraction,
         job.gpus_unknown.is_some(),
-        gpus.len() + unmatched_gpus,
-        gpus.iter().filter(|g| g.energy_j.is_some()).count(),
+        &gpu_covered,
         facts,
         cpu_total.is_some(),
         dram_total.is_some(),
@@ -588,19 +534,20 @@ pub fn build(
             components: Some(components),
             gpus_unknown: job.gpus_unknown.clone(),
         },
-        attribution: match result {
-            Some(r) => AttributionInfo {
+        attribution: if attributed {
+            AttributionInfo {
                 model: MODEL_NAME.to_owned(),
                 version: MODEL_VERSION,
                 estimated: !r.share.estimated.is_empty()
                     || !estimated_notes.is_empty()
                     || estimated_gaps,
-            },
-            None => AttributionInfo {
-                model: FALLBACK_MODEL.to_owned(),
+            }
+        } else {
+            AttributionInfo {
+                model: UNATTRIBUTED_MODEL.to_owned(),
                 version: 1,
                 estimated: true,
-            },
+            }
         },
         sensors,
         trace: PowerTrace {
@@ -615,14 +562,14 @@ pub fn build(
 }
 
 /// Coverage per component: each component the job has on this node covers `time_fraction` of
-/// its interval, except GPUs whose allocation is unknown (0), GPUs of which only some could be
-/// read (in proportion), and CPU or DRAM figures the attribution did not produce (0). A
+/// its interval, except GPUs whose allocation is unknown (0), GPUs not read for part of it
+/// (`gpu_covered`, per GPU: the mean is taken), and CPU or DRAM figures the attribution did not
+/// produce (0). A
 /// component the job does not have (no GPU allocated, no RAPL zone) is `None`.
 fn component_coverage(
     time_fraction: f64,
     gpus_unknown: bool,
-    gpus_allocated: usize,
-    gpus_measured: usize,
+    gpu_covered: &[f64],
     facts: &NodeFacts,
     cpu_measured: bool,
     dram_measured: bool,
@@ -635,8 +582,8 @@ fn component_coverage(
     };
     let gpu = if gpus_unknown {
         Some(0.0)
-    } else if gpus_allocated > 0 {
-        Some(time_fraction * gpus_measured as f64 / gpus_allocated as f64)
+    } else if !gpu_covered.is_empty() {
+        Some(time_fraction * gpu_covered.iter().sum::<f64>() / gpu_covered.len() as f64)
     } else {
         None
     };
@@ -653,7 +600,10 @@ fn component_coverage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::registry::{EventTime, JobRegistry, Mark};
+    use crate::attribution::AttributionConfig;
+    use crate::jobs::attributor::Attributor;
+    use crate::jobs::reading::Reading;
+    use crate::jobs::registry::{EventTime, JobRegistry};
     use crate::sources::rapl::ZoneKey;
     use ergon_protocol::{
         CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, SensorInfo, StepId, StepStart, Timestamp,
@@ -755,7 +705,6 @@ mod tests {
             sluid: None,
         };
         r.job_start(&start, at(1)).unwrap();
-        r.record_reading(42, Mark::JobStart, reading(1));
         let step = StepStart {
             cluster: None,
             job_id: 42,
@@ -775,7 +724,6 @@ mod tests {
             sluid: None,
         };
         r.step_start(&step, at(2)).unwrap();
-        r.record_reading(42, Mark::StepStart(StepId::Numbered(0)), reading(2));
         let end = JobEnd {
             cluster: None,
             job_id: 42,
@@ -783,8 +731,29 @@ mod tests {
             time: Timestamp::default(),
         };
         r.job_end(&end, at(5)).unwrap();
-        r.record_reading(42, Mark::JobEnd, reading(5));
         r.take(42).unwrap()
+    }
+
+    /// The attributor's result for job 42 of [`ended_job`] holding the GPUs at snapshot
+    /// positions `gpus` (on CPUs 0-1 from 1 s to 5 s, its step's cgroup from 2 s), the node
+    /// read every second as [`reading`] gives it; `edit` may change each reading first.
+    fn attributed(gpus: Vec<usize>, edit: impl Fn(u64, &mut Reading)) -> JobResult {
+        let r = |s: u64| {
+            let mut x = reading(s);
+            x.cgroups = vec![("job/step_0".into(), s.saturating_sub(2) * 1_000_000_000)];
+            x.sockets = vec![(0, s * 2_000_000_000, s * 4_000_000_000)];
+            edit(s, &mut x);
+            x
+        };
+        let mut att = Attributor::new(&facts(), AttributionConfig::default());
+        att.advance(&r(1));
+        att.job_start(42, gpus, CpuSet::parse("0-1").unwrap());
+        att.advance(&r(2));
+        att.step_start(42, StepId::Numbered(0), Some("job/step_0"), Some(0));
+        for s in 3..=5 {
+            att.advance(&r(s));
+        }
+        att.job_end(42).unwrap()
     }
 
     #[test]
@@ -797,7 +766,8 @@ mod tests {
         // The job runs from 1 s to 5 s; the sampler stopped from 2 s to 3.5 s, and once
         // before the job (not its gap).
         let holes = [(100_000_000, 400_000_000), (2_000_000_000, 3_500_000_000)];
-        let m = build(&job, &facts(), &traces(), None, "cl", &holes);
+        let res = attributed(vec![2], |_, _| {});
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &holes);
         assert_eq!(m.coverage.gaps.len(), 1, "{:?}", m.coverage.gaps);
         let g = &m.coverage.gaps[0];
         assert!(g.recovered && g.estimate.is_none());
@@ -810,29 +780,13 @@ mod tests {
 
     #[test]
     fn attributed_job_carries_its_socket_share_and_a_balanced_node_context() {
-        use crate::attribution::AttributionConfig;
-        use crate::jobs::attributor::Attributor;
         let job = ended_job(vec![GpuAlloc {
             index: 0,
             minor: Some(3),
             mig: None,
         }]);
         // 4 CPUs, half busy; the job's step (from t = 2 s) uses 1 CPU-s per second.
-        let r = |s: u64| {
-            let mut x = reading(s);
-            x.cgroups = vec![("job/step_0".into(), s.saturating_sub(2) * 1_000_000_000)];
-            x.sockets = vec![(0, s * 2_000_000_000, s * 4_000_000_000)];
-            x
-        };
-        let mut att = Attributor::new(&facts(), AttributionConfig::default());
-        att.advance(&r(1));
-        att.job_start(42, vec![2], CpuSet::parse("0-1").unwrap());
-        att.advance(&r(2));
-        att.step_start(42, StepId::Numbered(0), Some("job/step_0"), Some(0));
-        for s in 3..=5 {
-            att.advance(&r(s));
-        }
-        let res = att.job_end(42).unwrap();
+        let res = attributed(vec![2], |_, _| {});
         let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         // GPU minor 3 (300 W) × 4 s.
@@ -888,14 +842,35 @@ mod tests {
                 mig: None,
             },
         ]);
-        // NVML position 2 (minor 3) failed at the job's end.
-        job.end_reading.as_mut().unwrap().gpus[2] = None;
-        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
+        // NVML position 2 (minor 3) is lost at 4 s: never read again.
+        let res = attributed(vec![2, 1], |s, x| {
+            if s >= 4 {
+                x.gpus[2] = None;
+            }
+        });
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
+        let lost = m.gpus.iter().find(|g| g.uuid == "GPU-2").unwrap();
+        // Measured until it was lost (300 W for 2 s), and the job's GPU coverage says the rest
+        // is not: 1 of 2 GPUs covered 2 of 4 s.
+        assert_eq!(lost.energy_j, Some(600.0));
+        assert_eq!(m.totals.gpu_j, Some(1400.0));
+        assert_eq!(m.coverage.components.unwrap().gpu, Some(0.75));
+        assert_eq!(m.coverage.fraction, 0.75);
+        assert!(m.attribution.estimated);
+        assert!(
+            m.sensors[0].detail.contains("was not read for 2.0 s"),
+            "{:?}",
+            m.sensors
+        );
+        // A GPU never read has no energy: null, never 0.
+        let res = attributed(vec![2, 1], |_, x| x.gpus[2] = None);
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         let unread = m.gpus.iter().find(|g| g.uuid == "GPU-2").unwrap();
         assert_eq!((unread.energy_j, unread.avg_w), (None, None));
         assert_eq!(unread.method, EnergyMethod::Estimated);
         // The total counts what was measured, and says nothing about the unread GPU.
         assert_eq!(m.totals.gpu_j, Some(800.0));
+        assert_eq!(m.coverage.components.unwrap().gpu, Some(0.5));
     }
 
     #[test]
@@ -912,7 +887,8 @@ mod tests {
                 mig: None,
             },
         ]);
-        let mut m = build(&job, &facts(), &traces(), None, "cl", &[]);
+        let res = attributed(vec![2, 1], |_, _| {});
+        let mut m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         assert_eq!(m.gpus.len(), 2);
         // minor 3 is NVML position 2 (300 W), minor 5 position 1 (200 W); 4 s.
         assert_eq!(
@@ -926,13 +902,10 @@ mod tests {
         assert_eq!(m.gpus[0].avg_w, Some(300.0));
         assert_eq!(m.gpus[0].peak_w, Some(300.0));
         assert_eq!(m.totals.gpu_j, Some(2000.0));
-        assert_eq!(m.totals.cpu_j, None);
         assert_eq!(m.duration_s, 4.0);
-        // Its GPUs are covered; its CPU share is not measured without the attributor, and the
-        // job's coverage is its least-covered component's.
         let c = m.coverage.components.unwrap();
-        assert_eq!((c.gpu, c.cpu, c.dram), (Some(1.0), Some(0.0), Some(0.0)));
-        assert_eq!(m.coverage.fraction, 0.0);
+        assert_eq!((c.gpu, c.cpu, c.dram), (Some(1.0), Some(1.0), Some(1.0)));
+        assert_eq!(m.coverage.fraction, 1.0);
         assert!(m.coverage.gaps.is_empty());
         assert_eq!(
             m.schema_version,
@@ -941,11 +914,9 @@ mod tests {
         assert_eq!(m.cluster, "cl");
         // Node: 600 W GPUs + 50 W package + 10 W DRAM (core is inside package), 4 s.
         assert_eq!(m.node_context.node_energy_j, 2640.0);
-        // Without an attributor result: no per-socket share that would read as the job's.
-        assert!(m.sockets.is_empty());
         // Step 0 from 2 s to the job's end (no StepEnd): 3 s × 500 W.
         assert_eq!(m.steps[0].gpu_j, Some(1500.0));
-        assert_eq!(m.attribution.model, FALLBACK_MODEL);
+        assert_eq!(m.attribution.model, crate::attribution::MODEL_NAME);
         // Trace: 100 ms bins over 4 s, constant power.
         assert_eq!(m.trace.interval_ms, 100);
         assert_eq!(m.trace.series[0].name, "gpu0");
@@ -954,7 +925,9 @@ mod tests {
             .watts
             .iter()
             .all(|&w| (w - 300.0).abs() < 0.01));
-        assert!((m.totals.peak_w - 500.0).abs() < 0.01);
+        // Peak: both GPUs (500 W) and the job's CPU share once its step runs (25 W package,
+        // 5 W DRAM).
+        assert!((m.totals.peak_w - 530.0).abs() < 0.01, "{}", m.totals.peak_w);
         m.seal();
         let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
         assert_eq!(back, m);
@@ -974,9 +947,12 @@ mod tests {
                 mig: None,
             },
         ]);
-        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
+        let res = attributed(vec![0], |_, _| {});
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         assert_eq!(m.gpus.len(), 1);
         assert_eq!(m.gpus[0].uuid, "GPU-0");
+        // The GPU that matches nothing is not covered.
+        assert_eq!(m.coverage.components.unwrap().gpu, Some(0.5));
         assert!(m.attribution.estimated);
         let nvml = &m.sensors[0].detail;
         assert!(
@@ -993,12 +969,28 @@ mod tests {
             mig: None,
         }]);
         job.start_seen = false;
-        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
+        let res = attributed(vec![], |_, _| {});
+        let m = build(&job, &facts(), &traces(), Some(&res), "cl", &[]);
         assert_eq!(m.coverage.fraction, 0.0);
         assert_eq!(m.coverage.gaps.len(), 1);
         assert!(m.gpus.is_empty());
         assert_eq!(m.totals.gpu_j, None);
         assert!(m.to_json().is_ok());
+    }
+
+    #[test]
+    fn a_job_the_attributor_never_had_has_no_figures_and_says_so() {
+        let job = ended_job(vec![GpuAlloc {
+            index: 0,
+            minor: Some(3),
+            mig: None,
+        }]);
+        let m = build(&job, &facts(), &traces(), None, "cl", &[]);
+        assert_eq!((m.totals.gpu_j, m.totals.cpu_j), (None, None));
+        assert_eq!(m.gpus[0].energy_j, None);
+        assert_eq!(m.coverage.fraction, 0.0);
+        assert!(m.coverage.gaps[0].reason.contains("no figures"));
+        assert_eq!(m.attribution.model, UNATTRIBUTED_MODEL);
     }
 
     #[test]

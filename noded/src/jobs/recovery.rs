@@ -246,7 +246,7 @@ pub fn restore(
         if let Some(at) = job.end {
             // Its end was seen before the stop; finish it now (its end reading, if it was
             // not taken, is read now).
-            if job.end_reading.is_none() && job.result.is_none() {
+            if job.result.is_none() {
                 out.actions.push(Action::Read {
                     job_id: id,
                     mark: Mark::JobEnd,

@@ -1,8 +1,7 @@
 //! [`JobRegistry`]: the jobs and steps running on this node, built from the SPANK plugin's
 //! events. Pure state machine: it performs no I/O and reads no clock. Each event returns the
-//! [`Action`]s the I/O shell ([`super::tracker`]) must perform (take a counter reading at the
-//! event's instant, watch or unwatch a cgroup, write the manifest), and readings come back
-//! through [`JobRegistry::record_reading`].
+//! [`Action`]s the I/O shell ([`super::worker`]) must perform (close an attribution interval
+//! at the event's instant, watch or unwatch a cgroup, write the manifest).
 //!
 //! Events arrive in any order and may be missing (ergond restarted, a hook failed): a step or
 //! job end for a job ergond never saw start creates the job with `start_seen = false`, so what
@@ -17,8 +16,6 @@ use ergon_protocol::{
     StepId, StepStart,
 };
 use serde::{Deserialize, Serialize};
-
-use super::reading::Reading;
 
 /// How the gap of a job found running at start-up begins.
 pub const DISCOVERED_GAP: &str = "ergond was not running when the job started";
@@ -66,8 +63,7 @@ pub enum Mark {
 /// What the shell must do after an event, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Read every counter at `at.mono_ns` and hand the result to
-    /// [`JobRegistry::record_reading`].
+    /// Read every counter at `at.mono_ns` and close the attribution interval there.
     Read {
         /// The job.
         job_id: u32,
@@ -86,7 +82,7 @@ pub enum Action {
         /// As given to [`Action::Watch`].
         path: String,
     },
-    /// The job has ended: once the readings requested before are recorded, take it out with
+    /// The job has ended: once the readings requested before are taken, take it out with
     /// [`JobRegistry::take`] and write its manifest.
     Finish {
         /// The job.
@@ -129,8 +125,6 @@ fn step_mut(job: &mut Job, id: StepId, max_steps: usize) -> Result<&mut Step, Re
         cgroups: Vec::new(),
         cpus: CpuSet::new(),
         watched: None,
-        start_reading: None,
-        end_reading: None,
         exit_status: None,
     });
     Ok(job.steps.last_mut().expect("just pushed"))
@@ -151,10 +145,6 @@ pub struct Step {
     pub cpus: CpuSet,
     /// The cgroup watched for its CPU time, if any.
     pub watched: Option<String>,
-    /// Counters at its start.
-    pub start_reading: Option<Reading>,
-    /// Counters at its end.
-    pub end_reading: Option<Reading>,
     /// Exit status, if seen.
     pub exit_status: Option<i32>,
 }
@@ -199,10 +189,6 @@ pub struct Job {
     pub start: EventTime,
     /// The job's end, once seen.
     pub end: Option<EventTime>,
-    /// Counters at `start` (only when `start_seen`).
-    pub start_reading: Option<Reading>,
-    /// Counters at `end`.
-    pub end_reading: Option<Reading>,
     /// Steps, in the order their first event arrived.
     pub steps: Vec<Step>,
     /// Outages while the job ran (ergond restarted), with whether their energy was recovered.
@@ -249,8 +235,6 @@ impl Job {
             start_seen: false,
             start: first,
             end: None,
-            start_reading: None,
-            end_reading: None,
             steps: Vec::new(),
             gaps: Vec::new(),
             result: None,
@@ -572,30 +556,6 @@ impl JobRegistry {
         Ok(actions)
     }
 
-    /// Store a reading asked for by an [`Action::Read`]. Returns false when the job or step is
-    /// no longer there (then the reading is dropped).
-    pub fn record_reading(&mut self, job_id: u32, mark: Mark, reading: Reading) -> bool {
-        let Some(job) = self.jobs.get_mut(&job_id).map(Arc::make_mut) else {
-            return false;
-        };
-        let slot = match mark {
-            Mark::JobStart => &mut job.start_reading,
-            Mark::JobEnd => &mut job.end_reading,
-            Mark::StepStart(id) | Mark::StepEnd(id) => {
-                let Some(step) = job.steps.iter_mut().find(|s| s.id == id) else {
-                    return false;
-                };
-                if matches!(mark, Mark::StepStart(_)) {
-                    &mut step.start_reading
-                } else {
-                    &mut step.end_reading
-                }
-            }
-        };
-        *slot = Some(reading);
-        true
-    }
-
     /// Jobs that have ended and wait for their manifest to be written.
     pub fn ended(&self) -> usize {
         self.jobs.values().filter(|j| j.end.is_some()).count()
@@ -757,18 +717,6 @@ mod tests {
         }
     }
 
-    fn reading(at: EventTime) -> Reading {
-        Reading {
-            at_mono_ns: at.mono_ns,
-            gpus: vec![Some(1.0)],
-            zones: vec![],
-            cgroups: vec![],
-            sockets: vec![],
-            gpu_util: vec![],
-            across: None,
-        }
-    }
-
     #[test]
     fn a_job_found_at_start_up_is_promoted_by_a_later_job_start() {
         let mut r = JobRegistry::default();
@@ -877,9 +825,6 @@ mod tests {
                 Action::Finish { job_id: 5 }
             ]
         );
-        assert!(r.record_reading(5, Mark::JobEnd, reading(t(4))));
-        assert!(r.record_reading(5, Mark::StepStart(StepId::Numbered(0)), reading(t(1))));
-        assert!(!r.record_reading(5, Mark::StepStart(StepId::Batch), reading(t(1))));
         let job = r.take(5).unwrap();
         assert!(job.start_seen);
         assert_eq!((job.start, job.end), (t(0), Some(t(4))));
@@ -890,9 +835,8 @@ mod tests {
             (s.start, s.end, s.exit_status),
             (Some(t(1)), Some(t(3)), Some(0))
         );
-        assert!(s.start_reading.is_some() && s.end_reading.is_none());
         assert!(r.is_empty());
-        assert!(!r.record_reading(5, Mark::JobEnd, reading(t(4))), "gone");
+        assert!(r.get(5).is_none(), "gone");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use ergon_protocol::{ErrorCode, Reply, Request, PROTOCOL_VERSION};
 
 use super::attributor::Attributor;
 use super::commands::{apply, take_queued};
-use super::facts::{match_gpus, NodeFacts};
+use super::facts::NodeFacts;
 use super::journal::boot_id;
 use super::recovery::{discover, finish_vanished, restore, Restored};
 use super::registry::{Action, JobRegistry};
@@ -198,14 +198,11 @@ impl JobTracker {
     }
 
     fn query(&self, job_id: u32, peer_uid: u32) -> Reply {
-        // Copy what is needed, so that the sampler snapshot below is taken without the lock.
         let found = {
             let reg = lock(&self.inner.registry);
-            reg.get(job_id)
-                .map(|j| (j.uid, j.gpus.clone(), j.start_reading.clone()))
-                .zip(reg.snapshot(job_id))
+            reg.get(job_id).map(|j| j.uid).zip(reg.snapshot(job_id))
         };
-        let Some(((owner, gpus, start_reading), mut snap)) = found else {
+        let Some((owner, mut snap)) = found else {
             return Reply::error(
                 ErrorCode::UnknownJob,
                 format!("job {job_id} is not running on this node"),
@@ -217,24 +214,10 @@ impl JobTracker {
                 format!("job {job_id} belongs to another user; you may query only your own jobs"),
             );
         }
-        // GPU energy so far: latest published counters minus the start reading.
-        if let Some(start) = &start_reading {
-            let now = self.inner.sampler.snapshot();
-            let e: Option<f64> = match_gpus(&gpus, &self.inner.facts.gpus)
-                .iter()
-                .filter_map(|(_, m)| m.map(|(p, _)| p))
-                .map(|p| {
-                    let cur = now.gpus.get(p)?.energy_j;
-                    start
-                        .gpus
-                        .get(p)
-                        .copied()
-                        .flatten()
-                        .map(|s| (cur - s).max(0.0))
-                })
-                .sum();
-            snap.energy_j = e;
-        }
+        // Its energy so far: the attributor's running share, as its manifest will have it.
+        snap.energy_j = lock(&self.inner.attributor)
+            .share(job_id)
+            .map(|s| s.total_j());
         Reply::Job(snap)
     }
 

@@ -204,7 +204,6 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
         mig: Vec<(usize, u32)>,
         cpus: ergon_protocol::CpuSet,
         path: Option<String>,
-        own: Vec<String>,
     }
     let info = {
         let reg = lock(&inner.registry);
@@ -220,7 +219,6 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
                     }
                     _ => None,
                 },
-                own: job.steps.iter().filter_map(|s| s.watched.clone()).collect(),
             }
         })
     };
@@ -230,6 +228,15 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
         att.advance(&reading);
         let late = att.last_at() != Some(reading.at_mono_ns);
         let share_after = att.share(job_id).map(|s| s.total_j());
+        // Every job is the attributor's from its first event, so its figures have one source
+        // even when ergond missed its start (a step event for a job it never saw start).
+        if let Some(i) = &info {
+            if mark != Mark::JobStart && !att.members().contains_key(&job_id) {
+                att.job_start(job_id, i.gpus.clone(), i.cpus.clone());
+                att.set_mig(job_id, i.mig.clone());
+                flag_shared_gpus(&inner.sampler, &att);
+            }
+        }
         match (mark, &info) {
             (Mark::JobStart, Some(i)) => {
                 // A job taken on at start-up and now properly started: its figures start
@@ -327,12 +334,6 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
             }
         }
     }
-    // The job keeps only its own cgroups' figures (a reading holds every watched one).
-    let mut reading = reading;
-    let own = info.map(|i| i.own).unwrap_or_default();
-    reading.cgroups.retain(|(p, _)| own.contains(p));
-    reading.gpu_util = Vec::new();
-    lock(&inner.registry).record_reading(job_id, mark, reading);
 }
 
 /// The most a job's figures can be off by when a reading at its start or end was
