@@ -830,7 +830,7 @@ mod tests {
 
     #[test]
     fn a_gpu_that_could_not_be_read_has_no_energy_not_zero() {
-        let mut job = ended_job(vec![
+        let job = ended_job(vec![
             GpuAlloc {
                 index: 0,
                 minor: Some(3),
