@@ -6,9 +6,11 @@ use ergon_protocol::manifest::Manifest;
 use ergon_protocol::record::{find_in_field, strip_from_field, JobRecord};
 use serde::Serialize;
 
-use crate::collect::{self, combine, JobRecordFull};
+use crate::collect::{self, combine};
 use crate::config::Config;
+use crate::job::JobRecordFull;
 use crate::sacct::Sacct;
+use crate::spool;
 use crate::state::{Delivery, State};
 
 /// What `ergon report` shows.
@@ -62,57 +64,14 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         },
         Err(e) => report.sacct_note = Some(e),
     }
-    let mut found = Vec::new();
-    for spool in &config.spool_dirs {
-        let Ok(entries) = std::fs::read_dir(spool) else {
-            continue;
-        };
-        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            // Manifests are named <cluster>-<job>-<node>.json: a file of this job's that
-            // cannot be read or parsed is reported, not silently left out.
-            let ours = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.contains(&format!("-{job_id}-")));
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    if ours {
-                        report
-                            .manifest_problems
-                            .push(format!("{}: cannot read: {e}", path.display()));
-                    }
-                    continue;
-                }
-            };
-            let m = match Manifest::from_json_unverified(&bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    if ours {
-                        report
-                            .manifest_problems
-                            .push(format!("{}: not a valid manifest: {e}", path.display()));
-                    }
-                    continue;
-                }
-            };
-            if m.job.job_id != job_id || cluster.is_some_and(|c| c != m.cluster) {
-                continue;
-            }
-            match m.verify() {
-                // The same manifest in two spools counts once.
-                Ok(())
-                    if found
-                        .iter()
-                        .any(|f: &Manifest| f.content_hash == m.content_hash) => {}
-                Ok(()) => found.push(m),
-                Err(e) => report
-                    .manifest_problems
-                    .push(format!("{}: {e}", path.display())),
-            }
+    let files = spool::find_job(&config.spool_dirs, cluster, job_id);
+    report.manifest_problems.extend(files.unreadable);
+    report.manifest_problems.extend(files.unverified);
+    // The same manifest in two spools counts once.
+    let mut found: Vec<Manifest> = Vec::new();
+    for (_, m) in files.found {
+        if !found.iter().any(|f| f.content_hash == m.content_hash) {
+            found.push(m);
         }
     }
     if !found.is_empty() {

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::{self, combine, FoundManifest, JobRecordFull, Streamed};
+use crate::collect::{self, combine, FoundManifest, Streamed};
 use crate::config::{Config, RetryConfig};
+use crate::job::JobRecordFull;
 use crate::sacct::{Sacct, SacctJob, SacctOutcome};
 use crate::sinks::{deliver_batch, BatchResult, HttpIngest, Sink, VictoriaMetrics};
 use crate::state::{Bounds, Delivery, JobEntry, Journal, JournalOp, RunLock, SinkStatus, State};

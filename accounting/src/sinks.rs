@@ -14,8 +14,8 @@ use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde::Serialize;
 
-use crate::collect::JobRecordFull;
 use crate::config::{HttpConfig, RetryConfig, VictoriaMetricsConfig};
+use crate::job::JobRecordFull;
 
 /// What one request achieved.
 #[derive(Debug, Clone, PartialEq)]

@@ -29,12 +29,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::collect::JobRecordFull;
+use crate::job::JobRecordFull;
+use crate::spool::IndexEntry;
 
 /// The state file's format version.
 pub const STATE_VERSION: u32 = 1;
@@ -147,19 +147,6 @@ pub struct Dropped {
     /// Jobs the last run did not collect because they ended at or before the horizon (their
     /// manifests are still in the spool; not a loss by this run).
     pub skipped_before_horizon: u64,
-}
-
-/// A manifest file already collected: what [`State::index`] remembers of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexEntry {
-    /// File size in bytes when it was read.
-    pub size: u64,
-    /// Modification time when it was read, ns since the Unix epoch (`st_mtime`, `st_mtime_nsec`).
-    pub mtime_ns: i64,
-    /// The manifest's content hash (`sha256:<hex>`), as verified.
-    pub content_hash: String,
-    /// The job it belongs to (`cluster/job`, a key of [`State::jobs`]).
-    pub job: String,
 }
 
 /// The whole state.
@@ -678,16 +665,14 @@ impl RunLock {
                 path: path.clone(),
                 source,
             })?;
-        // SAFETY: flock on a file descriptor we own and keep open for the lock's lifetime.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(LockError::Busy(path));
-            }
-            return Err(LockError::Io { path, source: err });
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(RunLock { _file: file }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(LockError::Busy(path)),
+            Err(e) => Err(LockError::Io {
+                path,
+                source: e.into(),
+            }),
         }
-        Ok(RunLock { _file: file })
     }
 }
 
