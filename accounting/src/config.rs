@@ -234,6 +234,11 @@ pub struct VictoriaMetricsConfig {
     /// Request timeout, seconds.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// Take a record as delivered only once VictoriaMetrics has written it to disk and it reads
+    /// back (`/snapshot/create`, `/api/v1/export`). `false` for an endpoint that only speaks
+    /// `/write` (InfluxDB 1.x): an accepted batch is then taken as delivered.
+    #[serde(default = "yes")]
+    pub verify: bool,
 }
 
 /// HTTPS JSON ingest sink.
@@ -255,6 +260,10 @@ pub struct HttpConfig {
     /// Connect timeout, seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_s: u64,
+    /// Send the bearer token even though `url` is plain `http://` (unencrypted). Off: such a
+    /// config is refused, so that a token never crosses the network in clear by mistake.
+    #[serde(default)]
+    pub allow_token_over_plain_http: bool,
 }
 
 fn default_batch() -> usize {

@@ -153,8 +153,12 @@ pub struct Status {
     pub state_dir: PathBuf,
     /// Jobs in the state.
     pub jobs: usize,
-    /// Per destination (`sacct` and each sink): records pending.
+    /// Per destination (`sacct` and each sink): records pending (not yet delivered, those sent
+    /// but not verified included).
     pub backlog: Vec<(String, usize)>,
+    /// Per destination: of its backlog, the records it accepted that are not yet verified to be
+    /// durable (VictoriaMetrics); the next run checks them and sends what is missing.
+    pub unverified: Vec<(String, usize)>,
     /// sacct records skipped on purpose.
     pub sacct_skipped: usize,
     /// Per destination: last success (Unix seconds) and last error.
@@ -193,6 +197,10 @@ pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
         .iter()
         .map(|n| (n.clone(), state.pending_for(n).len()))
         .collect();
+    let unverified = names
+        .iter()
+        .map(|n| (n.clone(), state.sent_for(n)))
+        .collect();
     let destinations = names
         .iter()
         .map(|n| {
@@ -204,6 +212,7 @@ pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
         state_dir: config.state_dir.clone(),
         jobs: state.jobs.len(),
         backlog,
+        unverified,
         sacct_skipped: state
             .jobs
             .values()
@@ -236,9 +245,16 @@ pub fn render_status(s: &Status) -> String {
     if let Some(line) = &s.last_run_summary {
         out += &format!("           {line}\n");
     }
-    for ((name, pending), (_, success, error)) in s.backlog.iter().zip(&s.destinations) {
+    for (((name, pending), (_, success, error)), (_, sent)) in
+        s.backlog.iter().zip(&s.destinations).zip(&s.unverified)
+    {
         out += &format!(
-            "{name:<18} backlog {pending}, last success {}{}\n",
+            "{name:<18} backlog {pending}{}, last success {}{}\n",
+            if *sent > 0 {
+                format!(" ({sent} sent, not yet verified)")
+            } else {
+                String::new()
+            },
             ago(*success),
             error
                 .as_deref()

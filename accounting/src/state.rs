@@ -5,7 +5,9 @@
 //! The state is one JSON file, `state.json`, replaced atomically (write a temporary file, fsync,
 //! rename over the old one, fsync the directory), so a crash leaves either the old or the new
 //! state, never a mix. A crash after a delivery but before the save makes the next run deliver
-//! again: delivery is at least once, and every record carries an idempotency key.
+//! again: delivery is at least once, and every record carries an idempotency key. A delivery is
+//! *done* only when the destination has the record durably; a sink whose acceptance does not
+//! mean that (VictoriaMetrics) leaves it [`Delivery::Sent`] until a read-back confirms it.
 //!
 //! Between two saves a run can append to a [`Journal`] (`journal.jsonl`) instead of rewriting
 //! the whole file: the entries of newly collected jobs (fsynced before any of them is sent) and
@@ -50,6 +52,15 @@ pub enum Delivery {
         /// The last failure.
         last_error: Option<String>,
     },
+    /// Accepted by a sink whose acceptance does not mean durable (VictoriaMetrics), at this time
+    /// (Unix seconds), and not yet found there by a read-back after a flush to disk. Still to be
+    /// delivered: the next verification either finds it (then `done`) or sends what is missing.
+    Sent {
+        /// When the sink accepted it.
+        at_unix: u64,
+        /// Why the last verification did not confirm it, if one failed.
+        last_error: Option<String>,
+    },
     /// Delivered at this time (Unix seconds).
     Done {
         /// When.
@@ -72,13 +83,23 @@ impl Delivery {
         }
     }
 
-    /// Whether it is still to be done.
+    /// Whether it is still to be done ([`Delivery::Pending`] or [`Delivery::Sent`]).
     pub fn is_pending(&self) -> bool {
-        matches!(self, Delivery::Pending { .. })
+        matches!(self, Delivery::Pending { .. } | Delivery::Sent { .. })
     }
 
-    /// Record a failed attempt.
+    /// Whether the sink accepted it but it is not verified yet.
+    pub fn is_sent(&self) -> bool {
+        matches!(self, Delivery::Sent { .. })
+    }
+
+    /// Record a failed attempt (for a record already sent: a verification that did not confirm
+    /// it; it stays sent).
     pub fn failed(&mut self, error: impl Into<String>) {
+        if let Delivery::Sent { last_error, .. } = self {
+            *last_error = Some(error.into());
+            return;
+        }
         let attempts = match self {
             Delivery::Pending { attempts, .. } => *attempts + 1,
             _ => 1,
@@ -335,6 +356,24 @@ impl State {
                     self.jobs.insert(key.clone(), entry.clone());
                 }
             }
+            JournalOp::Sent {
+                sink,
+                at_unix,
+                keys,
+                status,
+            } => {
+                self.sinks.insert(sink.clone(), status.clone());
+                for key in keys {
+                    if let Some(d) = self.jobs.get_mut(key).and_then(|e| e.delivery_mut(sink)) {
+                        if d.is_pending() {
+                            *d = Delivery::Sent {
+                                at_unix: *at_unix,
+                                last_error: None,
+                            };
+                        }
+                    }
+                }
+            }
             JournalOp::Delivered {
                 sink,
                 at_unix,
@@ -483,7 +522,15 @@ impl State {
         }
     }
 
-    /// Entries with a delivery pending for `sink` (`"sacct"` for sacct).
+    /// Entries whose delivery to `sink` was accepted and awaits verification.
+    pub fn sent_for(&self, sink: &str) -> usize {
+        self.jobs
+            .values()
+            .filter(|e| e.sinks.get(sink).is_some_and(Delivery::is_sent))
+            .count()
+    }
+
+    /// Entries with a delivery pending for `sink` (`"sacct"` for sacct), sent ones included.
     pub fn pending_for(&self, sink: &str) -> Vec<String> {
         self.jobs
             .iter()
@@ -524,6 +571,17 @@ pub enum JournalOp {
     Put {
         /// `cluster/job` and its entry.
         jobs: Vec<(String, JobEntry)>,
+    },
+    /// Accepted by `sink`, to be verified ([`Delivery::Sent`]).
+    Sent {
+        /// The destination.
+        sink: String,
+        /// When.
+        at_unix: u64,
+        /// The jobs (`cluster/job`).
+        keys: Vec<String>,
+        /// The destination's history after this.
+        status: SinkStatus,
     },
     /// Delivered to `sink` (`"sacct"` for sacct).
     Delivered {

@@ -97,7 +97,7 @@ impl Receiver {
 /// The config: two spools, the VictoriaMetrics sink at `port` with `batch_size`.
 fn config(s: &Setup, port: u16, batch_size: usize) {
     let text = format!(
-        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\n",
+        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\nverify = false\n",
         s.spool(),
         s.dir.path().join("spool2"),
         s.quarantine(),
@@ -256,4 +256,27 @@ fn a_run_killed_between_batches_loses_nothing() {
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(server.per_job(), after, "the run after sends nothing");
+}
+
+/// With two requests in flight, a sink that fails fails both: the error is logged once, and the
+/// second request gives up instead of retrying on.
+#[test]
+fn a_failing_sink_is_reported_once_though_two_requests_were_in_flight() {
+    let s = Setup::new();
+    for job in 1..=200 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    std::fs::create_dir_all(s.dir.path().join("spool2")).unwrap();
+    // Nothing listens on the port: every request fails.
+    config(&s, free_port(), 10);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "the error once:\n{stderr}");
+    assert!(
+        errors[0].contains("victoria_metrics") && errors[0].contains("stay pending"),
+        "{stderr}"
+    );
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 200);
 }

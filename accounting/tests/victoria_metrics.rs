@@ -1,5 +1,6 @@
-//! Upload to a real VictoriaMetrics (`/usr/bin/victoria-metrics`, Debian's package), stopped
-//! during a run and restarted: every record present exactly once.
+//! Upload to a real VictoriaMetrics (`/usr/bin/victoria-metrics`, Debian's package): stopped
+//! during a run and restarted, or killed with SIGKILL at random points over several runs; every
+//! record present exactly once, and a record the state calls delivered is always there.
 
 mod common;
 
@@ -45,14 +46,25 @@ impl Vm {
         self.child.wait().unwrap();
     }
 
+    /// SIGKILL: whatever VictoriaMetrics holds only in memory is lost.
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Samples per job id of `ergon_job_energy_j`.
     fn samples_per_job(&self) -> BTreeMap<String, usize> {
+        self.samples_per_job_of("ergon_job_energy_j")
+    }
+
+    /// Samples per job id of the series `metric`.
+    fn samples_per_job_of(&self, metric: &str) -> BTreeMap<String, usize> {
         get(&format!(
             "http://127.0.0.1:{}/internal/force_flush",
             self.port
         ));
         let text = get(&format!(
-            "http://127.0.0.1:{}/api/v1/export?match[]=ergon_job_energy_j",
+            "http://127.0.0.1:{}/api/v1/export?match[]={metric}",
             self.port
         ))
         .unwrap();
@@ -133,5 +145,193 @@ fn records_arrive_exactly_once_across_a_stop_and_restart() {
         doubled.is_empty(),
         "jobs not present exactly once: {doubled:?}"
     );
+    vm.stop();
+}
+
+/// A small xorshift generator, seeded from the clock (the seed is printed to reproduce a run).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("ERGON_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| now_ns() | 1);
+        eprintln!("kill -9 schedule seed: {seed} (ERGON_TEST_SEED={seed} repeats it)");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// VictoriaMetrics acknowledges a write before it is on disk: killed with SIGKILL within a few
+/// seconds of a write, it comes back without those samples. Over several runs it is killed at
+/// random points, while ergon uploads and right after a run that exited 0; after each restart
+/// every record the state calls delivered must be in VictoriaMetrics, and at the end every
+/// record is there exactly once (each of its fields).
+#[test]
+fn records_survive_kill_9_at_random_points_exactly_once() {
+    assert!(
+        Path::new(VM).exists(),
+        "{VM} is missing: run scripts/slurm-cluster up (it installs victoria-metrics)"
+    );
+    const CYCLES: u32 = 6;
+    const PER_CYCLE: u32 = 500;
+    let mut rng = Rng::new();
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    s.write_config(&format!(
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 5\ntimeout_s = 5\n"
+    ));
+    let mut vm = Vm::start(port, &data);
+    let mut killed_after_success = 0;
+    let mut run_took = Duration::ZERO;
+    for cycle in 0..CYCLES {
+        for job in cycle * PER_CYCLE + 1..=(cycle + 1) * PER_CYCLE {
+            write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+        }
+        let mut run = s.ergon().arg("run").stderr(Stdio::piped()).spawn().unwrap();
+        // Even cycles: kill as soon as the run has ended (and time it); odd cycles: kill while
+        // the run goes on, at a random moment within the time the last run took.
+        let spawned = Instant::now();
+        if cycle % 2 == 0 {
+            let status = run.wait().unwrap();
+            run_took = spawned.elapsed();
+            if status.code() == Some(0) {
+                killed_after_success += 1;
+            }
+        } else {
+            let ms = run_took.as_millis().max(1) as u64;
+            std::thread::sleep(Duration::from_millis(rng.below(ms)));
+        }
+        vm.kill9();
+        let out = run.wait_with_output().unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "cycle {cycle}: {}",
+            show(&out)
+        );
+        eprintln!(
+            "cycle {cycle}: run exit {:?}, {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| l.contains("collected") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        vm = Vm::start(port, &data);
+        // What the state calls delivered is there.
+        let present = vm.samples_per_job();
+        let state = ergon_accounting::state::State::load(&s.state()).unwrap();
+        let lost: Vec<&String> = state
+            .jobs
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e.sinks.get("victoria_metrics"),
+                    Some(ergon_accounting::state::Delivery::Done { .. })
+                )
+            })
+            .map(|(k, _)| k)
+            .filter(|k| !present.contains_key(k.trim_start_matches("c1/")))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "cycle {cycle}: {} records marked delivered are not in VictoriaMetrics after a kill -9, e.g. {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+    }
+    assert!(killed_after_success > 0, "no run completed before a kill");
+
+    // The next run delivers what is left: every record exactly once, every field of it too.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 0);
+    let total = (CYCLES * PER_CYCLE) as usize;
+    for metric in [
+        "ergon_job_energy_j",
+        "ergon_job_gpu_j",
+        "ergon_job_coverage_min",
+        "ergon_job_gpus",
+    ] {
+        let per_job = vm.samples_per_job_of(metric);
+        assert_eq!(per_job.len(), total, "{metric}: every job present");
+        let not_once: Vec<_> = per_job.iter().filter(|(_, n)| **n != 1).collect();
+        assert!(
+            not_once.is_empty(),
+            "{metric}: {} jobs not present exactly once, e.g. {:?}",
+            not_once.len(),
+            &not_once[..not_once.len().min(5)]
+        );
+    }
+    vm.stop();
+}
+
+/// Records left pending by a run whose fate is unknown (VictoriaMetrics may hold them, or part
+/// of them) are read back before anything is sent: only what is missing is sent, field by
+/// field, so nothing is stored twice.
+#[test]
+fn pending_records_are_checked_first_and_only_missing_fields_sent() {
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    s.write_config(&format!(
+        "[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 10\ntimeout_s = 5\n"
+    ));
+    let manifests: Vec<_> = (1..=3)
+        .map(|job| manifest("c1", job, "n1", 10.0 * job as f64, 1.0, 1.0))
+        .collect();
+    for m in &manifests {
+        write_manifest(&s.spool(), m);
+    }
+    // VictoriaMetrics is not up: everything stays pending.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 3);
+
+    // Job 1's energy (only) and all of job 2 reached it anyway, as if a run had been killed
+    // after VictoriaMetrics took them and before the state said so.
+    let vm = Vm::start(port, &data);
+    let line = |m: &ergon_protocol::manifest::Manifest, fields: &str| {
+        format!(
+            "ergon_job,cluster=c1,job_id={},user=alice,account=phys,partition=gpu {fields} {}\n",
+            m.job.job_id, m.end_unix_ns
+        )
+    };
+    let body = line(&manifests[0], "energy_j=11")
+        + &line(
+            &manifests[1],
+            "energy_j=21,gpu_j=20,cpu_j=1,avg_w=0.21,peak_w=0.42,coverage_min=1,coverage_weighted=1,duration_s=100,nodes=1,gpus=1",
+        );
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!("http://127.0.0.1:{port}/write"))
+        .body(body)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 0);
+    for metric in [
+        "ergon_job_energy_j",
+        "ergon_job_gpu_j",
+        "ergon_job_cpu_j",
+        "ergon_job_avg_w",
+        "ergon_job_duration_s",
+        "ergon_job_gpus",
+    ] {
+        let per_job = vm.samples_per_job_of(metric);
+        let expected: BTreeMap<String, usize> = (1..=3).map(|j| (j.to_string(), 1)).collect();
+        assert_eq!(per_job, expected, "{metric}: each job exactly once");
+    }
     vm.stop();
 }
