@@ -108,6 +108,9 @@ pub fn render_job_report(r: &JobReport) -> String {
             )
         }
     }
+    if let Some(foreign) = &r.foreign_content {
+        out += &format!("  also in {}: {foreign}\n", r.field);
+    }
     if let Some(m) = &r.manifests {
         out += &format!("  from manifests ({} node(s)):\n", m.nodes.len());
         for n in &m.nodes {

@@ -60,8 +60,11 @@ pub struct RunSummary {
     pub unsettled: usize,
     /// Jobs not collected because they ended before the retention horizon.
     pub skipped_before_horizon: usize,
-    /// sacct records written (or found already in place).
+    /// sacct records written (and verified).
     pub sacct_written: usize,
+    /// sacct records that held the record already (nothing written; e.g. after the state was
+    /// lost or restored).
+    pub sacct_already: usize,
     /// sacct records skipped on purpose (foreign content).
     pub sacct_skipped: usize,
     /// sacct records left pending.
@@ -142,7 +145,7 @@ impl RunSummary {
             })
             .collect();
         format!(
-            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} skipped, {} pending; {}; {} dropped",
+            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} already in place, {} skipped, {} pending; {}; {} dropped",
             self.collected,
             self.updated,
             self.manifests_read,
@@ -151,6 +154,7 @@ impl RunSummary {
             self.unsettled,
             self.skipped_before_horizon,
             self.sacct_written,
+            self.sacct_already,
             self.sacct_skipped,
             self.sacct_failed,
             if sinks.is_empty() { "no sinks".to_string() } else { sinks.join(", ") },
@@ -1117,11 +1121,15 @@ fn write_sacct(
                 };
                 let delivery = entry.sacct.get_or_insert_with(Delivery::pending);
                 match outcome {
-                    SacctOutcome::Written { .. } => {
+                    SacctOutcome::Written { already } => {
                         *delivery = Delivery::Done {
                             at_unix: now_unix(),
                         };
-                        summary.sacct_written += 1;
+                        if already {
+                            summary.sacct_already += 1;
+                        } else {
+                            summary.sacct_written += 1;
+                        }
                         status.last_success_unix = Some(now_unix());
                         status.delivered_total += 1;
                     }

@@ -194,9 +194,26 @@ fn record_lands_in_admin_comment_next_to_foreign_content_and_report_reads_it() {
     let field = admin_comment(c, job);
     assert_eq!(field, format!("{foreign}; {}", expected.encode()));
 
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sacct: 1 written, 0 already in place"),
+        "{stderr}"
+    );
+
     // A second run changes nothing.
     let out = ergon(c, &config, &["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(admin_comment(c, job), field);
+
+    // With the state lost, a run finds the record in place: it says so, and writes nothing.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sacct: 0 written, 1 already in place"),
+        "{stderr}"
+    );
     assert_eq!(admin_comment(c, job), field);
 
     let out = ergon(c, &config, &["report", &job.to_string(), "--json"]);
@@ -209,6 +226,11 @@ fn record_lands_in_admin_comment_next_to_foreign_content_and_report_reads_it() {
     let out = ergon(c, &config, &["report", &job.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("5000 J"), "{text}");
+    // The plain report shows the foreign content too, as --json does.
+    assert!(
+        text.contains(&format!("also in AdminComment: {foreign}")),
+        "{text}"
+    );
 }
 
 /// The record `ergon run` should write for the test manifest, given the job hash (which
