@@ -179,6 +179,7 @@ fn record(job: u32, pass: usize) -> JobRecord {
         nodes: 1,
         coverage: 0.999,
         hash: format!("{:012x}", (u64::from(job) << 8) | pass as u64),
+        ..JobRecord::default()
     }
 }
 

@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use ergon_protocol::manifest::{Manifest, ManifestError};
+use ergon_protocol::manifest::{ComponentCoverage, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 
-use crate::job::{job_key, GpuSummary, JobRecordFull, NodeSummary};
+use crate::job::{job_key, EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSummary};
 use crate::spool::{list, IndexEntry, Listed, SpoolIndex};
 
 fn sum_opt(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
@@ -72,6 +72,24 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             peak_w: m.totals.peak_w,
             coverage: m.coverage.fraction,
             manifest_hash: m.content_hash.clone(),
+            components: m.coverage.components,
+            gpus_unknown: m.coverage.gpus_unknown.clone(),
+        })
+        .collect();
+    let estimates: Vec<EstimatedGap> = sorted
+        .iter()
+        .flat_map(|m| {
+            m.coverage.gaps.iter().filter_map(|g| {
+                let e = g.estimate?;
+                Some(EstimatedGap {
+                    node: m.node.clone(),
+                    start_unix_ns: g.start_unix_ns,
+                    end_unix_ns: g.end_unix_ns,
+                    reason: g.reason.clone(),
+                    energy_j: e.energy_j,
+                    bound_j: e.bound_j,
+                })
+            })
         })
         .collect();
     let mut gpus: Vec<GpuSummary> = sorted
@@ -123,7 +141,70 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         estimated: sorted.iter().any(|m| m.attribution.estimated),
         nodes,
         gpus,
+        coverage_components: component_coverage(&sorted),
+        gpus_unknown: sorted
+            .iter()
+            .filter_map(|m| {
+                Some(GpusUnknown {
+                    node: m.node.clone(),
+                    reason: m.coverage.gpus_unknown.clone()?,
+                })
+            })
+            .collect(),
+        estimate_bound_j: (!estimates.is_empty())
+            .then(|| estimates.iter().map(|e| e.bound_j.max(0.0)).sum()),
+        estimates,
+        sluid: sorted
+            .iter()
+            .find_map(|m| m.job.sluid.as_deref())
+            .map(str::to_ascii_lowercase),
     }
+}
+
+/// The job's coverage per component: for each component, the nodes that have it, each node's
+/// coverage weighted by its duration (see [`JobRecordFull::coverage_components`]). `None` when
+/// no manifest states per-component coverage. A node whose GPUs are unknown has GPU coverage 0
+/// whatever its manifest says.
+fn component_coverage(nodes: &[&Manifest]) -> Option<ComponentCoverage> {
+    if nodes.iter().all(|m| m.coverage.components.is_none()) {
+        return None;
+    }
+    let of = |m: &Manifest| -> ComponentCoverage {
+        let mut c = m.coverage.components.unwrap_or(ComponentCoverage {
+            // Before schema 4: the node's coverage, for each component it measured.
+            gpu: (!m.gpus.is_empty() || m.totals.gpu_j.is_some()).then_some(m.coverage.fraction),
+            cpu: m.totals.cpu_j.map(|_| m.coverage.fraction),
+            dram: m.totals.dram_j.map(|_| m.coverage.fraction),
+        });
+        if m.coverage.gpus_unknown.is_some() {
+            c.gpu = Some(0.0);
+        }
+        c
+    };
+    let per_node: Vec<(f64, ComponentCoverage)> = nodes
+        .iter()
+        .map(|m| (m.end_unix_ns.saturating_sub(m.start_unix_ns) as f64, of(m)))
+        .collect();
+    let weighted = |pick: fn(&ComponentCoverage) -> Option<f64>| -> Option<f64> {
+        let have: Vec<(f64, f64)> = per_node
+            .iter()
+            .filter_map(|(d, c)| pick(c).map(|v| (*d, v.clamp(0.0, 1.0))))
+            .collect();
+        if have.is_empty() {
+            return None;
+        }
+        let total: f64 = have.iter().map(|(d, _)| d).sum();
+        Some(if total > 0.0 {
+            have.iter().map(|(d, v)| d * v).sum::<f64>() / total
+        } else {
+            have.iter().map(|(_, v)| v).sum::<f64>() / have.len() as f64
+        })
+    };
+    Some(ComponentCoverage {
+        gpu: weighted(|c| c.gpu),
+        cpu: weighted(|c| c.cpu),
+        dram: weighted(|c| c.dram),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {

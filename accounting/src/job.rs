@@ -3,7 +3,7 @@
 //! ([`crate::state`]), the sinks send it ([`crate::sinks`]) and `ergon report` shows it. A leaf
 //! module: it depends on no other module of this crate.
 
-use ergon_protocol::manifest::EnergyMethod;
+use ergon_protocol::manifest::{ComponentCoverage, EnergyMethod};
 use ergon_protocol::record::JobRecord;
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +67,53 @@ pub struct JobRecordFull {
     pub nodes: Vec<NodeSummary>,
     /// Per GPU, sorted by node then index.
     pub gpus: Vec<GpuSummary>,
+    /// Coverage per component across the nodes, each the **time-weighted** mean of the nodes
+    /// that have the component (each node's coverage weighted by its duration, end − start; a
+    /// plain mean when every such node has duration 0); a component no node has is `null`.
+    /// Absent when no manifest of the job states per-component coverage (schema 4); a node whose
+    /// manifest does not then counts its `coverage` for each component it measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_components: Option<ComponentCoverage>,
+    /// The nodes on which the job's GPUs could not be known (their GPU energy is unknown, not
+    /// 0), with ergond's reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus_unknown: Vec<GpusUnknown>,
+    /// The gaps whose energy was estimated, with the estimate and its bound, by node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub estimates: Vec<EstimatedGap>,
+    /// The sum of the estimates' bounds, joules: the estimated part of `energy_j` is within this
+    /// of the truth. Absent when nothing is estimated with a bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_bound_j: Option<f64>,
+    /// Slurm's cluster-unique job id (Slurm 26.05+), lowercase, when the manifests have it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sluid: Option<String>,
+}
+
+/// A node on which the job's GPUs could not be known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpusUnknown {
+    /// Node name.
+    pub node: String,
+    /// Why (the manifest's `coverage.gpus_unknown`).
+    pub reason: String,
+}
+
+/// A gap of one node whose energy is in the totals as an estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EstimatedGap {
+    /// Node name.
+    pub node: String,
+    /// Start of the gap.
+    pub start_unix_ns: u64,
+    /// End of the gap.
+    pub end_unix_ns: u64,
+    /// Why there is a gap.
+    pub reason: String,
+    /// The job's energy estimated over it, joules.
+    pub energy_j: f64,
+    /// The estimate's largest error, joules.
+    pub bound_j: f64,
 }
 
 /// One node's share of a job.
@@ -90,6 +137,12 @@ pub struct NodeSummary {
     pub coverage: f64,
     /// The node manifest's content hash.
     pub manifest_hash: String,
+    /// Coverage per component on this node, as the manifest states it (schema 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub components: Option<ComponentCoverage>,
+    /// Why the job's GPUs on this node are unknown, when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_unknown: Option<String>,
 }
 
 /// One GPU's share of a job.
@@ -125,6 +178,24 @@ impl JobRecordFull {
                 0
             }
         };
+        let gpus_unknown = self.gpus_unknown.len() as u32;
+        // Per-component coverage goes in when the record's coverage is incomplete (then it says
+        // which part is missing) or a node's GPUs are unknown; complete coverage needs no more.
+        let partial = JobRecord {
+            coverage: self.coverage_min,
+            ..JobRecord::default()
+        }
+        .normalized()
+        .coverage
+            < 1.0;
+        let components = self
+            .coverage_components
+            .filter(|_| partial || gpus_unknown > 0);
+        let mut coverage_gpu = components.and_then(|c| c.gpu);
+        if gpus_unknown > 0 && coverage_gpu.is_none() {
+            // Unknown GPUs are uncovered GPUs: never a record without a GPU part.
+            coverage_gpu = Some(0.0);
+        }
         JobRecord {
             energy_j: whole(self.energy_j),
             gpu_j: whole(self.gpu_j.unwrap_or(0.0)),
@@ -137,6 +208,18 @@ impl JobRecordFull {
             nodes: self.nodes.len() as u32,
             coverage: self.coverage_min,
             hash: JobRecord::short_hash(&self.job_hash),
+            coverage_gpu,
+            coverage_cpu: components.and_then(|c| c.cpu),
+            coverage_dram: components.and_then(|c| c.dram),
+            gpus_unknown_nodes: gpus_unknown,
+            estimate_bound_j: self.estimate_bound_j.map(|b| {
+                if b.is_finite() && b > 0.0 {
+                    b.ceil() as u64
+                } else {
+                    0
+                }
+            }),
+            sluid: self.sluid.clone(),
         }
     }
 

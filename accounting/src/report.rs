@@ -85,11 +85,19 @@ pub fn render_job_report(r: &JobReport) -> String {
     let mut out = format!("job {}\n", r.job_id);
     match &r.sacct_record {
         Some(rec) => {
+            // GPUs unknown on a node: the GPU part is unknown there, never shown as a zero.
+            let gpu = match rec.gpus_unknown_nodes {
+                0 => format!("gpu {} J", rec.gpu_j),
+                n if n >= rec.nodes => "gpu unknown".to_owned(),
+                n => format!("gpu {} J + unknown on {n} node(s)", rec.gpu_j),
+            };
             out += &format!(
-                "  energy    {:.3} kWh ({} J)\n  by part   gpu {} J, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s)\n  coverage  {:.1}%\n",
+                "  energy    {:.3} kWh ({} J){}\n  by part   {gpu}, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s){}\n  coverage  {:.1}%{}\n",
                 rec.energy_j as f64 / 3.6e6,
                 rec.energy_j,
-                rec.gpu_j,
+                rec.estimate_bound_j
+                    .map(|b| format!(" ± {b} J estimated"))
+                    .unwrap_or_default(),
                 rec.cpu_j,
                 rec.dram_j,
                 rec.other_j.map(|o| format!(", other {o} J")).unwrap_or_default(),
@@ -97,8 +105,16 @@ pub fn render_job_report(r: &JobReport) -> String {
                 rec.peak_w,
                 rec.gpus,
                 rec.nodes,
-                rec.coverage * 100.0
+                match rec.gpus_unknown_nodes {
+                    0 => String::new(),
+                    n => format!("; GPUs unknown on {n} node(s)"),
+                },
+                rec.coverage * 100.0,
+                components(rec.coverage_gpu, rec.coverage_cpu, rec.coverage_dram)
             );
+            if let Some(sluid) = &rec.sluid {
+                out += &format!("  sluid     {sluid}\n");
+            }
         }
         None => {
             out += &format!(
@@ -113,15 +129,35 @@ pub fn render_job_report(r: &JobReport) -> String {
     }
     if let Some(m) = &r.manifests {
         out += &format!("  from manifests ({} node(s)):\n", m.nodes.len());
+        if r.sacct_record.is_none() {
+            if let Some(sluid) = &m.sluid {
+                out += &format!("    sluid {sluid}\n");
+            }
+        }
+        if let Some(c) = &m.coverage_components {
+            out += &format!(
+                "    coverage by component (time-weighted over the nodes):{}\n",
+                components(c.gpu, c.cpu, c.dram)
+            );
+        }
         for n in &m.nodes {
             out += &format!(
-                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%\n",
+                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%{}\n",
                 n.node,
                 n.energy_j,
                 n.avg_w,
                 n.peak_w,
-                n.coverage * 100.0
+                n.coverage * 100.0,
+                n.components
+                    .map(|c| components(c.gpu, c.cpu, c.dram))
+                    .unwrap_or_default()
             );
+            if let Some(reason) = &n.gpus_unknown {
+                out += &format!(
+                    "    GPUs unknown on node {}: {reason}; their energy is unknown, not 0, and not in the totals\n",
+                    n.node
+                );
+            }
         }
         for g in &m.gpus {
             out += &match (g.energy_j, g.avg_w) {
@@ -142,11 +178,31 @@ pub fn render_job_report(r: &JobReport) -> String {
                 ),
             };
         }
+        for e in &m.estimates {
+            out += &format!(
+                "    {} estimated {:.0} J ± {:.0} J over {:.1} s: {}\n",
+                e.node,
+                e.energy_j,
+                // A bound is never shown smaller than it is.
+                e.bound_j.ceil(),
+                e.end_unix_ns.saturating_sub(e.start_unix_ns) as f64 / 1e9,
+                e.reason
+            );
+        }
     }
     for p in &r.manifest_problems {
         out += &format!("  warning: {p}\n");
     }
     out
+}
+
+/// ` (gpu 50.0%, cpu 90.5%, dram n/a)`: the components' coverage, or nothing when none is known.
+fn components(gpu: Option<f64>, cpu: Option<f64>, dram: Option<f64>) -> String {
+    if gpu.is_none() && cpu.is_none() && dram.is_none() {
+        return String::new();
+    }
+    let pct = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |v| format!("{:.1}%", v * 100.0));
+    format!(" (gpu {}, cpu {}, dram {})", pct(gpu), pct(cpu), pct(dram))
 }
 
 /// What `ergon status` shows.

@@ -242,7 +242,7 @@ fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
 /// InfluxDB line protocol to VictoriaMetrics' `/write`.
 ///
 /// One line per job: measurement `ergon_job`, tags `cluster`, `job_id`, `user` and, when set,
-/// `account` and `partition`; the fields of [`fields`]; the timestamp is the job's end in
+/// `account`, `partition` and `sluid`; the fields of [`fields`]; the timestamp is the job's end in
 /// nanoseconds. VictoriaMetrics names the series `ergon_job_<field>`. The same record sent twice
 /// has the same series and timestamp.
 ///
@@ -296,7 +296,9 @@ fn escape_tag(value: &str) -> String {
 
 /// The fields of a record's line (VictoriaMetrics series `ergon_job_<name>`), in order:
 /// `energy_j`; `gpu_j`, `cpu_j`, `dram_j` when measured; `avg_w`, `peak_w`, `coverage_min`,
-/// `coverage_weighted`, `duration_s`, `nodes`, `gpus`.
+/// `coverage_weighted`, `duration_s`, `nodes`, `gpus`; then, when the manifests state them,
+/// `gpu_coverage`, `cpu_coverage`, `dram_coverage` (the job's time-weighted coverage per
+/// component), `gpus_unknown_nodes` (when not 0) and `estimate_bound_j`.
 pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
     let mut out = Vec::with_capacity(16);
     out.push(("energy_j", r.energy_j));
@@ -314,6 +316,23 @@ pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
         ("nodes", r.nodes.len() as f64),
         ("gpus", r.gpus.len() as f64),
     ]);
+    if let Some(c) = r.coverage_components {
+        for (field, value) in [
+            ("gpu_coverage", c.gpu),
+            ("cpu_coverage", c.cpu),
+            ("dram_coverage", c.dram),
+        ] {
+            if let Some(v) = value {
+                out.push((field, v));
+            }
+        }
+    }
+    if !r.gpus_unknown.is_empty() {
+        out.push(("gpus_unknown_nodes", r.gpus_unknown.len() as f64));
+    }
+    if let Some(b) = r.estimate_bound_j {
+        out.push(("estimate_bound_j", b));
+    }
     out
 }
 
@@ -326,7 +345,11 @@ fn write_line(out: &mut String, r: &JobRecordFull, only: Option<&[&'static str]>
         r.job_id,
         escape_tag(&r.user)
     );
-    for (tag, value) in [("account", &r.account), ("partition", &r.partition)] {
+    for (tag, value) in [
+        ("account", &r.account),
+        ("partition", &r.partition),
+        ("sluid", &r.sluid),
+    ] {
         if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
             let _ = write!(out, ",{tag}={}", escape_tag(v));
         }

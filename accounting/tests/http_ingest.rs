@@ -273,3 +273,30 @@ fn a_token_is_not_sent_over_plain_http_unless_allowed() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(seen.lock().unwrap().last(), Some(&None));
 }
+
+/// A schema 4 job's JSON record carries per-component coverage, the nodes whose GPUs are
+/// unknown (with the reason), each estimated gap with its bound, and the SLUID.
+#[test]
+fn a_schema_4_job_is_sent_with_what_it_says() {
+    let server = IngestServer::start(vec![], Answer::status(200));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    for m in schema4_job("c1", 12) {
+        write_manifest(&s.spool(), &m);
+    }
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    let r = &v["records"][0];
+    assert_eq!(r["sluid"], "s2gxm9475ceh00", "{r}");
+    assert_eq!(r["coverage_components"]["gpu"].as_f64(), Some(0.25), "{r}");
+    assert_eq!(r["coverage_components"]["cpu"].as_f64(), Some(0.95), "{r}");
+    assert_eq!(r["gpus_unknown"][0]["node"], "n2");
+    assert_eq!(r["gpus_unknown"][0]["reason"], "NVML failed to initialise");
+    assert_eq!(r["estimate_bound_j"].as_f64(), Some(7.5));
+    assert_eq!(r["estimates"][0]["bound_j"].as_f64(), Some(5.0));
+    assert_eq!(r["estimates"][1]["energy_j"].as_f64(), Some(10.0));
+    assert_eq!(r["nodes"][1]["components"]["gpu"].as_f64(), Some(0.0));
+}

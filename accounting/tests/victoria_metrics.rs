@@ -28,13 +28,19 @@ impl Vm {
             .stderr(Stdio::null())
             .spawn()
             .expect("victoria-metrics is installed (scripts/slurm-cluster installs it)");
-        let vm = Vm { child, port };
+        let mut vm = Vm { child, port };
+        // Healthy, and ours: another process (another test's VictoriaMetrics, which may have
+        // been given the port while ours was down) would answer /health too.
+        let ours = format!("-storageDataPath=\"{}\"", data.display());
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if get(&format!("http://127.0.0.1:{port}/health")).is_some() {
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                panic!("victoria-metrics on port {port} exited at start ({status}): is the port taken?");
+            }
+            if get(&format!("http://127.0.0.1:{port}/flags")).is_some_and(|f| f.contains(&ours)) {
                 return vm;
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
         panic!("victoria-metrics did not become healthy on port {port}");
     }
@@ -85,6 +91,14 @@ impl Drop for Vm {
     }
 }
 
+/// The tests here run one at a time: a test that restarts its VictoriaMetrics leaves its port
+/// free meanwhile, and `free_port` in a test running beside it could be given that port.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn get(url: &str) -> Option<String> {
     let r = reqwest::blocking::get(url).ok()?;
     r.status().is_success().then(|| r.text().unwrap())
@@ -92,6 +106,7 @@ fn get(url: &str) -> Option<String> {
 
 #[test]
 fn records_arrive_exactly_once_across_a_stop_and_restart() {
+    let _serial = one_at_a_time();
     assert!(
         Path::new(VM).exists(),
         "{VM} is missing: run scripts/slurm-cluster up (it installs victoria-metrics)"
@@ -175,6 +190,7 @@ impl Rng {
 /// record is there exactly once (each of its fields).
 #[test]
 fn records_survive_kill_9_at_random_points_exactly_once() {
+    let _serial = one_at_a_time();
     assert!(
         Path::new(VM).exists(),
         "{VM} is missing: run scripts/slurm-cluster up (it installs victoria-metrics)"
@@ -279,6 +295,7 @@ fn records_survive_kill_9_at_random_points_exactly_once() {
 /// field, so nothing is stored twice.
 #[test]
 fn pending_records_are_checked_first_and_only_missing_fields_sent() {
+    let _serial = one_at_a_time();
     let s = Setup::new();
     let data = s.dir.path().join("vm-data");
     let port = free_port();
@@ -333,5 +350,43 @@ fn pending_records_are_checked_first_and_only_missing_fields_sent() {
         let expected: BTreeMap<String, usize> = (1..=3).map(|j| (j.to_string(), 1)).collect();
         assert_eq!(per_job, expected, "{metric}: each job exactly once");
     }
+    vm.stop();
+}
+
+/// A schema 4 job's line carries its per-component coverage, the number of nodes whose GPUs
+/// are unknown, the estimates' bound and its SLUID (as a tag), verified like every field.
+#[test]
+fn a_schema_4_job_is_uploaded_with_what_it_says() {
+    let _serial = one_at_a_time();
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    s.write_config(&format!(
+        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_s = 5\n"
+    ));
+    for m in schema4_job("c1", 12) {
+        write_manifest(&s.spool(), &m);
+    }
+    let vm = Vm::start(port, &data);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let url = format!(
+        "http://127.0.0.1:{port}/api/v1/export?match[]={{__name__=~\"ergon_job_.%2B\",job_id=\"12\"}}"
+    );
+    let text = get(&url).unwrap();
+    let mut got = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["metric"]["sluid"], "s2gxm9475ceh00", "{v}");
+        got.insert(
+            v["metric"]["__name__"].as_str().unwrap().to_string(),
+            v["values"][0].as_f64().unwrap(),
+        );
+    }
+    assert_eq!(got["ergon_job_gpu_coverage"], 0.25, "{got:?}");
+    assert_eq!(got["ergon_job_cpu_coverage"], 0.95, "{got:?}");
+    assert!(!got.contains_key("ergon_job_dram_coverage"), "{got:?}");
+    assert_eq!(got["ergon_job_gpus_unknown_nodes"], 1.0);
+    assert_eq!(got["ergon_job_estimate_bound_j"], 7.5);
     vm.stop();
 }

@@ -359,3 +359,94 @@ pub fn keys_in(body: &[u8]) -> Vec<String> {
         .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// What a schema 4 manifest adds, for [`manifest_v4`].
+#[derive(Debug, Clone, Default)]
+pub struct V4 {
+    pub components: Option<ComponentCoverage>,
+    pub gpus_unknown: Option<String>,
+    /// `(energy_j, bound_j)` of one estimated gap.
+    pub estimate: Option<(f64, f64)>,
+    pub sluid: Option<String>,
+    /// The job's length on the node, seconds (default 100).
+    pub duration_s: Option<u64>,
+}
+
+/// A sealed schema 4 manifest: [`manifest`] with `v4`'s fields. With `gpus_unknown` the node
+/// has no GPU entries and no GPU energy (ergond could not know the job's GPUs), and its
+/// coverage is the lowest of its components, as ergond writes it.
+pub fn manifest_v4(cluster: &str, job: u32, node: &str, cpu_j: f64, v4: V4) -> Manifest {
+    let mut m = manifest(cluster, job, node, 40.0 * cpu_j, cpu_j, 1.0);
+    m.schema_version = MANIFEST_SCHEMA_VERSION_COVERAGE;
+    if let Some(d) = v4.duration_s {
+        m.start_unix_ns = m.end_unix_ns - d * 1_000_000_000;
+        m.duration_s = d as f64;
+    }
+    if v4.gpus_unknown.is_some() {
+        m.gpus.clear();
+        m.totals.gpu_j = None;
+        m.steps[0].gpu_j = None;
+        m.totals.energy_j = cpu_j;
+        m.steps[0].energy_j = cpu_j;
+    }
+    m.coverage.components = v4.components;
+    if let Some(c) = v4.components {
+        m.coverage.fraction = c.lowest();
+    }
+    m.coverage.gpus_unknown = v4.gpus_unknown;
+    if let Some((energy_j, bound_j)) = v4.estimate {
+        let mut gap = Gap::new(
+            m.start_unix_ns + 10_000_000_000,
+            m.start_unix_ns + 20_000_000_000,
+            "ergond was not running (killed or restarted); split by estimate",
+            true,
+        );
+        gap.estimate = Some(GapEstimate { energy_j, bound_j });
+        m.coverage.gaps.push(gap);
+        m.attribution.estimated = true;
+    }
+    m.job.sluid = v4.sluid;
+    m.seal();
+    m
+}
+
+/// Job `job`'s two schema 4 manifests: `n1` with CPU coverage 0.8 and an estimate (50 J ± 5 J),
+/// `n2` whose GPUs are unknown and an estimate (10 J ± 2.5 J), both with a SLUID.
+pub fn schema4_job(cluster: &str, job: u32) -> [Manifest; 2] {
+    [
+        manifest_v4(
+            cluster,
+            job,
+            "n1",
+            10.0,
+            V4 {
+                components: Some(ComponentCoverage {
+                    gpu: Some(1.0),
+                    cpu: Some(0.8),
+                    dram: None,
+                }),
+                estimate: Some((50.0, 5.0)),
+                sluid: Some("s2gxm9475ceh00".into()),
+                duration_s: Some(100),
+                ..V4::default()
+            },
+        ),
+        manifest_v4(
+            cluster,
+            job,
+            "n2",
+            20.0,
+            V4 {
+                components: Some(ComponentCoverage {
+                    gpu: Some(0.0),
+                    cpu: Some(1.0),
+                    dram: None,
+                }),
+                gpus_unknown: Some("NVML failed to initialise".into()),
+                estimate: Some((10.0, 2.5)),
+                sluid: Some("s2gxm9475ceh00".into()),
+                duration_s: Some(300),
+            },
+        ),
+    ]
+}
