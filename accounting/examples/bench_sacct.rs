@@ -107,7 +107,11 @@ fn main() {
         let start = Instant::now();
         let mut outcomes = Vec::new();
         for chunk in list.chunks(50) {
-            outcomes.extend(writer.write(&cluster, chunk, &|| {}));
+            outcomes.extend(
+                writer
+                    .write(&cluster, chunk, &|| {})
+                    .expect("sacct answers"),
+            );
         }
         let secs = start.elapsed().as_secs_f64();
         let written = outcomes

@@ -1111,9 +1111,32 @@ fn write_sacct(
         ));
     }
     for (cluster, jobs) in by_cluster {
-        for chunk in jobs.chunks(50) {
+        for (n, chunk) in jobs.chunks(50).enumerate() {
             let list: Vec<SacctJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
-            let outcomes = sacct.write(&cluster, &list, &|| progress.inc(1));
+            let outcomes = match sacct.write(&cluster, &list, &|| progress.inc(1)) {
+                Ok(o) => o,
+                Err(error) => {
+                    // sacct cannot be read: the other chunks would wait just as long. Said once.
+                    let left = jobs.len() - n * 50;
+                    tracing::error!(
+                        "sacct: {error}; no more sacct records are written for cluster {cluster} this run: {left} stay pending"
+                    );
+                    summary.sacct_failed += left;
+                    let status = state.sinks.entry(SACCT.to_owned()).or_default();
+                    status.last_error = Some(error.clone());
+                    status.last_error_unix = Some(now_unix());
+                    for (key, _) in chunk {
+                        if let Some(entry) = state.jobs.get_mut(key) {
+                            entry
+                                .sacct
+                                .get_or_insert_with(Delivery::pending)
+                                .failed(&error);
+                        }
+                    }
+                    progress.inc(left as u64);
+                    break;
+                }
+            };
             let status = state.sinks.entry(SACCT.to_owned()).or_default();
             for ((key, job), outcome) in chunk.iter().zip(outcomes) {
                 let Some(entry) = state.jobs.get_mut(key) else {
