@@ -640,13 +640,20 @@ fn uploader(
         }
     }
     let verifying = verifier.is_some();
+    let unsure = AtomicBool::new(false);
     let accepted: std::sync::Mutex<Feed> = Default::default();
     let (batches_tx, batches_rx) = mpsc::sync_channel::<Feed>(0);
     let batches_rx = std::sync::Mutex::new(batches_rx);
     std::thread::scope(|scope| {
         for _ in 0..LANES {
-            let (events, bar, stopped, batches_rx, accepted) =
-                (events.clone(), &bar, &stopped, &batches_rx, &accepted);
+            let (events, bar, stopped, batches_rx, accepted, unsure) = (
+                events.clone(),
+                &bar,
+                &stopped,
+                &batches_rx,
+                &accepted,
+                &unsure,
+            );
             scope.spawn(move || {
                 // One batch at a time from the batcher (the lock is held only to take one).
                 let next = || batches_rx.lock().ok().and_then(|rx| rx.recv().ok());
@@ -672,7 +679,17 @@ fn uploader(
                                 let _ = events.send(Uploaded::Delivered { sink: index, keys });
                             }
                         }
-                        BatchResult::Stopped { error, auth } => {
+                        BatchResult::Stopped {
+                            error,
+                            auth,
+                            unknown,
+                        } => {
+                            if unknown {
+                                // The sink may hold the batch, or get it late (a hung server
+                                // applies queued requests when it resumes): what it holds is
+                                // checked by the next run, not now.
+                                unsure.store(true, Ordering::Relaxed);
+                            }
                             // The event goes before the flag, so that the other lane's report
                             // of giving up because of it comes after it.
                             let _ = events.send(Uploaded::Stopped {
@@ -707,10 +724,14 @@ fn uploader(
         }
         drop(batches_tx);
     });
-    // What the sink accepted this run, verified (also after it stopped: what it took is kept).
+    // What the sink accepted this run, verified (also after it stopped: what it took is kept),
+    // unless a request went unanswered: the sink hangs or is gone, and asking it more would
+    // only wait again. Then the records stay sent, and the next run checks them first.
     if let Some(v) = verifier {
-        let accepted = accepted.into_inner().unwrap_or_default();
-        verify_items(index, sink, v, &accepted, &events, retry);
+        if !unsure.load(Ordering::Relaxed) {
+            let accepted = accepted.into_inner().unwrap_or_default();
+            verify_items(index, sink, v, &accepted, &events, retry);
+        }
     }
     let _ = events.send(Uploaded::Finished {
         sink: index,
@@ -1230,7 +1251,7 @@ fn upload(
                 batch_keys.to_vec(),
                 match result {
                     BatchResult::Delivered { .. } => Ok(()),
-                    BatchResult::Stopped { error, auth } => Err((error, auth)),
+                    BatchResult::Stopped { error, auth, .. } => Err((error, auth)),
                 },
             ));
             if stopped {

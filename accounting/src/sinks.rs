@@ -31,6 +31,11 @@ pub enum SendOutcome {
         /// What went wrong.
         error: String,
     },
+    /// No answer, but the request may have reached the sink and be applied (a timeout, a
+    /// connection lost after sending: a hung server applies queued requests when it resumes).
+    /// Worth retrying only where a record stored twice does no harm; a verifying sink checks
+    /// what it holds instead (see [`deliver_with_retry`]).
+    Unknown(String),
     /// Credentials refused (401/403): the sink stops until an admin fixes it.
     AuthRefused(String),
     /// The server rejected the request in a way a retry will not change (other 4xx).
@@ -75,8 +80,11 @@ pub enum BatchResult {
         /// Attempts used.
         attempts: u32,
     },
-    /// Not delivered; the sink stops for this run. `auth` is true for 401/403.
+    /// Not delivered; the sink stops for this run. `auth` is true for 401/403; `unknown` when
+    /// the last request may still have reached the sink ([`SendOutcome::Unknown`]).
     Stopped {
+        /// Whether the last request's fate is unknown.
+        unknown: bool,
         /// The last error.
         error: String,
         /// Whether credentials were refused.
@@ -127,58 +135,81 @@ pub fn deliver_batch(
     retry: &RetryConfig,
     sleep: &mut dyn FnMut(Duration) -> bool,
 ) -> BatchResult {
-    deliver_with_retry(sink.name(), retry, sleep, || sink.send(records))
+    let again_if_unknown = sink.verifier().is_none();
+    deliver_with_retry(sink.name(), retry, sleep, again_if_unknown, || {
+        sink.send(records)
+    })
 }
 
 /// [`deliver_batch`] for any request: `send` is called until it succeeds, fails for good, or
-/// the attempts are used up.
+/// the attempts are used up. An [`SendOutcome::Unknown`] is retried like a failure when
+/// `again_if_unknown`; otherwise the batch stops there, since sending it again could store it
+/// twice (the caller checks later what the sink holds).
 pub fn deliver_with_retry(
     name: &str,
     retry: &RetryConfig,
     sleep: &mut dyn FnMut(Duration) -> bool,
+    again_if_unknown: bool,
     mut send: impl FnMut() -> SendOutcome,
 ) -> BatchResult {
     let mut attempt = 0;
     loop {
         let outcome = send();
         attempt += 1;
-        match outcome {
+        let stop = |error: String, auth: bool, unknown: bool| BatchResult::Stopped {
+            error,
+            auth,
+            unknown,
+        };
+        let (after, error) = match outcome {
             SendOutcome::Delivered => return BatchResult::Delivered { attempts: attempt },
-            SendOutcome::AuthRefused(error) => return BatchResult::Stopped { error, auth: true },
-            SendOutcome::Rejected(error) => return BatchResult::Stopped { error, auth: false },
-            SendOutcome::Retry { after, error } => {
-                if attempt >= retry.max_attempts {
-                    return BatchResult::Stopped {
-                        error: format!("{error} (gave up after {attempt} attempts this run)"),
-                        auth: false,
-                    };
-                }
-                let wait = match after {
-                    Some(after) if after > Duration::from_secs(retry.max_retry_after_s) => {
-                        return BatchResult::Stopped {
-                            error: format!(
-                                "{error}; the server asked to wait {}s, more than retry.max_retry_after_s",
-                                after.as_secs()
-                            ),
-                            auth: false,
-                        }
-                    }
-                    Some(after) => after,
-                    None => backoff(retry, attempt - 1, jitter_random()),
-                };
-                tracing::warn!(
-                    "{name}: {error}; retrying in {:.1}s (attempt {}/{})",
-                    wait.as_secs_f64(),
-                    attempt + 1,
-                    retry.max_attempts
-                );
-                if !sleep(wait) {
-                    return BatchResult::Stopped {
-                        error: format!("{error} (not retried: the sink stopped for this run)"),
-                        auth: false,
-                    };
-                }
+            SendOutcome::AuthRefused(error) => return stop(error, true, false),
+            SendOutcome::Rejected(error) => return stop(error, false, false),
+            SendOutcome::Unknown(error) if !again_if_unknown => {
+                return stop(
+                    format!(
+                        "{error} (not sent again: it may have reached the sink; the next check of what the sink holds sends what is missing)"
+                    ),
+                    false,
+                    true,
+                )
             }
+            SendOutcome::Unknown(error) => (None, error),
+            SendOutcome::Retry { after, error } => (after, error),
+        };
+        if attempt >= retry.max_attempts {
+            return stop(
+                format!("{error} (gave up after {attempt} attempts this run)"),
+                false,
+                false,
+            );
+        }
+        let wait = match after {
+            Some(after) if after > Duration::from_secs(retry.max_retry_after_s) => {
+                return stop(
+                    format!(
+                        "{error}; the server asked to wait {}s, more than retry.max_retry_after_s",
+                        after.as_secs()
+                    ),
+                    false,
+                    false,
+                )
+            }
+            Some(after) => after,
+            None => backoff(retry, attempt - 1, jitter_random()),
+        };
+        tracing::warn!(
+            "{name}: {error}; retrying in {:.1}s (attempt {}/{})",
+            wait.as_secs_f64(),
+            attempt + 1,
+            retry.max_attempts
+        );
+        if !sleep(wait) {
+            return stop(
+                format!("{error} (not retried: the sink stopped for this run)"),
+                false,
+                false,
+            );
         }
     }
 }
@@ -220,6 +251,26 @@ fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// A request error with its causes (reqwest's own text omits them: "error sending request for
+/// url (…)" alone does not say whether the connection was refused or timed out).
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
     match request.send() {
         Ok(response) => {
@@ -232,10 +283,12 @@ fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
             let body = response.text().unwrap_or_default();
             classify(status, retry_after.as_deref(), &body)
         }
-        Err(e) => SendOutcome::Retry {
+        // Not connected: the request never left. Otherwise it may have reached the server.
+        Err(e) if e.is_connect() => SendOutcome::Retry {
             after: None,
-            error: format!("request failed: {e:#}"),
+            error: format!("request failed: {}", describe(&e)),
         },
+        Err(e) => SendOutcome::Unknown(format!("request failed: {}", describe(&e))),
     }
 }
 
@@ -403,11 +456,11 @@ impl VictoriaMetrics {
     ) -> Result<String, String> {
         let response = request
             .send()
-            .map_err(|e| format!("{what}: request failed: {e:#}"))?;
+            .map_err(|e| format!("{what}: request failed: {}", describe(&e)))?;
         let status = response.status();
         let body = response
             .text()
-            .map_err(|e| format!("{what}: reading the answer failed: {e:#}"))?;
+            .map_err(|e| format!("{what}: reading the answer failed: {}", describe(&e)))?;
         if status.is_success() {
             Ok(body)
         } else {
@@ -617,6 +670,12 @@ pub fn verify_and_repair(
                 break;
             }
         };
+        tracing::debug!(
+            "{}: verification round {round}: {} records asked, {} with fields missing",
+            sink.name(),
+            asked.len(),
+            missing.iter().filter(|m| !m.is_empty()).count()
+        );
         let mut still: Vec<(usize, Vec<&'static str>)> = Vec::new();
         for (k, fields) in missing.into_iter().enumerate() {
             if fields.is_empty() {
@@ -642,7 +701,9 @@ pub fn verify_and_repair(
                 .iter()
                 .map(|(i, f)| (records[*i], f.as_slice()))
                 .collect();
-            match deliver_with_retry(sink.name(), retry, sleep, || verifier.send_fields(&items)) {
+            match deliver_with_retry(sink.name(), retry, sleep, false, || {
+                verifier.send_fields(&items)
+            }) {
                 BatchResult::Delivered { .. } => result.resent += chunk.len(),
                 BatchResult::Stopped { error, .. } => {
                     result.error = Some(error);
@@ -857,6 +918,35 @@ mod tests {
         let result = deliver_batch(&sink, &[], &retry(), &mut |_| true);
         assert!(matches!(result, BatchResult::Stopped { auth: false, .. }));
         assert_eq!(*sink.calls.borrow(), 4);
+    }
+
+    #[test]
+    fn an_unanswered_request_is_sent_again_only_where_duplicates_do_no_harm() {
+        let unknown = || SendOutcome::Unknown("timed out".into());
+        let mut calls = 0;
+        let result = deliver_with_retry("vm", &retry(), &mut |_| true, false, || {
+            calls += 1;
+            unknown()
+        });
+        assert!(matches!(
+            result,
+            BatchResult::Stopped {
+                unknown: true,
+                auth: false,
+                ..
+            }
+        ));
+        assert_eq!(calls, 1, "not sent again");
+        let mut calls = 0;
+        let result = deliver_with_retry("http", &retry(), &mut |_| true, true, || {
+            calls += 1;
+            if calls < 3 {
+                unknown()
+            } else {
+                SendOutcome::Delivered
+            }
+        });
+        assert_eq!(result, BatchResult::Delivered { attempts: 3 });
     }
 
     #[test]

@@ -52,6 +52,14 @@ impl Vm {
         self.child.wait().unwrap();
     }
 
+    /// SIGSTOP (`stop = true`) or SIGCONT: a stopped VictoriaMetrics accepts connections and
+    /// never answers, like a hung server.
+    fn pause(&self, stop: bool) {
+        let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
     /// SIGKILL: whatever VictoriaMetrics holds only in memory is lost.
     fn kill9(mut self) {
         self.child.kill().unwrap();
@@ -388,5 +396,55 @@ fn a_schema_4_job_is_uploaded_with_what_it_says() {
     assert!(!got.contains_key("ergon_job_dram_coverage"), "{got:?}");
     assert_eq!(got["ergon_job_gpus_unknown_nodes"], 1.0);
     assert_eq!(got["ergon_job_estimate_bound_j"], 7.5);
+    vm.stop();
+}
+
+/// A sink that hangs instead of failing (VictoriaMetrics stopped with SIGSTOP: connections are
+/// accepted, nothing is answered) costs a run its request timeouts, not forever; its records
+/// stay pending, the error is logged once, and the next run delivers them exactly once.
+#[test]
+fn a_hung_victoria_metrics_costs_timeouts_and_loses_nothing() {
+    let _serial = one_at_a_time();
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    s.write_config(&format!(
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 50\ntimeout_s = 1\n"
+    ));
+    for job in 1..=300 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    let vm = Vm::start(port, &data);
+    vm.pause(true);
+    let start = Instant::now();
+    let out = s.run();
+    let took = start.elapsed();
+    vm.pause(false);
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    // One timeout of 1 s per request in flight: a request that went unanswered is not sent
+    // again (it may have reached the sink), and nothing more is asked of a sink that hangs.
+    assert!(took < Duration::from_secs(5), "the run took {took:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "said once:\n{stderr}");
+    assert!(errors[0].contains("timed out"), "{stderr}");
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 300);
+    // Resumed, VictoriaMetrics applies the requests it took in while it hung: the two in
+    // flight (two batches of 50), each once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut applied = vm.samples_per_job();
+    while applied.len() < 100 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        applied = vm.samples_per_job();
+    }
+    assert_eq!(applied.len(), 100, "{applied:?}");
+    assert!(applied.values().all(|n| *n == 1), "{applied:?}");
+
+    // The next run finds them there and sends the rest: every job exactly once.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let per_job = vm.samples_per_job();
+    assert_eq!(per_job.len(), 300);
+    assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
     vm.stop();
 }
