@@ -670,13 +670,18 @@ fn uploader(
                     match result {
                         BatchResult::Delivered { .. } => {
                             bar.inc(keys.len() as u64);
-                            if verifying {
-                                let _ = events.send(Uploaded::Accepted { sink: index, keys });
+                            let taken = if verifying {
                                 if let Ok(mut a) = accepted.lock() {
                                     a.extend(batch);
                                 }
+                                events.send(Uploaded::Accepted { sink: index, keys })
                             } else {
-                                let _ = events.send(Uploaded::Delivered { sink: index, keys });
+                                events.send(Uploaded::Delivered { sink: index, keys })
+                            };
+                            if taken.is_err() {
+                                // The run failed (its state cannot be written): what is sent
+                                // now could not be recorded, so send nothing more.
+                                stopped.store(true, Ordering::Relaxed);
                             }
                         }
                         BatchResult::Stopped {

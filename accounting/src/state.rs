@@ -221,14 +221,14 @@ impl Default for State {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// I/O on a state file.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}{}", disk_hint(error))]
     Io {
         /// What was being done.
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a state this build reads.
     #[error("state file {path} cannot be read: {reason}; move it away to start from an empty state (already delivered records would then be delivered again)")]
@@ -238,6 +238,19 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
+}
+
+/// What to do about a full or read-only state filesystem, said with the error.
+fn disk_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            "; the state directory's filesystem is full: free space there. Nothing is lost: the state on disk is the last one saved (with its journal), and the next run goes on from it, sending again what this run may have sent"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => {
+            "; the state directory's filesystem is read-only: remount it read-write (a filesystem error? see dmesg). Nothing was changed"
+        }
+        _ => "",
+    }
 }
 
 /// The bounds the state keeps to.
@@ -277,11 +290,11 @@ impl State {
                 state.replay(dir)?;
                 return Ok(state);
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(StateError::Io {
                     what: "reading",
                     path,
-                    source,
+                    error,
                 })
             }
         };
@@ -309,11 +322,11 @@ impl State {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
+            Err(error) => {
                 return Err(StateError::Io {
                     what: "reading",
                     path,
-                    source,
+                    error,
                 })
             }
         };
@@ -415,14 +428,18 @@ impl State {
     /// journal (now contained in the state).
     pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
         self.generation += 1;
-        self.write(dir)?;
+        if let Err(e) = self.write(dir) {
+            // The state on disk is still the previous generation, which the journal follows.
+            self.generation -= 1;
+            return Err(e);
+        }
         match std::fs::remove_file(Journal::path(dir)) {
             Ok(()) => sync_dir(dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io {
+            Err(error) => Err(StateError::Io {
                 what: "removing",
                 path: Journal::path(dir),
-                source,
+                error,
             }),
         }
     }
@@ -432,13 +449,19 @@ impl State {
         let tmp = dir.join(".state.json.tmp");
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
-            move |source| StateError::Io { what, path, source }
+            move |error| StateError::Io { what, path, error }
         };
         let bytes = serde_json::to_vec(self).expect("the state always serialises");
-        let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        file.write_all(&bytes).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        drop(file);
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+            file.write_all(&bytes).map_err(io("writing", &tmp))?;
+            file.sync_all().map_err(io("syncing", &tmp))
+        })();
+        if let Err(e) = written {
+            // A part-written copy would only take the space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
         sync_dir(dir)
     }
@@ -549,10 +572,10 @@ impl State {
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| StateError::Io {
+        .map_err(|error| StateError::Io {
             what: "syncing directory",
             path: dir.to_path_buf(),
-            source,
+            error,
         })
 }
 
@@ -635,7 +658,7 @@ impl Journal {
         let path = Self::path(dir);
         let io = |what: &'static str| {
             let path = path.clone();
-            move |source| StateError::Io { what, path, source }
+            move |error| StateError::Io { what, path, error }
         };
         let mut file = std::fs::File::create(&path).map_err(io("creating"))?;
         let mut line = serde_json::to_vec(&JournalHeader {
@@ -673,10 +696,10 @@ impl Journal {
     fn write(&mut self, line: &[u8], sync: bool) -> Result<(), StateError> {
         let path = &self.path;
         let io = |what: &'static str| {
-            move |source| StateError::Io {
+            move |error| StateError::Io {
                 what,
                 path: path.clone(),
-                source,
+                error,
             }
         };
         self.file.write_all(line).map_err(io("appending to"))?;
@@ -701,12 +724,12 @@ pub enum LockError {
     #[error("another `ergon run` holds the lock {0}; this run did nothing (cron will start the next one)")]
     Busy(PathBuf),
     /// The lock file could not be opened or locked.
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}: {error}{}", disk_hint(error))]
     Io {
         /// The lock file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -719,16 +742,16 @@ impl RunLock {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|source| LockError::Io {
+            .map_err(|error| LockError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(RunLock { _file: file }),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(LockError::Busy(path)),
             Err(e) => Err(LockError::Io {
                 path,
-                source: e.into(),
+                error: e.into(),
             }),
         }
     }

@@ -2,10 +2,13 @@
 //! HTTPS ingest server.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -449,4 +452,85 @@ pub fn schema4_job(cluster: &str, job: u32) -> [Manifest; 2] {
             },
         ),
     ]
+}
+
+/// A plain-HTTP `/write` endpoint standing in for VictoriaMetrics: records the job ids of each
+/// request it accepts (answers 204). With `stall_at = Some(n)` it announces the `n`th request on
+/// the channel and leaves it (and every later request) unanswered until `release` is called;
+/// they are recorded then.
+pub struct Receiver {
+    pub port: u16,
+    /// Job ids per accepted request.
+    accepted: Arc<Mutex<Vec<Vec<u32>>>>,
+    stalled: Arc<Mutex<bool>>,
+}
+
+impl Receiver {
+    pub fn start(stall_at: Option<usize>, announce: mpsc::Sender<()>) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stalled = Arc::new(Mutex::new(false));
+        let (acc, st) = (accepted.clone(), stalled.clone());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let announce = Arc::new(Mutex::new(announce));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { continue };
+                let (acc, st, seen, announce) =
+                    (acc.clone(), st.clone(), seen.clone(), announce.clone());
+                std::thread::spawn(move || loop {
+                    // Keep-alive: serve requests on this connection until it closes.
+                    let Some((_, body)) = read_request(&mut tcp) else {
+                        return;
+                    };
+                    if stall_at == Some(seen.fetch_add(1, Ordering::SeqCst) + 1) {
+                        *st.lock().unwrap() = true;
+                        let _ = announce.lock().unwrap().send(());
+                    }
+                    while *st.lock().unwrap() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let jobs: Vec<u32> = String::from_utf8_lossy(&body)
+                        .lines()
+                        .filter_map(|l| {
+                            let rest = l.split_once(",job_id=")?.1;
+                            rest.split(',').next()?.parse().ok()
+                        })
+                        .collect();
+                    acc.lock().unwrap().push(jobs);
+                    if tcp
+                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                });
+            }
+        });
+        Receiver {
+            port,
+            accepted,
+            stalled,
+        }
+    }
+
+    pub fn release(&self) {
+        *self.stalled.lock().unwrap() = false;
+    }
+
+    /// How many times each job id arrived.
+    pub fn per_job(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        for jobs in self.accepted.lock().unwrap().iter() {
+            for j in jobs {
+                *out.entry(*j).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    pub fn requests(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
 }
