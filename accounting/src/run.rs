@@ -363,6 +363,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         saver.now(&mut state)?;
     }
 
+    accept_sent_without_verifier(&mut state, &sinks);
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
     if options.dry_run || options.sequential {
@@ -403,6 +404,21 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     saver.report(&mut summary.timings);
     summary.timings.total = started.elapsed();
     Ok(summary)
+}
+
+/// Records a sink accepted in an earlier run while it verified (`sent`) count as delivered once
+/// it no longer verifies (`victoria_metrics.verify = false`: a 2xx is delivery); sending them
+/// again would store them twice.
+fn accept_sent_without_verifier(state: &mut State, sinks: &[SharedSink]) {
+    for sink in sinks.iter().filter(|s| s.verifier().is_none()) {
+        for entry in state.jobs.values_mut() {
+            if let Some(d) = entry.sinks.get_mut(sink.name()) {
+                if let Delivery::Sent { at_unix, .. } = *d {
+                    *d = Delivery::Done { at_unix };
+                }
+            }
+        }
+    }
 }
 
 /// A new entry for `record`, or `None` when the job is in the state with the same key, or

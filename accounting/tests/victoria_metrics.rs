@@ -20,7 +20,13 @@ struct Vm {
 
 impl Vm {
     fn start(port: u16, data: &Path) -> Vm {
+        Vm::start_with(port, data, &[])
+    }
+
+    /// [`Vm::start`] with more command-line flags.
+    fn start_with(port: u16, data: &Path, flags: &[&str]) -> Vm {
         let child = Command::new(VM)
+            .args(flags)
             .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
             .arg(format!("-storageDataPath={}", data.display()))
             .arg("-loggerLevel=ERROR")
@@ -445,6 +451,58 @@ fn a_hung_victoria_metrics_costs_timeouts_and_loses_nothing() {
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let per_job = vm.samples_per_job();
     assert_eq!(per_job.len(), 300);
+    assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
+    vm.stop();
+}
+
+/// A VictoriaMetrics that takes writes but refuses the snapshot (started with
+/// `-snapshotAuthKey`): records stay sent, not delivered, and `ergon status` says so; with
+/// `verify = false` a 2xx counts as delivered again.
+#[test]
+fn records_that_cannot_be_verified_stay_sent_and_status_says_so() {
+    let _serial = one_at_a_time();
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    let config = |extra: &str| {
+        s.write_config(&format!(
+            "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_s = 5\n{extra}"
+        ))
+    };
+    config("");
+    for job in 1..=20 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    let vm = Vm::start_with(port, &data, &["-snapshotAuthKey=only-the-admin"]);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("20 records could not be verified"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(vm.samples_per_job().len(), 20, "written, not verified");
+    let status = s.status_json();
+    assert_eq!(backlog(&status, "victoria_metrics"), 20, "{status}");
+    let text = s.ergon().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("backlog 20 (20 sent, not yet verified)"),
+        "{text}"
+    );
+
+    // The next run checks again (still refused) and sends nothing twice.
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(vm.samples_per_job().values().all(|n| *n == 1));
+
+    // Without verification a 2xx is delivery: the sent records are delivered, not sent again.
+    config("verify = false\n");
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 0);
+    let per_job = vm.samples_per_job();
+    assert_eq!(per_job.len(), 20);
     assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
     vm.stop();
 }
