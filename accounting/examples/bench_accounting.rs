@@ -20,6 +20,9 @@
 //!
 //! Prints a table and, with `--json PATH`, appends one JSON object per size to PATH.
 //!
+//! The sink verifies what VictoriaMetrics holds (`victoria_metrics.verify`); with
+//! `ERGON_BENCH_NO_VERIFY` set it does not, for comparison.
+//!
 //! `ergon run` pipelines collection and upload; with `ERGON_BENCH_SEQUENTIAL` set in the
 //! environment the child runs use the sequential path instead (`RunOptions::sequential`: collect
 //! everything, save the whole state, then upload), for comparison.
@@ -482,9 +485,10 @@ fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
     std::fs::write(
         &config,
         format!(
-            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\n",
+            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nverify = {}\n",
             dir.path().join("quarantine"),
-            vm.port
+            vm.port,
+            std::env::var_os("ERGON_BENCH_NO_VERIFY").is_none()
         ),
     )
     .unwrap();

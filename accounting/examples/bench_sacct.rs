@@ -107,7 +107,11 @@ fn main() {
         let start = Instant::now();
         let mut outcomes = Vec::new();
         for chunk in list.chunks(50) {
-            outcomes.extend(writer.write(&cluster, chunk, &|| {}));
+            outcomes.extend(
+                writer
+                    .write(&cluster, chunk, &|| {})
+                    .expect("sacct answers"),
+            );
         }
         let secs = start.elapsed().as_secs_f64();
         let written = outcomes
@@ -179,6 +183,7 @@ fn record(job: u32, pass: usize) -> JobRecord {
         nodes: 1,
         coverage: 0.999,
         hash: format!("{:012x}", (u64::from(job) << 8) | pass as u64),
+        ..JobRecord::default()
     }
 }
 

@@ -9,156 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use ergon_protocol::manifest::{EnergyMethod, Manifest, ManifestError};
-use ergon_protocol::record::JobRecord;
-use serde::{Deserialize, Serialize};
+use ergon_protocol::manifest::{ComponentCoverage, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 
-use crate::state::IndexEntry;
-
-/// One job's energy across all its nodes: what the sinks receive and what the sacct record is
-/// made from.
-///
-/// Coverage is given two ways: `coverage_min` (the worst node; what the sacct record's `cov`
-/// shows, so that a gap on any node is visible) and `coverage_weighted` (each node's coverage
-/// weighted by its energy, or a plain mean when the job used no energy).
-///
-/// `peak_w` is the sum of the nodes' peak powers: an upper bound, since the nodes' peaks need not
-/// coincide.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct JobRecordFull {
-    /// `<cluster>/<job id>/<job hash>`: the same for the same set of node manifests, so a receiver
-    /// can drop a record it has already seen.
-    pub idempotency_key: String,
-    /// `sha256:<hex>` over the sorted content hashes of the job's node manifests.
-    pub job_hash: String,
-    /// Slurm cluster name.
-    pub cluster: String,
-    /// Slurm job id.
-    pub job_id: u32,
-    /// The array's job id, for an array task.
-    pub array_job_id: Option<u32>,
-    /// The task's index in its array.
-    pub array_task_id: Option<u32>,
-    /// The owner's user name.
-    pub user: String,
-    /// The owner's uid.
-    pub uid: u32,
-    /// Slurm account.
-    pub account: Option<String>,
-    /// Slurm partition.
-    pub partition: Option<String>,
-    /// Earliest start over the nodes.
-    pub start_unix_ns: u64,
-    /// Latest end over the nodes.
-    pub end_unix_ns: u64,
-    /// `end - start`, seconds.
-    pub duration_s: f64,
-    /// Total energy, joules.
-    pub energy_j: f64,
-    /// GPU energy, joules; `None` when no node measured it.
-    pub gpu_j: Option<f64>,
-    /// CPU package energy, joules; `None` when no node measured it.
-    pub cpu_j: Option<f64>,
-    /// DRAM energy, joules; `None` when no node measured it.
-    pub dram_j: Option<f64>,
-    /// `energy_j / duration_s` (0 for a zero-length job).
-    pub avg_w: f64,
-    /// Sum of the nodes' peak powers (an upper bound of the job's peak).
-    pub peak_w: f64,
-    /// The lowest node coverage.
-    pub coverage_min: f64,
-    /// Energy-weighted mean node coverage.
-    pub coverage_weighted: f64,
-    /// Whether any node's figures are partly estimated.
-    pub estimated: bool,
-    /// Per node, sorted by node name.
-    pub nodes: Vec<NodeSummary>,
-    /// Per GPU, sorted by node then index.
-    pub gpus: Vec<GpuSummary>,
-}
-
-/// One node's share of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeSummary {
-    /// Node name.
-    pub node: String,
-    /// Energy on this node, joules.
-    pub energy_j: f64,
-    /// GPU energy, joules.
-    pub gpu_j: Option<f64>,
-    /// CPU package energy, joules.
-    pub cpu_j: Option<f64>,
-    /// DRAM energy, joules.
-    pub dram_j: Option<f64>,
-    /// Average power, watts.
-    pub avg_w: f64,
-    /// Peak power, watts.
-    pub peak_w: f64,
-    /// Fraction of the job's time on this node covered by readings.
-    pub coverage: f64,
-    /// The node manifest's content hash.
-    pub manifest_hash: String,
-}
-
-/// One GPU's share of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuSummary {
-    /// Node name.
-    pub node: String,
-    /// NVML UUID.
-    pub uuid: String,
-    /// Slurm GPU index on the node.
-    pub index: u32,
-    /// Energy, joules; `None` when the GPU could not be read (never 0 for an unmeasured GPU).
-    pub energy_j: Option<f64>,
-    /// Average power, watts.
-    pub avg_w: Option<f64>,
-    /// Peak power, watts.
-    pub peak_w: Option<f64>,
-    /// How the energy was obtained.
-    pub method: EnergyMethod,
-    /// The job's MIG instances on this GPU, when it held instances (its `energy_j` is then its
-    /// modelled share of the board); absent for a whole GPU.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mig: Option<ergon_protocol::GpuMig>,
-}
-
-impl JobRecordFull {
-    /// The short record stored in sacct.
-    pub fn sacct_record(&self) -> JobRecord {
-        let whole = |x: f64| {
-            if x.is_finite() && x > 0.0 {
-                x.round() as u64
-            } else {
-                0
-            }
-        };
-        JobRecord {
-            energy_j: whole(self.energy_j),
-            gpu_j: whole(self.gpu_j.unwrap_or(0.0)),
-            cpu_j: whole(self.cpu_j.unwrap_or(0.0)),
-            dram_j: whole(self.dram_j.unwrap_or(0.0)),
-            other_j: None,
-            avg_w: self.avg_w,
-            peak_w: self.peak_w,
-            gpus: self.gpus.len() as u32,
-            nodes: self.nodes.len() as u32,
-            coverage: self.coverage_min,
-            hash: JobRecord::short_hash(&self.job_hash),
-        }
-    }
-
-    /// `cluster/job` as used for keys in the state.
-    pub fn job_key(&self) -> String {
-        job_key(&self.cluster, self.job_id)
-    }
-}
-
-/// `cluster/job`, the key of a job in the state.
-pub fn job_key(cluster: &str, job_id: u32) -> String {
-    format!("{cluster}/{job_id}")
-}
+use crate::job::{job_key, EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSummary};
+use crate::spool::{list, IndexEntry, Listed, SpoolIndex};
 
 fn sum_opt(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     values.fold(None, |acc, v| match (acc, v) {
@@ -217,6 +72,24 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             peak_w: m.totals.peak_w,
             coverage: m.coverage.fraction,
             manifest_hash: m.content_hash.clone(),
+            components: m.coverage.components,
+            gpus_unknown: m.coverage.gpus_unknown.clone(),
+        })
+        .collect();
+    let estimates: Vec<EstimatedGap> = sorted
+        .iter()
+        .flat_map(|m| {
+            m.coverage.gaps.iter().filter_map(|g| {
+                let e = g.estimate?;
+                Some(EstimatedGap {
+                    node: m.node.clone(),
+                    start_unix_ns: g.start_unix_ns,
+                    end_unix_ns: g.end_unix_ns,
+                    reason: g.reason.clone(),
+                    energy_j: e.energy_j,
+                    bound_j: e.bound_j,
+                })
+            })
         })
         .collect();
     let mut gpus: Vec<GpuSummary> = sorted
@@ -268,7 +141,70 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         estimated: sorted.iter().any(|m| m.attribution.estimated),
         nodes,
         gpus,
+        coverage_components: component_coverage(&sorted),
+        gpus_unknown: sorted
+            .iter()
+            .filter_map(|m| {
+                Some(GpusUnknown {
+                    node: m.node.clone(),
+                    reason: m.coverage.gpus_unknown.clone()?,
+                })
+            })
+            .collect(),
+        estimate_bound_j: (!estimates.is_empty())
+            .then(|| estimates.iter().map(|e| e.bound_j.max(0.0)).sum()),
+        estimates,
+        sluid: sorted
+            .iter()
+            .find_map(|m| m.job.sluid.as_deref())
+            .map(str::to_ascii_lowercase),
     }
+}
+
+/// The job's coverage per component: for each component, the nodes that have it, each node's
+/// coverage weighted by its duration (see [`JobRecordFull::coverage_components`]). `None` when
+/// no manifest states per-component coverage. A node whose GPUs are unknown has GPU coverage 0
+/// whatever its manifest says.
+fn component_coverage(nodes: &[&Manifest]) -> Option<ComponentCoverage> {
+    if nodes.iter().all(|m| m.coverage.components.is_none()) {
+        return None;
+    }
+    let of = |m: &Manifest| -> ComponentCoverage {
+        let mut c = m.coverage.components.unwrap_or(ComponentCoverage {
+            // Before schema 4: the node's coverage, for each component it measured.
+            gpu: (!m.gpus.is_empty() || m.totals.gpu_j.is_some()).then_some(m.coverage.fraction),
+            cpu: m.totals.cpu_j.map(|_| m.coverage.fraction),
+            dram: m.totals.dram_j.map(|_| m.coverage.fraction),
+        });
+        if m.coverage.gpus_unknown.is_some() {
+            c.gpu = Some(0.0);
+        }
+        c
+    };
+    let per_node: Vec<(f64, ComponentCoverage)> = nodes
+        .iter()
+        .map(|m| (m.end_unix_ns.saturating_sub(m.start_unix_ns) as f64, of(m)))
+        .collect();
+    let weighted = |pick: fn(&ComponentCoverage) -> Option<f64>| -> Option<f64> {
+        let have: Vec<(f64, f64)> = per_node
+            .iter()
+            .filter_map(|(d, c)| pick(c).map(|v| (*d, v.clamp(0.0, 1.0))))
+            .collect();
+        if have.is_empty() {
+            return None;
+        }
+        let total: f64 = have.iter().map(|(d, _)| d).sum();
+        Some(if total > 0.0 {
+            have.iter().map(|(d, v)| d * v).sum::<f64>() / total
+        } else {
+            have.iter().map(|(_, v)| v).sum::<f64>() / have.len() as f64
+        })
+    };
+    Some(ComponentCoverage {
+        gpu: weighted(|c| c.gpu),
+        cpu: weighted(|c| c.cpu),
+        dram: weighted(|c| c.dram),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -326,9 +262,6 @@ pub struct Scan {
     pub known: usize,
 }
 
-/// The index of a spool: [`crate::state::State::index`].
-pub type SpoolIndex = BTreeMap<String, IndexEntry>;
-
 /// [`scan_indexed`] with an empty index: every file is read.
 pub fn scan(
     spools: &[PathBuf],
@@ -336,16 +269,6 @@ pub fn scan(
     settle: Duration,
 ) -> std::io::Result<Scan> {
     scan_indexed(spools, quarantine, settle, &SpoolIndex::new())
-}
-
-/// A `*.json` file in a spool, as listed (before it is read).
-struct Listed {
-    path: PathBuf,
-    /// The index key: the path as UTF-8 (`None`: not indexable, always read).
-    key: Option<String>,
-    size: u64,
-    mtime_ns: i64,
-    mtime: SystemTime,
 }
 
 /// Read every `*.json` file directly in each spool directory (temporary files that ergond is
@@ -755,51 +678,6 @@ pub fn scan_streaming<E: From<std::io::Error>>(
         }
     }
     Ok(scan)
-}
-
-/// List the `*.json` files of the spools, in spool order then name order.
-fn list(spools: &[PathBuf]) -> std::io::Result<Vec<Listed>> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut files: Vec<Listed> = Vec::new();
-    for spool in spools {
-        let entries = match std::fs::read_dir(spool) {
-            Ok(e) => e,
-            Err(e) => {
-                return Err(std::io::Error::new(
-                    e.kind(),
-                    format!("reading spool directory {}: {e}", spool.display()),
-                ))
-            }
-        };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.') && name.ends_with(".json")
-            })
-            .collect();
-        paths.sort();
-        for path in paths {
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
-            }
-            files.push(Listed {
-                key: path.to_str().map(str::to_owned),
-                size: meta.len(),
-                mtime_ns: meta
-                    .mtime()
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(meta.mtime_nsec()),
-                mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                path,
-            });
-        }
-    }
-    Ok(files)
 }
 
 /// The job (`cluster/job`) a manifest file's first bytes name, without reading the rest: the

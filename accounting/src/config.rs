@@ -141,6 +141,10 @@ pub struct SacctConfig {
     /// What to do with foreign content sacctmgr would alter.
     #[serde(default = "default_foreign")]
     pub foreign_unsafe: ForeignUnsafe,
+    /// Longest a `sacct` or `sacctmgr` call may take, seconds; then it is stopped and the jobs
+    /// stay pending.
+    #[serde(default = "default_sacct_timeout")]
+    pub timeout_s: u64,
 }
 
 fn yes() -> bool {
@@ -161,6 +165,9 @@ fn default_parallel() -> usize {
 fn default_verify_attempts() -> u32 {
     3
 }
+fn default_sacct_timeout() -> u64 {
+    60
+}
 fn default_foreign() -> ForeignUnsafe {
     ForeignUnsafe::Skip
 }
@@ -175,6 +182,7 @@ impl Default for SacctConfig {
             parallel: default_parallel(),
             verify_attempts: default_verify_attempts(),
             foreign_unsafe: default_foreign(),
+            timeout_s: default_sacct_timeout(),
         }
     }
 }
@@ -234,6 +242,11 @@ pub struct VictoriaMetricsConfig {
     /// Request timeout, seconds.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// Take a record as delivered only once VictoriaMetrics has written it to disk and it reads
+    /// back (`/snapshot/create`, `/api/v1/export`). `false` for an endpoint that only speaks
+    /// `/write` (InfluxDB 1.x): an accepted batch is then taken as delivered.
+    #[serde(default = "yes")]
+    pub verify: bool,
 }
 
 /// HTTPS JSON ingest sink.
@@ -255,6 +268,10 @@ pub struct HttpConfig {
     /// Connect timeout, seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_s: u64,
+    /// Send the bearer token even though `url` is plain `http://` (unencrypted). Off: such a
+    /// config is refused, so that a token never crosses the network in clear by mistake.
+    #[serde(default)]
+    pub allow_token_over_plain_http: bool,
 }
 
 fn default_batch() -> usize {
@@ -317,6 +334,9 @@ impl Config {
                 "spool_dirs",
                 "at least one spool directory is needed",
             ));
+        }
+        if config.sacct.timeout_s == 0 {
+            return Err(invalid("sacct.timeout_s", "must be at least 1"));
         }
         if config.sacct.parallel == 0 {
             return Err(invalid("sacct.parallel", "must be at least 1"));

@@ -3,6 +3,8 @@
 //! stores, keeping a write-ahead log so that nothing is lost or silently dropped.
 //!
 //! - [`collect`]: read, verify, quarantine and combine manifests;
+//! - [`job`]: the job record the other modules share;
+//! - [`spool`]: listing the spool directories, the spool index's entries;
 //! - [`state`]: the state directory (write-ahead log, bounds, run lock);
 //! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
@@ -12,12 +14,15 @@
 //! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod collect;
 pub mod config;
+pub mod job;
 pub mod plot;
 pub mod report;
 pub mod run;
 pub mod sacct;
 pub mod sinks;
+pub mod spool;
 pub mod state;

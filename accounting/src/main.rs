@@ -15,6 +15,8 @@
 //!   trace in them, the file cannot be written): see the message; no file was written;
 //! - 2: usage error, including an output name that ends in neither `.svg` nor `.png`.
 
+#![deny(unsafe_code)]
+
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;

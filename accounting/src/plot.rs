@@ -181,38 +181,12 @@ pub fn find_in_spools(
     cluster: Option<&str>,
     job_id: u32,
 ) -> Result<Vec<Manifest>, PlotError> {
-    let mut found = Vec::new();
-    let mut problems = Vec::new();
-    for spool in spools {
-        let Ok(entries) = std::fs::read_dir(spool) else {
-            tracing::debug!("cannot list spool directory {}", spool.display());
-            continue;
-        };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.') && name.ends_with(".json")
-            })
-            .collect();
-        paths.sort();
-        for path in paths {
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            let Ok(m) = Manifest::from_json_unverified(&bytes) else {
-                continue;
-            };
-            if m.job.job_id != job_id || cluster.is_some_and(|c| c != m.cluster) {
-                continue;
-            }
-            match m.verify() {
-                Ok(()) => found.push(m),
-                Err(e) => problems.push(format!("{}: {e}", path.display())),
-            }
-        }
+    let files = crate::spool::find_job(spools, cluster, job_id);
+    for p in &files.unreadable {
+        tracing::debug!("skipped {p}");
     }
+    let problems = files.unverified;
+    let found: Vec<Manifest> = files.found.into_iter().map(|(_, m)| m).collect();
     if !problems.is_empty() {
         return Err(PlotError::Unverified { job_id, problems });
     }

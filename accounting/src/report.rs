@@ -6,9 +6,11 @@ use ergon_protocol::manifest::Manifest;
 use ergon_protocol::record::{find_in_field, strip_from_field, JobRecord};
 use serde::Serialize;
 
-use crate::collect::{self, combine, JobRecordFull};
+use crate::collect::{self, combine};
 use crate::config::Config;
+use crate::job::JobRecordFull;
 use crate::sacct::Sacct;
+use crate::spool;
 use crate::state::{Delivery, State};
 
 /// What `ergon report` shows.
@@ -62,57 +64,14 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         },
         Err(e) => report.sacct_note = Some(e),
     }
-    let mut found = Vec::new();
-    for spool in &config.spool_dirs {
-        let Ok(entries) = std::fs::read_dir(spool) else {
-            continue;
-        };
-        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            // Manifests are named <cluster>-<job>-<node>.json: a file of this job's that
-            // cannot be read or parsed is reported, not silently left out.
-            let ours = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.contains(&format!("-{job_id}-")));
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    if ours {
-                        report
-                            .manifest_problems
-                            .push(format!("{}: cannot read: {e}", path.display()));
-                    }
-                    continue;
-                }
-            };
-            let m = match Manifest::from_json_unverified(&bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    if ours {
-                        report
-                            .manifest_problems
-                            .push(format!("{}: not a valid manifest: {e}", path.display()));
-                    }
-                    continue;
-                }
-            };
-            if m.job.job_id != job_id || cluster.is_some_and(|c| c != m.cluster) {
-                continue;
-            }
-            match m.verify() {
-                // The same manifest in two spools counts once.
-                Ok(())
-                    if found
-                        .iter()
-                        .any(|f: &Manifest| f.content_hash == m.content_hash) => {}
-                Ok(()) => found.push(m),
-                Err(e) => report
-                    .manifest_problems
-                    .push(format!("{}: {e}", path.display())),
-            }
+    let files = spool::find_job(&config.spool_dirs, cluster, job_id);
+    report.manifest_problems.extend(files.unreadable);
+    report.manifest_problems.extend(files.unverified);
+    // The same manifest in two spools counts once.
+    let mut found: Vec<Manifest> = Vec::new();
+    for (_, m) in files.found {
+        if !found.iter().any(|f| f.content_hash == m.content_hash) {
+            found.push(m);
         }
     }
     if !found.is_empty() {
@@ -126,11 +85,19 @@ pub fn render_job_report(r: &JobReport) -> String {
     let mut out = format!("job {}\n", r.job_id);
     match &r.sacct_record {
         Some(rec) => {
+            // GPUs unknown on a node: the GPU part is unknown there, never shown as a zero.
+            let gpu = match rec.gpus_unknown_nodes {
+                0 => format!("gpu {} J", rec.gpu_j),
+                n if n >= rec.nodes => "gpu unknown".to_owned(),
+                n => format!("gpu {} J + unknown on {n} node(s)", rec.gpu_j),
+            };
             out += &format!(
-                "  energy    {:.3} kWh ({} J)\n  by part   gpu {} J, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s)\n  coverage  {:.1}%\n",
+                "  energy    {:.3} kWh ({} J){}\n  by part   {gpu}, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s){}\n  coverage  {:.1}%{}\n",
                 rec.energy_j as f64 / 3.6e6,
                 rec.energy_j,
-                rec.gpu_j,
+                rec.estimate_bound_j
+                    .map(|b| format!(" ± {b} J estimated"))
+                    .unwrap_or_default(),
                 rec.cpu_j,
                 rec.dram_j,
                 rec.other_j.map(|o| format!(", other {o} J")).unwrap_or_default(),
@@ -138,8 +105,16 @@ pub fn render_job_report(r: &JobReport) -> String {
                 rec.peak_w,
                 rec.gpus,
                 rec.nodes,
-                rec.coverage * 100.0
+                match rec.gpus_unknown_nodes {
+                    0 => String::new(),
+                    n => format!("; GPUs unknown on {n} node(s)"),
+                },
+                rec.coverage * 100.0,
+                components(rec.coverage_gpu, rec.coverage_cpu, rec.coverage_dram)
             );
+            if let Some(sluid) = &rec.sluid {
+                out += &format!("  sluid     {sluid}\n");
+            }
         }
         None => {
             out += &format!(
@@ -149,17 +124,40 @@ pub fn render_job_report(r: &JobReport) -> String {
             )
         }
     }
+    if let Some(foreign) = &r.foreign_content {
+        out += &format!("  also in {}: {foreign}\n", r.field);
+    }
     if let Some(m) = &r.manifests {
         out += &format!("  from manifests ({} node(s)):\n", m.nodes.len());
+        if r.sacct_record.is_none() {
+            if let Some(sluid) = &m.sluid {
+                out += &format!("    sluid {sluid}\n");
+            }
+        }
+        if let Some(c) = &m.coverage_components {
+            out += &format!(
+                "    coverage by component (time-weighted over the nodes):{}\n",
+                components(c.gpu, c.cpu, c.dram)
+            );
+        }
         for n in &m.nodes {
             out += &format!(
-                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%\n",
+                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%{}\n",
                 n.node,
                 n.energy_j,
                 n.avg_w,
                 n.peak_w,
-                n.coverage * 100.0
+                n.coverage * 100.0,
+                n.components
+                    .map(|c| components(c.gpu, c.cpu, c.dram))
+                    .unwrap_or_default()
             );
+            if let Some(reason) = &n.gpus_unknown {
+                out += &format!(
+                    "    GPUs unknown on node {}: {reason}; their energy is unknown, not 0, and not in the totals\n",
+                    n.node
+                );
+            }
         }
         for g in &m.gpus {
             out += &match (g.energy_j, g.avg_w) {
@@ -180,11 +178,31 @@ pub fn render_job_report(r: &JobReport) -> String {
                 ),
             };
         }
+        for e in &m.estimates {
+            out += &format!(
+                "    {} estimated {:.0} J ± {:.0} J over {:.1} s: {}\n",
+                e.node,
+                e.energy_j,
+                // A bound is never shown smaller than it is.
+                e.bound_j.ceil(),
+                e.end_unix_ns.saturating_sub(e.start_unix_ns) as f64 / 1e9,
+                e.reason
+            );
+        }
     }
     for p in &r.manifest_problems {
         out += &format!("  warning: {p}\n");
     }
     out
+}
+
+/// ` (gpu 50.0%, cpu 90.5%, dram n/a)`: the components' coverage, or nothing when none is known.
+fn components(gpu: Option<f64>, cpu: Option<f64>, dram: Option<f64>) -> String {
+    if gpu.is_none() && cpu.is_none() && dram.is_none() {
+        return String::new();
+    }
+    let pct = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |v| format!("{:.1}%", v * 100.0));
+    format!(" (gpu {}, cpu {}, dram {})", pct(gpu), pct(cpu), pct(dram))
 }
 
 /// What `ergon status` shows.
@@ -194,8 +212,12 @@ pub struct Status {
     pub state_dir: PathBuf,
     /// Jobs in the state.
     pub jobs: usize,
-    /// Per destination (`sacct` and each sink): records pending.
+    /// Per destination (`sacct` and each sink): records pending (not yet delivered, those sent
+    /// but not verified included).
     pub backlog: Vec<(String, usize)>,
+    /// Per destination: of its backlog, the records it accepted that are not yet verified to be
+    /// durable (VictoriaMetrics); the next run checks them and sends what is missing.
+    pub unverified: Vec<(String, usize)>,
     /// sacct records skipped on purpose.
     pub sacct_skipped: usize,
     /// Per destination: last success (Unix seconds) and last error.
@@ -234,6 +256,10 @@ pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
         .iter()
         .map(|n| (n.clone(), state.pending_for(n).len()))
         .collect();
+    let unverified = names
+        .iter()
+        .map(|n| (n.clone(), state.sent_for(n)))
+        .collect();
     let destinations = names
         .iter()
         .map(|n| {
@@ -245,6 +271,7 @@ pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
         state_dir: config.state_dir.clone(),
         jobs: state.jobs.len(),
         backlog,
+        unverified,
         sacct_skipped: state
             .jobs
             .values()
@@ -277,9 +304,16 @@ pub fn render_status(s: &Status) -> String {
     if let Some(line) = &s.last_run_summary {
         out += &format!("           {line}\n");
     }
-    for ((name, pending), (_, success, error)) in s.backlog.iter().zip(&s.destinations) {
+    for (((name, pending), (_, success, error)), (_, sent)) in
+        s.backlog.iter().zip(&s.destinations).zip(&s.unverified)
+    {
         out += &format!(
-            "{name:<18} backlog {pending}, last success {}{}\n",
+            "{name:<18} backlog {pending}{}, last success {}{}\n",
+            if *sent > 0 {
+                format!(" ({sent} sent, not yet verified)")
+            } else {
+                String::new()
+            },
             ago(*success),
             error
                 .as_deref()

@@ -17,10 +17,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::{self, combine, FoundManifest, JobRecordFull, Streamed};
+use crate::collect::{self, combine, FoundManifest, Streamed};
 use crate::config::{Config, RetryConfig};
+use crate::job::JobRecordFull;
 use crate::sacct::{Sacct, SacctJob, SacctOutcome};
-use crate::sinks::{deliver_batch, BatchResult, HttpIngest, Sink, VictoriaMetrics};
+use crate::sinks::{
+    deliver_batch, verify_and_repair, BatchResult, HttpIngest, Sink, Verify, VictoriaMetrics,
+};
 use crate::state::{Bounds, Delivery, JobEntry, Journal, JournalOp, RunLock, SinkStatus, State};
 
 /// A sink the uploader threads can use.
@@ -57,16 +60,22 @@ pub struct RunSummary {
     pub unsettled: usize,
     /// Jobs not collected because they ended before the retention horizon.
     pub skipped_before_horizon: usize,
-    /// sacct records written (or found already in place).
+    /// sacct records written (and verified).
     pub sacct_written: usize,
+    /// sacct records that held the record already (nothing written; e.g. after the state was
+    /// lost or restored).
+    pub sacct_already: usize,
     /// sacct records skipped on purpose (foreign content).
     pub sacct_skipped: usize,
     /// sacct records left pending.
     pub sacct_failed: usize,
     /// Per sink: records delivered this run.
     pub delivered: BTreeMap<String, usize>,
-    /// Per sink: records still pending after this run.
+    /// Per sink: records still pending after this run (those sent but not verified included).
     pub pending: BTreeMap<String, usize>,
+    /// Per sink: of the pending records, those the sink accepted but that could not be verified
+    /// to be durable yet (VictoriaMetrics).
+    pub unverified: BTreeMap<String, usize>,
     /// Sinks that refused credentials.
     pub auth_refused: Vec<String>,
     /// Entries dropped by the bounds this run with deliveries pending.
@@ -123,14 +132,20 @@ impl RunSummary {
             .delivered
             .iter()
             .map(|(k, v)| {
+                let unverified = self.unverified.get(k).copied().unwrap_or(0);
                 format!(
-                    "{k}: {v} delivered, {} pending",
-                    self.pending.get(k).copied().unwrap_or(0)
+                    "{k}: {v} delivered, {} pending{}",
+                    self.pending.get(k).copied().unwrap_or(0),
+                    if unverified > 0 {
+                        format!(" ({unverified} sent, not verified)")
+                    } else {
+                        String::new()
+                    }
                 )
             })
             .collect();
         format!(
-            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} skipped, {} pending; {}; {} dropped",
+            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} already in place, {} skipped, {} pending; {}; {} dropped",
             self.collected,
             self.updated,
             self.manifests_read,
@@ -139,6 +154,7 @@ impl RunSummary {
             self.unsettled,
             self.skipped_before_horizon,
             self.sacct_written,
+            self.sacct_already,
             self.sacct_skipped,
             self.sacct_failed,
             if sinks.is_empty() { "no sinks".to_string() } else { sinks.join(", ") },
@@ -347,6 +363,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         saver.now(&mut state)?;
     }
 
+    accept_sent_without_verifier(&mut state, &sinks);
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
     if options.dry_run || options.sequential {
@@ -387,6 +404,21 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     saver.report(&mut summary.timings);
     summary.timings.total = started.elapsed();
     Ok(summary)
+}
+
+/// Records a sink accepted in an earlier run while it verified (`sent`) count as delivered once
+/// it no longer verifies (`victoria_metrics.verify = false`: a 2xx is delivery); sending them
+/// again would store them twice.
+fn accept_sent_without_verifier(state: &mut State, sinks: &[SharedSink]) {
+    for sink in sinks.iter().filter(|s| s.verifier().is_none()) {
+        for entry in state.jobs.values_mut() {
+            if let Some(d) = entry.sinks.get_mut(sink.name()) {
+                if let Delivery::Sent { at_unix, .. } = *d {
+                    *d = Delivery::Done { at_unix };
+                }
+            }
+        }
+    }
 }
 
 /// A new entry for `record`, or `None` when the job is in the state with the same key, or
@@ -502,17 +534,30 @@ type Feed = Vec<(String, Arc<JobRecordFull>)>;
 
 /// What an uploader thread reports.
 enum Uploaded {
-    /// A batch went through: `cluster/job` and idempotency key of each record.
+    /// Records delivered (for a verifying sink: found durable): `cluster/job` and idempotency
+    /// key of each.
     Delivered {
         sink: usize,
         keys: Vec<(String, String)>,
     },
-    /// A batch did not; the sink sends nothing more this run.
+    /// A verifying sink accepted a batch; it is verified at the end of the upload.
+    Accepted {
+        sink: usize,
+        keys: Vec<(String, String)>,
+    },
+    /// A batch did not go through; the sink sends nothing more this run.
     Stopped {
         sink: usize,
         keys: Vec<(String, String)>,
         error: String,
         auth: bool,
+    },
+    /// These records could not be verified (nor sent again) this run; they stay to be
+    /// delivered, and the sink sends nothing more this run.
+    Unverified {
+        sink: usize,
+        keys: Vec<(String, String)>,
+        error: String,
     },
     /// The uploader is done, after this long.
     Finished { sink: usize, took: Duration },
@@ -523,11 +568,76 @@ enum Uploaded {
 /// the same few cores (VictoriaMetrics creating new series) keeps them busy.
 pub const LANES: usize = 2;
 
+fn keys_of(items: &[(String, Arc<JobRecordFull>)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(k, r)| (k.clone(), r.idempotency_key.clone()))
+        .collect()
+}
+
+/// Sleep for `wait` unless `stopped` is set (before or after): `false` to give up.
+fn sleep_unless(stopped: &std::sync::atomic::AtomicBool, wait: Duration) -> bool {
+    use std::sync::atomic::Ordering;
+    if stopped.load(Ordering::Relaxed) {
+        return false;
+    }
+    std::thread::sleep(wait);
+    !stopped.load(Ordering::Relaxed)
+}
+
+/// Verify `items` with the sink's verifier and report what was found (see
+/// [`verify_and_repair`]). Returns whether everything was found.
+fn verify_items(
+    index: usize,
+    sink: &(dyn Sink + Send + Sync),
+    verifier: &dyn Verify,
+    items: &[(String, Arc<JobRecordFull>)],
+    events: &Sender<Uploaded>,
+    retry: &RetryConfig,
+) -> bool {
+    if items.is_empty() {
+        return true;
+    }
+    let records: Vec<&JobRecordFull> = items.iter().map(|(_, r)| r.as_ref()).collect();
+    let found = verify_and_repair(sink, verifier, &records, retry, &mut |wait| {
+        std::thread::sleep(wait);
+        true
+    });
+    let pick = |at: &[usize]| -> Vec<(String, String)> {
+        at.iter()
+            .map(|&i| (items[i].0.clone(), items[i].1.idempotency_key.clone()))
+            .collect()
+    };
+    if !found.present.is_empty() {
+        let _ = events.send(Uploaded::Delivered {
+            sink: index,
+            keys: pick(&found.present),
+        });
+    }
+    if found.missing.is_empty() {
+        return true;
+    }
+    let _ = events.send(Uploaded::Unverified {
+        sink: index,
+        keys: pick(&found.missing),
+        error: found
+            .error
+            .unwrap_or_else(|| "the records are not all there".into()),
+    });
+    false
+}
+
 /// One uploader thread: send what comes on `feed` in batches of the sink's size until the feed
 /// closes (a last, smaller batch then) or the sink stops, [`LANES`] batches at a time.
+///
+/// For a sink with a verifier (VictoriaMetrics), `backlog` (its records left by earlier runs,
+/// sent or not) is verified and repaired first, which sends only what the sink does not hold
+/// already; batches it accepts are reported [`Uploaded::Accepted`] and verified once the feed
+/// is done.
 fn uploader(
     index: usize,
     sink: &(dyn Sink + Send + Sync),
+    backlog: Feed,
     feed: Receiver<Feed>,
     events: Sender<Uploaded>,
     retry: &RetryConfig,
@@ -536,12 +646,30 @@ fn uploader(
     use std::sync::atomic::{AtomicBool, Ordering};
     let started = Instant::now();
     let size = sink.batch_size().max(1);
+    let verifier = sink.verifier();
     let stopped = AtomicBool::new(false);
+    if let Some(v) = verifier {
+        let ok = verify_items(index, sink, v, &backlog, &events, retry);
+        bar.inc(backlog.len() as u64);
+        if !ok {
+            stopped.store(true, Ordering::Relaxed);
+        }
+    }
+    let verifying = verifier.is_some();
+    let unsure = AtomicBool::new(false);
+    let accepted: std::sync::Mutex<Feed> = Default::default();
     let (batches_tx, batches_rx) = mpsc::sync_channel::<Feed>(0);
     let batches_rx = std::sync::Mutex::new(batches_rx);
     std::thread::scope(|scope| {
         for _ in 0..LANES {
-            let (events, bar, stopped, batches_rx) = (events.clone(), &bar, &stopped, &batches_rx);
+            let (events, bar, stopped, batches_rx, accepted, unsure) = (
+                events.clone(),
+                &bar,
+                &stopped,
+                &batches_rx,
+                &accepted,
+                &unsure,
+            );
             scope.spawn(move || {
                 // One batch at a time from the batcher (the lock is held only to take one).
                 let next = || batches_rx.lock().ok().and_then(|rx| rx.recv().ok());
@@ -551,24 +679,47 @@ fn uploader(
                     }
                     let records: Vec<&JobRecordFull> =
                         batch.iter().map(|(_, r)| r.as_ref()).collect();
-                    let result = deliver_batch(sink, &records, retry, &mut std::thread::sleep);
-                    let keys: Vec<(String, String)> = batch
-                        .iter()
-                        .map(|(k, r)| (k.clone(), r.idempotency_key.clone()))
-                        .collect();
+                    let result = deliver_batch(sink, &records, retry, &mut |wait| {
+                        sleep_unless(stopped, wait)
+                    });
+                    let keys = keys_of(&batch);
                     match result {
                         BatchResult::Delivered { .. } => {
                             bar.inc(keys.len() as u64);
-                            let _ = events.send(Uploaded::Delivered { sink: index, keys });
+                            let taken = if verifying {
+                                if let Ok(mut a) = accepted.lock() {
+                                    a.extend(batch);
+                                }
+                                events.send(Uploaded::Accepted { sink: index, keys })
+                            } else {
+                                events.send(Uploaded::Delivered { sink: index, keys })
+                            };
+                            if taken.is_err() {
+                                // The run failed (its state cannot be written): what is sent
+                                // now could not be recorded, so send nothing more.
+                                stopped.store(true, Ordering::Relaxed);
+                            }
                         }
-                        BatchResult::Stopped { error, auth } => {
-                            stopped.store(true, Ordering::Relaxed);
+                        BatchResult::Stopped {
+                            error,
+                            auth,
+                            unknown,
+                        } => {
+                            if unknown {
+                                // The sink may hold the batch, or get it late (a hung server
+                                // applies queued requests when it resumes): what it holds is
+                                // checked by the next run, not now.
+                                unsure.store(true, Ordering::Relaxed);
+                            }
+                            // The event goes before the flag, so that the other lane's report
+                            // of giving up because of it comes after it.
                             let _ = events.send(Uploaded::Stopped {
                                 sink: index,
                                 keys,
                                 error,
                                 auth,
                             });
+                            stopped.store(true, Ordering::Relaxed);
                         }
                     }
                 }
@@ -594,6 +745,15 @@ fn uploader(
         }
         drop(batches_tx);
     });
+    // What the sink accepted this run, verified (also after it stopped: what it took is kept),
+    // unless a request went unanswered: the sink hangs or is gone, and asking it more would
+    // only wait again. Then the records stay sent, and the next run checks them first.
+    if let Some(v) = verifier {
+        if !unsure.load(Ordering::Relaxed) {
+            let accepted = accepted.into_inner().unwrap_or_default();
+            verify_items(index, sink, v, &accepted, &events, retry);
+        }
+    }
     let _ = events.send(Uploaded::Finished {
         sink: index,
         took: started.elapsed(),
@@ -620,6 +780,9 @@ struct Pipeline<'a, 'c> {
     chunk: Vec<String>,
     /// Time in `job` and `flush`.
     busy: Duration,
+    /// Per sink: whether its stop was logged (a stop is logged once, however many requests
+    /// were in flight).
+    stop_logged: Vec<bool>,
 }
 
 impl Pipeline<'_, '_> {
@@ -710,6 +873,28 @@ impl Pipeline<'_, '_> {
         }
     }
 
+    /// Journal a failed attempt to deliver `keys` to `sink`.
+    fn failed(&mut self, sink: usize, keys: Vec<(String, String)>, error: String) -> Result<()> {
+        let name = self.sinks[sink].name().to_owned();
+        let keys: Vec<String> = keys
+            .into_iter()
+            .filter(|(job, key)| self.state.jobs.get(job).is_some_and(|e| &e.key == key))
+            .map(|(job, _)| job)
+            .collect();
+        let mut status: SinkStatus = self.state.sinks.get(&name).cloned().unwrap_or_default();
+        status.last_error = Some(error.clone());
+        status.last_error_unix = Some(now_unix());
+        self.saver.op(
+            self.state,
+            JournalOp::Failed {
+                sink: name,
+                error,
+                keys,
+                status,
+            },
+        )
+    }
+
     /// Apply what an uploader reports. A record counts only if the job's entry still has its
     /// key (a job collected again meanwhile has a new record, still to send).
     fn uploaded(&mut self, event: Uploaded) -> Result<()> {
@@ -737,6 +922,20 @@ impl Pipeline<'_, '_> {
                     },
                 )?;
             }
+            Uploaded::Accepted { sink, keys } => {
+                let name = self.sinks[sink].name().to_owned();
+                let keys = current(self.state, keys);
+                let status = self.state.sinks.get(&name).cloned().unwrap_or_default();
+                self.saver.op(
+                    self.state,
+                    JournalOp::Sent {
+                        sink: name,
+                        at_unix: now_unix(),
+                        keys,
+                        status,
+                    },
+                )?;
+            }
             Uploaded::Stopped {
                 sink,
                 keys,
@@ -745,29 +944,31 @@ impl Pipeline<'_, '_> {
             } => {
                 let name = self.sinks[sink].name().to_owned();
                 if auth {
+                    self.summary.auth_refused.push(name.clone());
+                }
+                if std::mem::replace(&mut self.stop_logged[sink], true) {
+                    // Another request in flight failed too: said once already.
+                    tracing::debug!("{name}: {error}");
+                } else if auth {
                     tracing::error!(
                         "{name}: STOPPED: {error}. Nothing more is sent to this sink until this is fixed; its records stay pending"
                     );
-                    self.summary.auth_refused.push(name.clone());
                 } else {
                     tracing::error!(
                         "{name}: {error}; the remaining records stay pending for the next run"
                     );
                 }
-                let keys = current(self.state, keys);
-                let mut status: SinkStatus =
-                    self.state.sinks.get(&name).cloned().unwrap_or_default();
-                status.last_error = Some(error.clone());
-                status.last_error_unix = Some(now_unix());
-                self.saver.op(
-                    self.state,
-                    JournalOp::Failed {
-                        sink: name,
-                        error,
-                        keys,
-                        status,
-                    },
-                )?;
+                self.failed(sink, keys, error)?;
+                self.feeds[sink] = None;
+            }
+            Uploaded::Unverified { sink, keys, error } => {
+                let name = self.sinks[sink].name().to_owned();
+                tracing::error!(
+                    "{name}: {} records could not be verified: {error}; they stay pending, and the next run checks them again and sends what is missing",
+                    keys.len()
+                );
+                self.stop_logged[sink] = true;
+                self.failed(sink, keys, error)?;
                 self.feeds[sink] = None;
             }
             Uploaded::Finished { sink, took } => {
@@ -790,8 +991,9 @@ fn run_pipelined(
     bounds: Bounds,
 ) -> Result<()> {
     let started = Instant::now();
-    // The records left pending by earlier runs go first, oldest job first.
-    let backlogs: Vec<Feed> = sinks
+    // The records left pending by earlier runs go first, oldest job first (a verifying sink
+    // checks them before sending what is missing: see `uploader`).
+    let mut backlogs: Vec<Feed> = sinks
         .iter()
         .map(|sink| {
             let mut keys = state.pending_for(sink.name());
@@ -824,6 +1026,7 @@ fn run_pipelined(
     let horizon_unix_ns = state.horizon_unix_ns;
     std::thread::scope(|scope| -> Result<()> {
         let (events_tx, events) = mpsc::channel();
+        let backlog = backlogs.iter().map(Vec::len).max().unwrap_or(0) as u64;
         let mut feeds = Vec::new();
         for (i, sink) in sinks.iter().enumerate() {
             let (tx, rx) = mpsc::channel::<Feed>();
@@ -831,11 +1034,15 @@ fn run_pipelined(
             let bar = bars[i].clone();
             let sink: &(dyn Sink + Send + Sync) = sink.as_ref();
             let retry = &config.retry;
-            scope.spawn(move || uploader(i, sink, rx, events, retry, bar));
+            let verify_first = if sink.verifier().is_some() {
+                std::mem::take(&mut backlogs[i])
+            } else {
+                Feed::new()
+            };
+            scope.spawn(move || uploader(i, sink, verify_first, rx, events, retry, bar));
             feeds.push(Some(tx));
         }
         drop(events_tx);
-        let backlog = backlogs.iter().map(Vec::len).max().unwrap_or(0) as u64;
         let mut pipe = Pipeline {
             config,
             sinks,
@@ -852,6 +1059,7 @@ fn run_pipelined(
             backlog,
             chunk: Vec::new(),
             busy: Duration::ZERO,
+            stop_logged: vec![false; sinks.len()],
         };
         for (i, feed) in backlogs.iter().enumerate() {
             if !feed.is_empty() {
@@ -906,7 +1114,9 @@ fn run_pipelined(
         for name in names {
             pipe.summary.delivered.entry(name.clone()).or_default();
             let pending = pipe.state.pending_for(&name).len();
-            pipe.summary.pending.insert(name, pending);
+            let unverified = pipe.state.sent_for(&name);
+            pipe.summary.pending.insert(name.clone(), pending);
+            pipe.summary.unverified.insert(name, unverified);
         }
         Ok(())
     })?;
@@ -943,9 +1153,32 @@ fn write_sacct(
         ));
     }
     for (cluster, jobs) in by_cluster {
-        for chunk in jobs.chunks(50) {
+        for (n, chunk) in jobs.chunks(50).enumerate() {
             let list: Vec<SacctJob> = chunk.iter().map(|(_, j)| j.clone()).collect();
-            let outcomes = sacct.write(&cluster, &list, &|| progress.inc(1));
+            let outcomes = match sacct.write(&cluster, &list, &|| progress.inc(1)) {
+                Ok(o) => o,
+                Err(error) => {
+                    // sacct cannot be read: the other chunks would wait just as long. Said once.
+                    let left = jobs.len() - n * 50;
+                    tracing::error!(
+                        "sacct: {error}; no more sacct records are written for cluster {cluster} this run: {left} stay pending"
+                    );
+                    summary.sacct_failed += left;
+                    let status = state.sinks.entry(SACCT.to_owned()).or_default();
+                    status.last_error = Some(error.clone());
+                    status.last_error_unix = Some(now_unix());
+                    for (key, _) in chunk {
+                        if let Some(entry) = state.jobs.get_mut(key) {
+                            entry
+                                .sacct
+                                .get_or_insert_with(Delivery::pending)
+                                .failed(&error);
+                        }
+                    }
+                    progress.inc(left as u64);
+                    break;
+                }
+            };
             let status = state.sinks.entry(SACCT.to_owned()).or_default();
             for ((key, job), outcome) in chunk.iter().zip(outcomes) {
                 let Some(entry) = state.jobs.get_mut(key) else {
@@ -953,11 +1186,15 @@ fn write_sacct(
                 };
                 let delivery = entry.sacct.get_or_insert_with(Delivery::pending);
                 match outcome {
-                    SacctOutcome::Written { .. } => {
+                    SacctOutcome::Written { already } => {
                         *delivery = Delivery::Done {
                             at_unix: now_unix(),
                         };
-                        summary.sacct_written += 1;
+                        if already {
+                            summary.sacct_already += 1;
+                        } else {
+                            summary.sacct_written += 1;
+                        }
                         status.last_success_unix = Some(now_unix());
                         status.delivered_total += 1;
                     }
@@ -982,6 +1219,9 @@ fn write_sacct(
     Ok(())
 }
 
+/// How a batch of the sequential upload ended: `Err((error, credentials refused))`.
+type BatchOutcome = Result<(), (String, bool)>;
+
 fn upload(
     config: &Config,
     sink: &dyn Sink,
@@ -995,19 +1235,58 @@ fn upload(
     pending.sort_by_key(|k| state.jobs.get(k).map_or(0, |e| e.end_unix_ns));
     let progress = bar(options.progress, pending.len(), &name);
     let mut delivered = 0;
-    let mut stopped = false;
-    for batch_keys in pending.chunks(sink.batch_size()) {
-        let records: Vec<_> = batch_keys
+    // What went through and what did not, as batches (keys, outcome).
+    let mut results: Vec<(Vec<String>, BatchOutcome)> = Vec::new();
+    if let Some(verifier) = sink.verifier() {
+        // Verify first, then send only what the sink does not hold (everything, for records
+        // never sent), and verify again.
+        let keyed: Vec<(&String, &JobRecordFull)> = pending
             .iter()
-            .filter_map(|k| state.jobs.get(k).and_then(|e| e.record.as_ref()))
+            .filter_map(|k| Some((k, state.jobs.get(k)?.record.as_ref()?)))
             .collect();
-        let result = deliver_batch(sink, &records, &config.retry, &mut std::thread::sleep);
+        let records: Vec<&JobRecordFull> = keyed.iter().map(|(_, r)| *r).collect();
+        let found = verify_and_repair(sink, verifier, &records, &config.retry, &mut |wait| {
+            std::thread::sleep(wait);
+            true
+        });
+        let pick = |at: &[usize]| at.iter().map(|&i| keyed[i].0.clone()).collect::<Vec<_>>();
+        results.push((pick(&found.present), Ok(())));
+        if !found.missing.is_empty() {
+            let error = found
+                .error
+                .unwrap_or_else(|| "the records are not all there".into());
+            results.push((pick(&found.missing), Err((error, false))));
+        }
+    } else {
+        for batch_keys in pending.chunks(sink.batch_size()) {
+            let records: Vec<_> = batch_keys
+                .iter()
+                .filter_map(|k| state.jobs.get(k).and_then(|e| e.record.as_ref()))
+                .collect();
+            let result = deliver_batch(sink, &records, &config.retry, &mut |wait| {
+                std::thread::sleep(wait);
+                true
+            });
+            let stopped = matches!(result, BatchResult::Stopped { .. });
+            results.push((
+                batch_keys.to_vec(),
+                match result {
+                    BatchResult::Delivered { .. } => Ok(()),
+                    BatchResult::Stopped { error, auth, .. } => Err((error, auth)),
+                },
+            ));
+            if stopped {
+                break;
+            }
+        }
+    }
+    for (batch_keys, result) in results {
         let status: &mut SinkStatus = state.sinks.entry(name.clone()).or_default();
         match result {
-            BatchResult::Delivered { .. } => {
+            Ok(()) => {
                 status.last_success_unix = Some(now_unix());
                 status.delivered_total += batch_keys.len() as u64;
-                for key in batch_keys {
+                for key in &batch_keys {
                     let Some(entry) = state.jobs.get_mut(key) else {
                         continue;
                     };
@@ -1026,10 +1305,10 @@ fn upload(
                 delivered += batch_keys.len();
                 progress.inc(batch_keys.len() as u64);
             }
-            BatchResult::Stopped { error, auth } => {
+            Err((error, auth)) => {
                 status.last_error = Some(error.clone());
                 status.last_error_unix = Some(now_unix());
-                for key in batch_keys {
+                for key in &batch_keys {
                     if let Some(d) = state.jobs.get_mut(key).and_then(|e| e.sinks.get_mut(&name)) {
                         d.failed(error.clone());
                     }
@@ -1041,22 +1320,22 @@ fn upload(
                     summary.auth_refused.push(name.clone());
                 } else {
                     tracing::error!(
-                        "{name}: {error}; the remaining records stay pending for the next run"
+                        "{name}: {error}; {} records stay pending for the next run",
+                        batch_keys.len()
                     );
                 }
-                stopped = true;
             }
         }
         saver.maybe(state)?;
-        if stopped {
-            break;
-        }
     }
     progress.finish_and_clear();
     summary.delivered.insert(name.clone(), delivered);
     summary
         .pending
         .insert(name.clone(), state.pending_for(&name).len());
+    summary
+        .unverified
+        .insert(name.clone(), state.sent_for(&name));
     Ok(())
 }
 

@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ergon_protocol::record::{find_in_field, merge_into_field, strip_from_field, JobRecord};
 
@@ -67,6 +68,10 @@ impl Sacct {
         Sacct { config }
     }
 
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.config.timeout_s)
+    }
+
     /// The field this writer uses.
     pub fn field(&self) -> SacctField {
         self.config.field
@@ -87,7 +92,7 @@ impl Sacct {
         }
         cmd.args(["-j", &ids.join(",")])
             .args(["-o", &format!("JobIDRaw,{}", self.config.field.name())]);
-        let out = run(&mut cmd, &self.config.sacct)?;
+        let out = run(&mut cmd, &self.config.sacct, self.timeout())?;
         let mut values = BTreeMap::new();
         for line in out.lines() {
             // JobIDRaw never holds '|'; the field is the rest of the line.
@@ -112,23 +117,26 @@ impl Sacct {
             "set",
             &format!("{}={value}", self.config.field.name()),
         ]);
-        run(&mut cmd, &self.config.sacctmgr).map(|_| ())
+        run(&mut cmd, &self.config.sacctmgr, self.timeout()).map(|_| ())
     }
 
     /// Write the records of `jobs` (all of one cluster), verify them, and say what happened to
-    /// each, in order. `progress` is called once per finished job.
+    /// each, in order. `progress` is called once per finished job. `Err` when the first read of
+    /// the jobs' current values fails (sacct or slurmdbd down, hung, or refusing): nothing was
+    /// written, and the caller should not try more jobs of the cluster this run.
     pub fn write(
         &self,
         cluster: &str,
         jobs: &[SacctJob],
         progress: &dyn Fn(),
-    ) -> Vec<SacctOutcome> {
+    ) -> Result<Vec<SacctOutcome>, String> {
         let mut outcomes: Vec<Option<SacctOutcome>> = vec![None; jobs.len()];
         let ids: Vec<u32> = jobs.iter().map(|j| j.job_id).collect();
         let mut last_error: BTreeMap<usize, String> = BTreeMap::new();
         for round in 0..self.config.verify_attempts {
             let current = match self.read(Some(cluster), &ids) {
                 Ok(c) => c,
+                Err(e) if round == 0 => return Err(e),
                 Err(e) => {
                     for o in outcomes.iter_mut().filter(|o| o.is_none()) {
                         *o = Some(SacctOutcome::Failed(e.clone()));
@@ -219,7 +227,7 @@ impl Sacct {
                 }
             }
         }
-        outcomes
+        Ok(outcomes
             .into_iter()
             .enumerate()
             .map(|(i, o)| {
@@ -233,26 +241,67 @@ impl Sacct {
                     }))
                 })
             })
-            .collect()
+            .collect())
     }
 }
 
-fn run(cmd: &mut Command, program: &Path) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| {
-        format!(
-            "cannot run {}: {e}; is Slurm's client installed and on PATH?",
-            program.display()
-        )
-    })?;
-    if !out.status.success() {
+/// Run `cmd` to its end, at most `timeout`: its stdout, or what went wrong. A program still
+/// running after `timeout` is killed (a hung slurmdbd makes sacct and sacctmgr wait 45 s and
+/// more, and a run holding the lock blocks every later run).
+fn run(cmd: &mut Command, program: &Path, timeout: Duration) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "cannot run {}: {e}; is Slurm's client installed and on PATH?",
+                program.display()
+            )
+        })?;
+    // Read both pipes while waiting, so that a large output cannot block the child.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} did not answer within {} s (sacct.timeout_s) and was stopped; is slurmdbd responding?",
+                    program.display(),
+                    timeout.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("waiting for {}: {e}", program.display())),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
         return Err(format!(
             "{} failed ({}): {}",
             program.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            status,
+            String::from_utf8_lossy(&stderr).trim()
         ));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&stdout).into_owned())
 }
 
 #[cfg(test)]

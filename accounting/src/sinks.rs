@@ -6,6 +6,7 @@
 //! the server rejects, too many attempts), or to go on. What is not delivered stays pending in the
 //! state for the next run.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use reqwest::blocking::Client;
 use reqwest::StatusCode;
 use serde::Serialize;
 
-use crate::collect::JobRecordFull;
 use crate::config::{HttpConfig, RetryConfig, VictoriaMetricsConfig};
+use crate::job::JobRecordFull;
 
 /// What one request achieved.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +31,11 @@ pub enum SendOutcome {
         /// What went wrong.
         error: String,
     },
+    /// No answer, but the request may have reached the sink and be applied (a timeout, a
+    /// connection lost after sending: a hung server applies queued requests when it resumes).
+    /// Worth retrying only where a record stored twice does no harm; a verifying sink checks
+    /// what it holds instead (see [`deliver_with_retry`]).
+    Unknown(String),
     /// Credentials refused (401/403): the sink stops until an admin fixes it.
     AuthRefused(String),
     /// The server rejected the request in a way a retry will not change (other 4xx).
@@ -44,6 +50,26 @@ pub trait Sink {
     fn batch_size(&self) -> usize;
     /// Send one batch.
     fn send(&self, records: &[&JobRecordFull]) -> SendOutcome;
+    /// How to check that what the sink accepted is durable, for a sink whose acceptance does
+    /// not mean that (VictoriaMetrics answers before its buffers reach disk). `None`: an
+    /// accepted batch is delivered.
+    fn verifier(&self) -> Option<&dyn Verify> {
+        None
+    }
+}
+
+/// Checking, by asking the sink, that records it accepted are durable, and re-sending what is
+/// missing (see [`verify_and_repair`]).
+pub trait Verify {
+    /// Make everything the sink has accepted so far durable (VictoriaMetrics: a snapshot, which
+    /// writes its in-memory buffers to disk).
+    fn persist(&self) -> Result<(), String>;
+    /// For each record, the fields the sink does not hold (empty: all of them are there). Call
+    /// it after [`Verify::persist`]: then what it finds is on disk.
+    fn missing(&self, records: &[&JobRecordFull]) -> Result<Vec<Vec<&'static str>>, String>;
+    /// Send only the given fields of each record (those [`Verify::missing`] found missing), so
+    /// that what the sink holds already is not stored twice.
+    fn send_fields(&self, items: &[(&JobRecordFull, &[&'static str])]) -> SendOutcome;
 }
 
 /// How a batch ended.
@@ -54,8 +80,11 @@ pub enum BatchResult {
         /// Attempts used.
         attempts: u32,
     },
-    /// Not delivered; the sink stops for this run. `auth` is true for 401/403.
+    /// Not delivered; the sink stops for this run. `auth` is true for 401/403; `unknown` when
+    /// the last request may still have reached the sink ([`SendOutcome::Unknown`]).
     Stopped {
+        /// Whether the last request's fate is unknown.
+        unknown: bool,
         /// The last error.
         error: String,
         /// Whether credentials were refused.
@@ -97,50 +126,90 @@ fn jitter_random() -> f64 {
     })
 }
 
-/// Send one batch with retries, sleeping with `sleep` between attempts.
+/// Send one batch with retries, sleeping with `sleep` between attempts. `sleep` returns `false`
+/// to give up instead (another request to the same sink has stopped it): the batch then stops
+/// with the error it had.
 pub fn deliver_batch(
     sink: &dyn Sink,
     records: &[&JobRecordFull],
     retry: &RetryConfig,
-    sleep: &mut dyn FnMut(Duration),
+    sleep: &mut dyn FnMut(Duration) -> bool,
+) -> BatchResult {
+    let again_if_unknown = sink.verifier().is_none();
+    deliver_with_retry(sink.name(), retry, sleep, again_if_unknown, || {
+        sink.send(records)
+    })
+}
+
+/// [`deliver_batch`] for any request: `send` is called until it succeeds, fails for good, or
+/// the attempts are used up. An [`SendOutcome::Unknown`] is retried like a failure when
+/// `again_if_unknown`; otherwise the batch stops there, since sending it again could store it
+/// twice (the caller checks later what the sink holds).
+pub fn deliver_with_retry(
+    name: &str,
+    retry: &RetryConfig,
+    sleep: &mut dyn FnMut(Duration) -> bool,
+    again_if_unknown: bool,
+    mut send: impl FnMut() -> SendOutcome,
 ) -> BatchResult {
     let mut attempt = 0;
     loop {
-        let outcome = sink.send(records);
+        let outcome = send();
         attempt += 1;
-        match outcome {
+        let stop = |error: String, auth: bool, unknown: bool| BatchResult::Stopped {
+            error,
+            auth,
+            unknown,
+        };
+        let (after, error) = match outcome {
             SendOutcome::Delivered => return BatchResult::Delivered { attempts: attempt },
-            SendOutcome::AuthRefused(error) => return BatchResult::Stopped { error, auth: true },
-            SendOutcome::Rejected(error) => return BatchResult::Stopped { error, auth: false },
-            SendOutcome::Retry { after, error } => {
-                if attempt >= retry.max_attempts {
-                    return BatchResult::Stopped {
-                        error: format!("{error} (gave up after {attempt} attempts this run)"),
-                        auth: false,
-                    };
-                }
-                let wait = match after {
-                    Some(after) if after > Duration::from_secs(retry.max_retry_after_s) => {
-                        return BatchResult::Stopped {
-                            error: format!(
-                                "{error}; the server asked to wait {}s, more than retry.max_retry_after_s",
-                                after.as_secs()
-                            ),
-                            auth: false,
-                        }
-                    }
-                    Some(after) => after,
-                    None => backoff(retry, attempt - 1, jitter_random()),
-                };
-                tracing::warn!(
-                    "{}: {error}; retrying in {:.1}s (attempt {}/{})",
-                    sink.name(),
-                    wait.as_secs_f64(),
-                    attempt + 1,
-                    retry.max_attempts
-                );
-                sleep(wait);
+            SendOutcome::AuthRefused(error) => return stop(error, true, false),
+            SendOutcome::Rejected(error) => return stop(error, false, false),
+            SendOutcome::Unknown(error) if !again_if_unknown => {
+                return stop(
+                    format!(
+                        "{error} (not sent again: it may have reached the sink; the next check of what the sink holds sends what is missing)"
+                    ),
+                    false,
+                    true,
+                )
             }
+            SendOutcome::Unknown(error) => (None, error),
+            SendOutcome::Retry { after, error } => (after, error),
+        };
+        if attempt >= retry.max_attempts {
+            return stop(
+                format!("{error} (gave up after {attempt} attempts this run)"),
+                false,
+                false,
+            );
+        }
+        let wait = match after {
+            Some(after) if after > Duration::from_secs(retry.max_retry_after_s) => {
+                return stop(
+                    format!(
+                        "{error}; the server asked to wait {}s, more than retry.max_retry_after_s",
+                        after.as_secs()
+                    ),
+                    false,
+                    false,
+                )
+            }
+            Some(after) => after,
+            None => backoff(retry, attempt - 1, jitter_random()),
+        };
+        tracing::warn!(
+            "{name}: {error}; retrying in {:.1}s (attempt {}/{})",
+            wait.as_secs_f64(),
+            attempt + 1,
+            retry.max_attempts
+        );
+        if !sleep(wait) {
+            return stop(
+                format!("{error} (not retried: the sink stopped for this run)"),
+                false,
+                false,
+            );
         }
     }
 }
@@ -182,6 +251,26 @@ fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// A request error with its causes (reqwest's own text omits them: "error sending request for
+/// url (…)" alone does not say whether the connection was refused or timed out).
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
     match request.send() {
         Ok(response) => {
@@ -194,24 +283,35 @@ fn send_request(request: reqwest::blocking::RequestBuilder) -> SendOutcome {
             let body = response.text().unwrap_or_default();
             classify(status, retry_after.as_deref(), &body)
         }
-        Err(e) => SendOutcome::Retry {
+        // Not connected: the request never left. Otherwise it may have reached the server.
+        Err(e) if e.is_connect() => SendOutcome::Retry {
             after: None,
-            error: format!("request failed: {e:#}"),
+            error: format!("request failed: {}", describe(&e)),
         },
+        Err(e) => SendOutcome::Unknown(format!("request failed: {}", describe(&e))),
     }
 }
 
 /// InfluxDB line protocol to VictoriaMetrics' `/write`.
 ///
 /// One line per job: measurement `ergon_job`, tags `cluster`, `job_id`, `user` and, when set,
-/// `account` and `partition`; fields `energy_j`, `gpu_j`, `cpu_j`, `dram_j` (when measured),
-/// `avg_w`, `peak_w`, `coverage_min`, `coverage_weighted`, `duration_s`, `nodes`, `gpus`; the
-/// timestamp is the job's end in nanoseconds. VictoriaMetrics names the series
-/// `ergon_job_<field>`. The same record sent twice has the same series and timestamp.
+/// `account`, `partition` and `sluid`; the fields of [`fields`]; the timestamp is the job's end in
+/// nanoseconds. VictoriaMetrics names the series `ergon_job_<field>`. The same record sent twice
+/// has the same series and timestamp.
+///
+/// **Durability.** VictoriaMetrics answers a write before the samples reach disk: killed within
+/// a few seconds of a write (measured with 1.79: 3 s after a write and a `/internal/force_flush`,
+/// every sample was lost; 5 s after, none), it comes back without them. So with `verify` (the
+/// default) an accepted batch is only *sent*; [`verify_and_repair`] then makes VictoriaMetrics
+/// write its buffers to disk (`/snapshot/create`, then `/snapshot/delete` of that snapshot: a
+/// snapshot flushes everything first) and reads the records back (`/api/v1/export`): a record
+/// is delivered once every field of it is there.
 pub struct VictoriaMetrics {
     client: Client,
+    base: String,
     url: String,
     batch_size: usize,
+    verify: bool,
 }
 
 impl VictoriaMetrics {
@@ -221,10 +321,13 @@ impl VictoriaMetrics {
             .timeout(Duration::from_secs(config.timeout_s))
             .connect_timeout(Duration::from_secs(config.timeout_s.min(10)))
             .build()?;
+        let base = config.url.trim_end_matches('/').to_owned();
         Ok(VictoriaMetrics {
             client,
-            url: format!("{}/write", config.url.trim_end_matches('/')),
+            url: format!("{base}/write"),
+            base,
             batch_size: config.batch_size,
+            verify: config.verify,
         })
     }
 }
@@ -244,42 +347,270 @@ fn escape_tag(value: &str) -> String {
     out
 }
 
+/// The fields of a record's line (VictoriaMetrics series `ergon_job_<name>`), in order:
+/// `energy_j`; `gpu_j`, `cpu_j`, `dram_j` when measured; `avg_w`, `peak_w`, `coverage_min`,
+/// `coverage_weighted`, `duration_s`, `nodes`, `gpus`; then, when the manifests state them,
+/// `gpu_coverage`, `cpu_coverage`, `dram_coverage` (the job's time-weighted coverage per
+/// component), `gpus_unknown_nodes` (when not 0) and `estimate_bound_j`.
+pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::with_capacity(16);
+    out.push(("energy_j", r.energy_j));
+    for (field, value) in [("gpu_j", r.gpu_j), ("cpu_j", r.cpu_j), ("dram_j", r.dram_j)] {
+        if let Some(v) = value {
+            out.push((field, v));
+        }
+    }
+    out.extend([
+        ("avg_w", r.avg_w),
+        ("peak_w", r.peak_w),
+        ("coverage_min", r.coverage_min),
+        ("coverage_weighted", r.coverage_weighted),
+        ("duration_s", r.duration_s),
+        ("nodes", r.nodes.len() as f64),
+        ("gpus", r.gpus.len() as f64),
+    ]);
+    if let Some(c) = r.coverage_components {
+        for (field, value) in [
+            ("gpu_coverage", c.gpu),
+            ("cpu_coverage", c.cpu),
+            ("dram_coverage", c.dram),
+        ] {
+            if let Some(v) = value {
+                out.push((field, v));
+            }
+        }
+    }
+    if !r.gpus_unknown.is_empty() {
+        out.push(("gpus_unknown_nodes", r.gpus_unknown.len() as f64));
+    }
+    if let Some(b) = r.estimate_bound_j {
+        out.push(("estimate_bound_j", b));
+    }
+    out
+}
+
+/// One line: the record's tags, the fields `only` names (all of them for `None`), its timestamp.
+fn write_line(out: &mut String, r: &JobRecordFull, only: Option<&[&'static str]>) {
+    let _ = write!(
+        out,
+        "ergon_job,cluster={},job_id={},user={}",
+        escape_tag(&r.cluster),
+        r.job_id,
+        escape_tag(&r.user)
+    );
+    for (tag, value) in [
+        ("account", &r.account),
+        ("partition", &r.partition),
+        ("sluid", &r.sluid),
+    ] {
+        if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+            let _ = write!(out, ",{tag}={}", escape_tag(v));
+        }
+    }
+    let mut sep = ' ';
+    for (field, value) in fields(r) {
+        if only.is_some_and(|o| !o.contains(&field)) {
+            continue;
+        }
+        let _ = write!(out, "{sep}{field}={value}");
+        sep = ',';
+    }
+    let _ = writeln!(out, " {}", r.end_unix_ns);
+}
+
 /// The line protocol text for `records`.
 pub fn line_protocol(records: &[&JobRecordFull]) -> String {
     let mut out = String::with_capacity(records.len() * 256);
     for r in records {
-        let _ = write!(
-            out,
-            "ergon_job,cluster={},job_id={},user={}",
-            escape_tag(&r.cluster),
-            r.job_id,
-            escape_tag(&r.user)
-        );
-        for (tag, value) in [("account", &r.account), ("partition", &r.partition)] {
-            if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
-                let _ = write!(out, ",{tag}={}", escape_tag(v));
-            }
-        }
-        let _ = write!(out, " energy_j={}", r.energy_j);
-        for (field, value) in [("gpu_j", r.gpu_j), ("cpu_j", r.cpu_j), ("dram_j", r.dram_j)] {
-            if let Some(v) = value {
-                let _ = write!(out, ",{field}={v}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            ",avg_w={},peak_w={},coverage_min={},coverage_weighted={},duration_s={},nodes={},gpus={} {}",
-            r.avg_w,
-            r.peak_w,
-            r.coverage_min,
-            r.coverage_weighted,
-            r.duration_s,
-            r.nodes.len(),
-            r.gpus.len(),
-            r.end_unix_ns
-        );
+        write_line(&mut out, r, None);
     }
     out
+}
+
+/// The line protocol text for some fields of each record.
+pub fn line_protocol_fields(items: &[(&JobRecordFull, &[&'static str])]) -> String {
+    let mut out = String::with_capacity(items.len() * 256);
+    for (r, only) in items {
+        if !only.is_empty() {
+            write_line(&mut out, r, Some(only));
+        }
+    }
+    out
+}
+
+impl VictoriaMetrics {
+    fn post_lines(&self, body: String) -> SendOutcome {
+        send_request(
+            self.client
+                .post(&self.url)
+                .header("Content-Type", "text/plain; charset=utf-8")
+                .body(body),
+        )
+    }
+
+    /// A request to VictoriaMetrics' own API: the body of a 2xx answer, or what went wrong.
+    fn api(
+        &self,
+        what: &str,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> Result<String, String> {
+        let response = request
+            .send()
+            .map_err(|e| format!("{what}: request failed: {}", describe(&e)))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .map_err(|e| format!("{what}: reading the answer failed: {}", describe(&e)))?;
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let snippet: String = body.chars().take(200).collect();
+            Err(format!(
+                "{what}: VictoriaMetrics answered {status}: {snippet}"
+            ))
+        }
+    }
+
+    /// The samples of `records` (all of one cluster) VictoriaMetrics holds: by job id and field,
+    /// each sample's time (ms) and value.
+    fn export(&self, cluster: &str, records: &[&JobRecordFull]) -> Result<Held, String> {
+        let ms = |r: &&JobRecordFull| (r.end_unix_ns / 1_000_000) as i64;
+        let start = records.iter().map(ms).min().unwrap_or(0) - 1;
+        let end = records.iter().map(ms).max().unwrap_or(0) + 1;
+        let mut ids: Vec<String> = records.iter().map(|r| r.job_id.to_string()).collect();
+        ids.sort();
+        ids.dedup();
+        let escaped = cluster.replace('\\', "\\\\").replace('"', "\\\"");
+        let selector = format!(
+            "{{__name__=~\"ergon_job_.+\",cluster=\"{escaped}\",job_id=~\"{}\"}}",
+            ids.join("|")
+        );
+        let seconds = |t: i64| format!("{}.{:03}", t.div_euclid(1000), t.rem_euclid(1000));
+        let text = self.api(
+            "reading the records back (/api/v1/export)",
+            self.client
+                .post(format!("{}/api/v1/export", self.base))
+                .form(&[
+                    ("match[]", selector.as_str()),
+                    ("start", &seconds(start)),
+                    ("end", &seconds(end)),
+                ]),
+        )?;
+        let mut held = Held::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| format!("/api/v1/export answered a line that is not JSON: {e}"))?;
+            let metric = &v["metric"];
+            let (Some(name), Some(job)) = (
+                metric["__name__"]
+                    .as_str()
+                    .and_then(|n| n.strip_prefix("ergon_job_")),
+                metric["job_id"]
+                    .as_str()
+                    .and_then(|j| j.parse::<u32>().ok()),
+            ) else {
+                continue;
+            };
+            let values = v["values"].as_array().cloned().unwrap_or_default();
+            let times = v["timestamps"].as_array().cloned().unwrap_or_default();
+            let samples = held.entry((job, name.to_owned())).or_default();
+            for (t, x) in times.iter().zip(&values) {
+                if let (Some(t), Some(x)) = (t.as_i64(), x.as_f64()) {
+                    samples.push((t, x));
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// Samples read back from VictoriaMetrics: by job id and field, each sample's time (ms) and value.
+type Held = BTreeMap<(u32, String), Vec<(i64, f64)>>;
+
+/// Whether a value read back from VictoriaMetrics is the one written (it stores a float as a
+/// decimal, which can differ in the last digits).
+fn same_value(written: f64, read: f64) -> bool {
+    (written - read).abs() <= 1e-9 * written.abs().max(read.abs()).max(1.0)
+}
+
+/// Records per `/api/v1/export` request when verifying, and the longest span of job end times
+/// one request covers (VictoriaMetrics limits an export's time range, 30 days by default). The
+/// cost of a verification is mostly per request (BENCHMARKS.md: 200 records per request made a
+/// 30,000-record run 3.5× slower than 5,000).
+const VERIFY_CHUNK: usize = 5000;
+const VERIFY_SPAN_NS: u64 = 24 * 3600 * 1_000_000_000;
+
+impl Verify for VictoriaMetrics {
+    fn persist(&self) -> Result<(), String> {
+        let body = self.api(
+            "writing VictoriaMetrics' buffers to disk (/snapshot/create)",
+            self.client.post(format!("{}/snapshot/create", self.base)),
+        )?;
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let Some(name) = answer["snapshot"]
+            .as_str()
+            .filter(|_| answer["status"] == "ok")
+        else {
+            return Err(format!(
+                "/snapshot/create did not create a snapshot: {}",
+                body.chars().take(200).collect::<String>()
+            ));
+        };
+        // The snapshot was only the means to flush; keeping it would keep old data on disk.
+        if let Err(e) = self.api(
+            "removing the snapshot ergon made (/snapshot/delete)",
+            self.client
+                .post(format!("{}/snapshot/delete", self.base))
+                .form(&[("snapshot", name)]),
+        ) {
+            tracing::warn!(
+                "victoria_metrics: {e}; remove the snapshot {name} by hand (it holds disk space)"
+            );
+        }
+        Ok(())
+    }
+
+    fn missing(&self, records: &[&JobRecordFull]) -> Result<Vec<Vec<&'static str>>, String> {
+        let mut out = vec![Vec::new(); records.len()];
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        order.sort_by(|&a, &b| {
+            (&records[a].cluster, records[a].end_unix_ns)
+                .cmp(&(&records[b].cluster, records[b].end_unix_ns))
+        });
+        let mut start = 0;
+        while start < order.len() {
+            let first = records[order[start]];
+            let mut end = start + 1;
+            while end < order.len()
+                && end - start < VERIFY_CHUNK
+                && records[order[end]].cluster == first.cluster
+                && records[order[end]].end_unix_ns - first.end_unix_ns <= VERIFY_SPAN_NS
+            {
+                end += 1;
+            }
+            let chunk: Vec<&JobRecordFull> =
+                order[start..end].iter().map(|&i| records[i]).collect();
+            let held = self.export(&first.cluster, &chunk)?;
+            for &i in &order[start..end] {
+                let r = records[i];
+                let at = (r.end_unix_ns / 1_000_000) as i64;
+                for (field, value) in fields(r) {
+                    let there = held
+                        .get(&(r.job_id, field.to_owned()))
+                        .is_some_and(|s| s.iter().any(|&(t, x)| t == at && same_value(value, x)));
+                    if !there {
+                        out[i].push(field);
+                    }
+                }
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn send_fields(&self, items: &[(&JobRecordFull, &[&'static str])]) -> SendOutcome {
+        self.post_lines(line_protocol_fields(items))
+    }
 }
 
 impl Sink for VictoriaMetrics {
@@ -290,13 +621,102 @@ impl Sink for VictoriaMetrics {
         self.batch_size
     }
     fn send(&self, records: &[&JobRecordFull]) -> SendOutcome {
-        send_request(
-            self.client
-                .post(&self.url)
-                .header("Content-Type", "text/plain; charset=utf-8")
-                .body(line_protocol(records)),
-        )
+        self.post_lines(line_protocol(records))
     }
+    fn verifier(&self) -> Option<&dyn Verify> {
+        self.verify.then_some(self as &dyn Verify)
+    }
+}
+
+/// What [`verify_and_repair`] found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Verified {
+    /// Indices of the records the sink holds durably (delivered).
+    pub present: Vec<usize>,
+    /// Indices of the records it does not (yet): still to deliver.
+    pub missing: Vec<usize>,
+    /// Why some are missing, when they are.
+    pub error: Option<String>,
+    /// Records (indices into the input) whose missing fields were sent again.
+    pub resent: usize,
+}
+
+/// Rounds of re-sending what a verification found missing, per run.
+pub const REPAIR_ROUNDS: u32 = 2;
+
+/// Make what `sink` accepted durable, read `records` back, and send again what of them is
+/// missing (only the missing fields), up to [`REPAIR_ROUNDS`] times, until every record is
+/// there. A record that was never sent is simply missing, so this also delivers records whose
+/// fate is unknown (pending from an earlier run, which may have reached the sink before a crash)
+/// without storing anything twice.
+pub fn verify_and_repair(
+    sink: &dyn Sink,
+    verifier: &dyn Verify,
+    records: &[&JobRecordFull],
+    retry: &RetryConfig,
+    sleep: &mut dyn FnMut(Duration) -> bool,
+) -> Verified {
+    let mut result = Verified::default();
+    let mut open: Vec<usize> = (0..records.len()).collect();
+    let mut round = 0;
+    while !open.is_empty() {
+        if let Err(e) = verifier.persist() {
+            result.error = Some(e);
+            break;
+        }
+        let asked: Vec<&JobRecordFull> = open.iter().map(|&i| records[i]).collect();
+        let missing = match verifier.missing(&asked) {
+            Ok(m) => m,
+            Err(e) => {
+                result.error = Some(e);
+                break;
+            }
+        };
+        tracing::debug!(
+            "{}: verification round {round}: {} records asked, {} with fields missing",
+            sink.name(),
+            asked.len(),
+            missing.iter().filter(|m| !m.is_empty()).count()
+        );
+        let mut still: Vec<(usize, Vec<&'static str>)> = Vec::new();
+        for (k, fields) in missing.into_iter().enumerate() {
+            if fields.is_empty() {
+                result.present.push(open[k]);
+            } else {
+                still.push((open[k], fields));
+            }
+        }
+        open = still.iter().map(|(i, _)| *i).collect();
+        if open.is_empty() {
+            break;
+        }
+        if round == REPAIR_ROUNDS {
+            result.error = Some(format!(
+                "{} records are still not all there after {REPAIR_ROUNDS} rounds of sending their missing fields again",
+                open.len()
+            ));
+            break;
+        }
+        round += 1;
+        for chunk in still.chunks(sink.batch_size().max(1)) {
+            let items: Vec<(&JobRecordFull, &[&'static str])> = chunk
+                .iter()
+                .map(|(i, f)| (records[*i], f.as_slice()))
+                .collect();
+            match deliver_with_retry(sink.name(), retry, sleep, false, || {
+                verifier.send_fields(&items)
+            }) {
+                BatchResult::Delivered { .. } => result.resent += chunk.len(),
+                BatchResult::Stopped { error, .. } => {
+                    result.error = Some(error);
+                    result.missing = open;
+                    return result;
+                }
+            }
+        }
+    }
+    result.missing = open;
+    result
 }
 
 /// The JSON body POSTed to the HTTPS ingest endpoint (see docs/accounting.md).
@@ -324,8 +744,29 @@ impl HttpIngest {
     /// missing file fails the run early with its path.
     pub fn new(config: &HttpConfig) -> anyhow::Result<Self> {
         use anyhow::Context as _;
+        let url = reqwest::Url::parse(&config.url)
+            .with_context(|| format!("http.url {:?} is not a URL", config.url))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if config.token_file.is_none() => {}
+            "http" if config.allow_token_over_plain_http => tracing::warn!(
+                "http: sending the bearer token over plain http:// to {} (http.allow_token_over_plain_http = true): anyone on the path can read it",
+                config.url
+            ),
+            "http" => anyhow::bail!(
+                "http.url {} is plain http:// and http.token_file is set: the bearer token would cross the network unencrypted. Use an https:// URL, or set http.allow_token_over_plain_http = true if the path is trusted (e.g. loopback)",
+                config.url
+            ),
+            other => anyhow::bail!(
+                "http.url {} has the scheme {other:?}; use https:// (or http://)",
+                config.url
+            ),
+        }
         let mut builder = Client::builder()
             .use_rustls_tls()
+            // A redirect is not followed: it could lead the token elsewhere (another host, or
+            // plain http). A 3xx stops the sink with its status; point url at the final address.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(config.timeout_s))
             .connect_timeout(Duration::from_secs(config.connect_timeout_s));
         if let Some(ca) = &config.ca_bundle {
@@ -456,7 +897,10 @@ mod tests {
             calls: RefCell::new(0),
         };
         let mut waits = Vec::new();
-        let result = deliver_batch(&sink, &[], &retry(), &mut |d| waits.push(d));
+        let result = deliver_batch(&sink, &[], &retry(), &mut |d| {
+            waits.push(d);
+            true
+        });
         assert_eq!(result, BatchResult::Delivered { attempts: 3 });
         assert_eq!(waits[0], Duration::from_secs(7));
         // Second retry: 100 ms doubled once, with equal jitter.
@@ -473,9 +917,38 @@ mod tests {
             outcomes: RefCell::new(vec![retry_err(None); 4]),
             calls: RefCell::new(0),
         };
-        let result = deliver_batch(&sink, &[], &retry(), &mut |_| {});
+        let result = deliver_batch(&sink, &[], &retry(), &mut |_| true);
         assert!(matches!(result, BatchResult::Stopped { auth: false, .. }));
         assert_eq!(*sink.calls.borrow(), 4);
+    }
+
+    #[test]
+    fn an_unanswered_request_is_sent_again_only_where_duplicates_do_no_harm() {
+        let unknown = || SendOutcome::Unknown("timed out".into());
+        let mut calls = 0;
+        let result = deliver_with_retry("vm", &retry(), &mut |_| true, false, || {
+            calls += 1;
+            unknown()
+        });
+        assert!(matches!(
+            result,
+            BatchResult::Stopped {
+                unknown: true,
+                auth: false,
+                ..
+            }
+        ));
+        assert_eq!(calls, 1, "not sent again");
+        let mut calls = 0;
+        let result = deliver_with_retry("http", &retry(), &mut |_| true, true, || {
+            calls += 1;
+            if calls < 3 {
+                unknown()
+            } else {
+                SendOutcome::Delivered
+            }
+        });
+        assert_eq!(result, BatchResult::Delivered { attempts: 3 });
     }
 
     #[test]

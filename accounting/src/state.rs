@@ -5,7 +5,9 @@
 //! The state is one JSON file, `state.json`, replaced atomically (write a temporary file, fsync,
 //! rename over the old one, fsync the directory), so a crash leaves either the old or the new
 //! state, never a mix. A crash after a delivery but before the save makes the next run deliver
-//! again: delivery is at least once, and every record carries an idempotency key.
+//! again: delivery is at least once, and every record carries an idempotency key. A delivery is
+//! *done* only when the destination has the record durably; a sink whose acceptance does not
+//! mean that (VictoriaMetrics) leaves it [`Delivery::Sent`] until a read-back confirms it.
 //!
 //! Between two saves a run can append to a [`Journal`] (`journal.jsonl`) instead of rewriting
 //! the whole file: the entries of newly collected jobs (fsynced before any of them is sent) and
@@ -29,12 +31,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::collect::JobRecordFull;
+use crate::job::JobRecordFull;
+use crate::spool::IndexEntry;
 
 /// The state file's format version.
 pub const STATE_VERSION: u32 = 1;
@@ -48,6 +50,15 @@ pub enum Delivery {
         /// Runs that tried and failed.
         attempts: u32,
         /// The last failure.
+        last_error: Option<String>,
+    },
+    /// Accepted by a sink whose acceptance does not mean durable (VictoriaMetrics), at this time
+    /// (Unix seconds), and not yet found there by a read-back after a flush to disk. Still to be
+    /// delivered: the next verification either finds it (then `done`) or sends what is missing.
+    Sent {
+        /// When the sink accepted it.
+        at_unix: u64,
+        /// Why the last verification did not confirm it, if one failed.
         last_error: Option<String>,
     },
     /// Delivered at this time (Unix seconds).
@@ -72,13 +83,23 @@ impl Delivery {
         }
     }
 
-    /// Whether it is still to be done.
+    /// Whether it is still to be done ([`Delivery::Pending`] or [`Delivery::Sent`]).
     pub fn is_pending(&self) -> bool {
-        matches!(self, Delivery::Pending { .. })
+        matches!(self, Delivery::Pending { .. } | Delivery::Sent { .. })
     }
 
-    /// Record a failed attempt.
+    /// Whether the sink accepted it but it is not verified yet.
+    pub fn is_sent(&self) -> bool {
+        matches!(self, Delivery::Sent { .. })
+    }
+
+    /// Record a failed attempt (for a record already sent: a verification that did not confirm
+    /// it; it stays sent).
     pub fn failed(&mut self, error: impl Into<String>) {
+        if let Delivery::Sent { last_error, .. } = self {
+            *last_error = Some(error.into());
+            return;
+        }
         let attempts = match self {
             Delivery::Pending { attempts, .. } => *attempts + 1,
             _ => 1,
@@ -149,19 +170,6 @@ pub struct Dropped {
     pub skipped_before_horizon: u64,
 }
 
-/// A manifest file already collected: what [`State::index`] remembers of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IndexEntry {
-    /// File size in bytes when it was read.
-    pub size: u64,
-    /// Modification time when it was read, ns since the Unix epoch (`st_mtime`, `st_mtime_nsec`).
-    pub mtime_ns: i64,
-    /// The manifest's content hash (`sha256:<hex>`), as verified.
-    pub content_hash: String,
-    /// The job it belongs to (`cluster/job`, a key of [`State::jobs`]).
-    pub job: String,
-}
-
 /// The whole state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -213,14 +221,14 @@ impl Default for State {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// I/O on a state file.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}{}", disk_hint(error))]
     Io {
         /// What was being done.
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a state this build reads.
     #[error("state file {path} cannot be read: {reason}; move it away to start from an empty state (already delivered records would then be delivered again)")]
@@ -230,6 +238,19 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
+}
+
+/// What to do about a full or read-only state filesystem, said with the error.
+fn disk_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => {
+            "; the state directory's filesystem is full: free space there. Nothing is lost: the state on disk is the last one saved (with its journal), and the next run goes on from it, sending again what this run may have sent"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => {
+            "; the state directory's filesystem is read-only: remount it read-write (a filesystem error? see dmesg). Nothing was changed"
+        }
+        _ => "",
+    }
 }
 
 /// The bounds the state keeps to.
@@ -269,11 +290,11 @@ impl State {
                 state.replay(dir)?;
                 return Ok(state);
             }
-            Err(source) => {
+            Err(error) => {
                 return Err(StateError::Io {
                     what: "reading",
                     path,
-                    source,
+                    error,
                 })
             }
         };
@@ -301,11 +322,11 @@ impl State {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
+            Err(error) => {
                 return Err(StateError::Io {
                     what: "reading",
                     path,
-                    source,
+                    error,
                 })
             }
         };
@@ -346,6 +367,24 @@ impl State {
             JournalOp::Put { jobs } => {
                 for (key, entry) in jobs {
                     self.jobs.insert(key.clone(), entry.clone());
+                }
+            }
+            JournalOp::Sent {
+                sink,
+                at_unix,
+                keys,
+                status,
+            } => {
+                self.sinks.insert(sink.clone(), status.clone());
+                for key in keys {
+                    if let Some(d) = self.jobs.get_mut(key).and_then(|e| e.delivery_mut(sink)) {
+                        if d.is_pending() {
+                            *d = Delivery::Sent {
+                                at_unix: *at_unix,
+                                last_error: None,
+                            };
+                        }
+                    }
                 }
             }
             JournalOp::Delivered {
@@ -389,14 +428,18 @@ impl State {
     /// journal (now contained in the state).
     pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
         self.generation += 1;
-        self.write(dir)?;
+        if let Err(e) = self.write(dir) {
+            // The state on disk is still the previous generation, which the journal follows.
+            self.generation -= 1;
+            return Err(e);
+        }
         match std::fs::remove_file(Journal::path(dir)) {
             Ok(()) => sync_dir(dir),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io {
+            Err(error) => Err(StateError::Io {
                 what: "removing",
                 path: Journal::path(dir),
-                source,
+                error,
             }),
         }
     }
@@ -406,13 +449,19 @@ impl State {
         let tmp = dir.join(".state.json.tmp");
         let io = |what: &'static str, path: &Path| {
             let path = path.to_path_buf();
-            move |source| StateError::Io { what, path, source }
+            move |error| StateError::Io { what, path, error }
         };
         let bytes = serde_json::to_vec(self).expect("the state always serialises");
-        let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        file.write_all(&bytes).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        drop(file);
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+            file.write_all(&bytes).map_err(io("writing", &tmp))?;
+            file.sync_all().map_err(io("syncing", &tmp))
+        })();
+        if let Err(e) = written {
+            // A part-written copy would only take the space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
         sync_dir(dir)
     }
@@ -496,7 +545,15 @@ impl State {
         }
     }
 
-    /// Entries with a delivery pending for `sink` (`"sacct"` for sacct).
+    /// Entries whose delivery to `sink` was accepted and awaits verification.
+    pub fn sent_for(&self, sink: &str) -> usize {
+        self.jobs
+            .values()
+            .filter(|e| e.sinks.get(sink).is_some_and(Delivery::is_sent))
+            .count()
+    }
+
+    /// Entries with a delivery pending for `sink` (`"sacct"` for sacct), sent ones included.
     pub fn pending_for(&self, sink: &str) -> Vec<String> {
         self.jobs
             .iter()
@@ -515,10 +572,10 @@ impl State {
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| StateError::Io {
+        .map_err(|error| StateError::Io {
             what: "syncing directory",
             path: dir.to_path_buf(),
-            source,
+            error,
         })
 }
 
@@ -537,6 +594,17 @@ pub enum JournalOp {
     Put {
         /// `cluster/job` and its entry.
         jobs: Vec<(String, JobEntry)>,
+    },
+    /// Accepted by `sink`, to be verified ([`Delivery::Sent`]).
+    Sent {
+        /// The destination.
+        sink: String,
+        /// When.
+        at_unix: u64,
+        /// The jobs (`cluster/job`).
+        keys: Vec<String>,
+        /// The destination's history after this.
+        status: SinkStatus,
     },
     /// Delivered to `sink` (`"sacct"` for sacct).
     Delivered {
@@ -590,7 +658,7 @@ impl Journal {
         let path = Self::path(dir);
         let io = |what: &'static str| {
             let path = path.clone();
-            move |source| StateError::Io { what, path, source }
+            move |error| StateError::Io { what, path, error }
         };
         let mut file = std::fs::File::create(&path).map_err(io("creating"))?;
         let mut line = serde_json::to_vec(&JournalHeader {
@@ -628,10 +696,10 @@ impl Journal {
     fn write(&mut self, line: &[u8], sync: bool) -> Result<(), StateError> {
         let path = &self.path;
         let io = |what: &'static str| {
-            move |source| StateError::Io {
+            move |error| StateError::Io {
                 what,
                 path: path.clone(),
-                source,
+                error,
             }
         };
         self.file.write_all(line).map_err(io("appending to"))?;
@@ -656,12 +724,12 @@ pub enum LockError {
     #[error("another `ergon run` holds the lock {0}; this run did nothing (cron will start the next one)")]
     Busy(PathBuf),
     /// The lock file could not be opened or locked.
-    #[error("cannot lock {path}: {source}")]
+    #[error("cannot lock {path}: {error}{}", disk_hint(error))]
     Io {
         /// The lock file.
         path: PathBuf,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -674,20 +742,18 @@ impl RunLock {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|source| LockError::Io {
+            .map_err(|error| LockError::Io {
                 path: path.clone(),
-                source,
+                error,
             })?;
-        // SAFETY: flock on a file descriptor we own and keep open for the lock's lifetime.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(LockError::Busy(path));
-            }
-            return Err(LockError::Io { path, source: err });
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(RunLock { _file: file }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(LockError::Busy(path)),
+            Err(e) => Err(LockError::Io {
+                path,
+                error: e.into(),
+            }),
         }
-        Ok(RunLock { _file: file })
     }
 }
 

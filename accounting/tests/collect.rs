@@ -229,3 +229,192 @@ fn a_mig_share_is_collected_and_reported_with_its_instance() {
     let gpu = &v["manifests"]["gpus"][0];
     assert_eq!(gpu["mig"]["instances"][0]["gpu_instance_id"], 2, "{v}");
 }
+
+/// Schema 4: per-component coverage is combined time-weighted over the nodes, a node whose GPUs
+/// are unknown is named (and its GPU coverage is 0), estimates and their bounds are summed, and
+/// the sacct record carries all of it.
+#[test]
+fn schema_4_coverage_unknown_gpus_and_estimates_are_combined_and_recorded() {
+    use ergon_protocol::manifest::ComponentCoverage;
+    let n1 = manifest_v4(
+        "c1",
+        7,
+        "n1",
+        10.0,
+        V4 {
+            components: Some(ComponentCoverage {
+                gpu: Some(1.0),
+                cpu: Some(0.8),
+                dram: None,
+            }),
+            estimate: Some((50.0, 5.0)),
+            sluid: Some("S2GXM9475CEH00".into()),
+            duration_s: Some(100),
+            ..V4::default()
+        },
+    );
+    let n2 = manifest_v4(
+        "c1",
+        7,
+        "n2",
+        20.0,
+        V4 {
+            components: Some(ComponentCoverage {
+                gpu: Some(0.0),
+                cpu: Some(1.0),
+                dram: None,
+            }),
+            gpus_unknown: Some("the plugin sent no GPU minors and NVML has 4 GPUs".into()),
+            estimate: Some((10.0, 2.5)),
+            sluid: Some("S2GXM9475CEH00".into()),
+            duration_s: Some(300),
+        },
+    );
+    let r = combine(&[n2.clone(), n1.clone()]);
+    let c = r.coverage_components.expect("stated by the manifests");
+    // Time-weighted: gpu (100 × 1 + 300 × 0) / 400, cpu (100 × 0.8 + 300 × 1) / 400.
+    assert!((c.gpu.unwrap() - 0.25).abs() < 1e-12, "{c:?}");
+    assert!((c.cpu.unwrap() - 0.95).abs() < 1e-12, "{c:?}");
+    assert_eq!(c.dram, None);
+    assert_eq!(r.gpus_unknown.len(), 1);
+    assert_eq!(r.gpus_unknown[0].node, "n2");
+    assert!(r.gpus_unknown[0].reason.contains("no GPU minors"));
+    assert_eq!(r.estimates.len(), 2);
+    assert_eq!(r.estimate_bound_j, Some(7.5));
+    assert_eq!(r.sluid.as_deref(), Some("s2gxm9475ceh00"));
+    assert_eq!(
+        r.nodes[1].gpus_unknown.as_deref(),
+        Some(r.gpus_unknown[0].reason.as_str())
+    );
+    // The GPU energy is what n1 measured; n2's is unknown.
+    assert_eq!(r.gpu_j, Some(400.0));
+
+    let rec = r.sacct_record();
+    let text = rec.encode();
+    assert!(
+        text.contains(" cov=0.000 gcov=0.250 ccov=0.950 gunk=1 errj=8 sluid=s2gxm9475ceh00 h="),
+        "{text}"
+    );
+    assert_eq!(
+        ergon_protocol::record::JobRecord::decode(&text),
+        Ok(rec.normalized())
+    );
+}
+
+/// The record: a node whose GPUs were unknown must not read like a CPU-only job
+/// (`gpu=0 … ngpu=0 cov=0.905`), whatever the manifest's coverage says.
+#[test]
+fn unknown_gpus_never_make_a_record_that_looks_cpu_only() {
+    use ergon_protocol::manifest::ComponentCoverage;
+    let unknown = V4 {
+        gpus_unknown: Some("NVML failed to initialise".into()),
+        ..V4::default()
+    };
+    // As ergond writes it (coverage the lowest component: 0), and as a writer that left the
+    // components out and the coverage at the CPU's 0.905.
+    let as_ergond = manifest_v4(
+        "c1",
+        8,
+        "n1",
+        100.0,
+        V4 {
+            components: Some(ComponentCoverage {
+                gpu: Some(0.0),
+                cpu: Some(0.905),
+                dram: None,
+            }),
+            ..unknown.clone()
+        },
+    );
+    let mut terse = manifest_v4("c1", 8, "n1", 100.0, unknown);
+    terse.coverage.fraction = 0.905;
+    terse.seal();
+    let cpu_only = {
+        let mut m = manifest("c1", 9, "n1", 0.0, 100.0, 0.905);
+        m.gpus.clear();
+        m.totals.gpu_j = None;
+        m.seal();
+        m
+    };
+    let cpu_only_rec = combine(&[cpu_only]).sacct_record();
+    for m in [as_ergond, terse] {
+        let rec = combine(&[m]).sacct_record();
+        assert_eq!((rec.gpu_j, rec.gpus), (0, 0));
+        assert_eq!(rec.gpus_unknown_nodes, 1, "{}", rec.encode());
+        assert_eq!(rec.coverage_gpu, Some(0.0), "{}", rec.encode());
+        assert!(rec.encode().contains(" gcov=0.000 "));
+        assert!(rec.encode().contains(" gunk=1 "));
+        // What tells them apart from a CPU-only job's record.
+        assert_ne!(
+            (rec.gpus_unknown_nodes, rec.coverage_gpu),
+            (cpu_only_rec.gpus_unknown_nodes, cpu_only_rec.coverage_gpu)
+        );
+    }
+    assert!(!cpu_only_rec.encode().contains("gunk"));
+    assert!(!cpu_only_rec.encode().contains("gcov"));
+}
+
+/// A schema 4 job with complete coverage and nothing estimated keeps the short record; only
+/// the SLUID is added.
+#[test]
+fn a_complete_schema_4_job_adds_only_its_sluid() {
+    use ergon_protocol::manifest::ComponentCoverage;
+    let m = manifest_v4(
+        "c1",
+        10,
+        "n1",
+        10.0,
+        V4 {
+            components: Some(ComponentCoverage {
+                gpu: Some(1.0),
+                cpu: Some(1.0),
+                dram: Some(1.0),
+            }),
+            sluid: Some("s2gxm9475ceh01".into()),
+            ..V4::default()
+        },
+    );
+    let text = combine(&[m]).sacct_record().encode();
+    for key in ["gcov", "ccov", "dcov", "gunk", "errj"] {
+        assert!(!text.contains(&format!(" {key}=")), "{text}");
+    }
+    assert!(
+        text.contains(" cov=1.000 sluid=s2gxm9475ceh01 h="),
+        "{text}"
+    );
+}
+
+/// `ergon report` shows what a schema 4 job's manifests say: coverage per component, the node
+/// whose GPUs are unknown (not a zero), each estimate with its bound, the SLUID.
+#[test]
+fn report_shows_component_coverage_unknown_gpus_estimates_and_the_sluid() {
+    let s = Setup::new();
+    s.write_config("");
+    for m in schema4_job("c1", 12) {
+        write_manifest(&s.spool(), &m);
+    }
+    let out = s.ergon().args(["report", "12"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "sluid s2gxm9475ceh00",
+        "coverage by component (time-weighted over the nodes): (gpu 25.0%, cpu 95.0%, dram n/a)",
+        "coverage 80.0% (gpu 100.0%, cpu 80.0%, dram n/a)",
+        "GPUs unknown on node n2: NVML failed to initialise; their energy is unknown, not 0",
+        "n1 estimated 50 J ± 5 J over 10.0 s",
+        "n2 estimated 10 J ± 3 J over 10.0 s",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    let out = s.ergon().args(["report", "12", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let m = &v["manifests"];
+    assert_eq!(m["sluid"], "s2gxm9475ceh00", "{m}");
+    assert_eq!(m["coverage_components"]["cpu"].as_f64(), Some(0.95), "{m}");
+    assert_eq!(m["coverage_components"]["dram"], serde_json::Value::Null);
+    assert_eq!(m["gpus_unknown"][0]["node"], "n2");
+    assert_eq!(m["estimate_bound_j"].as_f64(), Some(7.5));
+    assert_eq!(m["estimates"].as_array().unwrap().len(), 2);
+    assert_eq!(m["nodes"][1]["gpus_unknown"], "NVML failed to initialise");
+}

@@ -197,3 +197,106 @@ fn keys_in_all(server: &IngestServer) -> usize {
     keys.dedup();
     keys.len()
 }
+
+/// A plain-HTTP endpoint: answers 200 to every request and records each one's `Authorization`.
+fn plain_http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut tcp) = stream else { continue };
+            while let Some((authorization, _)) = read_request(&mut tcp) {
+                rec.lock().unwrap().push(authorization);
+                use std::io::Write as _;
+                if tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_token_is_not_sent_over_plain_http_unless_allowed() {
+    let (port, seen) = plain_http_server();
+    let s = Setup::new();
+    let token = s.dir.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let config = |extra: &str| {
+        s.write_config(&format!(
+            "[http]\nurl = \"http://127.0.0.1:{port}/ingest\"\ntoken_file = {token:?}\n{extra}"
+        ))
+    };
+    write_manifest(&s.spool(), &manifest("c1", 1, "n1", 10.0, 1.0, 1.0));
+
+    config("");
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("plain http://") && stderr.contains("allow_token_over_plain_http"),
+        "{stderr}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "nothing was sent");
+    assert!(
+        !stderr.contains("s3cret"),
+        "the token is not printed: {stderr}"
+    );
+
+    // Explicitly allowed (a trusted path): sent, with a warning.
+    config("allow_token_over_plain_http = true\n");
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("over plain http://"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some("Bearer s3cret-token".to_string())]
+    );
+
+    // Without a token, plain http needs no permission.
+    let s2 = Setup::new();
+    s2.write_config(&format!(
+        "[http]\nurl = \"http://127.0.0.1:{port}/ingest\"\n"
+    ));
+    write_manifest(&s2.spool(), &manifest("c1", 2, "n1", 10.0, 1.0, 1.0));
+    let out = s2.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(seen.lock().unwrap().last(), Some(&None));
+}
+
+/// A schema 4 job's JSON record carries per-component coverage, the nodes whose GPUs are
+/// unknown (with the reason), each estimated gap with its bound, and the SLUID.
+#[test]
+fn a_schema_4_job_is_sent_with_what_it_says() {
+    let server = IngestServer::start(vec![], Answer::status(200));
+    let s = Setup::new();
+    http_config(&s, &server, "");
+    for m in schema4_job("c1", 12) {
+        write_manifest(&s.spool(), &m);
+    }
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    let r = &v["records"][0];
+    assert_eq!(r["sluid"], "s2gxm9475ceh00", "{r}");
+    assert_eq!(r["coverage_components"]["gpu"].as_f64(), Some(0.25), "{r}");
+    assert_eq!(r["coverage_components"]["cpu"].as_f64(), Some(0.95), "{r}");
+    assert_eq!(r["gpus_unknown"][0]["node"], "n2");
+    assert_eq!(r["gpus_unknown"][0]["reason"], "NVML failed to initialise");
+    assert_eq!(r["estimate_bound_j"].as_f64(), Some(7.5));
+    assert_eq!(r["estimates"][0]["bound_j"].as_f64(), Some(5.0));
+    assert_eq!(r["estimates"][1]["energy_j"].as_f64(), Some(10.0));
+    assert_eq!(r["nodes"][1]["components"]["gpu"].as_f64(), Some(0.0));
+}

@@ -8,7 +8,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use ergon_accounting::collect::{scan_indexed, SpoolIndex};
+use ergon_accounting::collect::scan_indexed;
+use ergon_accounting::spool::SpoolIndex;
 use ergon_accounting::state::State;
 
 /// `(manifests read, manifests known unchanged)` of the last run, from its summary line.

@@ -3,101 +3,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
 use ergon_accounting::state::State;
 
-/// A plain-HTTP `/write` endpoint standing in for VictoriaMetrics: records the job ids of each
-/// request it accepts (answers 204). With `stall_at = Some(n)` it announces the `n`th request on
-/// the channel and leaves it (and every later request) unanswered until `release` is called;
-/// they are recorded then.
-struct Receiver {
-    port: u16,
-    /// Job ids per accepted request.
-    accepted: Arc<Mutex<Vec<Vec<u32>>>>,
-    stalled: Arc<Mutex<bool>>,
-}
-
-impl Receiver {
-    fn start(stall_at: Option<usize>, announce: mpsc::Sender<()>) -> Receiver {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let accepted = Arc::new(Mutex::new(Vec::new()));
-        let stalled = Arc::new(Mutex::new(false));
-        let (acc, st) = (accepted.clone(), stalled.clone());
-        let seen = Arc::new(AtomicUsize::new(0));
-        let announce = Arc::new(Mutex::new(announce));
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut tcp) = stream else { continue };
-                let (acc, st, seen, announce) =
-                    (acc.clone(), st.clone(), seen.clone(), announce.clone());
-                std::thread::spawn(move || loop {
-                    // Keep-alive: serve requests on this connection until it closes.
-                    let Some((_, body)) = read_request(&mut tcp) else {
-                        return;
-                    };
-                    if stall_at == Some(seen.fetch_add(1, Ordering::SeqCst) + 1) {
-                        *st.lock().unwrap() = true;
-                        let _ = announce.lock().unwrap().send(());
-                    }
-                    while *st.lock().unwrap() {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    let jobs: Vec<u32> = String::from_utf8_lossy(&body)
-                        .lines()
-                        .filter_map(|l| {
-                            let rest = l.split_once(",job_id=")?.1;
-                            rest.split(',').next()?.parse().ok()
-                        })
-                        .collect();
-                    acc.lock().unwrap().push(jobs);
-                    if tcp
-                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                        .is_err()
-                    {
-                        return;
-                    }
-                });
-            }
-        });
-        Receiver {
-            port,
-            accepted,
-            stalled,
-        }
-    }
-
-    fn release(&self) {
-        *self.stalled.lock().unwrap() = false;
-    }
-
-    /// How many times each job id arrived.
-    fn per_job(&self) -> BTreeMap<u32, usize> {
-        let mut out = BTreeMap::new();
-        for jobs in self.accepted.lock().unwrap().iter() {
-            for j in jobs {
-                *out.entry(*j).or_insert(0) += 1;
-            }
-        }
-        out
-    }
-
-    fn requests(&self) -> usize {
-        self.accepted.lock().unwrap().len()
-    }
-}
-
 /// The config: two spools, the VictoriaMetrics sink at `port` with `batch_size`.
 fn config(s: &Setup, port: u16, batch_size: usize) {
     let text = format!(
-        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\n",
+        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\nverify = false\n",
         s.spool(),
         s.dir.path().join("spool2"),
         s.quarantine(),
@@ -256,4 +171,76 @@ fn a_run_killed_between_batches_loses_nothing() {
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     assert_eq!(server.per_job(), after, "the run after sends nothing");
+}
+
+/// With two requests in flight, a sink that fails fails both: the error is logged once, and the
+/// second request gives up instead of retrying on.
+#[test]
+fn a_failing_sink_is_reported_once_though_two_requests_were_in_flight() {
+    let s = Setup::new();
+    for job in 1..=200 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    std::fs::create_dir_all(s.dir.path().join("spool2")).unwrap();
+    // Nothing listens on the port: every request fails.
+    config(&s, free_port(), 10);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "the error once:\n{stderr}");
+    assert!(
+        errors[0].contains("victoria_metrics") && errors[0].contains("stay pending"),
+        "{stderr}"
+    );
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 200);
+}
+
+/// Manifests that appear while a run is going on (a new job, and a late node of a job the run
+/// has already sent) are not lost: the run goes on with what it listed, and the next run
+/// collects the new job and combines the late node with its job (delivered again, new key).
+#[test]
+fn manifests_that_appear_during_a_run_are_collected_by_the_next() {
+    let s = Setup::new();
+    std::fs::create_dir_all(s.dir.path().join("spool2")).unwrap();
+    for job in 1..=500 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    let (tx, rx) = mpsc::channel();
+    let server = Receiver::start(Some(3), tx);
+    config(&s, server.port, 50);
+    let run = s
+        .ergon()
+        .arg("run")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the run reached the 3rd request");
+    // Job 1 was in the first batch: its second node turns up now, and so does job 9001.
+    write_manifest(&s.spool(), &manifest("c1", 1, "n2", 1000.0, 1.0, 1.0));
+    write_manifest(&s.spool(), &manifest("c1", 9001, "n1", 5.0, 1.0, 1.0));
+    server.release();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let first = server.per_job();
+    assert_eq!(first.len(), 500, "the run delivered what it had listed");
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("collected 1 new and 1 updated jobs"),
+        "{}",
+        show(&out)
+    );
+    let after = server.per_job();
+    assert_eq!(after.len(), 501);
+    assert_eq!(after[&1], 2, "job 1 again, with both nodes");
+    assert_eq!(after[&9001], 1);
+    let state = State::load(&s.state()).unwrap();
+    assert_eq!(
+        state.index.values().filter(|e| e.job == "c1/1").count(),
+        2,
+        "job 1's two manifests are indexed"
+    );
 }

@@ -14,14 +14,28 @@
 //! # Format
 //!
 //! ```text
-//! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000> h=<hex>
+//! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000>
+//!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>] h=<hex>
 //! ```
 //!
 //! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
-//! decimals, `h` the first 12 hex digits of the job's content hash. `other` appears only when
-//! [`JobRecord::other_j`] is set. Decoding ignores keys it does not know (a later `ergon1`
-//! writer may add some) and fails on a missing required key, naming it. A change that older
-//! readers would misread becomes `ergon2`.
+//! decimals, `h` the first 12 hex digits of the job's content hash. The keys in brackets are
+//! written only when they apply (the field of [`JobRecord`] is set): `other` energy in no
+//! component; the coverage of the job's GPUs (`gcov`), CPU packages (`ccov`) and DRAM (`dcov`);
+//! the number of nodes on which the job's GPUs could not be known (`gunk`: the GPU energy there
+//! is unknown, and `gpu` holds only what was measured on the other nodes); the largest error of
+//! the estimated part of `e` (`errj`, joules: the true energy is within `e ± errj` as far as
+//! the estimates go); Slurm's cluster-unique job id (`sluid`). Decoding ignores keys it does not
+//! know (a later `ergon1` writer may add some, and readers from before these optional keys
+//! ignore them) and fails on a missing required key, naming it. A change that older readers
+//! would misread becomes `ergon2`.
+//!
+//! # Size
+//!
+//! An encoded record is at most [`MAX_ENCODED_LEN`] bytes whatever its values (powers above
+//! [`MAX_POWER_W`] are written as that, a SLUID is at most [`MAX_SLUID_LEN`] characters); a
+//! typical one is 110-190 bytes. The field it goes into is shared with other tools, and Slurm
+//! caps a user's `Comment` at 1024 characters.
 //!
 //! # Segments in a field
 //!
@@ -41,8 +55,19 @@ const TAG: &str = "ergon1";
 /// Length of the hash prefix stored in the record.
 pub const HASH_PREFIX_LEN: usize = 12;
 
+/// The longest encoded record: every key present, every number at its largest (checked by a
+/// test).
+pub const MAX_ENCODED_LEN: usize = 360;
+
+/// Powers above this (a terawatt: no job draws that; a broken counter can) are written as this.
+pub const MAX_POWER_W: f64 = 1e12;
+
+/// The longest SLUID a record carries; a longer one (or one with other characters than
+/// lowercase letters and digits) is left out.
+pub const MAX_SLUID_LEN: usize = 32;
+
 /// A job's energy as stored in sacct: the job's totals across all its nodes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Total energy, joules (`e`).
     pub energy_j: u64,
@@ -68,6 +93,51 @@ pub struct JobRecord {
     /// First 12 lowercase hex digits of the job's content hash (`h`); see
     /// [`JobRecord::short_hash`].
     pub hash: String,
+    /// Coverage of the job's GPUs, `0..=1`, three decimals (`gcov`); `None`: not stated (the
+    /// job has no GPU, or coverage is complete, or the manifests predate per-component
+    /// coverage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_gpu: Option<f64>,
+    /// Coverage of the job's CPU packages (`ccov`), as `coverage_gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_cpu: Option<f64>,
+    /// Coverage of the job's DRAM (`dcov`), as `coverage_gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coverage_dram: Option<f64>,
+    /// Nodes on which the job's GPUs could not be known (`gunk`, written when not 0): the GPU
+    /// energy there is unknown, not 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gpus_unknown_nodes: u32,
+    /// The largest error of the estimated part of the energy, whole joules, rounded up
+    /// (`errj`); `None`: nothing estimated with a bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_bound_j: Option<u64>,
+    /// Slurm's cluster-unique job id, lowercase (`sluid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sluid: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A SLUID as the record carries it: lowercase, letters and digits only, at most
+/// [`MAX_SLUID_LEN`]; anything else is left out.
+fn normalize_sluid(sluid: &str) -> Option<String> {
+    let s = sluid.trim().to_ascii_lowercase();
+    (!s.is_empty()
+        && s.len() <= MAX_SLUID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+    .then_some(s)
+}
+
+fn normalize_fraction(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        round_to(x.clamp(0.0, 1.0), 3)
+    }
 }
 
 /// Why a segment could not be decoded.
@@ -116,20 +186,22 @@ fn normalize_hash(hash: &str) -> String {
 
 impl JobRecord {
     /// The record as [`JobRecord::decode`] will give it back from [`JobRecord::encode`]:
-    /// `avg_w`/`peak_w` rounded to one decimal and `coverage` to three (as `format!` rounds),
-    /// negative or non-finite powers set to 0, coverage clamped to `0..=1` (NaN to 0), and
-    /// `hash` reduced to its first 12 hex digits, lowercased.
+    /// `avg_w`/`peak_w` rounded to one decimal (as `format!` rounds) and capped at
+    /// [`MAX_POWER_W`], the coverages rounded to three and clamped to `0..=1` (NaN to 0),
+    /// negative or non-finite powers set to 0, `hash` reduced to its first 12 hex digits,
+    /// lowercased, and a SLUID lowercased (left out if it is not letters and digits, or longer
+    /// than [`MAX_SLUID_LEN`]).
     pub fn normalized(&self) -> JobRecord {
-        let coverage = if self.coverage.is_nan() {
-            0.0
-        } else {
-            self.coverage.clamp(0.0, 1.0)
-        };
+        let power = |w: f64| round_to(if w > MAX_POWER_W { MAX_POWER_W } else { w }, 1);
         JobRecord {
-            avg_w: round_to(self.avg_w, 1),
-            peak_w: round_to(self.peak_w, 1),
-            coverage: round_to(coverage, 3),
+            avg_w: power(self.avg_w),
+            peak_w: power(self.peak_w),
+            coverage: normalize_fraction(self.coverage),
             hash: normalize_hash(&self.hash),
+            coverage_gpu: self.coverage_gpu.map(normalize_fraction),
+            coverage_cpu: self.coverage_cpu.map(normalize_fraction),
+            coverage_dram: self.coverage_dram.map(normalize_fraction),
+            sluid: self.sluid.as_deref().and_then(normalize_sluid),
             ..self.clone()
         }
     }
@@ -157,9 +229,28 @@ impl JobRecord {
         }
         let _ = write!(
             out,
-            " avgw={:.1} peakw={:.1} ngpu={} nodes={} cov={:.3} h={}",
-            r.avg_w, r.peak_w, r.gpus, r.nodes, r.coverage, r.hash
+            " avgw={:.1} peakw={:.1} ngpu={} nodes={} cov={:.3}",
+            r.avg_w, r.peak_w, r.gpus, r.nodes, r.coverage
         );
+        for (key, value) in [
+            ("gcov", r.coverage_gpu),
+            ("ccov", r.coverage_cpu),
+            ("dcov", r.coverage_dram),
+        ] {
+            if let Some(v) = value {
+                let _ = write!(out, " {key}={v:.3}");
+            }
+        }
+        if r.gpus_unknown_nodes > 0 {
+            let _ = write!(out, " gunk={}", r.gpus_unknown_nodes);
+        }
+        if let Some(bound) = r.estimate_bound_j {
+            let _ = write!(out, " errj={bound}");
+        }
+        if let Some(sluid) = &r.sluid {
+            let _ = write!(out, " sluid={sluid}");
+        }
+        let _ = write!(out, " h={}", r.hash);
         out
     }
 
@@ -170,10 +261,11 @@ impl JobRecord {
         if tokens.next() != Some(TAG) {
             return Err(RecordError::NotErgon(text.chars().take(40).collect()));
         }
-        const KEYS: [&str; 11] = [
+        const KEYS: [&str; 17] = [
             "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
+            "gcov", "ccov", "dcov", "gunk", "errj", "sluid",
         ];
-        let mut values: [Option<&str>; 11] = [None; 11];
+        let mut values: [Option<&str>; 17] = [None; 17];
         for token in tokens {
             let (key, value) = token
                 .split_once('=')
@@ -185,6 +277,20 @@ impl JobRecord {
             }
         }
         let get = |i: usize| values[i].ok_or(RecordError::MissingKey(KEYS[i]));
+        let fraction = |i: usize| -> Result<Option<f64>, RecordError> {
+            let Some(v) = values[i] else {
+                return Ok(None);
+            };
+            let x = parse_decimal(KEYS[i], v)?;
+            if x > 1.0 {
+                return Err(RecordError::InvalidValue {
+                    key: KEYS[i],
+                    value: v.to_owned(),
+                    expected: "a fraction between 0 and 1",
+                });
+            }
+            Ok(Some(x))
+        };
         let record = JobRecord {
             energy_j: parse_int(KEYS[0], get(0)?)?,
             gpu_j: parse_int(KEYS[1], get(1)?)?,
@@ -195,16 +301,28 @@ impl JobRecord {
             peak_w: parse_decimal(KEYS[6], get(6)?)?,
             gpus: parse_int(KEYS[7], get(7)?)?,
             nodes: parse_int(KEYS[8], get(8)?)?,
-            coverage: parse_decimal(KEYS[9], get(9)?)?,
+            coverage: fraction(9)?.ok_or(RecordError::MissingKey(KEYS[9]))?,
             hash: parse_hash(KEYS[10], get(10)?)?,
+            coverage_gpu: fraction(11)?,
+            coverage_cpu: fraction(12)?,
+            coverage_dram: fraction(13)?,
+            gpus_unknown_nodes: values[14]
+                .map(|v| parse_int(KEYS[14], v))
+                .transpose()?
+                .unwrap_or(0),
+            estimate_bound_j: values[15].map(|v| parse_int(KEYS[15], v)).transpose()?,
+            sluid: values[16]
+                .map(|v| {
+                    normalize_sluid(v)
+                        .filter(|s| s == v)
+                        .ok_or_else(|| RecordError::InvalidValue {
+                            key: "sluid",
+                            value: v.to_owned(),
+                            expected: "lowercase letters and digits",
+                        })
+                })
+                .transpose()?,
         };
-        if record.coverage > 1.0 {
-            return Err(RecordError::InvalidValue {
-                key: "cov",
-                value: values[9].unwrap_or_default().to_owned(),
-                expected: "a fraction between 0 and 1",
-            });
-        }
         Ok(record)
     }
 }
@@ -356,7 +474,129 @@ mod tests {
             nodes: 1,
             coverage: 0.998,
             hash: "9f86d081884c".into(),
+            ..JobRecord::default()
         }
+    }
+
+    /// A job with a GPU node whose GPUs were unknown, a partly covered CPU and an estimate.
+    fn schema4() -> JobRecord {
+        JobRecord {
+            coverage: 0.0,
+            coverage_gpu: Some(0.5),
+            coverage_cpu: Some(0.905),
+            coverage_dram: None,
+            gpus_unknown_nodes: 1,
+            estimate_bound_j: Some(1234),
+            sluid: Some("s2gxm9475ceh00".into()),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn optional_keys_are_written_when_set_and_read_back() {
+        assert_eq!(
+            schema4().encode(),
+            "ergon1 e=123456 gpu=100000 cpu=20000 dram=3456 avgw=412.3 peakw=980.1 ngpu=4 nodes=1 cov=0.000 gcov=0.500 ccov=0.905 gunk=1 errj=1234 sluid=s2gxm9475ceh00 h=9f86d081884c"
+        );
+        assert_eq!(JobRecord::decode(&schema4().encode()), Ok(schema4()));
+        // A record without them (written before they existed) reads with none set.
+        let old = "ergon1 e=1 gpu=0 cpu=1 dram=0 avgw=0.1 peakw=0.2 ngpu=0 nodes=1 cov=1.000 h=ab";
+        let r = JobRecord::decode(old).unwrap();
+        assert_eq!(
+            (
+                r.coverage_gpu,
+                r.gpus_unknown_nodes,
+                r.estimate_bound_j,
+                r.sluid
+            ),
+            (None, 0, None, None)
+        );
+        // What an older reader does with a new record: it keeps the keys it knows (its
+        // decoder ignores the others), so its required keys must all be there, unchanged.
+        let new = schema4().encode();
+        let known_to_old: Vec<&str> = new
+            .split(' ')
+            .filter(|t| {
+                ["gcov=", "ccov=", "dcov=", "gunk=", "errj=", "sluid="]
+                    .iter()
+                    .all(|k| !t.starts_with(k))
+            })
+            .collect();
+        let old_view = JobRecord::decode(&known_to_old.join(" ")).unwrap();
+        assert_eq!(
+            old_view,
+            JobRecord {
+                coverage_gpu: None,
+                coverage_cpu: None,
+                gpus_unknown_nodes: 0,
+                estimate_bound_j: None,
+                sluid: None,
+                ..schema4()
+            }
+        );
+    }
+
+    #[test]
+    fn optional_keys_are_checked() {
+        let enc = schema4().encode();
+        for (from, to) in [
+            ("gcov=0.500", "gcov=1.5"),
+            ("gcov=0.500", "gcov=x"),
+            ("gunk=1", "gunk=-1"),
+            ("errj=1234", "errj=1.5"),
+            ("sluid=s2gxm9475ceh00", "sluid=S2G"),
+            ("sluid=s2gxm9475ceh00", "sluid=a-b"),
+        ] {
+            let bad = enc.replace(from, to);
+            assert!(JobRecord::decode(&bad).is_err(), "{bad}");
+        }
+        // A SLUID that the record cannot carry is left out, not mangled.
+        for bad in ["S2G-XM", "s2g xm", "a;b", &"a".repeat(MAX_SLUID_LEN + 1)] {
+            let r = JobRecord {
+                sluid: Some(bad.to_string()),
+                ..sample()
+            };
+            assert_eq!(r.normalized().sluid, None, "{bad}");
+            assert!(!r.encode().contains("sluid="));
+        }
+        let r = JobRecord {
+            sluid: Some("S2GXM9475CEH00".into()),
+            ..sample()
+        };
+        assert!(r.encode().contains(" sluid=s2gxm9475ceh00 "));
+    }
+
+    #[test]
+    fn the_longest_record_fits_the_budget() {
+        let longest = JobRecord {
+            energy_j: u64::MAX,
+            gpu_j: u64::MAX,
+            cpu_j: u64::MAX,
+            dram_j: u64::MAX,
+            other_j: Some(u64::MAX),
+            avg_w: f64::MAX,
+            peak_w: MAX_POWER_W * 2.0,
+            gpus: u32::MAX,
+            nodes: u32::MAX,
+            coverage: 0.123,
+            hash: "f".repeat(64),
+            coverage_gpu: Some(0.123),
+            coverage_cpu: Some(0.123),
+            coverage_dram: Some(0.123),
+            gpus_unknown_nodes: u32::MAX,
+            estimate_bound_j: Some(u64::MAX),
+            sluid: Some("z".repeat(MAX_SLUID_LEN)),
+        };
+        let text = longest.encode();
+        assert!(
+            text.len() <= MAX_ENCODED_LEN,
+            "{} bytes: {text}",
+            text.len()
+        );
+        assert!(text.contains("avgw=1000000000000.0 peakw=1000000000000.0"));
+        assert_eq!(JobRecord::decode(&text), Ok(longest.normalized()));
+        // A typical record with every optional key.
+        assert!(schema4().encode().len() < 200);
     }
 
     #[test]

@@ -25,9 +25,23 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
             0u64..=1000,
         ),
         "[0-9a-f]{0,12}",
+        (
+            prop::option::of(0u64..=1000),
+            prop::option::of(0u64..=1000),
+            prop::option::of(0u64..=1000),
+            any::<u32>(),
+            any::<Option<u64>>(),
+            prop::option::of("[0-9a-z]{1,32}"),
+        ),
     )
         .prop_map(
-            |((energy_j, gpu_j, cpu_j, dram_j, other_j), (avg, peak, gpus, nodes, cov), hash)| {
+            |(
+                (energy_j, gpu_j, cpu_j, dram_j, other_j),
+                (avg, peak, gpus, nodes, cov),
+                hash,
+                (gcov, ccov, dcov, gunk, errj, sluid),
+            )| {
+                let fraction = |c: Option<u64>| c.map(|c| c as f64 / 1000.0);
                 JobRecord {
                     energy_j,
                     gpu_j,
@@ -40,27 +54,38 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
                     nodes,
                     coverage: cov as f64 / 1000.0,
                     hash,
+                    coverage_gpu: fraction(gcov),
+                    coverage_cpu: fraction(ccov),
+                    coverage_dram: fraction(dcov),
+                    gpus_unknown_nodes: gunk,
+                    estimate_bound_j: errj,
+                    sluid,
                 }
             },
         )
 }
 
-/// Records with any floats and hash text, which encoding normalises.
+/// Records with any floats, hash and SLUID text, which encoding normalises.
 fn any_record() -> impl Strategy<Value = JobRecord> {
     (
         rounded_record(),
-        any::<f64>(),
-        any::<f64>(),
-        any::<f64>(),
+        (any::<f64>(), any::<f64>(), any::<f64>()),
         ".{0,20}",
+        (any::<Option<f64>>(), any::<Option<f64>>()),
+        prop::option::of(".{0,40}"),
     )
-        .prop_map(|(r, avg_w, peak_w, coverage, hash)| JobRecord {
-            avg_w,
-            peak_w,
-            coverage,
-            hash,
-            ..r
-        })
+        .prop_map(
+            |(r, (avg_w, peak_w, coverage), hash, (gcov, dcov), sluid)| JobRecord {
+                avg_w,
+                peak_w,
+                coverage,
+                hash,
+                coverage_gpu: gcov,
+                coverage_dram: dcov,
+                sluid,
+                ..r
+            },
+        )
 }
 
 /// Foreign field content: jobstats-like blobs, separators, near-misses of our tag.
@@ -97,7 +122,8 @@ proptest! {
         prop_assert_eq!(&back, &r.normalized());
         prop_assert_eq!(back.normalized(), back.clone());
         if r.avg_w.is_finite() && r.avg_w >= 0.0 {
-            prop_assert!((back.avg_w - r.avg_w).abs() <= 0.05 + r.avg_w * 1e-12);
+            let written = r.avg_w.min(ergon_protocol::record::MAX_POWER_W);
+            prop_assert!((back.avg_w - written).abs() <= 0.05 + written * 1e-12);
         }
         prop_assert!((0.0..=1.0).contains(&back.coverage));
     }
@@ -109,6 +135,7 @@ proptest! {
         prop_assert!(text.is_ascii());
         prop_assert!(!text.contains('"') && !text.contains(';'));
         prop_assert!(text.starts_with("ergon1 "));
+        prop_assert!(text.len() <= ergon_protocol::record::MAX_ENCODED_LEN, "{} bytes", text.len());
     }
 
     #[test]

@@ -194,9 +194,26 @@ fn record_lands_in_admin_comment_next_to_foreign_content_and_report_reads_it() {
     let field = admin_comment(c, job);
     assert_eq!(field, format!("{foreign}; {}", expected.encode()));
 
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sacct: 1 written, 0 already in place"),
+        "{stderr}"
+    );
+
     // A second run changes nothing.
     let out = ergon(c, &config, &["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(admin_comment(c, job), field);
+
+    // With the state lost, a run finds the record in place: it says so, and writes nothing.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sacct: 0 written, 1 already in place"),
+        "{stderr}"
+    );
     assert_eq!(admin_comment(c, job), field);
 
     let out = ergon(c, &config, &["report", &job.to_string(), "--json"]);
@@ -209,6 +226,11 @@ fn record_lands_in_admin_comment_next_to_foreign_content_and_report_reads_it() {
     let out = ergon(c, &config, &["report", &job.to_string()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("5000 J"), "{text}");
+    // The plain report shows the foreign content too, as --json does.
+    assert!(
+        text.contains(&format!("also in AdminComment: {foreign}")),
+        "{text}"
+    );
 }
 
 /// The record `ergon run` should write for the test manifest, given the job hash (which
@@ -226,6 +248,7 @@ fn expected_record(job_hash: &str) -> JobRecord {
         nodes: 1,
         coverage: 0.99,
         hash: JobRecord::short_hash(job_hash),
+        ..JobRecord::default()
     }
 }
 
@@ -298,6 +321,94 @@ fn foreign_content_with_uppercase_is_not_clobbered_unless_asked() {
             expected_record(&job_hash(c, &config, job)).encode()
         )
     );
+}
+
+/// A schema 4 manifest (a node whose GPUs ergond could not know, CPU covered 90.5 %, an
+/// estimated gap, a SLUID) gives a sacct record that says so, through the real sacctmgr, and
+/// `ergon report` shows it from sacct: never a GPU part of 0 that reads like a CPU-only job.
+#[test]
+fn a_schema_4_record_says_what_is_unknown_and_estimated() {
+    let c = cluster();
+    let job = finished_job(c, "true");
+    let dir = scratch_dir("acct-schema4").unwrap();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let mut m = manifest("ergon-dev", job);
+    m.schema_version = MANIFEST_SCHEMA_VERSION_COVERAGE;
+    m.gpus.clear();
+    m.totals = Totals {
+        energy_j: 1000.0,
+        gpu_j: None,
+        cpu_j: Some(900.0),
+        dram_j: Some(100.0),
+        avg_w: 10.0,
+        peak_w: 20.0,
+    };
+    m.steps[0].energy_j = 1000.0;
+    m.steps[0].gpu_j = None;
+    m.steps[0].cpu_j = Some(900.0);
+    m.coverage.components = Some(ComponentCoverage {
+        gpu: Some(0.0),
+        cpu: Some(0.905),
+        dram: Some(0.905),
+    });
+    m.coverage.fraction = 0.0;
+    m.coverage.gpus_unknown = Some("nvml could not be initialised".into());
+    let mut gap = Gap::new(
+        m.start_unix_ns,
+        m.start_unix_ns + 9_500_000_000,
+        "ergond restarted",
+        true,
+    );
+    gap.estimate = Some(GapEstimate {
+        energy_j: 95.0,
+        bound_j: 12.3,
+    });
+    m.coverage.gaps.push(gap);
+    m.job.sluid = Some("S2GXM9475CEH00".into());
+    m.seal();
+    std::fs::write(spool.join(format!("{job}.json")), m.to_json().unwrap()).unwrap();
+    let config = dir.path().join("accounting.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dirs = [{:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n",
+            spool,
+            dir.path().join("quarantine"),
+            dir.path().join("state")
+        ),
+    )
+    .unwrap();
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let field = admin_comment(c, job);
+    assert!(
+        field.starts_with("ergon1 e=1000 gpu=0 cpu=900 dram=100 avgw=10.0 peakw=20.0 ngpu=0 nodes=1 cov=0.000 gcov=0.000 ccov=0.905 dcov=0.905 gunk=1 errj=13 sluid=s2gxm9475ceh00 h="),
+        "{field}"
+    );
+    let record = JobRecord::decode(&field).unwrap();
+    assert_eq!(record.gpus_unknown_nodes, 1);
+    assert_eq!(record.estimate_bound_j, Some(13));
+
+    let out = ergon(c, &config, &["report", &job.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "(1000 J) ± 13 J estimated",
+        "by part   gpu unknown, cpu 900 J, dram 100 J",
+        "GPUs unknown on 1 node(s)",
+        "coverage  0.0% (gpu 0.0%, cpu 90.5%, dram 90.5%)",
+        "sluid     s2gxm9475ceh00",
+        "GPUs unknown on node n1: nvml could not be initialised",
+        "n1 estimated 95 J ± 13 J over 9.5 s: ergond restarted",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    let out = ergon(c, &config, &["report", &job.to_string(), "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["sacct_record"]["gpus_unknown_nodes"], 1, "{report}");
+    assert_eq!(report["sacct_record"]["sluid"], "s2gxm9475ceh00");
+    assert_eq!(report["manifests"]["gpus_unknown"][0]["node"], "n1");
 }
 
 /// Measures sacct write throughput through `ergon run` for `sacct.parallel` = 1, 4, 8 and 16 (each

@@ -2,10 +2,13 @@
 //! HTTPS ingest server.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -358,4 +361,176 @@ pub fn keys_in(body: &[u8]) -> Vec<String> {
         .iter()
         .map(|r| r["idempotency_key"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// What a schema 4 manifest adds, for [`manifest_v4`].
+#[derive(Debug, Clone, Default)]
+pub struct V4 {
+    pub components: Option<ComponentCoverage>,
+    pub gpus_unknown: Option<String>,
+    /// `(energy_j, bound_j)` of one estimated gap.
+    pub estimate: Option<(f64, f64)>,
+    pub sluid: Option<String>,
+    /// The job's length on the node, seconds (default 100).
+    pub duration_s: Option<u64>,
+}
+
+/// A sealed schema 4 manifest: [`manifest`] with `v4`'s fields. With `gpus_unknown` the node
+/// has no GPU entries and no GPU energy (ergond could not know the job's GPUs), and its
+/// coverage is the lowest of its components, as ergond writes it.
+pub fn manifest_v4(cluster: &str, job: u32, node: &str, cpu_j: f64, v4: V4) -> Manifest {
+    let mut m = manifest(cluster, job, node, 40.0 * cpu_j, cpu_j, 1.0);
+    m.schema_version = MANIFEST_SCHEMA_VERSION_COVERAGE;
+    if let Some(d) = v4.duration_s {
+        m.start_unix_ns = m.end_unix_ns - d * 1_000_000_000;
+        m.duration_s = d as f64;
+    }
+    if v4.gpus_unknown.is_some() {
+        m.gpus.clear();
+        m.totals.gpu_j = None;
+        m.steps[0].gpu_j = None;
+        m.totals.energy_j = cpu_j;
+        m.steps[0].energy_j = cpu_j;
+    }
+    m.coverage.components = v4.components;
+    if let Some(c) = v4.components {
+        m.coverage.fraction = c.lowest();
+    }
+    m.coverage.gpus_unknown = v4.gpus_unknown;
+    if let Some((energy_j, bound_j)) = v4.estimate {
+        let mut gap = Gap::new(
+            m.start_unix_ns + 10_000_000_000,
+            m.start_unix_ns + 20_000_000_000,
+            "ergond was not running (killed or restarted); split by estimate",
+            true,
+        );
+        gap.estimate = Some(GapEstimate { energy_j, bound_j });
+        m.coverage.gaps.push(gap);
+        m.attribution.estimated = true;
+    }
+    m.job.sluid = v4.sluid;
+    m.seal();
+    m
+}
+
+/// Job `job`'s two schema 4 manifests: `n1` with CPU coverage 0.8 and an estimate (50 J ± 5 J),
+/// `n2` whose GPUs are unknown and an estimate (10 J ± 2.5 J), both with a SLUID.
+pub fn schema4_job(cluster: &str, job: u32) -> [Manifest; 2] {
+    [
+        manifest_v4(
+            cluster,
+            job,
+            "n1",
+            10.0,
+            V4 {
+                components: Some(ComponentCoverage {
+                    gpu: Some(1.0),
+                    cpu: Some(0.8),
+                    dram: None,
+                }),
+                estimate: Some((50.0, 5.0)),
+                sluid: Some("s2gxm9475ceh00".into()),
+                duration_s: Some(100),
+                ..V4::default()
+            },
+        ),
+        manifest_v4(
+            cluster,
+            job,
+            "n2",
+            20.0,
+            V4 {
+                components: Some(ComponentCoverage {
+                    gpu: Some(0.0),
+                    cpu: Some(1.0),
+                    dram: None,
+                }),
+                gpus_unknown: Some("NVML failed to initialise".into()),
+                estimate: Some((10.0, 2.5)),
+                sluid: Some("s2gxm9475ceh00".into()),
+                duration_s: Some(300),
+            },
+        ),
+    ]
+}
+
+/// A plain-HTTP `/write` endpoint standing in for VictoriaMetrics: records the job ids of each
+/// request it accepts (answers 204). With `stall_at = Some(n)` it announces the `n`th request on
+/// the channel and leaves it (and every later request) unanswered until `release` is called;
+/// they are recorded then.
+pub struct Receiver {
+    pub port: u16,
+    /// Job ids per accepted request.
+    accepted: Arc<Mutex<Vec<Vec<u32>>>>,
+    stalled: Arc<Mutex<bool>>,
+}
+
+impl Receiver {
+    pub fn start(stall_at: Option<usize>, announce: mpsc::Sender<()>) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let stalled = Arc::new(Mutex::new(false));
+        let (acc, st) = (accepted.clone(), stalled.clone());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let announce = Arc::new(Mutex::new(announce));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { continue };
+                let (acc, st, seen, announce) =
+                    (acc.clone(), st.clone(), seen.clone(), announce.clone());
+                std::thread::spawn(move || loop {
+                    // Keep-alive: serve requests on this connection until it closes.
+                    let Some((_, body)) = read_request(&mut tcp) else {
+                        return;
+                    };
+                    if stall_at == Some(seen.fetch_add(1, Ordering::SeqCst) + 1) {
+                        *st.lock().unwrap() = true;
+                        let _ = announce.lock().unwrap().send(());
+                    }
+                    while *st.lock().unwrap() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let jobs: Vec<u32> = String::from_utf8_lossy(&body)
+                        .lines()
+                        .filter_map(|l| {
+                            let rest = l.split_once(",job_id=")?.1;
+                            rest.split(',').next()?.parse().ok()
+                        })
+                        .collect();
+                    acc.lock().unwrap().push(jobs);
+                    if tcp
+                        .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                });
+            }
+        });
+        Receiver {
+            port,
+            accepted,
+            stalled,
+        }
+    }
+
+    pub fn release(&self) {
+        *self.stalled.lock().unwrap() = false;
+    }
+
+    /// How many times each job id arrived.
+    pub fn per_job(&self) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        for jobs in self.accepted.lock().unwrap().iter() {
+            for j in jobs {
+                *out.entry(*j).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    pub fn requests(&self) -> usize {
+        self.accepted.lock().unwrap().len()
+    }
 }
