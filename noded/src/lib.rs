@@ -26,3 +26,4 @@ pub mod sources;
 pub mod systemd;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod update_clock;

@@ -45,6 +45,7 @@ use crate::sources::cgroup::{detect_version, CgroupCpu, CgroupError, SocketBusy,
 use crate::sources::nvml::{sampling_period, GpuEnergyMeter, GpuReading, GpuSource};
 use crate::sources::rapl::RaplSource;
 use crate::sources::topology::CpuTopology;
+use crate::update_clock::{Observed, UpdateClock};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1064,6 +1065,14 @@ fn gpu_thread(mut src: GpuSource, opts: &SamplerOptions, shared: &Shared) {
             Support::Unsupported(_) => None,
         })
         .collect();
+    // Energy counters are stamped with the instant of the driver's update that produced their
+    // value, not the read's (see crate::update_clock).
+    let mut clocks: Vec<Option<UpdateClock>> = (0..n)
+        .map(|i| {
+            matches!(src.info(i).method, Support::Supported(Method::Counter))
+                .then(|| UpdateClock::new(opts.gpu_counter_period.as_nanos() as u64))
+        })
+        .collect();
     let mut readings: Vec<Option<GpuReading>> = vec![None; n];
     let mut errors: Vec<u64> = vec![0; n];
     let mut ticker = Ticker::new(opts.gpu_period.as_nanos() as u64);
@@ -1134,17 +1143,29 @@ fn gpu_thread(mut src: GpuSource, opts: &SamplerOptions, shared: &Shared) {
                     continue;
                 };
                 let t = m.totals();
-                g.energy_j = t.joules;
                 g.power_w = r.power_mw.map(|mw| f64::from(mw) / 1000.0);
                 g.resets = t.resets;
                 g.dropped_intervals = t.dropped;
-                g.at_ns = r.at_ns;
                 g.raw_j = r.energy_mj.map(|mj| mj as f64 / 1000.0);
-                traces[i].push(TraceSample {
-                    at_ns: r.at_ns,
-                    energy_j: t.joules,
-                    power_w: g.power_w.map(|w| w as f32),
-                });
+                // A new value is stamped with its update's instant; a read that saw no update
+                // adds nothing (the value still describes that instant).
+                let stamp = match (clocks[i].as_mut(), r.energy_mj) {
+                    (Some(c), Some(raw)) => match c.observe(r.at_ns, raw) {
+                        Observed::First => Some(r.at_ns),
+                        Observed::Same => None,
+                        Observed::New(at) => Some(at),
+                    },
+                    _ => Some(r.at_ns),
+                };
+                if let Some(at) = stamp {
+                    g.energy_j = t.joules;
+                    g.at_ns = at;
+                    traces[i].push(TraceSample {
+                        at_ns: at,
+                        energy_j: t.joules,
+                        power_w: g.power_w.map(|w| w as f32),
+                    });
+                }
             }
             health.tick(t0);
             health.record(latency, lateness, tick_errors);

@@ -148,7 +148,9 @@ pub struct GpuSnapshot {
     pub measurable: bool,
     /// Reads of this GPU that failed.
     pub read_errors: u64,
-    /// When the latest successful reading was taken (monotonic ns; 0 before the first).
+    /// The instant `energy_j` describes (monotonic ns; 0 before the first reading): for an
+    /// energy counter, the driver's update that produced the value (estimated from the reads,
+    /// see [`crate::update_clock`]), not the read; for integrated power, the read.
     pub at_ns: u64,
     /// The hardware counter itself at `at_ns` (J since the driver loaded), when the GPU has
     /// one: what restart recovery compares across an outage.

@@ -423,6 +423,16 @@ fn a_full_or_read_only_spool_delays_manifests_and_loses_none() {
         metric("ergon_manifests_pending") == 1.0
     });
     wait_until("its report", &e, || report(14).exists());
+    wait_until("the journal to hold its end", &e, || {
+        ergond::jobs::journal::read(&dir.path().join("state"))
+            .ok()
+            .flatten()
+            .is_some_and(|j| {
+                j.jobs
+                    .iter()
+                    .any(|job| job.job_id == 14 && job.end.is_some())
+            })
+    });
     drop(e); // killed while the manifest waits
     spool.remount("rw");
     let e = start_node(dir.path(), &fake.lib, "", "ergond2.log");

@@ -522,3 +522,62 @@ fn cgroups_are_watched_and_unwatched_at_run_time() {
     assert!(e.to_string().contains("cgroup_root"), "{e}");
     assert!(h.snapshot().threads.is_empty());
 }
+
+/// Reads that drift against the counter's updates (every 13 ms against 20 ms updates, as a
+/// loaded node's jitter does) must not alias in the power trace: each 100 ms point of the
+/// trace the manifest is built from is within 2 % of the true average power in that bin
+/// (a read-time stamp put a stale counter value up to one update late, and bins lost or
+/// gained up to a fifth of their energy).
+#[test]
+fn power_traces_do_not_alias_when_reads_drift_against_counter_updates() {
+    let scenario_gpus = vec![
+        gpu(11, json!({"kind": "constant", "watts": 300.0}), 20.0),
+        // A slow ramp: 100 W to 600 W over 6 s (linear within each 20 ms update).
+        gpu(
+            12,
+            json!({"kind": "ramp", "from_w": 100.0, "to_w": 600.0, "period_s": 6.0}),
+            20.0,
+        ),
+    ];
+    let fake = FakeNvml::new(json!({ "gpus": scenario_gpus }));
+    fake.wait_for_start();
+    let mut t = trees(&fake.lib);
+    t.config.sampling.gpu_min_period_ms = 13;
+    t.config.sampling.gpu_max_period_ms = 13;
+    let (sources, problems) = SamplerSources::open(&t.config);
+    assert_eq!(problems, []);
+    let h = Sampler::start(&t.config, sources).unwrap();
+    assert_eq!(h.options().gpu_period, Duration::from_millis(13));
+    wait_for(&h, "2.5 s of GPU samples", |s| {
+        health(s, "gpu").samples >= 190
+    });
+    let traces: Vec<_> = (0..2).map(|i| trace(&h, TraceOf::Gpu(i))).collect();
+    drop(h.stop());
+    for (i, g) in scenario_gpus.iter().enumerate() {
+        let m = model(g);
+        let tr = &traces[i];
+        // Bins from 0.3 s after the first sample (the update clock has settled) to the end.
+        let from = tr[0].at_ns + 300_000_000;
+        let to = tr[tr.len() - 1].at_ns;
+        let bin = 100_000_000u64;
+        let (start, watts) = ergond::jobs::reading::power_series(tr, from, to, bin, 600);
+        assert!(watts.len() >= 15, "{} bins", watts.len());
+        let mut worst: f64 = 0.0;
+        for (k, &w) in watts.iter().enumerate() {
+            let a = start + k as u64 * bin;
+            let truth = m.profile.energy_j(fake.t(a, 1.0), fake.t(a + bin, 1.0)) / 0.1;
+            let err = (f64::from(w) - truth).abs() / truth;
+            worst = worst.max(err);
+            assert!(
+                err < 0.02,
+                "GPU {i}: bin {k} reads {w:.1} W, truly {truth:.1} W ({:.1} % off)",
+                err * 100.0
+            );
+        }
+        println!(
+            "GPU {i}: {} bins, worst {:.2} % off the true average power",
+            watts.len(),
+            worst * 100.0
+        );
+    }
+}

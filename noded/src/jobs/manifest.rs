@@ -927,7 +927,11 @@ mod tests {
             .all(|&w| (w - 300.0).abs() < 0.01));
         // Peak: both GPUs (500 W) and the job's CPU share once its step runs (25 W package,
         // 5 W DRAM).
-        assert!((m.totals.peak_w - 530.0).abs() < 0.01, "{}", m.totals.peak_w);
+        assert!(
+            (m.totals.peak_w - 530.0).abs() < 0.01,
+            "{}",
+            m.totals.peak_w
+        );
         m.seal();
         let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
         assert_eq!(back, m);

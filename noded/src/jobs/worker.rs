@@ -186,7 +186,12 @@ pub(super) fn perform(inner: &Inner, action: Action, st: &mut WorkerState) {
         Action::Unwatch { path } => {
             inner.sampler.unwatch_cgroup(&path);
         }
-        Action::Finish { job_id } => finish(inner, job_id, &mut st.buf),
+        Action::Finish { job_id } => {
+            finish(inner, job_id, &mut st.buf);
+            // The job's end is in the journal at once (not at the next journal tick): the
+            // plugin was told the event is recorded.
+            write_journal(inner);
+        }
     }
 }
 
