@@ -61,8 +61,9 @@ fn trace(h: &SamplerHandle, of: TraceOf) -> Vec<TraceSample> {
 
 /// Checks a GPU's energy against the fake's ground truth between the first (baseline) and last
 /// samples of its trace. The counter reports the energy up to its last update instant, so the
-/// truth is taken between the update instants the two readings saw; a reading taken within
-/// 0.5 ms of an update instant may have seen either one, so every candidate is tried.
+/// truth is taken between the update instants the two samples describe: the first is stamped
+/// at its read (a reading taken within 0.5 ms of an update instant may have seen either one,
+/// so every candidate is tried), the last at its update (estimated; the nearest update).
 fn assert_gpu_energy_tracks_truth(
     fake: &FakeNvml,
     m: &DeviceModel,
@@ -83,9 +84,16 @@ fn assert_gpu_energy_tracks_truth(
         c.dedup();
         c
     };
+    // Later samples are stamped with the counter update that produced them (estimated to
+    // within a few ms): their value is the one published at the update nearest the stamp.
+    let nearest_update = |at: u64| {
+        let p = m.update_period_s;
+        let t = fake.t(at, 1.0);
+        vec![if p > 0.0 { (t / p).round() * p } else { t }]
+    };
     let mut errs = Vec::new();
     for a in candidates(first.at_ns) {
-        for b in candidates(last.at_ns) {
+        for b in nearest_update(last.at_ns) {
             let truth = m.profile.energy_j(a, b);
             errs.push((last.energy_j - truth).abs() / truth);
         }

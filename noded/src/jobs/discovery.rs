@@ -226,8 +226,24 @@ fn dirs(path: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// The Slurm job directories in the hierarchy, by name (no file is read).
-pub fn scan(h: &CgroupHierarchy) -> Scan {
+/// Whether a directory named `name` at `depth` belongs to another node's Slurm: a v1
+/// `slurm_<other>` at the top, or a v2 `<other>_slurmstepd.scope` (several slurmd on one host,
+/// as `slurmd -N` or multiple-slurmd builds run them). `node`: this node's Slurm name.
+fn other_nodes(name: &str, depth: usize, version: CgroupVersion, node: &str) -> bool {
+    if depth == 0 && version == CgroupVersion::V1 {
+        if let Some(n) = name.strip_prefix("slurm_") {
+            return n != node;
+        }
+    }
+    match name.strip_suffix("_slurmstepd.scope") {
+        Some(n) => n != node,
+        None => false,
+    }
+}
+
+/// The Slurm job directories of node `node` in the hierarchy, by name (no file is read).
+/// Another node's directories (several slurmd on one host) are skipped.
+pub fn scan(h: &CgroupHierarchy, node: &str) -> Scan {
     let base = h.cpu_dir("");
     let mut out = Scan::default();
     let mut visited = 0usize;
@@ -270,6 +286,9 @@ pub fn scan(h: &CgroupHierarchy) -> Scan {
                 }
                 continue;
             }
+            if other_nodes(&name, depth, h.version, node) {
+                continue;
+            }
             let scope = name.ends_with("slurmstepd.scope");
             if (depth == 0 && h.version == CgroupVersion::V1 && name.starts_with("slurm")) || scope
             {
@@ -289,11 +308,11 @@ pub fn scan(h: &CgroupHierarchy) -> Scan {
     out
 }
 
-/// The Slurm jobs in the hierarchy, with what their cgroups and processes say about them.
-/// `proc_root` is procfs (normally `/proc`).
-pub fn find_jobs(h: &CgroupHierarchy, proc_root: &Path) -> Vec<FoundJob> {
+/// The Slurm jobs of node `node` in the hierarchy, with what their cgroups and processes say
+/// about them. `proc_root` is procfs (normally `/proc`).
+pub fn find_jobs(h: &CgroupHierarchy, proc_root: &Path, node: &str) -> Vec<FoundJob> {
     let mut out = Vec::new();
-    for dir in scan(h).jobs {
+    for dir in scan(h, node).jobs {
         let env = job_env(h, proc_root, &dir);
         let job_id = match (&dir.key, env.as_ref().and_then(|e| e.job_id)) {
             (JobKey::Id(id), _) => *id,
@@ -578,10 +597,10 @@ mod tests {
         std::fs::write(proc.join("77/environ"), env42).unwrap();
         mk(&proc, "76", &[("environ", "")]);
         let h = hier(&r, CgroupVersion::V1);
-        let s = scan(&h);
+        let s = scan(&h, "n1");
         assert!(s.slurm_tree);
         assert_eq!(s.jobs.len(), 2);
-        let jobs = find_jobs(&h, &proc);
+        let jobs = find_jobs(&h, &proc, "n1");
         assert_eq!(jobs.len(), 2, "{jobs:?}");
         let j = &jobs[0];
         assert_eq!((j.job_id, j.uid()), (42, Some(1000)));
@@ -656,7 +675,7 @@ mod tests {
         // A SLUID-looking name outside a slurmstepd scope is not a job.
         mk(&r, "system.slice/sABCDEFGHJKMNP/step_0", &[]);
         let h = hier(&r, CgroupVersion::V2);
-        let s = scan(&h);
+        let s = scan(&h, "n2");
         assert!(s.slurm_tree);
         assert_eq!(
             s.jobs.iter().map(|j| j.key.clone()).collect::<Vec<_>>(),
@@ -666,7 +685,7 @@ mod tests {
                 JobKey::Sluid(sluid.into())
             ]
         );
-        let jobs = find_jobs(&h, &proc);
+        let jobs = find_jobs(&h, &proc, "n2");
         assert_eq!(
             jobs.iter().map(|j| j.job_id).collect::<Vec<_>>(),
             vec![9, 123]
@@ -681,14 +700,20 @@ mod tests {
             j.env.as_ref().unwrap().gpu_uuids(),
             Some(vec!["GPU-aaaa".to_owned(), "GPU-bbbb".to_owned()])
         );
-        assert!(find_jobs(&hier(&r.join("missing"), CgroupVersion::V2), &proc).is_empty());
+        assert!(find_jobs(&hier(&r.join("missing"), CgroupVersion::V2), &proc, "n2").is_empty());
+        // Node n1 on the same host (another slurmd) does not take n2's jobs.
+        let n1 = scan(&h, "n1");
+        assert_eq!(
+            n1.jobs.iter().map(|j| j.key.clone()).collect::<Vec<_>>(),
+            vec![JobKey::Id(9), JobKey::Sluid("s0000000000000".into())]
+        );
     }
 
     #[test]
     fn no_slurm_tree_no_jobs() {
         let dir = tempfile::tempdir().unwrap();
         mk(dir.path(), "cpuacct/system.slice/sshd.service", &[]);
-        let s = scan(&hier(dir.path(), CgroupVersion::V1));
+        let s = scan(&hier(dir.path(), CgroupVersion::V1), "n1");
         assert!(!s.slurm_tree && s.jobs.is_empty());
     }
 

@@ -340,7 +340,7 @@ pub fn discover(
         unix_ns: Timestamp::now().unix_ns,
         mono_ns: monotonic_ns(),
     };
-    let found = find_jobs(h, proc_root);
+    let found = find_jobs(h, proc_root, &slurm.name);
     if found.iter().all(|f| registry.get(f.job_id).is_some()) {
         return 0;
     }

@@ -110,7 +110,7 @@ fn reap(inner: &Inner, st: &mut WorkerState) -> bool {
     let needs_scan = lock(&inner.registry)
         .jobs()
         .any(|j| j.end.is_none() && old_enough(j) && job_dirs(j).is_empty());
-    let scanned = needs_scan.then(|| super::discovery::scan(h));
+    let scanned = needs_scan.then(|| super::discovery::scan(h, &inner.config.slurm.name));
     let gone: Vec<(u32, String)> = {
         let reg = lock(&inner.registry);
         reg.jobs()
