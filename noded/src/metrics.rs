@@ -9,14 +9,14 @@
 //! | family | type | labels |
 //! |---|---|---|
 //! | `gpu_energy_joules_total`, `gpu_power_watts` | counter, gauge | `uuid`, `index`, `minor`, `name` |
-//! | `gpu_lost`, `gpu_counter_resets_total`, `gpu_dropped_intervals_total`, `gpu_read_errors_total` | gauge, counters | `uuid` |
+//! | `gpu_lost`, `gpu_energy_resets_total`, `gpu_dropped_intervals_total`, `gpu_read_errors_total` | gauge, counters | `uuid` |
 //! | `gpu_energy_method` (value 1) | gauge | `uuid`, `method` = `counter` \| `integrated_power` |
 //! | `rapl_energy_joules_total`, `rapl_power_watts` | counter, gauge | `zone`, `socket`, `domain` |
 //! | `rapl_wraps_total`, `rapl_dropped_intervals_total` | counters | `zone`, `socket`, `domain` |
 //! | `node_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram` |
 //! | `sampler_samples_total`, `sampler_missed_ticks_total`, `sampler_read_errors_total` | counters | `source` |
 //! | `sampler_period_seconds`, `sampler_max_lateness_seconds` | gauges | `source` |
-//! | `sampler_read_latency_seconds`, `sampler_lateness_seconds` | gauges | `source`, `quantile` = `0.5` \| `0.99` |
+//! | `sampler_read_latency_seconds`, `sampler_lateness_seconds` | summaries | `source` (`quantile` = `0.5` \| `0.99` over a recent window; `_sum`, `_count` since start) |
 //! | `sampler_thread_cpu_seconds_total` | counter | `thread` |
 //! | `cgroup_cpu_seconds_total`, `cgroup_read_errors_total` | counters | `cgroup` (watched job cgroups only) |
 //! | `socket_cpu_busy_seconds_total`, `socket_cpu_seconds_total` | counters | `socket` |
@@ -36,8 +36,9 @@
 //! parts of the package, psys contains it), `dram` sums the DRAM zones, `gpu` every GPU (a lost
 //! GPU keeps the energy counted before it was lost).
 //!
-//! The read latency is a gauge with a `quantile` label rather than a `summary`: the sampler keeps
-//! percentiles over a recent window, not the `_sum`/`_count` a summary promises.
+//! The read latency and lateness are summaries: quantiles over the sampler's recent window (as
+//! client libraries' summaries do), `_sum` and `_count` since start. `promtool check metrics`
+//! finds nothing to say about the exposition (a test runs it).
 
 pub mod server;
 
@@ -88,7 +89,7 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
             .map(|g| (uuid(g), if g.lost { 1.0 } else { 0.0 })),
     );
     w.family(
-        "ergon_gpu_counter_resets_total",
+        "ergon_gpu_energy_resets_total",
         "counter",
         "Energy counter resets seen (driver reloads); energy across a reset is still counted.",
         gpus.iter().map(|g| (uuid(g), g.resets as f64)),
@@ -207,32 +208,34 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         "Configured sampling period (s).",
         samplers.iter().map(|s| (source(s), secs(s.period_ns))),
     );
-    w.family(
+    w.summary(
         "ergon_sampler_read_latency_seconds",
-        "gauge",
-        "Duration of one tick's reads over a recent window, by quantile (s).",
-        samplers.iter().flat_map(|s| {
-            [
-                ("0.5", s.read_latency_p50_ns),
-                ("0.99", s.read_latency_p99_ns),
-            ]
-            .map(|(q, ns)| {
-                let mut l = source(s);
-                l.push(("quantile", q.to_string()));
-                (l, secs(ns))
-            })
+        "Duration of one tick's reads (s); quantiles over a recent window.",
+        samplers.iter().map(|s| {
+            (
+                source(s),
+                [
+                    (0.5, secs(s.read_latency_p50_ns)),
+                    (0.99, secs(s.read_latency_p99_ns)),
+                ],
+                secs(s.read_latency_sum_ns),
+                s.samples,
+            )
         }),
     );
-    w.family(
+    w.summary(
         "ergon_sampler_lateness_seconds",
-        "gauge",
-        "Wake-up lateness of a tick after its deadline over a recent window, by quantile (s).",
-        samplers.iter().flat_map(|s| {
-            [("0.5", s.lateness_p50_ns), ("0.99", s.lateness_p99_ns)].map(|(q, ns)| {
-                let mut l = source(s);
-                l.push(("quantile", q.to_string()));
-                (l, secs(ns))
-            })
+        "Wake-up lateness of a tick after its deadline (s); quantiles over a recent window.",
+        samplers.iter().map(|s| {
+            (
+                source(s),
+                [
+                    (0.5, secs(s.lateness_p50_ns)),
+                    (0.99, secs(s.lateness_p99_ns)),
+                ],
+                secs(s.lateness_sum_ns),
+                s.samples,
+            )
         }),
     );
     w.family(
@@ -435,24 +438,56 @@ impl Writer<'_> {
         self.out.push('\n');
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
         for (labels, value) in samples {
-            self.out.push_str(name);
-            if !labels.is_empty() {
-                self.out.push('{');
-                for (i, (k, v)) in labels.iter().enumerate() {
-                    if i > 0 {
-                        self.out.push(',');
-                    }
-                    self.out.push_str(k);
-                    self.out.push_str("=\"");
-                    escape_label_value(v, self.out);
-                    self.out.push('"');
-                }
-                self.out.push('}');
-            }
-            self.out.push(' ');
-            write_value(value, self.out);
-            self.out.push('\n');
+            self.sample(name, &labels, value);
         }
+    }
+}
+
+impl Writer<'_> {
+    /// One summary family: per label set, its quantiles, `_sum` and `_count`.
+    fn summary<I, const N: usize>(&mut self, name: &str, help: &str, rows: I)
+    where
+        I: IntoIterator<Item = (Vec<(&'static str, String)>, [(f64, f64); N], f64, u64)>,
+    {
+        let mut rows = rows.into_iter().peekable();
+        if rows.peek().is_none() {
+            return;
+        }
+        self.out.push_str("# HELP ");
+        self.out.push_str(name);
+        self.out.push(' ');
+        escape_help(help, self.out);
+        self.out.push('\n');
+        let _ = writeln!(self.out, "# TYPE {name} summary");
+        for (labels, quantiles, sum, count) in rows {
+            for (q, v) in quantiles {
+                let mut l = labels.clone();
+                l.push(("quantile", q.to_string()));
+                self.sample(name, &l, v);
+            }
+            self.sample(&format!("{name}_sum"), &labels, sum);
+            self.sample(&format!("{name}_count"), &labels, count as f64);
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&'static str, String)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                escape_label_value(v, self.out);
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        write_value(value, self.out);
+        self.out.push('\n');
     }
 }
 
@@ -592,6 +627,8 @@ mod tests {
                 max_lateness_ns: 1_500_000,
                 lateness_p50_ns: 50_000,
                 lateness_p99_ns: 900_000,
+                lateness_sum_ns: 4_200_000,
+                read_latency_sum_ns: 2_100_000,
             }],
             cgroups: vec![CgroupSnapshot {
                 path: "slurm/uid_1000/job_42".into(),
@@ -628,11 +665,11 @@ ergon_gpu_power_watts{uuid="GPU-aaaa",index="0",minor="3",name="Fake H100"} 300.
 ergon_gpu_lost{uuid="GPU-aaaa"} 0
 ergon_gpu_lost{uuid="GPU-bbbb"} 1
 ergon_gpu_lost{uuid="GPU-cccc"} 0
-# HELP ergon_gpu_counter_resets_total Energy counter resets seen (driver reloads); energy across a reset is still counted.
-# TYPE ergon_gpu_counter_resets_total counter
-ergon_gpu_counter_resets_total{uuid="GPU-aaaa"} 1
-ergon_gpu_counter_resets_total{uuid="GPU-bbbb"} 0
-ergon_gpu_counter_resets_total{uuid="GPU-cccc"} 0
+# HELP ergon_gpu_energy_resets_total Energy counter resets seen (driver reloads); energy across a reset is still counted.
+# TYPE ergon_gpu_energy_resets_total counter
+ergon_gpu_energy_resets_total{uuid="GPU-aaaa"} 1
+ergon_gpu_energy_resets_total{uuid="GPU-bbbb"} 0
+ergon_gpu_energy_resets_total{uuid="GPU-cccc"} 0
 # HELP ergon_gpu_dropped_intervals_total GPU sampling intervals dropped because their energy was physically implausible.
 # TYPE ergon_gpu_dropped_intervals_total counter
 ergon_gpu_dropped_intervals_total{uuid="GPU-aaaa"} 0
@@ -692,14 +729,18 @@ ergon_sampler_read_errors_total{source="gpu"} 0
 # HELP ergon_sampler_period_seconds Configured sampling period (s).
 # TYPE ergon_sampler_period_seconds gauge
 ergon_sampler_period_seconds{source="gpu"} 0.1
-# HELP ergon_sampler_read_latency_seconds Duration of one tick's reads over a recent window, by quantile (s).
-# TYPE ergon_sampler_read_latency_seconds gauge
+# HELP ergon_sampler_read_latency_seconds Duration of one tick's reads (s); quantiles over a recent window.
+# TYPE ergon_sampler_read_latency_seconds summary
 ergon_sampler_read_latency_seconds{source="gpu",quantile="0.5"} 0.000012
 ergon_sampler_read_latency_seconds{source="gpu",quantile="0.99"} 0.00025
-# HELP ergon_sampler_lateness_seconds Wake-up lateness of a tick after its deadline over a recent window, by quantile (s).
-# TYPE ergon_sampler_lateness_seconds gauge
+ergon_sampler_read_latency_seconds_sum{source="gpu"} 0.0021
+ergon_sampler_read_latency_seconds_count{source="gpu"} 42
+# HELP ergon_sampler_lateness_seconds Wake-up lateness of a tick after its deadline (s); quantiles over a recent window.
+# TYPE ergon_sampler_lateness_seconds summary
 ergon_sampler_lateness_seconds{source="gpu",quantile="0.5"} 0.00005
 ergon_sampler_lateness_seconds{source="gpu",quantile="0.99"} 0.0009
+ergon_sampler_lateness_seconds_sum{source="gpu"} 0.0042
+ergon_sampler_lateness_seconds_count{source="gpu"} 42
 # HELP ergon_sampler_max_lateness_seconds Largest wake-up lateness of a tick after its deadline over a recent window (s).
 # TYPE ergon_sampler_max_lateness_seconds gauge
 ergon_sampler_max_lateness_seconds{source="gpu"} 0.0015
@@ -787,7 +828,8 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
         let mut out = String::new();
         render(&snap, &mut out);
         validate(&out).unwrap();
-        assert!(!out.contains("ergon_gpu_energy"), "{out}");
+        assert!(!out.contains("ergon_gpu_energy_joules_total"), "{out}");
+        assert!(!out.contains("ergon_gpu_energy_method"), "{out}");
         assert!(!out.contains("component=\"gpu\""), "{out}");
         assert!(out.contains("ergon_gpu_lost{uuid=\"GPU-cccc\"} 0"), "{out}");
     }
@@ -915,10 +957,23 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
                 continue;
             } else {
                 let (name, labels, value) = parse_sample(line).map_err(|e| err(&e))?;
-                if !types.contains_key(&name) {
+                // A summary's `_sum` and `_count` belong to its family.
+                let family = ["_sum", "_count"]
+                    .iter()
+                    .filter_map(|suffix| name.strip_suffix(suffix))
+                    .find(|f| types.get(*f).is_some_and(|k| k == "summary"))
+                    .unwrap_or(&name)
+                    .to_owned();
+                if !types.contains_key(&family) {
                     return Err(err("sample before its TYPE"));
                 }
-                enter(&name, &mut current)?;
+                if types[&family] == "summary"
+                    && family == name
+                    && !labels.iter().any(|(k, _)| k == "quantile")
+                {
+                    return Err(err("summary sample without quantile"));
+                }
+                enter(&family, &mut current)?;
                 parse_value(&value).map_err(|e| err(&e))?;
                 let mut sorted = labels.clone();
                 sorted.sort();

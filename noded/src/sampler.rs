@@ -371,6 +371,8 @@ struct Health {
     read_errors: u64,
     latency_ns: Ring<u64>,
     lateness_ns: Ring<u64>,
+    latency_sum_ns: u64,
+    lateness_sum_ns: u64,
     /// The previous tick's instant (0 before the first).
     last_tick_ns: u64,
     /// Stretches longer than [`hole_ns`] between two ticks: (previous tick, this tick).
@@ -397,6 +399,8 @@ impl Health {
             read_errors: 0,
             latency_ns: Ring::new(window, UNSET),
             lateness_ns: Ring::new(window, UNSET),
+            latency_sum_ns: 0,
+            lateness_sum_ns: 0,
             last_tick_ns: 0,
             holes: Ring::new(HOLES_KEPT, (0, 0)),
         }
@@ -418,6 +422,8 @@ impl Health {
         self.read_errors += errors;
         self.latency_ns.push(latency_ns);
         self.lateness_ns.push(lateness_ns);
+        self.latency_sum_ns = self.latency_sum_ns.saturating_add(latency_ns);
+        self.lateness_sum_ns = self.lateness_sum_ns.saturating_add(lateness_ns);
     }
 
     /// Copy out under the lock; percentiles are computed after it is released.
@@ -437,6 +443,8 @@ impl Health {
             max_lateness_ns: 0,
             lateness_p50_ns: 0,
             lateness_p99_ns: 0,
+            read_latency_sum_ns: self.latency_sum_ns,
+            lateness_sum_ns: self.lateness_sum_ns,
         };
         (h, latency, lateness)
     }

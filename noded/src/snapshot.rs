@@ -204,4 +204,8 @@ pub struct SamplerHealth {
     pub lateness_p50_ns: u64,
     /// 99th percentile of tick lateness over the same window (ns).
     pub lateness_p99_ns: u64,
+    /// Sum of every tick's read latency since start (ns): with `samples`, a summary's sum.
+    pub read_latency_sum_ns: u64,
+    /// Sum of every tick's lateness since start (ns).
+    pub lateness_sum_ns: u64,
 }

@@ -262,6 +262,8 @@ mod tests {
             max_lateness_ns: 0,
             lateness_p50_ns: 0,
             lateness_p99_ns: 0,
+            lateness_sum_ns: 0,
+            read_latency_sum_ns: 0,
         }
     }
 
