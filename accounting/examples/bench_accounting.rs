@@ -41,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ergon_accounting::config::Config;
 use ergon_accounting::run::{run, RunOptions, RunSummary};
 use ergon_protocol::manifest::*;
+use ergon_protocol::testing::ManifestBuilder;
 use ergon_protocol::StepId;
 use serde_json::{json, Value};
 
@@ -180,105 +181,61 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
             dram_j: dram_j.map(|d| d * 0.9),
         });
     }
-    let mut series = Vec::new();
+    let mut series: Vec<(String, Vec<f32>)> = Vec::new();
     if realistic {
-        let trace = |name: String, mean: f64, rng: &mut Rng| TraceSeries {
-            name,
-            watts: (0..TRACE_POINTS)
+        let trace = |mean: f64, rng: &mut Rng| -> Vec<f32> {
+            (0..TRACE_POINTS)
                 .map(|_| ((mean * (0.8 + 0.4 * rng.next())) * 10.0).round() as f32 / 10.0)
-                .collect(),
+                .collect()
         };
         for g in &gpus {
-            series.push(trace(
+            series.push((
                 format!("gpu{}", g.index),
-                g.avg_w.unwrap_or(0.0),
-                &mut rng,
+                trace(g.avg_w.unwrap_or(0.0), &mut rng),
             ));
         }
         for s in &sockets {
-            series.push(trace(
+            series.push((
                 format!("socket{}", s.socket),
-                s.package_j / duration_s,
-                &mut rng,
+                trace(s.package_j / duration_s, &mut rng),
             ));
-            series.push(trace(format!("dram{}", s.socket), 12.0, &mut rng));
+            series.push((format!("dram{}", s.socket), trace(12.0, &mut rng)));
         }
     }
-    let sensors = if realistic {
-        vec![
-            SensorInfo {
-                kind: SensorKind::Nvml,
-                version: "535.183.01 / NVML 12.535.183.01".into(),
-                detail: format!("{ngpus} GPUs, total energy counter"),
-            },
-            SensorInfo {
-                kind: SensorKind::RaplPowercap,
-                version: "6.1.0-21-amd64".into(),
-                detail: "intel-rapl:0, intel-rapl:0:0, intel-rapl:1, intel-rapl:1:0".into(),
-            },
-            SensorInfo {
-                kind: SensorKind::Cgroup,
-                version: "v1".into(),
-                detail: "cpuacct.usage".into(),
-            },
-        ]
-    } else {
-        vec![]
-    };
-    let mut m = Manifest {
-        schema_version: schema,
-        cluster: "bench".into(),
-        node,
-        job: JobInfo {
-            job_id: job,
-            array_job_id: None,
-            array_task_id: None,
-            user: format!("user{:03}", job % 200),
-            uid: 10_000 + job % 200,
-            account: Some(format!("proj{:02}", job % 40)),
-            partition: Some("gpu".into()),
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s,
-        steps,
-        gpus,
-        sockets,
-        totals: Totals {
-            energy_j,
-            gpu_j: Some(gpu_j),
-            cpu_j: Some(cpu_j),
-            dram_j,
-            avg_w: energy_j / duration_s,
-            peak_w: energy_j / duration_s * 1.3,
-        },
-        node_context: NodeContext {
-            node_energy_j: energy_j + 50.0 * duration_s,
-            idle_j: 50.0 * duration_s,
-            unattributed_j: 0.0,
-        },
-        coverage: Coverage {
-            fraction: 0.999,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors,
-        trace: PowerTrace {
-            interval_ms: if realistic { 1000 } else { 0 },
-            start_unix_ns: start,
-            series,
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+    let mut m = ManifestBuilder::new("bench", job, &node)
+        .schema(schema)
+        .user(&format!("user{:03}", job % 200), 10_000 + job % 200)
+        .account(&format!("proj{:02}", job % 40))
+        .partition("gpu")
+        .span(start, end)
+        .peak_w(energy_j / duration_s * 1.3)
+        .node_context(energy_j + 50.0 * duration_s, 50.0 * duration_s, 0.0)
+        .coverage(0.999)
+        .trace(if realistic { 1000 } else { 0 }, series);
+    if realistic {
+        m = m
+            .sensor(
+                SensorKind::Nvml,
+                "535.183.01 / NVML 12.535.183.01",
+                &format!("{ngpus} GPUs, total energy counter"),
+            )
+            .sensor(
+                SensorKind::RaplPowercap,
+                "6.1.0-21-amd64",
+                "intel-rapl:0, intel-rapl:0:0, intel-rapl:1, intel-rapl:1:0",
+            )
+            .sensor(SensorKind::Cgroup, "v1", "cpuacct.usage");
+    }
+    for g in gpus {
+        m = m.gpu_entry(g);
+    }
+    for s in sockets {
+        m = m.socket_entry(s);
+    }
+    for s in steps {
+        m = m.step(s);
+    }
+    m.build()
 }
 
 /// Write the manifests of `jobs` into `spool` on two threads; the total bytes written. `base`: the end time of job 0 (job `n` ended `n` seconds before).
