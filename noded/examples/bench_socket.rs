@@ -69,7 +69,7 @@ use ergon_protocol::{
     parse_proc_cgroup, read_frame, write_frame, CpuSet, ErrorCode, GpuAlloc, JobEnd, JobIds,
     JobStart, Reply, Request, StepEnd, StepId, StepStart, Timestamp,
 };
-use ergond::testing::{
+use ergon_testkit::{
     write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
 };
 use serde_json::{json, Value};
@@ -834,10 +834,7 @@ fn percentiles(ns: &mut [u64]) -> Value {
     }
     ns.sort_unstable();
     let n = ns.len();
-    let pct = |p: f64| {
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        ns[rank.clamp(1, n) - 1] as f64 / 1000.0
-    };
+    let pct = |p: f64| ergond::stats::percentile(ns, p) as f64 / 1000.0;
     json!({
         "n": n,
         "p50_us": pct(50.0), "p90_us": pct(90.0), "p99_us": pct(99.0), "p999_us": pct(99.9),
