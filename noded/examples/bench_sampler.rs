@@ -21,15 +21,15 @@
 //!
 //! Writes one JSON object per line to `--json` and prints a table.
 
+use ergon_testkit::{
+    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
+};
 use ergond::config::Config;
 use ergond::sampler::{
     detect_gpu_counter_period, Sampler, SamplerHandle, SamplerOptions, SamplerSources,
     DETECT_BUDGET,
 };
 use ergond::snapshot::{NodeSnapshot, SamplerHealth};
-use ergond::testing::{
-    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
-};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

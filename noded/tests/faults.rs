@@ -240,7 +240,7 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
     let (t_start, _) = now();
     queue(dir.path(), &job_start(3, t_start), t_start);
     let cg = "slurm/uid_1000/job_3/step_0";
-    ergond::testing::write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 0);
+    ergon_testkit::write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 0);
     let step = Request::StepStart(StepStart {
         cluster: Some("c".into()),
         job_id: 3,

@@ -109,7 +109,7 @@ pub fn write_node(
     usage_usec: u64,
     extra: &str,
 ) -> PathBuf {
-    use ergond::testing::{
+    use ergon_testkit::{
         write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
     };
     let powercap = dir.join("powercap");
