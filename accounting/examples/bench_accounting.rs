@@ -313,8 +313,10 @@ impl Vm {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(0.0))
             .collect();
-        // SAFETY: sysconf has no preconditions.
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
         (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / tick
     }
     fn url(&self, path: &str) -> String {
@@ -338,8 +340,10 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }
@@ -385,10 +389,9 @@ fn child_run(config_path: &Path) {
     .expect("ergon run");
     let t = &summary.timings;
     let upload: f64 = t.upload.values().map(Duration::as_secs_f64).sum();
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let cpu = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let cpu = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     println!(
         "{}",
         json!({
@@ -411,9 +414,9 @@ fn child_run(config_path: &Path) {
             "journal_syncs": t.journal_syncs,
             "journal_s": t.journal_time.as_secs_f64(),
             "run_s": t.total.as_secs_f64(),
-            "user_cpu_s": cpu(usage.ru_utime),
-            "sys_cpu_s": cpu(usage.ru_stime),
-            "maxrss_kib": usage.ru_maxrss,
+            "user_cpu_s": cpu(usage.user_time()),
+            "sys_cpu_s": cpu(usage.system_time()),
+            "maxrss_kib": usage.max_rss(),
         })
     );
 }

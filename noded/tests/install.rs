@@ -163,7 +163,10 @@ fn verify_units(stage: &Path) {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_analyze {
-        eprintln!("note: systemd-analyze not found; `systemd-analyze verify` of the units skipped");
+        ergon_testkit::skipped(
+            "systemd-analyze verify of the units",
+            "systemd-analyze not found",
+        );
         return;
     }
     let copy = tempfile::tempdir().unwrap();
@@ -500,7 +503,10 @@ fn installed_packages() -> Vec<String> {
     let script = std::fs::read_to_string(repo().join("scripts/install")).unwrap();
     let line = script
         .lines()
-        .find(|l| l.trim_start().starts_with("build_cmd=(cargo build --release"))
+        .find(|l| {
+            l.trim_start()
+                .starts_with("build_cmd=(cargo build --release")
+        })
         .expect("scripts/install has its build_cmd");
     let words: Vec<&str> = line.split([' ', '(', ')']).collect();
     let packages: Vec<String> = words
@@ -566,7 +572,11 @@ fn the_binaries_contain_no_test_support_code() {
             symbols.contains("ergon_protocol::"),
             "{bin}: no ergon_protocol symbols; is it stripped?"
         );
-        for test_only in ["ergon_protocol::testing::", "ergon_testkit::", "ergon_tests::"] {
+        for test_only in [
+            "ergon_protocol::testing::",
+            "ergon_testkit::",
+            "ergon_tests::",
+        ] {
             let found: Vec<&str> = symbols.lines().filter(|l| l.contains(test_only)).collect();
             assert!(found.is_empty(), "{bin} contains test code: {found:?}");
         }
@@ -725,8 +735,7 @@ fn ergond_notifies_systemd_ready_status_watchdog_and_stopping_and_logs_to_the_jo
 
     let ready = notify.wait_for("READY=1", 1, Duration::from_secs(20));
     let pings = ready && notify.wait_for("WATCHDOG=1", 3, Duration::from_secs(10));
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM).unwrap();
     let stopping = notify.wait_for("STOPPING=1", 1, Duration::from_secs(20));
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&stderr_path).unwrap();
@@ -812,8 +821,11 @@ fn watchdog_pings_pause_while_the_gpu_sampler_is_stuck_in_a_read() {
             let at = position(r, is_stall).unwrap();
             position(&r[at..], |l| l == "WATCHDOG=1").is_some()
         });
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let received = notify.received.join("---\n");

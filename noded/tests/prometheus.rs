@@ -248,20 +248,10 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     // status 3 is a lint remark (e.g. the `quantile` label on a gauge), 1 a parse error.
     let promtool = prometheus.with_file_name("promtool");
     if promtool.exists() {
-        let mut child = Command::new(&promtool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = common::run_with_input(
+            Command::new(&promtool).args(["check", "metrics"]),
+            body.as_bytes(),
+        );
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -271,6 +261,11 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
             matches!(out.status.code(), Some(0 | 3)) && !said.contains("error"),
             "promtool check metrics ({}): {said}",
             out.status
+        );
+    } else {
+        ergon_testkit::skipped(
+            "promtool check metrics",
+            &format!("{} not found", promtool.display()),
         );
     }
 
@@ -351,9 +346,11 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     );
 
     // SIGTERM: ergond stops serving and exits 0.
-    // SAFETY: kill(2) on the pid of a child this test started and has not yet reaped.
-    let rc = unsafe { libc::kill(ergond.child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ergond.child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
     let status = ergond
         .wait_exit(Instant::now() + Duration::from_secs(10))
         .unwrap_or_else(|| panic!("ergond ignored SIGTERM:\n{}", ergond.log()));

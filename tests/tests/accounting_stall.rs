@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ergon_protocol::testing::ManifestBuilder;
 use ergon_protocol::Manifest;
 use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 fn ergon(c: &Cluster, config: &Path, args: &[&str]) -> Output {
     let bin = target_dir().join("debug/ergon");
@@ -59,16 +61,14 @@ impl Stopped {
             .trim()
             .parse()
             .unwrap();
-        // SAFETY: kill(2) with a pid read from the cluster's own pid file.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
         Stopped(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
     }
 }
 
