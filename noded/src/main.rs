@@ -1,5 +1,7 @@
 //! `ergond`, the ergon node daemon.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -23,6 +23,8 @@
 //! pointed at DIR with `powercap_root`, reads them through its real powercap code. Runs until
 //! killed; prints one line at start and one every 10 s (to stderr).
 
+#![deny(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

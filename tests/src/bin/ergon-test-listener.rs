@@ -10,6 +10,8 @@
 //! not a frame; `refuse` answers an error. Each connection is served on its own thread, so one
 //! hung exchange never blocks the next.
 
+#![deny(unsafe_code)]
+
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
