@@ -41,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ergon_accounting::config::Config;
 use ergon_accounting::run::{run, RunOptions, RunSummary};
 use ergon_protocol::manifest::*;
+use ergon_protocol::testing::ManifestBuilder;
 use ergon_protocol::StepId;
 use serde_json::{json, Value};
 
@@ -180,105 +181,61 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
             dram_j: dram_j.map(|d| d * 0.9),
         });
     }
-    let mut series = Vec::new();
+    let mut series: Vec<(String, Vec<f32>)> = Vec::new();
     if realistic {
-        let trace = |name: String, mean: f64, rng: &mut Rng| TraceSeries {
-            name,
-            watts: (0..TRACE_POINTS)
+        let trace = |mean: f64, rng: &mut Rng| -> Vec<f32> {
+            (0..TRACE_POINTS)
                 .map(|_| ((mean * (0.8 + 0.4 * rng.next())) * 10.0).round() as f32 / 10.0)
-                .collect(),
+                .collect()
         };
         for g in &gpus {
-            series.push(trace(
+            series.push((
                 format!("gpu{}", g.index),
-                g.avg_w.unwrap_or(0.0),
-                &mut rng,
+                trace(g.avg_w.unwrap_or(0.0), &mut rng),
             ));
         }
         for s in &sockets {
-            series.push(trace(
+            series.push((
                 format!("socket{}", s.socket),
-                s.package_j / duration_s,
-                &mut rng,
+                trace(s.package_j / duration_s, &mut rng),
             ));
-            series.push(trace(format!("dram{}", s.socket), 12.0, &mut rng));
+            series.push((format!("dram{}", s.socket), trace(12.0, &mut rng)));
         }
     }
-    let sensors = if realistic {
-        vec![
-            SensorInfo {
-                kind: SensorKind::Nvml,
-                version: "535.183.01 / NVML 12.535.183.01".into(),
-                detail: format!("{ngpus} GPUs, total energy counter"),
-            },
-            SensorInfo {
-                kind: SensorKind::RaplPowercap,
-                version: "6.1.0-21-amd64".into(),
-                detail: "intel-rapl:0, intel-rapl:0:0, intel-rapl:1, intel-rapl:1:0".into(),
-            },
-            SensorInfo {
-                kind: SensorKind::Cgroup,
-                version: "v1".into(),
-                detail: "cpuacct.usage".into(),
-            },
-        ]
-    } else {
-        vec![]
-    };
-    let mut m = Manifest {
-        schema_version: schema,
-        cluster: "bench".into(),
-        node,
-        job: JobInfo {
-            job_id: job,
-            array_job_id: None,
-            array_task_id: None,
-            user: format!("user{:03}", job % 200),
-            uid: 10_000 + job % 200,
-            account: Some(format!("proj{:02}", job % 40)),
-            partition: Some("gpu".into()),
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s,
-        steps,
-        gpus,
-        sockets,
-        totals: Totals {
-            energy_j,
-            gpu_j: Some(gpu_j),
-            cpu_j: Some(cpu_j),
-            dram_j,
-            avg_w: energy_j / duration_s,
-            peak_w: energy_j / duration_s * 1.3,
-        },
-        node_context: NodeContext {
-            node_energy_j: energy_j + 50.0 * duration_s,
-            idle_j: 50.0 * duration_s,
-            unattributed_j: 0.0,
-        },
-        coverage: Coverage {
-            fraction: 0.999,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors,
-        trace: PowerTrace {
-            interval_ms: if realistic { 1000 } else { 0 },
-            start_unix_ns: start,
-            series,
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+    let mut m = ManifestBuilder::new("bench", job, &node)
+        .schema(schema)
+        .user(&format!("user{:03}", job % 200), 10_000 + job % 200)
+        .account(&format!("proj{:02}", job % 40))
+        .partition("gpu")
+        .span(start, end)
+        .peak_w(energy_j / duration_s * 1.3)
+        .node_context(energy_j + 50.0 * duration_s, 50.0 * duration_s, 0.0)
+        .coverage(0.999)
+        .trace(if realistic { 1000 } else { 0 }, series);
+    if realistic {
+        m = m
+            .sensor(
+                SensorKind::Nvml,
+                "535.183.01 / NVML 12.535.183.01",
+                &format!("{ngpus} GPUs, total energy counter"),
+            )
+            .sensor(
+                SensorKind::RaplPowercap,
+                "6.1.0-21-amd64",
+                "intel-rapl:0, intel-rapl:0:0, intel-rapl:1, intel-rapl:1:0",
+            )
+            .sensor(SensorKind::Cgroup, "v1", "cpuacct.usage");
+    }
+    for g in gpus {
+        m = m.gpu_entry(g);
+    }
+    for s in sockets {
+        m = m.socket_entry(s);
+    }
+    for s in steps {
+        m = m.step(s);
+    }
+    m.build()
 }
 
 /// Write the manifests of `jobs` into `spool` on two threads; the total bytes written. `base`: the end time of job 0 (job `n` ended `n` seconds before).
@@ -356,8 +313,10 @@ impl Vm {
             .split_whitespace()
             .map(|x| x.parse().unwrap_or(0.0))
             .collect();
-        // SAFETY: sysconf has no preconditions.
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
         (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / tick
     }
     fn url(&self, path: &str) -> String {
@@ -381,8 +340,10 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGTERM,
+        );
         let _ = self.child.wait();
     }
 }
@@ -428,10 +389,9 @@ fn child_run(config_path: &Path) {
     .expect("ergon run");
     let t = &summary.timings;
     let upload: f64 = t.upload.values().map(Duration::as_secs_f64).sum();
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let cpu = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let cpu = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
     println!(
         "{}",
         json!({
@@ -454,9 +414,9 @@ fn child_run(config_path: &Path) {
             "journal_syncs": t.journal_syncs,
             "journal_s": t.journal_time.as_secs_f64(),
             "run_s": t.total.as_secs_f64(),
-            "user_cpu_s": cpu(usage.ru_utime),
-            "sys_cpu_s": cpu(usage.ru_stime),
-            "maxrss_kib": usage.ru_maxrss,
+            "user_cpu_s": cpu(usage.user_time()),
+            "sys_cpu_s": cpu(usage.system_time()),
+            "maxrss_kib": usage.max_rss(),
         })
     );
 }

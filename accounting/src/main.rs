@@ -227,7 +227,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             };
             let picture = plot::build(job_id, &found)?;
             let bytes = plot::render(&picture, format, width, height)?;
-            plot::write_atomic(&output, &bytes)?;
+            plot::write(&output, &bytes)?;
             eprintln!("ergon: wrote {}", output.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -6,18 +6,18 @@
 //!   when it is the job's, then verified);
 //! - [`build`] turns them into a [`Plot`]: one line per trace series per node, the job's and
 //!   steps' intervals, the legend's energies and the title (pure, no files);
-//! - [`render`] draws a [`Plot`] as SVG or PNG bytes, and [`write_atomic`] puts them in place.
+//! - [`render`] draws a [`Plot`] as SVG or PNG bytes, and [`write`] puts them in place.
 //!
 //! SVG text needs no font (the viewer draws it). PNG text does: a TrueType font is loaded at run
 //! time from `ERGON_PLOT_FONT` or a list of standard paths ([`FONT_PATHS`]) and drawn with
 //! `ab_glyph`; without one the PNG is drawn without text and a warning says so.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ab_glyph::{point, Font as _, FontVec, GlyphId, PxScale, ScaleFont as _};
+use ergon_protocol::format;
 use ergon_protocol::manifest::Manifest;
 use ergon_protocol::StepId;
 use plotters::coord::Shift;
@@ -126,14 +126,9 @@ pub enum PlotError {
     /// Drawing failed.
     #[error("drawing the plot: {0}")]
     Render(String),
-    /// The output could not be written.
-    #[error("writing {path}: {source}")]
-    Write {
-        /// The output file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// The output could not be written (the file is then as it was).
+    #[error("writing the plot: {0}")]
+    Write(#[from] ergon_protocol::durable::WriteError),
 }
 
 /// The output format, from the file name's extension.
@@ -293,58 +288,8 @@ pub struct StepSpan {
     pub end_s: f64,
 }
 
-/// An energy with a unit chosen for it and three significant digits: `751 J`, `1.80 kJ`,
-/// `12.5 MJ`, `3.20 GJ`; `n/a` for a value that is not finite.
-pub fn format_energy(joules: f64) -> String {
-    if !joules.is_finite() {
-        return "n/a".into();
-    }
-    if joules == 0.0 {
-        return "0 J".into();
-    }
-    let sign = if joules < 0.0 { "-" } else { "" };
-    let j = joules.abs();
-    const UNITS: [(&str, f64); 5] = [
-        ("J", 1.0),
-        ("kJ", 1e3),
-        ("MJ", 1e6),
-        ("GJ", 1e9),
-        ("TJ", 1e12),
-    ];
-    for (i, (unit, factor)) in UNITS.iter().enumerate() {
-        let v = j / factor;
-        let decimals = if v >= 99.95 {
-            0
-        } else if v >= 9.995 {
-            1
-        } else {
-            2
-        };
-        let text = format!("{v:.decimals$}");
-        // Rounding may reach 1000 (999.7 J → "1000"): that is the next unit's "1.00".
-        let rounded: f64 = text.parse().unwrap_or(v);
-        if rounded < 1000.0 || i == UNITS.len() - 1 {
-            // Below 1 J keep two decimals rather than three significant digits.
-            return format!("{sign}{text} {unit}");
-        }
-    }
-    unreachable!("the last unit always returns")
-}
-
 fn format_opt(joules: Option<f64>) -> String {
-    joules.map_or_else(|| "n/a".into(), format_energy)
-}
-
-fn format_duration(s: f64) -> String {
-    if s < 60.0 {
-        format!("{s:.1} s")
-    } else if s < 3600.0 {
-        let s = s.round() as u64;
-        format!("{} min {} s", s / 60, s % 60)
-    } else {
-        let m = (s / 60.0).round() as u64;
-        format!("{} h {:02} min", m / 60, m % 60)
-    }
+    joules.map_or_else(|| "n/a".into(), format::energy)
 }
 
 /// Sort key of a series name: gpus, then sockets, then dram, then anything else; by number.
@@ -452,7 +397,7 @@ pub fn build(job_id: u32, manifests: &[Manifest]) -> Result<Plot, PlotError> {
                 Some(figure) => format_opt(figure),
                 None => {
                     let integrated: f64 = s.watts.iter().map(|&w| f64::from(w)).sum::<f64>() * dt;
-                    format!("≈ {} (trace)", format_energy(integrated))
+                    format!("≈ {} (trace)", format::energy(integrated))
                 }
             };
             if points.is_empty() {
@@ -505,7 +450,7 @@ pub fn build(job_id: u32, manifests: &[Manifest]) -> Result<Plot, PlotError> {
         job.user,
         nodes.len(),
         if several_nodes { "s" } else { "" },
-        format_duration(job.duration_s)
+        format::duration(job.duration_s)
     );
     if job.coverage_min < 0.9995 {
         subtitle += &format!(
@@ -516,7 +461,7 @@ pub fn build(job_id: u32, manifests: &[Manifest]) -> Result<Plot, PlotError> {
     Ok(Plot {
         title: format!(
             "job {job_id} — total {} (gpu {} / cpu {} / dram {})",
-            format_energy(job.energy_j),
+            format::energy(job.energy_j),
             format_opt(job.gpu_j),
             format_opt(job.cpu_j),
             format_opt(job.dram_j)
@@ -1286,66 +1231,15 @@ pub fn render(plot: &Plot, format: Format, width: u32, height: u32) -> Result<Ve
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, synced, then
-/// renamed over `path`. On failure the temporary file is removed and `path` is untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
-    let err = |source| PlotError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| err(std::io::Error::other("no file name")))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+/// Put the plot in place at `path`: atomically, so an existing file is replaced only by a
+/// complete plot.
+pub fn write(path: &Path, bytes: &[u8]) -> Result<(), PlotError> {
+    Ok(ergon_protocol::durable::write(path, bytes, 0o666)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn energy_units() {
-        assert_eq!(format_energy(0.0), "0 J");
-        assert_eq!(format_energy(0.5), "0.50 J");
-        assert_eq!(format_energy(4.2), "4.20 J");
-        assert_eq!(format_energy(12.34), "12.3 J");
-        assert_eq!(format_energy(751.29), "751 J");
-        assert_eq!(format_energy(999.4), "999 J");
-        assert_eq!(format_energy(999.7), "1.00 kJ");
-        assert_eq!(format_energy(1800.0), "1.80 kJ");
-        assert_eq!(format_energy(1751.868), "1.75 kJ");
-        assert_eq!(format_energy(18_040.0), "18.0 kJ");
-        assert_eq!(format_energy(180_400.0), "180 kJ");
-        assert_eq!(format_energy(999_999.0), "1.00 MJ");
-        assert_eq!(format_energy(3.6e6), "3.60 MJ");
-        assert_eq!(format_energy(12.5e6), "12.5 MJ");
-        assert_eq!(format_energy(6.05e10), "60.5 GJ");
-        assert_eq!(format_energy(-1500.0), "-1.50 kJ");
-        assert_eq!(format_energy(f64::NAN), "n/a");
-        assert_eq!(format_energy(f64::INFINITY), "n/a");
-    }
 
     #[test]
     fn formats_by_extension() {

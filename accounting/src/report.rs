@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use ergon_protocol::format;
 use ergon_protocol::manifest::Manifest;
 use ergon_protocol::record::{find_in_field, strip_from_field, JobRecord};
 use serde::Serialize;
@@ -92,7 +93,8 @@ pub fn render_job_report(r: &JobReport) -> String {
                 n => format!("gpu {} J + unknown on {n} node(s)", rec.gpu_j),
             };
             out += &format!(
-                "  energy    {:.3} kWh ({} J){}\n  by part   {gpu}, cpu {} J, dram {} J{}\n  power     average {:.1} W, peak {:.1} W\n  gpus      {} on {} node(s){}\n  coverage  {:.1}%{}\n",
+                "  energy    {} = {:.3} kWh ({} J){}\n  by part   {gpu}, cpu {} J, dram {} J{}\n  power     average {}, peak {}\n  gpus      {} on {} node(s){}\n  coverage  {}{}\n",
+                format::energy(rec.energy_j as f64),
                 rec.energy_j as f64 / 3.6e6,
                 rec.energy_j,
                 rec.estimate_bound_j
@@ -101,15 +103,15 @@ pub fn render_job_report(r: &JobReport) -> String {
                 rec.cpu_j,
                 rec.dram_j,
                 rec.other_j.map(|o| format!(", other {o} J")).unwrap_or_default(),
-                rec.avg_w,
-                rec.peak_w,
+                format::power(rec.avg_w),
+                format::power(rec.peak_w),
                 rec.gpus,
                 rec.nodes,
                 match rec.gpus_unknown_nodes {
                     0 => String::new(),
                     n => format!("; GPUs unknown on {n} node(s)"),
                 },
-                rec.coverage * 100.0,
+                format::percent(rec.coverage),
                 components(rec.coverage_gpu, rec.coverage_cpu, rec.coverage_dram)
             );
             if let Some(sluid) = &rec.sluid {
@@ -142,12 +144,12 @@ pub fn render_job_report(r: &JobReport) -> String {
         }
         for n in &m.nodes {
             out += &format!(
-                "    {:<16} {:>12.0} J  avg {:>7.1} W  peak {:>7.1} W  coverage {:.1}%{}\n",
+                "    {:<16} {:>12.0} J  avg {:>9}  peak {:>9}  coverage {}{}\n",
                 n.node,
                 n.energy_j,
-                n.avg_w,
-                n.peak_w,
-                n.coverage * 100.0,
+                format::power(n.avg_w),
+                format::power(n.peak_w),
+                format::percent(n.coverage),
                 n.components
                     .map(|c| components(c.gpu, c.cpu, c.dram))
                     .unwrap_or_default()
@@ -162,12 +164,12 @@ pub fn render_job_report(r: &JobReport) -> String {
         for g in &m.gpus {
             out += &match (g.energy_j, g.avg_w) {
                 (Some(e), Some(w)) => format!(
-                    "    {} gpu{} {:<40} {:>10.0} J  avg {:.1} W{}\n",
+                    "    {} gpu{} {:<40} {:>10.0} J  avg {}{}\n",
                     g.node,
                     g.index,
                     g.uuid,
                     e,
-                    w,
+                    format::power(w),
                     g.mig
                         .as_ref()
                         .map_or_else(String::new, |m| format!("  MIG {}", m.describe()))
@@ -180,12 +182,12 @@ pub fn render_job_report(r: &JobReport) -> String {
         }
         for e in &m.estimates {
             out += &format!(
-                "    {} estimated {:.0} J ± {:.0} J over {:.1} s: {}\n",
+                "    {} estimated {:.0} J ± {:.0} J over {}: {}\n",
                 e.node,
                 e.energy_j,
                 // A bound is never shown smaller than it is.
                 e.bound_j.ceil(),
-                e.end_unix_ns.saturating_sub(e.start_unix_ns) as f64 / 1e9,
+                format::duration(e.end_unix_ns.saturating_sub(e.start_unix_ns) as f64 / 1e9),
                 e.reason
             );
         }
@@ -201,7 +203,7 @@ fn components(gpu: Option<f64>, cpu: Option<f64>, dram: Option<f64>) -> String {
     if gpu.is_none() && cpu.is_none() && dram.is_none() {
         return String::new();
     }
-    let pct = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), |v| format!("{:.1}%", v * 100.0));
+    let pct = |c: Option<f64>| c.map_or_else(|| "n/a".to_owned(), format::percent);
     format!(" (gpu {}, cpu {}, dram {})", pct(gpu), pct(cpu), pct(dram))
 }
 

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use ergon_protocol::durable;
 use serde::{Deserialize, Serialize};
 
 use crate::job::JobRecordFull;
@@ -445,25 +446,8 @@ impl State {
     }
 
     fn write(&self, dir: &Path) -> Result<(), StateError> {
-        let path = Self::path(dir);
-        let tmp = dir.join(".state.json.tmp");
-        let io = |what: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |error| StateError::Io { what, path, error }
-        };
         let bytes = serde_json::to_vec(self).expect("the state always serialises");
-        let written = (|| {
-            let mut file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-            file.write_all(&bytes).map_err(io("writing", &tmp))?;
-            file.sync_all().map_err(io("syncing", &tmp))
-        })();
-        if let Err(e) = written {
-            // A part-written copy would only take the space a full disk lacks.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &path).map_err(io("renaming into place", &path))?;
-        sync_dir(dir)
+        Ok(durable::write(&Self::path(dir), &bytes, 0o666)?)
     }
 
     /// Remove entries beyond the bounds; see the module docs. `now_unix_ns` is the current time.
@@ -570,13 +554,17 @@ impl State {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StateError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|error| StateError::Io {
-            what: "syncing directory",
-            path: dir.to_path_buf(),
-            error,
-        })
+    Ok(durable::sync_dir(dir)?)
+}
+
+impl From<durable::WriteError> for StateError {
+    fn from(e: durable::WriteError) -> Self {
+        StateError::Io {
+            what: e.step.as_str(),
+            path: e.path,
+            error: e.source,
+        }
+    }
 }
 
 /// The first line of a journal.

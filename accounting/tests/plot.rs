@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 
 use common::{show, Setup};
 use ergon_protocol::manifest::*;
+use ergon_protocol::testing::ManifestBuilder;
 use ergon_protocol::StepId;
 
 const JOB: u32 = 4242;
@@ -19,19 +20,6 @@ const S: u64 = 1_000_000_000;
 
 fn ns(seconds: f64) -> u64 {
     BASE + (seconds * 1e9).round() as u64
-}
-
-fn job_info() -> JobInfo {
-    JobInfo {
-        job_id: JOB,
-        array_job_id: None,
-        array_task_id: None,
-        user: "alice".into(),
-        uid: 1000,
-        account: Some("proj".into()),
-        partition: Some("gpu".into()),
-        sluid: None,
-    }
 }
 
 fn gpu(index: u32, energy_j: Option<f64>) -> GpuEnergy {
@@ -72,64 +60,15 @@ fn profile(t: f64) -> f32 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn base_manifest(
-    node: &str,
-    start_s: f64,
-    end_s: f64,
-    steps: Vec<StepEnergy>,
-    gpus: Vec<GpuEnergy>,
-    sockets: Vec<SocketEnergy>,
-    totals: (f64, Option<f64>, Option<f64>, Option<f64>),
-    trace: PowerTrace,
-) -> Manifest {
-    let (energy_j, gpu_j, cpu_j, dram_j) = totals;
-    let duration_s = end_s - start_s;
-    let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cluster: "testcl".into(),
-        node: node.into(),
-        job: job_info(),
-        start_unix_ns: ns(start_s),
-        end_unix_ns: ns(end_s),
-        duration_s,
-        steps,
-        gpus,
-        sockets,
-        totals: Totals {
-            energy_j,
-            gpu_j,
-            cpu_j,
-            dram_j,
-            avg_w: energy_j / duration_s,
-            peak_w: 400.0,
-        },
-        node_context: NodeContext {
-            node_energy_j: energy_j * 2.0,
-            idle_j: 0.0,
-            unattributed_j: energy_j,
-        },
-        coverage: Coverage {
-            fraction: 1.0,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "gpu-exclusive-only".into(),
-            version: 1,
-            estimated: true,
-        },
-        sensors: vec![SensorInfo {
-            kind: SensorKind::Nvml,
-            version: "550.54.15".into(),
-            detail: "NVML 12.550.54.15; 4 GPU(s)".into(),
-        }],
-        trace,
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+/// Job 4242 of alice on `node` from `start_s` to `end_s`, its figures estimated, peak 400 W.
+fn base_manifest(node: &str, start_s: f64, end_s: f64) -> ManifestBuilder {
+    ManifestBuilder::new("testcl", JOB, node)
+        .account("proj")
+        .partition("gpu")
+        .span(ns(start_s), ns(end_s))
+        .peak_w(400.0)
+        .attribution("gpu-exclusive-only", true)
+        .sensor(SensorKind::Nvml, "550.54.15", "NVML 12.550.54.15; 4 GPU(s)")
 }
 
 /// node1: GPUs 0 (1.80 kJ) and 1 (energy null), steps 0 and 1, a 100 ms trace from the job's
@@ -137,70 +76,35 @@ fn base_manifest(
 fn node1() -> Manifest {
     let gpu0: Vec<f32> = (0..100).map(|k| profile(k as f64 * 0.1 + 0.05)).collect();
     let gpu1: Vec<f32> = gpu0[..99].iter().map(|w| w * 0.6).collect();
-    base_manifest(
-        "node1",
-        0.0,
-        10.0,
-        vec![
-            step(StepId::Numbered(0), 1.0, 4.0, 750.0),
-            step(StepId::Numbered(1), 5.0, 9.5, 900.0),
-        ],
-        vec![gpu(0, Some(1800.0)), gpu(1, None)],
-        vec![],
-        (1800.0, Some(1800.0), None, None),
-        PowerTrace {
-            interval_ms: 100,
-            start_unix_ns: BASE,
-            series: vec![
-                TraceSeries {
-                    name: "gpu0".into(),
-                    watts: gpu0,
-                },
-                TraceSeries {
-                    name: "gpu1".into(),
-                    watts: gpu1,
-                },
-            ],
-        },
-    )
+    base_manifest("node1", 0.0, 10.0)
+        .step(step(StepId::Numbered(0), 1.0, 4.0, 750.0))
+        .step(step(StepId::Numbered(1), 5.0, 9.5, 900.0))
+        .gpu_entry(gpu(0, Some(1800.0)))
+        .gpu_entry(gpu(1, None))
+        .trace(100, [("gpu0", gpu0), ("gpu1", gpu1)])
+        .build()
 }
 
 /// node2: step 1 only, GPU 0 (950 J), socket 0 (420 J package, DRAM null), and a series for a
 /// GPU 3 the manifest has no entry for (so its energy comes from the trace: 39 × 25 W × 0.2 s
 /// = 195 J). The 200 ms trace starts 1 s after the job; the series have 40, 39, 38, 37 bins.
 fn node2() -> Manifest {
-    let series = |name: &str, n: usize, w: f32| TraceSeries {
-        name: name.into(),
-        watts: (0..n).map(|k| w + (k % 5) as f32).collect(),
-    };
-    base_manifest(
-        "node2",
-        0.5,
-        9.8,
-        vec![step(StepId::Numbered(1), 5.2, 9.6, 500.0)],
-        vec![gpu(0, Some(950.0))],
-        vec![SocketEnergy {
-            socket: 0,
-            package_j: 420.0,
-            dram_j: None,
-            method: EnergyMethod::Counter,
-            share_method: ShareMethod::CgroupCpuTime,
-        }],
-        (1370.0, Some(950.0), Some(420.0), None),
-        PowerTrace {
-            interval_ms: 200,
-            start_unix_ns: BASE + S,
-            series: vec![
-                series("socket0", 38, 50.0),
-                series("gpu0", 40, 110.0),
-                series("dram0", 37, 8.0),
-                TraceSeries {
-                    name: "gpu3".into(),
-                    watts: vec![25.0; 39],
-                },
+    let series = |n: usize, w: f32| (0..n).map(|k| w + (k % 5) as f32).collect::<Vec<f32>>();
+    base_manifest("node2", 0.5, 9.8)
+        .step(step(StepId::Numbered(1), 5.2, 9.6, 500.0))
+        .gpu_entry(gpu(0, Some(950.0)))
+        .socket(420.0, None)
+        .trace(
+            200,
+            [
+                ("socket0", series(38, 50.0)),
+                ("gpu0", series(40, 110.0)),
+                ("dram0", series(37, 8.0)),
+                ("gpu3", vec![25.0; 39]),
             ],
-        },
-    )
+        )
+        .trace_start(BASE + S)
+        .build()
 }
 
 fn write(dir: &Path, name: &str, m: &Manifest) -> PathBuf {

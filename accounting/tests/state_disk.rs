@@ -1,69 +1,16 @@
 //! The state directory on a disk that fills up during a run, or turns read-only: the run fails
 //! (exit 1) with a message that says what to do, the state on disk stays loadable and holds
 //! every record the sink got (the write-ahead held), and once there is space again the next run
-//! delivers everything. The disk is a small tmpfs mounted for the test (this needs root, as
-//! scripts/test runs).
+//! delivers everything. The disk is a small tmpfs mounted for the test: run as root (as
+//! scripts/test does), or the tests say they were skipped.
 
 mod common;
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
 use ergon_accounting::state::State;
-
-/// A tmpfs of `size` mounted on `path` while the value lives.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "ergon-test"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs on {} failed (this test needs root, as scripts/test runs): {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn remount(&self, option: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,{option}")])
-            .arg(&self.0)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Fill it: a file of zeros until no space is left.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.write_all(&[0u8; 512]);
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 fn config(s: &Setup, port: u16) {
     s.write_config(&format!(
@@ -73,9 +20,15 @@ fn config(s: &Setup, port: u16) {
 
 #[test]
 fn a_state_disk_that_fills_up_mid_run_loses_nothing() {
+    if !ergon_testkit::needs_root(
+        "a_state_disk_that_fills_up_mid_run_loses_nothing",
+        "mount a tmpfs",
+    ) {
+        return;
+    }
     const JOBS: u32 = 2500;
     let s = Setup::new();
-    let disk = Tmpfs::mount(&s.state(), "16m");
+    let disk = ergon_testkit::Tmpfs::mount(&s.state(), "16m");
     for job in 1..=JOBS {
         write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
     }
@@ -134,8 +87,14 @@ fn a_state_disk_that_fills_up_mid_run_loses_nothing() {
 
 #[test]
 fn a_read_only_state_disk_stops_the_run_before_anything_is_sent() {
+    if !ergon_testkit::needs_root(
+        "a_read_only_state_disk_stops_the_run_before_anything_is_sent",
+        "mount a tmpfs",
+    ) {
+        return;
+    }
     let s = Setup::new();
-    let disk = Tmpfs::mount(&s.state(), "4m");
+    let disk = ergon_testkit::Tmpfs::mount(&s.state(), "4m");
     for job in 1..=10 {
         write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
     }

@@ -10,6 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
+
+/// Send `signal` to `child`, a child this test started and has not reaped.
+fn signal(child: &Child, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+}
 
 const VM: &str = "/usr/bin/victoria-metrics";
 
@@ -53,17 +59,21 @@ impl Vm {
 
     /// Graceful stop (SIGTERM): in-flight requests finish, data is flushed.
     fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        signal(&self.child, Signal::SIGTERM);
         self.child.wait().unwrap();
     }
 
     /// SIGSTOP (`stop = true`) or SIGCONT: a stopped VictoriaMetrics accepts connections and
     /// never answers, like a hung server.
     fn pause(&self, stop: bool) {
-        let signal = if stop { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+        signal(
+            &self.child,
+            if stop {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            },
+        );
     }
 
     /// SIGKILL: whatever VictoriaMetrics holds only in memory is lost.

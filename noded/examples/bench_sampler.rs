@@ -21,15 +21,15 @@
 //!
 //! Writes one JSON object per line to `--json` and prints a table.
 
+use ergon_testkit::{
+    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
+};
 use ergond::config::Config;
 use ergond::sampler::{
     detect_gpu_counter_period, Sampler, SamplerHandle, SamplerOptions, SamplerSources,
     DETECT_BUDGET,
 };
 use ergond::snapshot::{NodeSnapshot, SamplerHealth};
-use ergond::testing::{
-    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
-};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -218,12 +218,11 @@ fn vm_rss_kib() -> u64 {
 }
 
 fn process_cpu_ns() -> u64 {
-    // SAFETY: zeroed rusage is a valid out-value; RUSAGE_SELF always succeeds.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    use nix::sys::resource::{getrusage, UsageWho};
+    let ru = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage of this process");
+    let tv =
+        |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000_000 + t.tv_usec() as u64 * 1_000;
+    tv(ru.user_time()) + tv(ru.system_time())
 }
 
 fn health<'a>(s: &'a NodeSnapshot, source: &str) -> &'a SamplerHealth {
@@ -292,48 +291,16 @@ fn measure(h: SamplerHandle, node: &Node, seconds: f64) -> Measured {
 /// sampler pays once per tick whatever it reads.
 fn idle_tick_cpu_ns(period: Duration, seconds: f64) -> f64 {
     std::thread::spawn(move || {
-        // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects this thread only.
-        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-        let now = || {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: valid out-pointer.
-            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-            ts
-        };
-        let cpu = || {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: valid out-pointer.
-            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-        };
-        let ns = |ts: libc::timespec| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        use ergond::clock::{fine_timer_slack, monotonic_ns, sleep_until, thread_cpu_ns};
+        fine_timer_slack();
         let p = period.as_nanos() as u64;
         let ticks = (seconds * 1e9 / p as f64) as u64;
-        let start = ns(now()) + p;
-        let c0 = cpu();
+        let start = monotonic_ns() + p;
+        let c0 = thread_cpu_ns();
         for k in 0..ticks {
-            let d = start + k * p;
-            let ts = libc::timespec {
-                tv_sec: (d / 1_000_000_000) as libc::time_t,
-                tv_nsec: (d % 1_000_000_000) as libc::c_long,
-            };
-            // SAFETY: valid timespec; null remaining-time pointer is allowed with TIMER_ABSTIME.
-            unsafe {
-                libc::clock_nanosleep(
-                    libc::CLOCK_MONOTONIC,
-                    libc::TIMER_ABSTIME,
-                    &ts,
-                    std::ptr::null_mut(),
-                )
-            };
+            sleep_until(start + k * p);
         }
-        (cpu() - c0) as f64 / ticks.max(1) as f64
+        (thread_cpu_ns() - c0) as f64 / ticks.max(1) as f64
     })
     .join()
     .unwrap()

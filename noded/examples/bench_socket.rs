@@ -69,7 +69,7 @@ use ergon_protocol::{
     parse_proc_cgroup, read_frame, write_frame, CpuSet, ErrorCode, GpuAlloc, JobEnd, JobIds,
     JobStart, Reply, Request, StepEnd, StepId, StepStart, Timestamp,
 };
-use ergond::testing::{
+use ergon_testkit::{
     write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
 };
 use serde_json::{json, Value};
@@ -274,21 +274,10 @@ fn build_node(fake_nvml: &Path) -> Node {
 /// The name of the user this runs as: ergond's `slurm_user`, so that its job events are
 /// accepted without root (root's are accepted anyway).
 fn user_name() -> String {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: all-zero is a valid `passwd` for getpwuid_r to fill.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: out-struct, buffer with its length and out-pointer, all valid.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc != 0 || result.is_null() {
-        return "root".into();
-    }
-    // SAFETY: getpwuid_r succeeded: pw_name points to a NUL-terminated string in `buf`.
-    unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) }
-        .to_string_lossy()
-        .into_owned()
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "root".into(), |u| u.name)
 }
 
 /// The step cgroup of `job_id` (relative to the `cpuacct` hierarchy), as ergond will watch it.
@@ -403,27 +392,21 @@ impl Ergond {
 
     /// CPU time of the whole process (ns), from its process CPU clock.
     fn process_cpu_ns(&self) -> u64 {
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: valid out-pointer; the pid is our own child.
-        if unsafe { libc::clock_getcpuclockid(self.pid() as libc::pid_t, &mut clock) } != 0 {
-            return 0;
-        }
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid clock id and out-pointer.
-        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-            return 0;
-        }
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        use nix::time::ClockId;
+        ClockId::pid_cpu_clock_id(nix::unistd::Pid::from_raw(self.pid() as i32))
+            .and_then(ClockId::now)
+            .map_or(0, |ts| {
+                ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+            })
     }
 
     /// SIGTERM, then wait (SIGKILL after 20 s).
     fn stop(mut self) -> Duration {
         let t = Instant::now();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::SIGTERM,
+        );
         while t.elapsed() < Duration::from_secs(20) {
             if self.child.try_wait().unwrap().is_some() {
                 return t.elapsed();
@@ -506,22 +489,14 @@ fn cpu_pressure_us() -> Option<u64> {
 
 /// CPU time (ms) of this process, all threads (the clients).
 fn self_cpu_ms() -> f64 {
-    // SAFETY: zeroed rusage is a valid out-value; RUSAGE_SELF always succeeds.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
-    ms(ru.ru_utime) + ms(ru.ru_stime)
+    use nix::sys::resource::{getrusage, UsageWho};
+    let ru = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage of this process");
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    ms(ru.user_time()) + ms(ru.system_time())
 }
 
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
+    ergond::sources::cgroup::user_hz() as f64
 }
 
 /// Manifests in the spool (temporary files excluded).
@@ -834,10 +809,7 @@ fn percentiles(ns: &mut [u64]) -> Value {
     }
     ns.sort_unstable();
     let n = ns.len();
-    let pct = |p: f64| {
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        ns[rank.clamp(1, n) - 1] as f64 / 1000.0
-    };
+    let pct = |p: f64| ergond::stats::percentile(ns, p) as f64 / 1000.0;
     json!({
         "n": n,
         "p50_us": pct(50.0), "p90_us": pct(90.0), "p99_us": pct(99.0), "p999_us": pct(99.9),

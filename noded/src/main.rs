@@ -1,5 +1,7 @@
 //! `ergond`, the ergon node daemon.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,6 +81,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a job's energy report as its user (run by ergond itself, as root; see
+    /// docs/operations.md): become UID and GID, then write standard input to PATH, never
+    /// through a symlink, never into a FIFO or device, and with --create never over an
+    /// existing file. Answers one line on standard output.
+    #[command(hide = true)]
+    WriteReport {
+        /// The user to write as.
+        #[arg(long)]
+        uid: u32,
+        /// The group to write as (the only group the writer keeps).
+        #[arg(long)]
+        gid: u32,
+        /// Append to this existing file.
+        #[arg(
+            long,
+            value_name = "PATH",
+            conflicts_with = "create",
+            required_unless_present = "create"
+        )]
+        append: Option<PathBuf>,
+        /// Create this file.
+        #[arg(long, value_name = "PATH")]
+        create: Option<PathBuf>,
+    },
     /// Write the man pages (ergond.8, ergond-check.8, ...) into DIR (used by scripts/install).
     #[command(long_flag = "generate-man", hide = true)]
     GenerateMan {
@@ -114,6 +140,20 @@ fn main() -> ExitCode {
             period_ms,
             json,
         )),
+        Some(Command::WriteReport {
+            uid,
+            gid,
+            append,
+            create,
+        }) => {
+            use ergond::jobs::report::{writer_main, Target};
+            let target = match (append, create) {
+                (Some(p), _) => Target::Append(p),
+                (None, Some(p)) => Target::Create(p),
+                (None, None) => unreachable!("clap requires --append or --create"),
+            };
+            ExitCode::from(writer_main(&target, uid, gid))
+        }
         Some(Command::GenerateMan { dir }) => match write_man_pages(Args::command(), "8", &dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -19,6 +19,7 @@ use crate::clock::monotonic_ns;
 use crate::counter::Method;
 use crate::inventory::{nvml_problem, ConfigReport, GpuSummary};
 use crate::sources::nvml::{CallTimes, GpuEnergyMeter, GpuReading, GpuSource};
+use crate::stats::percentile;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -184,14 +185,6 @@ fn sample(src: &mut GpuSource, opts: &ProbeOptions) -> Samples {
         k = next.max(k + 1);
     }
     out
-}
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn latency(call: &str, mut ns: Vec<u64>) -> Option<Latency> {
@@ -536,15 +529,6 @@ pub fn run_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&[7], 99.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
-    }
 
     #[test]
     fn update_period_from_changes() {

@@ -45,6 +45,7 @@ use crate::sources::cgroup::{detect_version, CgroupCpu, CgroupError, SocketBusy,
 use crate::sources::nvml::{sampling_period, GpuEnergyMeter, GpuReading, GpuSource};
 use crate::sources::rapl::RaplSource;
 use crate::sources::topology::CpuTopology;
+use crate::stats::percentile;
 use crate::update_clock::{Observed, UpdateClock};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -450,15 +451,6 @@ impl Health {
     }
 }
 
-/// Nearest-rank percentile of `sorted` (0 when empty).
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn finish_health(
     (mut h, mut latency, mut lateness): (SamplerHealth, Vec<u64>, Vec<u64>),
 ) -> SamplerHealth {
@@ -667,7 +659,7 @@ impl Sampler {
             let opts = options.clone();
             handle.spawn("ergond-gpu", &["gpu"], move |cpu| {
                 gpu_thread(src, &opts, &shared);
-                cpu.store(thread_cpu_self(), Ordering::Relaxed);
+                cpu.store(crate::clock::thread_cpu_ns(), Ordering::Relaxed);
             })?;
         }
         if cpu_thread {
@@ -675,7 +667,7 @@ impl Sampler {
             let opts = options.clone();
             handle.spawn("ergond-cpu", &["rapl", "cgroup"], move |cpu| {
                 cpu_thread_main(rapl, sockets, &opts, base_period, cgroup_every, &shared);
-                cpu.store(thread_cpu_self(), Ordering::Relaxed);
+                cpu.store(crate::clock::thread_cpu_ns(), Ordering::Relaxed);
             })?;
         }
         Ok(handle)
@@ -784,7 +776,10 @@ impl SamplerHandle {
                 name: t.name,
                 sources: t.sources,
                 cpu_ns: match t.final_cpu_ns.load(Ordering::Relaxed) {
-                    UNSET => t.handle.as_ref().and_then(|h| thread_cpu(h.as_pthread_t())),
+                    UNSET => t
+                        .handle
+                        .as_ref()
+                        .and_then(|h| crate::sys::thread_cpu_ns(h.as_pthread_t())),
                     v => Some(v),
                 },
             })
@@ -976,40 +971,6 @@ impl Drop for SamplerHandle {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn timespec_ns(ts: &libc::timespec) -> u64 {
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// CPU time used so far by the calling thread (ns).
-fn thread_cpu_self() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    timespec_ns(&ts)
-}
-
-/// CPU time used so far by another (running, not yet joined) thread of this process.
-fn thread_cpu(thread: libc::pthread_t) -> Option<u64> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: `thread` is a live pthread_t (its JoinHandle is held and not joined); `clock` is
-    // a valid out-pointer.
-    if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } != 0 {
-        return None;
-    }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; an invalid clock id only makes the call fail.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return None;
-    }
-    Some(timespec_ns(&ts))
 }
 
 /// Absolute-deadline tick schedule of one thread.
@@ -1377,14 +1338,6 @@ mod tests {
         r.copy_into(&mut out);
         assert_eq!(out, [5, 6, 7]);
         assert_eq!(r.buf.len(), 3);
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&[], 99.0), 0);
     }
 
     #[test]

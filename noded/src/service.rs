@@ -28,7 +28,6 @@ use crate::server::{Handler, ServerLimits};
 use crate::sources::cgroup::CgroupVersion;
 use crate::sources::rapl::RaplBackend;
 use ergon_protocol::{EnergyMethod, SensorInfo, SensorKind};
-use std::ffi::CString;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -397,44 +396,20 @@ fn node_facts(
     }
 }
 
-/// The uid of user `name` (getpwnam_r), if it exists.
+/// The uid of user `name`, if it exists.
 fn lookup_uid(name: &str) -> Option<u32> {
-    let cname = CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids) for getpwnam_r to fill.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: valid NUL-terminated name, out-struct, buffer with its length and out-pointer.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(pwd.pw_uid)
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
 }
 
-/// The gid of group `name` (getgrnam_r), if it exists.
+/// The gid of group `name`, if it exists.
 fn lookup_gid(name: &str) -> Option<u32> {
-    let cname = CString::new(name).ok()?;
-    let mut buf = vec![0 as libc::c_char; 64 * 1024];
-    // SAFETY: all-zero is a valid `group` for getgrnam_r to fill.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: valid NUL-terminated name, out-struct, buffer with its length and out-pointer.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    (rc == 0 && !result.is_null()).then_some(grp.gr_gid)
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@ mod common;
 
 use common::profile::{DeviceModel, Profile};
 use common::rel_err;
+use ergon_testkit::{PowercapTree, ZoneFixture};
 use ergond::counter::{EnergyCounter, EnergyTotals, Method, PowerIntegrator, RawReading};
 use ergond::sources::rapl::Powercap;
-use ergond::testing::{PowercapTree, ZoneFixture};
 
 fn profiles() -> Vec<Profile> {
     vec![

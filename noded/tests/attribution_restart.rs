@@ -26,7 +26,7 @@ use ergon_protocol::{
     CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, MigAlloc, MigShareMethod,
     Reply, Request, StepId, StepStart, Timestamp,
 };
-use ergond::testing::{write_cgroup_v2_usage, write_counter_file, write_proc_stat};
+use ergon_testkit::{write_cgroup_v2_usage, write_counter_file, write_proc_stat};
 use serde_json::json;
 
 const NODE: &str = "node7";

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{toml_str, FakeNvml};
-use ergond::testing::{PowercapLayout, PowercapTree};
+use ergon_testkit::{PowercapLayout, PowercapTree};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

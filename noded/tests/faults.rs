@@ -240,7 +240,7 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
     let (t_start, _) = now();
     queue(dir.path(), &job_start(3, t_start), t_start);
     let cg = "slurm/uid_1000/job_3/step_0";
-    ergond::testing::write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 0);
+    ergon_testkit::write_cgroup_v2_usage(&dir.path().join("cgroup"), cg, 0);
     let step = Request::StepStart(StepStart {
         cluster: Some("c".into()),
         job_id: 3,
@@ -298,48 +298,6 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
     );
 }
 
-/// A tmpfs of `size` mounted at `path`, unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .status()
-            .unwrap()
-            .success();
-        assert!(
-            ok,
-            "mounting a tmpfs needs root (the test suite runs as root)"
-        );
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn remount(&self, opts: &str) {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{opts}")])
-            .arg(&self.0)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Wait until `cond` holds (10 s at most).
 fn wait_until(what: &str, e: &common::Ergond, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -355,11 +313,17 @@ fn wait_until(what: &str, e: &common::Ergond, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn a_full_or_read_only_spool_delays_manifests_and_loses_none() {
+    if !ergon_testkit::needs_root(
+        "a_full_or_read_only_spool_delays_manifests_and_loses_none",
+        "mount a tmpfs spool and write the users' reports as another user",
+    ) {
+        return;
+    }
     use std::os::unix::fs::PermissionsExt;
     let (fake, _) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f6");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let spool = Tmpfs::mount(&dir.path().join("spool"), "256k");
+    let spool = ergon_testkit::Tmpfs::mount(&dir.path().join("spool"), "256k");
     // The users' working directory, where their reports go.
     let work = dir.path().join("work");
     std::fs::create_dir(&work).unwrap();

@@ -163,7 +163,10 @@ fn verify_units(stage: &Path) {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_analyze {
-        eprintln!("note: systemd-analyze not found; `systemd-analyze verify` of the units skipped");
+        ergon_testkit::skipped(
+            "systemd-analyze verify of the units",
+            "systemd-analyze not found",
+        );
         return;
     }
     let copy = tempfile::tempdir().unwrap();
@@ -475,10 +478,12 @@ fn man_pages_name_their_commands() {
         assert!(std::fs::metadata(&page).unwrap().len() > 0);
         assert_man_names(&page, command);
     }
-    assert!(
-        !dir.path().join("ergond-generate-man.8").exists(),
-        "the hidden generator has a page"
-    );
+    for hidden in ["ergond-generate-man.8", "ergond-write-report.8"] {
+        assert!(
+            !dir.path().join(hidden).exists(),
+            "the hidden {hidden} has a page"
+        );
+    }
     let page = std::fs::read_to_string(dir.path().join("ergond.8")).unwrap();
     assert!(page.contains("\\-\\-config") && page.contains("ergond\\-check(8)"));
 
@@ -490,6 +495,91 @@ fn man_pages_name_their_commands() {
     assert_ok(&out, "ergon --generate-man");
     for command in ["ergon", "ergon-run", "ergon-status", "ergon-report"] {
         assert_man_names(&dir.path().join(format!("{command}.1")), command);
+    }
+}
+
+/// The packages `scripts/install` builds (`cargo build --release -p …`).
+fn installed_packages() -> Vec<String> {
+    let script = std::fs::read_to_string(repo().join("scripts/install")).unwrap();
+    let line = script
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("build_cmd=(cargo build --release")
+        })
+        .expect("scripts/install has its build_cmd");
+    let words: Vec<&str> = line.split([' ', '(', ')']).collect();
+    let packages: Vec<String> = words
+        .windows(2)
+        .filter(|w| w[0] == "-p")
+        .map(|w| w[1].to_owned())
+        .collect();
+    assert!(
+        ["ergond", "ergon-accounting", "spank-ergon"]
+            .iter()
+            .all(|p| packages.iter().any(|q| q == p)),
+        "{line}"
+    );
+    packages
+}
+
+/// The release build `scripts/install` makes resolves no test code: no test-support crate, no
+/// `testing` feature (cargo unifies features only over the packages a build selects, so the
+/// workspace's test crates cannot lend theirs to it).
+#[test]
+fn the_release_build_of_the_shipped_packages_has_no_test_features() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut tree = Command::new(cargo);
+    tree.current_dir(repo())
+        .args(["tree", "--locked", "--offline", "-e", "normal,build"])
+        .args(["--prefix", "none", "--format", "{p} [{f}]"]);
+    for p in installed_packages() {
+        tree.args(["-p", &p]);
+    }
+    let out = tree.output().unwrap();
+    assert_ok(&out, "cargo tree");
+    let tree = text(&out.stdout);
+    assert!(tree.contains("ergon-protocol v"), "{tree}");
+    for line in tree.lines() {
+        let (package, features) = line.split_once(" [").unwrap_or((line, ""));
+        for test_only in ["ergon-testkit", "ergon-tests", "fake-nvml"] {
+            assert!(
+                !package.starts_with(&format!("{test_only} v")),
+                "a shipped build depends on {test_only}:\n{tree}"
+            );
+        }
+        assert!(
+            !features.split([',', ']']).any(|f| f == "testing"),
+            "a shipped build enables a testing feature: {line}"
+        );
+    }
+}
+
+/// No test-support code is linked into the binaries, even those built for the tests (whose
+/// dependencies do have their `testing` features): their symbol tables name none of it.
+#[test]
+fn the_binaries_contain_no_test_support_code() {
+    let dir = bin_dir();
+    for bin in ["ergond", "ergon", "libspank_ergon.so"] {
+        let out = Command::new("nm")
+            .args(["--defined-only", "--demangle"])
+            .arg(dir.join(bin))
+            .output()
+            .expect("run nm (binutils)");
+        assert_ok(&out, &format!("nm {bin}"));
+        let symbols = text(&out.stdout);
+        assert!(
+            symbols.contains("ergon_protocol::"),
+            "{bin}: no ergon_protocol symbols; is it stripped?"
+        );
+        for test_only in [
+            "ergon_protocol::testing::",
+            "ergon_testkit::",
+            "ergon_tests::",
+        ] {
+            let found: Vec<&str> = symbols.lines().filter(|l| l.contains(test_only)).collect();
+            assert!(found.is_empty(), "{bin} contains test code: {found:?}");
+        }
     }
 }
 
@@ -645,8 +735,7 @@ fn ergond_notifies_systemd_ready_status_watchdog_and_stopping_and_logs_to_the_jo
 
     let ready = notify.wait_for("READY=1", 1, Duration::from_secs(20));
     let pings = ready && notify.wait_for("WATCHDOG=1", 3, Duration::from_secs(10));
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM).unwrap();
     let stopping = notify.wait_for("STOPPING=1", 1, Duration::from_secs(20));
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&stderr_path).unwrap();
@@ -732,8 +821,11 @@ fn watchdog_pings_pause_while_the_gpu_sampler_is_stuck_in_a_read() {
             let at = position(r, is_stall).unwrap();
             position(&r[at..], |l| l == "WATCHDOG=1").is_some()
         });
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     let received = notify.received.join("---\n");

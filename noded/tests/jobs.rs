@@ -153,78 +153,63 @@ fn wait_for_file(path: &Path, ergond: &Ergond) -> Vec<u8> {
     }
 }
 
-/// Send `frame` as uid `uid` from a forked child (raw system calls only between fork and
-/// exit), and return the reply it read.
+/// Send `req` as uid `uid` and return the reply: this test binary runs again as that user
+/// (`Command::uid`), running only [`client_as_another_user`], which sends the frame it reads on
+/// stdin and prints the reply.
 fn request_as(uid: u32, socket: &Path, req: &Request) -> Reply {
-    use std::os::unix::ffi::OsStrExt;
-    let frame = encode_frame(req).unwrap();
-    // SAFETY: all-zero is a valid sockaddr_un.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let path = socket.as_os_str().as_bytes();
-    assert!(path.len() < addr.sun_path.len());
-    for (d, s) in addr.sun_path.iter_mut().zip(path) {
-        *d = *s as libc::c_char;
-    }
-    let mut fds = [0; 2];
-    // SAFETY: valid out-array of two fds.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let mut buf = vec![0u8; 4 + MAX_FRAME_LEN];
-    // SAFETY: the child only makes async-signal-safe system calls on memory prepared before
-    // the fork, then _exit()s.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        unsafe {
-            libc::close(fds[0]);
-            if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
-                libc::_exit(2);
-            }
-            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-            if libc::connect(
-                s,
-                &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            ) != 0
-            {
-                libc::_exit(3);
-            }
-            if libc::write(s, frame.as_ptr().cast(), frame.len()) != frame.len() as isize {
-                libc::_exit(4);
-            }
-            let mut got = 0usize;
-            let mut want = 4usize;
-            while got < want {
-                let n = libc::read(s, buf.as_mut_ptr().add(got).cast(), buf.len() - got);
-                if n <= 0 {
-                    libc::_exit(5);
-                }
-                got += n as usize;
-                if want == 4 && got >= 4 {
-                    want = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-                    if want > buf.len() {
-                        libc::_exit(6);
-                    }
-                }
-            }
-            libc::write(fds[1], buf.as_ptr().cast(), want);
-            libc::_exit(0);
-        }
-    }
-    // SAFETY: closing our copy of the write end; reading the read end through a File we own.
-    unsafe { libc::close(fds[1]) };
-    let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
-    let mut out = Vec::new();
-    pipe.read_to_end(&mut out).unwrap();
-    let mut status = 0;
-    // SAFETY: reaping our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "client as uid {uid} failed (exit {})",
-        libc::WEXITSTATUS(status)
+    use std::os::unix::process::CommandExt as _;
+    let out = common::run_with_input(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "client_as_another_user",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("ERGON_TEST_SOCKET", socket)
+            .uid(uid)
+            .gid(uid),
+        &encode_frame(req).unwrap(),
     );
-    read_frame(&mut out.as_slice()).unwrap()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix(REPLY_LINE))
+        .unwrap_or_else(|| panic!("client as uid {uid} failed ({}):\n{text}", out.status));
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    read_frame(&mut bytes.as_slice()).unwrap()
+}
+
+/// How [`client_as_another_user`] prints the reply frame (hex).
+const REPLY_LINE: &str = "ergon-test-reply ";
+
+/// Not a test: what [`request_as`] runs as another user. Sends the frame on stdin to the socket
+/// in `ERGON_TEST_SOCKET` and prints the whole reply frame.
+#[test]
+#[ignore = "run by request_as, as another user"]
+fn client_as_another_user() {
+    let Some(socket) = std::env::var_os("ERGON_TEST_SOCKET") else {
+        eprintln!("not a test on its own: request_as runs it");
+        return;
+    };
+    let mut frame = Vec::new();
+    std::io::stdin().read_to_end(&mut frame).unwrap();
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    assert!(body.len() <= MAX_FRAME_LEN);
+    s.read_exact(&mut body).unwrap();
+    let hex: String = len
+        .iter()
+        .chain(&body)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!("{REPLY_LINE}{hex}");
 }
 
 /// xorshift64*: deterministic garbage.
@@ -295,6 +280,11 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let (ergond, socket, spool) = start_ergond(dir.path(), &fake.lib);
     fake.wait_for_start();
+    // Clients of other uids (the job's owner, a stranger) need root to be run as.
+    let as_others = ergon_testkit::needs_root(
+        "jobs_are_measured_refused_and_the_socket_survives_garbage: requests from other uids",
+        "run a client as another uid",
+    );
 
     // --- A job on the GPUs with minors 3 and 5 (NVML devices 2 and 1). ---
     let start = job_start(
@@ -342,13 +332,15 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     assert_eq!(r, Reply::Ok);
     latencies.push(d);
     // The job's owner may query it, others may not.
-    match request_as(1000, &socket, &Request::QueryJob { job_id: 42 }) {
-        Reply::Job(s) => assert_eq!((s.job_id, s.uid, s.steps.len()), (42, 1000, 1)),
-        other => panic!("owner's query: {other:?}"),
-    }
-    match request_as(NOBODY, &socket, &Request::QueryJob { job_id: 42 }) {
-        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::PermissionDenied),
-        other => panic!("stranger's query: {other:?}"),
+    if as_others {
+        match request_as(1000, &socket, &Request::QueryJob { job_id: 42 }) {
+            Reply::Job(s) => assert_eq!((s.job_id, s.uid, s.steps.len()), (42, 1000, 1)),
+            other => panic!("owner's query: {other:?}"),
+        }
+        match request_as(NOBODY, &socket, &Request::QueryJob { job_id: 42 }) {
+            Reply::Error { code, .. } => assert_eq!(code, ErrorCode::PermissionDenied),
+            other => panic!("stranger's query: {other:?}"),
+        }
     }
     std::thread::sleep(Duration::from_millis(1500));
     let step_end = StepEnd {
@@ -474,29 +466,31 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
     assert!(m.gpus.is_empty());
 
     // --- Another uid may not send job events. ---
-    match request_as(
-        NOBODY,
-        &socket,
-        &Request::JobStart(job_start(43, NOBODY, vec![])),
-    ) {
-        Reply::Error { code, reason } => {
-            assert_eq!(code, ErrorCode::PermissionDenied);
-            assert!(reason.contains("65534"), "{reason}");
+    if as_others {
+        match request_as(
+            NOBODY,
+            &socket,
+            &Request::JobStart(job_start(43, NOBODY, vec![])),
+        ) {
+            Reply::Error { code, reason } => {
+                assert_eq!(code, ErrorCode::PermissionDenied);
+                assert!(reason.contains("65534"), "{reason}");
+            }
+            other => panic!("unprivileged JobStart: {other:?}"),
         }
-        other => panic!("unprivileged JobStart: {other:?}"),
+        assert_eq!(request_as(NOBODY, &socket, &Request::Ping), Reply::Pong);
+        assert!(
+            !spool.join(format!("{CLUSTER}-43-{NODE}.json")).exists()
+                && matches!(
+                    request(&socket, &Request::QueryJob { job_id: 43 }).0,
+                    Reply::Error {
+                        code: ErrorCode::UnknownJob,
+                        ..
+                    }
+                ),
+            "the refused job must not be tracked"
+        );
     }
-    assert_eq!(request_as(NOBODY, &socket, &Request::Ping), Reply::Pong);
-    assert!(
-        !spool.join(format!("{CLUSTER}-43-{NODE}.json")).exists()
-            && matches!(
-                request(&socket, &Request::QueryJob { job_id: 43 }).0,
-                Reply::Error {
-                    code: ErrorCode::UnknownJob,
-                    ..
-                }
-            ),
-        "the refused job must not be tracked"
-    );
 
     // --- Several requests on one connection, in order. ---
     let mut s = UnixStream::connect(&socket).unwrap();

@@ -7,6 +7,9 @@ mod common;
 
 use common::profile::{DeviceModel, Profile};
 use common::FakeNvml;
+use ergon_testkit::{
+    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapTree, ZoneFixture,
+};
 use ergond::clock::monotonic_ns;
 use ergond::config::Config;
 use ergond::counter::Method;
@@ -15,9 +18,6 @@ use ergond::sampler::{
 };
 use ergond::snapshot::{NodeSnapshot, SamplerHealth};
 use ergond::sources::nvml::GpuSource;
-use ergond::testing::{
-    write_cgroup_v1_usage, write_cpu_topology, write_proc_stat, PowercapTree, ZoneFixture,
-};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -8,11 +8,17 @@
 //! - [`wire`]: the messages the plugin sends ergond over a Unix socket, and their framing;
 //! - [`manifest`]: the per-job, per-node JSON energy manifest ergond writes to its spool and
 //!   the accounting tool reads;
-//! - [`record`]: the short `ergon1 …` segment stored in a sacct comment field.
+//! - [`record`]: the short `ergon1 …` segment stored in a sacct comment field;
+//! - [`format`]: how energies, powers, durations and fractions are shown to people, the same in
+//!   ergond's report, `ergon report` and `ergon plot`;
+//! - [`durable`]: replacing a file atomically and durably, as ergond writes the spool's
+//!   manifests and `ergon` its state;
+//! - `testing` (feature `testing`, for tests only): `Manifest::example()` and a manifest
+//!   builder.
 //!
-//! It does no I/O beyond `std::io::{Read, Write}` on streams it is handed (plus tokio
-//! equivalents behind the `tokio` feature), so every part can depend on it, including the
-//! plugin, which must not start an async runtime.
+//! Besides [`durable`], it does no I/O beyond `std::io::{Read, Write}` on streams it is handed
+//! (plus tokio equivalents behind the `tokio` feature), so every part can depend on it,
+//! including the plugin, which must not start an async runtime.
 //!
 //! ```
 //! use ergon_protocol::{read_frame, write_frame, Reply, Request};
@@ -31,10 +37,15 @@
 //! ```
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 mod bounded;
+pub mod durable;
+pub mod format;
 pub mod manifest;
 pub mod record;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 pub use manifest::{

@@ -8,130 +8,9 @@ use ergon_protocol::*;
 use proptest::prelude::*;
 use serde_json::Value;
 
-fn sample() -> Manifest {
-    let start = 1_700_000_000_000_000_000;
-    let end = start + 3_600_000_000_000;
-    let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cluster: "hpc1".into(),
-        node: "gpu-node-07".into(),
-        job: JobInfo {
-            job_id: 1234,
-            array_job_id: Some(1200),
-            array_task_id: Some(34),
-            user: "alice".into(),
-            uid: 1001,
-            account: Some("physics".into()),
-            partition: None,
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s: 3600.0,
-        steps: vec![
-            StepEnergy {
-                step: StepId::Batch,
-                start_unix_ns: start,
-                end_unix_ns: end,
-                energy_j: 1_500_000.25,
-                gpu_j: Some(1_200_000.0),
-                cpu_j: Some(280_000.25),
-                dram_j: Some(20_000.0),
-            },
-            StepEnergy {
-                step: StepId::Numbered(0),
-                start_unix_ns: start + 10,
-                end_unix_ns: end - 10,
-                energy_j: 0.1,
-                gpu_j: None,
-                cpu_j: Some(0.1),
-                dram_j: None,
-            },
-        ],
-        gpus: vec![GpuEnergy {
-            uuid: "GPU-8a1f0c4e-3b7d-4e7e-9a51-2f0c1d2e3f40".into(),
-            index: 0,
-            minor: Some(0),
-            pci_bus_id: Some("00000000:3B:00.0".into()),
-            energy_j: Some(1_200_000.0),
-            avg_w: Some(333.333_333_333_333_3),
-            peak_w: Some(699.5),
-            method: EnergyMethod::Counter,
-            shared: false,
-            mig: None,
-        }],
-        sockets: vec![SocketEnergy {
-            socket: 0,
-            package_j: 280_000.25,
-            dram_j: Some(20_000.0),
-            method: EnergyMethod::Counter,
-            share_method: ShareMethod::CgroupCpuTime,
-        }],
-        totals: Totals {
-            energy_j: 1_500_000.25,
-            gpu_j: Some(1_200_000.0),
-            cpu_j: Some(280_000.25),
-            dram_j: Some(20_000.0),
-            avg_w: 416.666_736_111_111_1,
-            peak_w: 812.0,
-        },
-        node_context: NodeContext {
-            node_energy_j: 2_000_000.0,
-            idle_j: 400_000.0,
-            unattributed_j: 99_999.75,
-        },
-        coverage: Coverage {
-            fraction: 0.997,
-            gaps: vec![Gap {
-                start_unix_ns: start + 5_000_000_000,
-                end_unix_ns: start + 15_000_000_000,
-                reason: "ergond restarted".into(),
-                recovered: true,
-                estimate: None,
-            }],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors: vec![
-            SensorInfo {
-                kind: SensorKind::Nvml,
-                version: "550.54.15".into(),
-                detail: "1 device".into(),
-            },
-            SensorInfo {
-                kind: SensorKind::RaplPowercap,
-                version: "6.1.0-18-amd64".into(),
-                detail: "package-0, dram".into(),
-            },
-        ],
-        trace: PowerTrace {
-            interval_ms: 10_000,
-            start_unix_ns: start,
-            series: vec![
-                TraceSeries {
-                    name: "gpu0".into(),
-                    watts: vec![310.5, 699.5, 0.1, 1e-7],
-                },
-                TraceSeries {
-                    name: "socket0".into(),
-                    watts: vec![80.25, 95.0, 77.7, 81.3],
-                },
-            ],
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
-}
-
 #[test]
 fn seal_then_verify_round_trips_through_json() {
-    let m = sample();
+    let m = Manifest::example();
     assert!(m.content_hash.starts_with("sha256:"));
     assert_eq!(m.content_hash.len(), 7 + 64);
     assert!(m.content_hash[7..]
@@ -155,12 +34,12 @@ fn seal_then_verify_round_trips_through_json() {
 fn hash_of_the_sample_is_stable() {
     assert_eq!(MANIFEST_SCHEMA_VERSION, 2);
     assert_eq!(
-        sample().content_hash,
+        Manifest::example().content_hash,
         "sha256:8d861ed8dee32995721aec6fda75c1d3b6c809d4c56ea1f85c8e077d20d93d63"
     );
     // The same content as a schema 1 manifest hashes exactly as the schema 1 release did
     // (this is the value this test pinned before schema 2).
-    let mut v1 = sample();
+    let mut v1 = Manifest::example();
     v1.schema_version = 1;
     v1.seal();
     assert_eq!(
@@ -224,7 +103,7 @@ fn schema_1_manifests_still_verify_byte_for_byte() {
 
 #[test]
 fn schema_2_writes_traces_as_base64_of_little_endian_f32() {
-    let mut m = sample();
+    let mut m = Manifest::example();
     m.trace.series[0].watts = vec![1.0, -2.5];
     m.trace.series[1].watts = vec![];
     m.seal();
@@ -242,7 +121,7 @@ fn schema_2_writes_traces_as_base64_of_little_endian_f32() {
     assert!(canonical.contains(r#"{"name":"gpu0","watts_f32le_b64":"AACAPwAAIMA="}"#));
     assert_eq!(Manifest::from_json(&json).unwrap(), m);
     // A long trace is about 4/3 byte per byte of f32, not ~8 characters per decimal value.
-    let mut long = sample();
+    let mut long = Manifest::example();
     long.trace.series[0].watts = (0..600).map(|i| 100.0 + i as f32 * 0.1).collect();
     long.seal();
     let b64 = serde_json::to_value(&long).unwrap()["trace"]["series"][0]["watts_f32le_b64"]
@@ -254,7 +133,7 @@ fn schema_2_writes_traces_as_base64_of_little_endian_f32() {
 
 #[test]
 fn a_series_is_read_in_either_spelling_and_hashed_in_the_version_s() {
-    let m = sample();
+    let m = Manifest::example();
     // A schema 2 manifest whose series were spelled as decimal arrays (not what a writer does)
     // reads as the same values, so it verifies: the canonical form is the version's.
     let mut v: Value = serde_json::to_value(&m).unwrap();
@@ -279,7 +158,7 @@ fn a_series_is_read_in_either_spelling_and_hashed_in_the_version_s() {
 
 #[test]
 fn bad_trace_encodings_are_json_errors() {
-    let m = sample();
+    let m = Manifest::example();
     let good = serde_json::to_value(&m).unwrap();
     let with = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
         let mut v = good.clone();
@@ -375,7 +254,7 @@ fn bad_trace_encodings_are_json_errors() {
 
 #[test]
 fn tampering_is_detected() {
-    let m = sample();
+    let m = Manifest::example();
     let json = String::from_utf8(m.to_json().unwrap()).unwrap();
     let tampered = json.replacen("1500000.25", "1400000.25", 1);
     assert_ne!(tampered, json);
@@ -401,7 +280,7 @@ fn tampering_is_detected() {
 
 #[test]
 fn unsealed_manifest_is_refused() {
-    let mut m = sample();
+    let mut m = Manifest::example();
     m.content_hash.clear();
     assert!(matches!(m.verify(), Err(ManifestError::NotSealed)));
     assert!(matches!(
@@ -413,7 +292,7 @@ fn unsealed_manifest_is_refused() {
 #[test]
 fn other_schema_versions_are_refused_first() {
     for version in [0u32, 5] {
-        let mut v: Value = serde_json::to_value(sample()).unwrap();
+        let mut v: Value = serde_json::to_value(Manifest::example()).unwrap();
         v["schema_version"] = version.into();
         let bytes = serde_json::to_vec(&v).unwrap();
         let err = Manifest::from_json(&bytes).unwrap_err();
@@ -441,7 +320,7 @@ fn other_schema_versions_are_refused_first() {
 
 #[test]
 fn truncated_or_malformed_json_is_a_json_error() {
-    let json = sample().to_json().unwrap();
+    let json = Manifest::example().to_json().unwrap();
     for cut in [0, 1, json.len() / 2, json.len() - 3] {
         assert!(
             matches!(
@@ -463,20 +342,20 @@ fn truncated_or_malformed_json_is_a_json_error() {
 
 #[test]
 fn values_json_cannot_carry_are_refused_at_write() {
-    let mut m = sample();
+    let mut m = Manifest::example();
     m.totals.avg_w = f64::NAN;
     m.seal();
     assert!(matches!(
         m.to_json(),
         Err(ManifestError::NotRepresentable(_))
     ));
-    let mut m = sample();
+    let mut m = Manifest::example();
     m.trace.series[0].watts[1] = f32::INFINITY;
     assert!(matches!(
         m.to_json(),
         Err(ManifestError::NotRepresentable(_))
     ));
-    let mut m = sample();
+    let mut m = Manifest::example();
     m.totals.gpu_j = Some(f64::NAN);
     assert!(matches!(
         m.to_json(),
@@ -486,7 +365,7 @@ fn values_json_cannot_carry_are_refused_at_write() {
 
 #[test]
 fn enums_serialise_as_documented() {
-    let v: Value = serde_json::to_value(sample()).unwrap();
+    let v: Value = serde_json::to_value(Manifest::example()).unwrap();
     assert_eq!(v["steps"][0]["step"], "batch");
     assert_eq!(v["steps"][1]["step"], "0");
     assert_eq!(v["gpus"][0]["method"], "counter");
@@ -495,7 +374,7 @@ fn enums_serialise_as_documented() {
     assert_eq!(v["job"]["partition"], Value::Null);
     let m = Manifest {
         gpus: vec![],
-        ..sample()
+        ..Manifest::example()
     };
     let v: Value = serde_json::to_value(&m).unwrap();
     assert_eq!(v["gpus"], Value::Array(vec![]));
@@ -526,7 +405,7 @@ proptest! {
         watts in prop::collection::vec(finite_f32(), 0..64),
         version in MANIFEST_SCHEMA_VERSION_MIN..=MANIFEST_SCHEMA_VERSION,
     ) {
-        let mut m = sample();
+        let mut m = Manifest::example();
         m.schema_version = version;
         m.totals.energy_j = a;
         m.duration_s = b;
@@ -554,8 +433,8 @@ fn schema_matches_the_serialised_manifest() {
         schema["$schema"],
         "https://json-schema.org/draft/2020-12/schema"
     );
-    let mut with_mig = sample();
-    let sample = serde_json::to_value(sample()).unwrap();
+    let mut with_mig = Manifest::example();
+    let sample = serde_json::to_value(Manifest::example()).unwrap();
     let mut checked = 0;
     check_object(&schema, &schema, &sample, "$", &mut checked);
     assert!(checked >= 14, "only {checked} objects checked");
@@ -754,7 +633,7 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
 #[test]
 fn schema_4_fields_need_schema_4() {
     let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
-    let mut m = sample();
+    let mut m = Manifest::example();
     assert_eq!(m.schema_version_for(), MANIFEST_SCHEMA_VERSION);
     m.job.sluid = Some("s2gxm9475ceh00".into());
     m.coverage.components = Some(ComponentCoverage {
@@ -781,7 +660,7 @@ fn schema_4_fields_need_schema_4() {
         "coverage.gpus_unknown",
         "coverage.gaps[].estimate",
     ] {
-        let mut one = sample();
+        let mut one = Manifest::example();
         match field {
             "job.sluid" => one.job.sluid = m.job.sluid.clone(),
             "coverage.components" => one.coverage.components = m.coverage.components,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ergon_protocol::manifest::*;
 use ergon_protocol::record::JobRecord;
-use ergon_protocol::StepId;
+use ergon_protocol::testing::ManifestBuilder;
 use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster};
 
 fn ergon_bin() -> PathBuf {
@@ -20,85 +20,22 @@ fn ergon_bin() -> PathBuf {
     bin
 }
 
+/// Job `job`'s manifest on n1: 5000 J (GPU 4000, CPU 900, DRAM 100) over 100 s that just ended.
 fn manifest(cluster: &str, job: u32) -> Manifest {
     let end = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let start = end - 100_000_000_000;
-    let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cluster: cluster.into(),
-        node: "n1".into(),
-        job: JobInfo {
-            job_id: job,
-            array_job_id: None,
-            array_task_id: None,
-            user: "root".into(),
-            uid: 0,
-            account: None,
-            partition: None,
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s: 100.0,
-        steps: vec![StepEnergy {
-            step: StepId::Batch,
-            start_unix_ns: start,
-            end_unix_ns: end,
-            energy_j: 5000.0,
-            gpu_j: Some(4000.0),
-            cpu_j: Some(900.0),
-            dram_j: Some(100.0),
-        }],
-        gpus: vec![GpuEnergy {
-            uuid: "GPU-0".into(),
-            index: 0,
-            minor: None,
-            pci_bus_id: None,
-            energy_j: Some(4000.0),
-            avg_w: Some(40.0),
-            peak_w: Some(80.0),
-            method: EnergyMethod::Counter,
-            shared: false,
-            mig: None,
-        }],
-        sockets: vec![],
-        totals: Totals {
-            energy_j: 5000.0,
-            gpu_j: Some(4000.0),
-            cpu_j: Some(900.0),
-            dram_j: Some(100.0),
-            avg_w: 50.0,
-            peak_w: 120.0,
-        },
-        node_context: NodeContext {
-            node_energy_j: 6000.0,
-            idle_j: 1000.0,
-            unattributed_j: 0.0,
-        },
-        coverage: Coverage {
-            fraction: 0.99,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors: vec![],
-        trace: PowerTrace {
-            interval_ms: 1000,
-            start_unix_ns: start,
-            series: vec![],
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+    ManifestBuilder::new(cluster, job, "n1")
+        .user("root", 0)
+        .ended(end, 100)
+        .gpu(Some(4000.0))
+        .socket(900.0, Some(100.0))
+        .peak_w(120.0)
+        .node_context(6000.0, 1000.0, 0.0)
+        .coverage(0.99)
+        .batch_step()
+        .build()
 }
 
 /// A spool with the job's manifest and a config (sacct on, no sinks) under `dir`.

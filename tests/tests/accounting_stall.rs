@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use ergon_protocol::manifest::*;
-use ergon_protocol::StepId;
+use ergon_protocol::testing::ManifestBuilder;
+use ergon_protocol::Manifest;
 use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 fn ergon(c: &Cluster, config: &Path, args: &[&str]) -> Output {
     let bin = target_dir().join("debug/ergon");
@@ -32,74 +34,20 @@ fn show(out: &Output) -> String {
     )
 }
 
+/// Job `job`'s manifest: 100 J of CPU over 10 s that just ended.
 fn manifest(job: u32) -> Manifest {
     let end = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
-    let start = end - 10_000_000_000;
-    let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cluster: "ergon-dev".into(),
-        node: "n1".into(),
-        job: JobInfo {
-            job_id: job,
-            array_job_id: None,
-            array_task_id: None,
-            user: "root".into(),
-            uid: 0,
-            account: None,
-            partition: None,
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s: 10.0,
-        steps: vec![StepEnergy {
-            step: StepId::Batch,
-            start_unix_ns: start,
-            end_unix_ns: end,
-            energy_j: 100.0,
-            gpu_j: None,
-            cpu_j: Some(100.0),
-            dram_j: None,
-        }],
-        gpus: vec![],
-        sockets: vec![],
-        totals: Totals {
-            energy_j: 100.0,
-            gpu_j: None,
-            cpu_j: Some(100.0),
-            dram_j: None,
-            avg_w: 10.0,
-            peak_w: 10.0,
-        },
-        node_context: NodeContext {
-            node_energy_j: 100.0,
-            idle_j: 0.0,
-            unattributed_j: 0.0,
-        },
-        coverage: Coverage {
-            fraction: 1.0,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors: vec![],
-        trace: PowerTrace {
-            interval_ms: 1000,
-            start_unix_ns: start,
-            series: vec![],
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+    ManifestBuilder::new("ergon-dev", job, "n1")
+        .user("root", 0)
+        .ended(end, 10)
+        .socket(100.0, None)
+        .peak_w(10.0)
+        .node_context(100.0, 0.0, 0.0)
+        .batch_step()
+        .build()
 }
 
 /// slurmdbd stopped (SIGSTOP) while the value lives; continued (SIGCONT) when dropped, also when
@@ -113,16 +61,14 @@ impl Stopped {
             .trim()
             .parse()
             .unwrap();
-        // SAFETY: kill(2) with a pid read from the cluster's own pid file.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
         Stopped(pid)
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
     }
 }
 

@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ergon_protocol::record::JobRecord;
 use ergon_protocol::{read_frame, write_frame, Manifest, Reply, Request, StepId};
+use ergon_testkit::{PowercapLayout, PowercapTree};
 use ergon_tests::{
     cluster, scratch_dir, target_dir, wait_for, wait_for_file, Cluster, TempDir, JOB_TIMEOUT,
 };
-use ergond::testing::{PowercapLayout, PowercapTree};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -164,8 +164,8 @@ impl Ergond {
                 let t0 = Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let t = t0.elapsed().as_secs_f64();
-                    ergond::testing::write_counter_file(&pkg, (PACKAGE_W * t * 1e6) as u64);
-                    ergond::testing::write_counter_file(&dram, (DRAM_W * t * 1e6) as u64);
+                    ergon_testkit::write_counter_file(&pkg, (PACKAGE_W * t * 1e6) as u64);
+                    ergon_testkit::write_counter_file(&dram, (DRAM_W * t * 1e6) as u64);
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ergon_protocol::manifest::*;
-use ergon_protocol::StepId;
+use ergon_protocol::testing::ManifestBuilder;
 
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -22,7 +22,8 @@ pub fn now_ns() -> u64 {
         .as_nanos() as u64
 }
 
-/// A sealed manifest for `job` on `node` with the given energies.
+/// A sealed manifest for `job` on `node` with the given energies: one GPU and one socket over
+/// 100 s that ended a minute ago (so `settle_s` has passed).
 pub fn manifest(
     cluster: &str,
     job: u32,
@@ -31,87 +32,15 @@ pub fn manifest(
     cpu_j: f64,
     coverage: f64,
 ) -> Manifest {
-    let end = now_ns() - 60_000_000_000;
-    let start = end - 100_000_000_000;
-    let mut m = Manifest {
-        schema_version: MANIFEST_SCHEMA_VERSION,
-        cluster: cluster.into(),
-        node: node.into(),
-        job: JobInfo {
-            job_id: job,
-            array_job_id: None,
-            array_task_id: None,
-            user: "alice".into(),
-            uid: 1000,
-            account: Some("phys".into()),
-            partition: Some("gpu".into()),
-            sluid: None,
-        },
-        start_unix_ns: start,
-        end_unix_ns: end,
-        duration_s: 100.0,
-        steps: vec![StepEnergy {
-            step: StepId::Batch,
-            start_unix_ns: start,
-            end_unix_ns: end,
-            energy_j: gpu_j + cpu_j,
-            gpu_j: Some(gpu_j),
-            cpu_j: Some(cpu_j),
-            dram_j: None,
-        }],
-        gpus: vec![GpuEnergy {
-            uuid: format!("GPU-{node}-0"),
-            index: 0,
-            minor: Some(0),
-            pci_bus_id: None,
-            energy_j: Some(gpu_j),
-            avg_w: Some(gpu_j / 100.0),
-            peak_w: Some(gpu_j / 50.0),
-            method: EnergyMethod::Counter,
-            shared: false,
-            mig: None,
-        }],
-        sockets: vec![SocketEnergy {
-            socket: 0,
-            package_j: cpu_j,
-            dram_j: None,
-            method: EnergyMethod::Counter,
-            share_method: ShareMethod::CgroupCpuTime,
-        }],
-        totals: Totals {
-            energy_j: gpu_j + cpu_j,
-            gpu_j: Some(gpu_j),
-            cpu_j: Some(cpu_j),
-            dram_j: None,
-            avg_w: (gpu_j + cpu_j) / 100.0,
-            peak_w: (gpu_j + cpu_j) / 50.0,
-        },
-        node_context: NodeContext {
-            node_energy_j: gpu_j + cpu_j + 10.0,
-            idle_j: 10.0,
-            unattributed_j: 0.0,
-        },
-        coverage: Coverage {
-            fraction: coverage,
-            gaps: vec![],
-            components: None,
-            gpus_unknown: None,
-        },
-        attribution: AttributionInfo {
-            model: "exclusive-gpu+cgroup-cpu-time".into(),
-            version: 1,
-            estimated: false,
-        },
-        sensors: vec![],
-        trace: PowerTrace {
-            interval_ms: 1000,
-            start_unix_ns: start,
-            series: vec![],
-        },
-        content_hash: String::new(),
-    };
-    m.seal();
-    m
+    ManifestBuilder::new(cluster, job, node)
+        .account("phys")
+        .partition("gpu")
+        .ended(now_ns() - 60_000_000_000, 100)
+        .gpu(Some(gpu_j))
+        .socket(cpu_j, None)
+        .batch_step()
+        .coverage(coverage)
+        .build()
 }
 
 /// Write a manifest into `spool` as `<job>.<node>.json`.

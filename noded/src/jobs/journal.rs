@@ -20,11 +20,12 @@
 //! reported; it is never silently discarded. Bounded: the registry's limits bound the jobs, and
 //! a journal larger than [`MAX_JOURNAL_BYTES`] is refused.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use ergon_protocol::durable;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -121,23 +122,11 @@ pub fn write(dir: &Path, state: &JournalState) -> Result<(), JournalError> {
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&payload);
     bytes.extend_from_slice(&Sha256::digest(&payload));
-    let tmp = dir.join(format!(".{JOURNAL_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(&bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
     let path = dir.join(JOURNAL_FILE);
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))?;
+    durable::write(&path, &bytes, 0o600).map_err(|e| JournalError::Io {
+        path: e.path,
+        source: e.source,
+    })?;
     Ok(())
 }
 

@@ -10,24 +10,26 @@
 //!   `ergon-<jobid>.txt` / `.json` in the job's working directory, or
 //!   `ergon-<jobid>.<node>.txt` / `.json` from the nodes that did not run the batch script.
 //!
-//! How it is written: a child process is forked, drops to the job's uid and gid (and no
-//! supplementary groups) and only then opens the file — `O_NOFOLLOW` (a symlink is refused),
-//! `O_NONBLOCK` and a regular-file check (a FIFO or device is refused), and for the new file
-//! `O_CREAT | O_EXCL` (nothing existing is replaced). So the kernel checks every access with the
-//! user's own rights: ergond never writes into a user's directory as root. The child only makes
-//! raw system calls between `fork` and `_exit` (ergond is multi-threaded). The parent waits at
-//! most [`WRITE_TIMEOUT`] (a hung NFS server) and then kills it.
+//! How it is written: by a process of its own, `ergond write-report` (ergond's own binary, run
+//! again with its environment cleared), which becomes the job's uid and gid (and no other
+//! group) before it does anything else, reads the report on its standard input and only then
+//! opens the file — `O_NOFOLLOW` (a symlink is refused), `O_NONBLOCK` and a regular-file check
+//! (a FIFO or device is refused), and for the new file `O_CREAT | O_EXCL` (nothing existing is
+//! replaced). So the kernel checks every access with the user's own rights: ergond never writes
+//! into a user's directory as root. ergond waits at most [`WRITE_TIMEOUT`] for it (a hung NFS
+//! server) and then kills it.
 
-use std::ffi::CString;
 use std::fmt::Write as _;
-use std::os::unix::ffi::OsStrExt;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use ergon_protocol::{Manifest, ReportFormat, StepId};
+use ergon_protocol::{format, Manifest, ReportFormat, StepId};
 use serde::Serialize;
 
-/// Longest wait for the writing child.
+/// Longest wait for the writer process.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a report is written.
@@ -82,26 +84,12 @@ pub fn targets(
     out
 }
 
-fn energy(j: f64) -> String {
-    let a = j.abs();
-    if a >= 1e9 {
-        format!("{:.2} GJ", j / 1e9)
-    } else if a >= 1e6 {
-        format!("{:.2} MJ", j / 1e6)
-    } else if a >= 1e3 {
-        format!("{:.2} kJ", j / 1e3)
-    } else {
-        format!("{j:.1} J")
-    }
-}
-
 fn opt_energy(j: Option<f64>) -> String {
-    j.map_or_else(|| "not measured".to_owned(), energy)
+    j.map_or_else(|| "not measured".to_owned(), format::energy)
 }
 
-fn duration(s: f64) -> String {
-    let t = s.max(0.0).round() as u64;
-    format!("{:02}:{:02}:{:02}", t / 3600, (t / 60) % 60, t % 60)
+fn opt_power(w: Option<f64>) -> String {
+    w.map_or_else(|| "n/a".to_owned(), format::power)
 }
 
 fn step_name(job_id: u32, s: StepId) -> String {
@@ -120,17 +108,16 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
     );
     let _ = writeln!(
         s,
-        "Duration   {} ({:.1} s)    coverage {:.1} %",
-        duration(m.duration_s),
-        m.duration_s,
-        m.coverage.fraction * 100.0
+        "Duration   {}    coverage {}",
+        format::duration(m.duration_s),
+        format::percent(m.coverage.fraction)
     );
     let _ = writeln!(
         s,
-        "Energy     {}    average {:.1} W, peak {:.1} W",
-        energy(t.energy_j),
-        t.avg_w,
-        t.peak_w
+        "Energy     {}    average {}, peak {}",
+        format::energy(t.energy_j),
+        format::power(t.avg_w),
+        format::power(t.peak_w)
     );
     let _ = writeln!(
         s,
@@ -151,10 +138,8 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
             g.minor
                 .map_or_else(String::new, |n| format!(" (minor {n})")),
             opt_energy(g.energy_j),
-            g.avg_w
-                .map_or_else(|| "n/a".into(), |w| format!("{w:.1} W")),
-            g.peak_w
-                .map_or_else(|| "n/a".into(), |w| format!("{w:.1} W")),
+            opt_power(g.avg_w),
+            opt_power(g.peak_w),
             match &g.mig {
                 Some(mig) => format!(" [MIG {}]", mig.describe()),
                 None if g.shared => " [shared: estimated]".to_owned(),
@@ -168,7 +153,7 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
             s,
             "    socket {}: package {}, DRAM {}",
             k.socket,
-            energy(k.package_j),
+            format::energy(k.package_j),
             opt_energy(k.dram_j)
         );
     }
@@ -181,17 +166,17 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
                 s,
                 "  {:<16} {:>10}  over {}",
                 step_name(m.job.job_id, st.step),
-                energy(st.energy_j),
-                duration(secs)
+                format::energy(st.energy_j),
+                format::duration(secs)
             );
         }
     }
     let _ = writeln!(
         s,
         "Node       {} measured on the node over the job; {} idle, {} unattributed",
-        energy(m.node_context.node_energy_j),
-        energy(m.node_context.idle_j),
-        energy(m.node_context.unattributed_j)
+        format::energy(m.node_context.node_energy_j),
+        format::energy(m.node_context.idle_j),
+        format::energy(m.node_context.unattributed_j)
     );
     let _ = writeln!(
         s,
@@ -207,8 +192,8 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
     for g in &m.coverage.gaps {
         let _ = writeln!(
             s,
-            "Gap        {:.1} s{}: {}",
-            g.end_unix_ns.saturating_sub(g.start_unix_ns) as f64 / 1e9,
+            "Gap        {}{}: {}",
+            format::duration(g.end_unix_ns.saturating_sub(g.start_unix_ns) as f64 / 1e9),
             if g.recovered {
                 " (energy recovered)"
             } else {
@@ -280,7 +265,7 @@ pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
 /// Why a report could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
-    /// A step in the child failed with `errno`.
+    /// A step in the writer failed with `errno`.
     #[error("{path}: {what} failed as uid {uid}: {source_text}")]
     Failed {
         /// The file.
@@ -297,190 +282,226 @@ pub enum WriteError {
     /// The file is not a regular file (a FIFO, a device, a directory).
     #[error("{0}: not a regular file; refused")]
     NotRegular(String),
-    /// The child did not finish in time (hung filesystem) and was killed.
-    #[error("{0}: writing did not finish within {WRITE_TIMEOUT:?}; gave up")]
-    Timeout(String),
-    /// fork/pipe failed.
-    #[error("cannot start the writer process: {0}")]
+    /// The writer did not finish in time (hung filesystem) and was killed.
+    #[error("{0}: writing did not finish within {1:?}; gave up")]
+    Timeout(String, Duration),
+    /// The writer process could not be started, or ended without saying how it went.
+    #[error("cannot run the writer process: {0}")]
     Spawn(String),
 }
 
-const STEP_NAMES: [&str; 5] = ["setgroups", "setgid", "setuid", "open", "write"];
+/// The steps of the writer, in order, as its answer names them.
+const STEPS: [&str; 5] = ["setgroups", "setgid", "setuid", "open", "write"];
 
-/// Write `bytes` to `target` as `uid`/`gid` (see the module documentation).
-pub fn write_as_user(target: &Target, uid: u32, gid: u32, bytes: &[u8]) -> Result<(), WriteError> {
-    let path_text = target.path().display().to_string();
-    let cpath = CString::new(target.path().as_os_str().as_bytes())
-        .map_err(|_| WriteError::Spawn("path contains NUL".into()))?;
-    let flags = libc::O_WRONLY
-        | libc::O_NOFOLLOW
-        | libc::O_NONBLOCK
-        | libc::O_NOCTTY
-        | libc::O_CLOEXEC
-        | match target {
-            Target::Append(_) => libc::O_APPEND,
-            Target::Create(_) => libc::O_CREAT | libc::O_EXCL,
-        };
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid two-int array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(WriteError::Spawn(
-            std::io::Error::last_os_error().to_string(),
-        ));
-    }
-    let (rd, wr) = (fds[0], fds[1]);
-    // SAFETY: the child below calls only async-signal-safe functions on data prepared before
-    // the fork, then _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: closing our own pipe ends.
-        unsafe {
-            libc::close(rd);
-            libc::close(wr);
-        }
-        return Err(WriteError::Spawn(e.to_string()));
-    }
-    if pid == 0 {
-        // Child.
-        // SAFETY: raw system calls only; every pointer is valid for the call.
-        unsafe {
-            let fail = |step: u8| -> ! {
-                let errno = *libc::__errno_location();
-                let mut msg = [0u8; 5];
-                msg[0] = step;
-                msg[1..].copy_from_slice(&errno.to_ne_bytes());
-                libc::write(wr, msg.as_ptr().cast(), msg.len());
-                libc::_exit(1);
-            };
-            let groups = [gid as libc::gid_t];
-            if libc::setgroups(1, groups.as_ptr()) != 0 {
-                fail(0);
-            }
-            if libc::setgid(gid) != 0 {
-                fail(1);
-            }
-            if libc::setuid(uid) != 0 || (uid != 0 && libc::setuid(0) == 0) {
-                fail(2);
-            }
-            libc::umask(0o022);
-            let fd = libc::open(cpath.as_ptr(), flags, 0o644 as libc::c_uint);
-            if fd < 0 {
-                fail(3);
-            }
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstat(fd, &mut st) != 0 || (st.st_mode & libc::S_IFMT) != libc::S_IFREG {
-                let msg = [255u8, 0, 0, 0, 0];
-                libc::write(wr, msg.as_ptr().cast(), msg.len());
-                libc::_exit(1);
-            }
-            let mut off = 0usize;
-            while off < bytes.len() {
-                let n = libc::write(fd, bytes[off..].as_ptr().cast(), bytes.len() - off);
-                if n < 0 {
-                    if *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    fail(4);
-                }
-                off += n as usize;
-            }
-            libc::close(fd);
-            libc::_exit(0);
-        }
-    }
-    // Parent.
-    // SAFETY: closing our copy of the write end.
-    unsafe { libc::close(wr) };
-    let deadline = Instant::now() + WRITE_TIMEOUT;
-    let mut status = 0;
-    let exited = loop {
-        // SAFETY: waiting for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            break true;
-        }
-        if r < 0 || Instant::now() >= deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    if !exited {
-        // SAFETY: killing and reaping our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, &mut status, 0);
-            libc::close(rd);
-        }
-        return Err(WriteError::Timeout(path_text));
-    }
-    let mut msg = [0u8; 5];
-    // SAFETY: reading into a local buffer from our pipe end, then closing it.
-    let n = unsafe {
-        let n = libc::read(rd, msg.as_mut_ptr().cast(), msg.len());
-        libc::close(rd);
-        n
-    };
-    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-        return Ok(());
-    }
-    if n == 5 && msg[0] == 255 {
-        return Err(WriteError::NotRegular(path_text));
-    }
-    if n == 5 {
-        let errno = i32::from_ne_bytes(msg[1..].try_into().expect("4 bytes"));
-        return Err(WriteError::Failed {
-            path: path_text,
-            uid,
-            what: STEP_NAMES
-                .get(usize::from(msg[0]))
-                .copied()
-                .unwrap_or("write"),
-            source_text: std::io::Error::from_raw_os_error(errno).to_string(),
-            errno,
-        });
-    }
-    Err(WriteError::Spawn(format!(
-        "the writer process ended abnormally (status {status})"
-    )))
+/// The writer's answer on success; a failure is `failed <step> <errno>` or [`NOT_REGULAR`].
+const OK: &str = "ok";
+const NOT_REGULAR: &str = "not-regular";
+
+/// Writes reports by running the writer: `ergond write-report` (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    program: PathBuf,
+    timeout: Duration,
 }
 
-/// Write the report to the first target that takes it. Returns the file written, or every
-/// target's error.
-pub fn deliver(
-    targets: &[Target],
-    uid: u32,
-    gid: u32,
-    text: &str,
-) -> Result<PathBuf, Vec<WriteError>> {
-    let mut errors = Vec::new();
-    for t in targets {
-        match write_as_user(t, uid, gid, text.as_bytes()) {
-            Ok(()) => return Ok(t.path().to_path_buf()),
-            Err(e) => errors.push(e),
+impl Writer {
+    /// The writer of this process's own binary: `/proc/self/exe`, which is the running
+    /// executable even after an upgrade replaced its file, so ergond and its writer always
+    /// agree.
+    pub fn this_binary() -> Self {
+        Self::new("/proc/self/exe")
+    }
+
+    /// The writer of the `ergond` binary at `program`.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            timeout: WRITE_TIMEOUT,
         }
     }
-    Err(errors)
+
+    /// Wait at most `timeout` for each file (default [`WRITE_TIMEOUT`]).
+    pub fn timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// Write `bytes` to `target` as `uid`/`gid`.
+    pub fn write(
+        &self,
+        target: &Target,
+        uid: u32,
+        gid: u32,
+        bytes: &[u8],
+    ) -> Result<(), WriteError> {
+        let path_text = target.path().display().to_string();
+        let (flag, path) = match target {
+            Target::Append(p) => ("--append", p),
+            Target::Create(p) => ("--create", p),
+        };
+        let mut child = Command::new(&self.program)
+            .arg("write-report")
+            .args(["--uid", &uid.to_string(), "--gid", &gid.to_string(), flag])
+            .arg(path)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| WriteError::Spawn(format!("{}: {e}", self.program.display())))?;
+        // The bytes go in and the answer comes out on a thread of its own, so that a writer
+        // stuck on a hung filesystem costs this thread at most WRITE_TIMEOUT.
+        let (mut stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        let bytes = bytes.to_vec();
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("ergond-report-io".into())
+            .spawn(move || {
+                if let Some(mut w) = stdin.take() {
+                    // A writer that failed early closes its end: its answer says why.
+                    let _ = w.write_all(&bytes);
+                }
+                let mut answer = String::new();
+                if let Some(out) = stdout {
+                    // Bounded: the answer is one short line.
+                    let _ = out.take(256).read_to_string(&mut answer);
+                }
+                let _ = tx.send(answer);
+            })
+            .map_err(|e| WriteError::Spawn(e.to_string()))?;
+        let answer = match rx.recv_timeout(self.timeout) {
+            Ok(answer) => answer,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(WriteError::Timeout(path_text, self.timeout));
+            }
+        };
+        let status = child.wait().map_err(|e| WriteError::Spawn(e.to_string()))?;
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        match words.as_slice() {
+            [OK] if status.success() => Ok(()),
+            [NOT_REGULAR] => Err(WriteError::NotRegular(path_text)),
+            ["failed", step, errno] => {
+                let what = STEPS.iter().copied().find(|s| s == step).unwrap_or("write");
+                let errno: i32 = errno.parse().unwrap_or(0);
+                Err(WriteError::Failed {
+                    path: path_text,
+                    uid,
+                    what,
+                    source_text: std::io::Error::from_raw_os_error(errno).to_string(),
+                    errno,
+                })
+            }
+            _ => Err(WriteError::Spawn(format!(
+                "{} write-report ended ({status}) without saying how it went",
+                self.program.display()
+            ))),
+        }
+    }
+
+    /// Write the report to the first target that takes it. Returns the file written, or every
+    /// target's error.
+    pub fn deliver(
+        &self,
+        targets: &[Target],
+        uid: u32,
+        gid: u32,
+        text: &str,
+    ) -> Result<PathBuf, Vec<WriteError>> {
+        let mut errors = Vec::new();
+        for t in targets {
+            match self.write(t, uid, gid, text.as_bytes()) {
+                Ok(()) => return Ok(t.path().to_path_buf()),
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors)
+    }
+}
+
+/// The writer's side, `ergond write-report`: started by ergond as root, it becomes `uid`/`gid`
+/// (with `gid` as its only group) before anything else, then writes its standard input to
+/// `target` and answers on its standard output (one line: `ok`, `not-regular`, or
+/// `failed <step> <errno>`). Returns the exit status: 0 when written.
+pub fn writer_main(target: &Target, uid: u32, gid: u32) -> u8 {
+    let answer = match become_user_and_write(target, uid, gid) {
+        Ok(()) => OK.to_owned(),
+        Err(Refused::NotRegular) => NOT_REGULAR.to_owned(),
+        Err(Refused::Failed(step, errno)) => format!("failed {} {errno}", STEPS[step as usize]),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{answer}");
+    let _ = out.flush();
+    u8::from(answer != OK)
+}
+
+/// A step of the writer (an index into [`STEPS`]).
+#[derive(Clone, Copy)]
+enum Step {
+    SetGroups,
+    SetGid,
+    SetUid,
+    Open,
+    Write,
+}
+
+enum Refused {
+    Failed(Step, i32),
+    NotRegular,
+}
+
+fn become_user_and_write(target: &Target, uid: u32, gid: u32) -> Result<(), Refused> {
+    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let errno = |step: Step| move |e: nix::errno::Errno| Refused::Failed(step, e as i32);
+    let io_errno =
+        |step: Step| move |e: std::io::Error| Refused::Failed(step, e.raw_os_error().unwrap_or(0));
+    // Privileges first: nothing below runs as root. Changing credentials also makes this process
+    // non-dumpable, so the user cannot attach to it while it holds root's descriptors.
+    setgroups(&[Gid::from_raw(gid)]).map_err(errno(Step::SetGroups))?;
+    setgid(Gid::from_raw(gid)).map_err(errno(Step::SetGid))?;
+    setuid(Uid::from_raw(uid)).map_err(errno(Step::SetUid))?;
+    if uid != 0 && setuid(Uid::from_raw(0)).is_ok() {
+        return Err(Refused::Failed(Step::SetUid, libc::EPERM));
+    }
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .map_err(io_errno(Step::Write))?;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let mut options = std::fs::OpenOptions::new();
+    // O_NOFOLLOW: a symlink is refused; O_NONBLOCK: opening a FIFO does not wait for a reader.
+    options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .mode(0o644);
+    match target {
+        Target::Append(_) => options.append(true),
+        // O_CREAT | O_EXCL: nothing existing is replaced.
+        Target::Create(_) => options.write(true).create_new(true),
+    };
+    let mut file = options.open(target.path()).map_err(io_errno(Step::Open))?;
+    match file.metadata() {
+        Ok(md) if md.file_type().is_file() => {}
+        _ => return Err(Refused::NotRegular),
+    }
+    file.write_all(&bytes).map_err(io_errno(Step::Write))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
+    /// Job 42 on n1: 65 s, one GPU (10 kJ), one socket (2 kJ package, 300 J DRAM).
     fn manifest() -> Manifest {
-        let json = r#"{"schema_version":1,"cluster":"c","node":"n1",
-            "job":{"job_id":42,"array_job_id":null,"array_task_id":null,"user":"alice","uid":1000,"account":null,"partition":null},
-            "start_unix_ns":0,"end_unix_ns":65000000000,"duration_s":65.0,
-            "steps":[{"step":"batch","start_unix_ns":0,"end_unix_ns":65000000000,"energy_j":12300.0,"gpu_j":10000.0,"cpu_j":2000.0,"dram_j":300.0}],
-            "gpus":[{"uuid":"GPU-a","index":0,"minor":6,"pci_bus_id":null,"energy_j":10000.0,"avg_w":153.8,"peak_w":300.0,"method":"counter","shared":false}],
-            "sockets":[{"socket":0,"package_j":2000.0,"dram_j":300.0,"method":"counter","share_method":"cgroup_cpu_time"}],
-            "totals":{"energy_j":12300.0,"gpu_j":10000.0,"cpu_j":2000.0,"dram_j":300.0,"avg_w":189.2,"peak_w":412.0},
-            "node_context":{"node_energy_j":20000.0,"idle_j":100.0,"unattributed_j":7600.0},
-            "coverage":{"fraction":1.0,"gaps":[]},
-            "attribution":{"model":"exclusive-gpu+cgroup-cpu-time","version":1,"estimated":false},
-            "sensors":[],"trace":{"interval_ms":1000,"start_unix_ns":0,"series":[]},"content_hash":""}"#;
-        serde_json::from_str(json).unwrap()
+        ergon_protocol::testing::ManifestBuilder::new("c", 42, "n1")
+            .span(0, 65_000_000_000)
+            .gpu(Some(10_000.0))
+            .socket(2000.0, Some(300.0))
+            .peak_w(412.0)
+            .node_context(20_000.0, 100.0, 7600.0)
+            .batch_step()
+            .build()
     }
 
     #[test]
@@ -514,21 +535,21 @@ mod tests {
         );
         for want in [
             "job 42 on n1",
-            "00:01:05",
-            "12.30 kJ",
+            "1 min 5 s",
+            "12.3 kJ",
             "average 189.2 W, peak 412.0 W",
-            "gpu0 GPU-a (minor 6): 10.00 kJ",
+            "gpu0 GPU-n1-0 (minor 0): 10.0 kJ, average 153.8 W, peak 307.7 W",
             "CPU      2.00 kJ",
-            "DRAM     300.0 J",
+            "DRAM     300 J",
             "42.batch",
-            "coverage 100.0 %",
+            "coverage 100.0%",
             "/var/spool/ergon/c-42-n1.json",
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }
         let j: serde_json::Value = serde_json::from_str(&render_json(&manifest(), None)).unwrap();
         assert_eq!(j["energy_j"], 12300.0);
-        assert_eq!(j["gpus"][0]["uuid"], "GPU-a");
+        assert_eq!(j["gpus"][0]["uuid"], "GPU-n1-0");
         assert!(j.get("trace").is_none());
     }
 
@@ -559,85 +580,5 @@ mod tests {
         assert_eq!(t, vec![Target::Create("/home/a/ergon-42.n1.json".into())]);
         // Relative or missing paths are never used.
         assert!(targets(&m, ReportFormat::Text, Some("slurm.out"), Some("rel"), true).is_empty());
-    }
-
-    #[test]
-    fn writes_as_the_user_and_refuses_symlinks_fifos_and_replacing() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to change uid");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::os::unix::fs::chown(&home, Some(4242), Some(4242)).unwrap();
-        // A new file is created owned by the user.
-        let f = home.join("ergon-1.txt");
-        write_as_user(&Target::Create(f.clone()), 4242, 4242, b"hello\n").unwrap();
-        let md = std::fs::metadata(&f).unwrap();
-        assert_eq!((md.uid(), md.gid()), (4242, 4242));
-        // Never replaced.
-        let e = write_as_user(&Target::Create(f.clone()), 4242, 4242, b"x").unwrap_err();
-        assert!(
-            matches!(
-                e,
-                WriteError::Failed {
-                    errno: libc::EEXIST,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        // Appended to.
-        write_as_user(&Target::Append(f.clone()), 4242, 4242, b"more\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&f).unwrap(), "hello\nmore\n");
-        // A symlink to a file the user may not write (root's) is refused, for both kinds.
-        let victim = dir.path().join("victim");
-        std::fs::write(&victim, b"root's").unwrap();
-        let link = home.join("slurm-1.out");
-        std::os::unix::fs::symlink(&victim, &link).unwrap();
-        for t in [Target::Append(link.clone()), Target::Create(link.clone())] {
-            assert!(write_as_user(&t, 4242, 4242, b"evil").is_err());
-        }
-        assert_eq!(std::fs::read(&victim).unwrap(), b"root's");
-        // A directory the user cannot write: refused by the kernel (it runs as the user).
-        let e = write_as_user(
-            &Target::Create(dir.path().join("rootfile")),
-            4242,
-            4242,
-            b"x",
-        )
-        .unwrap_err();
-        assert!(
-            matches!(
-                e,
-                WriteError::Failed {
-                    errno: libc::EACCES,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        assert!(!dir.path().join("rootfile").exists());
-        // A FIFO is refused without blocking.
-        let fifo = home.join("fifo");
-        let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
-        std::os::unix::fs::chown(&fifo, Some(4242), Some(4242)).unwrap();
-        let t0 = Instant::now();
-        assert!(write_as_user(&Target::Append(fifo), 4242, 4242, b"x").is_err());
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        // deliver falls back to the next target.
-        let got = deliver(
-            &[
-                Target::Append(link),
-                Target::Create(home.join("ergon-2.txt")),
-            ],
-            4242,
-            4242,
-            "r",
-        )
-        .unwrap();
-        assert_eq!(got, home.join("ergon-2.txt"));
     }
 }

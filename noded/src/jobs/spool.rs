@@ -1,18 +1,15 @@
-//! Writing manifests into the spool atomically: a temporary file in the spool itself, fsync,
-//! rename over the final name, fsync the directory. A reader (the accounting run) therefore sees
-//! either no manifest or a complete one, also after a crash or power loss. Several manifests
-//! written in a row may share one directory fsync ([`write_manifest_file`], then
-//! [`sync_dir`]): none of them counts as written before it.
+//! Writing manifests into the spool atomically ([`ergon_protocol::durable`]: a temporary file in
+//! the spool itself, fsync, rename over the final name, fsync the directory). A reader (the
+//! accounting run) therefore sees either no manifest or a complete one, also after a crash or
+//! power loss. Several manifests written in a row may share one directory fsync
+//! ([`write_manifest_file`], then [`sync_dir`]): none of them counts as written before it.
 //!
 //! File name: `<cluster>-<job id>-<node>.json`, each name reduced to `[A-Za-z0-9._-]` (other
 //! bytes become `_`) so that no value from the plugin can name a path outside the spool.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use ergon_protocol::Manifest;
+use ergon_protocol::{durable, Manifest};
 
 /// `s` with every byte outside `[A-Za-z0-9._-]` replaced by `_`, never empty or starting with a
 /// dot.
@@ -54,8 +51,7 @@ pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
 /// Make the renames done in `dir` durable (fsync the directory).
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+    durable::sync_dir(dir)
         .with_context(|| format!("cannot fsync the spool directory {}", dir.display()))
 }
 
@@ -66,30 +62,13 @@ pub fn write_manifest_file(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> 
     let json = m.to_json().context("cannot serialise the manifest")?;
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
-    let name = file_name(m);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.write_all(&json)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| {
-            format!(
-                "cannot write manifest {}; check that ergond may write to spool_dir",
-                path.display()
-            )
-        });
-    }
+    let path = dir.join(file_name(m));
+    durable::write_unsynced(&path, &json, 0o644).with_context(|| {
+        format!(
+            "cannot write manifest {}; check that ergond may write to spool_dir",
+            path.display()
+        )
+    })?;
     Ok(path)
 }
 

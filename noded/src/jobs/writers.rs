@@ -64,8 +64,9 @@ pub(super) fn queue_report(
 }
 
 pub(super) fn report_writer(rx: Receiver<ReportWork>) {
+    let writer = report::Writer::this_binary();
     while let Ok(w) = rx.recv() {
-        match report::deliver(&w.targets, w.uid, w.gid, &w.text) {
+        match writer.deliver(&w.targets, w.uid, w.gid, &w.text) {
             Ok(path) => {
                 tracing::info!(job_id = w.job_id, file = %path.display(), "energy report written")
             }

@@ -17,6 +17,7 @@
 //! The request → response step ([`respond`]) is a pure function, tested without sockets.
 
 use super::{render, CONTENT_TYPE};
+use crate::accept::AcceptLoop;
 use crate::snapshot::NodeSnapshot;
 use std::future::Future;
 use std::io;
@@ -24,8 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 /// Where the server gets the node's state: called once per `GET /metrics`. It must be cheap
@@ -226,41 +225,17 @@ pub async fn serve(
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        // Wait for a free slot before accepting, so excess clients queue in the kernel.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => r,
-            () = &mut shutdown => break,
-        };
-        // Reap finished connections so the set stays as small as the number in flight.
-        while tasks.try_join_next().is_some() {}
-        match stream {
-            Ok((stream, _peer)) => {
-                let snapshot = snapshot.clone();
-                tasks.spawn(async move {
-                    handle(stream, snapshot, limits).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics server: accept failed");
-                // Out of descriptors and similar: do not spin.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-    let _ = timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.shutdown().await;
+    let accept = AcceptLoop {
+        name: "metrics",
+        backoff: Duration::from_millis(100),
+        grace: SHUTDOWN_GRACE,
+        max_connections: Some(limits.max_connections),
+    };
+    accept
+        .run(listener, shutdown, |stream| {
+            Some(handle(stream, snapshot.clone(), limits))
+        })
+        .await;
 }
 
 #[cfg(test)]

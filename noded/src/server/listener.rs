@@ -14,13 +14,15 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ergon_protocol::{write_frame_async, ErrorCode, Reply};
-use tokio::net::UnixListener;
-use tokio::task::JoinSet;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::accept::AcceptLoop;
 
 use super::slots::{lock, Connections, Refused, Slot};
 use super::{connection, Handler, ServerLimits, ServerStats};
@@ -70,74 +72,74 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let conns = Arc::new(Mutex::new(Connections::default()));
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = &mut shutdown => break,
-        };
-        // Reap finished connections so the set does not grow.
-        while tasks.try_join_next().is_some() {}
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // EMFILE and the like: wait a little rather than spin.
-                tracing::warn!(error = %e, "accept on the ergond socket failed");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                continue;
+    let accept = AcceptLoop {
+        name: "ergond socket",
+        backoff: Duration::from_millis(10),
+        grace: limits.read_timeout,
+        // Admission is per connection, below: an idle one may be evicted to make room.
+        max_connections: None,
+    };
+    accept
+        .run(listener, shutdown, |stream| {
+            admit(stream, &handler, limits, &stats, &conns)
+        })
+        .await;
+}
+
+/// Admit one connection under `limits` (evicting the longest-idle one if the server is full),
+/// or refuse it with a `Busy` reply; the future that serves it either way, `None` when the
+/// peer cannot be identified.
+fn admit(
+    stream: UnixStream,
+    handler: &Handler,
+    limits: ServerLimits,
+    stats: &Arc<ServerStats>,
+    conns: &Arc<Mutex<Connections>>,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    let (uid, pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot identify a socket client (SO_PEERCRED); closing");
+            return None;
+        }
+    };
+    let admitted = lock(conns).admit(uid, &limits, Instant::now());
+    match admitted {
+        Ok((id, close, evicted)) => {
+            if evicted {
+                stats.evicted.fetch_add(1, Ordering::Relaxed);
+                stats.log_evicted(limits.max_connections);
             }
-        };
-        stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let (uid, pid) = match stream.peer_cred() {
-            Ok(c) => (c.uid(), c.pid()),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot identify a socket client (SO_PEERCRED); closing");
-                continue;
-            }
-        };
-        let admitted = lock(&conns).admit(uid, &limits, Instant::now());
-        match admitted {
-            Ok((id, close, evicted)) => {
-                if evicted {
-                    stats.evicted.fetch_add(1, Ordering::Relaxed);
-                    stats.log_evicted(limits.max_connections);
+            let slot = Slot::new(id, Arc::clone(conns), close);
+            let handler = Arc::clone(handler);
+            let stats = Arc::clone(stats);
+            Some(Box::pin(async move {
+                connection::run(stream, uid, pid, handler, limits, &slot, &stats).await;
+                drop(slot);
+            }))
+        }
+        Err(why) => {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            let text = match why {
+                Refused::PerPeer(n) => format!(
+                    "uid {uid} already holds {n} connections to ergond, its limit; close \
+                     some and retry"
+                ),
+                Refused::Full(n) => {
+                    format!("ergond is answering {n} requests at once, its maximum; retry shortly")
                 }
-                let slot = Slot::new(id, Arc::clone(&conns), close);
-                let handler = Arc::clone(&handler);
-                let stats = Arc::clone(&stats);
-                tasks.spawn(async move {
-                    connection::run(stream, uid, pid, handler, limits, &slot, &stats).await;
-                    drop(slot);
-                });
-            }
-            Err(why) => {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                let text = match why {
-                    Refused::PerPeer(n) => format!(
-                        "uid {uid} already holds {n} connections to ergond, its limit; close \
-                         some and retry"
-                    ),
-                    Refused::Full(n) => format!(
-                        "ergond is answering {n} requests at once, its maximum; retry shortly"
-                    ),
-                };
-                stats.log_refused(uid, &text);
-                let mut stream = stream;
-                tasks.spawn(async move {
-                    let reply = Reply::error(ErrorCode::Busy, text);
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(1),
-                        write_frame_async(&mut stream, &reply),
-                    )
-                    .await;
-                });
-            }
+            };
+            stats.log_refused(uid, &text);
+            let mut stream = stream;
+            Some(Box::pin(async move {
+                let reply = Reply::error(ErrorCode::Busy, text);
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    write_frame_async(&mut stream, &reply),
+                )
+                .await;
+            }))
         }
     }
-    drop(listener);
-    let _ = tokio::time::timeout(limits.read_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
 }

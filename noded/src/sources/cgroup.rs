@@ -174,12 +174,9 @@ pub struct SocketBusy {
 
 /// USER_HZ, the unit of `/proc/stat` (100 on every mainstream Linux, but asked, not assumed).
 pub fn user_hz() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 {
-        hz as u64
-    } else {
-        100
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(hz)) if hz > 0 => hz as u64,
+        _ => 100,
     }
 }
 
@@ -263,7 +260,7 @@ impl SocketBusy {
 mod tests {
     use super::*;
     use crate::sources::topology::CpuPlace;
-    use crate::testing::{
+    use ergon_testkit::{
         write_cgroup_v1_usage, write_cgroup_v2_usage, write_cpu_topology, write_proc_stat,
     };
 
@@ -299,7 +296,7 @@ mod tests {
             .to_string();
         assert!(e.contains("job_9/cpuacct.usage"), "{e}");
         write_cgroup_v2_usage(dir.path(), "x", 1);
-        crate::testing::write_file(&dir.path().join("x/cpu.stat"), "nr_periods 0\n");
+        ergon_testkit::write_file(&dir.path().join("x/cpu.stat"), "nr_periods 0\n");
         let mut c = CgroupCpu::open(dir.path(), CgroupVersion::V2, "x").unwrap();
         assert!(matches!(c.read_usage_ns(), Err(CgroupError::Format { .. })));
     }

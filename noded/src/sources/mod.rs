@@ -1,7 +1,7 @@
 //! Hardware sources: the only code in ergond that reads counters from the machine.
 //!
 //! Each source takes its root directory (or library path) as a parameter, so tests and demo
-//! setups point it at generated trees (the `testing` module, feature `testing`) or at the fake NVML library.
+//! setups point it at generated trees (the `ergon-testkit` crate) or at the fake NVML library.
 //! Sources return raw counter values with monotonic timestamps; turning them into energy is the
 //! job of [`crate::counter`].
 

@@ -20,21 +20,12 @@ use crate::counter::{
     Step, Support,
 };
 use nvml_wrapper::enums::device::SampleValue;
-use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
+use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::{
     NVML_FI_DEV_POWER_INSTANT, NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
 };
 use nvml_wrapper::{Device, Nvml};
-use nvml_wrapper_sys::bindings::{
-    nvmlDevice_t, nvmlFieldValue_t, nvmlGpuInstanceProfileInfo_t,
-    nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as VT_DOUBLE,
-    nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_LONG_LONG as VT_I64,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT as VT_U32,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG as VT_ULONG,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VT_U64,
-    NVML_GPU_INSTANCE_PROFILE_COUNT,
-};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -181,24 +172,15 @@ pub struct CallTimes {
     pub power_fn_ns: Option<u64>,
 }
 
-/// Raw device handle. `nvmlDevice_t` is an opaque token that NVML allows from any thread;
-/// nvml-wrapper's own `Device` is `Send + Sync` for the same reason.
-#[derive(Debug, Clone, Copy)]
-struct Handle(nvmlDevice_t);
-// SAFETY: see the type's documentation: the handle is never dereferenced by us.
-unsafe impl Send for Handle {}
-// SAFETY: as above.
-unsafe impl Sync for Handle {}
-
 #[derive(Debug)]
 struct GpuState {
     info: GpuInfo,
-    handle: Handle,
 }
 
 /// All GPUs of the node.
 pub struct GpuSource {
-    nvml: Nvml,
+    /// NVML and its devices' handles, in NVML index order (as `gpus`).
+    driver: raw::Driver,
     gpus: Vec<GpuState>,
 }
 
@@ -244,14 +226,13 @@ impl GpuSource {
             what: "count devices".into(),
             source,
         })?;
+        let driver =
+            raw::Driver::new(nvml, count).map_err(|(index, source)| GpuError::Enumerate {
+                what: format!("get device {index}"),
+                source,
+            })?;
         let mut gpus = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            let dev = nvml
-                .device_by_index(index)
-                .map_err(|source| GpuError::Enumerate {
-                    what: format!("get device {index}"),
-                    source,
-                })?;
+        for (index, dev) in (0..count).zip(driver.devices()) {
             let uuid = dev.uuid().map_err(|source| GpuError::Enumerate {
                 what: format!("read the UUID of device {index}"),
                 source,
@@ -264,7 +245,7 @@ impl GpuSource {
                 name: dev.name().ok(),
             };
             let mut info = probe(&dev, id);
-            info.mig = mig_layout(&nvml, &dev);
+            info.mig = mig_layout(&dev);
             tracing::info!(
                 uuid = %info.id.uuid,
                 minor = ?info.id.minor,
@@ -274,12 +255,9 @@ impl GpuSource {
                 mig_instances = info.mig.as_ref().map(|m| m.instances.len()),
                 "GPU found"
             );
-            // SAFETY: reading the handle out of a live Device to re-create Devices later
-            // against the same Nvml, which this struct owns for as long as the handle is used.
-            let handle = Handle(unsafe { dev.handle() });
-            gpus.push(GpuState { info, handle });
+            gpus.push(GpuState { info });
         }
-        Ok(Self { nvml, gpus })
+        Ok(Self { driver, gpus })
     }
 
     /// The GPUs, in NVML index order.
@@ -304,12 +282,12 @@ impl GpuSource {
 
     /// Version of the loaded NVML library (e.g. `12.550.54.15`).
     pub fn nvml_version(&self) -> Result<String, NvmlError> {
-        self.nvml.sys_nvml_version()
+        self.driver.nvml().sys_nvml_version()
     }
 
     /// Version of the NVIDIA driver (e.g. `550.54.15`).
     pub fn driver_version(&self) -> Result<String, NvmlError> {
-        self.nvml.sys_driver_version()
+        self.driver.nvml().sys_driver_version()
     }
 
     /// Read GPU `i`'s energy counter and power in as few driver calls as possible.
@@ -321,17 +299,16 @@ impl GpuSource {
     /// first).
     pub fn read_timed(&mut self, i: usize, times: &mut CallTimes) -> Result<GpuReading, GpuError> {
         *times = CallTimes::default();
-        let Self { nvml, gpus } = self;
+        let Self { driver, gpus } = self;
         let g = &mut gpus[i];
         if g.info.lost {
             return Err(GpuError::Lost {
                 uuid: g.info.id.uuid.clone(),
             });
         }
-        // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
-        let dev = unsafe { Device::new(g.handle.0, nvml) };
+        let dev = driver.device(i);
         let before_ns = monotonic_ns();
-        let result = read_device(&dev, g.handle.0, &g.info, times);
+        let result = read_device(&dev, &g.info, times);
         let after_ns = monotonic_ns();
         match result {
             Ok((energy_mj, power_mw)) => Ok(GpuReading {
@@ -361,13 +338,10 @@ impl GpuSource {
     /// highest if several samples name it). Empty when no process ran; `None` when the GPU or
     /// driver does not report it (then shared GPUs are split equally).
     pub fn process_utilization(&mut self, i: usize) -> Option<Vec<(u32, u32)>> {
-        let Self { nvml, gpus } = self;
-        let g = &gpus[i];
-        if g.info.lost {
+        if self.gpus[i].info.lost {
             return None;
         }
-        // SAFETY: the handle came from this Nvml instance, which outlives `dev`.
-        let dev = unsafe { Device::new(g.handle.0, nvml) };
+        let dev = self.driver.device(i);
         // Samples of the last second (the driver keeps a short history).
         let since_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -442,50 +416,14 @@ fn timed<T>(slot: &mut Option<u64>, f: impl FnOnce() -> T) -> T {
     out
 }
 
-// Field ids 251..=273 were renumbered in CUDA 13.0 Update 1 (nvml-wrapper translates them);
 // ours are outside that range, so [`field_values_raw`] can pass them through unchanged.
 const _: () = assert!(
     NVML_FI_DEV_POWER_INSTANT < 251 && NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION < 251,
     "field ids in the renumbered range need nvml-wrapper's translation"
 );
 
-/// One `nvmlDeviceGetFieldValues` call for [`FIELDS`], into an array on the stack: the same
-/// call and decoding as `Device::field_values_for`, without its two heap allocations per call,
-/// so the sampler's per-tick path allocates nothing. One result per entry of [`FIELDS`].
-fn field_values_raw(
-    nvml: &Nvml,
-    handle: nvmlDevice_t,
-) -> Result<[Result<u64, NvmlError>; 2], NvmlError> {
-    let sym = nvml_sym(nvml.lib().nvmlDeviceGetFieldValues.as_ref())?;
-    // SAFETY: nvmlFieldValue_t is plain integers and a union of integers: all-zero is valid.
-    let mut raw: [nvmlFieldValue_t; 2] = unsafe { std::mem::zeroed() };
-    for (entry, id) in raw.iter_mut().zip(FIELDS) {
-        entry.fieldId = id.0;
-    }
-    // SAFETY: `handle` came from this Nvml instance; `raw` holds exactly 2 initialised entries.
-    nvml_try(unsafe { sym(handle, raw.len() as i32, raw.as_mut_ptr()) })?;
-    Ok(raw.map(|entry| {
-        nvml_try(entry.nvmlReturn)?;
-        // SAFETY: the union member read is the one `valueType` says the driver wrote.
-        let value = unsafe {
-            match entry.valueType {
-                VT_DOUBLE => SampleValue::F64(entry.value.dVal),
-                VT_U32 => SampleValue::U32(entry.value.uiVal),
-                // c_ulong is u64 here but u32 on 32-bit targets.
-                #[allow(clippy::useless_conversion)]
-                VT_ULONG => SampleValue::U64(u64::from(entry.value.ulVal)),
-                VT_U64 => SampleValue::U64(entry.value.ullVal),
-                VT_I64 => SampleValue::I64(entry.value.sllVal),
-                other => return Err(NvmlError::UnexpectedVariant(other)),
-            }
-        };
-        sample_u64(&value).ok_or(NvmlError::UnexpectedVariant(entry.valueType))
-    }))
-}
-
 fn read_device(
     dev: &Device<'_>,
-    handle: nvmlDevice_t,
     info: &GpuInfo,
     times: &mut CallTimes,
 ) -> Result<(Option<u64>, Option<u32>), ReadFailure> {
@@ -493,7 +431,7 @@ fn read_device(
     let mut power = None;
     if info.energy_via == ReadVia::FieldValue || info.power_via == ReadVia::FieldValue {
         let values = timed(&mut times.field_values_ns, || {
-            field_values_raw(dev.nvml(), handle)
+            raw::field_values(dev, FIELDS)
         })
         .map_err(|e| ("field values", e))?;
         for (k, entry) in values.into_iter().enumerate() {
@@ -581,7 +519,7 @@ fn probe(dev: &Device<'_>, id: GpuIdentity) -> GpuInfo {
 /// The GPU's MIG instances if it is in MIG mode (`None` otherwise, or when the driver does not
 /// say). Instances whose ids or slice count cannot be read are left out with a warning: their
 /// slices then count as unused, so their share stays unattributed rather than going to others.
-fn mig_layout(nvml: &Nvml, dev: &Device<'_>) -> Option<MigLayout> {
+fn mig_layout(dev: &Device<'_>) -> Option<MigLayout> {
     let mode = dev.mig_mode().ok()?;
     if mode.current != 1 {
         return None;
@@ -598,11 +536,9 @@ fn mig_layout(nvml: &Nvml, dev: &Device<'_>) -> Option<MigLayout> {
                 continue;
             }
         };
-        // SAFETY: the handle of a live MIG device of this Nvml, used at once.
-        let handle = unsafe { mig.handle() };
         let ids = (
-            instance_id(nvml, handle, true),
-            instance_id(nvml, handle, false),
+            raw::instance_id(&mig, raw::Instance::Gpu),
+            raw::instance_id(&mig, raw::Instance::Compute),
         );
         let slices = mig.attributes().map(|a| a.gpu_instance_slice_count);
         match (ids, slices, mig.uuid()) {
@@ -621,7 +557,7 @@ fn mig_layout(nvml: &Nvml, dev: &Device<'_>) -> Option<MigLayout> {
             ),
         }
     }
-    let total_slices = total_slices(nvml, dev)
+    let total_slices = raw::total_slices(dev)
         .unwrap_or(max)
         .max(instances.iter().map(|m| m.slices).sum());
     if total_slices == 0 {
@@ -631,37 +567,6 @@ fn mig_layout(nvml: &Nvml, dev: &Device<'_>) -> Option<MigLayout> {
         total_slices,
         instances,
     })
-}
-
-/// `nvmlDeviceGetGpuInstanceId` (`gpu`) or `nvmlDeviceGetComputeInstanceId` of a MIG device:
-/// not wrapped by nvml-wrapper, called through its loaded library.
-fn instance_id(nvml: &Nvml, handle: nvmlDevice_t, gpu: bool) -> Result<u32, NvmlError> {
-    let lib = nvml.lib();
-    let sym = if gpu {
-        nvml_sym(lib.nvmlDeviceGetGpuInstanceId.as_ref())?
-    } else {
-        nvml_sym(lib.nvmlDeviceGetComputeInstanceId.as_ref())?
-    };
-    let mut id: std::ffi::c_uint = 0;
-    // SAFETY: `handle` is a live MIG device handle of this library; `id` is a valid out-pointer.
-    nvml_try(unsafe { sym(handle, &mut id) })?;
-    Ok(id)
-}
-
-/// The largest slice count among the GPU instance profiles the GPU supports (its whole size).
-fn total_slices(nvml: &Nvml, dev: &Device<'_>) -> Option<u32> {
-    let sym = nvml_sym(nvml.lib().nvmlDeviceGetGpuInstanceProfileInfo.as_ref()).ok()?;
-    // SAFETY: the handle of a live device of this Nvml.
-    let handle = unsafe { dev.handle() };
-    (0..NVML_GPU_INSTANCE_PROFILE_COUNT)
-        .filter_map(|profile| {
-            // SAFETY: plain integers; all-zero is a valid value.
-            let mut info: nvmlGpuInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: live handle, valid out-pointer.
-            let rc = unsafe { sym(handle, profile, &mut info) };
-            (rc == 0).then_some(info.sliceCount)
-        })
-        .max()
 }
 
 /// Sampling period for a GPU: half the detected counter update period (so every update is
@@ -751,6 +656,163 @@ pub fn reading_instant(before_ns: u64, after_ns: u64) -> u64 {
         after_ns
     } else {
         before_ns + took / 2
+    }
+}
+
+/// NVML's raw device handles, and the driver calls nvml-wrapper does not wrap (or wraps with
+/// allocations the sampler's per-tick path avoids): the only unsafe code of ergond outside
+/// `crate::sys`.
+///
+/// nvml-wrapper hands out a `Device<'nvml>` that borrows its `Nvml`; the sampler instead keeps
+/// every device's handle next to the `Nvml` that owns it ([`Driver`]), so a `Device` is made
+/// again for each read without an NVML call, and is only ever made against that same `Nvml`.
+/// The other calls take a `Device`, whose handle and library belong together by construction.
+#[allow(unsafe_code)]
+mod raw {
+    use super::{sample_u64, FieldId};
+    use nvml_wrapper::enums::device::SampleValue;
+    use nvml_wrapper::error::{nvml_sym, nvml_try, NvmlError};
+    use nvml_wrapper::{Device, Nvml};
+    use nvml_wrapper_sys::bindings::{
+        nvmlDevice_t, nvmlFieldValue_t, nvmlGpuInstanceProfileInfo_t,
+        nvmlValueType_enum_NVML_VALUE_TYPE_DOUBLE as VT_DOUBLE,
+        nvmlValueType_enum_NVML_VALUE_TYPE_SIGNED_LONG_LONG as VT_I64,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT as VT_U32,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG as VT_ULONG,
+        nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG as VT_U64,
+        NVML_GPU_INSTANCE_PROFILE_COUNT,
+    };
+
+    /// A device handle. `nvmlDevice_t` is an opaque token that NVML allows from any thread;
+    /// nvml-wrapper's own `Device` is `Send + Sync` for the same reason.
+    #[derive(Debug, Clone, Copy)]
+    struct Handle(nvmlDevice_t);
+    // SAFETY: see the type's documentation: the handle is never dereferenced by us.
+    unsafe impl Send for Handle {}
+    // SAFETY: as above.
+    unsafe impl Sync for Handle {}
+
+    /// NVML with the handles of its devices, in NVML index order.
+    pub(super) struct Driver {
+        nvml: Nvml,
+        handles: Vec<Handle>,
+    }
+
+    impl Driver {
+        /// Keep the handles of devices `0..count` of `nvml`; the index and error of the first
+        /// device NVML does not give.
+        pub(super) fn new(nvml: Nvml, count: u32) -> Result<Self, (u32, NvmlError)> {
+            let handles = (0..count)
+                .map(|index| {
+                    let dev = nvml.device_by_index(index).map_err(|e| (index, e))?;
+                    // SAFETY: reading the token out of a live Device of `nvml`; it is only used
+                    // again through `device`, against this same `nvml`, which owns it.
+                    Ok(Handle(unsafe { dev.handle() }))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Self { nvml, handles })
+        }
+
+        /// The NVML instance.
+        pub(super) fn nvml(&self) -> &Nvml {
+            &self.nvml
+        }
+
+        /// Device `i` (NVML index).
+        pub(super) fn device(&self, i: usize) -> Device<'_> {
+            // SAFETY: the handle came from `self.nvml` (see `new`), which outlives the Device.
+            unsafe { Device::new(self.handles[i].0, &self.nvml) }
+        }
+
+        /// Every device, in NVML index order.
+        pub(super) fn devices(&self) -> impl Iterator<Item = Device<'_>> {
+            (0..self.handles.len()).map(|i| self.device(i))
+        }
+    }
+
+    // Field ids 251..=273 were renumbered in CUDA 13.0 Update 1 (nvml-wrapper translates them);
+    // ours must be outside that range, so [`field_values`] can pass them through unchanged.
+    const _: () = assert!(
+        super::NVML_FI_DEV_POWER_INSTANT < 251 && super::NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION < 251,
+        "field ids in the renumbered range need nvml-wrapper's translation"
+    );
+
+    /// One `nvmlDeviceGetFieldValues` call for `fields`, into an array on the stack: the same
+    /// call and decoding as `Device::field_values_for`, without its two heap allocations per
+    /// call, so the sampler's per-tick path allocates nothing. One result per field.
+    pub(super) fn field_values<const N: usize>(
+        dev: &Device<'_>,
+        fields: [FieldId; N],
+    ) -> Result<[Result<u64, NvmlError>; N], NvmlError> {
+        let sym = nvml_sym(dev.nvml().lib().nvmlDeviceGetFieldValues.as_ref())?;
+        // SAFETY: nvmlFieldValue_t is plain integers and a union of integers: all-zero is valid.
+        let mut raw: [nvmlFieldValue_t; N] = unsafe { std::mem::zeroed() };
+        for (entry, id) in raw.iter_mut().zip(fields) {
+            entry.fieldId = id.0;
+        }
+        // SAFETY: the Device's handle belongs to its library; `raw` holds N initialised entries.
+        nvml_try(unsafe { sym(dev.handle(), N as i32, raw.as_mut_ptr()) })?;
+        Ok(raw.map(|entry| {
+            nvml_try(entry.nvmlReturn)?;
+            // SAFETY: the union member read is the one `valueType` says the driver wrote.
+            let value = unsafe {
+                match entry.valueType {
+                    VT_DOUBLE => SampleValue::F64(entry.value.dVal),
+                    VT_U32 => SampleValue::U32(entry.value.uiVal),
+                    // c_ulong is u64 here but u32 on 32-bit targets.
+                    #[allow(clippy::useless_conversion)]
+                    VT_ULONG => SampleValue::U64(u64::from(entry.value.ulVal)),
+                    VT_U64 => SampleValue::U64(entry.value.ullVal),
+                    VT_I64 => SampleValue::I64(entry.value.sllVal),
+                    other => return Err(NvmlError::UnexpectedVariant(other)),
+                }
+            };
+            sample_u64(&value).ok_or(NvmlError::UnexpectedVariant(entry.valueType))
+        }))
+    }
+
+    /// Which id of a MIG device [`instance_id`] reads.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Instance {
+        /// `nvmlDeviceGetGpuInstanceId`.
+        Gpu,
+        /// `nvmlDeviceGetComputeInstanceId`.
+        Compute,
+    }
+
+    /// The GPU or compute instance id of a MIG device: not wrapped by nvml-wrapper, called
+    /// through its loaded library.
+    pub(super) fn instance_id(mig: &Device<'_>, which: Instance) -> Result<u32, NvmlError> {
+        let lib = mig.nvml().lib();
+        let sym = match which {
+            Instance::Gpu => nvml_sym(lib.nvmlDeviceGetGpuInstanceId.as_ref())?,
+            Instance::Compute => nvml_sym(lib.nvmlDeviceGetComputeInstanceId.as_ref())?,
+        };
+        let mut id: std::ffi::c_uint = 0;
+        // SAFETY: the Device's handle belongs to its library; `id` is a valid out-pointer.
+        nvml_try(unsafe { sym(mig.handle(), &mut id) })?;
+        Ok(id)
+    }
+
+    /// The largest slice count among the GPU instance profiles the GPU supports (its whole
+    /// size).
+    pub(super) fn total_slices(dev: &Device<'_>) -> Option<u32> {
+        let sym = nvml_sym(
+            dev.nvml()
+                .lib()
+                .nvmlDeviceGetGpuInstanceProfileInfo
+                .as_ref(),
+        )
+        .ok()?;
+        (0..NVML_GPU_INSTANCE_PROFILE_COUNT)
+            .filter_map(|profile| {
+                // SAFETY: plain integers; all-zero is a valid value.
+                let mut info: nvmlGpuInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: the Device's handle belongs to its library; valid out-pointer.
+                let rc = unsafe { sym(dev.handle(), profile, &mut info) };
+                (rc == 0).then_some(info.sliceCount)
+            })
+            .max()
     }
 }
 

@@ -13,7 +13,7 @@ use super::domains::{RaplDomain, ZoneInfo, ZoneKey};
 use super::topology::{parse_cpu_list, CpuTopology};
 use crate::counter::CounterKind;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// Error describing, opening or reading perf RAPL counters.
@@ -197,55 +197,7 @@ impl PerfPmuDesc {
 /// Opens one counter: `(pmu_type, config, cpu) -> fd`.
 pub type PerfOpener<'a> = &'a dyn Fn(u32, u64, u32) -> io::Result<OwnedFd>;
 
-/// The first 64 bytes of `struct perf_event_attr` (`PERF_ATTR_SIZE_VER0`). The kernel accepts
-/// this size and treats all later fields as zero, which is what a plain counting event needs.
-#[repr(C)]
-struct PerfEventAttrV0 {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-}
-
-/// Open a system-wide counting event with `perf_event_open(2)` (pid = -1, on `cpu`).
-pub fn perf_event_open(pmu_type: u32, config: u64, cpu: u32) -> io::Result<OwnedFd> {
-    let attr = PerfEventAttrV0 {
-        type_: pmu_type,
-        size: std::mem::size_of::<PerfEventAttrV0>() as u32,
-        config,
-        sample_period: 0,
-        sample_type: 0,
-        read_format: 0,
-        flags: 0,
-        wakeup_events: 0,
-        bp_type: 0,
-        config1: 0,
-    };
-    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
-    // SAFETY: `attr` is a valid perf_event_attr prefix whose `size` field says so; the other
-    // arguments are plain integers. The returned fd, if any, is owned by us.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_perf_event_open,
-            &attr as *const PerfEventAttrV0,
-            -1 as libc::pid_t,
-            cpu as libc::c_int,
-            -1 as libc::c_int,
-            PERF_FLAG_FD_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
-}
+pub use crate::sys::perf_event_open;
 
 struct OpenCounter {
     event: String,
@@ -349,16 +301,14 @@ impl PerfRapl {
         out.clear();
         for c in &self.counters {
             let mut buf = [0u8; 8];
-            // SAFETY: reading 8 bytes into a valid 8-byte buffer from an fd we own.
-            let n = unsafe { libc::read(c.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-            if n != 8 {
-                let source = if n < 0 {
-                    io::Error::last_os_error()
-                } else {
-                    io::Error::new(
+            let n = nix::unistd::read(&c.fd, &mut buf);
+            if n != Ok(8) {
+                let source = match n {
+                    Err(e) => io::Error::from(e),
+                    Ok(n) => io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         format!("short read of {n} bytes"),
-                    )
+                    ),
                 };
                 return Err(PerfError::Read {
                     event: c.event.clone(),
@@ -376,7 +326,7 @@ impl PerfRapl {
 mod tests {
     use super::*;
     use crate::sources::topology::CpuPlace;
-    use crate::testing::{write_cpu_topology, write_perf_power_pmu};
+    use ergon_testkit::{write_cpu_topology, write_perf_power_pmu};
     use std::cell::RefCell;
     use std::io::Write;
 
@@ -424,7 +374,7 @@ mod tests {
             Err(PerfError::NoPmu { .. })
         ));
         write_perf_power_pmu(dir.path(), 23, "0", &[("energy-pkg", 2)]);
-        crate::testing::write_file(&dir.path().join("power/events/energy-pkg.unit"), "Watts\n");
+        ergon_testkit::write_file(&dir.path().join("power/events/energy-pkg.unit"), "Watts\n");
         let err = PerfPmuDesc::read(dir.path()).unwrap_err().to_string();
         assert!(
             err.contains("energy-pkg.unit") && err.contains("Watts"),
@@ -449,17 +399,8 @@ mod tests {
         let writers = RefCell::new(Vec::new());
         let opened = RefCell::new(Vec::new());
         let opener = |ty: u32, config: u64, cpu: u32| -> io::Result<OwnedFd> {
-            let mut fds = [0; 2];
-            // SAFETY: valid 2-element array for pipe(2).
-            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-            // SAFETY: fresh descriptors from pipe(2).
-            let (r, w) = unsafe {
-                (
-                    OwnedFd::from_raw_fd(fds[0]),
-                    std::fs::File::from_raw_fd(fds[1]),
-                )
-            };
-            writers.borrow_mut().push(w);
+            let (r, w) = nix::unistd::pipe().unwrap();
+            writers.borrow_mut().push(std::fs::File::from(w));
             opened.borrow_mut().push((ty, config, cpu));
             Ok(r)
         };

@@ -327,7 +327,7 @@ impl RaplSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{PowercapLayout, PowercapTree, ZoneFixture};
+    use ergon_testkit::{PowercapLayout, PowercapTree, ZoneFixture};
 
     fn keys(p: &Powercap) -> Vec<String> {
         p.zones().iter().map(|z| z.key.to_string()).collect()

@@ -109,7 +109,7 @@ pub fn write_node(
     usage_usec: u64,
     extra: &str,
 ) -> PathBuf {
-    use ergond::testing::{
+    use ergon_testkit::{
         write_cgroup_v2_usage, write_cpu_topology, write_proc_stat, PowercapLayout, PowercapTree,
     };
     let powercap = dir.join("powercap");
@@ -124,12 +124,22 @@ pub fn write_node(
     let cgroup = dir.join("cgroup");
     write_cgroup_v2_usage(&cgroup, cgroup_rel, usage_usec);
     let config = dir.join("ergond.toml");
+    // ergond takes job events from root and slurm_user only: run by an ordinary user, the tests
+    // send them as that user, its SlurmUser.
+    let slurm_user = if ergon_testkit::is_root() {
+        String::new()
+    } else {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .unwrap()
+            .expect("the test's user has a name");
+        format!("slurm_user = {:?}\n", me.name)
+    };
     std::fs::write(
         &config,
         format!(
             "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nsysfs_root = {}\n\
              cgroup_root = {}\nproc_root = {}\nsocket_path = {}\nstate_dir = {}\nspool_dir = {}\n\
-             metrics_listen = \"{metrics}\"\n{extra}",
+             metrics_listen = \"{metrics}\"\n{slurm_user}{extra}",
             toml_str(nvml),
             toml_str(&powercap),
             toml_str(&dir.join("perf")),
@@ -275,4 +285,19 @@ pub fn wait_manifest(path: &Path, e: &Ergond) -> ergon_protocol::Manifest {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Run `cmd` with `input` on its standard input; its standard output and error are captured.
+pub fn run_with_input(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    // A child that exits without reading closes the pipe: what it says tells why.
+    let _ = child.stdin.take().expect("piped").write_all(input);
+    child.wait_with_output().unwrap()
 }

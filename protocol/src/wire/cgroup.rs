@@ -99,7 +99,7 @@ mod tests {
     }
 
     /// As a task of job 5, step 0 saw it under Slurm 22.05 with cgroup/v1 on a Debian 12
-    /// hybrid mount (FACTS.md: cpuacct is its own hierarchy there).
+    /// hybrid mount (cpuacct is its own hierarchy there, not joined with cpu).
     #[test]
     fn parses_slurm_v1_hybrid() {
         let text = "\

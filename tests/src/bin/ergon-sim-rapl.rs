@@ -19,16 +19,18 @@
 //! from the real `/proc/stat` (busy = user + nice + system + irq + softirq + steal; total adds
 //! idle and iowait). Counters wrap at each zone's `max_energy_range_uj`, as real ones do.
 //!
-//! The files are written with `ergond::testing`'s writers (fixed-width, in place), so ergond,
+//! The files are written with `ergon_testkit`'s writers (fixed-width, in place), so ergond,
 //! pointed at DIR with `powercap_root`, reads them through its real powercap code. Runs until
 //! killed; prints one line at start and one every 10 s (to stderr).
+
+#![deny(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ergond::testing::{PowercapLayout, PowercapTree};
+use ergon_testkit::{PowercapLayout, PowercapTree};
 
 /// The power model and where to read and write.
 #[derive(Debug, Clone)]

@@ -10,6 +10,8 @@
 //! not a frame; `refuse` answers an error. Each connection is served on its own thread, so one
 //! hung exchange never blocks the next.
 
+#![deny(unsafe_code)]
+
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -67,20 +69,9 @@ fn main() {
 }
 
 fn peer_uid(stream: &UnixStream) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: valid fd and a ucred-sized buffer.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut _ as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.uid)
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
 }
 
 fn serve(mut stream: UnixStream, mode: Mode, out: &Mutex<std::fs::File>) {

@@ -1,9 +1,8 @@
 //! Generators for fake hardware trees: powercap, the perf `power` PMU description, CPU topology,
 //! cgroup v1/v2 hierarchies and `/proc/stat`.
 //!
-//! Only compiled with the `testing` feature (never in a shipped build). The trees have the same
-//! file layout and formats as the kernel's, so the sources are exercised through their real
-//! parsing and reading code. Counter files are rewritten in place (same inode), so a source that
+//! The trees have the same file layout and formats as the kernel's, so the sources are exercised
+//! through their real parsing and reading code. Counter files are rewritten in place (same inode), so a source that
 //! keeps the file open sees the new value, as with a real sysfs attribute.
 
 use std::fmt::Write as _;

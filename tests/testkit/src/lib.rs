@@ -1,0 +1,113 @@
+//! Test support shared by ergon's tests, never a dependency of anything shipped (a test in
+//! `noded/tests/install.rs` checks that the shipped binaries contain none of it):
+//!
+//! - fake hardware trees ([`hw`], also at the crate root): powercap, the perf `power` PMU
+//!   description, CPU topology, cgroup v1/v2 hierarchies and `/proc/stat`, for ergond's sources
+//!   and for the demo's RAPL simulator;
+//! - [`needs_root`]: the one way a test that needs root skips when it is not, visibly
+//!   ([`skipped`] for other missing prerequisites);
+//! - [`Tmpfs`]: a small filesystem to fill up or remount read-only (root only).
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod hw;
+
+pub use hw::*;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Whether this process runs as root. When it does not, a test that needs root (to change uid,
+/// mount a tmpfs, chown, run as another user) calls this first and returns when it says
+/// `false`: it then printed `SKIPPED <test>: needs root to <why>` straight to the terminal
+/// (past the test harness's output capture), so a run as an ordinary user says what it did
+/// not test instead of passing it silently.
+pub fn needs_root(test: &str, why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skipped(test, &format!("needs root to {why}"));
+    false
+}
+
+/// Say on the terminal, past the test harness's output capture, that `what` was not tested and
+/// why: `SKIPPED <what>: <why>`.
+pub fn skipped(what: &str, why: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}: {why}");
+}
+
+/// Whether the effective uid is 0 (from `/proc/self/status`, so this crate needs no libc).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A tmpfs mounted for a test (a disk that fills up or turns read-only), unmounted when the
+/// value is dropped. Mounting needs root: call [`needs_root`] first.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (`mount -o size=…`, e.g. `"256k"`) with mode 0755 at `path`,
+    /// created if missing.
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("create the mount point");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "ergon-test",
+            ])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs on {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    /// Remount with `option` (`"ro"`, `"rw"`).
+    pub fn remount(&self, option: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{option}")])
+            .arg(&self.0)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "remounting {} {option} failed: {}",
+            self.0.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Fill it: a file of zeros until no space is left; returns that file.
+    pub fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("create the filler");
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
