@@ -115,6 +115,18 @@ pub enum ForeignUnsafe {
     Lowercase,
 }
 
+/// Whether `ergon run` also sets the job's own `ConsumedEnergy` (Slurm 25.11 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumedEnergy {
+    /// Where sacctmgr can (25.11+), unless Slurm measured the job itself.
+    Auto,
+    /// Where sacctmgr can, replacing what Slurm measured itself.
+    Overwrite,
+    /// Never.
+    Off,
+}
+
 /// sacct settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +153,13 @@ pub struct SacctConfig {
     /// What to do with foreign content sacctmgr would alter.
     #[serde(default = "default_foreign")]
     pub foreign_unsafe: ForeignUnsafe,
+    /// Also set the job's `ConsumedEnergy` (TRES energy) to ergon's total.
+    #[serde(default = "default_consumed_energy")]
+    pub consumed_energy: ConsumedEnergy,
+}
+
+fn default_consumed_energy() -> ConsumedEnergy {
+    ConsumedEnergy::Auto
 }
 
 fn yes() -> bool {
@@ -175,6 +194,7 @@ impl Default for SacctConfig {
             parallel: default_parallel(),
             verify_attempts: default_verify_attempts(),
             foreign_unsafe: default_foreign(),
+            consumed_energy: default_consumed_energy(),
         }
     }
 }
@@ -370,9 +390,10 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let text = include_str!("../../slurm-conf-examples/accounting.toml");
+        let text = include_str!("../../packaging/accounting.toml");
         let c = Config::parse(text, Path::new("accounting.toml")).unwrap();
         assert_eq!(c.state.max_age_days, 30);
+        assert_eq!(c.sacct.consumed_energy, ConsumedEnergy::Auto);
     }
 
     #[test]

@@ -642,6 +642,12 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
             (rec.gpus, rec.nodes, rec.coverage) == (2, 1, 1.0),
             "{rec:?}"
         );
+        // Slurm 25.11+: the job's own ConsumedEnergy is ergon's total too.
+        let consumed = c.sacct_field(job, "ConsumedEnergyRaw")?.unwrap_or_default();
+        let consumed: u64 = consumed.trim().parse().unwrap_or(0);
+        let want = if c.version() >= (25, 11) { rec.energy_j } else { 0 };
+        println!("ConsumedEnergyRaw: {consumed} (Slurm {})", c.release);
+        ensure!(consumed == want, "ConsumedEnergyRaw {consumed}, expected {want}: {}", show(&out));
         let out = ergon(c, &acct, &["report", &job.to_string(), "--json"])?;
         ensure!(out.status.code() == Some(0), "ergon report: {}", show(&out));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
