@@ -32,6 +32,10 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// One job to write: its id, ergon's total in joules, and the total of the ergon1 record it had
+/// before this run.
+pub type EnergyJob = (u32, u64, Option<u64>);
+
 /// What ergon may do with one job's `ConsumedEnergyRaw`, as sacct shows it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -160,7 +164,7 @@ impl<'a> ConsumedEnergyWriter<'a> {
     /// Writes `(job id, joules, previous)` of one cluster (`previous`: the total of the job's
     /// ergon1 record before this run) and verifies by reading back. Jobs that fail are named in
     /// the outcome; the caller leaves their sacct record pending.
-    pub fn write(&self, cluster: &str, jobs: &[(u32, u64, Option<u64>)]) -> Outcome {
+    pub fn write(&self, cluster: &str, jobs: &[EnergyJob]) -> Outcome {
         let mut outcome = Outcome::default();
         if jobs.is_empty() || !self.supported() {
             return outcome;

@@ -22,7 +22,7 @@ use std::process::Command;
 use ergon_protocol::record::{find_in_field, merge_into_field, strip_from_field, JobRecord};
 
 use crate::config::{ForeignUnsafe, SacctConfig, SacctField};
-use crate::consumed_energy::ConsumedEnergyWriter;
+use crate::consumed_energy::{ConsumedEnergyWriter, EnergyJob};
 
 /// One job to write.
 #[derive(Debug, Clone)]
@@ -257,7 +257,7 @@ impl Sacct {
         previous: &BTreeMap<usize, u64>,
         outcomes: &mut [Option<SacctOutcome>],
     ) {
-        let written: Vec<(usize, (u32, u64, Option<u64>))> = outcomes
+        let written: Vec<(usize, EnergyJob)> = outcomes
             .iter()
             .enumerate()
             .filter(|(_, o)| matches!(o, Some(SacctOutcome::Written { .. })))
@@ -273,7 +273,7 @@ impl Sacct {
             return;
         }
         let writer = ConsumedEnergyWriter::new(&self.config);
-        let list: Vec<(u32, u64, Option<u64>)> = written.iter().map(|w| w.1).collect();
+        let list: Vec<EnergyJob> = written.iter().map(|w| w.1).collect();
         let outcome = writer.write(cluster, &list);
         for (i, (id, _, _)) in written {
             if let Some(reason) = outcome.failed.get(&id) {
