@@ -469,6 +469,49 @@ fn daemon_hung_job_completes_within_the_timeout() {
     assert_fails_open("hung", Some(ListenerMode::Hang), "no reply within 100 ms");
 }
 
+/// The wall time of one `srun --energy-report true` job (allocation, one step, release).
+fn srun_wall_time(c: &Cluster) -> Duration {
+    let t = std::time::Instant::now();
+    c.run(
+        "srun",
+        ["--energy-report", "--job-name=ergon-delay", "true"],
+    )
+    .unwrap();
+    t.elapsed()
+}
+
+/// A hung ergond costs a job at most `timeout_ms` per event: an `srun` job's wall time with a
+/// listener that accepts and never answers exceeds the one with a listener that answers at once
+/// by less than the six events a job sends (JobStart, StepStart and StepEnd of the extern step
+/// and of step 0, JobEnd) × 100 ms, plus 1 s for a loaded 2-core machine. The fastest of three
+/// runs each is compared. A plugin that waited for a reply without its deadline would hang here.
+#[test]
+fn daemon_hung_delays_a_job_by_at_most_the_timeout_per_event() {
+    const RUNS: usize = 3;
+    const EVENTS: u32 = 6;
+    let fastest = |name: &str, mode: ListenerMode| -> Duration {
+        let s = setup(name, Some(mode));
+        let times: Vec<Duration> = (0..RUNS).map(|_| srun_wall_time(s.c)).collect();
+        println!(
+            "Slurm {}: srun with a listener in mode {mode:?}: {times:?}",
+            s.c.release
+        );
+        times.into_iter().min().unwrap()
+    };
+    let ok = fastest("delay-ok", ListenerMode::Ok);
+    let hung = fastest("delay-hung", ListenerMode::Hang);
+    let timeout = Duration::from_millis(100);
+    let bound = timeout * EVENTS + Duration::from_secs(1);
+    let delay = hung.saturating_sub(ok);
+    println!(
+        "hung ergond added {delay:?} to a one-step srun job (fastest of {RUNS}: {hung:?} vs {ok:?}); bound {bound:?}"
+    );
+    assert!(
+        delay <= bound,
+        "a hung ergond delayed the job by {delay:?} ({hung:?} vs {ok:?}), more than {EVENTS} events × {timeout:?} + 1 s"
+    );
+}
+
 #[test]
 fn daemon_answering_garbage_job_completes() {
     assert_fails_open("garbage", Some(ListenerMode::Garbage), "exchange failed");
