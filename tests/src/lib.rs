@@ -47,6 +47,8 @@ pub struct Cluster {
     /// Where this release's client commands are (wrappers that run them in its Debian root);
     /// `None` for the host's own Slurm.
     pub bin: Option<PathBuf>,
+    /// The release's Debian root as mounted for this cluster; `None` for the host's own Slurm.
+    pub root: Option<PathBuf>,
 }
 
 /// The repository root (this crate lives in `<root>/tests`).
@@ -96,6 +98,7 @@ fn bring_up() -> Result<Cluster> {
     let dir: PathBuf = var("ERGON_CLUSTER_DIR")?.into();
     let release = var("ERGON_CLUSTER_SLURM")?;
     let bin = Some(dir.join("bin")).filter(|b| b.join("sbatch").exists());
+    let root = var("ERGON_CLUSTER_ROOT").ok().map(PathBuf::from);
     let cluster = Cluster {
         dir,
         slurm_conf: var("SLURM_CONF")?.into(),
@@ -103,6 +106,7 @@ fn bring_up() -> Result<Cluster> {
         test_user: std::env::var("ERGON_CLUSTER_TEST_USER").unwrap_or_else(|_| "ergontest".into()),
         release,
         bin,
+        root,
     };
     // Every test runs with this build's plugin listed as `required`: a job-breaking hook would
     // fail every test, and no earlier build's plugin line can linger.
@@ -138,6 +142,14 @@ impl Cluster {
                 bin.join(name)
             }
             _ => name.to_path_buf(),
+        }
+    }
+
+    /// Where the release's files are, seen from the host: its mounted root, or `/`.
+    pub fn root_path(&self, path: &str) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join(path.trim_start_matches('/')),
+            None => PathBuf::from(path),
         }
     }
 

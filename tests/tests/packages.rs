@@ -134,7 +134,7 @@ fn debian_packages_install_and_slurmd_loads_the_packaged_plugin() {
     } else {
         // The cluster's root, an overlay of the cached one (scripts/slurm-cluster): dpkg runs
         // there as on a node of that release, maintainer scripts included.
-        let root = PathBuf::from(format!("/run/ergon-slurm/{}", c.node));
+        let root = c.root.clone().expect("a release in a Debian root has one");
         let out = run(Command::new("chroot")
             .arg(&root)
             .args(["dpkg", "-i"])
