@@ -10,6 +10,8 @@
 //!   its plugstack pointing at the packaged `spank_ergon.so`, loads it: a job's events reach a
 //!   listener. The test's plugin line is put back at the end, also on failure.
 //! - `rpm_lists_the_files_and_scripts`: `rpm -qlp`, `rpm -qpc` and `rpm -qp --scripts` of the RPM.
+//! - `build_plugin_says_what_to_install_when_headers_are_missing`: `scripts/build-plugin`'s
+//!   refusals.
 //!
 //! Needs `scripts/package --profile debug` to have run (scripts/test does, before the
 //! end-to-end tests); `$ERGON_PACKAGES_DIR` points elsewhere.
@@ -354,5 +356,37 @@ fn rpm_lists_the_files_and_scripts() {
     assert!(
         !scripts.contains("systemctl start") && !scripts.contains("enable"),
         "{scripts}"
+    );
+}
+
+/// `scripts/build-plugin` without Slurm's headers stops before cargo runs and says what to
+/// install, for each way a site gets Slurm.
+#[test]
+fn build_plugin_says_what_to_install_when_headers_are_missing() {
+    let dir = scratch_dir("build-plugin").unwrap();
+    let out = Command::new(ergon_tests::repo_root().join("scripts/build-plugin"))
+        .arg("--include")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "built without headers: {err}");
+    for needle in [
+        "no Slurm headers in",
+        "libslurm-dev",
+        "slurm-devel",
+        "--include PREFIX/include",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+    }
+    let out = Command::new(ergon_tests::repo_root().join("scripts/build-plugin"))
+        .args(["--slurm", "23.02"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("not one of the releases ergon is tested on"),
+        "{err}"
     );
 }
