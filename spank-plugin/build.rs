@@ -3,11 +3,15 @@
 //! slurmd refuses a plugin whose `plugin_version` differs from its own version, so the value must
 //! come from the headers of the Slurm the plugin is built for, never be hard-coded. The header is
 //! looked up in `$SLURM_INCLUDE_DIR` (a site's own Slurm, e.g. `/opt/slurm/include/slurm`), else
-//! `/usr/include/slurm` (Debian's `libslurm-dev`).
+//! `/usr/include/slurm` (Debian's `libslurm-dev`). A release the end-to-end tests never ran on
+//! builds with a warning (scripts/build-plugin builds one plugin per release).
 
 use std::env;
 use std::fs;
 use std::path::PathBuf;
+
+/// The Slurm releases the end-to-end tests run on (scripts/test); docs/spank-plugin.md lists them.
+const TESTED_RELEASES: &[&str] = &["22.05", "24.11", "26.05"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
@@ -42,6 +46,16 @@ fn main() {
                 header.display()
             )
         });
+    let (major, minor) = ((number >> 16) & 0xff, (number >> 8) & 0xff);
+    let release = format!("{major}.{minor:02}");
+    if !TESTED_RELEASES.contains(&release.as_str()) {
+        println!(
+            "cargo:warning=building spank_ergon for Slurm {release} ({}): ergon was never tested on \
+             this release (tested: {}); run the end-to-end tests or a trial job before relying on it",
+            header.display(),
+            TESTED_RELEASES.join(", ")
+        );
+    }
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     fs::write(
         out.join("slurm_version.rs"),

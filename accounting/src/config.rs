@@ -115,6 +115,18 @@ pub enum ForeignUnsafe {
     Lowercase,
 }
 
+/// Whether `ergon run` also sets the job's own `ConsumedEnergy` (Slurm 25.11 and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumedEnergy {
+    /// Where sacctmgr can (25.11+), unless Slurm measured the job itself.
+    Auto,
+    /// Where sacctmgr can, replacing what Slurm measured itself.
+    Overwrite,
+    /// Never.
+    Off,
+}
+
 /// sacct settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +157,13 @@ pub struct SacctConfig {
     /// stay pending.
     #[serde(default = "default_sacct_timeout")]
     pub timeout_s: u64,
+    /// Also set the job's `ConsumedEnergy` (TRES energy) to ergon's total.
+    #[serde(default = "default_consumed_energy")]
+    pub consumed_energy: ConsumedEnergy,
+}
+
+fn default_consumed_energy() -> ConsumedEnergy {
+    ConsumedEnergy::Auto
 }
 
 fn yes() -> bool {
@@ -183,6 +202,7 @@ impl Default for SacctConfig {
             verify_attempts: default_verify_attempts(),
             foreign_unsafe: default_foreign(),
             timeout_s: default_sacct_timeout(),
+            consumed_energy: default_consumed_energy(),
         }
     }
 }
@@ -390,9 +410,10 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let text = include_str!("../../slurm-conf-examples/accounting.toml");
+        let text = include_str!("../../packaging/accounting.toml");
         let c = Config::parse(text, Path::new("accounting.toml")).unwrap();
         assert_eq!(c.state.max_age_days, 30);
+        assert_eq!(c.sacct.consumed_energy, ConsumedEnergy::Auto);
     }
 
     #[test]

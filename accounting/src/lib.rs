@@ -7,6 +7,7 @@
 //! - [`spool`]: listing the spool directories, the spool index's entries;
 //! - [`state`]: the state directory (write-ahead log, bounds, run lock);
 //! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
+//! - [`consumed_energy`]: the job's own `ConsumedEnergy` set to ergon's figure (Slurm 25.11+);
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
@@ -18,6 +19,7 @@
 
 pub mod collect;
 pub mod config;
+pub mod consumed_energy;
 pub mod job;
 pub mod plot;
 pub mod report;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use ergon_protocol::record::{find_in_field, merge_into_field, strip_from_field, JobRecord};
 
 use crate::config::{ForeignUnsafe, SacctConfig, SacctField};
+use crate::consumed_energy::{ConsumedEnergyWriter, EnergyJob};
 
 /// One job to write.
 #[derive(Debug, Clone)]
@@ -133,6 +134,8 @@ impl Sacct {
         let mut outcomes: Vec<Option<SacctOutcome>> = vec![None; jobs.len()];
         let ids: Vec<u32> = jobs.iter().map(|j| j.job_id).collect();
         let mut last_error: BTreeMap<usize, String> = BTreeMap::new();
+        // The total of the record each job had before this run (for ConsumedEnergy).
+        let mut previous: BTreeMap<usize, u64> = BTreeMap::new();
         for round in 0..self.config.verify_attempts {
             let current = match self.read(Some(cluster), &ids) {
                 Ok(c) => c,
@@ -162,6 +165,11 @@ impl Sacct {
                     continue;
                 };
                 let want = job.record.normalized();
+                if round == 0 {
+                    if let Some(Ok(old)) = find_in_field(existing) {
+                        previous.insert(i, old.energy_j);
+                    }
+                }
                 if find_in_field(existing) == Some(Ok(want.clone())) {
                     outcomes[i] = Some(SacctOutcome::Written {
                         already: round == 0,
@@ -227,6 +235,7 @@ impl Sacct {
                 }
             }
         }
+        self.write_consumed_energy(cluster, jobs, &previous, &mut outcomes);
         Ok(outcomes
             .into_iter()
             .enumerate()
@@ -242,6 +251,43 @@ impl Sacct {
                 })
             })
             .collect())
+    }
+}
+
+impl Sacct {
+    /// For the jobs whose record is in place, Slurm's own `ConsumedEnergy` too where the release
+    /// supports it ([`crate::consumed_energy`]); a job whose energy did not get there is left
+    /// pending (its record is found in place next time, and the energy tried again).
+    fn write_consumed_energy(
+        &self,
+        cluster: &str,
+        jobs: &[SacctJob],
+        previous: &BTreeMap<usize, u64>,
+        outcomes: &mut [Option<SacctOutcome>],
+    ) {
+        let written: Vec<(usize, EnergyJob)> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Some(SacctOutcome::Written { .. })))
+            .map(|(i, _)| {
+                let job = &jobs[i];
+                (
+                    i,
+                    (job.job_id, job.record.energy_j, previous.get(&i).copied()),
+                )
+            })
+            .collect();
+        if written.is_empty() {
+            return;
+        }
+        let writer = ConsumedEnergyWriter::new(&self.config);
+        let list: Vec<EnergyJob> = written.iter().map(|w| w.1).collect();
+        let outcome = writer.write(cluster, &list);
+        for (i, (id, _, _)) in written {
+            if let Some(reason) = outcome.failed.get(&id) {
+                outcomes[i] = Some(SacctOutcome::Failed(reason.clone()));
+            }
+        }
     }
 }
 

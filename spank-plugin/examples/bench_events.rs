@@ -504,6 +504,13 @@ fn main() {
         (5000, 20, 1000, 200)
     };
     let timeout = Duration::from_millis(DEFAULT_TIMEOUT_MS);
+    let v = spank_ergon::SLURM_VERSION_NUMBER;
+    println!(
+        "spank_ergon built for Slurm {}.{:02}.{} (SLURM_VERSION_NUMBER {v:#x})",
+        v >> 16,
+        (v >> 8) & 0xff,
+        v & 0xff
+    );
     let dir = std::env::temp_dir().join(format!("ergon-bench-spank-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -599,9 +606,11 @@ fn main() {
         let _ = writeln!(
             f,
             "{{\"group\":\"spank\",\"kind\":\"meta\",\"quick\":{},\"timeout_ms\":{},\
+             \"slurm_version_number\":\"{:#x}\",\
              \"frame_bytes\":{{{frames}}},\"rows_missing_target\":{missed}}}",
             args.quick,
-            timeout.as_millis()
+            timeout.as_millis(),
+            spank_ergon::SLURM_VERSION_NUMBER
         );
         for r in &all_rows {
             let _ = writeln!(f, "{}", r.json());

@@ -53,22 +53,52 @@ impl std::error::Error for SendError {}
 
 /// Sends one request and waits for its reply, all within `timeout`.
 pub fn send(socket: &Path, timeout: Duration, request: &Request) -> Result<Reply, SendError> {
+    send_waiting(socket, timeout, timeout, request)
+}
+
+/// Sends one request within `timeout` (connect and write) and waits for the reply at most
+/// `reply_wait` of what is left; a reply that does not come in time is a
+/// [`SendError::Timeout`] of `reply_wait` (ergond may still record the request: it handles a
+/// request whose sender has gone and only fails to answer it).
+pub fn send_waiting(
+    socket: &Path,
+    timeout: Duration,
+    reply_wait: Duration,
+    request: &Request,
+) -> Result<Reply, SendError> {
     let deadline = Instant::now() + timeout;
     let stream = connect(socket, deadline, timeout)?;
     let mut stream = DeadlineStream { stream, deadline };
-    let result =
-        write_frame(&mut stream, request).and_then(|()| read_frame::<_, Reply>(&mut stream));
+    let waited = if reply_wait < timeout {
+        reply_wait
+    } else {
+        timeout
+    };
+    let result = write_frame(&mut stream, request).and_then(|()| {
+        stream.deadline = stream.deadline.min(Instant::now() + reply_wait);
+        read_frame::<_, Reply>(&mut stream)
+    });
     match result {
         Ok(Reply::Error { code, reason }) => Err(SendError::Refused(code, reason)),
         Ok(reply) => Ok(reply),
-        Err(e) if e.is_timeout() => Err(SendError::Timeout(timeout)),
+        Err(e) if e.is_timeout() => Err(SendError::Timeout(waited)),
         Err(e) => Err(SendError::Frame(e)),
     }
 }
 
 /// Sends one lifecycle event; `Ok` only when ergond acknowledged it.
 pub fn notify(socket: &Path, timeout: Duration, request: &Request) -> Result<(), SendError> {
-    match send(socket, timeout, request)? {
+    notify_waiting(socket, timeout, timeout, request)
+}
+
+/// As [`notify`], waiting for the acknowledgement at most `reply_wait` ([`send_waiting`]).
+pub fn notify_waiting(
+    socket: &Path,
+    timeout: Duration,
+    reply_wait: Duration,
+    request: &Request,
+) -> Result<(), SendError> {
+    match send_waiting(socket, timeout, reply_wait, request)? {
         Reply::Ok => Ok(()),
         other => Err(SendError::Unexpected(other)),
     }
@@ -268,6 +298,51 @@ mod tests {
         let err = notify(&path, Duration::from_millis(100), &Request::Ping).unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err}");
         assert!(t.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_short_reply_wait_bounds_a_hung_listener_and_still_hears_an_answer() {
+        // Never answers: the wait ends after reply_wait, not the whole timeout.
+        let path = tmp_socket("hung-short");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let t = Instant::now();
+        let err = notify_waiting(
+            &path,
+            Duration::from_millis(500),
+            Duration::from_millis(10),
+            &Request::Ping,
+        )
+        .unwrap_err();
+        let took = t.elapsed();
+        assert!(
+            matches!(err, SendError::Timeout(d) if d == Duration::from_millis(10)),
+            "{err}"
+        );
+        assert!(took >= Duration::from_millis(10), "{took:?}");
+        assert!(took < Duration::from_millis(10 + 50), "{took:?}");
+        assert!(err.to_string().contains("no reply within 10 ms"), "{err}");
+
+        // Answers at once: heard within the short wait, a refusal included.
+        let path = tmp_socket("refuse-short");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let _: Request = read_frame(&mut s).unwrap();
+            write_frame(
+                &mut s,
+                &Reply::error(ergon_protocol::ErrorCode::PermissionDenied, "not root"),
+            )
+            .unwrap();
+        });
+        let err = notify_waiting(
+            &path,
+            Duration::from_millis(500),
+            Duration::from_millis(10),
+            &Request::Ping,
+        )
+        .unwrap_err();
+        assert!(matches!(err, SendError::Refused(..)), "{err}");
+        server.join().unwrap();
     }
 
     #[test]

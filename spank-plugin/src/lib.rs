@@ -143,14 +143,33 @@ fn cluster(spank: &Spank) -> Option<String> {
         .or_else(|| env("SLURM_CLUSTER_NAME"))
 }
 
+/// How long the two events of a job's set-up — `JobStart` from the prolog and the extern step's
+/// `StepStart` — wait for ergond's reply (at most `timeout_ms`; the others wait `timeout_ms`).
+///
+/// From Slurm 24.11 on, when these two hold up the job's set-up for more than a few tens of
+/// milliseconds, an `srun` starts its step about a second later. Measured on 24.11.5 and 26.05.5
+/// with a listener that never answers: `srun true` took 0.3 s with every event's wait at 30 ms,
+/// 1.2-1.6 s with 40 ms or more, still 1.4-1.6 s when only one of the two waited 10 ms, and
+/// 0.4-0.7 s with both at 10 ms (22.05: 0.5-0.8 s at 100 ms). A hung ergond thus cost each srun
+/// job about a second. A healthy ergond answers in tens of microseconds (BENCHMARKS.md), so
+/// 10 ms still hears every answer, refusals included; ergond records a request whose sender
+/// stopped waiting all the same, and an event that was also queued is replayed as a harmless
+/// duplicate.
+pub const SETUP_REPLY_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Sends one event if notifications are on. One that did not get through is left in the
 /// queue directory for ergond to replay (unless ergond refused it for good: a replay would be
 /// refused too), and one line says so in slurmd's log.
 fn notify(config: &Config, what: &str, request: &Request) {
+    notify_waiting(config, what, request, config.timeout);
+}
+
+/// As [`notify`], waiting for the reply at most `reply_wait`.
+fn notify_waiting(config: &Config, what: &str, request: &Request, reply_wait: std::time::Duration) {
     if !config.notify {
         return;
     }
-    let e = match client::notify(&config.socket, config.timeout, request) {
+    let e = match client::notify_waiting(&config.socket, config.timeout, reply_wait, request) {
         Ok(()) => return log_debug(&format!("{what} recorded by ergond")),
         Err(e) => e,
     };
@@ -261,7 +280,7 @@ pub(crate) fn job_prolog(spank: &Spank) {
     match job_start(spank, &config) {
         Ok(start) => {
             let what = format!("job {} start", start.ids.job_id);
-            notify(&config, &what, &Request::JobStart(start));
+            notify_waiting(&config, &what, &Request::JobStart(start), SETUP_REPLY_WAIT);
         }
         Err(e) => log_warning(&format!("job start not sent: {e}")),
     }
@@ -324,10 +343,16 @@ pub(crate) fn task_post_fork(spank: &Spank) {
             .getenv("SLURM_JOB_SLUID")
             .map(|s| s.to_ascii_lowercase()),
     };
-    notify(
+    let reply_wait = if step == StepId::Extern {
+        SETUP_REPLY_WAIT
+    } else {
+        config.timeout
+    };
+    notify_waiting(
         &config,
         &format!("step {job_id}.{step} start"),
         &Request::StepStart(start),
+        reply_wait,
     );
 }
 

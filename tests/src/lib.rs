@@ -5,6 +5,11 @@
 //! cheap when the cluster already runs), so `cargo test -p ergon-tests` works on its own;
 //! `scripts/test` also brings it down at the end.
 //!
+//! The Slurm release is `$ERGON_CLUSTER_SLURM` (22.05, the host's, by default; 24.11 and 26.05
+//! run from Debian roots). Every Slurm command a test runs goes through [`Cluster::cmd`], which
+//! picks that release's own program, and the plugin under test is the build for that release
+//! ([`Cluster::plugin_so`]).
+//!
 //! Waiting is always for a condition (a job state in sacct, a file's appearance), polled at a short
 //! interval with a deadline, never a fixed sleep.
 
@@ -37,6 +42,13 @@ pub struct Cluster {
     pub node: String,
     /// A non-root user registered in the accounting database, for tests that need one.
     pub test_user: String,
+    /// The Slurm release (`22.05`, `24.11`, `26.05`).
+    pub release: String,
+    /// Where this release's client commands are (wrappers that run them in its Debian root);
+    /// `None` for the host's own Slurm.
+    pub bin: Option<PathBuf>,
+    /// The release's Debian root as mounted for this cluster; `None` for the host's own Slurm.
+    pub root: Option<PathBuf>,
 }
 
 /// The repository root (this crate lives in `<root>/tests`).
@@ -83,11 +95,18 @@ fn bring_up() -> Result<Cluster> {
             .ok_or_else(|| anyhow!("`slurm-cluster env` printed no {name}"))
     };
     let node = var("ERGON_CLUSTER_NODE")?;
+    let dir: PathBuf = var("ERGON_CLUSTER_DIR")?.into();
+    let release = var("ERGON_CLUSTER_SLURM")?;
+    let bin = Some(dir.join("bin")).filter(|b| b.join("sbatch").exists());
+    let root = var("ERGON_CLUSTER_ROOT").ok().map(PathBuf::from);
     let cluster = Cluster {
-        dir: var("ERGON_CLUSTER_DIR")?.into(),
+        dir,
         slurm_conf: var("SLURM_CONF")?.into(),
         node,
         test_user: std::env::var("ERGON_CLUSTER_TEST_USER").unwrap_or_else(|_| "ergontest".into()),
+        release,
+        bin,
+        root,
     };
     // Every test runs with this build's plugin listed as `required`: a job-breaking hook would
     // fail every test, and no earlier build's plugin line can linger.
@@ -100,14 +119,71 @@ fn bring_up() -> Result<Cluster> {
 pub type JobState = String;
 
 impl Cluster {
-    /// A command for a Slurm client program, with this cluster's `SLURM_CONF` and Slurm's sbin on
-    /// `PATH`.
+    /// A command for a Slurm client program (or any program), with this cluster's `SLURM_CONF`
+    /// and a `PATH` that finds this release's Slurm commands first (so programs that call
+    /// `sacct` or `sacctmgr` themselves, like `ergon`, reach the right release too).
     pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new(program);
+        let mut c = Command::new(self.program(program));
         c.env("SLURM_CONF", &self.slurm_conf);
         let path = std::env::var("PATH").unwrap_or_default();
-        c.env("PATH", format!("{path}:/usr/sbin:/sbin"));
+        match &self.bin {
+            Some(bin) => c.env("PATH", format!("{}:{path}:/usr/sbin:/sbin", bin.display())),
+            None => c.env("PATH", format!("{path}:/usr/sbin:/sbin")),
+        };
         c
+    }
+
+    /// The program to run for `name`: this release's own wrapper for a Slurm command (and for
+    /// `runuser`, which then runs its command inside the release's root), else `name` itself.
+    pub fn program(&self, name: impl AsRef<OsStr>) -> PathBuf {
+        let name = Path::new(name.as_ref());
+        match &self.bin {
+            Some(bin) if name.components().count() == 1 && bin.join(name).exists() => {
+                bin.join(name)
+            }
+            _ => name.to_path_buf(),
+        }
+    }
+
+    /// Where the release's files are, seen from the host: its mounted root, or `/`.
+    pub fn root_path(&self, path: &str) -> PathBuf {
+        match &self.root {
+            Some(root) => root.join(path.trim_start_matches('/')),
+            None => PathBuf::from(path),
+        }
+    }
+
+    /// Whether this is the host's own Slurm (22.05), not one in a Debian root.
+    pub fn is_host_release(&self) -> bool {
+        self.bin.is_none()
+    }
+
+    /// The release as a comparable number: `(major, minor)`, e.g. `(26, 5)`.
+    pub fn version(&self) -> (u32, u32) {
+        let mut it = self.release.split('.').map(|p| p.parse().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    }
+
+    /// The plugin built for this release: the workspace's own build for the host's Slurm,
+    /// `scripts/build-plugin --slurm R`'s for the others.
+    pub fn plugin_so(&self) -> Result<PathBuf> {
+        let so = if self.is_host_release() {
+            target_dir().join("debug/libspank_ergon.so")
+        } else {
+            target_dir().join(format!("slurm-{}/debug/libspank_ergon.so", self.release))
+        };
+        if !so.exists() {
+            bail!(
+                "{} is missing: build it first ({})",
+                so.display(),
+                if self.is_host_release() {
+                    "cargo build -p spank-ergon".to_string()
+                } else {
+                    format!("scripts/build-plugin --slurm {}", self.release)
+                }
+            );
+        }
+        Ok(so)
     }
 
     /// Runs a Slurm client command and returns its output, failing with stderr when it fails.
@@ -280,13 +356,7 @@ impl Cluster {
     /// [`Cluster::plugin_socket`], `extra` appended to its arguments) and restarts slurmd when
     /// the plugin is new there, since slurmd only learns about job prolog/epilog hooks at start.
     pub fn install_plugin(&self, extra: &str) -> Result<()> {
-        let so = target_dir().join("debug/libspank_ergon.so");
-        if !so.exists() {
-            bail!(
-                "{} is missing: build it first (cargo build -p spank-ergon)",
-                so.display()
-            );
-        }
+        let so = self.plugin_so()?;
         let line = format!(
             "required {} socket={} gres_conf={} {extra}\n",
             so.display(),

@@ -170,6 +170,82 @@ fn record_lands_in_admin_comment_next_to_foreign_content_and_report_reads_it() {
     );
 }
 
+fn consumed_energy(c: &Cluster, job: u32) -> u64 {
+    c.sacct_field(job, "ConsumedEnergyRaw")
+        .unwrap()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Slurm 25.11+: `ergon run` also sets the job's own ConsumedEnergy (TRES energy) to ergon's
+/// total, read back like the record; a figure Slurm measured itself (as an AcctGatherEnergyType
+/// plugin would have) is kept and said, unless `consumed_energy = "overwrite"`. Older releases
+/// leave ConsumedEnergy alone and say why, in one line.
+#[test]
+fn consumed_energy_is_ergons_figure_where_slurm_allows_it() {
+    let c = cluster();
+    let dir = scratch_dir("acct-energy").unwrap();
+    let job = finished_job(c, "true");
+    assert_eq!(consumed_energy(c, job), 0, "no energy plugin runs here");
+    let config = setup(&dir.path().join("plain"), job, "");
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if c.version() < (25, 11) {
+        assert_eq!(consumed_energy(c, job), 0);
+        assert_eq!(
+            stderr.matches("cannot set a finished job's energy").count(),
+            1,
+            "one line saying why: {}",
+            show(&out)
+        );
+        return;
+    }
+    // sacct's ConsumedEnergy and the TRES sreport reads both show ergon's 5000 J.
+    assert_eq!(consumed_energy(c, job), 5000, "{}", show(&out));
+    let tres = c.sacct_field(job, "AllocTRES").unwrap().unwrap_or_default();
+    assert!(tres.contains("energy=5000"), "AllocTRES {tres}");
+    assert!(admin_comment(c, job).contains("ergon1 e=5000 "));
+
+    // A job Slurm measured itself: its figure stays, and the run says so.
+    let job = finished_job(c, "true");
+    c.run(
+        "sacctmgr",
+        [
+            "-i",
+            "modify",
+            "job",
+            "where",
+            &format!("jobid={job}"),
+            "set",
+            "TRES=energy=812",
+        ],
+    )
+    .unwrap();
+    let config = setup(&dir.path().join("slurms"), job, "");
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(consumed_energy(c, job), 812, "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("keep the ConsumedEnergy Slurm measured itself"),
+        "{}",
+        show(&out)
+    );
+    assert!(admin_comment(c, job).contains("ergon1 e=5000 "));
+    // Asked to: ergon's figure replaces it.
+    let config = setup(
+        &dir.path().join("overwrite"),
+        job,
+        "consumed_energy = \"overwrite\"",
+    );
+    let out = ergon(c, &config, &["run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(consumed_energy(c, job), 5000, "{}", show(&out));
+}
+
 /// The record `ergon run` should write for the test manifest, given the job hash (which
 /// `ergon report` shows from the manifests).
 fn expected_record(job_hash: &str) -> JobRecord {
@@ -243,7 +319,8 @@ fn foreign_content_with_uppercase_is_not_clobbered_unless_asked() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["sacct_skipped"], 1, "{status}");
 
-    // Asked to write anyway: sacctmgr stores the foreign part lowercased.
+    // Asked to write anyway: sacctmgr 22.05 stores the foreign part lowercased; the sacctmgr of
+    // 24.11 and later keeps its case (found by running this test on them).
     let config = setup(
         &dir.path().join("lowercase"),
         job,
@@ -251,10 +328,15 @@ fn foreign_content_with_uppercase_is_not_clobbered_unless_asked() {
     );
     let out = ergon(c, &config, &["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let foreign = if c.version() < (24, 11) {
+        "js1:abc"
+    } else {
+        "JS1:AbC"
+    };
     assert_eq!(
         admin_comment(c, job),
         format!(
-            "js1:abc; {}",
+            "{foreign}; {}",
             expected_record(&job_hash(c, &config, job)).encode()
         )
     );

@@ -2,7 +2,7 @@
 //! `ergond` (on the fake NVML library, with the real `/sys/fs/cgroup` and `/proc`) → its
 //! manifest in the spool → `ergon run` → the `ergon1` record in sacct → `ergon report`.
 //!
-//! - `job_is_measured_and_its_record_lands_in_sacct`: a `--gres=gpu:2` job runs ~2 s; its
+//! - `job_is_measured_and_its_record_lands_in_sacct`: a `--gres=gpu:2` job runs ~4 s; its
 //!   manifest verifies and charges exactly the two GPUs Slurm allocated (Slurm index → device
 //!   minor → the fake NVML device with that minor, which is deliberately not the same index),
 //!   each with its constant power × the job's interval; the interval agrees with sacct; the
@@ -496,8 +496,10 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
         let indices = allocated_gpu_indices(c, job)?;
         ensure!(indices.len() == 2, "Slurm allocated {indices:?}");
 
-        // The job's length: about 2 s of running.
-        if let Some(rest) = Duration::from_secs(2).checked_sub(t_running.elapsed()) {
+        // The job's length: about 4 s of running. The fake counter moves in 20 ms steps and the
+        // readings at the two events can each be off by up to a step's worth of time, which is
+        // more than 0.5 % of a 2 s job (seen on 26.05: 0.53 % and 0.63 %); 0.5 % of 4 s is 21 ms.
+        if let Some(rest) = Duration::from_secs(4).checked_sub(t_running.elapsed()) {
             std::thread::sleep(rest);
         }
         std::fs::write(&release, b"")?;
@@ -647,6 +649,12 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
             (rec.gpus, rec.nodes, rec.coverage) == (2, 1, 1.0),
             "{rec:?}"
         );
+        // Slurm 25.11+: the job's own ConsumedEnergy is ergon's total too.
+        let consumed = c.sacct_field(job, "ConsumedEnergyRaw")?.unwrap_or_default();
+        let consumed: u64 = consumed.trim().parse().unwrap_or(0);
+        let want = if c.version() >= (25, 11) { rec.energy_j } else { 0 };
+        println!("ConsumedEnergyRaw: {consumed} (Slurm {})", c.release);
+        ensure!(consumed == want, "ConsumedEnergyRaw {consumed}, expected {want}: {}", show(&out));
         let out = ergon(c, &acct, &["report", &job.to_string(), "--json"])?;
         ensure!(out.status.code() == Some(0), "ergon report: {}", show(&out));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;

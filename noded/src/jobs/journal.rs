@@ -69,6 +69,10 @@ pub struct JournalState {
     pub gpus: Vec<DeviceFrame>,
     /// Per RAPL zone (snapshot position).
     pub zones: Vec<DeviceFrame>,
+    /// The jobs finished last, with their end (Unix ns): a late copy of one of their events,
+    /// replayed from the plugin's queue after a restart, must not open them again.
+    #[serde(default)]
+    pub closed: Vec<(u32, u64)>,
 }
 
 /// Why the journal could not be read.
@@ -255,6 +259,7 @@ mod tests {
                 max_power_w: 700.0,
             }],
             zones: Vec::new(),
+            closed: vec![(3, 1_700_000_000_000_000_000)],
         }
     }
 

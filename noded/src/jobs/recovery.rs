@@ -27,6 +27,7 @@ pub struct PowerLimits {
 /// The journal's picture of the tracker now.
 pub fn journal_state(
     jobs: Vec<std::sync::Arc<super::registry::Job>>,
+    closed: Vec<(u32, u64)>,
     attributor: &Attributor,
     sampler: &SamplerHandle,
     facts: &NodeFacts,
@@ -74,6 +75,7 @@ pub fn journal_state(
                 }
             })
             .collect(),
+        closed,
     }
 }
 
@@ -190,6 +192,7 @@ pub fn restore(
         attributor.set_last(None);
     }
 
+    registry.restore_closed(&state.closed);
     let refused = registry.restore(
         state
             .jobs

@@ -284,12 +284,19 @@ pub struct Discovered {
     pub steps: Vec<(StepId, String)>,
 }
 
+/// How many finished jobs the registry remembers (see [`JobRegistry::closed`]).
+pub const CLOSED_REMEMBERED: usize = 4096;
+
 /// The jobs open on this node; see the module documentation.
 #[derive(Debug, Default)]
 pub struct JobRegistry {
     /// Copy-on-write: the journal's snapshot clones the `Arc`s, not the jobs.
     jobs: BTreeMap<u32, Arc<Job>>,
     limits: Limits,
+    /// The last [`CLOSED_REMEMBERED`] jobs whose manifest was written, with their end (Unix
+    /// ns), oldest first; `closed_ids` indexes them.
+    closed: std::collections::VecDeque<(u32, u64)>,
+    closed_ids: std::collections::HashMap<u32, u64>,
 }
 
 /// The cgroup to watch for a step's CPU time: the v1 `cpuacct` entry, else the v2 unified one;
@@ -320,6 +327,53 @@ impl JobRegistry {
         Self {
             jobs: BTreeMap::new(),
             limits,
+            closed: Default::default(),
+            closed_ids: Default::default(),
+        }
+    }
+
+    /// Whether an event for `job_id` at `at` is a late copy of one for a job already finished:
+    /// the plugin queues an event ergond did not answer in time, though ergond may have taken
+    /// it, and the replay may come after the job's manifest was written. Such a copy must not
+    /// open the job again (a Slurm job id is not reused before it wraps at 67 million; an event
+    /// after the finished job's end is a new job's).
+    fn late_copy(&self, job_id: u32, at: EventTime) -> bool {
+        let late = !self.jobs.contains_key(&job_id)
+            && self
+                .closed_ids
+                .get(&job_id)
+                .is_some_and(|&end| at.unix_ns <= end);
+        if late {
+            tracing::debug!(
+                job_id,
+                "event for a job already finished ignored (a late copy)"
+            );
+        }
+        late
+    }
+
+    /// Remember a finished job (see [`Self::late_copy`]).
+    fn remember_closed(&mut self, job_id: u32, end_unix_ns: u64) {
+        if self.closed.len() >= CLOSED_REMEMBERED {
+            if let Some((old, end)) = self.closed.pop_front() {
+                if self.closed_ids.get(&old) == Some(&end) {
+                    self.closed_ids.remove(&old);
+                }
+            }
+        }
+        self.closed.push_back((job_id, end_unix_ns));
+        self.closed_ids.insert(job_id, end_unix_ns);
+    }
+
+    /// The finished jobs remembered, oldest first (for the journal).
+    pub fn closed(&self) -> Vec<(u32, u64)> {
+        self.closed.iter().copied().collect()
+    }
+
+    /// Put back the finished jobs the journal remembered.
+    pub fn restore_closed(&mut self, closed: &[(u32, u64)]) {
+        for &(job_id, end) in closed {
+            self.remember_closed(job_id, end);
         }
     }
 
@@ -414,6 +468,9 @@ impl JobRegistry {
     /// JobStart. A repeated JobStart for an open job only fills what was unknown (a job first
     /// seen through a step event); its start stays the first one seen.
     pub fn job_start(&mut self, m: &JobStart, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        if self.late_copy(m.ids.job_id, at) {
+            return Ok(Vec::new());
+        }
         let job_id = m.ids.job_id;
         let fresh = !self.jobs.contains_key(&job_id);
         let job = self.job_or_unknown(job_id, &m.node, at)?;
@@ -460,6 +517,9 @@ impl JobRegistry {
 
     /// StepStart: records the step, and asks for a reading and for its cgroup to be watched.
     pub fn step_start(&mut self, m: &StepStart, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        if self.late_copy(m.job_id, at) {
+            return Ok(Vec::new());
+        }
         let max_steps = self.limits.max_steps;
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
         if job.cluster.is_none() {
@@ -507,6 +567,9 @@ impl JobRegistry {
 
     /// StepEnd: asks for a reading and for the step's cgroup to be unwatched.
     pub fn step_end(&mut self, m: &StepEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        if self.late_copy(m.job_id, at) {
+            return Ok(Vec::new());
+        }
         let max_steps = self.limits.max_steps;
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
         if job.cluster.is_none() {
@@ -532,6 +595,9 @@ impl JobRegistry {
     /// JobEnd: asks for the final reading, unwatches steps still watched, then finishes the job.
     /// A repeated JobEnd does nothing.
     pub fn job_end(&mut self, m: &JobEnd, at: EventTime) -> Result<Vec<Action>, Refusal> {
+        if self.late_copy(m.job_id, at) {
+            return Ok(Vec::new());
+        }
         let job = self.job_or_unknown(m.job_id, &m.node, at)?;
         if job.cluster.is_none() {
             job.cluster.clone_from(&m.cluster);
@@ -612,7 +678,10 @@ impl JobRegistry {
             .get(&job_id)
             .is_some_and(|j| j.end.is_some() && j.start == start)
         {
-            self.jobs.remove(&job_id);
+            if let Some(job) = self.jobs.remove(&job_id) {
+                let end = job.end.map_or(start.unix_ns, |e| e.unix_ns);
+                self.remember_closed(job_id, end);
+            }
         }
     }
 
@@ -946,5 +1015,42 @@ mod tests {
         end.cluster = Some("c9".into());
         r.job_end(&end, t(5)).unwrap();
         assert_eq!(r.take(9).unwrap().cluster.as_deref(), Some("c9"));
+    }
+
+    #[test]
+    fn a_late_copy_of_a_finished_jobs_event_does_not_open_it_again() {
+        let mut r = JobRegistry::default();
+        r.job_start(&job_start(5), t(0)).unwrap();
+        r.step_start(&step_start(5, StepId::Batch), t(1)).unwrap();
+        r.job_end(&job_end(5), t(10)).unwrap();
+        r.remove_written(5, t(0));
+        assert_eq!(r.len(), 0);
+        // The plugin queued these too (ergond answered after the plugin stopped waiting).
+        assert!(r.job_start(&job_start(5), t(0)).unwrap().is_empty());
+        assert!(r
+            .step_start(&step_start(5, StepId::Batch), t(1))
+            .unwrap()
+            .is_empty());
+        assert!(r.job_end(&job_end(5), t(10)).unwrap().is_empty());
+        assert_eq!(r.len(), 0, "a late copy reopened the finished job");
+        // Remembered across a restart (through the journal).
+        let mut again = JobRegistry::default();
+        again.restore_closed(&r.closed());
+        assert!(again.job_start(&job_start(5), t(0)).unwrap().is_empty());
+        assert_eq!(again.len(), 0);
+        // The same id after the end is a new job (ids wrap).
+        assert!(!r.job_start(&job_start(5), t(11)).unwrap().is_empty());
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn the_finished_jobs_remembered_are_bounded() {
+        let mut r = JobRegistry::default();
+        for id in 0..(CLOSED_REMEMBERED as u32 + 10) {
+            r.remember_closed(id, 1);
+        }
+        assert_eq!(r.closed().len(), CLOSED_REMEMBERED);
+        assert_eq!(r.closed_ids.len(), CLOSED_REMEMBERED);
+        assert!(!r.closed_ids.contains_key(&0));
     }
 }

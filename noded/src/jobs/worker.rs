@@ -442,9 +442,13 @@ pub(super) fn write_journal(inner: &Inner) {
     // then copied without holding the registry lock the socket handler needs.
     let state = {
         let att = lock(&inner.attributor);
-        let jobs = lock(&inner.registry).shared_jobs();
+        let (jobs, closed) = {
+            let reg = lock(&inner.registry);
+            (reg.shared_jobs(), reg.closed())
+        };
         journal_state(
             jobs,
+            closed,
             &att,
             &inner.sampler,
             &inner.facts,
