@@ -496,6 +496,17 @@ fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
         incr_missing == 0 && incr_not_once == 0 && after_incr.len() == (jobs + more) as usize;
     eprintln!("[{size}] {incr}");
 
+    eprintln!(
+        "[{size}] baseline: the same records' line protocol fed by curl to a fresh VictoriaMetrics"
+    );
+    let batch = Config::load(&config)
+        .expect("config")
+        .victoria_metrics
+        .expect("victoria_metrics section")
+        .batch_size;
+    let curl = curl_baseline(dir.path(), 1..=jobs, (realistic, schema, base), batch);
+    eprintln!("[{size}] {curl}");
+
     let n = f64::from(jobs);
     let collect_s = first["scan_s"].as_f64().unwrap() + first["combine_s"].as_f64().unwrap();
     let upload_s = first["upload_s"].as_f64().unwrap();
@@ -535,6 +546,89 @@ fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
         "incremental_vm_not_once": incr_not_once,
         "target": ">= 5000 records/s end to end",
         "target_met": e2e >= 5000.0 && exactly_once,
+        "curl": curl.clone(),
+        "ratio": ratios(e2e, &first, &curl, n),
+    })
+}
+
+/// The accounting targets as ratios against the curl baseline of the same run: `ergon run`'s
+/// end-to-end rate ≥ 0.8× the rate at which VictoriaMetrics ingests the same line protocol
+/// from curl, and ergon's CPU per record ≤ 0.5× VictoriaMetrics' CPU per record while it
+/// ingests it.
+fn ratios(e2e_rps: f64, run: &Value, curl: &Value, n: f64) -> Value {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let rate_ratio = e2e_rps / f(&curl["rps"]);
+    let ergon_cpu_per_record = (f(&run["user_cpu_s"]) + f(&run["sys_cpu_s"])) / n;
+    let vm_cpu_per_record = f(&curl["vm_cpu_s"]) / n;
+    let cpu_ratio = ergon_cpu_per_record / vm_cpu_per_record;
+    json!({
+        "rate_ratio": rate_ratio,
+        "rate_target": ">= 0.8",
+        "rate_target_met": rate_ratio >= 0.8,
+        "ergon_cpu_us_per_record": ergon_cpu_per_record * 1e6,
+        "vm_cpu_us_per_record": vm_cpu_per_record * 1e6,
+        "cpu_ratio": cpu_ratio,
+        "cpu_target": "<= 0.5",
+        "cpu_target_met": cpu_ratio <= 0.5,
+    })
+}
+
+/// The baseline: the line protocol `ergon run` sends for the same jobs (the library's own
+/// encoder over the same records, in batches of the sink's size), fed by one curl process (one
+/// connection, one POST per batch, `--next`) to a VictoriaMetrics started exactly as ergon's
+/// (same binary, same flags, fresh storage: it starts from what ergon's started from).
+/// Measured: wall time of curl, VictoriaMetrics' CPU meanwhile.
+fn curl_baseline(
+    dir: &Path,
+    jobs: std::ops::RangeInclusive<u32>,
+    (realistic, schema, base): (bool, u32, u64),
+    batch: usize,
+) -> Value {
+    let payload = dir.join("curl-baseline");
+    std::fs::create_dir_all(&payload).unwrap();
+    let ids: Vec<u32> = jobs.collect();
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
+    for (k, chunk) in ids.chunks(batch).enumerate() {
+        let records: Vec<_> = chunk
+            .iter()
+            .map(|&j| ergon_accounting::collect::combine(&[manifest(j, realistic, schema, base)]))
+            .collect();
+        let refs: Vec<_> = records.iter().collect();
+        let body = ergon_accounting::sinks::line_protocol(&refs);
+        bytes += body.len() as u64;
+        let f = payload.join(format!("batch-{k:05}.lp"));
+        std::fs::write(&f, body).unwrap();
+        files.push(f);
+    }
+    let vm = Vm::start(&dir.join("vm-data-curl"));
+    let url = vm.url("/write");
+    let mut cmd = Command::new("curl");
+    for (k, f) in files.iter().enumerate() {
+        if k > 0 {
+            cmd.arg("--next");
+        }
+        cmd.args(["-sS", "--fail", "-o", "/dev/null", "--data-binary"])
+            .arg(format!("@{}", f.display()))
+            .arg(&url);
+    }
+    let vm_cpu_before = vm.cpu_s();
+    let t = Instant::now();
+    let status = cmd.status().expect("run curl (apt-get install curl)");
+    let wall = t.elapsed().as_secs_f64();
+    let vm_cpu_s = vm.cpu_s() - vm_cpu_before;
+    assert!(
+        status.success(),
+        "curl feeding VictoriaMetrics failed: {status}"
+    );
+    json!({
+        "records": ids.len(),
+        "batches": files.len(),
+        "batch_size": batch,
+        "payload_bytes": bytes,
+        "wall_s": wall,
+        "rps": ids.len() as f64 / wall,
+        "vm_cpu_s": vm_cpu_s,
     })
 }
 
@@ -580,6 +674,26 @@ fn print_table(rows: &[Value]) {
             f(&r["incremental_wall_s"]),
             r["incremental"]["manifests_read"],
             if r["target_met"] == true { "met" } else { "MISSED" },
+        );
+    }
+    println!();
+    println!("| size | ergon end-to-end rec/s | curl → VictoriaMetrics rec/s | rate ratio (target ≥ 0.8) | ergon CPU µs/rec | VictoriaMetrics CPU µs/rec (curl feed) | CPU ratio (target ≤ 0.5) |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let q = &r["ratio"];
+        let verdict = |b: &Value| if *b == true { "met" } else { "MISSED" };
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} ({}) | {:.1} | {:.1} | {:.2} ({}) |",
+            r["size"].as_str().unwrap(),
+            f(&r["e2e_rps"]),
+            f(&r["curl"]["rps"]),
+            f(&q["rate_ratio"]),
+            verdict(&q["rate_target_met"]),
+            f(&q["ergon_cpu_us_per_record"]),
+            f(&q["vm_cpu_us_per_record"]),
+            f(&q["cpu_ratio"]),
+            verdict(&q["cpu_target_met"]),
         );
     }
 }

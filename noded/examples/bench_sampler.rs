@@ -85,6 +85,8 @@ const GPUS: usize = 8;
 const CGROUPS: usize = 64;
 const CPUS: u32 = 64;
 const COUNTER_PERIOD_MS: f64 = 100.0;
+/// ergond's CPU per GPU sample over the floor loop's (see [`floor_loop`]).
+const FLOOR_RATIO_TARGET: f64 = 1.2;
 
 struct Args {
     fake_nvml: PathBuf,
@@ -244,6 +246,8 @@ struct Measured {
     process_cpu_ns: u64,
     rss_kib: Vec<u64>,
     allocations: u64,
+    /// The GPU thread's CPU time (ns) and GPU ticks in each whole second of the run.
+    gpu_per_second: Vec<(u64, u64)>,
 }
 
 fn measure(h: SamplerHandle, node: &Node, seconds: f64) -> Measured {
@@ -259,6 +263,9 @@ fn measure(h: SamplerHandle, node: &Node, seconds: f64) -> Measured {
     let mut rss_kib = vec![vm_rss_kib()];
     let end = t0 + Duration::from_secs_f64(seconds);
     let mut next = t0;
+    let gpu_at = |s: &NodeSnapshot| (thread_cpu(s, "ergond-gpu"), health(s, "gpu").samples);
+    let mut gpu_prev = gpu_at(&before);
+    let mut gpu_per_second = Vec::new();
     loop {
         next += Duration::from_secs(1);
         let now = Instant::now();
@@ -268,6 +275,9 @@ fn measure(h: SamplerHandle, node: &Node, seconds: f64) -> Measured {
         }
         std::thread::sleep(next.saturating_duration_since(now));
         rss_kib.push(vm_rss_kib());
+        let g = gpu_at(&h.snapshot());
+        gpu_per_second.push((g.0 - gpu_prev.0, g.1 - gpu_prev.1));
+        gpu_prev = g;
     }
     // RSS before the snapshot below, whose copies (the health windows) are the reader's memory.
     rss_kib.push(vm_rss_kib());
@@ -283,7 +293,64 @@ fn measure(h: SamplerHandle, node: &Node, seconds: f64) -> Measured {
         process_cpu_ns,
         rss_kib,
         allocations,
+        gpu_per_second,
     }
+}
+
+/// What the floor loop measured: CPU time over its ticks, and whether every driver call
+/// succeeded.
+struct Floor {
+    cpu_ns: u64,
+    ticks: u64,
+    calls_ok: bool,
+    /// CPU time (ns) and ticks of each whole second of the run.
+    per_second: Vec<(u64, u64)>,
+}
+
+/// The floor of any periodic GPU sampler making ergond's driver calls: a thread that sleeps to
+/// absolute deadlines every `period` (timer slack 1 ns, as ergond's sampler threads) and at each
+/// makes exactly the NVML calls ergond's read makes for every GPU, on its own handles to the
+/// same library — nothing else. Runs for `seconds` from `start_ns` (CLOCK_MONOTONIC), while
+/// ergond's sampler runs, so both see the same machine.
+fn floor_loop(node: &Node, period: Duration, start_ns: u64, seconds: f64) -> Floor {
+    let (sources, problems) = SamplerSources::open(&node.config);
+    assert!(problems.is_empty(), "{problems:?}");
+    let gpu = sources.gpu.expect("the fake node has GPUs");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                use ergond::clock::{fine_timer_slack, sleep_until, thread_cpu_ns};
+                NOT_COUNTED.with(|c| c.set(true));
+                fine_timer_slack();
+                let p = period.as_nanos() as u64;
+                let ticks = (seconds * 1e9 / p as f64) as u64;
+                let per_s = (1e9 / p as f64).round().max(1.0) as u64;
+                let mut calls_ok = true;
+                let mut per_second = Vec::new();
+                sleep_until(start_ns.saturating_sub(p));
+                let c0 = thread_cpu_ns();
+                let mut c_s = c0;
+                for k in 0..ticks {
+                    sleep_until(start_ns + k * p);
+                    for i in 0..gpu.len() {
+                        calls_ok &= gpu.driver_calls_only(i);
+                    }
+                    if (k + 1) % per_s == 0 {
+                        let c = thread_cpu_ns();
+                        per_second.push((c - c_s, per_s));
+                        c_s = c;
+                    }
+                }
+                Floor {
+                    cpu_ns: thread_cpu_ns() - c0,
+                    ticks,
+                    calls_ok,
+                    per_second,
+                }
+            })
+            .join()
+            .unwrap()
+    })
 }
 
 /// CPU time per tick of a thread that ticks like the sampler (absolute CLOCK_MONOTONIC
@@ -357,7 +424,15 @@ fn main() {
             args.seconds
         );
         let h = Sampler::start_with(opts.clone(), sources).expect("start the sampler");
-        let m = measure(h, &node, args.seconds);
+        // The floor runs beside the sampler over the measured window (after the 1 s warm-up).
+        // Its phase against the sampler's ticks is arbitrary; a tick's reads take about 1 %
+        // of the GPU period, so the two rarely meet at the fake library's lock.
+        let floor_start = ergond::clock::monotonic_ns() + 1_000_000_000;
+        let (m, floor) = std::thread::scope(|scope| {
+            let f = scope.spawn(|| floor_loop(&node, gpu_period, floor_start, args.seconds));
+            let m = measure(h, &node, args.seconds);
+            (m, f.join().unwrap())
+        });
         let (b, a) = (&m.before, &m.after);
         let gpu_cpu = thread_cpu(a, "ergond-gpu") - thread_cpu(b, "ergond-gpu");
         let cpu_cpu = thread_cpu(a, "ergond-cpu") - thread_cpu(b, "ergond-cpu");
@@ -434,6 +509,43 @@ fn main() {
             m.allocations,
         ));
         lines.push(line);
+
+        // ergond's GPU thread against the floor loop, per GPU sample (same period, same GPUs,
+        // same calls, same window).
+        // Per second, then the median of the seconds' ratios: a burst of load from elsewhere
+        // on a shared machine spoils a second or two, not the figure.
+        let floor_ns = floor.cpu_ns as f64 / (floor.ticks * GPUS as u64).max(1) as f64;
+        let per_tick = |(cpu, ticks): (u64, u64)| cpu as f64 / ticks.max(1) as f64;
+        let mut ratios: Vec<f64> = m
+            .gpu_per_second
+            .iter()
+            .zip(&floor.per_second)
+            .filter(|(g, f)| g.1 > 0 && f.1 > 0)
+            .map(|(g, f)| per_tick(*g) / per_tick(*f))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let floor_ratio = match ratios.len() {
+            0 => gpu_sample_ns / floor_ns,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        };
+        let floor_met = floor_ratio <= FLOOR_RATIO_TARGET && floor.calls_ok;
+        table.push(format!(
+            "floor  {mode:<9}  {:.2} µs CPU per GPU sample (a loop making only the same NVML calls at the same period) | ergond {:.2} µs | ratio, median of {} seconds: {floor_ratio:.2}x (target <= {FLOOR_RATIO_TARGET}x: {})",
+            floor_ns / 1e3,
+            gpu_sample_ns / 1e3,
+            ratios.len(),
+            if floor_met { "met" } else { "MISSED" },
+        ));
+        lines.push(json!({"group": "sampler", "kind": "floor", "mode": mode,
+            "period_ms": gpu_period.as_secs_f64() * 1e3, "ticks": floor.ticks,
+            "calls_ok": floor.calls_ok,
+            "floor_gpu_sample_us": floor_ns / 1e3,
+            "ergond_gpu_sample_us": gpu_sample_ns / 1e3,
+            "whole_run_ratio": gpu_sample_ns / floor_ns,
+            "per_second_ratios": ratios,
+            "ratio": floor_ratio, "target": format!("<= {FLOOR_RATIO_TARGET} (median of the per-second ratios)"),
+            "target_met": floor_met}));
 
         // The wake-up cost alone, at the GPU period, for the net figures below.
         let idle_ns = idle_tick_cpu_ns(gpu_period, args.seconds.min(5.0));

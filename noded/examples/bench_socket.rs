@@ -89,6 +89,8 @@ const GPUS: usize = 8;
 const CPUS: u32 = 64;
 const RATE_TARGET: f64 = 5000.0;
 const P99_TARGET_US: f64 = 1000.0;
+/// Job events' reply latency over the ping control's, p50 and p99 (median over the pairs).
+const LATENCY_RATIO_TARGET: f64 = 2.0;
 const KINDS: [&str; 4] = ["JobStart", "StepStart", "StepEnd", "JobEnd"];
 /// How long a drain may take before the benchmark gives up waiting for manifests.
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
@@ -105,12 +107,14 @@ struct Args {
     churn_jobs: u32,
     idle_seconds: f64,
     memory_only: bool,
+    /// Pairs of paced runs (ping control, then job events) for the latency ratio.
+    repeats: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_socket --ergond BIN --fake-nvml LIB [--seconds N] [--clients N] \
-         [--rate EVENTS_PER_S] [--open-jobs N] [--churn-jobs N] [--memory-only] [--quick] [--json PATH]"
+         [--rate EVENTS_PER_S] [--open-jobs N] [--churn-jobs N] [--repeats N] [--memory-only] [--quick] [--json PATH]"
     );
     std::process::exit(2)
 }
@@ -128,6 +132,7 @@ fn parse_args() -> Args {
         churn_jobs: 400,
         idle_seconds: 0.0,
         memory_only: false,
+        repeats: 5,
     };
     let mut seconds = None;
     let mut it = std::env::args().skip(1);
@@ -144,6 +149,7 @@ fn parse_args() -> Args {
             "--quick" => a.quick = true,
             "--memory-only" => a.memory_only = true,
             "--churn-jobs" => a.churn_jobs = v().parse().unwrap_or_else(|_| usage()),
+            "--repeats" => a.repeats = v().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -153,7 +159,7 @@ fn parse_args() -> Args {
         eprintln!("--ergond must name the built ergond binary and --fake-nvml the built fake NVML library");
         usage();
     }
-    assert!(a.clients > 0 && a.seconds > 0.0 && a.rate > 0.0);
+    assert!(a.clients > 0 && a.seconds > 0.0 && a.rate > 0.0 && a.repeats > 0);
     a
 }
 
@@ -1285,13 +1291,13 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
     let mut ok = true;
     let node = build_node(&args.fake_nvml);
     // The paced runs first, while ergond's registry holds only what they open; the saturating
-    // runs fill it to its limit.
-    let modes = [
-        Mode::PingPaced,
-        Mode::OneshotPaced,
-        Mode::OneshotSaturate,
-        Mode::PersistentSaturate,
-    ];
+    // runs fill it to its limit. The paced runs alternate, control then job events, `repeats`
+    // times: each pair gives one latency ratio, and the target is on their median.
+    let mut modes = Vec::new();
+    for _ in 0..args.repeats {
+        modes.extend([Mode::PingPaced, Mode::OneshotPaced]);
+    }
+    modes.extend([Mode::OneshotSaturate, Mode::PersistentSaturate]);
     // Cgroups for every job the runs may start: a generous estimate per run, created before
     // the timed runs (a client that runs out creates the rest itself, counted as late).
     let per_client = |mode: Mode| -> u32 {
@@ -1303,10 +1309,11 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
         };
         ((args.seconds * jobs_per_s) / args.clients as f64).ceil() as u32 + 2
     };
+    // Job ids: run i from 1,000,000 + i × 10,000,000 (a run opens fewer than 10 million jobs).
     let bases: Vec<u32> = (0..modes.len() as u32)
-        .map(|i| 1_000_000 + i * 100_000_000)
+        .map(|i| 1_000_000 + i * 10_000_000)
         .collect();
-    let warm_base = 900_000_000u32;
+    let warm_base = 4_000_000_000u32;
     let warm_n = 4u32;
     let clients = args.clients as u32;
     let mut ids = Vec::new();
@@ -1355,8 +1362,13 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
     );
     let mut paced_lines = Vec::new();
     let mut runs: Vec<(Mode, Value)> = Vec::new();
-    for (mode, &base) in modes.iter().zip(&bases) {
-        eprintln!("==> {} for {} s", mode.name(), args.seconds);
+    for (i, (mode, &base)) in modes.iter().zip(&bases).enumerate() {
+        let label = if mode.paced() {
+            format!("{} #{}", mode.name(), i / 2 + 1)
+        } else {
+            mode.name().to_string()
+        };
+        eprintln!("==> {label} for {} s", args.seconds);
         let spec = RunSpec {
             socket: &node.socket,
             cgroup_root: &node.cgroup_root,
@@ -1367,14 +1379,17 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
             base,
             precreated: per_client(*mode),
         };
-        let (line, run_ok) = run_phase1(&spec, &ergond, &node.spool, manifests);
+        let (mut line, run_ok) = run_phase1(&spec, &ergond, &node.spool, manifests);
+        if mode.paced() {
+            line["pair"] = json!(i / 2 + 1);
+        }
         manifests = count_manifests(&node.spool);
         ok &= run_ok;
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         let l = &line["latency"];
         out.push(format!(
             "| {:<19} | {:>9.0} | {:>10.0} | {:>7.1} | {:>8.1} | {:>8.1} | {:>8.1} | {:>6} | {:>8} | {:>6.2} s | {:>6.0} | {:>12.2} | {:>12.2} |",
-            mode.name(),
+            label,
             f(&line["events_per_s"]),
             f(&line["ok_events_per_s"]),
             f(&l["p50_us"]),
@@ -1393,8 +1408,7 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
         if mode.paced() {
             let s = &line["latency_from_schedule"];
             paced_lines.push(format!(
-                "{}: latency from the scheduled instant p50 {:.1} µs, p99 {:.1} µs, p999 {:.1} µs, max {:.1} µs",
-                mode.name(),
+                "{label}: latency from the scheduled instant p50 {:.1} µs, p99 {:.1} µs, p999 {:.1} µs, max {:.1} µs",
                 f(&s["p50_us"]),
                 f(&s["p99_us"]),
                 f(&s["p999_us"]),
@@ -1415,6 +1429,7 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
         runs.push((*mode, line.clone()));
         lines.push(line);
     }
+    out.extend(latency_ratios(&runs, lines));
     let run = |m: Mode| runs.iter().find(|(k, _)| *k == m).map(|(_, l)| l);
     let verdict = |b: bool| if b { "met" } else { "MISSED" };
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
@@ -1463,6 +1478,65 @@ fn phase1(args: &Args, lines: &mut Vec<Value>, out: &mut Vec<String>) -> bool {
         "manifests_in_spool": manifests}),
     );
     ok
+}
+
+/// The latency target restated as a ratio (issue "one energy path…", performance targets): for
+/// each pair of paced runs, the job events' p50 and p99 reply latency over the ping control's
+/// (same clients, same offered rate, same ergond, one right after the other); the target is
+/// the median of the pairs' ratios <= [`LATENCY_RATIO_TARGET`] for both. Also checks that every
+/// job event of the paced runs was accepted. Pushes one JSON line; returns the printed lines.
+fn latency_ratios(runs: &[(Mode, Value)], lines: &mut Vec<Value>) -> Vec<String> {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let pings = runs.iter().filter(|(m, _)| *m == Mode::PingPaced);
+    let events = runs.iter().filter(|(m, _)| *m == Mode::OneshotPaced);
+    let mut pairs = Vec::new();
+    for ((_, ping), (_, ev)) in pings.zip(events) {
+        let (p, e) = (&ping["latency"], &ev["latency"]);
+        pairs.push((
+            f(&e["p50_us"]) / f(&p["p50_us"]),
+            f(&e["p99_us"]) / f(&p["p99_us"]),
+            ev["unexpected"].as_u64().unwrap_or(u64::MAX) == 0 && ev["busy"].as_u64() == Some(0),
+        ));
+    }
+    if pairs.is_empty() {
+        return Vec::new();
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let p50 = median(pairs.iter().map(|p| p.0).collect());
+    let p99 = median(pairs.iter().map(|p| p.1).collect());
+    let all_accepted = pairs.iter().all(|p| p.2);
+    let met = p50 <= LATENCY_RATIO_TARGET && p99 <= LATENCY_RATIO_TARGET && all_accepted;
+    lines.push(json!({
+        "group": "ergond", "kind": "latency_ratio", "pairs": pairs.len(),
+        "p50_ratios": pairs.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "p99_ratios": pairs.iter().map(|p| p.1).collect::<Vec<_>>(),
+        "p50_ratio_median": p50, "p99_ratio_median": p99,
+        "every_event_accepted": all_accepted,
+        "target": format!("median job-event/ping latency ratio <= {LATENCY_RATIO_TARGET} for p50 and p99, every event accepted"),
+        "target_met": met,
+    }));
+    let list = |k: usize| {
+        pairs
+            .iter()
+            .map(|p| format!("{:.2}", if k == 0 { p.0 } else { p.1 }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    vec![format!(
+        "target: job events' latency within {LATENCY_RATIO_TARGET}× the ping control's (median          over {} pairs): p50 ratio {p50:.2} ({}), p99 ratio {p99:.2} ({}); every event accepted:          {all_accepted} — {}",
+        pairs.len(),
+        list(0),
+        list(1),
+        if met { "met" } else { "MISSED" }
+    )]
 }
 
 /// WARN and ERROR lines in ergond's log: how many, and how many of each message (the text

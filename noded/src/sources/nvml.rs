@@ -333,6 +333,26 @@ impl GpuSource {
         }
     }
 
+    /// Only the driver calls that reading GPU `i` makes (as [`Self::read`] chooses them), and
+    /// nothing else: no clock read, no bookkeeping. `scripts/bench sampler` runs a loop of
+    /// these at the sampler's deadlines as the floor of any sampler making the same calls, to
+    /// measure what ergond's GPU thread adds. Whether every call succeeded.
+    pub fn driver_calls_only(&self, i: usize) -> bool {
+        let info = &self.gpus[i].info;
+        let dev = self.driver.device(i);
+        let mut ok = true;
+        if info.energy_via == ReadVia::FieldValue || info.power_via == ReadVia::FieldValue {
+            ok &= raw::field_values(&dev, FIELDS).is_ok_and(|v| v.iter().all(Result::is_ok));
+        }
+        if info.energy_via == ReadVia::Function {
+            ok &= dev.total_energy_consumption().is_ok();
+        }
+        if info.power_via == ReadVia::Function {
+            ok &= dev.power_usage().is_ok();
+        }
+        ok
+    }
+
     /// The processes using GPU `i` and their SM utilisation (%) in the driver's latest sample
     /// window (`nvmlDeviceGetProcessUtilization`): `(pid, sm %)`, one entry per pid (the
     /// highest if several samples name it). Empty when no process ran; `None` when the GPU or
