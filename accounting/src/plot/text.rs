@@ -162,7 +162,12 @@ impl Texts {
 }
 
 /// Draw `cmd` into the RGB buffer `rgb` of `width` × `height` pixels, anti-aliased.
-pub(super) fn raster_text(rgb: &mut [u8], (width, height): (u32, u32), font: &FontVec, cmd: &TextCmd) {
+pub(super) fn raster_text(
+    rgb: &mut [u8],
+    (width, height): (u32, u32),
+    font: &FontVec,
+    cmd: &TextCmd,
+) {
     let scale = scale_for(font, cmd.px);
     let scaled = font.as_scaled(scale);
     let (glyphs, text_w) = layout(font, scale, &cmd.text);

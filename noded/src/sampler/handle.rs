@@ -183,7 +183,7 @@ impl SamplerHandle {
     /// The stretches where a source did not sample for longer than [`hole_ns`] of its period
     /// (ergond stopped, hung or starved; a read blocking for seconds), merged across sources,
     /// oldest first: (last tick before, first tick after), CLOCK_MONOTONIC ns. The last
-    /// [`HOLES_KEPT`] per source are kept.
+    /// [`HOLES_KEPT`](super::HOLES_KEPT) per source are kept.
     pub fn holes(&self) -> Vec<(u64, u64)> {
         let mut all = Vec::new();
         let mut one = Vec::new();
@@ -226,7 +226,8 @@ impl SamplerHandle {
     }
 
     /// Say whether several jobs hold GPU `i` (snapshot position): only then does the GPU
-    /// thread read its per-process utilisation (into [`GpuSnapshot::processes`]).
+    /// thread read its per-process utilisation (into
+    /// [`GpuSnapshot::processes`](crate::snapshot::GpuSnapshot::processes)).
     pub fn set_gpu_shared(&self, i: usize, shared: bool) {
         if let Some(f) = self.shared.gpu_shared.get(i) {
             f.store(shared, Ordering::Relaxed);

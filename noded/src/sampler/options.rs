@@ -11,7 +11,8 @@ pub const DEFAULT_TRACE_CAPACITY: usize = 4096;
 pub const DEFAULT_LATENCY_WINDOW: usize = 1024;
 /// RAPL period in profiling mode (RAPL updates about every millisecond).
 pub const PROFILING_RAPL_PERIOD: Duration = Duration::from_millis(1);
-/// How long [`Sampler::start`] spends detecting the GPU counters' update period.
+/// How long [`Sampler::start`](super::Sampler::start) spends detecting the GPU counters' update
+/// period.
 pub const DETECT_BUDGET: Duration = Duration::from_secs(1);
 
 /// Rates, limits and buffer sizes of one sampler.

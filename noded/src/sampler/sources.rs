@@ -16,7 +16,7 @@ pub struct SamplerSources {
     pub gpu: Option<GpuSource>,
     /// RAPL zones (perf or powercap).
     pub rapl: Option<RaplSource>,
-    /// cgroup hierarchy for [`SamplerHandle::watch_cgroup`].
+    /// cgroup hierarchy for [`SamplerHandle::watch_cgroup`](super::SamplerHandle::watch_cgroup).
     pub cgroups: Option<CgroupHierarchy>,
     /// Per-socket busy time from `/proc/stat`.
     pub sockets: Option<SocketBusy>,

@@ -21,11 +21,11 @@ pub(super) const UNSET_SAMPLE: TraceSample = TraceSample {
     power_w: None,
 };
 
-/// Which trace to read with [`SamplerHandle::trace`].
+/// Which trace to read with [`SamplerHandle::trace`](super::SamplerHandle::trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TraceOf {
-    /// GPU by position in [`NodeSnapshot::gpus`].
+    /// GPU by position in [`NodeSnapshot::gpus`](crate::snapshot::NodeSnapshot::gpus).
     Gpu(usize),
-    /// RAPL zone by position in [`NodeSnapshot::zones`].
+    /// RAPL zone by position in [`NodeSnapshot::zones`](crate::snapshot::NodeSnapshot::zones).
     Zone(usize),
 }

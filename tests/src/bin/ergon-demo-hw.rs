@@ -133,8 +133,7 @@ fn minor_of(rdev: u64) -> u64 {
 
 /// The minor number of character device `path`.
 fn device_minor(path: &Path) -> Result<u64> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("GPU device {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("GPU device {}", path.display()))?;
     if !meta.file_type().is_char_device() {
         bail!(
             "GPU device {} is not a character device (the cluster's gres.conf lists character \
@@ -399,7 +398,12 @@ fn run(args: &[String]) -> Result<String> {
             let d = description();
             let (g, r) = d.split_at(GPU_LINES);
             let mut out = String::new();
-            for line in gpus.then_some(g).into_iter().chain(rapl.then_some(r)).flatten() {
+            for line in gpus
+                .then_some(g)
+                .into_iter()
+                .chain(rapl.then_some(r))
+                .flatten()
+            {
                 out += line;
                 out.push('\n');
             }
@@ -515,8 +519,14 @@ mod tests {
         assert!(run(&args("describe disks")).is_err());
         let gpus = run(&args("describe gpus")).unwrap();
         let rapl = run(&args("describe rapl")).unwrap();
-        assert!(gpus.starts_with("GPUs:") && !gpus.contains("CPU/DRAM"), "{gpus}");
-        assert!(rapl.starts_with("CPU/DRAM:") && !rapl.contains("GPUs"), "{rapl}");
+        assert!(
+            gpus.starts_with("GPUs:") && !gpus.contains("CPU/DRAM"),
+            "{gpus}"
+        );
+        assert!(
+            rapl.starts_with("CPU/DRAM:") && !rapl.contains("GPUs"),
+            "{rapl}"
+        );
         assert_eq!(run(&args("describe")).unwrap(), gpus + &rapl);
     }
 }
