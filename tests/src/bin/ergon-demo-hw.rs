@@ -344,40 +344,56 @@ fn cmd_rapl_stop(pidfile: &Path) -> Result<String> {
     Ok("stopped\n".into())
 }
 
-/// `--flag value` pairs and the remaining words.
-fn flags(args: &[String], known: &[&str]) -> Result<(Vec<(String, String)>, Vec<PathBuf>)> {
-    let mut pairs = Vec::new();
-    let mut rest = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if let Some(name) = a.strip_prefix("--") {
-            if !known.contains(&name) {
-                bail!("unknown option {a:?}\n{USAGE}");
+/// A command's arguments: `--option value` pairs and the remaining words.
+struct Args {
+    options: Vec<(String, String)>,
+    words: Vec<PathBuf>,
+}
+
+impl Args {
+    /// Split `args`; an option not in `known`, or without a value, is an error.
+    fn parse(args: &[String], known: &[&str]) -> Result<Args> {
+        let mut parsed = Args {
+            options: Vec::new(),
+            words: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                if !known.contains(&name) {
+                    bail!("unknown option {a:?}\n{USAGE}");
+                }
+                let v = it
+                    .next()
+                    .with_context(|| format!("{a} needs a value\n{USAGE}"))?;
+                parsed.options.push((name.to_string(), v.clone()));
+            } else {
+                parsed.words.push(PathBuf::from(a));
             }
-            let v = it
-                .next()
-                .with_context(|| format!("{a} needs a value\n{USAGE}"))?;
-            pairs.push((name.to_string(), v.clone()));
-        } else {
-            rest.push(PathBuf::from(a));
         }
+        Ok(parsed)
     }
-    Ok((pairs, rest))
-}
 
-fn required(pairs: &[(String, String)], name: &str) -> Result<PathBuf> {
-    pairs
-        .iter()
-        .rev()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| PathBuf::from(v))
-        .with_context(|| format!("--{name} is required\n{USAGE}"))
-}
+    /// The last value of `--name`, if given.
+    fn value(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 
-fn no_words(words: &[PathBuf]) -> Result<()> {
-    match words.first() {
-        Some(w) => bail!("unexpected argument {:?}\n{USAGE}", w.display()),
-        None => Ok(()),
+    fn required(&self, name: &str) -> Result<PathBuf> {
+        self.value(name)
+            .map(PathBuf::from)
+            .with_context(|| format!("--{name} is required\n{USAGE}"))
+    }
+
+    fn no_words(&self) -> Result<()> {
+        match self.words.first() {
+            Some(w) => bail!("unexpected argument {:?}\n{USAGE}", w.display()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -386,7 +402,7 @@ fn run(args: &[String]) -> Result<String> {
     match cmd.as_str() {
         "-h" | "--help" | "help" => Ok(format!("{USAGE}\n")),
         "describe" => {
-            let (_, words) = flags(rest, &[])?;
+            let words = Args::parse(rest, &[])?.words;
             let (mut gpus, mut rapl) = (words.is_empty(), words.is_empty());
             for w in &words {
                 match w.to_str() {
@@ -410,17 +426,17 @@ fn run(args: &[String]) -> Result<String> {
             Ok(out)
         }
         "gpus" => {
-            let (p, devices) = flags(rest, &["lib", "dir"])?;
-            cmd_gpus(&required(&p, "lib")?, &required(&p, "dir")?, &devices)
+            let a = Args::parse(rest, &["lib", "dir"])?;
+            cmd_gpus(&a.required("lib")?, &a.required("dir")?, &a.words)
         }
         "rapl-start" => {
-            let (p, words) = flags(
+            let a = Args::parse(
                 rest,
                 &["simulator", "powercap", "pidfile", "log", "period-ms"],
             )?;
-            no_words(&words)?;
-            let period_ms = match p.iter().rev().find(|(n, _)| n == "period-ms") {
-                Some((_, v)) => v
+            a.no_words()?;
+            let period_ms = match a.value("period-ms") {
+                Some(v) => v
                     .parse()
                     .ok()
                     .filter(|ms| (10..=10_000).contains(ms))
@@ -428,17 +444,17 @@ fn run(args: &[String]) -> Result<String> {
                 None => 100,
             };
             cmd_rapl_start(&RaplStart {
-                simulator: required(&p, "simulator")?,
-                powercap: required(&p, "powercap")?,
-                pidfile: required(&p, "pidfile")?,
-                log: required(&p, "log")?,
+                simulator: a.required("simulator")?,
+                powercap: a.required("powercap")?,
+                pidfile: a.required("pidfile")?,
+                log: a.required("log")?,
                 period_ms,
             })
         }
         "rapl-stop" => {
-            let (p, words) = flags(rest, &["pidfile"])?;
-            no_words(&words)?;
-            cmd_rapl_stop(&required(&p, "pidfile")?)
+            let a = Args::parse(rest, &["pidfile"])?;
+            a.no_words()?;
+            cmd_rapl_stop(&a.required("pidfile")?)
         }
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
