@@ -33,6 +33,7 @@
 #                                       SIGTERM the process of PIDFILE if it runs EXE, wait up to
 #                                       SECONDS (default 15; a zombie counts as stopped), then
 #                                       SIGKILL; removes PIDFILE. Status 1 when it was not running
+#   ensure_user NAME                    create the local user NAME (with a home, bash) if missing
 #   find_cargo                          put cargo on PATH (a rustup install of $HOME, /root or
 #                                       $SUDO_USER) when it is not; status 1 when there is none
 #   apt_install_missing LOG PACKAGE...  install the Debian packages that are not installed
@@ -156,6 +157,10 @@ stop_pidfile() {
     fi
     rm -f "$pidfile"
     return 0
+}
+
+ensure_user() {
+    id -u "$1" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$1"
 }
 
 find_cargo() {
