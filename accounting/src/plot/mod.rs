@@ -6,7 +6,7 @@
 //!   when it is the job's, then verified);
 //! - [`build`] turns them into a [`Plot`]: one line per trace series per node, the job's and
 //!   steps' intervals, the legend's energies and the title (pure, no files);
-//! - [`render`] draws a [`Plot`] as SVG or PNG bytes, and [`write`] puts them in place.
+//! - [`render()`] draws a [`Plot`] as SVG or PNG bytes, and [`write()`] puts them in place.
 //!
 //! SVG text needs no font (the viewer draws it). PNG text does: a TrueType font is loaded at run
 //! time from `ERGON_PLOT_FONT` or a list of standard paths ([`FONT_PATHS`]) and drawn with
@@ -15,7 +15,7 @@
 //! Modules, leaves first (none uses one listed after it): `error` ([`PlotError`], [`Format`]),
 //! `files` (finding the manifests), `model` ([`build`], [`Plot`]), `style` (sizes, colours),
 //! `text` (fonts, measuring, rastering), `axes` (ticks), `layout` (legend and lanes), `draw`
-//! and `render` ([`render`], [`write`]).
+//! and `render` ([`render()`], [`write()`]).
 
 mod axes;
 mod draw;

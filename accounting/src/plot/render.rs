@@ -1,4 +1,4 @@
-//! [`render`]: a [`Plot`] as SVG or PNG bytes; [`write`]: the file put in place.
+//! [`render()`]: a [`Plot`] as SVG or PNG bytes; [`write()`]: the file put in place.
 
 use std::path::Path;
 

@@ -16,8 +16,8 @@
 //! Each thread ticks at absolute CLOCK_MONOTONIC deadlines `start + k × period`
 //! (`clock_nanosleep(TIMER_ABSTIME)`, timer slack 1 ns, as `ergond probe` does), so lateness never
 //! accumulates. A tick that overruns its period does not burst to catch up: the deadlines already
-//! past are skipped and counted ([`SamplerHealth::missed_ticks`]). Sleeps longer than 100 ms are cut
-//! in pieces so that [`SamplerHandle::stop`] is noticed within 100 ms whatever the period.
+//! past are skipped and counted ([`SamplerHealth::missed_ticks`]). Sleeps longer than 100 ms are
+//! cut in pieces so that [`SamplerHandle::stop`] is noticed within 100 ms whatever the period.
 //!
 //! # Memory
 //! Everything the threads keep is sized at start (or when a cgroup is registered) and never
@@ -40,6 +40,10 @@
 //! period), `ring` (fixed-capacity buffers), `trace` ([`TraceSample`]), `health` (per-source
 //! self-metrics), `shared` (what the threads publish), `ticker` (absolute deadlines),
 //! `gpu_thread` and `cpu_thread`, `handle` ([`SamplerHandle`]) and `start` ([`Sampler`]).
+//!
+//! [`NodeSnapshot`]: crate::snapshot::NodeSnapshot
+//! [`SamplerHealth::missed_ticks`]: crate::snapshot::SamplerHealth::missed_ticks
+//! [`GpuSource::read`]: crate::sources::nvml::GpuSource::read
 
 mod cpu_thread;
 mod gpu_thread;
