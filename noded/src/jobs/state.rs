@@ -124,6 +124,7 @@ pub(crate) struct ReportWork {
 }
 
 /// A sealed manifest for the spool writer, with its job (for the report).
+#[derive(Debug)]
 pub(crate) struct SpoolWork {
     pub(super) job: super::registry::Job,
     pub(super) manifest: ergon_protocol::Manifest,

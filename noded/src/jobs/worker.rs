@@ -5,7 +5,7 @@
 //! for the spool writer ([`super::writers`]). Being one FIFO thread, it always records a job's
 //! readings before it finishes the job.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 
 use ergon_protocol::{Gap, Timestamp};
 
@@ -33,6 +33,14 @@ pub(super) struct WorkerState {
     /// Estimated gaps whose job energy is the job's share at the end of the next interval (a
     /// job that started inside a stretch the sampler did not cover): (job, gap index).
     pending: Vec<(u32, usize)>,
+    /// Jobs finished since the journal was last written, with their manifests: they go to the
+    /// spool writer only once the journal holds their final figures (so a kill in between
+    /// loses nothing, and a manifest on disk never has an older journal behind it that would
+    /// finish its job again). The worker loop writes the journal as soon as no action waits:
+    /// at once when events are few, at most every JOURNAL_PERIOD under a burst, rather than
+    /// once per job — each write is the whole journal, so a write per job end made a burst
+    /// of job ends quadratic.
+    unspooled: Vec<SpoolWork>,
 }
 
 pub(super) fn worker(inner: &Inner, rx: Receiver<Action>, mut st: WorkerState) {
@@ -47,8 +55,23 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>, mut st: WorkerState) {
         let since = last_journal.elapsed();
         let idle_due = since >= JOURNAL_IDLE_PERIOD && !lock(&inner.registry).is_empty();
         if since >= JOURNAL_PERIOD && (inner.journal_dirty.swap(false, Relaxed) || idle_due) {
-            write_journal(inner);
+            journal_and_hand_over(inner, &mut st);
             last_journal = std::time::Instant::now();
+        }
+        if !st.unspooled.is_empty() {
+            match rx.try_recv() {
+                Ok(action) => {
+                    inner.journal_dirty.store(true, Relaxed);
+                    perform(inner, action, &mut st);
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {
+                    inner.journal_dirty.store(false, Relaxed);
+                    journal_and_hand_over(inner, &mut st);
+                    last_journal = std::time::Instant::now();
+                }
+                Err(TryRecvError::Disconnected) => break,
+            }
         }
         // Periodic intervals only while no action waits: an event already queued must close
         // its interval at its own instant first.
@@ -76,6 +99,26 @@ pub(super) fn worker(inner: &Inner, rx: Receiver<Action>, mut st: WorkerState) {
         };
         inner.journal_dirty.store(true, Relaxed);
         perform(inner, action, &mut st);
+    }
+    if !st.unspooled.is_empty() {
+        journal_and_hand_over(inner, &mut st);
+    }
+}
+
+/// Write the journal, then give the jobs it now holds as finished to the spool writer.
+fn journal_and_hand_over(inner: &Inner, st: &mut WorkerState) {
+    write_journal(inner);
+    for work in st.unspooled.drain(..) {
+        let tx = lock(&inner.spool).clone();
+        match tx {
+            // Blocks when the writer is behind: the worker slows down, no manifest is dropped.
+            Some(tx) => {
+                if let Err(e) = tx.send(work) {
+                    write_one(inner, e.0);
+                }
+            }
+            None => write_one(inner, work),
+        }
     }
 }
 
@@ -187,10 +230,9 @@ pub(super) fn perform(inner: &Inner, action: Action, st: &mut WorkerState) {
             inner.sampler.unwatch_cgroup(&path);
         }
         Action::Finish { job_id } => {
-            finish(inner, job_id, &mut st.buf);
-            // The job's end is in the journal at once (not at the next journal tick): the
-            // plugin was told the event is recorded.
-            write_journal(inner);
+            if let Some(work) = finish(inner, job_id, &mut st.buf) {
+                st.unspooled.push(work);
+            }
         }
     }
 }
@@ -605,7 +647,8 @@ pub(super) fn read_at(
     }
 }
 
-fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
+/// The job's final figures and manifest, for the spool writer once the journal holds them.
+fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) -> Option<SpoolWork> {
     // The job stays in the registry (and so in the journal), with its final figures, until
     // the spool writer has written its manifest: a kill in between loses nothing.
     let job = {
@@ -617,7 +660,7 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
                     job_id,
                     "job to finish is not in the registry or has not ended"
                 );
-                return;
+                return None;
             }
         }
         let needs_result = reg.get(job_id).is_some_and(|j| j.result.is_none());
@@ -652,15 +695,5 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) {
         &inner.sampler.holes(),
     );
     m.seal();
-    let work = SpoolWork { job, manifest: m };
-    let tx = lock(&inner.spool).clone();
-    match tx {
-        // Blocks when the writer is behind: the worker slows down, no manifest is dropped.
-        Some(tx) => {
-            if let Err(e) = tx.send(work) {
-                write_one(inner, e.0);
-            }
-        }
-        None => write_one(inner, work),
-    }
+    Some(SpoolWork { job, manifest: m })
 }
