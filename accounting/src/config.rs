@@ -38,6 +38,48 @@ pub struct Config {
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
     /// Generic HTTPS JSON ingest.
     pub http: Option<HttpConfig>,
+    /// The job-records database (`ergon report`, `ergon jobs`).
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// The job-records database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// Write the database at all. Off: `ergon report` reads the spool, `ergon jobs` has
+    /// nothing to list.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The SQLite file; default `<state_dir>/records.sqlite`.
+    pub path: Option<PathBuf>,
+    /// Records per transaction.
+    #[serde(default = "default_records_batch")]
+    pub batch_size: usize,
+}
+
+fn default_records_batch() -> usize {
+    1000
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            enabled: true,
+            path: None,
+            batch_size: default_records_batch(),
+        }
+    }
+}
+
+impl Config {
+    /// The job-records database's file.
+    pub fn records_path(&self) -> PathBuf {
+        self.records
+            .path
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(crate::records::DEFAULT_FILE))
+    }
 }
 
 fn default_spools() -> Vec<PathBuf> {
@@ -370,6 +412,9 @@ impl Config {
             .is_some_and(|v| v.batch_size == 0)
         {
             return Err(invalid("victoria_metrics.batch_size", "must be at least 1"));
+        }
+        if config.records.batch_size == 0 {
+            return Err(invalid("records.batch_size", "must be at least 1"));
         }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));

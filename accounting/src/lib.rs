@@ -9,6 +9,8 @@
 //! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
 //! - [`consumed_energy`]: the job's own `ConsumedEnergy` set to ergon's figure (Slurm 25.11+);
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
+//! - [`records`]: the job-records database (SQLite), a destination of `ergon run`, read by
+//!   `ergon report` and `ergon jobs`;
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
 //! - [`plot`]: `ergon plot`, a job's power over time as SVG or PNG;
@@ -22,6 +24,7 @@ pub mod config;
 pub mod consumed_energy;
 pub mod job;
 pub mod plot;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod sacct;
