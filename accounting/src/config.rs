@@ -43,6 +43,16 @@ pub struct Config {
     pub records: RecordsConfig,
 }
 
+/// Which database holds the job records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordsBackend {
+    /// Embedded SQLite, one file on the accounting host.
+    Sqlite,
+    /// A MariaDB (or MySQL) server.
+    Mariadb,
+}
+
 /// The job-records database.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,8 +61,15 @@ pub struct RecordsConfig {
     /// nothing to list.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `sqlite` (the default) or `mariadb`.
+    #[serde(default = "default_backend")]
+    pub backend: RecordsBackend,
     /// The SQLite file; default `<state_dir>/records.sqlite`.
     pub path: Option<PathBuf>,
+    /// MariaDB: `mysql://USER@HOST:PORT/DATABASE`, without a password.
+    pub url: Option<String>,
+    /// MariaDB: the file holding the password (trailing whitespace ignored).
+    pub password_file: Option<PathBuf>,
     /// Records per transaction.
     #[serde(default = "default_records_batch")]
     pub batch_size: usize,
@@ -62,10 +79,17 @@ fn default_records_batch() -> usize {
     1000
 }
 
+fn default_backend() -> RecordsBackend {
+    RecordsBackend::Sqlite
+}
+
 impl Default for RecordsConfig {
     fn default() -> Self {
         RecordsConfig {
             enabled: true,
+            backend: default_backend(),
+            url: None,
+            password_file: None,
             path: None,
             batch_size: default_records_batch(),
         }
@@ -73,12 +97,20 @@ impl Default for RecordsConfig {
 }
 
 impl Config {
-    /// The job-records database's file.
-    pub fn records_path(&self) -> PathBuf {
-        self.records
-            .path
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join(crate::records::DEFAULT_FILE))
+    /// Where the job-records database is.
+    pub fn records_location(&self) -> crate::records::Location {
+        match self.records.backend {
+            RecordsBackend::Sqlite => crate::records::Location::Sqlite(
+                self.records
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| self.state_dir.join(crate::records::DEFAULT_FILE)),
+            ),
+            RecordsBackend::Mariadb => crate::records::Location::Mariadb {
+                url: self.records.url.clone().unwrap_or_default(),
+                password_file: self.records.password_file.clone(),
+            },
+        }
     }
 }
 
@@ -415,6 +447,25 @@ impl Config {
         }
         if config.records.batch_size == 0 {
             return Err(invalid("records.batch_size", "must be at least 1"));
+        }
+        let r = &config.records;
+        match r.backend {
+            RecordsBackend::Mariadb if r.url.is_none() => {
+                return Err(invalid(
+                    "records.url",
+                    "backend = \"mariadb\" needs url = \"mysql://USER@HOST:PORT/DATABASE\"",
+                ));
+            }
+            RecordsBackend::Mariadb if r.path.is_some() => {
+                return Err(invalid("records.path", "is for backend = \"sqlite\""));
+            }
+            RecordsBackend::Sqlite if r.url.is_some() || r.password_file.is_some() => {
+                return Err(invalid(
+                    "records.url",
+                    "url and password_file are for backend = \"mariadb\"",
+                ));
+            }
+            _ => {}
         }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));

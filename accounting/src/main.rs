@@ -255,7 +255,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                     args.config.display()
                 );
             }
-            let db = records::RecordsDb::open_read_only(&config.records_path())?;
+            let db = records::RecordsDb::open_location_read_only(&config.records_location())?;
             let rows = db.list(&records::JobFilter {
                 cluster,
                 user,

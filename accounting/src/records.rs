@@ -1,13 +1,15 @@
 //! The job-records database: every job record `ergon run` collected, in tables a site can
 //! query (`ergon report`, `ergon jobs`, SQL).
 //!
-//! It is embedded SQLite (built into `ergon`, nothing to install), one file, by default
-//! `<state_dir>/records.sqlite`. `ergon run` writes it as one more destination of the pipeline
-//! ([`RecordsSink`]): a record enters the state's write-ahead journal first, like for every
-//! destination, and is *delivered* to the database once the transaction that holds it has
-//! committed (SQLite's rollback journal with `synchronous = FULL`: committed means on disk, a
-//! `kill -9` or a power loss keeps it). Until then it is pending in the state and the next run
-//! writes it again.
+//! Two backends, the same tables ([`Location`]): **embedded SQLite** by default (built into
+//! `ergon`, nothing to install, one file, `<state_dir>/records.sqlite`), and **MariaDB** for
+//! sites that outgrow one host (the server every Slurm site already runs for slurmdbd).
+//! `ergon run` writes it as one more destination of the pipeline ([`RecordsSink`]): a record
+//! enters the state's write-ahead journal first, like for every destination, and is
+//! *delivered* to the database once the transaction that holds it has committed (SQLite's
+//! rollback journal with `synchronous = FULL`; InnoDB with its default
+//! `innodb_flush_log_at_trx_commit = 1`: committed means on disk, a `kill -9` of either side
+//! keeps it). Until then it is pending in the state and the next run writes it again.
 //!
 //! Writes are upserts, idempotent by (cluster, job id, node): a job's row, its node rows, its
 //! GPU rows and its estimated gaps are replaced by what the record says, so a record written
@@ -17,17 +19,16 @@
 //! the job's totals (a job's set of node manifests only grows: a manifest that changed is
 //! quarantined, not delivered).
 //!
-//! The schema is versioned by SQLite's `user_version` and changed only by appending to
-//! [`MIGRATIONS`]; each migration runs in its own transaction with the version bump, so a crash
-//! leaves the old version or the new one. A database written by a newer `ergon` (a higher
-//! version) is refused, not altered.
+//! The schema is versioned (SQLite: `user_version`; MariaDB: the `ergon_schema` table) and
+//! changed only by appending to [`MIGRATIONS`] and [`MARIADB_MIGRATIONS`] (the same versions,
+//! each in its dialect). A database written by a newer `ergon` (a higher version) is refused,
+//! not altered.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use ergon_protocol::manifest::ComponentCoverage;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 use serde::Serialize;
 
 use crate::job::{EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSummary};
@@ -39,8 +40,8 @@ pub const DEFAULT_FILE: &str = "records.sqlite";
 /// The name of the database among the destinations in the state (`ergon status`).
 pub const SINK_NAME: &str = "records";
 
-/// The schema, one migration per version: version N is reached by running `MIGRATIONS[N-1]`.
-/// Append only; never edit a migration that has shipped.
+/// The SQLite schema, one migration per version: version N is reached by running
+/// `MIGRATIONS[N-1]`. Append only; never edit a migration that has shipped.
 pub const MIGRATIONS: &[&str] = &[
     // 1: the tables.
     "CREATE TABLE jobs (
@@ -50,10 +51,10 @@ pub const MIGRATIONS: &[&str] = &[
         job_hash TEXT NOT NULL,
         array_job_id INTEGER,
         array_task_id INTEGER,
-        user TEXT NOT NULL,
+        `user` TEXT NOT NULL,
         uid INTEGER NOT NULL,
         account TEXT,
-        partition TEXT,
+        `partition` TEXT,
         start_unix_ns INTEGER NOT NULL,
         end_unix_ns INTEGER NOT NULL,
         duration_s REAL NOT NULL,
@@ -123,8 +124,100 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 2: what `ergon jobs` filters and sorts by: end time, alone and per user and account.
     "CREATE INDEX jobs_by_end ON jobs (end_unix_ns);
-    CREATE INDEX jobs_by_user_end ON jobs (user, end_unix_ns);
+    CREATE INDEX jobs_by_user_end ON jobs (`user`, end_unix_ns);
     CREATE INDEX jobs_by_account_end ON jobs (account, end_unix_ns);",
+];
+
+/// The MariaDB schema: the same versions as [`MIGRATIONS`], in MariaDB's dialect (InnoDB,
+/// `utf8mb4_bin` so that names compare byte for byte as in SQLite). Every statement can run
+/// twice (`IF NOT EXISTS`): MariaDB commits DDL at once, so a migration interrupted before its
+/// version was recorded runs again.
+pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE IF NOT EXISTS jobs (
+            cluster VARCHAR(64) NOT NULL,
+            job_id INT UNSIGNED NOT NULL,
+            idempotency_key VARCHAR(255) NOT NULL,
+            job_hash VARCHAR(128) NOT NULL,
+            array_job_id INT UNSIGNED,
+            array_task_id INT UNSIGNED,
+            `user` VARCHAR(255) NOT NULL,
+            uid INT UNSIGNED NOT NULL,
+            account VARCHAR(255),
+            `partition` VARCHAR(255),
+            start_unix_ns BIGINT NOT NULL,
+            end_unix_ns BIGINT NOT NULL,
+            duration_s DOUBLE NOT NULL,
+            energy_j DOUBLE NOT NULL,
+            gpu_j DOUBLE,
+            cpu_j DOUBLE,
+            dram_j DOUBLE,
+            avg_w DOUBLE NOT NULL,
+            peak_w DOUBLE NOT NULL,
+            coverage_min DOUBLE NOT NULL,
+            coverage_weighted DOUBLE NOT NULL,
+            estimated TINYINT NOT NULL,
+            has_coverage_components TINYINT NOT NULL,
+            coverage_gpu DOUBLE,
+            coverage_cpu DOUBLE,
+            coverage_dram DOUBLE,
+            estimate_bound_j DOUBLE,
+            sluid VARCHAR(64),
+            nodes INT NOT NULL,
+            gpus INT NOT NULL,
+            written_unix BIGINT NOT NULL,
+            PRIMARY KEY (cluster, job_id)
+        ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+        "CREATE TABLE IF NOT EXISTS job_nodes (
+            cluster VARCHAR(64) NOT NULL,
+            job_id INT UNSIGNED NOT NULL,
+            node VARCHAR(255) NOT NULL,
+            energy_j DOUBLE NOT NULL,
+            gpu_j DOUBLE,
+            cpu_j DOUBLE,
+            dram_j DOUBLE,
+            avg_w DOUBLE NOT NULL,
+            peak_w DOUBLE NOT NULL,
+            coverage DOUBLE NOT NULL,
+            manifest_hash VARCHAR(128) NOT NULL,
+            has_components TINYINT NOT NULL,
+            coverage_gpu DOUBLE,
+            coverage_cpu DOUBLE,
+            coverage_dram DOUBLE,
+            gpus_unknown TEXT,
+            PRIMARY KEY (cluster, job_id, node)
+        ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+        "CREATE TABLE IF NOT EXISTS job_gpus (
+            cluster VARCHAR(64) NOT NULL,
+            job_id INT UNSIGNED NOT NULL,
+            node VARCHAR(255) NOT NULL,
+            gpu_index INT UNSIGNED NOT NULL,
+            uuid VARCHAR(128) NOT NULL,
+            energy_j DOUBLE,
+            avg_w DOUBLE,
+            peak_w DOUBLE,
+            method VARCHAR(64) NOT NULL,
+            mig TEXT,
+            PRIMARY KEY (cluster, job_id, node, gpu_index, uuid)
+        ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+        "CREATE TABLE IF NOT EXISTS job_estimates (
+            cluster VARCHAR(64) NOT NULL,
+            job_id INT UNSIGNED NOT NULL,
+            node VARCHAR(255) NOT NULL,
+            seq INT NOT NULL,
+            start_unix_ns BIGINT NOT NULL,
+            end_unix_ns BIGINT NOT NULL,
+            reason TEXT NOT NULL,
+            energy_j DOUBLE NOT NULL,
+            bound_j DOUBLE NOT NULL,
+            PRIMARY KEY (cluster, job_id, node, seq)
+        ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin",
+    ],
+    &[
+        "CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (end_unix_ns)",
+        "CREATE INDEX IF NOT EXISTS jobs_by_user_end ON jobs (`user`, end_unix_ns)",
+        "CREATE INDEX IF NOT EXISTS jobs_by_account_end ON jobs (account, end_unix_ns)",
+    ],
 ];
 
 /// The schema version this build writes and reads.
@@ -132,151 +225,681 @@ pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A MariaDB (or MySQL) database: `mysql://USER@HOST:PORT/DATABASE` (the password, if
+    /// any, from `password_file`, never in the URL: the URL shows in messages).
+    Mariadb {
+        /// The URL, without a password.
+        url: String,
+        /// The password's file.
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Mariadb { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordsError {
-    /// SQLite failed.
-    #[error("job-records database {path}: {error}{}", hint(error))]
-    Sqlite {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        error: rusqlite::Error,
+    /// The database failed.
+    #[error("job-records database {at}: {message}")]
+    Db {
+        /// Where.
+        at: String,
+        /// What went wrong, with what to do when that is known.
+        message: String,
+        /// A lock held by another writer: worth retrying.
+        busy: bool,
     },
     /// A newer ergon's schema.
-    #[error("job-records database {path} has schema version {found}, this ergon reads up to {supported}: use the newer ergon, or point `records.path` at another file")]
+    #[error("job-records database {at} has schema version {found}, this ergon reads up to {supported}: use the newer ergon, or point [records] at another database")]
     TooNew {
-        /// The file.
-        path: PathBuf,
+        /// Where.
+        at: String,
         /// Its version.
         found: u32,
         /// This build's.
         supported: u32,
     },
     /// A read-only open found no database.
-    #[error("job-records database {path} does not exist (yet): `ergon run` creates it")]
+    #[error("job-records database {at} does not exist (yet): `ergon run` creates it")]
     Missing {
-        /// The file.
-        path: PathBuf,
+        /// Where.
+        at: String,
     },
 }
 
-fn hint(e: &rusqlite::Error) -> &'static str {
+/// One value in or out of either database.
+#[derive(Debug, Clone, PartialEq)]
+enum Cell {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl From<&str> for Cell {
+    fn from(v: &str) -> Cell {
+        Cell::Text(v.to_owned())
+    }
+}
+impl From<&String> for Cell {
+    fn from(v: &String) -> Cell {
+        Cell::Text(v.clone())
+    }
+}
+impl From<String> for Cell {
+    fn from(v: String) -> Cell {
+        Cell::Text(v)
+    }
+}
+impl From<u32> for Cell {
+    fn from(v: u32) -> Cell {
+        Cell::Int(v.into())
+    }
+}
+impl From<i64> for Cell {
+    fn from(v: i64) -> Cell {
+        Cell::Int(v)
+    }
+}
+impl From<u64> for Cell {
+    fn from(v: u64) -> Cell {
+        // Nanoseconds since the epoch fit until 2262.
+        Cell::Int(v.min(i64::MAX as u64) as i64)
+    }
+}
+impl From<usize> for Cell {
+    fn from(v: usize) -> Cell {
+        Cell::Int(v as i64)
+    }
+}
+impl From<f64> for Cell {
+    fn from(v: f64) -> Cell {
+        Cell::Real(v)
+    }
+}
+impl From<bool> for Cell {
+    fn from(v: bool) -> Cell {
+        Cell::Int(v.into())
+    }
+}
+impl<T: Into<Cell>> From<Option<T>> for Cell {
+    fn from(v: Option<T>) -> Cell {
+        v.map_or(Cell::Null, Into::into)
+    }
+}
+impl<T: Clone + Into<Cell>> From<&Option<T>> for Cell {
+    fn from(v: &Option<T>) -> Cell {
+        v.clone().map_or(Cell::Null, Into::into)
+    }
+}
+
+/// A row read back, with typed getters that name the column on a mismatch.
+struct Row(Vec<Cell>);
+
+type DbResult<T> = Result<T, DbError>;
+
+/// An error of either backend, before it is given its location.
+#[derive(Debug)]
+struct DbError {
+    message: String,
+    busy: bool,
+}
+
+impl DbError {
+    fn new(message: impl Into<String>) -> DbError {
+        DbError {
+            message: message.into(),
+            busy: false,
+        }
+    }
+}
+
+impl Row {
+    fn cell(&self, i: usize) -> DbResult<&Cell> {
+        self.0
+            .get(i)
+            .ok_or_else(|| DbError::new(format!("column {i} missing")))
+    }
+    fn opt_int(&self, i: usize) -> DbResult<Option<i64>> {
+        match self.cell(i)? {
+            Cell::Null => Ok(None),
+            Cell::Int(v) => Ok(Some(*v)),
+            Cell::Text(t) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| DbError::new(format!("column {i}: {t:?} is not an integer"))),
+            Cell::Real(v) => Err(DbError::new(format!("column {i}: {v} is not an integer"))),
+        }
+    }
+    fn int(&self, i: usize) -> DbResult<i64> {
+        self.opt_int(i)?
+            .ok_or_else(|| DbError::new(format!("column {i} is NULL")))
+    }
+    fn u32(&self, i: usize) -> DbResult<u32> {
+        u32::try_from(self.int(i)?).map_err(|e| DbError::new(format!("column {i}: {e}")))
+    }
+    fn opt_u32(&self, i: usize) -> DbResult<Option<u32>> {
+        self.opt_int(i)?
+            .map(|v| u32::try_from(v).map_err(|e| DbError::new(format!("column {i}: {e}"))))
+            .transpose()
+    }
+    fn u64(&self, i: usize) -> DbResult<u64> {
+        Ok(self.int(i)?.max(0) as u64)
+    }
+    fn bool(&self, i: usize) -> DbResult<bool> {
+        Ok(self.int(i)? != 0)
+    }
+    fn opt_real(&self, i: usize) -> DbResult<Option<f64>> {
+        match self.cell(i)? {
+            Cell::Null => Ok(None),
+            Cell::Real(v) => Ok(Some(*v)),
+            Cell::Int(v) => Ok(Some(*v as f64)),
+            Cell::Text(t) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| DbError::new(format!("column {i}: {t:?} is not a number"))),
+        }
+    }
+    fn real(&self, i: usize) -> DbResult<f64> {
+        self.opt_real(i)?
+            .ok_or_else(|| DbError::new(format!("column {i} is NULL")))
+    }
+    fn opt_text(&self, i: usize) -> DbResult<Option<String>> {
+        match self.cell(i)? {
+            Cell::Null => Ok(None),
+            Cell::Text(t) => Ok(Some(t.clone())),
+            Cell::Int(v) => Ok(Some(v.to_string())),
+            Cell::Real(v) => Ok(Some(v.to_string())),
+        }
+    }
+    fn text(&self, i: usize) -> DbResult<String> {
+        self.opt_text(i)?
+            .ok_or_else(|| DbError::new(format!("column {i} is NULL")))
+    }
+}
+
+/// What the shared SQL code needs of a connection or transaction of either backend. Queries
+/// use `?` placeholders (both understand them) and backquoted names (both accept them).
+trait Sql {
+    fn dialect(&self) -> Dialect;
+    fn exec(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<()>;
+    fn query(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Mariadb,
+}
+
+// ---- SQLite ----
+
+fn sqlite_error(e: rusqlite::Error) -> DbError {
     use rusqlite::ErrorCode as C;
-    match e.sqlite_error_code() {
+    let code = e.sqlite_error_code();
+    let hint = match code {
         Some(C::DiskFull) => "; its filesystem is full: free space there. Nothing is lost: the records stay pending in the state and the next run writes them",
         Some(C::ReadOnly) => "; it is read-only: check the file's owner and mode, and that its filesystem is mounted read-write",
         Some(C::CannotOpen) | Some(C::PermissionDenied) => "; check that the directory exists and that this user may read (and, for `ergon run`, write) it",
-        Some(C::NotADatabase) => "; the file is not a SQLite database: move it away (the records in the spool are written again by `ergon run` only while they are in the state)",
+        Some(C::NotADatabase) => "; the file is not a SQLite database: move it away (`ergon run` writes again only the records still pending in its state)",
         _ => "",
+    };
+    DbError {
+        message: format!("{e}{hint}"),
+        busy: matches!(code, Some(C::DatabaseBusy | C::DatabaseLocked)),
     }
+}
+
+fn to_sqlite(c: Cell) -> rusqlite::types::Value {
+    use rusqlite::types::Value as V;
+    match c {
+        Cell::Null => V::Null,
+        Cell::Int(v) => V::Integer(v),
+        Cell::Real(v) => V::Real(v),
+        Cell::Text(v) => V::Text(v),
+    }
+}
+
+fn sqlite_query(conn: &rusqlite::Connection, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let n = stmt.column_count();
+    let rows = stmt
+        .query_map(
+            rusqlite::params_from_iter(params.into_iter().map(to_sqlite)),
+            |row| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            ValueRef::Null => Cell::Null,
+                            ValueRef::Integer(v) => Cell::Int(v),
+                            ValueRef::Real(v) => Cell::Real(v),
+                            ValueRef::Text(t) | ValueRef::Blob(t) => {
+                                Cell::Text(String::from_utf8_lossy(t).into_owned())
+                            }
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<Cell>>>()
+                    .map(Row)
+            },
+        )
+        .map_err(sqlite_error)?
+        .collect::<rusqlite::Result<Vec<Row>>>()
+        .map_err(sqlite_error)?;
+    Ok(rows)
+}
+
+impl Sql for rusqlite::Connection {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+    fn exec(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<()> {
+        let mut stmt = self.prepare_cached(sql).map_err(sqlite_error)?;
+        stmt.execute(rusqlite::params_from_iter(
+            params.into_iter().map(to_sqlite),
+        ))
+        .map(drop)
+        .map_err(sqlite_error)
+    }
+    fn query(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>> {
+        sqlite_query(self, sql, params)
+    }
+}
+
+impl Sql for rusqlite::Transaction<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+    fn exec(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<()> {
+        let mut stmt = self.prepare_cached(sql).map_err(sqlite_error)?;
+        stmt.execute(rusqlite::params_from_iter(
+            params.into_iter().map(to_sqlite),
+        ))
+        .map(drop)
+        .map_err(sqlite_error)
+    }
+    fn query(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>> {
+        sqlite_query(self, sql, params)
+    }
+}
+
+fn sqlite_version(conn: &rusqlite::Connection) -> DbResult<u32> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map(|v| v as u32)
+        .map_err(sqlite_error)
+}
+
+fn sqlite_migrate(conn: &mut rusqlite::Connection, target: u32) -> DbResult<()> {
+    for version in sqlite_version(conn)? + 1..=target.min(schema_version()) {
+        // IMMEDIATE: taken at once for writing, so that two runs never migrate at once.
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sqlite_error)?;
+        if sqlite_version(&tx)? >= version {
+            continue;
+        }
+        tx.execute_batch(MIGRATIONS[version as usize - 1])
+            .map_err(sqlite_error)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {version}"))
+            .map_err(sqlite_error)?;
+        tx.commit().map_err(sqlite_error)?;
+    }
+    Ok(())
+}
+
+// ---- MariaDB ----
+
+fn mariadb_error(e: mysql::Error) -> DbError {
+    let hint = match &e {
+        mysql::Error::MySqlError(m) if m.code == 1045 || m.code == 1044 || m.code == 1142 => {
+            "; check the user, its password in `records.password_file` and its grants (see docs/records.md)"
+        }
+        mysql::Error::MySqlError(m) if m.code == 1049 => {
+            "; create the database first (see docs/records.md)"
+        }
+        mysql::Error::IoError(_) | mysql::Error::DriverError(_) => {
+            "; is the server up and reachable? Nothing is lost: the records stay pending in the state and the next run writes them"
+        }
+        _ => "",
+    };
+    // 1205: lock wait timeout; 1213: deadlock.
+    let busy = matches!(&e, mysql::Error::MySqlError(m) if m.code == 1205 || m.code == 1213);
+    DbError {
+        message: format!("{e}{hint}"),
+        busy,
+    }
+}
+
+fn to_mysql(c: Cell) -> mysql::Value {
+    match c {
+        Cell::Null => mysql::Value::NULL,
+        Cell::Int(v) => mysql::Value::Int(v),
+        Cell::Real(v) => mysql::Value::Double(v),
+        Cell::Text(v) => mysql::Value::Bytes(v.into_bytes()),
+    }
+}
+
+fn from_mysql(v: mysql::Value) -> Cell {
+    use mysql::Value as V;
+    match v {
+        V::NULL => Cell::Null,
+        V::Int(v) => Cell::Int(v),
+        V::UInt(v) => Cell::Int(v.min(i64::MAX as u64) as i64),
+        V::Float(v) => Cell::Real(v.into()),
+        V::Double(v) => Cell::Real(v),
+        V::Bytes(b) => Cell::Text(String::from_utf8_lossy(&b).into_owned()),
+        other => Cell::Text(other.as_sql(true)),
+    }
+}
+
+fn mysql_params(params: Vec<Cell>) -> mysql::Params {
+    if params.is_empty() {
+        mysql::Params::Empty
+    } else {
+        mysql::Params::Positional(params.into_iter().map(to_mysql).collect())
+    }
+}
+
+fn mysql_query<Q: mysql::prelude::Queryable>(
+    q: &mut Q,
+    sql: &str,
+    params: Vec<Cell>,
+) -> DbResult<Vec<Row>> {
+    let rows: Vec<mysql::Row> = q.exec(sql, mysql_params(params)).map_err(mariadb_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Row(r.unwrap().into_iter().map(from_mysql).collect()))
+        .collect())
+}
+
+impl Sql for mysql::Conn {
+    fn dialect(&self) -> Dialect {
+        Dialect::Mariadb
+    }
+    fn exec(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<()> {
+        mysql::prelude::Queryable::exec_drop(self, sql, mysql_params(params)).map_err(mariadb_error)
+    }
+    fn query(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>> {
+        mysql_query(self, sql, params)
+    }
+}
+
+impl Sql for mysql::Transaction<'_> {
+    fn dialect(&self) -> Dialect {
+        Dialect::Mariadb
+    }
+    fn exec(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<()> {
+        mysql::prelude::Queryable::exec_drop(self, sql, mysql_params(params)).map_err(mariadb_error)
+    }
+    fn query(&mut self, sql: &str, params: Vec<Cell>) -> DbResult<Vec<Row>> {
+        mysql_query(self, sql, params)
+    }
+}
+
+fn mariadb_connect(url: &str, password_file: Option<&Path>) -> DbResult<mysql::Conn> {
+    let opts = mysql::Opts::from_url(url).map_err(|e| {
+        DbError::new(format!(
+            "{e}: give `records.url` as mysql://USER@HOST:PORT/DATABASE"
+        ))
+    })?;
+    if opts.get_pass().is_some() {
+        return Err(DbError::new(
+            "the URL holds a password: put it in the file `records.password_file` names (mode 0600) instead, so that it never shows in messages or process lists",
+        ));
+    }
+    let mut builder = mysql::OptsBuilder::from_opts(opts)
+        .tcp_connect_timeout(Some(Duration::from_secs(10)))
+        .read_timeout(Some(Duration::from_secs(60)))
+        .write_timeout(Some(Duration::from_secs(60)));
+    if let Some(file) = password_file {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            DbError::new(format!("reading the password file {}: {e}", file.display()))
+        })?;
+        builder = builder.pass(Some(text.trim_end().to_owned()));
+    }
+    mysql::Conn::new(builder).map_err(mariadb_error)
+}
+
+fn mariadb_version(conn: &mut mysql::Conn) -> DbResult<u32> {
+    conn.exec(
+        "CREATE TABLE IF NOT EXISTS ergon_schema (version INT NOT NULL) ENGINE = InnoDB",
+        vec![],
+    )?;
+    let rows = conn.query("SELECT MAX(version) FROM ergon_schema", vec![])?;
+    Ok(rows
+        .first()
+        .map(|r| r.opt_int(0))
+        .transpose()?
+        .flatten()
+        .unwrap_or(0) as u32)
+}
+
+fn mariadb_migrate(conn: &mut mysql::Conn, target: u32) -> DbResult<()> {
+    // One migrator at a time, across hosts: a named lock (released with the connection).
+    let got = conn.query("SELECT GET_LOCK('ergon_records_migrate', 60)", vec![])?;
+    if got.first().map(|r| r.opt_int(0)).transpose()?.flatten() != Some(1) {
+        return Err(DbError {
+            message:
+                "another ergon is migrating the schema (lock ergon_records_migrate held for 60 s)"
+                    .into(),
+            busy: true,
+        });
+    }
+    let result = (|| {
+        let found = mariadb_version(conn)?;
+        for version in found + 1..=target.min(schema_version()) {
+            for statement in MARIADB_MIGRATIONS[version as usize - 1] {
+                conn.exec(statement, vec![])?;
+            }
+            conn.exec("DELETE FROM ergon_schema", vec![])?;
+            conn.exec(
+                "INSERT INTO ergon_schema (version) VALUES (?)",
+                vec![version.into()],
+            )?;
+        }
+        Ok(())
+    })();
+    let _ = conn.query("SELECT RELEASE_LOCK('ergon_records_migrate')", vec![]);
+    result
+}
+
+enum Backend {
+    Sqlite(rusqlite::Connection),
+    Mariadb(mysql::Conn),
 }
 
 /// The job-records database.
 pub struct RecordsDb {
-    path: PathBuf,
-    conn: Mutex<Connection>,
+    at: Location,
+    backend: Mutex<Backend>,
 }
 
 impl std::fmt::Debug for RecordsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecordsDb")
-            .field("path", &self.path)
-            .finish()
+        f.debug_struct("RecordsDb").field("at", &self.at).finish()
     }
 }
 
 impl RecordsDb {
-    /// Open (creating it if needed) for writing, and bring its schema to this build's version.
+    /// Open (creating it if needed) an SQLite database for writing, and bring its schema to
+    /// this build's version.
     pub fn open(path: &Path) -> Result<RecordsDb, RecordsError> {
-        Self::open_at(path, schema_version())
+        Self::open_location(&Location::Sqlite(path.to_path_buf()), schema_version())
     }
 
     /// [`RecordsDb::open`], migrating only up to `version` (for the migration test).
     pub fn open_at(path: &Path, version: u32) -> Result<RecordsDb, RecordsError> {
-        let err = |error| RecordsError::Sqlite {
-            path: path.to_path_buf(),
-            error,
+        Self::open_location(&Location::Sqlite(path.to_path_buf()), version)
+    }
+
+    /// Open either backend for writing, migrating its schema up to `version`.
+    pub fn open_location(at: &Location, version: u32) -> Result<RecordsDb, RecordsError> {
+        let wrap = |e: DbError| RecordsError::Db {
+            at: at.to_string(),
+            message: e.message,
+            busy: e.busy,
         };
-        let mut conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
-        // The rollback journal (not WAL), so that readers need no write access to the
-        // directory (users run `ergon report`); FULL: a commit is on disk when it returns.
-        conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")
-            .map_err(err)?;
-        migrate(&mut conn, path, version)?;
+        let backend = match at {
+            Location::Sqlite(path) => {
+                let mut conn = rusqlite::Connection::open(path)
+                    .map_err(sqlite_error)
+                    .map_err(wrap)?;
+                conn.busy_timeout(Duration::from_secs(30))
+                    .map_err(sqlite_error)
+                    .map_err(wrap)?;
+                // The rollback journal (not WAL), so that readers need no write access to the
+                // directory (users run `ergon report`); FULL: a commit is on disk when it
+                // returns.
+                conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")
+                    .map_err(sqlite_error)
+                    .map_err(wrap)?;
+                let found = sqlite_version(&conn).map_err(wrap)?;
+                check_version(at, found)?;
+                sqlite_migrate(&mut conn, version).map_err(wrap)?;
+                Backend::Sqlite(conn)
+            }
+            Location::Mariadb { url, password_file } => {
+                let mut conn = mariadb_connect(url, password_file.as_deref()).map_err(wrap)?;
+                let found = mariadb_version(&mut conn).map_err(wrap)?;
+                check_version(at, found)?;
+                mariadb_migrate(&mut conn, version).map_err(wrap)?;
+                Backend::Mariadb(conn)
+            }
+        };
         Ok(RecordsDb {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            at: at.clone(),
+            backend: Mutex::new(backend),
         })
     }
 
     /// Open an existing database for reading only (`ergon report`, `ergon jobs`).
     pub fn open_read_only(path: &Path) -> Result<RecordsDb, RecordsError> {
-        if !path.exists() {
-            return Err(RecordsError::Missing {
-                path: path.to_path_buf(),
-            });
-        }
-        let err = |error| RecordsError::Sqlite {
-            path: path.to_path_buf(),
-            error,
+        Self::open_location_read_only(&Location::Sqlite(path.to_path_buf()))
+    }
+
+    /// [`RecordsDb::open_read_only`] for either backend. Nothing is created or migrated.
+    pub fn open_location_read_only(at: &Location) -> Result<RecordsDb, RecordsError> {
+        let wrap = |e: DbError| RecordsError::Db {
+            at: at.to_string(),
+            message: e.message,
+            busy: e.busy,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        let found = user_version(&conn).map_err(err)?;
-        if found > schema_version() {
-            return Err(RecordsError::TooNew {
-                path: path.to_path_buf(),
-                found,
-                supported: schema_version(),
-            });
-        }
+        let backend = match at {
+            Location::Sqlite(path) => {
+                if !path.exists() {
+                    return Err(RecordsError::Missing { at: at.to_string() });
+                }
+                let conn = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(sqlite_error)
+                .map_err(wrap)?;
+                conn.busy_timeout(Duration::from_secs(10))
+                    .map_err(sqlite_error)
+                    .map_err(wrap)?;
+                let found = sqlite_version(&conn).map_err(wrap)?;
+                check_version(at, found)?;
+                if found == 0 {
+                    return Err(RecordsError::Missing { at: at.to_string() });
+                }
+                Backend::Sqlite(conn)
+            }
+            Location::Mariadb { url, password_file } => {
+                let mut conn = mariadb_connect(url, password_file.as_deref()).map_err(wrap)?;
+                let rows = conn
+                    .query(
+                        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'ergon_schema'",
+                        vec![],
+                    )
+                    .map_err(wrap)?;
+                if rows.first().map(|r| r.int(0)).transpose().map_err(wrap)? != Some(1) {
+                    return Err(RecordsError::Missing { at: at.to_string() });
+                }
+                let found = mariadb_version(&mut conn).map_err(wrap)?;
+                check_version(at, found)?;
+                Backend::Mariadb(conn)
+            }
+        };
         Ok(RecordsDb {
-            path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            at: at.clone(),
+            backend: Mutex::new(backend),
         })
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where it is.
+    pub fn location(&self) -> &Location {
+        &self.at
+    }
+
+    fn wrap(&self, e: DbError) -> RecordsError {
+        RecordsError::Db {
+            at: self.at.to_string(),
+            message: e.message,
+            busy: e.busy,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut dyn Sql) -> DbResult<T>) -> Result<T, RecordsError> {
+        // A panic while holding the lock leaves a connection its database keeps consistent.
+        let mut backend = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match &mut *backend {
+            Backend::Sqlite(conn) => f(conn),
+            Backend::Mariadb(conn) => f(conn),
+        };
+        result.map_err(|e| self.wrap(e))
     }
 
     /// The schema version of the open database.
     pub fn version(&self) -> Result<u32, RecordsError> {
-        let conn = self.lock();
-        user_version(&conn).map_err(|error| self.error(error))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves a connection SQLite keeps consistent itself.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn error(&self, error: rusqlite::Error) -> RecordsError {
-        RecordsError::Sqlite {
-            path: self.path.clone(),
-            error,
-        }
+        let mut backend = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let v = match &mut *backend {
+            Backend::Sqlite(conn) => sqlite_version(conn),
+            Backend::Mariadb(conn) => mariadb_version(conn),
+        };
+        v.map_err(|e| self.wrap(e))
     }
 
     /// Write `records` in one transaction (see the module docs for the upsert rules). When it
     /// returns `Ok`, they are on disk.
     pub fn upsert(&self, records: &[&JobRecordFull]) -> Result<(), RecordsError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction().map_err(|e| self.error(e))?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        for r in records {
-            upsert_one(&tx, r, now).map_err(|e| self.error(e))?;
-        }
-        tx.commit().map_err(|e| self.error(e))
+        let mut backend = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let result = match &mut *backend {
+            Backend::Sqlite(conn) => (|| {
+                let mut tx = conn.transaction().map_err(sqlite_error)?;
+                for r in records {
+                    upsert_one(&mut tx, r, now)?;
+                }
+                tx.commit().map_err(sqlite_error)
+            })(),
+            Backend::Mariadb(conn) => (|| {
+                let mut tx = conn
+                    .start_transaction(mysql::TxOpts::default())
+                    .map_err(mariadb_error)?;
+                for r in records {
+                    upsert_one(&mut tx, r, now)?;
+                }
+                tx.commit().map_err(mariadb_error)
+            })(),
+        };
+        result.map_err(|e| self.wrap(e))
     }
 
     /// The records of job `job_id` (one per cluster that has it; only `cluster`'s if given).
@@ -285,211 +908,271 @@ impl RecordsDb {
         cluster: Option<&str>,
         job_id: u32,
     ) -> Result<Vec<JobRecordFull>, RecordsError> {
-        let conn = self.lock();
-        read_jobs(&conn, cluster, job_id).map_err(|e| self.error(e))
+        self.with(|sql| read_jobs(sql, cluster, job_id))
     }
 
     /// The jobs matching `filter`, newest end first.
     pub fn list(&self, filter: &JobFilter) -> Result<Vec<JobRow>, RecordsError> {
-        let conn = self.lock();
-        list_jobs(&conn, filter).map_err(|e| self.error(e))
+        self.with(|sql| list_jobs(sql, filter))
     }
 
     /// Jobs in the database.
     pub fn count(&self) -> Result<u64, RecordsError> {
-        let conn = self.lock();
-        conn.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
-            .map_err(|e| self.error(e))
+        self.with(|sql| {
+            let rows = sql.query("SELECT COUNT(*) FROM jobs", vec![])?;
+            rows.first().map_or(Ok(0), |r| r.u64(0))
+        })
+    }
+
+    /// Rows in `table` (one of the four), for tests and benchmarks.
+    pub fn rows(&self, table: &str) -> Result<u64, RecordsError> {
+        let table = match table {
+            "jobs" | "job_nodes" | "job_gpus" | "job_estimates" => table,
+            _ => {
+                return Err(self.wrap(DbError::new(format!("no table {table:?}"))));
+            }
+        };
+        self.with(|sql| {
+            let rows = sql.query(&format!("SELECT COUNT(*) FROM {table}"), vec![])?;
+            rows.first().map_or(Ok(0), |r| r.u64(0))
+        })
+    }
+
+    /// Run `statement` (for tests: to set up what an older or newer ergon would have left).
+    #[doc(hidden)]
+    pub fn execute_raw(&self, statement: &str) -> Result<(), RecordsError> {
+        self.with(|sql| sql.exec(statement, vec![]))
     }
 }
 
-fn user_version(conn: &Connection) -> rusqlite::Result<u32> {
-    conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
-        .map(|v| v as u32)
-}
-
-fn migrate(conn: &mut Connection, path: &Path, target: u32) -> Result<(), RecordsError> {
-    let err = |error| RecordsError::Sqlite {
-        path: path.to_path_buf(),
-        error,
-    };
-    // Taken at once for writing (IMMEDIATE), so that two runs never migrate at the same time.
-    let found = user_version(conn).map_err(err)?;
+fn check_version(at: &Location, found: u32) -> Result<(), RecordsError> {
     if found > schema_version() {
         return Err(RecordsError::TooNew {
-            path: path.to_path_buf(),
+            at: at.to_string(),
             found,
             supported: schema_version(),
         });
     }
-    for version in found + 1..=target.min(schema_version()) {
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(err)?;
-        // Another process may have migrated meanwhile.
-        if user_version(&tx).map_err(err)? >= version {
-            continue;
-        }
-        tx.execute_batch(MIGRATIONS[version as usize - 1])
-            .map_err(err)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {version}"))
-            .map_err(err)?;
-        tx.commit().map_err(err)?;
-    }
     Ok(())
 }
 
-fn upsert_one(tx: &rusqlite::Transaction<'_>, r: &JobRecordFull, now: i64) -> rusqlite::Result<()> {
-    let existing: Option<i64> = tx
-        .query_row(
-            "SELECT nodes FROM jobs WHERE cluster = ?1 AND job_id = ?2",
-            params![r.cluster, r.job_id],
-            |row| row.get(0),
-        )
-        .optional()?;
-    let replace_job = existing.is_none_or(|n| r.nodes.len() as i64 >= n);
-    if replace_job {
+/// `INSERT … ` that replaces the non-key columns on a key conflict, in `dialect`.
+fn upsert_sql(dialect: Dialect, table: &str, key: &[&str], columns: &[&str]) -> String {
+    let all: Vec<&str> = key.iter().chain(columns).copied().collect();
+    let names = all
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let marks = vec!["?"; all.len()].join(", ");
+    let update = |f: &dyn Fn(&str) -> String| {
+        columns
+            .iter()
+            .map(|c| format!("`{c}` = {}", f(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match dialect {
+        Dialect::Sqlite => format!(
+            "INSERT INTO {table} ({names}) VALUES ({marks}) ON CONFLICT ({}) DO UPDATE SET {}",
+            key.join(", "),
+            update(&|c| format!("excluded.`{c}`"))
+        ),
+        Dialect::Mariadb => format!(
+            "INSERT INTO {table} ({names}) VALUES ({marks}) ON DUPLICATE KEY UPDATE {}",
+            update(&|c| format!("VALUES(`{c}`)"))
+        ),
+    }
+}
+
+const JOB_COLUMNS: &[&str] = &[
+    "idempotency_key",
+    "job_hash",
+    "array_job_id",
+    "array_task_id",
+    "user",
+    "uid",
+    "account",
+    "partition",
+    "start_unix_ns",
+    "end_unix_ns",
+    "duration_s",
+    "energy_j",
+    "gpu_j",
+    "cpu_j",
+    "dram_j",
+    "avg_w",
+    "peak_w",
+    "coverage_min",
+    "coverage_weighted",
+    "estimated",
+    "has_coverage_components",
+    "coverage_gpu",
+    "coverage_cpu",
+    "coverage_dram",
+    "estimate_bound_j",
+    "sluid",
+    "nodes",
+    "gpus",
+    "written_unix",
+];
+
+const NODE_COLUMNS: &[&str] = &[
+    "energy_j",
+    "gpu_j",
+    "cpu_j",
+    "dram_j",
+    "avg_w",
+    "peak_w",
+    "coverage",
+    "manifest_hash",
+    "has_components",
+    "coverage_gpu",
+    "coverage_cpu",
+    "coverage_dram",
+    "gpus_unknown",
+];
+
+const GPU_COLUMNS: &[&str] = &["energy_j", "avg_w", "peak_w", "method", "mig"];
+
+const ESTIMATE_COLUMNS: &[&str] = &[
+    "start_unix_ns",
+    "end_unix_ns",
+    "reason",
+    "energy_j",
+    "bound_j",
+];
+
+fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
+    let d = sql.dialect();
+    let lock = match d {
+        Dialect::Sqlite => "",
+        // The row is locked until the commit, so that two writers of one job do not both
+        // decide on a stale count.
+        Dialect::Mariadb => " FOR UPDATE",
+    };
+    let existing = sql.query(
+        &format!("SELECT nodes FROM jobs WHERE cluster = ? AND job_id = ?{lock}"),
+        vec![r.cluster.as_str().into(), r.job_id.into()],
+    )?;
+    let existing = existing.first().map(|row| row.int(0)).transpose()?;
+    if existing.is_none_or(|n| r.nodes.len() as i64 >= n) {
         let cc = r.coverage_components;
-        tx.execute(
-            "INSERT INTO jobs (cluster, job_id, idempotency_key, job_hash, array_job_id,
-                array_task_id, user, uid, account, partition, start_unix_ns, end_unix_ns,
-                duration_s, energy_j, gpu_j, cpu_j, dram_j, avg_w, peak_w, coverage_min,
-                coverage_weighted, estimated, has_coverage_components, coverage_gpu,
-                coverage_cpu, coverage_dram, estimate_bound_j, sluid, nodes, gpus, written_unix)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)
-             ON CONFLICT (cluster, job_id) DO UPDATE SET
-                idempotency_key = excluded.idempotency_key, job_hash = excluded.job_hash,
-                array_job_id = excluded.array_job_id, array_task_id = excluded.array_task_id,
-                user = excluded.user, uid = excluded.uid, account = excluded.account,
-                partition = excluded.partition, start_unix_ns = excluded.start_unix_ns,
-                end_unix_ns = excluded.end_unix_ns, duration_s = excluded.duration_s,
-                energy_j = excluded.energy_j, gpu_j = excluded.gpu_j, cpu_j = excluded.cpu_j,
-                dram_j = excluded.dram_j, avg_w = excluded.avg_w, peak_w = excluded.peak_w,
-                coverage_min = excluded.coverage_min,
-                coverage_weighted = excluded.coverage_weighted, estimated = excluded.estimated,
-                has_coverage_components = excluded.has_coverage_components,
-                coverage_gpu = excluded.coverage_gpu, coverage_cpu = excluded.coverage_cpu,
-                coverage_dram = excluded.coverage_dram,
-                estimate_bound_j = excluded.estimate_bound_j, sluid = excluded.sluid,
-                nodes = excluded.nodes, gpus = excluded.gpus,
-                written_unix = excluded.written_unix",
-            params![
-                r.cluster,
-                r.job_id,
-                r.idempotency_key,
-                r.job_hash,
-                r.array_job_id,
-                r.array_task_id,
-                r.user,
-                r.uid,
-                r.account,
-                r.partition,
-                r.start_unix_ns as i64,
-                r.end_unix_ns as i64,
-                r.duration_s,
-                r.energy_j,
-                r.gpu_j,
-                r.cpu_j,
-                r.dram_j,
-                r.avg_w,
-                r.peak_w,
-                r.coverage_min,
-                r.coverage_weighted,
-                r.estimated,
-                cc.is_some(),
-                cc.and_then(|c| c.gpu),
-                cc.and_then(|c| c.cpu),
-                cc.and_then(|c| c.dram),
-                r.estimate_bound_j,
-                r.sluid,
-                r.nodes.len() as i64,
-                r.gpus.len() as i64,
-                now,
+        sql.exec(
+            &upsert_sql(d, "jobs", &["cluster", "job_id"], JOB_COLUMNS),
+            vec![
+                r.cluster.as_str().into(),
+                r.job_id.into(),
+                r.idempotency_key.as_str().into(),
+                r.job_hash.as_str().into(),
+                r.array_job_id.into(),
+                r.array_task_id.into(),
+                r.user.as_str().into(),
+                r.uid.into(),
+                (&r.account).into(),
+                (&r.partition).into(),
+                r.start_unix_ns.into(),
+                r.end_unix_ns.into(),
+                r.duration_s.into(),
+                r.energy_j.into(),
+                r.gpu_j.into(),
+                r.cpu_j.into(),
+                r.dram_j.into(),
+                r.avg_w.into(),
+                r.peak_w.into(),
+                r.coverage_min.into(),
+                r.coverage_weighted.into(),
+                r.estimated.into(),
+                cc.is_some().into(),
+                cc.and_then(|c| c.gpu).into(),
+                cc.and_then(|c| c.cpu).into(),
+                cc.and_then(|c| c.dram).into(),
+                r.estimate_bound_j.into(),
+                (&r.sluid).into(),
+                r.nodes.len().into(),
+                r.gpus.len().into(),
+                now.into(),
             ],
         )?;
     }
     for n in &r.nodes {
         let c = n.components;
-        tx.execute(
-            "INSERT INTO job_nodes (cluster, job_id, node, energy_j, gpu_j, cpu_j, dram_j, avg_w,
-                peak_w, coverage, manifest_hash, has_components, coverage_gpu, coverage_cpu,
-                coverage_dram, gpus_unknown)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
-             ON CONFLICT (cluster, job_id, node) DO UPDATE SET
-                energy_j = excluded.energy_j, gpu_j = excluded.gpu_j, cpu_j = excluded.cpu_j,
-                dram_j = excluded.dram_j, avg_w = excluded.avg_w, peak_w = excluded.peak_w,
-                coverage = excluded.coverage, manifest_hash = excluded.manifest_hash,
-                has_components = excluded.has_components, coverage_gpu = excluded.coverage_gpu,
-                coverage_cpu = excluded.coverage_cpu, coverage_dram = excluded.coverage_dram,
-                gpus_unknown = excluded.gpus_unknown",
-            params![
-                r.cluster,
-                r.job_id,
-                n.node,
-                n.energy_j,
-                n.gpu_j,
-                n.cpu_j,
-                n.dram_j,
-                n.avg_w,
-                n.peak_w,
-                n.coverage,
-                n.manifest_hash,
-                c.is_some(),
-                c.and_then(|c| c.gpu),
-                c.and_then(|c| c.cpu),
-                c.and_then(|c| c.dram),
-                n.gpus_unknown,
+        sql.exec(
+            &upsert_sql(d, "job_nodes", &["cluster", "job_id", "node"], NODE_COLUMNS),
+            vec![
+                r.cluster.as_str().into(),
+                r.job_id.into(),
+                n.node.as_str().into(),
+                n.energy_j.into(),
+                n.gpu_j.into(),
+                n.cpu_j.into(),
+                n.dram_j.into(),
+                n.avg_w.into(),
+                n.peak_w.into(),
+                n.coverage.into(),
+                n.manifest_hash.as_str().into(),
+                c.is_some().into(),
+                c.and_then(|c| c.gpu).into(),
+                c.and_then(|c| c.cpu).into(),
+                c.and_then(|c| c.dram).into(),
+                (&n.gpus_unknown).into(),
             ],
         )?;
         // The node's GPUs and gaps: exactly what its manifest (the same in every record of the
         // job) says.
-        tx.execute(
-            "DELETE FROM job_gpus WHERE cluster = ?1 AND job_id = ?2 AND node = ?3",
-            params![r.cluster, r.job_id, n.node],
-        )?;
-        tx.execute(
-            "DELETE FROM job_estimates WHERE cluster = ?1 AND job_id = ?2 AND node = ?3",
-            params![r.cluster, r.job_id, n.node],
-        )?;
+        for table in ["job_gpus", "job_estimates"] {
+            sql.exec(
+                &format!("DELETE FROM {table} WHERE cluster = ? AND job_id = ? AND node = ?"),
+                vec![
+                    r.cluster.as_str().into(),
+                    r.job_id.into(),
+                    n.node.as_str().into(),
+                ],
+            )?;
+        }
     }
     for g in &r.gpus {
-        tx.execute(
-            "INSERT OR REPLACE INTO job_gpus (cluster, job_id, node, gpu_index, uuid, energy_j,
-                avg_w, peak_w, method, mig)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                r.cluster,
-                r.job_id,
-                g.node,
-                g.index,
-                g.uuid,
-                g.energy_j,
-                g.avg_w,
-                g.peak_w,
-                to_json(&g.method),
-                g.mig.as_ref().map(to_json),
+        sql.exec(
+            &upsert_sql(
+                d,
+                "job_gpus",
+                &["cluster", "job_id", "node", "gpu_index", "uuid"],
+                GPU_COLUMNS,
+            ),
+            vec![
+                r.cluster.as_str().into(),
+                r.job_id.into(),
+                g.node.as_str().into(),
+                g.index.into(),
+                g.uuid.as_str().into(),
+                g.energy_j.into(),
+                g.avg_w.into(),
+                g.peak_w.into(),
+                to_json(&g.method).into(),
+                g.mig.as_ref().map(to_json).into(),
             ],
         )?;
     }
     let mut seq: std::collections::BTreeMap<&str, i64> = Default::default();
     for e in &r.estimates {
         let n = seq.entry(e.node.as_str()).or_default();
-        tx.execute(
-            "INSERT OR REPLACE INTO job_estimates (cluster, job_id, node, seq, start_unix_ns,
-                end_unix_ns, reason, energy_j, bound_j)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                r.cluster,
-                r.job_id,
-                e.node,
-                *n,
-                e.start_unix_ns as i64,
-                e.end_unix_ns as i64,
-                e.reason,
-                e.energy_j,
-                e.bound_j,
+        sql.exec(
+            &upsert_sql(
+                d,
+                "job_estimates",
+                &["cluster", "job_id", "node", "seq"],
+                ESTIMATE_COLUMNS,
+            ),
+            vec![
+                r.cluster.as_str().into(),
+                r.job_id.into(),
+                e.node.as_str().into(),
+                (*n).into(),
+                e.start_unix_ns.into(),
+                e.end_unix_ns.into(),
+                e.reason.as_str().into(),
+                e.energy_j.into(),
+                e.bound_j.into(),
             ],
         )?;
         *n += 1;
@@ -502,98 +1185,129 @@ fn to_json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(col: usize, text: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, Box::new(e))
-    })
+fn from_json<T: serde::de::DeserializeOwned>(col: usize, text: &str) -> DbResult<T> {
+    serde_json::from_str(text).map_err(|e| DbError::new(format!("column {col}: {e}")))
 }
 
-fn coverage(
-    has: bool,
-    gpu: Option<f64>,
-    cpu: Option<f64>,
-    dram: Option<f64>,
-) -> Option<ComponentCoverage> {
-    has.then_some(ComponentCoverage { gpu, cpu, dram })
+fn coverage(row: &Row, at: usize) -> DbResult<Option<ComponentCoverage>> {
+    Ok(row.bool(at)?.then_some(ComponentCoverage {
+        gpu: row.opt_real(at + 1)?,
+        cpu: row.opt_real(at + 2)?,
+        dram: row.opt_real(at + 3)?,
+    }))
 }
 
 fn read_jobs(
-    conn: &Connection,
+    sql: &mut dyn Sql,
     cluster: Option<&str>,
     job_id: u32,
-) -> rusqlite::Result<Vec<JobRecordFull>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, user,
-            uid, account, partition, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
+) -> DbResult<Vec<JobRecordFull>> {
+    let rows = sql.query(
+        "SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, `user`,
+            uid, account, `partition`, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
             cpu_j, dram_j, avg_w, peak_w, coverage_min, coverage_weighted, estimated,
             has_coverage_components, coverage_gpu, coverage_cpu, coverage_dram,
             estimate_bound_j, sluid
-         FROM jobs WHERE job_id = ?1 AND (?2 IS NULL OR cluster = ?2) ORDER BY cluster",
+         FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster",
+        vec![job_id.into(), cluster.into(), cluster.into()],
     )?;
-    let mut jobs: Vec<JobRecordFull> = stmt
-        .query_map(params![job_id, cluster], |row| {
-            Ok(JobRecordFull {
-                cluster: row.get(0)?,
-                job_id: row.get(1)?,
-                idempotency_key: row.get(2)?,
-                job_hash: row.get(3)?,
-                array_job_id: row.get(4)?,
-                array_task_id: row.get(5)?,
-                user: row.get(6)?,
-                uid: row.get(7)?,
-                account: row.get(8)?,
-                partition: row.get(9)?,
-                start_unix_ns: row.get::<_, i64>(10)? as u64,
-                end_unix_ns: row.get::<_, i64>(11)? as u64,
-                duration_s: row.get(12)?,
-                energy_j: row.get(13)?,
-                gpu_j: row.get(14)?,
-                cpu_j: row.get(15)?,
-                dram_j: row.get(16)?,
-                avg_w: row.get(17)?,
-                peak_w: row.get(18)?,
-                coverage_min: row.get(19)?,
-                coverage_weighted: row.get(20)?,
-                estimated: row.get(21)?,
-                coverage_components: coverage(
-                    row.get(22)?,
-                    row.get(23)?,
-                    row.get(24)?,
-                    row.get(25)?,
-                ),
-                estimate_bound_j: row.get(26)?,
-                sluid: row.get(27)?,
-                nodes: Vec::new(),
-                gpus: Vec::new(),
-                gpus_unknown: Vec::new(),
-                estimates: Vec::new(),
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    for job in &mut jobs {
-        let key = params![job.cluster, job.job_id];
-        let mut stmt = conn.prepare_cached(
-            "SELECT node, energy_j, gpu_j, cpu_j, dram_j, avg_w, peak_w, coverage, manifest_hash,
-                has_components, coverage_gpu, coverage_cpu, coverage_dram, gpus_unknown
-             FROM job_nodes WHERE cluster = ?1 AND job_id = ?2 ORDER BY node",
-        )?;
-        job.nodes = stmt
-            .query_map(key, |row| {
+    let mut jobs = Vec::new();
+    for row in rows {
+        let mut job = JobRecordFull {
+            cluster: row.text(0)?,
+            job_id: row.u32(1)?,
+            idempotency_key: row.text(2)?,
+            job_hash: row.text(3)?,
+            array_job_id: row.opt_u32(4)?,
+            array_task_id: row.opt_u32(5)?,
+            user: row.text(6)?,
+            uid: row.u32(7)?,
+            account: row.opt_text(8)?,
+            partition: row.opt_text(9)?,
+            start_unix_ns: row.u64(10)?,
+            end_unix_ns: row.u64(11)?,
+            duration_s: row.real(12)?,
+            energy_j: row.real(13)?,
+            gpu_j: row.opt_real(14)?,
+            cpu_j: row.opt_real(15)?,
+            dram_j: row.opt_real(16)?,
+            avg_w: row.real(17)?,
+            peak_w: row.real(18)?,
+            coverage_min: row.real(19)?,
+            coverage_weighted: row.real(20)?,
+            estimated: row.bool(21)?,
+            coverage_components: coverage(&row, 22)?,
+            estimate_bound_j: row.opt_real(26)?,
+            sluid: row.opt_text(27)?,
+            nodes: Vec::new(),
+            gpus: Vec::new(),
+            gpus_unknown: Vec::new(),
+            estimates: Vec::new(),
+        };
+        let key = || vec![job.cluster.as_str().into(), job.job_id.into()];
+        job.nodes = sql
+            .query(
+                "SELECT node, energy_j, gpu_j, cpu_j, dram_j, avg_w, peak_w, coverage,
+                    manifest_hash, has_components, coverage_gpu, coverage_cpu, coverage_dram,
+                    gpus_unknown
+                 FROM job_nodes WHERE cluster = ? AND job_id = ? ORDER BY node",
+                key(),
+            )?
+            .into_iter()
+            .map(|row| {
                 Ok(NodeSummary {
-                    node: row.get(0)?,
-                    energy_j: row.get(1)?,
-                    gpu_j: row.get(2)?,
-                    cpu_j: row.get(3)?,
-                    dram_j: row.get(4)?,
-                    avg_w: row.get(5)?,
-                    peak_w: row.get(6)?,
-                    coverage: row.get(7)?,
-                    manifest_hash: row.get(8)?,
-                    components: coverage(row.get(9)?, row.get(10)?, row.get(11)?, row.get(12)?),
-                    gpus_unknown: row.get(13)?,
+                    node: row.text(0)?,
+                    energy_j: row.real(1)?,
+                    gpu_j: row.opt_real(2)?,
+                    cpu_j: row.opt_real(3)?,
+                    dram_j: row.opt_real(4)?,
+                    avg_w: row.real(5)?,
+                    peak_w: row.real(6)?,
+                    coverage: row.real(7)?,
+                    manifest_hash: row.text(8)?,
+                    components: coverage(&row, 9)?,
+                    gpus_unknown: row.opt_text(13)?,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+            })
+            .collect::<DbResult<_>>()?;
+        job.gpus = sql
+            .query(
+                "SELECT node, uuid, gpu_index, energy_j, avg_w, peak_w, method, mig
+                 FROM job_gpus WHERE cluster = ? AND job_id = ? ORDER BY node, gpu_index, uuid",
+                key(),
+            )?
+            .into_iter()
+            .map(|row| {
+                Ok(GpuSummary {
+                    node: row.text(0)?,
+                    uuid: row.text(1)?,
+                    index: row.u32(2)?,
+                    energy_j: row.opt_real(3)?,
+                    avg_w: row.opt_real(4)?,
+                    peak_w: row.opt_real(5)?,
+                    method: from_json(6, &row.text(6)?)?,
+                    mig: row.opt_text(7)?.map(|m| from_json(7, &m)).transpose()?,
+                })
+            })
+            .collect::<DbResult<_>>()?;
+        job.estimates = sql
+            .query(
+                "SELECT node, start_unix_ns, end_unix_ns, reason, energy_j, bound_j
+                 FROM job_estimates WHERE cluster = ? AND job_id = ? ORDER BY node, seq",
+                key(),
+            )?
+            .into_iter()
+            .map(|row| {
+                Ok(EstimatedGap {
+                    node: row.text(0)?,
+                    start_unix_ns: row.u64(1)?,
+                    end_unix_ns: row.u64(2)?,
+                    reason: row.text(3)?,
+                    energy_j: row.real(4)?,
+                    bound_j: row.real(5)?,
+                })
+            })
+            .collect::<DbResult<_>>()?;
         job.gpus_unknown = job
             .nodes
             .iter()
@@ -604,42 +1318,7 @@ fn read_jobs(
                 })
             })
             .collect();
-        let mut stmt = conn.prepare_cached(
-            "SELECT node, uuid, gpu_index, energy_j, avg_w, peak_w, method, mig
-             FROM job_gpus WHERE cluster = ?1 AND job_id = ?2 ORDER BY node, gpu_index, uuid",
-        )?;
-        job.gpus = stmt
-            .query_map(key, |row| {
-                let method: String = row.get(6)?;
-                let mig: Option<String> = row.get(7)?;
-                Ok(GpuSummary {
-                    node: row.get(0)?,
-                    uuid: row.get(1)?,
-                    index: row.get(2)?,
-                    energy_j: row.get(3)?,
-                    avg_w: row.get(4)?,
-                    peak_w: row.get(5)?,
-                    method: from_json(6, &method)?,
-                    mig: mig.map(|m| from_json(7, &m)).transpose()?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT node, start_unix_ns, end_unix_ns, reason, energy_j, bound_j
-             FROM job_estimates WHERE cluster = ?1 AND job_id = ?2 ORDER BY node, seq",
-        )?;
-        job.estimates = stmt
-            .query_map(key, |row| {
-                Ok(EstimatedGap {
-                    node: row.get(0)?,
-                    start_unix_ns: row.get::<_, i64>(1)? as u64,
-                    end_unix_ns: row.get::<_, i64>(2)? as u64,
-                    reason: row.get(3)?,
-                    energy_j: row.get(4)?,
-                    bound_j: row.get(5)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+        jobs.push(job);
     }
     Ok(jobs)
 }
@@ -698,50 +1377,54 @@ pub struct JobRow {
     pub estimated: bool,
 }
 
-fn list_jobs(conn: &Connection, f: &JobFilter) -> rusqlite::Result<Vec<JobRow>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT cluster, job_id, user, account, partition, start_unix_ns, end_unix_ns,
+fn list_jobs(sql: &mut dyn Sql, f: &JobFilter) -> DbResult<Vec<JobRow>> {
+    let since = f.since_unix_ns.map(|t| t.min(i64::MAX as u64) as i64);
+    let until = f.until_unix_ns.map(|t| t.min(i64::MAX as u64) as i64);
+    let rows = sql.query(
+        "SELECT cluster, job_id, `user`, account, `partition`, start_unix_ns, end_unix_ns,
             duration_s, energy_j, gpu_j, cpu_j, dram_j, nodes, gpus, coverage_min, estimated
          FROM jobs
-         WHERE (?1 IS NULL OR cluster = ?1) AND (?2 IS NULL OR user = ?2)
-            AND (?3 IS NULL OR account = ?3) AND (?4 IS NULL OR end_unix_ns >= ?4)
-            AND (?5 IS NULL OR end_unix_ns < ?5)
+         WHERE (? IS NULL OR cluster = ?) AND (? IS NULL OR `user` = ?)
+            AND (? IS NULL OR account = ?) AND (? IS NULL OR end_unix_ns >= ?)
+            AND (? IS NULL OR end_unix_ns < ?)
          ORDER BY end_unix_ns DESC, cluster, job_id DESC
-         LIMIT ?6",
+         LIMIT ?",
+        vec![
+            (&f.cluster).into(),
+            (&f.cluster).into(),
+            (&f.user).into(),
+            (&f.user).into(),
+            (&f.account).into(),
+            (&f.account).into(),
+            since.into(),
+            since.into(),
+            until.into(),
+            until.into(),
+            f.limit.unwrap_or(1 << 62).min(1 << 62).into(),
+        ],
     )?;
-    let rows = stmt
-        .query_map(
-            params![
-                f.cluster,
-                f.user,
-                f.account,
-                f.since_unix_ns.map(|t| t as i64),
-                f.until_unix_ns.map(|t| t as i64),
-                f.limit.map_or(-1, |l| l as i64),
-            ],
-            |row| {
-                Ok(JobRow {
-                    cluster: row.get(0)?,
-                    job_id: row.get(1)?,
-                    user: row.get(2)?,
-                    account: row.get(3)?,
-                    partition: row.get(4)?,
-                    start_unix_ns: row.get::<_, i64>(5)? as u64,
-                    end_unix_ns: row.get::<_, i64>(6)? as u64,
-                    duration_s: row.get(7)?,
-                    energy_j: row.get(8)?,
-                    gpu_j: row.get(9)?,
-                    cpu_j: row.get(10)?,
-                    dram_j: row.get(11)?,
-                    nodes: row.get(12)?,
-                    gpus: row.get(13)?,
-                    coverage_min: row.get(14)?,
-                    estimated: row.get(15)?,
-                })
-            },
-        )?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+    rows.into_iter()
+        .map(|row| {
+            Ok(JobRow {
+                cluster: row.text(0)?,
+                job_id: row.u32(1)?,
+                user: row.text(2)?,
+                account: row.opt_text(3)?,
+                partition: row.opt_text(4)?,
+                start_unix_ns: row.u64(5)?,
+                end_unix_ns: row.u64(6)?,
+                duration_s: row.real(7)?,
+                energy_j: row.real(8)?,
+                gpu_j: row.opt_real(9)?,
+                cpu_j: row.opt_real(10)?,
+                dram_j: row.opt_real(11)?,
+                nodes: row.u32(12)?,
+                gpus: row.u32(13)?,
+                coverage_min: row.real(14)?,
+                estimated: row.bool(15)?,
+            })
+        })
+        .collect()
 }
 
 /// The database as a destination of `ergon run`: a batch is one transaction; committed is
@@ -755,10 +1438,10 @@ pub struct RecordsSink {
 }
 
 impl RecordsSink {
-    /// Open (create, migrate) the database at `path`. A database that cannot be opened is
-    /// logged, and its records stay pending for the next run.
-    pub fn open(path: &Path, batch_size: usize) -> RecordsSink {
-        let db = RecordsDb::open(path).map_err(|e| {
+    /// Open (create, migrate) the database. A database that cannot be opened is logged, and
+    /// its records stay pending for the next run.
+    pub fn open(at: &Location, batch_size: usize) -> RecordsSink {
+        let db = RecordsDb::open_location(at, schema_version()).map_err(|e| {
             tracing::error!(
                 "{e}; job records stay pending for the database until it can be written"
             );
@@ -793,13 +1476,7 @@ impl Sink for RecordsSink {
         match db.upsert(records) {
             Ok(()) => SendOutcome::Delivered,
             Err(e) => {
-                let busy = matches!(
-                    &e,
-                    RecordsError::Sqlite { error, .. }
-                        if matches!(error.sqlite_error_code(),
-                            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
-                );
-                if busy {
+                if matches!(e, RecordsError::Db { busy: true, .. }) {
                     SendOutcome::Retry {
                         after: None,
                         error: e.to_string(),
@@ -990,9 +1667,7 @@ mod tests {
     }
 
     fn count(db: &RecordsDb, table: &str) -> i64 {
-        db.lock()
-            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
-            .unwrap()
+        db.rows(table).unwrap() as i64
     }
 
     #[test]
@@ -1046,8 +1721,8 @@ mod tests {
             assert_eq!(v1.version().unwrap(), 1);
             v1.upsert(&[&r]).unwrap();
         }
-        let indexes = |db: &RecordsDb| -> Vec<String> {
-            let conn = db.lock();
+        let indexes = |_: &RecordsDb| -> Vec<String> {
+            let conn = rusqlite::Connection::open(&path).unwrap();
             let mut stmt = conn
                 .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'jobs_by_%' ORDER BY name")
                 .unwrap();
@@ -1067,8 +1742,7 @@ mod tests {
         let again = RecordsDb::open(&path).unwrap();
         assert_eq!(again.get(None, 9).unwrap(), vec![r]);
         again
-            .lock()
-            .execute_batch(&format!("PRAGMA user_version = {}", schema_version() + 1))
+            .execute_raw(&format!("PRAGMA user_version = {}", schema_version() + 1))
             .unwrap();
         drop(again);
         let before = std::fs::read(&path).unwrap();

@@ -116,7 +116,7 @@ fn from_records(
     cluster: Option<&str>,
     job_id: u32,
 ) -> Result<Option<(JobRecordFull, Vec<String>)>, RecordsError> {
-    let db = RecordsDb::open_read_only(&config.records_path())?;
+    let db = RecordsDb::open_location_read_only(&config.records_location())?;
     let mut found = db.get(cluster, job_id)?.into_iter();
     Ok(found
         .next()

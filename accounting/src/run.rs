@@ -209,9 +209,8 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
             config.records.batch_size,
         )));
     } else if config.records.enabled {
-        let path = config.records_path();
         sinks.push(Box::new(crate::records::RecordsSink::open(
-            &path,
+            &config.records_location(),
             config.records.batch_size,
         )));
     }
