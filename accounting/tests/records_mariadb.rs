@@ -197,7 +197,7 @@ fn mariadb_holds_the_records_as_sqlite_does() {
     // Idempotent, and a record with fewer nodes never replaces the job.
     let a = manifest("c9", 2, "n1", 100.0, 1.0, 1.0);
     let b = manifest("c9", 2, "n2", 50.0, 1.0, 1.0);
-    let early = combine(&[a.clone()]);
+    let early = combine(std::slice::from_ref(&a));
     let late = combine(&[a, b]);
     latest.upsert(&[&late, &late]).unwrap();
     latest.upsert(&[&early]).unwrap();
