@@ -341,6 +341,10 @@ pub struct VictoriaMetricsConfig {
     /// `/write` (InfluxDB 1.x): an accepted batch is then taken as delivered.
     #[serde(default = "yes")]
     pub verify: bool,
+    /// Also send one series set per job (labelled by `job_id`): their number grows with the
+    /// jobs. Off: only the usage counters per cluster/partition/account/user.
+    #[serde(default)]
+    pub per_job_series: bool,
 }
 
 /// HTTPS JSON ingest sink.

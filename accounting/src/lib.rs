@@ -14,6 +14,7 @@
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
 //! - [`plot`]: `ergon plot`, a job's power over time as SVG or PNG;
+//! - [`usage`]: bounded usage counters per cluster/partition/account/user for VictoriaMetrics;
 //! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
 
 #![warn(missing_docs)]
@@ -31,3 +32,4 @@ pub mod sacct;
 pub mod sinks;
 pub mod spool;
 pub mod state;
+pub mod usage;

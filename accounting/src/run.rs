@@ -216,7 +216,8 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
     }
     if let Some(vm) = &config.victoria_metrics {
         sinks.push(Box::new(
-            VictoriaMetrics::new(vm).context("setting up the victoria_metrics sink")?,
+            VictoriaMetrics::new(vm, &config.state_dir)
+                .context("setting up the victoria_metrics sink")?,
         ));
     }
     if let Some(http) = &config.http {
