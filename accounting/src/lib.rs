@@ -13,6 +13,7 @@
 //!   `ergon report` and `ergon jobs`;
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
+//! - [`prune`]: `ergon prune`, removing manifests every destination has;
 //! - [`plot`]: `ergon plot`, a job's power over time as SVG or PNG;
 //! - [`usage`]: bounded usage counters per cluster/partition/account/user for VictoriaMetrics;
 //! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod consumed_energy;
 pub mod job;
 pub mod plot;
+pub mod prune;
 pub mod records;
 pub mod report;
 pub mod run;

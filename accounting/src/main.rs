@@ -76,6 +76,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove manifests from the spools once every destination has their job's record.
+    ///
+    /// Only files the state knows as collected and unchanged, of jobs with nothing pending for
+    /// any destination, that ended more than --older-than days ago. Takes the run lock. Exit
+    /// codes: 0 done; 1 error; 3 some files could not be removed; 75 `ergon run` holds the lock.
+    Prune {
+        /// Keep the manifests of jobs that ended within this many days (`ergon plot` needs them).
+        #[arg(long, value_name = "DAYS", default_value_t = 7)]
+        older_than: u64,
+        /// Count what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List jobs from the job-records database, newest first.
     ///
     /// Filters combine (AND). Times are UTC: YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS], or @UNIX_SECONDS;
@@ -234,6 +250,31 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
+            })
+        }
+        Cmd::Prune {
+            older_than,
+            dry_run,
+            json,
+        } => {
+            let config = load_config(&args.config, true)?;
+            let summary = ergon_accounting::prune::prune(
+                &config,
+                std::time::Duration::from_secs(older_than.saturating_mul(86_400)),
+                dry_run,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{}", summary.line(dry_run));
+                for e in &summary.errors {
+                    eprintln!("ergon: cannot remove {e}");
+                }
+            }
+            Ok(if summary.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
             })
         }
         Cmd::Jobs {
