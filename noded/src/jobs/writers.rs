@@ -141,7 +141,7 @@ pub(super) fn spool_writer(inner: &Inner, rx: Receiver<SpoolWork>) {
         dirs.dedup();
         let synced = dirs
             .into_iter()
-            .try_for_each(|d| sync_dir(d))
+            .try_for_each(sync_dir)
             .map_err(|e| format!("{e:#}"));
         let mut failed: Vec<Pending> = Vec::new();
         let mut error = None;
