@@ -582,22 +582,25 @@ fn main() {
                 py["kind"] = json!("pynvml");
                 py["mode"] = json!(mode);
                 table.push(format!(
-                    "pynvml {mode:<9}  gpu {:>6.1} Hz, {:.2} µs CPU per GPU sample (thread), {:.3} % core (process) | ergond {:.2} µs per GPU sample: ratio {:.1}x (target >= 20x: {}); net of the wake-up: pynvml {:.2} µs, ergond {:.2} µs, ratio {:.1}x",
+                    "pynvml {mode:<9}  gpu {:>6.1} Hz, {:.2} µs CPU per GPU sample (thread), {:.3} % core (process) | ergond {:.2} µs per GPU sample: pynvml costs {:.1}x (information; the target is the floor ratio above); net of the wake-up: pynvml {:.2} µs, ergond {:.2} µs, {}",
                     py["achieved_hz"].as_f64().unwrap_or(0.0),
                     py_ns / 1e3,
                     py["process_core_pct"].as_f64().unwrap_or(0.0),
                     gpu_sample_ns / 1e3,
                     ratio,
-                    if ratio >= 20.0 { "ok" } else { "MISSED" },
                     py_net_ns / 1e3,
                     gpu_net_ns / 1e3,
-                    net_ratio,
+                    if net_ratio.is_finite() {
+                        format!("{net_ratio:.1}x")
+                    } else {
+                        "no ratio (ergond's net cost is within the idle tick's noise)".to_owned()
+                    },
                 ));
                 lines.push(py);
                 lines.push(json!({"group": "sampler", "kind": "ratio", "mode": mode,
                     "ergond_gpu_sample_us": gpu_sample_ns / 1e3,
                     "pynvml_gpu_sample_us": py_ns / 1e3,
-                    "ratio": ratio, "target": ">= 20", "target_met": ratio >= 20.0,
+                    "ratio": ratio, "information": "pynvml's CPU per GPU sample over ergond's; the target is kind floor",
                     "idle_tick_us": idle_ns / 1e3,
                     "ergond_net_gpu_sample_us": gpu_net_ns / 1e3,
                     "pynvml_net_gpu_sample_us": py_net_ns / 1e3,

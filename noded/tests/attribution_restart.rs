@@ -454,7 +454,12 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     let gpu_j = m.totals.gpu_j.unwrap();
     assert!(
         gpu_j > 100.0 * (measured_s - 0.5) * 0.9 && gpu_j < 100.0 * (measured_s + 0.5),
-        "{gpu_j} J over about {measured_s} s"
+        "{gpu_j} J over about {measured_s} s; job {}..{} ns, gaps {:?}, trace {:?}\n{}",
+        m.start_unix_ns,
+        m.end_unix_ns,
+        m.coverage.gaps,
+        m.trace,
+        e.log()
     );
     assert_eq!(m.coverage.gpus_unknown, None);
     // Job 9's GPUs cannot be known: its GPU energy is unknown and its coverage says so, never

@@ -18,6 +18,10 @@ pub const DEFAULT_SOCKET: &str = "/run/ergon/ergond.sock";
 pub const DEFAULT_TIMEOUT_MS: u64 = 100;
 /// Largest accepted `timeout_ms`: beyond this a hung daemon would visibly delay jobs.
 pub const MAX_TIMEOUT_MS: u64 = 10_000;
+/// How long an interactive `srun`/`salloc --energy-report` waits for the report at its end.
+pub const DEFAULT_REPORT_WAIT_S: u64 = 10;
+/// Largest accepted `report_wait_s`.
+pub const MAX_REPORT_WAIT_S: u64 = 120;
 
 /// The plugin's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +43,9 @@ pub struct Config {
     pub queue_dir: Option<PathBuf>,
     /// Whether undelivered events are queued at all.
     pub queue: bool,
+    /// How long `srun`/`salloc --energy-report` (with their own allocation) wait at their end
+    /// for the job's report to show it on the terminal; 0: only say where it will be.
+    pub report_wait: Duration,
 }
 
 impl Config {
@@ -66,6 +73,7 @@ impl Default for Config {
             mig_minors: PathBuf::from(DEFAULT_MIG_MINORS),
             queue_dir: None,
             queue: true,
+            report_wait: Duration::from_secs(DEFAULT_REPORT_WAIT_S),
         }
     }
 }
@@ -113,10 +121,17 @@ pub fn parse_args<'a>(args: impl IntoIterator<Item = &'a str>) -> (Config, Vec<S
                 "plugstack.conf argument queue_dir={value:?} is neither an absolute path nor \
                  \"none\"; using queue/ beside the socket"
             )),
+            "report_wait_s" => match value.parse::<u64>() {
+                Ok(s) if s <= MAX_REPORT_WAIT_S => config.report_wait = Duration::from_secs(s),
+                _ => problems.push(format!(
+                    "plugstack.conf argument report_wait_s={value:?} is not a number of seconds \
+                     in 0..={MAX_REPORT_WAIT_S}; using {DEFAULT_REPORT_WAIT_S}"
+                )),
+            },
             _ => problems.push(format!(
                 "unknown plugstack.conf argument {arg:?} ignored \
                  (known: socket=PATH, timeout_ms=N, notify=yes|no, gres_conf=PATH, \
-                 mig_minors=PATH, queue_dir=PATH|none)"
+                 mig_minors=PATH, queue_dir=PATH|none, report_wait_s=N)"
             )),
         }
     }
@@ -151,8 +166,10 @@ mod tests {
             "notify=no",
             "gres_conf=/etc/slurm/gres.conf",
             "mig_minors=/run/test/mig-minors",
+            "report_wait_s=0",
         ]);
         assert!(p.is_empty(), "{p:?}");
+        assert_eq!(c.report_wait, Duration::ZERO);
         assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.timeout, Duration::from_millis(250));
         assert!(!c.notify);
@@ -178,10 +195,12 @@ mod tests {
             "socket=rel",
             "notify=maybe",
             "mig_minors=mig-minors",
+            "report_wait_s=121",
         ]);
         assert_eq!(c, Config::default());
         assert_eq!(c.mig_minors, PathBuf::from(DEFAULT_MIG_MINORS));
-        assert_eq!(p.len(), 6);
+        assert_eq!(p.len(), 7);
+        assert!(p[6].contains("report_wait_s=\"121\""), "{}", p[6]);
         assert!(p[0].contains("\"bogus=1\""), "{}", p[0]);
         assert!(p[1].contains("timeout_ms=\"0\""));
         assert!(p[3].contains("socket=\"rel\""));

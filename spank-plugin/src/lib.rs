@@ -16,16 +16,20 @@
 //! | `task_post_fork`, task 0 (slurmstepd) | `StepStart`: task 0's cgroups from /proc    |
 //! | `exit` (slurmstepd)                  | `StepEnd`: exit status of task 0            |
 //! | `job_epilog` (slurmd, root)          | `JobEnd`                                    |
+//!
+//! In `srun`/`salloc` that made their own allocation with `--energy-report`, the `exit` hook
+//! waits (bounded) for the job's report and prints it on the terminal ([`terminal`]).
 
 #![deny(unsafe_code)]
 
 pub mod client;
 pub mod config;
+pub mod terminal;
 // The C ABI Slurm calls: the only unsafe code of the plugin.
 #[allow(unsafe_code)]
 pub mod ffi;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use ergon_protocol::{
@@ -105,6 +109,10 @@ pub(crate) fn option_given(value: Option<&str>) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Whether this `srun` or `salloc` makes the job's allocation itself (no job id in its
+/// environment when it started), as opposed to an `srun` inside an allocation.
+static OWN_ALLOCATION: AtomicBool = AtomicBool::new(false);
 
 fn report_from_process() -> Option<ReportFormat> {
     match REPORT.load(Ordering::Relaxed) {
@@ -217,6 +225,52 @@ fn stamp(request: &Request) -> u64 {
 
 pub(crate) fn init(spank: &Spank) {
     config(spank);
+    if matches!(spank.context(), Context::Local | Context::Allocator) {
+        let inside = env("SLURM_JOB_ID").is_some() || env("SLURM_JOBID").is_some();
+        OWN_ALLOCATION.store(!inside, Ordering::Relaxed);
+    }
+}
+
+/// The program this process runs (`srun`, `salloc`, `sbatch`…), from its argv\[0\].
+fn program() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// In `srun` (local context) or `salloc` (allocator context) that made the job's allocation
+/// and was given `--energy-report`: wait for the report and show it on the terminal.
+fn interactive_report(spank: &Spank) {
+    let Some(format) = report_from_process() else {
+        return;
+    };
+    let interactive = match spank.context() {
+        Context::Local => true,
+        Context::Allocator => program() == "salloc",
+        _ => false,
+    };
+    if !interactive || !OWN_ALLOCATION.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(job) = spank.job_id().or_else(|| env("SLURM_JOB_ID")?.parse().ok()) else {
+        return;
+    };
+    let config = config(spank);
+    let nodes = env("SLURM_JOB_NUM_NODES")
+        .or_else(|| env("SLURM_NNODES"))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1);
+    let Ok(dir) = std::env::current_dir() else {
+        return;
+    };
+    let found = terminal::wait_for_reports(&dir, job, format, nodes, config.report_wait);
+    let mut err = std::io::stderr().lock();
+    let _ = terminal::show(&mut err, &found, &dir, job, format, config.report_wait);
 }
 
 fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
@@ -394,6 +448,9 @@ pub(crate) fn task_exit(spank: &Spank) {
 }
 
 pub(crate) fn exit(spank: &Spank) {
+    if matches!(spank.context(), Context::Local | Context::Allocator) {
+        return interactive_report(spank);
+    }
     if spank.context() != Context::Remote {
         return;
     }

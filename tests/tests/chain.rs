@@ -1403,3 +1403,128 @@ fn two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it() {
     cluster().install_plugin(ergon_tests::PLUGIN_ARGS).unwrap();
     drop(s);
 }
+
+/// Runs `args` (the program first) as `user` in `dir` with a pseudo-terminal as its standard
+/// input, output and error and controlling terminal, as a person at a terminal would; returns everything written to the
+/// terminal once the program exits (within `timeout`).
+fn on_a_terminal(
+    c: &Cluster,
+    user: &str,
+    dir: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<String> {
+    use std::os::fd::OwnedFd;
+    let pty = nix::pty::openpty(None, None)?;
+    let slave = |fd: &OwnedFd| -> Result<Stdio> { Ok(Stdio::from(fd.try_clone()?)) };
+    // setsid -c: a session of its own with the terminal as its controlling terminal (salloc
+    // wants one for its shell handling); runuser, this release's, runs the program as `user`.
+    let mut child = c
+        .cmd("setsid")
+        .arg("-c")
+        .arg(c.program("runuser"))
+        .args(["-u", user, "--"])
+        .args(args)
+        .current_dir(dir)
+        .stdin(slave(&pty.slave)?)
+        .stdout(slave(&pty.slave)?)
+        .stderr(slave(&pty.slave)?)
+        .spawn()
+        .context("starting runuser")?;
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once every holder of the terminal's other side has closed it.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let status = wait_for(timeout, &format!("{args:?} to exit"), || {
+        Ok(child.try_wait()?)
+    })?;
+    let out = String::from_utf8_lossy(&reader.join().map_err(|_| anyhow!("reader panicked"))?)
+        .replace("\r\n", "\n");
+    ensure!(status.success(), "{args:?} failed ({status}):\n{out}");
+    Ok(out)
+}
+
+/// A person at a terminal who typed `srun --energy-report …` or `salloc --energy-report …`
+/// sees the job's report there when the job ends: the same figures as its manifest, once
+/// (an `srun` inside the `salloc` allocation prints none of its own).
+#[test]
+fn interactive_srun_and_salloc_show_the_report_on_the_terminal() {
+    let mut s = setup("chain-interactive");
+    s.run(|s| {
+        let c = s.c;
+        let user = c.test_user.clone();
+        let (uid, gid) = ids_of(&user)?;
+        let home = s.dir.path().join("userdir");
+        std::fs::create_dir_all(&home)?;
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid))?;
+        let cases: [&[&str]; 2] = [
+            &[
+                "srun",
+                "--energy-report",
+                "--gres=gpu:1",
+                "--time=5",
+                "sleep",
+                "2",
+            ],
+            &[
+                "salloc",
+                "--energy-report",
+                "--gres=gpu:1",
+                "--time=5",
+                "srun",
+                "sleep",
+                "2",
+            ],
+        ];
+        for args in cases {
+            let text = on_a_terminal(c, &user, &home, args, Duration::from_secs(90))?;
+            println!("{args:?} printed:\n{text}");
+            let header = "==== ergon energy report: job ";
+            ensure!(
+                text.matches(header).count() == 1,
+                "{args:?}: the terminal shows the report {} times:\n{text}",
+                text.matches(header).count()
+            );
+            let after = &text[text.find(header).unwrap() + header.len()..];
+            let job: u32 = after
+                .split_whitespace()
+                .next()
+                .and_then(|id| id.parse().ok())
+                .with_context(|| format!("no job id after {header:?}:\n{text}"))?;
+            ensure!(
+                after.starts_with(&format!("{job} on {} ", c.node)),
+                "{text}"
+            );
+            let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
+            ensure!(m.job.user == user, "user {:?}", m.job.user);
+            ensure!(
+                m.gpus.len() == 1 && text.contains(&m.gpus[0].uuid),
+                "the terminal does not name the job's GPU {:?}:\n{text}",
+                m.gpus
+            );
+            let energy = format!(
+                "Energy     {}",
+                ergon_protocol::format::energy(m.totals.energy_j)
+            );
+            ensure!(
+                text.contains(&energy),
+                "{energy:?} not on the terminal:\n{text}"
+            );
+            // The file it came from stays where it was, the user's.
+            let files =
+                spank_ergon::terminal::report_files(&home, job, ergon_protocol::ReportFormat::Text);
+            ensure!(files.len() == 1, "{files:?}");
+        }
+        Ok(())
+    });
+}

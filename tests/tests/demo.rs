@@ -127,6 +127,7 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
         "libspank_ergon.so",
         "libnvidia_ml.so",
         "ergon-sim-rapl",
+        "ergon-demo-hw",
     ] {
         assert!(
             bin.join(artifact).exists(),
