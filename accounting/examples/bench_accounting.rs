@@ -445,7 +445,7 @@ fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
     std::fs::write(
         &config,
         format!(
-            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nverify = {}\n",
+            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nper_job_series = true\nverify = {}\n",
             dir.path().join("quarantine"),
             vm.port,
             std::env::var_os("ERGON_BENCH_NO_VERIFY").is_none()

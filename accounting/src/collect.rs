@@ -686,19 +686,9 @@ pub fn scan_streaming<E: From<std::io::Error>>(
 /// they are not there, or the cluster name has an escape. Only a hint: the job a file belongs
 /// to is what its verified content says ([`scan_streaming`]).
 pub fn peek_job(path: &Path) -> Option<String> {
-    use std::io::Read as _;
-    let mut head = [0u8; 1024];
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut len = 0;
-    while len < head.len() {
-        match file.read(&mut head[len..]) {
-            Ok(0) => break,
-            Ok(k) => len += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    peek_head(&head[..len])
+    // Decompressed for a `.json.gz`: only its first block is inflated.
+    let head = crate::spool::read_manifest_head(path, 1024).ok()?;
+    peek_head(&head)
 }
 
 /// [`peek_job`] on bytes.
@@ -769,6 +759,7 @@ fn check(
             tracing::warn!("cannot read manifest {}: {e}; skipped", path.display());
             return Ok(None);
         }
+        Read::Corrupt(reason) => reason,
         Read::Parsed(parsed) => match *parsed {
             Ok(m) => match indexed {
                 Some(e) if e.content_hash != m.content_hash => format!(
@@ -812,14 +803,29 @@ enum Read {
     Gone,
     /// It could not be read.
     Failed(std::io::Error),
+    /// A compressed file that does not decompress: bad for good, like bad JSON.
+    Corrupt(String),
     /// Read; parsed and verified (or why not).
     Parsed(Box<Result<Manifest, ManifestError>>),
 }
 
 fn read_one(path: &Path) -> Read {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::spool::read_manifest(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Read::Gone,
+        Err(e)
+            if path.to_str().is_some_and(|p| p.ends_with(".gz"))
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::InvalidInput
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+        {
+            return Read::Corrupt(format!(
+                "not a valid gzip-compressed manifest: {e}; the file may be truncated or not an ergon manifest"
+            ))
+        }
         Err(e) => return Read::Failed(e),
     };
     let parsed = Manifest::from_json(&bytes).map(|mut m| {

@@ -38,6 +38,80 @@ pub struct Config {
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
     /// Generic HTTPS JSON ingest.
     pub http: Option<HttpConfig>,
+    /// The job-records database (`ergon report`, `ergon jobs`).
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// Which database holds the job records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordsBackend {
+    /// Embedded SQLite, one file on the accounting host.
+    Sqlite,
+    /// A MariaDB (or MySQL) server.
+    Mariadb,
+}
+
+/// The job-records database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// Write the database at all. Off: `ergon report` reads the spool, `ergon jobs` has
+    /// nothing to list.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `sqlite` (the default) or `mariadb`.
+    #[serde(default = "default_backend")]
+    pub backend: RecordsBackend,
+    /// The SQLite file; default `<state_dir>/records.sqlite`.
+    pub path: Option<PathBuf>,
+    /// MariaDB: `mysql://USER@HOST:PORT/DATABASE`, without a password.
+    pub url: Option<String>,
+    /// MariaDB: the file holding the password (trailing whitespace ignored).
+    pub password_file: Option<PathBuf>,
+    /// Records per transaction.
+    #[serde(default = "default_records_batch")]
+    pub batch_size: usize,
+}
+
+fn default_records_batch() -> usize {
+    1000
+}
+
+fn default_backend() -> RecordsBackend {
+    RecordsBackend::Sqlite
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            enabled: true,
+            backend: default_backend(),
+            url: None,
+            password_file: None,
+            path: None,
+            batch_size: default_records_batch(),
+        }
+    }
+}
+
+impl Config {
+    /// Where the job-records database is.
+    pub fn records_location(&self) -> crate::records::Location {
+        match self.records.backend {
+            RecordsBackend::Sqlite => crate::records::Location::Sqlite(
+                self.records
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| self.state_dir.join(crate::records::DEFAULT_FILE)),
+            ),
+            RecordsBackend::Mariadb => crate::records::Location::Mariadb {
+                url: self.records.url.clone().unwrap_or_default(),
+                password_file: self.records.password_file.clone(),
+            },
+        }
+    }
 }
 
 fn default_spools() -> Vec<PathBuf> {
@@ -267,6 +341,10 @@ pub struct VictoriaMetricsConfig {
     /// `/write` (InfluxDB 1.x): an accepted batch is then taken as delivered.
     #[serde(default = "yes")]
     pub verify: bool,
+    /// Also send one series set per job (labelled by `job_id`): their number grows with the
+    /// jobs. Off: only the usage counters per cluster/partition/account/user.
+    #[serde(default)]
+    pub per_job_series: bool,
 }
 
 /// HTTPS JSON ingest sink.
@@ -370,6 +448,28 @@ impl Config {
             .is_some_and(|v| v.batch_size == 0)
         {
             return Err(invalid("victoria_metrics.batch_size", "must be at least 1"));
+        }
+        if config.records.batch_size == 0 {
+            return Err(invalid("records.batch_size", "must be at least 1"));
+        }
+        let r = &config.records;
+        match r.backend {
+            RecordsBackend::Mariadb if r.url.is_none() => {
+                return Err(invalid(
+                    "records.url",
+                    "backend = \"mariadb\" needs url = \"mysql://USER@HOST:PORT/DATABASE\"",
+                ));
+            }
+            RecordsBackend::Mariadb if r.path.is_some() => {
+                return Err(invalid("records.path", "is for backend = \"sqlite\""));
+            }
+            RecordsBackend::Sqlite if r.url.is_some() || r.password_file.is_some() => {
+                return Err(invalid(
+                    "records.url",
+                    "url and password_file are for backend = \"mariadb\"",
+                ));
+            }
+            _ => {}
         }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));

@@ -9,9 +9,13 @@
 //! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
 //! - [`consumed_energy`]: the job's own `ConsumedEnergy` set to ergon's figure (Slurm 25.11+);
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
+//! - [`records`]: the job-records database (SQLite), a destination of `ergon run`, read by
+//!   `ergon report` and `ergon jobs`;
 //! - [`run`]: `ergon run`;
 //! - [`report`]: `ergon report` and `ergon status`;
+//! - [`prune`]: `ergon prune`, removing manifests every destination has;
 //! - [`plot`]: `ergon plot`, a job's power over time as SVG or PNG;
+//! - [`usage`]: bounded usage counters per cluster/partition/account/user for VictoriaMetrics;
 //! - [`config`]: the config file, `/etc/ergon/accounting.toml`.
 
 #![warn(missing_docs)]
@@ -22,9 +26,12 @@ pub mod config;
 pub mod consumed_energy;
 pub mod job;
 pub mod plot;
+pub mod prune;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod sacct;
 pub mod sinks;
 pub mod spool;
 pub mod state;
+pub mod usage;

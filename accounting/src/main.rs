@@ -25,6 +25,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use ergon_accounting::config::{Config, DEFAULT_PATH};
 use ergon_accounting::plot;
+use ergon_accounting::records;
 use ergon_accounting::report;
 use ergon_accounting::run::{run, RunOptions};
 use ergon_accounting::state::LockError;
@@ -74,6 +75,50 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Remove manifests from the spools once every destination has their job's record.
+    ///
+    /// Only files the state knows as collected and unchanged, of jobs with nothing pending for
+    /// any destination, that ended more than --older-than days ago. Takes the run lock. Exit
+    /// codes: 0 done; 1 error; 3 some files could not be removed; 75 `ergon run` holds the lock.
+    Prune {
+        /// Keep the manifests of jobs that ended within this many days (`ergon plot` needs them).
+        #[arg(long, value_name = "DAYS", default_value_t = 7)]
+        older_than: u64,
+        /// Count what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs from the job-records database, newest first.
+    ///
+    /// Filters combine (AND). Times are UTC: YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS], or @UNIX_SECONDS;
+    /// a job is listed by its end. Exit codes: 0 listed (perhaps nothing); 1 the database cannot
+    /// be read; 2 usage error.
+    Jobs {
+        /// Only this user's jobs.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this account's jobs.
+        #[arg(long)]
+        account: Option<String>,
+        /// Only this cluster's jobs.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only jobs that ended at or after this time.
+        #[arg(long, value_parser = records::parse_time)]
+        since: Option<u64>,
+        /// Only jobs that ended before this time.
+        #[arg(long, value_parser = records::parse_time)]
+        until: Option<u64>,
+        /// At most this many jobs (the newest).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = records::JobsFormat::Table)]
+        format: records::JobsFormat,
     },
     /// Draw a job's power over time from its manifests' power traces, as SVG or PNG.
     ///
@@ -206,6 +251,62 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Prune {
+            older_than,
+            dry_run,
+            json,
+        } => {
+            let config = load_config(&args.config, true)?;
+            let summary = ergon_accounting::prune::prune(
+                &config,
+                std::time::Duration::from_secs(older_than.saturating_mul(86_400)),
+                dry_run,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{}", summary.line(dry_run));
+                for e in &summary.errors {
+                    eprintln!("ergon: cannot remove {e}");
+                }
+            }
+            Ok(if summary.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Cmd::Jobs {
+            user,
+            account,
+            cluster,
+            since,
+            until,
+            limit,
+            format,
+        } => {
+            // As for `report`: users may not be able to read the admin's config.
+            let config = load_config(&args.config, false)
+                .or_else(|_| Config::parse("", &args.config))
+                .context("reading the config")?;
+            if !config.records.enabled {
+                anyhow::bail!(
+                    "the job-records database is disabled ([records] enabled = false in {}): `ergon jobs` has nothing to read",
+                    args.config.display()
+                );
+            }
+            let db = records::RecordsDb::open_location_read_only(&config.records_location())?;
+            let rows = db.list(&records::JobFilter {
+                cluster,
+                user,
+                account,
+                since_unix_ns: since,
+                until_unix_ns: until,
+                limit,
+            })?;
+            print!("{}", records::render_jobs(&rows, format));
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Plot {
             job_id,

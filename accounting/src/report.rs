@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::collect::{self, combine};
 use crate::config::Config;
 use crate::job::JobRecordFull;
+use crate::records::{RecordsDb, RecordsError};
 use crate::sacct::Sacct;
 use crate::spool;
 use crate::state::{Delivery, State};
@@ -27,8 +28,11 @@ pub struct JobReport {
     pub sacct_note: Option<String>,
     /// The field's other content.
     pub foreign_content: Option<String>,
-    /// The job combined from readable manifests in the spools.
+    /// The job record: from the job-records database once `ergon run` collected it, else
+    /// combined from readable manifests in the spools.
     pub manifests: Option<JobRecordFull>,
+    /// Where `manifests` came from: `records` (the database) or `spool`.
+    pub source: Option<&'static str>,
     /// Manifest files that matched the job but did not verify.
     pub manifest_problems: Vec<String>,
 }
@@ -43,6 +47,7 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         sacct_note: None,
         foreign_content: None,
         manifests: None,
+        source: None,
         manifest_problems: Vec::new(),
     };
     match sacct.read(cluster, &[job_id]) {
@@ -65,6 +70,28 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         },
         Err(e) => report.sacct_note = Some(e),
     }
+    // The database first: one indexed look-up, however large the spool. A job not in it (not
+    // collected yet, or collected before the database existed) is read from the spool.
+    if config.records.enabled {
+        match from_records(config, cluster, job_id) {
+            Ok(Some((record, others))) => {
+                if !others.is_empty() {
+                    report.manifest_problems.push(format!(
+                        "job {job_id} is also in cluster(s) {}: give --cluster to choose",
+                        others.join(", ")
+                    ));
+                }
+                report.manifests = Some(record);
+                report.source = Some("records");
+                return report;
+            }
+            Ok(None) => {}
+            Err(RecordsError::Missing { .. }) => {}
+            Err(e) => report
+                .manifest_problems
+                .push(format!("{e}; the spool was read instead")),
+        }
+    }
     let files = spool::find_job(&config.spool_dirs, cluster, job_id);
     report.manifest_problems.extend(files.unreadable);
     report.manifest_problems.extend(files.unverified);
@@ -77,8 +104,23 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
     }
     if !found.is_empty() {
         report.manifests = Some(combine(&found));
+        report.source = Some("spool");
     }
     report
+}
+
+/// The job's record in the database (the first cluster's, with the other clusters that have the
+/// job id), if it is there.
+fn from_records(
+    config: &Config,
+    cluster: Option<&str>,
+    job_id: u32,
+) -> Result<Option<(JobRecordFull, Vec<String>)>, RecordsError> {
+    let db = RecordsDb::open_location_read_only(&config.records_location())?;
+    let mut found = db.get(cluster, job_id)?.into_iter();
+    Ok(found
+        .next()
+        .map(|first| (first, found.map(|r| r.cluster).collect())))
 }
 
 /// The report as text.
@@ -130,7 +172,14 @@ pub fn render_job_report(r: &JobReport) -> String {
         out += &format!("  also in {}: {foreign}\n", r.field);
     }
     if let Some(m) = &r.manifests {
-        out += &format!("  from manifests ({} node(s)):\n", m.nodes.len());
+        out += &format!(
+            "  {} ({} node(s)):\n",
+            match r.source {
+                Some("records") => "from the job-records database",
+                _ => "from manifests",
+            },
+            m.nodes.len()
+        );
         if r.sacct_record.is_none() {
             if let Some(sluid) = &m.sluid {
                 out += &format!("    sluid {sluid}\n");

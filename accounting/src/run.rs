@@ -202,11 +202,22 @@ fn bar(enabled: bool, len: usize, what: &str) -> ProgressBar {
 }
 
 /// Build the configured sinks.
-pub fn build_sinks(config: &Config) -> Result<Vec<SharedSink>> {
+pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
     let mut sinks: Vec<SharedSink> = Vec::new();
+    if config.records.enabled && dry_run {
+        sinks.push(Box::new(crate::records::RecordsSink::dry(
+            config.records.batch_size,
+        )));
+    } else if config.records.enabled {
+        sinks.push(Box::new(crate::records::RecordsSink::open(
+            &config.records_location(),
+            config.records.batch_size,
+        )));
+    }
     if let Some(vm) = &config.victoria_metrics {
         sinks.push(Box::new(
-            VictoriaMetrics::new(vm).context("setting up the victoria_metrics sink")?,
+            VictoriaMetrics::new(vm, &config.state_dir)
+                .context("setting up the victoria_metrics sink")?,
         ));
     }
     if let Some(http) = &config.http {
@@ -353,7 +364,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         max_age_s: config.state.max_age_days.saturating_mul(86_400),
         max_jobs: config.state.max_jobs,
     };
-    let sinks = build_sinks(config)?;
+    let sinks = build_sinks(config, options.dry_run)?;
     let mut saver = Saver::new(config);
     if state.replayed > 0 && !options.dry_run {
         tracing::warn!(

@@ -312,11 +312,19 @@ pub struct VictoriaMetrics {
     url: String,
     batch_size: usize,
     verify: bool,
+    /// Send the per-job lines too (`per_job_series`).
+    per_job: bool,
+    /// The usage counters, always sent.
+    usage: crate::usage::Usage,
 }
 
+/// The pseudo-field [`Verify::missing`] names for a record whose group's usage counters
+/// VictoriaMetrics does not hold (yet) with it included.
+pub const USAGE_FIELD: &str = "usage";
+
 impl VictoriaMetrics {
-    /// A sink for the configured server.
-    pub fn new(config: &VictoriaMetricsConfig) -> anyhow::Result<Self> {
+    /// A sink for the configured server; its usage counters are kept in `state_dir`.
+    pub fn new(config: &VictoriaMetricsConfig, state_dir: &Path) -> anyhow::Result<Self> {
         let client = Client::builder()
             .timeout(Duration::from_secs(config.timeout_s))
             .connect_timeout(Duration::from_secs(config.timeout_s.min(10)))
@@ -328,11 +336,14 @@ impl VictoriaMetrics {
             base,
             batch_size: config.batch_size,
             verify: config.verify,
+            per_job: config.per_job_series,
+            usage: crate::usage::Usage::new(state_dir),
         })
     }
 }
 
-fn escape_tag(value: &str) -> String {
+/// A tag value escaped for the line protocol.
+pub fn escape_tag(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for c in value.chars() {
         if matches!(c, ',' | '=' | ' ' | '\\') {
@@ -431,7 +442,7 @@ pub fn line_protocol(records: &[&JobRecordFull]) -> String {
 pub fn line_protocol_fields(items: &[(&JobRecordFull, &[&'static str])]) -> String {
     let mut out = String::with_capacity(items.len() * 256);
     for (r, only) in items {
-        if !only.is_empty() {
+        if only.iter().any(|f| *f != USAGE_FIELD) {
             write_line(&mut out, r, Some(only));
         }
     }
@@ -571,7 +582,10 @@ impl Verify for VictoriaMetrics {
     }
 
     fn missing(&self, records: &[&JobRecordFull]) -> Result<Vec<Vec<&'static str>>, String> {
-        let mut out = vec![Vec::new(); records.len()];
+        let mut out = self.usage_missing(records)?;
+        if !self.per_job {
+            return Ok(out);
+        }
         let mut order: Vec<usize> = (0..records.len()).collect();
         order.sort_by(|&a, &b| {
             (&records[a].cluster, records[a].end_unix_ns)
@@ -609,9 +623,133 @@ impl Verify for VictoriaMetrics {
     }
 
     fn send_fields(&self, items: &[(&JobRecordFull, &[&'static str])]) -> SendOutcome {
-        self.post_lines(line_protocol_fields(items))
+        let usage: Vec<&JobRecordFull> = items
+            .iter()
+            .filter(|(_, f)| f.contains(&USAGE_FIELD))
+            .map(|(r, _)| *r)
+            .collect();
+        // Records never added (sent before a crash that lost the counters' file, or never
+        // sent) are added now; the others' groups are sent again as they stand.
+        let mut body = match self
+            .usage
+            .add(&usage)
+            .and_then(|_| self.usage.current(&usage))
+        {
+            Ok(text) => text,
+            Err(e) => return SendOutcome::Rejected(e),
+        };
+        body += &line_protocol_fields(items);
+        if body.is_empty() {
+            return SendOutcome::Delivered;
+        }
+        self.post_lines(body)
     }
 }
+
+impl VictoriaMetrics {
+    /// For each record, `[USAGE_FIELD]` when VictoriaMetrics does not hold its group's counters
+    /// with it included (see [`crate::usage`]), else nothing.
+    fn usage_missing(&self, records: &[&JobRecordFull]) -> Result<Vec<Vec<&'static str>>, String> {
+        let included = self.usage.included(records)?;
+        let mut out = vec![Vec::new(); records.len()];
+        let mut by_cluster: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, inc) in included.iter().enumerate() {
+            match inc {
+                None => out[i].push(USAGE_FIELD),
+                Some(_) => by_cluster
+                    .entry(records[i].cluster.as_str())
+                    .or_default()
+                    .push(i),
+            }
+        }
+        for (cluster, at) in by_cluster {
+            let start = at
+                .iter()
+                .filter_map(|&i| included[i].as_ref().map(|x| x.at_ms))
+                .min()
+                .unwrap_or(0);
+            let held = self.export_usage(cluster, start)?;
+            for i in at {
+                let Some(inc) = &included[i] else { continue };
+                let g = &inc.group;
+                let ok = crate::usage::COUNTERS
+                    .iter()
+                    .zip(inc.after)
+                    .all(|(name, after)| {
+                        held.get(&(
+                            g.partition.clone(),
+                            g.account.clone(),
+                            g.user.clone(),
+                            (*name).to_owned(),
+                        ))
+                        .is_some_and(|samples| {
+                            samples.iter().any(|&(t, v)| {
+                                t >= inc.at_ms && (v >= after || same_value(after, v))
+                            })
+                        })
+                    });
+                if !ok {
+                    out[i].push(USAGE_FIELD);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The usage samples of `cluster` from `start_ms` on: by (partition, account, user,
+    /// counter), each sample's time (ms) and value.
+    fn export_usage(&self, cluster: &str, start_ms: i64) -> Result<UsageHeld, String> {
+        let escaped = cluster.replace('\\', "\\\\").replace('"', "\\\"");
+        let selector = format!("{{__name__=~\"ergon_usage_.+\",cluster=\"{escaped}\"}}");
+        let seconds = |t: i64| format!("{}.{:03}", t.div_euclid(1000), t.rem_euclid(1000));
+        let end = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+            + 60_000;
+        let text = self.api(
+            "reading the usage counters back (/api/v1/export)",
+            self.client
+                .post(format!("{}/api/v1/export", self.base))
+                .form(&[
+                    ("match[]", selector.as_str()),
+                    ("start", &seconds(start_ms - 1)),
+                    ("end", &seconds(end)),
+                ]),
+        )?;
+        let mut held = UsageHeld::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| format!("/api/v1/export answered a line that is not JSON: {e}"))?;
+            let metric = &v["metric"];
+            let Some(name) = metric["__name__"]
+                .as_str()
+                .and_then(|n| n.strip_prefix("ergon_usage_"))
+            else {
+                continue;
+            };
+            let label = |l: &str| metric[l].as_str().unwrap_or_default().to_owned();
+            let values = v["values"].as_array().cloned().unwrap_or_default();
+            let times = v["timestamps"].as_array().cloned().unwrap_or_default();
+            let samples = held
+                .entry((
+                    label("partition"),
+                    label("account"),
+                    label("user"),
+                    name.to_owned(),
+                ))
+                .or_default();
+            for (t, x) in times.iter().zip(&values) {
+                if let (Some(t), Some(x)) = (t.as_i64(), x.as_f64()) {
+                    samples.push((t, x));
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// Usage samples read back: by (partition, account, user, counter), time (ms) and value.
+type UsageHeld = BTreeMap<(String, String, String, String), Vec<(i64, f64)>>;
 
 impl Sink for VictoriaMetrics {
     fn name(&self) -> &str {
@@ -621,7 +759,25 @@ impl Sink for VictoriaMetrics {
         self.batch_size
     }
     fn send(&self, records: &[&JobRecordFull]) -> SendOutcome {
-        self.post_lines(line_protocol(records))
+        // The counters first: a record is in them (durably, in the state directory) before any
+        // line that carries it leaves; sending again adds nothing.
+        // The records' groups as they now stand (also those whose counters held them already:
+        // an earlier run may have added them and then failed to send).
+        let mut body = match self
+            .usage
+            .add(records)
+            .and_then(|_| self.usage.current(records))
+        {
+            Ok(text) => text,
+            Err(e) => return SendOutcome::Rejected(e),
+        };
+        if self.per_job {
+            body += &line_protocol(records);
+        }
+        if body.is_empty() {
+            return SendOutcome::Delivered;
+        }
+        self.post_lines(body)
     }
     fn verifier(&self) -> Option<&dyn Verify> {
         self.verify.then_some(self as &dyn Verify)

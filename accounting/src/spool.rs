@@ -1,6 +1,16 @@
 //! The spool directories: listing the manifest files in them (one listing, used by collection,
-//! `ergon report` and `ergon plot`), and what the state's spool index remembers of a file. A
-//! leaf module: it depends on no other module of this crate.
+//! `ergon report`, `ergon plot` and `ergon prune`), reading one, and what the state's spool index
+//! remembers of a file. A leaf module: it depends on no other module of this crate.
+//!
+//! Two layouts, read side by side in any spool:
+//! - **flat** (ergond's default): `<spool>/<cluster>-<job>-<node>.json`;
+//! - **sharded** (ergond's `spool_layout = "sharded"`): `<spool>/<YYYY-MM-DD>/<node>/<cluster>-<job>-<node>.json.gz`,
+//!   by the job's end date (UTC) and node, gzip-compressed: a day's directory holds one
+//!   directory per node, so no directory grows with the site's job rate times its retention.
+//!
+//! A manifest is `*.json` or `*.json.gz` (names starting with `.` are ergond's temporary files).
+//! Only directories named like a date, and the directories directly in them, are entered;
+//! symbolic links to directories are not followed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,35 +51,125 @@ pub struct Listed {
     pub mtime: SystemTime,
 }
 
-/// Whether a directory entry's name is a manifest: `*.json`, not starting with `.` (ergond
-/// writes to a hidden temporary file and renames it).
+/// Whether a directory entry's name is a manifest: `*.json` or `*.json.gz`, not starting with
+/// `.` (ergond writes to a hidden temporary file and renames it).
 pub fn is_manifest_name(name: &str) -> bool {
-    !name.starts_with('.') && name.ends_with(".json")
+    !name.starts_with('.') && (name.ends_with(".json") || name.ends_with(".json.gz"))
 }
 
-/// The manifest files directly in `spool`, in name order, with their size and modification time
-/// (files that vanish while listed, and anything that is not a regular file, are left out).
+/// Whether a directory name is a day of the sharded layout: `YYYY-MM-DD`.
+pub fn is_day_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// The largest manifest read, decompressed (a manifest with a 600-point trace for 8 GPUs is
+/// well under 1 MiB): a file that inflates beyond this is refused, not read into memory.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// A manifest file's bytes (JSON), decompressed when its name ends in `.gz`.
+pub fn read_manifest(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    if !path.to_str().is_some_and(|p| p.ends_with(".gz")) {
+        return std::fs::read(path);
+    }
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(file)
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("decompresses to more than {MAX_MANIFEST_BYTES} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
+/// The first `n` bytes of a manifest (decompressed), or fewer if it is shorter.
+pub fn read_manifest_head(path: &Path, n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let mut out = Vec::with_capacity(n);
+    if path.to_str().is_some_and(|p| p.ends_with(".gz")) {
+        flate2::read::GzDecoder::new(file)
+            .take(n as u64)
+            .read_to_end(&mut out)?;
+    } else {
+        file.take(n as u64).read_to_end(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// The entries of `dir`, sorted, without following symbolic links: (path, name, is a directory).
+fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, String, bool)>> {
+    let mut out: Vec<(PathBuf, String, bool)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let is_dir = e.file_type().ok()?.is_dir();
+            Some((e.path(), name, is_dir))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The manifest files in `spool` (flat, then the sharded days and nodes in name order), with
+/// their size and modification time (files that vanish while listed, and anything that is not
+/// a regular file, are left out). A day or node directory that cannot be read is skipped with a
+/// warning; the spool itself must be readable.
 pub fn list_dir(spool: &Path) -> std::io::Result<Vec<Listed>> {
     use std::os::unix::fs::MetadataExt as _;
-    let entries = std::fs::read_dir(spool).map_err(|e| {
+    let top = entries(spool).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("reading spool directory {}: {e}", spool.display()),
         )
     })?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(is_manifest_name)
-        })
-        .collect();
-    paths.sort();
+    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut days = Vec::new();
+    for (path, name, is_dir) in top {
+        if is_dir && is_day_name(&name) {
+            days.push(path);
+        } else if !is_dir && is_manifest_name(&name) {
+            paths.push(path);
+        }
+    }
+    for day in days {
+        let nodes = match entries(&day) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("reading spool directory {}: {e}; skipped", day.display());
+                continue;
+            }
+        };
+        for (node, name, is_dir) in nodes {
+            if !is_dir || name.starts_with('.') {
+                continue;
+            }
+            match entries(&node) {
+                Ok(files) => paths.extend(
+                    files
+                        .into_iter()
+                        .filter(|(_, n, d)| !d && is_manifest_name(n))
+                        .map(|(p, _, _)| p),
+                ),
+                Err(e) => {
+                    tracing::warn!("reading spool directory {}: {e}; skipped", node.display())
+                }
+            }
+        }
+    }
     let mut files = Vec::with_capacity(paths.len());
     for path in paths {
-        let Ok(meta) = std::fs::metadata(&path) else {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
         if !meta.is_file() {
@@ -131,7 +231,7 @@ pub fn find_job(spools: &[PathBuf], cluster: Option<&str>, job_id: u32) -> JobFi
         };
         for file in files {
             let path = file.path;
-            let bytes = match std::fs::read(&path) {
+            let bytes = match read_manifest(&path) {
                 Ok(b) => b,
                 Err(e) => {
                     if ours_by_name(&path) {

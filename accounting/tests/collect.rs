@@ -105,7 +105,7 @@ fn records_beyond_the_age_bound_are_dropped_counted_and_not_collected_again() {
     // A sink that cannot be reached keeps the record pending.
     let port = free_port();
     s.write_config(&format!(
-        "[state]\nmax_age_days = 1\n\n[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\n"
+        "[state]\nmax_age_days = 1\n\n[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\n"
     ));
     let mut old = manifest("c1", 1, "n1", 100.0, 10.0, 1.0);
     old.end_unix_ns -= 3 * 86_400 * 1_000_000_000;

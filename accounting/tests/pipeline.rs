@@ -12,7 +12,7 @@ use ergon_accounting::state::State;
 /// The config: two spools, the VictoriaMetrics sink at `port` with `batch_size`.
 fn config(s: &Setup, port: u16, batch_size: usize) {
     let text = format!(
-        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = {batch_size}\ntimeout_s = 30\nverify = false\n",
+        "spool_dirs = [{:?}, {:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = {batch_size}\ntimeout_s = 30\nverify = false\n",
         s.spool(),
         s.dir.path().join("spool2"),
         s.quarantine(),

@@ -14,7 +14,7 @@ use ergon_accounting::state::State;
 
 fn config(s: &Setup, port: u16) {
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 100\ntimeout_s = 30\nverify = false\n"
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 100\ntimeout_s = 30\nverify = false\n"
     ));
 }
 

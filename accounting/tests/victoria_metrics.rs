@@ -139,7 +139,7 @@ fn records_arrive_exactly_once_across_a_stop_and_restart() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 1\ntimeout_s = 5\n"
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 1\ntimeout_s = 5\n"
     ));
     for job in 1..=1000 {
         write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
@@ -226,7 +226,7 @@ fn records_survive_kill_9_at_random_points_exactly_once() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 5\ntimeout_s = 5\n"
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 5\ntimeout_s = 5\n"
     ));
     let mut vm = Vm::start(port, &data);
     let mut killed_after_success = 0;
@@ -324,7 +324,7 @@ fn pending_records_are_checked_first_and_only_missing_fields_sent() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 10\ntimeout_s = 5\n"
+        "[retry]\nmax_attempts = 1\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 10\ntimeout_s = 5\n"
     ));
     let manifests: Vec<_> = (1..=3)
         .map(|job| manifest("c1", job, "n1", 10.0 * job as f64, 1.0, 1.0))
@@ -386,7 +386,7 @@ fn a_schema_4_job_is_uploaded_with_what_it_says() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_s = 5\n"
+        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\ntimeout_s = 5\n"
     ));
     for m in schema4_job("c1", 12) {
         write_manifest(&s.spool(), &m);
@@ -425,7 +425,7 @@ fn a_hung_victoria_metrics_costs_timeouts_and_loses_nothing() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 50\ntimeout_s = 1\n"
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 50\ntimeout_s = 1\n"
     ));
     for job in 1..=300 {
         write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
@@ -476,7 +476,7 @@ fn records_that_cannot_be_verified_stay_sent_and_status_says_so() {
     let port = free_port();
     let config = |extra: &str| {
         s.write_config(&format!(
-            "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_s = 5\n{extra}"
+            "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\ntimeout_s = 5\n{extra}"
         ))
     };
     config("");
@@ -515,4 +515,144 @@ fn records_that_cannot_be_verified_stay_sent_and_status_says_so() {
     assert_eq!(per_job.len(), 20);
     assert!(per_job.values().all(|n| *n == 1), "{per_job:?}");
     vm.stop();
+}
+
+/// Everything VictoriaMetrics holds made searchable: a snapshot (as ergon's verification does;
+/// `/internal/force_flush` leaves the newest series unsearchable for a second or two), then
+/// removed.
+fn flush(port: u16) {
+    let client = reqwest::blocking::Client::new();
+    let answer: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{port}/snapshot/create"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let name = answer["snapshot"].as_str().unwrap();
+    client
+        .post(format!("http://127.0.0.1:{port}/snapshot/delete"))
+        .form(&[("snapshot", name)])
+        .send()
+        .unwrap();
+}
+
+/// Series in VictoriaMetrics named `ergon_…`.
+fn series_count(port: u16) -> usize {
+    flush(port);
+    let text = get(&format!(
+        "http://127.0.0.1:{port}/api/v1/series?match[]=%7B__name__%3D~%22ergon_.%2B%22%7D&start={}&end={}",
+        now_ns() / 1_000_000_000 - 3600,
+        now_ns() / 1_000_000_000 + 60
+    ))
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["data"].as_array().unwrap().len()
+}
+
+/// The newest value of each `ergon_usage_<counter>` series, summed over the groups (raw samples
+/// from `/api/v1/export`: a query would not see the last 30 s).
+fn usage_sum(port: u16, counter: &str) -> f64 {
+    flush(port);
+    // An explicit end: by default the newest 30 s are left out (`-search.latencyOffset`).
+    let now = now_ns() / 1_000_000_000;
+    let text = get(&format!(
+        "http://127.0.0.1:{port}/api/v1/export?match[]=ergon_usage_{counter}&start={}&end={}",
+        now - 3600,
+        now + 60
+    ))
+    .unwrap();
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let times = v["timestamps"].as_array().unwrap();
+        let values = v["values"].as_array().unwrap();
+        let newest = (0..times.len())
+            .max_by_key(|&i| times[i].as_i64().unwrap())
+            .unwrap();
+        sum += values[newest].as_f64().unwrap();
+    }
+    sum
+}
+
+/// By default VictoriaMetrics gets usage counters per cluster/partition/account/user: the number
+/// of series stays the same as the jobs grow (here 3 users, 40 then 400 jobs), the counters add
+/// up to the jobs' energy, each job counted once however often it is sent, and they are durable
+/// (verified after a flush; still there after a `kill -9`). With `per_job_series` the series
+/// grow with the jobs.
+#[test]
+fn series_stay_flat_as_jobs_grow() {
+    let _serial = one_at_a_time();
+    assert!(
+        Path::new(VM).exists(),
+        "{VM} is missing: run scripts/slurm-cluster up (it installs victoria-metrics)"
+    );
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    let mut vm = Some(Vm::start(port, &data));
+    s.write_config(&format!(
+        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 50\ntimeout_s = 5\n"
+    ));
+    let users = ["alice", "bob", "carol"];
+    let mut energy = 0.0;
+    let mut write = |from: u32, to: u32| {
+        for job in from..to {
+            let user = users[job as usize % users.len()];
+            let m = ergon_protocol::testing::ManifestBuilder::new("c1", job, "n1")
+                .user(user, 1000)
+                .account("phys")
+                .partition("gpu")
+                .ended(now_ns() - 60_000_000_000, 100)
+                .gpu(Some(f64::from(job)))
+                .socket(1.0, None)
+                .build();
+            energy += m.totals.energy_j;
+            write_manifest(&s.spool(), &m);
+        }
+    };
+    write(1, 41);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let first = series_count(port);
+    // 6 counters for each of the 3 groups.
+    assert_eq!(first, 6 * users.len());
+    write(41, 401);
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(series_count(port), first, "series grew with the jobs");
+    assert_eq!(usage_sum(port, "jobs_total"), 400.0);
+    assert!((usage_sum(port, "energy_joules_total") - energy).abs() < 1e-6 * energy);
+    // Sent again (a lost state): counted once.
+    std::fs::remove_file(s.state().join("state.json")).unwrap();
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(usage_sum(port, "jobs_total"), 400.0);
+    // Durable: a kill -9 right after the run loses none of it.
+    vm.take().unwrap().kill9();
+    let _vm = Vm::start(port, &data);
+    assert_eq!(usage_sum(port, "jobs_total"), 400.0);
+    assert_eq!(series_count(port), first);
+
+    // Per-job series on request: they grow with the jobs.
+    let t = Setup::new();
+    let port = free_port();
+    let _vm2 = Vm::start(port, &t.dir.path().join("vm-data"));
+    t.write_config(&format!(
+        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\ntimeout_s = 5\n"
+    ));
+    for job in 1..=20 {
+        write_manifest(&t.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let out = t.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let per_job = series_count(port);
+    for job in 21..=40 {
+        write_manifest(&t.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let out = t.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    // One user's 6 counters, and a series per field per job: twice the jobs, twice those.
+    let jobs_part = per_job - 6;
+    assert!(jobs_part >= 20 * 10, "{per_job}");
+    assert_eq!(series_count(port), 6 + 2 * jobs_part);
 }

@@ -139,6 +139,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Spool directory for per-job manifests.
     pub spool_dir: PathBuf,
+    /// How manifests are laid out in `spool_dir`: `flat` (`<cluster>-<job>-<node>.json`) or
+    /// `sharded` (`<YYYY-MM-DD>/<node>/<cluster>-<job>-<node>.json.gz`, by the job's end day in
+    /// UTC, gzip-compressed). `ergon` reads both.
+    pub spool_layout: crate::jobs::spool::Layout,
     /// Prometheus `/metrics` listen address (loopback by default).
     pub metrics_listen: String,
     /// Sampling rates.
@@ -179,6 +183,7 @@ impl Default for Config {
             slurm_user: "root".to_string(),
             state_dir: PathBuf::from("/var/lib/ergon"),
             spool_dir: PathBuf::from("/var/spool/ergon"),
+            spool_layout: crate::jobs::spool::Layout::Flat,
             metrics_listen: "127.0.0.1:9713".to_string(),
             sampling: SamplingConfig::default(),
             attribution: Default::default(),

@@ -153,6 +153,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
         })
         .unwrap_or_default();
     let spool_dir = config.spool_dir.clone();
+    let spool_layout = config.spool_layout;
     let socket_path = config.socket_path.clone();
     let socket_cpus = crate::sources::topology::CpuTopology::discover(&config.sysfs_root)
         .map(|t| t.socket_cpus())
@@ -205,6 +206,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
         node_facts(&sampler, sensors, &gpu_extra, socket_cpus),
         TrackerConfig {
             spool_dir,
+            spool_layout,
             default_cluster: "unknown".to_owned(),
             access: Access {
                 slurm_uid: Some(slurm_uid),

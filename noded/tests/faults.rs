@@ -448,3 +448,70 @@ fn a_driver_call_hanging_for_seconds_is_flagged_not_misstated() {
     let truth = profile.energy_j(fake.t(m_start, 1.0), fake.t(m_end, 1.0));
     assert!(truthful(&m, truth), "the hang is flagged: {:?}", m.coverage);
 }
+
+/// `spool_layout = "sharded"`: the manifest goes to `<spool>/<end day>/<node>/<name>.json.gz`,
+/// also for a job that ended while ergond was killed (written after the restart from the
+/// journal and the plugin's queued event); nothing is written flat.
+#[test]
+fn the_sharded_layout_writes_under_day_and_node_also_after_kill_9() {
+    use std::io::Read as _;
+    let (fake, _) = square_gpu("GPU-00000000-0000-4000-8000-0000000000f9");
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "spool_layout = \"sharded\"\n";
+    let mut e = start_node(dir.path(), &fake.lib, extra, "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    fake.wait_for_start();
+    let read = |job: u32, end_ns: u64, e: &common::Ergond| -> Manifest {
+        let path = dir
+            .path()
+            .join("spool")
+            .join(ergond::jobs::spool::day(end_ns))
+            .join(NODE)
+            .join(format!("c-{job}-{NODE}.json.gz"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !path.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no manifest {}:\n{}",
+                path.display(),
+                e.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+            .read_to_end(&mut json)
+            .unwrap();
+        Manifest::from_json(&json).expect("a valid, sealed manifest")
+    };
+
+    let (t1, _) = now();
+    assert_eq!(plugin_send(&socket, &job_start(1, t1)).unwrap(), Reply::Ok);
+    std::thread::sleep(Duration::from_millis(300));
+    let (t1_end, _) = now();
+    assert_eq!(
+        plugin_send(&socket, &job_end(1, t1_end)).unwrap(),
+        Reply::Ok
+    );
+    let m = read(1, t1_end.unix_ns, &e);
+    assert_eq!(m.end_unix_ns, t1_end.unix_ns);
+
+    // Job 2 starts, ergond is killed, the job ends meanwhile (the plugin queues the event).
+    let (t2, _) = now();
+    assert_eq!(plugin_send(&socket, &job_start(2, t2)).unwrap(), Reply::Ok);
+    std::thread::sleep(Duration::from_millis(300));
+    e.child.kill().unwrap();
+    e.child.wait().unwrap();
+    let (t2_end, _) = now();
+    queue(dir.path(), &job_end(2, t2_end), t2_end);
+    let e = start_node(dir.path(), &fake.lib, extra, "ergond-2.log");
+    let m = read(2, t2_end.unix_ns, &e);
+    assert_eq!(m.end_unix_ns, t2_end.unix_ns, "the queued event's own time");
+    let flat: Vec<_> = std::fs::read_dir(dir.path().join("spool"))
+        .unwrap()
+        .filter_map(|d| d.ok())
+        .filter(|d| d.file_type().is_ok_and(|t| t.is_file()))
+        .map(|d| d.file_name())
+        .collect();
+    assert!(flat.is_empty(), "files written flat: {flat:?}");
+}

@@ -25,8 +25,9 @@ const HEADINGS: &[&str] = &[
     "==> ergond",
     "==> Jobs",
     "==> The user's report (job ",
-    "==> ergon run (manifests -> sacct AdminComment)",
+    "==> ergon run (manifests -> sacct AdminComment and the job-records database)",
     "==> sacct -X -j ",
+    "==> ergon jobs (from the job-records database)",
     "==> ergon report ",
     "==> Power plot",
     "==> ergond /metrics (a few lines)",
@@ -206,12 +207,25 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
     // Two simulated GPUs at 250-650 W for several seconds.
     assert!(energy_j > 1000, "job {job}'s energy {energy_j} J: {line}");
 
-    // ergon report: the same energy.
+    // ergon jobs lists the GPU job from the database.
+    let jobs = section(&stdout, "==> ergon jobs");
+    assert!(
+        jobs.iter()
+            .any(|l| l.split_whitespace().nth(1) == Some(&job.to_string())),
+        "ergon jobs does not list job {job}:\n{}",
+        jobs.join("\n")
+    );
+
+    // ergon report: the same energy, the job's record from the database.
     let heading = format!("==> ergon report {job}");
     let report = section(&stdout, &heading).join("\n");
     assert!(
         report.contains(&format!("({energy_j} J)")),
         "ergon report does not show {energy_j} J:\n{report}"
+    );
+    assert!(
+        report.contains("from the job-records database"),
+        "ergon report does not read the job-records database:\n{report}"
     );
     assert!(
         report.contains("gpu0") || report.contains("gpu1"),

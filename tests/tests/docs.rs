@@ -218,7 +218,14 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
     let doc = documented(&md, "## `/etc/ergon/accounting.toml`", "\n## The SPANK");
     let code = code_keys(
         &accounting,
-        &["state", "sacct", "retry", "victoria_metrics", "http"],
+        &[
+            "state",
+            "sacct",
+            "retry",
+            "records",
+            "victoria_metrics",
+            "http",
+        ],
     );
     assert!(code.len() >= 20, "{code:?}");
     check("accounting.toml", &doc, &code, &accounting);

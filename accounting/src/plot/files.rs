@@ -55,7 +55,7 @@ pub fn read_files(
     let mut found = Vec::new();
     let mut problems = Vec::new();
     for path in paths {
-        let bytes = std::fs::read(path).map_err(|source| PlotError::Read {
+        let bytes = crate::spool::read_manifest(path).map_err(|source| PlotError::Read {
             path: path.clone(),
             source,
         })?;

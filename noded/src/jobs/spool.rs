@@ -6,10 +6,52 @@
 //!
 //! File name: `<cluster>-<job id>-<node>.json`, each name reduced to `[A-Za-z0-9._-]` (other
 //! bytes become `_`) so that no value from the plugin can name a path outside the spool.
+//!
+//! Layout ([`Layout`]): `flat`, every file directly in the spool; or `sharded`,
+//! `<spool>/<YYYY-MM-DD>/<node>/<name>.json.gz` (the job's end day in UTC, the sanitised node
+//! name, gzip), so that no directory of a large site's shared spool holds more than one node's
+//! manifests of one day. A directory created for it is made durable (its parent fsynced) before
+//! a manifest in it counts as written.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use ergon_protocol::{durable, Manifest};
+use serde::Deserialize;
+
+/// How manifests are laid out in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// `<spool>/<cluster>-<job>-<node>.json`.
+    Flat,
+    /// `<spool>/<YYYY-MM-DD>/<node>/<cluster>-<job>-<node>.json.gz`.
+    Sharded,
+}
+
+/// `YYYY-MM-DD` (UTC) of Unix ns.
+pub fn day(unix_ns: u64) -> String {
+    let days = (unix_ns / 1_000_000_000 / 86_400) as i64;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The directory a manifest goes into.
+pub fn manifest_dir(spool: &Path, layout: Layout, m: &Manifest) -> PathBuf {
+    match layout {
+        Layout::Flat => spool.to_path_buf(),
+        Layout::Sharded => spool.join(day(m.end_unix_ns)).join(sanitize(&m.node)),
+    }
+}
 
 /// `s` with every byte outside `[A-Za-z0-9._-]` replaced by `_`, never empty or starting with a
 /// dot.
@@ -40,11 +82,11 @@ pub fn file_name(m: &Manifest) -> String {
     )
 }
 
-/// Write the (sealed) manifest into `dir` atomically and durably; returns its path. Creates
-/// `dir` if needed.
-pub fn write_manifest(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
-    let path = write_manifest_file(dir, m)?;
-    sync_dir(dir)?;
+/// Write the (sealed) manifest into the spool `dir` atomically and durably; returns its path.
+/// Creates the directories needed.
+pub fn write_manifest(dir: &Path, layout: Layout, m: &Manifest) -> anyhow::Result<PathBuf> {
+    let path = write_manifest_file(dir, layout, m)?;
+    sync_dir(path.parent().unwrap_or(dir))?;
     Ok(path)
 }
 
@@ -55,15 +97,35 @@ pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot fsync the spool directory {}", dir.display()))
 }
 
-/// As [`write_manifest`] but without the directory fsync: the file is complete under its final
-/// name, and durable once [`sync_dir`] returns.
-pub fn write_manifest_file(dir: &Path, m: &Manifest) -> anyhow::Result<PathBuf> {
+/// As [`write_manifest`] but without the fsync of the file's directory: the file is complete
+/// under its final name, and durable once [`sync_dir`] of its parent returns.
+pub fn write_manifest_file(spool: &Path, layout: Layout, m: &Manifest) -> anyhow::Result<PathBuf> {
     use anyhow::Context as _;
     let json = m.to_json().context("cannot serialise the manifest")?;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
-    let path = dir.join(file_name(m));
-    durable::write_unsynced(&path, &json, 0o644).with_context(|| {
+    let dir = manifest_dir(spool, layout, m);
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
+        // The new directories' names are durable once their parents are synced.
+        let mut at = dir.as_path();
+        while at != spool {
+            let Some(parent) = at.parent() else { break };
+            sync_dir(parent)?;
+            at = parent;
+        }
+    }
+    let (name, bytes) = match layout {
+        Layout::Flat => (file_name(m), json),
+        Layout::Sharded => {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(&json)
+                .and_then(|()| gz.finish())
+                .map(|b| (format!("{}.gz", file_name(m)), b))
+                .context("cannot compress the manifest")?
+        }
+    };
+    let path = dir.join(name);
+    durable::write_unsynced(&path, &bytes, 0o644).with_context(|| {
         format!(
             "cannot write manifest {}; check that ergond may write to spool_dir",
             path.display()
@@ -83,5 +145,37 @@ mod tests {
         assert_eq!(sanitize(""), "_");
         assert_eq!(sanitize(".hidden"), "_.hidden");
         assert_eq!(sanitize("a/b c"), "a_b_c");
+    }
+
+    #[test]
+    fn days_are_utc_dates() {
+        assert_eq!(day(0), "1970-01-01");
+        assert_eq!(day(1_709_251_199_000_000_000), "2024-02-29");
+        assert_eq!(day(1_709_251_200_000_000_000), "2024-03-01");
+    }
+
+    /// The sharded layout: the job's end day, the node, gzip; the flat layout as before. Both
+    /// read back to the same manifest.
+    #[test]
+    fn sharded_manifests_go_under_day_and_node_compressed() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let m = ergon_protocol::testing::ManifestBuilder::new("c/x", 42, "n1/../a")
+            .ended(1_709_251_199_000_000_000, 100)
+            .socket(1.0, None)
+            .build();
+        let flat = write_manifest(dir.path(), Layout::Flat, &m).unwrap();
+        assert_eq!(flat, dir.path().join("c_x-42-n1_.._a.json"));
+        let sharded = write_manifest(dir.path(), Layout::Sharded, &m).unwrap();
+        assert_eq!(
+            sharded,
+            dir.path().join("2024-02-29/n1_.._a/c_x-42-n1_.._a.json.gz")
+        );
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&sharded).unwrap())
+            .read_to_end(&mut json)
+            .unwrap();
+        assert_eq!(json, std::fs::read(&flat).unwrap());
+        assert_eq!(Manifest::from_json(&json).unwrap(), m);
     }
 }

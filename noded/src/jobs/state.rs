@@ -65,6 +65,8 @@ impl Access {
 pub struct TrackerConfig {
     /// Where manifests go.
     pub spool_dir: PathBuf,
+    /// How they are laid out there.
+    pub spool_layout: super::spool::Layout,
     /// Cluster name written when the plugin did not send one.
     pub default_cluster: String,
     /// Who may do what.

@@ -5,7 +5,7 @@
 //! waits for it).
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
@@ -130,13 +130,19 @@ pub(super) fn spool_writer(inner: &Inner, rx: Receiver<SpoolWork>) {
         let batch: Vec<Pending> = waiting.drain(..n).collect();
         let files: Vec<anyhow::Result<PathBuf>> = batch
             .iter()
-            .map(|p| write_manifest_file(dir, &p.work.manifest))
+            .map(|p| write_manifest_file(dir, inner.config.spool_layout, &p.work.manifest))
             .collect();
-        let synced = if files.iter().any(Result::is_ok) {
-            sync_dir(dir).map_err(|e| format!("{e:#}"))
-        } else {
-            Ok(())
-        };
+        // One fsync per directory written into (one, in the flat layout).
+        let mut dirs: Vec<&Path> = files
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.parent())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        let synced = dirs
+            .into_iter()
+            .try_for_each(sync_dir)
+            .map_err(|e| format!("{e:#}"));
         let mut failed: Vec<Pending> = Vec::new();
         let mut error = None;
         for (mut p, file) in batch.into_iter().zip(files) {
@@ -211,7 +217,11 @@ impl Pending {
 
 /// Write one manifest durably here (when the spool writer is gone, at shutdown).
 pub(super) fn write_one(inner: &Inner, w: SpoolWork) {
-    let written = super::spool::write_manifest(&inner.config.spool_dir, &w.manifest);
+    let written = super::spool::write_manifest(
+        &inner.config.spool_dir,
+        inner.config.spool_layout,
+        &w.manifest,
+    );
     let mut p = Pending::new(w);
     match written {
         Ok(path) => finish_one(inner, &mut p, Some(path)),

@@ -1,0 +1,432 @@
+//! Bounded series for VictoriaMetrics: usage counters by (cluster, partition, account, user),
+//! whose number does not grow with the number of jobs.
+//!
+//! Each job adds its energy (total, GPU, CPU, DRAM), its GPU-hours (GPUs × duration) and 1 job
+//! to its group's counters. The counters are kept here, in a small SQLite file next to the
+//! state (`<state_dir>/usage.sqlite`), together with each job's contribution, so that adding a
+//! job is **idempotent**: a job delivered twice (delivery is at least once) adds nothing the
+//! second time, and a job recombined with a late node manifest adds only the difference. A
+//! record with fewer nodes than the job's contribution (a late delivery of an older record)
+//! changes nothing, so the counters only grow.
+//!
+//! VictoriaMetrics receives each changed group's counters as they now stand (InfluxDB line
+//! protocol, measurement `ergon_usage`: series `ergon_usage_energy_joules_total`, …), at a
+//! timestamp that increases within a run. A job is durably in VictoriaMetrics when, after a
+//! flush to disk, each counter of its group has a sample at or after the time the job was
+//! added with at least the value the counter had then ([`Usage::missing`]): counters are
+//! cumulative, so a later sample covers every job added before it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension as _};
+
+use crate::job::JobRecordFull;
+
+/// The counters, in order: the field names of measurement `ergon_usage`.
+pub const COUNTERS: [&str; 6] = [
+    "energy_joules_total",
+    "gpu_energy_joules_total",
+    "cpu_energy_joules_total",
+    "dram_energy_joules_total",
+    "gpu_hours_total",
+    "jobs_total",
+];
+
+/// The file in the state directory.
+pub const FILE: &str = "usage.sqlite";
+
+/// A group: the labels of its series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Group {
+    /// Cluster.
+    pub cluster: String,
+    /// Partition (empty when the job had none).
+    pub partition: String,
+    /// Account (empty when the job had none).
+    pub account: String,
+    /// User.
+    pub user: String,
+}
+
+impl Group {
+    fn of(r: &JobRecordFull) -> Group {
+        Group {
+            cluster: r.cluster.clone(),
+            partition: r.partition.clone().unwrap_or_default(),
+            account: r.account.clone().unwrap_or_default(),
+            user: r.user.clone(),
+        }
+    }
+}
+
+/// A job's contribution to its group's counters.
+fn contribution(r: &JobRecordFull) -> [f64; 6] {
+    [
+        r.energy_j,
+        r.gpu_j.unwrap_or(0.0),
+        r.cpu_j.unwrap_or(0.0),
+        r.dram_j.unwrap_or(0.0),
+        r.gpus.len() as f64 * r.duration_s / 3600.0,
+        1.0,
+    ]
+}
+
+/// Where a job stands in its group's counters: the time (ms) it was added and the counters'
+/// values just after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Included {
+    /// Its group.
+    pub group: Group,
+    /// When it was added (ms since the epoch): the timestamp of the samples that first
+    /// carried it.
+    pub at_ms: i64,
+    /// The group's counters just after it was added.
+    pub after: [f64; 6],
+}
+
+/// The counters file.
+pub struct Usage {
+    path: PathBuf,
+    /// Opened at the first use (a dry run never creates it); the last timestamp given out.
+    conn: Mutex<Option<(Connection, i64)>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS totals (
+    cluster TEXT NOT NULL, `partition` TEXT NOT NULL, account TEXT NOT NULL, `user` TEXT NOT NULL,
+    c0 REAL NOT NULL, c1 REAL NOT NULL, c2 REAL NOT NULL, c3 REAL NOT NULL, c4 REAL NOT NULL,
+    c5 REAL NOT NULL,
+    PRIMARY KEY (cluster, `partition`, account, `user`)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster TEXT NOT NULL, job_id INTEGER NOT NULL,
+    `partition` TEXT NOT NULL, account TEXT NOT NULL, `user` TEXT NOT NULL,
+    nodes INTEGER NOT NULL,
+    c0 REAL NOT NULL, c1 REAL NOT NULL, c2 REAL NOT NULL, c3 REAL NOT NULL, c4 REAL NOT NULL,
+    c5 REAL NOT NULL,
+    at_ms INTEGER NOT NULL,
+    a0 REAL NOT NULL, a1 REAL NOT NULL, a2 REAL NOT NULL, a3 REAL NOT NULL, a4 REAL NOT NULL,
+    a5 REAL NOT NULL,
+    PRIMARY KEY (cluster, job_id)
+);
+PRAGMA user_version = 1;
+";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn err(path: &Path, e: rusqlite::Error) -> String {
+    format!("usage counters {}: {e}", path.display())
+}
+
+impl Usage {
+    /// The counters in `state_dir`.
+    pub fn new(state_dir: &Path) -> Usage {
+        Usage {
+            path: state_dir.join(FILE),
+            conn: Mutex::new(None),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection, &mut i64) -> rusqlite::Result<T>,
+    ) -> Result<T, String> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let conn = Connection::open(&self.path).map_err(|e| err(&self.path, e))?;
+            conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")
+                .and_then(|()| conn.busy_timeout(std::time::Duration::from_secs(30)))
+                .and_then(|()| conn.execute_batch(SCHEMA))
+                .map_err(|e| err(&self.path, e))?;
+            *guard = Some((conn, 0));
+        }
+        let (conn, last) = guard.as_mut().expect("just opened");
+        f(conn, last).map_err(|e| err(&self.path, e))
+    }
+
+    /// Add `records` to their groups' counters (idempotently, see the module docs) and return
+    /// the changed groups' counters as line protocol, stamped now.
+    pub fn add(&self, records: &[&JobRecordFull]) -> Result<String, String> {
+        self.with(|conn, last| {
+            let at = now_ms().max(*last + 1);
+            *last = at;
+            let tx = conn.transaction()?;
+            let mut changed: BTreeMap<Group, [f64; 6]> = BTreeMap::new();
+            for r in records {
+                let group = Group::of(r);
+                let new = contribution(r);
+                let old: Option<(i64, [f64; 6], Group)> = tx
+                    .query_row(
+                        "SELECT nodes, c0, c1, c2, c3, c4, c5, `partition`, account, `user`
+                         FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+                        params![r.cluster, r.job_id],
+                        |row| {
+                            Ok((
+                                row.get(0)?,
+                                [
+                                    row.get(1)?,
+                                    row.get(2)?,
+                                    row.get(3)?,
+                                    row.get(4)?,
+                                    row.get(5)?,
+                                    row.get(6)?,
+                                ],
+                                Group {
+                                    cluster: r.cluster.clone(),
+                                    partition: row.get(7)?,
+                                    account: row.get(8)?,
+                                    user: row.get(9)?,
+                                },
+                            ))
+                        },
+                    )
+                    .optional()?;
+                if old
+                    .as_ref()
+                    .is_some_and(|(nodes, _, _)| (r.nodes.len() as i64) < *nodes)
+                {
+                    // An older record of the job: what it holds is in already.
+                    continue;
+                }
+                if let Some((_, was, g)) = &old {
+                    if *was == new && *g == group {
+                        continue;
+                    }
+                    // Take the old contribution out (of its group, should the job have moved).
+                    add_to(&tx, g, &was.map(|v| -v))?;
+                    changed.insert(g.clone(), [0.0; 6]);
+                }
+                let after = add_to(&tx, &group, &new)?;
+                changed.insert(group.clone(), [0.0; 6]);
+                tx.execute(
+                    "INSERT OR REPLACE INTO jobs (cluster, job_id, `partition`, account, `user`,
+                        nodes, c0, c1, c2, c3, c4, c5, at_ms, a0, a1, a2, a3, a4, a5)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                        ?16, ?17, ?18, ?19)",
+                    params![
+                        r.cluster,
+                        r.job_id,
+                        group.partition,
+                        group.account,
+                        group.user,
+                        r.nodes.len() as i64,
+                        new[0],
+                        new[1],
+                        new[2],
+                        new[3],
+                        new[4],
+                        new[5],
+                        at,
+                        after[0],
+                        after[1],
+                        after[2],
+                        after[3],
+                        after[4],
+                        after[5],
+                    ],
+                )?;
+            }
+            for (group, totals) in changed.iter_mut() {
+                *totals = read_totals(&tx, group)?.unwrap_or([0.0; 6]);
+            }
+            tx.commit()?;
+            Ok(lines(&changed, at))
+        })
+    }
+
+    /// Where each record stands in the counters (`None`: not added yet).
+    pub fn included(&self, records: &[&JobRecordFull]) -> Result<Vec<Option<Included>>, String> {
+        self.with(|conn, _| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT `partition`, account, `user`, at_ms, a0, a1, a2, a3, a4, a5
+                 FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+            )?;
+            records
+                .iter()
+                .map(|r| {
+                    stmt.query_row(params![r.cluster, r.job_id], |row| {
+                        Ok(Included {
+                            group: Group {
+                                cluster: r.cluster.clone(),
+                                partition: row.get(0)?,
+                                account: row.get(1)?,
+                                user: row.get(2)?,
+                            },
+                            at_ms: row.get(3)?,
+                            after: [
+                                row.get(4)?,
+                                row.get(5)?,
+                                row.get(6)?,
+                                row.get(7)?,
+                                row.get(8)?,
+                                row.get(9)?,
+                            ],
+                        })
+                    })
+                    .optional()
+                })
+                .collect()
+        })
+    }
+
+    /// The counters of `records`' groups as they stand, as line protocol stamped now (to send
+    /// again what a verification found missing).
+    pub fn current(&self, records: &[&JobRecordFull]) -> Result<String, String> {
+        let included = self.included(records)?;
+        self.with(|conn, last| {
+            let at = now_ms().max(*last + 1);
+            *last = at;
+            let mut groups: BTreeMap<Group, [f64; 6]> = BTreeMap::new();
+            for inc in included.into_iter().flatten() {
+                if let Some(t) = read_totals(conn, &inc.group)? {
+                    groups.insert(inc.group, t);
+                }
+            }
+            Ok(lines(&groups, at))
+        })
+    }
+}
+
+fn read_totals(conn: &Connection, g: &Group) -> rusqlite::Result<Option<[f64; 6]>> {
+    conn.query_row(
+        "SELECT c0, c1, c2, c3, c4, c5 FROM totals
+         WHERE cluster = ?1 AND `partition` = ?2 AND account = ?3 AND `user` = ?4",
+        params![g.cluster, g.partition, g.account, g.user],
+        |row| {
+            Ok([
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ])
+        },
+    )
+    .optional()
+}
+
+/// Add `delta` to `g`'s counters; their new values.
+fn add_to(conn: &Connection, g: &Group, delta: &[f64; 6]) -> rusqlite::Result<[f64; 6]> {
+    conn.execute(
+        "INSERT INTO totals (cluster, `partition`, account, `user`, c0, c1, c2, c3, c4, c5)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (cluster, `partition`, account, `user`) DO UPDATE SET
+            c0 = c0 + excluded.c0, c1 = c1 + excluded.c1, c2 = c2 + excluded.c2,
+            c3 = c3 + excluded.c3, c4 = c4 + excluded.c4, c5 = c5 + excluded.c5",
+        params![
+            g.cluster,
+            g.partition,
+            g.account,
+            g.user,
+            delta[0],
+            delta[1],
+            delta[2],
+            delta[3],
+            delta[4],
+            delta[5]
+        ],
+    )?;
+    Ok(read_totals(conn, g)?.unwrap_or([0.0; 6]))
+}
+
+/// One line per group: measurement `ergon_usage`, the group's tags (empty ones left out), the
+/// counters, the timestamp.
+fn lines(groups: &BTreeMap<Group, [f64; 6]>, at_ms: i64) -> String {
+    let mut out = String::new();
+    for (g, totals) in groups {
+        let _ = write!(
+            out,
+            "ergon_usage,cluster={}",
+            crate::sinks::escape_tag(&g.cluster)
+        );
+        for (tag, value) in [
+            ("partition", &g.partition),
+            ("account", &g.account),
+            ("user", &g.user),
+        ] {
+            if !value.is_empty() {
+                let _ = write!(out, ",{tag}={}", crate::sinks::escape_tag(value));
+            }
+        }
+        let mut sep = ' ';
+        for (name, value) in COUNTERS.iter().zip(totals) {
+            // Never below 0 through rounding of a job taken out and put back.
+            let _ = write!(out, "{sep}{name}={}", value.max(0.0));
+            sep = ',';
+        }
+        let _ = writeln!(out, " {}", at_ms.max(0) as u128 * 1_000_000);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::combine;
+    use ergon_protocol::testing::ManifestBuilder;
+
+    fn job(id: u32, node: &str, user: &str, gpu_j: f64) -> ergon_protocol::manifest::Manifest {
+        ManifestBuilder::new("c", id, node)
+            .user(user, 1000)
+            .account("phys")
+            .partition("gpu")
+            .ended(1_700_000_000_000_000_000, 3600)
+            .gpu(Some(gpu_j))
+            .socket(10.0, None)
+            .build()
+    }
+
+    fn totals(u: &Usage, user: &str) -> [f64; 6] {
+        u.with(|conn, _| {
+            read_totals(
+                conn,
+                &Group {
+                    cluster: "c".into(),
+                    partition: "gpu".into(),
+                    account: "phys".into(),
+                    user: user.into(),
+                },
+            )
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_job_counts_once_and_a_recombined_job_only_by_its_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let u = Usage::new(dir.path());
+        let one = combine(&[job(1, "n1", "alice", 100.0)]);
+        let both = combine(&[job(1, "n1", "alice", 100.0), job(1, "n2", "alice", 50.0)]);
+        let other = combine(&[job(2, "n1", "alice", 1.0)]);
+        let text = u.add(&[&one, &one]).unwrap();
+        assert!(
+            text.starts_with("ergon_usage,cluster=c,partition=gpu,account=phys,user=alice energy_joules_total=110,gpu_energy_joules_total=100,cpu_energy_joules_total=10,dram_energy_joules_total=0,gpu_hours_total=1,jobs_total=1 "),
+            "{text}"
+        );
+        assert_eq!(u.add(&[&one]).unwrap(), "", "nothing changed");
+        u.add(&[&both]).unwrap();
+        // An older record of the job arriving late changes nothing.
+        assert_eq!(u.add(&[&one]).unwrap(), "");
+        u.add(&[&other]).unwrap();
+        assert_eq!(totals(&u, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        let inc = u.included(&[&both, &other]).unwrap();
+        let (a, b) = (inc[0].clone().unwrap(), inc[1].clone().unwrap());
+        assert_eq!(a.after, [170.0, 150.0, 20.0, 0.0, 2.0, 1.0]);
+        assert_eq!(b.after, [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        assert!(b.at_ms > a.at_ms);
+        // Kept across opens.
+        drop(u);
+        let again = Usage::new(dir.path());
+        assert_eq!(totals(&again, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        assert_eq!(again.included(&[&other]).unwrap()[0], Some(b));
+    }
+}

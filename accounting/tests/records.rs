@@ -1,0 +1,281 @@
+//! The job-records database through the real `ergon` binary: `ergon run` writes it, `ergon
+//! report` and `ergon jobs` read it, a run killed with `kill -9` loses nothing the state calls
+//! delivered, and a database that cannot be written leaves its records pending without
+//! stopping the other destinations.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ergon_accounting::collect::combine;
+use ergon_accounting::records::{JobFilter, RecordsDb, SINK_NAME};
+use ergon_accounting::state::{Delivery, State};
+
+fn db_path(s: &Setup) -> std::path::PathBuf {
+    s.state().join("records.sqlite")
+}
+
+fn report_json(s: &Setup, job: u32) -> serde_json::Value {
+    let out = s
+        .ergon()
+        .args(["report", &job.to_string(), "--json"])
+        .output()
+        .unwrap();
+    // No sacct in these tests: the report's exit comes from the record alone.
+    assert!(out.status.success(), "{}", show(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Everything `ergon report` shows of a job (schema 4 coverage, unknown GPUs, estimates, a MIG
+/// share) is in the database: the report from it is the report from the manifests, and stays
+/// so once the manifests are gone from the spool.
+#[test]
+fn report_reads_the_database_and_matches_the_manifests() {
+    let s = Setup::new();
+    s.write_config("");
+    let job4 = schema4_job("c1", 41);
+    for m in &job4 {
+        write_manifest(&s.spool(), m);
+    }
+    let mut mig = manifest("c1", 42, "n1", 100.0, 10.0, 1.0);
+    mig.gpus[0].shared = true;
+    mig.gpus[0].mig = Some(ergon_protocol::GpuMig {
+        total_slices: 7,
+        instances: vec![ergon_protocol::MigInstanceRef {
+            gpu_instance_id: 2,
+            compute_instance_id: Some(0),
+            slices: Some(3),
+            uuid: Some("MIG-2".into()),
+        }],
+        share_method: ergon_protocol::MigShareMethod::SliceSize,
+    });
+    mig.schema_version = mig.schema_version_for();
+    mig.seal();
+    write_manifest(&s.spool(), &mig);
+
+    // Before the run the report comes from the spool.
+    let before = report_json(&s, 41);
+    assert_eq!(before["source"], "spool", "{before}");
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), SINK_NAME), 0);
+
+    for (job, manifests) in [(41, job4.to_vec()), (42, vec![mig.clone()])] {
+        let v = report_json(&s, job);
+        assert_eq!(v["source"], "records", "{v}");
+        let want = serde_json::to_value(combine(&manifests)).unwrap();
+        assert_eq!(v["manifests"], want);
+        // The text report from the database says what the one from the manifests says, but
+        // for where it came from.
+        let text = |s: &Setup| {
+            let out = s
+                .ergon()
+                .args(["report", &job.to_string()])
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let from_db = text(&s);
+        assert!(
+            from_db.contains("from the job-records database"),
+            "{from_db}"
+        );
+        if job == 41 {
+            assert!(
+                from_db.contains("GPUs unknown on node n2: NVML failed to initialise"),
+                "{from_db}"
+            );
+            assert!(from_db.contains("n1 estimated 50 J ± 5 J"), "{from_db}");
+        } else {
+            assert!(from_db.contains("MIG GI 2 (3 of 7 slices)"), "{from_db}");
+        }
+    }
+    // The spool is emptied (pruned, lost): the records are still there.
+    for e in std::fs::read_dir(s.spool()).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let v = report_json(&s, 41);
+    assert_eq!(
+        v["manifests"],
+        serde_json::to_value(combine(&job4)).unwrap()
+    );
+    // A job not in the database nor the spool: exit 1, as before.
+    let out = s.ergon().args(["report", "43"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+}
+
+/// `ergon jobs` lists from the database, filtered, in each format.
+#[test]
+fn jobs_lists_with_filters_and_formats() {
+    let s = Setup::new();
+    s.write_config("");
+    let end = now_ns() - 60_000_000_000;
+    for (job, user, account) in [
+        (1, "alice", "phys"),
+        (2, "bob", "phys"),
+        (3, "alice", "chem"),
+    ] {
+        let m = ergon_protocol::testing::ManifestBuilder::new("c1", job, "n1")
+            .user(user, 1000 + job)
+            .account(account)
+            .ended(end - u64::from(3 - job) * 3_600_000_000_000, 100)
+            .socket(10.0 * f64::from(job), None)
+            .build();
+        write_manifest(&s.spool(), &m);
+    }
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let jobs = |args: &[&str]| -> Vec<u64> {
+        let out = s
+            .ergon()
+            .args(["jobs", "--format", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(jobs(&[]), [3, 2, 1]);
+    assert_eq!(jobs(&["--user", "alice"]), [3, 1]);
+    assert_eq!(jobs(&["--account", "phys"]), [2, 1]);
+    assert_eq!(jobs(&["--user", "nobody"]), Vec::<u64>::new());
+    let since = format!("@{}", (end - 90 * 60_000_000_000) / 1_000_000_000);
+    assert_eq!(jobs(&["--since", &since]), [3, 2]);
+    assert_eq!(jobs(&["--until", &since]), [1]);
+    let out = s
+        .ergon()
+        .args(["jobs", "--format", "csv", "--user", "bob"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("cluster,job_id,user,account,"), "{csv}");
+    assert!(
+        csv.lines().nth(1).unwrap().starts_with("c1,2,bob,phys,"),
+        "{csv}"
+    );
+    let out = s.ergon().args(["jobs"]).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.lines().next().unwrap().contains("ENERGY"), "{table}");
+    // A bad time is a usage error that says what to give.
+    let out = s
+        .ergon()
+        .args(["jobs", "--since", "last week"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(show(&out).contains("YYYY-MM-DD"), "{}", show(&out));
+    // Without a database yet: an error that says so.
+    let t = Setup::new();
+    t.write_config("");
+    let out = t.ergon().arg("jobs").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(
+        show(&out).contains("`ergon run` creates it"),
+        "{}",
+        show(&out)
+    );
+}
+
+/// A database that cannot be written (its path is a directory) keeps its records pending and
+/// the run exits 3; the next run with a usable path writes them all.
+#[test]
+fn a_database_that_cannot_be_written_keeps_its_records_pending() {
+    let s = Setup::new();
+    let bad = s.dir.path().join("not-a-file");
+    std::fs::create_dir_all(&bad).unwrap();
+    s.write_config(&format!("[records]\npath = {bad:?}\n"));
+    for job in 1..=3 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", 10.0, 1.0, 1.0));
+    }
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(3), "{}", show(&out));
+    assert!(
+        show(&out).contains("job-records database"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(backlog(&s.status_json(), SINK_NAME), 3);
+    s.write_config("");
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), SINK_NAME), 0);
+    let db = RecordsDb::open_read_only(&db_path(&s)).unwrap();
+    assert_eq!(db.count().unwrap(), 3);
+}
+
+/// `kill -9` in the middle of a run: every record the state (with its journal) calls delivered
+/// to the database is in it; the next run writes the rest, each job once.
+#[test]
+fn a_run_killed_with_kill_9_loses_nothing_the_state_calls_delivered() {
+    const JOBS: u32 = 3000;
+    let s = Setup::new();
+    s.write_config("[records]\nbatch_size = 10\n");
+    for job in 1..=JOBS {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    let mut child = s.ergon().arg("run").spawn().unwrap();
+    // Kill it once the database holds some of the jobs, not all.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = 0;
+    while Instant::now() < deadline {
+        if let Ok(db) = RecordsDb::open_read_only(&db_path(&s)) {
+            seen = db.count().unwrap_or(0);
+            if seen > 0 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(seen > 0, "the run wrote no records in 120 s");
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let state = State::load(&s.state()).unwrap();
+    let db = RecordsDb::open_read_only(&db_path(&s)).unwrap();
+    let in_db: std::collections::BTreeSet<u32> = db
+        .list(&JobFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.job_id)
+        .collect();
+    let delivered: Vec<u32> = state
+        .jobs
+        .iter()
+        .filter(|(_, e)| matches!(e.sinks.get(SINK_NAME), Some(Delivery::Done { .. })))
+        .map(|(k, _)| k.rsplit('/').next().unwrap().parse().unwrap())
+        .collect();
+    let lost: Vec<_> = delivered.iter().filter(|j| !in_db.contains(j)).collect();
+    assert!(
+        lost.is_empty(),
+        "delivered but not in the database: {lost:?}"
+    );
+    println!(
+        "killed with {} of {JOBS} in the database, {} delivered in the state",
+        in_db.len(),
+        delivered.len()
+    );
+    assert!(
+        (in_db.len() as u32) < JOBS,
+        "the run had finished: kill earlier"
+    );
+    drop(db);
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let db = RecordsDb::open_read_only(&db_path(&s)).unwrap();
+    assert_eq!(db.count().unwrap(), u64::from(JOBS));
+    for job in [1, JOBS / 2, JOBS] {
+        let got = db.get(Some("c1"), job).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].energy_j, job as f64 + 1.0);
+    }
+    assert_eq!(backlog(&s.status_json(), SINK_NAME), 0);
+}
