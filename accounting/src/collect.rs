@@ -108,6 +108,12 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         })
         .collect();
     gpus.sort_by(|a, b| a.node.cmp(&b.node).then(a.index.cmp(&b.index)));
+    // The job's nodes as its manifests state them (each node's plugin saw the same list; the
+    // longest wins should one differ).
+    let job_nodes: Option<Vec<String>> = sorted
+        .iter()
+        .filter_map(|m| m.job.nodes.clone())
+        .max_by_key(Vec::len);
 
     JobRecordFull {
         idempotency_key: format!("{}/{}/{}", first.cluster, first.job.job_id, &job_hash[7..]),
@@ -158,6 +164,13 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             .iter()
             .find_map(|m| m.job.sluid.as_deref())
             .map(str::to_ascii_lowercase),
+        nodes_missing: job_nodes
+            .iter()
+            .flatten()
+            .filter(|n| !sorted.iter().any(|m| &m.node == *n))
+            .cloned()
+            .collect(),
+        job_nodes,
     }
 }
 

@@ -128,6 +128,7 @@ impl ManifestBuilder {
                     account: None,
                     partition: None,
                     sluid: None,
+                    nodes: None,
                 },
                 start_unix_ns: start,
                 end_unix_ns: end,

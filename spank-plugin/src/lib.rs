@@ -269,6 +269,7 @@ fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
         node,
         time: Timestamp::now(),
         sluid: env("SLURM_JOB_SLUID").map(|s| s.to_ascii_lowercase()),
+        nodes: env("SLURM_JOB_NODELIST"),
     })
 }
 

@@ -204,6 +204,9 @@ pub struct Job {
     /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), lowercase.
     #[serde(default)]
     pub sluid: Option<String>,
+    /// Every node of the job (the plugin's `SLURM_JOB_NODELIST`, expanded), when it said.
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
     /// Why the job's GPUs on this node are not known, when they are not (a job found running
     /// whose allocation could not be read): its GPU energy is then unknown, not zero.
     #[serde(default)]
@@ -240,6 +243,7 @@ impl Job {
             result: None,
             discovered: false,
             sluid: None,
+            nodes: None,
             gpus_unknown: None,
             report_sent: false,
         }
@@ -490,6 +494,15 @@ impl JobRegistry {
         if m.sluid.is_some() {
             job.sluid.clone_from(&m.sluid);
         }
+        if let Some(list) = &m.nodes {
+            match ergon_protocol::hostlist::expand(list) {
+                Ok(nodes) => job.nodes = Some(nodes),
+                Err(e) => tracing::warn!(
+                    job = job_id,
+                    "the job's node list {list:?} is not one: {e}; its manifest will not list the job's nodes"
+                ),
+            }
+        }
         // The plugin's allocation is the truth: a discovered job's unknown GPUs are known now.
         job.gpus_unknown = None;
         job.work_dir.clone_from(&m.work_dir);
@@ -736,6 +749,7 @@ mod tests {
             stdout_path: None,
             time: Timestamp::from_unix_ns(t(0).unix_ns),
             sluid: None,
+            nodes: None,
         }
     }
 

@@ -214,6 +214,10 @@ pub struct JobStart {
     /// environment has it. Absent from older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// Every node of the job, as Slurm's host list (`SLURM_JOB_NODELIST`, e.g. `gpu[01-03]`),
+    /// when the prolog's environment has it. Absent from older plugins' frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<String>,
 }
 
 /// One GPU allocated to a job.
