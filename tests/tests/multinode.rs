@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ergon_protocol::{read_frame, write_frame, Manifest, Reply, Request, StepId};
 use ergon_testkit::{PowercapLayout, PowercapTree};
-use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster, TempDir, JOB_TIMEOUT};
+use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster, TempDir};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -474,7 +474,7 @@ fn check_node_manifest(e: &NodeErgond, c: &Cluster, job: u32, m: &Manifest, batc
     ensure!(m.node == e.node && m.job.job_id == job, "{} {:?}", m.node, m.job);
     let secs = (m.end_unix_ns - m.start_unix_ns) as f64 / 1e9;
     ensure!(secs > 2.5, "{}: job interval {secs} s", e.node);
-    for step in [StepId::Step(0), StepId::Step(1), StepId::Extern] {
+    for step in [StepId::Numbered(0), StepId::Numbered(1), StepId::Extern] {
         ensure!(
             m.steps.iter().any(|s| s.step == step),
             "{}: no step {step}: {:?}",

@@ -214,8 +214,9 @@ pub struct JobStart {
     /// environment has it. Absent from older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
-    /// Every node of the job, as Slurm's host list (`SLURM_JOB_NODELIST`, e.g. `gpu[01-03]`),
-    /// when the prolog's environment has it. Absent from older plugins' frames.
+    /// Every node of the job, as Slurm's host list (e.g. `gpu[01-03]`): the prolog's
+    /// `SLURM_JOB_NODELIST`, or `SLURM_NODELIST` (all Slurm 22.05's prolog has). Absent from
+    /// older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes: Option<String>,
 }
