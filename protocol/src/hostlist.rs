@@ -56,7 +56,8 @@ fn range(spec: &str, budget: usize) -> Result<Vec<String>, HostlistError> {
     let mut out = Vec::new();
     for part in spec.split(',') {
         let (lo, hi) = part.split_once('-').unwrap_or((part, part));
-        let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(lo) || !digits(hi) {
             return Err(err(format!("bad range {part:?} in [{spec}]")));
         }
@@ -100,7 +101,9 @@ pub fn expand(list: &str) -> Result<Vec<String>, HostlistError> {
             if tail.is_empty() {
                 break;
             }
-            let close = tail.find(']').ok_or_else(|| err(format!("unclosed '[' in {item:?}")))?;
+            let close = tail
+                .find(']')
+                .ok_or_else(|| err(format!("unclosed '[' in {item:?}")))?;
             let nums = range(&tail[1..close], MAX_NODES)?;
             if names.len().saturating_mul(nums.len()) + out.len() > MAX_NODES {
                 return Err(err(format!("more than {MAX_NODES} nodes")));
@@ -111,7 +114,10 @@ pub fn expand(list: &str) -> Result<Vec<String>, HostlistError> {
                 .collect();
             rest = &tail[close + 1..];
         }
-        if names.iter().any(|n| n.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        if names
+            .iter()
+            .any(|n| n.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
             return Err(err(format!("blank or control character in {item:?}")));
         }
         out.extend(names);
@@ -129,14 +135,27 @@ mod tests {
         assert_eq!(e("mn1"), ["mn1"]);
         assert_eq!(e("mn[1-3]"), ["mn1", "mn2", "mn3"]);
         assert_eq!(e("mn[1,3]"), ["mn1", "mn3"]);
-        assert_eq!(e("gpu[08-10],login1"), ["gpu08", "gpu09", "gpu10", "login1"]);
+        assert_eq!(
+            e("gpu[08-10],login1"),
+            ["gpu08", "gpu09", "gpu10", "login1"]
+        );
         assert_eq!(e("r[1-2]-n[1-2]"), ["r1-n1", "r1-n2", "r2-n1", "r2-n2"]);
         assert_eq!(e("a,b[1-2],c"), ["a", "b1", "b2", "c"]);
     }
 
     #[test]
     fn refuses_what_is_not_a_host_list() {
-        for bad in ["", "mn[1-", "mn]1", "mn[[1]]", "mn[3-1]", "mn[a-b]", "a,,b", "mn[1-99999999]", "a b"] {
+        for bad in [
+            "",
+            "mn[1-",
+            "mn]1",
+            "mn[[1]]",
+            "mn[3-1]",
+            "mn[a-b]",
+            "a,,b",
+            "mn[1-99999999]",
+            "a b",
+        ] {
             assert!(expand(bad).is_err(), "{bad:?}");
         }
         assert!(expand("n[0-65535]").is_ok());

@@ -555,7 +555,10 @@ mod tests {
             ..sample()
         };
         let text = r.encode();
-        assert!(text.contains(" nodes=2 ") && text.contains(" nexp=3 "), "{text}");
+        assert!(
+            text.contains(" nodes=2 ") && text.contains(" nexp=3 "),
+            "{text}"
+        );
         assert_eq!(JobRecord::decode(&text), Ok(r));
         assert!(!sample().encode().contains("nexp="));
         assert!(JobRecord::decode(&text.replace("nexp=3", "nexp=x")).is_err());

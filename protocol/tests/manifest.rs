@@ -423,7 +423,14 @@ proptest! {
 }
 
 /// Fields the schema lists but does not require: written only when they apply.
-const OPTIONAL_FIELDS: &[&str] = &["mig", "sluid", "components", "gpus_unknown", "estimate", "nodes"];
+const OPTIONAL_FIELDS: &[&str] = &[
+    "mig",
+    "sluid",
+    "components",
+    "gpus_unknown",
+    "estimate",
+    "nodes",
+];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
 #[test]

@@ -195,7 +195,11 @@ impl NodeErgond {
             config,
             log: dir.join("ergond.log"),
             socket,
-            pidfile: c.dir.join("nodes").join(&c.nodes[number - 1]).join("ergond.pid"),
+            pidfile: c
+                .dir
+                .join("nodes")
+                .join(&c.nodes[number - 1])
+                .join("ergond.pid"),
             metrics: format!("127.0.0.1:{port}"),
             spool,
         };
@@ -342,10 +346,9 @@ fn setup(name: &str, nodes: usize) -> Option<Setup> {
     let ergonds = (1..=c.nodes.len())
         .map(|n| {
             NodeErgond::start(c, n, dir.path()).unwrap_or_else(|e| {
-                let log = std::fs::read_to_string(
-                    dir.path().join(&c.nodes[n - 1]).join("ergond.log"),
-                )
-                .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join(&c.nodes[n - 1]).join("ergond.log"))
+                        .unwrap_or_default();
                 panic!("ergond of node {n} did not start: {e:#}\n--- its log ---\n{log}")
             })
         })
@@ -372,7 +375,10 @@ impl Setup {
     }
 
     fn ergond(&self, node: &str) -> &NodeErgond {
-        self.ergonds.iter().find(|e| e.node == node).expect("a node of the cluster")
+        self.ergonds
+            .iter()
+            .find(|e| e.node == node)
+            .expect("a node of the cluster")
     }
 
     /// Submit a job of `nodes` nodes, two GPUs on each, `--energy-report`, that runs two srun
@@ -470,8 +476,19 @@ fn sacct_record(c: &Cluster, job: u32) -> Result<(String, ergon_protocol::record
 /// Checks one node's manifest of a job against the fake hardware: exactly the two GPUs Slurm
 /// allocated there, each at its power × the node's interval; the srun steps 0 and 1; the batch
 /// step only where `batch`. Returns the manifest's GPU energy.
-fn check_node_manifest(e: &NodeErgond, c: &Cluster, job: u32, m: &Manifest, batch: bool) -> Result<f64> {
-    ensure!(m.node == e.node && m.job.job_id == job, "{} {:?}", m.node, m.job);
+fn check_node_manifest(
+    e: &NodeErgond,
+    c: &Cluster,
+    job: u32,
+    m: &Manifest,
+    batch: bool,
+) -> Result<f64> {
+    ensure!(
+        m.node == e.node && m.job.job_id == job,
+        "{} {:?}",
+        m.node,
+        m.job
+    );
     let secs = (m.end_unix_ns - m.start_unix_ns) as f64 / 1e9;
     ensure!(secs > 2.5, "{}: job interval {secs} s", e.node);
     for step in [StepId::Numbered(0), StepId::Numbered(1), StepId::Extern] {
@@ -496,7 +513,10 @@ fn check_node_manifest(e: &NodeErgond, c: &Cluster, job: u32, m: &Manifest, batc
             .iter()
             .find(|f| f.uuid == g.uuid)
             .ok_or_else(|| anyhow!("{}: GPU {} is not this node's", e.node, g.uuid))?;
-        ensure!(g.minor == Some(fake.minor) && g.minor == Some(minor_of(c, g.index)), "{g:?}");
+        ensure!(
+            g.minor == Some(fake.minor) && g.minor == Some(minor_of(c, g.index)),
+            "{g:?}"
+        );
         let truth = fake.watts * secs;
         let energy = g.energy_j.ok_or_else(|| anyhow!("not measured: {g:?}"))?;
         let err = (energy - truth).abs() / truth;
@@ -511,8 +531,16 @@ fn check_node_manifest(e: &NodeErgond, c: &Cluster, job: u32, m: &Manifest, batc
         truth_sum += truth;
     }
     let gpu_j = m.totals.gpu_j.ok_or_else(|| anyhow!("no GPU total"))?;
-    ensure!((gpu_j - truth_sum).abs() / truth_sum < ENERGY_TOLERANCE, "{:?}", m.totals);
-    ensure!(m.coverage.fraction == 1.0 && m.coverage.gaps.is_empty(), "{:?}", m.coverage);
+    ensure!(
+        (gpu_j - truth_sum).abs() / truth_sum < ENERGY_TOLERANCE,
+        "{:?}",
+        m.totals
+    );
+    ensure!(
+        m.coverage.fraction == 1.0 && m.coverage.gaps.is_empty(),
+        "{:?}",
+        m.coverage
+    );
     Ok(gpu_j)
 }
 
@@ -532,7 +560,10 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
             .find(|(k, _)| k == "BatchHost")
             .map(|(_, v)| v)
             .ok_or_else(|| anyhow!("scontrol shows no BatchHost"))?;
-        ensure!(nodes.contains(&batch_host), "BatchHost {batch_host} not in {nodes:?}");
+        ensure!(
+            nodes.contains(&batch_host),
+            "BatchHost {batch_host} not in {nodes:?}"
+        );
 
         // Every node of the job: its ergond's manifest, figures from its own fake hardware.
         let mut manifests = Vec::new();
@@ -549,7 +580,11 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
         }
         // The node outside the job has nothing of it.
         for e in s.ergonds.iter().filter(|e| !nodes.contains(&e.node)) {
-            ensure!(e.manifest_path(job)?.is_none(), "{} wrote a manifest of job {job}", e.node);
+            ensure!(
+                e.manifest_path(job)?.is_none(),
+                "{} wrote a manifest of job {job}",
+                e.node
+            );
         }
 
         // The user's report: on each node, the part of that node, saying so; never a figure
@@ -567,8 +602,10 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
                     .with_context(|| format!("{n}'s report"))?
             };
             ensure!(
-                text.contains(&format!("this job ran on 2 nodes ({}); this report covers {n} only", nodes.join(", ")))
-                    && text.contains(&format!("ergon report {job}")),
+                text.contains(&format!(
+                    "this job ran on 2 nodes ({}); this report covers {n} only",
+                    nodes.join(", ")
+                )) && text.contains(&format!("ergon report {job}")),
                 "{n}'s report does not say what it covers:\n{text}"
             );
         }
@@ -588,11 +625,17 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
             rec.gpu_j == gpu_sum.round() as u64 && rec.energy_j == energy_sum.round() as u64,
             "{rec:?} vs the nodes' sums: gpu {gpu_sum} J, energy {energy_sum} J"
         );
-        ensure!(field.matches("ergon1 ").count() == 1, "AdminComment {field:?}");
+        ensure!(
+            field.matches("ergon1 ").count() == 1,
+            "AdminComment {field:?}"
+        );
         // Collected again: nothing changes.
         ergon_run(c, &acct)?;
         let (again, _) = sacct_record(c, job)?;
-        ensure!(again == field, "second run changed AdminComment: {field:?} → {again:?}");
+        ensure!(
+            again == field,
+            "second run changed AdminComment: {field:?} → {again:?}"
+        );
 
         // `ergon report`: the per-node split, each node's figures its manifest's.
         let out = ergon(c, &acct, &["report", &job.to_string(), "--json"])?;
@@ -607,13 +650,20 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
                 .iter()
                 .find(|e| e["node"].as_str() == Some(n))
                 .ok_or_else(|| anyhow!("{n} not in the report's nodes {per_node:?}"))?;
-            ensure!(entry["energy_j"].as_f64() == Some(m.totals.energy_j), "{entry} vs {:?}", m.totals);
+            ensure!(
+                entry["energy_j"].as_f64() == Some(m.totals.energy_j),
+                "{entry} vs {:?}",
+                m.totals
+            );
         }
         let text = ergon(c, &acct, &["report", &job.to_string()])?;
         let text = String::from_utf8_lossy(&text.stdout);
         println!("{text}");
         for n in &nodes {
-            ensure!(text.contains(&format!("    {n} ")), "{n} not in the report:\n{text}");
+            ensure!(
+                text.contains(&format!("    {n} ")),
+                "{n} not in the report:\n{text}"
+            );
         }
         Ok(())
     });
@@ -656,7 +706,10 @@ fn a_three_node_job_collected_late_is_updated_once() {
         ensure!(second.matches("ergon1 ").count() == 1, "{second:?}");
         ensure!((rec.nodes, rec.gpus) == (3, 6), "{rec:?}");
         ensure!(rec.nodes_expected.is_none(), "complete, yet {rec:?}");
-        ensure!(rec.gpu_j == gpu_sum.round() as u64, "{rec:?} vs {gpu_sum} J");
+        ensure!(
+            rec.gpu_j == gpu_sum.round() as u64,
+            "{rec:?} vs {gpu_sum} J"
+        );
         // Every spool collected again: nothing changes.
         ergon_run(c, &acct)?;
         let (third, _) = sacct_record(c, job)?;

@@ -79,7 +79,9 @@ pub fn targets(
         }
     }
     if let Some(dir) = work_dir.and_then(absolute) {
-        out.push(Target::Create(dir.join(file_name(manifest, format, ran_batch))));
+        out.push(Target::Create(
+            dir.join(file_name(manifest, format, ran_batch)),
+        ));
     }
     out
 }
@@ -650,7 +652,14 @@ mod tests {
         );
         assert_eq!(t, vec![Target::Create("/home/a/ergon-42.n1.json".into())]);
         // Relative or missing paths are never used.
-        assert!(targets(&m, ReportFormat::Text, Some("slurm.out"), Some("rel"), false).is_empty());
+        assert!(targets(
+            &m,
+            ReportFormat::Text,
+            Some("slurm.out"),
+            Some("rel"),
+            false
+        )
+        .is_empty());
         assert!(targets(&m, ReportFormat::Text, Some("slurm.out"), Some("rel"), true).is_empty());
     }
 
@@ -677,21 +686,37 @@ mod tests {
                 }
             }
         }
-        assert_eq!(names.iter().map(|(n, _)| n).collect::<std::collections::BTreeSet<_>>().len(), 4);
+        assert_eq!(
+            names
+                .iter()
+                .map(|(n, _)| n)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            4
+        );
         // An array task: `%A_%a`, as Slurm names its output.
         m.job.array_job_id = Some(40);
         m.job.array_task_id = Some(2);
-        assert_eq!(file_name(&m, ReportFormat::Json, true), "ergon-40_2.n2.json");
+        assert_eq!(
+            file_name(&m, ReportFormat::Json, true),
+            "ergon-40_2.n2.json"
+        );
         m.job.nodes = None;
         assert_eq!(file_name(&m, ReportFormat::Text, true), "ergon-40_2.txt");
-        assert_eq!(file_name(&m, ReportFormat::Text, false), "ergon-40_2.n2.txt");
+        assert_eq!(
+            file_name(&m, ReportFormat::Text, false),
+            "ergon-40_2.n2.txt"
+        );
     }
 
     #[test]
     fn a_node_of_a_multi_node_job_says_what_its_report_covers() {
         let mut m = manifest();
         let t = render_text(&m, None);
-        assert!(!t.contains("Scope") && t.contains("`ergon report 42`"), "{t}");
+        assert!(
+            !t.contains("Scope") && t.contains("`ergon report 42`"),
+            "{t}"
+        );
         m.job.nodes = Some(vec!["n1".into(), "n2".into(), "n3".into()]);
         let t = render_text(&m, None);
         assert!(
@@ -704,7 +729,10 @@ mod tests {
         assert_eq!(j["job_nodes"][2], "n3");
         m.job.nodes = Some((1..=64).map(|i| format!("n{i}")).collect());
         let t = render_text(&m, None);
-        assert!(t.contains("64 nodes (n1, n2, n3, n4, n5, n6, … and 58 more)"), "{t}");
+        assert!(
+            t.contains("64 nodes (n1, n2, n3, n4, n5, n6, … and 58 more)"),
+            "{t}"
+        );
         m.job.nodes = None;
         let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
         assert_eq!(j["covers"], "job");
