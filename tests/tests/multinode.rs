@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use ergon_protocol::{read_frame, write_frame, Manifest, Reply, Request, StepId};
 use ergon_testkit::{PowercapLayout, PowercapTree};
-use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster, TempDir};
+use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, Cluster, TempDir, JOB_TIMEOUT};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -404,6 +404,41 @@ impl Setup {
         Ok(job)
     }
 
+    /// A job on the cluster's first two nodes (`--nodelist`), two GPUs on each, whose one srun
+    /// step holds on both nodes until `release` exists; returns once it runs on both.
+    fn held_job(&self, extra: &[&str]) -> Result<(u32, PathBuf)> {
+        let d = self.dir.path();
+        let release = d.join("release");
+        let nodes = format!("{},{}", self.c.nodes[0], self.c.nodes[1]);
+        let mut args: Vec<String> = vec![
+            "-N2".into(),
+            format!("--nodelist={nodes}"),
+            "--gres=gpu:2".into(),
+            "--energy-report".into(),
+            "--time=5".into(),
+            "--job-name=ergon-multinode-held".into(),
+            format!("--chdir={}", d.display()),
+            format!("--output={}/slurm-%j.out", d.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend([
+            "--wrap".into(),
+            format!(
+                "srun -N2 --ntasks-per-node=1 bash -c 'touch {d}/started.$SLURMD_NODENAME; \
+                 while [ ! -e {r} ]; do sleep 0.05; done'",
+                d = d.display(),
+                r = release.display()
+            ),
+        ]);
+        let job = self.c.sbatch(&args)?;
+        for n in &self.c.nodes[..2] {
+            wait_for(JOB_TIMEOUT, &format!("job {job}'s step on {n}"), || {
+                Ok(d.join(format!("started.{n}")).exists().then_some(()))
+            })?;
+        }
+        Ok((job, release))
+    }
+
     /// The job's nodes as Slurm lists them (`sacct NodeList`, expanded by `scontrol show
     /// hostnames`).
     fn job_nodes(&self, job: u32) -> Result<Vec<String>> {
@@ -756,6 +791,175 @@ fn ergond_down_on_one_node_the_record_names_it() {
             text.contains(&format!("missing {down}")) && text.contains("incomplete"),
             "the report does not name the missing node {down}:\n{text}"
         );
+        Ok(())
+    });
+}
+
+#[test]
+fn ergond_restarted_mid_job_on_one_node_recovers_its_gap() {
+    let Some(mut s) = setup("multinode-restart", 2) else {
+        return;
+    };
+    s.run(|s| {
+        let c = s.c;
+        let (job, release) = s.held_job(&[])?;
+        let (first, second) = (c.nodes[0].clone(), c.nodes[1].clone());
+        let idx = s.ergonds.iter().position(|e| e.node == second).unwrap();
+        ensure!(
+            matches!(
+                s.ergonds[idx].request(&Request::QueryJob { job_id: job })?,
+                Reply::Job(_)
+            ),
+            "{second}'s ergond does not know the running job"
+        );
+        // Once its journal holds the job (written within 250 ms of a change), kill -9 and
+        // restart the second node's ergond while the job runs there.
+        let journal = s.dir.path().join(&second).join("state/jobs.journal");
+        let known = std::time::SystemTime::now();
+        wait_for(Duration::from_secs(5), "the journal to be written", || {
+            Ok(std::fs::metadata(&journal)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > known)
+                .then_some(()))
+        })?;
+        s.ergonds[idx].kill();
+        s.ergonds[idx].spawn()?;
+        std::fs::write(&release, b"")?;
+        c.wait_completed(job)?;
+
+        // The first node: untouched, exact.
+        let e1 = s.ergond(&first);
+        let m1 = e1.wait_manifest(job)?;
+        ensure!(
+            m1.coverage.gaps.is_empty() && m1.coverage.fraction == 1.0,
+            "{:?}",
+            m1.coverage
+        );
+        // The second: one gap, recovered from the GPUs' counters, as on one node.
+        let e2 = s.ergond(&second);
+        let m2 = e2.wait_manifest(job)?;
+        ensure!(
+            m2.coverage.gaps.len() == 1
+                && m2.coverage.gaps[0].recovered
+                && m2.coverage.fraction == 1.0,
+            "{second}'s outage is not a recovered gap: {:?}",
+            m2.coverage
+        );
+        let secs = (m2.end_unix_ns - m2.start_unix_ns) as f64 / 1e9;
+        ensure!(m2.gpus.len() == 2, "{:?}", m2.gpus);
+        for g in &m2.gpus {
+            let fake = e2
+                .gpus
+                .iter()
+                .find(|f| f.uuid == g.uuid)
+                .ok_or_else(|| anyhow!("{g:?}"))?;
+            let truth = fake.watts * secs;
+            let energy = g.energy_j.ok_or_else(|| anyhow!("not measured: {g:?}"))?;
+            println!(
+                "{second} gpu{} across the restart: {energy:.1} J, truth {truth:.1} J",
+                g.index
+            );
+            ensure!((energy - truth).abs() / truth < 0.02, "{g:?} vs {truth} J");
+        }
+        // One complete record of both nodes.
+        let acct = s.accounting("all", &[first.as_str(), second.as_str()])?;
+        ergon_run(c, &acct)?;
+        let (field, rec) = sacct_record(c, job)?;
+        println!("AdminComment: {field}");
+        ensure!(
+            (rec.nodes, rec.gpus, rec.nodes_expected) == (2, 4, None),
+            "{rec:?}"
+        );
+        let sum = m1.totals.gpu_j.unwrap_or(0.0) + m2.totals.gpu_j.unwrap_or(0.0);
+        ensure!(rec.gpu_j == sum.round() as u64, "{rec:?} vs {sum} J");
+        Ok(())
+    });
+}
+
+/// Puts a node killed by a test back: `slurm-cluster up` starts its slurmd again and resumes it.
+struct NodeBack;
+
+impl Drop for NodeBack {
+    fn drop(&mut self) {
+        let script = ergon_tests::repo_root().join("scripts/slurm-cluster");
+        match Command::new(&script).arg("up").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "slurm-cluster up after the node test: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("slurm-cluster up after the node test: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_node_that_dies_mid_job_leaves_an_incomplete_record() {
+    let Some(mut s) = setup("multinode-nodefail", 2) else {
+        return;
+    };
+    s.run(|s| {
+        let c = s.c;
+        let (job, _release) = s.held_job(&["--no-requeue"])?;
+        let (first, second) = (c.nodes[0].clone(), c.nodes[1].clone());
+        // The second node dies: everything in its network namespace (slurmd, the job's
+        // slurmstepd and tasks) is killed at once, as a crash would; Slurm is told it is down
+        // rather than waiting SlurmdTimeout for it.
+        let _back = NodeBack;
+        let pid = std::fs::read_to_string(c.dir.join("nodes").join(&second).join("slurmd.pid"))?;
+        let ns = Command::new("ip")
+            .args(["netns", "identify", pid.trim()])
+            .output()?;
+        let ns = String::from_utf8(ns.stdout)?.trim().to_string();
+        ensure!(
+            ns.starts_with("ergon-"),
+            "{second}'s slurmd is in network namespace {ns:?}"
+        );
+        let pids = Command::new("ip").args(["netns", "pids", &ns]).output()?;
+        let pids = String::from_utf8(pids.stdout)?;
+        ensure!(!pids.trim().is_empty(), "no process in {ns}");
+        for p in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", p]).status();
+        }
+        c.run(
+            "scontrol",
+            [
+                "update",
+                &format!("nodename={second}"),
+                "state=down",
+                "reason=ergon-test-node-died",
+            ],
+        )?;
+        let state = c.wait_job_state(job, &["NODE_FAIL"], JOB_TIMEOUT)?;
+        println!("job {job}: {state}");
+
+        // The first node's manifest is written as for any job end; the second has none.
+        let e1 = s.ergond(&first);
+        let m1 = e1.wait_manifest(job)?;
+        ensure!(
+            m1.job.nodes.as_deref() == Some(&[first.clone(), second.clone()][..]),
+            "{:?}",
+            m1.job
+        );
+        ensure!(
+            s.ergond(&second).manifest_path(job)?.is_none(),
+            "a manifest from the dead node"
+        );
+        let acct = s.accounting("all", &[first.as_str(), second.as_str()])?;
+        let run = ergon_run(c, &acct)?;
+        let (field, rec) = sacct_record(c, job)?;
+        println!("AdminComment: {field}\n{run}");
+        ensure!(
+            (rec.nodes, rec.gpus, rec.nodes_expected) == (1, 2, Some(2)),
+            "{rec:?}"
+        );
+        ensure!(
+            rec.gpu_j == m1.totals.gpu_j.unwrap_or(0.0).round() as u64,
+            "{rec:?}"
+        );
+        let out = ergon(c, &acct, &["report", &job.to_string()])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(text.contains(&format!("missing {second}")), "{text}");
         Ok(())
     });
 }
