@@ -17,6 +17,14 @@
 //! - `ergond_down_on_one_node_the_record_names_it`: ergond of one node is down for a whole 2-node
 //!   job: the other node's manifest is collected, and the record says which node did not report
 //!   and that the job is incomplete; nothing is invented for the missing node.
+//! - `ergond_restarted_mid_job_on_one_node_recovers_its_gap`: ergond of one node of a running
+//!   2-node job is SIGKILLed and restarted: that node's manifest has one recovered gap and its
+//!   GPUs' energy within 2 % of power × time, the other node's none; one complete record.
+//! - `a_node_that_dies_mid_job_leaves_an_incomplete_record`: every process of one node of a
+//!   running 2-node job (slurmd, the job's slurmstepd and tasks) is killed and Slurm told the node
+//!   is down: the job ends `NODE_FAIL`, the surviving node's manifest is collected, the record
+//!   says 1 of 2 nodes (`nexp=2`) and `ergon report` names the dead node; the node is brought back
+//!   (`slurm-cluster up`) at the end, also on failure.
 //!
 //! These need a cluster of at least two nodes; on the one-node cluster the other end-to-end tests
 //! use, each says `SKIPPED` and returns. `scripts/test` brings a 3-node 22.05 cluster up for them.
