@@ -959,6 +959,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_job_missing_nodes_is_combined_from_what_reported_and_says_so() {
+        use ergon_protocol::testing::ManifestBuilder;
+        let all = ["n1", "n2", "n3"];
+        let node = |n: &str| {
+            ManifestBuilder::new("c", 7, n)
+                .span(0, 10_000_000_000)
+                .gpu(Some(1000.0))
+                .nodes(&all)
+                .build()
+        };
+        let two = combine(&[node("n2"), node("n1")]);
+        assert_eq!(two.job_nodes.as_deref(), Some(&all.map(String::from)[..]));
+        assert_eq!(two.nodes_missing, vec!["n3".to_owned()]);
+        assert_eq!(two.gpu_j, Some(2000.0), "nothing invented for n3");
+        let rec = two.sacct_record();
+        assert_eq!((rec.nodes, rec.nodes_expected), (2, Some(3)));
+        // The late manifest arrives: complete, and a different job hash (the record is replaced).
+        let three = combine(&[node("n3"), node("n1"), node("n2")]);
+        assert!(three.nodes_missing.is_empty());
+        assert_eq!(three.sacct_record().nodes_expected, None);
+        assert_ne!(three.job_hash, two.job_hash);
+        // Manifests that do not name the job's nodes (schema 4): nothing is said missing.
+        let old = combine(&[ManifestBuilder::new("c", 8, "n1").build()]);
+        assert!(old.job_nodes.is_none() && old.nodes_missing.is_empty());
+        assert_eq!(old.sacct_record().nodes_expected, None);
+    }
+
+    #[test]
     fn the_head_names_the_job_or_nothing() {
         let pretty = b"{\n  \"schema_version\": 2,\n  \"cluster\": \"c-1\",\n  \"node\": \"n1\",\n  \"job\": {\n    \"job_id\": 42,\n    \"array_job_id\": 7,";
         assert_eq!(peek_head(pretty).as_deref(), Some("c-1/42"));

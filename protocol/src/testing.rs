@@ -213,6 +213,16 @@ impl ManifestBuilder {
         self
     }
 
+    /// Every node of the job (`job.nodes`, schema 5: the schema is raised to it).
+    pub fn nodes(mut self, nodes: &[&str]) -> Self {
+        self.m.job.nodes = Some(nodes.iter().map(|n| (*n).to_owned()).collect());
+        self.m.schema_version = self
+            .m
+            .schema_version
+            .max(crate::manifest::MANIFEST_SCHEMA_VERSION_NODES);
+        self
+    }
+
     /// The job ran on the node from `start_unix_ns` to `end_unix_ns` (the trace starts then
     /// too). Set it before adding GPUs with [`Self::gpu`], whose power is over it.
     pub fn span(mut self, start_unix_ns: u64, end_unix_ns: u64) -> Self {
