@@ -120,7 +120,10 @@ fn main() {
     };
     let (m, s) = (median(&mut m_s), median(&mut s_s));
     let ratio = m / s;
-    println!("ergon run over {} manifests, median of {rounds} rounds:", jobs * nodes);
+    println!(
+        "ergon run over {} manifests, median of {rounds} rounds:",
+        jobs * nodes
+    );
     println!(
         "  {jobs} jobs of {nodes} nodes   {:>8.3} s   {:>7.1} µs/manifest",
         m,
