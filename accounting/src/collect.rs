@@ -112,7 +112,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
     // longest wins should one differ).
     let job_nodes: Option<Vec<String>> = sorted
         .iter()
-        .filter_map(|m| m.job.nodes.clone())
+        .filter_map(|m| m.job.nodes())
         .max_by_key(Vec::len);
 
     JobRecordFull {

@@ -76,7 +76,7 @@ pub const MANIFEST_SCHEMA_VERSION_MIG: u32 = 3;
 /// reads (and verifies) as it always did.
 pub const MANIFEST_SCHEMA_VERSION_COVERAGE: u32 = 4;
 
-/// Schema 5: schema 4 plus the job's nodes ([`JobInfo::nodes`]), so that one node's manifest says
+/// Schema 5: schema 4 plus the job's nodes ([`JobInfo::node_list`]), so that one node's manifest says
 /// what whole it is a part of and the accounting can name a node that did not report. Written
 /// only when the plugin gave the job's node list; the field is optional, so every schema 4
 /// manifest stays as it was.
@@ -198,11 +198,22 @@ pub struct JobInfo {
     /// (schema 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
-    /// Every node the job ran on, in Slurm's order (`SLURM_JOB_NODELIST`, expanded); this
-    /// manifest covers [`Manifest::node`], one of them. Absent where the plugin did not say
-    /// (schema 5).
+    /// Every node the job ran on, as Slurm's host list (`SLURM_JOB_NODELIST`, e.g.
+    /// `gpu[01-64]`: compact, so that each node's manifest of a large job stays small; see
+    /// [`JobInfo::nodes`]); this manifest covers [`Manifest::node`], one of them. Absent where
+    /// the plugin did not say (schema 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<Vec<String>>,
+    pub node_list: Option<String>,
+}
+
+impl JobInfo {
+    /// The job's nodes, [`JobInfo::node_list`] expanded in Slurm's order; `None` when the
+    /// manifest has no list or it is not one ([`crate::hostlist::expand`]).
+    pub fn nodes(&self) -> Option<Vec<String>> {
+        self.node_list
+            .as_deref()
+            .and_then(|l| crate::hostlist::expand(l).ok())
+    }
 }
 
 /// Energy of one step on this node.
@@ -785,12 +796,12 @@ impl Manifest {
     }
 
     /// The schema version a writer uses for this content: the lowest that has every field
-    /// present — [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.nodes`,
+    /// present — [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.node_list`,
     /// [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
     /// [`MANIFEST_SCHEMA_VERSION_MIG`] when a GPU entry has `mig`, else
     /// [`MANIFEST_SCHEMA_VERSION`].
     pub fn schema_version_for(&self) -> u32 {
-        if self.job.nodes.is_some() {
+        if self.job.node_list.is_some() {
             MANIFEST_SCHEMA_VERSION_NODES
         } else if self.schema4_field().is_some() {
             MANIFEST_SCHEMA_VERSION_COVERAGE
@@ -856,10 +867,13 @@ impl Manifest {
                     needs: MANIFEST_SCHEMA_VERSION_COVERAGE,
                 })
             }
-            Ok(m) if m.schema_version < MANIFEST_SCHEMA_VERSION_NODES && m.job.nodes.is_some() => {
+            Ok(m)
+                if m.schema_version < MANIFEST_SCHEMA_VERSION_NODES
+                    && m.job.node_list.is_some() =>
+            {
                 Err(ManifestError::FieldNeedsVersion {
                     version: m.schema_version,
-                    field: "job.nodes",
+                    field: "job.node_list",
                     needs: MANIFEST_SCHEMA_VERSION_NODES,
                 })
             }

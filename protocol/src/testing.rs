@@ -128,7 +128,7 @@ impl ManifestBuilder {
                     account: None,
                     partition: None,
                     sluid: None,
-                    nodes: None,
+                    node_list: None,
                 },
                 start_unix_ns: start,
                 end_unix_ns: end,
@@ -213,9 +213,10 @@ impl ManifestBuilder {
         self
     }
 
-    /// Every node of the job (`job.nodes`, schema 5: the schema is raised to it).
+    /// Every node of the job (`job.node_list`, here a comma-separated host list; schema 5:
+    /// the schema is raised to it).
     pub fn nodes(mut self, nodes: &[&str]) -> Self {
-        self.m.job.nodes = Some(nodes.iter().map(|n| (*n).to_owned()).collect());
+        self.m.job.node_list = Some(nodes.join(","));
         self.m.schema_version = self
             .m
             .schema_version

@@ -429,7 +429,7 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "components",
     "gpus_unknown",
     "estimate",
-    "nodes",
+    "node_list",
 ];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
@@ -696,16 +696,20 @@ fn schema_4_fields_need_schema_4() {
 /// Schema 5's field, the job's nodes: in the JSON Schema, refused in an older version (an older
 /// reader would hash the manifest without it), kept through sealing.
 #[test]
-fn the_jobs_nodes_need_schema_5() {
+fn the_jobs_node_list_needs_schema_5() {
     let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
     let mut m = Manifest::example();
-    m.job.nodes = Some(vec![m.node.clone(), "gpu02".into()]);
+    m.job.node_list = Some(format!("{},gpu[02-03]", m.node));
     let value = serde_json::to_value(&m).unwrap();
     let mut checked = 0;
     check_object(&schema, &schema, &value, "$", &mut checked);
     assert_eq!(
-        schema["$defs"]["JobInfo"]["properties"]["nodes"]["type"],
-        "array"
+        schema["$defs"]["JobInfo"]["properties"]["node_list"]["type"],
+        "string"
+    );
+    assert_eq!(
+        m.job.nodes(),
+        Some(vec![m.node.clone(), "gpu02".into(), "gpu03".into()])
     );
     assert_eq!(m.schema_version_for(), MANIFEST_SCHEMA_VERSION_NODES);
     let mut old = m.clone();
@@ -714,7 +718,7 @@ fn the_jobs_nodes_need_schema_5() {
     match Manifest::from_json(&old.to_json().unwrap()) {
         Err(ManifestError::FieldNeedsVersion {
             version: 4,
-            field: "job.nodes",
+            field: "job.node_list",
             needs: 5,
         }) => {}
         other => panic!("{other:?}"),

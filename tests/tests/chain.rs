@@ -1372,10 +1372,10 @@ fn two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it() {
             // Schema 5: the plugin gave the job's nodes (this node).
             ensure!(
                 m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_NODES
-                    && m.job.nodes.as_deref() == Some(&[c.node.clone()][..]),
-                "schema {} nodes {:?}",
+                    && m.job.node_list.as_deref() == Some(c.node.as_str()),
+                "schema {} node list {:?}",
                 m.schema_version,
-                m.job.nodes
+                m.job.node_list
             );
             ensure!(g.minor == Some(mig_minor) && g.shared, "{g:?}");
             ensure!(

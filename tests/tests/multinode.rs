@@ -614,10 +614,12 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
             let e = s.ergond(n);
             let m = e.wait_manifest(job)?;
             let gpu_j = check_node_manifest(e, c, job, &m, *n == batch_host)?;
+            // The job's nodes, as Slurm's own host list, and expanded the same as Slurm does.
             ensure!(
-                m.job.nodes.as_deref() == Some(nodes.as_slice()),
+                m.job.node_list == s.c.sacct_field(job, "NodeList")?
+                    && m.job.nodes().as_deref() == Some(nodes.as_slice()),
                 "{n}: the manifest's job nodes {:?}, Slurm's {nodes:?}",
-                m.job.nodes
+                m.job.node_list
             );
             manifests.push((n.clone(), m, gpu_j));
         }
@@ -945,7 +947,7 @@ fn a_node_that_dies_mid_job_leaves_an_incomplete_record() {
         let e1 = s.ergond(&first);
         let m1 = e1.wait_manifest(job)?;
         ensure!(
-            m1.job.nodes.as_deref() == Some(&[first.clone(), second.clone()][..]),
+            m1.job.nodes().as_deref() == Some(&[first.clone(), second.clone()][..]),
             "{:?}",
             m1.job
         );

@@ -95,9 +95,9 @@ pub fn job_label(m: &Manifest) -> String {
     }
 }
 
-/// The nodes of the job when it ran on more than one (from the manifest's `job.nodes`).
-fn other_nodes(m: &Manifest) -> Option<&[String]> {
-    m.job.nodes.as_deref().filter(|n| n.len() > 1)
+/// The nodes of the job when it ran on more than one (the manifest's `job.node_list`).
+fn other_nodes(m: &Manifest) -> Option<Vec<String>> {
+    m.job.nodes().filter(|n| n.len() > 1)
 }
 
 /// The report file's name in the job's working directory (see the module documentation):
@@ -109,7 +109,7 @@ pub fn file_name(m: &Manifest, format: ReportFormat, ran_batch: bool) -> String 
         ReportFormat::Text => "txt",
         ReportFormat::Json => "json",
     };
-    let per_node = match &m.job.nodes {
+    let per_node = match m.job.nodes() {
         Some(nodes) => nodes.len() > 1,
         None => !ran_batch,
     };
@@ -157,7 +157,7 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
             "Scope      this job ran on {} nodes ({}); this report covers {} only.\n           \
              The whole job: `ergon report {}` once the site's accounting has run.",
             nodes.len(),
-            show_nodes(nodes),
+            show_nodes(&nodes),
             m.node,
             job_label(m)
         );
@@ -280,7 +280,7 @@ struct JsonReport<'a> {
     node: &'a str,
     /// Every node of the job (absent where the plugin did not say).
     #[serde(skip_serializing_if = "Option::is_none")]
-    job_nodes: Option<&'a [String]>,
+    job_nodes: Option<Vec<String>>,
     /// What the figures cover: `"job"`, or `"node"` when the job ran on several nodes and
     /// this is one node's part (the whole job: `ergon report`).
     covers: &'static str,
@@ -308,7 +308,7 @@ pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
         job: job_label(m),
         cluster: &m.cluster,
         node: &m.node,
-        job_nodes: m.job.nodes.as_deref(),
+        job_nodes: m.job.nodes(),
         covers: if other_nodes(m).is_some() {
             "node"
         } else {
@@ -667,14 +667,14 @@ mod tests {
     fn one_naming_scheme_for_both_formats_safe_for_several_nodes_and_arrays() {
         let mut m = manifest();
         // One node: no node in the name, batch node or not, once the job's nodes are known.
-        m.job.nodes = Some(vec!["n1".into()]);
+        m.job.node_list = Some("n1".into());
         for batch in [true, false] {
             assert_eq!(file_name(&m, ReportFormat::Text, batch), "ergon-42.txt");
             assert_eq!(file_name(&m, ReportFormat::Json, batch), "ergon-42.json");
         }
         // Several nodes: every node's report names its node, in both formats, so that nodes
         // sharing a working directory never want the same file.
-        m.job.nodes = Some(vec!["n1".into(), "n2".into()]);
+        m.job.node_list = Some("n[1-2]".into());
         let mut names = std::collections::BTreeSet::new();
         for node in ["n1", "n2"] {
             m.node = node.into();
@@ -701,7 +701,7 @@ mod tests {
             file_name(&m, ReportFormat::Json, true),
             "ergon-40_2.n2.json"
         );
-        m.job.nodes = None;
+        m.job.node_list = None;
         assert_eq!(file_name(&m, ReportFormat::Text, true), "ergon-40_2.txt");
         assert_eq!(
             file_name(&m, ReportFormat::Text, false),
@@ -717,7 +717,7 @@ mod tests {
             !t.contains("Scope") && t.contains("`ergon report 42`"),
             "{t}"
         );
-        m.job.nodes = Some(vec!["n1".into(), "n2".into(), "n3".into()]);
+        m.job.node_list = Some("n[1-3]".into());
         let t = render_text(&m, None);
         assert!(
             t.contains("this job ran on 3 nodes (n1, n2, n3); this report covers n1 only")
@@ -727,13 +727,13 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
         assert_eq!(j["covers"], "node");
         assert_eq!(j["job_nodes"][2], "n3");
-        m.job.nodes = Some((1..=64).map(|i| format!("n{i}")).collect());
+        m.job.node_list = Some("n[1-64]".into());
         let t = render_text(&m, None);
         assert!(
             t.contains("64 nodes (n1, n2, n3, n4, n5, n6, … and 58 more)"),
             "{t}"
         );
-        m.job.nodes = None;
+        m.job.node_list = None;
         let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
         assert_eq!(j["covers"], "job");
         assert!(j.get("job_nodes").is_none());

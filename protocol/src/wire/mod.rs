@@ -218,7 +218,7 @@ pub struct JobStart {
     /// `SLURM_JOB_NODELIST`, or `SLURM_NODELIST` (all Slurm 22.05's prolog has). Absent from
     /// older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<String>,
+    pub node_list: Option<String>,
 }
 
 /// One GPU allocated to a job.
