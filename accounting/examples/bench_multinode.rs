@@ -9,6 +9,9 @@
 //! made exactly one record per job. Prints the per-manifest times and their ratio (multi-node /
 //! one-node, the median over the rounds); with `--json PATH`, appends one JSON object to PATH.
 //!
+//! With `ERGON_BENCH_NO_NODES` set, the multi-node manifests leave out `job.node_list` (as a
+//! schema 4 ergond wrote them), for comparison.
+//!
 //! ```text
 //! bench_multinode [--jobs 50] [--nodes 64] [--rounds 5] [--json PATH]
 //! ```

@@ -108,12 +108,20 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         })
         .collect();
     gpus.sort_by(|a, b| a.node.cmp(&b.node).then(a.index.cmp(&b.index)));
-    // The job's nodes as its manifests state them (each node's plugin saw the same list; the
-    // longest wins should one differ).
-    let job_nodes: Option<Vec<String>> = sorted
+    // The job's nodes as its manifests state them (each node's plugin saw the same list, so
+    // each distinct list is expanded once; the longest wins should one differ).
+    let mut lists: Vec<&str> = sorted
         .iter()
-        .filter_map(|m| m.job.nodes())
+        .filter_map(|m| m.job.node_list.as_deref())
+        .collect();
+    lists.sort_unstable();
+    lists.dedup();
+    let job_nodes: Option<Vec<String>> = lists
+        .into_iter()
+        .filter_map(|l| ergon_protocol::hostlist::expand(l).ok())
         .max_by_key(Vec::len);
+    let reported: std::collections::HashSet<&str> =
+        sorted.iter().map(|m| m.node.as_str()).collect();
 
     JobRecordFull {
         idempotency_key: format!("{}/{}/{}", first.cluster, first.job.job_id, &job_hash[7..]),
@@ -167,7 +175,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         nodes_missing: job_nodes
             .iter()
             .flatten()
-            .filter(|n| !sorted.iter().any(|m| &m.node == *n))
+            .filter(|n| !reported.contains(n.as_str()))
             .cloned()
             .collect(),
         job_nodes,
