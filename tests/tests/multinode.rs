@@ -7,8 +7,8 @@
 //!   --energy-report` with `srun` steps across both nodes: each node's ergond writes its manifest
 //!   (the batch step on one node only, the srun steps on both), each GPU at its known power × the
 //!   node's interval; the third node writes nothing; `ergon run` over all three spools writes ONE
-//!   record (`nodes=2`, `ngpu=4`, the sum of the nodes) into AdminComment, a second run changes
-//!   nothing; `ergon report` shows the per-node split; the user's report on each node says that
+//!   record (`nodes=2`, `ngpu=4`, the sum of the nodes) into AdminComment and uploads it once to a
+//!   real VictoriaMetrics (every series of the job one sample), a second run changes nothing; `ergon report` shows the per-node split; the user's report on each node says that
 //!   it covers that node of a 2-node job and points at `ergon report`.
 //! - `a_three_node_job_collected_late_is_updated_once`: a 3-node job; the first `ergon run` sees
 //!   two nodes' spools (the third node's spool is "late"), writes a record that says 2 of 3 nodes
@@ -463,6 +463,11 @@ impl Setup {
 
     /// An accounting configuration over the given nodes' spools.
     fn accounting(&self, name: &str, nodes: &[&str]) -> Result<PathBuf> {
+        self.accounting_with(name, nodes, "")
+    }
+
+    /// As [`Setup::accounting`], with `extra` appended (a sink's section).
+    fn accounting_with(&self, name: &str, nodes: &[&str], extra: &str) -> Result<PathBuf> {
         let spools: Vec<String> = nodes
             .iter()
             .map(|n| format!("{:?}", self.ergond(n).spool.display().to_string()))
@@ -471,13 +476,94 @@ impl Setup {
         std::fs::write(
             &acct,
             format!(
-                "spool_dirs = [{}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\n",
+                "spool_dirs = [{}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\n{extra}",
                 spools.join(", "),
                 self.dir.path().join("quarantine"),
                 self.dir.path().join("acct-state"),
             ),
         )?;
         Ok(acct)
+    }
+}
+
+/// A real VictoriaMetrics (Debian's `/usr/bin/victoria-metrics`) on a free loopback port, for the
+/// accounting's uploads; killed on drop.
+struct Vm {
+    child: Child,
+    port: u16,
+}
+
+impl Vm {
+    fn start(data: &Path) -> Result<Vm> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("/usr/bin/victoria-metrics")
+            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+            .arg(format!("-storageDataPath={}", data.display()))
+            .arg("-loggerLevel=ERROR")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("victoria-metrics (scripts/slurm-cluster install installs it)")?;
+        let mut vm = Vm { child, port };
+        let ours = format!("-storageDataPath=\"{}\"", data.display());
+        wait_for(Duration::from_secs(30), "victoria-metrics to serve", || {
+            if let Some(status) = vm.child.try_wait()? {
+                bail!("victoria-metrics exited at start ({status})");
+            }
+            Ok(vm
+                .get("/flags", &[])
+                .ok()
+                .filter(|f| f.contains(&ours))
+                .map(|_| ()))
+        })?;
+        Ok(vm)
+    }
+
+    /// `GET path` with url-encoded query parameters, through curl.
+    fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<String> {
+        let mut c = Command::new("curl");
+        c.args(["-sf", "-G"])
+            .arg(format!("http://127.0.0.1:{}{path}", self.port));
+        for (k, v) in query {
+            c.arg("--data-urlencode").arg(format!("{k}={v}"));
+        }
+        let out = c.output()?;
+        ensure!(out.status.success(), "curl {path}: {:?}", out.status);
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Every series of `job` (any `ergon_job_*` metric) with its number of samples.
+    fn series_of_job(&self, job: u32) -> Result<Vec<(String, usize)>> {
+        self.get("/internal/force_flush", &[])?;
+        let text = self.get(
+            "/api/v1/export",
+            &[(
+                "match[]",
+                &format!("{{__name__=~\"ergon_job_.+\",job_id=\"{job}\"}}"),
+            )],
+        )?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l)?;
+                Ok((
+                    v["metric"]["__name__"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    v["values"].as_array().map_or(0, Vec::len),
+                ))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -655,9 +741,18 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
             );
         }
 
-        // One record for the job, from all the nodes' spools (the third node's included).
+        // One record for the job, from all the nodes' spools (the third node's included),
+        // uploaded to a real VictoriaMetrics too.
+        let vm = Vm::start(&s.dir.path().join("vm"))?;
         let all: Vec<&str> = c.nodes.iter().map(String::as_str).collect();
-        let acct = s.accounting("all", &all)?;
+        let acct = s.accounting_with(
+            "all",
+            &all,
+            &format!(
+                "\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\n",
+                vm.port
+            ),
+        )?;
         let t = Instant::now();
         ergon_run(c, &acct)?;
         println!("ergon run over {} spools: {:?}", all.len(), t.elapsed());
@@ -680,6 +775,13 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
         ensure!(
             again == field,
             "second run changed AdminComment: {field:?} → {again:?}"
+        );
+        // Uploaded once: every series of the job has one sample, after both runs.
+        let series = vm.series_of_job(job)?;
+        println!("VictoriaMetrics series of job {job}: {series:?}");
+        ensure!(
+            !series.is_empty() && series.iter().all(|(_, n)| *n == 1),
+            "job {job} in VictoriaMetrics: {series:?}"
         );
 
         // `ergon report`: the per-node split, each node's figures its manifest's.
