@@ -108,6 +108,20 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
         })
         .collect();
     gpus.sort_by(|a, b| a.node.cmp(&b.node).then(a.index.cmp(&b.index)));
+    // The job's nodes as its manifests state them (each node's plugin saw the same list, so
+    // each distinct list is expanded once; the longest wins should one differ).
+    let mut lists: Vec<&str> = sorted
+        .iter()
+        .filter_map(|m| m.job.node_list.as_deref())
+        .collect();
+    lists.sort_unstable();
+    lists.dedup();
+    let job_nodes: Option<Vec<String>> = lists
+        .into_iter()
+        .filter_map(|l| ergon_protocol::hostlist::expand(l).ok())
+        .max_by_key(Vec::len);
+    let reported: std::collections::HashSet<&str> =
+        sorted.iter().map(|m| m.node.as_str()).collect();
 
     JobRecordFull {
         idempotency_key: format!("{}/{}/{}", first.cluster, first.job.job_id, &job_hash[7..]),
@@ -158,6 +172,13 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             .iter()
             .find_map(|m| m.job.sluid.as_deref())
             .map(str::to_ascii_lowercase),
+        nodes_missing: job_nodes
+            .iter()
+            .flatten()
+            .filter(|n| !reported.contains(n.as_str()))
+            .cloned()
+            .collect(),
+        job_nodes,
     }
 }
 
@@ -950,6 +971,34 @@ pub fn quarantined_count(dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_missing_nodes_is_combined_from_what_reported_and_says_so() {
+        use ergon_protocol::testing::ManifestBuilder;
+        let all = ["n1", "n2", "n3"];
+        let node = |n: &str| {
+            ManifestBuilder::new("c", 7, n)
+                .span(0, 10_000_000_000)
+                .gpu(Some(1000.0))
+                .nodes(&all)
+                .build()
+        };
+        let two = combine(&[node("n2"), node("n1")]);
+        assert_eq!(two.job_nodes.as_deref(), Some(&all.map(String::from)[..]));
+        assert_eq!(two.nodes_missing, vec!["n3".to_owned()]);
+        assert_eq!(two.gpu_j, Some(2000.0), "nothing invented for n3");
+        let rec = two.sacct_record();
+        assert_eq!((rec.nodes, rec.nodes_expected), (2, Some(3)));
+        // The late manifest arrives: complete, and a different job hash (the record is replaced).
+        let three = combine(&[node("n3"), node("n1"), node("n2")]);
+        assert!(three.nodes_missing.is_empty());
+        assert_eq!(three.sacct_record().nodes_expected, None);
+        assert_ne!(three.job_hash, two.job_hash);
+        // Manifests that do not name the job's nodes (schema 4): nothing is said missing.
+        let old = combine(&[ManifestBuilder::new("c", 8, "n1").build()]);
+        assert!(old.job_nodes.is_none() && old.nodes_missing.is_empty());
+        assert_eq!(old.sacct_record().nodes_expected, None);
+    }
 
     #[test]
     fn the_head_names_the_job_or_nothing() {

@@ -88,6 +88,15 @@ pub struct JobRecordFull {
     /// Slurm's cluster-unique job id (Slurm 26.05+), lowercase, when the manifests have it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// Every node the job ran on, as its manifests state it (manifest schema 5); absent when
+    /// none does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_nodes: Option<Vec<String>>,
+    /// The job's nodes whose manifest is not here (ergond down there, the node failed, or its
+    /// spool not collected yet): the record is incomplete and covers `nodes` only; nothing is
+    /// counted for these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes_missing: Vec<String>,
 }
 
 /// A node on which the job's GPUs could not be known.
@@ -220,6 +229,10 @@ impl JobRecordFull {
                 }
             }),
             sluid: self.sluid.clone(),
+            nodes_expected: match &self.job_nodes {
+                Some(all) if !self.nodes_missing.is_empty() => Some(all.len() as u32),
+                _ => None,
+            },
         }
     }
 

@@ -73,6 +73,8 @@ pub const MIGRATIONS: &[&str] = &[
         coverage_dram REAL,
         estimate_bound_j REAL,
         sluid TEXT,
+        job_nodes TEXT,
+        nodes_missing TEXT,
         nodes INTEGER NOT NULL,
         gpus INTEGER NOT NULL,
         written_unix INTEGER NOT NULL,
@@ -163,6 +165,8 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
             coverage_dram DOUBLE,
             estimate_bound_j DOUBLE,
             sluid VARCHAR(64),
+            job_nodes MEDIUMTEXT,
+            nodes_missing MEDIUMTEXT,
             nodes INT NOT NULL,
             gpus INT NOT NULL,
             written_unix BIGINT NOT NULL,
@@ -1012,6 +1016,8 @@ const JOB_COLUMNS: &[&str] = &[
     "coverage_dram",
     "estimate_bound_j",
     "sluid",
+    "job_nodes",
+    "nodes_missing",
     "nodes",
     "gpus",
     "written_unix",
@@ -1089,6 +1095,8 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
                 cc.and_then(|c| c.dram).into(),
                 r.estimate_bound_j.into(),
                 (&r.sluid).into(),
+                (&r.job_nodes.as_ref().map(to_json)).into(),
+                (&(!r.nodes_missing.is_empty()).then(|| to_json(&r.nodes_missing))).into(),
                 r.nodes.len().into(),
                 r.gpus.len().into(),
                 now.into(),
@@ -1207,7 +1215,7 @@ fn read_jobs(
             uid, account, `partition`, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
             cpu_j, dram_j, avg_w, peak_w, coverage_min, coverage_weighted, estimated,
             has_coverage_components, coverage_gpu, coverage_cpu, coverage_dram,
-            estimate_bound_j, sluid
+            estimate_bound_j, sluid, job_nodes, nodes_missing
          FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster",
         vec![job_id.into(), cluster.into(), cluster.into()],
     )?;
@@ -1239,6 +1247,12 @@ fn read_jobs(
             coverage_components: coverage(&row, 22)?,
             estimate_bound_j: row.opt_real(26)?,
             sluid: row.opt_text(27)?,
+            job_nodes: row.opt_text(28)?.map(|j| from_json(28, &j)).transpose()?,
+            nodes_missing: row
+                .opt_text(29)?
+                .map(|j| from_json(29, &j))
+                .transpose()?
+                .unwrap_or_default(),
             nodes: Vec::new(),
             gpus: Vec::new(),
             gpus_unknown: Vec::new(),

@@ -156,6 +156,12 @@ pub fn render_job_report(r: &JobReport) -> String {
                 format::percent(rec.coverage),
                 components(rec.coverage_gpu, rec.coverage_cpu, rec.coverage_dram)
             );
+            if let Some(all) = rec.nodes_expected {
+                out += &format!(
+                    "  incomplete: {} of the job's {all} nodes reported; the figures cover those only\n",
+                    rec.nodes
+                );
+            }
             if let Some(sluid) = &rec.sluid {
                 out += &format!("  sluid     {sluid}\n");
             }
@@ -180,6 +186,15 @@ pub fn render_job_report(r: &JobReport) -> String {
             },
             m.nodes.len()
         );
+        if let Some(all) = m.job_nodes.as_ref().filter(|_| !m.nodes_missing.is_empty()) {
+            out += &format!(
+                "    incomplete: {} of the job's {} nodes reported; missing {} (nothing is counted for {}: no manifest from ergond there, or not collected yet)\n",
+                m.nodes.len(),
+                all.len(),
+                m.nodes_missing.join(", "),
+                if m.nodes_missing.len() == 1 { "it" } else { "them" }
+            );
+        }
         if r.sacct_record.is_none() {
             if let Some(sluid) = &m.sluid {
                 out += &format!("    sluid {sluid}\n");

@@ -574,6 +574,7 @@ fn job_events(job_id: u32) -> [Request; 4] {
         )),
         time: Timestamp::now(),
         sluid: None,
+        node_list: None,
     };
     let task = format!("/slurm_{NODE}/uid_{UID}/job_{job_id}/step_batch/task_0");
     let step_dir = format!("/slurm_{NODE}/uid_{UID}/job_{job_id}/step_batch");

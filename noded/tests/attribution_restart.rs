@@ -145,6 +145,7 @@ fn job_start(job_id: u32, gpus: Vec<GpuAlloc>, cpus: &str) -> Request {
         stdout_path: None,
         time: Timestamp::now(),
         sluid: None,
+        node_list: None,
     })
 }
 

@@ -65,6 +65,7 @@ fn job_start(job_id: u32, time: Timestamp) -> Request {
         stdout_path: None,
         time,
         sluid: None,
+        node_list: None,
     })
 }
 

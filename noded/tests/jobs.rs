@@ -134,6 +134,7 @@ fn job_start(job_id: u32, uid: u32, gpus: Vec<GpuAlloc>) -> JobStart {
         stdout_path: None,
         time: Timestamp::now(),
         sluid: None,
+        node_list: None,
     }
 }
 

@@ -42,6 +42,7 @@
 mod bounded;
 pub mod durable;
 pub mod format;
+pub mod hostlist;
 pub mod manifest;
 pub mod record;
 #[cfg(feature = "testing")]
@@ -53,7 +54,7 @@ pub use manifest::{
     GpuMig, JobInfo, Manifest, ManifestError, MigInstanceRef, MigShareMethod, NodeContext,
     PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries,
     MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_MAX,
-    MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
+    MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN, MANIFEST_SCHEMA_VERSION_NODES,
 };
 pub use record::{find_in_field, merge_into_field, strip_from_field, JobRecord, RecordError};
 pub use wire::{

@@ -76,8 +76,14 @@ pub const MANIFEST_SCHEMA_VERSION_MIG: u32 = 3;
 /// reads (and verifies) as it always did.
 pub const MANIFEST_SCHEMA_VERSION_COVERAGE: u32 = 4;
 
+/// Schema 5: schema 4 plus the job's nodes ([`JobInfo::node_list`]), so that one node's manifest says
+/// what whole it is a part of and the accounting can name a node that did not report. Written
+/// only when the plugin gave the job's node list; the field is optional, so every schema 4
+/// manifest stays as it was.
+pub const MANIFEST_SCHEMA_VERSION_NODES: u32 = 5;
+
 /// The newest manifest schema this build reads.
-pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_COVERAGE;
+pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_NODES;
 
 /// The oldest manifest schema this build still reads and verifies: schema 1, whose power
 /// traces are decimal arrays (see the [module documentation](self#power-traces-on-the-wire)).
@@ -192,6 +198,22 @@ pub struct JobInfo {
     /// (schema 4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// Every node the job ran on, as Slurm's host list (`SLURM_JOB_NODELIST`, e.g.
+    /// `gpu[01-64]`: compact, so that each node's manifest of a large job stays small; see
+    /// [`JobInfo::nodes`]); this manifest covers [`Manifest::node`], one of them. Absent where
+    /// the plugin did not say (schema 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_list: Option<String>,
+}
+
+impl JobInfo {
+    /// The job's nodes, [`JobInfo::node_list`] expanded in Slurm's order; `None` when the
+    /// manifest has no list or it is not one ([`crate::hostlist::expand`]).
+    pub fn nodes(&self) -> Option<Vec<String>> {
+        self.node_list
+            .as_deref()
+            .and_then(|l| crate::hostlist::expand(l).ok())
+    }
 }
 
 /// Energy of one step on this node.
@@ -774,11 +796,14 @@ impl Manifest {
     }
 
     /// The schema version a writer uses for this content: the lowest that has every field
-    /// present — [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
+    /// present — [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.node_list`,
+    /// [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
     /// [`MANIFEST_SCHEMA_VERSION_MIG`] when a GPU entry has `mig`, else
     /// [`MANIFEST_SCHEMA_VERSION`].
     pub fn schema_version_for(&self) -> u32 {
-        if self.schema4_field().is_some() {
+        if self.job.node_list.is_some() {
+            MANIFEST_SCHEMA_VERSION_NODES
+        } else if self.schema4_field().is_some() {
             MANIFEST_SCHEMA_VERSION_COVERAGE
         } else if self.gpus.iter().any(|g| g.mig.is_some()) {
             MANIFEST_SCHEMA_VERSION_MIG
@@ -840,6 +865,16 @@ impl Manifest {
                     version: m.schema_version,
                     field: m.schema4_field().unwrap_or_default(),
                     needs: MANIFEST_SCHEMA_VERSION_COVERAGE,
+                })
+            }
+            Ok(m)
+                if m.schema_version < MANIFEST_SCHEMA_VERSION_NODES
+                    && m.job.node_list.is_some() =>
+            {
+                Err(ManifestError::FieldNeedsVersion {
+                    version: m.schema_version,
+                    field: "job.node_list",
+                    needs: MANIFEST_SCHEMA_VERSION_NODES,
                 })
             }
             Ok(m) if known(m.schema_version) => Ok(m),

@@ -15,7 +15,8 @@
 //!
 //! ```text
 //! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000>
-//!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>] h=<hex>
+//!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>]
+//!        [nexp=<n>] h=<hex>
 //! ```
 //!
 //! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
@@ -25,7 +26,9 @@
 //! the number of nodes on which the job's GPUs could not be known (`gunk`: the GPU energy there
 //! is unknown, and `gpu` holds only what was measured on the other nodes); the largest error of
 //! the estimated part of `e` (`errj`, joules: the true energy is within `e ± errj` as far as
-//! the estimates go); Slurm's cluster-unique job id (`sluid`). Decoding ignores keys it does not
+//! the estimates go); Slurm's cluster-unique job id (`sluid`); the number of nodes the job ran on
+//! when fewer reported (`nexp`: the record is incomplete, `nodes` of `nexp` nodes are in it).
+//! Decoding ignores keys it does not
 //! know (a later `ergon1` writer may add some, and readers from before these optional keys
 //! ignore them) and fails on a missing required key, naming it. A change that older readers
 //! would misread becomes `ergon2`.
@@ -57,7 +60,7 @@ pub const HASH_PREFIX_LEN: usize = 12;
 
 /// The longest encoded record: every key present, every number at its largest (checked by a
 /// test).
-pub const MAX_ENCODED_LEN: usize = 360;
+pub const MAX_ENCODED_LEN: usize = 380;
 
 /// Powers above this (a terawatt: no job draws that; a broken counter can) are written as this.
 pub const MAX_POWER_W: f64 = 1e12;
@@ -115,6 +118,10 @@ pub struct JobRecord {
     /// Slurm's cluster-unique job id, lowercase (`sluid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// The number of nodes the job ran on, written only when fewer reported (`nexp`): the
+    /// record is then incomplete, its figures those of `nodes` of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_expected: Option<u32>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -250,6 +257,9 @@ impl JobRecord {
         if let Some(sluid) = &r.sluid {
             let _ = write!(out, " sluid={sluid}");
         }
+        if let Some(n) = r.nodes_expected {
+            let _ = write!(out, " nexp={n}");
+        }
         let _ = write!(out, " h={}", r.hash);
         out
     }
@@ -261,11 +271,11 @@ impl JobRecord {
         if tokens.next() != Some(TAG) {
             return Err(RecordError::NotErgon(text.chars().take(40).collect()));
         }
-        const KEYS: [&str; 17] = [
+        const KEYS: [&str; 18] = [
             "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
-            "gcov", "ccov", "dcov", "gunk", "errj", "sluid",
+            "gcov", "ccov", "dcov", "gunk", "errj", "sluid", "nexp",
         ];
-        let mut values: [Option<&str>; 17] = [None; 17];
+        let mut values: [Option<&str>; 18] = [None; 18];
         for token in tokens {
             let (key, value) = token
                 .split_once('=')
@@ -322,6 +332,7 @@ impl JobRecord {
                         })
                 })
                 .transpose()?,
+            nodes_expected: values[17].map(|v| parse_int(KEYS[17], v)).transpose()?,
         };
         Ok(record)
     }
@@ -537,6 +548,23 @@ mod tests {
     }
 
     #[test]
+    fn an_incomplete_job_says_how_many_nodes_it_ran_on() {
+        let r = JobRecord {
+            nodes: 2,
+            nodes_expected: Some(3),
+            ..sample()
+        };
+        let text = r.encode();
+        assert!(
+            text.contains(" nodes=2 ") && text.contains(" nexp=3 "),
+            "{text}"
+        );
+        assert_eq!(JobRecord::decode(&text), Ok(r));
+        assert!(!sample().encode().contains("nexp="));
+        assert!(JobRecord::decode(&text.replace("nexp=3", "nexp=x")).is_err());
+    }
+
+    #[test]
     fn optional_keys_are_checked() {
         let enc = schema4().encode();
         for (from, to) in [
@@ -586,6 +614,7 @@ mod tests {
             gpus_unknown_nodes: u32::MAX,
             estimate_bound_j: Some(u64::MAX),
             sluid: Some("z".repeat(MAX_SLUID_LEN)),
+            nodes_expected: Some(u32::MAX),
         };
         let text = longest.encode();
         assert!(

@@ -128,6 +128,7 @@ impl ManifestBuilder {
                     account: None,
                     partition: None,
                     sluid: None,
+                    node_list: None,
                 },
                 start_unix_ns: start,
                 end_unix_ns: end,
@@ -209,6 +210,17 @@ impl ManifestBuilder {
     /// The job's Slurm 25.05+ SLUID.
     pub fn sluid(mut self, sluid: &str) -> Self {
         self.m.job.sluid = Some(sluid.into());
+        self
+    }
+
+    /// Every node of the job (`job.node_list`, here a comma-separated host list; schema 5:
+    /// the schema is raised to it).
+    pub fn nodes(mut self, nodes: &[&str]) -> Self {
+        self.m.job.node_list = Some(nodes.join(","));
+        self.m.schema_version = self
+            .m
+            .schema_version
+            .max(crate::manifest::MANIFEST_SCHEMA_VERSION_NODES);
         self
     }
 

@@ -291,7 +291,7 @@ fn unsealed_manifest_is_refused() {
 
 #[test]
 fn other_schema_versions_are_refused_first() {
-    for version in [0u32, 5] {
+    for version in [0u32, 6] {
         let mut v: Value = serde_json::to_value(Manifest::example()).unwrap();
         v["schema_version"] = version.into();
         let bytes = serde_json::to_vec(&v).unwrap();
@@ -306,7 +306,7 @@ fn other_schema_versions_are_refused_first() {
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("versions 1 to 4"), "{err}");
+        assert!(err.to_string().contains("versions 1 to 5"), "{err}");
     }
     // Even when the rest has a shape this build does not know.
     let future = br#"{"schema_version": 7, "totally": ["different"]}"#;
@@ -423,7 +423,14 @@ proptest! {
 }
 
 /// Fields the schema lists but does not require: written only when they apply.
-const OPTIONAL_FIELDS: &[&str] = &["mig", "sluid", "components", "gpus_unknown", "estimate"];
+const OPTIONAL_FIELDS: &[&str] = &[
+    "mig",
+    "sluid",
+    "components",
+    "gpus_unknown",
+    "estimate",
+    "node_list",
+];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
 #[test]
@@ -684,4 +691,42 @@ fn schema_4_fields_need_schema_4() {
     m.seal();
     let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
     assert_eq!(back, m);
+}
+
+/// Schema 5's field, the job's nodes: in the JSON Schema, refused in an older version (an older
+/// reader would hash the manifest without it), kept through sealing.
+#[test]
+fn the_jobs_node_list_needs_schema_5() {
+    let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
+    let mut m = Manifest::example();
+    m.job.node_list = Some(format!("{},gpu[02-03]", m.node));
+    let value = serde_json::to_value(&m).unwrap();
+    let mut checked = 0;
+    check_object(&schema, &schema, &value, "$", &mut checked);
+    assert_eq!(
+        schema["$defs"]["JobInfo"]["properties"]["node_list"]["type"],
+        "string"
+    );
+    assert_eq!(
+        m.job.nodes(),
+        Some(vec![m.node.clone(), "gpu02".into(), "gpu03".into()])
+    );
+    assert_eq!(m.schema_version_for(), MANIFEST_SCHEMA_VERSION_NODES);
+    let mut old = m.clone();
+    old.schema_version = MANIFEST_SCHEMA_VERSION_COVERAGE;
+    old.seal();
+    match Manifest::from_json(&old.to_json().unwrap()) {
+        Err(ManifestError::FieldNeedsVersion {
+            version: 4,
+            field: "job.node_list",
+            needs: 5,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    m.schema_version = m.schema_version_for();
+    m.seal();
+    let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
+    assert_eq!(back, m);
+    // Without the field a manifest is what it was.
+    assert!(Manifest::example().schema_version_for() < MANIFEST_SCHEMA_VERSION_NODES);
 }

@@ -32,6 +32,7 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
             any::<u32>(),
             any::<Option<u64>>(),
             prop::option::of("[0-9a-z]{1,32}"),
+            any::<Option<u32>>(),
         ),
     )
         .prop_map(
@@ -39,7 +40,7 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
                 (energy_j, gpu_j, cpu_j, dram_j, other_j),
                 (avg, peak, gpus, nodes, cov),
                 hash,
-                (gcov, ccov, dcov, gunk, errj, sluid),
+                (gcov, ccov, dcov, gunk, errj, sluid, nexp),
             )| {
                 let fraction = |c: Option<u64>| c.map(|c| c as f64 / 1000.0);
                 JobRecord {
@@ -60,6 +61,7 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
                     gpus_unknown_nodes: gunk,
                     estimate_bound_j: errj,
                     sluid,
+                    nodes_expected: nexp,
                 }
             },
         )

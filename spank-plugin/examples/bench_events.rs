@@ -105,6 +105,7 @@ fn events() -> Vec<(&'static str, Request)> {
         ),
         time: Timestamp::now(),
         sluid: None,
+        node_list: None,
     };
     // What task 0 of a batch step sees in /proc/<pid>/cgroup under Slurm 22.05 with cgroup/v1:
     // eight hierarchies, ten entries (cpu,cpuacct and net_cls,net_prio each give two).

@@ -323,6 +323,8 @@ fn job_start(spank: &Spank, config: &Config) -> Result<JobStart, String> {
         node,
         time: Timestamp::now(),
         sluid: env("SLURM_JOB_SLUID").map(|s| s.to_ascii_lowercase()),
+        // Slurm 22.05's prolog has SLURM_NODELIST only (measured); later releases both.
+        node_list: env("SLURM_JOB_NODELIST").or_else(|| env("SLURM_NODELIST")),
     })
 }
 

@@ -38,8 +38,12 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The `slurm.conf` every client command must use (exported as `SLURM_CONF`).
     pub slurm_conf: PathBuf,
-    /// The node's name as in slurm.conf (`$ERGON_CLUSTER_NODE`, default `hostname -s`).
+    /// The node's name as in slurm.conf (`$ERGON_CLUSTER_NODE`, default `hostname -s`); on a
+    /// multi-node cluster the base of the nodes' names.
     pub node: String,
+    /// Every node's name: `[node]` on the one-node cluster, `node1 … nodeN` on a multi-node one
+    /// (`scripts/slurm-cluster up --nodes N`).
+    pub nodes: Vec<String>,
     /// A non-root user registered in the accounting database, for tests that need one.
     pub test_user: String,
     /// The Slurm release (`22.05`, `24.11`, `26.05`).
@@ -99,7 +103,11 @@ fn bring_up() -> Result<Cluster> {
     let release = var("ERGON_CLUSTER_SLURM")?;
     let bin = Some(dir.join("bin")).filter(|b| b.join("sbatch").exists());
     let root = var("ERGON_CLUSTER_ROOT").ok().map(PathBuf::from);
+    let nodes = var("ERGON_CLUSTER_NODE_NAMES")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|_| vec![node.clone()]);
     let cluster = Cluster {
+        nodes,
         dir,
         slurm_conf: var("SLURM_CONF")?.into(),
         node,

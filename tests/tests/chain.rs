@@ -1369,7 +1369,14 @@ fn two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it() {
                 .mig
                 .as_ref()
                 .ok_or_else(|| anyhow!("job {job}: no MIG instance in {g:?}\n{text}"))?;
-            ensure!(m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_COVERAGE);
+            // Schema 5: the plugin gave the job's nodes (this node).
+            ensure!(
+                m.schema_version == ergon_protocol::MANIFEST_SCHEMA_VERSION_NODES
+                    && m.job.node_list.as_deref() == Some(c.node.as_str()),
+                "schema {} node list {:?}",
+                m.schema_version,
+                m.job.node_list
+            );
             ensure!(g.minor == Some(mig_minor) && g.shared, "{g:?}");
             ensure!(
                 mig.total_slices == 7

@@ -218,6 +218,8 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
     }
     assert_eq!(st.cluster.as_deref(), Some("ergon-dev"));
     assert_eq!(st.node, c.node);
+    // The job's nodes, as Slurm lists them.
+    assert_eq!(st.node_list, field("NodeList"));
     assert_eq!(st.report, Some(ReportFormat::Text));
     assert_eq!(st.ids.array_job_id, None);
     assert_eq!(st.stdout_path.as_deref(), Some(out.to_str().unwrap()));

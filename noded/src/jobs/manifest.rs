@@ -508,6 +508,7 @@ pub fn build(
             account: job.account.clone(),
             partition: job.partition.clone(),
             sluid: job.sluid.clone(),
+            node_list: job.node_list.clone(),
         },
         start_unix_ns: start.unix_ns,
         end_unix_ns: end_unix,
@@ -703,6 +704,7 @@ mod tests {
             stdout_path: None,
             time: Timestamp::default(),
             sluid: None,
+            node_list: None,
         };
         r.job_start(&start, at(1)).unwrap();
         let step = StepStart {

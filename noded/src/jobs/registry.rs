@@ -204,6 +204,10 @@ pub struct Job {
     /// Slurm's cluster-unique job id (`SLURM_JOB_SLUID`, Slurm 26.05+), lowercase.
     #[serde(default)]
     pub sluid: Option<String>,
+    /// Every node of the job, as Slurm's host list (the plugin's `SLURM_JOB_NODELIST`), when it
+    /// said and the list expands.
+    #[serde(default)]
+    pub node_list: Option<String>,
     /// Why the job's GPUs on this node are not known, when they are not (a job found running
     /// whose allocation could not be read): its GPU energy is then unknown, not zero.
     #[serde(default)]
@@ -240,6 +244,7 @@ impl Job {
             result: None,
             discovered: false,
             sluid: None,
+            node_list: None,
             gpus_unknown: None,
             report_sent: false,
         }
@@ -490,6 +495,15 @@ impl JobRegistry {
         if m.sluid.is_some() {
             job.sluid.clone_from(&m.sluid);
         }
+        if let Some(list) = &m.node_list {
+            match ergon_protocol::hostlist::expand(list) {
+                Ok(_) => job.node_list = Some(list.trim().to_owned()),
+                Err(e) => tracing::warn!(
+                    job = job_id,
+                    "the job's node list {list:?} is not one: {e}; its manifest will not list the job's nodes"
+                ),
+            }
+        }
         // The plugin's allocation is the truth: a discovered job's unknown GPUs are known now.
         job.gpus_unknown = None;
         job.work_dir.clone_from(&m.work_dir);
@@ -736,6 +750,7 @@ mod tests {
             stdout_path: None,
             time: Timestamp::from_unix_ns(t(0).unix_ns),
             sluid: None,
+            node_list: None,
         }
     }
 

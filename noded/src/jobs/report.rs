@@ -6,9 +6,18 @@
 //!   file behind the batch script's `/proc/<pid>/fd/1` when the plugin's StepStart named the
 //!   task, else `SLURM_JOB_STDOUT`), so it is the last thing in `slurm-<jobid>.out`;
 //! - otherwise (a `json` report, a node without the batch step, an `srun`/`salloc` job
-//!   whose stdout is a terminal, or a stdout file that cannot be appended to):
-//!   `ergon-<jobid>.txt` / `.json` in the job's working directory, or
-//!   `ergon-<jobid>.<node>.txt` / `.json` from the nodes that did not run the batch script.
+//!   whose stdout is a terminal, or a stdout file that cannot be appended to): a new file in
+//!   the job's working directory, named by [`file_name`]: `ergon-<id>[.<node>].<txt|json>`,
+//!   where `<id>` is the job id, or `<array job id>_<task id>` for an array task (as Slurm's
+//!   `%A_%a`), and `.<node>` is there for every node of a job that ran on several nodes (and,
+//!   where the plugin did not give the job's nodes, for a node that did not run the batch
+//!   script). Both formats, every node, every array task: no two reports of a job share a name.
+//!
+//! A job that ran on several nodes gets one report per node, each of that node's part: each
+//! says so on its first lines ("this job ran on N nodes (…); this report covers <node> only")
+//! and names `ergon report <id>` for the whole job, which the accounting combines from every
+//! node's manifest. ergond never writes a node's figure as if it were the job's
+//! ([docs/attribution.md](../../../docs/attribution.md#jobs-on-several-nodes)).
 //!
 //! How it is written: by a process of its own, `ergond write-report` (ergond's own binary, run
 //! again with its environment cleared), which becomes the job's uid and gid (and no other
@@ -70,18 +79,54 @@ pub fn targets(
         }
     }
     if let Some(dir) = work_dir.and_then(absolute) {
-        let ext = match format {
-            ReportFormat::Text => "txt",
-            ReportFormat::Json => "json",
-        };
-        let name = if ran_batch {
-            format!("ergon-{}.{ext}", manifest.job.job_id)
-        } else {
-            format!("ergon-{}.{}.{ext}", manifest.job.job_id, manifest.node)
-        };
-        out.push(Target::Create(dir.join(name)));
+        out.push(Target::Create(
+            dir.join(file_name(manifest, format, ran_batch)),
+        ));
     }
     out
+}
+
+/// The job's id as a person and Slurm's `%A_%a` name it: `<array job id>_<task id>` for an
+/// array task, else the job id.
+pub fn job_label(m: &Manifest) -> String {
+    match (m.job.array_job_id, m.job.array_task_id) {
+        (Some(a), Some(t)) => format!("{a}_{t}"),
+        _ => m.job.job_id.to_string(),
+    }
+}
+
+/// The nodes of the job when it ran on more than one (the manifest's `job.node_list`).
+fn other_nodes(m: &Manifest) -> Option<Vec<String>> {
+    m.job.nodes().filter(|n| n.len() > 1)
+}
+
+/// The report file's name in the job's working directory (see the module documentation):
+/// `ergon-<id>.<ext>` for a job on one node, `ergon-<id>.<node>.<ext>` on every node of a job
+/// on several (and on a node that did not run the batch script, when the job's nodes are not
+/// known).
+pub fn file_name(m: &Manifest, format: ReportFormat, ran_batch: bool) -> String {
+    let ext = match format {
+        ReportFormat::Text => "txt",
+        ReportFormat::Json => "json",
+    };
+    let per_node = match m.job.nodes() {
+        Some(nodes) => nodes.len() > 1,
+        None => !ran_batch,
+    };
+    if per_node {
+        format!("ergon-{}.{}.{ext}", job_label(m), m.node)
+    } else {
+        format!("ergon-{}.{ext}", job_label(m))
+    }
+}
+
+/// How a list of node names is shown: all of them up to eight, else the first six and a count.
+fn show_nodes(nodes: &[String]) -> String {
+    if nodes.len() <= 8 {
+        nodes.join(", ")
+    } else {
+        format!("{}, … and {} more", nodes[..6].join(", "), nodes.len() - 6)
+    }
 }
 
 fn opt_energy(j: Option<f64>) -> String {
@@ -106,6 +151,17 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
         "==== ergon energy report: job {} on {} ({}) ====",
         m.job.job_id, m.node, m.cluster
     );
+    if let Some(nodes) = other_nodes(m) {
+        let _ = writeln!(
+            s,
+            "Scope      this job ran on {} nodes ({}); this report covers {} only.\n           \
+             The whole job: `ergon report {}` once the site's accounting has run.",
+            nodes.len(),
+            show_nodes(&nodes),
+            m.node,
+            job_label(m)
+        );
+    }
     let _ = writeln!(
         s,
         "Duration   {}    coverage {}",
@@ -205,19 +261,29 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
     if let Some(p) = manifest_path {
         let _ = writeln!(s, "Manifest   {}", p.display());
     }
-    let _ = writeln!(
-        s,
-        "Accounting: `ergon report {}` once the site's accounting has run.",
-        m.job.job_id
-    );
+    if other_nodes(m).is_none() {
+        let _ = writeln!(
+            s,
+            "Accounting: `ergon report {}` once the site's accounting has run.",
+            job_label(m)
+        );
+    }
     s
 }
 
 #[derive(Serialize)]
 struct JsonReport<'a> {
     job_id: u32,
+    /// `<array job id>_<task id>` for an array task, else the job id.
+    job: String,
     cluster: &'a str,
     node: &'a str,
+    /// Every node of the job (absent where the plugin did not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_nodes: Option<Vec<String>>,
+    /// What the figures cover: `"job"`, or `"node"` when the job ran on several nodes and
+    /// this is one node's part (the whole job: `ergon report`).
+    covers: &'static str,
     duration_s: f64,
     coverage: f64,
     energy_j: f64,
@@ -239,8 +305,15 @@ struct JsonReport<'a> {
 pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
     let r = JsonReport {
         job_id: m.job.job_id,
+        job: job_label(m),
         cluster: &m.cluster,
         node: &m.node,
+        job_nodes: m.job.nodes(),
+        covers: if other_nodes(m).is_some() {
+            "node"
+        } else {
+            "job"
+        },
         duration_s: m.duration_s,
         coverage: m.coverage.fraction,
         energy_j: m.totals.energy_j,
@@ -579,6 +652,90 @@ mod tests {
         );
         assert_eq!(t, vec![Target::Create("/home/a/ergon-42.n1.json".into())]);
         // Relative or missing paths are never used.
+        assert!(targets(
+            &m,
+            ReportFormat::Text,
+            Some("slurm.out"),
+            Some("rel"),
+            false
+        )
+        .is_empty());
         assert!(targets(&m, ReportFormat::Text, Some("slurm.out"), Some("rel"), true).is_empty());
+    }
+
+    #[test]
+    fn one_naming_scheme_for_both_formats_safe_for_several_nodes_and_arrays() {
+        let mut m = manifest();
+        // One node: no node in the name, batch node or not, once the job's nodes are known.
+        m.job.node_list = Some("n1".into());
+        for batch in [true, false] {
+            assert_eq!(file_name(&m, ReportFormat::Text, batch), "ergon-42.txt");
+            assert_eq!(file_name(&m, ReportFormat::Json, batch), "ergon-42.json");
+        }
+        // Several nodes: every node's report names its node, in both formats, so that nodes
+        // sharing a working directory never want the same file.
+        m.job.node_list = Some("n[1-2]".into());
+        let mut names = std::collections::BTreeSet::new();
+        for node in ["n1", "n2"] {
+            m.node = node.into();
+            for format in [ReportFormat::Text, ReportFormat::Json] {
+                for batch in [true, false] {
+                    let name = file_name(&m, format, batch);
+                    assert!(name.starts_with(&format!("ergon-42.{node}.")), "{name}");
+                    names.insert((name, batch));
+                }
+            }
+        }
+        assert_eq!(
+            names
+                .iter()
+                .map(|(n, _)| n)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            4
+        );
+        // An array task: `%A_%a`, as Slurm names its output.
+        m.job.array_job_id = Some(40);
+        m.job.array_task_id = Some(2);
+        assert_eq!(
+            file_name(&m, ReportFormat::Json, true),
+            "ergon-40_2.n2.json"
+        );
+        m.job.node_list = None;
+        assert_eq!(file_name(&m, ReportFormat::Text, true), "ergon-40_2.txt");
+        assert_eq!(
+            file_name(&m, ReportFormat::Text, false),
+            "ergon-40_2.n2.txt"
+        );
+    }
+
+    #[test]
+    fn a_node_of_a_multi_node_job_says_what_its_report_covers() {
+        let mut m = manifest();
+        let t = render_text(&m, None);
+        assert!(
+            !t.contains("Scope") && t.contains("`ergon report 42`"),
+            "{t}"
+        );
+        m.job.node_list = Some("n[1-3]".into());
+        let t = render_text(&m, None);
+        assert!(
+            t.contains("this job ran on 3 nodes (n1, n2, n3); this report covers n1 only")
+                && t.contains("The whole job: `ergon report 42`"),
+            "{t}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        assert_eq!(j["covers"], "node");
+        assert_eq!(j["job_nodes"][2], "n3");
+        m.job.node_list = Some("n[1-64]".into());
+        let t = render_text(&m, None);
+        assert!(
+            t.contains("64 nodes (n1, n2, n3, n4, n5, n6, … and 58 more)"),
+            "{t}"
+        );
+        m.job.node_list = None;
+        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        assert_eq!(j["covers"], "job");
+        assert!(j.get("job_nodes").is_none());
     }
 }

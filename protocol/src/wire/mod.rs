@@ -214,6 +214,11 @@ pub struct JobStart {
     /// environment has it. Absent from older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// Every node of the job, as Slurm's host list (e.g. `gpu[01-03]`): the prolog's
+    /// `SLURM_JOB_NODELIST`, or `SLURM_NODELIST` (all Slurm 22.05's prolog has). Absent from
+    /// older plugins' frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_list: Option<String>,
 }
 
 /// One GPU allocated to a job.

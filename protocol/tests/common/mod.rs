@@ -115,6 +115,7 @@ pub fn job_start() -> impl Strategy<Value = JobStart> {
                 stdout_path,
                 time,
                 sluid: None,
+                node_list: None,
             },
         )
 }
