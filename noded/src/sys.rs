@@ -75,3 +75,50 @@ pub fn thread_cpu_ns(thread: libc::pthread_t) -> Option<u64> {
     let ts = ClockId::from_raw(clock).now().ok()?;
     Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
+
+/// Lower the calling thread's scheduling priority to `nice` (Linux keeps a nice value per
+/// thread). For the threads whose work may lag behind (the job worker and the writers), so
+/// that under a burst of jobs the sampler threads and the socket's replies to the plugin, which
+/// a job waits for, get the CPU first.
+pub fn lower_this_thread_priority(nice: i32) -> io::Result<()> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a thread id sets that thread's
+    // nice value only.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of thread `tid` of this process, from /proc (field 19 of its stat line).
+    fn nice_of(tid: i32) -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // The command name (field 2) may hold spaces: count fields after its closing ')'.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(16).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_lowered_thread_runs_nicer_and_the_others_do_not() {
+        let main_tid = nix::unistd::gettid().as_raw();
+        let before = nice_of(main_tid);
+        let (tid, nice) = std::thread::spawn(move || {
+            lower_this_thread_priority(before + 5).unwrap();
+            let tid = nix::unistd::gettid().as_raw();
+            (tid, nice_of(tid))
+        })
+        .join()
+        .unwrap();
+        assert_ne!(tid, main_tid);
+        assert_eq!(nice, before + 5, "the lowered thread's own nice value");
+        assert_eq!(
+            nice_of(main_tid),
+            before,
+            "the calling process's other threads keep theirs"
+        );
+    }
+}

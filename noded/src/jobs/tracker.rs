@@ -75,7 +75,10 @@ impl JobTracker {
         let (report_tx, report_rx) = sync_channel(REPORT_QUEUE);
         std::thread::Builder::new()
             .name("ergond-report".into())
-            .spawn(move || report_writer(report_rx))?;
+            .spawn(move || {
+                behind_the_samplers();
+                report_writer(report_rx)
+            })?;
         flag_shared_gpus(&sampler, &attributor);
         let (spool_tx, spool_rx) = sync_channel::<SpoolWork>(SPOOL_QUEUE);
         let inner = Arc::new(Inner {
@@ -97,7 +100,10 @@ impl JobTracker {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-spool".into())
-                .spawn(move || spool_writer(&inner, spool_rx))?
+                .spawn(move || {
+                    behind_the_samplers();
+                    spool_writer(&inner, spool_rx)
+                })?
         };
         // Start-up, in order, before the worker takes new events:
         let mut st = WorkerState::default();
@@ -149,7 +155,10 @@ impl JobTracker {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-jobs".into())
-                .spawn(move || worker(&inner, rx, st))?
+                .spawn(move || {
+                    behind_the_samplers();
+                    worker(&inner, rx, st)
+                })?
         };
         Ok(Self {
             inner,
@@ -305,5 +314,16 @@ impl JobTracker {
 impl Drop for JobTracker {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The nice value of the job worker and the writers: their work may lag (a burst of jobs drains
+/// afterwards), while the samplers' deadlines and the replies the plugin waits for cannot.
+const BACKGROUND_NICE: i32 = 5;
+
+/// Run the calling thread at [`BACKGROUND_NICE`]; where the kernel refuses, it runs as before.
+fn behind_the_samplers() {
+    if let Err(e) = crate::sys::lower_this_thread_priority(BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "cannot lower the thread's priority; it runs at the daemon's");
     }
 }
