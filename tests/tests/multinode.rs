@@ -8,7 +8,8 @@
 //!   (the batch step on one node only, the srun steps on both), each GPU at its known power × the
 //!   node's interval; the third node writes nothing; `ergon run` over all three spools writes ONE
 //!   record (`nodes=2`, `ngpu=4`, the sum of the nodes) into AdminComment and uploads it once to a
-//!   real VictoriaMetrics (every series of the job one sample), a second run changes nothing; `ergon report` shows the per-node split; the user's report on each node says that
+//!   real VictoriaMetrics (its usage counters count the job once, with the nodes' summed energy),
+//!   a second run changes nothing; `ergon report` shows the per-node split; the user's report on each node says that
 //!   it covers that node of a 2-node job and points at `ergon report`.
 //! - `a_three_node_job_collected_late_is_updated_once`: a 3-node job; the first `ergon run` sees
 //!   two nodes' spools (the third node's spool is "late"), writes a record that says 2 of 3 nodes
@@ -25,9 +26,18 @@
 //!   is down: the job ends `NODE_FAIL`, the surviving node's manifest is collected, the record
 //!   says 1 of 2 nodes (`nexp=2`) and `ergon report` names the dead node; the node is brought back
 //!   (`slurm-cluster up`) at the end, also on failure.
+//! - `a_heterogeneous_job_on_a_gpu_node_and_a_cpu_only_node_adds_up`: a heterogeneous job, one
+//!   component on the first node (4 GPUs, 2 sockets) and one on a node Slurm gives no GPUs (whose
+//!   ergond has no NVIDIA library): each component's manifest and record is its node's, the GPU
+//!   node's GPUs each at their power, the CPU-only node's with no GPU part at all (not unknown, not
+//!   0 J of a GPU), and its user report says no GPU was allocated.
+//!
+//! Nodes: the first has two sockets (generated topology and RAPL packages), the others one; a node
+//! without GPUs in Slurm's configuration has no fake NVIDIA library.
 //!
 //! These need a cluster of at least two nodes; on the one-node cluster the other end-to-end tests
-//! use, each says `SKIPPED` and returns. `scripts/test` brings a 3-node 22.05 cluster up for them.
+//! use, each says `SKIPPED` and returns. `scripts/test` brings a 4-node 22.05 cluster up for them
+//! (`--nodes 4 --cpu-only-nodes 1`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -74,6 +84,18 @@ fn minor_of(c: &Cluster, i: u32) -> u32 {
     ((rdev & 0xff) | ((rdev >> 12) & !0xff)) as u32
 }
 
+/// The GPUs Slurm's configuration gives `node` (`sinfo`'s GRES, e.g. `gpu:4`; `(null)`: none).
+fn slurm_gpus(c: &Cluster, node: &str) -> Result<u32> {
+    let out = c.run("sinfo", ["-h", "-N", "-n", node, "-o", "%G"])?;
+    let gres = String::from_utf8(out.stdout)?;
+    let gres = gres.trim();
+    Ok(gres
+        .split(',')
+        .find_map(|g| g.strip_prefix("gpu:"))
+        .and_then(|n| n.split('(').next()?.rsplit(':').next()?.parse().ok())
+        .unwrap_or(0))
+}
+
 /// One fake NVML device of a node.
 #[derive(Debug, Clone)]
 struct FakeGpu {
@@ -87,7 +109,11 @@ struct FakeGpu {
 /// path), with its pid in `nodes/<node>/ergond.pid` for `slurm-cluster status` and `down`.
 struct NodeErgond {
     node: String,
+    /// Its fake GPUs; none on a node that Slurm gives no GPUs (a CPU-only node: no NVIDIA
+    /// library at all, as on a node without the driver).
     gpus: Vec<FakeGpu>,
+    /// Its sockets (generated CPU topology and RAPL packages): 2 on the first node, else 1.
+    sockets: u32,
     rapl: Arc<AtomicBool>,
     child: Option<Child>,
     config: PathBuf,
@@ -99,9 +125,13 @@ struct NodeErgond {
 }
 
 impl NodeErgond {
-    /// Configure node `number`'s (1-based) ergond under `dir` and start it.
+    /// Configure node `number`'s (1-based) ergond under `dir` and start it: four fake GPUs on a
+    /// node Slurm gives GPUs, none on a CPU-only node; two sockets on the first node, one on the
+    /// others.
     fn start(c: &Cluster, number: usize, dir: &Path) -> Result<NodeErgond> {
         let node = c.nodes[number - 1].clone();
+        let has_gpus = slurm_gpus(c, &node)? > 0;
+        let sockets = if number == 1 { 2 } else { 1 };
         let dir = dir.join(&node);
         std::fs::create_dir_all(&dir)?;
         let built = target_dir().join("debug/libnvidia_ml.so");
@@ -114,7 +144,7 @@ impl NodeErgond {
         std::fs::create_dir_all(lib.parent().unwrap())?;
         std::fs::copy(&built, &lib)?;
         // NVML order: gres.conf's devices reversed, so that only matching by minor is right.
-        let gpus: Vec<FakeGpu> = (0..4u32)
+        let gpus: Vec<FakeGpu> = (0..if has_gpus { 4u32 } else { 0 })
             .rev()
             .enumerate()
             .map(|(i, slurm)| {
@@ -138,24 +168,39 @@ impl NodeErgond {
             format!("{}.scenario.json", lib.display()),
             serde_json::to_vec_pretty(&scenario)?,
         )?;
+        // A CPU-only node has no NVIDIA library: ergond samples without GPUs.
+        let lib = if has_gpus {
+            lib
+        } else {
+            dir.join("no-driver/libnvidia-ml.so.1")
+        };
+        // The node's CPUs spread over its sockets (CPU i on socket i mod sockets), and one RAPL
+        // package (with its DRAM zone) per socket.
+        let sysfs = dir.join("sys");
+        let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let topology: Vec<(u32, u32, u32)> = (0..ncpus).map(|i| (i, i % sockets, 0)).collect();
+        ergon_testkit::write_cpu_topology(&sysfs, &topology);
         let powercap = dir.join("powercap");
-        PowercapTree::create(
-            &powercap,
-            &PowercapLayout::IntelServer { sockets: 1 }.zones(),
-        );
+        PowercapTree::create(&powercap, &PowercapLayout::IntelServer { sockets }.zones());
         let rapl = Arc::new(AtomicBool::new(false));
         {
             let stop = Arc::clone(&rapl);
-            let (pkg, dram) = (
-                powercap.join("intel-rapl:0/energy_uj"),
-                powercap.join("intel-rapl:0:0/energy_uj"),
-            );
+            let counters: Vec<(PathBuf, PathBuf)> = (0..sockets)
+                .map(|k| {
+                    (
+                        powercap.join(format!("intel-rapl:{k}/energy_uj")),
+                        powercap.join(format!("intel-rapl:{k}:0/energy_uj")),
+                    )
+                })
+                .collect();
             std::thread::spawn(move || {
                 let t0 = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let t = t0.elapsed().as_secs_f64();
-                    ergon_testkit::write_counter_file(&pkg, (PACKAGE_W * t * 1e6) as u64);
-                    ergon_testkit::write_counter_file(&dram, (DRAM_W * t * 1e6) as u64);
+                    for (pkg, dram) in &counters {
+                        ergon_testkit::write_counter_file(pkg, (PACKAGE_W * t * 1e6) as u64);
+                        ergon_testkit::write_counter_file(dram, (DRAM_W * t * 1e6) as u64);
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
             });
@@ -183,12 +228,14 @@ impl NodeErgond {
             &config,
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nprefer_perf = false\n\
-                 cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsocket_path = {}\n\
+                 cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsysfs_root = {}\n\
+                 socket_path = {}\n\
                  state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n\
                  node_name = {node:?}\ngres_conf = {}\n",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),
+                q(&sysfs),
                 q(&socket),
                 q(&dir.join("state")),
                 q(&spool),
@@ -198,6 +245,7 @@ impl NodeErgond {
         let mut e = NodeErgond {
             node,
             gpus,
+            sockets,
             rapl,
             child: None,
             config,
@@ -252,7 +300,7 @@ impl NodeErgond {
                 .lines()
                 .filter(|l| l.starts_with("ergon_gpu_energy_joules_total{"))
                 .count();
-            Ok((gpus == 4).then_some(()))
+            Ok((gpus == self.gpus.len()).then_some(()))
         })
     }
 
@@ -534,29 +582,34 @@ impl Vm {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    /// Every series of `job` (any `ergon_job_*` metric) with its number of samples.
-    fn series_of_job(&self, job: u32) -> Result<Vec<(String, usize)>> {
+    /// The newest value of each `ergon_usage_<counter>` series (the default upload: counters per
+    /// cluster/partition/account/user), summed over the series. Raw samples from
+    /// `/api/v1/export` with an explicit end (a query would leave out the newest 30 s).
+    fn usage_sum(&self, counter: &str) -> Result<f64> {
         self.get("/internal/force_flush", &[])?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
         let text = self.get(
             "/api/v1/export",
-            &[(
-                "match[]",
-                &format!("{{__name__=~\"ergon_job_.+\",job_id=\"{job}\"}}"),
-            )],
+            &[
+                ("match[]", &format!("ergon_usage_{counter}")),
+                ("start", &(now - 3600).to_string()),
+                ("end", &(now + 60).to_string()),
+            ],
         )?;
-        text.lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l)?;
-                Ok((
-                    v["metric"]["__name__"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    v["values"].as_array().map_or(0, Vec::len),
-                ))
-            })
-            .collect()
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let newest = v["timestamps"]
+                .as_array()
+                .and_then(|t| (0..t.len()).max_by_key(|&i| t[i].as_i64()))
+                .ok_or_else(|| anyhow!("no samples in {line}"))?;
+            sum += v["values"][newest]
+                .as_f64()
+                .ok_or_else(|| anyhow!("no value in {line}"))?;
+        }
+        Ok(sum)
     }
 }
 
@@ -776,12 +829,17 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
             again == field,
             "second run changed AdminComment: {field:?} → {again:?}"
         );
-        // Uploaded once: every series of the job has one sample, after both runs.
-        let series = vm.series_of_job(job)?;
-        println!("VictoriaMetrics series of job {job}: {series:?}");
+        // Uploaded once: after both runs the usage counters (the default upload) count the job
+        // once, with the record's energy — not once per node, not once per run.
+        let jobs = vm.usage_sum("jobs_total")?;
+        let energy = vm.usage_sum("energy_joules_total")?;
+        let gpu = vm.usage_sum("gpu_energy_joules_total")?;
+        println!("VictoriaMetrics usage counters: jobs {jobs}, energy {energy} J, gpu {gpu} J");
+        ensure!(jobs == 1.0, "jobs counted in VictoriaMetrics: {jobs}");
         ensure!(
-            !series.is_empty() && series.iter().all(|(_, n)| *n == 1),
-            "job {job} in VictoriaMetrics: {series:?}"
+            (energy - energy_sum).abs() <= 1.0 && (gpu - gpu_sum).abs() <= 1.0,
+            "VictoriaMetrics counters energy {energy} J, gpu {gpu} J vs the nodes' sums \
+             {energy_sum} J, {gpu_sum} J"
         );
 
         // `ergon report`: the per-node split, each node's figures its manifest's.
@@ -872,10 +930,16 @@ fn ergond_down_on_one_node_the_record_names_it() {
     };
     s.run(|s| {
         let c = s.c;
-        // The last node's ergond is down for the whole job; its plugin queues the events, and
+        // The last GPU node's ergond is down for the whole job; its plugin queues the events, and
         // nothing replays them during this test (that is the one-node recovery, tested in
         // chain.rs).
-        let down = c.nodes[c.nodes.len() - 1].clone();
+        let mut gpu_nodes = Vec::new();
+        for n in &c.nodes {
+            if slurm_gpus(c, n)? > 0 {
+                gpu_nodes.push(n.clone());
+            }
+        }
+        let down = gpu_nodes.last().cloned().expect("a node with GPUs");
         let idx = s.ergonds.iter().position(|e| e.node == down).unwrap();
         s.ergonds[idx].kill();
         let first = c.nodes[0].clone();
@@ -1078,6 +1142,159 @@ fn a_node_that_dies_mid_job_leaves_an_incomplete_record() {
         let out = ergon(c, &acct, &["report", &job.to_string()])?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(text.contains(&format!("missing {second}")), "{text}");
+        Ok(())
+    });
+}
+
+/// The cluster's first node without GPUs in Slurm's configuration (`up --cpu-only-nodes 1`).
+fn cpu_only_node(c: &Cluster) -> Result<Option<String>> {
+    for n in &c.nodes {
+        if slurm_gpus(c, n)? == 0 {
+            return Ok(Some(n.clone()));
+        }
+    }
+    Ok(None)
+}
+
+#[test]
+fn a_heterogeneous_job_on_a_gpu_node_and_a_cpu_only_node_adds_up() {
+    const NAME: &str = "a_heterogeneous_job_on_a_gpu_node_and_a_cpu_only_node_adds_up";
+    let Some(mut s) = setup(NAME, 2) else {
+        return;
+    };
+    let Some(cpu_node) = cpu_only_node(s.c).unwrap() else {
+        ergon_testkit::skipped(
+            NAME,
+            "needs a node without GPUs (scripts/slurm-cluster up --nodes 4 --cpu-only-nodes 1)",
+        );
+        return;
+    };
+    s.run(|s| {
+        let c = s.c;
+        let gpu_node = c.nodes[0].clone();
+        let d = s.dir.path().display().to_string();
+        // Slurm places no single job with GPUs on one node and none on another (`--gpus=4 -N2`
+        // over these two nodes: "Requested node configuration is not available"): a
+        // heterogeneous job does it, one component per node.
+        let job = c.sbatch([
+            "-N1",
+            &format!("--nodelist={gpu_node}"),
+            "--gres=gpu:4",
+            "--energy-report",
+            "--time=5",
+            "--job-name=ergon-het",
+            &format!("--chdir={d}"),
+            &format!("--output={d}/slurm-%j.out"),
+            ":",
+            "-N1",
+            &format!("--nodelist={cpu_node}"),
+            "--wrap",
+            "srun --het-group=0,1 sleep 3",
+        ])?;
+        c.wait_completed(job)?;
+        // Each component is a job of its own for Slurm's accounting (sacct `J+0`, `J+1`, with
+        // their own raw ids), so each gets its own manifest and record.
+        let rows = c.sacct_rows(job, "JobID,JobIDRaw,NodeList")?;
+        println!("{rows:?}");
+        let het: u32 = rows
+            .iter()
+            .find(|r| r[0] == format!("{job}+1"))
+            .ok_or_else(|| anyhow!("no component {job}+1 in {rows:?}"))?[1]
+            .parse()?;
+
+        // The GPU node: its four GPUs, each at its known power, and its two sockets' RAPL zones.
+        let e1 = s.ergond(&gpu_node);
+        let m1 = e1.wait_manifest(job)?;
+        let secs = (m1.end_unix_ns - m1.start_unix_ns) as f64 / 1e9;
+        ensure!(m1.gpus.len() == 4, "{gpu_node}: {:#?}", m1.gpus);
+        for g in &m1.gpus {
+            let fake = e1
+                .gpus
+                .iter()
+                .find(|f| f.uuid == g.uuid)
+                .ok_or_else(|| anyhow!("GPU {} is not {gpu_node}'s", g.uuid))?;
+            let truth = fake.watts * secs;
+            let energy = g.energy_j.ok_or_else(|| anyhow!("not measured: {g:?}"))?;
+            ensure!(
+                (energy - truth).abs() / truth < ENERGY_TOLERANCE,
+                "{gpu_node}: {g:?} vs {truth} J"
+            );
+        }
+        let rapl = m1
+            .sensors
+            .iter()
+            .find(|x| x.kind == ergon_protocol::SensorKind::RaplPowercap)
+            .ok_or_else(|| anyhow!("no RAPL sensor: {:?}", m1.sensors))?;
+        ensure!(
+            e1.sockets == 2
+                && rapl.detail.contains("package-0")
+                && rapl.detail.contains("package-1"),
+            "{gpu_node}'s two sockets: {rapl:?}"
+        );
+        ensure!(m1.totals.cpu_j.is_some_and(|j| j > 0.0), "{:?}", m1.totals);
+
+        // The CPU-only node: no GPU part at all — not "unknown", not a GPU energy of 0.
+        let e2 = s.ergond(&cpu_node);
+        let m2 = e2.wait_manifest(het)?;
+        ensure!(
+            m2.gpus.is_empty()
+                && m2.totals.gpu_j.is_none()
+                && m2.coverage.gpus_unknown.is_none()
+                && m2.coverage.fraction == 1.0,
+            "{cpu_node}: gpus {:?}, totals {:?}, coverage {:?}",
+            m2.gpus,
+            m2.totals,
+            m2.coverage
+        );
+        ensure!(m2.totals.cpu_j.is_some_and(|j| j > 0.0), "{:?}", m2.totals);
+        ensure!(
+            e1.manifest_path(het)?.is_none() && e2.manifest_path(job)?.is_none(),
+            "a component's manifest on the other component's node"
+        );
+
+        // The records: each component's is its node's manifest, and they add up to the job.
+        let acct = s.accounting("het", &[gpu_node.as_str(), cpu_node.as_str()])?;
+        ergon_run(c, &acct)?;
+        let (_, r1) = sacct_record(c, job)?;
+        let (_, r2) = sacct_record(c, het)?;
+        println!("{job}: {r1:?}\n{het}: {r2:?}");
+        ensure!(
+            (r1.nodes, r1.gpus, r1.gpu_j, r1.energy_j)
+                == (
+                    1,
+                    4,
+                    m1.totals.gpu_j.unwrap_or_default().round() as u64,
+                    m1.totals.energy_j.round() as u64
+                ),
+            "{r1:?} vs {:?}",
+            m1.totals
+        );
+        ensure!(
+            (
+                r2.nodes,
+                r2.gpus,
+                r2.gpu_j,
+                r2.gpus_unknown_nodes,
+                r2.energy_j
+            ) == (1, 0, 0, 0, m2.totals.energy_j.round() as u64)
+                && r2.coverage_gpu.is_none(),
+            "{r2:?} vs {:?}",
+            m2.totals
+        );
+
+        // The user's report of the CPU-only component says it has no GPU, not that its GPU
+        // energy is unknown or not measured.
+        let report = s.dir.path().join(format!("ergon-{het}.txt"));
+        let text = wait_for(MANIFEST_TIMEOUT, &format!("{}", report.display()), || {
+            Ok(std::fs::read_to_string(&report).ok())
+        })?;
+        println!("{text}");
+        ensure!(
+            text.contains("GPU      none (no GPU allocated")
+                && !text.contains("unknown")
+                && !text.contains("not measured"),
+            "{text}"
+        );
         Ok(())
     });
 }

@@ -175,10 +175,17 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
         format::power(t.avg_w),
         format::power(t.peak_w)
     );
+    // A job that holds no GPU here (a CPU-only node or job) has no GPU part; "not measured"
+    // is for GPUs it holds whose energy could not be read.
+    let no_gpus = m.gpus.is_empty() && m.coverage.gpus_unknown.is_none() && t.gpu_j.is_none();
     let _ = writeln!(
         s,
         "  GPU      {}{}",
-        opt_energy(t.gpu_j),
+        if no_gpus {
+            "none (no GPU allocated to the job on this node)".to_owned()
+        } else {
+            opt_energy(t.gpu_j)
+        },
         if m.gpus.is_empty() {
             String::new()
         } else {
