@@ -34,4 +34,5 @@ pub mod sacct;
 pub mod sinks;
 pub mod spool;
 pub mod state;
+pub mod summary;
 pub mod usage;

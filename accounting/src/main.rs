@@ -120,6 +120,36 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = records::JobsFormat::Table)]
         format: records::JobsFormat,
     },
+    /// Sum the collected jobs' energy by user, account, partition or node.
+    ///
+    /// From the job-records database: jobs, energy by component, GPU-hours and node-hours per
+    /// group, the lowest coverage, and how many jobs have an estimated part or GPUs of unknown
+    /// energy. A user who is not root sees the sums of their own jobs only. Times are UTC:
+    /// YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS], or @UNIX_SECONDS; a job counts by its end. Exit codes:
+    /// 0 printed (perhaps no jobs); 1 the database cannot be read; 2 usage error.
+    Summary {
+        /// What to group by.
+        #[arg(long, value_enum, default_value_t = records::SummaryBy::User)]
+        by: records::SummaryBy,
+        /// Only jobs that ended at or after this time.
+        #[arg(long, value_parser = records::parse_time)]
+        since: Option<u64>,
+        /// Only jobs that ended before this time.
+        #[arg(long, value_parser = records::parse_time)]
+        until: Option<u64>,
+        /// Only this cluster's jobs.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only this user's jobs.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only this account's jobs.
+        #[arg(long)]
+        account: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = records::JobsFormat::Table)]
+        format: records::JobsFormat,
+    },
     /// Draw a job's power over time from its manifests' power traces, as SVG or PNG.
     ///
     /// One line per device per node, the job's and steps' start and end marked, each device's
@@ -300,12 +330,60 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             let rows = db.list(&records::JobFilter {
                 cluster,
                 user,
+                uid: None,
                 account,
                 since_unix_ns: since,
                 until_unix_ns: until,
                 limit,
             })?;
             print!("{}", records::render_jobs(&rows, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Summary {
+            by,
+            since,
+            until,
+            cluster,
+            user,
+            account,
+            format,
+        } => {
+            // As for `report`: users may not be able to read the admin's config.
+            let config = load_config(&args.config, false)
+                .or_else(|_| Config::parse("", &args.config))
+                .context("reading the config")?;
+            if !config.records.enabled {
+                anyhow::bail!(
+                    "the job-records database is disabled ([records] enabled = false in {}): `ergon summary` has nothing to read",
+                    args.config.display()
+                );
+            }
+            // A user who is not root sums their own jobs only, like sacct's PrivateData=jobs.
+            let me = rustix::process::getuid().as_raw();
+            let uid = (me != 0).then_some(me);
+            let filter = records::JobFilter {
+                cluster: cluster.clone(),
+                user: user.clone(),
+                uid,
+                account: account.clone(),
+                since_unix_ns: since,
+                until_unix_ns: until,
+                limit: None,
+            };
+            let db = records::RecordsDb::open_location_read_only(&config.records_location())?;
+            let rows = db.summary(by, &filter)?;
+            let scope = ergon_accounting::summary::Scope {
+                by,
+                since_unix_ns: since,
+                until_unix_ns: until,
+                cluster,
+                user: user.or_else(|| uid.map(|u| format!("uid {u} (your jobs only)"))),
+                account,
+            };
+            print!(
+                "{}",
+                ergon_accounting::summary::render(&rows, &scope, format)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Plot {

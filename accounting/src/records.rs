@@ -75,6 +75,7 @@ pub const MIGRATIONS: &[&str] = &[
         sluid TEXT,
         job_nodes TEXT,
         nodes_missing TEXT,
+        gpus_unknown_nodes INTEGER NOT NULL,
         nodes INTEGER NOT NULL,
         gpus INTEGER NOT NULL,
         written_unix INTEGER NOT NULL,
@@ -167,6 +168,7 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
             sluid VARCHAR(64),
             job_nodes MEDIUMTEXT,
             nodes_missing MEDIUMTEXT,
+            gpus_unknown_nodes INT NOT NULL,
             nodes INT NOT NULL,
             gpus INT NOT NULL,
             written_unix BIGINT NOT NULL,
@@ -920,6 +922,15 @@ impl RecordsDb {
         self.with(|sql| list_jobs(sql, filter))
     }
 
+    /// The jobs matching `filter` (its `limit` aside) summed by `by`, most energy first.
+    pub fn summary(
+        &self,
+        by: SummaryBy,
+        filter: &JobFilter,
+    ) -> Result<Vec<SummaryRow>, RecordsError> {
+        self.with(|sql| summarize(sql, by, filter))
+    }
+
     /// Jobs in the database.
     pub fn count(&self) -> Result<u64, RecordsError> {
         self.with(|sql| {
@@ -1018,6 +1029,7 @@ const JOB_COLUMNS: &[&str] = &[
     "sluid",
     "job_nodes",
     "nodes_missing",
+    "gpus_unknown_nodes",
     "nodes",
     "gpus",
     "written_unix",
@@ -1097,6 +1109,7 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
                 (&r.sluid).into(),
                 (&r.job_nodes.as_ref().map(to_json)).into(),
                 (&(!r.nodes_missing.is_empty()).then(|| to_json(&r.nodes_missing))).into(),
+                r.gpus_unknown.len().into(),
                 r.nodes.len().into(),
                 r.gpus.len().into(),
                 now.into(),
@@ -1344,6 +1357,8 @@ pub struct JobFilter {
     pub cluster: Option<String>,
     /// Only this user's.
     pub user: Option<String>,
+    /// Only the jobs of this uid (what a user who is not root sees of the summaries).
+    pub uid: Option<u32>,
     /// Only this account's.
     pub account: Option<String>,
     /// Only jobs that ended at or after this (Unix ns).
@@ -1399,6 +1414,7 @@ fn list_jobs(sql: &mut dyn Sql, f: &JobFilter) -> DbResult<Vec<JobRow>> {
             duration_s, energy_j, gpu_j, cpu_j, dram_j, nodes, gpus, coverage_min, estimated
          FROM jobs
          WHERE (? IS NULL OR cluster = ?) AND (? IS NULL OR `user` = ?)
+            AND (? IS NULL OR uid = ?)
             AND (? IS NULL OR account = ?) AND (? IS NULL OR end_unix_ns >= ?)
             AND (? IS NULL OR end_unix_ns < ?)
          ORDER BY end_unix_ns DESC, cluster, job_id DESC
@@ -1408,6 +1424,8 @@ fn list_jobs(sql: &mut dyn Sql, f: &JobFilter) -> DbResult<Vec<JobRow>> {
             (&f.cluster).into(),
             (&f.user).into(),
             (&f.user).into(),
+            f.uid.into(),
+            f.uid.into(),
             (&f.account).into(),
             (&f.account).into(),
             since.into(),
@@ -1436,6 +1454,138 @@ fn list_jobs(sql: &mut dyn Sql, f: &JobFilter) -> DbResult<Vec<JobRow>> {
                 gpus: row.u32(13)?,
                 coverage_min: row.real(14)?,
                 estimated: row.bool(15)?,
+            })
+        })
+        .collect()
+}
+
+/// What `ergon summary` groups the jobs by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SummaryBy {
+    /// The job's owner.
+    User,
+    /// The job's Slurm account.
+    Account,
+    /// The job's partition.
+    Partition,
+    /// Each node a job ran on (a job on several nodes counts on each, with that node's part).
+    Node,
+}
+
+/// One group of `ergon summary`: the jobs of one user (account, partition, node) of one cluster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SummaryRow {
+    /// Cluster.
+    pub cluster: String,
+    /// The group: user, account, partition or node name (`None`: jobs without an account or
+    /// partition).
+    pub key: Option<String>,
+    /// Jobs (by node: the jobs that ran on the node).
+    pub jobs: u64,
+    /// Joules, all components.
+    pub energy_j: f64,
+    /// GPU joules (of the jobs whose GPU part was measured).
+    pub gpu_j: f64,
+    /// CPU package joules.
+    pub cpu_j: f64,
+    /// DRAM joules.
+    pub dram_j: f64,
+    /// GPU-hours allocated: each job's GPUs × its duration.
+    pub gpu_hours: f64,
+    /// Node-hours: each job's nodes × its duration (by node: the hours of jobs on the node).
+    pub node_hours: f64,
+    /// The lowest coverage of any of the group's jobs (by node: of that node's parts).
+    pub coverage_min: f64,
+    /// Jobs with an estimated part.
+    pub estimated_jobs: u64,
+    /// Jobs with GPUs whose energy is unknown (their GPU part is not in `gpu_j`).
+    pub gpus_unknown_jobs: u64,
+}
+
+fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<SummaryRow>> {
+    // Only the filters given, so that the database can use its indexes (a `? IS NULL OR …`
+    // clause hides them: a month of a year's jobs would be a full scan).
+    let mut clauses: Vec<&str> = Vec::new();
+    let mut params: Vec<Cell> = Vec::new();
+    if let Some(c) = &f.cluster {
+        clauses.push("j.cluster = ?");
+        params.push(c.as_str().into());
+    }
+    if let Some(u) = &f.user {
+        clauses.push("j.`user` = ?");
+        params.push(u.as_str().into());
+    }
+    if let Some(uid) = f.uid {
+        clauses.push("j.uid = ?");
+        params.push(uid.into());
+    }
+    if let Some(a) = &f.account {
+        clauses.push("j.account = ?");
+        params.push(a.as_str().into());
+    }
+    if let Some(t) = f.since_unix_ns {
+        clauses.push("j.end_unix_ns >= ?");
+        params.push((t.min(i64::MAX as u64) as i64).into());
+    }
+    if let Some(t) = f.until_unix_ns {
+        clauses.push("j.end_unix_ns < ?");
+        params.push((t.min(i64::MAX as u64) as i64).into());
+    }
+    let filters = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    let query = match by {
+        SummaryBy::User | SummaryBy::Account | SummaryBy::Partition => {
+            let col = match by {
+                SummaryBy::User => "j.`user`",
+                SummaryBy::Account => "j.account",
+                _ => "j.`partition`",
+            };
+            format!(
+                "SELECT j.cluster, {col}, COUNT(*), SUM(j.energy_j), SUM(j.gpu_j), SUM(j.cpu_j),
+                    SUM(j.dram_j), SUM(j.gpus * j.duration_s) / 3600.0,
+                    SUM(j.nodes * j.duration_s) / 3600.0, MIN(j.coverage_min),
+                    SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END)
+                 FROM jobs j
+                 {filters}
+                 GROUP BY j.cluster, {col}
+                 ORDER BY SUM(j.energy_j) DESC, j.cluster, {col}"
+            )
+        }
+        SummaryBy::Node => format!(
+            "SELECT j.cluster, n.node, COUNT(*), SUM(n.energy_j), SUM(n.gpu_j), SUM(n.cpu_j),
+                SUM(n.dram_j), SUM(COALESCE(g.gpus, 0) * j.duration_s) / 3600.0,
+                SUM(j.duration_s) / 3600.0, MIN(n.coverage), SUM(j.estimated),
+                SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END)
+             FROM job_nodes n
+             JOIN jobs j ON j.cluster = n.cluster AND j.job_id = n.job_id
+             LEFT JOIN (SELECT cluster, job_id, node, COUNT(*) AS gpus FROM job_gpus
+                        GROUP BY cluster, job_id, node) g
+                ON g.cluster = n.cluster AND g.job_id = n.job_id AND g.node = n.node
+             {filters}
+             GROUP BY j.cluster, n.node
+             ORDER BY SUM(n.energy_j) DESC, j.cluster, n.node"
+        ),
+    };
+    let rows = sql.query(&query, params)?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(SummaryRow {
+                cluster: row.text(0)?,
+                key: row.opt_text(1)?,
+                jobs: row.u64(2)?,
+                energy_j: row.real(3)?,
+                gpu_j: row.opt_real(4)?.unwrap_or(0.0),
+                cpu_j: row.opt_real(5)?.unwrap_or(0.0),
+                dram_j: row.opt_real(6)?.unwrap_or(0.0),
+                gpu_hours: row.opt_real(7)?.unwrap_or(0.0),
+                node_hours: row.opt_real(8)?.unwrap_or(0.0),
+                coverage_min: row.real(9)?,
+                estimated_jobs: row.opt_real(10)?.unwrap_or(0.0) as u64,
+                gpus_unknown_jobs: row.opt_real(11)?.unwrap_or(0.0) as u64,
             })
         })
         .collect()
@@ -1826,6 +1976,126 @@ mod tests {
             csv.lines().nth(1).unwrap().starts_with("c,3,alice,chem,"),
             "{csv}"
         );
+    }
+
+    #[test]
+    fn the_summary_sums_each_group_as_the_records_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RecordsDb::open(&dir.path().join("r.sqlite")).unwrap();
+        let mk = |job,
+                  node: &str,
+                  user: &str,
+                  uid,
+                  account: &str,
+                  partition: &str,
+                  gpus: &[f64],
+                  end_s: u64| {
+            let mut b = ManifestBuilder::new("c", job, node)
+                .user(user, uid)
+                .account(account)
+                .partition(partition)
+                .ended(end_s * 1_000_000_000, 360)
+                .socket(10.0, Some(2.0));
+            for g in gpus {
+                b = b.gpu(Some(*g));
+            }
+            b.build()
+        };
+        let records = [
+            combine(&[mk(
+                1,
+                "n1",
+                "alice",
+                1000,
+                "phys",
+                "gpu",
+                &[100.0, 120.0],
+                1_000,
+            )]),
+            // On two nodes: by node each has its part, by user the job counts once.
+            combine(&[
+                mk(2, "n1", "alice", 1000, "chem", "gpu", &[50.0], 2_000),
+                mk(2, "n2", "alice", 1000, "chem", "gpu", &[70.0], 2_000),
+            ]),
+            combine(&[mk(3, "n2", "bob", 1001, "phys", "cpu", &[], 3_000)]),
+        ];
+        db.upsert(&records.iter().collect::<Vec<_>>()).unwrap();
+        let by = |by, f: JobFilter| db.summary(by, &f).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+
+        let users = by(SummaryBy::User, JobFilter::default());
+        let keys: Vec<_> = users.iter().map(|r| r.key.clone().unwrap()).collect();
+        assert_eq!(keys, ["alice", "bob"], "most energy first");
+        let alice = &users[0];
+        assert_eq!(alice.jobs, 2);
+        assert!(close(
+            alice.energy_j,
+            records[0].energy_j + records[1].energy_j
+        ));
+        assert!(close(alice.gpu_j, 100.0 + 120.0 + 50.0 + 70.0));
+        // 0.1 h each: job 1 two GPUs on one node, job 2 one GPU on each of two nodes.
+        assert!(close(alice.gpu_hours, 0.2 + 0.2), "{alice:?}");
+        assert!(close(alice.node_hours, 0.1 + 0.2), "{alice:?}");
+        assert_eq!((users[1].jobs, users[1].gpu_hours), (1, 0.0));
+
+        let accounts = by(SummaryBy::Account, JobFilter::default());
+        let phys = accounts
+            .iter()
+            .find(|r| r.key.as_deref() == Some("phys"))
+            .unwrap();
+        assert_eq!(phys.jobs, 2);
+        assert!(close(
+            phys.energy_j,
+            records[0].energy_j + records[2].energy_j
+        ));
+        let partitions = by(SummaryBy::Partition, JobFilter::default());
+        assert_eq!(partitions.iter().map(|r| r.jobs).sum::<u64>(), 3);
+
+        let nodes = by(SummaryBy::Node, JobFilter::default());
+        let n1 = nodes
+            .iter()
+            .find(|r| r.key.as_deref() == Some("n1"))
+            .unwrap();
+        let n2 = nodes
+            .iter()
+            .find(|r| r.key.as_deref() == Some("n2"))
+            .unwrap();
+        assert_eq!((n1.jobs, n2.jobs), (2, 2));
+        assert!(close(n1.gpu_j, 100.0 + 120.0 + 50.0) && close(n2.gpu_j, 70.0));
+        assert!(
+            close(n1.gpu_hours, 0.2 + 0.1) && close(n2.gpu_hours, 0.1),
+            "{nodes:?}"
+        );
+        let all: f64 = records.iter().map(|r| r.energy_j).sum();
+        assert!(close(nodes.iter().map(|r| r.energy_j).sum::<f64>(), all));
+
+        // Filters: a time window, and a user who is not root sees their own sums only.
+        let window = by(
+            SummaryBy::User,
+            JobFilter {
+                since_unix_ns: Some(1_500_000_000_000),
+                until_unix_ns: Some(2_500_000_000_000),
+                ..JobFilter::default()
+            },
+        );
+        assert_eq!((window.len(), window[0].jobs), (1, 1));
+        let own = by(
+            SummaryBy::Account,
+            JobFilter {
+                uid: Some(1001),
+                ..JobFilter::default()
+            },
+        );
+        assert_eq!(own.len(), 1);
+        assert!(close(own[0].energy_j, records[2].energy_j));
+        assert!(by(
+            SummaryBy::User,
+            JobFilter {
+                uid: Some(4242),
+                ..JobFilter::default()
+            }
+        )
+        .is_empty());
     }
 
     #[test]

@@ -184,6 +184,116 @@ fn jobs_lists_with_filters_and_formats() {
     );
 }
 
+/// `ergon summary` sums the collected jobs by user, account, partition and node, in each
+/// format; a user who is not root sees their own jobs' sums only.
+#[test]
+fn summary_sums_the_collected_jobs_by_group() {
+    let s = Setup::new();
+    s.write_config("");
+    let end = now_ns() - 60_000_000_000;
+    let mut truth = std::collections::BTreeMap::<&str, (u64, f64)>::new();
+    for (job, user, account, nodes) in [
+        (1, "alice", "phys", &["n1"][..]),
+        (2, "bob", "phys", &["n1", "n2"][..]),
+        (3, "alice", "chem", &["n2"][..]),
+    ] {
+        let mut energy = 0.0;
+        for node in nodes {
+            let m = ergon_protocol::testing::ManifestBuilder::new("c1", job, node)
+                .user(user, 1000 + job)
+                .account(account)
+                .partition("gpu")
+                .ended(end, 3_600)
+                .gpu(Some(1_000.0 * f64::from(job)))
+                .socket(10.0 * f64::from(job), None)
+                .build();
+            energy += m.totals.energy_j;
+            write_manifest(&s.spool(), &m);
+        }
+        let t = truth.entry(user).or_default();
+        *t = (t.0 + 1, t.1 + energy);
+    }
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let summary = |args: &[&str]| -> serde_json::Value {
+        let out = s
+            .ergon()
+            .args(["summary", "--format", "json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let root = own_uid() == 0;
+    let v = summary(&["--by", "user"]);
+    let groups = v["groups"].as_array().unwrap();
+    if !root {
+        // Not root: the sums of this user's own jobs only (none here), and the scope says so.
+        assert!(groups.is_empty(), "{v}");
+        assert!(
+            v["scope"]["user"]
+                .as_str()
+                .unwrap()
+                .contains("your jobs only"),
+            "{v}"
+        );
+        return;
+    }
+    assert_eq!(groups.len(), 2, "{v}");
+    for g in groups {
+        let (jobs, energy) = truth[g["key"].as_str().unwrap()];
+        assert_eq!(g["jobs"], jobs, "{g}");
+        assert!(
+            (g["energy_j"].as_f64().unwrap() - energy).abs() < 1e-6,
+            "{g} vs {energy}"
+        );
+        // One GPU per node for an hour.
+        assert!(g["gpu_hours"].as_f64().unwrap() >= 1.0, "{g}");
+    }
+    let all: f64 = truth.values().map(|t| t.1).sum();
+    for by in ["account", "partition", "node"] {
+        let v = summary(&["--by", by]);
+        assert!(
+            (v["total"]["energy_j"].as_f64().unwrap() - all).abs() < 1e-6,
+            "{by}: {v}"
+        );
+    }
+    // By node a job on two nodes counts on each; GPU-hours follow the node's GPUs.
+    let v = summary(&["--by", "node"]);
+    assert_eq!(v["total"]["jobs"], 4, "{v}");
+    assert!(
+        (v["total"]["gpu_hours"].as_f64().unwrap() - 4.0).abs() < 1e-6,
+        "{v}"
+    );
+    let v = summary(&["--by", "account", "--user", "alice"]);
+    assert_eq!(v["groups"].as_array().unwrap().len(), 2, "{v}");
+    let out = s
+        .ergon()
+        .args(["summary", "--by", "account", "--format", "csv"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(csv.starts_with("cluster,account,jobs,energy_j,"), "{csv}");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let out = s.ergon().args(["summary"]).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.starts_with("ergon summary: by user, every job collected"),
+        "{table}"
+    );
+    assert!(
+        table.contains("TOTAL") && table.contains("alice"),
+        "{table}"
+    );
+}
+
+fn own_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX)
+}
+
 /// A database that cannot be written (its path is a directory) keeps its records pending and
 /// the run exits 3; the next run with a usable path writes them all.
 #[test]

@@ -247,6 +247,37 @@ fn mariadb_holds_the_records_as_sqlite_does() {
     assert!(out.status.success(), "{}", show(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 5, "{v}");
+    // `ergon summary` from MariaDB: by user and by node, the job count and energy of every
+    // job listed.
+    let all = s
+        .ergon()
+        .args(["jobs", "--cluster", "c1", "--format", "json"])
+        .output()
+        .unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&all.stdout).unwrap();
+    let listed: f64 = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["energy_j"].as_f64().unwrap())
+        .sum();
+    for by in ["user", "node"] {
+        let out = s
+            .ergon()
+            .args(["summary", "--by", by, "--cluster", "c1", "--format", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", show(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let energy = v["total"]["energy_j"].as_f64().unwrap();
+        assert!(
+            (energy - listed).abs() < 1e-6 * listed,
+            "by {by}: {energy} vs {listed}: {v}"
+        );
+        if by == "user" {
+            assert_eq!(v["total"]["jobs"], all.as_array().unwrap().len(), "{v}");
+        }
+    }
 
     // A newer schema is refused and left as it is.
     db.sql(&format!(
