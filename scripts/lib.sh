@@ -11,6 +11,8 @@
 #   lib_note MESSAGE...                 "NAME: MESSAGE" on stderr
 #   show_log FILE [LINES]               the last LINES (default 30) lines of a log, indented, on
 #                                       stderr, after a failure
+#   fail LOG MESSAGE...                 show_log LOG, then die MESSAGE (a daemon or a step that
+#                                       failed, its log's end just above the error)
 #   need_root WHY COMMAND...            die unless root, saying why and how to run COMMAND
 #   check_plain_path NAME PATH          die unless PATH is absolute and made of letters, digits and
 #                                       ._/+- only (it goes into TOML and plugstack.conf lines)
@@ -63,6 +65,13 @@ show_log() {
     fi
     printf 'last lines of %s:\n' "$1" >&2
     tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2
+}
+
+fail() {
+    local log=$1
+    shift
+    show_log "$log"
+    die "$@"
 }
 
 need_root() {
