@@ -742,14 +742,15 @@ fn a_two_node_job_is_one_record_with_a_per_node_split() {
         }
 
         // One record for the job, from all the nodes' spools (the third node's included),
-        // uploaded to a real VictoriaMetrics too.
+        // uploaded to a real VictoriaMetrics too, with the per-job series (off by default: only
+        // the usage counters) that show it was sent once.
         let vm = Vm::start(&s.dir.path().join("vm"))?;
         let all: Vec<&str> = c.nodes.iter().map(String::as_str).collect();
         let acct = s.accounting_with(
             "all",
             &all,
             &format!(
-                "\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\n",
+                "\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nper_job_series = true\n",
                 vm.port
             ),
         )?;
