@@ -11,9 +11,12 @@
 #   lib_note MESSAGE...                 "NAME: MESSAGE" on stderr
 #   show_log FILE [LINES]               the last LINES (default 30) lines of a log, indented, on
 #                                       stderr, after a failure
+#   fail LOG MESSAGE...                 show_log LOG, then die MESSAGE (a daemon or a step that
+#                                       failed, its log's end just above the error)
 #   need_root WHY COMMAND...            die unless root, saying why and how to run COMMAND
-#   check_plain_path NAME PATH          die unless PATH is absolute and made of letters, digits and
-#                                       ._/+- only (it goes into TOML and plugstack.conf lines)
+#   check_plain_path NAME PATH          die unless PATH is absolute, made of letters, digits and
+#                                       ._/+- only, with no . or .. component (it goes into TOML,
+#                                       unit files and plugstack.conf lines)
 #   wait_until SECONDS COMMAND...       run COMMAND (output discarded) every 0.2 s until it
 #                                       succeeds; status 1 when SECONDS pass first
 #   close_inherited_fds                 close every descriptor above 2 of this (sub)shell
@@ -65,6 +68,13 @@ show_log() {
     tail -n "${2:-30}" "$1" | sed 's/^/    /' >&2
 }
 
+fail() {
+    local log=$1
+    shift
+    show_log "$log"
+    die "$@"
+}
+
 need_root() {
     local why=$1
     shift
@@ -72,8 +82,8 @@ need_root() {
 }
 
 check_plain_path() {
-    [[ $2 =~ ^/[A-Za-z0-9._/+-]+$ && $2 != *..* ]] ||
-        die "$1 must be an absolute path of letters, digits and ._/+- only (got '$2')"
+    [[ $2 =~ ^/[A-Za-z0-9._/+-]+$ && $2 != *..* && $2/ != */./* ]] ||
+        die "$1 must be an absolute path of letters, digits and ._/+- only, with no . or .. component (got '$2')"
 }
 
 wait_until() {

@@ -708,7 +708,7 @@ impl Attributor {
 mod tests {
     use super::*;
     use crate::attribution::EstimateReason;
-    use crate::jobs::manifest::GpuFact;
+    use crate::jobs::facts::GpuFact;
     use crate::sources::rapl::ZoneKey;
     use ergon_protocol::EnergyMethod;
 

@@ -1,0 +1,108 @@
+//! What both ways of running use: the sinks, a job's new state entry, the clock, progress bars.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::collect::{combine, FoundManifest};
+use crate::config::Config;
+use crate::sinks::{HttpIngest, Sink, VictoriaMetrics};
+use crate::state::{Delivery, JobEntry, State};
+
+use super::summary::RunSummary;
+
+/// A sink the uploader threads can use.
+pub type SharedSink = Box<dyn Sink + Send + Sync>;
+pub(super) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub(super) fn bar(enabled: bool, len: usize, what: &str) -> ProgressBar {
+    if !enabled || len < 100 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Build the configured sinks.
+pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
+    let mut sinks: Vec<SharedSink> = Vec::new();
+    if config.records.enabled && dry_run {
+        sinks.push(Box::new(crate::records::RecordsSink::dry(
+            config.records.batch_size,
+        )));
+    } else if config.records.enabled {
+        sinks.push(Box::new(crate::records::RecordsSink::open(
+            &config.records_location(),
+            config.records.batch_size,
+        )));
+    }
+    if let Some(vm) = &config.victoria_metrics {
+        sinks.push(Box::new(
+            VictoriaMetrics::new(vm, &config.state_dir)
+                .context("setting up the victoria_metrics sink")?,
+        ));
+    }
+    if let Some(http) = &config.http {
+        sinks.push(Box::new(
+            HttpIngest::new(http).context("setting up the http sink")?,
+        ));
+    }
+    Ok(sinks)
+}
+/// A new entry for `record`, or `None` when the job is in the state with the same key, or
+/// ended before the horizon (counted).
+pub(super) fn new_entry(
+    config: &Config,
+    state: &State,
+    sinks: &[SharedSink],
+    summary: &mut RunSummary,
+    key: &str,
+    found: Vec<FoundManifest>,
+    horizon_unix_ns: u64,
+) -> Option<JobEntry> {
+    let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
+    let record = combine(&manifests);
+    let existing = state.jobs.get(key);
+    if existing.is_some_and(|e| e.key == record.idempotency_key) {
+        return None;
+    }
+    if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
+        summary.skipped_before_horizon += 1;
+        return None;
+    }
+    if existing.is_some() {
+        summary.updated += 1;
+    } else {
+        summary.collected += 1;
+    }
+    Some(JobEntry {
+        key: record.idempotency_key.clone(),
+        collected_unix: now_unix(),
+        end_unix_ns: record.end_unix_ns,
+        sacct: config.sacct.enabled.then(Delivery::pending),
+        sinks: sinks
+            .iter()
+            .map(|s| (s.name().to_owned(), Delivery::pending()))
+            .collect(),
+        record: Some(record),
+    })
+}

@@ -1,0 +1,108 @@
+//! [`run`]: one `ergon run`, from the lock to the last save: the sequential or the pipelined
+//! path in between.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+
+use crate::config::Config;
+use crate::state::{Bounds, Delivery, RunLock, State};
+
+use super::common::{build_sinks, now_unix, now_unix_ns, SharedSink};
+use super::pipeline::run_pipelined;
+use super::sacct::write_sacct;
+use super::saver::Saver;
+use super::sequential::run_sequential;
+use super::summary::{RunOptions, RunSummary};
+
+/// One `ergon run`. Fails with [`crate::state::LockError::Busy`] (inside the anyhow error) when
+/// another run holds the lock.
+pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
+    let started = Instant::now();
+    let mut summary = RunSummary::default();
+    if !options.dry_run {
+        std::fs::create_dir_all(&config.state_dir).with_context(|| {
+            format!(
+                "creating the state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+    }
+    let _lock = if options.dry_run {
+        None
+    } else {
+        Some(RunLock::try_acquire(&config.state_dir)?)
+    };
+    let mut state = State::load(&config.state_dir)?;
+    summary.timings.load_state = started.elapsed();
+    let bounds = Bounds {
+        max_age_s: config.state.max_age_days.saturating_mul(86_400),
+        max_jobs: config.state.max_jobs,
+    };
+    let sinks = build_sinks(config, options.dry_run)?;
+    let mut saver = Saver::new(config);
+    if state.replayed > 0 && !options.dry_run {
+        tracing::warn!(
+            "an earlier run was interrupted: replayed {} journal entries; records it may have sent are sent again",
+            state.replayed
+        );
+        saver.now(&mut state)?;
+    }
+
+    accept_sent_without_verifier(&mut state, &sinks);
+    let pruned = state.prune(bounds, now_unix_ns());
+    summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    if options.dry_run || options.sequential {
+        run_sequential(
+            config,
+            options,
+            &mut state,
+            &mut summary,
+            &sinks,
+            &mut saver,
+            bounds,
+        )?;
+        if options.dry_run {
+            return Ok(summary);
+        }
+    } else {
+        summary.timings.pipelined = true;
+        run_pipelined(
+            config,
+            options,
+            &mut state,
+            &mut summary,
+            &sinks,
+            &mut saver,
+            bounds,
+        )?;
+        if config.sacct.enabled {
+            let step = Instant::now();
+            write_sacct(config, &mut state, &mut summary, &mut saver, options)?;
+            summary.timings.sacct = step.elapsed();
+        }
+    }
+
+    state.forget_delivered_bodies();
+    state.last_run_unix = Some(now_unix());
+    state.last_run_summary = Some(summary.line());
+    saver.now(&mut state)?;
+    saver.report(&mut summary.timings);
+    summary.timings.total = started.elapsed();
+    Ok(summary)
+}
+
+/// Records a sink accepted in an earlier run while it verified (`sent`) count as delivered once
+/// it no longer verifies (`victoria_metrics.verify = false`: a 2xx is delivery); sending them
+/// again would store them twice.
+fn accept_sent_without_verifier(state: &mut State, sinks: &[SharedSink]) {
+    for sink in sinks.iter().filter(|s| s.verifier().is_none()) {
+        for entry in state.jobs.values_mut() {
+            if let Some(d) = entry.sinks.get_mut(sink.name()) {
+                if let Delivery::Sent { at_unix, .. } = *d {
+                    *d = Delivery::Done { at_unix };
+                }
+            }
+        }
+    }
+}
