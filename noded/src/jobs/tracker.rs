@@ -73,9 +73,10 @@ impl JobTracker {
             );
         }
         let (report_tx, report_rx) = sync_channel(REPORT_QUEUE);
+        let private_reports = config.spool_modes.private;
         std::thread::Builder::new()
             .name("ergond-report".into())
-            .spawn(move || report_writer(report_rx))?;
+            .spawn(move || report_writer(report_rx, private_reports))?;
         flag_shared_gpus(&sampler, &attributor);
         let (spool_tx, spool_rx) = sync_channel::<SpoolWork>(SPOOL_QUEUE);
         let inner = Arc::new(Inner {
