@@ -185,7 +185,7 @@ impl NodeErgond {
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nprefer_perf = false\n\
                  cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsocket_path = {}\n\
                  state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n\
-                 node_name = {node:?}\ngres_conf = {}\n",
+                 node_name = {node:?}\ngres_conf = {}\nprivate_data = \"no\"\n",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),
