@@ -42,7 +42,9 @@ fn group_id(name: &str) -> Result<u32> {
     let text = String::from_utf8_lossy(&out.stdout);
     match text.trim().split(':').nth(2).map(str::parse::<u32>) {
         Some(Ok(gid)) if out.status.success() => Ok(gid),
-        _ => bail!("private_group {name:?} is not a group of this host; create it or remove the key"),
+        _ => {
+            bail!("private_group {name:?} is not a group of this host; create it or remove the key")
+        }
     }
 }
 

@@ -227,14 +227,20 @@ mod tests {
         ] {
             assert!(is_private(v), "{v}");
         }
-        for v in ["none", "", "nodes,partitions", "cloud,events,reservations,users"] {
+        for v in [
+            "none",
+            "",
+            "nodes,partitions",
+            "cloud,events,reservations,users",
+        ] {
             assert!(!is_private(v), "{v}");
         }
     }
 
     #[test]
     fn auto_reads_the_private_data_line() {
-        let open = "ClusterName             = c\nPrivateData             = none\nProctrackType = x\n";
+        let open =
+            "ClusterName             = c\nPrivateData             = none\nProctrackType = x\n";
         let r = from_scontrol_output(open);
         assert!(!r.private, "{r:?}");
         assert!(r.why.contains("none"), "{r:?}");

@@ -33,7 +33,10 @@ use ergon_tests::{cluster, scratch_dir, target_dir, wait_for, wait_for_file, Clu
 /// The plugin's socket is one per cluster: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const SECOND_USER: &str = "ergontest2";
+/// The second unprivileged user (`scripts/slurm-cluster` creates it).
+fn second_user() -> String {
+    std::env::var("ERGON_CLUSTER_TEST_USER2").unwrap_or_else(|_| "ergontest2".into())
+}
 
 /// Whether the cluster runs with a `PrivateData` that makes job data private.
 fn slurm_private(c: &Cluster) -> Result<bool> {
@@ -156,7 +159,11 @@ impl Ergond {
     fn wait_manifest(&self, job: u32, node: &str) -> Result<(PathBuf, Manifest)> {
         let suffix = format!("-{job}-{node}.json");
         let path = wait_for(Duration::from_secs(30), "the job's manifest", || {
-            Ok(std::fs::read_dir(&self.spool)?
+            // Not private, ergond creates the spool with its first manifest.
+            let Ok(entries) = std::fs::read_dir(&self.spool) else {
+                return Ok(None);
+            };
+            Ok(entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.path())
                 .find(|p| {
@@ -267,7 +274,11 @@ impl Setup {
                 "spool_dirs = [{:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\
                  scontrol = {:?}\n{extra}\n[sacct]\nfield = \"AdminComment\"\n",
                 self.ergond.spool.display().to_string(),
-                self.dir.path().join("acct/quarantine").display().to_string(),
+                self.dir
+                    .path()
+                    .join("acct/quarantine")
+                    .display()
+                    .to_string(),
                 self.dir.path().join("acct/state").display().to_string(),
                 self.c.program("scontrol").display().to_string(),
             ),
@@ -345,12 +356,16 @@ fn auto_follows_slurms_private_data() {
                 log.contains("job data is private") && log.contains("PrivateData"),
                 "ergond did not say why job data is private:\n{log}"
             );
-            ensure!(mode(&s.ergond.spool) == 0o700, "spool {:o}", mode(&s.ergond.spool));
+            ensure!(
+                mode(&s.ergond.spool) == 0o700,
+                "spool {:o}",
+                mode(&s.ergond.spool)
+            );
             ensure!(mode(&manifest) == 0o600, "manifest {:o}", mode(&manifest));
             ensure!(mode(&report) == 0o600, "report {:o}", mode(&report));
             ensure!(mode(&state) == 0o700, "state {:o}", mode(&state));
             ensure!(mode(&records) == 0o600, "records {:o}", mode(&records));
-            ensure!(!readable_by(c, SECOND_USER, &manifest)?);
+            ensure!(!readable_by(c, &second_user(), &manifest)?);
         } else {
             ensure!(
                 log.contains("job data is not private"),
@@ -358,7 +373,7 @@ fn auto_follows_slurms_private_data() {
             );
             ensure!(mode(&manifest) == 0o644, "manifest {:o}", mode(&manifest));
             ensure!(mode(&report) == 0o644, "report {:o}", mode(&report));
-            ensure!(readable_by(c, SECOND_USER, &manifest)?);
+            ensure!(readable_by(c, &second_user(), &manifest)?);
         }
         ensure!(readable_by(c, &user, &report)?);
         println!("private={private}, {:?}", t0.elapsed());
@@ -379,7 +394,7 @@ fn a_user_sees_their_own_jobs_energy_and_no_one_elses() {
             return Ok(());
         }
         let a = c.test_user.clone();
-        let b = SECOND_USER;
+        let b = &second_user();
         let (job, _) = s.job_of(&a)?;
         let (manifest, m) = s.ergond.wait_manifest(job, &c.node)?;
         let config = s.accounting("")?;
@@ -388,7 +403,11 @@ fn a_user_sees_their_own_jobs_energy_and_no_one_elses() {
         let jobs = job.to_string();
 
         // B: not the manifest, not the energy, no file names, no stack trace.
-        ensure!(!readable_by(c, b, &manifest)?, "{b} reads {}", manifest.display());
+        ensure!(
+            !readable_by(c, b, &manifest)?,
+            "{b} reads {}",
+            manifest.display()
+        );
         let out = s.ergon(Some(b), &config, &["report", &jobs])?;
         let text = show(&out);
         println!("ergon report as {b}:\n{text}");
@@ -465,10 +484,14 @@ fn private_data_no_keeps_job_data_open() {
         wait_for_file(&report, Duration::from_secs(15))?;
         ensure!(mode(&report) == 0o644, "report {:o}", mode(&report));
         ensure!(s.ergond.log_text().contains("private_data = \"no\""));
-        ensure!(readable_by(c, SECOND_USER, &manifest)?);
+        ensure!(readable_by(c, &second_user(), &manifest)?);
         // B reads A's energy from the open spool (no `ergon run` yet: manifests only).
         let config = s.accounting("private_data = \"no\"")?;
-        let out = s.ergon(Some(SECOND_USER), &config, &["report", &job.to_string(), "--json"])?;
+        let out = s.ergon(
+            Some(&second_user()),
+            &config,
+            &["report", &job.to_string(), "--json"],
+        )?;
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).with_context(|| show(&out))?;
         ensure!(

@@ -123,9 +123,9 @@ pub fn write_manifest_file(
         // shared spool is given them again, which changes nothing).
         let mut at = dir.as_path();
         while at != spool {
-            modes.apply(at).with_context(|| {
-                format!("cannot restrict the spool directory {}", at.display())
-            })?;
+            modes
+                .apply(at)
+                .with_context(|| format!("cannot restrict the spool directory {}", at.display()))?;
             let Some(parent) = at.parent() else { break };
             sync_dir(parent)?;
             at = parent;
