@@ -420,19 +420,6 @@ fn lookup_gid(name: &str) -> Option<u32> {
         .map(|g| g.gid.as_raw())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn root_resolves_and_nonsense_does_not() {
-        assert_eq!(lookup_uid("root"), Some(0));
-        assert_eq!(lookup_gid("root"), Some(0));
-        assert_eq!(lookup_uid("no-such-user-ergon"), None);
-        assert_eq!(lookup_gid("no-such-group-ergon"), None);
-    }
-}
-
 /// Resolve `private_data` (running `scontrol show config` for `auto`) and `private_group`, and
 /// restrict the spool directory when private; `None` (logged) when ergond cannot start so.
 fn spool_modes(config: &Config, config_path: &str) -> Option<ergon_protocol::privacy::Modes> {
@@ -480,4 +467,17 @@ fn spool_modes(config: &Config, config_path: &str) -> Option<ergon_protocol::pri
         tracing::info!(why = %resolved.why, "job data is not private: manifests are world-readable");
     }
     Some(modes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_resolves_and_nonsense_does_not() {
+        assert_eq!(lookup_uid("root"), Some(0));
+        assert_eq!(lookup_gid("root"), Some(0));
+        assert_eq!(lookup_uid("no-such-user-ergon"), None);
+        assert_eq!(lookup_gid("no-such-group-ergon"), None);
+    }
 }

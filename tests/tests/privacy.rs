@@ -163,14 +163,11 @@ impl Ergond {
             let Ok(entries) = std::fs::read_dir(&self.spool) else {
                 return Ok(None);
             };
-            Ok(entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| !n.starts_with('.') && n.ends_with(&suffix))
-                }))
+            Ok(entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.') && n.ends_with(&suffix))
+            }))
         })?;
         let m = Manifest::from_json(&std::fs::read(&path)?)?;
         Ok((path, m))
