@@ -436,6 +436,21 @@ fn a_user_sees_their_own_jobs_energy_and_no_one_elses() {
             "ergon jobs as {b}: {text}"
         );
 
+        let svg = std::env::temp_dir().join(format!("ergon-privacy-{job}.svg"));
+        let out = s.ergon(
+            Some(b),
+            &config,
+            &["plot", &jobs, "-o", &svg.display().to_string()],
+        )?;
+        let text = show(&out);
+        ensure!(
+            out.status.code() == Some(1)
+                && text.contains("private job data")
+                && !svg.exists()
+                && !text.contains("panicked"),
+            "ergon plot as {b}: {text}"
+        );
+
         // A: their own job's energy, from sacct, and why there is no more.
         let out = s.ergon(Some(&a), &config, &["report", &jobs])?;
         let text = show(&out);
