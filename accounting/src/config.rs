@@ -41,6 +41,23 @@ pub struct Config {
     /// The job-records database (`ergon report`, `ergon jobs`).
     #[serde(default)]
     pub records: RecordsConfig,
+    /// Whether job data is private: `auto` (default) follows Slurm's `PrivateData` (`jobs`,
+    /// `usage` or `accounts`: private; `scontrol` failing: private), `yes`, `no`. When private,
+    /// `ergon run` keeps the state directory, quarantine and the SQLite records database
+    /// readable by root and `private_group` only (docs/configuration.md).
+    #[serde(default)]
+    pub private_data: ergon_protocol::privacy::PrivateData,
+    /// When private: the group that may read the state, quarantine and records database
+    /// besides root; `None`: root only.
+    #[serde(default)]
+    pub private_group: Option<String>,
+    /// The `scontrol` program `private_data = "auto"` runs.
+    #[serde(default = "default_scontrol")]
+    pub scontrol: PathBuf,
+}
+
+fn default_scontrol() -> PathBuf {
+    "scontrol".into()
 }
 
 /// Which database holds the job records.
@@ -432,6 +449,16 @@ impl Config {
                 "spool_dirs",
                 "at least one spool directory is needed",
             ));
+        }
+        if let Some(g) = &config.private_group {
+            if g.is_empty()
+                || g.starts_with('-')
+                || !g
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'$'))
+            {
+                return Err(invalid("private_group", "is not a group name"));
+            }
         }
         if config.sacct.timeout_s == 0 {
             return Err(invalid("sacct.timeout_s", "must be at least 1"));

@@ -26,6 +26,7 @@ pub mod config;
 pub mod consumed_energy;
 pub mod job;
 pub mod plot;
+pub mod privacy;
 pub mod prune;
 pub mod records;
 pub mod report;

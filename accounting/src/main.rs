@@ -229,6 +229,13 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         }
         Cmd::Run { dry_run } => {
             let config = load_config(&args.config, true)?;
+            // Private job data: the state, quarantine and records database are restricted
+            // before this run reads them and again after it wrote new files.
+            let (modes, why) = ergon_accounting::privacy::modes(&config)?;
+            tracing::debug!(private = modes.private, why = %why.why, "job data privacy");
+            if !dry_run {
+                ergon_accounting::privacy::restrict(&config, modes)?;
+            }
             let summary = run(
                 &config,
                 RunOptions {
@@ -240,6 +247,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             if dry_run {
                 return Ok(ExitCode::SUCCESS);
             }
+            ergon_accounting::privacy::restrict(&config, modes)?;
             tracing::info!("{}", summary.line());
             tracing::debug!("timings: {:?}", summary.timings);
             if !summary.auth_refused.is_empty() {
@@ -326,7 +334,21 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                     args.config.display()
                 );
             }
-            let db = records::RecordsDb::open_location_read_only(&config.records_location())?;
+            let location = config.records_location();
+            if let records::Location::Sqlite(path) = &location {
+                if ergon_accounting::privacy::denied(path) {
+                    eprintln!(
+                        "ergon: the job-records database {} is readable by root and the ergon \
+                         group only (private job data, following Slurm's PrivateData): `ergon \
+                         jobs` is for them; your own jobs' energy is in sacct (`ergon report \
+                         JOBID`, or `sacct -o JobID,{}`)",
+                        path.display(),
+                        config.sacct.field.name()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            let db = records::RecordsDb::open_location_read_only(&location)?;
             let rows = db.list(&records::JobFilter {
                 cluster,
                 user,
@@ -357,6 +379,19 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                     "the job-records database is disabled ([records] enabled = false in {}): `ergon summary` has nothing to read",
                     args.config.display()
                 );
+            }
+            if let records::Location::Sqlite(path) = &config.records_location() {
+                if ergon_accounting::privacy::denied(path) {
+                    eprintln!(
+                        "ergon: the job-records database {} is readable by root and the ergon \
+                         group only (private job data, following Slurm's PrivateData): `ergon \
+                         summary` is for them; your own jobs' energy is in sacct (`ergon report \
+                         JOBID`, or `sacct -o JobID,{}`)",
+                        path.display(),
+                        config.sacct.field.name()
+                    );
+                    return Ok(ExitCode::from(1));
+                }
             }
             // A user who is not root sums their own jobs only, like sacct's PrivateData=jobs.
             let me = rustix::process::getuid().as_raw();

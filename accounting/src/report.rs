@@ -35,6 +35,9 @@ pub struct JobReport {
     pub source: Option<&'static str>,
     /// Manifest files that matched the job but did not verify.
     pub manifest_problems: Vec<String>,
+    /// Why the detailed view (the job-records database, the spools' manifests) is not available
+    /// to the caller: private job data they may not read. The figures are then sacct's only.
+    pub restricted: Option<String>,
 }
 
 /// Build the report of `job_id` (from sacct on `cluster`, or sacct's default cluster).
@@ -49,6 +52,7 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         manifests: None,
         source: None,
         manifest_problems: Vec::new(),
+        restricted: None,
     };
     match sacct.read(cluster, &[job_id]) {
         Ok(values) => match values.get(&job_id) {
@@ -72,7 +76,37 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
     }
     // The database first: one indexed look-up, however large the spool. A job not in it (not
     // collected yet, or collected before the database existed) is read from the spool.
-    if config.records.enabled {
+    // Private job data the caller may not read: not read at all (no partial view, no file
+    // names), and said once.
+    let mut denied: Vec<String> = Vec::new();
+    let records_denied = config.records.enabled
+        && matches!(config.records_location(),
+            crate::records::Location::Sqlite(ref p) if crate::privacy::denied(p));
+    if records_denied {
+        denied.push("the job-records database".into());
+    }
+    let spools: Vec<PathBuf> = config
+        .spool_dirs
+        .iter()
+        .filter(|d| {
+            let no = crate::privacy::denied(d);
+            if no && !denied.iter().any(|w| w == "the spool") {
+                denied.push("the spool".into());
+            }
+            !no
+        })
+        .cloned()
+        .collect();
+    if !denied.is_empty() {
+        report.restricted = Some(format!(
+            "{} {} readable by root and the ergon group only (private job data, following \
+             Slurm's PrivateData): the figures are the job's sacct record, which Slurm shows to \
+             whom its PrivateData allows",
+            denied.join(" and "),
+            if denied.len() == 1 { "is" } else { "are" }
+        ));
+    }
+    if config.records.enabled && !records_denied {
         match from_records(config, cluster, job_id) {
             Ok(Some((record, others))) => {
                 if !others.is_empty() {
@@ -92,8 +126,19 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
                 .push(format!("{e}; the spool was read instead")),
         }
     }
-    let files = spool::find_job(&config.spool_dirs, cluster, job_id);
-    report.manifest_problems.extend(files.unreadable);
+    let files = spool::find_job(&spools, cluster, job_id);
+    let (denied_files, unreadable): (Vec<String>, Vec<String>) = files
+        .unreadable
+        .into_iter()
+        .partition(|p| p.contains("Permission denied"));
+    if !denied_files.is_empty() && report.restricted.is_none() {
+        report.restricted = Some(
+            "the job's manifests are readable by root and the ergon group only (private job \
+             data, following Slurm's PrivateData): the figures are the job's sacct record"
+                .into(),
+        );
+    }
+    report.manifest_problems.extend(unreadable);
     report.manifest_problems.extend(files.unverified);
     // The same manifest in two spools counts once.
     let mut found: Vec<Manifest> = Vec::new();
@@ -105,6 +150,8 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
     if !found.is_empty() {
         report.manifests = Some(combine(&found));
         report.source = Some("spool");
+        // The detail came from the spool: a database the caller may not read took nothing away.
+        report.restricted = None;
     }
     report
 }
@@ -173,6 +220,12 @@ pub fn render_job_report(r: &JobReport) -> String {
                 r.sacct_note.as_deref().unwrap_or("no record")
             )
         }
+    }
+    if let Some(why) = &r.restricted {
+        if r.sacct_record.is_some() {
+            out += &format!("  source    sacct ({})\n", r.field);
+        }
+        out += &format!("  detail    not available: {why}\n");
     }
     if let Some(foreign) = &r.foreign_content {
         out += &format!("  also in {}: {foreign}\n", r.field);

@@ -19,6 +19,9 @@
 //! slurm_user = "root"          # SlurmUser: besides root, the only sender of job events
 //! state_dir = "/var/lib/ergon"
 //! spool_dir = "/var/spool/ergon"
+//! private_data = "auto"        # "auto" (follow Slurm's PrivateData), "yes" or "no"
+//! private_group = "ergonread"  # when private: the group that may read the spool besides root
+//! scontrol = "scontrol"        # what `auto` runs (`scontrol show config`)
 //! metrics_listen = "127.0.0.1:9713"
 //! node_name = "gpu017"         # Slurm's name for this node; default: the short host name
 //! gres_conf = "/etc/slurm/gres.conf"   # maps a found job's SLURM_JOB_GPUS to device minors
@@ -143,6 +146,15 @@ pub struct Config {
     /// `sharded` (`<YYYY-MM-DD>/<node>/<cluster>-<job>-<node>.json.gz`, by the job's end day in
     /// UTC, gzip-compressed). `ergon` reads both.
     pub spool_layout: crate::jobs::spool::Layout,
+    /// Whether manifests are private (readable by root and `private_group` only) and the user's
+    /// report file is written 0600: `auto` follows Slurm's `PrivateData` (`jobs`, `usage` or
+    /// `accounts`: private; `scontrol` failing: private), `yes`, `no` (docs/configuration.md).
+    pub private_data: ergon_protocol::privacy::PrivateData,
+    /// When private: the group that may read the spool besides root (the accounting host's
+    /// `ergon run` user, operators); `None`: root only.
+    pub private_group: Option<String>,
+    /// The `scontrol` program `private_data = "auto"` runs.
+    pub scontrol: PathBuf,
     /// Prometheus `/metrics` listen address (loopback by default).
     pub metrics_listen: String,
     /// Sampling rates.
@@ -184,6 +196,9 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/ergon"),
             spool_dir: PathBuf::from("/var/spool/ergon"),
             spool_layout: crate::jobs::spool::Layout::Flat,
+            private_data: Default::default(),
+            private_group: None,
+            scontrol: PathBuf::from("scontrol"),
             metrics_listen: "127.0.0.1:9713".to_string(),
             sampling: SamplingConfig::default(),
             attribution: Default::default(),
@@ -316,6 +331,22 @@ impl Config {
                 });
             }
         }
+        if let Some(g) = &self.private_group {
+            if !valid_name(g) {
+                return Err(ConfigError::Invalid {
+                    key: "private_group",
+                    reason: format!(
+                        "{g:?} is not a group name; remove the key to keep private data root's only"
+                    ),
+                });
+            }
+        }
+        if self.scontrol.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "scontrol",
+                reason: "empty; give the scontrol program (default \"scontrol\")".into(),
+            });
+        }
         if let Some(n) = &self.node_name {
             if !valid_name(n) {
                 return Err(ConfigError::Invalid {
@@ -434,6 +465,25 @@ mod tests {
     }
 
     #[test]
+    fn private_data_defaults_to_auto_and_names_its_values() {
+        use ergon_protocol::privacy::PrivateData;
+        let d = Config::parse("").unwrap();
+        assert_eq!((d.private_data, d.private_group), (PrivateData::Auto, None));
+        let c = Config::parse("private_data = \"yes\"\nprivate_group = \"ergonread\"").unwrap();
+        assert_eq!(c.private_data, PrivateData::Yes);
+        assert_eq!(c.private_group.as_deref(), Some("ergonread"));
+        assert_eq!(
+            Config::parse("private_data = \"no\"").unwrap().private_data,
+            PrivateData::No
+        );
+        let e = Config::parse("private_data = \"maybe\"").unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { message, .. } if message.contains("private_data")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn socket_settings_parse_octal_and_default() {
         let d = Config::default();
         assert_eq!(
@@ -482,6 +532,8 @@ mod tests {
             ("socket_mode = 0o1777", "socket_mode"),
             ("socket_group = \"\"", "socket_group"),
             ("slurm_user = \"a/b\"", "slurm_user"),
+            ("private_group = \"a b\"", "private_group"),
+            ("scontrol = \"\"", "scontrol"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -93,6 +93,9 @@ enum Command {
         /// The group to write as (the only group the writer keeps).
         #[arg(long)]
         gid: u32,
+        /// Create the file 0600 (private job data), not 0644.
+        #[arg(long)]
+        private: bool,
         /// Append to this existing file.
         #[arg(
             long,
@@ -143,6 +146,7 @@ fn main() -> ExitCode {
         Some(Command::WriteReport {
             uid,
             gid,
+            private,
             append,
             create,
         }) => {
@@ -152,7 +156,7 @@ fn main() -> ExitCode {
                 (None, Some(p)) => Target::Create(p),
                 (None, None) => unreachable!("clap requires --append or --create"),
             };
-            ExitCode::from(writer_main(&target, uid, gid))
+            ExitCode::from(writer_main(&target, uid, gid, private))
         }
         Some(Command::GenerateMan { dir }) => match write_man_pages(Args::command(), "8", &dir) {
             Ok(()) => ExitCode::SUCCESS,

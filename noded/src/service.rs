@@ -124,6 +124,11 @@ async fn service(config: Config, config_path: &str) -> u8 {
             }
         },
     };
+    // Who may read the jobs' figures: the spool and the user's report file follow it.
+    let spool_modes = match spool_modes(&config, config_path) {
+        Some(m) => m,
+        None => return EXIT_START,
+    };
     let socket = match crate::server::bind(&config.socket_path, config.socket_mode, gid) {
         Ok(l) => l,
         Err(e) => {
@@ -207,6 +212,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
         TrackerConfig {
             spool_dir,
             spool_layout,
+            spool_modes,
             default_cluster: "unknown".to_owned(),
             access: Access {
                 slurm_uid: Some(slurm_uid),
@@ -412,6 +418,55 @@ fn lookup_gid(name: &str) -> Option<u32> {
         .ok()
         .flatten()
         .map(|g| g.gid.as_raw())
+}
+
+/// Resolve `private_data` (running `scontrol show config` for `auto`) and `private_group`, and
+/// restrict the spool directory when private; `None` (logged) when ergond cannot start so.
+fn spool_modes(config: &Config, config_path: &str) -> Option<ergon_protocol::privacy::Modes> {
+    use ergon_protocol::privacy::{resolve, Modes};
+    let resolved = resolve(
+        config.private_data,
+        &config.scontrol,
+        std::time::Duration::from_secs(10),
+    );
+    let gid = match &config.private_group {
+        None => None,
+        Some(g) => match lookup_gid(g) {
+            Some(gid) => Some(gid),
+            None => {
+                tracing::error!(
+                    "private_group {g:?} in {config_path} is not a group of this node; create it \
+                     or remove the key"
+                );
+                return None;
+            }
+        },
+    };
+    let modes = Modes {
+        private: resolved.private,
+        gid,
+    };
+    if resolved.private {
+        tracing::info!(
+            why = %resolved.why,
+            group = config.private_group.as_deref().unwrap_or("(none: root only)"),
+            "job data is private: the spool and new manifests are readable by root and the group \
+             only, users' report files are written 0600"
+        );
+        let spool = &config.spool_dir;
+        let made = std::fs::create_dir_all(spool).and_then(|()| modes.apply(spool));
+        if let Err(e) = made {
+            tracing::error!(
+                "cannot restrict the spool directory {}: {e}; ergond does not start with private \
+                 data readable by everyone",
+                spool.display()
+            );
+            return None;
+        }
+    } else {
+        tracing::info!(why = %resolved.why, "job data is not private: manifests are world-readable");
+    }
+    Some(modes)
 }
 
 #[cfg(test)]

@@ -618,6 +618,8 @@ fn shipped_configs_are_valid_and_their_commented_keys_are_real_defaults() {
             // Examples of keys whose default is derived (the host name; beside the socket).
             node_name: Some("gpu017".into()),
             queue_dir: Some("/run/ergon/queue".into()),
+            // An example group (none by default).
+            private_group: Some("ergonread".into()),
             ..Config::default()
         },
         "a commented value in packaging/ergond.toml is not the default"

@@ -193,3 +193,32 @@ fn a_writer_that_does_not_say_ok_has_not_written() {
         .unwrap_err();
     assert!(matches!(e, WriteError::Spawn(_)), "{e}");
 }
+
+/// Private job data: a report file the writer creates is the user's alone (0600); otherwise
+/// 0644 as always.
+#[test]
+fn private_reports_are_created_readable_by_the_user_only() {
+    if !ergon_testkit::is_root() {
+        ergon_testkit::needs_root(
+            "private_reports_are_created_readable_by_the_user_only",
+            "write as another user",
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(4242), Some(4242)).unwrap();
+    let private = home.join("ergon-1.txt");
+    writer()
+        .private(true)
+        .write(&Target::Create(private.clone()), 4242, 4242, b"x\n")
+        .unwrap();
+    let md = std::fs::metadata(&private).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (4242, 0o600));
+    let open = home.join("ergon-2.txt");
+    writer()
+        .write(&Target::Create(open.clone()), 4242, 4242, b"x\n")
+        .unwrap();
+    assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o777, 0o644);
+}

@@ -44,6 +44,7 @@ pub mod durable;
 pub mod format;
 pub mod hostlist;
 pub mod manifest;
+pub mod privacy;
 pub mod record;
 #[cfg(feature = "testing")]
 pub mod testing;

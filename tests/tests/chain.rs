@@ -180,13 +180,20 @@ impl Ergond {
         c.clear_plugin_queue()?;
         let q = |p: &Path| format!("{:?}", p.display().to_string());
         let config = dir.join("ergond.toml");
+        // Job data open to all users, as before private_data existed (tests/tests/privacy.rs
+        // tests the private side); a test may set it itself.
+        let private = if extra.contains("private_data") {
+            ""
+        } else {
+            "private_data = \"no\"\n"
+        };
         std::fs::write(
             &config,
             format!(
                 "nvml_library = {}\npowercap_root = {}\nperf_sysfs_root = {}\nprefer_perf = false\n\
                  cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsocket_path = {}\n\
                  state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n\
-                 node_name = {:?}\ngres_conf = {}\n{extra}",
+                 node_name = {:?}\ngres_conf = {}\n{private}{extra}",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),

@@ -231,7 +231,7 @@ impl NodeErgond {
                  cgroup_root = \"/sys/fs/cgroup\"\nproc_root = \"/proc\"\nsysfs_root = {}\n\
                  socket_path = {}\n\
                  state_dir = {}\nspool_dir = {}\nmetrics_listen = \"127.0.0.1:{port}\"\n\
-                 node_name = {node:?}\ngres_conf = {}\n",
+                 node_name = {node:?}\ngres_conf = {}\nprivate_data = \"no\"\n",
                 q(&lib),
                 q(&powercap),
                 q(&dir.join("no-perf")),

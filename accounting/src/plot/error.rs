@@ -21,6 +21,16 @@ pub enum PlotError {
         /// The directories searched.
         dirs: String,
     },
+    /// The spool is private job data the caller may not read.
+    #[error(
+        "the manifests of job {job_id} cannot be read: {dirs} is readable by root and the ergon group only (private job data, following Slurm's PrivateData); `ergon report {job_id}` shows your job's energy from sacct"
+    )]
+    Restricted {
+        /// The job.
+        job_id: u32,
+        /// The directories refused.
+        dirs: String,
+    },
     /// A manifest file could not be read.
     #[error("cannot read manifest {path}: {source}")]
     Read {

@@ -32,6 +32,25 @@ pub fn find_in_spools(
         return Err(PlotError::Unverified { job_id, problems });
     }
     if found.is_empty() {
+        let denied: Vec<String> = spools
+            .iter()
+            .filter(|d| crate::privacy::denied(d))
+            .map(|p| p.display().to_string())
+            .collect();
+        let files_denied = files
+            .unreadable
+            .iter()
+            .any(|p| p.contains("Permission denied"));
+        if !denied.is_empty() || files_denied {
+            return Err(PlotError::Restricted {
+                job_id,
+                dirs: if denied.is_empty() {
+                    "its manifest".to_owned()
+                } else {
+                    denied.join(", ")
+                },
+            });
+        }
         return Err(PlotError::NoManifests {
             job_id,
             cluster: cluster_suffix(cluster),

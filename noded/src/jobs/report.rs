@@ -382,6 +382,7 @@ const NOT_REGULAR: &str = "not-regular";
 pub struct Writer {
     program: PathBuf,
     timeout: Duration,
+    private: bool,
 }
 
 impl Writer {
@@ -397,7 +398,13 @@ impl Writer {
         Self {
             program: program.into(),
             timeout: WRITE_TIMEOUT,
+            private: false,
         }
+    }
+
+    /// Create report files 0600 instead of 0644 (private job data).
+    pub fn private(self, private: bool) -> Self {
+        Self { private, ..self }
     }
 
     /// Wait at most `timeout` for each file (default [`WRITE_TIMEOUT`]).
@@ -420,7 +427,9 @@ impl Writer {
         };
         let mut child = Command::new(&self.program)
             .arg("write-report")
-            .args(["--uid", &uid.to_string(), "--gid", &gid.to_string(), flag])
+            .args(["--uid", &uid.to_string(), "--gid", &gid.to_string()])
+            .args(self.private.then_some("--private"))
+            .arg(flag)
             .arg(path)
             .env_clear()
             .current_dir("/")
@@ -504,8 +513,9 @@ impl Writer {
 /// (with `gid` as its only group) before anything else, then writes its standard input to
 /// `target` and answers on its standard output (one line: `ok`, `not-regular`, or
 /// `failed <step> <errno>`). Returns the exit status: 0 when written.
-pub fn writer_main(target: &Target, uid: u32, gid: u32) -> u8 {
-    let answer = match become_user_and_write(target, uid, gid) {
+/// `private`: a file created is 0600, not 0644 (an appended file keeps its mode).
+pub fn writer_main(target: &Target, uid: u32, gid: u32, private: bool) -> u8 {
+    let answer = match become_user_and_write(target, uid, gid, private) {
         Ok(()) => OK.to_owned(),
         Err(Refused::NotRegular) => NOT_REGULAR.to_owned(),
         Err(Refused::Failed(step, errno)) => format!("failed {} {errno}", STEPS[step as usize]),
@@ -531,7 +541,12 @@ enum Refused {
     NotRegular,
 }
 
-fn become_user_and_write(target: &Target, uid: u32, gid: u32) -> Result<(), Refused> {
+fn become_user_and_write(
+    target: &Target,
+    uid: u32,
+    gid: u32,
+    private: bool,
+) -> Result<(), Refused> {
     use nix::unistd::{setgid, setgroups, setuid, Gid, Uid};
     use std::os::unix::fs::OpenOptionsExt as _;
     let errno = |step: Step| move |e: nix::errno::Errno| Refused::Failed(step, e as i32);
@@ -554,7 +569,7 @@ fn become_user_and_write(target: &Target, uid: u32, gid: u32) -> Result<(), Refu
     // O_NOFOLLOW: a symlink is refused; O_NONBLOCK: opening a FIFO does not wait for a reader.
     options
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .mode(0o644);
+        .mode(if private { 0o600 } else { 0o644 });
     match target {
         Target::Append(_) => options.append(true),
         // O_CREAT | O_EXCL: nothing existing is replaced.

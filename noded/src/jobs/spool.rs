@@ -16,6 +16,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use ergon_protocol::privacy::Modes;
 use ergon_protocol::{durable, Manifest};
 use serde::Deserialize;
 
@@ -83,9 +84,15 @@ pub fn file_name(m: &Manifest) -> String {
 }
 
 /// Write the (sealed) manifest into the spool `dir` atomically and durably; returns its path.
-/// Creates the directories needed.
-pub fn write_manifest(dir: &Path, layout: Layout, m: &Manifest) -> anyhow::Result<PathBuf> {
-    let path = write_manifest_file(dir, layout, m)?;
+/// Creates the directories needed. `modes`: private data's modes and group
+/// ([`ergon_protocol::privacy`]), given to every directory created and to the file.
+pub fn write_manifest(
+    dir: &Path,
+    layout: Layout,
+    modes: Modes,
+    m: &Manifest,
+) -> anyhow::Result<PathBuf> {
+    let path = write_manifest_file(dir, layout, modes, m)?;
     sync_dir(path.parent().unwrap_or(dir))?;
     Ok(path)
 }
@@ -99,16 +106,26 @@ pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// As [`write_manifest`] but without the fsync of the file's directory: the file is complete
 /// under its final name, and durable once [`sync_dir`] of its parent returns.
-pub fn write_manifest_file(spool: &Path, layout: Layout, m: &Manifest) -> anyhow::Result<PathBuf> {
+pub fn write_manifest_file(
+    spool: &Path,
+    layout: Layout,
+    modes: Modes,
+    m: &Manifest,
+) -> anyhow::Result<PathBuf> {
     use anyhow::Context as _;
     let json = m.to_json().context("cannot serialise the manifest")?;
     let dir = manifest_dir(spool, layout, m);
     if !dir.is_dir() {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create the spool directory {}", dir.display()))?;
-        // The new directories' names are durable once their parents are synced.
+        // The new directories' names are durable once their parents are synced; each gets
+        // private data's mode and group (a day's directory made by another node's ergond on a
+        // shared spool is given them again, which changes nothing).
         let mut at = dir.as_path();
         while at != spool {
+            modes
+                .apply(at)
+                .with_context(|| format!("cannot restrict the spool directory {}", at.display()))?;
             let Some(parent) = at.parent() else { break };
             sync_dir(parent)?;
             at = parent;
@@ -125,12 +142,16 @@ pub fn write_manifest_file(spool: &Path, layout: Layout, m: &Manifest) -> anyhow
         }
     };
     let path = dir.join(name);
-    durable::write_unsynced(&path, &bytes, 0o644).with_context(|| {
+    durable::write_unsynced(&path, &bytes, modes.file()).with_context(|| {
         format!(
             "cannot write manifest {}; check that ergond may write to spool_dir",
             path.display()
         )
     })?;
+    // Created 0600/0640 as root's: the group comes after, never a wider mode.
+    modes
+        .apply(&path)
+        .with_context(|| format!("cannot give manifest {} its group", path.display()))?;
     Ok(path)
 }
 
@@ -164,9 +185,9 @@ mod tests {
             .ended(1_709_251_199_000_000_000, 100)
             .socket(1.0, None)
             .build();
-        let flat = write_manifest(dir.path(), Layout::Flat, &m).unwrap();
+        let flat = write_manifest(dir.path(), Layout::Flat, Modes::OPEN, &m).unwrap();
         assert_eq!(flat, dir.path().join("c_x-42-n1_.._a.json"));
-        let sharded = write_manifest(dir.path(), Layout::Sharded, &m).unwrap();
+        let sharded = write_manifest(dir.path(), Layout::Sharded, Modes::OPEN, &m).unwrap();
         assert_eq!(
             sharded,
             dir.path().join("2024-02-29/n1_.._a/c_x-42-n1_.._a.json.gz")
@@ -177,5 +198,38 @@ mod tests {
             .unwrap();
         assert_eq!(json, std::fs::read(&flat).unwrap());
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
+    }
+
+    /// Private: the sharded layout's new directories and the manifest get private modes and
+    /// the group; not private: today's 0644 file and default directories.
+    #[test]
+    fn private_manifests_and_their_directories_are_not_world_readable() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let gid = std::fs::metadata(dir.path()).unwrap().gid();
+        let m = ergon_protocol::testing::ManifestBuilder::new("c", 7, "n1")
+            .ended(1_709_251_199_000_000_000, 100)
+            .socket(1.0, None)
+            .build();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        let open = write_manifest(dir.path(), Layout::Flat, Modes::OPEN, &m).unwrap();
+        assert_eq!(mode(&open), 0o644);
+        let private = Modes {
+            private: true,
+            gid: Some(gid),
+        };
+        let p = write_manifest(dir.path(), Layout::Sharded, private, &m).unwrap();
+        assert_eq!(mode(&p), 0o640);
+        assert_eq!(mode(p.parent().unwrap()), 0o750);
+        assert_eq!(mode(p.parent().unwrap().parent().unwrap()), 0o750);
+        assert_eq!(std::fs::metadata(&p).unwrap().gid(), gid);
+        let root_only = Modes {
+            private: true,
+            gid: None,
+        };
+        std::fs::remove_dir_all(dir.path().join("2024-02-29")).unwrap();
+        let p = write_manifest(dir.path(), Layout::Sharded, root_only, &m).unwrap();
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(p.parent().unwrap()), 0o700);
     }
 }

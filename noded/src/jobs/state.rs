@@ -67,6 +67,9 @@ pub struct TrackerConfig {
     pub spool_dir: PathBuf,
     /// How they are laid out there.
     pub spool_layout: super::spool::Layout,
+    /// Private data's modes and group for the spool; `private` also makes the user's report
+    /// file 0600.
+    pub spool_modes: ergon_protocol::privacy::Modes,
     /// Cluster name written when the plugin did not send one.
     pub default_cluster: String,
     /// Who may do what.

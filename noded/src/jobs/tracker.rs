@@ -73,11 +73,12 @@ impl JobTracker {
             );
         }
         let (report_tx, report_rx) = sync_channel(REPORT_QUEUE);
+        let private_reports = config.spool_modes.private;
         std::thread::Builder::new()
             .name("ergond-report".into())
             .spawn(move || {
                 behind_the_samplers();
-                report_writer(report_rx)
+                report_writer(report_rx, private_reports)
             })?;
         flag_shared_gpus(&sampler, &attributor);
         let (spool_tx, spool_rx) = sync_channel::<SpoolWork>(SPOOL_QUEUE);

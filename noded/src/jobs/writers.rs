@@ -63,8 +63,9 @@ pub(super) fn queue_report(
     }
 }
 
-pub(super) fn report_writer(rx: Receiver<ReportWork>) {
-    let writer = report::Writer::this_binary();
+/// `private`: report files are created 0600 (private job data).
+pub(super) fn report_writer(rx: Receiver<ReportWork>, private: bool) {
+    let writer = report::Writer::this_binary().private(private);
     while let Ok(w) = rx.recv() {
         match writer.deliver(&w.targets, w.uid, w.gid, &w.text) {
             Ok(path) => {
@@ -130,7 +131,14 @@ pub(super) fn spool_writer(inner: &Inner, rx: Receiver<SpoolWork>) {
         let batch: Vec<Pending> = waiting.drain(..n).collect();
         let files: Vec<anyhow::Result<PathBuf>> = batch
             .iter()
-            .map(|p| write_manifest_file(dir, inner.config.spool_layout, &p.work.manifest))
+            .map(|p| {
+                write_manifest_file(
+                    dir,
+                    inner.config.spool_layout,
+                    inner.config.spool_modes,
+                    &p.work.manifest,
+                )
+            })
             .collect();
         // One fsync per directory written into (one, in the flat layout).
         let mut dirs: Vec<&Path> = files
@@ -220,6 +228,7 @@ pub(super) fn write_one(inner: &Inner, w: SpoolWork) {
     let written = super::spool::write_manifest(
         &inner.config.spool_dir,
         inner.config.spool_layout,
+        inner.config.spool_modes,
         &w.manifest,
     );
     let mut p = Pending::new(w);
