@@ -15,7 +15,9 @@
 //! - `energy_report_is_written_as_the_user_and_never_through_a_symlink`: a job of the
 //!   unprivileged test user with `--energy-report` gets the report appended to its
 //!   `slurm-<id>.out`, which stays the user's; a `--energy-report=json` job whose
-//!   `ergon-<id>.json` is a symlink to a root-owned file gets nothing written through it.
+//!   `ergon-<id>.json` is a symlink to a root-owned file gets nothing written through it; the two
+//!   tasks of a `--energy-report=json` array in one directory each get their own
+//!   `ergon-<array id>_<task id>.json`, the user's.
 //! - `two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it`: gres.conf rewritten with two
 //!   `MultipleFiles=` MIG instances of one fake GPU in MIG mode; two jobs on them at once are
 //!   each charged their instance's slices of the board; gres.conf and slurmd are restored.
@@ -1022,6 +1024,53 @@ fn energy_report_is_written_as_the_user_and_never_through_a_symlink() {
             "written through the symlink"
         );
         ensure!(std::fs::symlink_metadata(&link)?.file_type().is_symlink());
+
+        // 3. The tasks of an array share a working directory: each task's report has a name of
+        // its own, `ergon-<array job id>_<task id>.json` (Slurm's `%A_%a`), the user's.
+        let array = sbatch_as(vec![
+            "--array=1-2".into(),
+            "--energy-report=json".into(),
+            "--output=/dev/null".into(),
+            "--wrap".into(),
+            "true".into(),
+        ])?;
+        for t in array_tasks(c, array, 2)? {
+            c.wait_completed(t)?;
+            let (_, m) = s.ergond.wait_manifest(t, &c.node)?;
+            let task = m
+                .job
+                .array_task_id
+                .ok_or_else(|| anyhow!("task {t}: no task id"))?;
+            let path = home.join(format!("ergon-{array}_{task}.json"));
+            let text = wait_for(
+                Duration::from_secs(15),
+                &format!("{}", path.display()),
+                || {
+                    Ok(std::fs::read_to_string(&path)
+                        .ok()
+                        .filter(|t| !t.is_empty()))
+                },
+            )?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: {text}", path.display()))?;
+            ensure!(
+                v.to_string().contains(&format!("\"job_id\":{t}")),
+                "{} is not task {t}'s report: {text}",
+                path.display()
+            );
+            let meta = std::fs::metadata(&path)?;
+            ensure!(
+                (meta.uid(), meta.gid()) == (uid, gid),
+                "{} is {}:{}, not the user's",
+                path.display(),
+                meta.uid(),
+                meta.gid()
+            );
+        }
+        ensure!(
+            !home.join(format!("ergon-{array}.json")).exists(),
+            "an array task's report under the array's bare id"
+        );
         Ok(())
     });
     println!("test took {:?}", t_test.elapsed());
