@@ -113,17 +113,44 @@ impl Default for RecordsConfig {
     }
 }
 
+/// The database's file name in the state directory, by default.
+pub const DEFAULT_RECORDS_FILE: &str = "records.sqlite";
+
+/// Where the database is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Location {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A MariaDB (or MySQL) database: `mysql://USER@HOST:PORT/DATABASE` (the password, if
+    /// any, from `password_file`, never in the URL: the URL shows in messages).
+    Mariadb {
+        /// The URL, without a password.
+        url: String,
+        /// The password's file.
+        password_file: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Mariadb { url, .. } => write!(f, "{url}"),
+        }
+    }
+}
+
 impl Config {
     /// Where the job-records database is.
-    pub fn records_location(&self) -> crate::records::Location {
+    pub fn records_location(&self) -> Location {
         match self.records.backend {
-            RecordsBackend::Sqlite => crate::records::Location::Sqlite(
+            RecordsBackend::Sqlite => Location::Sqlite(
                 self.records
                     .path
                     .clone()
-                    .unwrap_or_else(|| self.state_dir.join(crate::records::DEFAULT_FILE)),
+                    .unwrap_or_else(|| self.state_dir.join(DEFAULT_RECORDS_FILE)),
             ),
-            RecordsBackend::Mariadb => crate::records::Location::Mariadb {
+            RecordsBackend::Mariadb => Location::Mariadb {
                 url: self.records.url.clone().unwrap_or_default(),
                 password_file: self.records.password_file.clone(),
             },

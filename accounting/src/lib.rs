@@ -24,6 +24,7 @@
 pub mod collect;
 pub mod config;
 pub mod consumed_energy;
+pub mod influx;
 pub mod job;
 pub mod plot;
 pub mod privacy;

@@ -24,7 +24,7 @@
 //! each in its dialect). A database written by a newer `ergon` (a higher version) is refused,
 //! not altered.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -34,8 +34,7 @@ use serde::Serialize;
 use crate::job::{EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSummary};
 use crate::sinks::{SendOutcome, Sink};
 
-/// The database's file name in the state directory, by default.
-pub const DEFAULT_FILE: &str = "records.sqlite";
+pub use crate::config::{Location, DEFAULT_RECORDS_FILE as DEFAULT_FILE};
 
 /// The name of the database among the destinations in the state (`ergon status`).
 pub const SINK_NAME: &str = "records";
@@ -229,30 +228,6 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
 /// The schema version this build writes and reads.
 pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
-}
-
-/// Where the database is.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Location {
-    /// An SQLite file.
-    Sqlite(PathBuf),
-    /// A MariaDB (or MySQL) database: `mysql://USER@HOST:PORT/DATABASE` (the password, if
-    /// any, from `password_file`, never in the URL: the URL shows in messages).
-    Mariadb {
-        /// The URL, without a password.
-        url: String,
-        /// The password's file.
-        password_file: Option<PathBuf>,
-    },
-}
-
-impl std::fmt::Display for Location {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Location::Sqlite(path) => write!(f, "{}", path.display()),
-            Location::Mariadb { url, .. } => write!(f, "{url}"),
-        }
-    }
 }
 
 /// Why the database could not be used.

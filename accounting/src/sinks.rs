@@ -6,6 +6,7 @@
 //! the server rejects, too many attempts), or to go on. What is not delivered stays pending in the
 //! state for the next run.
 
+pub use crate::influx::escape_tag;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -340,22 +341,6 @@ impl VictoriaMetrics {
             usage: crate::usage::Usage::new(state_dir),
         })
     }
-}
-
-/// A tag value escaped for the line protocol.
-pub fn escape_tag(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        if matches!(c, ',' | '=' | ' ' | '\\') {
-            out.push('\\');
-        }
-        if c == '\n' {
-            out.push(' ');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The fields of a record's line (VictoriaMetrics series `ergon_job_<name>`), in order:

@@ -345,7 +345,7 @@ fn lines(groups: &BTreeMap<Group, [f64; 6]>, at_ms: i64) -> String {
         let _ = write!(
             out,
             "ergon_usage,cluster={}",
-            crate::sinks::escape_tag(&g.cluster)
+            crate::influx::escape_tag(&g.cluster)
         );
         for (tag, value) in [
             ("partition", &g.partition),
@@ -353,7 +353,7 @@ fn lines(groups: &BTreeMap<Group, [f64; 6]>, at_ms: i64) -> String {
             ("user", &g.user),
         ] {
             if !value.is_empty() {
-                let _ = write!(out, ",{tag}={}", crate::sinks::escape_tag(value));
+                let _ = write!(out, ",{tag}={}", crate::influx::escape_tag(value));
             }
         }
         let mut sep = ' ';
