@@ -76,10 +76,7 @@ impl JobTracker {
         let private_reports = config.spool_modes.private;
         std::thread::Builder::new()
             .name("ergond-report".into())
-            .spawn(move || {
-                behind_the_samplers();
-                report_writer(report_rx, private_reports)
-            })?;
+            .spawn(move || report_writer(report_rx, private_reports))?;
         flag_shared_gpus(&sampler, &attributor);
         let (spool_tx, spool_rx) = sync_channel::<SpoolWork>(SPOOL_QUEUE);
         let inner = Arc::new(Inner {
@@ -101,10 +98,7 @@ impl JobTracker {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-spool".into())
-                .spawn(move || {
-                    behind_the_samplers();
-                    spool_writer(&inner, spool_rx)
-                })?
+                .spawn(move || spool_writer(&inner, spool_rx))?
         };
         // Start-up, in order, before the worker takes new events:
         let mut st = WorkerState::default();
@@ -156,10 +150,7 @@ impl JobTracker {
             let inner = Arc::clone(&inner);
             std::thread::Builder::new()
                 .name("ergond-jobs".into())
-                .spawn(move || {
-                    behind_the_samplers();
-                    worker(&inner, rx, st)
-                })?
+                .spawn(move || worker(&inner, rx, st))?
         };
         Ok(Self {
             inner,
@@ -315,16 +306,5 @@ impl JobTracker {
 impl Drop for JobTracker {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// The nice value of the job worker and the writers: their work may lag (a burst of jobs drains
-/// afterwards), while the samplers' deadlines and the replies the plugin waits for cannot.
-const BACKGROUND_NICE: i32 = 5;
-
-/// Run the calling thread at [`BACKGROUND_NICE`]; where the kernel refuses, it runs as before.
-fn behind_the_samplers() {
-    if let Err(e) = crate::sys::lower_this_thread_priority(BACKGROUND_NICE) {
-        tracing::debug!(error = %e, "cannot lower the thread's priority; it runs at the daemon's");
     }
 }
