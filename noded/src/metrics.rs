@@ -911,7 +911,10 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
                 .count(),
             4
         );
-        assert!(!out.contains("ergon_job_power_watts{job_id=\"43\""), "{out}");
+        assert!(
+            !out.contains("ergon_job_power_watts{job_id=\"43\""),
+            "{out}"
+        );
 
         // Per-job series off: none of the families, not even the bound.
         let mut out = String::new();
