@@ -140,6 +140,23 @@ pub enum JobLabel {
     Account,
 }
 
+impl MetricsConfig {
+    /// The settings in effect when job data is `private` or not: who runs what is private where
+    /// the job data is, so then no `user` or `account` label (the job ids stay). Returns the
+    /// labels dropped, for the log.
+    pub fn in_effect(&self, private: bool) -> (Self, Vec<JobLabel>) {
+        if private {
+            let m = Self {
+                per_job_labels: Vec::new(),
+                ..self.clone()
+            };
+            (m, self.per_job_labels.clone())
+        } else {
+            (self.clone(), Vec::new())
+        }
+    }
+}
+
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
@@ -567,6 +584,17 @@ mod tests {
         assert!(!c.per_job);
         assert_eq!(c.per_job_max_jobs, 4);
         assert_eq!(c.per_job_labels, vec![JobLabel::User, JobLabel::Account]);
+        // Private job data: job ids only.
+        let (private, dropped) = c.in_effect(true);
+        assert_eq!(
+            (private.per_job, private.per_job_max_jobs),
+            (c.per_job, c.per_job_max_jobs)
+        );
+        assert!(private.per_job_labels.is_empty());
+        assert_eq!(dropped, vec![JobLabel::User, JobLabel::Account]);
+        let (open, dropped) = c.in_effect(false);
+        assert_eq!(open, c);
+        assert!(dropped.is_empty());
         let e = Config::parse("[metrics]\nper_job_labels = [\"partition\"]")
             .unwrap_err()
             .to_string();

@@ -129,16 +129,14 @@ async fn service(config: Config, config_path: &str) -> u8 {
         Some(m) => m,
         None => return EXIT_START,
     };
-    // Per-job series: who runs what is private where the job data is, so no user or account
-    // label then (the job ids stay; /metrics listens on loopback unless told otherwise).
-    let mut metrics_config = config.metrics.clone();
-    if spool_modes.private && !metrics_config.per_job_labels.is_empty() {
+    // Per-job series: no user or account label where job data is private.
+    let (metrics_config, dropped) = config.metrics.in_effect(spool_modes.private);
+    if !dropped.is_empty() {
         tracing::warn!(
-            labels = ?metrics_config.per_job_labels,
+            labels = ?dropped,
             "private job data is in effect: the per-job series on /metrics carry job_id only, \
              not the user or account labels set in [metrics] per_job_labels"
         );
-        metrics_config.per_job_labels.clear();
     }
     let socket = match crate::server::bind(&config.socket_path, config.socket_mode, gid) {
         Ok(l) => l,
