@@ -28,6 +28,11 @@
 //! mig_minors = "/proc/driver/nvidia-caps/mig-minors"
 //! queue_dir = "/run/ergon/queue"       # events the plugin could not deliver; default: beside socket_path
 //!
+//! [metrics]
+//! per_job = true                # per-job series for the open jobs (docs/metrics.md)
+//! per_job_max_jobs = 16         # at most this many jobs exported, the longest-running first
+//! per_job_labels = []           # add "user" and/or "account" to the per-job series
+//!
 //! [sampling]
 //! gpu_min_period_ms = 10        # profiling mode: 10 ms = 100 Hz
 //! gpu_max_period_ms = 200
@@ -109,6 +114,59 @@ impl Default for SamplingConfig {
     }
 }
 
+/// `[metrics]`: what `/metrics` exports besides the node's own series.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Export per-job series (`ergon_job_*`, labelled `job_id`) for the open jobs.
+    pub per_job: bool,
+    /// At most this many open jobs get per-job series (the longest-running first); the rest
+    /// are counted in `ergon_job_metrics_left_out_jobs`. 1..=[`MAX_PER_JOB_MAX_JOBS`].
+    pub per_job_max_jobs: usize,
+    /// Extra labels on the per-job series: any of `"user"`, `"account"` (none by default).
+    pub per_job_labels: Vec<JobLabel>,
+}
+
+/// Largest `metrics.per_job_max_jobs` accepted.
+pub const MAX_PER_JOB_MAX_JOBS: usize = 1024;
+
+/// An optional label of the per-job series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobLabel {
+    /// The job owner's user name.
+    User,
+    /// The job's Slurm account.
+    Account,
+}
+
+impl MetricsConfig {
+    /// The settings in effect when job data is `private` or not: who runs what is private where
+    /// the job data is, so then no `user` or `account` label (the job ids stay). Returns the
+    /// labels dropped, for the log.
+    pub fn in_effect(&self, private: bool) -> (Self, Vec<JobLabel>) {
+        if private {
+            let m = Self {
+                per_job_labels: Vec::new(),
+                ..self.clone()
+            };
+            (m, self.per_job_labels.clone())
+        } else {
+            (self.clone(), Vec::new())
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_job: true,
+            per_job_max_jobs: 16,
+            per_job_labels: Vec::new(),
+        }
+    }
+}
+
 /// The whole configuration. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,6 +215,8 @@ pub struct Config {
     pub scontrol: PathBuf,
     /// Prometheus `/metrics` listen address (loopback by default).
     pub metrics_listen: String,
+    /// Per-job series on `/metrics` (docs/metrics.md).
+    pub metrics: MetricsConfig,
     /// Sampling rates.
     pub sampling: SamplingConfig,
     /// Every this many seconds, open jobs older than that whose cgroups are all gone are
@@ -200,6 +260,7 @@ impl Default for Config {
             private_group: None,
             scontrol: PathBuf::from("scontrol"),
             metrics_listen: "127.0.0.1:9713".to_string(),
+            metrics: MetricsConfig::default(),
             sampling: SamplingConfig::default(),
             attribution: Default::default(),
             lost_job_check_s: 60,
@@ -373,6 +434,17 @@ impl Config {
                 key: "metrics_listen",
                 reason: format!("{:?} is not an address:port ({e})", self.metrics_listen),
             })?;
+        let m = &self.metrics;
+        if !(1..=MAX_PER_JOB_MAX_JOBS).contains(&m.per_job_max_jobs) {
+            return Err(ConfigError::Invalid {
+                key: "metrics.per_job_max_jobs",
+                reason: format!(
+                    "{} is outside 1..={MAX_PER_JOB_MAX_JOBS}; set `per_job = false` to export \
+                     no per-job series",
+                    m.per_job_max_jobs
+                ),
+            });
+        }
         let s = &self.sampling;
         let range = |key: &'static str, v: u64, lo: u64, hi: u64| {
             if (lo..=hi).contains(&v) {
@@ -499,6 +571,37 @@ mod tests {
     }
 
     #[test]
+    fn per_job_metrics_default_on_bounded_without_user_labels() {
+        let d = Config::default().metrics;
+        assert!(d.per_job);
+        assert_eq!(d.per_job_max_jobs, 16);
+        assert!(d.per_job_labels.is_empty());
+        let c = Config::parse(
+            "[metrics]\nper_job = false\nper_job_max_jobs = 4\nper_job_labels = [\"user\", \"account\"]",
+        )
+        .unwrap()
+        .metrics;
+        assert!(!c.per_job);
+        assert_eq!(c.per_job_max_jobs, 4);
+        assert_eq!(c.per_job_labels, vec![JobLabel::User, JobLabel::Account]);
+        // Private job data: job ids only.
+        let (private, dropped) = c.in_effect(true);
+        assert_eq!(
+            (private.per_job, private.per_job_max_jobs),
+            (c.per_job, c.per_job_max_jobs)
+        );
+        assert!(private.per_job_labels.is_empty());
+        assert_eq!(dropped, vec![JobLabel::User, JobLabel::Account]);
+        let (open, dropped) = c.in_effect(false);
+        assert_eq!(open, c);
+        assert!(dropped.is_empty());
+        let e = Config::parse("[metrics]\nper_job_labels = [\"partition\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partition"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_by_name() {
         let e = Config::parse("powercap_rot = \"/x\"")
             .unwrap_err()
@@ -534,6 +637,14 @@ mod tests {
             ("slurm_user = \"a/b\"", "slurm_user"),
             ("private_group = \"a b\"", "private_group"),
             ("scontrol = \"\"", "scontrol"),
+            (
+                "[metrics]\nper_job_max_jobs = 0",
+                "metrics.per_job_max_jobs",
+            ),
+            (
+                "[metrics]\nper_job_max_jobs = 1025",
+                "metrics.per_job_max_jobs",
+            ),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -25,6 +25,9 @@
 //! | `attribution_intervals_total`, `attribution_failed_intervals_total`, `attribution_conservation_failures_total`, `attribution_late_readings_total` | counters | |
 //! | `attribution_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram`, `bucket` = `measured` \| `jobs` \| `idle` \| `unattributed` |
 //! | `socket_connections_total`, `socket_evictions_total`, `socket_refusals_total`, `socket_malformed_frames_total`, `socket_timeouts_total` | counters | |
+//! | `job_energy_joules_total` | counter | `job_id`, [`user`], [`account`], `component` = `gpu` \| `cpu` \| `dram` (open jobs only) |
+//! | `job_power_watts` | gauge | `job_id`, [`user`], [`account`] (open jobs only) |
+//! | `job_metrics_left_out_jobs`, `job_metrics_max_jobs` | gauges | |
 //! | `build_info` (value 1) | gauge | `version` |
 //!
 //! A quantity the hardware does not provide is absent, never 0: no energy, method or power series
@@ -35,6 +38,11 @@
 //! `node_energy_joules_total{component="cpu"}` sums the package zones only (cores and uncore are
 //! parts of the package, psys contains it), `dram` sums the DRAM zones, `gpu` every GPU (a lost
 //! GPU keeps the energy counted before it was lost).
+//!
+//! The `job_*` families exist when `[metrics] per_job` is on (the default): one set of series
+//! per open job, at most `per_job_max_jobs` jobs (the longest-running), removed when the job
+//! ends; `user` and `account` only where `per_job_labels` asks for them. GPU utilisation is
+//! not among them: ergond reads it only on GPUs several jobs share, for the split.
 //!
 //! The read latency and lateness are summaries: quantiles over the sampler's recent window (as
 //! client libraries' summaries do), `_sum` and `_count` since start. `promtool check metrics`
@@ -372,6 +380,54 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         );
     }
 
+    // Open jobs' running figures, bounded (see the module documentation).
+    if let Some(jobs) = &snapshot.jobs {
+        let id = |j: &crate::snapshot::JobSeries| {
+            let mut l = vec![("job_id", j.job_id.to_string())];
+            if let Some(u) = &j.user {
+                l.push(("user", u.clone()));
+            }
+            if let Some(a) = &j.account {
+                l.push(("account", a.clone()));
+            }
+            l
+        };
+        w.family(
+            "ergon_job_energy_joules_total",
+            "counter",
+            "Energy attributed to the open job so far (J), by component: gpu = its GPUs' share, cpu = RAPL package, dram = RAPL DRAM; the series ends with the job.",
+            jobs.jobs.iter().flat_map(|j| {
+                [("gpu", j.gpu_j), ("cpu", j.cpu_j), ("dram", j.dram_j)]
+                    .into_iter()
+                    .filter_map(move |(c, v)| {
+                        let mut l = id(j);
+                        l.push(("component", c.to_string()));
+                        v.map(|v| (l, v))
+                    })
+            }),
+        );
+        w.family(
+            "ergon_job_power_watts",
+            "gauge",
+            "Average power attributed to the open job over the last attribution interval (about 1 s), all components (W).",
+            jobs.jobs
+                .iter()
+                .filter_map(|j| j.power_w.map(|p| (id(j), p))),
+        );
+        w.family(
+            "ergon_job_metrics_left_out_jobs",
+            "gauge",
+            "Open jobs without per-job series because more jobs are open than [metrics] per_job_max_jobs.",
+            [(vec![], jobs.left_out as f64)],
+        );
+        w.family(
+            "ergon_job_metrics_max_jobs",
+            "gauge",
+            "Most open jobs exported with per-job series ([metrics] per_job_max_jobs).",
+            [(vec![], jobs.max_jobs as f64)],
+        );
+    }
+
     // The plugin socket: connections it took, made room for, refused, and bad frames.
     if let Some(k) = &snapshot.socket_server {
         for (name, help, v) in [
@@ -650,6 +706,7 @@ mod tests {
             taken_monotonic_ns: 5,
             attribution: None,
             socket_server: None,
+            jobs: None,
         }
     }
 
@@ -799,6 +856,84 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
         ] {
             assert!(out.contains(line), "{line} missing from\n{out}");
         }
+    }
+
+    #[test]
+    fn open_jobs_have_per_job_series_and_the_bound_is_said() {
+        use crate::snapshot::{JobMetricsSnapshot, JobSeries};
+        let snap = NodeSnapshot {
+            jobs: Some(JobMetricsSnapshot {
+                jobs: vec![
+                    JobSeries {
+                        job_id: 42,
+                        gpu_j: Some(1500.5),
+                        cpu_j: Some(300.0),
+                        dram_j: Some(20.0),
+                        power_w: Some(410.0),
+                        ..Default::default()
+                    },
+                    // A job on a node without DRAM zones, before its first interval, with the
+                    // optional labels; a user name that needs escaping stays valid.
+                    JobSeries {
+                        job_id: 43,
+                        user: Some("al\"ice".into()),
+                        account: Some("physics".into()),
+                        gpu_j: None,
+                        cpu_j: Some(0.0),
+                        dram_j: None,
+                        power_w: None,
+                    },
+                ],
+                left_out: 3,
+                max_jobs: 2,
+            }),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        render(&snap, &mut out);
+        let series = validate(&out).unwrap();
+        for line in [
+            "ergon_job_energy_joules_total{job_id=\"42\",component=\"gpu\"} 1500.5\n",
+            "ergon_job_energy_joules_total{job_id=\"42\",component=\"cpu\"} 300\n",
+            "ergon_job_energy_joules_total{job_id=\"42\",component=\"dram\"} 20\n",
+            "ergon_job_energy_joules_total{job_id=\"43\",user=\"al\\\"ice\",account=\"physics\",component=\"cpu\"} 0\n",
+            "ergon_job_power_watts{job_id=\"42\"} 410\n",
+            "ergon_job_metrics_left_out_jobs 3\n",
+            "ergon_job_metrics_max_jobs 2\n",
+        ] {
+            assert!(out.contains(line), "{line} missing from\n{out}");
+        }
+        // Unknown is absent, not 0: no GPU or DRAM energy and no power for job 43.
+        assert_eq!(
+            series
+                .iter()
+                .filter(|s| s.starts_with("ergon_job_energy_joules_total["))
+                .count(),
+            4
+        );
+        assert!(
+            !out.contains("ergon_job_power_watts{job_id=\"43\""),
+            "{out}"
+        );
+
+        // Per-job series off: none of the families, not even the bound.
+        let mut out = String::new();
+        render(&NodeSnapshot::default(), &mut out);
+        assert!(!out.contains("ergon_job_"), "{out}");
+
+        // On, no open job: the bound's gauges only.
+        let snap = NodeSnapshot {
+            jobs: Some(JobMetricsSnapshot {
+                max_jobs: 16,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut out = String::new();
+        render(&snap, &mut out);
+        validate(&out).unwrap();
+        assert!(!out.contains("ergon_job_energy"), "{out}");
+        assert!(out.contains("ergon_job_metrics_left_out_jobs 0\n"), "{out}");
     }
 
     #[test]

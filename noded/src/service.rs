@@ -129,6 +129,15 @@ async fn service(config: Config, config_path: &str) -> u8 {
         Some(m) => m,
         None => return EXIT_START,
     };
+    // Per-job series: no user or account label where job data is private.
+    let (metrics_config, dropped) = config.metrics.in_effect(spool_modes.private);
+    if !dropped.is_empty() {
+        tracing::warn!(
+            labels = ?dropped,
+            "private job data is in effect: the per-job series on /metrics carry job_id only, \
+             not the user or account labels set in [metrics] per_job_labels"
+        );
+    }
     let socket = match crate::server::bind(&config.socket_path, config.socket_mode, gid) {
         Ok(l) => l,
         Err(e) => {
@@ -251,6 +260,9 @@ async fn service(config: Config, config_path: &str) -> u8 {
         Arc::new(move || {
             let mut s = sampler.snapshot();
             s.attribution = Some(tracker.attribution_snapshot());
+            if metrics_config.per_job {
+                s.jobs = Some(tracker.job_metrics(&metrics_config));
+            }
             s.socket_server = Some(socket_stats.snapshot());
             s
         })

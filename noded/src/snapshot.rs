@@ -39,6 +39,42 @@ pub struct NodeSnapshot {
     pub attribution: Option<AttributionSnapshot>,
     /// The plugin socket's counters, when the socket server runs (the service fills it in).
     pub socket_server: Option<SocketServerSnapshot>,
+    /// Per-job series of the open jobs, when `[metrics] per_job` is on and the job tracker
+    /// runs (the service fills it in).
+    pub jobs: Option<JobMetricsSnapshot>,
+}
+
+/// The open jobs' running figures for `/metrics`, bounded.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobMetricsSnapshot {
+    /// The jobs exported: at most the configured bound, the longest-running first, then sorted
+    /// by job id.
+    pub jobs: Vec<JobSeries>,
+    /// Open jobs not exported because of the bound.
+    pub left_out: usize,
+    /// The bound (`[metrics] per_job_max_jobs`).
+    pub max_jobs: usize,
+}
+
+/// One open job's running figures.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobSeries {
+    /// Slurm job id.
+    pub job_id: u32,
+    /// Owner's user name, when the `user` label is configured and known.
+    pub user: Option<String>,
+    /// Slurm account, when the `account` label is configured and known.
+    pub account: Option<String>,
+    /// Energy attributed to the job so far (J), by component: GPU, CPU package, DRAM; `None`
+    /// where the component is not measured for the job (absent on `/metrics`, never 0).
+    pub gpu_j: Option<f64>,
+    /// See [`JobSeries::gpu_j`].
+    pub cpu_j: Option<f64>,
+    /// See [`JobSeries::gpu_j`].
+    pub dram_j: Option<f64>,
+    /// Average power attributed to the job over the last attribution interval (W); `None`
+    /// before its first interval.
+    pub power_w: Option<f64>,
 }
 
 /// The plugin socket server's counters since ergond started.

@@ -181,6 +181,58 @@ fn wait_for<T>(
     }
 }
 
+/// The reference parser and linter find nothing to say about `body` (promtool ships with the
+/// package: exit 3 would be a lint remark, 1 a parse error).
+fn promtool_finds_nothing(prometheus: &Path, body: &str) {
+    let promtool = prometheus.with_file_name("promtool");
+    if promtool.exists() {
+        let out = common::run_with_input(
+            Command::new(&promtool).args(["check", "metrics"]),
+            body.as_bytes(),
+        );
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool check metrics ({}): {said}",
+            out.status
+        );
+    } else {
+        ergon_testkit::skipped(
+            "promtool check metrics",
+            &format!("{} not found", promtool.display()),
+        );
+    }
+}
+
+/// A private Prometheus scraping `target` every second, its data under `dir`.
+fn start_prometheus(prometheus: &Path, dir: &Path, target: SocketAddr) -> (Proc, SocketAddr) {
+    let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let prom_config = dir.join("prometheus.yml");
+    std::fs::write(
+        &prom_config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: ergond\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let proc = Proc::spawn(
+        "prometheus",
+        Command::new(prometheus).args([
+            format!("--config.file={}", prom_config.display()),
+            format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+            format!("--web.listen-address={prom}"),
+            "--log.level=warn".to_string(),
+        ]),
+        dir.join("prometheus.log"),
+    );
+    (proc, prom)
+}
+
 /// Node trees and the ergond configuration; returns the configuration file.
 fn node(dir: &Path, nvml: &Path, metrics: SocketAddr) -> PathBuf {
     common::write_node(dir, nvml, &metrics.to_string(), "system.slice", 1000, "")
@@ -244,52 +296,10 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     assert!(status == 200 && index.contains("/metrics"), "{index}");
     assert_eq!(http_get(metrics, "/other").unwrap().0, 404);
 
-    // The reference parser and linter find nothing to say (promtool ships with the package:
-    // exit 3 would be a lint remark, 1 a parse error).
-    let promtool = prometheus.with_file_name("promtool");
-    if promtool.exists() {
-        let out = common::run_with_input(
-            Command::new(&promtool).args(["check", "metrics"]),
-            body.as_bytes(),
-        );
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && said.trim().is_empty(),
-            "promtool check metrics ({}): {said}",
-            out.status
-        );
-    } else {
-        ergon_testkit::skipped(
-            "promtool check metrics",
-            &format!("{} not found", promtool.display()),
-        );
-    }
+    promtool_finds_nothing(&prometheus, &body);
 
     // A private Prometheus scraping ergond every second.
-    let prom: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let prom_config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &prom_config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: ergond\n    static_configs:\n      - targets: ['{metrics}']\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = Proc::spawn(
-        "prometheus",
-        Command::new(&prometheus).args([
-            format!("--config.file={}", prom_config.display()),
-            format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()),
-            format!("--web.listen-address={prom}"),
-            "--log.level=warn".to_string(),
-        ]),
-        dir.path().join("prometheus.log"),
-    );
+    let (mut prometheus, prom) = start_prometheus(&prometheus, dir.path(), metrics);
 
     // Both GPUs' energy in Prometheus, scraped for longer than the rate window (7 samples in 8 s
     // span at least 6 s): a series younger than the window makes rate() extrapolate from its
@@ -358,4 +368,225 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     assert!(http_get(metrics, "/metrics").is_err(), "still listening");
     println!("--- ergond log ---\n{}", ergond.log());
     assert!(start.elapsed() < TEST_BUDGET + Duration::from_secs(5));
+}
+
+/// Per-job series, scraped by a real Prometheus from an ergond driven through its socket as
+/// the plugin drives it: job 42 on GPU A (300 W, exclusive) and job 43 on GPU B, with
+/// `per_job_max_jobs = 1`. Job 42, the longest-running, has series that rise at its GPU's
+/// power; job 43 is left out and counted; when job 42 ends its series go stale in Prometheus
+/// and job 43's appear; when job 43 ends no per-job series is left.
+#[test]
+fn prometheus_sees_an_open_jobs_series_rise_and_go_when_it_ends() {
+    use ergon_protocol::{
+        CgroupPath, CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Reply, Request, StepId, StepStart,
+        Timestamp,
+    };
+    let deadline = Instant::now() + TEST_BUDGET;
+    let prometheus = prometheus_bin();
+    let fake = FakeNvml::new(json!({"gpus": [
+        {"uuid": GPU_A, "name": "Fake H100", "minor": 2, "pci_bus_id": "00000000:17:00.0",
+         "profile": {"kind": "constant", "watts": WATTS_A}, "update_period_ms": 20.0},
+        {"uuid": GPU_B, "name": "Fake A100", "minor": 5, "pci_bus_id": "00000000:65:00.0",
+         "profile": {"kind": "constant", "watts": WATTS_B}, "update_period_ms": 20.0},
+    ]}));
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = common::write_node(
+        dir.path(),
+        &fake.lib,
+        &metrics.to_string(),
+        "slurm/job_42/step_0",
+        1_000_000,
+        "private_data = \"no\"\n[metrics]\nper_job_max_jobs = 1\nper_job_labels = [\"user\", \"account\"]\n",
+    );
+    let mut ergond = Proc::spawn(
+        "ergond",
+        Command::new(env!("CARGO_BIN_EXE_ergond"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info"),
+        dir.path().join("ergond.log"),
+    );
+    let socket = dir.path().join("run/ergond.sock");
+    wait_for("ergond's socket", deadline, &mut [&mut ergond], || {
+        matches!(
+            common::try_request(&socket, &Request::Ping),
+            Ok(Reply::Pong)
+        )
+        .then_some(())
+    });
+    let send = |req: Request| {
+        let r = common::try_request(&socket, &req).unwrap_or_else(|e| panic!("{req:?}: {e}"));
+        assert_eq!(r, Reply::Ok, "{req:?}");
+    };
+    let start = |job_id: u32, minor: u32| {
+        Request::JobStart(JobStart {
+            ids: JobIds {
+                job_id,
+                array_job_id: None,
+                array_task_id: None,
+            },
+            uid: 1000,
+            gid: 1000,
+            user: "alice".into(),
+            account: Some("proj".into()),
+            partition: Some("gpu".into()),
+            cluster: Some("testcl".into()),
+            node: "node1".into(),
+            gpus: vec![GpuAlloc {
+                index: 0,
+                minor: Some(minor),
+                mig: None,
+            }],
+            cpus: CpuSet::new(),
+            report: None,
+            work_dir: None,
+            stdout_path: None,
+            time: Timestamp::now(),
+            sluid: None,
+            node_list: None,
+        })
+    };
+    let end = |job_id: u32| {
+        Request::JobEnd(JobEnd {
+            cluster: None,
+            job_id,
+            node: "node1".into(),
+            time: Timestamp::now(),
+        })
+    };
+    send(start(42, 2));
+    send(Request::StepStart(StepStart {
+        cluster: None,
+        job_id: 42,
+        array_job_id: None,
+        array_task_id: None,
+        step: StepId::Numbered(0),
+        uid: 1000,
+        node: "node1".into(),
+        cgroups: vec![CgroupPath {
+            controller: String::new(),
+            path: "/slurm/job_42/step_0".into(),
+        }],
+        cpus: "0-1".parse().unwrap(),
+        pid: None,
+        tasks: Some(1),
+        time: Timestamp::now(),
+        sluid: None,
+    }));
+    // Job 43 starts later: beyond the bound of 1, so left out while 42 runs.
+    wait_for(
+        "job 42's series on ergond's /metrics",
+        deadline,
+        &mut [&mut ergond],
+        || {
+            let (_, b) = http_get(metrics, "/metrics").ok()?;
+            b.contains("ergon_job_power_watts{job_id=\"42\"")
+                .then_some(())
+        },
+    );
+    send(start(43, 5));
+    let body = wait_for(
+        "job 43 counted as left out on ergond's /metrics",
+        deadline,
+        &mut [&mut ergond],
+        || {
+            let (_, b) = http_get(metrics, "/metrics").ok()?;
+            b.contains("ergon_job_metrics_left_out_jobs 1\n")
+                .then_some(b)
+        },
+    );
+    for want in [
+        "ergon_job_energy_joules_total{job_id=\"42\",user=\"alice\",account=\"proj\",component=\"gpu\"} ",
+        "ergon_job_metrics_max_jobs 1\n",
+        "# TYPE ergon_job_energy_joules_total counter\n",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in:\n{body}");
+    }
+    assert!(!body.contains("job_id=\"43\""), "{body}");
+    // The exposition with per-job series and their optional labels lints clean.
+    promtool_finds_nothing(&prometheus, &body);
+
+    let (mut prometheus, prom) = start_prometheus(&prometheus, dir.path(), metrics);
+    let gpu42 = "ergon_job_energy_joules_total{job_id=\"42\",component=\"gpu\"}";
+    // Scraped for longer than the rate window (see the test above).
+    wait_for(
+        "job 42's GPU energy, 7 samples in 8 s",
+        deadline,
+        &mut [&mut ergond, &mut prometheus],
+        || {
+            let r = query(prom, &format!("count_over_time({gpu42}[8s])"));
+            (r.len() == 1 && value_of(&r[0]) >= 7.0).then_some(())
+        },
+    );
+    let first = query(prom, gpu42);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        (label(&first[0], "user"), label(&first[0], "account")),
+        ("alice", "proj")
+    );
+    let e1 = value_of(&first[0]);
+    // The next scrape has more: the counter rises while the job runs.
+    let e2 = wait_for(
+        "job 42's GPU energy to rise between scrapes",
+        deadline,
+        &mut [&mut ergond, &mut prometheus],
+        || {
+            let r = query(prom, gpu42);
+            r.first().map(value_of).filter(|&e| e > e1)
+        },
+    );
+    println!("job 42 GPU energy: {e1:.1} J, then {e2:.1} J");
+    // Its GPU is its own: its GPU energy rises at the GPU's power, and so does its power
+    // (the generated RAPL counters stand still: no CPU energy to add).
+    let rate = query(prom, &format!("rate({gpu42}[5s])"));
+    assert_eq!(rate.len(), 1, "{rate:?}");
+    let w = value_of(&rate[0]);
+    assert!(
+        (w - WATTS_A).abs() <= 0.10 * WATTS_A,
+        "job 42's GPU energy rises at {w} W, its GPU draws {WATTS_A} W"
+    );
+    let power = query(prom, "ergon_job_power_watts{job_id=\"42\"}");
+    assert_eq!(power.len(), 1, "{power:?}");
+    let p = value_of(&power[0]);
+    assert!(
+        (p - WATTS_A).abs() <= 0.10 * WATTS_A,
+        "job 42's power {p} W, its GPU draws {WATTS_A} W"
+    );
+    assert!(
+        query(prom, "ergon_job_energy_joules_total{job_id=\"43\"}").is_empty(),
+        "job 43 is beyond the bound"
+    );
+    let left_out = query(prom, "ergon_job_metrics_left_out_jobs");
+    assert_eq!(left_out.iter().map(value_of).collect::<Vec<_>>(), vec![1.0]);
+
+    // Job 42 ends: its series are gone from the scrape, so stale in Prometheus, and job 43
+    // takes the freed place.
+    send(end(42));
+    wait_for(
+        "job 42's series to go and job 43's to come in Prometheus",
+        deadline,
+        &mut [&mut ergond, &mut prometheus],
+        || {
+            let gone = query(prom, "{__name__=~\"ergon_job_.+\",job_id=\"42\"}").is_empty();
+            let came = query(prom, "ergon_job_power_watts{job_id=\"43\"}").len() == 1;
+            (gone && came).then_some(())
+        },
+    );
+    let left_out = query(prom, "ergon_job_metrics_left_out_jobs");
+    assert_eq!(left_out.iter().map(value_of).collect::<Vec<_>>(), vec![0.0]);
+
+    send(end(43));
+    wait_for(
+        "no per-job series left in Prometheus",
+        deadline,
+        &mut [&mut ergond, &mut prometheus],
+        || {
+            query(prom, "{__name__=~\"ergon_job_(energy|power).+\"}")
+                .is_empty()
+                .then_some(())
+        },
+    );
+    let (_, body) = http_get(metrics, "/metrics").unwrap();
+    assert!(!body.contains("job_id="), "{body}");
+    println!("--- ergond log ---\n{}", ergond.log());
 }

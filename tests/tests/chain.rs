@@ -502,6 +502,23 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
                     .then_some(()))
             },
         )?;
+        // Its live per-job series (on by default): GPU energy that rises while it runs.
+        let gpu_series = format!("ergon_job_energy_joules_total{{job_id=\"{job}\",component=\"gpu\"}} ");
+        let job_gpu_j = |m: &str| -> Option<f64> {
+            m.lines()
+                .find_map(|l| l.strip_prefix(gpu_series.as_str()))
+                .and_then(|v| v.parse().ok())
+        };
+        let e1 = wait_for(
+            Duration::from_secs(10),
+            "the job's GPU energy in /metrics",
+            || Ok(job_gpu_j(&s.ergond.scrape()?)),
+        )?;
+        wait_for(
+            Duration::from_secs(10),
+            "the job's GPU energy to rise in /metrics",
+            || Ok(job_gpu_j(&s.ergond.scrape()?).filter(|&e| e > e1)),
+        )?;
         let indices = allocated_gpu_indices(c, job)?;
         ensure!(indices.len() == 2, "Slurm allocated {indices:?}");
 
@@ -514,6 +531,12 @@ fn job_is_measured_and_its_record_lands_in_sacct() {
         std::fs::write(&release, b"")?;
         c.wait_completed(job)?;
         let (path, m) = s.ergond.wait_manifest(job, &c.node)?;
+        // Ended: its per-job series are gone.
+        let after = s.ergond.scrape()?;
+        ensure!(
+            !after.contains(&format!("job_id=\"{job}\"")),
+            "job {job}'s series outlive it:\n{after}"
+        );
         println!(
             "manifest {} after {:?}",
             path.display(),

@@ -391,7 +391,7 @@ fn setup(name: &str, nodes: usize) -> Option<Setup> {
         ergon_testkit::skipped(
             name,
             &format!(
-                "needs a cluster of {nodes} nodes, this one has {} (scripts/slurm-cluster up --nodes 3)",
+                "needs a cluster of {nodes} nodes, this one has {} (scripts/slurm-cluster up --nodes 4 --cpu-only-nodes 1)",
                 c.nodes.len()
             ),
         );

@@ -109,6 +109,10 @@ pub struct Member {
     /// node's others were (a lost GPU, failing reads), ns. Its energy then is not measured.
     #[serde(default)]
     pub gpu_unread_ns: BTreeMap<u32, u64>,
+    /// Average power of its share over the last interval attributed (W): its energy in the
+    /// interval over the interval's length (`/metrics`' `ergon_job_power_watts`).
+    #[serde(default)]
+    pub last_power_w: Option<f64>,
 }
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
@@ -362,6 +366,10 @@ impl Attributor {
                 self.stats.intervals += 1;
                 for (job, m) in self.members.iter_mut() {
                     m.intervals += 1;
+                    if inputs.duration_s > 0.0 {
+                        let j = out.jobs.get(job).map_or(0.0, JobShare::total_j);
+                        m.last_power_w = Some(j / inputs.duration_s);
+                    }
                     let Some(share) = self.acc.job(job) else {
                         continue;
                     };
@@ -590,6 +598,7 @@ impl Attributor {
             cpu_trace: BTreeMap::new(),
             cpu_ns: 0,
             gpu_unread_ns: BTreeMap::new(),
+            last_power_w: None,
         });
         if m.gpus.is_empty() {
             m.gpus = gpus;
@@ -905,6 +914,21 @@ mod tests {
         let r = a.job_end(1).unwrap();
         assert!((r.share.gpus[&6].unwrap() - 400.0).abs() < 1e-9);
         assert!((r.steps[&StepId::Numbered(0)].gpus[&6].unwrap() - 200.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_open_jobs_power_is_its_share_over_the_last_interval() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![1], CpuSet::new());
+        assert_eq!(a.members()[&1].last_power_w, None);
+        a.advance(&reading(2.0, &[]));
+        // Minor 7 at 200 W, no CPU time: 200 W.
+        let p = a.members()[&1].last_power_w.unwrap();
+        assert!((p - 200.0).abs() < 1e-9, "{p}");
+        let before = a.share(1).unwrap().gpu_j().unwrap();
+        a.advance(&reading(2.5, &[]));
+        assert!(a.share(1).unwrap().gpu_j().unwrap() > before);
     }
 
     #[test]

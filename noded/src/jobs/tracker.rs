@@ -259,6 +259,63 @@ impl JobTracker {
         }
     }
 
+    /// The open jobs' running figures for `/metrics`: at most `config.per_job_max_jobs` jobs,
+    /// the longest-running first (a job once exported stays so until it ends), the rest
+    /// counted. Each lock is held only to copy what it guards: the registry for the open jobs'
+    /// start and labels, then the attributor for the chosen jobs' shares.
+    pub fn job_metrics(
+        &self,
+        config: &crate::config::MetricsConfig,
+    ) -> crate::snapshot::JobMetricsSnapshot {
+        use crate::config::JobLabel;
+        let want = |l: JobLabel| config.per_job_labels.contains(&l);
+        let (user, account) = (want(JobLabel::User), want(JobLabel::Account));
+        let open: Vec<(u64, u32, Option<String>, Option<String>)> = {
+            let reg = lock(&self.inner.registry);
+            reg.jobs()
+                .filter(|j| j.end.is_none())
+                .map(|j| {
+                    (
+                        j.start.mono_ns,
+                        j.job_id,
+                        j.user.clone().filter(|_| user),
+                        j.account.clone().filter(|_| account),
+                    )
+                })
+                .collect()
+        };
+        let (series, open_in_attributor) = {
+            let att = lock(&self.inner.attributor);
+            let mut open: Vec<_> = open
+                .into_iter()
+                .filter(|(_, id, _, _)| att.members().contains_key(id))
+                .collect();
+            let n = open.len();
+            select_longest_running(&mut open, config.per_job_max_jobs);
+            let series: Vec<crate::snapshot::JobSeries> = open
+                .into_iter()
+                .filter_map(|(_, job_id, user, account)| {
+                    let share = att.share(job_id)?;
+                    Some(crate::snapshot::JobSeries {
+                        job_id,
+                        user,
+                        account,
+                        gpu_j: share.gpu_j(),
+                        cpu_j: share.package_j(),
+                        dram_j: share.dram_j(),
+                        power_w: att.members().get(&job_id)?.last_power_w,
+                    })
+                })
+                .collect();
+            (series, n)
+        };
+        crate::snapshot::JobMetricsSnapshot {
+            left_out: open_in_attributor - series.len(),
+            jobs: series,
+            max_jobs: config.per_job_max_jobs,
+        }
+    }
+
     /// Jobs open now.
     pub fn open_jobs(&self) -> usize {
         lock(&self.inner.registry).len()
@@ -306,5 +363,34 @@ impl JobTracker {
 impl Drop for JobTracker {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Keep the `max` longest-running of `jobs` (start instant, job id, ...), then sort them by job
+/// id. Ties in start go to the lower job id, so the choice is stable from scrape to scrape.
+fn select_longest_running<T>(jobs: &mut Vec<(u64, u32, T, T)>, max: usize) {
+    jobs.sort_by_key(|(start, id, _, _)| (*start, *id));
+    jobs.truncate(max);
+    jobs.sort_by_key(|(_, id, _, _)| *id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::select_longest_running;
+
+    #[test]
+    fn the_bound_keeps_the_longest_running_jobs_by_id() {
+        let mut jobs = vec![
+            (30, 1, (), ()),
+            (10, 9, (), ()),
+            (20, 5, (), ()),
+            (10, 7, (), ()),
+        ];
+        select_longest_running(&mut jobs, 3);
+        let ids: Vec<u32> = jobs.iter().map(|j| j.1).collect();
+        assert_eq!(ids, vec![5, 7, 9]);
+        let mut all = vec![(1, 2, (), ()), (2, 1, (), ())];
+        select_longest_running(&mut all, 16);
+        assert_eq!(all.len(), 2);
     }
 }
