@@ -54,6 +54,10 @@ pub struct Config {
     /// The `scontrol` program `private_data = "auto"` runs.
     #[serde(default = "default_scontrol")]
     pub scontrol: PathBuf,
+    /// Grid carbon intensity, PUE and embodied factors (docs/carbon.md); absent: no CO2e.
+    pub carbon: Option<crate::carbon::CarbonConfig>,
+    /// Price of energy (docs/carbon.md); absent: no cost.
+    pub cost: Option<crate::carbon::CostConfig>,
 }
 
 fn default_scontrol() -> PathBuf {
@@ -426,7 +430,7 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// The key.
-        key: &'static str,
+        key: String,
         /// What is wrong.
         message: String,
     },
@@ -439,9 +443,9 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let invalid = |key, message: &str| ConfigError::Invalid {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key,
+            key: key.to_owned(),
             message: message.to_owned(),
         };
         if config.spool_dirs.is_empty() {
@@ -497,6 +501,20 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if let Some(c) = &config.carbon {
+            c.validate("carbon.", 0).map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
+        }
+        if let Some(c) = &config.cost {
+            c.validate("cost.", 0).map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message,
+            })?;
         }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));

@@ -1,7 +1,8 @@
 //! The job record: one job's energy across all its nodes, as collection makes it
 //! ([`crate::collect::combine`]), the state keeps it while a delivery is pending
 //! ([`crate::state`]), the sinks send it ([`crate::sinks`]) and `ergon report` shows it. A leaf
-//! module: it depends on no other module of this crate.
+//! module: it depends on no other module of this crate but the footprint's types
+//! ([`crate::carbon`]).
 
 use ergon_protocol::manifest::{ComponentCoverage, EnergyMethod};
 use ergon_protocol::record::JobRecord;
@@ -97,6 +98,10 @@ pub struct JobRecordFull {
     /// counted for these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes_missing: Vec<String>,
+    /// The job's CO2e and energy cost with the factors they were computed with, when the
+    /// accounting config has `[carbon]` or `[cost]` (docs/carbon.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<crate::carbon::Footprint>,
 }
 
 /// A node on which the job's GPUs could not be known.

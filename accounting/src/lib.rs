@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod carbon;
 pub mod collect;
 pub mod config;
 pub mod consumed_energy;

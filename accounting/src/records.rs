@@ -1270,6 +1270,7 @@ fn read_jobs(
             gpus: Vec::new(),
             gpus_unknown: Vec::new(),
             estimates: Vec::new(),
+            footprint: None,
         };
         let key = || vec![job.cluster.as_str().into(), job.job_id.into()];
         job.nodes = sql

@@ -78,9 +78,10 @@ pub(super) fn new_entry(
     key: &str,
     found: Vec<FoundManifest>,
     horizon_unix_ns: u64,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Option<JobEntry> {
     let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
-    let record = combine(&manifests);
+    let mut record = combine(&manifests);
     let existing = state.jobs.get(key);
     if existing.is_some_and(|e| e.key == record.idempotency_key) {
         return None;
@@ -88,6 +89,9 @@ pub(super) fn new_entry(
     if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
         summary.skipped_before_horizon += 1;
         return None;
+    }
+    if let Some(f) = factors {
+        f.apply(&mut record, &manifests);
     }
     if existing.is_some() {
         summary.updated += 1;

@@ -257,6 +257,7 @@ fn uploader(
 struct Pipeline<'a, 'c> {
     config: &'a Config,
     sinks: &'a [SharedSink],
+    factors: Option<&'a crate::carbon::Factors>,
     state: &'a mut State,
     summary: &'a mut RunSummary,
     saver: &'a mut Saver<'c>,
@@ -310,6 +311,7 @@ impl Pipeline<'_, '_> {
             &key,
             found,
             self.horizon_unix_ns,
+            self.factors,
         );
         match entry {
             None => self.less_planned(),
@@ -482,6 +484,7 @@ pub(super) fn run_pipelined(
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
     bounds: Bounds,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
     let started = Instant::now();
     // The records left pending by earlier runs go first, oldest job first (a verifying sink
@@ -539,6 +542,7 @@ pub(super) fn run_pipelined(
         let mut pipe = Pipeline {
             config,
             sinks,
+            factors,
             state,
             summary,
             saver,

@@ -26,6 +26,7 @@ pub(super) fn run_sequential(
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
     bounds: Bounds,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
     // 1. Collect.
     let step = Instant::now();
@@ -43,7 +44,9 @@ pub(super) fn run_sequential(
     summary.manifests_known = scan.known;
     let horizon = state.horizon_unix_ns;
     for (key, found) in scan.jobs {
-        if let Some(entry) = new_entry(config, state, sinks, summary, &key, found, horizon) {
+        if let Some(entry) = new_entry(
+            config, state, sinks, summary, &key, found, horizon, factors,
+        ) {
             state.jobs.insert(key, entry);
         }
     }
