@@ -1147,3 +1147,338 @@ fn fetch(url: &str, span: (u64, u64), max_step_s: u64, timeout_s: u64) -> Result
     let body = resp.bytes().map_err(|e| e.to_string())?;
     parse_url_answer(&body, max_step_s).map(|(s, _)| s)
 }
+
+/// Grams of CO2e for people: `850 g`, `12.4 kg`, `3.21 t`.
+pub fn co2e(grams: f64) -> String {
+    let g = grams.abs();
+    if g >= 1e6 {
+        format!("{:.2} t", grams / 1e6)
+    } else if g >= 1e3 {
+        format!("{:.2} kg", grams / 1e3)
+    } else {
+        format!("{grams:.1} g")
+    }
+}
+
+fn factor_text(f: &FactorUsed, unit: &str) -> String {
+    let mut s = match (f.value, f.min, f.max) {
+        (Some(v), Some(lo), Some(hi)) if hi > lo => {
+            format!("{v:.4} {unit} (energy-weighted mean; {lo} to {hi})")
+        }
+        (Some(v), _, _) => format!("{v} {unit}"),
+        (None, _, _) => "unknown".to_owned(),
+    };
+    s += &format!(", {}", f.origin);
+    if let Some(src) = &f.source {
+        s += &format!(" [{src}]");
+    }
+    s
+}
+
+/// The footprint as lines of `ergon report` (each starting with `indent`).
+pub fn render(f: &Footprint, indent: &str) -> String {
+    let mut out = String::new();
+    let method = match f.method {
+        ProfileMethod::Trace => "over the nodes' power traces".to_owned(),
+        ProfileMethod::TracePartial => format!(
+            "over the nodes' power traces where they cover the job ({} of its node-time), the rest at the traces' mean power",
+            ergon_protocol::format::percent(f.trace_time_fraction)
+        ),
+        ProfileMethod::Even => "energy spread evenly over each node's span (no power trace)".to_owned(),
+    };
+    if let Some(c) = &f.carbon {
+        out += &format!(
+            "{indent}co2e      {} = operational {}{} ({method})\n",
+            co2e(c.total_g),
+            co2e(c.operational_g),
+            c.embodied_g
+                .map(|e| format!(" + embodied {}", co2e(e)))
+                .unwrap_or_default()
+        );
+        if c.missing_energy_fraction > 0.0 {
+            out += &format!(
+                "{indent}          missing intensity or PUE for {} of the job's energy ({} of its time): that part is not in the figure\n",
+                ergon_protocol::format::percent(c.missing_energy_fraction),
+                ergon_protocol::format::percent(c.missing_time_fraction)
+            );
+        }
+        out += &format!("{indent}          intensity {}\n", factor_text(&c.intensity, "gCO2e/kWh"));
+        out += &format!("{indent}          PUE {}\n", factor_text(&c.pue, ""));
+        if c.embodied_g.is_some() {
+            out += &format!(
+                "{indent}          embodied {} g/GPU-h × {:.3} GPU-h + {} g/node-h × {:.3} node-h{}\n",
+                c.embodied_g_per_gpu_hour.unwrap_or(0.0),
+                c.gpu_hours,
+                c.embodied_g_per_node_hour.unwrap_or(0.0),
+                c.node_hours,
+                c.embodied_source
+                    .as_ref()
+                    .map(|s| format!(" [{s}]"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(c) = &f.cost {
+        out += &format!(
+            "{indent}cost      {:.4}{} ({method})\n",
+            c.amount,
+            c.currency.as_ref().map(|c| format!(" {c}")).unwrap_or_default()
+        );
+        if c.missing_energy_fraction > 0.0 {
+            out += &format!(
+                "{indent}          missing price{} for {} of the job's energy: that part is not in the figure\n",
+                if c.pue.is_some() { " or PUE" } else { "" },
+                ergon_protocol::format::percent(c.missing_energy_fraction)
+            );
+        }
+        out += &format!(
+            "{indent}          price {}\n",
+            factor_text(&c.price, &format!("{}/kWh", c.currency.as_deref().unwrap_or("")))
+        );
+        match &c.pue {
+            Some(p) => out += &format!("{indent}          PUE {} (cost of the facility's energy)\n", factor_text(p, "")),
+            None => out += &format!("{indent}          of the IT energy (no PUE applied)\n"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::combine;
+    use ergon_protocol::testing::ManifestBuilder;
+
+    /// 2026-01-01T00:00:00Z.
+    const T0: u64 = 1_767_225_600;
+    const H: u64 = 3600;
+
+    fn ns(s: u64) -> u64 {
+        s * 1_000_000_000
+    }
+
+    /// One node, two hours from T0, GPU energy `energy_j`, a trace of 100 W then 300 W (one
+    /// bin an hour) unless `trace` is false.
+    fn job(energy_j: f64, trace: bool) -> (JobRecordFull, Vec<Manifest>) {
+        let mut b = ManifestBuilder::new("c", 1, "n1")
+            .span(ns(T0), ns(T0 + 2 * H))
+            .partition("gpu")
+            .gpu(Some(energy_j));
+        if trace {
+            b = b.trace(3_600_000, [("gpu0", vec![100.0f32, 300.0])]);
+        }
+        let m = vec![b.build()];
+        (combine(&m), m)
+    }
+
+    fn carbon(toml_text: &str) -> Factors {
+        let c: CarbonConfig = toml::from_str(toml_text).unwrap();
+        c.validate("carbon.", 0).unwrap();
+        Factors::new(Some(&c), None).unwrap()
+    }
+
+    fn cost(toml_text: &str) -> Factors {
+        let c: CostConfig = toml::from_str(toml_text).unwrap();
+        c.validate("cost.", 0).unwrap();
+        Factors::new(None, Some(&c)).unwrap()
+    }
+
+    fn csv(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn static_factors_multiply_the_energy() {
+        // 1 kWh × 400 g/kWh × PUE 1.5 = 600 g.
+        let (r, m) = job(3.6e6, true);
+        let f = carbon("intensity_g_per_kwh = 400\npue = 1.5\nintensity_source = \"grid avg\"")
+            .footprint(&r, &m);
+        let c = f.carbon.unwrap();
+        assert!((c.operational_g - 600.0).abs() < 1e-9, "{c:?}");
+        assert_eq!(c.total_g, c.operational_g);
+        assert_eq!(c.missing_energy_fraction, 0.0);
+        assert_eq!(c.intensity.value, Some(400.0));
+        assert_eq!(c.intensity.origin, "static");
+        assert_eq!(c.intensity.source.as_deref(), Some("grid avg"));
+        assert_eq!(f.method, ProfileMethod::Trace);
+        assert_eq!(f.trace_time_fraction, 1.0);
+    }
+
+    #[test]
+    fn a_varying_intensity_is_applied_bin_by_bin_not_at_the_average() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = csv(
+            dir.path(),
+            "i.csv",
+            &format!("timestamp,value\n# hourly\n{T0},200\n{},500\n", T0 + H),
+        );
+        let f = carbon(&format!("intensity_file = {:?}", file.to_str().unwrap()));
+        // The trace: 100 W for an hour (0.1 kWh at 200 g) and 300 W for an hour (0.3 kWh at
+        // 500 g): 20 + 150 = 170 g. At the job's average (0.4 kWh at 350 g) it would be 140 g.
+        let (r, m) = job(1.44e6, true);
+        let c = f.footprint(&r, &m).carbon.unwrap();
+        assert!((c.operational_g - 170.0).abs() < 1e-6, "{c:?}");
+        // The intensity's energy-weighted mean reproduces the figure: 170 / 0.4.
+        assert!((c.intensity.value.unwrap() - 425.0).abs() < 1e-6);
+        assert_eq!((c.intensity.min, c.intensity.max), (Some(200.0), Some(500.0)));
+        assert!(c.intensity.origin.starts_with("file "));
+        // The measured energy is what counts; the trace gives its shape: twice the energy,
+        // twice the CO2e.
+        let (r, m) = job(2.88e6, true);
+        let c = f.footprint(&r, &m).carbon.unwrap();
+        assert!((c.operational_g - 340.0).abs() < 1e-6, "{c:?}");
+        // Without a trace the energy is spread evenly: 0.2 kWh an hour, 40 + 100 = 140 g.
+        let (r, m) = job(1.44e6, false);
+        let fp = f.footprint(&r, &m);
+        assert_eq!(fp.method, ProfileMethod::Even);
+        assert!((fp.carbon.unwrap().operational_g - 140.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn missing_intensity_is_reported_never_defaulted() {
+        let dir = tempfile::tempdir().unwrap();
+        // One point, held for an hour at most: the second hour has no intensity.
+        let file = csv(dir.path(), "i.csv", &format!("{T0},200\n"));
+        let f = carbon(&format!(
+            "intensity_file = {:?}\nmax_step_s = 3600",
+            file.to_str().unwrap()
+        ));
+        let (r, m) = job(1.44e6, true);
+        let fp = f.footprint(&r, &m);
+        let c = fp.carbon.as_ref().unwrap();
+        assert!((c.operational_g - 20.0).abs() < 1e-6, "{c:?}");
+        assert!((c.missing_energy_fraction - 0.75).abs() < 1e-9);
+        assert!((c.missing_time_fraction - 0.5).abs() < 1e-9);
+        let text = render(&fp, "");
+        assert!(
+            text.contains("missing intensity or PUE for 75.0% of the job's energy (50.0% of its time)"),
+            "{text}"
+        );
+        // A file that cannot be read: all missing, and the reason named.
+        let f = carbon("intensity_file = \"/nonexistent/i.csv\"");
+        let c = f.footprint(&r, &m).carbon.unwrap();
+        assert_eq!(c.operational_g, 0.0);
+        assert_eq!(c.missing_energy_fraction, 1.0);
+        assert!(c.intensity.origin.contains("unavailable"), "{}", c.intensity.origin);
+    }
+
+    #[test]
+    fn a_partial_trace_fills_the_rest_at_its_mean_power() {
+        // Two hours; the trace covers only the second (200 W): the first hour gets the trace's
+        // mean (200 W) too, so the energy splits evenly between the hours.
+        let m = vec![ManifestBuilder::new("c", 1, "n1")
+            .span(ns(T0), ns(T0 + 2 * H))
+            .gpu(Some(1.44e6))
+            .trace(3_600_000, [("gpu0", vec![200.0f32])])
+            .trace_start(ns(T0 + H))
+            .build()];
+        let r = combine(&m);
+        let dir = tempfile::tempdir().unwrap();
+        let file = csv(dir.path(), "i.csv", &format!("{T0},100\n{},300\n", T0 + H));
+        let fp = carbon(&format!("intensity_file = {:?}", file.to_str().unwrap()))
+            .footprint(&r, &m);
+        assert_eq!(fp.method, ProfileMethod::TracePartial);
+        assert!((fp.trace_time_fraction - 0.5).abs() < 1e-9);
+        // 0.2 kWh × 100 + 0.2 kWh × 300 = 80 g.
+        assert!((fp.carbon.unwrap().operational_g - 80.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn partitions_and_clusters_override_and_embodied_is_per_gpu_and_node_hour() {
+        let f = carbon(
+            "intensity_g_per_kwh = 400
+             embodied_g_per_gpu_hour = 50
+             embodied_g_per_node_hour = 100
+             [partitions.gpu]
+             intensity_g_per_kwh = 100
+             [clusters.other]
+             intensity_g_per_kwh = 10",
+        );
+        // 1 kWh in partition gpu: 100 g; 1 GPU × 2 h × 50 + 1 node × 2 h × 100 = 300 g.
+        let (r, m) = job(3.6e6, true);
+        let c = f.footprint(&r, &m).carbon.unwrap();
+        assert!((c.operational_g - 100.0).abs() < 1e-9);
+        assert_eq!(c.embodied_g, Some(300.0));
+        assert!((c.total_g - 400.0).abs() < 1e-9);
+        assert_eq!(c.pue.value, Some(1.0));
+        let mut other = r.clone();
+        other.cluster = "other".into();
+        let c = f.footprint(&other, &m).carbon.unwrap();
+        assert!((c.operational_g - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_tariff_prices_each_window() {
+        // 00:00-01:00 at 0.10, 01:00-24:00 at 0.30: 0.1 kWh × 0.10 + 0.3 kWh × 0.30 = 0.10.
+        let f = cost(
+            "currency = \"EUR\"
+             include_pue = false
+             tariff = [{ from = \"01:00\", to = \"00:00\", price_per_kwh = 0.30 },
+                       { from = \"00:00\", to = \"01:00\", price_per_kwh = 0.10 }]",
+        );
+        let (r, m) = job(1.44e6, true);
+        let c = f.footprint(&r, &m).cost.unwrap();
+        assert!((c.amount - 0.10).abs() < 1e-9, "{c:?}");
+        assert_eq!(c.currency.as_deref(), Some("EUR"));
+        assert!(c.pue.is_none());
+        // In UTC+01:00 the job runs 01:00-03:00 local: all at 0.30, 0.4 kWh = 0.12.
+        let f = cost(
+            "tariff_utc_offset = \"+01:00\"
+             tariff = [{ from = \"01:00\", to = \"00:00\", price_per_kwh = 0.30 },
+                       { from = \"00:00\", to = \"01:00\", price_per_kwh = 0.10 }]",
+        );
+        assert!((f.footprint(&r, &m).cost.unwrap().amount - 0.12).abs() < 1e-9);
+        // A window left out: that energy has no price, and says so.
+        let f = cost("tariff = [{ from = \"00:00\", to = \"01:00\", price_per_kwh = 0.10 }]");
+        let c = f.footprint(&r, &m).cost.unwrap();
+        assert!((c.amount - 0.01).abs() < 1e-9);
+        assert!((c.missing_energy_fraction - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_cost_includes_the_facility_pue_unless_told_not_to() {
+        let carbon_c: CarbonConfig = toml::from_str("intensity_g_per_kwh = 100\npue = 1.25").unwrap();
+        let cost_c: CostConfig = toml::from_str("price_per_kwh = 0.2").unwrap();
+        let f = Factors::new(Some(&carbon_c), Some(&cost_c)).unwrap();
+        let (r, m) = job(3.6e6, true);
+        let fp = f.footprint(&r, &m);
+        // 1 kWh × 1.25 × 0.2 = 0.25.
+        assert!((fp.cost.as_ref().unwrap().amount - 0.25).abs() < 1e-9);
+        assert_eq!(fp.cost.unwrap().pue.unwrap().value, Some(1.25));
+        assert!((fp.carbon.unwrap().operational_g - 125.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_their_key() {
+        let c: CarbonConfig =
+            toml::from_str("intensity_g_per_kwh = 1\nintensity_file = \"/x\"").unwrap();
+        assert_eq!(c.validate("carbon.", 0).unwrap_err().0, "carbon.intensity_g_per_kwh");
+        let c: CarbonConfig = toml::from_str("[partitions.p]\npue = 0.5").unwrap();
+        assert_eq!(c.validate("carbon.", 0).unwrap_err().0, "carbon.partitions.p.pue");
+        assert!(toml::from_str::<CarbonConfig>("intensity = 1").is_err());
+        let c: CostConfig = toml::from_str(
+            "tariff = [{ from = \"00:00\", to = \"12:00\", price_per_kwh = 1 },
+                       { from = \"11:00\", to = \"13:00\", price_per_kwh = 1 }]",
+        )
+        .unwrap();
+        assert!(c.validate("cost.", 0).unwrap_err().1.contains("overlap"));
+    }
+
+    #[test]
+    fn csv_series_read_times_as_unix_seconds_or_utc_dates() {
+        let s = parse_csv(
+            "time,gco2e_per_kwh\n2026-01-01T01:00:00Z,250 # comment\n1767225600,200\n",
+            3600,
+        )
+        .unwrap();
+        assert_eq!(s.points, [(ns(T0), 200.0), (ns(T0 + H), 250.0)]);
+        assert!(parse_csv("1,2\n1,3\n", 60).unwrap_err().contains("two values"));
+        assert!(parse_csv("1,-2\n", 60).unwrap_err().contains("line 1"));
+        // A value holds until the next point or max_step, whichever comes first.
+        assert_eq!(s.at(ns(T0) - 1), (None, ns(T0)));
+        assert_eq!(s.at(ns(T0) + 5), (Some(200.0), ns(T0 + H)));
+        assert_eq!(s.at(ns(T0 + 2 * H)), (None, u64::MAX));
+    }
+}

@@ -129,6 +129,14 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE INDEX jobs_by_end ON jobs (end_unix_ns);
     CREATE INDEX jobs_by_user_end ON jobs (`user`, end_unix_ns);
     CREATE INDEX jobs_by_account_end ON jobs (account, end_unix_ns);",
+    // 3: CO2e and cost (docs/carbon.md): the figures `ergon summary` sums, and the whole
+    // footprint with its factors as JSON for `ergon report`.
+    "ALTER TABLE jobs ADD COLUMN co2e_g REAL;
+    ALTER TABLE jobs ADD COLUMN co2e_missing REAL;
+    ALTER TABLE jobs ADD COLUMN cost REAL;
+    ALTER TABLE jobs ADD COLUMN cost_missing REAL;
+    ALTER TABLE jobs ADD COLUMN currency TEXT;
+    ALTER TABLE jobs ADD COLUMN footprint TEXT;",
 ];
 
 /// The MariaDB schema: the same versions as [`MIGRATIONS`], in MariaDB's dialect (InnoDB,
@@ -223,6 +231,14 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
         "CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (end_unix_ns)",
         "CREATE INDEX IF NOT EXISTS jobs_by_user_end ON jobs (`user`, end_unix_ns)",
         "CREATE INDEX IF NOT EXISTS jobs_by_account_end ON jobs (account, end_unix_ns)",
+    ],
+    &[
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS co2e_g DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS co2e_missing DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_missing DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS currency VARCHAR(16)",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS footprint MEDIUMTEXT",
     ],
 ];
 
@@ -1033,6 +1049,12 @@ const JOB_COLUMNS: &[&str] = &[
     "nodes",
     "gpus",
     "written_unix",
+    "co2e_g",
+    "co2e_missing",
+    "cost",
+    "cost_missing",
+    "currency",
+    "footprint",
 ];
 
 const NODE_COLUMNS: &[&str] = &[
@@ -1076,6 +1098,8 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
     let existing = existing.first().map(|row| row.int(0)).transpose()?;
     if existing.is_none_or(|n| r.nodes.len() as i64 >= n) {
         let cc = r.coverage_components;
+        let carbon = r.footprint.as_ref().and_then(|f| f.carbon.as_ref());
+        let cost = r.footprint.as_ref().and_then(|f| f.cost.as_ref());
         sql.exec(
             &upsert_sql(d, "jobs", &["cluster", "job_id"], JOB_COLUMNS),
             vec![
@@ -1113,6 +1137,12 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
                 r.nodes.len().into(),
                 r.gpus.len().into(),
                 now.into(),
+                carbon.map(|c| c.total_g).into(),
+                carbon.map(|c| c.missing_energy_fraction).into(),
+                cost.map(|c| c.amount).into(),
+                cost.map(|c| c.missing_energy_fraction).into(),
+                cost.and_then(|c| c.currency.clone()).into(),
+                r.footprint.as_ref().map(to_json).into(),
             ],
         )?;
     }
@@ -1228,7 +1258,7 @@ fn read_jobs(
             uid, account, `partition`, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
             cpu_j, dram_j, avg_w, peak_w, coverage_min, coverage_weighted, estimated,
             has_coverage_components, coverage_gpu, coverage_cpu, coverage_dram,
-            estimate_bound_j, sluid, job_nodes, nodes_missing
+            estimate_bound_j, sluid, job_nodes, nodes_missing, footprint
          FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster",
         vec![job_id.into(), cluster.into(), cluster.into()],
     )?;
@@ -1270,7 +1300,7 @@ fn read_jobs(
             gpus: Vec::new(),
             gpus_unknown: Vec::new(),
             estimates: Vec::new(),
-            footprint: None,
+            footprint: row.opt_text(30)?.map(|j| from_json(30, &j)).transpose()?,
         };
         let key = || vec![job.cluster.as_str().into(), job.job_id.into()];
         job.nodes = sql
@@ -1502,6 +1532,15 @@ pub struct SummaryRow {
     pub estimated_jobs: u64,
     /// Jobs with GPUs whose energy is unknown (their GPU part is not in `gpu_j`).
     pub gpus_unknown_jobs: u64,
+    /// CO2e, grams, of the jobs that have it (by node: each job's CO2e split by the nodes'
+    /// energy); `None` when none has.
+    pub co2e_g: Option<f64>,
+    /// Energy cost of the jobs that have it (by node: split by energy); `None` when none has.
+    pub cost: Option<f64>,
+    /// The cost's currency (`"mixed"` when the jobs' currencies differ).
+    pub currency: Option<String>,
+    /// Jobs whose CO2e or cost misses a part (a factor unknown for part of the job).
+    pub footprint_partial_jobs: u64,
 }
 
 fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<SummaryRow>> {
@@ -1549,7 +1588,9 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                 "SELECT j.cluster, {col}, COUNT(*), SUM(j.energy_j), SUM(j.gpu_j), SUM(j.cpu_j),
                     SUM(j.dram_j), SUM(j.gpus * j.duration_s) / 3600.0,
                     SUM(j.nodes * j.duration_s) / 3600.0, MIN(j.coverage_min),
-                    SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END)
+                    SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END),
+                    SUM(j.co2e_g), SUM(j.cost), MIN(j.currency), MAX(j.currency),
+                    SUM(CASE WHEN j.co2e_missing > 0 OR j.cost_missing > 0 THEN 1 ELSE 0 END)
                  FROM jobs j
                  {filters}
                  GROUP BY j.cluster, {col}
@@ -1560,7 +1601,13 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
             "SELECT j.cluster, n.node, COUNT(*), SUM(n.energy_j), SUM(n.gpu_j), SUM(n.cpu_j),
                 SUM(n.dram_j), SUM(COALESCE(g.gpus, 0) * j.duration_s) / 3600.0,
                 SUM(j.duration_s) / 3600.0, MIN(n.coverage), SUM(j.estimated),
-                SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END)
+                SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END),
+                SUM(j.co2e_g * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                    ELSE 1.0 / j.nodes END),
+                SUM(j.cost * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                    ELSE 1.0 / j.nodes END),
+                MIN(j.currency), MAX(j.currency),
+                SUM(CASE WHEN j.co2e_missing > 0 OR j.cost_missing > 0 THEN 1 ELSE 0 END)
              FROM job_nodes n
              JOIN jobs j ON j.cluster = n.cluster AND j.job_id = n.job_id
              LEFT JOIN (SELECT cluster, job_id, node, COUNT(*) AS gpus FROM job_gpus
@@ -1587,6 +1634,13 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                 coverage_min: row.real(9)?,
                 estimated_jobs: row.opt_real(10)?.unwrap_or(0.0) as u64,
                 gpus_unknown_jobs: row.opt_real(11)?.unwrap_or(0.0) as u64,
+                co2e_g: row.opt_real(12)?,
+                cost: row.opt_real(13)?,
+                currency: match (row.opt_text(14)?, row.opt_text(15)?) {
+                    (Some(a), Some(b)) if a != b => Some("mixed".into()),
+                    (a, _) => a,
+                },
+                footprint_partial_jobs: row.opt_real(16)?.unwrap_or(0.0) as u64,
             })
         })
         .collect()

@@ -259,6 +259,9 @@ pub fn render_job_report(r: &JobReport) -> String {
                 out += &format!("    sluid {sluid}\n");
             }
         }
+        if let Some(f) = &m.footprint {
+            out += &crate::carbon::render(f, "    ");
+        }
         if let Some(c) = &m.coverage_components {
             out += &format!(
                 "    coverage by component (time-weighted over the nodes):{}\n",
