@@ -791,10 +791,16 @@ fn series(mut points: Vec<(u64, f64)>, max_step_s: u64) -> Result<Series, String
 }
 
 fn parse_timestamp(s: &str) -> Result<u64, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return Ok((secs * NS).round() as u64);
-        }
+    // Unix seconds, exactly: `S` or `S.FFFFFFFFF` (up to nanoseconds).
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |x: &str| x.bytes().all(|b| b.is_ascii_digit());
+    if !whole.is_empty() && digits(whole) && digits(frac) && frac.len() <= 9 {
+        let secs: u64 = whole.parse().map_err(|_| format!("{s:?} is too large"))?;
+        let frac_ns: u64 = format!("{frac:0<9}").parse().unwrap_or(0);
+        return secs
+            .checked_mul(1_000_000_000)
+            .and_then(|n| n.checked_add(frac_ns))
+            .ok_or_else(|| format!("{s:?} is too large"));
     }
     crate::records::parse_time(s.trim_end_matches('Z'))
 }
@@ -1464,6 +1470,83 @@ mod tests {
         )
         .unwrap();
         assert!(c.validate("cost.", 0).unwrap_err().1.contains("overlap"));
+    }
+
+    /// A real HTTP server on a local port answering every GET with `body` (status 200, or
+    /// 503 when `body` is empty); the request lines it got are in the returned list.
+    fn serve(body: String) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/intensity", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                log.lock().unwrap().push(line.trim_end().to_owned());
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap() == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let status = if body.is_empty() { "503 Service Unavailable" } else { "200 OK" };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    #[test]
+    fn an_http_endpoint_is_read_once_per_run_for_the_span_it_covers() {
+        let body = format!(
+            r#"{{"unit": "gCO2e/kWh", "data": [{{"time": "2026-01-01T00:00:00Z", "value": 200}},
+                {{"time": {}, "value": 500}}]}}"#,
+            T0 + H
+        );
+        let (url, seen) = serve(body);
+        let f = carbon(&format!("intensity_url = {url:?}\nintensity_source = \"local test grid\""));
+        let (r, m) = job(1.44e6, true);
+        let c = f.footprint(&r, &m).carbon.unwrap();
+        // As from the file: 0.1 kWh × 200 + 0.3 kWh × 500.
+        assert!((c.operational_g - 170.0).abs() < 1e-6, "{c:?}");
+        assert_eq!(c.intensity.origin, format!("url {url}"));
+        // Asked for the job's span, from one step (3600 s) before its start.
+        assert_eq!(
+            seen.lock().unwrap().clone(),
+            [format!("GET /intensity?start={}&end={} HTTP/1.1", T0 - H, T0 + 2 * H)]
+        );
+        // The same span again: from the cache, no second request.
+        let again = f.footprint(&r, &m).carbon.unwrap();
+        assert_eq!(again, c);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        // A later job: one more request, over both.
+        let later = vec![ManifestBuilder::new("c", 2, "n1")
+            .span(ns(T0 + 3 * H), ns(T0 + 4 * H))
+            .gpu(Some(3.6e6))
+            .build()];
+        let c = f.footprint(&combine(&later), &later).carbon.unwrap();
+        // The last point (500) holds an hour: the job's hour is past it, all missing.
+        assert_eq!(c.missing_energy_fraction, 1.0);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(
+            seen[1],
+            format!("GET /intensity?start={}&end={} HTTP/1.1", T0 - H, T0 + 4 * H)
+        );
+
+        // An endpoint that fails: every figure says the intensity is missing, and why.
+        let (url, _) = serve(String::new());
+        let c = carbon(&format!("intensity_url = {url:?}")).footprint(&r, &m).carbon.unwrap();
+        assert_eq!(c.missing_energy_fraction, 1.0);
+        assert!(c.intensity.origin.contains("HTTP 503"), "{}", c.intensity.origin);
     }
 
     #[test]
