@@ -193,6 +193,8 @@ impl JobRecordFull {
             }
         };
         let gpus_unknown = self.gpus_unknown.len() as u32;
+        let carbon = self.footprint.as_ref().and_then(|f| f.carbon.as_ref());
+        let cost = self.footprint.as_ref().and_then(|f| f.cost.as_ref());
         // Per-component coverage goes in when the record's coverage is incomplete (then it says
         // which part is missing) or a node's GPUs are unknown; complete coverage needs no more.
         let partial = JobRecord {
@@ -238,6 +240,13 @@ impl JobRecordFull {
                 Some(all) if !self.nodes_missing.is_empty() => Some(all.len() as u32),
                 _ => None,
             },
+            co2e_g: carbon.map(|c| c.total_g),
+            co2e_missing: carbon
+                .map(|c| c.missing_energy_fraction)
+                .filter(|m| *m > 0.0),
+            cost: cost.map(|c| c.amount),
+            cost_missing: cost.map(|c| c.missing_energy_fraction).filter(|m| *m > 0.0),
+            currency: cost.and_then(|c| c.currency.clone()),
         }
     }
 

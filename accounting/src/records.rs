@@ -747,7 +747,13 @@ enum Backend {
 pub struct RecordsDb {
     at: Location,
     backend: Mutex<Backend>,
+    /// Whether the schema has the CO2e and cost columns (version 3): a database an older
+    /// ergon wrote is read (read-only) without them until `ergon run` migrates it.
+    footprint: bool,
 }
+
+/// The first schema version with the CO2e and cost columns.
+const FOOTPRINT_VERSION: u32 = 3;
 
 impl std::fmt::Debug for RecordsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -774,6 +780,7 @@ impl RecordsDb {
             message: e.message,
             busy: e.busy,
         };
+        let schema;
         let backend = match at {
             Location::Sqlite(path) => {
                 let mut conn = rusqlite::Connection::open(path)
@@ -791,6 +798,7 @@ impl RecordsDb {
                 let found = sqlite_version(&conn).map_err(wrap)?;
                 check_version(at, found)?;
                 sqlite_migrate(&mut conn, version).map_err(wrap)?;
+                schema = found.max(version);
                 Backend::Sqlite(conn)
             }
             Location::Mariadb { url, password_file } => {
@@ -798,12 +806,14 @@ impl RecordsDb {
                 let found = mariadb_version(&mut conn).map_err(wrap)?;
                 check_version(at, found)?;
                 mariadb_migrate(&mut conn, version).map_err(wrap)?;
+                schema = found.max(version);
                 Backend::Mariadb(conn)
             }
         };
         Ok(RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
+            footprint: schema >= FOOTPRINT_VERSION,
         })
     }
 
@@ -819,6 +829,7 @@ impl RecordsDb {
             message: e.message,
             busy: e.busy,
         };
+        let schema;
         let backend = match at {
             Location::Sqlite(path) => {
                 if !path.exists() {
@@ -839,6 +850,7 @@ impl RecordsDb {
                 if found == 0 {
                     return Err(RecordsError::Missing { at: at.to_string() });
                 }
+                schema = found;
                 Backend::Sqlite(conn)
             }
             Location::Mariadb { url, password_file } => {
@@ -854,12 +866,14 @@ impl RecordsDb {
                 }
                 let found = mariadb_version(&mut conn).map_err(wrap)?;
                 check_version(at, found)?;
+                schema = found;
                 Backend::Mariadb(conn)
             }
         };
         Ok(RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
+            footprint: schema >= FOOTPRINT_VERSION,
         })
     }
 
@@ -907,7 +921,7 @@ impl RecordsDb {
             Backend::Sqlite(conn) => (|| {
                 let mut tx = conn.transaction().map_err(sqlite_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now)?;
+                    upsert_one(&mut tx, r, now, self.footprint)?;
                 }
                 tx.commit().map_err(sqlite_error)
             })(),
@@ -916,7 +930,7 @@ impl RecordsDb {
                     .start_transaction(mysql::TxOpts::default())
                     .map_err(mariadb_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now)?;
+                    upsert_one(&mut tx, r, now, self.footprint)?;
                 }
                 tx.commit().map_err(mariadb_error)
             })(),
@@ -930,7 +944,7 @@ impl RecordsDb {
         cluster: Option<&str>,
         job_id: u32,
     ) -> Result<Vec<JobRecordFull>, RecordsError> {
-        self.with(|sql| read_jobs(sql, cluster, job_id))
+        self.with(|sql| read_jobs(sql, cluster, job_id, self.footprint))
     }
 
     /// The jobs matching `filter`, newest end first.
@@ -944,7 +958,7 @@ impl RecordsDb {
         by: SummaryBy,
         filter: &JobFilter,
     ) -> Result<Vec<SummaryRow>, RecordsError> {
-        self.with(|sql| summarize(sql, by, filter))
+        self.with(|sql| summarize(sql, by, filter, self.footprint))
     }
 
     /// Jobs in the database.
@@ -1057,6 +1071,9 @@ const JOB_COLUMNS: &[&str] = &[
     "footprint",
 ];
 
+/// The last columns of [`JOB_COLUMNS`], those of schema version 3.
+const FOOTPRINT_COLUMNS: usize = 6;
+
 const NODE_COLUMNS: &[&str] = &[
     "energy_j",
     "gpu_j",
@@ -1083,7 +1100,7 @@ const ESTIMATE_COLUMNS: &[&str] = &[
     "bound_j",
 ];
 
-fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
+fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64, footprint: bool) -> DbResult<()> {
     let d = sql.dialect();
     let lock = match d {
         Dialect::Sqlite => "",
@@ -1100,9 +1117,14 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
         let cc = r.coverage_components;
         let carbon = r.footprint.as_ref().and_then(|f| f.carbon.as_ref());
         let cost = r.footprint.as_ref().and_then(|f| f.cost.as_ref());
-        sql.exec(
-            &upsert_sql(d, "jobs", &["cluster", "job_id"], JOB_COLUMNS),
-            vec![
+        // A database not yet at the footprint's version (only the migration test writes one)
+        // gets the columns it has.
+        let columns = if footprint {
+            JOB_COLUMNS
+        } else {
+            &JOB_COLUMNS[..JOB_COLUMNS.len() - FOOTPRINT_COLUMNS]
+        };
+        let mut values: Vec<Cell> = vec![
                 r.cluster.as_str().into(),
                 r.job_id.into(),
                 r.idempotency_key.as_str().into(),
@@ -1143,7 +1165,11 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
                 cost.map(|c| c.missing_energy_fraction).into(),
                 cost.and_then(|c| c.currency.clone()).into(),
                 r.footprint.as_ref().map(to_json).into(),
-            ],
+            ];
+        values.truncate(2 + columns.len());
+        sql.exec(
+            &upsert_sql(d, "jobs", &["cluster", "job_id"], columns),
+            values,
         )?;
     }
     for n in &r.nodes {
@@ -1252,14 +1278,16 @@ fn read_jobs(
     sql: &mut dyn Sql,
     cluster: Option<&str>,
     job_id: u32,
+    footprint: bool,
 ) -> DbResult<Vec<JobRecordFull>> {
+    let footprint = if footprint { "footprint" } else { "NULL" };
     let rows = sql.query(
-        "SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, `user`,
+        &format!("SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, `user`,
             uid, account, `partition`, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
             cpu_j, dram_j, avg_w, peak_w, coverage_min, coverage_weighted, estimated,
             has_coverage_components, coverage_gpu, coverage_cpu, coverage_dram,
-            estimate_bound_j, sluid, job_nodes, nodes_missing, footprint
-         FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster",
+            estimate_bound_j, sluid, job_nodes, nodes_missing, {footprint}
+         FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster"),
         vec![job_id.into(), cluster.into(), cluster.into()],
     )?;
     let mut jobs = Vec::new();
@@ -1543,7 +1571,27 @@ pub struct SummaryRow {
     pub footprint_partial_jobs: u64,
 }
 
-fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<SummaryRow>> {
+fn summarize(
+    sql: &mut dyn Sql,
+    by: SummaryBy,
+    f: &JobFilter,
+    footprint: bool,
+) -> DbResult<Vec<SummaryRow>> {
+    // A database from before the CO2e and cost columns has none to sum.
+    let j = |col: &str| {
+        if footprint {
+            format!("j.{col}")
+        } else {
+            "NULL".to_owned()
+        }
+    };
+    let (co2e, co2m, cost, costm, cur) = (
+        j("co2e_g"),
+        j("co2e_missing"),
+        j("cost"),
+        j("cost_missing"),
+        j("currency"),
+    );
     // Only the filters given, so that the database can use its indexes (a `? IS NULL OR …`
     // clause hides them: a month of a year's jobs would be a full scan).
     let mut clauses: Vec<&str> = Vec::new();
@@ -1589,8 +1637,8 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                     SUM(j.dram_j), SUM(j.gpus * j.duration_s) / 3600.0,
                     SUM(j.nodes * j.duration_s) / 3600.0, MIN(j.coverage_min),
                     SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END),
-                    SUM(j.co2e_g), SUM(j.cost), MIN(j.currency), MAX(j.currency),
-                    SUM(CASE WHEN j.co2e_missing > 0 OR j.cost_missing > 0 THEN 1 ELSE 0 END)
+                    SUM({co2e}), SUM({cost}), MIN({cur}), MAX({cur}),
+                    SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
                  FROM jobs j
                  {filters}
                  GROUP BY j.cluster, {col}
@@ -1602,12 +1650,12 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                 SUM(n.dram_j), SUM(COALESCE(g.gpus, 0) * j.duration_s) / 3600.0,
                 SUM(j.duration_s) / 3600.0, MIN(n.coverage), SUM(j.estimated),
                 SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END),
-                SUM(j.co2e_g * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                SUM({co2e} * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
                     ELSE 1.0 / j.nodes END),
-                SUM(j.cost * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                SUM({cost} * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
                     ELSE 1.0 / j.nodes END),
-                MIN(j.currency), MAX(j.currency),
-                SUM(CASE WHEN j.co2e_missing > 0 OR j.cost_missing > 0 THEN 1 ELSE 0 END)
+                MIN({cur}), MAX({cur}),
+                SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
              FROM job_nodes n
              JOIN jobs j ON j.cluster = n.cluster AND j.job_id = n.job_id
              LEFT JOIN (SELECT cluster, job_id, node, COUNT(*) AS gpus FROM job_gpus
