@@ -154,10 +154,14 @@ impl CarbonConfig {
                 "give one of intensity_g_per_kwh, intensity_file, intensity_url",
             ));
         }
-        if [self.pue.is_some(), self.pue_file.is_some(), self.pue_url.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count()
+        if [
+            self.pue.is_some(),
+            self.pue_file.is_some(),
+            self.pue_url.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count()
             > 1
         {
             return Err(bad(
@@ -169,7 +173,11 @@ impl CarbonConfig {
             ("intensity_g_per_kwh", self.intensity_g_per_kwh, 0.0),
             ("pue", self.pue, 1.0),
             ("embodied_g_per_gpu_hour", self.embodied_g_per_gpu_hour, 0.0),
-            ("embodied_g_per_node_hour", self.embodied_g_per_node_hour, 0.0),
+            (
+                "embodied_g_per_node_hour",
+                self.embodied_g_per_node_hour,
+                0.0,
+            ),
         ] {
             if let Some(v) = v {
                 if !v.is_finite() || v < min {
@@ -187,7 +195,10 @@ impl CarbonConfig {
             check_url(&format!("{prefix}intensity_url"), url)?;
         }
         if depth >= 2 && !(self.partitions.is_empty() && self.clusters.is_empty()) {
-            return Err(bad(prefix, "partitions and clusters nest at most two levels"));
+            return Err(bad(
+                prefix,
+                "partitions and clusters nest at most two levels",
+            ));
         }
         if depth >= 1 && !self.clusters.is_empty() && prefix.contains("partitions.") {
             return Err(bad(prefix, "a partition has no clusters"));
@@ -197,7 +208,10 @@ impl CarbonConfig {
         }
         for (name, c) in &self.clusters {
             if !c.clusters.is_empty() {
-                return Err(bad(&format!("{prefix}clusters.{name}"), "clusters do not nest"));
+                return Err(bad(
+                    &format!("{prefix}clusters.{name}"),
+                    "clusters do not nest",
+                ));
             }
             c.validate(&format!("{prefix}clusters.{name}."), depth + 1)?;
         }
@@ -259,17 +273,26 @@ impl CostConfig {
             Tariff::new(t, offset).map_err(|m| bad(&format!("{prefix}tariff"), m))?;
         }
         if depth >= 2 && !(self.partitions.is_empty() && self.clusters.is_empty()) {
-            return Err(bad(prefix, "partitions and clusters nest at most two levels"));
+            return Err(bad(
+                prefix,
+                "partitions and clusters nest at most two levels",
+            ));
         }
         for (p, c) in &self.partitions {
             if !c.clusters.is_empty() {
-                return Err(bad(&format!("{prefix}partitions.{p}"), "a partition has no clusters"));
+                return Err(bad(
+                    &format!("{prefix}partitions.{p}"),
+                    "a partition has no clusters",
+                ));
             }
             c.validate(&format!("{prefix}partitions.{p}."), depth + 1)?;
         }
         for (name, c) in &self.clusters {
             if !c.clusters.is_empty() {
-                return Err(bad(&format!("{prefix}clusters.{name}"), "clusters do not nest"));
+                return Err(bad(
+                    &format!("{prefix}clusters.{name}"),
+                    "clusters do not nest",
+                ));
             }
             c.validate(&format!("{prefix}clusters.{name}."), depth + 1)?;
         }
@@ -596,7 +619,13 @@ pub fn profile(m: &Manifest) -> (Vec<Piece>, u64) {
         end: e,
         energy_j: energy,
     }];
-    let len = m.trace.series.iter().map(|x| x.watts.len()).max().unwrap_or(0);
+    let len = m
+        .trace
+        .series
+        .iter()
+        .map(|x| x.watts.len())
+        .max()
+        .unwrap_or(0);
     let dt = u64::from(m.trace.interval_ms) * 1_000_000;
     if e <= s || len == 0 || dt == 0 {
         return (even, 0);
@@ -844,6 +873,9 @@ pub fn parse_url_answer(body: &[u8], max_step_s: u64) -> Result<(Series, Option<
     Ok((series(points, max_step_s)?, a.unit))
 }
 
+/// An endpoint's answer: the span asked for, and the series or why not.
+type Fetched = ((u64, u64), Result<Series, String>);
+
 /// The factors of a run, with the sources read once (files when first needed, each URL once per
 /// run over the span of the jobs asked for, refetched only for a job outside it).
 pub struct Factors {
@@ -852,7 +884,7 @@ pub struct Factors {
     /// Per file: the series or why not.
     files: Mutex<BTreeMap<(PathBuf, u64), Result<Series, String>>>,
     /// Per URL: the span fetched and the series or why not.
-    urls: Mutex<BTreeMap<(String, u64), ((u64, u64), Result<Series, String>)>>,
+    urls: Mutex<BTreeMap<(String, u64), Fetched>>,
     timeout_s: u64,
 }
 
@@ -971,10 +1003,19 @@ impl Factors {
         } else {
             ProfileMethod::TracePartial
         };
-        let jspan = (record.start_unix_ns, record.end_unix_ns.max(record.start_unix_ns));
+        let jspan = (
+            record.start_unix_ns,
+            record.end_unix_ns.max(record.start_unix_ns),
+        );
         let partition = record.partition.as_deref();
         let carbon = self.carbon.as_ref().and_then(|c| {
-            let lv = levels(c, |x| &x.partitions, |x| &x.clusters, &record.cluster, partition);
+            let lv = levels(
+                c,
+                |x| &x.partitions,
+                |x| &x.clusters,
+                &record.cluster,
+                partition,
+            );
             let max_step = lv.iter().find_map(|l| l.max_step_s).unwrap_or(3600);
             let i = lv.iter().find(|l| l.intensity_set()).and_then(|l| {
                 self.pick(
@@ -989,7 +1030,16 @@ impl Factors {
             let pue = lv
                 .iter()
                 .find(|l| l.pue_set())
-                .and_then(|l| self.pick(l.pue, &l.pue_file, &l.pue_url, max_step, jspan, &l.pue_source))
+                .and_then(|l| {
+                    self.pick(
+                        l.pue,
+                        &l.pue_file,
+                        &l.pue_url,
+                        max_step,
+                        jspan,
+                        &l.pue_source,
+                    )
+                })
                 .unwrap_or(Factor {
                     values: Values::Static(1.0),
                     origin: "static (no PUE configured)".into(),
@@ -999,7 +1049,13 @@ impl Factors {
             Some(self.carbon_figure(record, &pieces, span, i, pue, emb.copied()))
         });
         let cost = self.cost.as_ref().and_then(|c| {
-            let lv = levels(c, |x| &x.partitions, |x| &x.clusters, &record.cluster, partition);
+            let lv = levels(
+                c,
+                |x| &x.partitions,
+                |x| &x.clusters,
+                &record.cluster,
+                partition,
+            );
             let max_step = lv.iter().find_map(|l| l.max_step_s).unwrap_or(3600);
             let l = lv.iter().find(|l| l.price_set())?;
             let mut price = match &l.tariff {
@@ -1040,7 +1096,13 @@ impl Factors {
             let pue = if include_pue {
                 // The PUE of [carbon] (the facility's), when configured.
                 self.carbon.as_ref().and_then(|c| {
-                    let lv = levels(c, |x| &x.partitions, |x| &x.clusters, &record.cluster, partition);
+                    let lv = levels(
+                        c,
+                        |x| &x.partitions,
+                        |x| &x.clusters,
+                        &record.cluster,
+                        partition,
+                    );
                     let ms = lv.iter().find_map(|l| l.max_step_s).unwrap_or(3600);
                     lv.iter().find(|l| l.pue_set()).and_then(|l| {
                         self.pick(l.pue, &l.pue_file, &l.pue_url, ms, jspan, &l.pue_source)
@@ -1054,7 +1116,11 @@ impl Factors {
             Some(CostFigure {
                 amount: int.weighted / J_PER_KWH,
                 currency,
-                missing_energy_fraction: if total > 0.0 { int.missing_j / total } else { 0.0 },
+                missing_energy_fraction: if total > 0.0 {
+                    int.missing_j / total
+                } else {
+                    0.0
+                },
                 price: used(&price, &int.f1),
                 pue: pue.as_ref().map(|p| used(p, &int.f2)),
             })
@@ -1084,15 +1150,18 @@ impl Factors {
             emb.and_then(|e| e.embodied_g_per_gpu_hour),
             emb.and_then(|e| e.embodied_g_per_node_hour),
         );
-        let embodied_g = emb.map(|_| {
-            fg.map_or(0.0, |f| f * gpu_hours) + fnode.map_or(0.0, |f| f * node_hours)
-        });
+        let embodied_g =
+            emb.map(|_| fg.map_or(0.0, |f| f * gpu_hours) + fnode.map_or(0.0, |f| f * node_hours));
         let operational_g = int.weighted / J_PER_KWH;
         CarbonFigure {
             operational_g,
             embodied_g,
             total_g: operational_g + embodied_g.unwrap_or(0.0),
-            missing_energy_fraction: if total > 0.0 { int.missing_j / total } else { 0.0 },
+            missing_energy_fraction: if total > 0.0 {
+                int.missing_j / total
+            } else {
+                0.0
+            },
             missing_time_fraction: if span_ns > 0 {
                 (int.missing_ns / span_ns as f64).min(1.0)
             } else if int.missing_j > 0.0 {
@@ -1208,7 +1277,10 @@ pub fn render(f: &Footprint, indent: &str) -> String {
                 ergon_protocol::format::percent(c.missing_time_fraction)
             );
         }
-        out += &format!("{indent}          intensity {}\n", factor_text(&c.intensity, "gCO2e/kWh"));
+        out += &format!(
+            "{indent}          intensity {}\n",
+            factor_text(&c.intensity, "gCO2e/kWh")
+        );
         out += &format!("{indent}          PUE {}\n", factor_text(&c.pue, ""));
         if c.embodied_g.is_some() {
             out += &format!(
@@ -1228,7 +1300,10 @@ pub fn render(f: &Footprint, indent: &str) -> String {
         out += &format!(
             "{indent}cost      {:.4}{} ({method})\n",
             c.amount,
-            c.currency.as_ref().map(|c| format!(" {c}")).unwrap_or_default()
+            c.currency
+                .as_ref()
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default()
         );
         if c.missing_energy_fraction > 0.0 {
             out += &format!(
@@ -1239,10 +1314,18 @@ pub fn render(f: &Footprint, indent: &str) -> String {
         }
         out += &format!(
             "{indent}          price {}\n",
-            factor_text(&c.price, &format!("{}/kWh", c.currency.as_deref().unwrap_or("")))
+            factor_text(
+                &c.price,
+                &format!("{}/kWh", c.currency.as_deref().unwrap_or(""))
+            )
         );
         match &c.pue {
-            Some(p) => out += &format!("{indent}          PUE {} (cost of the facility's energy)\n", factor_text(p, "")),
+            Some(p) => {
+                out += &format!(
+                    "{indent}          PUE {} (cost of the facility's energy)\n",
+                    factor_text(p, "")
+                )
+            }
             None => out += &format!("{indent}          of the IT energy (no PUE applied)\n"),
         }
     }
@@ -1328,7 +1411,10 @@ mod tests {
         assert!((c.operational_g - 170.0).abs() < 1e-6, "{c:?}");
         // The intensity's energy-weighted mean reproduces the figure: 170 / 0.4.
         assert!((c.intensity.value.unwrap() - 425.0).abs() < 1e-6);
-        assert_eq!((c.intensity.min, c.intensity.max), (Some(200.0), Some(500.0)));
+        assert_eq!(
+            (c.intensity.min, c.intensity.max),
+            (Some(200.0), Some(500.0))
+        );
         assert!(c.intensity.origin.starts_with("file "));
         // The measured energy is what counts; the trace gives its shape: twice the energy,
         // twice the CO2e.
@@ -1359,7 +1445,9 @@ mod tests {
         assert!((c.missing_time_fraction - 0.5).abs() < 1e-9);
         let text = render(&fp, "");
         assert!(
-            text.contains("missing intensity or PUE for 75.0% of the job's energy (50.0% of its time)"),
+            text.contains(
+                "missing intensity or PUE for 75.0% of the job's energy (50.0% of its time)"
+            ),
             "{text}"
         );
         // A file that cannot be read: all missing, and the reason named.
@@ -1367,7 +1455,11 @@ mod tests {
         let c = f.footprint(&r, &m).carbon.unwrap();
         assert_eq!(c.operational_g, 0.0);
         assert_eq!(c.missing_energy_fraction, 1.0);
-        assert!(c.intensity.origin.contains("unavailable"), "{}", c.intensity.origin);
+        assert!(
+            c.intensity.origin.contains("unavailable"),
+            "{}",
+            c.intensity.origin
+        );
     }
 
     #[test]
@@ -1383,8 +1475,8 @@ mod tests {
         let r = combine(&m);
         let dir = tempfile::tempdir().unwrap();
         let file = csv(dir.path(), "i.csv", &format!("{T0},100\n{},300\n", T0 + H));
-        let fp = carbon(&format!("intensity_file = {:?}", file.to_str().unwrap()))
-            .footprint(&r, &m);
+        let fp =
+            carbon(&format!("intensity_file = {:?}", file.to_str().unwrap())).footprint(&r, &m);
         assert_eq!(fp.method, ProfileMethod::TracePartial);
         assert!((fp.trace_time_fraction - 0.5).abs() < 1e-9);
         // 0.2 kWh × 100 + 0.2 kWh × 300 = 80 g.
@@ -1445,7 +1537,8 @@ mod tests {
 
     #[test]
     fn the_cost_includes_the_facility_pue_unless_told_not_to() {
-        let carbon_c: CarbonConfig = toml::from_str("intensity_g_per_kwh = 100\npue = 1.25").unwrap();
+        let carbon_c: CarbonConfig =
+            toml::from_str("intensity_g_per_kwh = 100\npue = 1.25").unwrap();
         let cost_c: CostConfig = toml::from_str("price_per_kwh = 0.2").unwrap();
         let f = Factors::new(Some(&carbon_c), Some(&cost_c)).unwrap();
         let (r, m) = job(3.6e6, true);
@@ -1460,9 +1553,15 @@ mod tests {
     fn bad_configs_are_refused_with_their_key() {
         let c: CarbonConfig =
             toml::from_str("intensity_g_per_kwh = 1\nintensity_file = \"/x\"").unwrap();
-        assert_eq!(c.validate("carbon.", 0).unwrap_err().0, "carbon.intensity_g_per_kwh");
+        assert_eq!(
+            c.validate("carbon.", 0).unwrap_err().0,
+            "carbon.intensity_g_per_kwh"
+        );
         let c: CarbonConfig = toml::from_str("[partitions.p]\npue = 0.5").unwrap();
-        assert_eq!(c.validate("carbon.", 0).unwrap_err().0, "carbon.partitions.p.pue");
+        assert_eq!(
+            c.validate("carbon.", 0).unwrap_err().0,
+            "carbon.partitions.p.pue"
+        );
         assert!(toml::from_str::<CarbonConfig>("intensity = 1").is_err());
         let c: CostConfig = toml::from_str(
             "tariff = [{ from = \"00:00\", to = \"12:00\", price_per_kwh = 1 },
@@ -1493,7 +1592,11 @@ mod tests {
                         break;
                     }
                 }
-                let status = if body.is_empty() { "503 Service Unavailable" } else { "200 OK" };
+                let status = if body.is_empty() {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
                 let _ = write!(
                     conn,
                     "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1512,7 +1615,9 @@ mod tests {
             T0 + H
         );
         let (url, seen) = serve(body);
-        let f = carbon(&format!("intensity_url = {url:?}\nintensity_source = \"local test grid\""));
+        let f = carbon(&format!(
+            "intensity_url = {url:?}\nintensity_source = \"local test grid\""
+        ));
         let (r, m) = job(1.44e6, true);
         let c = f.footprint(&r, &m).carbon.unwrap();
         // As from the file: 0.1 kWh × 200 + 0.3 kWh × 500.
@@ -1521,7 +1626,11 @@ mod tests {
         // Asked for the job's span, from one step (3600 s) before its start.
         assert_eq!(
             seen.lock().unwrap().clone(),
-            [format!("GET /intensity?start={}&end={} HTTP/1.1", T0 - H, T0 + 2 * H)]
+            [format!(
+                "GET /intensity?start={}&end={} HTTP/1.1",
+                T0 - H,
+                T0 + 2 * H
+            )]
         );
         // The same span again: from the cache, no second request.
         let again = f.footprint(&r, &m).carbon.unwrap();
@@ -1539,14 +1648,25 @@ mod tests {
         assert_eq!(seen.len(), 2);
         assert_eq!(
             seen[1],
-            format!("GET /intensity?start={}&end={} HTTP/1.1", T0 - H, T0 + 4 * H)
+            format!(
+                "GET /intensity?start={}&end={} HTTP/1.1",
+                T0 - H,
+                T0 + 4 * H
+            )
         );
 
         // An endpoint that fails: every figure says the intensity is missing, and why.
         let (url, _) = serve(String::new());
-        let c = carbon(&format!("intensity_url = {url:?}")).footprint(&r, &m).carbon.unwrap();
+        let c = carbon(&format!("intensity_url = {url:?}"))
+            .footprint(&r, &m)
+            .carbon
+            .unwrap();
         assert_eq!(c.missing_energy_fraction, 1.0);
-        assert!(c.intensity.origin.contains("HTTP 503"), "{}", c.intensity.origin);
+        assert!(
+            c.intensity.origin.contains("HTTP 503"),
+            "{}",
+            c.intensity.origin
+        );
     }
 
     #[test]
@@ -1557,7 +1677,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.points, [(ns(T0), 200.0), (ns(T0 + H), 250.0)]);
-        assert!(parse_csv("1,2\n1,3\n", 60).unwrap_err().contains("two values"));
+        assert!(parse_csv("1,2\n1,3\n", 60)
+            .unwrap_err()
+            .contains("two values"));
         assert!(parse_csv("1,-2\n", 60).unwrap_err().contains("line 1"));
         // A value holds until the next point or max_step, whichever comes first.
         assert_eq!(s.at(ns(T0) - 1), (None, ns(T0)));

@@ -876,7 +876,9 @@ pub fn keep_trace_sum(keep: bool) {
 
 /// The series summed bin by bin (a bin counts the series that have it), as one series
 /// `"sum"`; nothing for no series.
-pub fn sum_trace(series: &[ergon_protocol::manifest::TraceSeries]) -> Vec<ergon_protocol::manifest::TraceSeries> {
+pub fn sum_trace(
+    series: &[ergon_protocol::manifest::TraceSeries],
+) -> Vec<ergon_protocol::manifest::TraceSeries> {
     let len = series.iter().map(|s| s.watts.len()).max().unwrap_or(0);
     if len == 0 {
         return Vec::new();

@@ -503,18 +503,20 @@ impl Config {
             _ => {}
         }
         if let Some(c) = &config.carbon {
-            c.validate("carbon.", 0).map_err(|(key, message)| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key,
-                message,
-            })?;
+            c.validate("carbon.", 0)
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message,
+                })?;
         }
         if let Some(c) = &config.cost {
-            c.validate("cost.", 0).map_err(|(key, message)| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                key,
-                message,
-            })?;
+            c.validate("cost.", 0)
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message,
+                })?;
         }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));

@@ -149,9 +149,7 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
     }
     if !found.is_empty() {
         let mut record = combine(&found);
-        if let Some(f) =
-            crate::carbon::Factors::new(config.carbon.as_ref(), config.cost.as_ref())
-        {
+        if let Some(f) = crate::carbon::Factors::new(config.carbon.as_ref(), config.cost.as_ref()) {
             f.apply(&mut record, &found);
         }
         report.manifests = Some(record);

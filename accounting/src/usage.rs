@@ -348,7 +348,10 @@ fn read_totals(conn: &Connection, g: &Group) -> rusqlite::Result<Option<[f64; N]
 
 /// Add `delta` to `g`'s counters; their new values.
 fn add_to(conn: &Connection, g: &Group, delta: &[f64; N]) -> rusqlite::Result<[f64; N]> {
-    let marks = (5..5 + N).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let marks = (5..5 + N)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let sets = (0..N)
         .map(|i| format!("c{i} = c{i} + excluded.c{i}"))
         .collect::<Vec<_>>()
@@ -452,7 +455,10 @@ mod tests {
         // An older record of the job arriving late changes nothing.
         assert_eq!(u.add(&[&one]).unwrap(), "");
         u.add(&[&other]).unwrap();
-        assert_eq!(totals(&u, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]);
+        assert_eq!(
+            totals(&u, "alice"),
+            [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]
+        );
         let inc = u.included(&[&both, &other]).unwrap();
         let (a, b) = (inc[0].clone().unwrap(), inc[1].clone().unwrap());
         assert_eq!(a.after, [170.0, 150.0, 20.0, 0.0, 2.0, 1.0, 0.0, 0.0]);
@@ -461,7 +467,10 @@ mod tests {
         // Kept across opens.
         drop(u);
         let again = Usage::new(dir.path());
-        assert_eq!(totals(&again, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]);
+        assert_eq!(
+            totals(&again, "alice"),
+            [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]
+        );
         assert_eq!(again.included(&[&other]).unwrap()[0], Some(b));
     }
 
@@ -483,7 +492,10 @@ mod tests {
             .unwrap();
         }
         let u = Usage::new(dir.path());
-        assert_eq!(totals(&u, "alice"), [5.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            totals(&u, "alice"),
+            [5.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+        );
         let mut r = combine(&[job(1, "n1", "alice", 100.0)]);
         let carbon: crate::carbon::CarbonConfig =
             toml::from_str("intensity_g_per_kwh = 360").unwrap();
@@ -495,7 +507,10 @@ mod tests {
         let text = u.add(&[&r]).unwrap();
         assert!(text.contains(",co2e_grams_total=0.011"), "{text}");
         let t = totals(&u, "alice");
-        assert!((t[6] - 0.011).abs() < 1e-12 && (t[7] - 0.0011).abs() < 1e-12, "{t:?}");
+        assert!(
+            (t[6] - 0.011).abs() < 1e-12 && (t[7] - 0.0011).abs() < 1e-12,
+            "{t:?}"
+        );
         assert_eq!(t[..6], [115.0, 100.0, 10.0, 0.0, 1.0, 2.0]);
     }
 }

@@ -45,31 +45,42 @@ fn run_report_and_summary_carry_co2e_and_cost_over_the_trace() {
     // (5000 × 200 + 15000 × 500) / 3.6e6 × 1.2 = 2.8333 g; embodied 1 GPU × 100 s × 36 g/h
     // = 1 g; cost 20 kJ = 1/180 kWh × 1.2 × 0.36 = 0.0024 EUR.
     let operational = (5_000.0 * 200.0 + 15_000.0 * 500.0) / 3.6e6 * 1.2;
-    let out = s
-        .ergon()
-        .args(["report", "77", "--json"])
-        .output()
-        .unwrap();
+    let out = s.ergon().args(["report", "77", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["source"], "records", "{v}");
     let f = &v["manifests"]["footprint"];
     assert_eq!(f["method"], "trace", "{f}");
     let c = &f["carbon"];
-    assert!((c["operational_g"].as_f64().unwrap() - operational).abs() < 1e-9, "{c}");
-    assert!((c["embodied_g"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{c}");
+    assert!(
+        (c["operational_g"].as_f64().unwrap() - operational).abs() < 1e-9,
+        "{c}"
+    );
+    assert!(
+        (c["embodied_g"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{c}"
+    );
     assert_eq!(c["missing_energy_fraction"], 0.0);
     assert_eq!(c["intensity"]["source"], "test grid");
     assert_eq!(c["intensity"]["origin"], format!("file {}", csv.display()));
     assert_eq!(c["pue"]["value"], 1.2);
     let cost = &f["cost"];
-    assert!((cost["amount"].as_f64().unwrap() - 0.0024).abs() < 1e-12, "{cost}");
+    assert!(
+        (cost["amount"].as_f64().unwrap() - 0.0024).abs() < 1e-12,
+        "{cost}"
+    );
     assert_eq!(cost["currency"], "EUR");
 
     let out = s.ergon().args(["report", "77"]).output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("co2e      3.8 g = operational 2.8 g + embodied 1.0 g"), "{text}");
-    assert!(text.contains("[test grid]") && text.contains("0.0024 EUR"), "{text}");
+    assert!(
+        text.contains("co2e      3.8 g = operational 2.8 g + embodied 1.0 g"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[test grid]") && text.contains("0.0024 EUR"),
+        "{text}"
+    );
 
     let out = s
         .ergon()
@@ -78,12 +89,21 @@ fn run_report_and_summary_carry_co2e_and_cost_over_the_trace() {
         .unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!((v["total"]["co2e_g"].as_f64().unwrap() - (operational + 1.0)).abs() < 1e-9, "{v}");
-    assert!((v["total"]["cost"].as_f64().unwrap() - 0.0024).abs() < 1e-12, "{v}");
+    assert!(
+        (v["total"]["co2e_g"].as_f64().unwrap() - (operational + 1.0)).abs() < 1e-9,
+        "{v}"
+    );
+    assert!(
+        (v["total"]["cost"].as_f64().unwrap() - 0.0024).abs() < 1e-12,
+        "{v}"
+    );
     assert_eq!(v["total"]["currency"], "EUR");
     let out = s.ergon().args(["summary"]).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.contains("CO2E") && table.contains("COST EUR") && table.contains("3.8 g"), "{table}");
+    assert!(
+        table.contains("CO2E") && table.contains("COST EUR") && table.contains("3.8 g"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -105,7 +125,9 @@ fn a_series_that_does_not_cover_the_job_says_how_much_is_missing() {
         format!("{}.{:09},300\n", at / 1_000_000_000, at % 1_000_000_000),
     )
     .unwrap();
-    s.write_config(&format!("[carbon]\nintensity_file = {csv:?}\nmax_step_s = 50\n"));
+    s.write_config(&format!(
+        "[carbon]\nintensity_file = {csv:?}\nmax_step_s = 50\n"
+    ));
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let out = s.ergon().args(["report", "78"]).output().unwrap();
@@ -116,14 +138,13 @@ fn a_series_that_does_not_cover_the_job_says_how_much_is_missing() {
     );
     assert!(text.contains("energy spread evenly"), "{text}");
     // 5 kJ at 300 g/kWh: 0.4167 g, and only that.
-    let out = s
-        .ergon()
-        .args(["report", "78", "--json"])
-        .output()
-        .unwrap();
+    let out = s.ergon().args(["report", "78", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let c = &v["manifests"]["footprint"]["carbon"];
-    assert!((c["operational_g"].as_f64().unwrap() - 5_000.0 * 300.0 / 3.6e6).abs() < 1e-9, "{c}");
+    assert!(
+        (c["operational_g"].as_f64().unwrap() - 5_000.0 * 300.0 / 3.6e6).abs() < 1e-9,
+        "{c}"
+    );
     let out = s.ergon().args(["summary"]).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(

@@ -401,13 +401,13 @@ impl JobRecord {
             cost_missing: fraction(21)?,
             currency: values[22]
                 .map(|v| {
-                    normalize_currency(v)
-                        .filter(|c| c == v)
-                        .ok_or_else(|| RecordError::InvalidValue {
+                    normalize_currency(v).filter(|c| c == v).ok_or_else(|| {
+                        RecordError::InvalidValue {
                             key: "cur",
                             value: v.to_owned(),
                             expected: "a currency code: up to 8 lowercase letters and digits",
-                        })
+                        }
+                    })
                 })
                 .transpose()?,
         };
@@ -721,7 +721,9 @@ mod tests {
         };
         let text = r.encode();
         assert!(
-            text.ends_with(" nodes=1 cov=0.998 co2g=1234.6 co2m=0.250 cost=0.1235 cur=eur h=9f86d081884c"),
+            text.ends_with(
+                " nodes=1 cov=0.998 co2g=1234.6 co2m=0.250 cost=0.1235 cur=eur h=9f86d081884c"
+            ),
             "{text}"
         );
         let back = JobRecord::decode(&text).unwrap();
@@ -730,7 +732,10 @@ mod tests {
         assert_eq!(back.currency.as_deref(), Some("eur"));
         // Without them, nothing is written: readers before these keys see the record as before.
         assert!(!sample().encode().contains("co2"));
-        assert!(JobRecord::decode("ergon1 e=1 gpu=0 cpu=0 dram=0 avgw=0.0 peakw=0.0 ngpu=0 nodes=1 cov=1.000 co2m=2 h=ab").is_err());
+        assert!(JobRecord::decode(
+            "ergon1 e=1 gpu=0 cpu=0 dram=0 avgw=0.0 peakw=0.0 ngpu=0 nodes=1 cov=1.000 co2m=2 h=ab"
+        )
+        .is_err());
     }
 
     #[test]

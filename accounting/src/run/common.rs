@@ -70,6 +70,7 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
 }
 /// A new entry for `record`, or `None` when the job is in the state with the same key, or
 /// ended before the horizon (counted).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn new_entry(
     config: &Config,
     state: &State,

@@ -476,6 +476,7 @@ impl Pipeline<'_, '_> {
 }
 
 /// Collect and upload at once (see the module docs).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_pipelined(
     config: &Config,
     options: RunOptions,
