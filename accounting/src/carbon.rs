@@ -191,8 +191,13 @@ impl CarbonConfig {
         if self.max_step_s == Some(0) {
             return Err(bad(&format!("{prefix}max_step_s"), "must be at least 1"));
         }
-        for url in [&self.intensity_url, &self.pue_url].into_iter().flatten() {
-            check_url(&format!("{prefix}intensity_url"), url)?;
+        for (key, url) in [
+            ("intensity_url", &self.intensity_url),
+            ("pue_url", &self.pue_url),
+        ] {
+            if let Some(url) = url {
+                check_url(&format!("{prefix}{key}"), url)?;
+            }
         }
         if depth >= 2 && !(self.partitions.is_empty() && self.clusters.is_empty()) {
             return Err(bad(

@@ -564,6 +564,44 @@ mod tests {
     }
 
     #[test]
+    fn carbon_and_cost_are_checked_and_name_the_key() {
+        let c = Config::parse(
+            "[carbon]\nintensity_g_per_kwh = 300\n[carbon.partitions.gpu]\npue = 1.1\n\
+             [cost]\ncurrency = \"EUR\"\nprice_per_kwh = 0.2\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        let carbon = c.carbon.unwrap();
+        assert_eq!(carbon.intensity_g_per_kwh, Some(300.0));
+        assert_eq!(carbon.partitions["gpu"].pue, Some(1.1));
+        assert!(Config::parse("", Path::new("a.toml"))
+            .unwrap()
+            .carbon
+            .is_none());
+        for (text, key) in [
+            (
+                "[carbon.partitions.gpu]\npue = 0.9\n",
+                "carbon.partitions.gpu.pue",
+            ),
+            ("[carbon]\npue_url = \"ftp://x\"\n", "carbon.pue_url"),
+            ("[cost]\ncurrency = \"E U R\"\n", "cost.currency"),
+            (
+                "[cost]\ntariff_utc_offset = \"1h\"\n",
+                "cost.tariff_utc_offset",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let err = Config::parse("[carbon]\nintensity = 3\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intensity"), "{err}");
+    }
+
+    #[test]
     fn defaults_apply() {
         let c = Config::parse("", Path::new("a.toml")).unwrap();
         assert_eq!(c.sacct.field, SacctField::AdminComment);
