@@ -1240,12 +1240,36 @@ pub fn co2e(grams: f64) -> String {
     }
 }
 
+/// A number with at most 4 decimals, trailing zeros dropped.
+fn num(v: f64) -> String {
+    let s = format!("{v:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_owned()
+}
+
+/// A cost: two decimals, four below 1.
+pub fn money(v: f64) -> String {
+    if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 fn factor_text(f: &FactorUsed, unit: &str) -> String {
+    let unit = if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    };
     let mut s = match (f.value, f.min, f.max) {
-        (Some(v), Some(lo), Some(hi)) if hi > lo => {
-            format!("{v:.4} {unit} (energy-weighted mean; {lo} to {hi})")
-        }
-        (Some(v), _, _) => format!("{v} {unit}"),
+        (Some(v), Some(lo), Some(hi)) if hi > lo => format!(
+            "{}{unit} (energy-weighted mean; {} to {})",
+            num(v),
+            num(lo),
+            num(hi)
+        ),
+        (Some(v), _, _) => format!("{}{unit}", num(v)),
         (None, _, _) => "unknown".to_owned(),
     };
     s += &format!(", {}", f.origin);
@@ -1288,12 +1312,16 @@ pub fn render(f: &Footprint, indent: &str) -> String {
         );
         out += &format!("{indent}          PUE {}\n", factor_text(&c.pue, ""));
         if c.embodied_g.is_some() {
+            let mut parts = Vec::new();
+            if let Some(g) = c.embodied_g_per_gpu_hour {
+                parts.push(format!("{} g/GPU-h × {:.3} GPU-h", num(g), c.gpu_hours));
+            }
+            if let Some(n) = c.embodied_g_per_node_hour {
+                parts.push(format!("{} g/node-h × {:.3} node-h", num(n), c.node_hours));
+            }
             out += &format!(
-                "{indent}          embodied {} g/GPU-h × {:.3} GPU-h + {} g/node-h × {:.3} node-h{}\n",
-                c.embodied_g_per_gpu_hour.unwrap_or(0.0),
-                c.gpu_hours,
-                c.embodied_g_per_node_hour.unwrap_or(0.0),
-                c.node_hours,
+                "{indent}          embodied {}{}\n",
+                parts.join(" + "),
                 c.embodied_source
                     .as_ref()
                     .map(|s| format!(" [{s}]"))
@@ -1303,8 +1331,8 @@ pub fn render(f: &Footprint, indent: &str) -> String {
     }
     if let Some(c) = &f.cost {
         out += &format!(
-            "{indent}cost      {:.4}{} ({method})\n",
-            c.amount,
+            "{indent}cost      {}{} ({method})\n",
+            money(c.amount),
             c.currency
                 .as_ref()
                 .map(|c| format!(" {c}"))

@@ -181,7 +181,7 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                     s += &format!(" {:>12}", r.co2e_g.map_or_else(|| "-".into(), co2e));
                 }
                 if has_cost {
-                    let c = r.cost.map_or_else(|| "-".into(), |c| format!("{c:.2}"));
+                    let c = r.cost.map_or_else(|| "-".into(), crate::carbon::money);
                     s += &format!(" {c:>12}");
                 }
                 s
