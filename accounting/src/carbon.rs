@@ -1583,6 +1583,36 @@ mod tests {
     }
 
     #[test]
+    fn pue_and_price_series_vary_interval_by_interval_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pue = csv(
+            dir.path(),
+            "pue.csv",
+            &format!("{T0},1.0\n{},2.0\n", T0 + H),
+        );
+        let price = csv(dir.path(), "p.csv", &format!("{T0},0.1\n{},0.2\n", T0 + H));
+        let carbon_c: CarbonConfig = toml::from_str(&format!(
+            "intensity_g_per_kwh = 100\npue_file = {:?}",
+            pue.to_str().unwrap()
+        ))
+        .unwrap();
+        let cost_c: CostConfig = toml::from_str(&format!(
+            "price_file = {:?}\ncurrency = \"CHF\"",
+            price.to_str().unwrap()
+        ))
+        .unwrap();
+        let f = Factors::new(Some(&carbon_c), Some(&cost_c)).unwrap();
+        let (r, m) = job(1.44e6, true);
+        let fp = f.footprint(&r, &m);
+        // 0.1 kWh × PUE 1 × 100 + 0.3 kWh × PUE 2 × 100 = 70 g.
+        assert!((fp.carbon.as_ref().unwrap().operational_g - 70.0).abs() < 1e-9);
+        // 0.1 × 1 × 0.1 + 0.3 × 2 × 0.2 = 0.13.
+        let cost = fp.cost.unwrap();
+        assert!((cost.amount - 0.13).abs() < 1e-12, "{cost:?}");
+        assert_eq!(cost.pue.unwrap().max, Some(2.0));
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_their_key() {
         let c: CarbonConfig =
             toml::from_str("intensity_g_per_kwh = 1\nintensity_file = \"/x\"").unwrap();
