@@ -10,8 +10,9 @@
 //!    writes them (`Manifest::to_json`), and sums their sizes;
 //! 2. starts `/usr/bin/victoria-metrics` on a free loopback port with temporary storage;
 //! 3. runs `ergon run` (the library's `run::run`, the code the binary calls) in a child process of
-//!    its own (so that its peak RSS is its own) with the VictoriaMetrics sink only and sacct
-//!    disabled, and records the run's step timings;
+//!    its own (so that its peak RSS is its own) with the VictoriaMetrics sink only (sacct and the
+//!    job-records database disabled: the baseline feeds VictoriaMetrics alone; `scripts/bench
+//!    scale` measures the database), and records the run's step timings;
 //! 4. queries VictoriaMetrics (`/api/v1/export`) and checks that every job arrived exactly once;
 //! 5. runs `ergon run` again with nothing new (the cost of a cron run over a full spool: the spool
 //!    index lets it skip every file unread) and checks that nothing was sent again;
@@ -445,7 +446,7 @@ fn bench_size(jobs: u32, realistic: bool, schema: u32, size: &str) -> Value {
     std::fs::write(
         &config,
         format!(
-            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nper_job_series = true\nverify = {}\n",
+            "spool_dirs = [{spool:?}]\nquarantine_dir = {:?}\nstate_dir = {state:?}\nsettle_s = 0\n\n[sacct]\nenabled = false\n\n[records]\nenabled = false\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{}\"\nper_job_series = true\nverify = {}\n",
             dir.path().join("quarantine"),
             vm.port,
             std::env::var_os("ERGON_BENCH_NO_VERIFY").is_none()

@@ -179,6 +179,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             .cloned()
             .collect(),
         job_nodes,
+        footprint: None,
     }
 }
 
@@ -850,12 +851,48 @@ fn read_one(path: &Path) -> Read {
         Err(e) => return Read::Failed(e),
     };
     let parsed = Manifest::from_json(&bytes).map(|mut m| {
-        // The power trace is not part of the job record; dropping it here keeps a large
-        // backlog's memory small (`ergon report` reads it from the file).
-        m.trace.series = Vec::new();
+        // The power trace is not part of the job record: only its sum over the node's series
+        // is kept (the shape the job's CO2e and cost are computed over, crate::carbon), so
+        // that a large backlog's memory stays small (`ergon report` and `ergon plot` read the
+        // series from the file).
+        m.trace.series = if KEEP_TRACE_SUM.load(std::sync::atomic::Ordering::Relaxed) {
+            sum_trace(&m.trace.series)
+        } else {
+            Vec::new()
+        };
         m
     });
     Read::Parsed(Box::new(parsed))
+}
+
+/// Whether scans keep each manifest's summed trace (set by `ergon run` when `[carbon]` or
+/// `[cost]` is configured: up to 2.4 kB a manifest while its job waits to be collected).
+static KEEP_TRACE_SUM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keep (or drop) the summed power trace of the manifests scans read.
+pub fn keep_trace_sum(keep: bool) {
+    KEEP_TRACE_SUM.store(keep, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The series summed bin by bin (a bin counts the series that have it), as one series
+/// `"sum"`; nothing for no series.
+pub fn sum_trace(
+    series: &[ergon_protocol::manifest::TraceSeries],
+) -> Vec<ergon_protocol::manifest::TraceSeries> {
+    let len = series.iter().map(|s| s.watts.len()).max().unwrap_or(0);
+    if len == 0 {
+        return Vec::new();
+    }
+    let mut sum = vec![0f32; len];
+    for s in series {
+        for (acc, w) in sum.iter_mut().zip(&s.watts) {
+            *acc += w.max(0.0);
+        }
+    }
+    vec![ergon_protocol::manifest::TraceSeries {
+        name: "sum".into(),
+        watts: sum,
+    }]
 }
 
 /// Run `work` on the items `0..n` on up to 8 threads and hand the results to `consume` on the

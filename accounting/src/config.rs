@@ -54,6 +54,10 @@ pub struct Config {
     /// The `scontrol` program `private_data = "auto"` runs.
     #[serde(default = "default_scontrol")]
     pub scontrol: PathBuf,
+    /// Grid carbon intensity, PUE and embodied factors (docs/carbon.md); absent: no CO2e.
+    pub carbon: Option<crate::carbon::CarbonConfig>,
+    /// Price of energy (docs/carbon.md); absent: no cost.
+    pub cost: Option<crate::carbon::CostConfig>,
 }
 
 fn default_scontrol() -> PathBuf {
@@ -453,7 +457,7 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// The key.
-        key: &'static str,
+        key: String,
         /// What is wrong.
         message: String,
     },
@@ -466,9 +470,9 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let invalid = |key, message: &str| ConfigError::Invalid {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
             path: path.to_path_buf(),
-            key,
+            key: key.to_owned(),
             message: message.to_owned(),
         };
         if config.spool_dirs.is_empty() {
@@ -525,6 +529,22 @@ impl Config {
             }
             _ => {}
         }
+        if let Some(c) = &config.carbon {
+            c.validate("carbon.", 0)
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message,
+                })?;
+        }
+        if let Some(c) = &config.cost {
+            c.validate("cost.", 0)
+                .map_err(|(key, message)| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key,
+                    message,
+                })?;
+        }
         if config.http.as_ref().is_some_and(|v| v.batch_size == 0) {
             return Err(invalid("http.batch_size", "must be at least 1"));
         }
@@ -568,6 +588,44 @@ mod tests {
         let c = Config::parse(text, Path::new("accounting.toml")).unwrap();
         assert_eq!(c.state.max_age_days, 30);
         assert_eq!(c.sacct.consumed_energy, ConsumedEnergy::Auto);
+    }
+
+    #[test]
+    fn carbon_and_cost_are_checked_and_name_the_key() {
+        let c = Config::parse(
+            "[carbon]\nintensity_g_per_kwh = 300\n[carbon.partitions.gpu]\npue = 1.1\n\
+             [cost]\ncurrency = \"EUR\"\nprice_per_kwh = 0.2\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        let carbon = c.carbon.unwrap();
+        assert_eq!(carbon.intensity_g_per_kwh, Some(300.0));
+        assert_eq!(carbon.partitions["gpu"].pue, Some(1.1));
+        assert!(Config::parse("", Path::new("a.toml"))
+            .unwrap()
+            .carbon
+            .is_none());
+        for (text, key) in [
+            (
+                "[carbon.partitions.gpu]\npue = 0.9\n",
+                "carbon.partitions.gpu.pue",
+            ),
+            ("[carbon]\npue_url = \"ftp://x\"\n", "carbon.pue_url"),
+            ("[cost]\ncurrency = \"E U R\"\n", "cost.currency"),
+            (
+                "[cost]\ntariff_utc_offset = \"1h\"\n",
+                "cost.tariff_utc_offset",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let err = Config::parse("[carbon]\nintensity = 3\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intensity"), "{err}");
     }
 
     #[test]

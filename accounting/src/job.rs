@@ -1,7 +1,8 @@
 //! The job record: one job's energy across all its nodes, as collection makes it
 //! ([`crate::collect::combine`]), the state keeps it while a delivery is pending
 //! ([`crate::state`]), the sinks send it ([`crate::sinks`]) and `ergon report` shows it. A leaf
-//! module: it depends on no other module of this crate.
+//! module: it depends on no other module of this crate but the footprint's types
+//! ([`crate::carbon`]).
 
 use ergon_protocol::manifest::{ComponentCoverage, EnergyMethod};
 use ergon_protocol::record::JobRecord;
@@ -97,6 +98,10 @@ pub struct JobRecordFull {
     /// counted for these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes_missing: Vec<String>,
+    /// The job's CO2e and energy cost with the factors they were computed with, when the
+    /// accounting config has `[carbon]` or `[cost]` (docs/carbon.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footprint: Option<crate::footprint::Footprint>,
 }
 
 /// A node on which the job's GPUs could not be known.
@@ -188,6 +193,8 @@ impl JobRecordFull {
             }
         };
         let gpus_unknown = self.gpus_unknown.len() as u32;
+        let carbon = self.footprint.as_ref().and_then(|f| f.carbon.as_ref());
+        let cost = self.footprint.as_ref().and_then(|f| f.cost.as_ref());
         // Per-component coverage goes in when the record's coverage is incomplete (then it says
         // which part is missing) or a node's GPUs are unknown; complete coverage needs no more.
         let partial = JobRecord {
@@ -233,6 +240,13 @@ impl JobRecordFull {
                 Some(all) if !self.nodes_missing.is_empty() => Some(all.len() as u32),
                 _ => None,
             },
+            co2e_g: carbon.map(|c| c.total_g),
+            co2e_missing: carbon
+                .map(|c| c.missing_energy_fraction)
+                .filter(|m| *m > 0.0),
+            cost: cost.map(|c| c.amount),
+            cost_missing: cost.map(|c| c.missing_energy_fraction).filter(|m| *m > 0.0),
+            currency: cost.and_then(|c| c.currency.clone()),
         }
     }
 

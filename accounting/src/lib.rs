@@ -21,9 +21,11 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod carbon;
 pub mod collect;
 pub mod config;
 pub mod consumed_energy;
+pub mod footprint;
 pub mod influx;
 pub mod job;
 pub mod plot;
@@ -37,4 +39,5 @@ pub mod sinks;
 pub mod spool;
 pub mod state;
 pub mod summary;
+pub mod time;
 pub mod usage;

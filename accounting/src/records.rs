@@ -35,6 +35,7 @@ use crate::job::{EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSumma
 use crate::sinks::{SendOutcome, Sink};
 
 pub use crate::config::{Location, DEFAULT_RECORDS_FILE as DEFAULT_FILE};
+pub use crate::time::{format_time, parse_time};
 
 /// The name of the database among the destinations in the state (`ergon status`).
 pub const SINK_NAME: &str = "records";
@@ -128,6 +129,14 @@ pub const MIGRATIONS: &[&str] = &[
     "CREATE INDEX jobs_by_end ON jobs (end_unix_ns);
     CREATE INDEX jobs_by_user_end ON jobs (`user`, end_unix_ns);
     CREATE INDEX jobs_by_account_end ON jobs (account, end_unix_ns);",
+    // 3: CO2e and cost (docs/carbon.md): the figures `ergon summary` sums, and the whole
+    // footprint with its factors as JSON for `ergon report`.
+    "ALTER TABLE jobs ADD COLUMN co2e_g REAL;
+    ALTER TABLE jobs ADD COLUMN co2e_missing REAL;
+    ALTER TABLE jobs ADD COLUMN cost REAL;
+    ALTER TABLE jobs ADD COLUMN cost_missing REAL;
+    ALTER TABLE jobs ADD COLUMN currency TEXT;
+    ALTER TABLE jobs ADD COLUMN footprint TEXT;",
 ];
 
 /// The MariaDB schema: the same versions as [`MIGRATIONS`], in MariaDB's dialect (InnoDB,
@@ -222,6 +231,14 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
         "CREATE INDEX IF NOT EXISTS jobs_by_end ON jobs (end_unix_ns)",
         "CREATE INDEX IF NOT EXISTS jobs_by_user_end ON jobs (`user`, end_unix_ns)",
         "CREATE INDEX IF NOT EXISTS jobs_by_account_end ON jobs (account, end_unix_ns)",
+    ],
+    &[
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS co2e_g DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS co2e_missing DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_missing DOUBLE",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS currency VARCHAR(16)",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS footprint MEDIUMTEXT",
     ],
 ];
 
@@ -706,7 +723,13 @@ enum Backend {
 pub struct RecordsDb {
     at: Location,
     backend: Mutex<Backend>,
+    /// Whether the schema has the CO2e and cost columns (version 3): a database an older
+    /// ergon wrote is read (read-only) without them until `ergon run` migrates it.
+    footprint: bool,
 }
+
+/// The first schema version with the CO2e and cost columns.
+const FOOTPRINT_VERSION: u32 = 3;
 
 impl std::fmt::Debug for RecordsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -733,6 +756,7 @@ impl RecordsDb {
             message: e.message,
             busy: e.busy,
         };
+        let schema;
         let backend = match at {
             Location::Sqlite(path) => {
                 let mut conn = rusqlite::Connection::open(path)
@@ -750,6 +774,7 @@ impl RecordsDb {
                 let found = sqlite_version(&conn).map_err(wrap)?;
                 check_version(at, found)?;
                 sqlite_migrate(&mut conn, version).map_err(wrap)?;
+                schema = found.max(version);
                 Backend::Sqlite(conn)
             }
             Location::Mariadb { url, password_file } => {
@@ -757,12 +782,14 @@ impl RecordsDb {
                 let found = mariadb_version(&mut conn).map_err(wrap)?;
                 check_version(at, found)?;
                 mariadb_migrate(&mut conn, version).map_err(wrap)?;
+                schema = found.max(version);
                 Backend::Mariadb(conn)
             }
         };
         Ok(RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
+            footprint: schema >= FOOTPRINT_VERSION,
         })
     }
 
@@ -778,6 +805,7 @@ impl RecordsDb {
             message: e.message,
             busy: e.busy,
         };
+        let schema;
         let backend = match at {
             Location::Sqlite(path) => {
                 if !path.exists() {
@@ -798,6 +826,7 @@ impl RecordsDb {
                 if found == 0 {
                     return Err(RecordsError::Missing { at: at.to_string() });
                 }
+                schema = found;
                 Backend::Sqlite(conn)
             }
             Location::Mariadb { url, password_file } => {
@@ -813,12 +842,14 @@ impl RecordsDb {
                 }
                 let found = mariadb_version(&mut conn).map_err(wrap)?;
                 check_version(at, found)?;
+                schema = found;
                 Backend::Mariadb(conn)
             }
         };
         Ok(RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
+            footprint: schema >= FOOTPRINT_VERSION,
         })
     }
 
@@ -866,7 +897,7 @@ impl RecordsDb {
             Backend::Sqlite(conn) => (|| {
                 let mut tx = conn.transaction().map_err(sqlite_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now)?;
+                    upsert_one(&mut tx, r, now, self.footprint)?;
                 }
                 tx.commit().map_err(sqlite_error)
             })(),
@@ -875,7 +906,7 @@ impl RecordsDb {
                     .start_transaction(mysql::TxOpts::default())
                     .map_err(mariadb_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now)?;
+                    upsert_one(&mut tx, r, now, self.footprint)?;
                 }
                 tx.commit().map_err(mariadb_error)
             })(),
@@ -889,7 +920,7 @@ impl RecordsDb {
         cluster: Option<&str>,
         job_id: u32,
     ) -> Result<Vec<JobRecordFull>, RecordsError> {
-        self.with(|sql| read_jobs(sql, cluster, job_id))
+        self.with(|sql| read_jobs(sql, cluster, job_id, self.footprint))
     }
 
     /// The jobs matching `filter`, newest end first.
@@ -903,7 +934,7 @@ impl RecordsDb {
         by: SummaryBy,
         filter: &JobFilter,
     ) -> Result<Vec<SummaryRow>, RecordsError> {
-        self.with(|sql| summarize(sql, by, filter))
+        self.with(|sql| summarize(sql, by, filter, self.footprint))
     }
 
     /// Jobs in the database.
@@ -1008,7 +1039,16 @@ const JOB_COLUMNS: &[&str] = &[
     "nodes",
     "gpus",
     "written_unix",
+    "co2e_g",
+    "co2e_missing",
+    "cost",
+    "cost_missing",
+    "currency",
+    "footprint",
 ];
+
+/// The last columns of [`JOB_COLUMNS`], those of schema version 3.
+const FOOTPRINT_COLUMNS: usize = 6;
 
 const NODE_COLUMNS: &[&str] = &[
     "energy_j",
@@ -1036,7 +1076,7 @@ const ESTIMATE_COLUMNS: &[&str] = &[
     "bound_j",
 ];
 
-fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
+fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64, footprint: bool) -> DbResult<()> {
     let d = sql.dialect();
     let lock = match d {
         Dialect::Sqlite => "",
@@ -1051,44 +1091,61 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64) -> DbResult<()> {
     let existing = existing.first().map(|row| row.int(0)).transpose()?;
     if existing.is_none_or(|n| r.nodes.len() as i64 >= n) {
         let cc = r.coverage_components;
+        let carbon = r.footprint.as_ref().and_then(|f| f.carbon.as_ref());
+        let cost = r.footprint.as_ref().and_then(|f| f.cost.as_ref());
+        // A database not yet at the footprint's version (only the migration test writes one)
+        // gets the columns it has.
+        let columns = if footprint {
+            JOB_COLUMNS
+        } else {
+            &JOB_COLUMNS[..JOB_COLUMNS.len() - FOOTPRINT_COLUMNS]
+        };
+        let mut values: Vec<Cell> = vec![
+            r.cluster.as_str().into(),
+            r.job_id.into(),
+            r.idempotency_key.as_str().into(),
+            r.job_hash.as_str().into(),
+            r.array_job_id.into(),
+            r.array_task_id.into(),
+            r.user.as_str().into(),
+            r.uid.into(),
+            (&r.account).into(),
+            (&r.partition).into(),
+            r.start_unix_ns.into(),
+            r.end_unix_ns.into(),
+            r.duration_s.into(),
+            r.energy_j.into(),
+            r.gpu_j.into(),
+            r.cpu_j.into(),
+            r.dram_j.into(),
+            r.avg_w.into(),
+            r.peak_w.into(),
+            r.coverage_min.into(),
+            r.coverage_weighted.into(),
+            r.estimated.into(),
+            cc.is_some().into(),
+            cc.and_then(|c| c.gpu).into(),
+            cc.and_then(|c| c.cpu).into(),
+            cc.and_then(|c| c.dram).into(),
+            r.estimate_bound_j.into(),
+            (&r.sluid).into(),
+            (&r.job_nodes.as_ref().map(to_json)).into(),
+            (&(!r.nodes_missing.is_empty()).then(|| to_json(&r.nodes_missing))).into(),
+            r.gpus_unknown.len().into(),
+            r.nodes.len().into(),
+            r.gpus.len().into(),
+            now.into(),
+            carbon.map(|c| c.total_g).into(),
+            carbon.map(|c| c.missing_energy_fraction).into(),
+            cost.map(|c| c.amount).into(),
+            cost.map(|c| c.missing_energy_fraction).into(),
+            cost.and_then(|c| c.currency.clone()).into(),
+            r.footprint.as_ref().map(to_json).into(),
+        ];
+        values.truncate(2 + columns.len());
         sql.exec(
-            &upsert_sql(d, "jobs", &["cluster", "job_id"], JOB_COLUMNS),
-            vec![
-                r.cluster.as_str().into(),
-                r.job_id.into(),
-                r.idempotency_key.as_str().into(),
-                r.job_hash.as_str().into(),
-                r.array_job_id.into(),
-                r.array_task_id.into(),
-                r.user.as_str().into(),
-                r.uid.into(),
-                (&r.account).into(),
-                (&r.partition).into(),
-                r.start_unix_ns.into(),
-                r.end_unix_ns.into(),
-                r.duration_s.into(),
-                r.energy_j.into(),
-                r.gpu_j.into(),
-                r.cpu_j.into(),
-                r.dram_j.into(),
-                r.avg_w.into(),
-                r.peak_w.into(),
-                r.coverage_min.into(),
-                r.coverage_weighted.into(),
-                r.estimated.into(),
-                cc.is_some().into(),
-                cc.and_then(|c| c.gpu).into(),
-                cc.and_then(|c| c.cpu).into(),
-                cc.and_then(|c| c.dram).into(),
-                r.estimate_bound_j.into(),
-                (&r.sluid).into(),
-                (&r.job_nodes.as_ref().map(to_json)).into(),
-                (&(!r.nodes_missing.is_empty()).then(|| to_json(&r.nodes_missing))).into(),
-                r.gpus_unknown.len().into(),
-                r.nodes.len().into(),
-                r.gpus.len().into(),
-                now.into(),
-            ],
+            &upsert_sql(d, "jobs", &["cluster", "job_id"], columns),
+            values,
         )?;
     }
     for n in &r.nodes {
@@ -1197,14 +1254,16 @@ fn read_jobs(
     sql: &mut dyn Sql,
     cluster: Option<&str>,
     job_id: u32,
+    footprint: bool,
 ) -> DbResult<Vec<JobRecordFull>> {
+    let footprint = if footprint { "footprint" } else { "NULL" };
     let rows = sql.query(
-        "SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, `user`,
+        &format!("SELECT cluster, job_id, idempotency_key, job_hash, array_job_id, array_task_id, `user`,
             uid, account, `partition`, start_unix_ns, end_unix_ns, duration_s, energy_j, gpu_j,
             cpu_j, dram_j, avg_w, peak_w, coverage_min, coverage_weighted, estimated,
             has_coverage_components, coverage_gpu, coverage_cpu, coverage_dram,
-            estimate_bound_j, sluid, job_nodes, nodes_missing
-         FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster",
+            estimate_bound_j, sluid, job_nodes, nodes_missing, {footprint}
+         FROM jobs WHERE job_id = ? AND (? IS NULL OR cluster = ?) ORDER BY cluster"),
         vec![job_id.into(), cluster.into(), cluster.into()],
     )?;
     let mut jobs = Vec::new();
@@ -1245,6 +1304,7 @@ fn read_jobs(
             gpus: Vec::new(),
             gpus_unknown: Vec::new(),
             estimates: Vec::new(),
+            footprint: row.opt_text(30)?.map(|j| from_json(30, &j)).transpose()?,
         };
         let key = || vec![job.cluster.as_str().into(), job.job_id.into()];
         job.nodes = sql
@@ -1476,9 +1536,38 @@ pub struct SummaryRow {
     pub estimated_jobs: u64,
     /// Jobs with GPUs whose energy is unknown (their GPU part is not in `gpu_j`).
     pub gpus_unknown_jobs: u64,
+    /// CO2e, grams, of the jobs that have it (by node: each job's CO2e split by the nodes'
+    /// energy); `None` when none has.
+    pub co2e_g: Option<f64>,
+    /// Energy cost of the jobs that have it (by node: split by energy); `None` when none has.
+    pub cost: Option<f64>,
+    /// The cost's currency (`"mixed"` when the jobs' currencies differ).
+    pub currency: Option<String>,
+    /// Jobs whose CO2e or cost misses a part (a factor unknown for part of the job).
+    pub footprint_partial_jobs: u64,
 }
 
-fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<SummaryRow>> {
+fn summarize(
+    sql: &mut dyn Sql,
+    by: SummaryBy,
+    f: &JobFilter,
+    footprint: bool,
+) -> DbResult<Vec<SummaryRow>> {
+    // A database from before the CO2e and cost columns has none to sum.
+    let j = |col: &str| {
+        if footprint {
+            format!("j.{col}")
+        } else {
+            "NULL".to_owned()
+        }
+    };
+    let (co2e, co2m, cost, costm, cur) = (
+        j("co2e_g"),
+        j("co2e_missing"),
+        j("cost"),
+        j("cost_missing"),
+        j("currency"),
+    );
     // Only the filters given, so that the database can use its indexes (a `? IS NULL OR …`
     // clause hides them: a month of a year's jobs would be a full scan).
     let mut clauses: Vec<&str> = Vec::new();
@@ -1523,7 +1612,9 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                 "SELECT j.cluster, {col}, COUNT(*), SUM(j.energy_j), SUM(j.gpu_j), SUM(j.cpu_j),
                     SUM(j.dram_j), SUM(j.gpus * j.duration_s) / 3600.0,
                     SUM(j.nodes * j.duration_s) / 3600.0, MIN(j.coverage_min),
-                    SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END)
+                    SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END),
+                    SUM({co2e}), SUM({cost}), MIN({cur}), MAX({cur}),
+                    SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
                  FROM jobs j
                  {filters}
                  GROUP BY j.cluster, {col}
@@ -1534,7 +1625,13 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
             "SELECT j.cluster, n.node, COUNT(*), SUM(n.energy_j), SUM(n.gpu_j), SUM(n.cpu_j),
                 SUM(n.dram_j), SUM(COALESCE(g.gpus, 0) * j.duration_s) / 3600.0,
                 SUM(j.duration_s) / 3600.0, MIN(n.coverage), SUM(j.estimated),
-                SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END)
+                SUM(CASE WHEN n.gpus_unknown IS NOT NULL THEN 1 ELSE 0 END),
+                SUM({co2e} * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                    ELSE 1.0 / j.nodes END),
+                SUM({cost} * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
+                    ELSE 1.0 / j.nodes END),
+                MIN({cur}), MAX({cur}),
+                SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
              FROM job_nodes n
              JOIN jobs j ON j.cluster = n.cluster AND j.job_id = n.job_id
              LEFT JOIN (SELECT cluster, job_id, node, COUNT(*) AS gpus FROM job_gpus
@@ -1561,6 +1658,13 @@ fn summarize(sql: &mut dyn Sql, by: SummaryBy, f: &JobFilter) -> DbResult<Vec<Su
                 coverage_min: row.real(9)?,
                 estimated_jobs: row.opt_real(10)?.unwrap_or(0.0) as u64,
                 gpus_unknown_jobs: row.opt_real(11)?.unwrap_or(0.0) as u64,
+                co2e_g: row.opt_real(12)?,
+                cost: row.opt_real(13)?,
+                currency: match (row.opt_text(14)?, row.opt_text(15)?) {
+                    (Some(a), Some(b)) if a != b => Some("mixed".into()),
+                    (a, _) => a,
+                },
+                footprint_partial_jobs: row.opt_real(16)?.unwrap_or(0.0) as u64,
             })
         })
         .collect()
@@ -1627,82 +1731,6 @@ impl Sink for RecordsSink {
             }
         }
     }
-}
-
-/// A time for `ergon jobs --since/--until`, as Unix ns: `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM` or
-/// `YYYY-MM-DDTHH:MM:SS` (UTC; a space may stand for the `T`), or `@SECONDS` since the epoch.
-pub fn parse_time(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!(
-            "{s:?} is not a time: give YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS] (UTC) or @UNIX_SECONDS"
-        )
-    };
-    if let Some(secs) = s.strip_prefix('@') {
-        return secs
-            .parse::<u64>()
-            .ok()
-            .and_then(|v| v.checked_mul(1_000_000_000))
-            .ok_or_else(bad);
-    }
-    let (date, time) = match s.split_once(['T', ' ']) {
-        Some((d, t)) => (d, Some(t)),
-        None => (s, None),
-    };
-    let num = |p: &str, lo: i64, hi: i64| -> Result<i64, String> {
-        let all_digits = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-        p.parse::<i64>()
-            .ok()
-            .filter(|v| all_digits && (lo..=hi).contains(v))
-            .ok_or_else(bad)
-    };
-    let d: Vec<&str> = date.split('-').collect();
-    let [y, m, day] = d[..] else {
-        return Err(bad());
-    };
-    let (y, m, day) = (num(y, 1970, 9999)?, num(m, 1, 12)?, num(day, 1, 31)?);
-    let (mut hh, mut mm, mut ss) = (0, 0, 0);
-    if let Some(t) = time {
-        let t: Vec<&str> = t.trim_end_matches('Z').split(':').collect();
-        match t[..] {
-            [h, mi] => (hh, mm) = (num(h, 0, 23)?, num(mi, 0, 59)?),
-            [h, mi, se] => (hh, mm, ss) = (num(h, 0, 23)?, num(mi, 0, 59)?, num(se, 0, 60)?),
-            _ => return Err(bad()),
-        }
-    }
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    u64::try_from(secs)
-        .map(|s| s * 1_000_000_000)
-        .map_err(|_| bad())
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` of Unix ns.
-pub fn format_time(unix_ns: u64) -> String {
-    let secs = (unix_ns / 1_000_000_000) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// How `ergon jobs` prints.

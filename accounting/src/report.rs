@@ -148,7 +148,11 @@ pub fn job_report(config: &Config, cluster: Option<&str>, job_id: u32) -> JobRep
         }
     }
     if !found.is_empty() {
-        report.manifests = Some(combine(&found));
+        let mut record = combine(&found);
+        if let Some(f) = crate::carbon::Factors::new(config.carbon.as_ref(), config.cost.as_ref()) {
+            f.apply(&mut record, &found);
+        }
+        report.manifests = Some(record);
         report.source = Some("spool");
         // The detail came from the spool: a database the caller may not read took nothing away.
         report.restricted = None;
@@ -252,6 +256,9 @@ pub fn render_job_report(r: &JobReport) -> String {
             if let Some(sluid) = &m.sluid {
                 out += &format!("    sluid {sluid}\n");
             }
+        }
+        if let Some(f) = &m.footprint {
+            out += &crate::carbon::render(f, "    ");
         }
         if let Some(c) = &m.coverage_components {
             out += &format!(

@@ -633,6 +633,8 @@ pub struct Journal {
     path: PathBuf,
     /// Bytes written, header included.
     pub bytes: u64,
+    /// A failed write could not be cut back off: nothing more may be appended after it.
+    broken: bool,
 }
 
 impl Journal {
@@ -661,6 +663,7 @@ impl Journal {
             bytes: line.len() as u64,
             file,
             path,
+            broken: false,
         })
     }
 
@@ -690,9 +693,33 @@ impl Journal {
                 error,
             }
         };
-        self.file.write_all(line).map_err(io("appending to"))?;
-        if sync {
-            self.file.sync_data().map_err(io("syncing"))?;
+        if self.broken {
+            return Err(io("appending to")(std::io::Error::other(
+                "an earlier write failed and could not be cut off",
+            )));
+        }
+        let written = self
+            .file
+            .write_all(line)
+            .map_err(io("appending to"))
+            .and_then(|()| {
+                if sync {
+                    self.file.sync_data().map_err(io("syncing"))
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = written {
+            // A part of the line may be in the file (a full disk takes what fits): cut it off,
+            // so that a later append (space freed meanwhile) does not follow a torn line that
+            // makes the whole journal unreadable. If that fails too, append nothing more.
+            use std::io::Seek as _;
+            let cut = self
+                .file
+                .set_len(self.bytes)
+                .and_then(|()| self.file.seek(std::io::SeekFrom::Start(self.bytes)));
+            self.broken = cut.is_err();
+            return Err(e);
         }
         self.bytes += line.len() as u64;
         Ok(())

@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 
+use crate::carbon::co2e;
 use crate::records::{format_time, JobsFormat, SummaryBy, SummaryRow};
 
 /// What the summary covers, printed with it so that a figure is never read out of its scope.
@@ -73,8 +74,24 @@ pub fn total(rows: &[SummaryRow]) -> SummaryRow {
         coverage_min: 1.0,
         estimated_jobs: 0,
         gpus_unknown_jobs: 0,
+        co2e_g: None,
+        cost: None,
+        currency: None,
+        footprint_partial_jobs: 0,
+    };
+    let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
     };
     for r in rows {
+        t.co2e_g = add(t.co2e_g, r.co2e_g);
+        t.cost = add(t.cost, r.cost);
+        t.currency = match (&t.currency, &r.currency) {
+            (None, c) => c.clone(),
+            (Some(a), Some(b)) if a != b => Some("mixed".into()),
+            (a, _) => a.clone(),
+        };
+        t.footprint_partial_jobs += r.footprint_partial_jobs;
         t.jobs += r.jobs;
         t.energy_j += r.energy_j;
         t.gpu_j += r.gpu_j;
@@ -117,12 +134,12 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                 }
             };
             let mut out = format!(
-                "cluster,{},jobs,energy_j,gpu_j,cpu_j,dram_j,gpu_hours,node_hours,coverage_min,estimated_jobs,gpus_unknown_jobs\n",
+                "cluster,{},jobs,energy_j,gpu_j,cpu_j,dram_j,gpu_hours,node_hours,coverage_min,estimated_jobs,gpus_unknown_jobs,co2e_g,cost,currency,footprint_partial_jobs\n",
                 by_name(scope.by)
             );
             for r in rows {
                 out += &format!(
-                    "{},{},{},{:.0},{:.0},{:.0},{:.0},{:.3},{:.3},{:.4},{},{}\n",
+                    "{},{},{},{:.0},{:.0},{:.0},{:.0},{:.3},{:.3},{:.4},{},{},{},{},{},{}\n",
                     field(&r.cluster),
                     field(r.key.as_deref().unwrap_or("")),
                     r.jobs,
@@ -134,7 +151,11 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                     r.node_hours,
                     r.coverage_min,
                     r.estimated_jobs,
-                    r.gpus_unknown_jobs
+                    r.gpus_unknown_jobs,
+                    r.co2e_g.map(|g| format!("{g:.1}")).unwrap_or_default(),
+                    r.cost.map(|c| format!("{c:.4}")).unwrap_or_default(),
+                    field(r.currency.as_deref().unwrap_or("")),
+                    r.footprint_partial_jobs
                 );
             }
             out
@@ -142,9 +163,32 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
         JobsFormat::Table => {
             use ergon_protocol::format::{energy, percent};
             let head = by_name(scope.by).to_uppercase();
+            let t = total(rows);
+            // CO2e and cost columns only where some job has them (a site without `[carbon]`
+            // and `[cost]` sees the table as before).
+            let (has_co2, has_cost) = (t.co2e_g.is_some(), t.cost.is_some());
+            let mut extra_head = String::new();
+            if has_co2 {
+                extra_head += &format!(" {:>12}", "CO2E");
+            }
+            if has_cost {
+                let head = format!("COST {}", t.currency.as_deref().unwrap_or(""));
+                extra_head += &format!(" {:>12}", head.trim_end());
+            }
+            let extra = |r: &SummaryRow| {
+                let mut s = String::new();
+                if has_co2 {
+                    s += &format!(" {:>12}", r.co2e_g.map_or_else(|| "-".into(), co2e));
+                }
+                if has_cost {
+                    let c = r.cost.map_or_else(|| "-".into(), crate::carbon::money);
+                    s += &format!(" {c:>12}");
+                }
+                s
+            };
             let mut out = format!("ergon summary: {}\n", scope.describe());
             out += &format!(
-                "{:<12} {:<16} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8}\n",
+                "{:<12} {:<16} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>8}{extra_head}\n",
                 "CLUSTER",
                 head,
                 "JOBS",
@@ -158,7 +202,7 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
             );
             let line = |out: &mut String, cluster: &str, k: &str, r: &SummaryRow| {
                 *out += &format!(
-                    "{:<12} {:<16} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10.1} {:>10.1} {:>8}\n",
+                    "{:<12} {:<16} {:>8} {:>12} {:>12} {:>12} {:>12} {:>10.1} {:>10.1} {:>8}{}\n",
                     cluster,
                     k,
                     r.jobs,
@@ -168,7 +212,8 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                     energy(r.dram_j),
                     r.gpu_hours,
                     r.node_hours,
-                    percent(r.coverage_min)
+                    percent(r.coverage_min),
+                    extra(r)
                 );
             };
             for r in rows {
@@ -177,9 +222,14 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
             if rows.is_empty() {
                 out += "(no jobs)\n";
             } else {
-                line(&mut out, "TOTAL", "", &total(rows));
+                line(&mut out, "TOTAL", "", &t);
             }
-            let t = total(rows);
+            if t.footprint_partial_jobs > 0 {
+                out += &format!(
+                    "{} job(s) have CO2e or cost for part of their energy only (a factor unknown for the rest; see `ergon report JOBID`).\n",
+                    t.footprint_partial_jobs
+                );
+            }
             if t.estimated_jobs > 0 {
                 out += &format!(
                     "{} job(s) have an estimated part (see `ergon report JOBID`).\n",
@@ -219,6 +269,10 @@ mod tests {
             coverage_min: cov,
             estimated_jobs: 0,
             gpus_unknown_jobs: 0,
+            co2e_g: None,
+            cost: None,
+            currency: None,
+            footprint_partial_jobs: 0,
         }
     }
 

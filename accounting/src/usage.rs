@@ -1,7 +1,8 @@
 //! Bounded series for VictoriaMetrics: usage counters by (cluster, partition, account, user),
 //! whose number does not grow with the number of jobs.
 //!
-//! Each job adds its energy (total, GPU, CPU, DRAM), its GPU-hours (GPUs × duration) and 1 job
+//! Each job adds its energy (total, GPU, CPU, DRAM), its GPU-hours (GPUs × duration), its CO2e
+//! and energy cost (when `[carbon]`/`[cost]` gave the record them; docs/carbon.md) and 1 job
 //! to its group's counters. The counters are kept here, in a small SQLite file next to the
 //! state (`<state_dir>/usage.sqlite`), together with each job's contribution, so that adding a
 //! job is **idempotent**: a job delivered twice (delivery is at least once) adds nothing the
@@ -26,14 +27,36 @@ use rusqlite::{params, Connection, OptionalExtension as _};
 use crate::job::JobRecordFull;
 
 /// The counters, in order: the field names of measurement `ergon_usage`.
-pub const COUNTERS: [&str; 6] = [
+pub const COUNTERS: [&str; N] = [
     "energy_joules_total",
     "gpu_energy_joules_total",
     "cpu_energy_joules_total",
     "dram_energy_joules_total",
     "gpu_hours_total",
     "jobs_total",
+    "co2e_grams_total",
+    "cost_total",
 ];
+
+/// The number of counters.
+pub const N: usize = 8;
+
+/// `c0, c1, …` (or another prefix) for every counter.
+fn cols(prefix: &str) -> String {
+    (0..N)
+        .map(|i| format!("{prefix}{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A row's `N` reals from column `first` on.
+fn reals(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<[f64; N]> {
+    let mut out = [0.0; N];
+    for (i, v) in out.iter_mut().enumerate() {
+        *v = row.get(first + i)?;
+    }
+    Ok(out)
+}
 
 /// The file in the state directory.
 pub const FILE: &str = "usage.sqlite";
@@ -63,7 +86,10 @@ impl Group {
 }
 
 /// A job's contribution to its group's counters.
-fn contribution(r: &JobRecordFull) -> [f64; 6] {
+/// CO2e and cost are the figures the record carries (0 for a job without: no `[carbon]` or
+/// `[cost]` config, or computed before it existed).
+fn contribution(r: &JobRecordFull) -> [f64; N] {
+    let footprint = r.footprint.as_ref();
     [
         r.energy_j,
         r.gpu_j.unwrap_or(0.0),
@@ -71,6 +97,12 @@ fn contribution(r: &JobRecordFull) -> [f64; 6] {
         r.dram_j.unwrap_or(0.0),
         r.gpus.len() as f64 * r.duration_s / 3600.0,
         1.0,
+        footprint
+            .and_then(|f| f.carbon.as_ref())
+            .map_or(0.0, |c| c.total_g),
+        footprint
+            .and_then(|f| f.cost.as_ref())
+            .map_or(0.0, |c| c.amount),
     ]
 }
 
@@ -84,7 +116,7 @@ pub struct Included {
     /// carried it.
     pub at_ms: i64,
     /// The group's counters just after it was added.
-    pub after: [f64; 6],
+    pub after: [f64; N],
 }
 
 /// The counters file.
@@ -112,8 +144,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     a5 REAL NOT NULL,
     PRIMARY KEY (cluster, job_id)
 );
-PRAGMA user_version = 1;
 ";
+
+/// Version 2: the CO2e and cost counters (0 for what was added before).
+const SCHEMA_2: &str = "
+ALTER TABLE totals ADD COLUMN c6 REAL NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN c7 REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN c6 REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN c7 REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN a6 REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN a7 REAL NOT NULL DEFAULT 0;
+PRAGMA user_version = 2;
+";
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version < 2 {
+        tx.execute_batch(SCHEMA_2)?;
+    }
+    tx.commit()
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -140,10 +192,10 @@ impl Usage {
     ) -> Result<T, String> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            let conn = Connection::open(&self.path).map_err(|e| err(&self.path, e))?;
+            let mut conn = Connection::open(&self.path).map_err(|e| err(&self.path, e))?;
             conn.execute_batch("PRAGMA journal_mode = DELETE; PRAGMA synchronous = FULL;")
                 .and_then(|()| conn.busy_timeout(std::time::Duration::from_secs(30)))
-                .and_then(|()| conn.execute_batch(SCHEMA))
+                .and_then(|()| migrate(&mut conn))
                 .map_err(|e| err(&self.path, e))?;
             *guard = Some((conn, 0));
         }
@@ -158,31 +210,27 @@ impl Usage {
             let at = now_ms().max(*last + 1);
             *last = at;
             let tx = conn.transaction()?;
-            let mut changed: BTreeMap<Group, [f64; 6]> = BTreeMap::new();
+            let mut changed: BTreeMap<Group, [f64; N]> = BTreeMap::new();
             for r in records {
                 let group = Group::of(r);
                 let new = contribution(r);
-                let old: Option<(i64, [f64; 6], Group)> = tx
+                let old: Option<(i64, [f64; N], Group)> = tx
                     .query_row(
-                        "SELECT nodes, c0, c1, c2, c3, c4, c5, `partition`, account, `user`
-                         FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+                        &format!(
+                            "SELECT nodes, {}, `partition`, account, `user`
+                             FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+                            cols("c")
+                        ),
                         params![r.cluster, r.job_id],
                         |row| {
                             Ok((
                                 row.get(0)?,
-                                [
-                                    row.get(1)?,
-                                    row.get(2)?,
-                                    row.get(3)?,
-                                    row.get(4)?,
-                                    row.get(5)?,
-                                    row.get(6)?,
-                                ],
+                                reals(row, 1)?,
                                 Group {
                                     cluster: r.cluster.clone(),
-                                    partition: row.get(7)?,
-                                    account: row.get(8)?,
-                                    user: row.get(9)?,
+                                    partition: row.get(N + 1)?,
+                                    account: row.get(N + 2)?,
+                                    user: row.get(N + 3)?,
                                 },
                             ))
                         },
@@ -201,40 +249,37 @@ impl Usage {
                     }
                     // Take the old contribution out (of its group, should the job have moved).
                     add_to(&tx, g, &was.map(|v| -v))?;
-                    changed.insert(g.clone(), [0.0; 6]);
+                    changed.insert(g.clone(), [0.0; N]);
                 }
                 let after = add_to(&tx, &group, &new)?;
-                changed.insert(group.clone(), [0.0; 6]);
+                changed.insert(group.clone(), [0.0; N]);
+                let mut values: Vec<rusqlite::types::Value> = vec![
+                    r.cluster.clone().into(),
+                    i64::from(r.job_id).into(),
+                    group.partition.clone().into(),
+                    group.account.clone().into(),
+                    group.user.clone().into(),
+                    (r.nodes.len() as i64).into(),
+                ];
+                values.extend(new.iter().map(|v| (*v).into()));
+                values.push(at.into());
+                values.extend(after.iter().map(|v| (*v).into()));
+                let marks = (1..=values.len())
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 tx.execute(
-                    "INSERT OR REPLACE INTO jobs (cluster, job_id, `partition`, account, `user`,
-                        nodes, c0, c1, c2, c3, c4, c5, at_ms, a0, a1, a2, a3, a4, a5)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                        ?16, ?17, ?18, ?19)",
-                    params![
-                        r.cluster,
-                        r.job_id,
-                        group.partition,
-                        group.account,
-                        group.user,
-                        r.nodes.len() as i64,
-                        new[0],
-                        new[1],
-                        new[2],
-                        new[3],
-                        new[4],
-                        new[5],
-                        at,
-                        after[0],
-                        after[1],
-                        after[2],
-                        after[3],
-                        after[4],
-                        after[5],
-                    ],
+                    &format!(
+                        "INSERT OR REPLACE INTO jobs (cluster, job_id, `partition`, account,
+                            `user`, nodes, {}, at_ms, {}) VALUES ({marks})",
+                        cols("c"),
+                        cols("a")
+                    ),
+                    rusqlite::params_from_iter(values),
                 )?;
             }
             for (group, totals) in changed.iter_mut() {
-                *totals = read_totals(&tx, group)?.unwrap_or([0.0; 6]);
+                *totals = read_totals(&tx, group)?.unwrap_or([0.0; N]);
             }
             tx.commit()?;
             Ok(lines(&changed, at))
@@ -244,10 +289,11 @@ impl Usage {
     /// Where each record stands in the counters (`None`: not added yet).
     pub fn included(&self, records: &[&JobRecordFull]) -> Result<Vec<Option<Included>>, String> {
         self.with(|conn, _| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT `partition`, account, `user`, at_ms, a0, a1, a2, a3, a4, a5
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT `partition`, account, `user`, at_ms, {}
                  FROM jobs WHERE cluster = ?1 AND job_id = ?2",
-            )?;
+                cols("a")
+            ))?;
             records
                 .iter()
                 .map(|r| {
@@ -260,14 +306,7 @@ impl Usage {
                                 user: row.get(2)?,
                             },
                             at_ms: row.get(3)?,
-                            after: [
-                                row.get(4)?,
-                                row.get(5)?,
-                                row.get(6)?,
-                                row.get(7)?,
-                                row.get(8)?,
-                                row.get(9)?,
-                            ],
+                            after: reals(row, 4)?,
                         })
                     })
                     .optional()
@@ -283,7 +322,7 @@ impl Usage {
         self.with(|conn, last| {
             let at = now_ms().max(*last + 1);
             *last = at;
-            let mut groups: BTreeMap<Group, [f64; 6]> = BTreeMap::new();
+            let mut groups: BTreeMap<Group, [f64; N]> = BTreeMap::new();
             for inc in included.into_iter().flatten() {
                 if let Some(t) = read_totals(conn, &inc.group)? {
                     groups.insert(inc.group, t);
@@ -294,52 +333,51 @@ impl Usage {
     }
 }
 
-fn read_totals(conn: &Connection, g: &Group) -> rusqlite::Result<Option<[f64; 6]>> {
+fn read_totals(conn: &Connection, g: &Group) -> rusqlite::Result<Option<[f64; N]>> {
     conn.query_row(
-        "SELECT c0, c1, c2, c3, c4, c5 FROM totals
-         WHERE cluster = ?1 AND `partition` = ?2 AND account = ?3 AND `user` = ?4",
+        &format!(
+            "SELECT {} FROM totals
+             WHERE cluster = ?1 AND `partition` = ?2 AND account = ?3 AND `user` = ?4",
+            cols("c")
+        ),
         params![g.cluster, g.partition, g.account, g.user],
-        |row| {
-            Ok([
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-            ])
-        },
+        |row| reals(row, 0),
     )
     .optional()
 }
 
 /// Add `delta` to `g`'s counters; their new values.
-fn add_to(conn: &Connection, g: &Group, delta: &[f64; 6]) -> rusqlite::Result<[f64; 6]> {
+fn add_to(conn: &Connection, g: &Group, delta: &[f64; N]) -> rusqlite::Result<[f64; N]> {
+    let marks = (5..5 + N)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sets = (0..N)
+        .map(|i| format!("c{i} = c{i} + excluded.c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut values: Vec<rusqlite::types::Value> = vec![
+        g.cluster.clone().into(),
+        g.partition.clone().into(),
+        g.account.clone().into(),
+        g.user.clone().into(),
+    ];
+    values.extend(delta.iter().map(|v| (*v).into()));
     conn.execute(
-        "INSERT INTO totals (cluster, `partition`, account, `user`, c0, c1, c2, c3, c4, c5)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         ON CONFLICT (cluster, `partition`, account, `user`) DO UPDATE SET
-            c0 = c0 + excluded.c0, c1 = c1 + excluded.c1, c2 = c2 + excluded.c2,
-            c3 = c3 + excluded.c3, c4 = c4 + excluded.c4, c5 = c5 + excluded.c5",
-        params![
-            g.cluster,
-            g.partition,
-            g.account,
-            g.user,
-            delta[0],
-            delta[1],
-            delta[2],
-            delta[3],
-            delta[4],
-            delta[5]
-        ],
+        &format!(
+            "INSERT INTO totals (cluster, `partition`, account, `user`, {})
+             VALUES (?1, ?2, ?3, ?4, {marks})
+             ON CONFLICT (cluster, `partition`, account, `user`) DO UPDATE SET {sets}",
+            cols("c")
+        ),
+        rusqlite::params_from_iter(values),
     )?;
-    Ok(read_totals(conn, g)?.unwrap_or([0.0; 6]))
+    Ok(read_totals(conn, g)?.unwrap_or([0.0; N]))
 }
 
 /// One line per group: measurement `ergon_usage`, the group's tags (empty ones left out), the
 /// counters, the timestamp.
-fn lines(groups: &BTreeMap<Group, [f64; 6]>, at_ms: i64) -> String {
+fn lines(groups: &BTreeMap<Group, [f64; N]>, at_ms: i64) -> String {
     let mut out = String::new();
     for (g, totals) in groups {
         let _ = write!(
@@ -384,7 +422,7 @@ mod tests {
             .build()
     }
 
-    fn totals(u: &Usage, user: &str) -> [f64; 6] {
+    fn totals(u: &Usage, user: &str) -> [f64; N] {
         u.with(|conn, _| {
             read_totals(
                 conn,
@@ -409,7 +447,7 @@ mod tests {
         let other = combine(&[job(2, "n1", "alice", 1.0)]);
         let text = u.add(&[&one, &one]).unwrap();
         assert!(
-            text.starts_with("ergon_usage,cluster=c,partition=gpu,account=phys,user=alice energy_joules_total=110,gpu_energy_joules_total=100,cpu_energy_joules_total=10,dram_energy_joules_total=0,gpu_hours_total=1,jobs_total=1 "),
+            text.starts_with("ergon_usage,cluster=c,partition=gpu,account=phys,user=alice energy_joules_total=110,gpu_energy_joules_total=100,cpu_energy_joules_total=10,dram_energy_joules_total=0,gpu_hours_total=1,jobs_total=1,co2e_grams_total=0,cost_total=0 "),
             "{text}"
         );
         assert_eq!(u.add(&[&one]).unwrap(), "", "nothing changed");
@@ -417,16 +455,62 @@ mod tests {
         // An older record of the job arriving late changes nothing.
         assert_eq!(u.add(&[&one]).unwrap(), "");
         u.add(&[&other]).unwrap();
-        assert_eq!(totals(&u, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        assert_eq!(
+            totals(&u, "alice"),
+            [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]
+        );
         let inc = u.included(&[&both, &other]).unwrap();
         let (a, b) = (inc[0].clone().unwrap(), inc[1].clone().unwrap());
-        assert_eq!(a.after, [170.0, 150.0, 20.0, 0.0, 2.0, 1.0]);
-        assert_eq!(b.after, [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        assert_eq!(a.after, [170.0, 150.0, 20.0, 0.0, 2.0, 1.0, 0.0, 0.0]);
+        assert_eq!(b.after, [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]);
         assert!(b.at_ms > a.at_ms);
         // Kept across opens.
         drop(u);
         let again = Usage::new(dir.path());
-        assert_eq!(totals(&again, "alice"), [181.0, 151.0, 30.0, 0.0, 3.0, 2.0]);
+        assert_eq!(
+            totals(&again, "alice"),
+            [181.0, 151.0, 30.0, 0.0, 3.0, 2.0, 0.0, 0.0]
+        );
         assert_eq!(again.included(&[&other]).unwrap()[0], Some(b));
+    }
+
+    /// CO2e and cost are counted like energy; a counters file from before them is migrated
+    /// with its totals kept and the new counters at 0.
+    #[test]
+    fn co2e_and_cost_are_counted_and_an_old_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A version 1 file with one job in it.
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO totals VALUES ('c', 'gpu', 'phys', 'alice', 5, 0, 0, 0, 0, 1);
+                 INSERT INTO jobs VALUES ('c', 9, 'gpu', 'phys', 'alice', 1, 5, 0, 0, 0, 0, 1,
+                    1000, 5, 0, 0, 0, 0, 1);",
+            )
+            .unwrap();
+        }
+        let u = Usage::new(dir.path());
+        assert_eq!(
+            totals(&u, "alice"),
+            [5.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+        );
+        let mut r = combine(&[job(1, "n1", "alice", 100.0)]);
+        let carbon: crate::carbon::CarbonConfig =
+            toml::from_str("intensity_g_per_kwh = 360").unwrap();
+        let cost: crate::carbon::CostConfig = toml::from_str("price_per_kwh = 36").unwrap();
+        crate::carbon::Factors::new(Some(&carbon), Some(&cost))
+            .unwrap()
+            .apply(&mut r, &[]);
+        // 110 J = 1/32727 kWh: × 360 g = 0.011 g, × 36 = 0.0011.
+        let text = u.add(&[&r]).unwrap();
+        assert!(text.contains(",co2e_grams_total=0.011"), "{text}");
+        let t = totals(&u, "alice");
+        assert!(
+            (t[6] - 0.011).abs() < 1e-12 && (t[7] - 0.0011).abs() < 1e-12,
+            "{t:?}"
+        );
+        assert_eq!(t[..6], [115.0, 100.0, 10.0, 0.0, 1.0, 2.0]);
     }
 }

@@ -300,3 +300,34 @@ fn a_schema_4_job_is_sent_with_what_it_says() {
     assert_eq!(r["estimates"][1]["energy_j"].as_f64(), Some(10.0));
     assert_eq!(r["nodes"][1]["components"]["gpu"].as_f64(), Some(0.0));
 }
+
+/// With `[carbon]` and `[cost]`, the uploaded record carries the job's footprint: the figures
+/// and the factors they were computed with.
+#[test]
+fn the_upload_carries_co2e_and_cost_with_their_factors() {
+    let server = IngestServer::start(vec![], Answer::status(200));
+    let s = Setup::new();
+    http_config(
+        &s,
+        &server,
+        "\n[carbon]\nintensity_g_per_kwh = 400\nintensity_source = \"grid 2025\"\npue = 1.5\n\n\
+         [cost]\ncurrency = \"EUR\"\nprice_per_kwh = 0.3\ninclude_pue = false\n",
+    );
+    // 100 J GPU + 10 J CPU = 110 J.
+    write_manifest(&s.spool(), &manifest("c1", 13, "n1", 100.0, 10.0, 1.0));
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let got = server.received();
+    let v: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    let f = &v["records"][0]["footprint"];
+    let kwh = 110.0 / 3.6e6;
+    let g = f["carbon"]["operational_g"].as_f64().unwrap();
+    assert!((g - kwh * 1.5 * 400.0).abs() < 1e-12, "{f}");
+    assert_eq!(f["carbon"]["intensity"]["source"], "grid 2025");
+    assert_eq!(f["carbon"]["intensity"]["value"], 400.0);
+    let cost = f["cost"]["amount"].as_f64().unwrap();
+    assert!((cost - kwh * 0.3).abs() < 1e-15, "{f}");
+    assert!(f["cost"].get("pue").is_none(), "{f}");
+    // No trace in this manifest: the record says the energy was spread evenly.
+    assert_eq!(f["method"], "even");
+}

@@ -209,6 +209,27 @@ fn mariadb_holds_the_records_as_sqlite_does() {
         ),
         (2, 3)
     );
+    // A job's CO2e and cost (schema version 3) read back as written.
+    let mut green = combine(&[manifest("c9", 3, "n1", 36_000.0, 0.0, 1.0)]);
+    let carbon: ergon_accounting::carbon::CarbonConfig =
+        toml::from_str("intensity_g_per_kwh = 250\nintensity_source = \"grid\"").unwrap();
+    ergon_accounting::carbon::Factors::new(Some(&carbon), None)
+        .unwrap()
+        .apply(&mut green, &[]);
+    latest.upsert(&[&green]).unwrap();
+    assert_eq!(latest.get(Some("c9"), 3).unwrap(), vec![green.clone()]);
+    let sums = latest
+        .summary(
+            ergon_accounting::records::SummaryBy::User,
+            &ergon_accounting::records::JobFilter {
+                cluster: Some("c9".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    // 36 kJ = 0.01 kWh at 250 g/kWh.
+    let co2e: f64 = sums.iter().filter_map(|r| r.co2e_g).sum();
+    assert!((co2e - 2.5).abs() < 1e-9, "{sums:?}");
     drop(latest);
 
     // `ergon run` into MariaDB; `ergon report` and `ergon jobs` from it.
@@ -321,8 +342,8 @@ fn mariadb_holds_the_records_as_sqlite_does() {
     db.kill();
     db.start();
     let check = RecordsDb::open_location_read_only(&at).unwrap();
-    // c9/1, c9/2, c1/41, 30 jobs of c1 from 100, c1/200, c1/201.
-    assert_eq!(check.count().unwrap(), 2 + 1 + 30 + 2);
+    // c9/1, c9/2, c9/3, c1/41, 30 jobs of c1 from 100, c1/200, c1/201.
+    assert_eq!(check.count().unwrap(), 3 + 1 + 30 + 2);
     for job in [100, 129, 200, 201] {
         let got = check.get(Some("c1"), job).unwrap();
         assert_eq!(got.len(), 1, "job {job}");

@@ -614,8 +614,9 @@ fn series_stay_flat_as_jobs_grow() {
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
     let first = series_count(port);
-    // 6 counters for each of the 3 groups.
-    assert_eq!(first, 6 * users.len());
+    // 8 counters for each of the 3 groups.
+    assert_eq!(first, ergon_accounting::usage::N * users.len());
+    assert_eq!(ergon_accounting::usage::N, 8);
     write(41, 401);
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
@@ -651,8 +652,9 @@ fn series_stay_flat_as_jobs_grow() {
     }
     let out = t.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
-    // One user's 6 counters, and a series per field per job: twice the jobs, twice those.
-    let jobs_part = per_job - 6;
+    // One user's 8 counters, and a series per field per job: twice the jobs, twice those.
+    let n = ergon_accounting::usage::N;
+    let jobs_part = per_job - n;
     assert!(jobs_part >= 20 * 10, "{per_job}");
-    assert_eq!(series_count(port), 6 + 2 * jobs_part);
+    assert_eq!(series_count(port), n + 2 * jobs_part);
 }

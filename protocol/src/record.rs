@@ -16,7 +16,8 @@
 //! ```text
 //! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000>
 //!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>]
-//!        [nexp=<n>] h=<hex>
+//!        [nexp=<n>] [co2g=<g>] [co2m=<0.000>] [cost=<amount>] [costm=<0.000>] [cur=<code>]
+//!        h=<hex>
 //! ```
 //!
 //! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
@@ -27,7 +28,12 @@
 //! is unknown, and `gpu` holds only what was measured on the other nodes); the largest error of
 //! the estimated part of `e` (`errj`, joules: the true energy is within `e ± errj` as far as
 //! the estimates go); Slurm's cluster-unique job id (`sluid`); the number of nodes the job ran on
-//! when fewer reported (`nexp`: the record is incomplete, `nodes` of `nexp` nodes are in it).
+//! when fewer reported (`nexp`: the record is incomplete, `nodes` of `nexp` nodes are in it);
+//! the job's CO2e in grams with one decimal (`co2g`, operational plus embodied) and the fraction
+//! of its energy whose carbon intensity or PUE was unknown (`co2m`, that part is not in `co2g`);
+//! its energy cost with four decimals (`cost`), the fraction of its energy without a price
+//! (`costm`) and the cost's currency code, lowercased (`cur`). The factors behind `co2g` and
+//! `cost` are in the job-records database (`ergon report`), not here.
 //! Decoding ignores keys it does not
 //! know (a later `ergon1` writer may add some, and readers from before these optional keys
 //! ignore them) and fails on a missing required key, naming it. A change that older readers
@@ -60,7 +66,16 @@ pub const HASH_PREFIX_LEN: usize = 12;
 
 /// The longest encoded record: every key present, every number at its largest (checked by a
 /// test).
-pub const MAX_ENCODED_LEN: usize = 380;
+pub const MAX_ENCODED_LEN: usize = 470;
+
+/// CO2e above this (a million tonnes) is written as this.
+pub const MAX_CO2E_G: f64 = 1e12;
+
+/// A cost above this is written as this.
+pub const MAX_COST: f64 = 1e12;
+
+/// The longest currency code a record carries.
+pub const MAX_CURRENCY_LEN: usize = 8;
 
 /// Powers above this (a terawatt: no job draws that; a broken counter can) are written as this.
 pub const MAX_POWER_W: f64 = 1e12;
@@ -122,6 +137,28 @@ pub struct JobRecord {
     /// record is then incomplete, its figures those of `nodes` of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_expected: Option<u32>,
+    /// CO2e, grams, one decimal (`co2g`); `None`: not computed (no `[carbon]` config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub co2e_g: Option<f64>,
+    /// The fraction of the energy whose intensity or PUE was unknown (`co2m`), three decimals;
+    /// written when not 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub co2e_missing: Option<f64>,
+    /// Energy cost, four decimals (`cost`); `None`: not computed (no `[cost]` config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The fraction of the energy without a price (`costm`); written when not 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_missing: Option<f64>,
+    /// The cost's currency code, lowercase (`cur`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+fn normalize_currency(c: &str) -> Option<String> {
+    let c = c.to_ascii_lowercase();
+    (!c.is_empty() && c.len() <= MAX_CURRENCY_LEN && c.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then_some(c)
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -209,6 +246,15 @@ impl JobRecord {
             coverage_cpu: self.coverage_cpu.map(normalize_fraction),
             coverage_dram: self.coverage_dram.map(normalize_fraction),
             sluid: self.sluid.as_deref().and_then(normalize_sluid),
+            co2e_g: self
+                .co2e_g
+                .map(|g| round_to(if g > MAX_CO2E_G { MAX_CO2E_G } else { g }, 1)),
+            co2e_missing: self.co2e_missing.map(normalize_fraction),
+            cost: self
+                .cost
+                .map(|c| round_to(if c > MAX_COST { MAX_COST } else { c }, 4)),
+            cost_missing: self.cost_missing.map(normalize_fraction),
+            currency: self.currency.as_deref().and_then(normalize_currency),
             ..self.clone()
         }
     }
@@ -260,6 +306,21 @@ impl JobRecord {
         if let Some(n) = r.nodes_expected {
             let _ = write!(out, " nexp={n}");
         }
+        if let Some(g) = r.co2e_g {
+            let _ = write!(out, " co2g={g:.1}");
+        }
+        if let Some(m) = r.co2e_missing {
+            let _ = write!(out, " co2m={m:.3}");
+        }
+        if let Some(c) = r.cost {
+            let _ = write!(out, " cost={c:.4}");
+        }
+        if let Some(m) = r.cost_missing {
+            let _ = write!(out, " costm={m:.3}");
+        }
+        if let Some(c) = &r.currency {
+            let _ = write!(out, " cur={c}");
+        }
         let _ = write!(out, " h={}", r.hash);
         out
     }
@@ -271,11 +332,12 @@ impl JobRecord {
         if tokens.next() != Some(TAG) {
             return Err(RecordError::NotErgon(text.chars().take(40).collect()));
         }
-        const KEYS: [&str; 18] = [
+        const KEYS: [&str; 23] = [
             "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
-            "gcov", "ccov", "dcov", "gunk", "errj", "sluid", "nexp",
+            "gcov", "ccov", "dcov", "gunk", "errj", "sluid", "nexp", "co2g", "co2m", "cost",
+            "costm", "cur",
         ];
-        let mut values: [Option<&str>; 18] = [None; 18];
+        let mut values: [Option<&str>; 23] = [None; 23];
         for token in tokens {
             let (key, value) = token
                 .split_once('=')
@@ -333,6 +395,21 @@ impl JobRecord {
                 })
                 .transpose()?,
             nodes_expected: values[17].map(|v| parse_int(KEYS[17], v)).transpose()?,
+            co2e_g: values[18].map(|v| parse_decimal(KEYS[18], v)).transpose()?,
+            co2e_missing: fraction(19)?,
+            cost: values[20].map(|v| parse_decimal(KEYS[20], v)).transpose()?,
+            cost_missing: fraction(21)?,
+            currency: values[22]
+                .map(|v| {
+                    normalize_currency(v).filter(|c| c == v).ok_or_else(|| {
+                        RecordError::InvalidValue {
+                            key: "cur",
+                            value: v.to_owned(),
+                            expected: "a currency code: up to 8 lowercase letters and digits",
+                        }
+                    })
+                })
+                .transpose()?,
         };
         Ok(record)
     }
@@ -615,6 +692,11 @@ mod tests {
             estimate_bound_j: Some(u64::MAX),
             sluid: Some("z".repeat(MAX_SLUID_LEN)),
             nodes_expected: Some(u32::MAX),
+            co2e_g: Some(f64::MAX),
+            co2e_missing: Some(0.123),
+            cost: Some(f64::MAX),
+            cost_missing: Some(0.123),
+            currency: Some("z".repeat(MAX_CURRENCY_LEN)),
         };
         let text = longest.encode();
         assert!(
@@ -626,6 +708,34 @@ mod tests {
         assert_eq!(JobRecord::decode(&text), Ok(longest.normalized()));
         // A typical record with every optional key.
         assert!(schema4().encode().len() < 200);
+    }
+
+    #[test]
+    fn co2e_and_cost_keys_are_written_when_set_and_read_back() {
+        let r = JobRecord {
+            co2e_g: Some(1234.56),
+            co2e_missing: Some(0.25),
+            cost: Some(0.123_456),
+            currency: Some("EUR".into()),
+            ..sample()
+        };
+        let text = r.encode();
+        assert!(
+            text.ends_with(
+                " nodes=1 cov=0.998 co2g=1234.6 co2m=0.250 cost=0.1235 cur=eur h=9f86d081884c"
+            ),
+            "{text}"
+        );
+        let back = JobRecord::decode(&text).unwrap();
+        assert_eq!(back, r.normalized());
+        assert_eq!((back.co2e_g, back.cost), (Some(1234.6), Some(0.1235)));
+        assert_eq!(back.currency.as_deref(), Some("eur"));
+        // Without them, nothing is written: readers before these keys see the record as before.
+        assert!(!sample().encode().contains("co2"));
+        assert!(JobRecord::decode(
+            "ergon1 e=1 gpu=0 cpu=0 dram=0 avgw=0.0 peakw=0.0 ngpu=0 nodes=1 cov=1.000 co2m=2 h=ab"
+        )
+        .is_err());
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn rounded_record() -> impl Strategy<Value = JobRecord> {
                     estimate_bound_j: errj,
                     sluid,
                     nodes_expected: nexp,
+                    ..JobRecord::default()
                 }
             },
         )

@@ -70,6 +70,7 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
 }
 /// A new entry for `record`, or `None` when the job is in the state with the same key, or
 /// ended before the horizon (counted).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn new_entry(
     config: &Config,
     state: &State,
@@ -78,9 +79,10 @@ pub(super) fn new_entry(
     key: &str,
     found: Vec<FoundManifest>,
     horizon_unix_ns: u64,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Option<JobEntry> {
     let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
-    let record = combine(&manifests);
+    let mut record = combine(&manifests);
     let existing = state.jobs.get(key);
     if existing.is_some_and(|e| e.key == record.idempotency_key) {
         return None;
@@ -88,6 +90,9 @@ pub(super) fn new_entry(
     if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
         summary.skipped_before_horizon += 1;
         return None;
+    }
+    if let Some(f) = factors {
+        f.apply(&mut record, &manifests);
     }
     if existing.is_some() {
         summary.updated += 1;

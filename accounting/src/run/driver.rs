@@ -40,6 +40,9 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         max_jobs: config.state.max_jobs,
     };
     let sinks = build_sinks(config, options.dry_run)?;
+    // CO2e and cost (docs/carbon.md): the factors' sources are read once per run.
+    let factors = crate::carbon::Factors::new(config.carbon.as_ref(), config.cost.as_ref());
+    crate::collect::keep_trace_sum(factors.is_some());
     let mut saver = Saver::new(config);
     if state.replayed > 0 && !options.dry_run {
         tracing::warn!(
@@ -61,6 +64,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
             &sinks,
             &mut saver,
             bounds,
+            factors.as_ref(),
         )?;
         if options.dry_run {
             return Ok(summary);
@@ -75,6 +79,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
             &sinks,
             &mut saver,
             bounds,
+            factors.as_ref(),
         )?;
         if config.sacct.enabled {
             let step = Instant::now();

@@ -257,6 +257,7 @@ fn uploader(
 struct Pipeline<'a, 'c> {
     config: &'a Config,
     sinks: &'a [SharedSink],
+    factors: Option<&'a crate::carbon::Factors>,
     state: &'a mut State,
     summary: &'a mut RunSummary,
     saver: &'a mut Saver<'c>,
@@ -310,6 +311,7 @@ impl Pipeline<'_, '_> {
             &key,
             found,
             self.horizon_unix_ns,
+            self.factors,
         );
         match entry {
             None => self.less_planned(),
@@ -474,6 +476,7 @@ impl Pipeline<'_, '_> {
 }
 
 /// Collect and upload at once (see the module docs).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_pipelined(
     config: &Config,
     options: RunOptions,
@@ -482,6 +485,7 @@ pub(super) fn run_pipelined(
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
     bounds: Bounds,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
     let started = Instant::now();
     // The records left pending by earlier runs go first, oldest job first (a verifying sink
@@ -539,6 +543,7 @@ pub(super) fn run_pipelined(
         let mut pipe = Pipeline {
             config,
             sinks,
+            factors,
             state,
             summary,
             saver,

@@ -18,6 +18,7 @@ use super::summary::{RunOptions, RunSummary};
 
 /// Collect everything, save the whole state (the write-ahead step), write sacct, then upload
 /// sink by sink. `--dry-run` stops after collecting and prints what it would do.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run_sequential(
     config: &Config,
     options: RunOptions,
@@ -26,6 +27,7 @@ pub(super) fn run_sequential(
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
     bounds: Bounds,
+    factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
     // 1. Collect.
     let step = Instant::now();
@@ -43,7 +45,8 @@ pub(super) fn run_sequential(
     summary.manifests_known = scan.known;
     let horizon = state.horizon_unix_ns;
     for (key, found) in scan.jobs {
-        if let Some(entry) = new_entry(config, state, sinks, summary, &key, found, horizon) {
+        if let Some(entry) = new_entry(config, state, sinks, summary, &key, found, horizon, factors)
+        {
             state.jobs.insert(key, entry);
         }
     }
