@@ -204,7 +204,7 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
         Err(e) => e.to_string(),
     };
     let doc = documented(&md, "## `/etc/ergon/ergond.toml`", "\n## ");
-    let code = code_keys(&ergond, &["sampling", "attribution"]);
+    let code = code_keys(&ergond, &["sampling", "attribution", "metrics"]);
     assert!(code.len() >= 20, "{code:?}");
     check("ergond.toml", &doc, &code, &ergond);
 
@@ -225,6 +225,8 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
             "records",
             "victoria_metrics",
             "http",
+            "carbon",
+            "cost",
         ],
     );
     assert!(code.len() >= 20, "{code:?}");
