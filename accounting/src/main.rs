@@ -324,31 +324,10 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             limit,
             format,
         } => {
-            // As for `report`: users may not be able to read the admin's config.
-            let config = load_config(&args.config, false)
-                .or_else(|_| Config::parse("", &args.config))
-                .context("reading the config")?;
-            if !config.records.enabled {
-                anyhow::bail!(
-                    "the job-records database is disabled ([records] enabled = false in {}): `ergon jobs` has nothing to read",
-                    args.config.display()
-                );
-            }
-            let location = config.records_location();
-            if let records::Location::Sqlite(path) = &location {
-                if ergon_accounting::privacy::denied(path) {
-                    eprintln!(
-                        "ergon: the job-records database {} is readable by root and the ergon \
-                         group only (private job data, following Slurm's PrivateData): `ergon \
-                         jobs` is for them; your own jobs' energy is in sacct (`ergon report \
-                         JOBID`, or `sacct -o JobID,{}`)",
-                        path.display(),
-                        config.sacct.field.name()
-                    );
-                    return Ok(ExitCode::from(1));
-                }
-            }
-            let db = records::RecordsDb::open_location_read_only(&location)?;
+            let db = match records_for_reading(&args.config, "jobs")? {
+                Ok(db) => db,
+                Err(code) => return Ok(code),
+            };
             let rows = db.list(&records::JobFilter {
                 cluster,
                 user,
@@ -370,29 +349,10 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             account,
             format,
         } => {
-            // As for `report`: users may not be able to read the admin's config.
-            let config = load_config(&args.config, false)
-                .or_else(|_| Config::parse("", &args.config))
-                .context("reading the config")?;
-            if !config.records.enabled {
-                anyhow::bail!(
-                    "the job-records database is disabled ([records] enabled = false in {}): `ergon summary` has nothing to read",
-                    args.config.display()
-                );
-            }
-            if let records::Location::Sqlite(path) = &config.records_location() {
-                if ergon_accounting::privacy::denied(path) {
-                    eprintln!(
-                        "ergon: the job-records database {} is readable by root and the ergon \
-                         group only (private job data, following Slurm's PrivateData): `ergon \
-                         summary` is for them; your own jobs' energy is in sacct (`ergon report \
-                         JOBID`, or `sacct -o JobID,{}`)",
-                        path.display(),
-                        config.sacct.field.name()
-                    );
-                    return Ok(ExitCode::from(1));
-                }
-            }
+            let db = match records_for_reading(&args.config, "summary")? {
+                Ok(db) => db,
+                Err(code) => return Ok(code),
+            };
             // A user who is not root sums their own jobs only, like sacct's PrivateData=jobs.
             let me = rustix::process::getuid().as_raw();
             let uid = (me != 0).then_some(me);
@@ -405,7 +365,6 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                 until_unix_ns: until,
                 limit: None,
             };
-            let db = records::RecordsDb::open_location_read_only(&config.records_location())?;
             let rows = db.summary(by, &filter)?;
             let scope = ergon_accounting::summary::Scope {
                 by,
@@ -464,4 +423,36 @@ fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
     let mut cmd = Args::command().disable_help_subcommand(true);
     cmd.build();
     write(cmd, dir)
+}
+
+/// The job-records database for `ergon jobs` and `ergon summary`, run by any user: read-only, or
+/// the exit code once it said why the user cannot read it (the admin's config may be unreadable
+/// to them, as for `report`).
+fn records_for_reading(
+    config_path: &std::path::Path,
+    cmd: &str,
+) -> anyhow::Result<Result<records::RecordsDb, ExitCode>> {
+    let config = load_config(config_path, false)
+        .or_else(|_| Config::parse("", config_path))
+        .context("reading the config")?;
+    if !config.records.enabled {
+        anyhow::bail!(
+            "the job-records database is disabled ([records] enabled = false in {}): `ergon {cmd}` has nothing to read",
+            config_path.display()
+        );
+    }
+    let location = config.records_location();
+    if let records::Location::Sqlite(path) = &location {
+        if ergon_accounting::privacy::denied(path) {
+            eprintln!(
+                "ergon: the job-records database {} is readable by root and the ergon group only \
+                 (private job data, following Slurm's PrivateData): `ergon {cmd}` is for them; \
+                 your own jobs' energy is in sacct (`ergon report JOBID`, or `sacct -o JobID,{}`)",
+                path.display(),
+                config.sacct.field.name()
+            );
+            return Ok(Err(ExitCode::from(1)));
+        }
+    }
+    Ok(Ok(records::RecordsDb::open_location_read_only(&location)?))
 }
