@@ -482,11 +482,14 @@ impl VictoriaMetrics {
             ids.join("|")
         );
         let seconds = |t: i64| format!("{}.{:03}", t.div_euclid(1000), t.rem_euclid(1000));
+        // CSV with only the four columns compared: VictoriaMetrics renders and ergon parses far
+        // less than the JSON export's full label sets (BENCHMARKS.md, accounting ratio).
         let text = self.api(
-            "reading the records back (/api/v1/export)",
+            "reading the records back (/api/v1/export/csv)",
             self.client
-                .post(format!("{}/api/v1/export", self.base))
+                .post(format!("{}/api/v1/export/csv", self.base))
                 .form(&[
+                    ("format", "__name__,job_id,__value__,__timestamp__:unix_ms"),
                     ("match[]", selector.as_str()),
                     ("start", &seconds(start)),
                     ("end", &seconds(end)),
@@ -494,27 +497,30 @@ impl VictoriaMetrics {
         )?;
         let mut held = Held::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| format!("/api/v1/export answered a line that is not JSON: {e}"))?;
-            let metric = &v["metric"];
-            let (Some(name), Some(job)) = (
-                metric["__name__"]
-                    .as_str()
-                    .and_then(|n| n.strip_prefix("ergon_job_")),
-                metric["job_id"]
-                    .as_str()
-                    .and_then(|j| j.parse::<u32>().ok()),
+            let bad = || format!("/api/v1/export/csv answered a line ergon cannot read: {line:?}");
+            let mut cols = line.split(',');
+            let (Some(name), Some(job), Some(value), Some(time), None) = (
+                cols.next(),
+                cols.next(),
+                cols.next(),
+                cols.next(),
+                cols.next(),
             ) else {
+                return Err(bad());
+            };
+            let Some(name) = name.strip_prefix("ergon_job_") else {
                 continue;
             };
-            let values = v["values"].as_array().cloned().unwrap_or_default();
-            let times = v["timestamps"].as_array().cloned().unwrap_or_default();
-            let samples = held.entry((job, name.to_owned())).or_default();
-            for (t, x) in times.iter().zip(&values) {
-                if let (Some(t), Some(x)) = (t.as_i64(), x.as_f64()) {
-                    samples.push((t, x));
-                }
-            }
+            let (Ok(job), Ok(value), Ok(time)) = (
+                job.parse::<u32>(),
+                value.parse::<f64>(),
+                time.parse::<i64>(),
+            ) else {
+                return Err(bad());
+            };
+            held.entry((job, name.to_owned()))
+                .or_default()
+                .push((time, value));
         }
         Ok(held)
     }
@@ -615,11 +621,7 @@ impl Verify for VictoriaMetrics {
             .collect();
         // Records never added (sent before a crash that lost the counters' file, or never
         // sent) are added now; the others' groups are sent again as they stand.
-        let mut body = match self
-            .usage
-            .add(&usage)
-            .and_then(|_| self.usage.current(&usage))
-        {
+        let mut body = match self.usage.add(&usage) {
             Ok(text) => text,
             Err(e) => return SendOutcome::Rejected(e),
         };
@@ -748,11 +750,7 @@ impl Sink for VictoriaMetrics {
         // line that carries it leaves; sending again adds nothing.
         // The records' groups as they now stand (also those whose counters held them already:
         // an earlier run may have added them and then failed to send).
-        let mut body = match self
-            .usage
-            .add(records)
-            .and_then(|_| self.usage.current(records))
-        {
+        let mut body = match self.usage.add(records) {
             Ok(text) => text,
             Err(e) => return SendOutcome::Rejected(e),
         };
@@ -827,6 +825,22 @@ pub fn verify_and_repair(
                 still.push((open[k], fields));
             }
         }
+        if !still.is_empty() && round == 0 {
+            // Before anything is sent again, look again a few times: a server that has just
+            // stored data may not show it at once, and what is sent again while it is in fact
+            // there is stored twice.
+            match look_again(verifier, records, still, sleep) {
+                Ok((found, rest)) => {
+                    result.present.extend(found);
+                    still = rest;
+                }
+                Err((e, rest)) => {
+                    result.error = Some(e);
+                    open = rest.iter().map(|(i, _)| *i).collect();
+                    break;
+                }
+            }
+        }
         open = still.iter().map(|(i, _)| *i).collect();
         if open.is_empty() {
             break;
@@ -858,6 +872,52 @@ pub fn verify_and_repair(
     }
     result.missing = open;
     result
+}
+
+/// Waits before [`verify_and_repair`] looks again at what it found missing, before sending
+/// any of it again (3.5 s in all, only when something is missing).
+pub const LOOK_AGAIN: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_millis(1000),
+    Duration::from_millis(2000),
+];
+
+/// Records (indices into `records`) with their missing fields.
+type Missing = Vec<(usize, Vec<&'static str>)>;
+
+/// Look again, after each wait of [`LOOK_AGAIN`], at the records of `still`: those found
+/// (indices into `records`) and those still missing; or why looking failed, with what is still
+/// missing.
+fn look_again(
+    verifier: &dyn Verify,
+    records: &[&JobRecordFull],
+    mut still: Missing,
+    sleep: &mut dyn FnMut(Duration) -> bool,
+) -> Result<(Vec<usize>, Missing), (String, Missing)> {
+    let mut found = Vec::new();
+    for wait in LOOK_AGAIN {
+        if still.is_empty() || !sleep(wait) {
+            break;
+        }
+        if let Err(e) = verifier.persist() {
+            return Err((e, still));
+        }
+        let asked: Vec<&JobRecordFull> = still.iter().map(|(i, _)| records[*i]).collect();
+        let missing = match verifier.missing(&asked) {
+            Ok(m) => m,
+            Err(e) => return Err((e, still)),
+        };
+        let mut rest = Vec::new();
+        for ((i, _), fields) in still.into_iter().zip(missing) {
+            if fields.is_empty() {
+                found.push(i);
+            } else {
+                rest.push((i, fields));
+            }
+        }
+        still = rest;
+    }
+    Ok((found, still))
 }
 
 /// The JSON body POSTed to the HTTPS ingest endpoint (see docs/accounting.md).
@@ -992,6 +1052,83 @@ mod tests {
             initial_backoff_ms: 100,
             max_backoff_ms: 1000,
             max_retry_after_s: 60,
+        }
+    }
+
+    /// A sink whose stored records become visible only at its `shows_at`-th look.
+    struct Late {
+        looks: RefCell<u32>,
+        shows_at: u32,
+        resent: RefCell<usize>,
+    }
+
+    impl Sink for Late {
+        fn name(&self) -> &str {
+            "late"
+        }
+        fn batch_size(&self) -> usize {
+            10
+        }
+        fn send(&self, _: &[&JobRecordFull]) -> SendOutcome {
+            SendOutcome::Delivered
+        }
+    }
+
+    impl Verify for Late {
+        fn persist(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn missing(&self, records: &[&JobRecordFull]) -> Result<Vec<Vec<&'static str>>, String> {
+            *self.looks.borrow_mut() += 1;
+            let shown = *self.looks.borrow() >= self.shows_at;
+            Ok(records
+                .iter()
+                .map(|_| if shown { vec![] } else { vec!["energy_j"] })
+                .collect())
+        }
+        fn send_fields(&self, items: &[(&JobRecordFull, &[&'static str])]) -> SendOutcome {
+            *self.resent.borrow_mut() += items.len();
+            SendOutcome::Delivered
+        }
+    }
+
+    fn records(n: u32) -> Vec<JobRecordFull> {
+        (1..=n)
+            .map(|j| {
+                crate::collect::combine(&[ergon_protocol::testing::ManifestBuilder::new(
+                    "c", j, "n1",
+                )
+                .build()])
+            })
+            .collect()
+    }
+
+    /// Records a server shows only a moment after it stored them are found by looking again,
+    /// not sent a second time (which would store them twice); records that stay missing are.
+    #[test]
+    fn a_record_the_server_shows_late_is_looked_for_again_not_sent_twice() {
+        let owned = records(3);
+        let recs: Vec<&JobRecordFull> = owned.iter().collect();
+        for (shows_at, resent, waits) in [(3, 0, 2), (u32::MAX, 3 * REPAIR_ROUNDS as usize, 3)] {
+            let late = Late {
+                looks: RefCell::new(0),
+                shows_at,
+                resent: RefCell::new(0),
+            };
+            let mut slept = Vec::new();
+            let found = verify_and_repair(&late, &late, &recs, &retry(), &mut |d| {
+                slept.push(d);
+                true
+            });
+            assert_eq!(*late.resent.borrow(), resent, "shows at look {shows_at}");
+            assert_eq!(slept, LOOK_AGAIN[..waits].to_vec());
+            if resent == 0 {
+                assert_eq!(found.present, vec![0, 1, 2]);
+                assert!(found.missing.is_empty() && found.error.is_none());
+            } else {
+                assert_eq!(found.missing, vec![0, 1, 2]);
+                assert!(found.error.is_some());
+            }
         }
     }
 

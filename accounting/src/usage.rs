@@ -204,25 +204,34 @@ impl Usage {
     }
 
     /// Add `records` to their groups' counters (idempotently, see the module docs) and return
-    /// the changed groups' counters as line protocol, stamped now.
+    /// the counters of every group `records` are in, as they now stand, as line protocol
+    /// stamped now: the changed groups, and also those whose counters held the records already
+    /// (an earlier run may have added them and then failed to send). One transaction, one
+    /// durable commit.
     pub fn add(&self, records: &[&JobRecordFull]) -> Result<String, String> {
         self.with(|conn, last| {
             let at = now_ms().max(*last + 1);
             *last = at;
             let tx = conn.transaction()?;
-            let mut changed: BTreeMap<Group, [f64; N]> = BTreeMap::new();
-            for r in records {
-                let group = Group::of(r);
-                let new = contribution(r);
-                let old: Option<(i64, [f64; N], Group)> = tx
-                    .query_row(
-                        &format!(
-                            "SELECT nodes, {}, `partition`, account, `user`
-                             FROM jobs WHERE cluster = ?1 AND job_id = ?2",
-                            cols("c")
-                        ),
-                        params![r.cluster, r.job_id],
-                        |row| {
+            let mut touched: BTreeMap<Group, [f64; N]> = BTreeMap::new();
+            {
+                let mut find = tx.prepare_cached(&format!(
+                    "SELECT nodes, {}, `partition`, account, `user`
+                     FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+                    cols("c")
+                ))?;
+                let mut put = tx.prepare_cached(&format!(
+                    "INSERT OR REPLACE INTO jobs (cluster, job_id, `partition`, account,
+                        `user`, nodes, {}, at_ms, {}) VALUES ({})",
+                    cols("c"),
+                    cols("a"),
+                    marks(1, 6 + 1 + 2 * N)
+                ))?;
+                for r in records {
+                    let group = Group::of(r);
+                    let new = contribution(r);
+                    let old: Option<(i64, [f64; N], Group)> = find
+                        .query_row(params![r.cluster, r.job_id], |row| {
                             Ok((
                                 row.get(0)?,
                                 reals(row, 1)?,
@@ -233,125 +242,102 @@ impl Usage {
                                     user: row.get(N + 3)?,
                                 },
                             ))
-                        },
-                    )
-                    .optional()?;
-                if old
-                    .as_ref()
-                    .is_some_and(|(nodes, _, _)| (r.nodes.len() as i64) < *nodes)
-                {
-                    // An older record of the job: what it holds is in already.
-                    continue;
-                }
-                if let Some((_, was, g)) = &old {
-                    if *was == new && *g == group {
-                        continue;
+                        })
+                        .optional()?;
+                    if let Some((nodes, was, g)) = &old {
+                        // An older record of the job (what it holds is in already), or the
+                        // same contribution to the same group: nothing to add.
+                        if (r.nodes.len() as i64) < *nodes || (*was == new && *g == group) {
+                            touched.entry(g.clone()).or_default();
+                            continue;
+                        }
+                        // Take the old contribution out (of its group, should the job have
+                        // moved).
+                        add_to(&tx, g, &was.map(|v| -v))?;
+                        touched.entry(g.clone()).or_default();
                     }
-                    // Take the old contribution out (of its group, should the job have moved).
-                    add_to(&tx, g, &was.map(|v| -v))?;
-                    changed.insert(g.clone(), [0.0; N]);
+                    let after = add_to(&tx, &group, &new)?;
+                    touched.entry(group.clone()).or_default();
+                    let mut values: Vec<rusqlite::types::Value> = vec![
+                        r.cluster.clone().into(),
+                        i64::from(r.job_id).into(),
+                        group.partition.clone().into(),
+                        group.account.clone().into(),
+                        group.user.clone().into(),
+                        (r.nodes.len() as i64).into(),
+                    ];
+                    values.extend(new.iter().map(|v| (*v).into()));
+                    values.push(at.into());
+                    values.extend(after.iter().map(|v| (*v).into()));
+                    put.execute(rusqlite::params_from_iter(values))?;
                 }
-                let after = add_to(&tx, &group, &new)?;
-                changed.insert(group.clone(), [0.0; N]);
-                let mut values: Vec<rusqlite::types::Value> = vec![
-                    r.cluster.clone().into(),
-                    i64::from(r.job_id).into(),
-                    group.partition.clone().into(),
-                    group.account.clone().into(),
-                    group.user.clone().into(),
-                    (r.nodes.len() as i64).into(),
-                ];
-                values.extend(new.iter().map(|v| (*v).into()));
-                values.push(at.into());
-                values.extend(after.iter().map(|v| (*v).into()));
-                let marks = (1..=values.len())
-                    .map(|i| format!("?{i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                tx.execute(
-                    &format!(
-                        "INSERT OR REPLACE INTO jobs (cluster, job_id, `partition`, account,
-                            `user`, nodes, {}, at_ms, {}) VALUES ({marks})",
-                        cols("c"),
-                        cols("a")
-                    ),
-                    rusqlite::params_from_iter(values),
-                )?;
             }
-            for (group, totals) in changed.iter_mut() {
+            for (group, totals) in touched.iter_mut() {
                 *totals = read_totals(&tx, group)?.unwrap_or([0.0; N]);
             }
             tx.commit()?;
-            Ok(lines(&changed, at))
+            Ok(lines(&touched, at))
         })
     }
 
-    /// Where each record stands in the counters (`None`: not added yet).
+    /// Where each record stands in the counters (`None`: not added yet). One read
+    /// transaction.
     pub fn included(&self, records: &[&JobRecordFull]) -> Result<Vec<Option<Included>>, String> {
         self.with(|conn, _| {
-            let mut stmt = conn.prepare_cached(&format!(
-                "SELECT `partition`, account, `user`, at_ms, {}
-                 FROM jobs WHERE cluster = ?1 AND job_id = ?2",
-                cols("a")
-            ))?;
-            records
-                .iter()
-                .map(|r| {
-                    stmt.query_row(params![r.cluster, r.job_id], |row| {
-                        Ok(Included {
-                            group: Group {
-                                cluster: r.cluster.clone(),
-                                partition: row.get(0)?,
-                                account: row.get(1)?,
-                                user: row.get(2)?,
-                            },
-                            at_ms: row.get(3)?,
-                            after: reals(row, 4)?,
+            let tx = conn.transaction()?;
+            let out = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT `partition`, account, `user`, at_ms, {}
+                     FROM jobs WHERE cluster = ?1 AND job_id = ?2",
+                    cols("a")
+                ))?;
+                records
+                    .iter()
+                    .map(|r| {
+                        stmt.query_row(params![r.cluster, r.job_id], |row| {
+                            Ok(Included {
+                                group: Group {
+                                    cluster: r.cluster.clone(),
+                                    partition: row.get(0)?,
+                                    account: row.get(1)?,
+                                    user: row.get(2)?,
+                                },
+                                at_ms: row.get(3)?,
+                                after: reals(row, 4)?,
+                            })
                         })
+                        .optional()
                     })
-                    .optional()
-                })
-                .collect()
-        })
-    }
-
-    /// The counters of `records`' groups as they stand, as line protocol stamped now (to send
-    /// again what a verification found missing).
-    pub fn current(&self, records: &[&JobRecordFull]) -> Result<String, String> {
-        let included = self.included(records)?;
-        self.with(|conn, last| {
-            let at = now_ms().max(*last + 1);
-            *last = at;
-            let mut groups: BTreeMap<Group, [f64; N]> = BTreeMap::new();
-            for inc in included.into_iter().flatten() {
-                if let Some(t) = read_totals(conn, &inc.group)? {
-                    groups.insert(inc.group, t);
-                }
-            }
-            Ok(lines(&groups, at))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            tx.commit()?;
+            Ok(out)
         })
     }
 }
 
+/// `?first, ?first+1, …` (`count` placeholders).
+fn marks(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn read_totals(conn: &Connection, g: &Group) -> rusqlite::Result<Option<[f64; N]>> {
-    conn.query_row(
-        &format!(
-            "SELECT {} FROM totals
-             WHERE cluster = ?1 AND `partition` = ?2 AND account = ?3 AND `user` = ?4",
-            cols("c")
-        ),
-        params![g.cluster, g.partition, g.account, g.user],
-        |row| reals(row, 0),
-    )
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM totals
+         WHERE cluster = ?1 AND `partition` = ?2 AND account = ?3 AND `user` = ?4",
+        cols("c")
+    ))?
+    .query_row(params![g.cluster, g.partition, g.account, g.user], |row| {
+        reals(row, 0)
+    })
     .optional()
 }
 
 /// Add `delta` to `g`'s counters; their new values.
 fn add_to(conn: &Connection, g: &Group, delta: &[f64; N]) -> rusqlite::Result<[f64; N]> {
-    let marks = (5..5 + N)
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ");
     let sets = (0..N)
         .map(|i| format!("c{i} = c{i} + excluded.c{i}"))
         .collect::<Vec<_>>()
@@ -363,15 +349,14 @@ fn add_to(conn: &Connection, g: &Group, delta: &[f64; N]) -> rusqlite::Result<[f
         g.user.clone().into(),
     ];
     values.extend(delta.iter().map(|v| (*v).into()));
-    conn.execute(
-        &format!(
-            "INSERT INTO totals (cluster, `partition`, account, `user`, {})
-             VALUES (?1, ?2, ?3, ?4, {marks})
-             ON CONFLICT (cluster, `partition`, account, `user`) DO UPDATE SET {sets}",
-            cols("c")
-        ),
-        rusqlite::params_from_iter(values),
-    )?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO totals (cluster, `partition`, account, `user`, {})
+         VALUES (?1, ?2, ?3, ?4, {})
+         ON CONFLICT (cluster, `partition`, account, `user`) DO UPDATE SET {sets}",
+        cols("c"),
+        marks(5, N)
+    ))?
+    .execute(rusqlite::params_from_iter(values))?;
     Ok(read_totals(conn, g)?.unwrap_or([0.0; N]))
 }
 
@@ -450,10 +435,21 @@ mod tests {
             text.starts_with("ergon_usage,cluster=c,partition=gpu,account=phys,user=alice energy_joules_total=110,gpu_energy_joules_total=100,cpu_energy_joules_total=10,dram_energy_joules_total=0,gpu_hours_total=1,jobs_total=1,co2e_grams_total=0,cost_total=0 "),
             "{text}"
         );
-        assert_eq!(u.add(&[&one]).unwrap(), "", "nothing changed");
+        // Added again: nothing changes, and the group's counters come back as they stand (to
+        // be sent again: an earlier run may have added the job and then failed to send).
+        let again = u.add(&[&one]).unwrap();
+        assert!(
+            again.contains(" energy_joules_total=110,") && again.contains(",jobs_total=1,"),
+            "{again}"
+        );
+        assert_eq!(again.lines().count(), 1, "{again}");
         u.add(&[&both]).unwrap();
         // An older record of the job arriving late changes nothing.
-        assert_eq!(u.add(&[&one]).unwrap(), "");
+        let late = u.add(&[&one]).unwrap();
+        assert!(
+            late.contains(" energy_joules_total=170,") && late.contains(",jobs_total=1,"),
+            "{late}"
+        );
         u.add(&[&other]).unwrap();
         assert_eq!(
             totals(&u, "alice"),
