@@ -94,6 +94,9 @@ pub struct CostConfig {
     pub tariff: Option<Vec<TariffWindow>>,
     /// The tariff's clock: a fixed offset from UTC, `"+01:00"`; default `"+00:00"`.
     pub tariff_utc_offset: Option<String>,
+    /// The tariff's clock: a time zone by its IANA name, `"Europe/Paris"`, whose daylight
+    /// saving time the windows follow (instead of `tariff_utc_offset`).
+    pub tariff_timezone: Option<String>,
     /// Where the price comes from, in words.
     pub price_source: Option<String>,
     /// Whether the cost is of the facility's energy (IT energy × PUE, the default) or of the IT
@@ -226,6 +229,35 @@ impl CarbonConfig {
 }
 
 impl CostConfig {
+    /// The tariff's clock and how to name it (`UTC+01:00`, `Europe/Paris`), or the key that is
+    /// wrong and why.
+    fn tariff_clock(&self) -> Result<(jiff::tz::TimeZone, String), (&'static str, String)> {
+        match (&self.tariff_utc_offset, &self.tariff_timezone) {
+            (Some(_), Some(_)) => Err((
+                "tariff_timezone",
+                "give one of tariff_utc_offset and tariff_timezone".into(),
+            )),
+            (_, Some(name)) => jiff::tz::TimeZone::get(name)
+                .map(|tz| (tz, name.clone()))
+                .map_err(|e| {
+                    (
+                        "tariff_timezone",
+                        format!(
+                            "{name:?} is not a time zone this host knows ({e}); use an IANA name \
+                             such as \"Europe/Paris\" (Debian: the tzdata package)"
+                        ),
+                    )
+                }),
+            (offset, None) => {
+                let off = offset.as_deref().unwrap_or("+00:00");
+                let secs = parse_offset(off).map_err(|m| ("tariff_utc_offset", m))?;
+                let offset = jiff::tz::Offset::from_seconds(secs as i32)
+                    .map_err(|e| ("tariff_utc_offset", e.to_string()))?;
+                Ok((jiff::tz::TimeZone::fixed(offset), format!("UTC{off}")))
+            }
+        }
+    }
+
     fn price_set(&self) -> bool {
         self.price_per_kwh.is_some()
             || self.price_file.is_some()
@@ -273,10 +305,11 @@ impl CostConfig {
         if let Some(url) = &self.price_url {
             check_url(&format!("{prefix}price_url"), url)?;
         }
-        let offset = parse_offset(self.tariff_utc_offset.as_deref().unwrap_or("+00:00"))
-            .map_err(|m| bad(&format!("{prefix}tariff_utc_offset"), m))?;
+        let (clock, _) = self
+            .tariff_clock()
+            .map_err(|(key, m)| bad(&format!("{prefix}{key}"), m))?;
         if let Some(t) = &self.tariff {
-            Tariff::new(t, offset).map_err(|m| bad(&format!("{prefix}tariff"), m))?;
+            Tariff::new(t, clock).map_err(|m| bad(&format!("{prefix}tariff"), m))?;
         }
         if depth >= 2 && !(self.partitions.is_empty() && self.clusters.is_empty()) {
             return Err(bad(
@@ -367,13 +400,14 @@ impl Series {
     }
 }
 
-/// Prices per time-of-day window, in a fixed-offset clock.
+/// Prices per time-of-day window, in a clock: a fixed offset from UTC or a time zone with its
+/// daylight saving time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tariff {
     /// `(from, to, price)` in seconds of the day, `from < to` (wrapping windows are split).
     windows: Vec<(u64, u64, f64)>,
-    /// The clock's offset from UTC, seconds.
-    offset_s: i64,
+    /// The windows' clock.
+    clock: jiff::tz::TimeZone,
 }
 
 fn parse_hhmm(s: &str) -> Result<u64, String> {
@@ -406,7 +440,7 @@ fn parse_offset(s: &str) -> Result<i64, String> {
 
 impl Tariff {
     /// A tariff from its windows; overlapping windows are refused.
-    pub fn new(windows: &[TariffWindow], offset_s: i64) -> Result<Tariff, String> {
+    pub fn new(windows: &[TariffWindow], clock: jiff::tz::TimeZone) -> Result<Tariff, String> {
         if windows.is_empty() {
             return Err("a tariff needs at least one window".into());
         }
@@ -440,15 +474,18 @@ impl Tariff {
         }
         Ok(Tariff {
             windows: out,
-            offset_s,
+            clock,
         })
     }
 
+    /// The price at `t` (ns since the epoch) and the next instant it may change: the next
+    /// window edge in the tariff's clock (across a daylight saving change too).
     fn at(&self, t: u64) -> (Option<f64>, u64) {
-        let local = t as i64 / 1_000_000_000 + self.offset_s;
-        let sod = local.rem_euclid(86_400) as u64;
-        // The start of this (local) second's day, in UTC ns.
-        let day_start_ns = t - (t % 1_000_000_000) - sod * 1_000_000_000;
+        let Ok(now) = jiff::Timestamp::from_nanosecond(i128::from(t)) else {
+            return (None, u64::MAX);
+        };
+        let local = now.to_zoned_datetime(self.clock.clone());
+        let sod = local.hour() as u64 * 3600 + local.minute() as u64 * 60 + local.second() as u64;
         let mut value = None;
         let mut next = 86_400;
         for &(a, b, p) in &self.windows {
@@ -459,7 +496,44 @@ impl Tariff {
                 next = next.min(a);
             }
         }
-        (value, day_start_ns + next * 1_000_000_000)
+        // The next edge as an instant. A local time the clock skips (spring forward) is taken
+        // as the instant just after the gap, one it passes twice (fall back) at its first
+        // passage, or at its second when the first is not after `t`.
+        let edge = if next >= 86_400 {
+            local
+                .date()
+                .tomorrow()
+                .ok()
+                .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+        } else {
+            Some(
+                local
+                    .date()
+                    .at((next / 3600) as i8, (next % 3600 / 60) as i8, 0, 0),
+            )
+        };
+        let after = |z: Result<jiff::Timestamp, jiff::Error>| {
+            z.ok()
+                .map(|z| z.as_nanosecond())
+                .filter(|&ns| ns > i128::from(t))
+                .and_then(|ns| u64::try_from(ns).ok())
+        };
+        let next_ns = edge.and_then(|dt| {
+            let ambiguous = self.clock.to_ambiguous_timestamp(dt);
+            after(ambiguous.compatible()).or_else(|| after(ambiguous.later()))
+        });
+        // The clock's own next change (daylight saving) also moves the local time of day.
+        let change = self
+            .clock
+            .following(now)
+            .next()
+            .and_then(|c| after(Ok(c.timestamp())));
+        let next_ns = match (next_ns, change) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Never stuck: at worst, look again a second later.
+        (value, next_ns.unwrap_or(t.saturating_add(1_000_000_000)))
     }
 }
 
@@ -965,13 +1039,15 @@ impl Factors {
             let l = lv.iter().find(|l| l.price_set())?;
             let mut price = match &l.tariff {
                 Some(t) => {
-                    let off = l.tariff_utc_offset.as_deref().unwrap_or("+00:00");
-                    let tariff = Tariff::new(t, parse_offset(off).unwrap_or(0));
+                    let tariff = l
+                        .tariff_clock()
+                        .map_err(|(_, e)| e)
+                        .and_then(|(clock, name)| Ok((Tariff::new(t, clock)?, name)));
                     match tariff {
-                        Ok(t2) => Factor {
+                        Ok((t2, clock)) => Factor {
                             values: Values::Tariff(t2),
                             origin: format!(
-                                "tariff {} UTC{off}",
+                                "tariff {} {clock}",
                                 t.iter()
                                     .map(|w| format!("{}-{} {}", w.from, w.to, w.price_per_kwh))
                                     .collect::<Vec<_>>()
@@ -1438,6 +1514,90 @@ mod tests {
         other.cluster = "other".into();
         let c = f.footprint(&other, &m).carbon.unwrap();
         assert!((c.operational_g - 10.0).abs() < 1e-9);
+    }
+
+    /// A job drawing 1 kW for 2 h from `start` (Unix seconds), as one trace point (so that
+    /// only the tariff splits it).
+    fn kw_job(start: u64) -> (JobRecordFull, Vec<Manifest>) {
+        let m = vec![ManifestBuilder::new("c", 1, "n1")
+            .span(ns(start), ns(start + 2 * H))
+            .partition("gpu")
+            .gpu(Some(7.2e6))
+            .trace(7_200_000, [("gpu0", vec![1000.0f32])])
+            .build()];
+        (combine(&m), m)
+    }
+
+    fn amount(f: &Factors, (r, m): (JobRecordFull, Vec<Manifest>)) -> f64 {
+        let c = f.footprint(&r, &m).cost.unwrap();
+        assert_eq!(c.missing_energy_fraction, 0.0, "{c:?}");
+        c.amount
+    }
+
+    #[test]
+    fn a_tariff_in_a_time_zone_follows_its_daylight_saving_time() {
+        let day_night = "include_pue = false
+             tariff = [{ from = \"07:00\", to = \"22:00\", price_per_kwh = 0.30 },
+                       { from = \"22:00\", to = \"07:00\", price_per_kwh = 0.10 }]";
+        let paris = cost(&format!("tariff_timezone = \"Europe/Paris\"\n{day_night}"));
+        let fixed = cost(&format!("tariff_utc_offset = \"+01:00\"\n{day_night}"));
+        // 2026-01-15 05:00-07:00 UTC = 06:00-08:00 in Paris (UTC+1): 1 kWh at 0.10, 1 at 0.30.
+        let january = 1_768_453_200;
+        assert!((amount(&paris, kw_job(january)) - 0.40).abs() < 1e-9);
+        assert!((amount(&fixed, kw_job(january)) - 0.40).abs() < 1e-9);
+        // 2026-07-15 05:00-07:00 UTC = 07:00-09:00 in Paris (UTC+2): 2 kWh at 0.30; a fixed
+        // +01:00 clock would charge 06:00-08:00 instead.
+        let july = 1_784_091_600;
+        assert!((amount(&paris, kw_job(july)) - 0.60).abs() < 1e-9);
+        assert!((amount(&fixed, kw_job(july)) - 0.40).abs() < 1e-9);
+
+        // Spring forward, 2026-03-29: 02:00 CET becomes 03:00 CEST at 01:00 UTC. Windows
+        // 00:00-03:00 at 0.10, then 0.30; the job 00:00-02:00 UTC is 01:00-02:00 CET (0.10),
+        // then 03:00-04:00 CEST (0.30).
+        let edge_at = |hhmm: &str| {
+            cost(&format!(
+                "include_pue = false
+                 tariff_timezone = \"Europe/Paris\"
+                 tariff = [{{ from = \"00:00\", to = \"{hhmm}\", price_per_kwh = 0.10 }},
+                           {{ from = \"{hhmm}\", to = \"24:00\", price_per_kwh = 0.30 }}]"
+            ))
+        };
+        let spring = 1_774_742_400; // 2026-03-29T00:00:00Z
+        assert!((amount(&edge_at("03:00"), kw_job(spring)) - 0.40).abs() < 1e-9);
+        // Fall back, 2026-10-25: 03:00 CEST becomes 02:00 CET at 01:00 UTC, so 02:30 comes
+        // twice. Windows 00:00-02:30 at 0.10, then 0.30; the job 00:00-02:00 UTC: 02:00-02:30
+        // CEST at 0.10, 02:30-03:00 CEST at 0.30, 02:00-02:30 CET at 0.10, 02:30-03:00 CET at
+        // 0.30: 0.5 kWh each.
+        let autumn = 1_792_886_400; // 2026-10-25T00:00:00Z
+        assert!((amount(&edge_at("02:30"), kw_job(autumn)) - 0.40).abs() < 1e-9);
+        let f = edge_at("02:30");
+        let (r, m) = kw_job(autumn);
+        let c = f.footprint(&r, &m).cost.unwrap();
+        assert!(
+            c.price.origin.ends_with(" Europe/Paris"),
+            "{:?}",
+            c.price.origin
+        );
+    }
+
+    #[test]
+    fn a_tariff_clock_is_one_of_an_offset_and_a_known_time_zone() {
+        let windows = "tariff = [{ from = \"00:00\", to = \"24:00\", price_per_kwh = 0.1 }]";
+        for (clock, key) in [
+            (
+                "tariff_utc_offset = \"+01:00\"\ntariff_timezone = \"Europe/Paris\"",
+                "cost.tariff_timezone",
+            ),
+            (
+                "tariff_timezone = \"Mars/Olympus_Mons\"",
+                "cost.tariff_timezone",
+            ),
+            ("tariff_utc_offset = \"1h\"", "cost.tariff_utc_offset"),
+        ] {
+            let c: CostConfig = toml::from_str(&format!("{clock}\n{windows}")).unwrap();
+            let (k, m) = c.validate("cost.", 0).unwrap_err();
+            assert_eq!(k, key, "{clock}: {m}");
+        }
     }
 
     #[test]
