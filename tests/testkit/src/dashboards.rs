@@ -67,6 +67,8 @@ pub enum Variable {
         metric: String,
         /// The label.
         label: String,
+        /// What "All" stands for (`allValue`), when the variable offers it.
+        all_value: Option<String>,
     },
     /// An interval or custom variable: its current value.
     Fixed {
@@ -317,6 +319,8 @@ impl Dashboard {
                         name,
                         metric: metric.trim().to_string(),
                         label: label.trim().to_string(),
+                        all_value: (v["includeAll"] == true)
+                            .then(|| v["allValue"].as_str().unwrap_or("").to_string()),
                     }
                 }
                 "interval" | "custom" | "constant" => Variable::Fixed {
@@ -596,7 +600,8 @@ pub fn await_some<T>(what: &str, deadline: Instant, mut cond: impl FnMut() -> Op
 /// ergond's `/metrics`, or the series the uploads made).
 ///
 /// Variables: a `label_values(metric, label)` variable's metric must be exported too and its
-/// values non-empty; its value is `chosen[name]` (which must be among them) or else the first.
+/// values non-empty; its value is `chosen[name]` (which must be among them, or be the
+/// variable's "All" value) or else the first.
 /// Interval and custom variables take their current value; Grafana's globals [`GLOBALS`].
 /// Returns the expressions evaluated, substituted.
 pub fn evaluate(
@@ -618,6 +623,7 @@ pub fn evaluate(
                 name,
                 metric,
                 label,
+                all_value,
             } => {
                 let used = metric_names(&metric);
                 assert!(
@@ -637,7 +643,8 @@ pub fn evaluate(
                 let value = match chosen.get(name.as_str()) {
                     Some(want) => {
                         assert!(
-                            offered.iter().any(|o| o == want),
+                            offered.iter().any(|o| o == want)
+                                || all_value.as_deref() == Some(*want),
                             "dashboards/{file}: variable {name} offers {offered:?}, not {want:?}"
                         );
                         want.to_string()
