@@ -149,7 +149,11 @@ fn every_ergond_dashboard_panel_returns_data_from_prometheus_scraping_ergond() {
     let instance = metrics.to_string();
     let chosen = BTreeMap::from([("instance", instance.as_str()), ("job_id", "42")]);
     for d in &boards {
-        let exprs = dashboards::evaluate(d, Api { addr: prom }, &chosen, &exported, deadline);
+        let exprs: Vec<String> =
+            dashboards::evaluate(d, Api { addr: prom }, &chosen, &exported, deadline)
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect();
         println!("dashboards/{}: {} queries return data", d.file, exprs.len());
         for e in &exprs {
             println!("  {e}");

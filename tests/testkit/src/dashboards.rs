@@ -603,14 +603,14 @@ pub fn await_some<T>(what: &str, deadline: Instant, mut cond: impl FnMut() -> Op
 /// values non-empty; its value is `chosen[name]` (which must be among them, or be the
 /// variable's "All" value) or else the first.
 /// Interval and custom variables take their current value; Grafana's globals [`GLOBALS`].
-/// Returns the expressions evaluated, substituted.
+/// Returns every target with its expression as evaluated (substituted).
 pub fn evaluate(
     d: &Dashboard,
     api: Api,
     chosen: &BTreeMap<&str, &str>,
     exported: &BTreeSet<String>,
     deadline: Instant,
-) -> Vec<String> {
+) -> Vec<(Target, String)> {
     let file = &d.file;
     let mut values = BTreeMap::new();
     for v in d.variables().unwrap() {
@@ -683,7 +683,7 @@ pub fn evaluate(
         );
         pending.push((t, expr));
     }
-    let all: Vec<String> = pending.iter().map(|(_, e)| e.clone()).collect();
+    let all = pending.clone();
     loop {
         let mut refusals = Vec::new();
         pending.retain(|(t, expr)| match api.eval(expr, t.instant) {
