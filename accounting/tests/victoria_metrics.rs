@@ -6,82 +6,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::victoria::*;
 use common::*;
-use nix::sys::signal::Signal;
-
-/// Send `signal` to `child`, a child this test started and has not reaped.
-fn signal(child: &Child, signal: Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-}
-
-const VM: &str = "/usr/bin/victoria-metrics";
-
-struct Vm {
-    child: Child,
-    port: u16,
-}
 
 impl Vm {
-    fn start(port: u16, data: &Path) -> Vm {
-        Vm::start_with(port, data, &[])
-    }
-
-    /// [`Vm::start`] with more command-line flags.
-    fn start_with(port: u16, data: &Path, flags: &[&str]) -> Vm {
-        let child = Command::new(VM)
-            .args(flags)
-            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg(format!("-storageDataPath={}", data.display()))
-            .arg("-loggerLevel=ERROR")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("victoria-metrics is installed (scripts/slurm-cluster installs it)");
-        let mut vm = Vm { child, port };
-        // Healthy, and ours: another process (another test's VictoriaMetrics, which may have
-        // been given the port while ours was down) would answer /health too.
-        let ours = format!("-storageDataPath=\"{}\"", data.display());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = vm.child.try_wait() {
-                panic!("victoria-metrics on port {port} exited at start ({status}): is the port taken?");
-            }
-            if get(&format!("http://127.0.0.1:{port}/flags")).is_some_and(|f| f.contains(&ours)) {
-                return vm;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("victoria-metrics did not become healthy on port {port}");
-    }
-
-    /// Graceful stop (SIGTERM): in-flight requests finish, data is flushed.
-    fn stop(mut self) {
-        signal(&self.child, Signal::SIGTERM);
-        self.child.wait().unwrap();
-    }
-
-    /// SIGSTOP (`stop = true`) or SIGCONT: a stopped VictoriaMetrics accepts connections and
-    /// never answers, like a hung server.
-    fn pause(&self, stop: bool) {
-        signal(
-            &self.child,
-            if stop {
-                Signal::SIGSTOP
-            } else {
-                Signal::SIGCONT
-            },
-        );
-    }
-
-    /// SIGKILL: whatever VictoriaMetrics holds only in memory is lost.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
     /// Samples per job id of `ergon_job_energy_j`.
     fn samples_per_job(&self) -> BTreeMap<String, usize> {
         self.samples_per_job_of("ergon_job_energy_j")
@@ -108,24 +39,12 @@ impl Vm {
     }
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The tests here run one at a time: a test that restarts its VictoriaMetrics leaves its port
 /// free meanwhile, and `free_port` in a test running beside it could be given that port.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn get(url: &str) -> Option<String> {
-    let r = reqwest::blocking::get(url).ok()?;
-    r.status().is_success().then(|| r.text().unwrap())
 }
 
 #[test]

@@ -325,6 +325,9 @@ fn rpm_lists_the_files_and_scripts() {
         "/usr/lib/tmpfiles.d/ergon.conf",
         "/etc/ergon/ergond.toml",
         "/usr/share/man/man8/ergond.8",
+        "/usr/share/doc/ergon/dashboards/node.json",
+        "/usr/share/doc/ergon/dashboards/job.json",
+        "/usr/share/doc/ergon/dashboards/site.json",
     ] {
         assert!(
             files.lines().any(|l| l == f),

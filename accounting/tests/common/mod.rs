@@ -2,6 +2,8 @@
 //! HTTPS ingest server.
 #![allow(dead_code)]
 
+pub mod victoria;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;

@@ -5,6 +5,8 @@
 #[path = "../../../tests/fake-nvml/src/profile.rs"]
 pub mod profile;
 
+pub mod prometheus;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 

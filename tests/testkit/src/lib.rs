@@ -6,11 +6,13 @@
 //!   and for the demo's RAPL simulator;
 //! - [`needs_root`]: the one way a test that needs root skips when it is not, visibly
 //!   ([`skipped`] for other missing prerequisites);
-//! - [`Tmpfs`]: a small filesystem to fill up or remount read-only (root only).
+//! - [`Tmpfs`]: a small filesystem to fill up or remount read-only (root only);
+//! - [`dashboards`]: the shipped Grafana dashboards, checked and evaluated against real backends.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod dashboards;
 pub mod hw;
 
 pub use hw::*;
