@@ -29,6 +29,7 @@ const HEADINGS: &[&str] = &[
     "==> sacct -X -j ",
     "==> ergon jobs (from the job-records database)",
     "==> ergon report ",
+    "==> ergon summary --by user (energy, CO2e and cost; demo factors)",
     "==> Power plot",
     "==> ergond /metrics (a few lines)",
     "==> Where everything is",
@@ -230,6 +231,25 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
     assert!(
         report.contains("gpu0") || report.contains("gpu1"),
         "{report}"
+    );
+    // CO2e and cost over the job's power trace, with the demo's factors named.
+    assert!(
+        report.contains("co2e ") && report.contains("250 gCO2e/kWh"),
+        "ergon report shows no CO2e with the demo's intensity:\n{report}"
+    );
+    assert!(
+        report.contains("EUR") && report.contains("Europe/Paris"),
+        "ergon report shows no cost with the demo's tariff:\n{report}"
+    );
+    // ergon summary: the user's row has energy, CO2e and cost.
+    let summary = section(
+        &stdout,
+        "==> ergon summary --by user (energy, CO2e and cost; demo factors)",
+    )
+    .join("\n");
+    assert!(
+        summary.contains("CO2E") && summary.contains("COST") && summary.contains("EUR"),
+        "ergon summary shows no CO2e and cost:\n{summary}"
     );
 
     // The plot: a PNG file, whose path is printed.
