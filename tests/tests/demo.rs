@@ -23,6 +23,7 @@ const HEADINGS: &[&str] = &[
     "==> Hardware",
     "==> Slurm cluster",
     "==> ergond",
+    "==> Prometheus (scraping ergond, for the dashboards)",
     "==> Jobs",
     "==> The user's report (job ",
     "==> ergon run (manifests -> sacct AdminComment and the job-records database)",
@@ -32,6 +33,7 @@ const HEADINGS: &[&str] = &[
     "==> ergon summary --by user (energy, CO2e and cost; demo factors)",
     "==> Power plot",
     "==> ergond /metrics (a few lines)",
+    "==> Dashboards (dashboards/*.json; queries answered by the demo's Prometheus)",
     "==> Where everything is",
     "==> How to stop",
 ];
@@ -252,6 +254,30 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
         "ergon summary shows no CO2e and cost:\n{summary}"
     );
 
+    // The demo's Prometheus scraped ergond while the GPU job ran: the job dashboard's query
+    // gives the job's GPU energy (its per-job series), the node dashboard's the GPUs' power.
+    let dash = section(
+        &stdout,
+        "==> Dashboards (dashboards/*.json; queries answered by the demo's Prometheus)",
+    );
+    let gpu_j: f64 = dash
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("component=gpu "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no GPU energy for job {job} from Prometheus:\n{}",
+                dash.join("\n")
+            )
+        });
+    assert!(gpu_j > 0.0, "job {job}: {gpu_j} J:\n{}", dash.join("\n"));
+    assert!(
+        dash.iter()
+            .any(|l| l.contains("dashboards/{node,job,site}.json")),
+        "{}",
+        dash.join("\n")
+    );
+
     // The plot: a PNG file, whose path is printed.
     let plot = dir.join(format!("job-{job}.png"));
     let plot_section = section(&stdout, "==> Power plot").join("\n");
@@ -296,7 +322,8 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
     println!("{all}");
     assert!(out.status.success(), "scripts/demo down failed:\n{all}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("stopped ergond and the RAPL simulator"),
+        String::from_utf8_lossy(&out.stdout)
+            .contains("stopped ergond, Prometheus and the RAPL simulator"),
         "{all}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
