@@ -74,6 +74,115 @@ pub fn percent(fraction: f64) -> String {
     format!("{:.1}%", fraction * 100.0)
 }
 
+/// A utilisation in percent, as people read it: `37 %`, `0.4 %` under 1 %.
+pub fn util_pct(pct: f64) -> String {
+    if pct < 1.0 && pct > 0.0 {
+        format!("{pct:.1} %")
+    } else {
+        format!("{pct:.0} %")
+    }
+}
+
+/// A number of bytes in binary units: `3.0 GiB`, `512 MiB`.
+pub fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+const NOT_REPORTED: &str = "not reported";
+
+/// A GPU's activity and health over a job in three lines (activity, throttling, errors), each
+/// value "not reported" where the GPU or driver does not report it.
+pub fn gpu_efficiency(e: &crate::GpuEfficiency) -> [String; 3] {
+    fn or_nr<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
+        v.map_or_else(|| NOT_REPORTED.to_owned(), f)
+    }
+    let activity = format!(
+        "average SM utilisation {}, memory used at most {}, temperature at most {}, average clocks SM {} / memory {}{}",
+        or_nr(e.sm_util_avg_pct, util_pct),
+        or_nr(e.memory_used_max_bytes, bytes),
+        or_nr(e.temperature_max_c, |c| format!("{c} °C")),
+        or_nr(e.sm_clock_avg_mhz, |c| format!("{c:.0} MHz")),
+        or_nr(e.mem_clock_avg_mhz, |c| format!("{c:.0} MHz")),
+        if e.partial {
+            format!(" (partial: sampled {} of the job)", duration(e.sampled_s))
+        } else {
+            String::new()
+        }
+    );
+    let reported = e.throttle_s.reported();
+    let throttled = if reported.is_empty() {
+        format!("throttled {NOT_REPORTED}")
+    } else {
+        let total: f64 = reported.iter().map(|(_, v)| v).sum();
+        let parts: Vec<String> = reported
+            .iter()
+            .map(|(n, v)| format!("{} {}", n.replace('_', " "), duration(*v)))
+            .collect();
+        format!("throttled {} ({})", duration(total), parts.join(", "))
+    };
+    let xids = match (&e.xid_count, &e.xids) {
+        (None, _) | (_, None) => format!("Xid {NOT_REPORTED}"),
+        (Some(0), _) => "no Xid".to_owned(),
+        (Some(n), Some(list)) => {
+            let ids: Vec<String> = list.iter().map(|x| x.xid.to_string()).collect();
+            format!("{n} Xid ({})", ids.join(", "))
+        }
+    };
+    let errors = format!(
+        "ECC {} corrected, {} uncorrected; {xids}",
+        or_nr(e.ecc_corrected, |v| v.to_string()),
+        or_nr(e.ecc_uncorrected, |v| v.to_string()),
+    );
+    [activity, throttled, errors]
+}
+
+/// What the job's idle allocated GPUs cost: one line per idle GPU (`gpu2: 1 % average SM
+/// utilisation, 412 kJ spent idle`) and a last line with their share of the job's energy;
+/// empty when no GPU sat idle. `gpus` are `(name, efficiency, energy)`.
+pub fn idle_gpus<'a>(
+    gpus: impl IntoIterator<Item = (String, &'a crate::GpuEfficiency, Option<f64>)>,
+    job_energy_j: f64,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut idle_j = 0.0;
+    let mut threshold = None;
+    for (name, e, energy) in gpus {
+        if e.idle != Some(true) {
+            continue;
+        }
+        threshold = Some(e.idle_threshold_pct);
+        idle_j += energy.unwrap_or(0.0);
+        lines.push(format!(
+            "{name}: {} average SM utilisation, {} spent idle",
+            e.sm_util_avg_pct
+                .map_or_else(|| NOT_REPORTED.to_owned(), util_pct),
+            energy.map_or_else(
+                || "energy not measured".to_owned(),
+                |j| format!("{}", self::energy(j))
+            )
+        ));
+    }
+    if let Some(t) = threshold {
+        let share = if job_energy_j > 0.0 {
+            format!(" ({})", percent(idle_j / job_energy_j))
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "{} of the job's {}{share} went to allocated GPUs that sat idle (average SM utilisation below {})",
+            energy(idle_j),
+            energy(job_energy_j),
+            util_pct(t)
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

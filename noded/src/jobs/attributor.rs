@@ -31,6 +31,7 @@ use crate::attribution::{
     SocketInterval, SocketJob, SocketShare,
 };
 use crate::counter::Support;
+use crate::gpustats::GpuJobStats;
 use crate::sources::nvml::MigLayout;
 use crate::sources::rapl::RaplDomain;
 
@@ -113,6 +114,9 @@ pub struct Member {
     /// interval over the interval's length (`/metrics`' `ergon_job_power_watts`).
     #[serde(default)]
     pub last_power_w: Option<f64>,
+    /// Per GPU it holds (by share key): its activity and health over the job so far.
+    #[serde(default)]
+    pub gpu_stats: BTreeMap<u32, GpuJobStats>,
 }
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
@@ -140,6 +144,9 @@ pub struct JobResult {
     /// See [`Member::gpu_unread_ns`].
     #[serde(default)]
     pub gpu_unread_ns: BTreeMap<u32, u64>,
+    /// See [`Member::gpu_stats`].
+    #[serde(default)]
+    pub gpu_stats: BTreeMap<u32, GpuJobStats>,
 }
 
 /// Counters of the attributor's own health, for `/metrics`.
@@ -398,6 +405,17 @@ impl Attributor {
                 tracing::warn!(error = %e, "an interval could not be attributed");
             }
         }
+        // The GPUs' statistics since the last reading, to the jobs that held them.
+        for m in self.members.values_mut() {
+            for &p in &m.gpus {
+                if let Some(Some(w)) = r.gpu_stats.get(p) {
+                    m.gpu_stats
+                        .entry(self.gpu_minors[p])
+                        .or_insert_with(|| GpuJobStats::starting(None))
+                        .add(w);
+                }
+            }
+        }
         self.move_baselines(r);
         self.last = Some(r.clone());
     }
@@ -599,9 +617,24 @@ impl Attributor {
             cpu_ns: 0,
             gpu_unread_ns: BTreeMap::new(),
             last_power_w: None,
+            gpu_stats: BTreeMap::new(),
         });
         if m.gpus.is_empty() {
             m.gpus = gpus;
+            // Its GPUs' counters as of its start reading are its baselines (for GPUs whose
+            // statistics are sampled).
+            for &p in &m.gpus {
+                let at_start = self
+                    .last
+                    .as_ref()
+                    .and_then(|r| r.gpu_stats.get(p))
+                    .and_then(Option::as_ref);
+                if let (Some(&key), Some(_)) = (self.gpu_minors.get(p), at_start) {
+                    m.gpu_stats
+                        .entry(key)
+                        .or_insert_with(|| GpuJobStats::starting(at_start));
+                }
+            }
         }
         if m.cpus.is_empty() {
             m.cpus = cpus;
@@ -709,6 +742,7 @@ impl Attributor {
             cpu_trace: m.cpu_trace,
             cpu_ns: m.cpu_ns,
             gpu_unread_ns: m.gpu_unread_ns,
+            gpu_stats: m.gpu_stats,
         })
     }
 }
@@ -772,6 +806,7 @@ mod tests {
                 (1, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
             ],
             gpu_util: vec![],
+            gpu_stats: vec![],
             across: None,
         }
     }
