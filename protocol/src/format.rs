@@ -95,28 +95,65 @@ pub fn bytes(b: u64) -> String {
 
 const NOT_REPORTED: &str = "not reported";
 
-/// A GPU's activity and health over a job in three lines (activity, throttling, errors), each
-/// value "not reported" where the GPU or driver does not report it.
-pub fn gpu_efficiency(e: &crate::GpuEfficiency) -> [String; 3] {
-    fn or_nr<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
-        v.map_or_else(|| NOT_REPORTED.to_owned(), f)
+/// A threshold in percent: `5 %`, `2.5 %`.
+fn threshold_pct(pct: f64) -> String {
+    if pct.fract() == 0.0 {
+        format!("{pct:.0} %")
+    } else {
+        format!("{pct} %")
     }
-    let activity = format!(
-        "average SM utilisation {}, memory used at most {}, temperature at most {}, average clocks SM {} / memory {}{}",
-        or_nr(e.sm_util_avg_pct, util_pct),
-        or_nr(e.memory_used_max_bytes, bytes),
-        or_nr(e.temperature_max_c, |c| format!("{c} °C")),
-        or_nr(e.sm_clock_avg_mhz, |c| format!("{c:.0} MHz")),
-        or_nr(e.mem_clock_avg_mhz, |c| format!("{c:.0} MHz")),
-        if e.partial {
-            format!(" (partial: sampled {} of the job)", duration(e.sampled_s))
-        } else {
-            String::new()
-        }
+}
+
+/// A GPU's activity and health over a job in three lines (activity, throttling, errors); what
+/// the GPU or driver does not report is named as such, never shown as 0.
+pub fn gpu_efficiency(e: &crate::GpuEfficiency) -> [String; 3] {
+    let mut shown = Vec::new();
+    let mut missing = Vec::new();
+    let mut part = |name: &'static str, v: Option<String>| match v {
+        Some(v) => shown.push(v),
+        None => missing.push(name),
+    };
+    part(
+        "SM utilisation",
+        e.sm_util_avg_pct
+            .map(|u| format!("average SM utilisation {}", util_pct(u))),
     );
+    part(
+        "memory used",
+        e.memory_used_max_bytes
+            .map(|b| format!("memory used at most {}", bytes(b))),
+    );
+    part(
+        "temperature",
+        e.temperature_max_c
+            .map(|c| format!("temperature at most {c} °C")),
+    );
+    part(
+        "SM clock",
+        e.sm_clock_avg_mhz
+            .map(|c| format!("average SM clock {c:.0} MHz")),
+    );
+    part(
+        "memory clock",
+        e.mem_clock_avg_mhz
+            .map(|c| format!("average memory clock {c:.0} MHz")),
+    );
+    let mut activity = shown.join(", ");
+    if !missing.is_empty() {
+        if !activity.is_empty() {
+            activity.push_str("; ");
+        }
+        activity.push_str(&format!("{NOT_REPORTED}: {}", missing.join(", ")));
+    }
+    if e.partial {
+        activity.push_str(&format!(
+            " (partial: sampled {} of the job)",
+            duration(e.sampled_s)
+        ));
+    }
     let reported = e.throttle_s.reported();
     let throttled = if reported.is_empty() {
-        format!("throttled {NOT_REPORTED}")
+        format!("throttling {NOT_REPORTED}")
     } else {
         let total: f64 = reported.iter().map(|(_, v)| v).sum();
         let parts: Vec<String> = reported
@@ -125,20 +162,22 @@ pub fn gpu_efficiency(e: &crate::GpuEfficiency) -> [String; 3] {
             .collect();
         format!("throttled {} ({})", duration(total), parts.join(", "))
     };
-    let xids = match (&e.xid_count, &e.xids) {
-        (None, _) | (_, None) => format!("Xid {NOT_REPORTED}"),
-        (Some(0), _) => "no Xid".to_owned(),
-        (Some(n), Some(list)) => {
-            let ids: Vec<String> = list.iter().map(|x| x.xid.to_string()).collect();
-            format!("{n} Xid ({})", ids.join(", "))
+    let ecc = match (e.ecc_corrected, e.ecc_uncorrected) {
+        (None, None) => format!("ECC errors {NOT_REPORTED}"),
+        (c, u) => {
+            let n = |v: Option<u64>| v.map_or_else(|| NOT_REPORTED.to_owned(), |v| v.to_string());
+            format!("ECC errors {} corrected, {} uncorrected", n(c), n(u))
         }
     };
-    let errors = format!(
-        "ECC {} corrected, {} uncorrected; {xids}",
-        or_nr(e.ecc_corrected, |v| v.to_string()),
-        or_nr(e.ecc_uncorrected, |v| v.to_string()),
-    );
-    [activity, throttled, errors]
+    let xids = match (&e.xid_count, &e.xids) {
+        (None, _) | (_, None) => format!("Xid events {NOT_REPORTED}"),
+        (Some(0), _) => "no Xid event".to_owned(),
+        (Some(n), Some(list)) => {
+            let ids: Vec<String> = list.iter().map(|x| x.xid.to_string()).collect();
+            format!("{n} Xid event(s): {}", ids.join(", "))
+        }
+    };
+    [activity, throttled, format!("{ecc}; {xids}")]
 }
 
 /// What the job's idle allocated GPUs cost: one line per idle GPU (`gpu2: 1 % average SM
@@ -177,7 +216,7 @@ pub fn idle_gpus<'a>(
             "{} of the job's {}{share} went to allocated GPUs that sat idle (average SM utilisation below {})",
             energy(idle_j),
             energy(job_energy_j),
-            util_pct(t)
+            threshold_pct(t)
         ));
     }
     lines

@@ -696,11 +696,12 @@ mod tests {
             "412 kJ of the job's 562 kJ (73.3%) went to allocated GPUs that sat idle \
              (average SM utilisation below 5 %)",
             "average SM utilisation 80 %, memory used at most 3.0 GiB, temperature at most 61 °C, \
-             average clocks SM 1410 MHz / memory not reported",
+             average SM clock 1410 MHz; not reported: memory clock",
             "throttled 15.5 s (power cap 12.5 s, hw thermal 3.0 s)",
-            "ECC 2 corrected, 0 uncorrected; 1 Xid (79)",
-            "average SM utilisation not reported, memory used at most not reported",
-            "Xid not reported",
+            "ECC errors 2 corrected, 0 uncorrected; 1 Xid event(s): 79",
+            "temperature at most 61 °C, average SM clock 1410 MHz; not reported: SM utilisation, \
+             memory used, memory clock",
+            "Xid events not reported",
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }
