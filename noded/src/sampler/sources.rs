@@ -52,6 +52,10 @@ impl SamplerSources {
         let gpu_stats = gpu.as_ref().filter(|g| !g.is_empty()).and_then(|g| {
             let uuids: Vec<String> = g.gpus().into_iter().map(|i| i.id.uuid).collect();
             match GpuStatsReader::open(config.nvml_library.as_deref(), &uuids) {
+                Ok(r) if r.reports_nothing() => {
+                    tracing::info!("no GPU reports activity or health statistics; jobs' GPU efficiency is not reported");
+                    None
+                }
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::warn!(error = %e, "GPU statistics unavailable; jobs' GPU efficiency is not reported");

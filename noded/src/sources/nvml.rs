@@ -720,6 +720,7 @@ struct StatsSupport {
     mem_clock: bool,
     throttle: [bool; 4],
     ecc: bool,
+    xid: bool,
 }
 
 /// The GPUs' activity and health statistics, read at the CPU-time cadence on a thread of their
@@ -807,6 +808,13 @@ impl GpuStatsReader {
                     ecc: dev
                         .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
                         .is_ok(),
+                    // Each tried in a set of its own: a failed registration frees its set.
+                    xid: driver
+                        .nvml()
+                        .create_event_set()
+                        .map_err(Into::into)
+                        .and_then(|s| register_xid(&dev, s))
+                        .is_ok(),
                 }
             })
             .collect::<Vec<_>>();
@@ -823,6 +831,11 @@ impl GpuStatsReader {
     /// Number of GPUs.
     pub fn len(&self) -> usize {
         self.support.len()
+    }
+
+    /// Whether no GPU reports any statistic or Xid event (then there is nothing to sample).
+    pub fn reports_nothing(&self) -> bool {
+        self.support.iter().all(|s| *s == StatsSupport::default())
     }
 
     /// Whether there is none.
@@ -876,44 +889,16 @@ impl GpuStatsReader {
     /// An event set with every GPU that reports Xid critical errors registered
     /// (`nvmlDeviceRegisterEvents`); the others are "not reported".
     pub fn xid_watch(&self) -> XidWatch<'_> {
-        let nvml = self.driver.nvml();
-        fn register<'n>(
-            dev: &Device<'n>,
-            set: nvml_wrapper::event::EventSet<'n>,
-        ) -> Result<nvml_wrapper::event::EventSet<'n>, nvml_wrapper::error::NvmlErrorWithSource>
-        {
-            dev.register_events(EventTypes::CRITICAL_XID_ERROR, set)
-        }
-        // Which GPUs report them: each tried in a set of its own (a failed registration frees
-        // its set), then all of those in one.
-        let mut supported: Vec<bool> = self
-            .driver
-            .devices()
-            .zip(&self.uuids)
-            .map(|(dev, uuid)| {
-                match nvml
-                    .create_event_set()
-                    .map_err(Into::into)
-                    .and_then(|s| register(&dev, s))
-                {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::info!(%uuid, error = %e, "Xid events not reported for this GPU");
-                        false
-                    }
-                }
-            })
-            .collect();
+        let mut supported: Vec<bool> = self.support.iter().map(|s| s.xid).collect();
         let mut set = supported
             .iter()
             .any(|&b| b)
-            .then(|| nvml.create_event_set().ok())
+            .then(|| self.driver.nvml().create_event_set().ok())
             .flatten();
         for (i, dev) in self.driver.devices().enumerate() {
-            if !supported[i] {
-                continue;
+            if supported[i] {
+                set = set.and_then(|s| register_xid(&dev, s).ok());
             }
-            set = set.and_then(|s| register(&dev, s).ok());
         }
         if set.is_none() {
             supported.iter_mut().for_each(|b| *b = false);
@@ -924,6 +909,14 @@ impl GpuStatsReader {
             uuids: &self.uuids,
         }
     }
+}
+
+/// Register `dev` for Xid critical errors in `set` (which NVML frees on failure).
+fn register_xid<'n>(
+    dev: &Device<'n>,
+    set: nvml_wrapper::event::EventSet<'n>,
+) -> Result<nvml_wrapper::event::EventSet<'n>, nvml_wrapper::error::NvmlErrorWithSource> {
+    dev.register_events(EventTypes::CRITICAL_XID_ERROR, set)
 }
 
 /// The Xid events of the GPUs that report them, polled without blocking.
