@@ -100,6 +100,20 @@ impl SamplerHandle {
             })
             .collect();
         s.samplers = healths.into_iter().map(finish_health).collect();
+        if let Some(part) = &self.shared.gpu_stats {
+            let p = lock(part);
+            s.gpu_stats = p
+                .iter()
+                .zip(&s.gpus)
+                .filter_map(|(g, snap)| {
+                    Some(crate::snapshot::GpuStatsSnapshot {
+                        uuid: snap.uuid.clone(),
+                        sample: g.latest?,
+                        xid_total: g.xid_supported.then_some(g.xid_total),
+                    })
+                })
+                .collect();
+        }
         s.threads = self
             .threads
             .iter()
