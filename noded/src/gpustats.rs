@@ -151,12 +151,9 @@ impl CounterDelta {
     /// A new value. A counter that went back (the driver reloaded) counts from 0 again.
     pub fn update(&mut self, v: Option<u64>) {
         let Some(v) = v else { return };
-        match self.last {
-            Some(l) => {
-                let inc = if v >= l { v - l } else { v };
-                self.total = Some(self.total.unwrap_or(0) + inc);
-            }
-            None => {}
+        if let Some(l) = self.last {
+            let inc = if v >= l { v - l } else { v };
+            self.total = Some(self.total.unwrap_or(0) + inc);
         }
         self.last = Some(v);
     }

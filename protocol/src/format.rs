@@ -200,10 +200,7 @@ pub fn idle_gpus<'a>(
             "{name}: {} average SM utilisation, {} spent idle",
             e.sm_util_avg_pct
                 .map_or_else(|| NOT_REPORTED.to_owned(), util_pct),
-            energy.map_or_else(
-                || "energy not measured".to_owned(),
-                |j| format!("{}", self::energy(j))
-            )
+            energy.map_or_else(|| "energy not measured".to_owned(), self::energy)
         ));
     }
     if let Some(t) = threshold {
