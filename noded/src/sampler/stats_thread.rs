@@ -61,9 +61,12 @@ pub(super) fn stats_thread(reader: GpuStatsReader, opts: &SamplerOptions, shared
     while ticker.wait(&shared.stop).is_some() {
         let samples: Vec<GpuStatsSample> = (0..reader.len()).map(|i| reader.sample(i)).collect();
         watch.drain(XID_CAPACITY, &mut events);
-        let now = monotonic_ns();
         let mut p = lock(part);
-        for (i, s) in samples.into_iter().enumerate() {
+        // Stamped under the lock: a reader that copied the samples before has taken a window
+        // ending before this instant, so the sample falls in the next window, never in none.
+        let now = monotonic_ns();
+        for (i, mut s) in samples.into_iter().enumerate() {
+            s.at_ns = now;
             let weight_ns = last_at[i].map_or(period, |l| {
                 s.at_ns.saturating_sub(l).min(MAX_WEIGHT_PERIODS * period)
             });
