@@ -851,6 +851,59 @@ mod tests {
         assert_eq!(a.stats().intervals, 10);
     }
 
+    /// Each GPU's statistics go to the jobs that held it in the interval, from the counters
+    /// as of the job's start reading; a GPU not sampled gets no figures; a job's figures survive
+    /// the journal (serialisation) and end in its result.
+    #[test]
+    fn gpu_statistics_go_to_the_jobs_holding_the_gpu_over_their_interval() {
+        use crate::gpustats::GpuWindow;
+        let window = |util: f64, throttle_ns: u64, xids: Vec<(u64, u64)>| GpuWindow {
+            sampled_ns: 1_000_000_000,
+            util_pct_ns: util * 1e9,
+            util_ns: 1_000_000_000,
+            throttle_ns: [Some(throttle_ns), None, None, None],
+            xids: Some(xids),
+            ..Default::default()
+        };
+        let with = |t: f64, w: Vec<Option<GpuWindow>>| Reading {
+            gpu_stats: w,
+            ..reading(t, &[])
+        };
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        // Before the job: 7 s of power-cap throttling so far, one Xid.
+        a.advance(&with(
+            0.0,
+            vec![Some(window(50.0, 7_000_000_000, vec![(1, 13)])), None],
+        ));
+        a.job_start(1, vec![0, 1], CpuSet::new());
+        a.advance(&with(
+            1.0,
+            vec![Some(window(80.0, 7_500_000_000, vec![(2, 79)])), None],
+        ));
+        let journaled: Attributor =
+            serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        let mut b = Attributor::new(&facts(), AttributionConfig::default());
+        b.restore_state(journaled);
+        b.advance(&with(
+            2.0,
+            vec![Some(window(40.0, 8_000_000_000, vec![])), None],
+        ));
+        let r = b.job_end(1).unwrap();
+        let s = &r.gpu_stats[&6];
+        assert_eq!(
+            s.util_avg_pct(),
+            Some(60.0),
+            "80 % then 40 %, not the 50 % before"
+        );
+        assert_eq!(
+            s.throttle[0].total,
+            Some(1_000_000_000),
+            "8 s - 7 s at its start"
+        );
+        assert_eq!(s.xids, Some(vec![(2, 79)]));
+        assert!(!r.gpu_stats.contains_key(&7), "minor 7 is not sampled");
+    }
+
     /// `facts()` with minor 7 (200 W in `reading`) in MIG mode: 7 slices, instances GI 1 (3
     /// slices), GI 2 (2) and GI 5 (1); one slice in no instance.
     fn mig_facts() -> NodeFacts {
