@@ -833,6 +833,33 @@ impl GpuStatsReader {
         self.support.len()
     }
 
+    /// The statistics GPU `i` reports and those it does not, by name (`ergond check`).
+    pub fn reported(&self, i: usize) -> (Vec<&'static str>, Vec<&'static str>) {
+        let s = self.support[i];
+        let mut all = vec![
+            ("SM utilisation", s.util),
+            ("memory used", s.memory),
+            ("temperature", s.temperature),
+            ("SM clock", s.sm_clock),
+            ("memory clock", s.mem_clock),
+        ];
+        for (k, (name, _)) in THROTTLE_REASONS.iter().enumerate() {
+            all.push((
+                match *name {
+                    "power_cap" => "throttle power_cap",
+                    "sw_thermal" => "throttle sw_thermal",
+                    "hw_thermal" => "throttle hw_thermal",
+                    _ => "throttle hw_power_brake",
+                },
+                s.throttle[k],
+            ));
+        }
+        all.extend([("ECC errors", s.ecc), ("Xid events", s.xid)]);
+        let yes = all.iter().filter(|(_, b)| *b).map(|(n, _)| *n).collect();
+        let no = all.iter().filter(|(_, b)| !*b).map(|(n, _)| *n).collect();
+        (yes, no)
+    }
+
     /// Whether no GPU reports any statistic or Xid event (then there is nothing to sample).
     pub fn reports_nothing(&self) -> bool {
         self.support.iter().all(|s| *s == StatsSupport::default())
