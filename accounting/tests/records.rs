@@ -475,6 +475,15 @@ fn gpu_efficiency_reaches_the_record_the_database_and_the_summary() {
     assert_eq!(v["total"]["gpu_idle_j"], 41_200.0, "{v}");
     let out = s
         .ergon()
+        .args(["summary", "--format", "json", "--by", "node"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let idle = v["groups"][0]["gpu_idle_j"].as_f64().unwrap();
+    assert!((idle - 41_200.0).abs() < 1e-6, "by node: {v}");
+    let out = s
+        .ergon()
         .args(["summary", "--by", "account"])
         .output()
         .unwrap();
