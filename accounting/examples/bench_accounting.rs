@@ -142,6 +142,7 @@ fn manifest(job: u32, realistic: bool, schema: u32, base_ns: u64) -> Manifest {
                 method: EnergyMethod::Counter,
                 shared: false,
                 mig: None,
+                efficiency: None,
             }
         })
         .collect();

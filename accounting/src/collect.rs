@@ -104,6 +104,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
                 peak_w: g.peak_w,
                 method: g.method,
                 mig: g.mig.clone(),
+                efficiency: g.efficiency.clone(),
             })
         })
         .collect();

@@ -180,9 +180,62 @@ pub struct GpuSummary {
     /// modelled share of the board); absent for a whole GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mig: Option<ergon_protocol::GpuMig>,
+    /// The GPU's activity and health over the job (manifest schema 6); absent where ergond
+    /// did not sample them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub efficiency: Option<ergon_protocol::GpuEfficiency>,
 }
 
 impl JobRecordFull {
+    /// Energy of the job's allocated GPUs that sat idle (ergond's idle rule); `None` when no
+    /// GPU's utilisation was sampled.
+    pub fn gpu_idle_j(&self) -> Option<f64> {
+        let mut any = false;
+        let mut sum = 0.0;
+        for g in &self.gpus {
+            if let Some(idle) = g.efficiency.as_ref().and_then(|e| e.idle) {
+                any = true;
+                if idle {
+                    sum += g.energy_j.unwrap_or(0.0);
+                }
+            }
+        }
+        any.then_some(sum)
+    }
+
+    /// Average SM utilisation of the job's GPUs, %, weighted by the time each was sampled.
+    pub fn gpu_util_pct(&self) -> Option<f64> {
+        let (mut sum, mut weight) = (0.0, 0.0);
+        for e in self.gpus.iter().filter_map(|g| g.efficiency.as_ref()) {
+            if let Some(u) = e.sm_util_avg_pct {
+                let w = e.sampled_s.max(1e-9);
+                sum += u * w;
+                weight += w;
+            }
+        }
+        (weight > 0.0).then(|| sum / weight)
+    }
+
+    /// Seconds the job's GPUs were throttled, summed over GPUs and reasons.
+    pub fn gpu_throttle_s(&self) -> Option<f64> {
+        let all: Vec<f64> = self
+            .gpus
+            .iter()
+            .filter_map(|g| g.efficiency.as_ref()?.throttle_s.total())
+            .collect();
+        (!all.is_empty()).then(|| all.iter().sum())
+    }
+
+    /// Xid errors on the job's GPUs.
+    pub fn xid_events(&self) -> Option<u64> {
+        let all: Vec<u64> = self
+            .gpus
+            .iter()
+            .filter_map(|g| g.efficiency.as_ref()?.xid_count)
+            .collect();
+        (!all.is_empty()).then(|| all.iter().sum())
+    }
+
     /// The short record stored in sacct.
     pub fn sacct_record(&self) -> JobRecord {
         let whole = |x: f64| {
@@ -247,6 +300,12 @@ impl JobRecordFull {
             cost: cost.map(|c| c.amount),
             cost_missing: cost.map(|c| c.missing_energy_fraction).filter(|m| *m > 0.0),
             currency: cost.and_then(|c| c.currency.clone()),
+            gpu_idle_j: self.gpu_idle_j().map(whole),
+            gpu_util_pct: self.gpu_util_pct(),
+            gpu_throttle_s: self.gpu_throttle_s(),
+            xid_events: self
+                .xid_events()
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
         }
     }
 

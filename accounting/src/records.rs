@@ -137,6 +137,10 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE jobs ADD COLUMN cost_missing REAL;
     ALTER TABLE jobs ADD COLUMN currency TEXT;
     ALTER TABLE jobs ADD COLUMN footprint TEXT;",
+    // 4: GPU efficiency (docs/accounting.md): each GPU's figures as JSON for `ergon report`,
+    // and the energy of the job's idle allocated GPUs that `ergon summary` sums.
+    "ALTER TABLE jobs ADD COLUMN gpu_idle_j REAL;
+    ALTER TABLE job_gpus ADD COLUMN efficiency TEXT;",
 ];
 
 /// The MariaDB schema: the same versions as [`MIGRATIONS`], in MariaDB's dialect (InnoDB,
@@ -239,6 +243,10 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cost_missing DOUBLE",
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS currency VARCHAR(16)",
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS footprint MEDIUMTEXT",
+    ],
+    &[
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS gpu_idle_j DOUBLE",
+        "ALTER TABLE job_gpus ADD COLUMN IF NOT EXISTS efficiency MEDIUMTEXT",
     ],
 ];
 
@@ -726,10 +734,15 @@ pub struct RecordsDb {
     /// Whether the schema has the CO2e and cost columns (version 3): a database an older
     /// ergon wrote is read (read-only) without them until `ergon run` migrates it.
     footprint: bool,
+    /// Whether the schema has the GPU efficiency columns (version 4).
+    efficiency: bool,
 }
 
 /// The first schema version with the CO2e and cost columns.
 const FOOTPRINT_VERSION: u32 = 3;
+
+/// The first schema version with the GPU efficiency columns.
+const EFFICIENCY_VERSION: u32 = 4;
 
 impl std::fmt::Debug for RecordsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -790,6 +803,7 @@ impl RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
             footprint: schema >= FOOTPRINT_VERSION,
+            efficiency: schema >= EFFICIENCY_VERSION,
         })
     }
 
@@ -850,6 +864,7 @@ impl RecordsDb {
             at: at.clone(),
             backend: Mutex::new(backend),
             footprint: schema >= FOOTPRINT_VERSION,
+            efficiency: schema >= EFFICIENCY_VERSION,
         })
     }
 
@@ -897,7 +912,7 @@ impl RecordsDb {
             Backend::Sqlite(conn) => (|| {
                 let mut tx = conn.transaction().map_err(sqlite_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now, self.footprint)?;
+                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency)?;
                 }
                 tx.commit().map_err(sqlite_error)
             })(),
@@ -906,7 +921,7 @@ impl RecordsDb {
                     .start_transaction(mysql::TxOpts::default())
                     .map_err(mariadb_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now, self.footprint)?;
+                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency)?;
                 }
                 tx.commit().map_err(mariadb_error)
             })(),
@@ -920,7 +935,7 @@ impl RecordsDb {
         cluster: Option<&str>,
         job_id: u32,
     ) -> Result<Vec<JobRecordFull>, RecordsError> {
-        self.with(|sql| read_jobs(sql, cluster, job_id, self.footprint))
+        self.with(|sql| read_jobs(sql, cluster, job_id, self.footprint, self.efficiency))
     }
 
     /// The jobs matching `filter`, newest end first.
@@ -934,7 +949,7 @@ impl RecordsDb {
         by: SummaryBy,
         filter: &JobFilter,
     ) -> Result<Vec<SummaryRow>, RecordsError> {
-        self.with(|sql| summarize(sql, by, filter, self.footprint))
+        self.with(|sql| summarize(sql, by, filter, self.footprint, self.efficiency))
     }
 
     /// Jobs in the database.
@@ -1076,7 +1091,13 @@ const ESTIMATE_COLUMNS: &[&str] = &[
     "bound_j",
 ];
 
-fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64, footprint: bool) -> DbResult<()> {
+fn upsert_one(
+    sql: &mut dyn Sql,
+    r: &JobRecordFull,
+    now: i64,
+    footprint: bool,
+    efficiency: bool,
+) -> DbResult<()> {
     let d = sql.dialect();
     let lock = match d {
         Dialect::Sqlite => "",
@@ -1147,6 +1168,16 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64, footprint: bool) -
             &upsert_sql(d, "jobs", &["cluster", "job_id"], columns),
             values,
         )?;
+        if efficiency {
+            sql.exec(
+                "UPDATE jobs SET gpu_idle_j = ? WHERE cluster = ? AND job_id = ?",
+                vec![
+                    r.gpu_idle_j().into(),
+                    r.cluster.as_str().into(),
+                    r.job_id.into(),
+                ],
+            )?;
+        }
     }
     for n in &r.nodes {
         let c = n.components;
@@ -1205,6 +1236,20 @@ fn upsert_one(sql: &mut dyn Sql, r: &JobRecordFull, now: i64, footprint: bool) -
                 g.mig.as_ref().map(to_json).into(),
             ],
         )?;
+        if let (true, Some(e)) = (efficiency, &g.efficiency) {
+            sql.exec(
+                "UPDATE job_gpus SET efficiency = ?
+                 WHERE cluster = ? AND job_id = ? AND node = ? AND gpu_index = ? AND uuid = ?",
+                vec![
+                    to_json(e).into(),
+                    r.cluster.as_str().into(),
+                    r.job_id.into(),
+                    g.node.as_str().into(),
+                    g.index.into(),
+                    g.uuid.as_str().into(),
+                ],
+            )?;
+        }
     }
     let mut seq: std::collections::BTreeMap<&str, i64> = Default::default();
     for e in &r.estimates {
@@ -1255,6 +1300,7 @@ fn read_jobs(
     cluster: Option<&str>,
     job_id: u32,
     footprint: bool,
+    efficiency: bool,
 ) -> DbResult<Vec<JobRecordFull>> {
     let footprint = if footprint { "footprint" } else { "NULL" };
     let rows = sql.query(
@@ -1334,8 +1380,11 @@ fn read_jobs(
             .collect::<DbResult<_>>()?;
         job.gpus = sql
             .query(
-                "SELECT node, uuid, gpu_index, energy_j, avg_w, peak_w, method, mig
-                 FROM job_gpus WHERE cluster = ? AND job_id = ? ORDER BY node, gpu_index, uuid",
+                &format!(
+                    "SELECT node, uuid, gpu_index, energy_j, avg_w, peak_w, method, mig, {}
+                     FROM job_gpus WHERE cluster = ? AND job_id = ? ORDER BY node, gpu_index, uuid",
+                    if efficiency { "efficiency" } else { "NULL" }
+                ),
                 key(),
             )?
             .into_iter()
@@ -1349,6 +1398,7 @@ fn read_jobs(
                     peak_w: row.opt_real(5)?,
                     method: from_json(6, &row.text(6)?)?,
                     mig: row.opt_text(7)?.map(|m| from_json(7, &m)).transpose()?,
+                    efficiency: row.opt_text(8)?.map(|e| from_json(8, &e)).transpose()?,
                 })
             })
             .collect::<DbResult<_>>()?;
@@ -1545,6 +1595,11 @@ pub struct SummaryRow {
     pub currency: Option<String>,
     /// Jobs whose CO2e or cost misses a part (a factor unknown for part of the job).
     pub footprint_partial_jobs: u64,
+    /// Energy of allocated GPUs that sat idle (ergond's idle rule), of the jobs whose GPUs'
+    /// utilisation was sampled (by node: each job's split by the nodes' GPU energy); `None`
+    /// when none was.
+    #[serde(default)]
+    pub gpu_idle_j: Option<f64>,
 }
 
 fn summarize(
@@ -1552,7 +1607,9 @@ fn summarize(
     by: SummaryBy,
     f: &JobFilter,
     footprint: bool,
+    efficiency: bool,
 ) -> DbResult<Vec<SummaryRow>> {
+    let gidle = if efficiency { "j.gpu_idle_j" } else { "NULL" };
     // A database from before the CO2e and cost columns has none to sum.
     let j = |col: &str| {
         if footprint {
@@ -1614,7 +1671,7 @@ fn summarize(
                     SUM(j.nodes * j.duration_s) / 3600.0, MIN(j.coverage_min),
                     SUM(j.estimated), SUM(CASE WHEN j.gpus_unknown_nodes > 0 THEN 1 ELSE 0 END),
                     SUM({co2e}), SUM({cost}), MIN({cur}), MAX({cur}),
-                    SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
+                    SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END), SUM({gidle})
                  FROM jobs j
                  {filters}
                  GROUP BY j.cluster, {col}
@@ -1631,7 +1688,9 @@ fn summarize(
                 SUM({cost} * CASE WHEN j.energy_j > 0 THEN n.energy_j / j.energy_j
                     ELSE 1.0 / j.nodes END),
                 MIN({cur}), MAX({cur}),
-                SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END)
+                SUM(CASE WHEN {co2m} > 0 OR {costm} > 0 THEN 1 ELSE 0 END),
+                SUM({gidle} * CASE WHEN j.gpu_j > 0 THEN COALESCE(n.gpu_j, 0) / j.gpu_j
+                    ELSE 1.0 / j.nodes END)
              FROM job_nodes n
              JOIN jobs j ON j.cluster = n.cluster AND j.job_id = n.job_id
              LEFT JOIN (SELECT cluster, job_id, node, COUNT(*) AS gpus FROM job_gpus
@@ -1665,6 +1724,7 @@ fn summarize(
                     (a, _) => a,
                 },
                 footprint_partial_jobs: row.opt_real(16)?.unwrap_or(0.0) as u64,
+                gpu_idle_j: row.opt_real(17)?,
             })
         })
         .collect()

@@ -216,6 +216,22 @@ pub fn render_job_report(r: &JobReport) -> String {
             if let Some(sluid) = &rec.sluid {
                 out += &format!("  sluid     {sluid}\n");
             }
+            let mut gpu_use = Vec::new();
+            if let Some(u) = rec.gpu_util_pct {
+                gpu_use.push(format!("SM {} average", format::util_pct(u)));
+            }
+            if let Some(j) = rec.gpu_idle_j {
+                gpu_use.push(format!("{} on idle GPUs", format::energy(j as f64)));
+            }
+            if let Some(s) = rec.gpu_throttle_s {
+                gpu_use.push(format!("throttled {}", format::duration(s)));
+            }
+            if let Some(n) = rec.xid_events {
+                gpu_use.push(format!("{n} Xid event(s)"));
+            }
+            if !gpu_use.is_empty() {
+                out += &format!("  gpu use   {}\n", gpu_use.join(", "));
+            }
         }
         None => {
             out += &format!(
@@ -303,6 +319,21 @@ pub fn render_job_report(r: &JobReport) -> String {
                     g.node, g.index, g.uuid
                 ),
             };
+            if let Some(e) = &g.efficiency {
+                for line in format::gpu_efficiency(e) {
+                    out += &format!("      {line}\n");
+                }
+            }
+        }
+        let idle = format::idle_gpus(
+            m.gpus.iter().filter_map(|g| {
+                let e = g.efficiency.as_ref()?;
+                Some((format!("{} gpu{}", g.node, g.index), e, g.energy_j))
+            }),
+            m.energy_j,
+        );
+        for (k, line) in idle.iter().enumerate() {
+            out += &format!("    {:<10}{line}\n", if k == 0 { "idle GPUs" } else { "" });
         }
         for e in &m.estimates {
             out += &format!(

@@ -347,7 +347,9 @@ impl VictoriaMetrics {
 /// `energy_j`; `gpu_j`, `cpu_j`, `dram_j` when measured; `avg_w`, `peak_w`, `coverage_min`,
 /// `coverage_weighted`, `duration_s`, `nodes`, `gpus`; then, when the manifests state them,
 /// `gpu_coverage`, `cpu_coverage`, `dram_coverage` (the job's time-weighted coverage per
-/// component), `gpus_unknown_nodes` (when not 0) and `estimate_bound_j`.
+/// component), `gpus_unknown_nodes` (when not 0) and `estimate_bound_j`; then, where the GPUs'
+/// efficiency was sampled (manifest schema 6), `gpu_idle_j`, `gpu_util_pct`, `gpu_throttle_s`
+/// and `xid_events`.
 pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
     let mut out = Vec::with_capacity(16);
     out.push(("energy_j", r.energy_j));
@@ -381,6 +383,16 @@ pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
     }
     if let Some(b) = r.estimate_bound_j {
         out.push(("estimate_bound_j", b));
+    }
+    for (field, value) in [
+        ("gpu_idle_j", r.gpu_idle_j()),
+        ("gpu_util_pct", r.gpu_util_pct()),
+        ("gpu_throttle_s", r.gpu_throttle_s()),
+        ("xid_events", r.xid_events().map(|n| n as f64)),
+    ] {
+        if let Some(v) = value {
+            out.push((field, v));
+        }
     }
     out
 }
@@ -1130,6 +1142,55 @@ mod tests {
                 assert!(found.error.is_some());
             }
         }
+    }
+
+    #[test]
+    fn a_job_line_carries_the_gpu_efficiency_fields_only_where_sampled() {
+        let eff = ergon_protocol::GpuEfficiency {
+            sampled_s: 10.0,
+            partial: false,
+            sm_util_avg_pct: Some(2.0),
+            idle: Some(true),
+            idle_threshold_pct: 5.0,
+            memory_used_max_bytes: None,
+            temperature_max_c: None,
+            sm_clock_avg_mhz: None,
+            mem_clock_avg_mhz: None,
+            throttle_s: ergon_protocol::ThrottleSeconds {
+                power_cap: Some(1.5),
+                sw_thermal: None,
+                hw_thermal: None,
+                hw_power_brake: None,
+            },
+            ecc_corrected: None,
+            ecc_uncorrected: None,
+            xid_count: None,
+            xids: None,
+        };
+        let plain = ergon_protocol::testing::ManifestBuilder::new("c", 1, "n1")
+            .gpu(Some(500.0))
+            .build();
+        let with = ergon_protocol::testing::ManifestBuilder::new("c", 1, "n1")
+            .gpu(Some(500.0))
+            .gpu_efficiency(eff)
+            .build();
+        let r = crate::collect::combine(&[with]);
+        let f = fields(&r);
+        for (k, v) in [
+            ("gpu_idle_j", 500.0),
+            ("gpu_util_pct", 2.0),
+            ("gpu_throttle_s", 1.5),
+        ] {
+            assert!(f.contains(&(k, v)), "{k}: {f:?}");
+        }
+        assert!(
+            !f.iter().any(|(k, _)| *k == "xid_events"),
+            "not reported: {f:?}"
+        );
+        let f = fields(&crate::collect::combine(&[plain]));
+        assert!(!f
+            .iter()
+            .any(|(k, _)| k.starts_with("gpu_idle") || k.starts_with("gpu_util")));
     }
 
     #[test]

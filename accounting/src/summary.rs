@@ -78,6 +78,7 @@ pub fn total(rows: &[SummaryRow]) -> SummaryRow {
         cost: None,
         currency: None,
         footprint_partial_jobs: 0,
+        gpu_idle_j: None,
     };
     let add = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (None, None) => None,
@@ -85,6 +86,7 @@ pub fn total(rows: &[SummaryRow]) -> SummaryRow {
     };
     for r in rows {
         t.co2e_g = add(t.co2e_g, r.co2e_g);
+        t.gpu_idle_j = add(t.gpu_idle_j, r.gpu_idle_j);
         t.cost = add(t.cost, r.cost);
         t.currency = match (&t.currency, &r.currency) {
             (None, c) => c.clone(),
@@ -134,12 +136,12 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                 }
             };
             let mut out = format!(
-                "cluster,{},jobs,energy_j,gpu_j,cpu_j,dram_j,gpu_hours,node_hours,coverage_min,estimated_jobs,gpus_unknown_jobs,co2e_g,cost,currency,footprint_partial_jobs\n",
+                "cluster,{},jobs,energy_j,gpu_j,cpu_j,dram_j,gpu_hours,node_hours,coverage_min,estimated_jobs,gpus_unknown_jobs,co2e_g,cost,currency,footprint_partial_jobs,gpu_idle_j\n",
                 by_name(scope.by)
             );
             for r in rows {
                 out += &format!(
-                    "{},{},{},{:.0},{:.0},{:.0},{:.0},{:.3},{:.3},{:.4},{},{},{},{},{},{}\n",
+                    "{},{},{},{:.0},{:.0},{:.0},{:.0},{:.3},{:.3},{:.4},{},{},{},{},{},{},{}\n",
                     field(&r.cluster),
                     field(r.key.as_deref().unwrap_or("")),
                     r.jobs,
@@ -155,7 +157,8 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
                     r.co2e_g.map(|g| format!("{g:.1}")).unwrap_or_default(),
                     r.cost.map(|c| format!("{c:.4}")).unwrap_or_default(),
                     field(r.currency.as_deref().unwrap_or("")),
-                    r.footprint_partial_jobs
+                    r.footprint_partial_jobs,
+                    r.gpu_idle_j.map(|j| format!("{j:.0}")).unwrap_or_default()
                 );
             }
             out
@@ -167,7 +170,11 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
             // CO2e and cost columns only where some job has them (a site without `[carbon]`
             // and `[cost]` sees the table as before).
             let (has_co2, has_cost) = (t.co2e_g.is_some(), t.cost.is_some());
+            let has_idle = t.gpu_idle_j.is_some();
             let mut extra_head = String::new();
+            if has_idle {
+                extra_head += &format!(" {:>12}", "IDLE-GPU");
+            }
             if has_co2 {
                 extra_head += &format!(" {:>12}", "CO2E");
             }
@@ -177,6 +184,9 @@ pub fn render(rows: &[SummaryRow], scope: &Scope, format: JobsFormat) -> String 
             }
             let extra = |r: &SummaryRow| {
                 let mut s = String::new();
+                if has_idle {
+                    s += &format!(" {:>12}", r.gpu_idle_j.map_or_else(|| "-".into(), energy));
+                }
                 if has_co2 {
                     s += &format!(" {:>12}", r.co2e_g.map_or_else(|| "-".into(), co2e));
                 }
@@ -273,6 +283,7 @@ mod tests {
             cost: None,
             currency: None,
             footprint_partial_jobs: 0,
+            gpu_idle_j: None,
         }
     }
 

@@ -34,6 +34,7 @@ fn gpu(index: u32, energy_j: Option<f64>) -> GpuEnergy {
         method: EnergyMethod::Counter,
         shared: false,
         mig: None,
+        efficiency: None,
     }
 }
 

@@ -389,3 +389,107 @@ fn a_run_killed_with_kill_9_loses_nothing_the_state_calls_delivered() {
     }
     assert_eq!(backlog(&s.status_json(), SINK_NAME), 0);
 }
+
+/// A job's GPU efficiency (manifest schema 6) goes through `ergon run`: into the sacct record's
+/// keys, the database (`ergon report` from it says what the manifests say, idle GPUs named) and
+/// `ergon summary`'s idle-GPU energy.
+#[test]
+fn gpu_efficiency_reaches_the_record_the_database_and_the_summary() {
+    let s = Setup::new();
+    s.write_config("");
+    let eff = |util: f64, xid: Option<u64>| ergon_protocol::GpuEfficiency {
+        sampled_s: 100.0,
+        partial: false,
+        sm_util_avg_pct: Some(util),
+        idle: Some(util < 5.0),
+        idle_threshold_pct: 5.0,
+        memory_used_max_bytes: Some(2 << 30),
+        temperature_max_c: Some(70),
+        sm_clock_avg_mhz: Some(1410.0),
+        mem_clock_avg_mhz: None,
+        throttle_s: ergon_protocol::ThrottleSeconds {
+            power_cap: Some(12.5),
+            sw_thermal: None,
+            hw_thermal: Some(2.0),
+            hw_power_brake: None,
+        },
+        ecc_corrected: Some(0),
+        ecc_uncorrected: Some(0),
+        xid_count: xid.map(|_| 1),
+        xids: xid.map(|x| {
+            vec![ergon_protocol::XidEvent {
+                at_unix_ns: 1,
+                xid: x,
+            }]
+        }),
+    };
+    let m = ergon_protocol::testing::ManifestBuilder::new("c1", 50, "n1")
+        .user("alice", own_uid())
+        .account("phys")
+        .ended(now_ns() - 60_000_000_000, 100)
+        .gpu(Some(41_200.0))
+        .gpu_efficiency(eff(1.0, None))
+        .gpu(Some(90_000.0))
+        .gpu_efficiency(eff(90.0, Some(79)))
+        .socket(1000.0, None)
+        .build();
+    assert_eq!(m.schema_version, 6);
+    write_manifest(&s.spool(), &m);
+    let record = combine(std::slice::from_ref(&m)).sacct_record();
+    assert_eq!(record.gpu_idle_j, Some(41_200));
+    assert_eq!(record.gpu_util_pct, Some(45.5));
+    assert_eq!(record.gpu_throttle_s, Some(29.0));
+    assert_eq!(record.xid_events, Some(1));
+    assert!(
+        record
+            .encode()
+            .contains(" gidle=41200 gutil=45.5 gthr=29.0 xid=1 "),
+        "{}",
+        record.encode()
+    );
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v = report_json(&s, 50);
+    assert_eq!(v["source"], "records", "{v}");
+    assert_eq!(
+        v["manifests"],
+        serde_json::to_value(combine(std::slice::from_ref(&m))).unwrap()
+    );
+    let out = s.ergon().args(["report", "50"]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "idle GPUs n1 gpu0: 1 % average SM utilisation, 41.2 kJ spent idle",
+        "throttled 14.5 s (power cap 12.5 s, hw thermal 2.0 s)",
+        "1 Xid event(s): 79",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from\n{text}");
+    }
+    let out = s
+        .ergon()
+        .args(["summary", "--format", "json", "--by", "account"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"]["gpu_idle_j"], 41_200.0, "{v}");
+    let out = s
+        .ergon()
+        .args(["summary", "--format", "json", "--by", "node"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let idle = v["groups"][0]["gpu_idle_j"].as_f64().unwrap();
+    assert!((idle - 41_200.0).abs() < 1e-6, "by node: {v}");
+    let out = s
+        .ergon()
+        .args(["summary", "--by", "account"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("IDLE-GPU") && table.contains("41.2 kJ"),
+        "{table}"
+    );
+}

@@ -167,6 +167,24 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `[report]`: what the user's report (and the manifest) say about the job's GPUs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportConfig {
+    /// A GPU allocated to a job whose average SM utilisation over the job is below this (%)
+    /// sat idle: the report names it, and its energy counts as idle-GPU energy. 0..=100,
+    /// default 5 (0: never idle).
+    pub idle_gpu_util_percent: f64,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self {
+            idle_gpu_util_percent: crate::gpustats::DEFAULT_IDLE_GPU_UTIL_PERCENT,
+        }
+    }
+}
+
 /// The whole configuration. Every field has a default, so an empty file is valid.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -219,6 +237,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Sampling rates.
     pub sampling: SamplingConfig,
+    /// The user's report: the idle-GPU rule.
+    pub report: ReportConfig,
     /// Every this many seconds, open jobs older than that whose cgroups are all gone are
     /// finished (their end event was lost). Default 60.
     pub lost_job_check_s: u64,
@@ -262,6 +282,7 @@ impl Default for Config {
             metrics_listen: "127.0.0.1:9713".to_string(),
             metrics: MetricsConfig::default(),
             sampling: SamplingConfig::default(),
+            report: ReportConfig::default(),
             attribution: Default::default(),
             lost_job_check_s: 60,
             node_name: None,
@@ -332,6 +353,13 @@ impl Config {
             ("gres_conf", &self.gres_conf),
             ("mig_minors", &self.mig_minors),
         ];
+        let idle = self.report.idle_gpu_util_percent;
+        if !(0.0..=100.0).contains(&idle) {
+            return Err(ConfigError::Invalid {
+                key: "report.idle_gpu_util_percent",
+                reason: format!("{idle} is not a percentage (0 to 100)"),
+            });
+        }
         if let Some(q) = &self.queue_dir {
             if !q.is_absolute() {
                 return Err(ConfigError::Invalid {

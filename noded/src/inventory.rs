@@ -167,6 +167,11 @@ pub struct GpuReport {
     /// Sampling period ergond will use for this GPU (ms), from the detected period and the
     /// `sampling.gpu_*_period_ms` settings.
     pub sampling_period_ms: Option<f64>,
+    /// The activity and health statistics the GPU reports (jobs' `gpus[].efficiency`), and
+    /// those it does not; empty when they could not be probed.
+    pub efficiency_reported: Vec<&'static str>,
+    /// See `efficiency_reported`.
+    pub efficiency_not_reported: Vec<&'static str>,
 }
 
 /// One RAPL zone.
@@ -394,8 +399,13 @@ fn nvml_report(config: &Config, cfg: &ConfigReport, detect_budget: Duration) -> 
         .collect();
     let deadline = Instant::now() + detect_budget;
     let mut left = measurable.len();
+    let uuids: Vec<String> = src.gpus().into_iter().map(|g| g.id.uuid).collect();
+    let stats =
+        crate::sources::nvml::GpuStatsReader::open(config.nvml_library.as_deref(), &uuids).ok();
     for i in 0..src.len() {
         let info = src.info(i).clone();
+        let (efficiency_reported, efficiency_not_reported) =
+            stats.as_ref().map(|s| s.reported(i)).unwrap_or_default();
         let mut g = GpuReport {
             gpu: GpuSummary::of(&info),
             method_reason: method_and_reason(&info).1,
@@ -403,6 +413,8 @@ fn nvml_report(config: &Config, cfg: &ConfigReport, detect_budget: Duration) -> 
             update_period_ms: None,
             update_period_note: None,
             sampling_period_ms: None,
+            efficiency_reported,
+            efficiency_not_reported,
         };
         if measurable.contains(&i) {
             let of = if info.energy_via != ReadVia::Unsupported {
@@ -606,6 +618,21 @@ pub fn render_text(inv: &Inventory) -> String {
         }
         if let Some(sp) = g.sampling_period_ms {
             let _ = writeln!(o, "      ergond would sample it every {sp:.0} ms");
+        }
+        if !g.efficiency_reported.is_empty() || !g.efficiency_not_reported.is_empty() {
+            let list = |v: &[&str]| {
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            let _ = writeln!(
+                o,
+                "      activity and health: {}; not reported: {}",
+                list(&g.efficiency_reported),
+                list(&g.efficiency_not_reported)
+            );
         }
     }
     if let Some(p) = &n.problem {

@@ -16,6 +16,7 @@ pub mod attribution;
 pub mod clock;
 pub mod config;
 pub mod counter;
+pub mod gpustats;
 pub mod inventory;
 pub mod jobs;
 pub mod metrics;

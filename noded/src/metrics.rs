@@ -125,6 +125,57 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         }),
     );
 
+    // GPU activity and health (ergond-gpustat), where reported.
+    let stats = &snapshot.gpu_stats;
+    let gpu = |g: &crate::snapshot::GpuStatsSnapshot| vec![("gpu", g.uuid.clone())];
+    w.family(
+        "ergon_gpu_utilization_ratio",
+        "gauge",
+        "SM utilisation of the GPU over the driver's last sample period, 0-1 (label gpu: its UUID).",
+        stats
+            .iter()
+            .filter_map(|g| g.sample.util_pct.map(|u| (gpu(g), f64::from(u) / 100.0))),
+    );
+    w.family(
+        "ergon_gpu_memory_used_bytes",
+        "gauge",
+        "Device memory in use on the GPU (bytes).",
+        stats
+            .iter()
+            .filter_map(|g| g.sample.memory_used_bytes.map(|b| (gpu(g), b as f64))),
+    );
+    w.family(
+        "ergon_gpu_temperature_celsius",
+        "gauge",
+        "GPU die temperature (degrees Celsius).",
+        stats
+            .iter()
+            .filter_map(|g| g.sample.temperature_c.map(|c| (gpu(g), f64::from(c)))),
+    );
+    w.family(
+        "ergon_gpu_throttle_seconds_total",
+        "counter",
+        "Time the GPU's clocks were held down since the driver loaded, per reason (NVML clock-event-reason counters; s).",
+        stats.iter().flat_map(|g| {
+            crate::sources::nvml::THROTTLE_REASONS
+                .iter()
+                .zip(g.sample.throttle_ns)
+                .filter_map(move |((reason, _), ns)| {
+                    let mut l = gpu(g);
+                    l.push(("reason", (*reason).to_string()));
+                    ns.map(|ns| (l, ns as f64 / 1e9))
+                })
+        }),
+    );
+    w.family(
+        "ergon_gpu_xid_events_total",
+        "counter",
+        "Xid critical errors the GPU reported since ergond started.",
+        stats
+            .iter()
+            .filter_map(|g| g.xid_total.map(|n| (gpu(g), n as f64))),
+    );
+
     // RAPL zones.
     let zone_id = |k: &ZoneKey| -> Vec<(&'static str, String)> {
         let mut l = vec![("zone", k.to_string())];
@@ -413,6 +464,14 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
             jobs.jobs
                 .iter()
                 .filter_map(|j| j.power_w.map(|p| (id(j), p))),
+        );
+        w.family(
+            "ergon_job_gpu_utilization_ratio",
+            "gauge",
+            "Average SM utilisation of the open job's GPUs so far, 0-1 (time-weighted; whole devices, also when shared).",
+            jobs.jobs
+                .iter()
+                .filter_map(|j| j.gpu_util.map(|u| (vec![("job_id", j.job_id.to_string())], u))),
         );
         w.family(
             "ergon_job_metrics_left_out_jobs",
@@ -707,6 +766,7 @@ mod tests {
             attribution: None,
             socket_server: None,
             jobs: None,
+            gpu_stats: vec![],
         }
     }
 
@@ -859,6 +919,57 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
     }
 
     #[test]
+    fn gpu_statistics_are_exported_where_reported_and_absent_where_not() {
+        use crate::snapshot::GpuStatsSnapshot;
+        use crate::sources::nvml::GpuStatsSample;
+        let snap = NodeSnapshot {
+            gpu_stats: vec![
+                GpuStatsSnapshot {
+                    uuid: "GPU-aaaa".into(),
+                    sample: GpuStatsSample {
+                        util_pct: Some(37),
+                        memory_used_bytes: Some(1 << 30),
+                        temperature_c: Some(61),
+                        throttle_ns: [Some(1_500_000_000), None, Some(0), None],
+                        ..Default::default()
+                    },
+                    xid_total: Some(2),
+                },
+                GpuStatsSnapshot {
+                    uuid: "GPU-bbbb".into(),
+                    sample: GpuStatsSample {
+                        util_pct: Some(0),
+                        ..Default::default()
+                    },
+                    xid_total: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let mut out = String::new();
+        render(&snap, &mut out);
+        validate(&out).unwrap();
+        for line in [
+            "ergon_gpu_utilization_ratio{gpu=\"GPU-aaaa\"} 0.37\n",
+            "ergon_gpu_utilization_ratio{gpu=\"GPU-bbbb\"} 0\n",
+            "ergon_gpu_memory_used_bytes{gpu=\"GPU-aaaa\"} 1073741824\n",
+            "ergon_gpu_temperature_celsius{gpu=\"GPU-aaaa\"} 61\n",
+            "ergon_gpu_throttle_seconds_total{gpu=\"GPU-aaaa\",reason=\"power_cap\"} 1.5\n",
+            "ergon_gpu_throttle_seconds_total{gpu=\"GPU-aaaa\",reason=\"hw_thermal\"} 0\n",
+            "ergon_gpu_xid_events_total{gpu=\"GPU-aaaa\"} 2\n",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from\n{out}");
+        }
+        for absent in [
+            "ergon_gpu_memory_used_bytes{gpu=\"GPU-bbbb\"}",
+            "reason=\"sw_thermal\"",
+            "ergon_gpu_xid_events_total{gpu=\"GPU-bbbb\"}",
+        ] {
+            assert!(!out.contains(absent), "{absent:?} in\n{out}");
+        }
+    }
+
+    #[test]
     fn open_jobs_have_per_job_series_and_the_bound_is_said() {
         use crate::snapshot::{JobMetricsSnapshot, JobSeries};
         let snap = NodeSnapshot {
@@ -870,6 +981,7 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
                         cpu_j: Some(300.0),
                         dram_j: Some(20.0),
                         power_w: Some(410.0),
+                        gpu_util: Some(0.375),
                         ..Default::default()
                     },
                     // A job on a node without DRAM zones, before its first interval, with the
@@ -882,6 +994,7 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
                         cpu_j: Some(0.0),
                         dram_j: None,
                         power_w: None,
+                        gpu_util: None,
                     },
                 ],
                 left_out: 3,
@@ -898,6 +1011,7 @@ ergon_socket_cpu_seconds_total{socket="0"} 20
             "ergon_job_energy_joules_total{job_id=\"42\",component=\"dram\"} 20\n",
             "ergon_job_energy_joules_total{job_id=\"43\",user=\"al\\\"ice\",account=\"physics\",component=\"cpu\"} 0\n",
             "ergon_job_power_watts{job_id=\"42\"} 410\n",
+            "ergon_job_gpu_utilization_ratio{job_id=\"42\"} 0.375\n",
             "ergon_job_metrics_left_out_jobs 3\n",
             "ergon_job_metrics_max_jobs 2\n",
         ] {

@@ -176,6 +176,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             Vec::new()
         });
     let attribution = config.attribution;
+    let idle_gpu_util_percent = config.report.idle_gpu_util_percent;
     let reap_period = std::time::Duration::from_secs(config.lost_job_check_s);
     let state_dir = config.state_dir.clone();
     let proc_root = config.proc_root.clone();
@@ -234,6 +235,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             reap_period,
             slurm,
             queue_dir,
+            idle_gpu_util_percent,
         },
     ) {
         Ok(t) => Arc::new(t),

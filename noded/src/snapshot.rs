@@ -42,6 +42,8 @@ pub struct NodeSnapshot {
     /// Per-job series of the open jobs, when `[metrics] per_job` is on and the job tracker
     /// runs (the service fills it in).
     pub jobs: Option<JobMetricsSnapshot>,
+    /// Per GPU whose statistics are sampled: its latest statistics.
+    pub gpu_stats: Vec<GpuStatsSnapshot>,
 }
 
 /// The open jobs' running figures for `/metrics`, bounded.
@@ -75,6 +77,19 @@ pub struct JobSeries {
     /// Average power attributed to the job over the last attribution interval (W); `None`
     /// before its first interval.
     pub power_w: Option<f64>,
+    /// Average SM utilisation of its GPUs so far, 0–1; `None` where not sampled.
+    pub gpu_util: Option<f64>,
+}
+
+/// One GPU's latest activity and health statistics (`ergond-gpustat`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuStatsSnapshot {
+    /// NVML UUID.
+    pub uuid: String,
+    /// The latest sample (each value `None` where not reported).
+    pub sample: crate::sources::nvml::GpuStatsSample,
+    /// Xid events since ergond started; `None` where not reported.
+    pub xid_total: Option<u64>,
 }
 
 /// The plugin socket server's counters since ergond started.

@@ -78,7 +78,8 @@ fn two_gpus() -> FakeNvml {
     FakeNvml::new(json!({"gpus": [
         {"uuid": GPU_COUNTER, "name": "Fake H100", "minor": 3, "pci_bus_id": "00000000:17:00.0",
          "profile": {"kind": "constant", "watts": 300.0}, "update_period_ms": 20.0,
-         "initial_energy_mj": 5_000_000u64},
+         "initial_energy_mj": 5_000_000u64,
+         "utilization": 50, "temperature_c": 60, "throttle": {"power_cap": 0.1}, "xids": []},
         {"uuid": GPU_NO_COUNTER, "name": "Fake P100", "minor": 7, "pci_bus_id": "00000000:65:00.0",
          "profile": {"kind": "constant", "watts": 120.0}, "update_period_ms": 50.0,
          "unsupported": ["energy"]},
@@ -109,6 +110,10 @@ fn check_lists_gpus_zones_and_cgroup_and_exits_0() {
         "energy: counter (energy counter: field value, power: field value)",
         "energy: integrated power (energy counter: unsupported, power: field value)",
         "energy counter update period: ",
+        "activity and health: SM utilisation, temperature, throttle power_cap, Xid events; \
+         not reported: memory used, SM clock, memory clock, throttle sw_thermal, \
+         throttle hw_thermal, throttle hw_power_brake, ECC errors",
+        "activity and health: none; not reported: SM utilisation, memory used",
         "backend: powercap, 4 zone(s)",
         "perf power PMU not used: ",
         "package-0        wraps after 262143.3 J",

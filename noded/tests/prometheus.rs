@@ -35,7 +35,9 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     let fake = FakeNvml::new(json!({"gpus": [
         {"uuid": GPU_A, "name": "Fake H100", "minor": 2, "pci_bus_id": "00000000:17:00.0",
          "profile": {"kind": "constant", "watts": WATTS_A}, "update_period_ms": 20.0,
-         "initial_energy_mj": 7_000_000u64},
+         "initial_energy_mj": 7_000_000u64,
+         "utilization": 37, "memory_used_bytes": 1073741824u64, "temperature_c": 61,
+         "throttle": {"power_cap": 0.5}, "xids": []},
         {"uuid": GPU_B, "name": "Fake A100", "minor": 5, "pci_bus_id": "00000000:65:00.0",
          "profile": {"kind": "constant", "watts": WATTS_B}, "update_period_ms": 20.0},
     ]}));
@@ -61,7 +63,8 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
             Ok((200, b))
                 if [GPU_A, GPU_B]
                     .iter()
-                    .all(|u| b.contains(&format!("ergon_gpu_power_watts{{uuid=\"{u}\""))) =>
+                    .all(|u| b.contains(&format!("ergon_gpu_power_watts{{uuid=\"{u}\"")))
+                    && b.contains("ergon_gpu_utilization_ratio") =>
             {
                 Some(b)
             }
@@ -78,6 +81,13 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
         "ergon_node_energy_joules_total{component=\"gpu\"}".to_string(),
         "ergon_sampler_samples_total{source=\"gpu\"}".to_string(),
         "# TYPE ergon_gpu_energy_joules_total counter\n".to_string(),
+        // GPU statistics where the GPU reports them (GPU B reports none: no series).
+        format!("ergon_gpu_utilization_ratio{{gpu=\"{GPU_A}\"}} 0.37\n"),
+        format!("ergon_gpu_memory_used_bytes{{gpu=\"{GPU_A}\"}} 1073741824\n"),
+        format!("ergon_gpu_temperature_celsius{{gpu=\"{GPU_A}\"}} 61\n"),
+        format!("ergon_gpu_throttle_seconds_total{{gpu=\"{GPU_A}\",reason=\"power_cap\"}}"),
+        format!("ergon_gpu_xid_events_total{{gpu=\"{GPU_A}\"}} 0\n"),
+        "# TYPE ergon_gpu_throttle_seconds_total counter\n".to_string(),
     ] {
         assert!(body.contains(&want), "missing {want:?} in:\n{body}");
     }
@@ -85,6 +95,10 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     assert!(status == 200 && index.contains("/metrics"), "{index}");
     assert_eq!(http_get(metrics, "/other").unwrap().0, 404);
 
+    assert!(
+        !body.contains(&format!("ergon_gpu_utilization_ratio{{gpu=\"{GPU_B}\"")),
+        "{body}"
+    );
     promtool_finds_nothing(&prometheus, &body);
 
     // A private Prometheus scraping ergond every second.

@@ -74,6 +74,151 @@ pub fn percent(fraction: f64) -> String {
     format!("{:.1}%", fraction * 100.0)
 }
 
+/// A utilisation in percent, as people read it: `37 %`, `0.4 %` under 1 %.
+pub fn util_pct(pct: f64) -> String {
+    if pct < 1.0 && pct > 0.0 {
+        format!("{pct:.1} %")
+    } else {
+        format!("{pct:.0} %")
+    }
+}
+
+/// A number of bytes in binary units: `3.0 GiB`, `512 MiB`.
+pub fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+const NOT_REPORTED: &str = "not reported";
+
+/// A threshold in percent: `5 %`, `2.5 %`.
+fn threshold_pct(pct: f64) -> String {
+    if pct.fract() == 0.0 {
+        format!("{pct:.0} %")
+    } else {
+        format!("{pct} %")
+    }
+}
+
+/// A GPU's activity and health over a job in three lines (activity, throttling, errors); what
+/// the GPU or driver does not report is named as such, never shown as 0.
+pub fn gpu_efficiency(e: &crate::GpuEfficiency) -> [String; 3] {
+    let mut shown = Vec::new();
+    let mut missing = Vec::new();
+    let mut part = |name: &'static str, v: Option<String>| match v {
+        Some(v) => shown.push(v),
+        None => missing.push(name),
+    };
+    part(
+        "SM utilisation",
+        e.sm_util_avg_pct
+            .map(|u| format!("average SM utilisation {}", util_pct(u))),
+    );
+    part(
+        "memory used",
+        e.memory_used_max_bytes
+            .map(|b| format!("memory used at most {}", bytes(b))),
+    );
+    part(
+        "temperature",
+        e.temperature_max_c
+            .map(|c| format!("temperature at most {c} °C")),
+    );
+    part(
+        "SM clock",
+        e.sm_clock_avg_mhz
+            .map(|c| format!("average SM clock {c:.0} MHz")),
+    );
+    part(
+        "memory clock",
+        e.mem_clock_avg_mhz
+            .map(|c| format!("average memory clock {c:.0} MHz")),
+    );
+    let mut activity = shown.join(", ");
+    if !missing.is_empty() {
+        if !activity.is_empty() {
+            activity.push_str("; ");
+        }
+        activity.push_str(&format!("{NOT_REPORTED}: {}", missing.join(", ")));
+    }
+    if e.partial {
+        activity.push_str(&format!(
+            " (partial: sampled {} of the job)",
+            duration(e.sampled_s)
+        ));
+    }
+    let reported = e.throttle_s.reported();
+    let throttled = if reported.is_empty() {
+        format!("throttling {NOT_REPORTED}")
+    } else {
+        let total: f64 = reported.iter().map(|(_, v)| v).sum();
+        let parts: Vec<String> = reported
+            .iter()
+            .map(|(n, v)| format!("{} {}", n.replace('_', " "), duration(*v)))
+            .collect();
+        format!("throttled {} ({})", duration(total), parts.join(", "))
+    };
+    let ecc = match (e.ecc_corrected, e.ecc_uncorrected) {
+        (None, None) => format!("ECC errors {NOT_REPORTED}"),
+        (c, u) => {
+            let n = |v: Option<u64>| v.map_or_else(|| NOT_REPORTED.to_owned(), |v| v.to_string());
+            format!("ECC errors {} corrected, {} uncorrected", n(c), n(u))
+        }
+    };
+    let xids = match (&e.xid_count, &e.xids) {
+        (None, _) | (_, None) => format!("Xid events {NOT_REPORTED}"),
+        (Some(0), _) => "no Xid event".to_owned(),
+        (Some(n), Some(list)) => {
+            let ids: Vec<String> = list.iter().map(|x| x.xid.to_string()).collect();
+            format!("{n} Xid event(s): {}", ids.join(", "))
+        }
+    };
+    [activity, throttled, format!("{ecc}; {xids}")]
+}
+
+/// What the job's idle allocated GPUs cost: one line per idle GPU (`gpu2: 1 % average SM
+/// utilisation, 412 kJ spent idle`) and a last line with their share of the job's energy;
+/// empty when no GPU sat idle. `gpus` are `(name, efficiency, energy)`.
+pub fn idle_gpus<'a>(
+    gpus: impl IntoIterator<Item = (String, &'a crate::GpuEfficiency, Option<f64>)>,
+    job_energy_j: f64,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut idle_j = 0.0;
+    let mut threshold = None;
+    for (name, e, energy) in gpus {
+        if e.idle != Some(true) {
+            continue;
+        }
+        threshold = Some(e.idle_threshold_pct);
+        idle_j += energy.unwrap_or(0.0);
+        lines.push(format!(
+            "{name}: {} average SM utilisation, {} spent idle",
+            e.sm_util_avg_pct
+                .map_or_else(|| NOT_REPORTED.to_owned(), util_pct),
+            energy.map_or_else(|| "energy not measured".to_owned(), self::energy)
+        ));
+    }
+    if let Some(t) = threshold {
+        let share = if job_energy_j > 0.0 {
+            format!(" ({})", percent(idle_j / job_energy_j))
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "{} of the job's {}{share} went to allocated GPUs that sat idle (average SM utilisation below {})",
+            energy(idle_j),
+            energy(job_energy_j),
+            threshold_pct(t)
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,11 +51,13 @@ pub mod testing;
 pub mod wire;
 
 pub use manifest::{
-    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GapEstimate, GpuEnergy,
-    GpuMig, JobInfo, Manifest, ManifestError, MigInstanceRef, MigShareMethod, NodeContext,
-    PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy, Totals, TraceSeries,
-    MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_MAX,
-    MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN, MANIFEST_SCHEMA_VERSION_NODES,
+    AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GapEstimate, GpuEfficiency,
+    GpuEnergy, GpuMig, JobInfo, Manifest, ManifestError, MigInstanceRef, MigShareMethod,
+    NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy,
+    ThrottleSeconds, Totals, TraceSeries, XidEvent, MANIFEST_SCHEMA_VERSION,
+    MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_EFFICIENCY,
+    MANIFEST_SCHEMA_VERSION_MAX, MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
+    MANIFEST_SCHEMA_VERSION_NODES,
 };
 pub use record::{find_in_field, merge_into_field, strip_from_field, JobRecord, RecordError};
 pub use wire::{

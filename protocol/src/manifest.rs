@@ -82,8 +82,14 @@ pub const MANIFEST_SCHEMA_VERSION_COVERAGE: u32 = 4;
 /// manifest stays as it was.
 pub const MANIFEST_SCHEMA_VERSION_NODES: u32 = 5;
 
+/// Schema 6: schema 5 plus each GPU's activity and health over the job
+/// ([`GpuEnergy::efficiency`]: SM utilisation, memory, temperature, clocks, throttling, ECC
+/// errors, Xid events, whether it sat idle). Written only for manifests that have it; the field
+/// is optional, so every schema 5 manifest stays as it was.
+pub const MANIFEST_SCHEMA_VERSION_EFFICIENCY: u32 = 6;
+
 /// The newest manifest schema this build reads.
-pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_NODES;
+pub const MANIFEST_SCHEMA_VERSION_MAX: u32 = MANIFEST_SCHEMA_VERSION_EFFICIENCY;
 
 /// The oldest manifest schema this build still reads and verifies: schema 1, whose power
 /// traces are decimal arrays (see the [module documentation](self#power-traces-on-the-wire)).
@@ -277,6 +283,91 @@ pub struct GpuEnergy {
     /// unchanged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mig: Option<GpuMig>,
+    /// The GPU's activity and health over the job (schema 6); absent where ergond did not
+    /// sample them (no statistics thread, a manifest written before they existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub efficiency: Option<GpuEfficiency>,
+}
+
+/// A GPU's activity and health over the job on this node, from ergond's samples at the CPU-time
+/// cadence. Each figure is `null` where the GPU or driver does not report it ("not reported"),
+/// never 0. For a GPU shared with other jobs (or MIG), the figures are the whole device's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuEfficiency {
+    /// Time of the job the samples cover, seconds.
+    pub sampled_s: f64,
+    /// Whether the samples cover less of the job than they should (ergond was down during
+    /// part of it): the averages and maxima are then over the part sampled. Counters
+    /// (throttle, ECC) still span the whole job where the driver kept them.
+    pub partial: bool,
+    /// Average SM utilisation, % (time-weighted).
+    pub sm_util_avg_pct: Option<f64>,
+    /// Whether the GPU sat idle: `sm_util_avg_pct` below `idle_threshold_pct`; `null` when
+    /// utilisation is not reported.
+    pub idle: Option<bool>,
+    /// The idle rule's threshold (ergond's `[report] idle_gpu_util_percent`).
+    pub idle_threshold_pct: f64,
+    /// Highest device memory in use, bytes.
+    pub memory_used_max_bytes: Option<u64>,
+    /// Highest GPU temperature, °C.
+    pub temperature_max_c: Option<u32>,
+    /// Average SM clock, MHz.
+    pub sm_clock_avg_mhz: Option<f64>,
+    /// Average memory clock, MHz.
+    pub mem_clock_avg_mhz: Option<f64>,
+    /// Time the clocks were held down, per reason (NVML's clock-event-reason counters).
+    pub throttle_s: ThrottleSeconds,
+    /// Corrected ECC errors during the job.
+    pub ecc_corrected: Option<u64>,
+    /// Uncorrected ECC errors during the job.
+    pub ecc_uncorrected: Option<u64>,
+    /// Xid critical errors during the job (`null`: not reported).
+    pub xid_count: Option<u64>,
+    /// The first of them (at most 32), in order.
+    pub xids: Option<Vec<XidEvent>>,
+}
+
+/// Seconds a GPU's clocks were held down, per reason; `null` where the driver has no counter.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleSeconds {
+    /// Software power cap (the board's power limit).
+    pub power_cap: Option<f64>,
+    /// Software thermal slowdown.
+    pub sw_thermal: Option<f64>,
+    /// Hardware thermal slowdown.
+    pub hw_thermal: Option<f64>,
+    /// Hardware power brake (external power brake assertion).
+    pub hw_power_brake: Option<f64>,
+}
+
+impl ThrottleSeconds {
+    /// `(reason, seconds)` for the reasons reported.
+    pub fn reported(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("power_cap", self.power_cap),
+            ("sw_thermal", self.sw_thermal),
+            ("hw_thermal", self.hw_thermal),
+            ("hw_power_brake", self.hw_power_brake),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| Some((n, v?)))
+        .collect()
+    }
+
+    /// The sum of the reported reasons' seconds; `None` when none is reported.
+    pub fn total(&self) -> Option<f64> {
+        let r = self.reported();
+        (!r.is_empty()).then(|| r.iter().map(|(_, v)| v).sum())
+    }
+}
+
+/// One Xid critical error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XidEvent {
+    /// When ergond received it.
+    pub at_unix_ns: u64,
+    /// The Xid (e.g. 79: fallen off the bus, 48: double-bit ECC error).
+    pub xid: u64,
 }
 
 /// A job's MIG instances on one GPU and how the board's energy was shared.
@@ -795,13 +886,32 @@ impl Manifest {
         Ok(())
     }
 
+    /// Energy of the job's allocated GPUs that sat idle ([`GpuEfficiency::idle`]) on this
+    /// node; `None` when no GPU's utilisation was sampled.
+    pub fn idle_gpu_j(&self) -> Option<f64> {
+        let mut any = false;
+        let mut sum = 0.0;
+        for g in &self.gpus {
+            if let Some(idle) = g.efficiency.as_ref().and_then(|e| e.idle) {
+                any = true;
+                if idle {
+                    sum += g.energy_j.unwrap_or(0.0);
+                }
+            }
+        }
+        any.then_some(sum)
+    }
+
     /// The schema version a writer uses for this content: the lowest that has every field
-    /// present — [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.node_list`,
+    /// present — [`MANIFEST_SCHEMA_VERSION_EFFICIENCY`] with a GPU's `efficiency`,
+    /// [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.node_list`,
     /// [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
     /// [`MANIFEST_SCHEMA_VERSION_MIG`] when a GPU entry has `mig`, else
     /// [`MANIFEST_SCHEMA_VERSION`].
     pub fn schema_version_for(&self) -> u32 {
-        if self.job.node_list.is_some() {
+        if self.gpus.iter().any(|g| g.efficiency.is_some()) {
+            MANIFEST_SCHEMA_VERSION_EFFICIENCY
+        } else if self.job.node_list.is_some() {
             MANIFEST_SCHEMA_VERSION_NODES
         } else if self.schema4_field().is_some() {
             MANIFEST_SCHEMA_VERSION_COVERAGE
@@ -875,6 +985,16 @@ impl Manifest {
                     version: m.schema_version,
                     field: "job.node_list",
                     needs: MANIFEST_SCHEMA_VERSION_NODES,
+                })
+            }
+            Ok(m)
+                if m.schema_version < MANIFEST_SCHEMA_VERSION_EFFICIENCY
+                    && m.gpus.iter().any(|g| g.efficiency.is_some()) =>
+            {
+                Err(ManifestError::FieldNeedsVersion {
+                    version: m.schema_version,
+                    field: "gpus[].efficiency",
+                    needs: MANIFEST_SCHEMA_VERSION_EFFICIENCY,
                 })
             }
             Ok(m) if known(m.schema_version) => Ok(m),

@@ -17,7 +17,7 @@
 //! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000>
 //!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>]
 //!        [nexp=<n>] [co2g=<g>] [co2m=<0.000>] [cost=<amount>] [costm=<0.000>] [cur=<code>]
-//!        h=<hex>
+//!        [gidle=<J>] [gutil=<0.0>] [gthr=<s>] [xid=<n>] h=<hex>
 //! ```
 //!
 //! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
@@ -33,7 +33,12 @@
 //! of its energy whose carbon intensity or PUE was unknown (`co2m`, that part is not in `co2g`);
 //! its energy cost with four decimals (`cost`), the fraction of its energy without a price
 //! (`costm`) and the cost's currency code, lowercased (`cur`). The factors behind `co2g` and
-//! `cost` are in the job-records database (`ergon report`), not here.
+//! `cost` are in the job-records database (`ergon report`), not here. From the GPUs'
+//! efficiency figures (manifest schema 6): the energy of the allocated GPUs that sat idle
+//! (`gidle`, whole joules), the average SM utilisation of the job's GPUs in percent with one
+//! decimal (`gutil`, time-weighted over GPUs and nodes), the seconds their clocks were
+//! throttled, summed over GPUs and reasons, with one decimal (`gthr`), and the number of Xid
+//! errors (`xid`); each written only where some GPU reported it.
 //! Decoding ignores keys it does not
 //! know (a later `ergon1` writer may add some, and readers from before these optional keys
 //! ignore them) and fails on a missing required key, naming it. A change that older readers
@@ -66,7 +71,10 @@ pub const HASH_PREFIX_LEN: usize = 12;
 
 /// The longest encoded record: every key present, every number at its largest (checked by a
 /// test).
-pub const MAX_ENCODED_LEN: usize = 470;
+pub const MAX_ENCODED_LEN: usize = 545;
+
+/// Throttle seconds above this are written as this.
+pub const MAX_THROTTLE_S: f64 = 1e9;
 
 /// CO2e above this (a million tonnes) is written as this.
 pub const MAX_CO2E_G: f64 = 1e12;
@@ -153,6 +161,20 @@ pub struct JobRecord {
     /// The cost's currency code, lowercase (`cur`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub currency: Option<String>,
+    /// Energy of the job's allocated GPUs that sat idle, whole joules (`gidle`); `None`: no
+    /// GPU's utilisation was sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_idle_j: Option<u64>,
+    /// Average SM utilisation of the job's GPUs, %, one decimal (`gutil`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_util_pct: Option<f64>,
+    /// Seconds the job's GPUs' clocks were throttled, summed over GPUs and reasons, one
+    /// decimal (`gthr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_throttle_s: Option<f64>,
+    /// Xid errors on the job's GPUs (`xid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xid_events: Option<u32>,
 }
 
 fn normalize_currency(c: &str) -> Option<String> {
@@ -255,6 +277,10 @@ impl JobRecord {
                 .map(|c| round_to(if c > MAX_COST { MAX_COST } else { c }, 4)),
             cost_missing: self.cost_missing.map(normalize_fraction),
             currency: self.currency.as_deref().and_then(normalize_currency),
+            gpu_util_pct: self.gpu_util_pct.map(|u| round_to(u.clamp(0.0, 100.0), 1)),
+            gpu_throttle_s: self
+                .gpu_throttle_s
+                .map(|s| round_to(s.min(MAX_THROTTLE_S), 1)),
             ..self.clone()
         }
     }
@@ -321,6 +347,18 @@ impl JobRecord {
         if let Some(c) = &r.currency {
             let _ = write!(out, " cur={c}");
         }
+        if let Some(j) = r.gpu_idle_j {
+            let _ = write!(out, " gidle={j}");
+        }
+        if let Some(u) = r.gpu_util_pct {
+            let _ = write!(out, " gutil={u:.1}");
+        }
+        if let Some(s) = r.gpu_throttle_s {
+            let _ = write!(out, " gthr={s:.1}");
+        }
+        if let Some(n) = r.xid_events {
+            let _ = write!(out, " xid={n}");
+        }
         let _ = write!(out, " h={}", r.hash);
         out
     }
@@ -332,12 +370,12 @@ impl JobRecord {
         if tokens.next() != Some(TAG) {
             return Err(RecordError::NotErgon(text.chars().take(40).collect()));
         }
-        const KEYS: [&str; 23] = [
+        const KEYS: [&str; 27] = [
             "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
             "gcov", "ccov", "dcov", "gunk", "errj", "sluid", "nexp", "co2g", "co2m", "cost",
-            "costm", "cur",
+            "costm", "cur", "gidle", "gutil", "gthr", "xid",
         ];
-        let mut values: [Option<&str>; 23] = [None; 23];
+        let mut values: [Option<&str>; 27] = [None; 27];
         for token in tokens {
             let (key, value) = token
                 .split_once('=')
@@ -410,6 +448,10 @@ impl JobRecord {
                     })
                 })
                 .transpose()?,
+            gpu_idle_j: values[23].map(|v| parse_int(KEYS[23], v)).transpose()?,
+            gpu_util_pct: values[24].map(|v| parse_decimal(KEYS[24], v)).transpose()?,
+            gpu_throttle_s: values[25].map(|v| parse_decimal(KEYS[25], v)).transpose()?,
+            xid_events: values[26].map(|v| parse_int(KEYS[26], v)).transpose()?,
         };
         Ok(record)
     }
@@ -697,6 +739,10 @@ mod tests {
             cost: Some(f64::MAX),
             cost_missing: Some(0.123),
             currency: Some("z".repeat(MAX_CURRENCY_LEN)),
+            gpu_idle_j: Some(u64::MAX),
+            gpu_util_pct: Some(f64::MAX),
+            gpu_throttle_s: Some(f64::MAX),
+            xid_events: Some(u32::MAX),
         };
         let text = longest.encode();
         assert!(
@@ -708,6 +754,27 @@ mod tests {
         assert_eq!(JobRecord::decode(&text), Ok(longest.normalized()));
         // A typical record with every optional key.
         assert!(schema4().encode().len() < 200);
+    }
+
+    #[test]
+    fn gpu_efficiency_keys_are_written_when_set_and_read_back() {
+        let r = JobRecord {
+            gpu_idle_j: Some(412_000),
+            gpu_util_pct: Some(37.26),
+            gpu_throttle_s: Some(12.54),
+            xid_events: Some(1),
+            ..sample()
+        };
+        let text = r.encode();
+        assert!(
+            text.contains(" gidle=412000 gutil=37.3 gthr=12.5 xid=1 h="),
+            "{text}"
+        );
+        assert_eq!(JobRecord::decode(&text), Ok(r.normalized()));
+        let plain = sample().encode();
+        for key in ["gidle=", "gutil=", "gthr=", "xid="] {
+            assert!(!plain.contains(key), "{plain}");
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ impl Manifest {
                 method: EnergyMethod::Counter,
                 shared: false,
                 mig: None,
+                efficiency: None,
             })
             .socket_entry(SocketEnergy {
                 socket: 0,
@@ -257,7 +258,20 @@ impl ManifestBuilder {
             method: EnergyMethod::Counter,
             shared: false,
             mig: None,
+            efficiency: None,
         })
+    }
+
+    /// Give the last GPU added these efficiency figures (schema 6).
+    pub fn gpu_efficiency(mut self, e: crate::GpuEfficiency) -> Self {
+        if let Some(g) = self.m.gpus.last_mut() {
+            g.efficiency = Some(e);
+        }
+        self.m.schema_version = self
+            .m
+            .schema_version
+            .max(crate::manifest::MANIFEST_SCHEMA_VERSION_EFFICIENCY);
+        self
     }
 
     /// A GPU as given.

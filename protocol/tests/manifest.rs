@@ -291,7 +291,7 @@ fn unsealed_manifest_is_refused() {
 
 #[test]
 fn other_schema_versions_are_refused_first() {
-    for version in [0u32, 6] {
+    for version in [0u32, 7] {
         let mut v: Value = serde_json::to_value(Manifest::example()).unwrap();
         v["schema_version"] = version.into();
         let bytes = serde_json::to_vec(&v).unwrap();
@@ -306,7 +306,7 @@ fn other_schema_versions_are_refused_first() {
             ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("versions 1 to 5"), "{err}");
+        assert!(err.to_string().contains("versions 1 to 6"), "{err}");
     }
     // Even when the rest has a shape this build does not know.
     let future = br#"{"schema_version": 7, "totally": ["different"]}"#;
@@ -430,6 +430,7 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "gpus_unknown",
     "estimate",
     "node_list",
+    "efficiency",
 ];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
@@ -632,7 +633,16 @@ fn check_object(root: &Value, schema: &Value, value: &Value, at: &str, checked: 
                 "{at}: null but the schema is not nullable"
             );
         }
-        Value::Bool(_) => assert_eq!(schema["type"], "boolean", "{at}"),
+        Value::Bool(_) => {
+            let ty = &schema["type"];
+            assert!(
+                ty == "boolean"
+                    || ty
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|t| t == "boolean")),
+                "{at}: schema type {ty} for a boolean"
+            );
+        }
     }
 }
 
@@ -729,4 +739,71 @@ fn the_jobs_node_list_needs_schema_5() {
     assert_eq!(back, m);
     // Without the field a manifest is what it was.
     assert!(Manifest::example().schema_version_for() < MANIFEST_SCHEMA_VERSION_NODES);
+}
+
+/// Schema 6's field, a GPU's efficiency: in the JSON Schema, refused in an older version, kept
+/// through sealing; a manifest without it keeps its version.
+#[test]
+fn a_gpus_efficiency_needs_schema_6() {
+    let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
+    let mut m = Manifest::example();
+    m.gpus[0].efficiency = Some(ergon_protocol::GpuEfficiency {
+        sampled_s: 10.0,
+        partial: false,
+        sm_util_avg_pct: Some(1.5),
+        idle: Some(true),
+        idle_threshold_pct: 5.0,
+        memory_used_max_bytes: Some(1 << 30),
+        temperature_max_c: Some(60),
+        sm_clock_avg_mhz: None,
+        mem_clock_avg_mhz: Some(1593.0),
+        throttle_s: ergon_protocol::ThrottleSeconds {
+            power_cap: Some(1.5),
+            sw_thermal: None,
+            hw_thermal: Some(0.0),
+            hw_power_brake: None,
+        },
+        ecc_corrected: Some(0),
+        ecc_uncorrected: None,
+        xid_count: Some(1),
+        xids: Some(vec![ergon_protocol::XidEvent {
+            at_unix_ns: 5,
+            xid: 79,
+        }]),
+    });
+    let value = serde_json::to_value(&m).unwrap();
+    let mut checked = 0;
+    check_object(&schema, &schema, &value, "$", &mut checked);
+    assert!(
+        schema["$defs"]["GpuEfficiency"]["required"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 14
+    );
+    assert_eq!(
+        m.schema_version_for(),
+        ergon_protocol::MANIFEST_SCHEMA_VERSION_EFFICIENCY
+    );
+    let mut old = m.clone();
+    old.schema_version = MANIFEST_SCHEMA_VERSION_NODES;
+    old.seal();
+    match Manifest::from_json(&old.to_json().unwrap()) {
+        Err(ManifestError::FieldNeedsVersion {
+            version: 5,
+            field: "gpus[].efficiency",
+            needs: 6,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    m.schema_version = m.schema_version_for();
+    m.seal();
+    let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
+    assert_eq!(back, m);
+    assert_eq!(back.idle_gpu_j(), m.gpus[0].energy_j.or(Some(0.0)));
+    assert!(
+        Manifest::example().schema_version_for()
+            < ergon_protocol::MANIFEST_SCHEMA_VERSION_EFFICIENCY
+    );
+    assert_eq!(Manifest::example().idle_gpu_j(), None);
 }

@@ -18,6 +18,11 @@
 //!   `ergon-<id>.json` is a symlink to a root-owned file gets nothing written through it; the two
 //!   tasks of a `--energy-report=json` array in one directory each get their own
 //!   `ergon-<array id>_<task id>.json`, the user's.
+//! - `an_idle_gpu_throttling_and_xids_are_reported_end_to_end`: the fake GPUs scripted with
+//!   utilisation (Slurm's GPU 0 busy, the others idle), power-cap throttling, memory,
+//!   temperature and, on GPU 0, an Xid every second; a `--gres=gpu:2` job's user report names its
+//!   idle GPU and the energy it spent idle, the manifest has the throttle seconds and the Xids,
+//!   and after `ergon run` the sacct record and `ergon report` show them.
 //! - `two_jobs_on_mig_instances_of_one_gpu_get_their_slices_of_it`: gres.conf rewritten with two
 //!   `MultipleFiles=` MIG instances of one fake GPU in MIG mode; two jobs on them at once are
 //!   each charged their instance's slices of the board; gres.conf and slurmd are restored.
@@ -83,6 +88,8 @@ struct FakeGpu {
     watts: f64,
     /// The fake NVML's `mig` object for a GPU in MIG mode.
     mig: Option<serde_json::Value>,
+    /// More scenario fields of the GPU (its scripted utilisation, throttling, Xids, …).
+    extra: Option<serde_json::Value>,
 }
 
 /// The fake GPUs in NVML order: the cluster's four devices in reverse gres.conf order, so that
@@ -97,6 +104,7 @@ fn fake_gpus(c: &Cluster) -> Vec<FakeGpu> {
             minor,
             watts: watts(i),
             mig: None,
+            extra: None,
         })
         .collect()
 }
@@ -140,6 +148,11 @@ impl Ergond {
                 });
                 if let Some(mig) = &g.mig {
                     gpu["mig"] = mig.clone();
+                }
+                if let Some(serde_json::Value::Object(extra)) = &g.extra {
+                    for (k, v) in extra {
+                        gpu[k] = v.clone();
+                    }
                 }
                 gpu
             }).collect::<Vec<_>>(),
@@ -1610,6 +1623,157 @@ fn interactive_srun_and_salloc_show_the_report_on_the_terminal() {
             let files =
                 spank_ergon::terminal::report_files(&home, job, ergon_protocol::ReportFormat::Text);
             ensure!(files.len() == 1, "{files:?}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn an_idle_gpu_throttling_and_xids_are_reported_end_to_end() {
+    // Slurm's GPU 0 is busy (90 %) and has an Xid 79 every second; the others sit idle (1 %);
+    // every GPU is held at its power cap 30 % of the time.
+    let busy_minor = minor_of(cluster(), 0);
+    let mut s = setup_gpus("gpueff", "[report]\nidle_gpu_util_percent = 5\n", |gpus| {
+        for g in gpus.iter_mut() {
+            let busy = g.minor == busy_minor;
+            let xids: Vec<serde_json::Value> = if busy {
+                (1..=600)
+                    .map(|k| serde_json::json!({"at_s": f64::from(k), "xid": 79}))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            g.extra = Some(serde_json::json!({
+                "utilization": if busy { 90 } else { 1 },
+                "memory_used_bytes": if busy { 40_000_000_000u64 } else { 500_000_000 },
+                "temperature_c": if busy { 75 } else { 40 },
+                "sm_clock_mhz": 1980, "mem_clock_mhz": 2619,
+                "throttle": {"power_cap": 0.3, "hw_thermal": 0.0},
+                "ecc": {"corrected": 0, "uncorrected": 0},
+                "xids": xids,
+            }));
+        }
+    });
+    s.run(|s| {
+        let c = s.c;
+        let (job, started, release) = s.held_job(&["--gres=gpu:2"])?;
+        wait_for_file(&started, JOB_TIMEOUT)?;
+        let indices = allocated_gpu_indices(c, job)?;
+        ensure!(indices.len() == 2, "Slurm allocated {indices:?}");
+        // While it runs, /metrics has the GPUs' utilisation and the job's.
+        wait_for(Duration::from_secs(10), "the job's GPU utilisation in /metrics", || {
+            let m = s.ergond.scrape()?;
+            Ok((m.contains("ergon_gpu_utilization_ratio{gpu=")
+                && m.contains(&format!("ergon_job_gpu_utilization_ratio{{job_id=\"{job}\"}}")))
+            .then_some(()))
+        })?;
+        std::thread::sleep(Duration::from_secs(4));
+        std::fs::write(&release, b"")?;
+        c.wait_completed(job)?;
+        let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
+        ensure!(m.schema_version == 6, "schema {}", m.schema_version);
+        let secs = m.duration_s;
+        let mut idle_j = 0.0;
+        let mut idle_names = Vec::new();
+        for g in &m.gpus {
+            let e = g
+                .efficiency
+                .as_ref()
+                .ok_or_else(|| anyhow!("GPU {} has no efficiency figures", g.index))?;
+            let busy = g.minor == Some(busy_minor);
+            let util = e.sm_util_avg_pct.ok_or_else(|| anyhow!("{e:?}"))?;
+            ensure!(
+                (util - if busy { 90.0 } else { 1.0 }).abs() < 0.01 && e.idle == Some(!busy),
+                "GPU {}: {e:?}",
+                g.index
+            );
+            let cap = e.throttle_s.power_cap.ok_or_else(|| anyhow!("{e:?}"))?;
+            ensure!((cap - 0.3 * secs).abs() < 0.3, "power cap {cap} s over {secs} s");
+            ensure!(e.throttle_s.hw_thermal == Some(0.0), "{e:?}");
+            ensure!(e.throttle_s.sw_thermal.is_none(), "not scripted: {e:?}");
+            ensure!(e.ecc_uncorrected == Some(0), "{e:?}");
+            let xids = e.xid_count.ok_or_else(|| anyhow!("Xids not reported: {e:?}"))?;
+            if busy {
+                // One a second, those that arrived while the job ran.
+                ensure!(
+                    (xids as f64 - secs).abs() <= 2.0,
+                    "{xids} Xids over {secs} s: {e:?}"
+                );
+                let list = e.xids.as_ref().unwrap();
+                ensure!(
+                    list.iter().all(|x| x.xid == 79
+                        && (m.start_unix_ns..=m.end_unix_ns).contains(&x.at_unix_ns)),
+                    "{list:?}"
+                );
+                ensure!(e.memory_used_max_bytes == Some(40_000_000_000), "{e:?}");
+                ensure!(e.temperature_max_c == Some(75), "{e:?}");
+            } else {
+                ensure!(xids == 0, "{e:?}");
+                idle_j += g.energy_j.unwrap_or(0.0);
+                idle_names.push(format!("gpu{}", g.index));
+            }
+        }
+        let busy_held = indices.contains(&0);
+        ensure!(
+            idle_names.len() == if busy_held { 1 } else { 2 },
+            "idle {idle_names:?} of {indices:?}"
+        );
+
+        // The user's report (--energy-report, stdout /dev/null: a file in the job's directory).
+        let report_path = s.dir.path().join(format!("ergon-{job}.txt"));
+        wait_for_file(&report_path, Duration::from_secs(30))?;
+        let report = std::fs::read_to_string(&report_path)?;
+        println!("{report}");
+        for name in &idle_names {
+            ensure!(
+                report.contains(&format!("{name}: 1 % average SM utilisation")),
+                "{name} not named idle:\n{report}"
+            );
+        }
+        ensure!(
+            report.contains(&format!(
+                "{} of the job's",
+                ergon_protocol::format::energy(idle_j)
+            )) && report.contains("went to allocated GPUs that sat idle"),
+            "idle energy {idle_j} J not in:\n{report}"
+        );
+        ensure!(report.contains("power cap"), "{report}");
+
+        // The accounting: the sacct record's keys and `ergon report`.
+        let acct = s.dir.path().join("accounting.toml");
+        std::fs::write(
+            &acct,
+            format!(
+                "spool_dirs = [{:?}]\nquarantine_dir = {:?}\nstate_dir = {:?}\nsettle_s = 0\n\n[sacct]\n",
+                s.ergond.spool,
+                s.dir.path().join("quarantine"),
+                s.dir.path().join("acct-state"),
+            ),
+        )?;
+        let out = ergon(c, &acct, &["run"])?;
+        ensure!(out.status.code() == Some(0), "ergon run: {}", show(&out));
+        let field = c.sacct_field(job, "AdminComment")?.unwrap_or_default();
+        let rec = ergon_protocol::find_in_field(&field)
+            .ok_or_else(|| anyhow!("no ergon1 record in AdminComment {field:?}"))?
+            .map_err(|e| anyhow!("AdminComment {field:?}: {e}"))?;
+        println!("AdminComment: {field}");
+        ensure!(
+            rec.gpu_idle_j == Some(idle_j.round() as u64),
+            "{rec:?} vs idle {idle_j} J"
+        );
+        ensure!(
+            rec.xid_events.is_some_and(|n| n >= 1) == busy_held,
+            "{rec:?}"
+        );
+        ensure!(rec.gpu_throttle_s.is_some_and(|t| t > 0.0), "{rec:?}");
+        let out = ergon(c, &acct, &["report", &job.to_string()])?;
+        ensure!(out.status.code() == Some(0), "ergon report: {}", show(&out));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        println!("{text}");
+        ensure!(text.contains("gpu use") && text.contains("on idle GPUs"), "{text}");
+        ensure!(text.contains("idle GPUs") && text.contains("throttled"), "{text}");
+        if busy_held {
+            ensure!(text.contains("Xid event(s): 79"), "{text}");
         }
         Ok(())
     });

@@ -204,7 +204,7 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
         Err(e) => e.to_string(),
     };
     let doc = documented(&md, "## `/etc/ergon/ergond.toml`", "\n## ");
-    let code = code_keys(&ergond, &["sampling", "attribution", "metrics"]);
+    let code = code_keys(&ergond, &["sampling", "attribution", "metrics", "report"]);
     assert!(code.len() >= 20, "{code:?}");
     check("ergond.toml", &doc, &code, &ergond);
 

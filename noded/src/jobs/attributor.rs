@@ -31,6 +31,7 @@ use crate::attribution::{
     SocketInterval, SocketJob, SocketShare,
 };
 use crate::counter::Support;
+use crate::gpustats::GpuJobStats;
 use crate::sources::nvml::MigLayout;
 use crate::sources::rapl::RaplDomain;
 
@@ -113,6 +114,9 @@ pub struct Member {
     /// interval over the interval's length (`/metrics`' `ergon_job_power_watts`).
     #[serde(default)]
     pub last_power_w: Option<f64>,
+    /// Per GPU it holds (by share key): its activity and health over the job so far.
+    #[serde(default)]
+    pub gpu_stats: BTreeMap<u32, GpuJobStats>,
 }
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
@@ -140,6 +144,9 @@ pub struct JobResult {
     /// See [`Member::gpu_unread_ns`].
     #[serde(default)]
     pub gpu_unread_ns: BTreeMap<u32, u64>,
+    /// See [`Member::gpu_stats`].
+    #[serde(default)]
+    pub gpu_stats: BTreeMap<u32, GpuJobStats>,
 }
 
 /// Counters of the attributor's own health, for `/metrics`.
@@ -398,6 +405,17 @@ impl Attributor {
                 tracing::warn!(error = %e, "an interval could not be attributed");
             }
         }
+        // The GPUs' statistics since the last reading, to the jobs that held them.
+        for m in self.members.values_mut() {
+            for &p in &m.gpus {
+                if let Some(Some(w)) = r.gpu_stats.get(p) {
+                    m.gpu_stats
+                        .entry(self.gpu_minors[p])
+                        .or_insert_with(|| GpuJobStats::starting(None))
+                        .add(w);
+                }
+            }
+        }
         self.move_baselines(r);
         self.last = Some(r.clone());
     }
@@ -599,9 +617,24 @@ impl Attributor {
             cpu_ns: 0,
             gpu_unread_ns: BTreeMap::new(),
             last_power_w: None,
+            gpu_stats: BTreeMap::new(),
         });
         if m.gpus.is_empty() {
             m.gpus = gpus;
+            // Its GPUs' counters as of its start reading are its baselines (for GPUs whose
+            // statistics are sampled).
+            for &p in &m.gpus {
+                let at_start = self
+                    .last
+                    .as_ref()
+                    .and_then(|r| r.gpu_stats.get(p))
+                    .and_then(Option::as_ref);
+                if let (Some(&key), Some(_)) = (self.gpu_minors.get(p), at_start) {
+                    m.gpu_stats
+                        .entry(key)
+                        .or_insert_with(|| GpuJobStats::starting(at_start));
+                }
+            }
         }
         if m.cpus.is_empty() {
             m.cpus = cpus;
@@ -709,6 +742,7 @@ impl Attributor {
             cpu_trace: m.cpu_trace,
             cpu_ns: m.cpu_ns,
             gpu_unread_ns: m.gpu_unread_ns,
+            gpu_stats: m.gpu_stats,
         })
     }
 }
@@ -772,6 +806,7 @@ mod tests {
                 (1, (2.0 * t * 1e9) as u64, (4.0 * t * 1e9) as u64),
             ],
             gpu_util: vec![],
+            gpu_stats: vec![],
             across: None,
         }
     }
@@ -814,6 +849,59 @@ mod tests {
         assert!((n.gpu.unattributed_j - 2000.0).abs() < 1e-9);
         assert_eq!(a.stats().conservation_failures, 0);
         assert_eq!(a.stats().intervals, 10);
+    }
+
+    /// Each GPU's statistics go to the jobs that held it in the interval, from the counters
+    /// as of the job's start reading; a GPU not sampled gets no figures; a job's figures survive
+    /// the journal (serialisation) and end in its result.
+    #[test]
+    fn gpu_statistics_go_to_the_jobs_holding_the_gpu_over_their_interval() {
+        use crate::gpustats::GpuWindow;
+        let window = |util: f64, throttle_ns: u64, xids: Vec<(u64, u64)>| GpuWindow {
+            sampled_ns: 1_000_000_000,
+            util_pct_ns: util * 1e9,
+            util_ns: 1_000_000_000,
+            throttle_ns: [Some(throttle_ns), None, None, None],
+            xids: Some(xids),
+            ..Default::default()
+        };
+        let with = |t: f64, w: Vec<Option<GpuWindow>>| Reading {
+            gpu_stats: w,
+            ..reading(t, &[])
+        };
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        // Before the job: 7 s of power-cap throttling so far, one Xid.
+        a.advance(&with(
+            0.0,
+            vec![Some(window(50.0, 7_000_000_000, vec![(1, 13)])), None],
+        ));
+        a.job_start(1, vec![0, 1], CpuSet::new());
+        a.advance(&with(
+            1.0,
+            vec![Some(window(80.0, 7_500_000_000, vec![(2, 79)])), None],
+        ));
+        let journaled: Attributor =
+            serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        let mut b = Attributor::new(&facts(), AttributionConfig::default());
+        b.restore_state(journaled);
+        b.advance(&with(
+            2.0,
+            vec![Some(window(40.0, 8_000_000_000, vec![])), None],
+        ));
+        let r = b.job_end(1).unwrap();
+        let s = &r.gpu_stats[&6];
+        assert_eq!(
+            s.util_avg_pct(),
+            Some(60.0),
+            "80 % then 40 %, not the 50 % before"
+        );
+        assert_eq!(
+            s.throttle[0].total,
+            Some(1_000_000_000),
+            "8 s - 7 s at its start"
+        );
+        assert_eq!(s.xids, Some(vec![(2, 79)]));
+        assert!(!r.gpu_stats.contains_key(&7), "minor 7 is not sampled");
     }
 
     /// `facts()` with minor 7 (200 W in `reading`) in MIG mode: 7 slices, instances GI 1 (3

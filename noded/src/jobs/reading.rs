@@ -33,6 +33,11 @@ pub struct Reading {
     /// read or not reported.
     #[serde(default)]
     pub gpu_util: Vec<Option<Vec<(u32, f64)>>>,
+    /// Per GPU (snapshot position): what its statistics samples say since the previous
+    /// reading the attributor took (and its counters as of this instant); `None` where its
+    /// statistics are not sampled.
+    #[serde(default)]
+    pub gpu_stats: Vec<Option<crate::gpustats::GpuWindow>>,
     /// Set when a counter at this instant had to be interpolated across a stretch the sampler
     /// did not cover (ergond stopped, hung, starved or down): the figures that depend on it are
     /// estimates, off by at most the stretch's energy.
@@ -315,6 +320,7 @@ mod tests {
             cgroups: vec![("x".into(), 7)],
             sockets: vec![],
             gpu_util: vec![],
+            gpu_stats: vec![],
             across: None,
         };
         let b = Reading {
@@ -324,6 +330,7 @@ mod tests {
             cgroups: vec![],
             sockets: vec![],
             gpu_util: vec![],
+            gpu_stats: vec![],
             across: None,
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));

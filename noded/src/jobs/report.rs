@@ -209,6 +209,23 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
                 None => String::new(),
             }
         );
+        if let Some(e) = &g.efficiency {
+            for line in format::gpu_efficiency(e) {
+                let _ = writeln!(s, "      {line}");
+            }
+        }
+    }
+    let idle = format::idle_gpus(
+        m.gpus.iter().filter_map(|g| {
+            g.efficiency
+                .as_ref()
+                .map(|e| (format!("gpu{}", g.index), e, g.energy_j))
+        }),
+        t.energy_j,
+    );
+    for (k, line) in idle.iter().enumerate() {
+        let head = if k == 0 { "Idle GPUs" } else { "" };
+        let _ = writeln!(s, "{head:<11}{line}");
     }
     let _ = writeln!(s, "  CPU      {}", opt_energy(t.cpu_j));
     for k in &m.sockets {
@@ -300,6 +317,10 @@ struct JsonReport<'a> {
     avg_w: f64,
     peak_w: f64,
     gpus: &'a [ergon_protocol::GpuEnergy],
+    /// Energy of the allocated GPUs that sat idle (`gpus[].efficiency.idle`); absent where no
+    /// GPU's utilisation was sampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_gpu_j: Option<f64>,
     sockets: &'a [ergon_protocol::SocketEnergy],
     steps: &'a [ergon_protocol::StepEnergy],
     gaps: &'a [ergon_protocol::Gap],
@@ -330,6 +351,7 @@ pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
         avg_w: m.totals.avg_w,
         peak_w: m.totals.peak_w,
         gpus: &m.gpus,
+        idle_gpu_j: m.idle_gpu_j(),
         sockets: &m.sockets,
         steps: &m.steps,
         gaps: &m.coverage.gaps,
@@ -620,6 +642,76 @@ mod tests {
         );
         let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
         assert_eq!(j["gpus"][0]["mig"]["total_slices"], 7);
+    }
+
+    fn efficiency(util: Option<f64>) -> ergon_protocol::GpuEfficiency {
+        ergon_protocol::GpuEfficiency {
+            sampled_s: 65.0,
+            partial: false,
+            sm_util_avg_pct: util,
+            idle: util.map(|u| u < 5.0),
+            idle_threshold_pct: 5.0,
+            memory_used_max_bytes: Some(3 << 30),
+            temperature_max_c: Some(61),
+            sm_clock_avg_mhz: Some(1410.0),
+            mem_clock_avg_mhz: None,
+            throttle_s: ergon_protocol::ThrottleSeconds {
+                power_cap: Some(12.5),
+                sw_thermal: None,
+                hw_thermal: Some(3.0),
+                hw_power_brake: None,
+            },
+            ecc_corrected: Some(2),
+            ecc_uncorrected: Some(0),
+            xid_count: Some(1),
+            xids: Some(vec![ergon_protocol::XidEvent {
+                at_unix_ns: 1,
+                xid: 79,
+            }]),
+        }
+    }
+
+    #[test]
+    fn the_report_names_an_idle_gpu_its_energy_and_each_gpu_figure() {
+        let m = ergon_protocol::testing::ManifestBuilder::new("c", 42, "n1")
+            .span(0, 65_000_000_000)
+            .gpu(Some(412_000.0))
+            .gpu_efficiency(efficiency(Some(1.0)))
+            .gpu(Some(100_000.0))
+            .gpu_efficiency(efficiency(Some(80.0)))
+            .gpu(Some(50_000.0))
+            .gpu_efficiency(ergon_protocol::GpuEfficiency {
+                sm_util_avg_pct: None,
+                idle: None,
+                memory_used_max_bytes: None,
+                xid_count: None,
+                xids: None,
+                ..efficiency(None)
+            })
+            .build();
+        assert_eq!(m.schema_version, 6);
+        let t = render_text(&m, None);
+        for want in [
+            "Idle GPUs  gpu0: 1 % average SM utilisation, 412 kJ spent idle",
+            "412 kJ of the job's 562 kJ (73.3%) went to allocated GPUs that sat idle \
+             (average SM utilisation below 5 %)",
+            "average SM utilisation 80 %, memory used at most 3.0 GiB, temperature at most 61 °C, \
+             average SM clock 1410 MHz; not reported: memory clock",
+            "throttled 15.5 s (power cap 12.5 s, hw thermal 3.0 s)",
+            "ECC errors 2 corrected, 0 uncorrected; 1 Xid event(s): 79",
+            "temperature at most 61 °C, average SM clock 1410 MHz; not reported: SM utilisation, \
+             memory used, memory clock",
+            "Xid events not reported",
+        ] {
+            assert!(t.contains(want), "{want:?} missing from\n{t}");
+        }
+        assert!(!t.contains("gpu1: "), "a busy GPU is not idle:\n{t}");
+        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        assert_eq!(j["idle_gpu_j"], 412_000.0);
+        assert_eq!(j["gpus"][0]["efficiency"]["throttle_s"]["power_cap"], 12.5);
+        assert!(j["gpus"][2]["efficiency"]["sm_util_avg_pct"].is_null());
+        let plain = render_json(&manifest(), None);
+        assert!(!plain.contains("idle_gpu_j"), "{plain}");
     }
 
     #[test]

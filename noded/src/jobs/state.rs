@@ -90,6 +90,8 @@ pub struct TrackerConfig {
     pub slurm: SlurmNode,
     /// Where the plugin leaves the events it could not deliver (`None`: no replay).
     pub queue_dir: Option<PathBuf>,
+    /// The idle-GPU rule's threshold (`[report] idle_gpu_util_percent`).
+    pub idle_gpu_util_percent: f64,
 }
 
 pub(crate) struct Inner {

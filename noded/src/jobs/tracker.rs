@@ -304,6 +304,14 @@ impl JobTracker {
                         cpu_j: share.package_j(),
                         dram_j: share.dram_j(),
                         power_w: att.members().get(&job_id)?.last_power_w,
+                        gpu_util: {
+                            let m = att.members().get(&job_id)?;
+                            let (sum, ns) = m
+                                .gpu_stats
+                                .values()
+                                .fold((0.0, 0u64), |(s, n), g| (s + g.util_pct_ns, n + g.util_ns));
+                            (ns > 0).then(|| sum / ns as f64 / 100.0)
+                        },
                     })
                 })
                 .collect();

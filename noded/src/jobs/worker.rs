@@ -643,6 +643,12 @@ pub(super) fn read_at(
                 Some(by_job)
             })
             .collect(),
+        gpu_stats: (0..n_gpus)
+            .map(|i| {
+                let from = prior.map_or(at_ns, |p| p.at_mono_ns);
+                sampler.gpu_stats_window(i, from, at_ns, &mut Vec::new())
+            })
+            .collect(),
         across,
     }
 }
@@ -694,6 +700,7 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) -> Option<Spoo
         &inner.config.default_cluster,
         &inner.sampler.holes(),
     );
+    crate::gpustats::set_idle_threshold(&mut m, inner.config.idle_gpu_util_percent);
     m.seal();
     Some(SpoolWork { job, manifest: m })
 }

@@ -7,8 +7,10 @@ use super::ring::UNSET;
 use super::shared::{lock, Shared, Watched};
 use super::trace::{TraceOf, TraceSample};
 use crate::clock::monotonic_ns;
+use crate::gpustats::{summarise, GpuWindow, WeightedSample};
 use crate::snapshot::{CgroupSnapshot, NodeSnapshot, SamplerThread};
 use crate::sources::cgroup::{CgroupCpu, CgroupHierarchy};
+use crate::sources::nvml::GpuStatsSample;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -98,6 +100,20 @@ impl SamplerHandle {
             })
             .collect();
         s.samplers = healths.into_iter().map(finish_health).collect();
+        if let Some(part) = &self.shared.gpu_stats {
+            let p = lock(part);
+            s.gpu_stats = p
+                .iter()
+                .zip(&s.gpus)
+                .filter_map(|(g, snap)| {
+                    Some(crate::snapshot::GpuStatsSnapshot {
+                        uuid: snap.uuid.clone(),
+                        sample: g.latest?,
+                        xid_total: g.xid_supported.then_some(g.xid_total),
+                    })
+                })
+                .collect();
+        }
         s.threads = self
             .threads
             .iter()
@@ -223,6 +239,41 @@ impl SamplerHandle {
             TraceOf::Gpu(_) => self.options.gpu_period.as_nanos() as u64,
             TraceOf::Zone(_) => self.options.rapl_period.as_nanos() as u64,
         })
+    }
+
+    /// What GPU `i`'s (snapshot position) statistics samples and Xid events in
+    /// `(from_ns, to_ns]` say; `None` when its statistics are not sampled.
+    pub fn gpu_stats_window(
+        &self,
+        i: usize,
+        from_ns: u64,
+        to_ns: u64,
+        buf: &mut Vec<WeightedSample>,
+    ) -> Option<GpuWindow> {
+        let part = self.shared.gpu_stats.as_ref()?;
+        let mut xids = Vec::new();
+        let supported = {
+            let p = lock(part);
+            let g = p.get(i)?;
+            g.samples.copy_into(buf);
+            g.xids.copy_into(&mut xids);
+            g.xid_supported
+        };
+        Some(summarise(
+            buf,
+            supported.then_some(&xids[..]),
+            from_ns,
+            to_ns,
+        ))
+    }
+
+    /// GPU `i`'s latest statistics sample, Xid events since start (`None`: not reported), for
+    /// `/metrics`; `None` when its statistics are not sampled or no sample is in yet.
+    pub fn gpu_stats_latest(&self, i: usize) -> Option<(GpuStatsSample, Option<u64>)> {
+        let part = self.shared.gpu_stats.as_ref()?;
+        let p = lock(part);
+        let g = p.get(i)?;
+        Some((g.latest?, g.xid_supported.then_some(g.xid_total)))
     }
 
     /// Say whether several jobs hold GPU `i` (snapshot position): only then does the GPU

@@ -9,6 +9,11 @@
 //!   per-socket busy time of `/proc/stat`: CPU time is read on the same tick as RAPL, so the
 //!   energy of an interval and how busy each job was in it describe the same instants.
 //!
+//! * `ergond-gpustat` reads every GPU's activity and health (utilisation, memory, temperature,
+//!   clocks, throttle and ECC counters) every `cgroup_period`, and polls its Xid events without
+//!   blocking: slower driver calls, on their own thread and NVML handle so that they never
+//!   delay the energy readings.
+//!
 //! GPUs get a thread of their own because a driver call can take milliseconds on a busy GPU and
 //! must not delay RAPL's 1 kHz profiling ticks.
 //!
@@ -54,6 +59,7 @@ mod ring;
 mod shared;
 mod sources;
 mod start;
+mod stats_thread;
 mod ticker;
 mod trace;
 
@@ -67,4 +73,5 @@ pub use options::{
 };
 pub use sources::{detect_gpu_counter_period, SamplerSources, SourceProblem};
 pub use start::Sampler;
+pub use stats_thread::{STATS_CAPACITY, XID_CAPACITY};
 pub use trace::{TraceOf, TraceSample};

@@ -47,6 +47,8 @@ pub(super) struct Shared {
     /// about once a second by the GPU thread, only for these GPUs).
     pub(super) gpu_shared: Vec<AtomicBool>,
     pub(super) gpu: Option<Mutex<GpuPart>>,
+    /// Per GPU (snapshot position): the statistics thread's samples and Xid events.
+    pub(super) gpu_stats: Option<Mutex<Vec<super::stats_thread::GpuStatsState>>>,
     pub(super) cpu: Option<Mutex<CpuPart>>,
     pub(super) cgroups: Mutex<Vec<Watched>>,
 }

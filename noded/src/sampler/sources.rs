@@ -4,7 +4,7 @@
 use crate::clock::monotonic_ns;
 use crate::config::Config;
 use crate::sources::cgroup::{detect_version, CgroupHierarchy, SocketBusy};
-use crate::sources::nvml::GpuSource;
+use crate::sources::nvml::{GpuSource, GpuStatsReader};
 use crate::sources::rapl::RaplSource;
 use crate::sources::topology::CpuTopology;
 use std::time::Duration;
@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct SamplerSources {
     /// GPUs through NVML.
     pub gpu: Option<GpuSource>,
+    /// The same GPUs' activity and health statistics (a second NVML handle).
+    pub gpu_stats: Option<GpuStatsReader>,
     /// RAPL zones (perf or powercap).
     pub rapl: Option<RaplSource>,
     /// cgroup hierarchy for [`SamplerHandle::watch_cgroup`](super::SamplerHandle::watch_cgroup).
@@ -47,6 +49,20 @@ impl SamplerSources {
                 None
             }
         };
+        let gpu_stats = gpu.as_ref().filter(|g| !g.is_empty()).and_then(|g| {
+            let uuids: Vec<String> = g.gpus().into_iter().map(|i| i.id.uuid).collect();
+            match GpuStatsReader::open(config.nvml_library.as_deref(), &uuids) {
+                Ok(r) if r.reports_nothing() => {
+                    tracing::info!("no GPU reports activity or health statistics; jobs' GPU efficiency is not reported");
+                    None
+                }
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "GPU statistics unavailable; jobs' GPU efficiency is not reported");
+                    None
+                }
+            }
+        });
         let rapl = match RaplSource::open(&config.rapl_options()) {
             Ok(r) => Some(r),
             Err(e) => {
@@ -77,6 +93,7 @@ impl SamplerSources {
         (
             Self {
                 gpu,
+                gpu_stats,
                 rapl,
                 cgroups,
                 sockets,

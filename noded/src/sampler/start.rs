@@ -8,6 +8,7 @@ use super::options::{SamplerError, SamplerOptions, DETECT_BUDGET};
 use super::ring::Ring;
 use super::shared::{lock, CpuPart, GpuPart, Shared};
 use super::sources::{detect_gpu_counter_period, SamplerSources};
+use super::stats_thread::{stats_thread, GpuStatsState};
 use super::trace::UNSET_SAMPLE;
 use crate::config::Config;
 use crate::counter::Method;
@@ -55,6 +56,7 @@ impl Sampler {
         options.validate()?;
         let SamplerSources {
             gpu,
+            gpu_stats,
             rapl,
             cgroups,
             sockets,
@@ -145,10 +147,15 @@ impl Sampler {
         });
 
         let gpu_count = gpu_part.as_ref().map_or(0, |p| lock(p).gpus.len());
+        // Statistics only for the energy source's GPUs, position for position.
+        let gpu_stats = gpu_stats.filter(|s| s.len() == gpu_count && gpu_count > 0);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             gpu_shared: (0..gpu_count).map(|_| AtomicBool::new(false)).collect(),
             gpu: gpu_part,
+            gpu_stats: gpu_stats
+                .as_ref()
+                .map(|s| Mutex::new((0..s.len()).map(|_| GpuStatsState::new()).collect())),
             cpu: cpu_part,
             cgroups: Mutex::new(Vec::new()),
         });
@@ -163,6 +170,14 @@ impl Sampler {
             let opts = options.clone();
             handle.spawn("ergond-gpu", &["gpu"], move |cpu| {
                 gpu_thread(src, &opts, &shared);
+                cpu.store(crate::clock::thread_cpu_ns(), Ordering::Relaxed);
+            })?;
+        }
+        if let Some(reader) = gpu_stats {
+            let shared = Arc::clone(&shared);
+            let opts = options.clone();
+            handle.spawn("ergond-gpustat", &["gpustat"], move |cpu| {
+                stats_thread(reader, &opts, &shared);
                 cpu.store(crate::clock::thread_cpu_ns(), Ordering::Relaxed);
             })?;
         }

@@ -19,11 +19,18 @@ use crate::counter::{
     CounterKind, CounterSpec, EnergyCounter, EnergyTotals, Method, PowerIntegrator, RawReading,
     Step, Support,
 };
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, TemperatureSensor};
 use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::structs::device::FieldId;
 use nvml_wrapper::sys_exports::field_id::{
-    NVML_FI_DEV_POWER_INSTANT, NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, NVML_FI_DEV_POWER_INSTANT,
+    NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
 };
 use nvml_wrapper::{Device, Nvml};
 use std::path::{Path, PathBuf};
@@ -658,6 +665,318 @@ impl GpuEnergyMeter {
     }
 }
 
+/// The clock-event (throttle) reasons whose cumulative time NVML counts, in the order of
+/// [`GpuStatsSample::throttle_ns`]: name (as the manifest and `/metrics` spell it) and field id
+/// (`NVML_FI_DEV_CLOCKS_EVENT_REASON_*`, nanoseconds since the driver loaded). nvml-wrapper
+/// translates the ids a CUDA 13.0 Update 1 driver renumbered.
+pub const THROTTLE_REASONS: [(&str, u32); 4] = [
+    ("power_cap", NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP),
+    (
+        "sw_thermal",
+        NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN,
+    ),
+    (
+        "hw_thermal",
+        NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
+    ),
+    (
+        "hw_power_brake",
+        NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,
+    ),
+];
+
+/// One reading of a GPU's activity and health (the efficiency statistics): each value `None`
+/// where the GPU or driver does not report it, or the read failed this time (never 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GpuStatsSample {
+    /// Monotonic time (ns) after the reads.
+    pub at_ns: u64,
+    /// SM (GPU) utilisation over the driver's last sample period, % (`nvmlDeviceGetUtilizationRates`).
+    pub util_pct: Option<u32>,
+    /// Device memory in use, bytes (`nvmlDeviceGetMemoryInfo_v2`).
+    pub memory_used_bytes: Option<u64>,
+    /// GPU die temperature, °C.
+    pub temperature_c: Option<u32>,
+    /// SM clock, MHz.
+    pub sm_clock_mhz: Option<u32>,
+    /// Memory clock, MHz.
+    pub mem_clock_mhz: Option<u32>,
+    /// Cumulative time throttled per reason of [`THROTTLE_REASONS`], ns since the driver loaded.
+    pub throttle_ns: [Option<u64>; 4],
+    /// Cumulative corrected ECC errors (volatile: since the driver loaded).
+    pub ecc_corrected: Option<u64>,
+    /// Cumulative uncorrected ECC errors (volatile).
+    pub ecc_uncorrected: Option<u64>,
+}
+
+/// Which statistics a GPU reports: probed once at open; a query the GPU refuses then is never
+/// made again (it stays "not reported").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct StatsSupport {
+    util: bool,
+    memory: bool,
+    temperature: bool,
+    sm_clock: bool,
+    mem_clock: bool,
+    throttle: [bool; 4],
+    ecc: bool,
+    xid: bool,
+}
+
+/// The GPUs' activity and health statistics, read at the CPU-time cadence on a thread of their
+/// own (`ergond-gpustat`), never in the energy sampler's loop. Has its own NVML handle (NVML
+/// counts initialisations) so that the energy thread's driver calls are not shared.
+pub struct GpuStatsReader {
+    driver: raw::Driver,
+    support: Vec<StatsSupport>,
+    uuids: Vec<String>,
+}
+
+impl std::fmt::Debug for GpuStatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuStatsReader")
+            .field("uuids", &self.uuids)
+            .field("support", &self.support)
+            .finish()
+    }
+}
+
+/// A value of a query that succeeded; `None` for one that did not (logged once at open).
+fn stat<T>(r: Result<T, NvmlError>) -> Option<T> {
+    r.ok()
+}
+
+impl GpuStatsReader {
+    /// Load NVML (as [`GpuSource::open`]) and find the GPUs `uuids` (the energy source's, in
+    /// its order: position `i` here is position `i` there); probe what each reports.
+    pub fn open(library: Option<&Path>, uuids: &[String]) -> Result<Self, GpuError> {
+        let lib_name = library
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "libnvidia-ml.so.1".to_string());
+        let nvml = match library {
+            Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
+            None => Nvml::init(),
+        }
+        .map_err(|source| GpuError::Init {
+            library: lib_name,
+            source,
+        })?;
+        let count = nvml.device_count().map_err(|source| GpuError::Enumerate {
+            what: "count devices".into(),
+            source,
+        })?;
+        let mut order = Vec::with_capacity(uuids.len());
+        for want in uuids {
+            let index = (0..count)
+                .find(|&i| {
+                    nvml.device_by_index(i)
+                        .and_then(|d| d.uuid())
+                        .is_ok_and(|u| &u == want)
+                })
+                .ok_or_else(|| GpuError::Enumerate {
+                    what: format!("find GPU {want} again for its statistics"),
+                    source: NvmlError::NotFound,
+                })?;
+            order.push(index);
+        }
+        let driver = raw::Driver::with_indices(nvml, &order).map_err(|(index, source)| {
+            GpuError::Enumerate {
+                what: format!("get device {index}"),
+                source,
+            }
+        })?;
+        let support = driver
+            .devices()
+            .map(|dev| {
+                let throttle = match dev.field_values_for(&THROTTLE_REASONS.map(|(_, id)| FieldId(id))) {
+                    Ok(v) => {
+                        let mut t = [false; 4];
+                        for (k, e) in v.iter().enumerate().take(4) {
+                            t[k] = matches!(e, Ok(s) if s.value.as_ref().is_ok_and(|v| sample_u64(v).is_some()));
+                        }
+                        t
+                    }
+                    Err(_) => [false; 4],
+                };
+                StatsSupport {
+                    util: dev.utilization_rates().is_ok(),
+                    memory: dev.memory_info().is_ok(),
+                    temperature: dev.temperature(TemperatureSensor::Gpu).is_ok(),
+                    sm_clock: dev.clock_info(Clock::SM).is_ok(),
+                    mem_clock: dev.clock_info(Clock::Memory).is_ok(),
+                    throttle,
+                    ecc: dev
+                        .total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile)
+                        .is_ok(),
+                    // Each tried in a set of its own: a failed registration frees its set.
+                    xid: driver
+                        .nvml()
+                        .create_event_set()
+                        .map_err(Into::into)
+                        .and_then(|s| register_xid(&dev, s))
+                        .is_ok(),
+                }
+            })
+            .collect::<Vec<_>>();
+        for (uuid, s) in uuids.iter().zip(&support) {
+            tracing::info!(%uuid, support = ?s, "GPU statistics available");
+        }
+        Ok(Self {
+            driver,
+            support,
+            uuids: uuids.to_vec(),
+        })
+    }
+
+    /// Number of GPUs.
+    pub fn len(&self) -> usize {
+        self.support.len()
+    }
+
+    /// The statistics GPU `i` reports and those it does not, by name (`ergond check`).
+    pub fn reported(&self, i: usize) -> (Vec<&'static str>, Vec<&'static str>) {
+        let s = self.support[i];
+        let mut all = vec![
+            ("SM utilisation", s.util),
+            ("memory used", s.memory),
+            ("temperature", s.temperature),
+            ("SM clock", s.sm_clock),
+            ("memory clock", s.mem_clock),
+        ];
+        for (k, (name, _)) in THROTTLE_REASONS.iter().enumerate() {
+            all.push((
+                match *name {
+                    "power_cap" => "throttle power_cap",
+                    "sw_thermal" => "throttle sw_thermal",
+                    "hw_thermal" => "throttle hw_thermal",
+                    _ => "throttle hw_power_brake",
+                },
+                s.throttle[k],
+            ));
+        }
+        all.extend([("ECC errors", s.ecc), ("Xid events", s.xid)]);
+        let yes = all.iter().filter(|(_, b)| *b).map(|(n, _)| *n).collect();
+        let no = all.iter().filter(|(_, b)| !*b).map(|(n, _)| *n).collect();
+        (yes, no)
+    }
+
+    /// Whether no GPU reports any statistic or Xid event (then there is nothing to sample).
+    pub fn reports_nothing(&self) -> bool {
+        self.support.iter().all(|s| *s == StatsSupport::default())
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.support.is_empty()
+    }
+
+    /// Read GPU `i`'s statistics (only the queries it supports).
+    pub fn sample(&self, i: usize) -> GpuStatsSample {
+        let s = self.support[i];
+        let dev = self.driver.device(i);
+        let mut out = GpuStatsSample::default();
+        if s.util {
+            out.util_pct = stat(dev.utilization_rates()).map(|u| u.gpu.min(100));
+        }
+        if s.memory {
+            out.memory_used_bytes = stat(dev.memory_info()).map(|m| m.used);
+        }
+        if s.temperature {
+            out.temperature_c = stat(dev.temperature(TemperatureSensor::Gpu));
+        }
+        if s.sm_clock {
+            out.sm_clock_mhz = stat(dev.clock_info(Clock::SM));
+        }
+        if s.mem_clock {
+            out.mem_clock_mhz = stat(dev.clock_info(Clock::Memory));
+        }
+        if s.throttle.iter().any(|&b| b) {
+            if let Ok(v) = dev.field_values_for(&THROTTLE_REASONS.map(|(_, id)| FieldId(id))) {
+                for (k, e) in v.iter().enumerate().take(4) {
+                    if s.throttle[k] {
+                        out.throttle_ns[k] = e
+                            .as_ref()
+                            .ok()
+                            .and_then(|s| s.value.as_ref().ok())
+                            .and_then(sample_u64);
+                    }
+                }
+            }
+        }
+        if s.ecc {
+            out.ecc_corrected =
+                stat(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
+            out.ecc_uncorrected =
+                stat(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
+        }
+        out.at_ns = monotonic_ns();
+        out
+    }
+
+    /// An event set with every GPU that reports Xid critical errors registered
+    /// (`nvmlDeviceRegisterEvents`); the others are "not reported".
+    pub fn xid_watch(&self) -> XidWatch<'_> {
+        let mut supported: Vec<bool> = self.support.iter().map(|s| s.xid).collect();
+        let mut set = supported
+            .iter()
+            .any(|&b| b)
+            .then(|| self.driver.nvml().create_event_set().ok())
+            .flatten();
+        for (i, dev) in self.driver.devices().enumerate() {
+            if supported[i] {
+                set = set.and_then(|s| register_xid(&dev, s).ok());
+            }
+        }
+        if set.is_none() {
+            supported.iter_mut().for_each(|b| *b = false);
+        }
+        XidWatch {
+            set,
+            supported,
+            uuids: &self.uuids,
+        }
+    }
+}
+
+/// Register `dev` for Xid critical errors in `set` (which NVML frees on failure).
+fn register_xid<'n>(
+    dev: &Device<'n>,
+    set: nvml_wrapper::event::EventSet<'n>,
+) -> Result<nvml_wrapper::event::EventSet<'n>, nvml_wrapper::error::NvmlErrorWithSource> {
+    dev.register_events(EventTypes::CRITICAL_XID_ERROR, set)
+}
+
+/// The Xid events of the GPUs that report them, polled without blocking.
+pub struct XidWatch<'a> {
+    set: Option<nvml_wrapper::event::EventSet<'a>>,
+    /// Per GPU position: whether its Xid events are watched.
+    pub supported: Vec<bool>,
+    uuids: &'a [String],
+}
+
+impl XidWatch<'_> {
+    /// The events that arrived since the last call, `(GPU position, Xid)` (at most `max`),
+    /// without waiting.
+    pub fn drain(&self, max: usize, out: &mut Vec<(usize, u64)>) {
+        out.clear();
+        let Some(set) = &self.set else { return };
+        while out.len() < max {
+            match set.wait(0) {
+                Ok(ev) => {
+                    let Some(XidError::Value(xid)) = ev.event_data else {
+                        continue;
+                    };
+                    let uuid = ev.device.uuid().ok();
+                    if let Some(pos) = self.uuids.iter().position(|u| Some(u) == uuid.as_ref()) {
+                        out.push((pos, xid));
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
 /// The default NVML library name, for messages.
 pub fn default_library() -> PathBuf {
     PathBuf::from("libnvidia-ml.so.1")
@@ -727,6 +1046,19 @@ mod raw {
                     let dev = nvml.device_by_index(index).map_err(|e| (index, e))?;
                     // SAFETY: reading the token out of a live Device of `nvml`; it is only used
                     // again through `device`, against this same `nvml`, which owns it.
+                    Ok(Handle(unsafe { dev.handle() }))
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Self { nvml, handles })
+        }
+
+        /// Keep the handles of devices `indices` of `nvml`, in that order.
+        pub(super) fn with_indices(nvml: Nvml, indices: &[u32]) -> Result<Self, (u32, NvmlError)> {
+            let handles = indices
+                .iter()
+                .map(|&index| {
+                    let dev = nvml.device_by_index(index).map_err(|e| (index, e))?;
+                    // SAFETY: as in `new`.
                     Ok(Handle(unsafe { dev.handle() }))
                 })
                 .collect::<Result<_, _>>()?;

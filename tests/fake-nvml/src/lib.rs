@@ -32,6 +32,41 @@
 //! `processes` (default none) are what `nvmlDeviceGetProcessUtilization` reports: each process
 //! with its SM utilisation (%), constant; `unsupported` may name `process_utilization`.
 //!
+//! ## Activity, health and events
+//! Each of these is optional per GPU; a GPU whose scenario omits one answers its query with
+//! `NVML_ERROR_NOT_SUPPORTED`, as a GPU or driver without it does. A *scripted value* is a
+//! number (constant) or a list of `[at_s, value]` steps (the value of the last step at or before
+//! the scenario time; before the first step, the first value).
+//!
+//! ```json
+//! "utilization": 35, "memory_used_bytes": [[0, 1e9], [1.0, 3e9]], "temperature_c": 60,
+//! "sm_clock_mhz": 1410, "mem_clock_mhz": 1593,
+//! "throttle": {"power_cap": 0.5, "hw_thermal": 0.25},
+//! "ecc": {"corrected": [[0, 10], [1.0, 12]], "uncorrected": 0},
+//! "xids": [{"at_s": 1.0, "xid": 79}]
+//! ```
+//! - `utilization` (scripted, %): `nvmlDeviceGetUtilizationRates`' GPU (SM) utilisation;
+//!   memory utilisation is reported as 0.
+//! - `memory_used_bytes` (scripted): `nvmlDeviceGetMemoryInfo_v2`'s `used` (`total` is
+//!   `memory_total_bytes`, default 80 GiB; `free` the rest).
+//! - `temperature_c` (scripted): `nvmlDeviceGetTemperature` (GPU sensor).
+//! - `sm_clock_mhz`, `mem_clock_mhz` (scripted): `nvmlDeviceGetClockInfo` for `NVML_CLOCK_SM`
+//!   (also answers `NVML_CLOCK_GRAPHICS`) and `NVML_CLOCK_MEM`.
+//! - `throttle`: per reason, the fraction of time the clocks are held down (0–1, constant);
+//!   served as the cumulative nanosecond counters of `nvmlDeviceGetFieldValues`
+//!   `NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP` (`power_cap`), `…_SW_THERM_SLOWDOWN`
+//!   (`sw_thermal`), `…_HW_THERM_SLOWDOWN` (`hw_thermal`) and `…_HW_POWER_BRAKE_SLOWDOWN`
+//!   (`hw_power_brake`): `fraction × scenario time`. A reason not named answers NOT_SUPPORTED
+//!   in its entry.
+//! - `ecc` (`corrected`, `uncorrected`: scripted counts): `nvmlDeviceGetTotalEccErrors`, the
+//!   same for the volatile and aggregate counters.
+//! - `xids`: Xid critical errors, each delivered once per event set by
+//!   `nvmlEventSetWait_v2` once the scenario time reaches `at_s`, to a set the GPU was
+//!   registered in with `nvmlDeviceRegisterEvents` (`nvmlEventTypeXidCriticalError`). Without
+//!   `xids`, registering the GPU answers NOT_SUPPORTED; with an empty list it succeeds and
+//!   delivers nothing. A wait with nothing due sleeps until something is, or its timeout, and
+//!   then answers `NVML_ERROR_TIMEOUT`.
+//!
 //! ## MIG (Multi-Instance GPU)
 //! A GPU may carry a `mig` object, which puts it in MIG mode (current = pending = 1):
 //!
@@ -88,9 +123,10 @@
 pub mod profile;
 
 use nvml_wrapper_sys::bindings::{
-    field_id, nvmlDeviceAttributes_t, nvmlDevice_st, nvmlDevice_t, nvmlFieldValue_t,
-    nvmlGpuInstanceProfileInfo_t, nvmlPciInfo_t, nvmlProcessUtilizationSample_t, nvmlReturn_t,
-    nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
+    field_id, nvmlDeviceAttributes_t, nvmlDevice_st, nvmlDevice_t, nvmlEventData_t,
+    nvmlEventSet_st, nvmlEventSet_t, nvmlEventTypeXidCriticalError, nvmlFieldValue_t,
+    nvmlGpuInstanceProfileInfo_t, nvmlMemory_v2_t, nvmlPciInfo_t, nvmlProcessUtilizationSample_t,
+    nvmlReturn_t, nvmlUtilization_t, nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT,
     nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, NVML_DEVICE_MIG_DISABLE,
     NVML_DEVICE_MIG_ENABLE, NVML_GPU_INSTANCE_PROFILE_1_SLICE, NVML_GPU_INSTANCE_PROFILE_2_SLICE,
     NVML_GPU_INSTANCE_PROFILE_3_SLICE, NVML_GPU_INSTANCE_PROFILE_4_SLICE,
@@ -110,11 +146,14 @@ const ERROR_NOT_SUPPORTED: nvmlReturn_t = 3;
 const ERROR_NOT_FOUND: nvmlReturn_t = 6;
 const ERROR_INSUFFICIENT_SIZE: nvmlReturn_t = 7;
 const ERROR_DRIVER_NOT_LOADED: nvmlReturn_t = 9;
+const ERROR_TIMEOUT: nvmlReturn_t = 10;
 const ERROR_GPU_IS_LOST: nvmlReturn_t = 15;
 const ERROR_UNKNOWN: nvmlReturn_t = 999;
 
 /// Handles are tagged pointers `HANDLE_BASE + index`; nvml-wrapper never dereferences them.
 const HANDLE_BASE: usize = 0x6_0000;
+/// Event set handles are `EVENT_SET_BASE + index` (into [`State::event_sets`]).
+const EVENT_SET_BASE: usize = 0x8_0000;
 /// MIG device handles are `MIG_HANDLE_BASE + gpu_index * MIG_SLOTS + slot`; GPU handles stay
 /// below this (a GPU index is only decoded from a handle under it).
 const MIG_HANDLE_BASE: usize = 0x100_0000;
@@ -181,6 +220,78 @@ struct GpuScenario {
     processes: Vec<ProcessScenario>,
     #[serde(default)]
     mig: Option<MigScenario>,
+    #[serde(default)]
+    utilization: Option<Scripted>,
+    #[serde(default)]
+    memory_used_bytes: Option<Scripted>,
+    #[serde(default = "default_memory_total")]
+    memory_total_bytes: u64,
+    #[serde(default)]
+    temperature_c: Option<Scripted>,
+    #[serde(default)]
+    sm_clock_mhz: Option<Scripted>,
+    #[serde(default)]
+    mem_clock_mhz: Option<Scripted>,
+    #[serde(default)]
+    throttle: Option<ThrottleScenario>,
+    #[serde(default)]
+    ecc: Option<EccScenario>,
+    #[serde(default)]
+    xids: Option<Vec<XidScenario>>,
+}
+
+fn default_memory_total() -> u64 {
+    80 << 30
+}
+
+/// A scripted value: a constant, or `[at_s, value]` steps (see the module docs).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum Scripted {
+    Constant(f64),
+    Steps(Vec<(f64, f64)>),
+}
+
+impl Scripted {
+    fn at(&self, t: f64) -> f64 {
+        match self {
+            Scripted::Constant(v) => *v,
+            Scripted::Steps(steps) => steps
+                .iter()
+                .rev()
+                .find(|(at, _)| *at <= t)
+                .or(steps.first())
+                .map_or(0.0, |&(_, v)| v),
+        }
+    }
+}
+
+/// Per reason, the fraction of time the clocks are held down.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct ThrottleScenario {
+    #[serde(default)]
+    power_cap: Option<f64>,
+    #[serde(default)]
+    sw_thermal: Option<f64>,
+    #[serde(default)]
+    hw_thermal: Option<f64>,
+    #[serde(default)]
+    hw_power_brake: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct EccScenario {
+    corrected: Scripted,
+    uncorrected: Scripted,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct XidScenario {
+    at_s: f64,
+    xid: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +352,23 @@ struct Gpu {
     /// (pid, SM %)
     processes: Vec<(u32, u32)>,
     mig: MigState,
+    utilization: Option<Scripted>,
+    memory_used_bytes: Option<Scripted>,
+    memory_total_bytes: u64,
+    temperature_c: Option<Scripted>,
+    sm_clock_mhz: Option<Scripted>,
+    mem_clock_mhz: Option<Scripted>,
+    throttle: Option<ThrottleScenario>,
+    ecc: Option<EccScenario>,
+    xids: Option<Vec<XidScenario>>,
+}
+
+/// An event set: the GPUs registered for Xid events, and per GPU how many of its scripted
+/// Xids it has delivered.
+#[derive(Debug, Default)]
+struct EventSet {
+    /// (GPU index, Xids delivered so far)
+    gpus: Vec<(usize, usize)>,
 }
 
 /// A GPU's MIG capability and mode.
@@ -313,6 +441,8 @@ struct State {
     time_scale: f64,
     driver_version: String,
     gpus: Vec<Gpu>,
+    /// Live event sets (`None` once freed); a handle is `EVENT_SET_BASE + index`.
+    event_sets: Vec<Option<EventSet>>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -432,6 +562,15 @@ fn build_state(s: Scenario) -> State {
                 hang: g.hang,
                 process_utilization_supported: has("process_utilization"),
                 processes: g.processes.iter().map(|p| (p.pid, p.sm)).collect(),
+                utilization: g.utilization,
+                memory_used_bytes: g.memory_used_bytes,
+                memory_total_bytes: g.memory_total_bytes,
+                temperature_c: g.temperature_c,
+                sm_clock_mhz: g.sm_clock_mhz,
+                mem_clock_mhz: g.mem_clock_mhz,
+                throttle: g.throttle,
+                ecc: g.ecc,
+                xids: g.xids,
                 mig: match g.mig {
                     _ if !has("mig") => MigState::Unsupported,
                     None => MigState::Disabled,
@@ -459,6 +598,7 @@ fn build_state(s: Scenario) -> State {
         time_scale: s.time_scale,
         driver_version: s.driver_version,
         gpus,
+        event_sets: Vec::new(),
     }
 }
 
@@ -701,6 +841,7 @@ pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
         ERROR_INSUFFICIENT_SIZE => c"Insufficient Size",
         ERROR_DRIVER_NOT_LOADED => c"Driver Not Loaded (fake-nvml: no scenario)",
         ERROR_GPU_IS_LOST => c"GPU is lost",
+        ERROR_TIMEOUT => c"Timeout",
         _ => c"Unknown Error",
     };
     msg.as_ptr()
@@ -928,11 +1069,229 @@ pub extern "C" fn nvmlDeviceGetFieldValues(
                         e.nvmlReturn = ERROR_NOT_SUPPORTED;
                     }
                 }
+                id @ (field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP
+                | field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN
+                | field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN
+                | field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN) => {
+                    match throttle_fraction(g, id) {
+                        Some(f) => {
+                            e.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+                            e.value.ullVal = (f.clamp(0.0, 1.0) * t.max(0.0) * 1e9) as u64;
+                            e.nvmlReturn = SUCCESS;
+                        }
+                        None => e.nvmlReturn = ERROR_NOT_SUPPORTED,
+                    }
+                }
                 _ => e.nvmlReturn = ERROR_NOT_SUPPORTED,
             }
         }
         SUCCESS
     })
+}
+
+/// The scripted fraction of time throttled for a clock-event-reason field, if any.
+fn throttle_fraction(g: &Gpu, id: u32) -> Option<f64> {
+    let t = g.throttle.as_ref()?;
+    match id {
+        field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP => t.power_cap,
+        field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN => t.sw_thermal,
+        field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN => t.hw_thermal,
+        field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN => t.hw_power_brake,
+        _ => None,
+    }
+}
+
+/// A reading of a scripted value: NOT_SUPPORTED when the scenario omits it.
+fn scripted_u32(v: Option<&Scripted>, t: f64, out: *mut c_uint) -> nvmlReturn_t {
+    match v {
+        Some(v) => put(out, v.at(t).max(0.0).round() as c_uint),
+        None => ERROR_NOT_SUPPORTED,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: nvmlDevice_t,
+    utilization: *mut nvmlUtilization_t,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, t| match &g.utilization {
+        Some(u) => put(
+            utilization,
+            nvmlUtilization_t {
+                gpu: u.at(t).clamp(0.0, 100.0).round() as c_uint,
+                memory: 0,
+            },
+        ),
+        None => ERROR_NOT_SUPPORTED,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_v2_t,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, t| match &g.memory_used_bytes {
+        Some(u) => {
+            let used = (u.at(t).max(0.0) as u64).min(g.memory_total_bytes);
+            put(
+                memory,
+                nvmlMemory_v2_t {
+                    version: 0,
+                    total: g.memory_total_bytes,
+                    reserved: 0,
+                    free: g.memory_total_bytes - used,
+                    used,
+                },
+            )
+        }
+        None => ERROR_NOT_SUPPORTED,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetTemperature(
+    device: nvmlDevice_t,
+    sensor: c_uint,
+    temp: *mut c_uint,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, t| {
+        if sensor != 0 {
+            return ERROR_NOT_SUPPORTED;
+        }
+        scripted_u32(g.temperature_c.as_ref(), t, temp)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetClockInfo(
+    device: nvmlDevice_t,
+    clock_type: c_uint,
+    clock: *mut c_uint,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, t| match clock_type {
+        0 | 1 => scripted_u32(g.sm_clock_mhz.as_ref(), t, clock),
+        2 => scripted_u32(g.mem_clock_mhz.as_ref(), t, clock),
+        _ => ERROR_NOT_SUPPORTED,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetTotalEccErrors(
+    device: nvmlDevice_t,
+    error_type: c_uint,
+    _counter_type: c_uint,
+    count: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    read_gpu(device, |g, t| {
+        let Some(ecc) = &g.ecc else {
+            return ERROR_NOT_SUPPORTED;
+        };
+        let v = match error_type {
+            0 => &ecc.corrected,
+            1 => &ecc.uncorrected,
+            _ => return ERROR_INVALID_ARGUMENT,
+        };
+        put(count, v.at(t).max(0.0) as c_ulonglong)
+    })
+}
+
+fn event_set_index(set: nvmlEventSet_t) -> Option<usize> {
+    (set as usize).checked_sub(EVENT_SET_BASE)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) -> nvmlReturn_t {
+    with_state(|s| {
+        if set.is_null() {
+            return ERROR_INVALID_ARGUMENT;
+        }
+        s.event_sets.push(Some(EventSet::default()));
+        put(
+            set,
+            (EVENT_SET_BASE + s.event_sets.len() - 1) as *mut nvmlEventSet_st,
+        )
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlEventSetFree(set: nvmlEventSet_t) -> nvmlReturn_t {
+    with_state(
+        |s| match event_set_index(set).and_then(|i| s.event_sets.get_mut(i)) {
+            Some(e @ Some(_)) => {
+                *e = None;
+                SUCCESS
+            }
+            _ => ERROR_INVALID_ARGUMENT,
+        },
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: nvmlDevice_t,
+    event_types: c_ulonglong,
+    set: nvmlEventSet_t,
+) -> nvmlReturn_t {
+    with_state(|s| {
+        let Some(Target::Gpu(i)) = s.resolve(device) else {
+            return ERROR_INVALID_ARGUMENT;
+        };
+        if s.gpus[i].xids.is_none() || event_types & !u64::from(nvmlEventTypeXidCriticalError) != 0
+        {
+            return ERROR_NOT_SUPPORTED;
+        }
+        match event_set_index(set).and_then(|k| s.event_sets.get_mut(k)) {
+            Some(Some(e)) => {
+                if !e.gpus.iter().any(|(g, _)| *g == i) {
+                    e.gpus.push((i, 0));
+                }
+                SUCCESS
+            }
+            _ => ERROR_INVALID_ARGUMENT,
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlEventSetWait_v2(
+    set: nvmlEventSet_t,
+    data: *mut nvmlEventData_t,
+    timeout_ms: c_uint,
+) -> nvmlReturn_t {
+    let deadline = monotonic_ns() + u64::from(timeout_ms) * 1_000_000;
+    loop {
+        let rc = with_state(|s| {
+            let t = s.now_s();
+            let State {
+                gpus, event_sets, ..
+            } = s;
+            let Some(Some(e)) = event_set_index(set).and_then(|k| event_sets.get_mut(k)) else {
+                return ERROR_INVALID_ARGUMENT;
+            };
+            for (gpu, delivered) in e.gpus.iter_mut() {
+                let scripted = gpus[*gpu].xids.as_deref().unwrap_or_default();
+                if let Some(x) = scripted.get(*delivered).filter(|x| x.at_s <= t) {
+                    *delivered += 1;
+                    return put(
+                        data,
+                        nvmlEventData_t {
+                            device: gpu_handle(*gpu),
+                            eventType: u64::from(nvmlEventTypeXidCriticalError),
+                            eventData: x.xid,
+                            gpuInstanceId: u32::MAX,
+                            computeInstanceId: u32::MAX,
+                        },
+                    );
+                }
+            }
+            ERROR_TIMEOUT
+        });
+        if rc != ERROR_TIMEOUT || monotonic_ns() >= deadline {
+            return rc;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Per-process utilisation: the scenario's processes, stamped now (µs since the epoch).
@@ -1566,5 +1925,143 @@ mod tests {
         set_state(None);
         std::env::remove_var("FAKE_NVML_SCENARIO");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// GPU 0 scripts every activity query; GPU 1 none of them.
+    fn activity_scenario() -> &'static str {
+        r#"{ "start_monotonic_ns": 0, "time_scale": 0.0, "gpus": [
+          { "uuid": "GPU-A", "minor": 0, "profile": {"kind": "constant", "watts": 100},
+            "utilization": 37, "memory_used_bytes": [[0, 1000], [5, 3000]],
+            "memory_total_bytes": 10000, "temperature_c": 61,
+            "sm_clock_mhz": 1410, "mem_clock_mhz": 1593,
+            "throttle": {"power_cap": 0.5, "hw_thermal": 0.25},
+            "ecc": {"corrected": 10, "uncorrected": 2},
+            "xids": [{"at_s": 0.0, "xid": 79}, {"at_s": 100.0, "xid": 48}] },
+          { "uuid": "GPU-B", "minor": 1, "profile": {"kind": "constant", "watts": 50} } ] }"#
+    }
+
+    #[test]
+    fn scripted_values_follow_their_steps() {
+        let s = Scripted::Steps(vec![(1.0, 10.0), (2.0, 20.0)]);
+        assert_eq!(s.at(0.0), 10.0, "before the first step: its value");
+        assert_eq!(s.at(1.5), 10.0);
+        assert_eq!(s.at(2.0), 20.0);
+        assert_eq!(Scripted::Constant(3.0).at(99.0), 3.0);
+    }
+
+    #[test]
+    fn activity_queries_serve_the_script_or_not_supported() {
+        let _g = install(activity_scenario());
+        // time_scale 0: scenario time stays 0.
+        let (a, b) = (handle(0), handle(1));
+        let mut u = nvmlUtilization_t { gpu: 0, memory: 9 };
+        assert_eq!(nvmlDeviceGetUtilizationRates(a, &mut u), SUCCESS);
+        assert_eq!((u.gpu, u.memory), (37, 0));
+        assert_eq!(
+            nvmlDeviceGetUtilizationRates(b, &mut u),
+            ERROR_NOT_SUPPORTED
+        );
+
+        // SAFETY: plain integers.
+        let mut m: nvmlMemory_v2_t = unsafe { std::mem::zeroed() };
+        assert_eq!(nvmlDeviceGetMemoryInfo_v2(a, &mut m), SUCCESS);
+        assert_eq!((m.used, m.total, m.free), (1000, 10000, 9000));
+        assert_eq!(nvmlDeviceGetMemoryInfo_v2(b, &mut m), ERROR_NOT_SUPPORTED);
+
+        let mut v = 0;
+        assert_eq!(nvmlDeviceGetTemperature(a, 0, &mut v), SUCCESS);
+        assert_eq!(v, 61);
+        assert_eq!(nvmlDeviceGetTemperature(b, 0, &mut v), ERROR_NOT_SUPPORTED);
+        assert_eq!(nvmlDeviceGetClockInfo(a, 1, &mut v), SUCCESS);
+        assert_eq!(v, 1410);
+        assert_eq!(nvmlDeviceGetClockInfo(a, 2, &mut v), SUCCESS);
+        assert_eq!(v, 1593);
+        assert_eq!(nvmlDeviceGetClockInfo(b, 1, &mut v), ERROR_NOT_SUPPORTED);
+
+        let mut c = 0;
+        assert_eq!(nvmlDeviceGetTotalEccErrors(a, 0, 0, &mut c), SUCCESS);
+        assert_eq!(c, 10);
+        assert_eq!(nvmlDeviceGetTotalEccErrors(a, 1, 1, &mut c), SUCCESS);
+        assert_eq!(c, 2);
+        assert_eq!(
+            nvmlDeviceGetTotalEccErrors(b, 0, 0, &mut c),
+            ERROR_NOT_SUPPORTED
+        );
+    }
+
+    #[test]
+    fn throttle_counters_grow_with_scenario_time_per_reason() {
+        let _g = install(activity_scenario());
+        with_state(|s| {
+            s.time_scale = 1.0;
+            s.start_ns = monotonic_ns() - 2_000_000_000;
+            SUCCESS
+        });
+        let ids = [
+            field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_POWER_CAP,
+            field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN,
+            field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
+            field_id::NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN,
+        ];
+        // SAFETY: plain integers and a union of integers.
+        let mut v: [nvmlFieldValue_t; 4] = unsafe { std::mem::zeroed() };
+        for (e, id) in v.iter_mut().zip(ids) {
+            e.fieldId = id;
+        }
+        assert_eq!(
+            nvmlDeviceGetFieldValues(handle(0), 4, v.as_mut_ptr()),
+            SUCCESS
+        );
+        assert_eq!(v[0].nvmlReturn, SUCCESS);
+        assert_eq!(v[1].nvmlReturn, ERROR_NOT_SUPPORTED, "not scripted");
+        assert_eq!(v[2].nvmlReturn, SUCCESS);
+        assert_eq!(v[3].nvmlReturn, ERROR_NOT_SUPPORTED);
+        // SAFETY: the entries say they are unsigned long long.
+        let (p, h) = unsafe { (v[0].value.ullVal, v[2].value.ullVal) };
+        assert!(
+            (1.0e9..1.1e9).contains(&(p as f64)),
+            "power cap {p} ns after 2 s"
+        );
+        assert!((0.5e9..0.55e9).contains(&(h as f64)), "hw thermal {h} ns");
+        assert_eq!(
+            nvmlDeviceGetFieldValues(handle(1), 4, v.as_mut_ptr()),
+            SUCCESS
+        );
+        assert!(v.iter().all(|e| e.nvmlReturn == ERROR_NOT_SUPPORTED));
+    }
+
+    #[test]
+    fn xid_events_are_delivered_once_when_due_and_only_to_registered_gpus() {
+        let _g = install(activity_scenario());
+        let mut set = null_mut();
+        assert_eq!(nvmlEventSetCreate(&mut set), SUCCESS);
+        let xid = u64::from(nvmlEventTypeXidCriticalError);
+        assert_eq!(
+            nvmlDeviceRegisterEvents(handle(1), xid, set),
+            ERROR_NOT_SUPPORTED,
+            "a GPU without scripted Xids cannot register"
+        );
+        // SAFETY: plain integers and a pointer.
+        let mut d: nvmlEventData_t = unsafe { std::mem::zeroed() };
+        assert_eq!(
+            nvmlEventSetWait_v2(set, &mut d, 0),
+            ERROR_TIMEOUT,
+            "nothing registered"
+        );
+        assert_eq!(nvmlDeviceRegisterEvents(handle(0), xid, set), SUCCESS);
+        assert_eq!(nvmlEventSetWait_v2(set, &mut d, 0), SUCCESS);
+        assert_eq!((d.device, d.eventType, d.eventData), (handle(0), xid, 79));
+        let t0 = monotonic_ns();
+        assert_eq!(
+            nvmlEventSetWait_v2(set, &mut d, 30),
+            ERROR_TIMEOUT,
+            "delivered once; the second is not due (scenario time stays 0)"
+        );
+        assert!(
+            monotonic_ns() - t0 >= 30_000_000,
+            "a wait sleeps until its timeout"
+        );
+        assert_eq!(nvmlEventSetFree(set), SUCCESS);
+        assert_eq!(nvmlEventSetWait_v2(set, &mut d, 0), ERROR_INVALID_ARGUMENT);
     }
 }

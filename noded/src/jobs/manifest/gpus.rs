@@ -11,6 +11,7 @@ use super::super::facts::{gpu_key, MatchedBy, NodeFacts};
 use super::super::reading::{interpolate, power_series, window};
 use super::span::{Span, MAX_TRACE_POINTS};
 use crate::attribution::EstimateReason;
+use crate::gpustats::DEFAULT_IDLE_GPU_UTIL_PERCENT;
 use crate::sampler::TraceSample;
 
 /// What [`gpus`] found: the GPUs' entries, the job's GPU energy (`None`: none measured), and
@@ -185,6 +186,17 @@ pub(super) fn gpus(
             method,
             shared,
             mig,
+            efficiency: r.gpu_stats.get(&minor_key).map(|s| {
+                s.efficiency(
+                    span_mono,
+                    |mono| {
+                        let unix = i128::from(start.unix_ns) + i128::from(mono)
+                            - i128::from(start.mono_ns);
+                        u64::try_from(unix.max(0)).unwrap_or(0)
+                    },
+                    DEFAULT_IDLE_GPU_UTIL_PERCENT,
+                )
+            }),
         });
         let (_, mut watts) = power_series(
             trace,

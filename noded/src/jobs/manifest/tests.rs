@@ -66,6 +66,7 @@ fn reading(s: u64) -> Reading {
         cgroups: vec![("job/step_0".into(), s * 2_000_000_000)],
         sockets: vec![],
         gpu_util: vec![],
+        gpu_stats: vec![],
         across: None,
     }
 }
