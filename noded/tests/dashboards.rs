@@ -41,7 +41,10 @@ fn every_ergond_dashboard_panel_returns_data_from_prometheus_scraping_ergond() {
     let prometheus = prometheus_bin();
     let fake = FakeNvml::new(json!({"gpus": [
         {"uuid": GPU_A, "name": "Fake H100", "minor": 2, "pci_bus_id": "00000000:17:00.0",
-         "profile": {"kind": "constant", "watts": 300.0}, "update_period_ms": 20.0},
+         "profile": {"kind": "constant", "watts": 300.0}, "update_period_ms": 20.0,
+         // What the GPU panels show: utilisation, throttling and an Xid.
+         "utilization": 80, "throttle": {"power_cap": 0.5, "sw_thermal": 0.0, "hw_thermal": 0.25},
+         "xids": [{"at_s": 0.5, "xid": 13}]},
         {"uuid": GPU_B, "name": "Fake A100", "minor": 5, "pci_bus_id": "00000000:65:00.0",
          "profile": {"kind": "constant", "watts": 120.0}, "update_period_ms": 20.0},
     ]}));
@@ -122,14 +125,17 @@ fn every_ergond_dashboard_panel_returns_data_from_prometheus_scraping_ergond() {
     }
     // What ergon exports: ergond's own exposition once the job's series are in it.
     let body = wait_for(
-        "job 42's energy and power on ergond's /metrics",
+        "job 42's energy, power and GPU use, and the GPUs' statistics on ergond's /metrics",
         deadline,
         &mut [&mut ergond],
         || {
             let (_, b) = http_get(metrics, "/metrics").ok()?;
             (b.contains("ergon_job_power_watts{job_id=\"42\"")
                 && b.contains("ergon_job_energy_joules_total{job_id=\"42\"")
-                && b.contains("ergon_gpu_power_watts{"))
+                && b.contains("ergon_gpu_power_watts{")
+                && b.contains("ergon_job_gpu_utilization_ratio{job_id=\"42\"")
+                && b.contains("ergon_gpu_throttle_seconds_total{")
+                && b.contains("ergon_gpu_xid_events_total{"))
             .then_some(b)
         },
     );
