@@ -183,6 +183,12 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
         report.contains(&format!("job {job} (demo-gpu)")),
         "the user's report does not show the job's output:\n{report}"
     );
+    // The simulated gpu1 reports 2 % SM utilisation while it draws power: the report says
+    // the job left it idle and what that cost.
+    assert!(
+        report.contains("Idle GPUs") && report.contains("gpu1: 2 % average SM utilisation"),
+        "the user's report has no idle-GPU line for gpu1:\n{report}"
+    );
     // After the job's own output: ergond's report, or (a build without it) the demo's note
     // and the manifest's summary.
     let after = report

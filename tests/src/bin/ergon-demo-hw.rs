@@ -95,8 +95,19 @@ fn gpu_profile(i: usize) -> (serde_json::Value, u64) {
     }
 }
 
+/// GPU `i`'s SM utilisation (%) and the fraction of the time its power cap holds its clocks
+/// down, as the fake driver reports them: gpu0 busy and sometimes capped, gpu1 allocated with
+/// it but left idle (so that the report's idle-GPU line shows), the others idle.
+fn gpu_use(i: usize) -> (u32, f64) {
+    match i {
+        0 => (92, 0.2),
+        1 => (2, 0.0),
+        _ => (1, 0.0),
+    }
+}
+
 /// How many of [`description`]'s lines are about the GPUs (the rest are about RAPL).
-const GPU_LINES: usize = 3;
+const GPU_LINES: usize = 4;
 
 /// The lines `describe` prints: [`GPU_LINES`] about the GPUs, then RAPL's.
 fn description() -> Vec<String> {
@@ -114,6 +125,13 @@ fn description() -> Vec<String> {
             g1["from_w"],
             g1["to_w"],
             g1["period_s"]
+        ),
+        format!(
+            "          SM utilisation gpu0 {} % (power-capped {} % of the time), gpu1 {} % (idle though it draws power), others {} %",
+            gpu_use(0).0,
+            gpu_use(0).1 * 100.0,
+            gpu_use(1).0,
+            gpu_use(2).0
         ),
         format!(
             "          (counters update every {GPU_UPDATE_MS} ms; the fake driver follows these profiles whatever the jobs do)"
@@ -151,6 +169,7 @@ fn scenario(minors: &[u64]) -> serde_json::Value {
         .enumerate()
         .map(|(i, &minor)| {
             let (profile, initial) = gpu_profile(i);
+            let (util, power_cap) = gpu_use(i);
             json!({
                 "uuid": format!("GPU-5e0d0000-0000-4000-8000-{i:012x}"),
                 "name": GPU_NAME,
@@ -158,6 +177,8 @@ fn scenario(minors: &[u64]) -> serde_json::Value {
                 "profile": profile,
                 "update_period_ms": GPU_UPDATE_MS,
                 "initial_energy_mj": initial,
+                "utilization": util,
+                "throttle": {"power_cap": power_cap, "sw_thermal": 0.0, "hw_thermal": 0.0},
             })
         })
         .collect();
