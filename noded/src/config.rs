@@ -175,12 +175,27 @@ pub struct ReportConfig {
     /// sat idle: the report names it, and its energy counts as idle-GPU energy. 0..=100,
     /// default 5 (0: never idle).
     pub idle_gpu_util_percent: f64,
+    /// Grid carbon intensity (gCO2e/kWh) for the report's CO2e estimate; unset: none.
+    pub co2e_g_per_kwh: Option<f64>,
+    /// Facility PUE applied to the estimate (at least 1; unset: 1).
+    pub pue: Option<f64>,
+    /// Energy price per kWh for the report's cost estimate; unset: none.
+    pub price_per_kwh: Option<f64>,
+    /// The price's currency code, e.g. `"EUR"`.
+    pub currency: Option<String>,
+    /// Where the factors come from, in words (shown with the estimate).
+    pub factors_source: Option<String>,
 }
 
 impl Default for ReportConfig {
     fn default() -> Self {
         Self {
             idle_gpu_util_percent: crate::gpustats::DEFAULT_IDLE_GPU_UTIL_PERCENT,
+            co2e_g_per_kwh: None,
+            pue: None,
+            price_per_kwh: None,
+            currency: None,
+            factors_source: None,
         }
     }
 }
@@ -359,6 +374,28 @@ impl Config {
                 key: "report.idle_gpu_util_percent",
                 reason: format!("{idle} is not a percentage (0 to 100)"),
             });
+        }
+        for (key, value, min) in [
+            ("report.co2e_g_per_kwh", self.report.co2e_g_per_kwh, 0.0),
+            ("report.pue", self.report.pue, 1.0),
+            ("report.price_per_kwh", self.report.price_per_kwh, 0.0),
+        ] {
+            if let Some(v) = value {
+                if !v.is_finite() || v < min {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        reason: format!("{v} is not a number of at least {min}"),
+                    });
+                }
+            }
+        }
+        if let Some(c) = &self.report.currency {
+            if c.is_empty() || c.len() > 8 || !c.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(ConfigError::Invalid {
+                    key: "report.currency",
+                    reason: format!("{c:?} is not a currency code such as EUR"),
+                });
+            }
         }
         if let Some(q) = &self.queue_dir {
             if !q.is_absolute() {
@@ -660,6 +697,10 @@ mod tests {
                 "sampling.gpu_max_power_w",
             ),
             ("nvml_library = \"\"", "nvml_library"),
+            ("[report]\npue = 0.9", "report.pue"),
+            ("[report]\nco2e_g_per_kwh = -1.0", "report.co2e_g_per_kwh"),
+            ("[report]\nprice_per_kwh = nan", "report.price_per_kwh"),
+            ("[report]\ncurrency = \"€\"", "report.currency"),
             ("socket_mode = 0o1777", "socket_mode"),
             ("socket_group = \"\"", "socket_group"),
             ("slurm_user = \"a/b\"", "slurm_user"),

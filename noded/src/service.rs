@@ -177,6 +177,13 @@ async fn service(config: Config, config_path: &str) -> u8 {
         });
     let attribution = config.attribution;
     let idle_gpu_util_percent = config.report.idle_gpu_util_percent;
+    let report_factors = crate::jobs::report::Factors {
+        co2e_g_per_kwh: config.report.co2e_g_per_kwh,
+        pue: config.report.pue,
+        price_per_kwh: config.report.price_per_kwh,
+        currency: config.report.currency.clone(),
+        source: config.report.factors_source.clone(),
+    };
     let reap_period = std::time::Duration::from_secs(config.lost_job_check_s);
     let state_dir = config.state_dir.clone();
     let proc_root = config.proc_root.clone();
@@ -236,6 +243,7 @@ async fn service(config: Config, config_path: &str) -> u8 {
             slurm,
             queue_dir,
             idle_gpu_util_percent,
+            report_factors,
         },
     ) {
         Ok(t) => Arc::new(t),

@@ -200,7 +200,7 @@ fn every_figure_follows_the_script_and_an_omitted_query_is_not_reported() {
         "{idle_j} J"
     );
     assert_eq!(m.idle_gpu_j(), Some(idle_j));
-    let report = ergond::jobs::report::render_text(&m, None);
+    let report = ergond::jobs::report::render_text(&m, None, &Default::default());
     println!("{report}");
     let line = format!(
         "Idle GPUs  gpu1: 1 % average SM utilisation, {} spent idle",

@@ -189,6 +189,12 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
         report.contains("Idle GPUs") && report.contains("gpu1: 2 % average SM utilisation"),
         "the user's report has no idle-GPU line for gpu1:\n{report}"
     );
+    // ergond's estimate with the demo's static factors, said to be one.
+    assert!(
+        report.contains("Footprint  about ")
+            && report.contains("PUE 1.3 × 250 gCO2e/kWh, 0.3 EUR/kWh, static factors"),
+        "the user's report has no CO2e and cost estimate:\n{report}"
+    );
     // After the job's own output: ergond's report, or (a build without it) the demo's note
     // and the manifest's summary.
     let after = report

@@ -141,8 +141,108 @@ fn step_name(job_id: u32, s: StepId) -> String {
     format!("{job_id}.{s}")
 }
 
+/// Static CO2e and cost factors for the report's estimate (ergond's `[report]`): the
+/// accounting computes the figures of record over the job's power trace with the site's
+/// factors (`ergon report`); this is what the user sees at once, said to be an estimate.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Factors {
+    /// Grid carbon intensity, gCO2e per kWh.
+    pub co2e_g_per_kwh: Option<f64>,
+    /// Facility PUE (1 when unset).
+    pub pue: Option<f64>,
+    /// Energy price per kWh.
+    pub price_per_kwh: Option<f64>,
+    /// The price's currency code.
+    pub currency: Option<String>,
+    /// Where the factors come from, in words.
+    pub source: Option<String>,
+}
+
+/// The estimate [`Factors`] give for `energy_j`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Estimate {
+    /// gCO2e (absent without an intensity).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub co2e_g: Option<f64>,
+    /// Cost in `currency` (absent without a price).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// The cost's currency code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// The intensity applied, gCO2e per kWh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub co2e_g_per_kwh: Option<f64>,
+    /// The PUE applied.
+    pub pue: f64,
+    /// The price applied, per kWh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_per_kwh: Option<f64>,
+    /// Where the factors come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+impl Factors {
+    /// The estimate for `energy_j` (the facility's energy: × PUE), or `None` when neither an
+    /// intensity nor a price is set.
+    pub fn estimate(&self, energy_j: f64) -> Option<Estimate> {
+        if self.co2e_g_per_kwh.is_none() && self.price_per_kwh.is_none() {
+            return None;
+        }
+        let pue = self.pue.unwrap_or(1.0);
+        let kwh = energy_j / 3.6e6 * pue;
+        Some(Estimate {
+            co2e_g: self.co2e_g_per_kwh.map(|i| kwh * i),
+            cost: self.price_per_kwh.map(|p| kwh * p),
+            currency: self.currency.clone(),
+            co2e_g_per_kwh: self.co2e_g_per_kwh,
+            pue,
+            price_per_kwh: self.price_per_kwh,
+            source: self.source.clone(),
+        })
+    }
+}
+
+/// `850 mg`, `12.4 g`, `3.21 kg`.
+fn grams(g: f64) -> String {
+    if g < 1.0 {
+        format!("{:.0} mg", g * 1000.0)
+    } else if g < 1000.0 {
+        format!("{g:.1} g")
+    } else {
+        format!("{:.2} kg", g / 1000.0)
+    }
+}
+
+/// The report's estimate line, or nothing.
+fn estimate_text(m: &Manifest, factors: &Factors) -> Option<String> {
+    let e = factors.estimate(m.totals.energy_j)?;
+    let mut what = Vec::new();
+    let mut how = Vec::new();
+    if let (Some(g), Some(i)) = (e.co2e_g, e.co2e_g_per_kwh) {
+        what.push(format!("{} CO2e", grams(g)));
+        how.push(format!("{i} gCO2e/kWh"));
+    }
+    if let (Some(c), Some(p)) = (e.cost, e.price_per_kwh) {
+        let cur = e.currency.as_deref().unwrap_or("");
+        what.push(format!("{c:.4} {cur}").trim_end().to_owned());
+        how.push(format!("{p} {cur}/kWh").replace(" /", "/"));
+    }
+    Some(format!(
+        "Footprint  about {}: {} × PUE {} × {}, static factors{}.\n           \
+         The accounting's figures, over the power trace with the site's factors: `ergon report {}`.",
+        what.join(" and "),
+        format::energy(m.totals.energy_j),
+        e.pue,
+        how.join(", "),
+        e.source.map(|s| format!(" ({s})")).unwrap_or_default(),
+        job_label(m)
+    ))
+}
+
 /// The text report.
-pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
+pub fn render_text(m: &Manifest, manifest_path: Option<&Path>, factors: &Factors) -> String {
     let mut s = String::new();
     let t = &m.totals;
     let _ = writeln!(s);
@@ -282,6 +382,9 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>) -> String {
             g.reason
         );
     }
+    if let Some(line) = estimate_text(m, factors) {
+        let _ = writeln!(s, "{line}");
+    }
     if let Some(p) = manifest_path {
         let _ = writeln!(s, "Manifest   {}", p.display());
     }
@@ -321,6 +424,9 @@ struct JsonReport<'a> {
     /// GPU's utilisation was sampled.
     #[serde(skip_serializing_if = "Option::is_none")]
     idle_gpu_j: Option<f64>,
+    /// CO2e and cost estimated with ergond's static `[report]` factors (absent without them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    footprint_estimate: Option<Estimate>,
     sockets: &'a [ergon_protocol::SocketEnergy],
     steps: &'a [ergon_protocol::StepEnergy],
     gaps: &'a [ergon_protocol::Gap],
@@ -330,7 +436,7 @@ struct JsonReport<'a> {
 }
 
 /// The JSON report: the manifest's figures without its trace (one object, a newline at the end).
-pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
+pub fn render_json(m: &Manifest, manifest_path: Option<&Path>, factors: &Factors) -> String {
     let r = JsonReport {
         job_id: m.job.job_id,
         job: job_label(m),
@@ -352,6 +458,7 @@ pub fn render_json(m: &Manifest, manifest_path: Option<&Path>) -> String {
         peak_w: m.totals.peak_w,
         gpus: &m.gpus,
         idle_gpu_j: m.idle_gpu_j(),
+        footprint_estimate: factors.estimate(m.totals.energy_j),
         sockets: &m.sockets,
         steps: &m.steps,
         gaps: &m.coverage.gaps,
@@ -621,6 +728,61 @@ mod tests {
             .build()
     }
 
+    /// With static factors the report estimates CO2e and cost (× PUE), names the factors and
+    /// points at the accounting's figures; without, it says nothing of them.
+    #[test]
+    fn static_factors_give_a_co2e_and_cost_estimate_said_to_be_one() {
+        let m = manifest();
+        let e = m.totals.energy_j;
+        let f = Factors {
+            co2e_g_per_kwh: Some(400.0),
+            pue: Some(1.5),
+            price_per_kwh: Some(0.2),
+            currency: Some("EUR".into()),
+            source: Some("site average 2026".into()),
+        };
+        let est = f.estimate(e).unwrap();
+        assert!((est.co2e_g.unwrap() - e / 3.6e6 * 1.5 * 400.0).abs() < 1e-9);
+        assert!((est.cost.unwrap() - e / 3.6e6 * 1.5 * 0.2).abs() < 1e-12);
+        let t = render_text(&m, None, &f);
+        let line = t
+            .lines()
+            .find(|l| l.starts_with("Footprint"))
+            .unwrap_or_else(|| panic!("{t}"));
+        assert!(
+            line.contains(&grams(est.co2e_g.unwrap()))
+                && line.contains(&format!("{:.4} EUR", est.cost.unwrap()))
+                && line.contains(
+                    "PUE 1.5 × 400 gCO2e/kWh, 0.2 EUR/kWh, static factors (site average 2026)"
+                ),
+            "{t}"
+        );
+        assert!(
+            t.contains("over the power trace with the site's factors: `ergon report 42`"),
+            "{t}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None, &f)).unwrap();
+        assert_eq!(j["footprint_estimate"]["pue"], 1.5);
+        assert_eq!(j["footprint_estimate"]["currency"], "EUR");
+        // Only an intensity: CO2e alone; nothing: no line, no JSON member.
+        let co2_only = Factors {
+            co2e_g_per_kwh: Some(100.0),
+            ..Factors::default()
+        };
+        let t = render_text(&m, None, &co2_only);
+        assert!(
+            t.contains("CO2e: ")
+                && t.contains("× 100 gCO2e/kWh, static factors.")
+                && !t.contains(" and "),
+            "{t}"
+        );
+        let none = render_text(&m, None, &Factors::default());
+        assert!(!none.contains("Footprint"), "{none}");
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
+        assert!(j.get("footprint_estimate").is_none());
+    }
+
     #[test]
     fn a_mig_share_is_named_with_its_instances_and_method() {
         let mut m = manifest();
@@ -635,12 +797,13 @@ mod tests {
             }],
             share_method: ergon_protocol::MigShareMethod::SliceSize,
         });
-        let t = render_text(&m, None);
+        let t = render_text(&m, None, &Factors::default());
         assert!(
             t.contains("[MIG GI 2 (3 of 7 slices), estimated by slice size]"),
             "{t}"
         );
-        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
         assert_eq!(j["gpus"][0]["mig"]["total_slices"], 7);
     }
 
@@ -690,7 +853,7 @@ mod tests {
             })
             .build();
         assert_eq!(m.schema_version, 6);
-        let t = render_text(&m, None);
+        let t = render_text(&m, None, &Factors::default());
         for want in [
             "Idle GPUs  gpu0: 1 % average SM utilisation, 412 kJ spent idle",
             "412 kJ of the job's 562 kJ (73.3%) went to allocated GPUs that sat idle \
@@ -706,11 +869,12 @@ mod tests {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }
         assert!(!t.contains("gpu1: "), "a busy GPU is not idle:\n{t}");
-        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
         assert_eq!(j["idle_gpu_j"], 412_000.0);
         assert_eq!(j["gpus"][0]["efficiency"]["throttle_s"]["power_cap"], 12.5);
         assert!(j["gpus"][2]["efficiency"]["sm_util_avg_pct"].is_null());
-        let plain = render_json(&manifest(), None);
+        let plain = render_json(&manifest(), None, &Factors::default());
         assert!(!plain.contains("idle_gpu_j"), "{plain}");
     }
 
@@ -719,6 +883,7 @@ mod tests {
         let t = render_text(
             &manifest(),
             Some(Path::new("/var/spool/ergon/c-42-n1.json")),
+            &Factors::default(),
         );
         for want in [
             "job 42 on n1",
@@ -734,7 +899,8 @@ mod tests {
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }
-        let j: serde_json::Value = serde_json::from_str(&render_json(&manifest(), None)).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&manifest(), None, &Factors::default())).unwrap();
         assert_eq!(j["energy_j"], 12300.0);
         assert_eq!(j["gpus"][0]["uuid"], "GPU-n1-0");
         assert!(j.get("trace").is_none());
@@ -826,29 +992,31 @@ mod tests {
     #[test]
     fn a_node_of_a_multi_node_job_says_what_its_report_covers() {
         let mut m = manifest();
-        let t = render_text(&m, None);
+        let t = render_text(&m, None, &Factors::default());
         assert!(
             !t.contains("Scope") && t.contains("`ergon report 42`"),
             "{t}"
         );
         m.job.node_list = Some("n[1-3]".into());
-        let t = render_text(&m, None);
+        let t = render_text(&m, None, &Factors::default());
         assert!(
             t.contains("this job ran on 3 nodes (n1, n2, n3); this report covers n1 only")
                 && t.contains("The whole job: `ergon report 42`"),
             "{t}"
         );
-        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
         assert_eq!(j["covers"], "node");
         assert_eq!(j["job_nodes"][2], "n3");
         m.job.node_list = Some("n[1-64]".into());
-        let t = render_text(&m, None);
+        let t = render_text(&m, None, &Factors::default());
         assert!(
             t.contains("64 nodes (n1, n2, n3, n4, n5, n6, … and 58 more)"),
             "{t}"
         );
         m.job.node_list = None;
-        let j: serde_json::Value = serde_json::from_str(&render_json(&m, None)).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
         assert_eq!(j["covers"], "job");
         assert!(j.get("job_nodes").is_none());
     }

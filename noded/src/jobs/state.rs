@@ -92,6 +92,8 @@ pub struct TrackerConfig {
     pub queue_dir: Option<PathBuf>,
     /// The idle-GPU rule's threshold (`[report] idle_gpu_util_percent`).
     pub idle_gpu_util_percent: f64,
+    /// The user's report's CO2e and cost estimate (`[report]` static factors).
+    pub report_factors: super::report::Factors,
 }
 
 pub(crate) struct Inner {

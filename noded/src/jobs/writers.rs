@@ -45,8 +45,12 @@ pub(super) fn queue_report(
         return;
     }
     let text = match format {
-        ergon_protocol::ReportFormat::Text => report::render_text(m, manifest_path),
-        ergon_protocol::ReportFormat::Json => report::render_json(m, manifest_path),
+        ergon_protocol::ReportFormat::Text => {
+            report::render_text(m, manifest_path, &inner.config.report_factors)
+        }
+        ergon_protocol::ReportFormat::Json => {
+            report::render_json(m, manifest_path, &inner.config.report_factors)
+        }
     };
     // The plugin sends u32::MAX when it could not tell the gid.
     let gid = job.gid.filter(|&g| g != u32::MAX).unwrap_or(uid);
