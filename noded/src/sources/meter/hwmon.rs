@@ -79,7 +79,10 @@ pub fn discover(root: &Path) -> Result<Vec<HwmonDevice>, MeterError> {
 
 /// `<prefix><index><suffix>` → index.
 fn indexed(file: &str, prefix: &str, suffix: &str) -> Option<u32> {
-    file.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+    file.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
 }
 
 /// One hwmon node meter: the first `energy<i>_input` of the device if it has one (a counter is
@@ -131,20 +134,21 @@ impl HwmonMeter {
 
     /// Open a device found by [`discover`].
     pub fn open_device(device: HwmonDevice) -> Result<Self, MeterError> {
-        let (path, energy, interval_path) = match (device.energy.first(), device.power_average.first()) {
-            (Some(i), _) => (device.dir.join(format!("energy{i}_input")), true, None),
-            (None, Some(i)) => (
-                device.dir.join(format!("power{i}_average")),
-                false,
-                Some(device.dir.join(format!("power{i}_average_interval"))),
-            ),
-            (None, None) => {
-                return Err(MeterError::NotFound(format!(
-                    "{}: no energy*_input or power*_average file",
-                    device.dir.display()
-                )))
-            }
-        };
+        let (path, energy, interval_path) =
+            match (device.energy.first(), device.power_average.first()) {
+                (Some(i), _) => (device.dir.join(format!("energy{i}_input")), true, None),
+                (None, Some(i)) => (
+                    device.dir.join(format!("power{i}_average")),
+                    false,
+                    Some(device.dir.join(format!("power{i}_average_interval"))),
+                ),
+                (None, None) => {
+                    return Err(MeterError::NotFound(format!(
+                        "{}: no energy*_input or power*_average file",
+                        device.dir.display()
+                    )))
+                }
+            };
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| MeterError::Io { path, source }
@@ -176,7 +180,11 @@ impl NodeMeter for HwmonMeter {
     }
 
     fn source(&self) -> String {
-        format!("hwmon {} ({})", self.device.name, self.file.path().display())
+        format!(
+            "hwmon {} ({})",
+            self.device.name,
+            self.file.path().display()
+        )
     }
 
     fn resolution_ns(&self) -> u64 {

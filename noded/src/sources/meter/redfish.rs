@@ -133,9 +133,9 @@ pub fn load_credentials(path: &Path) -> Result<Credentials, MeterError> {
                 ))
             }
         })?;
-    let meta = file.metadata().map_err(|e| {
-        MeterError::Credentials(format!("cannot stat {}: {e}", path.display()))
-    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| MeterError::Credentials(format!("cannot stat {}: {e}", path.display())))?;
     if !meta.file_type().is_file() {
         return Err(refuse("it is not a regular file".into()));
     }
@@ -151,7 +151,9 @@ pub fn load_credentials(path: &Path) -> Result<Credentials, MeterError> {
         .read_to_string(&mut text)
         .map_err(|e| MeterError::Credentials(format!("cannot read {}: {e}", path.display())))?;
     if text.len() as u64 > MAX_CREDENTIALS_BYTES {
-        return Err(refuse(format!("it is larger than {MAX_CREDENTIALS_BYTES} bytes")));
+        return Err(refuse(format!(
+            "it is larger than {MAX_CREDENTIALS_BYTES} bytes"
+        )));
     }
     toml::from_str(&text).map_err(|e| {
         MeterError::Credentials(format!(
@@ -194,7 +196,8 @@ impl RedfishMeter {
     /// the first [`NodeMeter::read`] finds the chassis and the power resource.
     pub fn new(cfg: RedfishConfig) -> Result<Self, MeterError> {
         let base = cfg.url.trim_end_matches('/').to_string();
-        let scheme_ok = base.starts_with("https://") || (cfg.insecure && base.starts_with("http://"));
+        let scheme_ok =
+            base.starts_with("https://") || (cfg.insecure && base.starts_with("http://"));
         if !scheme_ok {
             return Err(MeterError::Config(format!(
                 "Redfish url {:?} must start with https:// (plain http:// sends the BMC password \
@@ -222,7 +225,10 @@ impl RedfishMeter {
                 source,
             })?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                MeterError::Config(format!("{}: not a PEM certificate bundle: {e}", ca.display()))
+                MeterError::Config(format!(
+                    "{}: not a PEM certificate bundle: {e}",
+                    ca.display()
+                ))
             })?;
             if certs.is_empty() {
                 return Err(MeterError::Config(format!(
@@ -284,7 +290,9 @@ impl RedfishMeter {
             )));
         }
         if !status.is_success() {
-            return Err(MeterError::Http(format!("Redfish GET {url}: HTTP {status}")));
+            return Err(MeterError::Http(format!(
+                "Redfish GET {url}: HTTP {status}"
+            )));
         }
         let max = self.cfg.max_response_bytes;
         if resp.content_length().is_some_and(|n| n > max) {
@@ -293,9 +301,17 @@ impl RedfishMeter {
             )));
         }
         let mut body = Vec::new();
-        resp.take(max + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| MeterError::Http(format!("Redfish GET {url}: reading the body: {e}")))?;
+        if let Err(e) = resp.take(max + 1).read_to_end(&mut body) {
+            // Many BMC web servers end a response without Content-Length by closing the TLS
+            // connection without close_notify. The body is then taken only if it is a complete
+            // JSON object (checked below): a cut one cannot parse as one.
+            if !(is_unexpected_eof(&e) && body.first() == Some(&b'{')) {
+                return Err(MeterError::Http(format!(
+                    "Redfish GET {url}: reading the body: {}",
+                    error_chain(&e)
+                )));
+            }
+        }
         if body.len() as u64 > max {
             return Err(MeterError::Http(format!(
                 "Redfish GET {url}: response larger than {max} bytes"
@@ -358,6 +374,22 @@ impl RedfishMeter {
             Resource::EnvironmentMetrics => format!("{chassis}/EnvironmentMetrics"),
         }
     }
+}
+
+/// Whether `e` or one of its sources is an unexpected end of file (a TLS peer that closed
+/// without close_notify).
+fn is_unexpected_eof(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// An error with its sources, which carry the useful part (TLS, connection refused).
