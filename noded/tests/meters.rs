@@ -180,6 +180,11 @@ fn hwmon_without_a_node_meter_says_what_it_found() {
     let e = e.to_string();
     assert!(e.contains("power_meter") && e.contains("amd_energy"), "{e}");
     assert!(e.contains("acpi_power_meter"), "says what to load: {e}");
+    // No hwmon class at all (a container): no meter, which is not an I/O error.
+    assert!(matches!(
+        HwmonMeter::open(&dir.path().join("absent"), &[]),
+        Err(MeterError::NotFound(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -914,4 +919,111 @@ fn redfish_slow_bmc_times_out_and_never_blocks_a_reader_of_the_worker() {
     drop(release_tx); // every later request is answered at once
     worker.stop();
     stop_server(&url, server);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration and `ergond check`
+
+#[test]
+fn meters_configuration_is_validated() {
+    use ergond::config::Config;
+    let c = Config::parse(
+        "[meters]\nmax_node_power_w = 4000\nmax_gap_ms = 5000\n\
+         [meters.hwmon]\nnames = [\"power_meter\", \"node_energy\"]\n\
+         [meters.pm_counters]\nenabled = false\ncounter = \"accel0_energy\"\n\
+         [meters.redfish]\nurl = \"https://bmc\"\ncredentials_file = \"/etc/ergon/bmc.toml\"\n\
+         ca_file = \"/etc/ergon/bmc-ca.pem\"\ntimeout_ms = 2000\n",
+    )
+    .unwrap();
+    let m = &c.meters;
+    assert_eq!((m.max_node_power_w, m.max_gap_ms), (4000.0, 5000));
+    assert_eq!(m.hwmon.names, ["power_meter", "node_energy"]);
+    assert!(m.hwmon.enabled && !m.pm_counters.enabled);
+    let r = m.redfish.as_ref().unwrap();
+    assert_eq!((r.timeout_ms, r.insecure), (2000, false));
+    assert_eq!(r.max_response_bytes, 1 << 20);
+    assert_eq!(Config::parse("").unwrap().meters.redfish, None);
+
+    let e = Config::parse("[meters]\nmax_node_power_w = -1\n").unwrap_err();
+    assert!(e.to_string().contains("meters.max_node_power_w"), "{e}");
+    let e =
+        Config::parse("[meters.redfish]\nurl = \"https://bmc\"\ncredentials_file = \"bmc.toml\"\n")
+            .unwrap_err();
+    assert!(e.to_string().contains("credentials_file"), "{e}");
+    let e =
+        Config::parse("[meters.redfish]\nurl = \"https://bmc\"\npassword = \"x\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("password"),
+        "no password in ergond.toml: {e}"
+    );
+}
+
+#[test]
+fn ergond_check_describes_the_node_meters() {
+    let dir = tempfile::tempdir().unwrap();
+    let hw = HwmonTree::create(&dir.path().join("hwmon"), &hwmon_node());
+    let pm = PmCountersTree::create(&dir.path().join("pm_counters"), 1, 0);
+    pm.set_energy("energy", 123_456);
+    let creds = dir.path().join("bmc.toml");
+    std::fs::write(&creds, "username = \"a\"\npassword = \"b\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("ergond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "powercap_root = {:?}\n[meters.hwmon]\nroot = {:?}\n[meters.pm_counters]\nroot = {:?}\n\
+             [meters.redfish]\nurl = \"https://127.0.0.1:1\"\ncredentials_file = {:?}\n",
+            dir.path().join("powercap"),
+            hw.root(),
+            pm.root(),
+            creds
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ergond"))
+        .args(["check", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let inv: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let meters = inv["meters"].as_array().unwrap();
+    let by_kind = |k: &str| meters.iter().find(|m| m["kind"] == k).unwrap();
+    let h = by_kind("hwmon");
+    assert_eq!(
+        (h["ok"].as_bool(), h["reading"].as_str()),
+        (Some(true), Some("250 W"))
+    );
+    assert_eq!(h["resolution_ms"].as_f64(), Some(500.0));
+    let p = by_kind("pm_counters");
+    assert_eq!(p["reading"].as_str(), Some("123456 J"), "{p}");
+    let r = by_kind("redfish");
+    assert_eq!(
+        (r["ok"].as_bool(), r["problem"].as_bool()),
+        (Some(false), Some(true))
+    );
+    // The credentials file is world-readable: refused, and the problem says how to fix it
+    // (as root; otherwise it is not owned by root, which is refused too).
+    let why = r["why"].as_str().unwrap();
+    assert!(why.contains("refusing Redfish credentials file"), "{why}");
+    let problems = inv["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p
+            .as_str()
+            .unwrap()
+            .starts_with("redfish node meter: refusing")),
+        "{problems:?}"
+    );
+
+    let text = Command::new(env!("CARGO_BIN_EXE_ergond"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Node meters (not yet used for attribution)"),
+        "{text}"
+    );
+    assert!(text.contains("hwmon: hwmon power_meter"), "{text}");
 }

@@ -33,12 +33,19 @@ pub struct HwmonDevice {
 }
 
 /// Every hwmon device under `root` (normally `/sys/class/hwmon`) with a power or energy file,
-/// sorted by directory name.
+/// sorted by directory name; none when `root` does not exist.
 pub fn discover(root: &Path) -> Result<Vec<HwmonDevice>, MeterError> {
-    let entries = std::fs::read_dir(root).map_err(|source| MeterError::Io {
-        path: root.to_path_buf(),
-        source,
-    })?;
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        // No hwmon class at all (a container without /sys/class/hwmon): no meter, no error.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(MeterError::Io {
+                path: root.to_path_buf(),
+                source,
+            })
+        }
+    };
     let mut dirs: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("hwmon"))

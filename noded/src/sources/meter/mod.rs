@@ -557,6 +557,236 @@ impl Drop for MeterWorker {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_hwmon_root() -> PathBuf {
+    PathBuf::from("/sys/class/hwmon")
+}
+fn default_pm_counters_root() -> PathBuf {
+    PathBuf::from("/sys/cray/pm_counters")
+}
+fn default_pm_counter() -> String {
+    pm_counters::DEFAULT_COUNTER.to_string()
+}
+
+/// `[meters.hwmon]`: hwmon power meters, looked for unless `enabled = false`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HwmonConfig {
+    /// Look for one (default true). Absent hardware is not a problem.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The hwmon class directory.
+    #[serde(default = "default_hwmon_root")]
+    pub root: PathBuf,
+    /// hwmon device `name`s that measure the whole node; empty: [`hwmon::DEFAULT_NAMES`].
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+impl Default for HwmonConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            root: default_hwmon_root(),
+            names: Vec::new(),
+        }
+    }
+}
+
+/// `[meters.pm_counters]`: HPE Cray pm_counters, looked for unless `enabled = false`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmCountersConfig {
+    /// Look for them (default true). Absent hardware is not a problem.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The pm_counters directory.
+    #[serde(default = "default_pm_counters_root")]
+    pub root: PathBuf,
+    /// The counter read: `energy` (the node), or `cpu0_energy`, `memory_energy`,
+    /// `accel0_energy`, ...
+    #[serde(default = "default_pm_counter")]
+    pub counter: String,
+}
+
+impl Default for PmCountersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            root: default_pm_counters_root(),
+            counter: default_pm_counter(),
+        }
+    }
+}
+
+/// `[meters]` in ergond.toml: the node meters and how their readings are integrated.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetersConfig {
+    /// Highest power the node can draw, watts (its power supplies' rating): readings above it
+    /// are rejected.
+    pub max_node_power_w: f64,
+    /// Power-only meters: reads further apart than this are not integrated across (a hole).
+    pub max_gap_ms: u64,
+    /// hwmon power meters.
+    pub hwmon: HwmonConfig,
+    /// HPE Cray pm_counters.
+    pub pm_counters: PmCountersConfig,
+    /// The BMC's Redfish service; only read when configured.
+    pub redfish: Option<redfish::RedfishConfig>,
+}
+
+impl Default for MetersConfig {
+    fn default() -> Self {
+        Self {
+            max_node_power_w: 15_000.0,
+            max_gap_ms: 10_000,
+            hwmon: HwmonConfig::default(),
+            pm_counters: PmCountersConfig::default(),
+            redfish: None,
+        }
+    }
+}
+
+impl MetersConfig {
+    /// Check the values that TOML alone cannot: the key at fault and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.max_node_power_w.is_finite() && self.max_node_power_w > 0.0) {
+            return Err((
+                "meters.max_node_power_w",
+                format!("a positive number of watts, not {}", self.max_node_power_w),
+            ));
+        }
+        if self.max_gap_ms == 0 {
+            return Err(("meters.max_gap_ms", "must be at least 1".into()));
+        }
+        if let Some(r) = &self.redfish {
+            if r.timeout_ms == 0 || r.max_response_bytes == 0 || r.resolution_ms == 0 {
+                return Err((
+                    "meters.redfish",
+                    "timeout_ms, max_response_bytes and resolution_ms must be at least 1".into(),
+                ));
+            }
+            if !r.credentials_file.is_absolute() {
+                return Err((
+                    "meters.redfish.credentials_file",
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The integration rules for `meter`.
+    pub fn integrator_config(&self, meter: &dyn NodeMeter) -> IntegratorConfig {
+        IntegratorConfig {
+            max_node_power_w: self.max_node_power_w,
+            margin: 1.2,
+            max_gap_ns: self.max_gap_ms.saturating_mul(1_000_000),
+            staleness_ns: meter.resolution_ns(),
+        }
+    }
+}
+
+/// What `ergond check` says about one kind of meter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MeterDetection {
+    /// The kind of meter.
+    pub kind: MeterKind,
+    /// Whether it is looked for (hwmon and pm_counters by default, Redfish when configured).
+    pub enabled: bool,
+    /// Whether it was opened and read.
+    pub ok: bool,
+    /// Where the values come from.
+    pub source: Option<String>,
+    /// Its resolution, ms.
+    pub resolution_ms: Option<f64>,
+    /// The value read, with its unit (`312.5 W`, `1234567 J`).
+    pub reading: Option<String>,
+    /// Why it is absent or failed.
+    pub why: Option<String>,
+    /// Whether `why` is a problem to fix (a configured meter that fails), rather than hardware
+    /// this node does not have.
+    pub problem: bool,
+}
+
+/// Open a meter of `kind` as configured; `Ok(None)` when it is disabled or not configured.
+pub fn open(cfg: &MetersConfig, kind: MeterKind) -> Result<Option<Box<dyn NodeMeter>>, MeterError> {
+    Ok(match kind {
+        MeterKind::Hwmon if cfg.hwmon.enabled => Some(Box::new(hwmon::HwmonMeter::open(
+            &cfg.hwmon.root,
+            &cfg.hwmon.names,
+        )?)),
+        MeterKind::PmCounters if cfg.pm_counters.enabled => Some(Box::new(
+            pm_counters::PmCountersMeter::open(&cfg.pm_counters.root, &cfg.pm_counters.counter)?,
+        )),
+        MeterKind::Redfish => match &cfg.redfish {
+            Some(r) => Some(Box::new(redfish::RedfishMeter::new(r.clone())?)),
+            None => None,
+        },
+        _ => None,
+    })
+}
+
+/// Open and read each kind of meter once, for `ergond check`. A Redfish read takes up to its
+/// `timeout_ms`.
+pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
+    [MeterKind::Hwmon, MeterKind::PmCounters, MeterKind::Redfish]
+        .into_iter()
+        .map(|kind| {
+            let mut d = MeterDetection {
+                kind,
+                enabled: false,
+                ok: false,
+                source: None,
+                resolution_ms: None,
+                reading: None,
+                why: None,
+                problem: false,
+            };
+            let opened = open(cfg, kind);
+            d.enabled = !matches!(opened, Ok(None));
+            let result = opened.and_then(|m| match m {
+                None => Ok(None),
+                Some(mut m) => {
+                    let r = m.read();
+                    d.source = Some(m.source());
+                    d.resolution_ms = Some(m.resolution_ns() as f64 / 1e6);
+                    r.map(Some)
+                }
+            });
+            match result {
+                Ok(None) => {
+                    d.why = Some(match kind {
+                        MeterKind::Redfish => "not configured ([meters.redfish])".into(),
+                        _ => "disabled in the configuration".into(),
+                    });
+                }
+                Ok(Some(r)) => {
+                    d.ok = true;
+                    d.reading = Some(match r.quantity {
+                        Quantity::Energy {
+                            raw,
+                            joules_per_unit,
+                            ..
+                        } => format!("{} J", raw as f64 * joules_per_unit),
+                        Quantity::Power { watts } => format!("{watts} W"),
+                    });
+                }
+                Err(e) => {
+                    // Absent local hardware is normal; a configured BMC that fails is not, nor
+                    // is local hardware that exists and cannot be read.
+                    d.problem = !matches!(e, MeterError::NotFound(_)) || kind == MeterKind::Redfish;
+                    d.why = Some(e.to_string());
+                }
+            }
+            d
+        })
+        .collect()
+}
+
 /// Read a whole small file, trimmed, naming it in the error.
 pub(crate) fn read_text(path: &std::path::Path) -> Result<String, MeterError> {
     std::fs::read_to_string(path)
