@@ -943,6 +943,18 @@ fn meters_configuration_is_validated() {
     assert_eq!((r.timeout_ms, r.insecure), (2000, false));
     assert_eq!(r.max_response_bytes, 1 << 20);
     assert_eq!(Config::parse("").unwrap().meters.redfish, None);
+    assert_eq!(Config::parse("").unwrap().meters.ipmi, None);
+    let c = Config::parse("[meters.ipmi]\nsensor = \"Pwr Consumption\"\n").unwrap();
+    let i = c.meters.ipmi.unwrap();
+    assert_eq!(
+        (i.host, i.port, i.sensor.as_deref()),
+        (None, 623, Some("Pwr Consumption"))
+    );
+    let e = Config::parse("[meters.ipmi]\nhost = \"bmc\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("meters.ipmi.credentials_file"),
+        "{e}"
+    );
 
     let e = Config::parse("[meters]\nmax_node_power_w = -1\n").unwrap_err();
     assert!(e.to_string().contains("meters.max_node_power_w"), "{e}");
@@ -1005,7 +1017,7 @@ fn ergond_check_describes_the_node_meters() {
     // The credentials file is world-readable: refused, and the problem says how to fix it
     // (as root; otherwise it is not owned by root, which is refused too).
     let why = r["why"].as_str().unwrap();
-    assert!(why.contains("refusing Redfish credentials file"), "{why}");
+    assert!(why.contains("refusing BMC credentials file"), "{why}");
     let problems = inv["problems"].as_array().unwrap();
     assert!(
         problems.iter().any(|p| p
@@ -1026,4 +1038,200 @@ fn ergond_check_describes_the_node_meters() {
         "{text}"
     );
     assert!(text.contains("hwmon: hwmon power_meter"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPMI: ipmitool against OpenIPMI's ipmi_sim on loopback
+
+/// The emulated BMC's power sensor: a Full Sensor Record (type 01) named `Node Power`, unit
+/// watts, reading = raw × 4, its raw value polled by ipmi_sim from a file every 200 ms.
+fn ipmi_sim_files(dir: &Path, port: u16) -> PathBuf {
+    std::fs::write(
+        dir.join("lan.conf"),
+        format!(
+            "name \"ergontest\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {port}\n\
+             \x20   priv_limit admin\n    allowed_auths_callback md5\n    allowed_auths_user md5\n\
+             \x20   allowed_auths_operator md5\n    allowed_auths_admin md5\n\
+             \x20   guid a123456789abcdefa123456789abcdef\n  endlan\n\
+             user 2 true \"admin\" \"secret\" admin 10 md5\n"
+        ),
+    )
+    .unwrap();
+    let name = b"Node Power";
+    let mut body: Vec<u8> = vec![
+        0x20, 0x00, 0x01, // owner, LUN, sensor number
+        0x07, 0x01, // entity: system board 1
+        0x7f, 0x68, // initialization, capabilities
+        0x0b, 0x01, // sensor type: other units-based; reading type: threshold
+        0, 0, 0, 0, 0, 0, // event and reading masks
+        0x00, 0x06, 0x00, // unsigned; base unit watts; no modifier
+        0x00, // linear
+        0x04, 0x00, 0x00, 0x00, 0x00, // M = 4 and tolerance, B = 0 and accuracy, direction
+        0x00, 0x00, // exponents, analog flags
+        0, 0, 0, 0xff, 0x00, // nominal, normal max/min, sensor max/min
+        0, 0, 0, 0, 0, 0, // thresholds
+        0, 0, 0, 0, 0, // hysteresis, reserved, OEM
+    ];
+    body.push(0xc0 | name.len() as u8);
+    body.extend_from_slice(name);
+    let mut rec = vec![0x01, 0x00, 0x51, 0x01, body.len() as u8];
+    rec.extend(body);
+    let hex: Vec<String> = rec.iter().map(|b| format!("0x{b:02x}")).collect();
+    let power = dir.join("power_raw");
+    std::fs::write(&power, "62\n").unwrap();
+    std::fs::write(
+        dir.join("sim.emu"),
+        format!(
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n\
+             sel_enable 0x20 1000 0x0a\nmain_sdr_add 0x20 {}\n\
+             sensor_add 0x20 0 1 0x0b 0x01 poll 200 file \"{}\"\nmc_enable 0x20\n",
+            hex.join(" "),
+            power.display()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    power
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
+    use ergond::sources::meter::ipmi::{IpmiConfig, IpmiMeter};
+    let test = "ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim";
+    if !ergon_testkit::needs_root(test, "own the credentials file as root") {
+        return;
+    }
+    for tool in ["ipmi_sim", "ipmitool"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            ergon_testkit::skipped(test, &format!("no {tool} (Debian: openipmi, ipmitool)"));
+            return;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let power = ipmi_sim_files(dir.path(), port);
+    let sim = Command::new("ipmi_sim")
+        .arg("-c")
+        .arg(dir.path().join("lan.conf"))
+        .arg("-f")
+        .arg(dir.path().join("sim.emu"))
+        .arg("-s")
+        .arg(dir.path().join("state"))
+        .arg("-n")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("sim.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("sim.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let _sim = Server(sim);
+
+    let mut cfg = IpmiConfig::local();
+    cfg.host = Some("127.0.0.1".into());
+    cfg.port = port;
+    cfg.credentials_file = Some(write_credentials(dir.path(), 0o600));
+    cfg.cipher_suite = Some(3);
+    cfg.timeout_ms = 5_000;
+
+    // No DCMI in ipmi_sim and no sensor named: the error says what to configure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let e = loop {
+        let e = IpmiMeter::new(cfg.clone()).unwrap().read().unwrap_err();
+        // Until ipmi_sim listens, ipmitool cannot open a session at all.
+        if e.to_string().contains("Invalid command") || Instant::now() > deadline {
+            break e;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let msg = e.to_string();
+    let log = || {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(dir.path().join("sim.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.path().join("sim.err")).unwrap_or_default()
+        )
+    };
+    assert!(
+        msg.contains("Invalid command"),
+        "{msg}\nipmi_sim said: {}",
+        log()
+    );
+    assert!(matches!(e, MeterError::NotFound(_)), "{msg}");
+    assert!(
+        msg.contains("dcmi power reading") && msg.contains("Invalid command"),
+        "{msg}"
+    );
+    assert!(msg.contains("`sensor`"), "{msg}");
+
+    cfg.sensor = Some("Node Power".into());
+    let mut m = IpmiMeter::new(cfg.clone()).unwrap();
+    assert_eq!(m.kind(), MeterKind::Ipmi);
+    // ipmi_sim polls the sensor's raw value from the file every 200 ms (0 until the first poll).
+    let mut await_watts = |want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = m.read().unwrap();
+            if watts(r.quantity) == want {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "still {:?}", r.quantity);
+        }
+    };
+    let r1 = await_watts(248.0); // raw 62 × M 4
+    std::fs::write(&power, "80\n").unwrap();
+    let r2 = await_watts(320.0);
+    assert_eq!(
+        m.source(),
+        format!("ipmi 127.0.0.1:{port} sensor \"Node Power\"")
+    );
+    let mut i = integrator(m.resolution_ns());
+    i.update(r1);
+    let Outcome::Delta(d) = i.update(r2) else {
+        panic!("expected a delta")
+    };
+    assert!(d.joules > 0.0);
+
+    // A wrong password: no session, and ipmitool's reason.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "username = \"admin\"\npassword = \"wrong\"\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut wrong = cfg.clone();
+    wrong.credentials_file = Some(bad);
+    let e = IpmiMeter::new(wrong)
+        .unwrap()
+        .read()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("RMCP+ session"), "{e}");
+
+    // A sensor the BMC does not have.
+    let mut nope = cfg.clone();
+    nope.sensor = Some("Nope".into());
+    let e = IpmiMeter::new(nope)
+        .unwrap()
+        .read()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"Nope\" not found"), "{e}");
+
+    // A BMC that never answers: ipmitool is killed at the bound.
+    let hung = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut slow = cfg;
+    slow.port = hung.local_addr().unwrap().port();
+    slow.timeout_ms = 700;
+    let t0 = Instant::now();
+    let e = IpmiMeter::new(slow)
+        .unwrap()
+        .read()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no answer within 700 ms"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }

@@ -218,6 +218,7 @@ fn configuration_md_lists_every_key_and_only_real_ones() {
             "meters.hwmon",
             "meters.pm_counters",
             "meters.redfish",
+            "meters.ipmi",
         ],
     );
     assert!(code.len() >= 20, "{code:?}");

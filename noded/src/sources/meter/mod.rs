@@ -7,7 +7,9 @@
 //! * [`pm_counters`]: HPE Cray EX `/sys/cray/pm_counters/` (node, CPU, memory and accelerator
 //!   energy, with `freshness` and `generation`);
 //! * [`redfish`]: the BMC's Redfish service (`Chassis/<id>/Power` `PowerControl`, or
-//!   `EnvironmentMetrics`), over HTTPS with credentials from a root-only file.
+//!   `EnvironmentMetrics`), over HTTPS with credentials from a root-only file;
+//! * [`ipmi`]: the BMC over IPMI through `ipmitool`: the DCMI power reading, or an SDR power
+//!   sensor.
 //!
 //! A meter only reads: every [`MeterReading`] carries the monotonic time of the read and either a
 //! cumulative energy counter or a power. The [`EnergyIntegrator`] turns a sequence of readings
@@ -26,6 +28,7 @@
 //! Not yet used for attribution: nothing here feeds jobs' energy or manifests.
 
 pub mod hwmon;
+pub mod ipmi;
 pub mod pm_counters;
 pub mod redfish;
 
@@ -84,6 +87,8 @@ pub enum MeterKind {
     PmCounters,
     /// The BMC's Redfish service.
     Redfish,
+    /// The BMC over IPMI (DCMI or an SDR sensor).
+    Ipmi,
 }
 
 impl fmt::Display for MeterKind {
@@ -92,6 +97,7 @@ impl fmt::Display for MeterKind {
             MeterKind::Hwmon => "hwmon",
             MeterKind::PmCounters => "pm_counters",
             MeterKind::Redfish => "redfish",
+            MeterKind::Ipmi => "ipmi",
         })
     }
 }
@@ -636,6 +642,8 @@ pub struct MetersConfig {
     pub pm_counters: PmCountersConfig,
     /// The BMC's Redfish service; only read when configured.
     pub redfish: Option<redfish::RedfishConfig>,
+    /// The BMC over IPMI; only read when configured.
+    pub ipmi: Option<ipmi::IpmiConfig>,
 }
 
 impl Default for MetersConfig {
@@ -646,6 +654,7 @@ impl Default for MetersConfig {
             hwmon: HwmonConfig::default(),
             pm_counters: PmCountersConfig::default(),
             redfish: None,
+            ipmi: None,
         }
     }
 }
@@ -676,6 +685,29 @@ impl MetersConfig {
                 ));
             }
         }
+        if let Some(i) = &self.ipmi {
+            if i.timeout_ms == 0 || i.resolution_ms == 0 {
+                return Err((
+                    "meters.ipmi",
+                    "timeout_ms and resolution_ms must be at least 1".into(),
+                ));
+            }
+            if i.host.is_some() && i.credentials_file.is_none() {
+                return Err((
+                    "meters.ipmi.credentials_file",
+                    "needed with `host` (IPMI over LAN)".into(),
+                ));
+            }
+            if i.credentials_file
+                .as_ref()
+                .is_some_and(|p| !p.is_absolute())
+            {
+                return Err((
+                    "meters.ipmi.credentials_file",
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -695,7 +727,8 @@ impl MetersConfig {
 pub struct MeterDetection {
     /// The kind of meter.
     pub kind: MeterKind,
-    /// Whether it is looked for (hwmon and pm_counters by default, Redfish when configured).
+    /// Whether it is looked for (hwmon and pm_counters by default, Redfish and IPMI when
+    /// configured).
     pub enabled: bool,
     /// Whether it was opened and read.
     pub ok: bool,
@@ -726,6 +759,10 @@ pub fn open(cfg: &MetersConfig, kind: MeterKind) -> Result<Option<Box<dyn NodeMe
             Some(r) => Some(Box::new(redfish::RedfishMeter::new(r.clone())?)),
             None => None,
         },
+        MeterKind::Ipmi => match &cfg.ipmi {
+            Some(i) => Some(Box::new(ipmi::IpmiMeter::new(i.clone())?)),
+            None => None,
+        },
         _ => None,
     })
 }
@@ -733,58 +770,65 @@ pub fn open(cfg: &MetersConfig, kind: MeterKind) -> Result<Option<Box<dyn NodeMe
 /// Open and read each kind of meter once, for `ergond check`. A Redfish read takes up to its
 /// `timeout_ms`.
 pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
-    [MeterKind::Hwmon, MeterKind::PmCounters, MeterKind::Redfish]
-        .into_iter()
-        .map(|kind| {
-            let mut d = MeterDetection {
-                kind,
-                enabled: false,
-                ok: false,
-                source: None,
-                resolution_ms: None,
-                reading: None,
-                why: None,
-                problem: false,
-            };
-            let opened = open(cfg, kind);
-            d.enabled = !matches!(opened, Ok(None));
-            let result = opened.and_then(|m| match m {
-                None => Ok(None),
-                Some(mut m) => {
-                    let r = m.read();
-                    d.source = Some(m.source());
-                    d.resolution_ms = Some(m.resolution_ns() as f64 / 1e6);
-                    r.map(Some)
-                }
-            });
-            match result {
-                Ok(None) => {
-                    d.why = Some(match kind {
-                        MeterKind::Redfish => "not configured ([meters.redfish])".into(),
-                        _ => "disabled in the configuration".into(),
-                    });
-                }
-                Ok(Some(r)) => {
-                    d.ok = true;
-                    d.reading = Some(match r.quantity {
-                        Quantity::Energy {
-                            raw,
-                            joules_per_unit,
-                            ..
-                        } => format!("{} J", raw as f64 * joules_per_unit),
-                        Quantity::Power { watts } => format!("{watts} W"),
-                    });
-                }
-                Err(e) => {
-                    // Absent local hardware is normal; a configured BMC that fails is not, nor
-                    // is local hardware that exists and cannot be read.
-                    d.problem = !matches!(e, MeterError::NotFound(_)) || kind == MeterKind::Redfish;
-                    d.why = Some(e.to_string());
-                }
+    [
+        MeterKind::Hwmon,
+        MeterKind::PmCounters,
+        MeterKind::Redfish,
+        MeterKind::Ipmi,
+    ]
+    .into_iter()
+    .map(|kind| {
+        let mut d = MeterDetection {
+            kind,
+            enabled: false,
+            ok: false,
+            source: None,
+            resolution_ms: None,
+            reading: None,
+            why: None,
+            problem: false,
+        };
+        let opened = open(cfg, kind);
+        d.enabled = !matches!(opened, Ok(None));
+        let result = opened.and_then(|m| match m {
+            None => Ok(None),
+            Some(mut m) => {
+                let r = m.read();
+                d.source = Some(m.source());
+                d.resolution_ms = Some(m.resolution_ns() as f64 / 1e6);
+                r.map(Some)
             }
-            d
-        })
-        .collect()
+        });
+        match result {
+            Ok(None) => {
+                d.why = Some(match kind {
+                    MeterKind::Redfish => "not configured ([meters.redfish])".into(),
+                    MeterKind::Ipmi => "not configured ([meters.ipmi])".into(),
+                    _ => "disabled in the configuration".into(),
+                });
+            }
+            Ok(Some(r)) => {
+                d.ok = true;
+                d.reading = Some(match r.quantity {
+                    Quantity::Energy {
+                        raw,
+                        joules_per_unit,
+                        ..
+                    } => format!("{} J", raw as f64 * joules_per_unit),
+                    Quantity::Power { watts } => format!("{watts} W"),
+                });
+            }
+            Err(e) => {
+                // Absent local hardware is normal; a configured BMC that fails is not, nor
+                // is local hardware that exists and cannot be read.
+                d.problem = !matches!(e, MeterError::NotFound(_))
+                    || matches!(kind, MeterKind::Redfish | MeterKind::Ipmi);
+                d.why = Some(e.to_string());
+            }
+        }
+        d
+    })
+    .collect()
 }
 
 /// Read a whole small file, trimmed, naming it in the error.

@@ -114,7 +114,7 @@ impl std::fmt::Debug for Credentials {
 pub fn load_credentials(path: &Path) -> Result<Credentials, MeterError> {
     let refuse = |why: String| {
         MeterError::Credentials(format!(
-            "refusing Redfish credentials file {}: {why}. It must be a regular file owned by root \
+            "refusing BMC credentials file {}: {why}. It must be a regular file owned by root \
              with mode 0600 or 0400: `chown root:root {0}; chmod 0600 {0}`",
             path.display()
         ))
@@ -128,7 +128,7 @@ pub fn load_credentials(path: &Path) -> Result<Credentials, MeterError> {
                 refuse("it is a symbolic link".into())
             } else {
                 MeterError::Credentials(format!(
-                    "cannot open Redfish credentials file {}: {e}",
+                    "cannot open BMC credentials file {}: {e}",
                     path.display()
                 ))
             }
