@@ -635,7 +635,7 @@ fn redfish_reads_power_from_sushy_static_over_https() {
     untrusted.ca_file = None;
     let e = RedfishMeter::new(untrusted).unwrap().read().unwrap_err();
     assert!(
-        matches!(&e, MeterError::Http(m) if m.to_lowercase().contains("certificate")),
+        matches!(&e, MeterError::Request(m) if m.to_lowercase().contains("certificate")),
         "{e}"
     );
     // ... unless told not to, explicitly.

@@ -233,13 +233,13 @@ impl IpmiMeter {
                     let _ = child.wait();
                     let _ = out.join();
                     let _ = err.join();
-                    return Err(MeterError::Http(format!(
+                    return Err(MeterError::Request(format!(
                         "{what}: no answer within {} ms",
                         self.cfg.timeout_ms
                     )));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(MeterError::Http(format!("{what}: {e}"))),
+                Err(e) => return Err(MeterError::Request(format!("{what}: {e}"))),
             }
         };
         let stdout = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
@@ -252,7 +252,7 @@ impl IpmiMeter {
                 .filter(|l| !l.is_empty() && !l.starts_with("Unable to Get Channel Cipher Suites"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            return Err(MeterError::Http(format!("{what}: {status}: {msg}")));
+            return Err(MeterError::Request(format!("{what}: {status}: {msg}")));
         }
         Ok(stdout)
     }

@@ -127,9 +127,9 @@ pub enum MeterError {
     /// The credentials file is unsafe or unreadable.
     #[error("{0}")]
     Credentials(String),
-    /// An HTTP request failed (connection, TLS, timeout, status, size).
+    /// A request to a BMC failed: connection, TLS, timeout, HTTP status, size, ipmitool's exit.
     #[error("{0}")]
-    Http(String),
+    Request(String),
     /// The configuration is inconsistent.
     #[error("{0}")]
     Config(String),

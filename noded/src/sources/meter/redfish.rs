@@ -194,6 +194,9 @@ impl std::fmt::Debug for RedfishMeter {
 impl RedfishMeter {
     /// Check the configuration, read the credentials and build the HTTPS client. Sends nothing:
     /// the first [`NodeMeter::read`] finds the chassis and the power resource.
+    ///
+    /// The client is reqwest's blocking one: create, read and drop the meter on a plain thread
+    /// (a [`super::MeterWorker`]'s), never inside an async runtime, where reqwest panics.
     pub fn new(cfg: RedfishConfig) -> Result<Self, MeterError> {
         let base = cfg.url.trim_end_matches('/').to_string();
         let scheme_ok =
@@ -276,7 +279,7 @@ impl RedfishMeter {
                 } else {
                     error_chain(&e)
                 };
-                MeterError::Http(format!("Redfish GET {url}: {what}"))
+                MeterError::Request(format!("Redfish GET {url}: {what}"))
             })?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -290,13 +293,13 @@ impl RedfishMeter {
             )));
         }
         if !status.is_success() {
-            return Err(MeterError::Http(format!(
+            return Err(MeterError::Request(format!(
                 "Redfish GET {url}: HTTP {status}"
             )));
         }
         let max = self.cfg.max_response_bytes;
         if resp.content_length().is_some_and(|n| n > max) {
-            return Err(MeterError::Http(format!(
+            return Err(MeterError::Request(format!(
                 "Redfish GET {url}: response larger than {max} bytes"
             )));
         }
@@ -306,14 +309,14 @@ impl RedfishMeter {
             // connection without close_notify. The body is then taken only if it is a complete
             // JSON object (checked below): a cut one cannot parse as one.
             if !(is_unexpected_eof(&e) && body.first() == Some(&b'{')) {
-                return Err(MeterError::Http(format!(
+                return Err(MeterError::Request(format!(
                     "Redfish GET {url}: reading the body: {}",
                     error_chain(&e)
                 )));
             }
         }
         if body.len() as u64 > max {
-            return Err(MeterError::Http(format!(
+            return Err(MeterError::Request(format!(
                 "Redfish GET {url}: response larger than {max} bytes"
             )));
         }
