@@ -1021,6 +1021,75 @@ mod tests {
         assert_eq!(t.energy.joules, 2400.0);
     }
 
+    proptest::proptest! {
+        /// Power meters: every accepted read closes an integrated interval or a hole, so the
+        /// covered and hole time add up to the span between the first and the last good read,
+        /// and the energy is within what the power limits allow over the covered time.
+        #[test]
+        fn power_time_is_covered_or_a_hole(
+            reads in proptest::collection::vec((0u64..25 * S, -100.0f64..2500.0), 1..60)
+        ) {
+            let mut i = EnergyIntegrator::new(cfg());
+            let mut at = 0;
+            let (mut first, mut last) = (None, 0);
+            for (dt, w) in reads {
+                at += dt;
+                if !matches!(i.update(power(at, w)), Outcome::Rejected(_)) {
+                    first.get_or_insert(at);
+                    last = at;
+                }
+            }
+            let t = i.totals();
+            let span = first.map_or(0, |f| last - f);
+            proptest::prop_assert_eq!(t.energy.covered_ns + t.hole_ns, span);
+            proptest::prop_assert!(t.energy.joules >= 0.0);
+            proptest::prop_assert!(t.energy.joules <= 2000.0 * t.energy.covered_ns as f64 / 1e9 + 1e-6);
+        }
+
+        /// pm_counters: with plausible increments, generation changes (resets to a small value)
+        /// and stale repeats, the node energy is exactly the sum of the increments and of the
+        /// values after each reset.
+        #[test]
+        fn pm_counters_energy_is_exact(
+            steps in proptest::collection::vec((0u64..3, 1u64..1000, 0u64..1500), 1..80)
+        ) {
+            let mut i = EnergyIntegrator::new(cfg());
+            let (mut at, mut value, mut generation, mut freshness) = (S, 0u64, 1u64, 1u64);
+            i.update(joules(at, value, generation, freshness));
+            let mut expected = 0.0;
+            for (what, dt_ms, j) in steps {
+                at += dt_ms * 1_000_000;
+                match what {
+                    // Stale: the same freshness and values.
+                    0 => {
+                        proptest::prop_assert_eq!(
+                            i.update(joules(at, value, generation, freshness)),
+                            Outcome::Stale
+                        );
+                        continue;
+                    }
+                    // A reset: new generation, the counter restarts at a value the node can
+                    // have drawn since (at most 2000 W over dt).
+                    1 => {
+                        generation += 1;
+                        value = j.min(dt_ms * 2);
+                        expected += value as f64;
+                    }
+                    // New energy, within the power limit.
+                    _ => {
+                        let add = j.min(dt_ms * 2);
+                        value += add;
+                        expected += add as f64;
+                    }
+                }
+                freshness += 1;
+                let o = i.update(joules(at, value, generation, freshness));
+                proptest::prop_assert!(!matches!(o, Outcome::Rejected(_)), "{:?}", o);
+            }
+            proptest::prop_assert_eq!(i.totals().energy.joules, expected);
+        }
+    }
+
     #[test]
     fn time_going_backwards_is_rejected() {
         let mut i = EnergyIntegrator::new(cfg());
