@@ -272,6 +272,9 @@ pub struct Config {
     /// ergond replays them at start and every second. `None`: `queue/` beside `socket_path`,
     /// which is the plugin's default too.
     pub queue_dir: Option<PathBuf>,
+    /// Whole-node power meters (`[meters]`): described by `ergond check`, not yet used for
+    /// attribution.
+    pub meters: crate::sources::meter::MetersConfig,
 }
 
 impl Default for Config {
@@ -304,6 +307,7 @@ impl Default for Config {
             gres_conf: PathBuf::from("/etc/slurm/gres.conf"),
             mig_minors: PathBuf::from(ergon_gres::DEFAULT_MIG_MINORS),
             queue_dir: None,
+            meters: Default::default(),
         }
     }
 }
@@ -563,6 +567,9 @@ impl Config {
                 });
             }
         }
+        self.meters
+            .validate()
+            .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
         Ok(())
     }
 }

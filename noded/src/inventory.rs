@@ -227,6 +227,9 @@ pub struct Inventory {
     pub rapl: RaplReport,
     /// cgroups.
     pub cgroup: CgroupReport,
+    /// Whole-node power meters (hwmon, HPE Cray pm_counters, Redfish): described, not yet used
+    /// for attribution, so they do not count as energy sources.
+    pub meters: Vec<crate::sources::meter::MeterDetection>,
     /// Energy sources that work: `nvml` (at least one measurable GPU), `rapl`.
     pub energy_sources: Vec<String>,
     /// Every problem line, for scripts.
@@ -244,6 +247,7 @@ pub fn check(config: &Config, config_report: ConfigReport, detect_budget: Durati
     let nvml = nvml_report(config, &config_report, detect_budget);
     let rapl = rapl_report(config);
     let cgroup = cgroup_report(config);
+    let meters = crate::sources::meter::detect(&config.meters);
     let mut energy_sources = Vec::new();
     if nvml.gpus.iter().any(|g| g.gpu.method != "unsupported") {
         energy_sources.push("nvml".to_string());
@@ -255,6 +259,12 @@ pub fn check(config: &Config, config_report: ConfigReport, detect_budget: Durati
         .into_iter()
         .flatten()
         .cloned()
+        .chain(
+            meters
+                .iter()
+                .filter(|m| m.problem)
+                .filter_map(|m| Some(format!("{} node meter: {}", m.kind, m.why.as_ref()?))),
+        )
         .collect();
     let exit_code = if energy_sources.is_empty() {
         EXIT_NO_SOURCE
@@ -267,6 +277,7 @@ pub fn check(config: &Config, config_report: ConfigReport, detect_budget: Durati
         nvml,
         rapl,
         cgroup,
+        meters,
         energy_sources,
         problems,
         exit_code,
@@ -676,6 +687,24 @@ pub fn render_text(inv: &Inventory) -> String {
         }
     }
 
+    let _ = writeln!(o, "\nNode meters (not yet used for attribution)");
+    for m in &inv.meters {
+        if m.ok {
+            let _ = writeln!(
+                o,
+                "  {}: {}  {}  resolution {} ms",
+                m.kind,
+                opt(&m.source),
+                opt(&m.reading),
+                m.resolution_ms.map_or("?".into(), |r| format!("{r:.0}"))
+            );
+        } else if m.problem {
+            let _ = writeln!(o, "  {}: PROBLEM: {}", m.kind, opt(&m.why));
+        } else {
+            let _ = writeln!(o, "  {}: none ({})", m.kind, opt(&m.why));
+        }
+    }
+
     let _ = writeln!(o);
     if inv.energy_sources.is_empty() {
         let _ = writeln!(
@@ -760,6 +789,17 @@ mod tests {
             perf_sysfs_root: dir.path().join("perf"),
             sysfs_root: dir.path().join("sys"),
             cgroup_root: dir.path().join("cgroup"),
+            meters: crate::sources::meter::MetersConfig {
+                hwmon: crate::sources::meter::HwmonConfig {
+                    root: dir.path().join("hwmon"),
+                    ..Default::default()
+                },
+                pm_counters: crate::sources::meter::PmCountersConfig {
+                    root: dir.path().join("pm_counters"),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
             ..Config::default()
         };
         let report = ConfigReport {
@@ -774,5 +814,11 @@ mod tests {
         assert!(text.contains("no NVIDIA driver library at"), "{text}");
         assert!(text.contains("no RAPL energy counters found"), "{text}");
         assert!(text.contains("no energy source works"), "{text}");
+        // Absent meters are described, not problems.
+        assert!(
+            text.contains("pm_counters: none (no HPE Cray pm_counters"),
+            "{text}"
+        );
+        assert!(text.contains("redfish: none (not configured"), "{text}");
     }
 }

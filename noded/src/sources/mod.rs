@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod domains;
+pub mod meter;
 pub mod nvml;
 pub mod perf;
 pub mod rapl;

@@ -4,6 +4,8 @@
 //! - fake hardware trees ([`hw`], also at the crate root): powercap, the perf `power` PMU
 //!   description, CPU topology, cgroup v1/v2 hierarchies and `/proc/stat`, for ergond's sources
 //!   and for the demo's RAPL simulator;
+//! - generated whole-node meter trees ([`meters`]): hwmon power meters and HPE Cray
+//!   pm_counters;
 //! - [`needs_root`]: the one way a test that needs root skips when it is not, visibly
 //!   ([`skipped`] for other missing prerequisites);
 //! - [`Tmpfs`]: a small filesystem to fill up or remount read-only (root only);
@@ -14,8 +16,10 @@
 
 pub mod dashboards;
 pub mod hw;
+pub mod meters;
 
 pub use hw::*;
+pub use meters::{HwmonFixture, HwmonTree, PmCountersTree};
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
