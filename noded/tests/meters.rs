@@ -397,7 +397,7 @@ fn sushy_python() -> Option<PathBuf> {
 fn sushy_or_skip(test: &str) -> Option<PathBuf> {
     let bin = sushy_python();
     if bin.is_none() {
-        ergon_testkit::skipped(
+        ergon_testkit::missing(
             test,
             &format!("cannot install {SUSHY_TOOLS} from PyPI into a venv (python3-venv, network)"),
         );
@@ -1111,7 +1111,7 @@ fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
     }
     for tool in ["ipmi_sim", "ipmitool"] {
         if Command::new(tool).arg("-V").output().is_err() {
-            ergon_testkit::skipped(test, &format!("no {tool} (Debian: openipmi, ipmitool)"));
+            ergon_testkit::missing(test, &format!("no {tool} (Debian: openipmi, ipmitool)"));
             return;
         }
     }

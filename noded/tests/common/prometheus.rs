@@ -166,7 +166,7 @@ pub fn promtool_finds_nothing(prometheus: &Path, body: &str) {
             out.status
         );
     } else {
-        ergon_testkit::skipped(
+        ergon_testkit::missing(
             "promtool check metrics",
             &format!("{} not found", promtool.display()),
         );

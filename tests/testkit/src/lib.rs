@@ -44,6 +44,17 @@ pub fn skipped(what: &str, why: &str) {
     let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}: {why}");
 }
 
+/// A tool or package a test needs is missing: in the full test run (`scripts/test`, which sets
+/// `ERGON_TESTS_COMPLETE` and installs everything) that is a failure, so that nothing it should
+/// test passes untested; elsewhere (`cargo test` on a developer's machine) the test says
+/// `SKIPPED` like [`skipped`] and the caller returns.
+pub fn missing(what: &str, why: &str) {
+    if std::env::var_os("ERGON_TESTS_COMPLETE").is_some() {
+        panic!("{what}: {why}; the full test run installs it (scripts/test), so this is a failure here");
+    }
+    skipped(what, why);
+}
+
 /// Whether the effective uid is 0 (from `/proc/self/status`, so this crate needs no libc).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
