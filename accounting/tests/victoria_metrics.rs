@@ -187,7 +187,7 @@ fn records_survive_kill_9_at_random_points_exactly_once() {
         vm = Vm::start(port, &data);
         // What the state calls delivered is there.
         let present = vm.samples_per_job();
-        let state = ergon_accounting::state::State::load(&s.state()).unwrap();
+        let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
         let lost: Vec<&String> = state
             .jobs
             .iter()
