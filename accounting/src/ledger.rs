@@ -490,3 +490,82 @@ pub fn load_merged(state_dir: &Path) -> anyhow::Result<crate::state::State> {
     }
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, end: u64) -> JobEntry {
+        let mut sinks = BTreeMap::new();
+        sinks.insert("vm".to_string(), Delivery::Done { at_unix: 1 });
+        JobEntry {
+            key: key.into(),
+            collected_unix: 0,
+            end_unix_ns: end,
+            record: None,
+            sacct: Some(Delivery::Skipped {
+                reason: "foreign".into(),
+            }),
+            sinks,
+        }
+    }
+
+    fn file(job: &str, size: u64) -> IndexEntry {
+        IndexEntry {
+            size,
+            mtime_ns: 7,
+            content_hash: "sha256:00".into(),
+            job: job.into(),
+        }
+    }
+
+    #[test]
+    fn put_look_up_replace_forget_and_prune_with_the_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        // Read-only before any run: empty, and no file made.
+        let ro = Ledger::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.job("c/1").unwrap(), None);
+        assert!(ro.files(&["/s/1"]).unwrap().is_empty());
+        assert!(!Ledger::path(dir.path()).exists());
+
+        let mut l = Ledger::open(dir.path()).unwrap();
+        let (e1, e2) = (entry("c/1/a", 10), entry("c/2/b", 20));
+        let (f1, f2) = (file("c/1", 1), file("c/2", 2));
+        l.put(
+            &[("c/1", &e1), ("c/2", &e2)],
+            &[("/s/1", &f1), ("/s/2", &f2)],
+        )
+        .unwrap();
+        l.begin_read().unwrap();
+        assert_eq!(
+            l.job("c/1").unwrap(),
+            Some(LedgerJob {
+                key: "c/1/a".into(),
+                end_unix_ns: 10
+            })
+        );
+        let found = l.files(&["/s/1", "/s/9"]).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found["/s/1"], f1);
+        assert_eq!(l.jobs(&["c/2", "c/9"]).unwrap().len(), 1);
+        l.end_read().unwrap();
+        assert_eq!(l.counts().unwrap(), (2, 2));
+
+        // A job collected again and delivered replaces its row.
+        l.put(&[("c/1", &entry("c/1/z", 11))], &[]).unwrap();
+        assert_eq!(l.job("c/1").unwrap().unwrap().key, "c/1/z");
+        l.forget_files(&["/s/2"]).unwrap();
+        assert!(l.files(&["/s/2"]).unwrap().is_empty());
+
+        // The age bound: job 1 (end 11) goes with its file; the horizon is its end.
+        assert_eq!(l.prune(15).unwrap(), (1, 11));
+        assert_eq!(l.job("c/1").unwrap(), None);
+        assert!(l.files(&["/s/1"]).unwrap().is_empty());
+        assert_eq!(l.prune(15).unwrap(), (0, 11), "the horizon stays");
+        drop(l);
+        let ro = Ledger::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.horizon().unwrap(), 11);
+        let (jobs, _) = ro.all().unwrap();
+        assert_eq!(jobs["c/2"], e2);
+    }
+}

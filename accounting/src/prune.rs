@@ -14,7 +14,8 @@
 //! Everything else stays, counted by why. Files the state does not know (not collected yet, or
 //! of jobs a state bound removed, whose delivery can no longer be told) are never removed.
 //! `ergon prune` takes the run lock, so it never runs beside `ergon run`; it does not change the
-//! state (the next run drops removed files from the spool index).
+//! state (the next run drops removed files from the spool index), and removes the files it
+//! deletes from the ledger's index (`dry_run`: read-only, never created).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
