@@ -121,13 +121,16 @@ fn main() {
         assert_eq!(child["collected"], u64::from(per_run), "{child}");
         assert_eq!(child["complete"], true, "{child}");
         eprintln!(
-            "run {:>3}: {} new jobs, {:.1} s ({:.1} % of the 300 s interval), peak RSS {:.0} MiB, {} manifests known, {series} series",
+            "run {:>3}: {} new jobs, {:.1} s ({:.1} % of the 300 s interval), peak RSS {:.0} MiB, {} manifests known, {series} series, state.json {} B (max {} B), ledger {} B",
             r + 1,
             per_run,
             wall,
             wall / 3.0,
             child["maxrss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
-            child["manifests_known"]
+            child["manifests_known"],
+            child["state_bytes_final"],
+            child["state_bytes_max"],
+            child["ledger_bytes"]
         );
         rows.push(json!({"run": r + 1, "wall_s": wall, "series": series, "child": child}));
     }
@@ -221,6 +224,10 @@ fn main() {
         .unwrap();
         println!("\nresults: {path}");
     }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 fn now_ns() -> u64 {
@@ -343,6 +350,9 @@ fn child_run(config_path: &Path) {
             "complete": summary.complete(),
             "scan_s": summary.timings.scan.as_secs_f64(),
             "state_bytes_max": summary.timings.state_bytes_max,
+            // After the run: delivered jobs have moved to the ledger.
+            "state_bytes_final": file_len(&ergon_accounting::state::State::path(&config.state_dir)),
+            "ledger_bytes": file_len(&ergon_accounting::ledger::Ledger::path(&config.state_dir)),
             "run_s": summary.timings.total.as_secs_f64(),
             "maxrss_kib": usage.max_rss(),
         })

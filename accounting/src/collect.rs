@@ -283,7 +283,18 @@ pub struct Scan {
     pub read: usize,
     /// Files not read because the index knew them unchanged (same size and modification time).
     pub known: usize,
+    /// The entries of [`Scan::index`] that are not in the index the scan was given as they are
+    /// (new files, and files read again that changed): what a run must write to where its
+    /// job's entries are kept (for a delivered job, the ledger).
+    pub fresh: Vec<IndexedFile>,
+    /// Files the index named that this scan found gone or quarantined: their entries go (from
+    /// where they are kept).
+    pub gone: Vec<String>,
 }
+
+/// Index entries kept elsewhere (the ledger: [`crate::ledger`]), asked once per scan for the
+/// listed files the given index does not name.
+pub type MoreIndex<'a> = &'a mut dyn FnMut(&[&str]) -> std::io::Result<SpoolIndex>;
 
 /// [`scan_indexed`] with an empty index: every file is read.
 pub fn scan(
@@ -317,8 +328,19 @@ pub fn scan_indexed(
     settle: Duration,
     index: &SpoolIndex,
 ) -> std::io::Result<Scan> {
+    scan_indexed_more(spools, quarantine, settle, index, None)
+}
+
+/// [`scan_indexed`], with the index entries `more` has of the files `index` does not name.
+pub fn scan_indexed_more(
+    spools: &[PathBuf],
+    quarantine: Option<&Path>,
+    settle: Duration,
+    index: &SpoolIndex,
+    more: Option<MoreIndex<'_>>,
+) -> std::io::Result<Scan> {
     let mut jobs = BTreeMap::new();
-    let mut scan = scan_streaming(spools, quarantine, settle, index, false, |found| {
+    let mut scan = scan_streaming(spools, quarantine, settle, index, more, false, |found| {
         if let Streamed::Job(job, manifests) = found {
             jobs.insert(job, manifests);
         }
@@ -379,6 +401,7 @@ pub fn scan_streaming<E: From<std::io::Error>>(
     quarantine: Option<&Path>,
     settle: Duration,
     index: &SpoolIndex,
+    more: Option<MoreIndex<'_>>,
     peek: bool,
     mut on: impl FnMut(Streamed) -> Result<(), E>,
 ) -> Result<Scan, E> {
@@ -386,7 +409,23 @@ pub fn scan_streaming<E: From<std::io::Error>>(
     // 1. List, in spool order then name order (the order decides between two manifests of
     //    one node), with the size and modification time taken before any read.
     let files = list(spools)?;
-    let indexed = |f: &Listed| f.key.as_ref().and_then(|k| index.get(k));
+    // The entries kept elsewhere of the files `index` does not name (one lookup).
+    let extra: SpoolIndex = match more {
+        Some(more) => {
+            let keys: Vec<&str> = files
+                .iter()
+                .filter_map(|f| f.key.as_deref())
+                .filter(|k| !index.contains_key(*k))
+                .collect();
+            more(&keys)?
+        }
+        None => SpoolIndex::new(),
+    };
+    let indexed = |f: &Listed| {
+        f.key
+            .as_ref()
+            .and_then(|k| index.get(k).or_else(|| extra.get(k)))
+    };
     let unchanged =
         |f: &Listed| indexed(f).filter(|e| e.size == f.size && e.mtime_ns == f.mtime_ns);
     let n = files.len();
@@ -669,6 +708,12 @@ pub fn scan_streaming<E: From<std::io::Error>>(
     }
     scan.unsettled = unsettled.len();
     for (i, f) in files.iter().enumerate() {
+        // (A dropped file's job is never known: only read, good files have one.)
+        if matches!(outcome[i], Outcome::Dropped) {
+            if let (Some(k), Some(_)) = (&f.key, indexed(f)) {
+                scan.gone.push(k.clone());
+            }
+        }
         let Some(job) = job_of[i].as_ref() else {
             continue;
         };
@@ -694,7 +739,11 @@ pub fn scan_streaming<E: From<std::io::Error>>(
                 let new_and_unsettled = unsettled.contains(job.as_str()) && indexed(f).is_none();
                 if f.key.is_some() && !new_and_unsettled {
                     if let Some(hash) = hash_of[i].clone() {
-                        scan.index.push(entry(hash));
+                        let e = entry(hash);
+                        if indexed(f) != Some(&e.entry) {
+                            scan.fresh.push(e.clone());
+                        }
+                        scan.index.push(e);
                     }
                 }
             }

@@ -6,6 +6,7 @@
 //! - [`job`]: the job record the other modules share;
 //! - [`spool`]: listing the spool directories, the spool index's entries;
 //! - [`state`]: the state directory (write-ahead log, bounds, run lock);
+//! - [`ledger`]: the delivered jobs and their spool-index entries, out of the state file;
 //! - [`sacct`]: the sacct record through sacctmgr, verified by read-back;
 //! - [`consumed_energy`]: the job's own `ConsumedEnergy` set to ergon's figure (Slurm 25.11+);
 //! - [`sinks`]: VictoriaMetrics (InfluxDB line protocol) and HTTPS JSON ingest, with retries;
@@ -28,6 +29,7 @@ pub mod consumed_energy;
 pub mod footprint;
 pub mod influx;
 pub mod job;
+pub mod ledger;
 pub mod plot;
 pub mod privacy;
 pub mod prune;

@@ -2,7 +2,9 @@
 //! record, so that a spool receiving a million manifests a day does not grow without end.
 //!
 //! A file is removed only when all of these hold:
-//! - the spool index of the state names it (it was collected, and its job has an entry);
+//! - the spool index of the state, or the ledger's (delivered jobs: [`crate::ledger`]), names
+//!   it (it was collected, and its job has an entry in the state or the ledger; the state's
+//!   entry wins);
 //! - its size and modification time are what was collected (a file changed since is a person's
 //!   business, not ours);
 //! - its job's entry has nothing pending for any destination (sacct, the job-records database,
@@ -12,14 +14,17 @@
 //! Everything else stays, counted by why. Files the state does not know (not collected yet, or
 //! of jobs a state bound removed, whose delivery can no longer be told) are never removed.
 //! `ergon prune` takes the run lock, so it never runs beside `ergon run`; it does not change the
-//! state (the next run drops removed files from the spool index).
+//! state (the next run drops removed files from the spool index), and removes the files it
+//! deletes from the ledger's index (`dry_run`: read-only, never created).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::spool;
 use crate::state::{RunLock, State};
 
@@ -67,19 +72,53 @@ impl PruneSummary {
 pub fn prune(config: &Config, older_than: Duration, dry_run: bool) -> Result<PruneSummary> {
     let _lock = RunLock::try_acquire(&config.state_dir)?;
     let state = State::load(&config.state_dir)?;
+    // Read-only for a dry run; never created.
+    let mut ledger = if dry_run {
+        Ledger::open_read_only(&config.state_dir)?
+    } else {
+        Ledger::open_existing(&config.state_dir)?
+    };
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let cutoff = now_ns.saturating_sub(older_than.as_nanos().min(u128::from(u64::MAX)) as u64);
     let mut out = PruneSummary::default();
     let files = spool::list(&config.spool_dirs).context("listing the spools")?;
+    // The files and jobs the state does not have, from the ledger: one read transaction.
+    ledger.begin_read()?;
+    let keys: Vec<&str> = files
+        .iter()
+        .filter_map(|f| f.key.as_deref())
+        .filter(|k| !state.index.contains_key(*k))
+        .collect();
+    let ledger_files = ledger.files(&keys)?;
+    let jobs: BTreeSet<&str> = state
+        .index
+        .values()
+        .chain(ledger_files.values())
+        .map(|e| e.job.as_str())
+        .filter(|j| !state.jobs.contains_key(*j))
+        .collect();
+    let ledger_jobs = ledger.jobs(&jobs.into_iter().collect::<Vec<_>>())?;
+    ledger.end_read()?;
+    // Removed files of delivered jobs leave the ledger's index (a new file at the same path is
+    // then new; the state's index drops them at the next run).
+    let mut forget: Vec<String> = Vec::new();
     for file in files {
-        let entry = file.key.as_ref().and_then(|k| state.index.get(k));
+        let entry = file
+            .key
+            .as_ref()
+            .and_then(|k| state.index.get(k).or_else(|| ledger_files.get(k)));
         let Some(entry) = entry else {
             out.kept_unknown += 1;
             continue;
         };
-        let Some(job) = state.jobs.get(&entry.job) else {
+        // (pending, end): the state's entry, else the ledger's (delivered everywhere).
+        let job = match state.jobs.get(&entry.job) {
+            Some(e) => Some((e.any_pending(), e.end_unix_ns)),
+            None => ledger_jobs.get(&entry.job).map(|j| (false, j.end_unix_ns)),
+        };
+        let Some((pending, end_unix_ns)) = job else {
             out.kept_unknown += 1;
             continue;
         };
@@ -87,11 +126,11 @@ pub fn prune(config: &Config, older_than: Duration, dry_run: bool) -> Result<Pru
             out.kept_changed += 1;
             continue;
         }
-        if job.any_pending() {
+        if pending {
             out.kept_pending += 1;
             continue;
         }
-        if job.end_unix_ns >= cutoff {
+        if end_unix_ns >= cutoff {
             out.kept_recent += 1;
             continue;
         }
@@ -103,6 +142,12 @@ pub fn prune(config: &Config, older_than: Duration, dry_run: bool) -> Result<Pru
         }
         out.removed += 1;
         out.removed_bytes += file.size;
+        if let Some(k) = file.key.as_ref().filter(|k| ledger_files.contains_key(*k)) {
+            forget.push(k.clone());
+        }
+    }
+    if !dry_run {
+        ledger.forget_files(&forget.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     Ok(out)
 }

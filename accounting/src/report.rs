@@ -367,8 +367,10 @@ fn components(gpu: Option<f64>, cpu: Option<f64>, dram: Option<f64>) -> String {
 pub struct Status {
     /// The state directory.
     pub state_dir: PathBuf,
-    /// Jobs in the state.
+    /// Jobs in the state and in the ledger.
     pub jobs: usize,
+    /// Of these, jobs in the ledger (delivered everywhere).
+    pub ledger_jobs: u64,
     /// Per destination (`sacct` and each sink): records pending (not yet delivered, those sent
     /// but not verified included).
     pub backlog: Vec<(String, usize)>,
@@ -395,8 +397,11 @@ pub struct Status {
 }
 
 /// Build the status from the state directory.
-pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
+pub fn status(config: &Config) -> anyhow::Result<Status> {
     let state = State::load(&config.state_dir)?;
+    // Delivered jobs are in the ledger (counted there; never created by a status).
+    let (ledger_jobs, ledger_sacct_skipped) =
+        crate::ledger::Ledger::open_read_only(&config.state_dir)?.counts()?;
     let mut names: Vec<String> = state.sinks.keys().cloned().collect();
     for e in state.jobs.values() {
         for n in e.sinks.keys() {
@@ -426,14 +431,16 @@ pub fn status(config: &Config) -> Result<Status, crate::state::StateError> {
         .collect();
     Ok(Status {
         state_dir: config.state_dir.clone(),
-        jobs: state.jobs.len(),
+        jobs: state.jobs.len() + ledger_jobs as usize,
+        ledger_jobs,
         backlog,
         unverified,
         sacct_skipped: state
             .jobs
             .values()
             .filter(|e| matches!(e.sacct, Some(Delivery::Skipped { .. })))
-            .count(),
+            .count()
+            + ledger_sacct_skipped as usize,
         destinations,
         quarantined: collect::quarantined_count(&config.quarantine_dir),
         dropped_by_age: state.dropped.by_age,
@@ -456,7 +463,12 @@ pub fn render_status(s: &Status) -> String {
             format!("{}s ago", now.saturating_sub(t))
         }
     };
-    let mut out = format!("state      {} ({} jobs)\n", s.state_dir.display(), s.jobs);
+    let mut out = format!(
+        "state      {} ({} jobs, {} of them delivered, in the ledger)\n",
+        s.state_dir.display(),
+        s.jobs,
+        s.ledger_jobs
+    );
     out += &format!("last run   {}\n", ago(s.last_run_unix));
     if let Some(line) = &s.last_run_summary {
         out += &format!("           {line}\n");

@@ -28,6 +28,11 @@
 //! index only names jobs that have an entry, so the bounds above bound it too: removing a job
 //! removes its files from the index (such a file, if still in the spool, is read again and
 //! skipped by the horizon). Losing the index costs only time: the next run reads every file.
+//!
+//! Jobs whose every delivery is done leave the state, with their index entries, for the
+//! [`crate::ledger`] at the end of each run (the ledger commits first, then the state is saved
+//! without them), so the state holds only what is pending; everything that asks whether a job
+//! or a file was collected asks the ledger too, and the state's entries win.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;

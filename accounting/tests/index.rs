@@ -33,7 +33,7 @@ fn read_known(s: &Setup) -> (usize, usize) {
 }
 
 fn state(s: &Setup) -> State {
-    State::load(&s.state()).unwrap()
+    ergon_accounting::ledger::load_merged(&s.state()).unwrap()
 }
 
 fn run_ok(s: &Setup) {
@@ -271,12 +271,18 @@ fn a_state_without_an_index_reads_everything_once() {
     s.write_config("");
     write_manifest(&s.spool(), &manifest("c1", 1, "n1", 100.0, 10.0, 1.0));
     run_ok(&s);
-    // A state written before the index existed: no `index` field.
+    // A state written before the index (and the ledger) existed: the delivered job in the
+    // state file, no `index` field.
+    let mut old = state(&s);
+    old.index.clear();
+    old.save(&s.state()).unwrap();
+    std::fs::remove_file(s.state().join(ergon_accounting::ledger::FILE)).unwrap();
     let path = State::path(&s.state());
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("index").unwrap();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     assert!(state(&s).index.is_empty());
+    assert_eq!(state(&s).jobs.len(), 1);
 
     run_ok(&s);
     assert_eq!(read_known(&s), (1, 0));

@@ -69,7 +69,7 @@ fn many_batches_deliver_each_job_once_and_a_spread_job_as_one_record() {
     assert!(not_once.is_empty(), "not exactly once: {not_once:?}");
     assert!(server.requests() >= 50, "{} requests", server.requests());
     // One record for the three nodes, with all three.
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     assert_eq!(state.jobs.len(), JOBS as usize + 1);
     let spread = &state.jobs[&format!("c1/{SPREAD}")];
     assert!(!spread.any_pending());
@@ -103,7 +103,7 @@ fn the_spread_job_is_combined_from_its_three_nodes() {
     config(&s, port, 50);
     let out = s.run();
     assert_eq!(out.status.code(), Some(3), "{}", show(&out));
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     let record = state.jobs[&format!("c1/{SPREAD}")]
         .record
         .as_ref()
@@ -145,7 +145,7 @@ fn a_run_killed_between_batches_loses_nothing() {
     assert!(before.len() < JOBS as usize, "the run was killed early");
 
     // Write-ahead: everything that reached the sink is in the state (the journal, replayed).
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     assert!(state.replayed > 0, "the journal was replayed");
     for job in before.keys() {
         assert!(
@@ -165,7 +165,7 @@ fn a_run_killed_between_batches_loses_nothing() {
         after.values().all(|n| *n <= 2) && twice <= 4 * 100,
         "{twice} jobs delivered twice (at most the batches in flight)"
     );
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     assert_eq!(state.replayed, 0);
     assert!(state.pending_for("victoria_metrics").is_empty());
     let out = s.run();
@@ -237,7 +237,7 @@ fn manifests_that_appear_during_a_run_are_collected_by_the_next() {
     assert_eq!(after.len(), 501);
     assert_eq!(after[&1], 2, "job 1 again, with both nodes");
     assert_eq!(after[&9001], 1);
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     assert_eq!(
         state.index.values().filter(|e| e.job == "c1/1").count(),
         2,

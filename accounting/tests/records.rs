@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ergon_accounting::collect::combine;
 use ergon_accounting::records::{JobFilter, RecordsDb, SINK_NAME};
-use ergon_accounting::state::{Delivery, State};
+use ergon_accounting::state::Delivery;
 
 fn db_path(s: &Setup) -> std::path::PathBuf {
     s.state().join("records.sqlite")
@@ -348,7 +348,7 @@ fn a_run_killed_with_kill_9_loses_nothing_the_state_calls_delivered() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     let db = RecordsDb::open_read_only(&db_path(&s)).unwrap();
     let in_db: std::collections::BTreeSet<u32> = db
         .list(&JobFilter::default())

@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use ergon_accounting::state::State;
 
 fn config(s: &Setup, port: u16) {
     s.write_config(&format!(
@@ -61,7 +60,7 @@ fn a_state_disk_that_fills_up_mid_run_loses_nothing() {
     // What the sink got is in the state on disk (replayed from its journal).
     let got = server.per_job();
     assert!(!got.is_empty());
-    let state = State::load(&s.state()).unwrap();
+    let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
     for job in got.keys() {
         assert!(
             state.jobs.contains_key(&format!("c1/{job}")),

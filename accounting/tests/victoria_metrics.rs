@@ -187,7 +187,7 @@ fn records_survive_kill_9_at_random_points_exactly_once() {
         vm = Vm::start(port, &data);
         // What the state calls delivered is there.
         let present = vm.samples_per_job();
-        let state = ergon_accounting::state::State::load(&s.state()).unwrap();
+        let state = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
         let lost: Vec<&String> = state
             .jobs
             .iter()
@@ -542,10 +542,16 @@ fn series_stay_flat_as_jobs_grow() {
     assert_eq!(series_count(port), first, "series grew with the jobs");
     assert_eq!(usage_sum(port, "jobs_total"), 400.0);
     assert!((usage_sum(port, "energy_joules_total") - energy).abs() < 1e-6 * energy);
-    // Sent again (a lost state): counted once.
+    // Sent again (a lost state: state.json and the ledger of delivered jobs): counted once.
     std::fs::remove_file(s.state().join("state.json")).unwrap();
+    std::fs::remove_file(s.state().join(ergon_accounting::ledger::FILE)).unwrap();
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("collected 400 new"),
+        "{}",
+        show(&out)
+    );
     assert_eq!(usage_sum(port, "jobs_total"), 400.0);
     // Durable: a kill -9 right after the run loses none of it.
     vm.take().unwrap().kill9();

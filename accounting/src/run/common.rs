@@ -5,8 +5,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::collect::{combine, FoundManifest};
+use crate::collect::{combine, FoundManifest, IndexedFile};
 use crate::config::Config;
+use crate::ledger::Ledger;
 use crate::sinks::{HttpIngest, Sink, VictoriaMetrics};
 use crate::state::{Delivery, JobEntry, State};
 
@@ -68,28 +69,33 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
     }
     Ok(sinks)
 }
-/// A new entry for `record`, or `None` when the job is in the state with the same key, or
-/// ended before the horizon (counted).
+/// A new entry for `record`, or `None` when the job is in the state (or, delivered, in the
+/// ledger) with the same key, or ended before the horizon (counted). The state's entry wins
+/// over the ledger's row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn new_entry(
     config: &Config,
     state: &State,
+    ledger: &Ledger,
     sinks: &[SharedSink],
     summary: &mut RunSummary,
     key: &str,
     found: Vec<FoundManifest>,
     horizon_unix_ns: u64,
     factors: Option<&crate::carbon::Factors>,
-) -> Option<JobEntry> {
+) -> Result<Option<JobEntry>> {
     let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
     let mut record = combine(&manifests);
-    let existing = state.jobs.get(key);
-    if existing.is_some_and(|e| e.key == record.idempotency_key) {
-        return None;
+    let existing = match state.jobs.get(key) {
+        Some(e) => Some(e.key.clone()),
+        None => ledger.job(key)?.map(|j| j.key),
+    };
+    if existing.as_ref() == Some(&record.idempotency_key) {
+        return Ok(None);
     }
     if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
         summary.skipped_before_horizon += 1;
-        return None;
+        return Ok(None);
     }
     if let Some(f) = factors {
         f.apply(&mut record, &manifests);
@@ -99,7 +105,7 @@ pub(super) fn new_entry(
     } else {
         summary.collected += 1;
     }
-    Some(JobEntry {
+    Ok(Some(JobEntry {
         key: record.idempotency_key.clone(),
         collected_unix: now_unix(),
         end_unix_ns: record.end_unix_ns,
@@ -109,5 +115,42 @@ pub(super) fn new_entry(
             .map(|s| (s.name().to_owned(), Delivery::pending()))
             .collect(),
         record: Some(record),
-    })
+    }))
+}
+
+/// Write to the ledger the index entries a scan found new or changed of files of jobs that are
+/// delivered (in the ledger, not in the state): a duplicate manifest of a delivered job, a file
+/// touched since it was collected. Without this they would be read again by every run.
+/// Files the scan found gone or quarantined leave the ledger too (a new file at the same path
+/// is then new, as for the state's index, which each run rebuilds from what is listed).
+pub(super) fn keep_ledger_files(
+    ledger: &mut Ledger,
+    state: &State,
+    fresh: Vec<IndexedFile>,
+    gone: Vec<String>,
+) -> Result<()> {
+    let gone: Vec<&str> = gone
+        .iter()
+        .map(String::as_str)
+        .filter(|p| !state.index.contains_key(*p))
+        .collect();
+    ledger.forget_files(&gone)?;
+    let fresh: Vec<IndexedFile> = fresh
+        .into_iter()
+        .filter(|f| !state.jobs.contains_key(&f.entry.job))
+        .collect();
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<&str> = fresh.iter().map(|f| f.entry.job.as_str()).collect();
+    let known = ledger.jobs(&jobs)?;
+    let files: Vec<(&str, &crate::spool::IndexEntry)> = fresh
+        .iter()
+        .filter(|f| known.contains_key(&f.entry.job))
+        .map(|f| (f.path.as_str(), &f.entry))
+        .collect();
+    if !files.is_empty() {
+        ledger.put(&[], &files)?;
+    }
+    Ok(())
 }

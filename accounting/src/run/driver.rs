@@ -1,12 +1,15 @@
 //! [`run`]: one `ergon run`, from the lock to the last save: the sequential or the pipelined
 //! path in between.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 
 use crate::config::Config;
-use crate::state::{Bounds, Delivery, RunLock, State};
+use crate::ledger::Ledger;
+use crate::spool::IndexEntry;
+use crate::state::{Bounds, Delivery, JobEntry, RunLock, State};
 
 use super::common::{build_sinks, now_unix, now_unix_ns, SharedSink};
 use super::pipeline::run_pipelined;
@@ -34,6 +37,12 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         Some(RunLock::try_acquire(&config.state_dir)?)
     };
     let mut state = State::load(&config.state_dir)?;
+    // The delivered jobs (docs/accounting.md, "State"); a dry run only reads it, if there is one.
+    let mut ledger = if options.dry_run {
+        Ledger::open_read_only(&config.state_dir)?
+    } else {
+        Ledger::open(&config.state_dir)?
+    };
     summary.timings.load_state = started.elapsed();
     let bounds = Bounds {
         max_age_s: config.state.max_age_days.saturating_mul(86_400),
@@ -55,6 +64,15 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     accept_sent_without_verifier(&mut state, &sinks);
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
+    // The age bound prunes the ledger too; its horizon (committed with the deletion) joins the
+    // state's.
+    let ledger_horizon = if options.dry_run {
+        ledger.horizon()?
+    } else {
+        let cutoff = now_unix_ns().saturating_sub(bounds.max_age_s.saturating_mul(1_000_000_000));
+        ledger.prune(cutoff)?.1
+    };
+    state.horizon_unix_ns = state.horizon_unix_ns.max(ledger_horizon);
     if options.dry_run || options.sequential {
         run_sequential(
             config,
@@ -63,6 +81,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
             &mut summary,
             &sinks,
             &mut saver,
+            &mut ledger,
             bounds,
             factors.as_ref(),
         )?;
@@ -78,6 +97,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
             &mut summary,
             &sinks,
             &mut saver,
+            &mut ledger,
             bounds,
             factors.as_ref(),
         )?;
@@ -89,12 +109,41 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     }
 
     state.forget_delivered_bodies();
+    move_to_ledger(&mut state, &mut ledger)?;
     state.last_run_unix = Some(now_unix());
     state.last_run_summary = Some(summary.line());
     saver.now(&mut state)?;
     saver.report(&mut summary.timings);
     summary.timings.total = started.elapsed();
     Ok(summary)
+}
+
+/// Move the jobs whose every delivery is done, and their spool-index entries, from the state to
+/// the ledger: the ledger commits first, then the caller saves the state without them (a crash
+/// in between leaves them in both, and the state's entries win). The first run on a state file
+/// written before the ledger existed moves all its delivered jobs.
+fn move_to_ledger(state: &mut State, ledger: &mut Ledger) -> Result<()> {
+    let done: BTreeSet<&String> = state
+        .jobs
+        .iter()
+        .filter(|(_, e)| !e.any_pending())
+        .map(|(k, _)| k)
+        .collect();
+    if done.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<(&str, &JobEntry)> = done.iter().map(|k| (k.as_str(), &state.jobs[*k])).collect();
+    let files: Vec<(&str, &IndexEntry)> = state
+        .index
+        .iter()
+        .filter(|(_, e)| done.contains(&e.job))
+        .map(|(p, e)| (p.as_str(), e))
+        .collect();
+    ledger.put(&jobs, &files)?;
+    let done: BTreeSet<String> = done.into_iter().cloned().collect();
+    state.jobs.retain(|k, _| !done.contains(k));
+    state.index.retain(|_, e| !done.contains(&e.job));
+    Ok(())
 }
 
 /// Records a sink accepted in an earlier run while it verified (`sent`) count as delivered once

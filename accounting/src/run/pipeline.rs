@@ -12,10 +12,11 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::collect::{self, FoundManifest, Streamed};
 use crate::config::{Config, RetryConfig};
 use crate::job::JobRecordFull;
+use crate::ledger::Ledger;
 use crate::sinks::{deliver_batch, verify_and_repair, BatchResult, Sink, Verify};
 use crate::state::{Bounds, JournalOp, SinkStatus, State};
 
-use super::common::{new_entry, now_unix, now_unix_ns, SharedSink};
+use super::common::{keep_ledger_files, new_entry, now_unix, now_unix_ns, SharedSink};
 use super::saver::Saver;
 use super::summary::{RunOptions, RunSummary};
 
@@ -259,6 +260,8 @@ struct Pipeline<'a, 'c> {
     sinks: &'a [SharedSink],
     factors: Option<&'a crate::carbon::Factors>,
     state: &'a mut State,
+    /// The delivered jobs, inside one read transaction for the scan.
+    ledger: &'a Ledger,
     summary: &'a mut RunSummary,
     saver: &'a mut Saver<'c>,
     bounds: Bounds,
@@ -306,13 +309,14 @@ impl Pipeline<'_, '_> {
         let entry = new_entry(
             self.config,
             self.state,
+            self.ledger,
             self.sinks,
             self.summary,
             &key,
             found,
             self.horizon_unix_ns,
             self.factors,
-        );
+        )?;
         match entry {
             None => self.less_planned(),
             Some(entry) => {
@@ -484,6 +488,7 @@ pub(super) fn run_pipelined(
     summary: &mut RunSummary,
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
+    ledger: &mut Ledger,
     bounds: Bounds,
     factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
@@ -521,6 +526,12 @@ pub(super) fn run_pipelined(
         })
         .collect();
     let horizon_unix_ns = state.horizon_unix_ns;
+    // The files the state's index does not name are looked up in the ledger (delivered jobs),
+    // and so are the jobs handed over, all in one read transaction.
+    ledger.begin_read()?;
+    let mut fresh = (Vec::new(), Vec::new());
+    let shared: &Ledger = ledger;
+    let fresh_out = &mut fresh;
     std::thread::scope(|scope| -> Result<()> {
         let (events_tx, events) = mpsc::channel();
         let backlog = backlogs.iter().map(Vec::len).max().unwrap_or(0) as u64;
@@ -545,6 +556,7 @@ pub(super) fn run_pipelined(
             sinks,
             factors,
             state,
+            ledger: shared,
             summary,
             saver,
             bounds,
@@ -570,6 +582,7 @@ pub(super) fn run_pipelined(
                 Some(config.quarantine_dir.as_path()),
                 Duration::from_secs(config.settle_s),
                 &index,
+                Some(&mut |paths: &[&str]| Ok(shared.files(paths)?)),
                 true,
                 |found| match found {
                     Streamed::Planned(jobs) => {
@@ -589,6 +602,7 @@ pub(super) fn run_pipelined(
             pipe.summary.manifests_read = scan.read;
             pipe.summary.manifests_known = scan.known;
             pipe.state.dropped.skipped_before_horizon = pipe.summary.skipped_before_horizon as u64;
+            *fresh_out = (scan.fresh, scan.gone);
             // The spool index: the good files of the jobs the state has (see run_sequential).
             let jobs = &pipe.state.jobs;
             pipe.state.index = scan
@@ -618,6 +632,8 @@ pub(super) fn run_pipelined(
         }
         Ok(())
     })?;
+    ledger.end_read()?;
+    keep_ledger_files(ledger, state, fresh.0, fresh.1)?;
     for bar in &bars {
         bar.finish_and_clear();
     }

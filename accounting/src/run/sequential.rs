@@ -8,10 +8,11 @@ use anyhow::Result;
 use crate::collect;
 use crate::config::Config;
 use crate::job::JobRecordFull;
+use crate::ledger::Ledger;
 use crate::sinks::{deliver_batch, verify_and_repair, BatchResult, Sink};
 use crate::state::{Bounds, Delivery, SinkStatus, State};
 
-use super::common::{bar, new_entry, now_unix, now_unix_ns, SharedSink};
+use super::common::{bar, keep_ledger_files, new_entry, now_unix, now_unix_ns, SharedSink};
 use super::sacct::{write_sacct, SACCT};
 use super::saver::Saver;
 use super::summary::{RunOptions, RunSummary};
@@ -26,17 +27,25 @@ pub(super) fn run_sequential(
     summary: &mut RunSummary,
     sinks: &[SharedSink],
     saver: &mut Saver<'_>,
+    ledger: &mut Ledger,
     bounds: Bounds,
     factors: Option<&crate::carbon::Factors>,
 ) -> Result<()> {
     // 1. Collect.
     let step = Instant::now();
-    let scan = collect::scan_indexed(
-        &config.spool_dirs,
-        (!options.dry_run).then_some(config.quarantine_dir.as_path()),
-        Duration::from_secs(config.settle_s),
-        &state.index,
-    )?;
+    // The files the state's index does not name are looked up in the ledger (delivered jobs),
+    // and the jobs collected too, all in one read transaction.
+    ledger.begin_read()?;
+    let scan = {
+        let ledger: &Ledger = ledger;
+        collect::scan_indexed_more(
+            &config.spool_dirs,
+            (!options.dry_run).then_some(config.quarantine_dir.as_path()),
+            Duration::from_secs(config.settle_s),
+            &state.index,
+            Some(&mut |paths: &[&str]| Ok(ledger.files(paths)?)),
+        )?
+    };
     summary.timings.scan = step.elapsed();
     let step = Instant::now();
     summary.quarantined = scan.quarantined.len();
@@ -45,10 +54,15 @@ pub(super) fn run_sequential(
     summary.manifests_known = scan.known;
     let horizon = state.horizon_unix_ns;
     for (key, found) in scan.jobs {
-        if let Some(entry) = new_entry(config, state, sinks, summary, &key, found, horizon, factors)
-        {
+        if let Some(entry) = new_entry(
+            config, state, ledger, sinks, summary, &key, found, horizon, factors,
+        )? {
             state.jobs.insert(key, entry);
         }
+    }
+    ledger.end_read()?;
+    if !options.dry_run {
+        keep_ledger_files(ledger, state, scan.fresh, scan.gone)?;
     }
     state.dropped.skipped_before_horizon = summary.skipped_before_horizon as u64;
     // The spool index: the good files of the jobs the state has (prune keeps it to those).
