@@ -568,7 +568,10 @@ impl Listener {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e.into()),
         };
-        text.lines()
+        // Only whole lines: the listener may be in the middle of appending the next one.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
+            .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).with_context(|| format!("event line {l}")))
             .collect()

@@ -93,7 +93,8 @@ fn serve(mut stream: UnixStream, mode: Mode, out: &Mutex<std::fs::File>) {
     });
     {
         let mut f = out.lock().unwrap();
-        let _ = writeln!(f, "{line}");
+        // One write per line (a reader never sees half of one from us).
+        let _ = f.write_all(format!("{line}\n").as_bytes());
         let _ = f.flush();
     }
     match mode {
