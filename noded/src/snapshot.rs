@@ -158,6 +158,8 @@ pub struct AttributionSnapshot {
     pub conservation_error_j: f64,
     /// Per component (`gpu`, `cpu`, `dram`): measured, jobs, idle, unattributed (J).
     pub components: Vec<(&'static str, [f64; 4])>,
+    /// The node's energy at the wall, when a node meter is read.
+    pub wall: Option<crate::attribution::WallBalance>,
 }
 
 /// One watched cgroup.

@@ -332,6 +332,7 @@ mod tests {
             gpu_util: vec![],
             gpu_stats: vec![],
             across: None,
+            meter: None,
         };
         let b = Reading {
             at_mono_ns: 1,
@@ -342,6 +343,7 @@ mod tests {
             gpu_util: vec![],
             gpu_stats: vec![],
             across: None,
+            meter: None,
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
         assert_eq!(a.gpu_delta(&b, 1), None);

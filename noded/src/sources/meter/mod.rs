@@ -1290,6 +1290,23 @@ mod tests {
     }
 
     #[test]
+    fn points_interpolate_within_a_segment_only() {
+        let p = |at_ns, energy_j, segment| MeterPoint {
+            at_ns,
+            energy_j,
+            segment,
+        };
+        let pts = [p(0, 0.0, 1), p(2 * S, 200.0, 1), p(10 * S, 200.0, 2), p(11 * S, 300.0, 2)];
+        // A meter interval's energy is spread in proportion to time.
+        assert_eq!(interpolate_points(&pts, S / 2), Some(50.0));
+        assert_eq!(interpolate_points(&pts, 2 * S), Some(200.0));
+        assert_eq!(interpolate_points(&pts, 10 * S + S / 10), Some(210.0));
+        // Between segments (a hole) and outside the series: unknown.
+        assert_eq!(interpolate_points(&pts, 5 * S), None);
+        assert_eq!(interpolate_points(&pts, 12 * S), None);
+    }
+
+    #[test]
     fn time_going_backwards_is_rejected() {
         let mut i = EnergyIntegrator::new(cfg());
         i.update(power(5 * S, 10.0));
