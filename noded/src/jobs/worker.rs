@@ -719,6 +719,13 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) -> Option<Spoo
         &inner.sampler.holes(),
     );
     crate::gpustats::set_idle_threshold(&mut m, inner.config.idle_gpu_util_percent);
+    m.wall = manifest::wall_section(
+        &job,
+        job.result.as_ref(),
+        inner.sampler.meter().map(|m| m.info()).as_ref(),
+        inner.config.attribution.rest_of_node,
+    );
+    m.schema_version = m.schema_version_for();
     m.seal();
     Some(SpoolWork { job, manifest: m })
 }
