@@ -1057,9 +1057,7 @@ impl Manifest {
                     needs: MANIFEST_SCHEMA_VERSION_EFFICIENCY,
                 })
             }
-            Ok(m)
-                if m.schema_version < MANIFEST_SCHEMA_VERSION_EFFICIENCY && m.wall.is_some() =>
-            {
+            Ok(m) if m.schema_version < MANIFEST_SCHEMA_VERSION_EFFICIENCY && m.wall.is_some() => {
                 Err(ManifestError::FieldNeedsVersion {
                     version: m.schema_version,
                     field: "wall",

@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use super::reading::Reading;
 use crate::attribution::{
-    attribute, check_conservation, cpus_per_socket, split_cpu_time, Accumulator, AttributionConfig,
-    GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance, NodeBalance,
-    SocketInterval, SocketJob, SocketShare, split_rest, RestJob, WallBalance,
+    attribute, check_conservation, cpus_per_socket, split_cpu_time, split_rest, Accumulator,
+    AttributionConfig, GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance,
+    NodeBalance, RestJob, SocketInterval, SocketJob, SocketShare, WallBalance,
 };
 use crate::counter::Support;
 use crate::gpustats::GpuJobStats;
@@ -502,8 +502,16 @@ impl Attributor {
         let node_cpus: usize = self.sockets.iter().map(|s| s.cpus.len()).sum();
         let node_gpus = self.gpu_minors.len();
         let (wc, wg) = (
-            if node_cpus > 0 { self.config.rest_cpu_weight } else { 0.0 },
-            if node_gpus > 0 { self.config.rest_gpu_weight } else { 0.0 },
+            if node_cpus > 0 {
+                self.config.rest_cpu_weight
+            } else {
+                0.0
+            },
+            if node_gpus > 0 {
+                self.config.rest_gpu_weight
+            } else {
+                0.0
+            },
         );
         let jobs: Vec<RestJob<u32>> = self
             .members
@@ -539,7 +547,8 @@ impl Attributor {
             self.meter_accuracy,
         );
         let (e_meter, e_rest) = split.balance.conservation_error_j();
-        if e_meter.abs() > 1e-6 * meter_j.abs().max(1.0) || e_rest.abs() > 1e-6 * meter_j.abs().max(1.0)
+        if e_meter.abs() > 1e-6 * meter_j.abs().max(1.0)
+            || e_rest.abs() > 1e-6 * meter_j.abs().max(1.0)
         {
             self.stats.conservation_failures += 1;
             tracing::error!(
@@ -1034,7 +1043,10 @@ mod tests {
         // Each job gets the rest (180 W) in proportion to its component energy out of 420 W.
         for r in [&r1, &r2] {
             let w = r.wall.as_ref().unwrap();
-            assert!(close(w.rest_j, 1800.0 * r.share.total_j() / 4200.0), "{w:?}");
+            assert!(
+                close(w.rest_j, 1800.0 * r.share.total_j() / 4200.0),
+                "{w:?}"
+            );
         }
         // Unattributed components (GPU minor 7 held by nobody: 200 W of 420) take their part.
         let n = a.wall();

@@ -622,7 +622,10 @@ pub(super) fn read_at(
         // An event's instant may be newer than the meter's last reading: wait for the next one
         // (bounded; on this worker thread, never on a sampling thread).
         if !m.wait_for(at_ns, m.wait_bound()) {
-            tracing::debug!(at_ns, "the node meter has no reading after the instant; not metered");
+            tracing::debug!(
+                at_ns,
+                "the node meter has no reading after the instant; not metered"
+            );
             return None;
         }
         m.energy_at(at_ns, &mut Vec::new())

@@ -141,7 +141,10 @@ impl SamplerHandle {
                 },
             })
             .collect();
-        s.meter = self.meter.as_ref().map(super::meter::NodeMeterHandle::snapshot);
+        s.meter = self
+            .meter
+            .as_ref()
+            .map(super::meter::NodeMeterHandle::snapshot);
         s
     }
 

@@ -91,8 +91,10 @@ impl NodeMeterHandle {
 
     /// The meter's cumulative energy at `at_ns`, interpolated within one stretch of readings.
     pub fn energy_at(&self, at_ns: u64, buf: &mut Vec<MeterPoint>) -> Option<f64> {
-        self.worker
-            .points_since(at_ns.saturating_sub(self.wait_bound().as_nanos() as u64 * 4), buf);
+        self.worker.points_since(
+            at_ns.saturating_sub(self.wait_bound().as_nanos() as u64 * 4),
+            buf,
+        );
         interpolate_points(buf, at_ns)
     }
 

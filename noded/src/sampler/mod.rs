@@ -67,8 +67,8 @@ mod trace;
 pub use crate::sources::cgroup::CgroupHierarchy;
 pub use gpu_thread::PROCESS_UTIL_PERIOD_NS;
 pub use handle::SamplerHandle;
-pub use meter::{MeterInfo, NodeMeterHandle};
 pub use health::{hole_ns, HOLES_KEPT};
+pub use meter::{MeterInfo, NodeMeterHandle};
 pub use options::{
     SamplerError, SamplerOptions, DEFAULT_LATENCY_WINDOW, DEFAULT_TRACE_CAPACITY, DETECT_BUDGET,
     PROFILING_RAPL_PERIOD,

@@ -621,7 +621,9 @@ impl MeterWorker {
     pub fn points_since(&self, from_ns: u64, out: &mut Vec<MeterPoint>) {
         out.clear();
         let pts = self.shared.points.lock().unwrap_or_else(|e| e.into_inner());
-        let start = pts.partition_point(|p| p.at_ns <= from_ns).saturating_sub(1);
+        let start = pts
+            .partition_point(|p| p.at_ns <= from_ns)
+            .saturating_sub(1);
         out.extend(pts.range(start..).copied());
     }
 
@@ -814,8 +816,7 @@ impl MetersConfig {
         if self.max_gap_ms == 0 {
             return Err(("meters.max_gap_ms", "must be at least 1".into()));
         }
-        if !(self.accuracy_percent.is_finite() && (0.0..=100.0).contains(&self.accuracy_percent))
-        {
+        if !(self.accuracy_percent.is_finite() && (0.0..=100.0).contains(&self.accuracy_percent)) {
             return Err((
                 "meters.accuracy_percent",
                 format!("a percentage in 0..=100, not {}", self.accuracy_percent),
@@ -1296,7 +1297,12 @@ mod tests {
             energy_j,
             segment,
         };
-        let pts = [p(0, 0.0, 1), p(2 * S, 200.0, 1), p(10 * S, 200.0, 2), p(11 * S, 300.0, 2)];
+        let pts = [
+            p(0, 0.0, 1),
+            p(2 * S, 200.0, 1),
+            p(10 * S, 200.0, 2),
+            p(11 * S, 300.0, 2),
+        ];
         // A meter interval's energy is spread in proportion to time.
         assert_eq!(interpolate_points(&pts, S / 2), Some(50.0));
         assert_eq!(interpolate_points(&pts, 2 * S), Some(200.0));
