@@ -298,3 +298,146 @@ fn no_meter_no_wall_section() {
     assert!(!r.metrics.contains("ergon_node_meter_"));
     assert!(!r.metrics.contains("ergon_wall_"));
 }
+
+/// A plain-HTTP Redfish BMC on loopback that takes `delay` to answer each request with
+/// `watts`, until the returned flag is set.
+fn slow_bmc(delay: Duration, watts: f64) -> (String, Arc<AtomicBool>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if s.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(mut conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            std::thread::sleep(delay);
+            let body = format!("{{\"PowerControl\": [{{\"PowerConsumedWatts\": {watts}}}]}}");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    (url, stop)
+}
+
+/// A BMC that takes 2 s to answer: ergond reads it on its own thread, so the GPU sampler keeps
+/// its rate and its lateness, job events are answered at once, and the job still gets its
+/// energy at the wall.
+#[test]
+fn a_slow_bmc_does_not_stall_sampling() {
+    if !ergon_testkit::needs_root(
+        "a_slow_bmc_does_not_stall_sampling",
+        "own the BMC credentials file as root",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("bmc.toml");
+    std::fs::write(&creds, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (url, stop) = slow_bmc(Duration::from_secs(2), 500.0);
+    let fake = fake_gpu();
+    let ergond = start_node(
+        dir.path(),
+        &fake.lib,
+        &format!(
+            "[meters]\nuse = \"redfish\"\n[meters.redfish]\nurl = \"{url}\"\nchassis = \"1\"\n\
+             insecure = true\ntimeout_ms = 10000\ncredentials_file = {}\n",
+            common::toml_str(&creds)
+        ),
+        "ergond.log",
+    );
+    fake.wait_for_start();
+    let samples = |m: &str| metric(m, "ergon_sampler_samples_total{source=\"gpu\"}");
+    let period = metric(
+        &scrape_metrics(dir.path()),
+        "ergon_sampler_period_seconds{source=\"gpu\"}",
+    );
+    let socket = dir.path().join("run/ergond.sock");
+    let t0 = Instant::now();
+    let before = samples(&scrape_metrics(dir.path()));
+    let start = Timestamp::now();
+    let t_req = Instant::now();
+    request(
+        &socket,
+        &Request::JobStart(JobStart {
+            ids: JobIds {
+                job_id: 9,
+                array_job_id: None,
+                array_task_id: None,
+            },
+            uid: 65534,
+            gid: 65534,
+            user: "alice".into(),
+            account: None,
+            partition: None,
+            cluster: Some("c".into()),
+            node: "n1".into(),
+            gpus: vec![GpuAlloc {
+                index: 0,
+                minor: Some(3),
+                mig: None,
+            }],
+            cpus: CpuSet::parse("0-1").unwrap(),
+            report: None,
+            work_dir: None,
+            stdout_path: None,
+            time: start,
+            sluid: None,
+            node_list: None,
+        }),
+    );
+    assert!(
+        t_req.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t_req.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let t_req = Instant::now();
+    request(
+        &socket,
+        &Request::JobEnd(JobEnd {
+            cluster: Some("c".into()),
+            job_id: 9,
+            node: "n1".into(),
+            time: Timestamp::now(),
+        }),
+    );
+    assert!(
+        t_req.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t_req.elapsed()
+    );
+    let text = scrape_metrics(dir.path());
+    let got = samples(&text) - before;
+    let expected = t0.elapsed().as_secs_f64() / period;
+    let p99 = metric(
+        &text,
+        "ergon_sampler_lateness_seconds{source=\"gpu\",quantile=\"0.99\"}",
+    );
+    println!("gpu samples {got} of {expected:.0} expected, lateness p99 {p99} s");
+    assert!(got >= 0.8 * expected, "{got} samples, {expected} expected");
+    assert!(p99 < 0.1, "GPU lateness p99 {p99} s with a 2 s BMC");
+    let m = wait_manifest(&dir.path().join("spool/c-9-n1.json"), &ergond);
+    let w = m.wall.as_ref().expect("a wall section from the slow BMC");
+    assert_eq!(w.meter.kind, "redfish");
+    println!("{w:?}");
+    assert!(w.metered_s > 0.0, "{w:?}");
+    stop.store(true, Ordering::Relaxed);
+}
