@@ -218,13 +218,18 @@ fn grams(g: f64) -> String {
 /// The report's "At the wall" line (and a note on what it does not cover or where the meter
 /// disagreed).
 fn wall_text(w: &ergon_protocol::manifest::WallEnergy) -> String {
+    // A source that names its kind already ("hwmon power_meter (…)", "redfish https://…")
+    // is not prefixed with it again.
+    let meter = if w.meter.source.starts_with(&w.meter.kind) {
+        w.meter.source.clone()
+    } else {
+        format!("{} {}", w.meter.kind, w.meter.source)
+    };
     let mut line = format!(
-        "At the wall  {} (components {} + rest of node {}, {} {}, resolution {}, rest split by {})",
+        "At the wall  {} (components {} + rest of node {}, {meter}, resolution {}, rest split by {})",
         format::energy(w.energy_j),
         format::energy(w.components_j),
         format::energy(w.rest_of_node_j),
-        w.meter.kind,
-        w.meter.source,
         format::duration(w.meter.resolution_s),
         w.rule
     );
