@@ -900,6 +900,8 @@ pub struct MeterDetection {
     /// Whether `why` is a problem to fix (a configured meter that fails), rather than hardware
     /// this node does not have.
     pub problem: bool,
+    /// Whether ergond would read this one for the energy at the wall (`[meters] use`).
+    pub used: bool,
 }
 
 /// Open a meter of `kind` as configured; `Ok(None)` when it is disabled or not configured.
@@ -970,7 +972,7 @@ pub fn read_period(cfg: &MetersConfig, meter: &dyn NodeMeter) -> Duration {
 /// Open and read each kind of meter once, for `ergond check`. A Redfish read takes up to its
 /// `timeout_ms`.
 pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
-    [
+    let mut found = [
         MeterKind::Hwmon,
         MeterKind::PmCounters,
         MeterKind::Redfish,
@@ -987,6 +989,7 @@ pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
             reading: None,
             why: None,
             problem: false,
+            used: false,
         };
         let opened = open(cfg, kind);
         d.enabled = !matches!(opened, Ok(None));
@@ -1028,7 +1031,28 @@ pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
         }
         d
     })
-    .collect()
+    .collect::<Vec<_>>();
+    mark_used(&mut found, cfg.use_);
+    found
+}
+
+/// Mark the meter [`select`] would take: the first working one in [`AUTO_ORDER`], or the one
+/// named.
+fn mark_used(found: &mut [MeterDetection], choice: MeterChoice) {
+    let wanted = |k: MeterKind| match choice {
+        MeterChoice::Auto => true,
+        MeterChoice::None => false,
+        MeterChoice::Hwmon => k == MeterKind::Hwmon,
+        MeterChoice::PmCounters => k == MeterKind::PmCounters,
+        MeterChoice::Redfish => k == MeterKind::Redfish,
+        MeterChoice::Ipmi => k == MeterKind::Ipmi,
+    };
+    let used = AUTO_ORDER
+        .into_iter()
+        .find(|&k| wanted(k) && found.iter().any(|d| d.kind == k && d.ok));
+    for d in found.iter_mut() {
+        d.used = Some(d.kind) == used;
+    }
 }
 
 /// Read a whole small file, trimmed, naming it in the error.
