@@ -302,13 +302,22 @@ fn no_meter_no_wall_section() {
 /// A plain-HTTP Redfish BMC on loopback that takes `delay` to answer each request with
 /// `watts`, until the returned flag is set.
 fn slow_bmc(delay: Duration, watts: f64) -> (String, Arc<AtomicBool>) {
+    bmc(move |_| delay, watts)
+}
+
+/// A plain-HTTP Redfish BMC on loopback that takes `delay(n)` to answer its `n`-th request
+/// with `watts`, until the returned flag is set.
+fn bmc(
+    delay: impl Fn(usize) -> Duration + Send + 'static,
+    watts: f64,
+) -> (String, Arc<AtomicBool>) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let s = Arc::clone(&stop);
     std::thread::spawn(move || {
-        for conn in listener.incoming() {
+        for (n, conn) in listener.incoming().enumerate() {
             if s.load(Ordering::Relaxed) {
                 return;
             }
@@ -320,7 +329,7 @@ fn slow_bmc(delay: Duration, watts: f64) -> (String, Arc<AtomicBool>) {
                     break;
                 }
             }
-            std::thread::sleep(delay);
+            std::thread::sleep(delay(n));
             let body = format!("{{\"PowerControl\": [{{\"PowerConsumedWatts\": {watts}}}]}}");
             let _ = conn.write_all(
                 format!(
@@ -439,5 +448,100 @@ fn a_slow_bmc_does_not_stall_sampling() {
     assert_eq!(w.meter.kind, "redfish");
     println!("{w:?}");
     assert!(w.metered_s > 0.0, "{w:?}");
+    stop.store(true, Ordering::Relaxed);
+}
+
+/// A BMC that answers at first, then hangs (each request past its timeout): once the meter has
+/// not read for longer than its wait bound, job events are not held back waiting for it, and a
+/// job it never covered has no `wall` section.
+#[test]
+fn a_hung_bmc_does_not_hold_job_events_back() {
+    if !ergon_testkit::needs_root(
+        "a_hung_bmc_does_not_hold_job_events_back",
+        "own the BMC credentials file as root",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("bmc.toml");
+    std::fs::write(&creds, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (url, stop) = bmc(
+        |n| {
+            if n < 3 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(30)
+            }
+        },
+        500.0,
+    );
+    let fake = fake_gpu();
+    let ergond = start_node(
+        dir.path(),
+        &fake.lib,
+        &format!(
+            "[meters]\nuse = \"redfish\"\n[meters.redfish]\nurl = \"{url}\"\nchassis = \"1\"\n\
+             insecure = true\ntimeout_ms = 1000\ncredentials_file = {}\n",
+            common::toml_str(&creds)
+        ),
+        "ergond.log",
+    );
+    fake.wait_for_start();
+    // The BMC fails its reads; after the wait bound (2 × 1 s + 1 s + 1 s) the meter is stale.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(
+        &scrape_metrics(dir.path()),
+        "ergon_node_meter_read_errors_total{source=\"redfish\"}",
+    ) < 1.0
+    {
+        assert!(Instant::now() < deadline, "{}", ergond.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let socket = dir.path().join("run/ergond.sock");
+    request(
+        &socket,
+        &Request::JobStart(JobStart {
+            ids: JobIds {
+                job_id: 11,
+                array_job_id: None,
+                array_task_id: None,
+            },
+            uid: 65534,
+            gid: 65534,
+            user: "alice".into(),
+            account: None,
+            partition: None,
+            cluster: Some("c".into()),
+            node: "n1".into(),
+            gpus: vec![],
+            cpus: CpuSet::parse("0").unwrap(),
+            report: None,
+            work_dir: None,
+            stdout_path: None,
+            time: Timestamp::now(),
+            sluid: None,
+            node_list: None,
+        }),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t_end = Instant::now();
+    request(
+        &socket,
+        &Request::JobEnd(JobEnd {
+            cluster: Some("c".into()),
+            job_id: 11,
+            node: "n1".into(),
+            time: Timestamp::now(),
+        }),
+    );
+    let m = wait_manifest(&dir.path().join("spool/c-11-n1.json"), &ergond);
+    let took = t_end.elapsed();
+    println!("manifest {took:?} after the job's end");
+    // Waiting for the hung meter would take its 4 s bound per event.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(m.wall.is_none(), "{:?}", m.wall);
     stop.store(true, Ordering::Relaxed);
 }

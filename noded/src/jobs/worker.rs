@@ -620,8 +620,16 @@ pub(super) fn read_at(
     });
     let meter = sampler.meter().and_then(|m| {
         // An event's instant may be newer than the meter's last reading: wait for the next one
-        // (bounded; on this worker thread, never on a sampling thread).
-        if !m.wait_for(at_ns, m.wait_bound()) {
+        // (bounded; on this worker thread, never on a sampling thread). A meter that has not
+        // read for longer than the bound (a hung BMC) is not waited for at all: events must not
+        // queue behind it.
+        let alive = m.covered_recently(crate::clock::monotonic_ns()).is_some();
+        let wait = if alive {
+            m.wait_bound()
+        } else {
+            std::time::Duration::ZERO
+        };
+        if !m.wait_for(at_ns, wait) {
             tracing::debug!(
                 at_ns,
                 "the node meter has no reading after the instant; not metered"
