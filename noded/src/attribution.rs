@@ -54,12 +54,188 @@ pub enum IdlePolicy {
     NodeIdle,
 }
 
-/// Site choices for the attribution model.
+/// How the rest of the node's energy (the node meter's energy less the components') is split
+/// between the open jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestRule {
+    /// By each job's allocated share of the node, weighted per resource as Slurm's TRES billing
+    /// weights do ([`AttributionConfig::rest_cpu_weight`], [`AttributionConfig::rest_gpu_weight`]);
+    /// the unallocated share is idle.
+    #[default]
+    Allocation,
+    /// In proportion to each job's measured component energy in the interval; the part of the
+    /// idle and unattributed component energy goes to those buckets.
+    Energy,
+}
+
+impl fmt::Display for RestRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RestRule::Allocation => "allocation",
+            RestRule::Energy => "energy",
+        })
+    }
+}
+
+/// Site choices for the attribution model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttributionConfig {
     /// Where CPU idle energy goes; default [`IdlePolicy::ByAllocatedCpus`].
     pub cpu_idle: IdlePolicy,
+    /// How the rest of the node (meter − components) is split; default
+    /// [`RestRule::Allocation`].
+    pub rest_of_node: RestRule,
+    /// Weight of the node's CPUs in [`RestRule::Allocation`] (default 1).
+    pub rest_cpu_weight: f64,
+    /// Weight of the node's GPUs in [`RestRule::Allocation`] (default 1).
+    pub rest_gpu_weight: f64,
+}
+
+impl Default for AttributionConfig {
+    fn default() -> Self {
+        Self {
+            cpu_idle: IdlePolicy::default(),
+            rest_of_node: RestRule::default(),
+            rest_cpu_weight: 1.0,
+            rest_gpu_weight: 1.0,
+        }
+    }
+}
+
+/// The node meter's energy over one interval set against the components', and where the rest
+/// went. `meter_j = components_j + rest_j - excess_j`; `rest_j = jobs_j + idle_j +
+/// unattributed_j`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct WallBalance {
+    /// Intervals metered.
+    pub intervals: u64,
+    /// Their total length, ns.
+    pub metered_ns: u64,
+    /// The node meter's energy, J.
+    pub meter_j: f64,
+    /// The components' measured energy (GPU, package, DRAM) over the same intervals, J.
+    pub components_j: f64,
+    /// The rest of the node: `max(0, meter − components)`, J.
+    pub rest_j: f64,
+    /// The rest's part charged to jobs, J.
+    pub jobs_j: f64,
+    /// The rest's part that is the node's idle, J.
+    pub idle_j: f64,
+    /// The rest's part that is unattributed (with [`RestRule::Energy`]: the unattributed
+    /// components' part), J.
+    pub unattributed_j: f64,
+    /// Components above the meter (the rest would have been negative), J.
+    pub excess_j: f64,
+    /// Intervals where the components exceeded the meter beyond its accuracy.
+    pub disagreements: u64,
+}
+
+impl WallBalance {
+    /// `meter − (components + rest − excess)` and `rest − (jobs + idle + unattributed)`: both 0
+    /// up to rounding.
+    pub fn conservation_error_j(&self) -> (f64, f64) {
+        (
+            self.meter_j - (self.components_j + self.rest_j - self.excess_j),
+            self.rest_j - (self.jobs_j + self.idle_j + self.unattributed_j),
+        )
+    }
+
+    /// Add another balance.
+    pub fn add(&mut self, o: &WallBalance) {
+        self.intervals += o.intervals;
+        self.metered_ns += o.metered_ns;
+        self.meter_j += o.meter_j;
+        self.components_j += o.components_j;
+        self.rest_j += o.rest_j;
+        self.jobs_j += o.jobs_j;
+        self.idle_j += o.idle_j;
+        self.unattributed_j += o.unattributed_j;
+        self.excess_j += o.excess_j;
+        self.disagreements += o.disagreements;
+    }
+}
+
+/// One job in [`split_rest`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestJob<K> {
+    /// The job.
+    pub job: K,
+    /// Its allocated share of the node, 0..=1, weighted per resource.
+    pub allocation: f64,
+    /// Its component energy in the interval, J.
+    pub energy_j: f64,
+}
+
+/// How one interval's wall energy was split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestSplit<K> {
+    /// The node's balance for the interval.
+    pub balance: WallBalance,
+    /// Each job's part of the rest, J.
+    pub jobs: BTreeMap<K, f64>,
+}
+
+/// Split one interval's rest of the node. `meter_j`: the meter's energy over the interval;
+/// `components`: the node's measured component balance over it; `tolerance`: the meter's
+/// accuracy as a fraction of its reading. The rest is `max(0, meter − components)`: components
+/// above the meter give no negative rest; beyond `tolerance × meter + 1 J` it is a
+/// disagreement. With no job open, the rest is idle.
+pub fn split_rest<K: Ord + Clone>(
+    meter_j: f64,
+    duration_ns: u64,
+    components: &NodeBalance,
+    jobs: &[RestJob<K>],
+    rule: RestRule,
+    tolerance: f64,
+) -> RestSplit<K> {
+    let components_j = components.measured_j();
+    let raw = meter_j - components_j;
+    let rest_j = raw.max(0.0);
+    let excess_j = (-raw).max(0.0);
+    let disagreement = excess_j > tolerance * meter_j + 1.0;
+    let mut out = RestSplit {
+        balance: WallBalance {
+            intervals: 1,
+            metered_ns: duration_ns,
+            meter_j,
+            components_j,
+            rest_j,
+            excess_j,
+            disagreements: u64::from(disagreement),
+            ..WallBalance::default()
+        },
+        jobs: BTreeMap::new(),
+    };
+    let b = &mut out.balance;
+    // Each job's fraction of the rest; the remainder is idle (and, by energy, unattributed).
+    let (fractions, unattributed_f): (Vec<f64>, f64) = match rule {
+        RestRule::Allocation => (
+            jobs.iter().map(|j| j.allocation.clamp(0.0, 1.0)).collect(),
+            0.0,
+        ),
+        // No job open: all of it is idle, whatever the rule.
+        _ if jobs.is_empty() => (Vec::new(), 0.0),
+        RestRule::Energy if components_j > 0.0 => (
+            jobs.iter()
+                .map(|j| (j.energy_j / components_j).clamp(0.0, 1.0))
+                .collect(),
+            (components.unattributed_j() / components_j).clamp(0.0, 1.0),
+        ),
+        // No component energy to go by: all idle.
+        RestRule::Energy => (vec![0.0; jobs.len()], 0.0),
+    };
+    let total: f64 = fractions.iter().sum::<f64>() + unattributed_f;
+    let scale = if total > 1.0 { 1.0 / total } else { 1.0 };
+    for (j, f) in jobs.iter().zip(&fractions) {
+        let part = rest_j * f * scale;
+        b.jobs_j += part;
+        *out.jobs.entry(j.job.clone()).or_insert(0.0) += part;
+    }
+    b.unattributed_j = rest_j * unattributed_f * scale;
+    b.idle_j = rest_j - b.jobs_j - b.unattributed_j;
+    out
 }
 
 /// Everything measured on one node over one interval (between two sampler ticks, or a tick

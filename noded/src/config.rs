@@ -257,8 +257,9 @@ pub struct Config {
     /// Every this many seconds, open jobs older than that whose cgroups are all gone are
     /// finished (their end event was lost). Default 60.
     pub lost_job_check_s: u64,
-    /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`
-    /// (docs/attribution.md).
+    /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`, and
+    /// how the rest of the node is split (`rest_of_node`, `rest_cpu_weight`,
+    /// `rest_gpu_weight`) (docs/attribution.md).
     pub attribution: crate::attribution::AttributionConfig,
     /// Slurm's name for this node (`NodeName`), for jobs found running at start-up before any
     /// event names it; `None`: the short host name (Slurm's default).
@@ -272,8 +273,8 @@ pub struct Config {
     /// ergond replays them at start and every second. `None`: `queue/` beside `socket_path`,
     /// which is the plugin's default too.
     pub queue_dir: Option<PathBuf>,
-    /// Whole-node power meters (`[meters]`): described by `ergond check`, not yet used for
-    /// attribution.
+    /// Whole-node power meters (`[meters]`): listed by `ergond check`; the one in use (`use`)
+    /// gives the jobs' energy at the wall.
     pub meters: crate::sources::meter::MetersConfig,
 }
 
@@ -570,6 +571,24 @@ impl Config {
         self.meters
             .validate()
             .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+        let a = &self.attribution;
+        for (key, w) in [
+            ("attribution.rest_cpu_weight", a.rest_cpu_weight),
+            ("attribution.rest_gpu_weight", a.rest_gpu_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{w} is not a weight (a number ≥ 0)"),
+                });
+            }
+        }
+        if a.rest_cpu_weight + a.rest_gpu_weight <= 0.0 {
+            return Err(ConfigError::Invalid {
+                key: "attribution.rest_cpu_weight",
+                reason: "rest_cpu_weight and rest_gpu_weight cannot both be 0".into(),
+            });
+        }
         Ok(())
     }
 }

@@ -227,8 +227,8 @@ pub struct Inventory {
     pub rapl: RaplReport,
     /// cgroups.
     pub cgroup: CgroupReport,
-    /// Whole-node power meters (hwmon, HPE Cray pm_counters, Redfish): described, not yet used
-    /// for attribution, so they do not count as energy sources.
+    /// Whole-node power meters (hwmon, HPE Cray pm_counters, Redfish, IPMI); the one marked
+    /// `used` gives the energy at the wall. Not energy sources of their own.
     pub meters: Vec<crate::sources::meter::MeterDetection>,
     /// Energy sources that work: `nvml` (at least one measurable GPU), `rapl`.
     pub energy_sources: Vec<String>,
@@ -687,16 +687,20 @@ pub fn render_text(inv: &Inventory) -> String {
         }
     }
 
-    let _ = writeln!(o, "\nNode meters (not yet used for attribution)");
+    let _ = writeln!(
+        o,
+        "\nNode meters (the one in use gives the jobs' energy at the wall; [meters] use)"
+    );
     for m in &inv.meters {
         if m.ok {
             let _ = writeln!(
                 o,
-                "  {}: {}  {}  resolution {} ms",
+                "  {}: {}  {}  resolution {} ms{}",
                 m.kind,
                 opt(&m.source),
                 opt(&m.reading),
-                m.resolution_ms.map_or("?".into(), |r| format!("{r:.0}"))
+                m.resolution_ms.map_or("?".into(), |r| format!("{r:.0}")),
+                if m.used { "  (in use)" } else { "" }
             );
         } else if m.problem {
             let _ = writeln!(o, "  {}: PROBLEM: {}", m.kind, opt(&m.why));

@@ -24,6 +24,11 @@
 //! | `spool_write_failures_total`, `queue_replayed_events_total` | counters | |
 //! | `attribution_intervals_total`, `attribution_failed_intervals_total`, `attribution_conservation_failures_total`, `attribution_late_readings_total` | counters | |
 //! | `attribution_energy_joules_total` | counter | `component` = `gpu` \| `cpu` \| `dram`, `bucket` = `measured` \| `jobs` \| `idle` \| `unattributed` |
+//! | `node_meter_energy_joules_total` | counter | `source` = `hwmon` \| `pm_counters` \| `redfish` \| `ipmi` (the node meter in use) |
+//! | `node_meter_power_watts` | gauge | `source` (when the meter gives a power or its counter has two readings) |
+//! | `node_meter_read_errors_total`, `node_meter_rejected_readings_total` | counters | `source` |
+//! | `wall_energy_joules_total` | counter | `bucket` = `meter` \| `components` \| `rest` \| `jobs` \| `idle` \| `unattributed` \| `excess` (metered intervals only) |
+//! | `wall_disagreements_total` | counter | (intervals where the components exceeded the meter beyond its accuracy) |
 //! | `socket_connections_total`, `socket_evictions_total`, `socket_refusals_total`, `socket_malformed_frames_total`, `socket_timeouts_total` | counters | |
 //! | `job_energy_joules_total` | counter | `job_id`, [`user`], [`account`], `component` = `gpu` \| `cpu` \| `dram` (open jobs only) |
 //! | `job_power_watts` | gauge | `job_id`, [`user`], [`account`] (open jobs only) |
@@ -431,6 +436,61 @@ pub fn render(snapshot: &NodeSnapshot, out: &mut String) {
         );
     }
 
+    // The node meter and the energy at the wall.
+    if let Some(m) = &snapshot.meter {
+        let src = || vec![("source", m.kind.to_string())];
+        w.family(
+            "ergon_node_meter_energy_joules_total",
+            "counter",
+            "Energy the node meter measured since ergond started (J), at the wall.",
+            [(src(), m.energy_j)],
+        );
+        if let Some(p) = m.power_w {
+            w.family(
+                "ergon_node_meter_power_watts",
+                "gauge",
+                "The node meter's latest power (W).",
+                [(src(), p)],
+            );
+        }
+        w.family(
+            "ergon_node_meter_read_errors_total",
+            "counter",
+            "Node meter reads that failed (see ergond check and the log).",
+            [(src(), m.read_errors as f64)],
+        );
+        w.family(
+            "ergon_node_meter_rejected_readings_total",
+            "counter",
+            "Node meter readings rejected as implausible.",
+            [(src(), m.rejected as f64)],
+        );
+    }
+    if let Some(wall) = snapshot.attribution.as_ref().and_then(|a| a.wall.as_ref()) {
+        w.family(
+            "ergon_wall_energy_joules_total",
+            "counter",
+            "Energy at the wall over the metered intervals (J): meter = components + rest - excess; rest = jobs + idle + unattributed.",
+            [
+                ("meter", wall.meter_j),
+                ("components", wall.components_j),
+                ("rest", wall.rest_j),
+                ("jobs", wall.jobs_j),
+                ("idle", wall.idle_j),
+                ("unattributed", wall.unattributed_j),
+                ("excess", wall.excess_j),
+            ]
+            .into_iter()
+            .map(|(b, v)| (vec![("bucket", b.to_string())], v)),
+        );
+        w.family(
+            "ergon_wall_disagreements_total",
+            "counter",
+            "Intervals where the node's components measured more than the node meter beyond its accuracy (the rest of the node is 0 there).",
+            [(vec![], wall.disagreements as f64)],
+        );
+    }
+
     // Open jobs' running figures, bounded (see the module documentation).
     if let Some(jobs) = &snapshot.jobs {
         let id = |j: &crate::snapshot::JobSeries| {
@@ -767,6 +827,7 @@ mod tests {
             socket_server: None,
             jobs: None,
             gpu_stats: vec![],
+            meter: None,
         }
     }
 

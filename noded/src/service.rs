@@ -208,7 +208,29 @@ async fn service(config: Config, config_path: &str) -> u8 {
         return EXIT_NO_SOURCE;
     }
     // Detecting the GPU counter period blocks for up to a second: keep it off the I/O thread.
-    let sampler = match tokio::task::spawn_blocking(move || Sampler::start(&config, sources)).await
+    // Opening a node meter reads it once (a BMC: up to its timeout) and a Redfish client must
+    // not live on the async runtime: both happen here, off the I/O thread; the meter is then
+    // read on a thread of its own.
+    let sampler = match tokio::task::spawn_blocking(move || {
+        let mut s = Sampler::start(&config, sources)?;
+        match crate::sources::meter::select(&config.meters) {
+            Ok(m) => {
+                let (kind, source) = (m.kind(), m.source());
+                match crate::sampler::NodeMeterHandle::start(m, &config.meters) {
+                    Ok(h) => {
+                        tracing::info!(%kind, %source, "node meter: the node's energy at the wall is measured and attributed");
+                        s.attach_meter(h);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%kind, error = %e, "cannot start the node meter's thread; no energy at the wall")
+                    }
+                }
+            }
+            Err(why) => tracing::info!(%why, "no node meter: jobs' energy at the wall is not measured"),
+        }
+        Ok::<_, crate::sampler::SamplerError>(s)
+    })
+    .await
     {
         Ok(Ok(s)) => Arc::new(s),
         Ok(Err(e)) => {

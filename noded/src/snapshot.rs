@@ -44,6 +44,33 @@ pub struct NodeSnapshot {
     pub jobs: Option<JobMetricsSnapshot>,
     /// Per GPU whose statistics are sampled: its latest statistics.
     pub gpu_stats: Vec<GpuStatsSnapshot>,
+    /// The node meter read for attribution, if any.
+    pub meter: Option<MeterSnapshot>,
+}
+
+/// The node meter in use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterSnapshot {
+    /// Which kind of meter.
+    pub kind: crate::sources::meter::MeterKind,
+    /// Where its values come from.
+    pub source: String,
+    /// Its resolution, ns.
+    pub resolution_ns: u64,
+    /// Energy integrated since ergond started, J.
+    pub energy_j: f64,
+    /// The instant `energy_j` describes (monotonic ns; 0 before any).
+    pub at_ns: u64,
+    /// The last power read, W, for meters that give a power.
+    pub power_w: Option<f64>,
+    /// Reads attempted.
+    pub reads: u64,
+    /// Reads that failed.
+    pub read_errors: u64,
+    /// Readings rejected as implausible.
+    pub rejected: u64,
+    /// Gaps between power reads too long to integrate across.
+    pub holes: u64,
 }
 
 /// The open jobs' running figures for `/metrics`, bounded.
@@ -131,6 +158,8 @@ pub struct AttributionSnapshot {
     pub conservation_error_j: f64,
     /// Per component (`gpu`, `cpu`, `dram`): measured, jobs, idle, unattributed (J).
     pub components: Vec<(&'static str, [f64; 4])>,
+    /// The node's energy at the wall, when a node meter is read.
+    pub wall: Option<crate::attribution::WallBalance>,
 }
 
 /// One watched cgroup.

@@ -13,9 +13,15 @@ use proptest::prelude::*;
 
 const BY_CORES: AttributionConfig = AttributionConfig {
     cpu_idle: IdlePolicy::ByAllocatedCpus,
+    rest_of_node: ergond::attribution::RestRule::Allocation,
+    rest_cpu_weight: 1.0,
+    rest_gpu_weight: 1.0,
 };
 const NODE_IDLE: AttributionConfig = AttributionConfig {
     cpu_idle: IdlePolicy::NodeIdle,
+    rest_of_node: ergond::attribution::RestRule::Allocation,
+    rest_cpu_weight: 1.0,
+    rest_gpu_weight: 1.0,
 };
 
 fn close(a: f64, b: f64) -> bool {

@@ -1009,6 +1009,10 @@ fn ergond_check_describes_the_node_meters() {
     assert_eq!(h["resolution_ms"].as_f64(), Some(500.0));
     let p = by_kind("pm_counters");
     assert_eq!(p["reading"].as_str(), Some("123456 J"), "{p}");
+    assert_eq!(
+        (p["used"].as_bool(), h["used"].as_bool()),
+        (Some(true), Some(false))
+    );
     let r = by_kind("redfish");
     assert_eq!(
         (r["ok"].as_bool(), r["problem"].as_bool()),
@@ -1034,10 +1038,16 @@ fn ergond_check_describes_the_node_meters() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains("Node meters (not yet used for attribution)"),
+        text.contains("Node meters (the one in use gives the jobs' energy at the wall"),
         "{text}"
     );
     assert!(text.contains("hwmon: hwmon power_meter"), "{text}");
+    // use = "auto": pm_counters before hwmon.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("pm_counters:") && l.ends_with("(in use)")),
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

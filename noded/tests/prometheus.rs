@@ -22,9 +22,27 @@ const GPU_B: &str = "GPU-b1b1b1b1-4444-5555-6666-777777777777";
 const WATTS_A: f64 = 300.0;
 const WATTS_B: f64 = 120.0;
 
-/// Node trees and the ergond configuration; returns the configuration file.
-fn node(dir: &Path, nvml: &Path, metrics: SocketAddr) -> PathBuf {
-    common::write_node(dir, nvml, &metrics.to_string(), "system.slice", 1000, "")
+/// Node trees and the ergond configuration, with a node meter (an ACPI hwmon power meter at
+/// 500 W); returns the configuration file.
+fn node_with_meter(dir: &Path, nvml: &Path, metrics: SocketAddr) -> PathBuf {
+    let hwmon = ergon_testkit::HwmonTree::create(
+        &dir.join("hwmon"),
+        &[ergon_testkit::HwmonFixture::acpi_power_meter(
+            500_000_000,
+            1000,
+        )],
+    );
+    common::write_node(
+        dir,
+        nvml,
+        &metrics.to_string(),
+        "system.slice",
+        1000,
+        &format!(
+            "[meters]\nuse = \"hwmon\"\nread_period_ms = 200\n[meters.hwmon]\nroot = {}\n",
+            common::toml_str(hwmon.root())
+        ),
+    )
 }
 
 #[test]
@@ -43,7 +61,7 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
     ]}));
     let dir = tempfile::tempdir().unwrap();
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = node(dir.path(), &fake.lib, metrics);
+    let config = node_with_meter(dir.path(), &fake.lib, metrics);
 
     let mut ergond = Proc::spawn(
         "ergond",
@@ -64,7 +82,8 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
                 if [GPU_A, GPU_B]
                     .iter()
                     .all(|u| b.contains(&format!("ergon_gpu_power_watts{{uuid=\"{u}\"")))
-                    && b.contains("ergon_gpu_utilization_ratio") =>
+                    && b.contains("ergon_gpu_utilization_ratio")
+                    && b.contains("ergon_node_meter_power_watts") =>
             {
                 Some(b)
             }
@@ -88,6 +107,12 @@ fn prometheus_scrapes_ergond_and_gpu_energy_rate_is_the_fake_power() {
         format!("ergon_gpu_throttle_seconds_total{{gpu=\"{GPU_A}\",reason=\"power_cap\"}}"),
         format!("ergon_gpu_xid_events_total{{gpu=\"{GPU_A}\"}} 0\n"),
         "# TYPE ergon_gpu_throttle_seconds_total counter\n".to_string(),
+        // The node meter and the energy at the wall.
+        "ergon_node_meter_energy_joules_total{source=\"hwmon\"}".to_string(),
+        "ergon_node_meter_power_watts{source=\"hwmon\"} 500\n".to_string(),
+        "# TYPE ergon_wall_energy_joules_total counter\n".to_string(),
+        "ergon_wall_energy_joules_total{bucket=\"excess\"}".to_string(),
+        "ergon_wall_disagreements_total ".to_string(),
     ] {
         assert!(body.contains(&want), "missing {want:?} in:\n{body}");
     }

@@ -84,8 +84,9 @@ pub const MANIFEST_SCHEMA_VERSION_NODES: u32 = 5;
 
 /// Schema 6: schema 5 plus each GPU's activity and health over the job
 /// ([`GpuEnergy::efficiency`]: SM utilisation, memory, temperature, clocks, throttling, ECC
-/// errors, Xid events, whether it sat idle). Written only for manifests that have it; the field
-/// is optional, so every schema 5 manifest stays as it was.
+/// errors, Xid events, whether it sat idle) and the job's energy at the wall
+/// ([`Manifest::wall`]). Written only for manifests that have one of them; the fields are
+/// optional, so every schema 5 manifest stays as it was.
 pub const MANIFEST_SCHEMA_VERSION_EFFICIENCY: u32 = 6;
 
 /// The newest manifest schema this build reads.
@@ -178,8 +179,63 @@ pub struct Manifest {
     pub sensors: Vec<SensorInfo>,
     /// A downsampled power trace, for plots.
     pub trace: PowerTrace,
+    /// The job's energy at the wall, from the node meter (schema 6); absent where the node has
+    /// no meter, or it covered none of the job.
+    #[serde(default)]
+    pub wall: Option<WallEnergy>,
     /// `"sha256:<hex>"`; see the [module documentation](self#content-hash).
     pub content_hash: String,
+}
+
+/// The job's node-level energy "at the wall" (schema 6): its component energy plus its part of
+/// the rest of the node (the meter's energy less the components'), over the intervals the node
+/// meter covered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WallEnergy {
+    /// `components_j + rest_of_node_j`, J.
+    pub energy_j: f64,
+    /// The job's component energy (GPU, CPU package, DRAM) over the metered intervals, J: its
+    /// `totals.energy_j` when the meter covered the whole job.
+    pub components_j: f64,
+    /// Its part of the rest of the node over them, J.
+    pub rest_of_node_j: f64,
+    /// How the rest was split: `allocation` or `energy` (docs/attribution.md).
+    pub rule: String,
+    /// The node meter.
+    pub meter: WallMeter,
+    /// Length of the job's intervals the meter covered, s.
+    pub metered_s: f64,
+    /// Length of those it did not cover (no meter reading around an end), s: their energy at
+    /// the wall is not in `energy_j`.
+    pub unmetered_s: f64,
+    /// Metered intervals where the node's components measured more than the meter beyond its
+    /// accuracy: the rest of the node is 0 there, and the meter or a component is wrong.
+    pub disagreements: u64,
+    /// The first of those intervals (at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disagreement_intervals: Vec<WallInterval>,
+}
+
+/// A node meter, as a manifest names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WallMeter {
+    /// `hwmon`, `pm_counters`, `redfish` or `ipmi`.
+    pub kind: String,
+    /// Where its values come from: a path or a URL.
+    pub source: String,
+    /// Its resolution (update period), s.
+    pub resolution_s: f64,
+    /// Its stated accuracy, percent of its reading (`[meters] accuracy_percent`).
+    pub accuracy_percent: f64,
+}
+
+/// An interval of a job, Unix ns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WallInterval {
+    /// Start.
+    pub start_unix_ns: u64,
+    /// End.
+    pub end_unix_ns: u64,
 }
 
 /// The job's identity and ownership.
@@ -781,7 +837,7 @@ impl Serialize for Manifest {
     /// The fields in struct order (the order the canonical form and the schema use), the power
     /// trace in the form of `schema_version`: decimal arrays for schema 1, base64 otherwise.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("Manifest", 17)?;
+        let mut s = serializer.serialize_struct("Manifest", 18)?;
         s.serialize_field("schema_version", &self.schema_version)?;
         s.serialize_field("cluster", &self.cluster)?;
         s.serialize_field("node", &self.node)?;
@@ -801,6 +857,10 @@ impl Serialize for Manifest {
             s.serialize_field("trace", &PowerTraceV1(&self.trace))?;
         } else {
             s.serialize_field("trace", &self.trace)?;
+        }
+        match &self.wall {
+            Some(w) => s.serialize_field("wall", w)?,
+            None => s.skip_field("wall")?,
         }
         s.serialize_field("content_hash", &self.content_hash)?;
         s.end()
@@ -903,13 +963,13 @@ impl Manifest {
     }
 
     /// The schema version a writer uses for this content: the lowest that has every field
-    /// present — [`MANIFEST_SCHEMA_VERSION_EFFICIENCY`] with a GPU's `efficiency`,
+    /// present — [`MANIFEST_SCHEMA_VERSION_EFFICIENCY`] with a GPU's `efficiency` or `wall`,
     /// [`MANIFEST_SCHEMA_VERSION_NODES`] with `job.node_list`,
     /// [`MANIFEST_SCHEMA_VERSION_COVERAGE`] with a schema 4 field,
     /// [`MANIFEST_SCHEMA_VERSION_MIG`] when a GPU entry has `mig`, else
     /// [`MANIFEST_SCHEMA_VERSION`].
     pub fn schema_version_for(&self) -> u32 {
-        if self.gpus.iter().any(|g| g.efficiency.is_some()) {
+        if self.gpus.iter().any(|g| g.efficiency.is_some()) || self.wall.is_some() {
             MANIFEST_SCHEMA_VERSION_EFFICIENCY
         } else if self.job.node_list.is_some() {
             MANIFEST_SCHEMA_VERSION_NODES
@@ -994,6 +1054,13 @@ impl Manifest {
                 Err(ManifestError::FieldNeedsVersion {
                     version: m.schema_version,
                     field: "gpus[].efficiency",
+                    needs: MANIFEST_SCHEMA_VERSION_EFFICIENCY,
+                })
+            }
+            Ok(m) if m.schema_version < MANIFEST_SCHEMA_VERSION_EFFICIENCY && m.wall.is_some() => {
+                Err(ManifestError::FieldNeedsVersion {
+                    version: m.schema_version,
+                    field: "wall",
                     needs: MANIFEST_SCHEMA_VERSION_EFFICIENCY,
                 })
             }

@@ -167,6 +167,7 @@ impl ManifestBuilder {
                     start_unix_ns: start,
                     series: vec![],
                 },
+                wall: None,
                 content_hash: String::new(),
             },
             totals: None,

@@ -431,6 +431,8 @@ const OPTIONAL_FIELDS: &[&str] = &[
     "estimate",
     "node_list",
     "efficiency",
+    "wall",
+    "disagreement_intervals",
 ];
 
 /// The schema's `properties`/`required` match what the types serialise, object by object.
@@ -806,4 +808,58 @@ fn a_gpus_efficiency_needs_schema_6() {
             < ergon_protocol::MANIFEST_SCHEMA_VERSION_EFFICIENCY
     );
     assert_eq!(Manifest::example().idle_gpu_j(), None);
+}
+
+/// Schema 6's `wall` section: in the JSON Schema (nested objects included), refused in an older
+/// version, kept through sealing.
+#[test]
+fn the_wall_section_needs_schema_6() {
+    use ergon_protocol::manifest::{WallEnergy, WallInterval, WallMeter};
+    let schema: Value = serde_json::from_str(include_str!("../manifest.schema.json")).unwrap();
+    let mut m = Manifest::example();
+    m.wall = Some(WallEnergy {
+        energy_j: 1500.0,
+        components_j: 1200.0,
+        rest_of_node_j: 300.0,
+        rule: "allocation".into(),
+        meter: WallMeter {
+            kind: "hwmon".into(),
+            source: "/sys/class/hwmon/hwmon3".into(),
+            resolution_s: 1.0,
+            accuracy_percent: 5.0,
+        },
+        metered_s: 100.0,
+        unmetered_s: 0.5,
+        disagreements: 1,
+        disagreement_intervals: vec![WallInterval {
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+        }],
+    });
+    let value = serde_json::to_value(&m).unwrap();
+    let mut checked = 0;
+    check_object(&schema, &schema, &value, "$", &mut checked);
+    assert!(value["wall"]["meter"].is_object());
+    assert_eq!(
+        m.schema_version_for(),
+        ergon_protocol::MANIFEST_SCHEMA_VERSION_EFFICIENCY
+    );
+    let mut old = m.clone();
+    old.schema_version = MANIFEST_SCHEMA_VERSION_NODES;
+    old.seal();
+    match Manifest::from_json(&old.to_json().unwrap()) {
+        Err(ManifestError::FieldNeedsVersion {
+            version: 5,
+            field: "wall",
+            needs: 6,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    m.schema_version = m.schema_version_for();
+    m.seal();
+    let back = Manifest::from_json(&m.to_json().unwrap()).unwrap();
+    assert_eq!(back, m);
+    // Without it, nothing is written.
+    let plain = serde_json::to_value(Manifest::example()).unwrap();
+    assert!(plain.get("wall").is_none());
 }

@@ -195,6 +195,18 @@ fn demo_shows_the_whole_chain_and_down_stops_it() {
             && report.contains("PUE 1.3 × 250 gCO2e/kWh, 0.3 EUR/kWh, static factors"),
         "the user's report has no CO2e and cost estimate:\n{report}"
     );
+    // The simulated node meter: the report gives the job's energy at the wall, with its rest of
+    // the node, and the hardware section says the meter is simulated.
+    assert!(
+        report.contains("At the wall  ")
+            && report.contains("rest of node")
+            && report.contains("hwmon"),
+        "the user's report has no energy at the wall:\n{report}"
+    );
+    assert!(
+        stdout.contains("Node:     SIMULATED: a whole-node hwmon power meter"),
+        "the demo does not say that the node meter is simulated:\n{all}"
+    );
     // After the job's own output: ergond's report, or (a build without it) the demo's note
     // and the manifest's summary.
     let after = report

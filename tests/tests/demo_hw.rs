@@ -231,3 +231,81 @@ fn a_simulator_that_exits_at_once_is_reported_with_its_log() {
     assert!(!pidfile.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The simulated node meter: its hwmon energy counter moves at the simulated CPU/DRAM power, plus
+/// the scenario's GPU power, plus the rest of the node (120 W): the same RAPL tick writes both, so
+/// over a stretch the meter's increase is the RAPL zones' plus (100 + 120) W × the time.
+#[test]
+fn the_simulated_node_meter_is_components_plus_the_rest() {
+    let dir = scratch("meter");
+    let powercap = dir.join("sim/powercap");
+    let hwmon = dir.join("sim/hwmon");
+    let scenario = dir.join("scenario.json");
+    std::fs::write(
+        &scenario,
+        serde_json::json!({
+            "start_monotonic_ns": ergond::clock::monotonic_ns(),
+            "gpus": [{"profile": {"kind": "constant", "watts": 100.0}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let pidfile = dir.join("run/sim-rapl.pid");
+    let out = tool(&[
+        "rapl-start",
+        "--simulator",
+        SIMULATOR,
+        "--powercap",
+        s(&powercap),
+        "--pidfile",
+        s(&pidfile),
+        "--log",
+        s(&dir.join("sim-rapl.log")),
+        "--period-ms",
+        "50",
+        "--hwmon",
+        s(&hwmon),
+        "--gpu-scenario",
+        s(&scenario),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let dev = hwmon.join("class/hwmon/hwmon0");
+    assert_eq!(
+        std::fs::read_to_string(dev.join("name")).unwrap(),
+        "power_meter\n"
+    );
+    let num = |p: &Path| -> f64 {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap() as f64
+            / 1e6
+    };
+    // Both files of one tick: read until two reads of the meter agree around the RAPL reads.
+    let sample = || loop {
+        let m0 = num(&dev.join("energy1_input"));
+        let rapl: f64 = ["intel-rapl:0", "intel-rapl:0:0"]
+            .iter()
+            .map(|z| num(&powercap.join(z).join("energy_uj")))
+            .sum();
+        if num(&dev.join("energy1_input")) == m0 {
+            return (Instant::now(), m0, rapl);
+        }
+    };
+    assert!(wait_until(Duration::from_secs(5), || sample().1 > 0.0));
+    let (t0, m0, r0) = sample();
+    std::thread::sleep(Duration::from_secs(1));
+    let (t1, m1, r1) = sample();
+    let dt = t1.duration_since(t0).as_secs_f64();
+    let expected = (r1 - r0) + 220.0 * dt;
+    assert!(
+        (m1 - m0 - expected).abs() < 0.1 * expected,
+        "meter +{} J, RAPL +{} J over {dt} s",
+        m1 - m0,
+        r1 - r0
+    );
+    let stop = tool(&["rapl-stop", "--pidfile", s(&pidfile)]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use super::reading::Reading;
 use crate::attribution::{
-    attribute, check_conservation, cpus_per_socket, split_cpu_time, Accumulator, AttributionConfig,
-    GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance, NodeBalance,
-    SocketInterval, SocketJob, SocketShare,
+    attribute, check_conservation, cpus_per_socket, split_cpu_time, split_rest, Accumulator,
+    AttributionConfig, GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance,
+    NodeBalance, RestJob, SocketInterval, SocketJob, SocketShare, WallBalance,
 };
 use crate::counter::Support;
 use crate::gpustats::GpuJobStats;
@@ -117,6 +117,37 @@ pub struct Member {
     /// Per GPU it holds (by share key): its activity and health over the job so far.
     #[serde(default)]
     pub gpu_stats: BTreeMap<u32, GpuJobStats>,
+    /// Its energy at the wall so far (node meter).
+    #[serde(default)]
+    pub wall: JobWall,
+}
+
+/// Most disagreement intervals kept per job ([`JobWall::disagreement_intervals`]).
+pub const MAX_DISAGREEMENTS_KEPT: usize = 16;
+
+/// A job's energy at the wall: its component energy over the intervals the node meter covered,
+/// plus its part of the rest of the node over them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct JobWall {
+    /// Intervals the meter covered while the job was open, total length, ns.
+    pub metered_ns: u64,
+    /// Intervals it did not cover (no meter reading bracketing an end), ns.
+    pub unmetered_ns: u64,
+    /// The job's component energy over the metered intervals, J.
+    pub components_j: f64,
+    /// Its part of the rest of the node over them, J.
+    pub rest_j: f64,
+    /// Metered intervals where the node's components exceeded the meter beyond its accuracy.
+    pub disagreements: u64,
+    /// The first [`MAX_DISAGREEMENTS_KEPT`] of them (monotonic ns).
+    pub disagreement_intervals: Vec<(u64, u64)>,
+}
+
+impl JobWall {
+    /// Its energy at the wall: components plus rest over the metered intervals, J.
+    pub fn wall_j(&self) -> f64 {
+        self.components_j + self.rest_j
+    }
 }
 
 /// Most points kept per socket in [`Member::cpu_trace`]; beyond, every other point is dropped
@@ -147,6 +178,9 @@ pub struct JobResult {
     /// See [`Member::gpu_stats`].
     #[serde(default)]
     pub gpu_stats: BTreeMap<u32, GpuJobStats>,
+    /// Its energy at the wall, when the node meter covered any of its intervals.
+    #[serde(default)]
+    pub wall: Option<JobWall>,
 }
 
 /// Counters of the attributor's own health, for `/metrics`.
@@ -179,6 +213,12 @@ pub struct Attributor {
     /// Last CPU time (ns) of each member cgroup.
     cg_last: BTreeMap<String, u64>,
     stats: AttributorStats,
+    /// The node's energy at the wall since ergond started measuring it.
+    #[serde(default)]
+    wall: WallBalance,
+    /// The node meter's accuracy, a fraction of its reading.
+    #[serde(default)]
+    meter_accuracy: f64,
 }
 
 fn balance_sub(a: &NodeBalance, b: &NodeBalance) -> NodeBalance {
@@ -243,7 +283,20 @@ impl Attributor {
             acc: Accumulator::new(),
             cg_last: BTreeMap::new(),
             stats: AttributorStats::default(),
+            wall: WallBalance::default(),
+            meter_accuracy: 0.05,
         }
+    }
+
+    /// The node meter's stated accuracy, percent of its reading: components above the meter by
+    /// more than this are a disagreement.
+    pub fn set_meter_accuracy(&mut self, percent: f64) {
+        self.meter_accuracy = percent / 100.0;
+    }
+
+    /// The node's energy at the wall so far.
+    pub fn wall(&self) -> &WallBalance {
+        &self.wall
     }
 
     /// Take the running state (open jobs, balance, baselines, last reading, counters) of a
@@ -255,6 +308,7 @@ impl Attributor {
         self.acc = journaled.acc;
         self.cg_last = journaled.cg_last;
         self.stats = journaled.stats;
+        self.wall = journaled.wall;
     }
 
     /// Whether `other` was built for the same GPUs and sockets as this one.
@@ -335,6 +389,7 @@ impl Attributor {
             return;
         }
         let inputs = self.inputs(last, r);
+        let last_meter = (last.at_mono_ns, last.meter);
         let cpu_ns: Vec<(u32, u64)> = self
             .members
             .iter()
@@ -371,6 +426,7 @@ impl Attributor {
                 }
                 self.acc.add(&out);
                 self.stats.intervals += 1;
+                self.wall_interval(last_meter, r, &out);
                 for (job, m) in self.members.iter_mut() {
                     m.intervals += 1;
                     if inputs.duration_s > 0.0 {
@@ -422,6 +478,112 @@ impl Attributor {
 
     /// Move the member cgroups' baselines on to `r`, whether or not its interval was
     /// attributed; a cgroup first seen now counts from here.
+    /// The interval's energy at the wall: the meter's energy less the components', split
+    /// between the open jobs by the configured rule ([`split_rest`]).
+    fn wall_interval(
+        &mut self,
+        (from_ns, from_meter): (u64, Option<f64>),
+        r: &Reading,
+        out: &crate::attribution::IntervalAttribution<u32>,
+    ) {
+        let dur = r.at_mono_ns.saturating_sub(from_ns);
+        let meter_j = match (from_meter, r.meter) {
+            (Some(a), Some(b)) if b >= a => b - a,
+            _ => {
+                // Not metered (no meter, or its readings do not bracket both ends).
+                if r.meter.is_some() || from_meter.is_some() || self.wall.intervals > 0 {
+                    for m in self.members.values_mut() {
+                        m.wall.unmetered_ns += dur;
+                    }
+                }
+                return;
+            }
+        };
+        let node_cpus: usize = self.sockets.iter().map(|s| s.cpus.len()).sum();
+        let node_gpus = self.gpu_minors.len();
+        let (wc, wg) = (
+            if node_cpus > 0 {
+                self.config.rest_cpu_weight
+            } else {
+                0.0
+            },
+            if node_gpus > 0 {
+                self.config.rest_gpu_weight
+            } else {
+                0.0
+            },
+        );
+        let jobs: Vec<RestJob<u32>> = self
+            .members
+            .iter()
+            .map(|(&job, m)| {
+                let fc = if node_cpus > 0 {
+                    m.cpus.len() as f64 / node_cpus as f64
+                } else {
+                    0.0
+                };
+                let fg = if node_gpus > 0 {
+                    m.gpus.len() as f64 / node_gpus as f64
+                } else {
+                    0.0
+                };
+                RestJob {
+                    job,
+                    allocation: if wc + wg > 0.0 {
+                        (wc * fc + wg * fg) / (wc + wg)
+                    } else {
+                        0.0
+                    },
+                    energy_j: out.jobs.get(&job).map_or(0.0, JobShare::total_j),
+                }
+            })
+            .collect();
+        let split = split_rest(
+            meter_j,
+            dur,
+            &out.node,
+            &jobs,
+            self.config.rest_of_node,
+            self.meter_accuracy,
+        );
+        let (e_meter, e_rest) = split.balance.conservation_error_j();
+        if e_meter.abs() > 1e-6 * meter_j.abs().max(1.0)
+            || e_rest.abs() > 1e-6 * meter_j.abs().max(1.0)
+        {
+            self.stats.conservation_failures += 1;
+            tracing::error!(
+                meter_j,
+                e_meter,
+                e_rest,
+                "the energy at the wall failed its conservation check"
+            );
+        }
+        let disagreement = split.balance.disagreements > 0;
+        self.wall.add(&split.balance);
+        if disagreement && self.wall.disagreements.is_power_of_two() {
+            // Rate-limited: the 1st, 2nd, 4th, 8th, ... disagreement.
+            tracing::warn!(
+                meter_j,
+                components_j = split.balance.components_j,
+                accuracy_percent = self.meter_accuracy * 100.0,
+                disagreements = self.wall.disagreements,
+                "the node's components measured more energy than the node meter, beyond its \
+                 accuracy; the rest of the node is 0 for the interval"
+            );
+        }
+        for (job, m) in self.members.iter_mut() {
+            m.wall.metered_ns += dur;
+            m.wall.components_j += out.jobs.get(job).map_or(0.0, JobShare::total_j);
+            m.wall.rest_j += split.jobs.get(job).copied().unwrap_or(0.0);
+            if disagreement {
+                m.wall.disagreements += 1;
+                if m.wall.disagreement_intervals.len() < MAX_DISAGREEMENTS_KEPT {
+                    m.wall.disagreement_intervals.push((from_ns, r.at_mono_ns));
+                }
+            }
+        }
+    }
+
     fn move_baselines(&mut self, r: &Reading) {
         for m in self.members.values() {
             for path in &m.cgroups {
@@ -618,6 +780,7 @@ impl Attributor {
             gpu_unread_ns: BTreeMap::new(),
             last_power_w: None,
             gpu_stats: BTreeMap::new(),
+            wall: JobWall::default(),
         });
         if m.gpus.is_empty() {
             m.gpus = gpus;
@@ -743,6 +906,7 @@ impl Attributor {
             cpu_ns: m.cpu_ns,
             gpu_unread_ns: m.gpu_unread_ns,
             gpu_stats: m.gpu_stats,
+            wall: (m.wall.metered_ns > 0).then_some(m.wall),
         })
     }
 }
@@ -808,7 +972,117 @@ mod tests {
             gpu_util: vec![],
             gpu_stats: vec![],
             across: None,
+            meter: None,
         }
+    }
+
+    /// [`reading`] with a node meter at `meter_w` watts.
+    fn metered(t: f64, cgroups: &[(&str, f64)], meter_w: f64) -> Reading {
+        Reading {
+            meter: Some(meter_w * t),
+            ..reading(t, cgroups)
+        }
+    }
+
+    /// Two jobs over 10 s under a node meter at `meter_w` (components: 420 W): job 1 holds GPU
+    /// minor 6 and CPUs 0-1, job 2 CPUs 2-3; then 5 s with no job.
+    fn wall_run(config: AttributionConfig, meter_w: f64) -> (Attributor, JobResult, JobResult) {
+        let mut a = Attributor::new(&facts(), config);
+        a.advance(&metered(0.0, &[], meter_w));
+        a.job_start(1, vec![0], CpuSet::parse("0-1").unwrap());
+        a.step_start(1, StepId::Batch, Some("job_1/step_batch"), Some(0));
+        a.job_start(2, vec![], CpuSet::parse("2-3").unwrap());
+        a.step_start(2, StepId::Batch, Some("job_2/step_batch"), Some(0));
+        let cg = |t: f64| [("job_1/step_batch", 1.5 * t), ("job_2/step_batch", 0.5 * t)];
+        for k in 1..=10 {
+            let t = f64::from(k);
+            a.advance(&metered(t, &cg(t), meter_w));
+        }
+        let r1 = a.job_end(1).unwrap();
+        let r2 = a.job_end(2).unwrap();
+        for k in 11..=15 {
+            a.advance(&metered(f64::from(k), &[], meter_w));
+        }
+        (a, r1, r2)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-6
+    }
+
+    #[test]
+    fn rest_of_node_is_split_by_allocation_and_idle_gets_the_rest() {
+        let (a, r1, r2) = wall_run(AttributionConfig::default(), 600.0);
+        let (w1, w2) = (r1.wall.unwrap(), r2.wall.unwrap());
+        // Rest: 600 − 420 = 180 W. Job 1: (2/8 CPUs + 1/2 GPUs) / 2 = 0.375 → 67.5 W; job 2:
+        // (2/8 + 0) / 2 = 0.125 → 22.5 W; over 10 s.
+        assert!(close(w1.rest_j, 675.0), "{w1:?}");
+        assert!(close(w2.rest_j, 225.0), "{w2:?}");
+        assert_eq!((w1.metered_ns, w1.unmetered_ns), (10_000_000_000, 0));
+        assert!(close(w1.components_j, r1.share.total_j()));
+        assert!(close(w1.wall_j(), r1.share.total_j() + 675.0));
+        assert_eq!(w1.disagreements, 0);
+        // The node: 15 s metered; the jobs' 900 J of rest, the rest idle (no job in the last
+        // 5 s: all 900 J of it idle).
+        let n = a.wall();
+        assert!(close(n.meter_j, 9000.0) && close(n.components_j, 6300.0));
+        assert!(close(n.rest_j, 2700.0) && close(n.jobs_j, 900.0));
+        assert!(close(n.idle_j, 900.0 + 900.0) && close(n.unattributed_j, 0.0));
+        let (e1, e2) = n.conservation_error_j();
+        assert!(close(e1, 0.0) && close(e2, 0.0));
+        assert_eq!(a.stats().conservation_failures, 0);
+    }
+
+    #[test]
+    fn rest_of_node_is_split_by_energy() {
+        let cfg = AttributionConfig {
+            rest_of_node: crate::attribution::RestRule::Energy,
+            ..AttributionConfig::default()
+        };
+        let (a, r1, r2) = wall_run(cfg, 600.0);
+        // Each job gets the rest (180 W) in proportion to its component energy out of 420 W.
+        for r in [&r1, &r2] {
+            let w = r.wall.as_ref().unwrap();
+            assert!(
+                close(w.rest_j, 1800.0 * r.share.total_j() / 4200.0),
+                "{w:?}"
+            );
+        }
+        // Unattributed components (GPU minor 7 held by nobody: 200 W of 420) take their part.
+        let n = a.wall();
+        assert!(n.unattributed_j >= 1800.0 * 2000.0 / 4200.0 - 1e-6, "{n:?}");
+        let (e1, e2) = n.conservation_error_j();
+        assert!(close(e1, 0.0) && close(e2, 0.0));
+    }
+
+    #[test]
+    fn components_above_the_meter_are_a_disagreement_not_a_negative_rest() {
+        // 300 W at the wall against 420 W of components: beyond 5 % + 1 J each second.
+        let (a, r1, _) = wall_run(AttributionConfig::default(), 300.0);
+        let w1 = r1.wall.unwrap();
+        assert_eq!(w1.rest_j, 0.0);
+        assert_eq!(w1.disagreements, 10);
+        assert_eq!(w1.disagreement_intervals.len(), 10);
+        assert_eq!(w1.disagreement_intervals[0], (0, 1_000_000_000));
+        let n = a.wall();
+        assert_eq!(n.disagreements, 15);
+        assert!(close(n.excess_j, 120.0 * 15.0) && close(n.rest_j, 0.0));
+        let (e1, _) = n.conservation_error_j();
+        assert!(close(e1, 0.0));
+        // Within the meter's accuracy (400 W: 20 W under 5 % + 1 J): rest 0, no disagreement.
+        let (a, r1, _) = wall_run(AttributionConfig::default(), 400.0);
+        assert_eq!(r1.wall.unwrap().disagreements, 0);
+        assert!(close(a.wall().excess_j, 300.0));
+    }
+
+    #[test]
+    fn no_meter_no_wall() {
+        let mut a = Attributor::new(&facts(), AttributionConfig::default());
+        a.advance(&reading(0.0, &[]));
+        a.job_start(1, vec![0], CpuSet::parse("0-1").unwrap());
+        a.advance(&reading(1.0, &[]));
+        assert_eq!(a.job_end(1).unwrap().wall, None);
+        assert_eq!(a.wall().intervals, 0);
     }
 
     #[test]

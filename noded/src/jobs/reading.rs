@@ -43,6 +43,11 @@ pub struct Reading {
     /// estimates, off by at most the stretch's energy.
     #[serde(default)]
     pub across: Option<Across>,
+    /// The node meter's cumulative energy at the instant (J since ergond started), linearly
+    /// interpolated between the meter's readings; `None` without a meter or where its readings
+    /// do not bracket the instant.
+    #[serde(default)]
+    pub meter: Option<f64>,
 }
 
 /// A stretch without samples that a [`Reading`] was interpolated across.
@@ -101,6 +106,11 @@ impl Reading {
             self.gpus.get(i).copied().flatten(),
             later.gpus.get(i).copied().flatten(),
         )
+    }
+
+    /// The node meter's energy between this reading and `later`.
+    pub fn meter_delta(&self, later: &Reading) -> Option<f64> {
+        delta(self.meter, later.meter)
     }
 
     /// `later - self` for zone `i`.
@@ -322,6 +332,7 @@ mod tests {
             gpu_util: vec![],
             gpu_stats: vec![],
             across: None,
+            meter: None,
         };
         let b = Reading {
             at_mono_ns: 1,
@@ -332,6 +343,7 @@ mod tests {
             gpu_util: vec![],
             gpu_stats: vec![],
             across: None,
+            meter: None,
         };
         assert_eq!(a.gpu_delta(&b, 0), Some(3.0));
         assert_eq!(a.gpu_delta(&b, 1), None);

@@ -186,7 +186,13 @@ pub fn restore(
         if !all {
             why = "a hardware counter reset or may have wrapped during the outage".into();
         }
-        attributor.set_last(Some(Reading { gpus, zones, ..old }));
+        // The node meter's energy counts from this process's start: the outage is not metered.
+        attributor.set_last(Some(Reading {
+            gpus,
+            zones,
+            meter: None,
+            ..old
+        }));
     } else {
         // Nothing to measure the outage with: start afresh from the next reading.
         attributor.set_last(None);

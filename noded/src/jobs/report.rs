@@ -215,6 +215,41 @@ fn grams(g: f64) -> String {
     }
 }
 
+/// The report's "At the wall" line (and a note on what it does not cover or where the meter
+/// disagreed).
+fn wall_text(w: &ergon_protocol::manifest::WallEnergy) -> String {
+    // A source that names its kind already ("hwmon power_meter (…)", "redfish https://…")
+    // is not prefixed with it again.
+    let meter = if w.meter.source.starts_with(&w.meter.kind) {
+        w.meter.source.clone()
+    } else {
+        format!("{} {}", w.meter.kind, w.meter.source)
+    };
+    let mut line = format!(
+        "At the wall  {} (components {} + rest of node {}, {meter}, resolution {}, rest split by {})",
+        format::energy(w.energy_j),
+        format::energy(w.components_j),
+        format::energy(w.rest_of_node_j),
+        format::duration(w.meter.resolution_s),
+        w.rule
+    );
+    if w.unmetered_s > 0.0 {
+        line.push_str(&format!(
+            "\n           over {} of the job; {} the meter did not cover is not included",
+            format::duration(w.metered_s),
+            format::duration(w.unmetered_s)
+        ));
+    }
+    if w.disagreements > 0 {
+        line.push_str(&format!(
+            "\n           the node's components measured more than the meter in {} interval(s), \
+             beyond its {}% accuracy: the rest of the node is 0 there",
+            w.disagreements, w.meter.accuracy_percent
+        ));
+    }
+    line
+}
+
 /// The report's estimate line, or nothing.
 fn estimate_text(m: &Manifest, factors: &Factors) -> Option<String> {
     let e = factors.estimate(m.totals.energy_j)?;
@@ -351,6 +386,9 @@ pub fn render_text(m: &Manifest, manifest_path: Option<&Path>, factors: &Factors
             );
         }
     }
+    if let Some(w) = &m.wall {
+        let _ = writeln!(s, "{}", wall_text(w));
+    }
     let _ = writeln!(
         s,
         "Node       {} measured on the node over the job; {} idle, {} unattributed",
@@ -431,6 +469,9 @@ struct JsonReport<'a> {
     steps: &'a [ergon_protocol::StepEnergy],
     gaps: &'a [ergon_protocol::Gap],
     attribution: &'a ergon_protocol::AttributionInfo,
+    /// The job's energy at the wall (absent without a node meter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wall: Option<&'a ergon_protocol::manifest::WallEnergy>,
     manifest: Option<String>,
     content_hash: &'a str,
 }
@@ -463,6 +504,7 @@ pub fn render_json(m: &Manifest, manifest_path: Option<&Path>, factors: &Factors
         steps: &m.steps,
         gaps: &m.coverage.gaps,
         attribution: &m.attribution,
+        wall: m.wall.as_ref(),
         manifest: manifest_path.map(|p| p.display().to_string()),
         content_hash: &m.content_hash,
     };
@@ -781,6 +823,58 @@ mod tests {
         let j: serde_json::Value =
             serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
         assert!(j.get("footprint_estimate").is_none());
+    }
+
+    #[test]
+    fn the_wall_line_names_the_meter_and_the_split_and_is_absent_without_one() {
+        let mut m = manifest();
+        let plain = render_text(&m, None, &Factors::default());
+        assert!(!plain.contains("At the wall"));
+        m.wall = Some(ergon_protocol::manifest::WallEnergy {
+            energy_j: 150_000.0,
+            components_j: 120_000.0,
+            rest_of_node_j: 30_000.0,
+            rule: "allocation".into(),
+            meter: ergon_protocol::manifest::WallMeter {
+                kind: "hwmon".into(),
+                source: "/sys/class/hwmon/hwmon2".into(),
+                resolution_s: 1.0,
+                accuracy_percent: 5.0,
+            },
+            metered_s: 100.0,
+            unmetered_s: 0.0,
+            disagreements: 0,
+            disagreement_intervals: vec![],
+        });
+        let t = render_text(&m, None, &Factors::default());
+        let line = t.lines().find(|l| l.starts_with("At the wall")).unwrap();
+        assert!(line.contains(&format::energy(150_000.0)), "{line}");
+        assert!(
+            line.contains(&format!("components {}", format::energy(120_000.0))),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("rest of node {}", format::energy(30_000.0))),
+            "{line}"
+        );
+        assert!(line.contains("hwmon /sys/class/hwmon/hwmon2"), "{line}");
+        assert!(
+            line.contains("resolution") && line.contains("by allocation"),
+            "{line}"
+        );
+        assert!(!t.contains("did not cover") && !t.contains("beyond its"));
+        let w = m.wall.as_mut().unwrap();
+        w.disagreements = 3;
+        w.unmetered_s = 2.0;
+        let t = render_text(&m, None, &Factors::default());
+        assert!(
+            t.contains("in 3 interval(s), beyond its 5% accuracy"),
+            "{t}"
+        );
+        assert!(t.contains("the meter did not cover is not included"), "{t}");
+        let j: serde_json::Value =
+            serde_json::from_str(&render_json(&m, None, &Factors::default())).unwrap();
+        assert_eq!(j["wall"]["rest_of_node_j"], 30_000.0);
     }
 
     #[test]

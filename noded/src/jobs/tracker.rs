@@ -54,6 +54,9 @@ impl JobTracker {
     ) -> std::io::Result<Self> {
         let mut registry = JobRegistry::new(config.limits);
         let mut attributor = Attributor::new(&facts, config.attribution);
+        if let Some(m) = sampler.meter() {
+            attributor.set_meter_accuracy(m.info().accuracy_percent);
+        }
         let restored = match &config.state_dir {
             Some(dir) => restore(
                 dir,
@@ -256,6 +259,7 @@ impl JobTracker {
             late_readings: stats.late_readings,
             conservation_error_j: acc.conservation_error_j(),
             components,
+            wall: self.inner.sampler.meter().map(|_| *att.wall()),
         }
     }
 

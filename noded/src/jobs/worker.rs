@@ -531,6 +531,14 @@ fn periodic(inner: &Inner, st: &mut WorkerState) {
         .map(|g| g.at_ns)
         .chain(snap.zones.iter().map(|z| z.at_ns))
         .chain(snap.sockets.iter().map(|s| s.at_ns))
+        // The node meter's readings lag (a BMC: seconds): the interval ends where its series
+        // ends too, unless the meter has stalled (then its stretch is not metered).
+        .chain(
+            inner
+                .sampler
+                .meter()
+                .and_then(|m| m.covered_recently(crate::clock::monotonic_ns())),
+        )
         .min();
     let Some(at) = covered.filter(|&t| t > 0) else {
         return;
@@ -610,8 +618,29 @@ pub(super) fn read_at(
         zones: zone_across,
         ..across
     });
+    let meter = sampler.meter().and_then(|m| {
+        // An event's instant may be newer than the meter's last reading: wait for the next one
+        // (bounded; on this worker thread, never on a sampling thread). A meter that has not
+        // read for longer than the bound (a hung BMC) is not waited for at all: events must not
+        // queue behind it.
+        let alive = m.covered_recently(crate::clock::monotonic_ns()).is_some();
+        let wait = if alive {
+            m.wait_bound()
+        } else {
+            std::time::Duration::ZERO
+        };
+        if !m.wait_for(at_ns, wait) {
+            tracing::debug!(
+                at_ns,
+                "the node meter has no reading after the instant; not metered"
+            );
+            return None;
+        }
+        m.energy_at(at_ns, &mut Vec::new())
+    });
     let proc_root = &inner.config.proc_root;
     Reading {
+        meter,
         at_mono_ns: at_ns,
         gpus,
         zones,
@@ -701,6 +730,13 @@ fn finish(inner: &Inner, job_id: u32, buf: &mut Vec<TraceSample>) -> Option<Spoo
         &inner.sampler.holes(),
     );
     crate::gpustats::set_idle_threshold(&mut m, inner.config.idle_gpu_util_percent);
+    m.wall = manifest::wall_section(
+        &job,
+        job.result.as_ref(),
+        inner.sampler.meter().map(|m| m.info()).as_ref(),
+        inner.config.attribution.rest_of_node,
+    );
+    m.schema_version = m.schema_version_for();
     m.seal();
     Some(SpoolWork { job, manifest: m })
 }

@@ -34,6 +34,8 @@ pub struct SamplerHandle {
     pub(super) threads: Vec<ThreadEntry>,
     pub(super) cgroups: Option<CgroupHierarchy>,
     pub(super) options: SamplerOptions,
+    /// The node meter read for attribution, if any (on its own thread).
+    pub(super) meter: Option<super::meter::NodeMeterHandle>,
 }
 
 impl SamplerHandle {
@@ -59,6 +61,16 @@ impl SamplerHandle {
             final_cpu_ns,
         });
         Ok(())
+    }
+
+    /// Attach the node meter ergond reads for attribution (before the handle is shared).
+    pub fn attach_meter(&mut self, meter: super::meter::NodeMeterHandle) {
+        self.meter = Some(meter);
+    }
+
+    /// The node meter in use, if any.
+    pub fn meter(&self) -> Option<&super::meter::NodeMeterHandle> {
+        self.meter.as_ref()
     }
 
     /// The options in force.
@@ -129,6 +141,10 @@ impl SamplerHandle {
                 },
             })
             .collect();
+        s.meter = self
+            .meter
+            .as_ref()
+            .map(super::meter::NodeMeterHandle::snapshot);
         s
     }
 

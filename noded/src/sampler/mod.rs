@@ -54,6 +54,7 @@ mod cpu_thread;
 mod gpu_thread;
 mod handle;
 mod health;
+mod meter;
 mod options;
 mod ring;
 mod shared;
@@ -67,6 +68,7 @@ pub use crate::sources::cgroup::CgroupHierarchy;
 pub use gpu_thread::PROCESS_UTIL_PERIOD_NS;
 pub use handle::SamplerHandle;
 pub use health::{hole_ns, HOLES_KEPT};
+pub use meter::{MeterInfo, NodeMeterHandle};
 pub use options::{
     SamplerError, SamplerOptions, DEFAULT_LATENCY_WINDOW, DEFAULT_TRACE_CAPACITY, DETECT_BUDGET,
     PROFILING_RAPL_PERIOD,

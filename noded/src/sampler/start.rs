@@ -160,6 +160,7 @@ impl Sampler {
             cgroups: Mutex::new(Vec::new()),
         });
         let mut handle = SamplerHandle {
+            meter: None,
             shared: Arc::clone(&shared),
             threads: Vec::new(),
             cgroups,

@@ -2,26 +2,30 @@
 //! shipped.
 //!
 //! ```text
-//! ergon-demo-hw describe [gpus] [rapl]
+//! ergon-demo-hw describe [gpus] [rapl] [meter]
 //! ergon-demo-hw gpus --lib LIBNVIDIA_ML_SO --dir DIR DEVICE...
 //! ergon-demo-hw rapl-start --simulator ERGON_SIM_RAPL --powercap DIR --pidfile FILE --log FILE
-//!                          [--period-ms 100]
+//!                          [--period-ms 100] [--hwmon DIR --gpu-scenario FILE]
 //! ergon-demo-hw rapl-stop --pidfile FILE
 //! ```
 //!
-//! - `describe` prints what is simulated (the GPUs' power profiles, the RAPL power model; both
-//!   unless one is named), for the demo's "Hardware" section: the numbers come from the same
-//!   constants the other commands use.
+//! - `describe` prints what is simulated (the GPUs' power profiles, the RAPL power model, the
+//!   node meter; all unless some are named), for the demo's "Hardware" section: the numbers come
+//!   from the same constants the other commands use.
 //! - `gpus` installs the fake NVML library (`tests/fake-nvml`) as `DIR/libnvidia-ml.so.1` (a new
 //!   file renamed into place: a running ergond may have the old one mapped) and writes its
-//!   scenario beside it: GPU *i* has the minor number of the *i*-th DEVICE (the character device
+//!   scenario beside it (its clock starting now, `start_monotonic_ns`, so that the simulated node
+//!   meter follows the same GPU power): GPU *i* has the minor number of the *i*-th DEVICE (the character device
 //!   files the cluster's `gres.conf` lists), so ergond charges a job the GPUs Slurm gave it.
 //!   Prints the `ergond.toml` line that loads it.
 //! - `rapl-start` starts `ergon-sim-rapl` on a new powercap tree under DIR, detached from this
 //!   process (its own process group, stdin from `/dev/null`, output appended to the log; only
 //!   descriptors 0–2 are passed on, so a caller's pipe is not held open), records its pid,
 //!   waits until the first counter is written (or the simulator exits: then its log is shown)
-//!   and prints the `ergond.toml` lines that make ergond read that tree.
+//!   and prints the `ergond.toml` lines that make ergond read that tree. With `--hwmon DIR` and
+//!   `--gpu-scenario` (the scenario `gpus` wrote), the simulator also writes a whole-node hwmon
+//!   meter under DIR: the simulated GPUs + CPU/DRAM + [`NODE_REST_W`] for the rest of the node
+//!   (`[meters.hwmon] root = "DIR/class/hwmon"`).
 //! - `rapl-stop` stops the simulator of the pid file (SIGTERM, then SIGKILL after 15 s; a pid
 //!   that no longer runs `ergon-sim-rapl` is never signalled) and prints `stopped` or
 //!   `not running`.
@@ -43,9 +47,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
 
-const USAGE: &str = "usage: ergon-demo-hw describe [gpus] [rapl]
+const USAGE: &str = "usage: ergon-demo-hw describe [gpus] [rapl] [meter]
        ergon-demo-hw gpus --lib LIBNVIDIA_ML_SO --dir DIR DEVICE...
-       ergon-demo-hw rapl-start --simulator ERGON_SIM_RAPL --powercap DIR --pidfile FILE --log FILE [--period-ms 100]
+       ergon-demo-hw rapl-start --simulator ERGON_SIM_RAPL --powercap DIR --pidfile FILE --log FILE [--period-ms 100] [--hwmon DIR --gpu-scenario FILE]
        ergon-demo-hw rapl-stop --pidfile FILE";
 
 /// The simulated GPUs' model name.
@@ -60,6 +64,9 @@ const PACKAGE_IDLE_W: f64 = 35.0;
 const PACKAGE_PER_CPU_W: f64 = 8.0;
 const DRAM_IDLE_W: f64 = 5.0;
 const DRAM_PER_CPU_W: f64 = 1.0;
+
+/// The simulated node meter's rest of the node (fans, disks, NICs, power supplies), W.
+const NODE_REST_W: f64 = 120.0;
 
 /// How long `rapl-start` waits for the simulator's first counter.
 const RAPL_START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -144,6 +151,13 @@ fn description() -> Vec<String> {
     ]
 }
 
+/// What `describe meter` prints.
+fn meter_description() -> String {
+    format!(
+        "Node:     SIMULATED: a whole-node hwmon power meter (power_meter, energy1_input) = the simulated CPU/DRAM + the simulated GPU power + {NODE_REST_W} W for the rest of the node"
+    )
+}
+
 /// The minor number of a device number (glibc's `minor()`).
 fn minor_of(rdev: u64) -> u64 {
     (rdev & 0xff) | ((rdev >> 12) & 0xffff_ff00)
@@ -182,7 +196,8 @@ fn scenario(minors: &[u64]) -> serde_json::Value {
             })
         })
         .collect();
-    json!({"driver_version": DRIVER_VERSION, "gpus": gpus})
+    json!({"driver_version": DRIVER_VERSION, "gpus": gpus,
+           "start_monotonic_ns": ergond::clock::monotonic_ns()})
 }
 
 /// Write `bytes` to `path` through a new file renamed into place.
@@ -270,6 +285,8 @@ struct RaplStart {
     pidfile: PathBuf,
     log: PathBuf,
     period_ms: u64,
+    /// The simulated node meter's directory and the GPU scenario it follows.
+    meter: Option<(PathBuf, PathBuf)>,
 }
 
 fn cmd_rapl_start(o: &RaplStart) -> Result<String> {
@@ -300,6 +317,16 @@ fn cmd_rapl_start(o: &RaplStart) -> Result<String> {
         .args(["--package-per-cpu-w", &PACKAGE_PER_CPU_W.to_string()])
         .args(["--dram-idle-w", &DRAM_IDLE_W.to_string()])
         .args(["--dram-per-cpu-w", &DRAM_PER_CPU_W.to_string()])
+        .args(o.meter.iter().flat_map(|(hwmon, scenario)| {
+            [
+                "--hwmon".into(),
+                hwmon.clone().into_os_string(),
+                "--gpu-scenario".into(),
+                scenario.clone().into_os_string(),
+                "--rest-w".into(),
+                NODE_REST_W.to_string().into(),
+            ]
+        }))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -424,12 +451,17 @@ fn run(args: &[String]) -> Result<String> {
         "-h" | "--help" | "help" => Ok(format!("{USAGE}\n")),
         "describe" => {
             let words = Args::parse(rest, &[])?.words;
-            let (mut gpus, mut rapl) = (words.is_empty(), words.is_empty());
+            let (mut gpus, mut rapl, mut meter) =
+                (words.is_empty(), words.is_empty(), words.is_empty());
             for w in &words {
                 match w.to_str() {
                     Some("gpus") => gpus = true,
                     Some("rapl") => rapl = true,
-                    _ => bail!("describe: {:?} is not gpus or rapl\n{USAGE}", w.display()),
+                    Some("meter") => meter = true,
+                    _ => bail!(
+                        "describe: {:?} is not gpus, rapl or meter\n{USAGE}",
+                        w.display()
+                    ),
                 }
             }
             let d = description();
@@ -444,6 +476,10 @@ fn run(args: &[String]) -> Result<String> {
                 out += line;
                 out.push('\n');
             }
+            if meter {
+                out += &meter_description();
+                out.push('\n');
+            }
             Ok(out)
         }
         "gpus" => {
@@ -453,7 +489,15 @@ fn run(args: &[String]) -> Result<String> {
         "rapl-start" => {
             let a = Args::parse(
                 rest,
-                &["simulator", "powercap", "pidfile", "log", "period-ms"],
+                &[
+                    "simulator",
+                    "powercap",
+                    "pidfile",
+                    "log",
+                    "period-ms",
+                    "hwmon",
+                    "gpu-scenario",
+                ],
             )?;
             a.no_words()?;
             let period_ms = match a.value("period-ms") {
@@ -470,6 +514,11 @@ fn run(args: &[String]) -> Result<String> {
                 pidfile: a.required("pidfile")?,
                 log: a.required("log")?,
                 period_ms,
+                meter: match (a.value("hwmon"), a.value("gpu-scenario")) {
+                    (Some(h), Some(s)) => Some((h.into(), s.into())),
+                    (None, None) => None,
+                    _ => bail!("rapl-start: --hwmon and --gpu-scenario go together\n{USAGE}"),
+                },
             })
         }
         "rapl-stop" => {
@@ -564,6 +613,16 @@ mod tests {
             rapl.starts_with("CPU/DRAM:") && !rapl.contains("GPUs"),
             "{rapl}"
         );
-        assert_eq!(run(&args("describe")).unwrap(), gpus + &rapl);
+        let meter = run(&args("describe meter")).unwrap();
+        assert!(
+            meter.starts_with("Node:     SIMULATED") && meter.contains("120 W"),
+            "{meter}"
+        );
+        assert_eq!(run(&args("describe")).unwrap(), gpus + &rapl + &meter);
+        let e = run(&args(
+            "rapl-start --simulator /s --powercap /p --pidfile /f --log /l --hwmon /h",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("go together"), "{e}");
     }
 }

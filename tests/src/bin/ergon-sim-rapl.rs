@@ -5,6 +5,7 @@
 //! ergon-sim-rapl --powercap DIR [--proc-root /proc] [--sysfs-root /sys] [--period-ms 100]
 //!                [--package-idle-w 35] [--package-per-cpu-w 8]
 //!                [--dram-idle-w 5] [--dram-per-cpu-w 1]
+//!                [--hwmon DIR --gpu-scenario FILE [--rest-w 120]]
 //! ```
 //!
 //! Creates a powercap class directory under DIR with the layout of an Intel server (one
@@ -23,7 +24,19 @@
 //! pointed at DIR with `powercap_root`, reads them through its real powercap code. Runs until
 //! killed; prints one line at start and one every 10 s (to stderr).
 
+//!
+//! With `--hwmon DIR` it also simulates a whole-node meter: an ACPI-style hwmon device
+//! (`DIR/class/hwmon/hwmon0`, name `power_meter`) whose `energy1_input` (µJ) is the simulated
+//! node's energy since the simulator started: the RAPL zones' energy above, plus the fake GPUs'
+//! energy from their profiles in the fake NVML scenario FILE (which must set
+//! `start_monotonic_ns`, so that both follow the same clock), plus a constant rest of the node
+//! (`--rest-w`, fans, disks, NICs, power supplies).
+
 #![deny(unsafe_code)]
+
+#[path = "../../fake-nvml/src/profile.rs"]
+#[allow(dead_code)]
+mod profile;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,10 +56,14 @@ struct Options {
     package_per_cpu_w: f64,
     dram_idle_w: f64,
     dram_per_cpu_w: f64,
+    hwmon: Option<PathBuf>,
+    gpu_scenario: Option<PathBuf>,
+    rest_w: f64,
 }
 
 const USAGE: &str = "usage: ergon-sim-rapl --powercap DIR [--proc-root /proc] [--sysfs-root /sys] \
-[--period-ms 100] [--package-idle-w 35] [--package-per-cpu-w 8] [--dram-idle-w 5] [--dram-per-cpu-w 1]";
+[--period-ms 100] [--package-idle-w 35] [--package-per-cpu-w 8] [--dram-idle-w 5] [--dram-per-cpu-w 1] \
+[--hwmon DIR --gpu-scenario FILE [--rest-w 120]]";
 
 fn parse_args(args: &[String]) -> Result<Options> {
     let mut o = Options {
@@ -58,6 +75,9 @@ fn parse_args(args: &[String]) -> Result<Options> {
         package_per_cpu_w: 8.0,
         dram_idle_w: 5.0,
         dram_per_cpu_w: 1.0,
+        hwmon: None,
+        gpu_scenario: None,
+        rest_w: 120.0,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -94,13 +114,60 @@ fn parse_args(args: &[String]) -> Result<Options> {
             "--package-per-cpu-w" => o.package_per_cpu_w = watts()?,
             "--dram-idle-w" => o.dram_idle_w = watts()?,
             "--dram-per-cpu-w" => o.dram_per_cpu_w = watts()?,
+            "--hwmon" => o.hwmon = Some(value.into()),
+            "--gpu-scenario" => o.gpu_scenario = Some(value.into()),
+            "--rest-w" => o.rest_w = watts()?,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
     if o.powercap.as_os_str().is_empty() {
         bail!("--powercap DIR is required\n{USAGE}");
     }
+    if o.hwmon.is_some() != o.gpu_scenario.is_some() {
+        bail!("--hwmon and --gpu-scenario go together\n{USAGE}");
+    }
     Ok(o)
+}
+
+/// The fake GPUs of a scenario, on its clock.
+struct Gpus {
+    profiles: Vec<profile::Profile>,
+    start_ns: u64,
+    time_scale: f64,
+}
+
+impl Gpus {
+    fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let start_ns = v["start_monotonic_ns"]
+            .as_u64()
+            .with_context(|| format!("{}: no start_monotonic_ns", path.display()))?;
+        let profiles = v["gpus"]
+            .as_array()
+            .with_context(|| format!("{}: no gpus", path.display()))?
+            .iter()
+            .map(|g| serde_json::from_value(g["profile"].clone()))
+            .collect::<Result<Vec<profile::Profile>, _>>()
+            .with_context(|| format!("{}: a GPU profile", path.display()))?;
+        Ok(Self {
+            profiles,
+            start_ns,
+            time_scale: v["time_scale"].as_f64().unwrap_or(1.0),
+        })
+    }
+
+    /// Scenario time now, s.
+    fn now_s(&self) -> f64 {
+        ergond::clock::monotonic_ns().saturating_sub(self.start_ns) as f64 / 1e9 * self.time_scale
+    }
+
+    /// Every GPU's energy between scenario times `t0` and `t1`, J.
+    fn energy_j(&self, t0: f64, t1: f64) -> f64 {
+        self.profiles.iter().map(|p| p.energy_j(t0, t1)).sum()
+    }
 }
 
 /// Busy and total jiffies of one CPU.
@@ -231,6 +298,27 @@ fn run(o: &Options) -> Result<()> {
         o.dram_per_cpu_w
     );
 
+    // The simulated node meter: RAPL + GPUs + the rest, from now on.
+    let meter = match (&o.hwmon, &o.gpu_scenario) {
+        (Some(dir), Some(scenario)) => {
+            let gpus = Gpus::load(scenario)?;
+            let tree = ergon_testkit::HwmonTree::create(
+                dir,
+                &[ergon_testkit::HwmonFixture::new("power_meter")
+                    .with("energy1_input", &format!("{:020}\n", 0))],
+            );
+            eprintln!(
+                "ergon-sim-rapl: simulating a node meter under {}: RAPL + {} GPU(s) from {} + {} W",
+                tree.root().display(),
+                gpus.profiles.len(),
+                scenario.display(),
+                o.rest_w
+            );
+            let t0 = gpus.now_s();
+            Some((tree, gpus, t0))
+        }
+        _ => None,
+    };
     let start = Instant::now();
     let mut last = start;
     let mut next = start + o.period;
@@ -261,6 +349,14 @@ fn run(o: &Options) -> Result<()> {
             z.energy_j += watts * dt;
             let uj = (z.energy_j * 1e6) as u64 % z.range_uj;
             tree.set_energy_uj(&z.dir, uj);
+        }
+        if let Some((hwmon, gpus, t0)) = &meter {
+            // Package zones contain nothing of the DRAM zones: the node is their sum.
+            let rapl: f64 = zones.iter().map(|z| z.energy_j).sum();
+            let node = rapl
+                + gpus.energy_j(*t0, gpus.now_s())
+                + o.rest_w * now.duration_since(start).as_secs_f64();
+            hwmon.set(0, "energy1_input", (node * 1e6) as u64);
         }
         if now >= next_log {
             next_log += Duration::from_secs(10);

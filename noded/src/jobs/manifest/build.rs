@@ -251,8 +251,52 @@ pub fn build(
             start_unix_ns: start.unix_ns + (trace_start_mono - start.mono_ns),
             series,
         },
+        wall: None,
         content_hash: String::new(),
     };
     manifest.schema_version = manifest.schema_version_for();
     manifest
+}
+
+/// The manifest's `wall` section: the job's energy at the wall, when the node meter covered any
+/// of it (nothing otherwise: no meter, nothing invented).
+pub fn wall_section(
+    job: &crate::jobs::registry::Job,
+    result: Option<&crate::jobs::attributor::JobResult>,
+    meter: Option<&crate::sampler::MeterInfo>,
+    rule: crate::attribution::RestRule,
+) -> Option<ergon_protocol::manifest::WallEnergy> {
+    use ergon_protocol::manifest::{WallEnergy, WallInterval, WallMeter};
+    let (w, meter) = (result?.wall.as_ref()?, meter?);
+    let unix_of = |mono: u64| {
+        let s = &job.start;
+        if mono >= s.mono_ns {
+            s.unix_ns + (mono - s.mono_ns)
+        } else {
+            s.unix_ns.saturating_sub(s.mono_ns - mono)
+        }
+    };
+    Some(WallEnergy {
+        energy_j: w.wall_j(),
+        components_j: w.components_j,
+        rest_of_node_j: w.rest_j,
+        rule: rule.to_string(),
+        meter: WallMeter {
+            kind: meter.kind.to_string(),
+            source: meter.source.clone(),
+            resolution_s: meter.resolution_ns as f64 / 1e9,
+            accuracy_percent: meter.accuracy_percent,
+        },
+        metered_s: w.metered_ns as f64 / 1e9,
+        unmetered_s: w.unmetered_ns as f64 / 1e9,
+        disagreements: w.disagreements,
+        disagreement_intervals: w
+            .disagreement_intervals
+            .iter()
+            .map(|&(a, b)| WallInterval {
+                start_unix_ns: unix_of(a),
+                end_unix_ns: unix_of(b),
+            })
+            .collect(),
+    })
 }

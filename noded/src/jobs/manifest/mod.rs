@@ -30,7 +30,7 @@ mod sockets;
 mod span;
 
 pub use super::facts::{gpu_key, gpu_positions, match_gpus, GpuFact, MatchedBy, NodeFacts};
-pub use build::{build, UNATTRIBUTED_MODEL, UNKNOWN_UID};
+pub use build::{build, wall_section, UNATTRIBUTED_MODEL, UNKNOWN_UID};
 pub use span::{MAX_TRACE_POINTS, MIN_TRACE_BIN_NS};
 
 #[cfg(test)]

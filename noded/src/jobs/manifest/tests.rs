@@ -68,6 +68,7 @@ fn reading(s: u64) -> Reading {
         gpu_util: vec![],
         gpu_stats: vec![],
         across: None,
+        meter: None,
     }
 }
 

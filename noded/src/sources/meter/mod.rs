@@ -25,7 +25,10 @@
 //! [`MeterWorker`] reads one meter on a thread of its own and publishes its totals, which a
 //! reader copies without waiting for a read in progress.
 //!
-//! Not yet used for attribution: nothing here feeds jobs' energy or manifests.
+//! ergond reads at most one node meter ([`select`]): its [`MeterWorker`] also keeps the
+//! meter's cumulative energy as a series of [`MeterPoint`]s, which the job worker interpolates
+//! at each attribution instant (the node's energy "at the wall", split into components and the
+//! rest of the node by [`crate::jobs::attributor`]).
 
 pub mod hwmon;
 pub mod ipmi;
@@ -455,8 +458,43 @@ pub struct MeterStatus {
     pub last_reading: Option<MeterReading>,
 }
 
+/// One point of a meter's cumulative energy series: the energy integrated up to `at_ns`.
+/// Points of the same `segment` may be interpolated between (the energy between two of them is
+/// spread in proportion to time); a new segment starts after a hole, a rejected counter delta
+/// or at the first reading, and nothing is known between segments.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeterPoint {
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+    /// Cumulative energy integrated so far, J.
+    pub energy_j: f64,
+    /// Which continuous stretch of readings the point belongs to.
+    pub segment: u64,
+}
+
+/// Most points a [`MeterWorker`] keeps (at one read a second, more than an hour).
+pub const MAX_POINTS: usize = 4096;
+
+/// The cumulative energy at `at_ns`, linearly interpolated between the two points of one
+/// segment that bracket it; `None` outside the series or between segments.
+pub fn interpolate_points(points: &[MeterPoint], at_ns: u64) -> Option<f64> {
+    let i = points.partition_point(|p| p.at_ns < at_ns);
+    let after = points.get(i)?;
+    if after.at_ns == at_ns {
+        return Some(after.energy_j);
+    }
+    let before = points.get(i.checked_sub(1)?)?;
+    if before.segment != after.segment {
+        return None;
+    }
+    let f = (at_ns - before.at_ns) as f64 / (after.at_ns - before.at_ns) as f64;
+    Some(before.energy_j + f * (after.energy_j - before.energy_j))
+}
+
 struct Shared {
     status: Mutex<MeterStatus>,
+    points: Mutex<std::collections::VecDeque<MeterPoint>>,
+    published: Condvar,
     stop: AtomicBool,
     wake: Condvar,
     wake_lock: Mutex<()>,
@@ -485,6 +523,8 @@ impl MeterWorker {
                 last_error: None,
                 last_reading: None,
             }),
+            points: Mutex::new(std::collections::VecDeque::with_capacity(MAX_POINTS)),
+            published: Condvar::new(),
             stop: AtomicBool::new(false),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
@@ -493,6 +533,7 @@ impl MeterWorker {
         let name = format!("ergond-meter-{}", meter.kind());
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let mut integrator = EnergyIntegrator::new(cfg);
+            let mut segment = 0u64;
             let period_ns = period.as_nanos() as u64;
             let mut next = crate::clock::monotonic_ns();
             while !inner.stop.load(Ordering::Acquire) {
@@ -502,7 +543,40 @@ impl MeterWorker {
                     st.reads += 1;
                     match result {
                         Ok(r) => {
-                            integrator.update(r);
+                            let outcome = integrator.update(r);
+                            let energy_j = integrator.totals().energy.joules;
+                            let point = match outcome {
+                                Outcome::Delta(d) => Some((d.to_ns, false)),
+                                Outcome::Baseline | Outcome::Hole { .. } => Some((r.at_ns, true)),
+                                // A rejected counter delta: the counter starts again from the
+                                // reading, the interval it closed is unmeasured.
+                                Outcome::Rejected(why)
+                                    if matches!(r.quantity, Quantity::Energy { .. })
+                                        && why != Rejection::TimeWentBackwards =>
+                                {
+                                    Some((r.at_ns, true))
+                                }
+                                _ => None,
+                            };
+                            if let Some((at_ns, new_segment)) = point {
+                                if new_segment {
+                                    segment += 1;
+                                }
+                                let mut pts =
+                                    inner.points.lock().unwrap_or_else(|e| e.into_inner());
+                                if pts.back().is_some_and(|p| p.at_ns >= at_ns) {
+                                    // Not after the last point: cannot extend the series.
+                                } else {
+                                    if pts.len() >= MAX_POINTS {
+                                        pts.pop_front();
+                                    }
+                                    pts.push_back(MeterPoint {
+                                        at_ns,
+                                        energy_j,
+                                        segment,
+                                    });
+                                }
+                            }
                             st.totals = integrator.totals().clone();
                             st.last_reading = Some(r);
                             st.last_error = None;
@@ -513,6 +587,7 @@ impl MeterWorker {
                         }
                     }
                 }
+                inner.published.notify_all();
                 next += period_ns;
                 let now = crate::clock::monotonic_ns();
                 if next < now {
@@ -539,6 +614,45 @@ impl MeterWorker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The points of the energy series from the last one at or before `from_ns` on, into
+    /// `out` (cleared first).
+    pub fn points_since(&self, from_ns: u64, out: &mut Vec<MeterPoint>) {
+        out.clear();
+        let pts = self.shared.points.lock().unwrap_or_else(|e| e.into_inner());
+        let start = pts
+            .partition_point(|p| p.at_ns <= from_ns)
+            .saturating_sub(1);
+        out.extend(pts.range(start..).copied());
+    }
+
+    /// The instant of the newest point of the energy series.
+    pub fn newest_point_ns(&self) -> Option<u64> {
+        let pts = self.shared.points.lock().unwrap_or_else(|e| e.into_inner());
+        pts.back().map(|p| p.at_ns)
+    }
+
+    /// Wait until the energy series has a point at or after `at_ns`, at most `timeout`;
+    /// whether it has.
+    pub fn wait_for_point_at(&self, at_ns: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.newest_point_ns().is_some_and(|t| t >= at_ns) {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline || self.shared.stop.load(Ordering::Acquire) {
+                return false;
+            }
+            st = self
+                .shared
+                .published
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Stop the thread after its current read (a read in progress ends at its own timeout).
@@ -644,6 +758,34 @@ pub struct MetersConfig {
     pub redfish: Option<redfish::RedfishConfig>,
     /// The BMC over IPMI; only read when configured.
     pub ipmi: Option<ipmi::IpmiConfig>,
+    /// Which meter ergond reads for the node's energy at the wall ([`select`]).
+    #[serde(rename = "use")]
+    pub use_: MeterChoice,
+    /// The meter's stated accuracy, percent of its reading: components measured above the
+    /// meter by more than this (and 1 J) over an interval are a disagreement.
+    pub accuracy_percent: f64,
+    /// How often the meter is read, ms; 0: at its resolution (at least every 100 ms, at most
+    /// every 10 s).
+    pub read_period_ms: u64,
+}
+
+/// `[meters] use`: which node meter is read for attribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeterChoice {
+    /// The first of pm_counters, hwmon, Redfish, IPMI that opens and reads.
+    #[default]
+    Auto,
+    /// Only hwmon.
+    Hwmon,
+    /// Only pm_counters.
+    PmCounters,
+    /// Only Redfish.
+    Redfish,
+    /// Only IPMI.
+    Ipmi,
+    /// No meter: nothing at the wall.
+    None,
 }
 
 impl Default for MetersConfig {
@@ -655,6 +797,9 @@ impl Default for MetersConfig {
             pm_counters: PmCountersConfig::default(),
             redfish: None,
             ipmi: None,
+            use_: MeterChoice::Auto,
+            accuracy_percent: 5.0,
+            read_period_ms: 0,
         }
     }
 }
@@ -670,6 +815,18 @@ impl MetersConfig {
         }
         if self.max_gap_ms == 0 {
             return Err(("meters.max_gap_ms", "must be at least 1".into()));
+        }
+        if !(self.accuracy_percent.is_finite() && (0.0..=100.0).contains(&self.accuracy_percent)) {
+            return Err((
+                "meters.accuracy_percent",
+                format!("a percentage in 0..=100, not {}", self.accuracy_percent),
+            ));
+        }
+        if self.read_period_ms > 60_000 {
+            return Err((
+                "meters.read_period_ms",
+                "at most 60000 (0: the meter's resolution)".into(),
+            ));
         }
         if let Some(r) = &self.redfish {
             if r.timeout_ms == 0 || r.max_response_bytes == 0 || r.resolution_ms == 0 {
@@ -743,6 +900,8 @@ pub struct MeterDetection {
     /// Whether `why` is a problem to fix (a configured meter that fails), rather than hardware
     /// this node does not have.
     pub problem: bool,
+    /// Whether ergond would read this one for the energy at the wall (`[meters] use`).
+    pub used: bool,
 }
 
 /// Open a meter of `kind` as configured; `Ok(None)` when it is disabled or not configured.
@@ -767,10 +926,53 @@ pub fn open(cfg: &MetersConfig, kind: MeterKind) -> Result<Option<Box<dyn NodeMe
     })
 }
 
+/// The order [`MeterChoice::Auto`] tries the meters in: the most precise first (pm_counters
+/// and hwmon are local energy counters or averages; a BMC is slower and coarser).
+pub const AUTO_ORDER: [MeterKind; 4] = [
+    MeterKind::PmCounters,
+    MeterKind::Hwmon,
+    MeterKind::Redfish,
+    MeterKind::Ipmi,
+];
+
+/// Open the node meter ergond reads for attribution, as `[meters] use` says: the first of
+/// [`AUTO_ORDER`] (or the one named) that opens and reads once. Blocks for a BMC's read: call
+/// it off any async runtime. `None` (and why, for the log) when there is none.
+pub fn select(cfg: &MetersConfig) -> Result<Box<dyn NodeMeter>, String> {
+    let kinds: Vec<MeterKind> = match cfg.use_ {
+        MeterChoice::None => return Err("[meters] use = \"none\"".into()),
+        MeterChoice::Auto => AUTO_ORDER.to_vec(),
+        MeterChoice::Hwmon => vec![MeterKind::Hwmon],
+        MeterChoice::PmCounters => vec![MeterKind::PmCounters],
+        MeterChoice::Redfish => vec![MeterKind::Redfish],
+        MeterChoice::Ipmi => vec![MeterKind::Ipmi],
+    };
+    let mut why = Vec::new();
+    for kind in kinds {
+        match open(cfg, kind) {
+            Ok(Some(mut m)) => match m.read() {
+                Ok(_) => return Ok(m),
+                Err(e) => why.push(format!("{kind}: {e}")),
+            },
+            Ok(None) => why.push(format!("{kind}: not enabled or configured")),
+            Err(e) => why.push(format!("{kind}: {e}")),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// How often to read `meter`: `[meters] read_period_ms`, or its resolution within 100 ms..10 s.
+pub fn read_period(cfg: &MetersConfig, meter: &dyn NodeMeter) -> Duration {
+    if cfg.read_period_ms > 0 {
+        return Duration::from_millis(cfg.read_period_ms);
+    }
+    Duration::from_nanos(meter.resolution_ns().clamp(100_000_000, 10_000_000_000))
+}
+
 /// Open and read each kind of meter once, for `ergond check`. A Redfish read takes up to its
 /// `timeout_ms`.
 pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
-    [
+    let mut found = [
         MeterKind::Hwmon,
         MeterKind::PmCounters,
         MeterKind::Redfish,
@@ -787,6 +989,7 @@ pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
             reading: None,
             why: None,
             problem: false,
+            used: false,
         };
         let opened = open(cfg, kind);
         d.enabled = !matches!(opened, Ok(None));
@@ -828,7 +1031,28 @@ pub fn detect(cfg: &MetersConfig) -> Vec<MeterDetection> {
         }
         d
     })
-    .collect()
+    .collect::<Vec<_>>();
+    mark_used(&mut found, cfg.use_);
+    found
+}
+
+/// Mark the meter [`select`] would take: the first working one in [`AUTO_ORDER`], or the one
+/// named.
+fn mark_used(found: &mut [MeterDetection], choice: MeterChoice) {
+    let wanted = |k: MeterKind| match choice {
+        MeterChoice::Auto => true,
+        MeterChoice::None => false,
+        MeterChoice::Hwmon => k == MeterKind::Hwmon,
+        MeterChoice::PmCounters => k == MeterKind::PmCounters,
+        MeterChoice::Redfish => k == MeterKind::Redfish,
+        MeterChoice::Ipmi => k == MeterKind::Ipmi,
+    };
+    let used = AUTO_ORDER
+        .into_iter()
+        .find(|&k| wanted(k) && found.iter().any(|d| d.kind == k && d.ok));
+    for d in found.iter_mut() {
+        d.used = Some(d.kind) == used;
+    }
 }
 
 /// Read a whole small file, trimmed, naming it in the error.
@@ -1088,6 +1312,28 @@ mod tests {
             }
             proptest::prop_assert_eq!(i.totals().energy.joules, expected);
         }
+    }
+
+    #[test]
+    fn points_interpolate_within_a_segment_only() {
+        let p = |at_ns, energy_j, segment| MeterPoint {
+            at_ns,
+            energy_j,
+            segment,
+        };
+        let pts = [
+            p(0, 0.0, 1),
+            p(2 * S, 200.0, 1),
+            p(10 * S, 200.0, 2),
+            p(11 * S, 300.0, 2),
+        ];
+        // A meter interval's energy is spread in proportion to time.
+        assert_eq!(interpolate_points(&pts, S / 2), Some(50.0));
+        assert_eq!(interpolate_points(&pts, 2 * S), Some(200.0));
+        assert_eq!(interpolate_points(&pts, 10 * S + S / 10), Some(210.0));
+        // Between segments (a hole) and outside the series: unknown.
+        assert_eq!(interpolate_points(&pts, 5 * S), None);
+        assert_eq!(interpolate_points(&pts, 12 * S), None);
     }
 
     #[test]
