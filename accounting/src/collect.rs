@@ -74,6 +74,7 @@ pub fn combine(manifests: &[Manifest]) -> JobRecordFull {
             manifest_hash: m.content_hash.clone(),
             components: m.coverage.components,
             gpus_unknown: m.coverage.gpus_unknown.clone(),
+            wall: m.wall.clone(),
         })
         .collect();
     let estimates: Vec<EstimatedGap> = sorted

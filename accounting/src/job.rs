@@ -157,6 +157,10 @@ pub struct NodeSummary {
     /// Why the job's GPUs on this node are unknown, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus_unknown: Option<String>,
+    /// The job's energy at the wall on this node, from the node's meter (manifest schema 6);
+    /// absent where the node had no meter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall: Option<ergon_protocol::WallEnergy>,
 }
 
 /// One GPU's share of a job.
@@ -187,6 +191,18 @@ pub struct GpuSummary {
 }
 
 impl JobRecordFull {
+    /// The job's energy at the wall: the sum over its nodes when every node had a meter;
+    /// `None` otherwise (nothing is invented for a node without one).
+    pub fn wall_j(&self) -> Option<f64> {
+        if self.nodes.is_empty() {
+            return None;
+        }
+        self.nodes
+            .iter()
+            .map(|n| n.wall.as_ref().map(|w| w.energy_j))
+            .sum()
+    }
+
     /// Energy of the job's allocated GPUs that sat idle (ergond's idle rule); `None` when no
     /// GPU's utilisation was sampled.
     pub fn gpu_idle_j(&self) -> Option<f64> {
@@ -306,6 +322,7 @@ impl JobRecordFull {
             xid_events: self
                 .xid_events()
                 .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            wall_j: self.wall_j().map(whole),
         }
     }
 

@@ -141,6 +141,10 @@ pub const MIGRATIONS: &[&str] = &[
     // and the energy of the job's idle allocated GPUs that `ergon summary` sums.
     "ALTER TABLE jobs ADD COLUMN gpu_idle_j REAL;
     ALTER TABLE job_gpus ADD COLUMN efficiency TEXT;",
+    // 5: energy at the wall (docs/attribution.md): each node's `wall` section as JSON, and the
+    // job's wall energy when every node had a meter.
+    "ALTER TABLE jobs ADD COLUMN wall_j REAL;
+    ALTER TABLE job_nodes ADD COLUMN wall TEXT;",
 ];
 
 /// The MariaDB schema: the same versions as [`MIGRATIONS`], in MariaDB's dialect (InnoDB,
@@ -247,6 +251,10 @@ pub const MARIADB_MIGRATIONS: &[&[&str]] = &[
     &[
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS gpu_idle_j DOUBLE",
         "ALTER TABLE job_gpus ADD COLUMN IF NOT EXISTS efficiency MEDIUMTEXT",
+    ],
+    &[
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS wall_j DOUBLE",
+        "ALTER TABLE job_nodes ADD COLUMN IF NOT EXISTS wall MEDIUMTEXT",
     ],
 ];
 
@@ -736,6 +744,8 @@ pub struct RecordsDb {
     footprint: bool,
     /// Whether the schema has the GPU efficiency columns (version 4).
     efficiency: bool,
+    /// Whether the schema has the wall-energy columns (version 5).
+    wall: bool,
 }
 
 /// The first schema version with the CO2e and cost columns.
@@ -743,6 +753,9 @@ const FOOTPRINT_VERSION: u32 = 3;
 
 /// The first schema version with the GPU efficiency columns.
 const EFFICIENCY_VERSION: u32 = 4;
+
+/// The first schema version with the wall-energy columns.
+const WALL_VERSION: u32 = 5;
 
 impl std::fmt::Debug for RecordsDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -804,6 +817,7 @@ impl RecordsDb {
             backend: Mutex::new(backend),
             footprint: schema >= FOOTPRINT_VERSION,
             efficiency: schema >= EFFICIENCY_VERSION,
+            wall: schema >= WALL_VERSION,
         })
     }
 
@@ -865,6 +879,7 @@ impl RecordsDb {
             backend: Mutex::new(backend),
             footprint: schema >= FOOTPRINT_VERSION,
             efficiency: schema >= EFFICIENCY_VERSION,
+            wall: schema >= WALL_VERSION,
         })
     }
 
@@ -912,7 +927,7 @@ impl RecordsDb {
             Backend::Sqlite(conn) => (|| {
                 let mut tx = conn.transaction().map_err(sqlite_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency)?;
+                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency, self.wall)?;
                 }
                 tx.commit().map_err(sqlite_error)
             })(),
@@ -921,7 +936,7 @@ impl RecordsDb {
                     .start_transaction(mysql::TxOpts::default())
                     .map_err(mariadb_error)?;
                 for r in records {
-                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency)?;
+                    upsert_one(&mut tx, r, now, self.footprint, self.efficiency, self.wall)?;
                 }
                 tx.commit().map_err(mariadb_error)
             })(),
@@ -935,7 +950,16 @@ impl RecordsDb {
         cluster: Option<&str>,
         job_id: u32,
     ) -> Result<Vec<JobRecordFull>, RecordsError> {
-        self.with(|sql| read_jobs(sql, cluster, job_id, self.footprint, self.efficiency))
+        self.with(|sql| {
+            read_jobs(
+                sql,
+                cluster,
+                job_id,
+                self.footprint,
+                self.efficiency,
+                self.wall,
+            )
+        })
     }
 
     /// The jobs matching `filter`, newest end first.
@@ -1097,6 +1121,7 @@ fn upsert_one(
     now: i64,
     footprint: bool,
     efficiency: bool,
+    wall: bool,
 ) -> DbResult<()> {
     let d = sql.dialect();
     let lock = match d {
@@ -1178,6 +1203,16 @@ fn upsert_one(
                 ],
             )?;
         }
+        if wall {
+            sql.exec(
+                "UPDATE jobs SET wall_j = ? WHERE cluster = ? AND job_id = ?",
+                vec![
+                    r.wall_j().into(),
+                    r.cluster.as_str().into(),
+                    r.job_id.into(),
+                ],
+            )?;
+        }
     }
     for n in &r.nodes {
         let c = n.components;
@@ -1202,6 +1237,17 @@ fn upsert_one(
                 (&n.gpus_unknown).into(),
             ],
         )?;
+        if wall {
+            sql.exec(
+                "UPDATE job_nodes SET wall = ? WHERE cluster = ? AND job_id = ? AND node = ?",
+                vec![
+                    n.wall.as_ref().map(to_json).into(),
+                    r.cluster.as_str().into(),
+                    r.job_id.into(),
+                    n.node.as_str().into(),
+                ],
+            )?;
+        }
         // The node's GPUs and gaps: exactly what its manifest (the same in every record of the
         // job) says.
         for table in ["job_gpus", "job_estimates"] {
@@ -1301,6 +1347,7 @@ fn read_jobs(
     job_id: u32,
     footprint: bool,
     efficiency: bool,
+    wall: bool,
 ) -> DbResult<Vec<JobRecordFull>> {
     let footprint = if footprint { "footprint" } else { "NULL" };
     let rows = sql.query(
@@ -1355,10 +1402,13 @@ fn read_jobs(
         let key = || vec![job.cluster.as_str().into(), job.job_id.into()];
         job.nodes = sql
             .query(
-                "SELECT node, energy_j, gpu_j, cpu_j, dram_j, avg_w, peak_w, coverage,
-                    manifest_hash, has_components, coverage_gpu, coverage_cpu, coverage_dram,
-                    gpus_unknown
-                 FROM job_nodes WHERE cluster = ? AND job_id = ? ORDER BY node",
+                &format!(
+                    "SELECT node, energy_j, gpu_j, cpu_j, dram_j, avg_w, peak_w, coverage,
+                        manifest_hash, has_components, coverage_gpu, coverage_cpu, coverage_dram,
+                        gpus_unknown, {}
+                     FROM job_nodes WHERE cluster = ? AND job_id = ? ORDER BY node",
+                    if wall { "wall" } else { "NULL" }
+                ),
                 key(),
             )?
             .into_iter()
@@ -1375,6 +1425,7 @@ fn read_jobs(
                     manifest_hash: row.text(8)?,
                     components: coverage(&row, 9)?,
                     gpus_unknown: row.opt_text(13)?,
+                    wall: row.opt_text(14)?.map(|w| from_json(14, &w)).transpose()?,
                 })
             })
             .collect::<DbResult<_>>()?;

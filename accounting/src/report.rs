@@ -232,6 +232,12 @@ pub fn render_job_report(r: &JobReport) -> String {
             if !gpu_use.is_empty() {
                 out += &format!("  gpu use   {}\n", gpu_use.join(", "));
             }
+            if let Some(j) = rec.wall_j {
+                out += &format!(
+                    "  at wall   {} (components and the job's part of the rest of the node)\n",
+                    format::energy(j as f64)
+                );
+            }
         }
         None => {
             out += &format!(
@@ -276,6 +282,7 @@ pub fn render_job_report(r: &JobReport) -> String {
         if let Some(f) = &m.footprint {
             out += &crate::carbon::render(f, "    ");
         }
+        out += &wall_lines(m);
         if let Some(c) = &m.coverage_components {
             out += &format!(
                 "    coverage by component (time-weighted over the nodes):{}\n",
@@ -496,5 +503,60 @@ pub fn render_status(s: &Status) -> String {
         "dropped    {} by age, {} by size (with deliveries pending); last run skipped {} jobs that ended before the retention horizon\n",
         s.dropped_by_age, s.dropped_by_size, s.skipped_before_horizon
     );
+    out
+}
+
+/// The job's energy at the wall, from its nodes' meters: the total when every node had one, and
+/// per node what each meter gave; nothing for a job whose nodes had none.
+fn wall_lines(m: &JobRecordFull) -> String {
+    let metered: Vec<_> = m
+        .nodes
+        .iter()
+        .filter_map(|n| n.wall.as_ref().map(|w| (n, w)))
+        .collect();
+    if metered.is_empty() {
+        return String::new();
+    }
+    let mut out = match m.wall_j() {
+        Some(j) => format!(
+            "    at the wall {} = components {} + rest of node {} (node meters)\n",
+            format::energy(j),
+            format::energy(metered.iter().map(|(_, w)| w.components_j).sum()),
+            format::energy(metered.iter().map(|(_, w)| w.rest_of_node_j).sum())
+        ),
+        None => format!(
+            "    at the wall: {} of the job's {} nodes had a meter; no total (nothing is invented for the others)\n",
+            metered.len(),
+            m.nodes.len()
+        ),
+    };
+    for (n, w) in metered {
+        out += &format!(
+            "      {:<14} {} (rest of node {}, split by {}; {} {}, resolution {}{}{})\n",
+            n.node,
+            format::energy(w.energy_j),
+            format::energy(w.rest_of_node_j),
+            w.rule,
+            w.meter.kind,
+            w.meter.source,
+            format::duration(w.meter.resolution_s),
+            if w.unmetered_s > 0.0 {
+                format!(
+                    "; {} of the job not metered",
+                    format::duration(w.unmetered_s)
+                )
+            } else {
+                String::new()
+            },
+            if w.disagreements > 0 {
+                format!(
+                    "; components above the meter in {} interval(s)",
+                    w.disagreements
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     out
 }

@@ -389,6 +389,7 @@ pub fn fields(r: &JobRecordFull) -> Vec<(&'static str, f64)> {
         ("gpu_util_pct", r.gpu_util_pct()),
         ("gpu_throttle_s", r.gpu_throttle_s()),
         ("xid_events", r.xid_events().map(|n| n as f64)),
+        ("wall_j", r.wall_j()),
     ] {
         if let Some(v) = value {
             out.push((field, v));

@@ -493,3 +493,82 @@ fn gpu_efficiency_reaches_the_record_the_database_and_the_summary() {
         "{table}"
     );
 }
+
+/// A job's energy at the wall (manifest schema 6, from its nodes' meters) reaches the sacct
+/// record (`wall=`), the database and `ergon report`, summed over its nodes when every node had
+/// a meter; with one node without a meter there is no total, and nothing is invented for it.
+#[test]
+fn wall_energy_reaches_the_record_the_database_and_the_report() {
+    let s = Setup::new();
+    s.write_config("");
+    let wall = |components: f64, rest: f64| ergon_protocol::WallEnergy {
+        energy_j: components + rest,
+        components_j: components,
+        rest_of_node_j: rest,
+        rule: "allocation".into(),
+        meter: ergon_protocol::WallMeter {
+            kind: "hwmon".into(),
+            source: "/sys/class/hwmon/hwmon3 power_meter".into(),
+            resolution_s: 1.0,
+            accuracy_percent: 5.0,
+        },
+        metered_s: 100.0,
+        unmetered_s: 0.0,
+        disagreements: 0,
+        disagreement_intervals: Vec::new(),
+    };
+    let node = |job: u32, name: &str, gpu_j: f64, w: Option<ergon_protocol::WallEnergy>| {
+        let mut b = ergon_protocol::testing::ManifestBuilder::new("c1", job, name)
+            .user("alice", own_uid())
+            .ended(now_ns() - 60_000_000_000, 100)
+            .nodes(&["n1", "n2"])
+            .gpu(Some(gpu_j));
+        if let Some(w) = w {
+            b = b.wall(w);
+        }
+        b.build()
+    };
+    let both = [
+        node(60, "n1", 10_000.0, Some(wall(10_000.0, 1_500.0))),
+        node(60, "n2", 20_000.0, Some(wall(20_000.0, 2_500.0))),
+    ];
+    let one = [
+        node(61, "n1", 10_000.0, Some(wall(10_000.0, 1_500.0))),
+        node(61, "n2", 20_000.0, None),
+    ];
+    for m in both.iter().chain(&one) {
+        write_manifest(&s.spool(), m);
+    }
+    let full = combine(&both);
+    assert_eq!(full.wall_j(), Some(34_000.0));
+    assert!(
+        full.sacct_record().encode().contains(" wall=34000 h="),
+        "{}",
+        full.sacct_record().encode()
+    );
+    let partial = combine(&one);
+    assert_eq!(partial.wall_j(), None);
+    assert!(!partial.sacct_record().encode().contains("wall="));
+
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let v = report_json(&s, 60);
+    assert_eq!(v["source"], "records", "{v}");
+    assert_eq!(v["manifests"], serde_json::to_value(&full).unwrap());
+    let text = |job: &str| {
+        let out = s.ergon().args(["report", job]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let t = text("60");
+    for want in [
+        "at the wall 34.0 kJ = components 30.0 kJ + rest of node 4.00 kJ (node meters)",
+        "n2             22.5 kJ (rest of node 2.50 kJ, split by allocation; hwmon",
+    ] {
+        assert!(t.contains(want), "{want:?} missing from\n{t}");
+    }
+    let t = text("61");
+    assert!(
+        t.contains("at the wall: 1 of the job's 2 nodes had a meter; no total"),
+        "{t}"
+    );
+}

@@ -54,8 +54,8 @@ pub use manifest::{
     AttributionInfo, ComponentCoverage, Coverage, EnergyMethod, Gap, GapEstimate, GpuEfficiency,
     GpuEnergy, GpuMig, JobInfo, Manifest, ManifestError, MigInstanceRef, MigShareMethod,
     NodeContext, PowerTrace, SensorInfo, SensorKind, ShareMethod, SocketEnergy, StepEnergy,
-    ThrottleSeconds, Totals, TraceSeries, XidEvent, MANIFEST_SCHEMA_VERSION,
-    MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_EFFICIENCY,
+    ThrottleSeconds, Totals, TraceSeries, WallEnergy, WallInterval, WallMeter, XidEvent,
+    MANIFEST_SCHEMA_VERSION, MANIFEST_SCHEMA_VERSION_COVERAGE, MANIFEST_SCHEMA_VERSION_EFFICIENCY,
     MANIFEST_SCHEMA_VERSION_MAX, MANIFEST_SCHEMA_VERSION_MIG, MANIFEST_SCHEMA_VERSION_MIN,
     MANIFEST_SCHEMA_VERSION_NODES,
 };

@@ -17,7 +17,7 @@
 //! ergon1 e=<J> gpu=<J> cpu=<J> dram=<J> [other=<J>] avgw=<W> peakw=<W> ngpu=<n> nodes=<n> cov=<0.000>
 //!        [gcov=<0.000>] [ccov=<0.000>] [dcov=<0.000>] [gunk=<n>] [errj=<J>] [sluid=<id>]
 //!        [nexp=<n>] [co2g=<g>] [co2m=<0.000>] [cost=<amount>] [costm=<0.000>] [cur=<code>]
-//!        [gidle=<J>] [gutil=<0.0>] [gthr=<s>] [xid=<n>] h=<hex>
+//!        [gidle=<J>] [gutil=<0.0>] [gthr=<s>] [xid=<n>] [wall=<J>] h=<hex>
 //! ```
 //!
 //! Energies are whole joules, powers watts with one decimal, coverage a fraction with three
@@ -38,7 +38,9 @@
 //! (`gidle`, whole joules), the average SM utilisation of the job's GPUs in percent with one
 //! decimal (`gutil`, time-weighted over GPUs and nodes), the seconds their clocks were
 //! throttled, summed over GPUs and reasons, with one decimal (`gthr`), and the number of Xid
-//! errors (`xid`); each written only where some GPU reported it.
+//! errors (`xid`); each written only where some GPU reported it. The job's energy at the wall
+//! (`wall`, whole joules: its components plus its part of the rest of the node, from the node
+//! meters, manifest schema 6), written only when every node of the job had a meter.
 //! Decoding ignores keys it does not
 //! know (a later `ergon1` writer may add some, and readers from before these optional keys
 //! ignore them) and fails on a missing required key, naming it. A change that older readers
@@ -71,7 +73,7 @@ pub const HASH_PREFIX_LEN: usize = 12;
 
 /// The longest encoded record: every key present, every number at its largest (checked by a
 /// test).
-pub const MAX_ENCODED_LEN: usize = 545;
+pub const MAX_ENCODED_LEN: usize = 571;
 
 /// Throttle seconds above this are written as this.
 pub const MAX_THROTTLE_S: f64 = 1e9;
@@ -175,6 +177,9 @@ pub struct JobRecord {
     /// Xid errors on the job's GPUs (`xid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xid_events: Option<u32>,
+    /// The job's energy at the wall, whole joules (`wall`); `None`: not every node had a meter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_j: Option<u64>,
 }
 
 fn normalize_currency(c: &str) -> Option<String> {
@@ -359,6 +364,9 @@ impl JobRecord {
         if let Some(n) = r.xid_events {
             let _ = write!(out, " xid={n}");
         }
+        if let Some(j) = r.wall_j {
+            let _ = write!(out, " wall={j}");
+        }
         let _ = write!(out, " h={}", r.hash);
         out
     }
@@ -370,12 +378,12 @@ impl JobRecord {
         if tokens.next() != Some(TAG) {
             return Err(RecordError::NotErgon(text.chars().take(40).collect()));
         }
-        const KEYS: [&str; 27] = [
+        const KEYS: [&str; 28] = [
             "e", "gpu", "cpu", "dram", "other", "avgw", "peakw", "ngpu", "nodes", "cov", "h",
             "gcov", "ccov", "dcov", "gunk", "errj", "sluid", "nexp", "co2g", "co2m", "cost",
-            "costm", "cur", "gidle", "gutil", "gthr", "xid",
+            "costm", "cur", "gidle", "gutil", "gthr", "xid", "wall",
         ];
-        let mut values: [Option<&str>; 27] = [None; 27];
+        let mut values: [Option<&str>; 28] = [None; 28];
         for token in tokens {
             let (key, value) = token
                 .split_once('=')
@@ -452,6 +460,7 @@ impl JobRecord {
             gpu_util_pct: values[24].map(|v| parse_decimal(KEYS[24], v)).transpose()?,
             gpu_throttle_s: values[25].map(|v| parse_decimal(KEYS[25], v)).transpose()?,
             xid_events: values[26].map(|v| parse_int(KEYS[26], v)).transpose()?,
+            wall_j: values[27].map(|v| parse_int(KEYS[27], v)).transpose()?,
         };
         Ok(record)
     }
@@ -743,6 +752,7 @@ mod tests {
             gpu_util_pct: Some(f64::MAX),
             gpu_throttle_s: Some(f64::MAX),
             xid_events: Some(u32::MAX),
+            wall_j: Some(u64::MAX),
         };
         let text = longest.encode();
         assert!(
@@ -770,6 +780,14 @@ mod tests {
             text.contains(" gidle=412000 gutil=37.3 gthr=12.5 xid=1 h="),
             "{text}"
         );
+        let walled = JobRecord {
+            wall_j: Some(130_001),
+            ..r.clone()
+        };
+        let w = walled.encode();
+        assert!(w.contains(" xid=1 wall=130001 h="), "{w}");
+        assert_eq!(JobRecord::decode(&w), Ok(walled.normalized()));
+        assert!(!text.contains("wall="), "{text}");
         assert_eq!(JobRecord::decode(&text), Ok(r.normalized()));
         let plain = sample().encode();
         for key in ["gidle=", "gutil=", "gthr=", "xid="] {

@@ -275,6 +275,16 @@ impl ManifestBuilder {
         self
     }
 
+    /// The node's energy at the wall (manifest schema 6).
+    pub fn wall(mut self, w: crate::WallEnergy) -> Self {
+        self.m.wall = Some(w);
+        self.m.schema_version = self
+            .m
+            .schema_version
+            .max(crate::manifest::MANIFEST_SCHEMA_VERSION_EFFICIENCY);
+        self
+    }
+
     /// A GPU as given.
     pub fn gpu_entry(mut self, gpu: GpuEnergy) -> Self {
         self.m.gpus.push(gpu);
