@@ -73,7 +73,7 @@ pub use options::{
     SamplerError, SamplerOptions, DEFAULT_LATENCY_WINDOW, DEFAULT_TRACE_CAPACITY, DETECT_BUDGET,
     PROFILING_RAPL_PERIOD,
 };
+pub use shared::{STATS_CAPACITY, XID_CAPACITY};
 pub use sources::{detect_gpu_counter_period, SamplerSources, SourceProblem};
 pub use start::Sampler;
-pub use stats_thread::{STATS_CAPACITY, XID_CAPACITY};
 pub use trace::{TraceOf, TraceSample};

@@ -4,8 +4,10 @@
 use super::health::Health;
 use super::ring::Ring;
 use super::trace::TraceSample;
+use crate::gpustats::WeightedSample;
 use crate::snapshot::{GpuSnapshot, SocketSnapshot, ZoneSnapshot};
 use crate::sources::cgroup::CgroupCpu;
+use crate::sources::nvml::GpuStatsSample;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard};
 
@@ -25,6 +27,37 @@ pub(super) struct CpuPart {
     pub(super) sockets: Vec<SocketSnapshot>,
     pub(super) rapl: Option<Health>,
     pub(super) cgroup: Option<Health>,
+}
+
+/// Samples kept per GPU: at the default 100 ms, 25 s, several times the longest stretch the
+/// job worker lets pass between two attribution intervals.
+pub const STATS_CAPACITY: usize = 256;
+/// Xid events kept per GPU between two attribution intervals.
+pub const XID_CAPACITY: usize = 64;
+
+/// One GPU's statistics as the statistics thread publishes them.
+#[derive(Debug)]
+pub(super) struct GpuStatsState {
+    pub(super) samples: Ring<WeightedSample>,
+    pub(super) xids: Ring<(u64, u64)>,
+    /// Whether its Xid events are watched.
+    pub(super) xid_supported: bool,
+    /// Xid events since ergond started.
+    pub(super) xid_total: u64,
+    /// The latest sample.
+    pub(super) latest: Option<GpuStatsSample>,
+}
+
+impl GpuStatsState {
+    pub(super) fn new() -> Self {
+        Self {
+            samples: Ring::new(STATS_CAPACITY, WeightedSample::default()),
+            xids: Ring::new(XID_CAPACITY, (0, 0)),
+            xid_supported: false,
+            xid_total: 0,
+            latest: None,
+        }
+    }
 }
 
 /// One watched cgroup.
@@ -48,7 +81,7 @@ pub(super) struct Shared {
     pub(super) gpu_shared: Vec<AtomicBool>,
     pub(super) gpu: Option<Mutex<GpuPart>>,
     /// Per GPU (snapshot position): the statistics thread's samples and Xid events.
-    pub(super) gpu_stats: Option<Mutex<Vec<super::stats_thread::GpuStatsState>>>,
+    pub(super) gpu_stats: Option<Mutex<Vec<GpuStatsState>>>,
     pub(super) cpu: Option<Mutex<CpuPart>>,
     pub(super) cgroups: Mutex<Vec<Watched>>,
 }

@@ -4,43 +4,11 @@
 //! energy sampler's ticks.
 
 use super::options::SamplerOptions;
-use super::ring::Ring;
-use super::shared::{lock, Shared};
+use super::shared::{lock, Shared, XID_CAPACITY};
 use super::ticker::Ticker;
 use crate::clock::monotonic_ns;
 use crate::gpustats::{WeightedSample, MAX_WEIGHT_PERIODS};
 use crate::sources::nvml::{GpuStatsReader, GpuStatsSample};
-
-/// Samples kept per GPU: at the default 100 ms, 25 s, several times the longest stretch the
-/// job worker lets pass between two attribution intervals.
-pub const STATS_CAPACITY: usize = 256;
-/// Xid events kept per GPU between two attribution intervals.
-pub const XID_CAPACITY: usize = 64;
-
-/// One GPU's statistics as the thread publishes them.
-#[derive(Debug)]
-pub(super) struct GpuStatsState {
-    pub(super) samples: Ring<WeightedSample>,
-    pub(super) xids: Ring<(u64, u64)>,
-    /// Whether its Xid events are watched.
-    pub(super) xid_supported: bool,
-    /// Xid events since ergond started.
-    pub(super) xid_total: u64,
-    /// The latest sample.
-    pub(super) latest: Option<GpuStatsSample>,
-}
-
-impl GpuStatsState {
-    pub(super) fn new() -> Self {
-        Self {
-            samples: Ring::new(STATS_CAPACITY, WeightedSample::default()),
-            xids: Ring::new(XID_CAPACITY, (0, 0)),
-            xid_supported: false,
-            xid_total: 0,
-            latest: None,
-        }
-    }
-}
 
 /// The statistics thread.
 pub(super) fn stats_thread(reader: GpuStatsReader, opts: &SamplerOptions, shared: &Shared) {
