@@ -214,25 +214,31 @@ fn sample_u64(v: &SampleValue) -> Option<u64> {
     }
 }
 
+/// Load NVML (from `library`, or the driver's default `libnvidia-ml.so.1`) and count its GPUs.
+fn init_nvml(library: Option<&Path>) -> Result<(Nvml, u32), GpuError> {
+    let lib_name = library
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "libnvidia-ml.so.1".to_string());
+    let nvml = match library {
+        Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
+        None => Nvml::init(),
+    }
+    .map_err(|source| GpuError::Init {
+        library: lib_name,
+        source,
+    })?;
+    let count = nvml.device_count().map_err(|source| GpuError::Enumerate {
+        what: "count devices".into(),
+        source,
+    })?;
+    Ok((nvml, count))
+}
+
 impl GpuSource {
     /// Load NVML (from `library`, or the driver's default `libnvidia-ml.so.1`), enumerate the
     /// GPUs and probe each one's energy and power support.
     pub fn open(library: Option<&Path>) -> Result<Self, GpuError> {
-        let lib_name = library
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "libnvidia-ml.so.1".to_string());
-        let nvml = match library {
-            Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
-            None => Nvml::init(),
-        }
-        .map_err(|source| GpuError::Init {
-            library: lib_name,
-            source,
-        })?;
-        let count = nvml.device_count().map_err(|source| GpuError::Enumerate {
-            what: "count devices".into(),
-            source,
-        })?;
+        let (nvml, count) = init_nvml(library)?;
         let driver =
             raw::Driver::new(nvml, count).map_err(|(index, source)| GpuError::Enumerate {
                 what: format!("get device {index}"),
@@ -750,21 +756,7 @@ impl GpuStatsReader {
     /// Load NVML (as [`GpuSource::open`]) and find the GPUs `uuids` (the energy source's, in
     /// its order: position `i` here is position `i` there); probe what each reports.
     pub fn open(library: Option<&Path>, uuids: &[String]) -> Result<Self, GpuError> {
-        let lib_name = library
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "libnvidia-ml.so.1".to_string());
-        let nvml = match library {
-            Some(p) => Nvml::builder().lib_path(p.as_os_str()).init(),
-            None => Nvml::init(),
-        }
-        .map_err(|source| GpuError::Init {
-            library: lib_name,
-            source,
-        })?;
-        let count = nvml.device_count().map_err(|source| GpuError::Enumerate {
-            what: "count devices".into(),
-            source,
-        })?;
+        let (nvml, count) = init_nvml(library)?;
         let mut order = Vec::with_capacity(uuids.len());
         for want in uuids {
             let index = (0..count)
