@@ -19,6 +19,7 @@
 //! 3. **Embodied.** GPU-hours (GPUs × duration) and node-hours (nodes × duration) times the
 //!    configured factors.
 
+use ergon_protocol::format::co2e;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -1202,18 +1203,6 @@ fn fetch(url: &str, span: (u64, u64), max_step_s: u64, timeout_s: u64) -> Result
     }
     let body = resp.bytes().map_err(|e| e.to_string())?;
     parse_url_answer(&body, max_step_s).map(|(s, _)| s)
-}
-
-/// Grams of CO2e for people: `850 g`, `12.4 kg`, `3.21 t`.
-pub fn co2e(grams: f64) -> String {
-    let g = grams.abs();
-    if g >= 1e6 {
-        format!("{:.2} t", grams / 1e6)
-    } else if g >= 1e3 {
-        format!("{:.2} kg", grams / 1e3)
-    } else {
-        format!("{grams:.1} g")
-    }
 }
 
 /// A number with at most 4 decimals, trailing zeros dropped.

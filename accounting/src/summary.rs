@@ -4,8 +4,8 @@
 
 use serde::Serialize;
 
-use crate::carbon::co2e;
 use crate::records::{format_time, JobsFormat, SummaryBy, SummaryRow};
+use ergon_protocol::format::co2e;
 
 /// What the summary covers, printed with it so that a figure is never read out of its scope.
 #[derive(Debug, Clone, Serialize)]

@@ -74,6 +74,19 @@ pub fn percent(fraction: f64) -> String {
     format!("{:.1}%", fraction * 100.0)
 }
 
+/// Grams of CO2e for people: `850 g`, `12.4 kg`, `3.21 t` (the accounting's figures and the
+/// user's report's estimate alike).
+pub fn co2e(grams: f64) -> String {
+    let g = grams.abs();
+    if g >= 1e6 {
+        format!("{:.2} t", grams / 1e6)
+    } else if g >= 1e3 {
+        format!("{:.2} kg", grams / 1e3)
+    } else {
+        format!("{grams:.1} g")
+    }
+}
+
 /// A utilisation in percent, as people read it: `37 %`, `0.4 %` under 1 %.
 pub fn util_pct(pct: f64) -> String {
     if pct < 1.0 && pct > 0.0 {

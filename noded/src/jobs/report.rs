@@ -204,17 +204,6 @@ impl Factors {
     }
 }
 
-/// `850 mg`, `12.4 g`, `3.21 kg`.
-fn grams(g: f64) -> String {
-    if g < 1.0 {
-        format!("{:.0} mg", g * 1000.0)
-    } else if g < 1000.0 {
-        format!("{g:.1} g")
-    } else {
-        format!("{:.2} kg", g / 1000.0)
-    }
-}
-
 /// The report's "At the wall" line (and a note on what it does not cover or where the meter
 /// disagreed).
 fn wall_text(w: &ergon_protocol::manifest::WallEnergy) -> String {
@@ -256,7 +245,7 @@ fn estimate_text(m: &Manifest, factors: &Factors) -> Option<String> {
     let mut what = Vec::new();
     let mut how = Vec::new();
     if let (Some(g), Some(i)) = (e.co2e_g, e.co2e_g_per_kwh) {
-        what.push(format!("{} CO2e", grams(g)));
+        what.push(format!("{} CO2e", format::co2e(g)));
         how.push(format!("{i} gCO2e/kWh"));
     }
     if let (Some(c), Some(p)) = (e.cost, e.price_per_kwh) {
@@ -792,7 +781,7 @@ mod tests {
             .find(|l| l.starts_with("Footprint"))
             .unwrap_or_else(|| panic!("{t}"));
         assert!(
-            line.contains(&grams(est.co2e_g.unwrap()))
+            line.contains(&format::co2e(est.co2e_g.unwrap()))
                 && line.contains(&format!("{:.4} EUR", est.cost.unwrap()))
                 && line.contains(
                     "PUE 1.5 × 400 gCO2e/kWh, 0.2 EUR/kWh, static factors (site average 2026)"
