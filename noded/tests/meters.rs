@@ -1,22 +1,26 @@
 //! Whole-node meters: the hwmon and HPE Cray pm_counters sources against generated sysfs trees,
 //! the Redfish source against real Redfish emulators from sushy-tools (`sushy-static` serving
 //! power resources, `sushy-emulator` checking basic authentication) over HTTPS on loopback,
-//! and against a slow and an erroring BMC (small HTTP servers in this file), and the
-//! integrator that turns readings into node energy.
+//! and against a slow and an erroring BMC (small HTTP servers in this file), the IPMI source
+//! through ipmitool against OpenIPMI's `ipmi_sim` (an SDR power sensor, and DCMI's power reading
+//! from the tests' module: `ergon_testkit::ipmi_sim`), and the integrator that turns readings
+//! into node energy.
 //!
 //! sushy-tools comes from PyPI, pinned, into a virtual environment cached under the target
 //! directory (`python3 -m venv`, Debian's python3-venv); where it cannot be installed (no
 //! network, no venv module) the emulator tests say `SKIPPED` and return. Test certificates are
 //! made with the `openssl` command.
 
+use ergon_testkit::ipmi_sim::{self, IpmiSim};
 use ergon_testkit::{HwmonFixture, HwmonTree, PmCountersTree};
 use ergond::counter::{CounterEvent, Method};
 use ergond::sources::meter::hwmon::{self, HwmonMeter};
+use ergond::sources::meter::ipmi::{IpmiConfig, IpmiMeter};
 use ergond::sources::meter::pm_counters::{self, PmCountersMeter};
 use ergond::sources::meter::redfish::{load_credentials, RedfishConfig, RedfishMeter};
 use ergond::sources::meter::{
-    EnergyIntegrator, IntegratorConfig, MeterError, MeterKind, MeterWorker, NodeMeter, Outcome,
-    Quantity, Rejection,
+    EnergyIntegrator, IntegratorConfig, MeterError, MeterKind, MeterReading, MeterWorker,
+    NodeMeter, Outcome, Quantity, Rejection,
 };
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -1051,127 +1055,63 @@ fn ergond_check_describes_the_node_meters() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// IPMI: ipmitool against OpenIPMI's ipmi_sim on loopback
+// IPMI: ipmitool against OpenIPMI's ipmi_sim on loopback (ergon_testkit::ipmi_sim)
 
-/// The emulated BMC's power sensor: a Full Sensor Record (type 01) named `Node Power`, unit
-/// watts, reading = raw × 4, its raw value polled by ipmi_sim from a file every 200 ms.
-fn ipmi_sim_files(dir: &Path, port: u16) -> PathBuf {
-    std::fs::write(
-        dir.join("lan.conf"),
-        format!(
-            "name \"ergontest\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 {port}\n\
-             \x20   priv_limit admin\n    allowed_auths_callback md5\n    allowed_auths_user md5\n\
-             \x20   allowed_auths_operator md5\n    allowed_auths_admin md5\n\
-             \x20   guid a123456789abcdefa123456789abcdef\n  endlan\n\
-             user 2 true \"admin\" \"secret\" admin 10 md5\n"
-        ),
-    )
-    .unwrap();
-    let name = b"Node Power";
-    let mut body: Vec<u8> = vec![
-        0x20, 0x00, 0x01, // owner, LUN, sensor number
-        0x07, 0x01, // entity: system board 1
-        0x7f, 0x68, // initialization, capabilities
-        0x0b, 0x01, // sensor type: other units-based; reading type: threshold
-        0, 0, 0, 0, 0, 0, // event and reading masks
-        0x00, 0x06, 0x00, // unsigned; base unit watts; no modifier
-        0x00, // linear
-        0x04, 0x00, 0x00, 0x00, 0x00, // M = 4 and tolerance, B = 0 and accuracy, direction
-        0x00, 0x00, // exponents, analog flags
-        0, 0, 0, 0xff, 0x00, // nominal, normal max/min, sensor max/min
-        0, 0, 0, 0, 0, 0, // thresholds
-        0, 0, 0, 0, 0, // hysteresis, reserved, OEM
-    ];
-    body.push(0xc0 | name.len() as u8);
-    body.extend_from_slice(name);
-    let mut rec = vec![0x01, 0x00, 0x51, 0x01, body.len() as u8];
-    rec.extend(body);
-    let hex: Vec<String> = rec.iter().map(|b| format!("0x{b:02x}")).collect();
-    let power = dir.join("power_raw");
-    std::fs::write(&power, "62\n").unwrap();
-    std::fs::write(
-        dir.join("sim.emu"),
-        format!(
-            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\n\
-             sel_enable 0x20 1000 0x0a\nmain_sdr_add 0x20 {}\n\
-             sensor_add 0x20 0 1 0x0b 0x01 poll 200 file \"{}\"\nmc_enable 0x20\n",
-            hex.join(" "),
-            power.display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    power
+/// The emulated BMC, or `None` when a tool it needs is missing (said, and a failure in the full
+/// run).
+fn ipmi_sim(test: &str, dir: &Path, sensor_raw: u32, dcmi: Option<&str>) -> Option<IpmiSim> {
+    match IpmiSim::start(dir, sensor_raw, dcmi) {
+        Ok(sim) => Some(sim),
+        Err(why) => {
+            ergon_testkit::missing(test, &why.0);
+            None
+        }
+    }
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The IPMI meter's configuration for the emulated BMC over LAN.
+fn ipmi_config(sim: &IpmiSim, dir: &Path) -> IpmiConfig {
+    let mut cfg = IpmiConfig::local();
+    cfg.host = Some("127.0.0.1".into());
+    cfg.port = sim.port;
+    cfg.credentials_file = Some(write_credentials(dir, 0o600));
+    cfg.cipher_suite = Some(3);
+    cfg.timeout_ms = 5_000;
+    cfg
+}
+
+/// Read `m` until it gives `want` W (the BMC's value changes within its poll period).
+fn await_watts(m: &mut IpmiMeter, want: f64) -> MeterReading {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = m.read().unwrap();
+        if watts(r.quantity) == want {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still {:?}", r.quantity);
+    }
 }
 
 #[test]
 fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
-    use ergond::sources::meter::ipmi::{IpmiConfig, IpmiMeter};
     let test = "ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim";
     if !ergon_testkit::needs_root(test, "own the credentials file as root") {
         return;
     }
-    for tool in ["ipmi_sim", "ipmitool"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            ergon_testkit::missing(test, &format!("no {tool} (Debian: openipmi, ipmitool)"));
-            return;
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
-    let port = free_udp_port();
-    let power = ipmi_sim_files(dir.path(), port);
-    let sim = Command::new("ipmi_sim")
-        .arg("-c")
-        .arg(dir.path().join("lan.conf"))
-        .arg("-f")
-        .arg(dir.path().join("sim.emu"))
-        .arg("-s")
-        .arg(dir.path().join("state"))
-        .arg("-n")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(dir.path().join("sim.log")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("sim.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let _sim = Server(sim);
-
-    let mut cfg = IpmiConfig::local();
-    cfg.host = Some("127.0.0.1".into());
-    cfg.port = port;
-    cfg.credentials_file = Some(write_credentials(dir.path(), 0o600));
-    cfg.cipher_suite = Some(3);
-    cfg.timeout_ms = 5_000;
-
-    // No DCMI in ipmi_sim and no sensor named: the error says what to configure.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let e = loop {
-        let e = IpmiMeter::new(cfg.clone()).unwrap().read().unwrap_err();
-        // Until ipmi_sim listens, ipmitool cannot open a session at all.
-        if e.to_string().contains("Invalid command") || Instant::now() > deadline {
-            break e;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let Some(sim) = ipmi_sim(test, &dir.path().join("bmc"), 62, None) else {
+        return;
     };
+    let port = sim.port;
+    let mut cfg = ipmi_config(&sim, dir.path());
+
+    // No DCMI in plain ipmi_sim and no sensor named: the error says what to configure.
+    let e = IpmiMeter::new(cfg.clone()).unwrap().read().unwrap_err();
     let msg = e.to_string();
-    let log = || {
-        format!(
-            "{}{}",
-            std::fs::read_to_string(dir.path().join("sim.log")).unwrap_or_default(),
-            std::fs::read_to_string(dir.path().join("sim.err")).unwrap_or_default()
-        )
-    };
     assert!(
         msg.contains("Invalid command"),
         "{msg}\nipmi_sim said: {}",
-        log()
+        sim.log()
     );
     assert!(matches!(e, MeterError::NotFound(_)), "{msg}");
     assert!(
@@ -1180,23 +1120,13 @@ fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
     );
     assert!(msg.contains("`sensor`"), "{msg}");
 
-    cfg.sensor = Some("Node Power".into());
+    cfg.sensor = Some(ipmi_sim::SENSOR.into());
     let mut m = IpmiMeter::new(cfg.clone()).unwrap();
     assert_eq!(m.kind(), MeterKind::Ipmi);
-    // ipmi_sim polls the sensor's raw value from the file every 200 ms (0 until the first poll).
-    let mut await_watts = |want: f64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let r = m.read().unwrap();
-            if watts(r.quantity) == want {
-                break r;
-            }
-            assert!(Instant::now() < deadline, "still {:?}", r.quantity);
-        }
-    };
-    let r1 = await_watts(248.0); // raw 62 × M 4
-    std::fs::write(&power, "80\n").unwrap();
-    let r2 = await_watts(320.0);
+    // ipmi_sim polls the sensor's raw value from its file every 200 ms.
+    let r1 = await_watts(&mut m, 248.0); // raw 62 × M 4
+    sim.set_sensor_raw(80);
+    let r2 = await_watts(&mut m, 320.0);
     assert_eq!(
         m.source(),
         format!("ipmi 127.0.0.1:{port} sensor \"Node Power\"")
@@ -1244,4 +1174,141 @@ fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
         .to_string();
     assert!(e.contains("no answer within 700 ms"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn ipmi_dcmi_power_reading_through_ipmitool_against_ipmi_sim() {
+    let test = "ipmi_dcmi_power_reading_through_ipmitool_against_ipmi_sim";
+    if !ergon_testkit::needs_root(test, "own the credentials file as root") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(sim) = ipmi_sim(test, &dir.path().join("bmc"), 62, Some("312")) else {
+        return;
+    };
+    let port = sim.port;
+    let mut cfg = ipmi_config(&sim, dir.path());
+    // A sensor is configured too: DCMI, the BMC's own power statistic, is preferred.
+    cfg.sensor = Some(ipmi_sim::SENSOR.into());
+
+    let mut m = IpmiMeter::new(cfg.clone()).unwrap();
+    let r1 = m
+        .read()
+        .unwrap_or_else(|e| panic!("{e}\nipmi_sim said: {}", sim.log()));
+    assert_eq!(watts(r1.quantity), 312.0);
+    assert_eq!(
+        m.source(),
+        format!("ipmi 127.0.0.1:{port} DCMI power reading")
+    );
+    // `ergond check` reads it the same way, and says it is the meter in use.
+    let config = dir.path().join("ergond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "powercap_root = {:?}\n[meters]\nuse = \"ipmi\"\n[meters.ipmi]\nhost = \"127.0.0.1\"\n\
+             port = {port}\ncipher_suite = 3\ncredentials_file = {:?}\n",
+            dir.path().join("powercap"),
+            cfg.credentials_file.as_ref().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ergond"))
+        .args(["check", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let inv: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let i = inv["meters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["kind"] == "ipmi")
+        .unwrap_or_else(|| panic!("{inv}"));
+    assert_eq!(
+        (
+            i["ok"].as_bool(),
+            i["used"].as_bool(),
+            i["reading"].as_str()
+        ),
+        (Some(true), Some(true), Some("312 W")),
+        "{i}"
+    );
+
+    // The module reads its file at each request: the next reading is the new value.
+    sim.set_dcmi("450");
+    let r2 = m.read().unwrap();
+    assert_eq!(watts(r2.quantity), 450.0);
+    let mut i = integrator(m.resolution_ns());
+    i.update(r1);
+    let Outcome::Delta(d) = i.update(r2) else {
+        panic!("expected a delta")
+    };
+    // Power readings integrate by the trapezoid between the two reads.
+    let dt = (r2.at_ns - r1.at_ns) as f64 / 1e9;
+    assert!(
+        (d.joules - (312.0 + 450.0) / 2.0 * dt).abs() < 1e-6,
+        "{} J over {dt} s",
+        d.joules
+    );
+
+    // A BMC whose power reading is deactivated gives an error that says so, never 0 W.
+    sim.set_dcmi("off");
+    let e = m.read().unwrap_err();
+    assert!(matches!(e, MeterError::Format { .. }), "{e}");
+    assert!(e.to_string().contains("deactivated"), "{e}");
+
+    // A BMC that cannot read its power now (completion code 0xD5): ipmitool's reason, and on
+    // a first read the configured SDR sensor is used instead.
+    sim.set_dcmi("unavailable");
+    let e = m.read().unwrap_err().to_string();
+    assert!(e.contains("present state"), "{e}");
+    let mut fallback = IpmiMeter::new(cfg.clone()).unwrap();
+    let r = await_watts(&mut fallback, 248.0);
+    assert_eq!(watts(r.quantity), 248.0);
+    assert_eq!(
+        fallback.source(),
+        format!("ipmi 127.0.0.1:{port} sensor \"Node Power\"")
+    );
+    // Without a sensor to fall back on, the first read's error names both ways.
+    let mut no_sensor = cfg.clone();
+    no_sensor.sensor = None;
+    let e = IpmiMeter::new(no_sensor).unwrap().read().unwrap_err();
+    assert!(matches!(e, MeterError::NotFound(_)), "{e}");
+    assert!(e.to_string().contains("`sensor`"), "{e}");
+
+    // The BMC's power is back: the meter that had DCMI reads it again.
+    sim.set_dcmi("298");
+    assert_eq!(watts(m.read().unwrap().quantity), 298.0);
+}
+
+/// In-band IPMI (no `host`) goes through the kernel's IPMI device; on a machine without one
+/// (no BMC, or the ipmi_si/ipmi_devintf modules not loaded), the error says what is missing
+/// and what to do. Where /dev/ipmi0 exists the local BMC is read instead, and that must work.
+#[test]
+fn ipmi_in_band_without_a_device_says_what_to_load() {
+    let test = "ipmi_in_band_without_a_device_says_what_to_load";
+    if Command::new("ipmitool").arg("-V").output().is_err() {
+        ergon_testkit::missing(test, "no ipmitool (Debian: ipmitool)");
+        return;
+    }
+    let mut m = IpmiMeter::new(IpmiConfig::local()).unwrap();
+    assert_eq!(m.source(), "ipmi the local BMC");
+    let devices = ["/dev/ipmi0", "/dev/ipmi/0", "/dev/ipmidev/0"];
+    if devices.iter().any(|d| Path::new(d).exists()) {
+        // A real BMC: it reads (DCMI, or says how to name a sensor).
+        match m.read() {
+            Ok(r) => assert!(watts(r.quantity) > 0.0),
+            Err(e) => assert!(e.to_string().contains("`sensor`"), "{e}"),
+        }
+        return;
+    }
+    let e = m.read().unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MeterError::NotFound(_)), "{msg}");
+    assert!(msg.contains("/dev/ipmi0"), "{msg}");
+    assert!(
+        msg.contains("ipmi_si") && msg.contains("ipmi_devintf"),
+        "{msg}"
+    );
 }

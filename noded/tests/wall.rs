@@ -8,7 +8,9 @@
 //!   the node with the default weights) and by energy, with the hand-computed values;
 //! - conservation at the wall in `/metrics` (meter = components + rest − excess);
 //! - a meter below the components: disagreements flagged in the manifest and `/metrics`, rest 0;
-//! - no meter (`[meters] use = "none"`): no `wall` section.
+//! - no meter (`[meters] use = "none"`): no `wall` section;
+//! - a BMC over IPMI (OpenIPMI's ipmi_sim answering DCMI's power reading): the wall energy is
+//!   its power over the metered time.
 
 mod common;
 
@@ -96,31 +98,44 @@ struct Run {
     _ergond: Ergond,
 }
 
-/// Start ergond on a node with (or without) the scripted meter, run one job of about 2 s holding
-/// the GPU and CPU 0 (of 2), return its manifest.
-fn run(dir: &Path, script: Option<Script>, extra: &str) -> Run {
+/// The node meter of a run.
+enum Meter<'a> {
+    /// The generated hwmon meter, its energy counter following the script.
+    Scripted(Script),
+    /// The `[meters]` configuration given (a meter outside the node).
+    Configured(&'a str),
+    /// No meter (`use = "none"`).
+    None,
+}
+
+/// Start ergond on a node with `meter`, run one job of about 2 s holding the GPU and CPU 0
+/// (of 2), return its manifest.
+fn run(dir: &Path, meter: Meter, extra: &str) -> Run {
     let fake = fake_gpu();
     let hwmon = HwmonTree::create(
         &dir.join("hwmon"),
         &[HwmonFixture::new("power_meter").with("energy1_input", &format!("{:020}\n", 0))],
     );
-    let meters = match script {
-        Some(_) => format!(
-            "[meters]\nuse = \"hwmon\"\nread_period_ms = {READ_PERIOD_MS}\n\
-             [meters.hwmon]\nroot = {}\n",
-            common::toml_str(hwmon.root())
+    let (meters, script) = match meter {
+        Meter::Scripted(s) => (
+            format!(
+                "[meters]\nuse = \"hwmon\"\nread_period_ms = {READ_PERIOD_MS}\n\
+                 [meters.hwmon]\nroot = {}\n",
+                common::toml_str(hwmon.root())
+            ),
+            Some(s),
         ),
-        None => "[meters]\nuse = \"none\"\n".to_owned(),
+        Meter::Configured(c) => (c.to_owned(), None),
+        Meter::None => ("[meters]\nuse = \"none\"\n".to_owned(), None),
     };
+    let metered = !meters.contains("use = \"none\"");
     let writer = script.map(|s| Writer::start(hwmon.clone(), s));
     let ergond = start_node(dir, &fake.lib, &format!("{extra}{meters}"), "ergond.log");
     fake.wait_for_start();
-    if script.is_some() {
+    if metered {
         // The meter is read: its series has begun.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !scrape_metrics(dir)
-            .contains("ergon_node_meter_energy_joules_total{source=\"hwmon\"}")
-        {
+        while !scrape_metrics(dir).contains("ergon_node_meter_energy_joules_total{source=") {
             assert!(Instant::now() < deadline, "no meter:\n{}", ergond.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -194,7 +209,7 @@ fn wall_energy_follows_the_scripted_meter_and_the_rest_goes_to_the_job_by_energy
     let dir = tempfile::tempdir().unwrap();
     let r = run(
         dir.path(),
-        Some(SCRIPT),
+        Meter::Scripted(SCRIPT),
         "[attribution]\nrest_of_node = \"energy\"\n",
     );
     let w = r.m.wall.as_ref().expect("a wall section");
@@ -238,7 +253,7 @@ fn wall_energy_follows_the_scripted_meter_and_the_rest_goes_to_the_job_by_energy
 #[test]
 fn the_rest_is_split_by_allocation() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run(dir.path(), Some(SCRIPT), "");
+    let r = run(dir.path(), Meter::Scripted(SCRIPT), "");
     let w = r.m.wall.as_ref().expect("a wall section");
     assert_eq!(w.rule, "allocation");
     // The job holds 1 of the node's 2 CPUs and its only GPU: (1/2 + 1) / 2 = 0.75 of the rest,
@@ -267,7 +282,7 @@ fn components_above_the_meter_are_flagged_and_the_rest_is_zero() {
     // 50 W at the wall against a 100 W GPU.
     let r = run(
         dir.path(),
-        Some(Script {
+        Meter::Scripted(Script {
             low: 50.0,
             high: 50.0,
         }),
@@ -293,10 +308,68 @@ fn components_above_the_meter_are_flagged_and_the_rest_is_zero() {
 #[test]
 fn no_meter_no_wall_section() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run(dir.path(), None, "");
+    let r = run(dir.path(), Meter::None, "");
     assert!(r.m.wall.is_none());
     assert!(!r.metrics.contains("ergon_node_meter_"));
     assert!(!r.metrics.contains("ergon_wall_"));
+}
+
+/// The node's BMC over IPMI: OpenIPMI's ipmi_sim on loopback answering DCMI's power reading
+/// (a constant 300 W) to ergond's ipmitool; the job's wall energy is that power over the
+/// metered time.
+#[test]
+fn wall_energy_from_a_bmc_over_ipmi_dcmi() {
+    let test = "wall_energy_from_a_bmc_over_ipmi_dcmi";
+    if !ergon_testkit::needs_root(test, "own the BMC credentials file as root") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = match ergon_testkit::ipmi_sim::IpmiSim::start(&dir.path().join("bmc"), 0, Some("300"))
+    {
+        Ok(sim) => sim,
+        Err(why) => return ergon_testkit::missing(test, &why.0),
+    };
+    let creds = dir.path().join("bmc.toml");
+    std::fs::write(
+        &creds,
+        format!(
+            "username = \"{}\"\npassword = \"{}\"\n",
+            ergon_testkit::ipmi_sim::USER,
+            ergon_testkit::ipmi_sim::PASSWORD
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let meters = format!(
+        "[meters]\nuse = \"ipmi\"\nread_period_ms = 250\n[meters.ipmi]\nhost = \"127.0.0.1\"\n\
+         port = {}\ncipher_suite = 3\ntimeout_ms = 5000\ncredentials_file = {}\n",
+        sim.port,
+        common::toml_str(&creds)
+    );
+    let r = run(
+        dir.path(),
+        Meter::Configured(&meters),
+        "[attribution]\nrest_of_node = \"energy\"\n",
+    );
+    let w = r.m.wall.as_ref().expect("a wall section");
+    println!("{w:?}");
+    assert_eq!(w.meter.kind, "ipmi");
+    assert_eq!(
+        w.meter.source,
+        format!("ipmi 127.0.0.1:{} DCMI power reading", sim.port)
+    );
+    assert_eq!(w.meter.resolution_s, 1.0);
+    assert!(w.metered_s > 0.9 * r.m.duration_s, "{w:?}");
+    // A constant 300 W: the energy is 300 W over the metered time, whatever the read times.
+    assert!(
+        (w.energy_j - 300.0 * w.metered_s).abs() < 1.0,
+        "{} J over {} s",
+        w.energy_j,
+        w.metered_s
+    );
+    assert!((w.rest_of_node_j - (w.energy_j - w.components_j)).abs() < 1e-6);
+    assert!(metric(&r.metrics, "ergon_node_meter_power_watts{source=\"ipmi\"}") == 300.0);
 }
 
 /// A plain-HTTP Redfish BMC on loopback that takes `delay` to answer each request with

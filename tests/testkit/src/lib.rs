@@ -6,6 +6,8 @@
 //!   and for the demo's RAPL simulator;
 //! - generated whole-node meter trees ([`meters`]): hwmon power meters and HPE Cray
 //!   pm_counters;
+//! - [`ipmi_sim`]: an emulated BMC (OpenIPMI's ipmi_sim) with an SDR power sensor and, through
+//!   a module of ours, DCMI's power reading;
 //! - [`needs_root`]: the one way a test that needs root skips when it is not, visibly
 //!   ([`skipped`] for other missing prerequisites);
 //! - [`Tmpfs`]: a small filesystem to fill up or remount read-only (root only);
@@ -16,6 +18,7 @@
 
 pub mod dashboards;
 pub mod hw;
+pub mod ipmi_sim;
 pub mod meters;
 
 pub use hw::*;

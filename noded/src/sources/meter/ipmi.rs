@@ -252,6 +252,15 @@ impl IpmiMeter {
                 .filter(|l| !l.is_empty() && !l.starts_with("Unable to Get Channel Cipher Suites"))
                 .collect::<Vec<_>>()
                 .join("; ");
+            if self.cfg.host.is_none() && msg.contains("Could not open device") {
+                // In-band without the kernel's IPMI device: nothing to retry until an admin acts.
+                return Err(MeterError::NotFound(format!(
+                    "{what}: {msg}. In-band IPMI needs the kernel's IPMI device: load its \
+                     drivers (`modprobe ipmi_si ipmi_devintf`, or ipmi_ssif on some boards) on a \
+                     node with a BMC, run ergond as root, or set `host` in [meters.ipmi] to read \
+                     the BMC over the network"
+                )));
+            }
             return Err(MeterError::Request(format!("{what}: {status}: {msg}")));
         }
         Ok(stdout)
@@ -309,6 +318,8 @@ impl NodeMeter for IpmiMeter {
                     self.via = Some(Via::Dcmi);
                     w
                 }
+                // No ipmitool or no IPMI device: a sensor would not read either.
+                Err(e @ MeterError::NotFound(_)) => return Err(e),
                 Err(dcmi) if self.cfg.sensor.is_some() => {
                     let w = self
                         .read_via(Via::Sensor)
