@@ -597,6 +597,7 @@ fn job_events(job_id: u32) -> [Request; 4] {
         tasks: Some(1),
         time: Timestamp::now(),
         sluid: None,
+        job_mem_mb: None,
     };
     let step_end = StepEnd {
         cluster: None,

@@ -60,8 +60,9 @@ pub enum IdlePolicy {
 #[serde(rename_all = "snake_case")]
 pub enum RestRule {
     /// By each job's allocated share of the node, weighted per resource as Slurm's TRES billing
-    /// weights do ([`AttributionConfig::rest_cpu_weight`], [`AttributionConfig::rest_gpu_weight`]);
-    /// the unallocated share is idle.
+    /// weights do ([`AttributionConfig::rest_cpu_weight`], [`AttributionConfig::rest_gpu_weight`],
+    /// [`AttributionConfig::rest_mem_weight`]; see [`allocated_share`]); the unallocated share
+    /// is idle.
     #[default]
     Allocation,
     /// In proportion to each job's measured component energy in the interval; the part of the
@@ -91,6 +92,9 @@ pub struct AttributionConfig {
     pub rest_cpu_weight: f64,
     /// Weight of the node's GPUs in [`RestRule::Allocation`] (default 1).
     pub rest_gpu_weight: f64,
+    /// Weight of the node's memory in [`RestRule::Allocation`] (default 0: CPUs and GPUs only,
+    /// as Slurm bills by default).
+    pub rest_mem_weight: f64,
 }
 
 impl Default for AttributionConfig {
@@ -100,6 +104,7 @@ impl Default for AttributionConfig {
             rest_of_node: RestRule::default(),
             rest_cpu_weight: 1.0,
             rest_gpu_weight: 1.0,
+            rest_mem_weight: 0.0,
         }
     }
 }
@@ -155,6 +160,59 @@ impl WallBalance {
         self.excess_j += o.excess_j;
         self.disagreements += o.disagreements;
     }
+}
+
+/// What a node has, for [`allocated_share`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeResources {
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// GPUs.
+    pub gpus: usize,
+    /// Memory, MiB, when known.
+    pub memory_mib: Option<u64>,
+}
+
+/// A job's allocated share of a node, 0..=1: the weighted mean of its share of each resource,
+/// `(wc·cpus/node_cpus + wg·gpus/node_gpus + wm·mem/node_mem) / (wc + wg + wm)`. A resource
+/// the node lacks (or whose size is unknown: memory) drops out with its weight. A job whose
+/// memory Slurm did not say has its CPU share stand in for its memory share (Slurm's
+/// `DefMemPerCPU` idea). Each share is capped at 1.
+pub fn allocated_share(
+    config: &AttributionConfig,
+    node: &NodeResources,
+    cpus: usize,
+    gpus: usize,
+    memory_mib: Option<u64>,
+) -> f64 {
+    let frac = |have: f64, of: f64| (have / of).min(1.0);
+    let fc = (node.cpus > 0).then(|| frac(cpus as f64, node.cpus as f64));
+    let fg = (node.gpus > 0).then(|| frac(gpus as f64, node.gpus as f64));
+    let fm = node
+        .memory_mib
+        .filter(|&m| m > 0)
+        .map(|m| match memory_mib {
+            Some(j) => frac(j as f64, m as f64),
+            None => fc.unwrap_or(0.0),
+        });
+    let parts = [
+        (config.rest_cpu_weight, fc),
+        (config.rest_gpu_weight, fg),
+        (config.rest_mem_weight, fm),
+    ];
+    let weight: f64 = parts
+        .iter()
+        .filter(|(_, f)| f.is_some())
+        .map(|(w, _)| w)
+        .sum();
+    if weight <= 0.0 {
+        return 0.0;
+    }
+    parts
+        .iter()
+        .filter_map(|(w, f)| f.map(|f| w * f))
+        .sum::<f64>()
+        / weight
 }
 
 /// One job in [`split_rest`].

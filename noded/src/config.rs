@@ -259,7 +259,7 @@ pub struct Config {
     pub lost_job_check_s: u64,
     /// Attribution choices: `[attribution] cpu_idle = "by_allocated_cpus" | "node_idle"`, and
     /// how the rest of the node is split (`rest_of_node`, `rest_cpu_weight`,
-    /// `rest_gpu_weight`) (docs/attribution.md).
+    /// `rest_gpu_weight`, `rest_mem_weight`) (docs/attribution.md).
     pub attribution: crate::attribution::AttributionConfig,
     /// Slurm's name for this node (`NodeName`), for jobs found running at start-up before any
     /// event names it; `None`: the short host name (Slurm's default).
@@ -575,6 +575,7 @@ impl Config {
         for (key, w) in [
             ("attribution.rest_cpu_weight", a.rest_cpu_weight),
             ("attribution.rest_gpu_weight", a.rest_gpu_weight),
+            ("attribution.rest_mem_weight", a.rest_mem_weight),
         ] {
             if !(w.is_finite() && w >= 0.0) {
                 return Err(ConfigError::Invalid {
@@ -583,10 +584,11 @@ impl Config {
                 });
             }
         }
-        if a.rest_cpu_weight + a.rest_gpu_weight <= 0.0 {
+        if a.rest_cpu_weight + a.rest_gpu_weight + a.rest_mem_weight <= 0.0 {
             return Err(ConfigError::Invalid {
                 key: "attribution.rest_cpu_weight",
-                reason: "rest_cpu_weight and rest_gpu_weight cannot both be 0".into(),
+                reason: "rest_cpu_weight, rest_gpu_weight and rest_mem_weight cannot all be 0"
+                    .into(),
             });
         }
         Ok(())
@@ -600,6 +602,26 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn rest_of_node_weights_are_checked() {
+        let c = Config::parse("[attribution]\nrest_mem_weight = 0.5\n").unwrap();
+        assert_eq!(c.attribution.rest_mem_weight, 0.5);
+        assert_eq!(Config::default().attribution.rest_mem_weight, 0.0);
+        // Memory alone is a rule; nothing at all is not.
+        Config::parse(
+            "[attribution]\nrest_cpu_weight = 0\nrest_gpu_weight = 0\nrest_mem_weight = 1\n",
+        )
+        .unwrap();
+        let e = Config::parse("[attribution]\nrest_cpu_weight = 0\nrest_gpu_weight = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot all be 0"), "{e}");
+        let e = Config::parse("[attribution]\nrest_mem_weight = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attribution.rest_mem_weight"), "{e}");
     }
 
     #[test]

@@ -247,7 +247,13 @@ async fn service(config: Config, config_path: &str) -> u8 {
     tracing::info!(gpus, rapl_zones = zones, options = ?sampler.options(), "sampling");
     let tracker = match JobTracker::start(
         Arc::clone(&sampler),
-        node_facts(&sampler, sensors, &gpu_extra, socket_cpus),
+        node_facts(
+            &sampler,
+            sensors,
+            &gpu_extra,
+            socket_cpus,
+            node_memory_mib(&proc_root),
+        ),
         TrackerConfig {
             spool_dir,
             spool_layout,
@@ -415,12 +421,29 @@ struct GpuExtra {
     mig: Option<crate::sources::nvml::MigLayout>,
 }
 
+/// The node's memory (`MemTotal` of `<proc_root>/meminfo`), MiB; `None`, logged, when it cannot
+/// be read (memory then has no part in the rest-of-node allocation rule).
+fn node_memory_mib(proc_root: &std::path::Path) -> Option<u64> {
+    let path = proc_root.join("meminfo");
+    let mib = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| crate::jobs::facts::mem_total_mib(&t));
+    if mib.is_none() {
+        tracing::warn!(
+            path = %path.display(),
+            "cannot read the node's MemTotal: memory has no part in the rest-of-node allocation rule"
+        );
+    }
+    mib
+}
+
 /// GPUs and zones in the sampler's snapshot order, for the job tracker.
 fn node_facts(
     sampler: &SamplerHandle,
     sensors: Vec<SensorInfo>,
     extra: &[GpuExtra],
     sockets: Vec<(u32, ergon_protocol::CpuSet)>,
+    memory_mib: Option<u64>,
 ) -> NodeFacts {
     let snap = sampler.snapshot();
     NodeFacts {
@@ -445,6 +468,7 @@ fn node_facts(
         zones: snap.zones.iter().map(|z| z.key.clone()).collect(),
         sensors,
         sockets,
+        memory_mib,
     }
 }
 

@@ -16,12 +16,14 @@ const BY_CORES: AttributionConfig = AttributionConfig {
     rest_of_node: ergond::attribution::RestRule::Allocation,
     rest_cpu_weight: 1.0,
     rest_gpu_weight: 1.0,
+    rest_mem_weight: 0.0,
 };
 const NODE_IDLE: AttributionConfig = AttributionConfig {
     cpu_idle: IdlePolicy::NodeIdle,
     rest_of_node: ergond::attribution::RestRule::Allocation,
     rest_cpu_weight: 1.0,
     rest_gpu_weight: 1.0,
+    rest_mem_weight: 0.0,
 };
 
 fn close(a: f64, b: f64) -> bool {
@@ -798,5 +800,79 @@ proptest! {
             Err(AttributionError::NoAllocatedCpus { .. }) => prop_assert!(total_cpus == 0 && cpu_s > 0.0),
             Err(e) => prop_assert!(false, "unexpected {}", e),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rest of the node by allocation: a job's weighted share of the node
+
+#[test]
+fn allocated_share_weighs_cpus_gpus_and_memory() {
+    use ergond::attribution::{allocated_share, NodeResources};
+    let node = NodeResources {
+        cpus: 64,
+        gpus: 4,
+        memory_mib: Some(512 * 1024),
+    };
+    let mut c = AttributionConfig::default();
+    // Defaults: CPUs and GPUs weigh 1, memory 0. 16 of 64 CPUs and 2 of 4 GPUs: (0.25 + 0.5) / 2.
+    assert!(close(
+        allocated_share(&c, &node, 16, 2, Some(256 * 1024)),
+        0.375
+    ));
+    // Memory weighs in: half the node's memory. (0.25 + 0.5 + 2 × 0.5) / 4.
+    c.rest_mem_weight = 2.0;
+    assert!(close(
+        allocated_share(&c, &node, 16, 2, Some(256 * 1024)),
+        1.75 / 4.0
+    ));
+    // Memory not said: the CPU share stands in for it. (0.25 + 0.5 + 2 × 0.25) / 4.
+    assert!(close(allocated_share(&c, &node, 16, 2, None), 1.25 / 4.0));
+    // A node whose memory is unknown: memory drops out with its weight.
+    let unknown = NodeResources {
+        memory_mib: None,
+        ..node
+    };
+    assert!(close(
+        allocated_share(&c, &unknown, 16, 2, Some(256 * 1024)),
+        0.375
+    ));
+    // A node without GPUs: GPUs drop out. (0.25 + 2 × 0.5) / 3.
+    let cpu_only = NodeResources { gpus: 0, ..node };
+    assert!(close(
+        allocated_share(&c, &cpu_only, 16, 0, Some(256 * 1024)),
+        1.25 / 3.0
+    ));
+    // Memory only (CPU and GPU weights 0): exactly the memory share; more than the node: 1.
+    c.rest_cpu_weight = 0.0;
+    c.rest_gpu_weight = 0.0;
+    assert!(close(
+        allocated_share(&c, &node, 16, 2, Some(128 * 1024)),
+        0.25
+    ));
+    assert!(close(
+        allocated_share(&c, &node, 16, 2, Some(1024 * 1024)),
+        1.0
+    ));
+    // Every weight dropped out: nothing.
+    assert_eq!(allocated_share(&c, &unknown, 16, 2, None), 0.0);
+}
+
+proptest! {
+    /// Whatever the weights and allocations, a share is within 0..=1, and jobs that together
+    /// hold at most the node never hold more than all of it.
+    #[test]
+    fn allocated_shares_stay_within_the_node(
+        wc in 0.0f64..4.0, wg in 0.0f64..4.0, wm in 0.0f64..4.0,
+        split in 1usize..8,
+    ) {
+        use ergond::attribution::{allocated_share, NodeResources};
+        let c = AttributionConfig { rest_cpu_weight: wc, rest_gpu_weight: wg, rest_mem_weight: wm, ..AttributionConfig::default() };
+        let node = NodeResources { cpus: 64, gpus: 8, memory_mib: Some(64_000) };
+        let per = |n: usize| n / split;
+        let total: f64 = (0..split)
+            .map(|_| allocated_share(&c, &node, per(64), per(8), Some(64_000 / split as u64)))
+            .sum();
+        prop_assert!((0.0..=1.0 + 1e-12).contains(&total), "{total}");
     }
 }

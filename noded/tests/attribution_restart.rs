@@ -167,6 +167,7 @@ fn step_start(job_id: u32, cgroup: &str, cpus: &str) -> Request {
         tasks: Some(1),
         time: Timestamp::now(),
         sluid: None,
+        job_mem_mb: None,
     })
 }
 

@@ -118,6 +118,7 @@ fn every_ergond_dashboard_panel_returns_data_from_prometheus_scraping_ergond() {
             tasks: Some(1),
             time: Timestamp::now(),
             sluid: None,
+            job_mem_mb: None,
         }),
     ] {
         let r = common::try_request(&socket, &req).unwrap_or_else(|e| panic!("{req:?}: {e}"));

@@ -259,6 +259,7 @@ fn a_job_that_starts_while_ergond_is_down_keeps_its_gpus() {
         tasks: Some(1),
         time: Timestamp::from_unix_ns(t_start.unix_ns + 1_000_000),
         sluid: None,
+        job_mem_mb: None,
     });
     queue(
         dir.path(),

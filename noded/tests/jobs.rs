@@ -327,6 +327,7 @@ fn jobs_are_measured_refused_and_the_socket_survives_garbage() {
         tasks: Some(1),
         time: Timestamp::now(),
         sluid: None,
+        job_mem_mb: None,
     };
     let t_step0 = step_start.time;
     let (r, d) = request(&socket, &Request::StepStart(step_start));

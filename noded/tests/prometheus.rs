@@ -300,6 +300,7 @@ fn prometheus_sees_an_open_jobs_series_rise_and_go_when_it_ends() {
         tasks: Some(1),
         time: Timestamp::now(),
         sluid: None,
+        job_mem_mb: None,
     }));
     // Job 43 starts later: beyond the bound of 1, so left out while 42 runs.
     wait_for(

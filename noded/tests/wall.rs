@@ -16,7 +16,8 @@ mod common;
 
 use common::{metric, scrape_metrics, start_node, wait_manifest, Ergond, FakeNvml};
 use ergon_protocol::{
-    CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, Reply, Request, Timestamp,
+    CpuSet, GpuAlloc, JobEnd, JobIds, JobStart, Manifest, Reply, Request, StepId, StepStart,
+    Timestamp,
 };
 use ergon_testkit::{HwmonFixture, HwmonTree};
 use serde_json::json;
@@ -109,8 +110,9 @@ enum Meter<'a> {
 }
 
 /// Start ergond on a node with `meter`, run one job of about 2 s holding the GPU and CPU 0
-/// (of 2), return its manifest.
-fn run(dir: &Path, meter: Meter, extra: &str) -> Run {
+/// (of 2) and, when given, `memory_mib` of the node's 8 GiB (sent with its extern step's start,
+/// as the plugin does), return its manifest.
+fn run(dir: &Path, meter: Meter, extra: &str, memory_mib: Option<u64>) -> Run {
     let fake = fake_gpu();
     let hwmon = HwmonTree::create(
         &dir.join("hwmon"),
@@ -171,6 +173,27 @@ fn run(dir: &Path, meter: Meter, extra: &str) -> Run {
             node_list: None,
         }),
     );
+    if memory_mib.is_some() {
+        request(
+            &socket,
+            &Request::StepStart(StepStart {
+                job_id: 7,
+                array_job_id: None,
+                array_task_id: None,
+                step: StepId::Extern,
+                uid: 65534,
+                cluster: Some("c".into()),
+                node: "n1".into(),
+                cgroups: Vec::new(),
+                cpus: CpuSet::parse("0").unwrap(),
+                pid: None,
+                tasks: None,
+                time: Timestamp::now(),
+                sluid: None,
+                job_mem_mb: memory_mib,
+            }),
+        );
+    }
     std::thread::sleep(Duration::from_millis(2000));
     let (end_t, end) = (Instant::now(), Timestamp::now());
     request(
@@ -211,6 +234,7 @@ fn wall_energy_follows_the_scripted_meter_and_the_rest_goes_to_the_job_by_energy
         dir.path(),
         Meter::Scripted(SCRIPT),
         "[attribution]\nrest_of_node = \"energy\"\n",
+        None,
     );
     let w = r.m.wall.as_ref().expect("a wall section");
     println!("{w:?}, integral {}", r.integral_j);
@@ -253,7 +277,7 @@ fn wall_energy_follows_the_scripted_meter_and_the_rest_goes_to_the_job_by_energy
 #[test]
 fn the_rest_is_split_by_allocation() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run(dir.path(), Meter::Scripted(SCRIPT), "");
+    let r = run(dir.path(), Meter::Scripted(SCRIPT), "", None);
     let w = r.m.wall.as_ref().expect("a wall section");
     assert_eq!(w.rule, "allocation");
     // The job holds 1 of the node's 2 CPUs and its only GPU: (1/2 + 1) / 2 = 0.75 of the rest,
@@ -276,6 +300,29 @@ fn the_rest_is_split_by_allocation() {
     );
 }
 
+/// With a memory weight: the job holds 1 of 2 CPUs, the GPU and 2 of the node's 8 GiB (its
+/// extern step's start says so): (1 × 1/2 + 1 × 1 + 2 × 1/4) / 4 = 0.5 of the rest.
+#[test]
+fn the_rest_is_split_by_allocation_with_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run(
+        dir.path(),
+        Meter::Scripted(SCRIPT),
+        "[attribution]\nrest_mem_weight = 2.0\n",
+        Some(2048),
+    );
+    let w = r.m.wall.as_ref().expect("a wall section");
+    assert_eq!(w.rule, "allocation");
+    let node_rest = r.integral_j - w.components_j;
+    let tolerance = SCRIPT.high * READ_PERIOD_MS as f64 / 1000.0;
+    assert!(
+        (w.rest_of_node_j - 0.5 * node_rest).abs() <= tolerance,
+        "rest {} J vs 0.5 × {} J",
+        w.rest_of_node_j,
+        node_rest
+    );
+}
+
 #[test]
 fn components_above_the_meter_are_flagged_and_the_rest_is_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,6 +334,7 @@ fn components_above_the_meter_are_flagged_and_the_rest_is_zero() {
             high: 50.0,
         }),
         "",
+        None,
     );
     let w = r.m.wall.as_ref().expect("a wall section");
     assert_eq!(w.rest_of_node_j, 0.0);
@@ -308,7 +356,7 @@ fn components_above_the_meter_are_flagged_and_the_rest_is_zero() {
 #[test]
 fn no_meter_no_wall_section() {
     let dir = tempfile::tempdir().unwrap();
-    let r = run(dir.path(), Meter::None, "");
+    let r = run(dir.path(), Meter::None, "", None);
     assert!(r.m.wall.is_none());
     assert!(!r.metrics.contains("ergon_node_meter_"));
     assert!(!r.metrics.contains("ergon_wall_"));
@@ -351,6 +399,7 @@ fn wall_energy_from_a_bmc_over_ipmi_dcmi() {
         dir.path(),
         Meter::Configured(&meters),
         "[attribution]\nrest_of_node = \"energy\"\n",
+        None,
     );
     let w = r.m.wall.as_ref().expect("a wall section");
     println!("{w:?}");

@@ -137,6 +137,7 @@ fn events() -> Vec<(&'static str, Request)> {
         tasks: Some(1),
         time: Timestamp::now(),
         sluid: None,
+        job_mem_mb: None,
     };
     let step_end = StepEnd {
         cluster: None,

@@ -90,6 +90,21 @@ impl Spank {
         (rc == sys::ESPANK_SUCCESS).then_some(value)
     }
 
+    /// The job's memory allocation on this node, MiB (`S_JOB_ALLOC_MEM`, a `uint64_t`); `None`
+    /// where Slurm gives none (0) or the item is unavailable in this context.
+    pub fn job_alloc_mem_mb(&self) -> Option<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: S_JOB_ALLOC_MEM writes one uint64_t through the pointer.
+        let rc = unsafe {
+            sys::spank_get_item(
+                self.raw,
+                sys::spank_item_S_JOB_ALLOC_MEM,
+                &mut value as *mut u64,
+            )
+        };
+        (rc == sys::ESPANK_SUCCESS && value > 0).then_some(value)
+    }
+
     pub fn job_id(&self) -> Option<u32> {
         self.item_u32(sys::spank_item_S_JOB_ID)
     }

@@ -398,6 +398,7 @@ pub(crate) fn task_post_fork(spank: &Spank) {
         sluid: spank
             .getenv("SLURM_JOB_SLUID")
             .map(|s| s.to_ascii_lowercase()),
+        job_mem_mb: spank.job_alloc_mem_mb(),
     };
     let reply_wait = if step == StepId::Extern {
         SETUP_REPLY_WAIT

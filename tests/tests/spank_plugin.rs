@@ -135,6 +135,7 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
         .sbatch([
             "--energy-report",
             "--gres=gpu:2",
+            "--mem=100",
             "--time=5",
             &format!("--output={}", out.display()),
             "--wrap",
@@ -209,12 +210,16 @@ fn batch_job_with_two_gpus_sends_every_event_with_slurms_values() {
     // The batch and extern steps' CPU sets are the CPUs Slurm gave the job on this node.
     let cpu_ids = ergon_protocol::CpuSet::parse(&field("CPU_IDs").unwrap()).unwrap();
     assert!(!cpu_ids.is_empty());
+    // And their memory is the job's `--mem` on this node (S_JOB_ALLOC_MEM), for the rest-of-
+    // node allocation rule.
+    assert_eq!(field("MinMemoryNode").as_deref(), Some("100M"));
     for step in step_starts(&ev, job) {
         assert_eq!(
             step.cpus, cpu_ids,
             "step {} CPU set vs scontrol CPU_IDs",
             step.step
         );
+        assert_eq!(step.job_mem_mb, Some(100), "step {} memory", step.step);
     }
     assert_eq!(st.cluster.as_deref(), Some("ergon-dev"));
     assert_eq!(st.node, c.node);

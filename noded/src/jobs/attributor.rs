@@ -26,9 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use super::reading::Reading;
 use crate::attribution::{
-    attribute, check_conservation, cpus_per_socket, split_cpu_time, split_rest, Accumulator,
-    AttributionConfig, GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare, MigInstance,
-    NodeBalance, RestJob, SocketInterval, SocketJob, SocketShare, WallBalance,
+    allocated_share, attribute, check_conservation, cpus_per_socket, split_cpu_time, split_rest,
+    Accumulator, AttributionConfig, GpuHolder, GpuInterval, GpuUsage, IntervalInputs, JobShare,
+    MigInstance, NodeBalance, NodeResources, RestJob, SocketInterval, SocketJob, SocketShare,
+    WallBalance,
 };
 use crate::counter::Support;
 use crate::gpustats::GpuJobStats;
@@ -90,6 +91,9 @@ pub struct Member {
     pub mig: Vec<(usize, u32)>,
     /// Its allocated CPUs (may be empty: then its CPU time is spread by socket size).
     pub cpus: CpuSet,
+    /// Its memory allocation on this node, MiB, when Slurm said.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
     /// Its steps' watched cgroups.
     pub cgroups: BTreeSet<String>,
     /// The node's balance when it started (its interval's node figures are the difference).
@@ -219,6 +223,9 @@ pub struct Attributor {
     /// The node meter's accuracy, a fraction of its reading.
     #[serde(default)]
     meter_accuracy: f64,
+    /// The node's memory, MiB, when known (the memory part of the rest-of-node allocation).
+    #[serde(default)]
+    node_memory_mib: Option<u64>,
 }
 
 fn balance_sub(a: &NodeBalance, b: &NodeBalance) -> NodeBalance {
@@ -285,6 +292,7 @@ impl Attributor {
             stats: AttributorStats::default(),
             wall: WallBalance::default(),
             meter_accuracy: 0.05,
+            node_memory_mib: facts.memory_mib,
         }
     }
 
@@ -499,43 +507,24 @@ impl Attributor {
                 return;
             }
         };
-        let node_cpus: usize = self.sockets.iter().map(|s| s.cpus.len()).sum();
-        let node_gpus = self.gpu_minors.len();
-        let (wc, wg) = (
-            if node_cpus > 0 {
-                self.config.rest_cpu_weight
-            } else {
-                0.0
-            },
-            if node_gpus > 0 {
-                self.config.rest_gpu_weight
-            } else {
-                0.0
-            },
-        );
+        let node = NodeResources {
+            cpus: self.sockets.iter().map(|s| s.cpus.len()).sum(),
+            gpus: self.gpu_minors.len(),
+            memory_mib: self.node_memory_mib,
+        };
         let jobs: Vec<RestJob<u32>> = self
             .members
             .iter()
-            .map(|(&job, m)| {
-                let fc = if node_cpus > 0 {
-                    m.cpus.len() as f64 / node_cpus as f64
-                } else {
-                    0.0
-                };
-                let fg = if node_gpus > 0 {
-                    m.gpus.len() as f64 / node_gpus as f64
-                } else {
-                    0.0
-                };
-                RestJob {
-                    job,
-                    allocation: if wc + wg > 0.0 {
-                        (wc * fc + wg * fg) / (wc + wg)
-                    } else {
-                        0.0
-                    },
-                    energy_j: out.jobs.get(&job).map_or(0.0, JobShare::total_j),
-                }
+            .map(|(&job, m)| RestJob {
+                job,
+                allocation: allocated_share(
+                    &self.config,
+                    &node,
+                    m.cpus.len(),
+                    m.gpus.len(),
+                    m.memory_mib,
+                ),
+                energy_j: out.jobs.get(&job).map_or(0.0, JobShare::total_j),
             })
             .collect();
         let split = split_rest(
@@ -770,6 +759,7 @@ impl Attributor {
             gpus: Vec::new(),
             mig: Vec::new(),
             cpus: CpuSet::new(),
+            memory_mib: None,
             cgroups: BTreeSet::new(),
             node_at_start: node,
             step_marks: BTreeMap::new(),
@@ -856,12 +846,15 @@ impl Attributor {
         m.mig = mig;
     }
 
-    /// Set an open job's CPUs from the registry's latest view (the extern step's set replaces
-    /// a first step's).
-    pub fn set_cpus(&mut self, job_id: u32, cpus: CpuSet) {
+    /// Set an open job's CPUs and memory from the registry's latest view (the extern step's
+    /// set replaces a first step's); what the registry does not know is left as it was.
+    pub fn set_allocation(&mut self, job_id: u32, cpus: CpuSet, memory_mib: Option<u64>) {
         if let Some(m) = self.members.get_mut(&job_id) {
             if !cpus.is_empty() {
                 m.cpus = cpus;
+            }
+            if memory_mib.is_some() {
+                m.memory_mib = memory_mib;
             }
         }
     }
@@ -946,6 +939,7 @@ mod tests {
                 (1, CpuSet::parse("4-7").unwrap()),
             ],
             sensors: Vec::new(),
+            memory_mib: Some(64 * 1024),
         }
     }
 

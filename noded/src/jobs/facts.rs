@@ -35,6 +35,16 @@ pub struct NodeFacts {
     pub sensors: Vec<SensorInfo>,
     /// CPU sockets and their logical CPUs (from `/sys/devices/system/cpu`).
     pub sockets: Vec<(u32, ergon_protocol::CpuSet)>,
+    /// The node's memory, MiB (`MemTotal` in `/proc/meminfo`), when it could be read.
+    pub memory_mib: Option<u64>,
+}
+
+/// `MemTotal` of a `/proc/meminfo` text, MiB.
+pub fn mem_total_mib(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let mut words = line.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB") && kib > 0).then_some(kib / 1024)
 }
 
 /// How an allocated GPU was matched to an NVML device.
@@ -89,4 +99,19 @@ pub fn gpu_positions(allocs: &[GpuAlloc], gpus: &[GpuFact]) -> (Vec<usize>, Vec<
 /// minor, or 1,000,000 + its NVML index when it has none.
 pub fn gpu_key(g: &GpuFact) -> u32 {
     g.minor.unwrap_or(1_000_000 + g.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mem_total_mib;
+
+    #[test]
+    fn mem_total_is_read_in_mib() {
+        let meminfo = "MemTotal:       24684544 kB\nMemFree:         6375936 kB\n";
+        assert_eq!(mem_total_mib(meminfo), Some(24106));
+        assert_eq!(mem_total_mib("MemFree: 1 kB\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: lots\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: 1024 MB\n"), None);
+        assert_eq!(mem_total_mib("MemTotal: 0 kB\n"), None);
+    }
 }

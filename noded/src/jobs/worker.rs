@@ -250,6 +250,7 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
         gpus: Vec<usize>,
         mig: Vec<(usize, u32)>,
         cpus: ergon_protocol::CpuSet,
+        memory_mib: Option<u64>,
         path: Option<String>,
     }
     let info = {
@@ -260,6 +261,7 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
                 gpus,
                 mig,
                 cpus: job.cpus.clone(),
+                memory_mib: job.memory_mib,
                 path: match mark {
                     Mark::StepStart(s) | Mark::StepEnd(s) => {
                         job.step(s).and_then(|s| s.watched.clone())
@@ -298,7 +300,7 @@ fn read_for_event(inner: &Inner, job_id: u32, mark: Mark, at: EventTime, st: &mu
             (Mark::StepStart(step), Some(i)) => {
                 let baseline = i.path.as_deref().and_then(|p| reading.cgroup_ns(p));
                 att.step_start(job_id, step, i.path.as_deref(), baseline);
-                att.set_cpus(job_id, i.cpus.clone());
+                att.set_allocation(job_id, i.cpus.clone(), i.memory_mib);
             }
             (Mark::StepEnd(step), Some(i)) => {
                 att.step_end(job_id, step, i.path.as_deref());

@@ -123,6 +123,12 @@ pub fn write_node(
     write_cpu_topology(&sys, &[(0, 0, 0), (1, 0, 0)]);
     let proc_root = dir.join("proc");
     write_proc_stat(&proc_root, &[(0, [10, 0, 5, 100, 0, 0, 0, 0]); 2]);
+    // An 8 GiB node.
+    std::fs::write(
+        proc_root.join("meminfo"),
+        "MemTotal:        8388608 kB\nMemFree:         4194304 kB\n",
+    )
+    .unwrap();
     let cgroup = dir.join("cgroup");
     write_cgroup_v2_usage(&cgroup, cgroup_rel, usage_usec);
     let config = dir.join("ergond.toml");

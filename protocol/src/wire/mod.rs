@@ -331,6 +331,11 @@ pub struct StepStart {
     /// environment. Absent from older plugins' frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sluid: Option<String>,
+    /// The job's memory allocation on this node, MiB (Slurm's `S_JOB_ALLOC_MEM`: `--mem`, or
+    /// `--mem-per-cpu` × its CPUs here). Absent when Slurm gives none (0) and from older
+    /// plugins' frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_mem_mb: Option<u64>,
 }
 
 /// A step has ended on this node.

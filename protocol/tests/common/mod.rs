@@ -169,6 +169,7 @@ pub fn step_start() -> impl Strategy<Value = StepStart> {
                 tasks,
                 time,
                 sluid: None,
+                job_mem_mb: None,
             },
         )
 }

@@ -46,6 +46,7 @@ fn facts() -> NodeFacts {
             detail: "3 GPUs".into(),
         }],
         sockets: vec![(0, CpuSet::parse("0-3").unwrap())],
+        memory_mib: None,
     }
 }
 
@@ -128,6 +129,7 @@ fn ended_job(gpus: Vec<GpuAlloc>) -> Job {
         tasks: None,
         time: Timestamp::default(),
         sluid: None,
+        job_mem_mb: None,
     };
     r.step_start(&step, at(2)).unwrap();
     let end = JobEnd {

@@ -172,6 +172,9 @@ impl JobRegistry {
         if (m.step == StepId::Extern || job.cpus.is_empty()) && !m.cpus.is_empty() {
             job.cpus = m.cpus.clone();
         }
+        if (m.step == StepId::Extern || job.memory_mib.is_none()) && m.job_mem_mb.is_some() {
+            job.memory_mib = m.job_mem_mb;
+        }
         if job
             .steps
             .iter()

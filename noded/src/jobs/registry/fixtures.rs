@@ -66,6 +66,7 @@ pub(super) fn step_start(id: u32, step: StepId) -> StepStart {
         tasks: None,
         time: Timestamp::default(),
         sluid: None,
+        job_mem_mb: None,
     }
 }
 

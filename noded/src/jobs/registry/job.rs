@@ -63,6 +63,10 @@ pub struct Job {
     pub gpus: Vec<GpuAlloc>,
     /// CPUs allocated (JobStart, else the extern step's set).
     pub cpus: CpuSet,
+    /// Memory allocated on this node, MiB (the extern step's StepStart, else the first step's
+    /// that says), when Slurm said.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
     /// Report requested.
     pub report: Option<ReportFormat>,
     /// Working directory.
@@ -119,6 +123,7 @@ impl Job {
             node: node.to_owned(),
             gpus: Vec::new(),
             cpus: CpuSet::new(),
+            memory_mib: None,
             report: None,
             work_dir: None,
             stdout_path: None,
