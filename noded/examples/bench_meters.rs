@@ -10,6 +10,15 @@
 //! RAPL lateness p99 of each round come from the sampler's own health window (sized to hold every
 //! tick of a round). Reports the median p99 of each side and their ratio (with / without).
 //!
+//! Then, as root where OpenIPMI's `ipmi_sim` and `ipmitool` are installed, what an IPMI meter
+//! costs the node: alternating rounds without a meter, with the IPMI meter running one ipmitool
+//! per read (`session = false`), and with its default session (one `ipmitool shell` kept open),
+//! reading an emulated BMC's DCMI power each second (`ergon_testkit::ipmi_sim`, over RMCP+ on
+//! loopback), measuring this process's CPU time and its reaped children's (the emulated BMC is
+//! not counted: it stands for the BMC, not the node). A session's ipmitool is reaped only when
+//! its round ends, so its CPU is counted then. Reports each side's CPU, the CPU per read above
+//! the rounds without a meter, and the ratio session / per-read.
+//!
 //! Writes one JSON object per line to `--json` and prints a table.
 
 use ergon_testkit::{
@@ -130,7 +139,36 @@ fn build_node(fake_nvml: &Path, dir: &Path) -> Config {
     }
 }
 
-/// One round: lateness p99 (µs) of `gpu` and `rapl`, and the meter's reads when there is one.
+/// CPU time (user + system) of this process and of its reaped children so far, seconds.
+fn cpu_s() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    [UsageWho::RUSAGE_SELF, UsageWho::RUSAGE_CHILDREN]
+        .into_iter()
+        .map(|who| {
+            let u = getrusage(who).expect("getrusage");
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .sum()
+}
+
+/// This process's children named ipmitool, zombies included (not reaped yet).
+fn ipmitool_children() -> usize {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.split_once(") ").is_some_and(|(comm, rest)| {
+                comm.ends_with("(ipmitool") && rest.split_whitespace().nth(1) == Some(me.as_str())
+            })
+        })
+        .count()
+}
+
+/// One round: lateness p99 (µs) of `gpu` and `rapl`, the meter's reads when there is one, and
+/// the CPU time spent over the measured seconds.
 fn round(config: &Config, meter: Option<Box<dyn NodeMeter>>, seconds: f64) -> Value {
     let (sources, problems) = SamplerSources::open(config);
     assert!(problems.is_empty(), "{problems:?}");
@@ -141,7 +179,9 @@ fn round(config: &Config, meter: Option<Box<dyn NodeMeter>>, seconds: f64) -> Va
     if let Some(m) = meter {
         h.attach_meter(NodeMeterHandle::start(m, &MetersConfig::default()).unwrap());
     }
-    std::thread::sleep(Duration::from_secs_f64(1.0 + seconds));
+    std::thread::sleep(Duration::from_secs(1));
+    let (cpu0, reads0) = (cpu_s(), h.snapshot().meter.as_ref().map_or(0, |m| m.reads));
+    std::thread::sleep(Duration::from_secs_f64(seconds));
     let s = h.snapshot();
     let p99 = |src: &str| {
         s.samplers
@@ -154,8 +194,18 @@ fn round(config: &Config, meter: Option<Box<dyn NodeMeter>>, seconds: f64) -> Va
         "gpu_lateness_p99_us": p99("gpu"),
         "rapl_lateness_p99_us": p99("rapl"),
         "meter_reads": s.meter.as_ref().map(|m| m.reads),
+        "measured_reads": s.meter.as_ref().map(|m| m.reads - reads0),
     });
+    // After the sampler and its meter are gone: a session's ipmitool is reaped (and its CPU
+    // counted) only then.
     drop(h);
+    // The meter's thread drops it (and reaps its ipmitool) after its current read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while ipmitool_children() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut out = out;
+    out["cpu_s"] = json!(cpu_s() - cpu0);
     out
 }
 
@@ -244,9 +294,109 @@ fn main() {
         summary[format!("{src}_lateness_p99_ratio")] = json!(ratio);
     }
     summary["rounds_detail"] = json!(rows);
+    summary["ipmi"] = ipmi_cost(&config, dir.path(), seconds, rounds, root);
     if let Some(p) = json_path {
         let mut f = std::fs::File::create(&p).unwrap();
         writeln!(f, "{summary}").unwrap();
         println!("\nresults: {}", p.display());
     }
+}
+
+/// The IPMI meter's cost to the node: CPU with and without it (see the module documentation).
+fn ipmi_cost(config: &Config, dir: &Path, seconds: f64, rounds: usize, root: bool) -> Value {
+    use ergon_testkit::ipmi_sim::{IpmiSim, PASSWORD, USER};
+    use ergond::sources::meter::ipmi::{IpmiConfig, IpmiMeter};
+    if !root {
+        println!(
+            "\nIPMI cost: not measured (the BMC credentials file must be root's: run as root)"
+        );
+        return json!({"skipped": "not root"});
+    }
+    let sim = match IpmiSim::start(&dir.join("bmc"), 0, Some("800")) {
+        Ok(sim) => sim,
+        Err(why) => {
+            println!("\nIPMI cost: not measured ({})", why.0);
+            return json!({"skipped": why.0});
+        }
+    };
+    let creds = dir.join("ipmi.toml");
+    std::fs::write(
+        &creds,
+        format!("username = \"{USER}\"\npassword = \"{PASSWORD}\"\n"),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut cfg = IpmiConfig::local();
+    cfg.host = Some("127.0.0.1".into());
+    cfg.port = sim.port;
+    cfg.credentials_file = Some(creds);
+    cfg.cipher_suite = Some(3);
+    // Three sides per round, alternating: no meter, one ipmitool per read, one session.
+    const SIDES: [&str; 3] = ["none", "per-read", "session"];
+    let mut rows = Vec::new();
+    for r in 0..rounds {
+        for side in SIDES {
+            let meter: Option<Box<dyn NodeMeter>> = (side != "none").then(|| {
+                let mut c = cfg.clone();
+                c.session = side == "session";
+                Box::new(IpmiMeter::new(c).unwrap()) as Box<dyn NodeMeter>
+            });
+            let mut v = round(config, meter, seconds);
+            v["ipmitool"] = json!(side);
+            eprintln!("IPMI round {r}: {v}");
+            rows.push(v);
+        }
+    }
+    let of = |side: &str| {
+        rows.iter()
+            .filter(|v| v["ipmitool"] == side)
+            .collect::<Vec<_>>()
+            .into_iter()
+    };
+    let cores = |side: &str| {
+        median(
+            of(side)
+                .map(|v| v["cpu_s"].as_f64().unwrap_or(f64::NAN) / seconds)
+                .collect(),
+        )
+    };
+    let cpu_total = |side: &str| {
+        of(side)
+            .map(|v| v["cpu_s"].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let reads = |side: &str| {
+        of(side)
+            .filter_map(|v| v["measured_reads"].as_u64())
+            .sum::<u64>()
+    };
+    // Per read: the CPU above the rounds without a meter, over the reads.
+    let per_read_ms = |side: &str| (cpu_total(side) - cpu_total("none")) / reads(side) as f64 * 1e3;
+    println!(
+        "\nIPMI meter (DCMI via ipmitool, ipmi_sim on loopback, one read per second):\n\
+         {:<10} {:>14} {:>8} {:>14}",
+        "ipmitool", "CPU (cores)", "reads", "CPU/read ms"
+    );
+    let mut out = json!({"rounds_detail": rows.clone()});
+    for side in SIDES {
+        let (c, n) = (cores(side), reads(side));
+        let per = if side == "none" {
+            f64::NAN
+        } else {
+            per_read_ms(side)
+        };
+        println!("{side:<10} {c:>14.4} {n:>8} {per:>14.2}");
+        out[format!("cpu_cores_{side}")] = json!(c);
+        out[format!("reads_{side}")] = json!(n);
+        if side != "none" {
+            out[format!("cpu_per_read_ms_{side}")] = json!(per);
+        }
+    }
+    let ratio = per_read_ms("session") / per_read_ms("per-read");
+    println!("CPU per read, session / per-read: {ratio:.3}");
+    out["cpu_per_read_ratio_session_to_per_read"] = json!(ratio);
+    out
 }

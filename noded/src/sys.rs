@@ -1,11 +1,15 @@
-//! The two system calls ergond makes that neither std nor nix wraps safely, and the only
+//! The three system calls ergond makes that neither std nor nix wraps safely, and the only
 //! `unsafe` code of ergond outside NVML's raw handles (`sources::nvml`, module `raw`). Every
 //! other call goes through std or nix.
 //!
 //! - [`perf_event_open`]: a RAPL counter of the perf `power` PMU (libc has no wrapper; the
 //!   attribute struct's layout is the kernel ABI, so it lives here with the call);
 //! - [`thread_cpu_ns`]: the CPU time of another thread of this process (its
-//!   `pthread_getcpuclockid` clock), for the sampler's own-overhead metrics.
+//!   `pthread_getcpuclockid` clock), for the sampler's own-overhead metrics;
+//! - [`die_with_parent`]: a child that gets SIGKILL when the thread that started it ends
+//!   (`prctl(PR_SET_PDEATHSIG)` between fork and exec, which std only offers as an unsafe hook),
+//!   for the IPMI meter's long-lived `ipmitool shell`, which would otherwise outlive a killed
+//!   ergond and spin on its closed input.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -74,4 +78,25 @@ pub fn thread_cpu_ns(thread: libc::pthread_t) -> Option<u64> {
     }
     let ts = ClockId::from_raw(clock).now().ok()?;
     Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+}
+
+/// Make the child `cmd` starts get SIGKILL when the thread that spawns it ends (its parent
+/// dying, a crash or `kill -9` of ergond included), and exit at once if that happened before
+/// the request took effect.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the hook runs in the child between fork and exec and calls only prctl, getppid
+    // and _exit, which are async-signal-safe; it touches no memory but its copied integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }

@@ -1282,6 +1282,92 @@ fn ipmi_dcmi_power_reading_through_ipmitool_against_ipmi_sim() {
     assert_eq!(watts(m.read().unwrap().quantity), 298.0);
 }
 
+/// One `ipmitool shell`, one BMC session, for every read (by default); a failed read closes it
+/// and the next opens another; a BMC reboot loses the session, and the meter reads again
+/// through a new one. With `session = false`, one ipmitool per read, the same readings.
+#[test]
+fn ipmi_session_is_kept_between_reads_and_reopened_after_a_bmc_restart() {
+    let test = "ipmi_session_is_kept_between_reads_and_reopened_after_a_bmc_restart";
+    if !ergon_testkit::needs_root(test, "own the credentials file as root") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut sim) = ipmi_sim(test, &dir.path().join("bmc"), 62, Some("500")) else {
+        return;
+    };
+    let cfg = ipmi_config(&sim, dir.path());
+    assert!(cfg.session, "sessions are the default");
+    let mut m = IpmiMeter::new(cfg.clone()).unwrap();
+    assert_eq!(m.session_pid(), None);
+    assert_eq!(watts(m.read().unwrap().quantity), 500.0);
+    let pid = m.session_pid().expect("a session is open");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "ipmitool");
+    for w in [510, 520, 530, 540] {
+        sim.set_dcmi(&w.to_string());
+        assert_eq!(watts(m.read().unwrap().quantity), w as f64);
+        assert_eq!(
+            m.session_pid(),
+            Some(pid),
+            "the same session for every read"
+        );
+    }
+
+    // A failed read (the BMC cannot read its power now) closes the session: its ipmitool is
+    // gone (killed and reaped), and the next read opens another.
+    sim.set_dcmi("unavailable");
+    assert!(m.read().is_err());
+    assert_eq!(m.session_pid(), None);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "ipmitool {pid} left behind"
+    );
+    sim.set_dcmi("550");
+    assert_eq!(watts(m.read().unwrap().quantity), 550.0);
+    let pid2 = m.session_pid().expect("a new session");
+    assert_ne!(pid2, pid);
+
+    // The BMC reboots: its sessions are gone. Reads fail while the old session is used, then
+    // a new session reads again.
+    sim.restart();
+    sim.set_dcmi("560");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = 0;
+    loop {
+        match m.read() {
+            Ok(r) => {
+                assert_eq!(watts(r.quantity), 560.0);
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "no reading after the restart: {e}"
+                );
+            }
+        }
+    }
+    println!("{failures} failed read(s) after the BMC restart");
+    assert_ne!(
+        m.session_pid(),
+        Some(pid2),
+        "a new session after the restart"
+    );
+
+    // One ipmitool per read: the same readings, no session left open.
+    let mut one_shot = cfg.clone();
+    one_shot.session = false;
+    one_shot.sensor = Some(ipmi_sim::SENSOR.into());
+    let mut m = IpmiMeter::new(one_shot.clone()).unwrap();
+    assert_eq!(watts(m.read().unwrap().quantity), 560.0);
+    assert_eq!(m.session_pid(), None);
+    sim.set_dcmi("unavailable");
+    let mut fallback = IpmiMeter::new(one_shot).unwrap();
+    assert_eq!(watts(await_watts(&mut fallback, 248.0).quantity), 248.0);
+    assert_eq!(fallback.session_pid(), None);
+}
+
 /// In-band IPMI (no `host`) goes through the kernel's IPMI device; on a machine without one
 /// (no BMC, or the ipmi_si/ipmi_devintf modules not loaded), the error says what is missing
 /// and what to do. Where /dev/ipmi0 exists the local BMC is read instead, and that must work.

@@ -667,3 +667,95 @@ fn a_hung_bmc_does_not_hold_job_events_back() {
     assert!(m.wall.is_none(), "{:?}", m.wall);
     stop.store(true, Ordering::Relaxed);
 }
+
+/// The IPMI meter's `ipmitool shell` (its session with the BMC) is ergond's child; when ergond
+/// is killed (`kill -9`, no destructor runs), it must not live on: it would spin on its closed
+/// input. It dies with ergond's meter thread.
+#[test]
+fn a_killed_ergond_leaves_no_ipmitool_behind() {
+    let test = "a_killed_ergond_leaves_no_ipmitool_behind";
+    if !ergon_testkit::needs_root(test, "own the BMC credentials file as root") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = match ergon_testkit::ipmi_sim::IpmiSim::start(&dir.path().join("bmc"), 0, Some("300"))
+    {
+        Ok(sim) => sim,
+        Err(why) => return ergon_testkit::missing(test, &why.0),
+    };
+    let creds = dir.path().join("bmc.toml");
+    std::fs::write(
+        &creds,
+        format!(
+            "username = \"{}\"\npassword = \"{}\"\n",
+            ergon_testkit::ipmi_sim::USER,
+            ergon_testkit::ipmi_sim::PASSWORD
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fake = fake_gpu();
+    let mut ergond = start_node(
+        dir.path(),
+        &fake.lib,
+        &format!(
+            "[meters]\nuse = \"ipmi\"\n[meters.ipmi]\nhost = \"127.0.0.1\"\nport = {}\n\
+             cipher_suite = 3\ntimeout_ms = 5000\ncredentials_file = {}\n",
+            sim.port,
+            common::toml_str(&creds)
+        ),
+        "ergond.log",
+    );
+    // ergond's children named ipmitool, and whether each is still alive (not a zombie).
+    let children = |ppid: u32| -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                let Some((comm, rest)) = stat.split_once(") ") else {
+                    return false;
+                };
+                let mut f = rest.split_whitespace();
+                let (state, parent) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+                comm.ends_with("(ipmitool") && state != Some("Z") && parent == Some(ppid)
+            })
+            .collect()
+    };
+    let pid = ergond.child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let shell = loop {
+        if let [one] = children(pid)[..] {
+            break one;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ipmitool session:\n{}",
+            ergond.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The session stays the same process while ergond reads through it.
+    let before = metric(
+        &scrape_metrics(dir.path()),
+        "ergon_node_meter_power_watts{source=\"ipmi\"}",
+    );
+    assert_eq!(before, 300.0);
+    ergond.child.kill().unwrap();
+    ergond.child.wait().unwrap();
+    let alive = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| s.split_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(shell) {
+        assert!(
+            Instant::now() < deadline,
+            "ipmitool {shell} outlived the killed ergond"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

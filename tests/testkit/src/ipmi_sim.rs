@@ -208,7 +208,29 @@ impl IpmiSim {
             ),
         )
         .expect("write sim.emu");
-        let child = Command::new("ipmi_sim")
+        let child = Self::spawn(dir);
+        let mut sim = Self {
+            child,
+            dir: dir.to_path_buf(),
+            port,
+            sensor_raw: raw,
+            dcmi_watts: dcmi.map(|(_, f)| f),
+        };
+        sim.await_answer();
+        Ok(sim)
+    }
+
+    /// Stop it and start it again on the same port with the same files (a BMC reboot: every
+    /// session it had is gone).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.dir);
+        self.await_answer();
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new("ipmi_sim")
             .arg("-c")
             .arg(dir.join("lan.conf"))
             .arg("-f")
@@ -220,16 +242,7 @@ impl IpmiSim {
             .stdout(std::fs::File::create(dir.join("sim.log")).expect("create sim.log"))
             .stderr(std::fs::File::create(dir.join("sim.err")).expect("create sim.err"))
             .spawn()
-            .expect("start ipmi_sim");
-        let mut sim = Self {
-            child,
-            dir: dir.to_path_buf(),
-            port,
-            sensor_raw: raw,
-            dcmi_watts: dcmi.map(|(_, f)| f),
-        };
-        sim.await_answer();
-        Ok(sim)
+            .expect("start ipmi_sim")
     }
 
     /// ipmitool's arguments to reach it over LAN (password in `IPMI_PASSWORD`, `-E`).
