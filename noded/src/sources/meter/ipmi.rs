@@ -14,7 +14,8 @@
 //!
 //! By default (`session = true`) one `ipmitool … shell` stays open between reads, so the node
 //! pays for one process and one RMCP+ session handshake, not one per read (measured: about
-//! 28 ms of CPU per read with one ipmitool per read over LAN, see BENCHMARKS.md). Each read
+//! 36 ms of CPU per read with one ipmitool per read over LAN, about 2 ms in a session, see
+//! BENCHMARKS.md). Each read
 //! writes the command to the shell and takes its output up to the next prompt. Any failed read
 //! (an error from the BMC, output without the expected reading, the shell gone, no prompt in
 //! time) closes the session; the next read opens a new one. With `session = false`, one
