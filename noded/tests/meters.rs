@@ -1355,6 +1355,36 @@ fn ipmi_session_is_kept_between_reads_and_reopened_after_a_bmc_restart() {
         "a new session after the restart"
     );
 
+    // A meter opened and read on one thread (ergond's start-up probe) and then read by its
+    // worker on another: the first thread's end must not cost the worker a read.
+    let probe_cfg = cfg.clone();
+    let probed = std::thread::spawn(move || {
+        let mut m = IpmiMeter::new(probe_cfg).unwrap();
+        m.read().unwrap();
+        m
+    })
+    .join()
+    .unwrap();
+    let worker = MeterWorker::spawn(
+        Box::new(probed),
+        IntegratorConfig {
+            max_node_power_w: 3000.0,
+            margin: 1.2,
+            max_gap_ns: 600 * S,
+            staleness_ns: 0,
+        },
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker.status().reads < 5 {
+        assert!(Instant::now() < deadline, "{:?}", worker.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = worker.status();
+    assert_eq!(st.errors, 0, "{:?}", st.last_error);
+    drop(worker);
+
     // One ipmitool per read: the same readings, no session left open.
     let mut one_shot = cfg.clone();
     one_shot.session = false;

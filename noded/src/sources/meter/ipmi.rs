@@ -520,6 +520,11 @@ impl NodeMeter for IpmiMeter {
         self.cfg.resolution_ms.saturating_mul(1_000_000)
     }
 
+    /// The session dies with the thread that opened it: close it here, before the meter moves.
+    fn release(&mut self) {
+        self.shell = None;
+    }
+
     fn read(&mut self) -> Result<MeterReading, MeterError> {
         let start = crate::clock::monotonic_ns();
         let watts = match self.via {

@@ -152,6 +152,10 @@ pub trait NodeMeter: Send {
     fn resolution_ns(&self) -> u64;
     /// Read the meter now.
     fn read(&mut self) -> Result<MeterReading, MeterError>;
+    /// Let go of what ties the meter to the thread that has read it so far, before it moves to
+    /// another (the IPMI meter's ipmitool session dies with the thread that opened it); the
+    /// next read opens it again. Default: nothing.
+    fn release(&mut self) {}
 }
 
 /// Integration rules for one meter.
@@ -530,6 +534,8 @@ impl MeterWorker {
             wake_lock: Mutex::new(()),
         });
         let inner = Arc::clone(&shared);
+        // Opened and read once elsewhere (ergond's start-up probe): what that thread holds goes.
+        meter.release();
         let name = format!("ergond-meter-{}", meter.kind());
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let mut integrator = EnergyIntegrator::new(cfg);
