@@ -197,47 +197,56 @@ impl Ledger {
         Ok(())
     }
 
-    /// The index entries the ledger has of `paths` (those it has).
-    pub fn files(&self, paths: &[&str]) -> Result<SpoolIndex, LedgerError> {
-        let mut out = SpoolIndex::new();
+    /// Run `f` on the ledger's connection in one read transaction: the one [`Ledger::begin_read`]
+    /// opened, else its own. Nothing to do without a ledger.
+    fn in_read(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<(), LedgerError> {
         let Some(conn) = &self.conn else {
-            return Ok(out);
+            return Ok(());
         };
-        if paths.is_empty() {
-            return Ok(out);
-        }
-        let mut run = || -> rusqlite::Result<()> {
-            let own = !self.reading;
+        let own = !self.reading;
+        let run = || -> rusqlite::Result<()> {
             if own {
                 conn.execute_batch("BEGIN")?;
             }
-            let result = (|| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT size, mtime_ns, content_hash, job FROM files WHERE path = ?1",
-                )?;
-                for path in paths {
-                    let entry = stmt
-                        .query_row([path], |r| {
-                            Ok(IndexEntry {
-                                size: r.get::<_, i64>(0)? as u64,
-                                mtime_ns: r.get(1)?,
-                                content_hash: r.get(2)?,
-                                job: r.get(3)?,
-                            })
-                        })
-                        .optional()?;
-                    if let Some(entry) = entry {
-                        out.insert((*path).to_owned(), entry);
-                    }
-                }
-                Ok(())
-            })();
+            let result = f(conn);
             if own {
                 conn.execute_batch("COMMIT")?;
             }
             result
         };
-        run().map_err(|e| self.err(e))?;
+        run().map_err(|e| self.err(e))
+    }
+
+    /// The index entries the ledger has of `paths` (those it has).
+    pub fn files(&self, paths: &[&str]) -> Result<SpoolIndex, LedgerError> {
+        let mut out = SpoolIndex::new();
+        if paths.is_empty() {
+            return Ok(out);
+        }
+        self.in_read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT size, mtime_ns, content_hash, job FROM files WHERE path = ?1",
+            )?;
+            for path in paths {
+                let entry = stmt
+                    .query_row([path], |r| {
+                        Ok(IndexEntry {
+                            size: r.get::<_, i64>(0)? as u64,
+                            mtime_ns: r.get(1)?,
+                            content_hash: r.get(2)?,
+                            job: r.get(3)?,
+                        })
+                    })
+                    .optional()?;
+                if let Some(entry) = entry {
+                    out.insert((*path).to_owned(), entry);
+                }
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -246,44 +255,20 @@ impl Ledger {
         let Some(conn) = &self.conn else {
             return Ok(None);
         };
-        conn.prepare_cached("SELECT key, end_unix_ns FROM jobs WHERE job = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row([job], |r| {
-                    Ok(LedgerJob {
-                        key: r.get(0)?,
-                        end_unix_ns: r.get::<_, i64>(1)? as u64,
-                    })
-                })
-                .optional()
-            })
-            .map_err(|e| self.err(e))
+        job_row(conn, job).map_err(|e| self.err(e))
     }
 
     /// The delivered jobs among `jobs`, in one read transaction.
     pub fn jobs(&self, jobs: &[&str]) -> Result<BTreeMap<String, LedgerJob>, LedgerError> {
         let mut out = BTreeMap::new();
-        let Some(conn) = &self.conn else {
-            return Ok(out);
-        };
-        let own = !self.reading;
-        let mut run = || -> rusqlite::Result<()> {
-            if own {
-                conn.execute_batch("BEGIN")?;
-            }
-            let result = (|| {
-                for job in jobs {
-                    if let Some(j) = self.job(job).map_err(|e| e.error)? {
-                        out.insert((*job).to_owned(), j);
-                    }
+        self.in_read(|conn| {
+            for job in jobs {
+                if let Some(j) = job_row(conn, job)? {
+                    out.insert((*job).to_owned(), j);
                 }
-                Ok(())
-            })();
-            if own {
-                conn.execute_batch("COMMIT")?;
             }
-            result
-        };
-        run().map_err(|e| self.err(e))?;
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -489,6 +474,18 @@ pub fn load_merged(state_dir: &Path) -> anyhow::Result<crate::state::State> {
         state.index.entry(path).or_insert(entry);
     }
     Ok(state)
+}
+
+/// The delivered job `job` (`cluster/job`) in the ledger's `jobs` table, if it is there.
+fn job_row(conn: &Connection, job: &str) -> rusqlite::Result<Option<LedgerJob>> {
+    conn.prepare_cached("SELECT key, end_unix_ns FROM jobs WHERE job = ?1")?
+        .query_row([job], |r| {
+            Ok(LedgerJob {
+                key: r.get(0)?,
+                end_unix_ns: r.get::<_, i64>(1)? as u64,
+            })
+        })
+        .optional()
 }
 
 #[cfg(test)]
