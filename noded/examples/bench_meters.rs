@@ -152,21 +152,6 @@ fn cpu_s() -> f64 {
         .sum()
 }
 
-/// This process's children named ipmitool, zombies included (not reaped yet).
-fn ipmitool_children() -> usize {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
-        .filter(|stat| {
-            stat.split_once(") ").is_some_and(|(comm, rest)| {
-                comm.ends_with("(ipmitool") && rest.split_whitespace().nth(1) == Some(me.as_str())
-            })
-        })
-        .count()
-}
-
 /// One round: lateness p99 (µs) of `gpu` and `rapl`, the meter's reads when there is one, and
 /// the CPU time spent over the measured seconds.
 fn round(config: &Config, meter: Option<Box<dyn NodeMeter>>, seconds: f64) -> Value {
@@ -201,7 +186,10 @@ fn round(config: &Config, meter: Option<Box<dyn NodeMeter>>, seconds: f64) -> Va
     drop(h);
     // The meter's thread drops it (and reaps its ipmitool) after its current read.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while ipmitool_children() > 0 && std::time::Instant::now() < deadline {
+    let me = std::process::id();
+    while !ergon_testkit::child_processes(me, "ipmitool").is_empty()
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut out = out;
@@ -240,10 +228,7 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let root = nix::unistd::geteuid().is_root();
     let bmc = if root {
-        use std::os::unix::fs::PermissionsExt;
-        let creds = dir.path().join("bmc.toml");
-        std::fs::write(&creds, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let creds = ergon_testkit::write_bmc_credentials(&dir.path().join("bmc.toml"), 0o600);
         let mut cfg =
             ergond::sources::meter::redfish::RedfishConfig::new(&slow_bmc(stop.clone()), &creds);
         cfg.insecure = true;
@@ -304,7 +289,7 @@ fn main() {
 
 /// The IPMI meter's cost to the node: CPU with and without it (see the module documentation).
 fn ipmi_cost(config: &Config, dir: &Path, seconds: f64, rounds: usize, root: bool) -> Value {
-    use ergon_testkit::ipmi_sim::{IpmiSim, PASSWORD, USER};
+    use ergon_testkit::ipmi_sim::IpmiSim;
     use ergond::sources::meter::ipmi::{IpmiConfig, IpmiMeter};
     if !root {
         println!(
@@ -319,16 +304,7 @@ fn ipmi_cost(config: &Config, dir: &Path, seconds: f64, rounds: usize, root: boo
             return json!({"skipped": why.0});
         }
     };
-    let creds = dir.join("ipmi.toml");
-    std::fs::write(
-        &creds,
-        format!("username = \"{USER}\"\npassword = \"{PASSWORD}\"\n"),
-    )
-    .unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let creds = ergon_testkit::write_bmc_credentials(&dir.join("ipmi.toml"), 0o600);
     let mut cfg = IpmiConfig::local();
     cfg.host = Some("127.0.0.1".into());
     cfg.port = sim.port;

@@ -33,13 +33,28 @@ use std::time::{Duration, Instant};
 
 const S: u64 = 1_000_000_000;
 
-fn integrator(staleness_ns: u64) -> EnergyIntegrator {
-    EnergyIntegrator::new(IntegratorConfig {
+fn integrator_config(max_gap_ns: u64, staleness_ns: u64) -> IntegratorConfig {
+    IntegratorConfig {
         max_node_power_w: 3000.0,
         margin: 1.2,
-        max_gap_ns: 30 * S,
+        max_gap_ns,
         staleness_ns,
-    })
+    }
+}
+
+fn integrator(staleness_ns: u64) -> EnergyIntegrator {
+    EnergyIntegrator::new(integrator_config(30 * S, staleness_ns))
+}
+
+/// The energy the integrator gives between two power readings of a meter (J), and the seconds
+/// between them.
+fn integrate(resolution_ns: u64, r1: MeterReading, r2: MeterReading) -> (f64, f64) {
+    let mut i = integrator(resolution_ns);
+    i.update(r1);
+    let Outcome::Delta(d) = i.update(r2) else {
+        panic!("expected a delta")
+    };
+    (d.joules, (r2.at_ns - r1.at_ns) as f64 / 1e9)
 }
 
 fn watts(q: Quantity) -> f64 {
@@ -279,10 +294,7 @@ fn pm_counters_errors_name_the_file_and_the_fix() {
 // Redfish: credentials
 
 fn write_credentials(dir: &Path, mode: u32) -> PathBuf {
-    let p = dir.join("bmc.toml");
-    std::fs::write(&p, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    p
+    ergon_testkit::write_bmc_credentials(&dir.join("bmc.toml"), mode)
 }
 
 #[test]
@@ -610,13 +622,8 @@ fn redfish_reads_power_from_sushy_static_over_https() {
     set_mockup_power(&mockup, 330.0);
     let r2 = m.read().unwrap();
     assert_eq!(watts(r2.quantity), 330.0);
-    let mut i = integrator(m.resolution_ns());
-    i.update(r1);
-    let Outcome::Delta(d) = i.update(r2) else {
-        panic!("expected a delta")
-    };
-    let dt = (r2.at_ns - r1.at_ns) as f64 / 1e9;
-    assert!((d.joules - 290.0 * dt).abs() < 1e-9);
+    let (joules, dt) = integrate(m.resolution_ns(), r1, r2);
+    assert!((joules - 290.0 * dt).abs() < 1e-9);
 
     // Basic authentication went out with the request ("admin:secret").
     let logged = std::fs::read_to_string(&log).unwrap();
@@ -887,12 +894,7 @@ fn redfish_slow_bmc_times_out_and_never_blocks_a_reader_of_the_worker() {
     cfg.timeout_ms = 60_000;
     let worker = MeterWorker::spawn(
         Box::new(RedfishMeter::new(cfg).unwrap()),
-        IntegratorConfig {
-            max_node_power_w: 3000.0,
-            margin: 1.2,
-            max_gap_ns: 600 * S,
-            staleness_ns: 0,
-        },
+        integrator_config(600 * S, 0),
         Duration::from_millis(20),
     )
     .unwrap();
@@ -1131,12 +1133,8 @@ fn ipmi_sdr_power_sensor_through_ipmitool_against_ipmi_sim() {
         m.source(),
         format!("ipmi 127.0.0.1:{port} sensor \"Node Power\"")
     );
-    let mut i = integrator(m.resolution_ns());
-    i.update(r1);
-    let Outcome::Delta(d) = i.update(r2) else {
-        panic!("expected a delta")
-    };
-    assert!(d.joules > 0.0);
+    let (joules, _) = integrate(m.resolution_ns(), r1, r2);
+    assert!(joules > 0.0);
 
     // A wrong password: no session, and ipmitool's reason.
     let bad = dir.path().join("bad.toml");
@@ -1205,10 +1203,9 @@ fn ipmi_dcmi_power_reading_through_ipmitool_against_ipmi_sim() {
     std::fs::write(
         &config,
         format!(
-            "powercap_root = {:?}\n[meters]\nuse = \"ipmi\"\n[meters.ipmi]\nhost = \"127.0.0.1\"\n\
-             port = {port}\ncipher_suite = 3\ncredentials_file = {:?}\n",
+            "powercap_root = {:?}\n[meters]\nuse = \"ipmi\"\n{}",
             dir.path().join("powercap"),
-            cfg.credentials_file.as_ref().unwrap()
+            sim.meters_ipmi_section(cfg.credentials_file.as_ref().unwrap())
         ),
     )
     .unwrap();
@@ -1239,17 +1236,11 @@ fn ipmi_dcmi_power_reading_through_ipmitool_against_ipmi_sim() {
     sim.set_dcmi("450");
     let r2 = m.read().unwrap();
     assert_eq!(watts(r2.quantity), 450.0);
-    let mut i = integrator(m.resolution_ns());
-    i.update(r1);
-    let Outcome::Delta(d) = i.update(r2) else {
-        panic!("expected a delta")
-    };
     // Power readings integrate by the trapezoid between the two reads.
-    let dt = (r2.at_ns - r1.at_ns) as f64 / 1e9;
+    let (joules, dt) = integrate(m.resolution_ns(), r1, r2);
     assert!(
-        (d.joules - (312.0 + 450.0) / 2.0 * dt).abs() < 1e-6,
-        "{} J over {dt} s",
-        d.joules
+        (joules - (312.0 + 450.0) / 2.0 * dt).abs() < 1e-6,
+        "{joules} J over {dt} s"
     );
 
     // A BMC whose power reading is deactivated gives an error that says so, never 0 W.
@@ -1367,12 +1358,7 @@ fn ipmi_session_is_kept_between_reads_and_reopened_after_a_bmc_restart() {
     .unwrap();
     let worker = MeterWorker::spawn(
         Box::new(probed),
-        IntegratorConfig {
-            max_node_power_w: 3000.0,
-            margin: 1.2,
-            max_gap_ns: 600 * S,
-            staleness_ns: 0,
-        },
+        integrator_config(600 * S, 0),
         Duration::from_millis(50),
     )
     .unwrap();

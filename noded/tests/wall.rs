@@ -222,6 +222,27 @@ fn run(dir: &Path, meter: Meter, extra: &str, memory_mib: Option<u64>) -> Run {
     }
 }
 
+/// The emulated BMC (ipmi_sim with DCMI at `watts`) in `dir` and ergond's `[meters.ipmi]`
+/// section for it, or `None` when a tool it needs is missing (said, and a failure in the full
+/// run).
+fn ipmi_bmc(
+    test: &str,
+    dir: &Path,
+    watts: &str,
+) -> Option<(ergon_testkit::ipmi_sim::IpmiSim, String)> {
+    match ergon_testkit::ipmi_sim::IpmiSim::start(&dir.join("bmc"), 0, Some(watts)) {
+        Ok(sim) => {
+            let creds = ergon_testkit::write_bmc_credentials(&dir.join("bmc.toml"), 0o600);
+            let section = sim.meters_ipmi_section(&creds);
+            Some((sim, section))
+        }
+        Err(why) => {
+            ergon_testkit::missing(test, &why.0);
+            None
+        }
+    }
+}
+
 const SCRIPT: Script = Script {
     low: 250.0,
     high: 400.0,
@@ -371,30 +392,11 @@ fn wall_energy_from_a_bmc_over_ipmi_dcmi() {
     if !ergon_testkit::needs_root(test, "own the BMC credentials file as root") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let sim = match ergon_testkit::ipmi_sim::IpmiSim::start(&dir.path().join("bmc"), 0, Some("300"))
-    {
-        Ok(sim) => sim,
-        Err(why) => return ergon_testkit::missing(test, &why.0),
+    let Some((sim, ipmi)) = ipmi_bmc(test, dir.path(), "300") else {
+        return;
     };
-    let creds = dir.path().join("bmc.toml");
-    std::fs::write(
-        &creds,
-        format!(
-            "username = \"{}\"\npassword = \"{}\"\n",
-            ergon_testkit::ipmi_sim::USER,
-            ergon_testkit::ipmi_sim::PASSWORD
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let meters = format!(
-        "[meters]\nuse = \"ipmi\"\nread_period_ms = 250\n[meters.ipmi]\nhost = \"127.0.0.1\"\n\
-         port = {}\ncipher_suite = 3\ntimeout_ms = 5000\ncredentials_file = {}\n",
-        sim.port,
-        common::toml_str(&creds)
-    );
+    let meters = format!("[meters]\nuse = \"ipmi\"\nread_period_ms = 250\n{ipmi}");
     let r = run(
         dir.path(),
         Meter::Configured(&meters),
@@ -477,11 +479,8 @@ fn a_slow_bmc_does_not_stall_sampling() {
     ) {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("bmc.toml");
-    std::fs::write(&creds, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let creds = ergon_testkit::write_bmc_credentials(&dir.path().join("bmc.toml"), 0o600);
     let (url, stop) = slow_bmc(Duration::from_secs(2), 500.0);
     let fake = fake_gpu();
     let ergond = start_node(
@@ -584,11 +583,8 @@ fn a_hung_bmc_does_not_hold_job_events_back() {
     ) {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("bmc.toml");
-    std::fs::write(&creds, "username = \"admin\"\npassword = \"secret\"\n").unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let creds = ergon_testkit::write_bmc_credentials(&dir.path().join("bmc.toml"), 0o600);
     let (url, stop) = bmc(
         |n| {
             if n < 3 {
@@ -677,58 +673,26 @@ fn a_killed_ergond_leaves_no_ipmitool_behind() {
     if !ergon_testkit::needs_root(test, "own the BMC credentials file as root") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let sim = match ergon_testkit::ipmi_sim::IpmiSim::start(&dir.path().join("bmc"), 0, Some("300"))
-    {
-        Ok(sim) => sim,
-        Err(why) => return ergon_testkit::missing(test, &why.0),
+    let Some((_sim, ipmi)) = ipmi_bmc(test, dir.path(), "300") else {
+        return;
     };
-    let creds = dir.path().join("bmc.toml");
-    std::fs::write(
-        &creds,
-        format!(
-            "username = \"{}\"\npassword = \"{}\"\n",
-            ergon_testkit::ipmi_sim::USER,
-            ergon_testkit::ipmi_sim::PASSWORD
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
     let fake = fake_gpu();
     let mut ergond = start_node(
         dir.path(),
         &fake.lib,
-        &format!(
-            "[meters]\nuse = \"ipmi\"\n[meters.ipmi]\nhost = \"127.0.0.1\"\nport = {}\n\
-             cipher_suite = 3\ntimeout_ms = 5000\ncredentials_file = {}\n",
-            sim.port,
-            common::toml_str(&creds)
-        ),
+        &format!("[meters]\nuse = \"ipmi\"\n{ipmi}"),
         "ergond.log",
     );
-    // ergond's children named ipmitool, and whether each is still alive (not a zombie).
-    let children = |ppid: u32| -> Vec<u32> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    return false;
-                };
-                let Some((comm, rest)) = stat.split_once(") ") else {
-                    return false;
-                };
-                let mut f = rest.split_whitespace();
-                let (state, parent) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
-                comm.ends_with("(ipmitool") && state != Some("Z") && parent == Some(ppid)
-            })
-            .collect()
-    };
     let pid = ergond.child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
     let shell = loop {
-        if let [one] = children(pid)[..] {
+        let live: Vec<u32> = ergon_testkit::child_processes(pid, "ipmitool")
+            .into_iter()
+            .filter(|&(_, state)| state != 'Z')
+            .map(|(p, _)| p)
+            .collect();
+        if let [one] = live[..] {
             break one;
         }
         assert!(
@@ -738,7 +702,7 @@ fn a_killed_ergond_leaves_no_ipmitool_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // The session stays the same process while ergond reads through it.
+    // ergond reads the BMC through it.
     let before = metric(
         &scrape_metrics(dir.path()),
         "ergon_node_meter_power_watts{source=\"ipmi\"}",

@@ -91,49 +91,20 @@ fn build_dcmi_module(dir: &Path) -> Result<PathBuf, Unavailable> {
 /// The `Node Power` Full Sensor Record, as `0x..` words for `main_sdr_add`.
 fn sensor_record() -> String {
     let name = SENSOR.as_bytes();
+    #[rustfmt::skip]
     let mut body: Vec<u8> = vec![
-        0x20,
-        0x00,
-        0x01, // owner, LUN, sensor number
-        0x07,
-        0x01, // entity: system board 1
-        0x7f,
-        0x68, // initialization, capabilities
-        0x0b,
-        0x01, // sensor type: other units-based; reading type: threshold
-        0,
-        0,
-        0,
-        0,
-        0,
-        0, // event and reading masks
-        0x00,
-        0x06,
-        0x00, // unsigned; base unit watts; no modifier
+        0x20, 0x00, 0x01, // owner, LUN, sensor number
+        0x07, 0x01, // entity: system board 1
+        0x7f, 0x68, // initialization, capabilities
+        0x0b, 0x01, // sensor type: other units-based; reading type: threshold
+        0, 0, 0, 0, 0, 0, // event and reading masks
+        0x00, 0x06, 0x00, // unsigned; base unit watts; no modifier
         0x00, // linear
-        SENSOR_M as u8,
-        0x00,
-        0x00,
-        0x00,
-        0x00, // M and tolerance, B = 0 and accuracy, direction
-        0x00,
-        0x00, // exponents, analog flags
-        0,
-        0,
-        0,
-        0xff,
-        0x00, // nominal, normal max/min, sensor max/min
-        0,
-        0,
-        0,
-        0,
-        0,
-        0, // thresholds
-        0,
-        0,
-        0,
-        0,
-        0, // hysteresis, reserved, OEM
+        SENSOR_M as u8, 0x00, 0x00, 0x00, 0x00, // M and tolerance, B = 0 and accuracy, direction
+        0x00, 0x00, // exponents, analog flags
+        0, 0, 0, 0xff, 0x00, // nominal, normal max/min, sensor max/min
+        0, 0, 0, 0, 0, 0, // thresholds
+        0, 0, 0, 0, 0, // hysteresis, reserved, OEM
     ];
     body.push(0xc0 | name.len() as u8);
     body.extend_from_slice(name);
@@ -273,6 +244,17 @@ impl IpmiSim {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// ergond's `[meters.ipmi]` section for this BMC over LAN, with the credentials file
+    /// `credentials` (see [`crate::write_bmc_credentials`]).
+    pub fn meters_ipmi_section(&self, credentials: &Path) -> String {
+        format!(
+            "[meters.ipmi]\nhost = \"127.0.0.1\"\nport = {}\ncipher_suite = 3\ntimeout_ms = 5000\n\
+             credentials_file = {:?}\n",
+            self.port,
+            credentials.display().to_string()
+        )
     }
 
     /// What ipmi_sim printed.

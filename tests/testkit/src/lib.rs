@@ -22,7 +22,7 @@ pub mod ipmi_sim;
 pub mod meters;
 
 pub use hw::*;
-pub use meters::{HwmonFixture, HwmonTree, PmCountersTree};
+pub use meters::{write_bmc_credentials, HwmonFixture, HwmonTree, PmCountersTree};
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,24 @@ pub fn missing(what: &str, why: &str) {
         panic!("{what}: {why}; the full test run installs it (scripts/test), so this is a failure here");
     }
     skipped(what, why);
+}
+
+/// The processes whose parent is `ppid` and whose name (`comm`) is `name`, with their state
+/// letter from `/proc/<pid>/stat` (`Z`: ended, not yet reaped).
+pub fn child_processes(ppid: u32, name: &str) -> Vec<(u32, char)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (comm, rest) = stat.split_once(") ")?;
+        let mut fields = rest.split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        let parent: u32 = fields.next()?.parse().ok()?;
+        (comm.split_once('(')?.1 == name && parent == ppid).then_some((pid, state))
+    })
+    .collect()
 }
 
 /// Whether the effective uid is 0 (from `/proc/self/status`, so this crate needs no libc).

@@ -150,3 +150,22 @@ impl PmCountersTree {
         write_file(&self.root.join(file), text);
     }
 }
+
+/// Write a BMC credentials file (`username = "admin"`, `password = "secret"`: what the tests'
+/// emulated BMCs accept) at `path` with `mode` (ergond wants root-owned 0600 or 0400); returns
+/// `path`.
+pub fn write_bmc_credentials(path: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(
+        path,
+        format!(
+            "username = \"{}\"\npassword = \"{}\"\n",
+            crate::ipmi_sim::USER,
+            crate::ipmi_sim::PASSWORD
+        ),
+    )
+    .expect("write the BMC credentials");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .expect("set the credentials' mode");
+    path.to_path_buf()
+}
