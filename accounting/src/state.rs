@@ -37,6 +37,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ergon_protocol::durable;
 use serde::{Deserialize, Serialize};
@@ -126,8 +127,9 @@ pub struct JobEntry {
     pub collected_unix: u64,
     /// The job's end (Unix ns), which the age bound uses.
     pub end_unix_ns: u64,
-    /// The record, kept while any delivery is pending.
-    pub record: Option<JobRecordFull>,
+    /// The record, kept while any delivery is pending (shared with the uploaders' feeds in a
+    /// pipelined run, so that a record in flight is held once).
+    pub record: Option<Arc<JobRecordFull>>,
     /// The sacct write (absent when sacct is disabled).
     pub sacct: Option<Delivery>,
     /// Per sink name.

@@ -1,5 +1,6 @@
 //! What both ways of running use: the sinks, a job's new state entry, the clock, progress bars.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result};
@@ -114,7 +115,7 @@ pub(super) fn new_entry(
             .iter()
             .map(|s| (s.name().to_owned(), Delivery::pending()))
             .collect(),
-        record: Some(record),
+        record: Some(Arc::new(record)),
     }))
 }
 

@@ -2,7 +2,7 @@
 //! as soon as it is read, one uploader thread per sink sends while the scan goes on, and the
 //! collecting side alone changes the state.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,12 @@ use super::summary::{RunOptions, RunSummary};
 /// Jobs per write-ahead chunk in a pipelined run: each chunk's entries are appended to the
 /// journal and fsynced in one go before any of them is sent.
 pub const CHUNK: usize = 1000;
-/// Records for an uploader: `cluster/job` and the record.
+/// Records for an uploader: `cluster/job` and the record (shared with the job's state entry).
 type Feed = Vec<(String, Arc<JobRecordFull>)>;
+/// Chunks waiting for an uploader before the scan waits for it: the scan runs ahead of the
+/// slowest sink by this much, not by the whole run (whose records would otherwise pile up in
+/// the channel).
+const FEED_AHEAD: usize = 2;
 
 /// What an uploader thread reports.
 enum Uploaded {
@@ -238,6 +242,9 @@ fn uploader(
             }
         }
         drop(batches_tx);
+        // A stopped sink takes nothing more: the scan must not wait for it (its records stay
+        // pending for the next run).
+        drop(feed);
     });
     // What the sink accepted this run, verified (also after it stopped: what it took is kept),
     // unless a request went unanswered: the sink hangs or is gone, and asking it more would
@@ -266,8 +273,8 @@ struct Pipeline<'a, 'c> {
     saver: &'a mut Saver<'c>,
     bounds: Bounds,
     horizon_unix_ns: u64,
-    /// Per sink: its uploader's feed (`None` once it stopped).
-    feeds: Vec<Option<Sender<Feed>>>,
+    /// Per sink: its uploader's feed (`None` once it stopped), [`FEED_AHEAD`] chunks deep.
+    feeds: Vec<Option<SyncSender<Feed>>>,
     events: Receiver<Uploaded>,
     bars: Vec<ProgressBar>,
     multi: MultiProgress,
@@ -353,7 +360,7 @@ impl Pipeline<'_, '_> {
             .into_iter()
             .filter_map(|k| {
                 let record = self.state.jobs.get(&k)?.record.clone()?;
-                Some((k, Arc::new(record)))
+                Some((k, record))
             })
             .collect();
         self.send(|_| true, &feed);
@@ -503,7 +510,7 @@ pub(super) fn run_pipelined(
             keys.into_iter()
                 .filter_map(|k| {
                     let record = state.jobs.get(&k)?.record.clone()?;
-                    Some((k, Arc::new(record)))
+                    Some((k, record))
                 })
                 .collect()
         })
@@ -537,7 +544,7 @@ pub(super) fn run_pipelined(
         let backlog = backlogs.iter().map(Vec::len).max().unwrap_or(0) as u64;
         let mut feeds = Vec::new();
         for (i, sink) in sinks.iter().enumerate() {
-            let (tx, rx) = mpsc::channel::<Feed>();
+            let (tx, rx) = mpsc::sync_channel::<Feed>(FEED_AHEAD);
             let events = events_tx.clone();
             let bar = bars[i].clone();
             let sink: &(dyn Sink + Send + Sync) = sink.as_ref();

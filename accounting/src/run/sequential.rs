@@ -124,7 +124,7 @@ fn upload(
         // never sent), and verify again.
         let keyed: Vec<(&String, &JobRecordFull)> = pending
             .iter()
-            .filter_map(|k| Some((k, state.jobs.get(k)?.record.as_ref()?)))
+            .filter_map(|k| Some((k, state.jobs.get(k)?.record.as_deref()?)))
             .collect();
         let records: Vec<&JobRecordFull> = keyed.iter().map(|(_, r)| *r).collect();
         let found = verify_and_repair(sink, verifier, &records, &config.retry, &mut |wait| {
@@ -141,9 +141,9 @@ fn upload(
         }
     } else {
         for batch_keys in pending.chunks(sink.batch_size()) {
-            let records: Vec<_> = batch_keys
+            let records: Vec<&JobRecordFull> = batch_keys
                 .iter()
-                .filter_map(|k| state.jobs.get(k).and_then(|e| e.record.as_ref()))
+                .filter_map(|k| state.jobs.get(k).and_then(|e| e.record.as_deref()))
                 .collect();
             let result = deliver_batch(sink, &records, &config.retry, &mut |wait| {
                 std::thread::sleep(wait);
