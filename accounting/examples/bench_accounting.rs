@@ -386,6 +386,7 @@ fn child_run(config_path: &Path) {
             dry_run: false,
             progress: false,
             sequential: std::env::var_os("ERGON_BENCH_SEQUENTIAL").is_some(),
+            rescan: false,
         },
     )
     .expect("ergon run");

@@ -99,6 +99,7 @@ fn main() {
                 dry_run: false,
                 progress: false,
                 sequential: false,
+                rescan: false,
             },
         )
         .expect("ergon run");

@@ -42,8 +42,8 @@ const SACCT_MEASURED_JOBS_PER_S: f64 = 24.0;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--child-run") {
-        child_run(Path::new(&args[1]));
+    if let Some(how @ ("--child-run" | "--child-rescan")) = args.first().map(String::as_str) {
+        child_run(Path::new(&args[1]), how == "--child-rescan");
         return;
     }
     let mut runs = 24u32;
@@ -135,6 +135,7 @@ fn main() {
         rows.push(json!({"run": r + 1, "wall_s": wall, "series": series, "child": child}));
     }
     let jobs = u64::from(job - 1);
+    let sealed = sealed_days(&spool, &config);
 
     // The database: size per million jobs.
     let db_path = state.join("records.sqlite");
@@ -198,6 +199,10 @@ fn main() {
         "sacct_needed_jobs_per_s": needed,
         "sacct_measured_jobs_per_s": SACCT_MEASURED_JOBS_PER_S,
         "per_run": rows,
+        "sealed_days": sealed
+            .iter()
+            .map(|(name, wall, child)| json!({"run": name, "wall_s": wall, "child": child}))
+            .collect::<Vec<_>>(),
     });
     println!();
     println!("scale: {runs} timer runs of {per_run} new jobs (1 M jobs/day ÷ 288 runs/day); {jobs} jobs, {node_manifests} node manifests");
@@ -216,6 +221,26 @@ fn main() {
         rows[0]["series"], per_run
     );
     println!("| sacct writes needed at 1 M jobs/day vs measured (parallel 8) | {needed:.1} vs {SACCT_MEASURED_JOBS_PER_S} jobs/s |");
+    println!();
+    println!("sealed days: every node directory so far aged 2 h (its day is over), then runs with nothing new");
+    println!("| run | wall | peak RSS | manifests listed (known) | in sealed directories, not listed | directories sealed |");
+    println!("|---|---|---|---|---|---|");
+    for (name, wall, child) in &sealed {
+        println!(
+            "| {name} | {wall:.2} s | {:.0} MiB | {} | {} | {} |",
+            child["maxrss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            child["manifests_known"],
+            child["manifests_in_skipped_dirs"],
+            child["dirs_sealed"]
+        );
+    }
+    let (w_sealed, w_all) = (sealed[1].1, sealed[2].1);
+    let rss = |i: usize| sealed[i].2["maxrss_kib"].as_f64().unwrap_or(0.0);
+    println!(
+        "sealed vs listing everything (--rescan), nothing new: wall {:.2}x, peak RSS {:.2}x",
+        w_sealed / w_all,
+        rss(1) / rss(2)
+    );
     if let Some(path) = json_path {
         std::fs::write(
             &path,
@@ -311,11 +336,54 @@ fn get(url: &str) -> Option<String> {
     r.status().is_success().then(|| r.text().unwrap())
 }
 
+/// The spool's days over: every node directory so far aged by 2 h (past `SEAL_AFTER`), then
+/// three runs with nothing new: the first seals the directories, the second skips them, the
+/// third lists everything (`--rescan`, which also checks every seal again). (name, wall s,
+/// the child's JSON line) of each.
+fn sealed_days(spool: &Path, config: &Path) -> Vec<(&'static str, f64, Value)> {
+    let aged = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for day in std::fs::read_dir(spool).unwrap() {
+        for node in std::fs::read_dir(day.unwrap().path()).unwrap() {
+            std::fs::File::open(node.unwrap().path())
+                .unwrap()
+                .set_modified(aged)
+                .unwrap();
+        }
+    }
+    let mut out = Vec::new();
+    for (name, rescan) in [
+        ("sealing run", false),
+        ("sealed", false),
+        ("--rescan", true),
+    ] {
+        let (wall, child) = run_child_with(config, rescan);
+        assert_eq!(child["collected"], 0, "{child}");
+        eprintln!(
+            "{name}: {wall:.2} s, peak RSS {:.0} MiB, {} manifests known, {} in sealed directories, {} sealed",
+            child["maxrss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            child["manifests_known"],
+            child["manifests_in_skipped_dirs"],
+            child["dirs_sealed"]
+        );
+        out.push((name, wall, child));
+    }
+    out
+}
+
 /// Run `ergon run` in a child process; (wall seconds, the child's JSON line).
 fn run_child(config: &Path) -> (f64, Value) {
+    run_child_with(config, false)
+}
+
+/// [`run_child`], with `--rescan` or without.
+fn run_child_with(config: &Path, rescan: bool) -> (f64, Value) {
     let start = Instant::now();
     let out = Command::new(std::env::current_exe().unwrap())
-        .arg("--child-run")
+        .arg(if rescan {
+            "--child-rescan"
+        } else {
+            "--child-run"
+        })
         .arg(config)
         .stderr(Stdio::inherit())
         .output()
@@ -328,7 +396,7 @@ fn run_child(config: &Path) -> (f64, Value) {
 }
 
 /// The child: one `ergon run`, then its figures as one JSON line.
-fn child_run(config_path: &Path) {
+fn child_run(config_path: &Path, rescan: bool) {
     let config = Config::load(config_path).expect("config");
     let summary = run(
         &config,
@@ -336,6 +404,7 @@ fn child_run(config_path: &Path) {
             dry_run: false,
             progress: false,
             sequential: false,
+            rescan,
         },
     )
     .expect("ergon run");
@@ -347,6 +416,9 @@ fn child_run(config_path: &Path) {
             "collected": summary.collected,
             "manifests_read": summary.manifests_read,
             "manifests_known": summary.manifests_known,
+            "manifests_in_skipped_dirs": summary.manifests_in_skipped_dirs,
+            "dirs_skipped": summary.dirs_skipped,
+            "dirs_sealed": summary.dirs_sealed,
             "complete": summary.complete(),
             "scan_s": summary.timings.scan.as_secs_f64(),
             "state_bytes_max": summary.timings.state_bytes_max,

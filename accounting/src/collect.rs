@@ -13,7 +13,7 @@ use ergon_protocol::manifest::{ComponentCoverage, Manifest, ManifestError};
 use sha2::{Digest, Sha256};
 
 use crate::job::{job_key, EstimatedGap, GpuSummary, GpusUnknown, JobRecordFull, NodeSummary};
-use crate::spool::{list, IndexEntry, Listed, SpoolIndex};
+use crate::spool::{list_sealed, IndexEntry, Listed, ListedDir, Seals, SpoolIndex, SEAL_AFTER};
 
 fn sum_opt(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     values.fold(None, |acc, v| match (acc, v) {
@@ -291,7 +291,35 @@ pub struct Scan {
     /// Files the index named that this scan found gone or quarantined: their entries go (from
     /// where they are kept).
     pub gone: Vec<String>,
+    /// With [`Sealing`]: what the caller needs to seal directories and forget stale seals.
+    pub sealing: Option<SealCandidates>,
 }
+
+/// Skipping sealed node directories ([`crate::spool::Sealed`]) in a scan with `peek`.
+pub struct Sealing<'a> {
+    /// The seals.
+    pub seals: &'a Seals,
+    /// Every index entry kept elsewhere (the ledger) of these jobs: when a job with a file in a
+    /// skipped directory is combined again (a late node manifest), its files there are taken
+    /// from these entries.
+    pub files_of_jobs: MoreIndex<'a>,
+}
+
+/// What a scan with [`Sealing`] found of the node directories.
+#[derive(Debug, Default)]
+pub struct SealCandidates {
+    /// Seals of directories the listing did not find (removed): to forget.
+    pub stale: Vec<String>,
+    /// Directories skipped, and the manifests in them.
+    pub skipped: (usize, u64),
+    /// Listed directories unchanged for [`SEAL_AFTER`] at the listing, with their manifests
+    /// (path, size, modification time): sealed by the caller if every one of them is in the
+    /// ledger as listed once the run is over.
+    pub candidates: Vec<(ListedDir, Vec<ListedFile>)>,
+}
+
+/// A manifest as listed: path, size, modification time (ns).
+pub type ListedFile = (String, u64, i64);
 
 /// Index entries kept elsewhere (the ledger: [`crate::ledger`]), asked once per scan for the
 /// listed files the given index does not name.
@@ -341,14 +369,103 @@ pub fn scan_indexed_more(
     more: Option<MoreIndex<'_>>,
 ) -> std::io::Result<Scan> {
     let mut jobs = BTreeMap::new();
-    let mut scan = scan_streaming(spools, quarantine, settle, index, more, false, |found| {
-        if let Streamed::Job(job, manifests) = found {
-            jobs.insert(job, manifests);
-        }
-        Ok::<(), std::io::Error>(())
-    })?;
+    let mut scan = scan_streaming(
+        spools,
+        quarantine,
+        settle,
+        index,
+        more,
+        false,
+        None,
+        |found| {
+            if let Streamed::Job(job, manifests) = found {
+                jobs.insert(job, manifests);
+            }
+            Ok::<(), std::io::Error>(())
+        },
+    )?;
     scan.jobs = jobs;
     Ok(scan)
+}
+
+/// Bring in the files in skipped (sealed) directories of the jobs that new files belong to
+/// (from their heads, kept in `peeked` for the scan): such a job is combined again, and needs
+/// all its manifests. Their entries, from `files_of_jobs`, join `extra` (they are known and
+/// unchanged unless they changed since); the files go where the listing would have put them.
+fn bring_in_skipped(
+    files: &mut Vec<Listed>,
+    dirs: &[ListedDir],
+    index: &SpoolIndex,
+    extra: &mut SpoolIndex,
+    peeked: &mut BTreeMap<PathBuf, Option<String>>,
+    files_of_jobs: MoreIndex<'_>,
+) -> std::io::Result<()> {
+    let skipped: BTreeMap<&str, usize> = dirs
+        .iter()
+        .filter(|d| d.skipped)
+        .map(|d| (d.path.as_str(), d.at))
+        .collect();
+    if skipped.is_empty() {
+        return Ok(());
+    }
+    let new: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| {
+            f.key
+                .as_ref()
+                .is_none_or(|k| !index.contains_key(k) && !extra.contains_key(k))
+        })
+        .map(|f| f.path.clone())
+        .collect();
+    let mut jobs: BTreeSet<String> = BTreeSet::new();
+    parallel_each(
+        new.len(),
+        |k| peek_job(&new[k]),
+        |k, job| {
+            if let Some(j) = &job {
+                jobs.insert(j.clone());
+            }
+            peeked.insert(new[k].clone(), job);
+            Ok::<(), std::io::Error>(())
+        },
+    )?;
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<&str> = jobs.iter().map(String::as_str).collect();
+    let mut add: Vec<(usize, Listed)> = Vec::new();
+    for (path, entry) in files_of_jobs(&jobs)? {
+        let at = Path::new(&path)
+            .parent()
+            .and_then(Path::to_str)
+            .and_then(|d| skipped.get(d));
+        let Some(&at) = at else {
+            continue;
+        };
+        if let Some(listed) = crate::spool::stat_listed(PathBuf::from(&path)) {
+            add.push((at, listed));
+            extra.insert(path, entry);
+        }
+    }
+    if add.is_empty() {
+        return Ok(());
+    }
+    tracing::debug!(
+        "{} manifests of {} jobs combined again taken from sealed directories",
+        add.len(),
+        jobs.len()
+    );
+    add.sort_by(|a, b| (a.0, &a.1.path).cmp(&(b.0, &b.1.path)));
+    let old = std::mem::take(files);
+    let mut add = add.into_iter().peekable();
+    for (i, f) in old.into_iter().enumerate() {
+        while let Some((_, listed)) = add.next_if(|(at, _)| *at <= i) {
+            files.push(listed);
+        }
+        files.push(f);
+    }
+    files.extend(add.map(|(_, listed)| listed));
+    Ok(())
 }
 
 /// What [`scan_streaming`] hands its caller while it scans.
@@ -397,6 +514,7 @@ enum Outcome {
 /// spread over several spools) are handed over at the end. The return value is as for
 /// [`scan_indexed`], with [`Scan::jobs`] empty. An error from `on` stops the scan and is
 /// returned.
+#[allow(clippy::too_many_arguments)]
 pub fn scan_streaming<E: From<std::io::Error>>(
     spools: &[PathBuf],
     quarantine: Option<&Path>,
@@ -404,14 +522,21 @@ pub fn scan_streaming<E: From<std::io::Error>>(
     index: &SpoolIndex,
     more: Option<MoreIndex<'_>>,
     peek: bool,
+    sealing: Option<Sealing<'_>>,
     mut on: impl FnMut(Streamed) -> Result<(), E>,
 ) -> Result<Scan, E> {
+    static NO_SEALS: Seals = Seals::new();
     let mut scan = Scan::default();
+    // Sealed directories are skipped only with `peek`: the jobs of new files must be known
+    // before reading, to bring in their files from skipped directories.
+    let sealing = sealing.filter(|_| peek);
     // 1. List, in spool order then name order (the order decides between two manifests of
     //    one node), with the size and modification time taken before any read.
-    let files = list(spools)?;
+    let listed_at = SystemTime::now();
+    let listing = list_sealed(spools, sealing.as_ref().map_or(&NO_SEALS, |s| s.seals))?;
+    let mut files = listing.files;
     // The entries kept elsewhere of the files `index` does not name (one lookup).
-    let extra: SpoolIndex = match more {
+    let mut extra: SpoolIndex = match more {
         Some(more) => {
             let keys: Vec<&str> = files
                 .iter()
@@ -422,6 +547,45 @@ pub fn scan_streaming<E: From<std::io::Error>>(
         }
         None => SpoolIndex::new(),
     };
+    // The jobs of new files, from their heads (with `peek`), by path.
+    let mut peeked: BTreeMap<PathBuf, Option<String>> = BTreeMap::new();
+    if let Some(sealing) = sealing {
+        let mut found = SealCandidates::default();
+        let old_enough = |d: &ListedDir| {
+            let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(d.mtime_ns.max(0) as u64);
+            listed_at
+                .duration_since(mtime)
+                .is_ok_and(|age| age >= SEAL_AFTER)
+        };
+        let seen: BTreeSet<&str> = listing.dirs.iter().map(|d| d.path.as_str()).collect();
+        found.stale = sealing
+            .seals
+            .keys()
+            .filter(|k| !seen.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for d in &listing.dirs {
+            if d.skipped {
+                found.skipped.0 += 1;
+                found.skipped.1 += d.files;
+            } else if d.files > 0 && old_enough(d) {
+                let mine = files[d.at..d.at + d.files as usize]
+                    .iter()
+                    .filter_map(|f| Some((f.key.clone()?, f.size, f.mtime_ns)))
+                    .collect::<Vec<_>>();
+                found.candidates.push((d.clone(), mine));
+            }
+        }
+        scan.sealing = Some(found);
+        bring_in_skipped(
+            &mut files,
+            &listing.dirs,
+            index,
+            &mut extra,
+            &mut peeked,
+            sealing.files_of_jobs,
+        )?;
+    }
     let indexed = |f: &Listed| {
         f.key
             .as_ref()
@@ -448,10 +612,15 @@ pub fn scan_streaming<E: From<std::io::Error>>(
         hint[i] = indexed(&files[i]).map(|e| e.job.clone());
     }
     if peek {
+        for &i in &to_read {
+            if let Some(job) = peeked.get(&files[i].path) {
+                hint[i] = job.clone();
+            }
+        }
         let new: Vec<usize> = to_read
             .iter()
             .copied()
-            .filter(|&i| hint[i].is_none())
+            .filter(|&i| hint[i].is_none() && !peeked.contains_key(&files[i].path))
             .collect();
         let paths: Vec<&Path> = new.iter().map(|&i| files[i].path.as_path()).collect();
         parallel_each(

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _};
 
-use crate::spool::{IndexEntry, SpoolIndex};
+use crate::spool::{IndexEntry, Sealed, Seals, SpoolIndex};
 use crate::state::{Delivery, JobEntry};
 
 /// The file in the state directory.
@@ -51,6 +51,11 @@ CREATE INDEX IF NOT EXISTS files_by_job ON files (job);
 CREATE TABLE IF NOT EXISTS meta (
     name TEXT PRIMARY KEY NOT NULL,
     value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sealed_dirs (
+    path TEXT PRIMARY KEY NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    files INTEGER NOT NULL
 );
 PRAGMA user_version = 1;
 ";
@@ -248,6 +253,89 @@ impl Ledger {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The index entries of every file the ledger has of `jobs` (`cluster/job`).
+    pub fn files_of_jobs(&self, jobs: &[&str]) -> Result<SpoolIndex, LedgerError> {
+        let mut out = SpoolIndex::new();
+        if jobs.is_empty() {
+            return Ok(out);
+        }
+        self.in_read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT path, size, mtime_ns, content_hash FROM files WHERE job = ?1",
+            )?;
+            for job in jobs {
+                let rows = stmt.query_map([job], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        IndexEntry {
+                            size: r.get::<_, i64>(1)? as u64,
+                            mtime_ns: r.get(2)?,
+                            content_hash: r.get(3)?,
+                            job: (*job).to_owned(),
+                        },
+                    ))
+                })?;
+                for row in rows {
+                    let (path, entry) = row?;
+                    out.insert(path, entry);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The sealed node directories of the sharded spool (see [`crate::spool::Sealed`]).
+    pub fn seals(&self) -> Result<Seals, LedgerError> {
+        let mut out = Seals::new();
+        self.in_read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT path, mtime_ns, files FROM sealed_dirs")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Sealed {
+                        mtime_ns: r.get(1)?,
+                        files: r.get::<_, i64>(2)? as u64,
+                    },
+                ))
+            })?;
+            for row in rows {
+                let (path, sealed) = row?;
+                out.insert(path, sealed);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Seal the directories `add` and forget the seals of `remove`, in one durable transaction.
+    pub fn seal(&mut self, add: &[(&str, Sealed)], remove: &[&str]) -> Result<(), LedgerError> {
+        let path = self.path.clone();
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        if add.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO sealed_dirs (path, mtime_ns, files) VALUES (?1, ?2, ?3)",
+                )?;
+                for (p, s) in add {
+                    put.execute(params![p, s.mtime_ns, s.files as i64])?;
+                }
+                let mut del = tx.prepare_cached("DELETE FROM sealed_dirs WHERE path = ?1")?;
+                for p in remove {
+                    del.execute([p])?;
+                }
+            }
+            tx.commit()
+        };
+        run(conn).map_err(|error| LedgerError { path, error })
     }
 
     /// The delivered job `job` (`cluster/job`), if the ledger has it.

@@ -58,6 +58,11 @@ enum Cmd {
         /// Report what would be done; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// List every node directory of the sharded spool, sealed ones too (whose manifests an
+        /// earlier run found all delivered and that have not changed since): for a directory
+        /// whose files were changed in place, which leaves its modification time as it was.
+        #[arg(long)]
+        rescan: bool,
     },
     /// Backlog, last success per destination, quarantined and dropped counts.
     Status {
@@ -227,7 +232,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
             write_man_pages(&dir).with_context(|| format!("writing man pages into {dir:?}"))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { dry_run } => {
+        Cmd::Run { dry_run, rescan } => {
             let config = load_config(&args.config, true)?;
             // Private job data: the state, quarantine and records database are restricted
             // before this run reads them and again after it wrote new files.
@@ -242,6 +247,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
                     dry_run,
                     progress: std::io::stderr().is_terminal(),
                     sequential: false,
+                    rescan,
                 },
             )?;
             if dry_run {

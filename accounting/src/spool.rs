@@ -121,25 +121,96 @@ fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, String, bool)>> {
     Ok(out)
 }
 
+/// A node directory of the sharded layout that an earlier run found wholly collected and
+/// delivered (every manifest in it in the ledger) and old enough that nothing was being written
+/// into it: its modification time then, and how many manifests it held. A run that finds it
+/// with the same modification time does not list it (see [`list_sealed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// The directory's modification time when sealed, ns since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Manifests in it.
+    pub files: u64,
+}
+
+/// Sealed node directories by path.
+pub type Seals = BTreeMap<String, Sealed>;
+
+/// A node directory may be sealed once it has not changed for this long (at the listing), so
+/// that no write can follow the listing within the same clock tick of its modification time.
+pub const SEAL_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A node directory of the sharded layout, as listed.
+#[derive(Debug, Clone)]
+pub struct ListedDir {
+    /// Its path (UTF-8; a directory whose path is not is never sealed).
+    pub path: String,
+    /// Its modification time, ns since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Manifests listed in it (for a skipped directory: as sealed).
+    pub files: u64,
+    /// Sealed and unchanged: its files were not listed.
+    pub skipped: bool,
+    /// Where its files are, or would be, in [`Listing::files`].
+    pub at: usize,
+}
+
+/// What [`list_sealed`] found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The manifest files, in spool order then name order.
+    pub files: Vec<Listed>,
+    /// The node directories of the sharded layout, in the same order.
+    pub dirs: Vec<ListedDir>,
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt as _;
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
+/// A manifest file as [`list_dir`] lists it: `None` when it is gone or not a regular file
+/// (symbolic links are not followed).
+pub fn stat_listed(path: PathBuf) -> Option<Listed> {
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    Some(Listed {
+        key: path.to_str().map(str::to_owned),
+        size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+        mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        path,
+    })
+}
+
 /// The manifest files in `spool` (flat, then the sharded days and nodes in name order), with
 /// their size and modification time (files that vanish while listed, and anything that is not
 /// a regular file, are left out). A day or node directory that cannot be read is skipped with a
 /// warning; the spool itself must be readable.
 pub fn list_dir(spool: &Path) -> std::io::Result<Vec<Listed>> {
-    use std::os::unix::fs::MetadataExt as _;
+    Ok(list_dir_sealed(spool, &Seals::new())?.files)
+}
+
+/// [`list_dir`], except that a node directory of `seals` whose modification time is the sealed
+/// one is not entered: it is listed in [`Listing::dirs`] as skipped, with no files.
+pub fn list_dir_sealed(spool: &Path, seals: &Seals) -> std::io::Result<Listing> {
     let top = entries(spool).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("reading spool directory {}: {e}", spool.display()),
         )
     })?;
-    let mut paths: Vec<PathBuf> = Vec::new();
+    let mut out = Listing::default();
     let mut days = Vec::new();
     for (path, name, is_dir) in top {
         if is_dir && is_day_name(&name) {
             days.push(path);
         } else if !is_dir && is_manifest_name(&name) {
-            paths.push(path);
+            out.files.extend(stat_listed(path));
         }
     }
     for day in days {
@@ -154,49 +225,71 @@ pub fn list_dir(spool: &Path) -> std::io::Result<Vec<Listed>> {
             if !is_dir || name.starts_with('.') {
                 continue;
             }
+            let Ok(meta) = std::fs::symlink_metadata(&node) else {
+                continue;
+            };
+            let key = node.to_str().map(str::to_owned);
+            let mtime = mtime_ns(&meta);
+            let at = out.files.len();
+            if let Some(sealed) = key
+                .as_ref()
+                .and_then(|k| seals.get(k))
+                .filter(|s| s.mtime_ns == mtime)
+            {
+                out.dirs.push(ListedDir {
+                    path: key.unwrap_or_default(),
+                    mtime_ns: mtime,
+                    files: sealed.files,
+                    skipped: true,
+                    at,
+                });
+                continue;
+            }
             match entries(&node) {
-                Ok(files) => paths.extend(
+                Ok(files) => out.files.extend(
                     files
                         .into_iter()
                         .filter(|(_, n, d)| !d && is_manifest_name(n))
-                        .map(|(p, _, _)| p),
+                        .filter_map(|(p, _, _)| stat_listed(p)),
                 ),
                 Err(e) => {
-                    tracing::warn!("reading spool directory {}: {e}; skipped", node.display())
+                    tracing::warn!("reading spool directory {}: {e}; skipped", node.display());
+                    continue;
                 }
+            }
+            if let Some(path) = key {
+                out.dirs.push(ListedDir {
+                    path,
+                    mtime_ns: mtime,
+                    files: (out.files.len() - at) as u64,
+                    skipped: false,
+                    at,
+                });
             }
         }
     }
-    let mut files = Vec::with_capacity(paths.len());
-    for path in paths {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
-        }
-        files.push(Listed {
-            key: path.to_str().map(str::to_owned),
-            size: meta.len(),
-            mtime_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
-            mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            path,
-        });
-    }
-    Ok(files)
+    Ok(out)
 }
 
 /// [`list_dir`] of every spool, in spool order then name order. A spool that cannot be read is
 /// an error that names it.
 pub fn list(spools: &[PathBuf]) -> std::io::Result<Vec<Listed>> {
-    let mut files = Vec::new();
+    Ok(list_sealed(spools, &Seals::new())?.files)
+}
+
+/// [`list_dir_sealed`] of every spool, in spool order then name order.
+pub fn list_sealed(spools: &[PathBuf], seals: &Seals) -> std::io::Result<Listing> {
+    let mut out = Listing::default();
     for spool in spools {
-        files.extend(list_dir(spool)?);
+        let one = list_dir_sealed(spool, seals)?;
+        let offset = out.files.len();
+        out.dirs.extend(one.dirs.into_iter().map(|mut d| {
+            d.at += offset;
+            d
+        }));
+        out.files.extend(one.files);
     }
-    Ok(files)
+    Ok(out)
 }
 
 /// The manifests of one job found in the spools by [`find_job`].

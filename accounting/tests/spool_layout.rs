@@ -112,3 +112,150 @@ fn a_bad_compressed_manifest_is_quarantined() {
     assert!(!reason.is_empty());
     assert_eq!(backlog(&s.status_json(), "records"), 0);
 }
+
+/// Set a directory's modification time (what sealing compares).
+fn age_dir(dir: &Path, by: std::time::Duration) {
+    let t = std::time::SystemTime::now() - by;
+    std::fs::File::open(dir).unwrap().set_modified(t).unwrap();
+}
+
+/// The counts of the last run's summary line, by the words that follow each number.
+fn last_line(s: &Setup) -> String {
+    ergon_accounting::state::State::load(&s.state())
+        .unwrap()
+        .last_run_summary
+        .expect("a run has finished")
+}
+
+fn sealed_rows(s: &Setup) -> Vec<String> {
+    let db = rusqlite::Connection::open(s.state().join("ledger.sqlite")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT path FROM sealed_dirs ORDER BY path")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// A node directory whose manifests are all delivered, and that has not changed for ten
+/// minutes, is sealed: later runs do not list it until its modification time changes. A job
+/// combined again because of a late node manifest still gets its files from sealed
+/// directories; `--rescan` lists everything; the seal of a removed directory is forgotten.
+#[test]
+fn sealed_node_directories_are_not_listed_and_late_nodes_still_combine() {
+    let s = Setup::new();
+    s.write_config("");
+    let day = "2026-12-05";
+    let old = std::time::Duration::from_secs(3600);
+    // Jobs 1..=4 on n1 and n2; job 1 spans both nodes.
+    for job in 1..=4 {
+        write_sharded(
+            &s.spool(),
+            day,
+            &manifest("c1", job, "n1", 100.0, 10.0, 1.0),
+        );
+    }
+    write_sharded(&s.spool(), day, &manifest("c1", 1, "n2", 300.0, 30.0, 1.0));
+    write_sharded(&s.spool(), day, &manifest("c1", 5, "n2", 5.0, 1.0, 1.0));
+    let (n1, n2) = (
+        s.spool().join(day).join("n1"),
+        s.spool().join(day).join("n2"),
+    );
+    // A directory still being written into (changed a moment ago) is never sealed.
+    write_sharded(&s.spool(), day, &manifest("c1", 6, "n3", 5.0, 1.0, 1.0));
+    age_dir(&n1, old);
+    age_dir(&n2, old);
+
+    run_ok(&s);
+    assert!(
+        last_line(&s).contains("collected 6 new"),
+        "{}",
+        last_line(&s)
+    );
+    assert!(
+        last_line(&s).contains("2 directories sealed"),
+        "{}",
+        last_line(&s)
+    );
+    assert_eq!(
+        sealed_rows(&s),
+        vec![n1.to_str().unwrap(), n2.to_str().unwrap()]
+    );
+
+    // Nothing new: the sealed directories are not listed, the young one is (its file known).
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(
+        line.contains(
+            "0 manifests read, 1 known unchanged), 6 manifests in 2 sealed directories not listed"
+        ),
+        "{line}"
+    );
+
+    // A late node manifest of job 1 (whose other files are in sealed n1 and n2): the job is
+    // combined again from all three, and the record says so.
+    let before = ergon_accounting::ledger::load_merged(&s.state())
+        .unwrap()
+        .jobs["c1/1"]
+        .key
+        .clone();
+    write_sharded(&s.spool(), day, &manifest("c1", 1, "n4", 50.0, 5.0, 1.0));
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(
+        line.contains("collected 0 new and 1 updated jobs"),
+        "{line}"
+    );
+    let st = ergon_accounting::ledger::load_merged(&s.state()).unwrap();
+    assert_ne!(st.jobs["c1/1"].key, before);
+    let all =
+        ergon_accounting::collect::scan(&[s.spool()], None, std::time::Duration::ZERO).unwrap();
+    assert_eq!(all.jobs["c1/1"].len(), 3, "the job has three manifests");
+    let r = ergon_accounting::collect::combine(
+        &all.jobs["c1/1"]
+            .iter()
+            .map(|f| f.manifest.clone())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        r.idempotency_key, st.jobs["c1/1"].key,
+        "the run combined the job from all its manifests, those in sealed directories too"
+    );
+    assert_eq!(r.energy_j, 100.0 + 10.0 + 300.0 + 30.0 + 50.0 + 5.0);
+    // The sealed directories stayed sealed (unchanged), and were not listed.
+    assert!(
+        line.contains("in 2 sealed directories not listed"),
+        "{line}"
+    );
+
+    // A new file in a sealed directory changes its modification time: it is listed again.
+    write_sharded(&s.spool(), day, &manifest("c1", 7, "n2", 5.0, 1.0, 1.0));
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(line.contains("collected 1 new"), "{line}");
+    assert!(
+        line.contains("manifests in 1 sealed directories not listed"),
+        "{line}"
+    );
+
+    // --rescan lists every directory.
+    let out = s.ergon().args(["run", "--rescan"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    let line = last_line(&s);
+    assert!(
+        line.contains("0 manifests read, 9 known unchanged"),
+        "{line}"
+    );
+    assert!(!line.contains("not listed"), "{line}");
+
+    // A sealed directory removed (ergon prune, an admin): its seal goes.
+    std::fs::remove_dir_all(&n1).unwrap();
+    run_ok(&s);
+    assert!(!sealed_rows(&s).contains(&n1.to_str().unwrap().to_owned()));
+}
+
+fn run_ok(s: &Setup) {
+    let out = s.run();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+}

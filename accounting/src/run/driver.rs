@@ -15,6 +15,7 @@ use super::common::{build_sinks, now_unix, now_unix_ns, SharedSink};
 use super::pipeline::run_pipelined;
 use super::sacct::write_sacct;
 use super::saver::Saver;
+use super::seal::seal;
 use super::sequential::run_sequential;
 use super::summary::{RunOptions, RunSummary};
 
@@ -73,6 +74,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         ledger.prune(cutoff)?.1
     };
     state.horizon_unix_ns = state.horizon_unix_ns.max(ledger_horizon);
+    let mut sealing = None;
     if options.dry_run || options.sequential {
         run_sequential(
             config,
@@ -90,7 +92,7 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
         }
     } else {
         summary.timings.pipelined = true;
-        run_pipelined(
+        sealing = run_pipelined(
             config,
             options,
             &mut state,
@@ -110,6 +112,18 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
 
     state.forget_delivered_bodies();
     move_to_ledger(&mut state, &mut ledger)?;
+    if let Some(found) = sealing {
+        summary.dirs_skipped = found.skipped.0;
+        summary.manifests_in_skipped_dirs = found.skipped.1;
+        let done = seal(&mut ledger, &state, found)?;
+        summary.dirs_sealed = done.sealed;
+        if done.forgotten > 0 {
+            tracing::debug!(
+                "forgot {} seals of directories no longer found",
+                done.forgotten
+            );
+        }
+    }
     state.last_run_unix = Some(now_unix());
     state.last_run_summary = Some(summary.line());
     saver.now(&mut state)?;

@@ -16,6 +16,8 @@
 //! - `common`: the sinks ([`build_sinks`]), a job's new state entry, the clock, progress bars;
 //! - `saver`: saving the state and appending to its journal during a run;
 //! - `sacct`: writing the records into sacct;
+//! - `seal`: sealing the node directories of the sharded spool whose manifests are all
+//!   delivered, so that later runs do not list them;
 //! - `sequential`: the sequential run and `--dry-run`;
 //! - `pipeline`: the pipelined run, its uploader threads and the collecting side;
 //! - `driver`: [`run`]: sets up a run (lock, state, sinks), takes one path or the other,
@@ -26,6 +28,7 @@ mod driver;
 mod pipeline;
 mod sacct;
 mod saver;
+mod seal;
 mod sequential;
 mod summary;
 

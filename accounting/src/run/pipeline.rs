@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::{self, FoundManifest, Streamed};
+use crate::collect::{self, FoundManifest, SealCandidates, Streamed};
 use crate::config::{Config, RetryConfig};
 use crate::job::JobRecordFull;
 use crate::ledger::Ledger;
@@ -498,7 +498,7 @@ pub(super) fn run_pipelined(
     ledger: &mut Ledger,
     bounds: Bounds,
     factors: Option<&crate::carbon::Factors>,
-) -> Result<()> {
+) -> Result<Option<SealCandidates>> {
     let started = Instant::now();
     // The records left pending by earlier runs go first, oldest job first (a verifying sink
     // checks them before sending what is missing: see `uploader`).
@@ -536,6 +536,14 @@ pub(super) fn run_pipelined(
     // The files the state's index does not name are looked up in the ledger (delivered jobs),
     // and so are the jobs handed over, all in one read transaction.
     ledger.begin_read()?;
+    // Sealed directories are not listed (see `crate::spool::Sealed`), unless asked.
+    let seals = if options.rescan {
+        crate::spool::Seals::new()
+    } else {
+        ledger.seals()?
+    };
+    let mut sealing_out = None;
+    let sealing_found = &mut sealing_out;
     let mut fresh = (Vec::new(), Vec::new());
     let shared: &Ledger = ledger;
     let fresh_out = &mut fresh;
@@ -591,6 +599,10 @@ pub(super) fn run_pipelined(
                 &index,
                 Some(&mut |paths: &[&str]| Ok(shared.files(paths)?)),
                 true,
+                Some(collect::Sealing {
+                    seals: &seals,
+                    files_of_jobs: &mut |jobs: &[&str]| Ok(shared.files_of_jobs(jobs)?),
+                }),
                 |found| match found {
                     Streamed::Planned(jobs) => {
                         pipe.planned(jobs);
@@ -610,6 +622,7 @@ pub(super) fn run_pipelined(
             pipe.summary.manifests_known = scan.known;
             pipe.state.dropped.skipped_before_horizon = pipe.summary.skipped_before_horizon as u64;
             *fresh_out = (scan.fresh, scan.gone);
+            *sealing_found = scan.sealing;
             // The spool index: the good files of the jobs the state has (see run_sequential).
             let jobs = &pipe.state.jobs;
             pipe.state.index = scan
@@ -646,5 +659,5 @@ pub(super) fn run_pipelined(
     }
     let pruned = state.prune(bounds, now_unix_ns());
     summary.dropped += pruned.dropped_by_age + pruned.dropped_by_size;
-    Ok(())
+    Ok(sealing_out)
 }

@@ -13,6 +13,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Collect everything, save the whole state, then deliver (no pipelining; for comparison).
     pub sequential: bool,
+    /// List the sealed node directories of the sharded spool too (`ergon run --rescan`).
+    pub rescan: bool,
 }
 
 /// What a run did.
@@ -52,6 +54,13 @@ pub struct RunSummary {
     pub manifests_read: usize,
     /// Manifest files not read because the spool index knew them unchanged.
     pub manifests_known: usize,
+    /// Sealed node directories of the sharded spool not listed (their manifests all
+    /// delivered, the directory unchanged since).
+    pub dirs_skipped: usize,
+    /// The manifests in them.
+    pub manifests_in_skipped_dirs: u64,
+    /// Node directories sealed by this run.
+    pub dirs_sealed: usize,
     /// Where the run's time went (for the debug log and benchmarks).
     pub timings: RunTimings,
 }
@@ -94,6 +103,21 @@ pub struct RunTimings {
 }
 
 impl RunSummary {
+    /// The sealed directories' part of [`RunSummary::line`], empty when none was involved.
+    fn sealing_part(&self) -> String {
+        let mut out = String::new();
+        if self.dirs_skipped > 0 {
+            out += &format!(
+                ", {} manifests in {} sealed directories not listed",
+                self.manifests_in_skipped_dirs, self.dirs_skipped
+            );
+        }
+        if self.dirs_sealed > 0 {
+            out += &format!(", {} directories sealed", self.dirs_sealed);
+        }
+        out
+    }
+
     /// One line for logs and the state.
     pub fn line(&self) -> String {
         let sinks: Vec<String> = self
@@ -113,11 +137,12 @@ impl RunSummary {
             })
             .collect();
         format!(
-            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged), {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} already in place, {} skipped, {} pending; {}; {} dropped",
+            "collected {} new and {} updated jobs ({} manifests read, {} known unchanged){}, {} quarantined, {} unsettled, {} before horizon; sacct: {} written, {} already in place, {} skipped, {} pending; {}; {} dropped",
             self.collected,
             self.updated,
             self.manifests_read,
             self.manifests_known,
+            self.sealing_part(),
             self.quarantined,
             self.unsettled,
             self.skipped_before_horizon,

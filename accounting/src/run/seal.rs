@@ -1,0 +1,64 @@
+//! Sealing node directories of the sharded spool at the end of a pipelined run (see
+//! [`crate::spool::Sealed`]): a directory whose every manifest is in the ledger, as listed, is
+//! not listed by later runs while its modification time stays the same.
+
+use anyhow::Result;
+
+use crate::collect::SealCandidates;
+use crate::ledger::Ledger;
+use crate::spool::Sealed;
+use crate::state::State;
+
+/// What [`seal`] did: directories sealed and stale seals forgotten.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sealing {
+    pub sealed: usize,
+    pub forgotten: usize,
+}
+
+/// Seal the candidates whose manifests are all in the ledger with the size and modification
+/// time they were listed with, none of them of a job the state still holds (pending, or
+/// collected again), and whose own modification time has not changed since the listing; forget
+/// the seals of directories the listing no longer found. Called once the run has moved its
+/// delivered jobs into the ledger.
+pub(super) fn seal(ledger: &mut Ledger, state: &State, found: SealCandidates) -> Result<Sealing> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut add: Vec<(String, Sealed)> = Vec::new();
+    for (dir, files) in found.candidates {
+        if files.len() as u64 != dir.files {
+            continue;
+        }
+        let unchanged = std::fs::symlink_metadata(&dir.path).is_ok_and(|m| {
+            m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec())
+                == dir.mtime_ns
+        });
+        if !unchanged {
+            continue;
+        }
+        let paths: Vec<&str> = files.iter().map(|(p, _, _)| p.as_str()).collect();
+        let known = ledger.files(&paths)?;
+        let all_in = files.iter().all(|(path, size, mtime_ns)| {
+            known.get(path).is_some_and(|e| {
+                e.size == *size && e.mtime_ns == *mtime_ns && !state.jobs.contains_key(&e.job)
+            })
+        });
+        if all_in {
+            add.push((
+                dir.path,
+                Sealed {
+                    mtime_ns: dir.mtime_ns,
+                    files: dir.files,
+                },
+            ));
+        }
+    }
+    let stale: Vec<&str> = found.stale.iter().map(String::as_str).collect();
+    let add_ref: Vec<(&str, Sealed)> = add.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    ledger.seal(&add_ref, &stale)?;
+    Ok(Sealing {
+        sealed: add.len(),
+        forgotten: stale.len(),
+    })
+}
