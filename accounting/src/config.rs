@@ -372,6 +372,13 @@ impl Default for RetryConfig {
     }
 }
 
+/// `victoria_metrics.verify_every`'s default.
+pub const DEFAULT_VERIFY_EVERY: usize = 10_000;
+
+fn default_verify_every() -> usize {
+    DEFAULT_VERIFY_EVERY
+}
+
 /// VictoriaMetrics sink.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +396,10 @@ pub struct VictoriaMetricsConfig {
     /// `/write` (InfluxDB 1.x): an accepted batch is then taken as delivered.
     #[serde(default = "yes")]
     pub verify: bool,
+    /// With `verify`: records accepted during a run before they are verified, so that a large
+    /// run delivers (and frees) them as it goes instead of holding all of them until its end.
+    #[serde(default = "default_verify_every")]
+    pub verify_every: usize,
     /// Also send one series set per job (labelled by `job_id`): their number grows with the
     /// jobs. Off: only the usage counters per cluster/partition/account/user.
     #[serde(default)]
@@ -506,6 +517,16 @@ impl Config {
             .is_some_and(|v| v.batch_size == 0)
         {
             return Err(invalid("victoria_metrics.batch_size", "must be at least 1"));
+        }
+        if config
+            .victoria_metrics
+            .as_ref()
+            .is_some_and(|v| v.verify_every == 0)
+        {
+            return Err(invalid(
+                "victoria_metrics.verify_every",
+                "must be at least 1",
+            ));
         }
         if config.records.batch_size == 0 {
             return Err(invalid("records.batch_size", "must be at least 1"));

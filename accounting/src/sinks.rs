@@ -71,6 +71,10 @@ pub trait Verify {
     /// Send only the given fields of each record (those [`Verify::missing`] found missing), so
     /// that what the sink holds already is not stored twice.
     fn send_fields(&self, items: &[(&JobRecordFull, &[&'static str])]) -> SendOutcome;
+    /// Records accepted during a run before they are verified (rather than all at its end).
+    fn every(&self) -> usize {
+        crate::config::DEFAULT_VERIFY_EVERY
+    }
 }
 
 /// How a batch ended.
@@ -313,6 +317,8 @@ pub struct VictoriaMetrics {
     url: String,
     batch_size: usize,
     verify: bool,
+    /// `verify_every`.
+    verify_every: usize,
     /// Send the per-job lines too (`per_job_series`).
     per_job: bool,
     /// The usage counters, always sent.
@@ -337,6 +343,7 @@ impl VictoriaMetrics {
             base,
             batch_size: config.batch_size,
             verify: config.verify,
+            verify_every: config.verify_every,
             per_job: config.per_job_series,
             usage: crate::usage::Usage::new(state_dir),
         })
@@ -556,6 +563,10 @@ const VERIFY_CHUNK: usize = 5000;
 const VERIFY_SPAN_NS: u64 = 24 * 3600 * 1_000_000_000;
 
 impl Verify for VictoriaMetrics {
+    fn every(&self) -> usize {
+        self.verify_every
+    }
+
     fn persist(&self) -> Result<(), String> {
         let body = self.api(
             "writing VictoriaMetrics' buffers to disk (/snapshot/create)",

@@ -106,6 +106,48 @@ fn records_arrive_exactly_once_across_a_stop_and_restart() {
     vm.stop();
 }
 
+/// With `verify_every`, a run verifies what VictoriaMetrics accepted as the upload goes (and
+/// delivers it then), not only at its end: the debug log shows one verification per
+/// `verify_every` records accepted, then one for the rest.
+#[test]
+fn accepted_records_are_verified_as_the_upload_goes() {
+    let _serial = one_at_a_time();
+    let s = Setup::new();
+    let data = s.dir.path().join("vm-data");
+    let port = free_port();
+    s.write_config(&format!(
+        "[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nbatch_size = 10\ntimeout_s = 5\nverify_every = 100\n"
+    ));
+    for job in 1..=450 {
+        write_manifest(&s.spool(), &manifest("c1", job, "n1", job as f64, 1.0, 1.0));
+    }
+    let _vm = Vm::start(port, &data);
+    let out = s
+        .ergon()
+        .arg("run")
+        .env("ERGON_LOG", "debug")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", show(&out));
+    assert_eq!(backlog(&s.status_json(), "victoria_metrics"), 0);
+    // "victoria_metrics: verification round 0: N records asked, …"
+    let asked: Vec<usize> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.contains("victoria_metrics: verification round 0:"))
+        .filter_map(|l| l.split("round 0: ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(
+        asked.iter().sum::<usize>(),
+        450,
+        "every record verified once: {asked:?}"
+    );
+    // Two lanes may each add a batch before one of them verifies: 100 to 110 records a round.
+    assert!(
+        asked.len() >= 4 && asked.iter().take(4).all(|&n| (100..=110).contains(&n)),
+        "verified every 100 accepted records, then the rest: {asked:?}"
+    );
+}
+
 /// A small xorshift generator, seeded from the clock (the seed is printed to reproduce a run).
 struct Rng(u64);
 
@@ -145,7 +187,7 @@ fn records_survive_kill_9_at_random_points_exactly_once() {
     let data = s.dir.path().join("vm-data");
     let port = free_port();
     s.write_config(&format!(
-        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 5\ntimeout_s = 5\n"
+        "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 20\nmax_backoff_ms = 40\n\n[victoria_metrics]\nurl = \"http://127.0.0.1:{port}\"\nper_job_series = true\nbatch_size = 5\ntimeout_s = 5\nverify_every = 60\n"
     ));
     let mut vm = Vm::start(port, &data);
     let mut killed_after_success = 0;

@@ -130,8 +130,10 @@ fn verify_items(
 ///
 /// For a sink with a verifier (VictoriaMetrics), `backlog` (its records left by earlier runs,
 /// sent or not) is verified and repaired first, which sends only what the sink does not hold
-/// already; batches it accepts are reported [`Uploaded::Accepted`] and verified once the feed
-/// is done.
+/// already; batches it accepts are reported [`Uploaded::Accepted`] and verified every
+/// [`Verify::every`] records (`victoria_metrics.verify_every`, by the lane whose batch reached
+/// it: what is found durable is delivered, and its body freed, as the run goes) and once the
+/// feed is done.
 fn uploader(
     index: usize,
     sink: &(dyn Sink + Send + Sync),
@@ -153,7 +155,7 @@ fn uploader(
             stopped.store(true, Ordering::Relaxed);
         }
     }
-    let verifying = verifier.is_some();
+    drop(backlog);
     let unsure = AtomicBool::new(false);
     let accepted: std::sync::Mutex<Feed> = Default::default();
     let (batches_tx, batches_rx) = mpsc::sync_channel::<Feed>(0);
@@ -184,18 +186,34 @@ fn uploader(
                     match result {
                         BatchResult::Delivered { .. } => {
                             bar.inc(keys.len() as u64);
-                            let taken = if verifying {
-                                if let Ok(mut a) = accepted.lock() {
+                            let mut due = Feed::new();
+                            let verifier = sink.verifier();
+                            let taken = match (verifier, accepted.lock()) {
+                                (Some(v), Ok(mut a)) => {
+                                    // Reported under the lock, so that the batch is known as
+                                    // sent before another lane's verification reports it.
                                     a.extend(batch);
+                                    let taken =
+                                        events.send(Uploaded::Accepted { sink: index, keys });
+                                    if a.len() >= v.every()
+                                        && !unsure.load(Ordering::Relaxed)
+                                        && !stopped.load(Ordering::Relaxed)
+                                    {
+                                        due = std::mem::take(&mut *a);
+                                    }
+                                    taken
                                 }
-                                events.send(Uploaded::Accepted { sink: index, keys })
-                            } else {
-                                events.send(Uploaded::Delivered { sink: index, keys })
+                                _ => events.send(Uploaded::Delivered { sink: index, keys }),
                             };
                             if taken.is_err() {
                                 // The run failed (its state cannot be written): what is sent
                                 // now could not be recorded, so send nothing more.
                                 stopped.store(true, Ordering::Relaxed);
+                            }
+                            if let (Some(v), false) = (verifier, due.is_empty()) {
+                                if !verify_items(index, sink, v, &due, &events, retry) {
+                                    stopped.store(true, Ordering::Relaxed);
+                                }
                             }
                         }
                         BatchResult::Stopped {
