@@ -236,16 +236,7 @@ impl Ledger {
                 "SELECT size, mtime_ns, content_hash, job FROM files WHERE path = ?1",
             )?;
             for path in paths {
-                let entry = stmt
-                    .query_row([path], |r| {
-                        Ok(IndexEntry {
-                            size: r.get::<_, i64>(0)? as u64,
-                            mtime_ns: r.get(1)?,
-                            content_hash: r.get(2)?,
-                            job: r.get(3)?,
-                        })
-                    })
-                    .optional()?;
+                let entry = stmt.query_row([path], |r| index_entry(r, 0)).optional()?;
                 if let Some(entry) = entry {
                     out.insert((*path).to_owned(), entry);
                 }
@@ -263,20 +254,11 @@ impl Ledger {
         }
         self.in_read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT path, size, mtime_ns, content_hash FROM files WHERE job = ?1",
+                "SELECT path, size, mtime_ns, content_hash, job FROM files WHERE job = ?1",
             )?;
             for job in jobs {
-                let rows = stmt.query_map([job], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        IndexEntry {
-                            size: r.get::<_, i64>(1)? as u64,
-                            mtime_ns: r.get(2)?,
-                            content_hash: r.get(3)?,
-                            job: (*job).to_owned(),
-                        },
-                    ))
-                })?;
+                let rows =
+                    stmt.query_map([job], |r| Ok((r.get::<_, String>(0)?, index_entry(r, 1)?)))?;
                 for row in rows {
                     let (path, entry) = row?;
                     out.insert(path, entry);
@@ -515,17 +497,7 @@ impl Ledger {
             }
             let mut stmt =
                 conn.prepare("SELECT path, size, mtime_ns, content_hash, job FROM files")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    IndexEntry {
-                        size: r.get::<_, i64>(1)? as u64,
-                        mtime_ns: r.get(2)?,
-                        content_hash: r.get(3)?,
-                        job: r.get(4)?,
-                    },
-                ))
-            })?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, index_entry(r, 1)?)))?;
             for row in rows {
                 let (path, entry) = row?;
                 files.insert(path, entry);
@@ -535,6 +507,17 @@ impl Ledger {
         run().map_err(|e| self.err(e))?;
         Ok((jobs, files))
     }
+}
+
+/// The index entry of a `files` row whose `size, mtime_ns, content_hash, job` start at column
+/// `from`.
+fn index_entry(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<IndexEntry> {
+    Ok(IndexEntry {
+        size: r.get::<_, i64>(from)? as u64,
+        mtime_ns: r.get(from + 1)?,
+        content_hash: r.get(from + 2)?,
+        job: r.get(from + 3)?,
+    })
 }
 
 fn read_horizon(conn: &Connection) -> rusqlite::Result<u64> {

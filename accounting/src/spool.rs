@@ -164,7 +164,9 @@ pub struct Listing {
     pub dirs: Vec<ListedDir>,
 }
 
-fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+/// A file's or directory's modification time, ns since the Unix epoch (`st_mtime`,
+/// `st_mtime_nsec`), as the listing and the index keep it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt as _;
     meta.mtime()
         .saturating_mul(1_000_000_000)

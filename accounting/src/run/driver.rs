@@ -113,8 +113,6 @@ pub fn run(config: &Config, options: RunOptions) -> Result<RunSummary> {
     state.forget_delivered_bodies();
     move_to_ledger(&mut state, &mut ledger)?;
     if let Some(found) = sealing {
-        summary.dirs_skipped = found.skipped.0;
-        summary.manifests_in_skipped_dirs = found.skipped.1;
         let done = seal(&mut ledger, &state, found)?;
         summary.dirs_sealed = done.sealed;
         if done.forgotten > 0 {

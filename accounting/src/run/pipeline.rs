@@ -640,6 +640,12 @@ pub(super) fn run_pipelined(
             pipe.summary.manifests_known = scan.known;
             pipe.state.dropped.skipped_before_horizon = pipe.summary.skipped_before_horizon as u64;
             *fresh_out = (scan.fresh, scan.gone);
+            if let Some(s) = &scan.sealing {
+                (
+                    pipe.summary.dirs_skipped,
+                    pipe.summary.manifests_in_skipped_dirs,
+                ) = s.skipped;
+            }
             *sealing_found = scan.sealing;
             // The spool index: the good files of the jobs the state has (see run_sequential).
             let jobs = &pipe.state.jobs;

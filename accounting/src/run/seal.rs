@@ -4,14 +4,14 @@
 
 use anyhow::Result;
 
-use crate::collect::SealCandidates;
+use crate::collect::{ListedFile, SealCandidates};
 use crate::ledger::Ledger;
-use crate::spool::Sealed;
+use crate::spool::{mtime_ns, ListedDir, Sealed};
 use crate::state::State;
 
 /// What [`seal`] did: directories sealed and stale seals forgotten.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Sealing {
+pub struct SealOutcome {
     pub sealed: usize,
     pub forgotten: usize,
 }
@@ -21,19 +21,38 @@ pub struct Sealing {
 /// collected again), and whose own modification time has not changed since the listing; forget
 /// the seals of directories the listing no longer found. Called once the run has moved its
 /// delivered jobs into the ledger.
-pub(super) fn seal(ledger: &mut Ledger, state: &State, found: SealCandidates) -> Result<Sealing> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut add: Vec<(String, Sealed)> = Vec::new();
-    for (dir, files) in found.candidates {
+pub(super) fn seal(
+    ledger: &mut Ledger,
+    state: &State,
+    found: SealCandidates,
+) -> Result<SealOutcome> {
+    // The lookups share one read transaction.
+    ledger.begin_read()?;
+    let add = sealable(ledger, state, found.candidates);
+    ledger.end_read()?;
+    let add = add?;
+    let stale: Vec<&str> = found.stale.iter().map(String::as_str).collect();
+    let add_ref: Vec<(&str, Sealed)> = add.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    ledger.seal(&add_ref, &stale)?;
+    Ok(SealOutcome {
+        sealed: add.len(),
+        forgotten: stale.len(),
+    })
+}
+
+/// The candidates that [`seal`] seals, with their seals.
+fn sealable(
+    ledger: &Ledger,
+    state: &State,
+    candidates: Vec<(ListedDir, Vec<ListedFile>)>,
+) -> Result<Vec<(String, Sealed)>> {
+    let mut add = Vec::new();
+    for (dir, files) in candidates {
         if files.len() as u64 != dir.files {
             continue;
         }
-        let unchanged = std::fs::symlink_metadata(&dir.path).is_ok_and(|m| {
-            m.mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec())
-                == dir.mtime_ns
-        });
+        let unchanged =
+            std::fs::symlink_metadata(&dir.path).is_ok_and(|m| mtime_ns(&m) == dir.mtime_ns);
         if !unchanged {
             continue;
         }
@@ -54,11 +73,5 @@ pub(super) fn seal(ledger: &mut Ledger, state: &State, found: SealCandidates) ->
             ));
         }
     }
-    let stale: Vec<&str> = found.stale.iter().map(String::as_str).collect();
-    let add_ref: Vec<(&str, Sealed)> = add.iter().map(|(p, s)| (p.as_str(), *s)).collect();
-    ledger.seal(&add_ref, &stale)?;
-    Ok(Sealing {
-        sealed: add.len(),
-        forgotten: stale.len(),
-    })
+    Ok(add)
 }
