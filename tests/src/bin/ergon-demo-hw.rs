@@ -21,11 +21,12 @@
 //! - `rapl-start` starts `ergon-sim-rapl` on a new powercap tree under DIR, detached from this
 //!   process (its own process group, stdin from `/dev/null`, output appended to the log; only
 //!   descriptors 0–2 are passed on, so a caller's pipe is not held open), records its pid,
-//!   waits until the first counter is written (or the simulator exits: then its log is shown)
-//!   and prints the `ergond.toml` lines that make ergond read that tree. With `--hwmon DIR` and
-//!   `--gpu-scenario` (the scenario `gpus` wrote), the simulator also writes a whole-node hwmon
-//!   meter under DIR: the simulated GPUs + CPU/DRAM + [`NODE_REST_W`] for the rest of the node
-//!   (`[meters.hwmon] root = "DIR/class/hwmon"`).
+//!   waits until the first counter (and the meter's, with `--hwmon`) is written (or the
+//!   simulator exits: then its log is shown) and prints the `ergond.toml` lines that make
+//!   ergond read that tree. With `--hwmon DIR` and `--gpu-scenario` (the scenario `gpus`
+//!   wrote), the simulator also writes a whole-node hwmon meter under DIR: the simulated GPUs +
+//!   CPU/DRAM + [`NODE_REST_W`] for the rest of the node (`[meters.hwmon] root =
+//!   "DIR/class/hwmon"`).
 //! - `rapl-stop` stops the simulator of the pid file (SIGTERM, then SIGKILL after 15 s; a pid
 //!   that no longer runs `ergon-sim-rapl` is never signalled) and prints `stopped` or
 //!   `not running`.
@@ -336,10 +337,22 @@ fn cmd_rapl_start(o: &RaplStart) -> Result<String> {
         .with_context(|| format!("starting {}", o.simulator.display()))?;
     let pid = child.id();
     replace_file(&o.pidfile, format!("{pid}\n").as_bytes(), 0o644)?;
+    // Ready when every tree it simulates is: the first RAPL counter and, with a meter, the
+    // meter's counter (reached through the class link, which is made last).
     let first = o.powercap.join("intel-rapl:0/energy_uj");
+    let ready: Vec<PathBuf> = std::iter::once(first.clone())
+        .chain(
+            o.meter
+                .iter()
+                .map(|(hwmon, _)| hwmon.join("class/hwmon/hwmon0/energy1_input")),
+        )
+        .collect();
     let deadline = Instant::now() + RAPL_START_TIMEOUT;
     loop {
-        if std::fs::metadata(&first).is_ok_and(|m| m.len() > 0) {
+        if ready
+            .iter()
+            .all(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))
+        {
             break;
         }
         if let Some(status) = child.try_wait()? {
@@ -351,8 +364,12 @@ fn cmd_rapl_start(o: &RaplStart) -> Result<String> {
             let _ = child.wait();
             let _ = std::fs::remove_file(&o.pidfile);
             bail!(
-                "the RAPL simulator wrote no counter ({}) within {} s{}",
-                first.display(),
+                "the RAPL simulator did not write {} within {} s{}",
+                ready
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and "),
                 RAPL_START_TIMEOUT.as_secs(),
                 log_tail(&o.log)
             );
