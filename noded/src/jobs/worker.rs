@@ -514,13 +514,40 @@ pub(super) fn flag_shared_gpus(sampler: &SamplerHandle, att: &Attributor) {
 
 /// Close the attribution interval now (at start-up: the outage since the journal's last
 /// reading is attributed to the jobs open in it, before any job found running joins).
+///
+/// With no reading before (a fresh start), this reading is the attributor's first: every
+/// series must have a value at its instant, or the jobs found next would lose (silently) their
+/// first interval's energy of each series it lacks. A series has a value only between two of
+/// its samples, and right after start-up one may not have sampled before "now" yet (a loaded
+/// node), so the instant is the newest of the series' latest samples: each has a sample at or
+/// before it, and [`read_at`] waits for one after.
 pub(super) fn close_now(inner: &Inner, st: &mut WorkerState) {
-    let at = crate::clock::monotonic_ns();
+    let now = crate::clock::monotonic_ns();
     let prior = lock(&inner.attributor).last().cloned();
+    let at = if prior.is_none() {
+        first_instant(&inner.sampler, now)
+    } else {
+        now
+    };
     let reading = read_at(inner, at, &mut st.buf, prior.as_ref());
     let mut att = lock(&inner.attributor);
     att.advance(&reading);
     fill_pending(inner, &att, &mut st.pending);
+}
+
+/// The first instant at or after `now` at which every sampled series has a sample at or before
+/// (see [`close_now`]): the newest of their latest samples once each has sampled since `now`.
+fn first_instant(sampler: &SamplerHandle, now: u64) -> u64 {
+    if !sampler.wait_for_readings_after(now, READING_TIMEOUT) {
+        tracing::warn!("the sampler had no reading within 15 s of start (a sensor read blocking?); some counters at the start are unknown");
+    }
+    let snap = sampler.snapshot();
+    snap.gpus
+        .iter()
+        .filter(|g| g.measurable && !g.lost)
+        .map(|g| g.at_ns)
+        .chain(snap.zones.iter().map(|z| z.at_ns))
+        .fold(now, u64::max)
 }
 
 /// Close an attribution interval at the newest instant every sampled series covers.
