@@ -172,6 +172,9 @@ fn main() {
     // Series in VictoriaMetrics.
     let series = vm.series();
 
+    // Last (it empties the ledger): every job past the age bound.
+    let past = past_horizon(&config);
+
     let needed = 1e6 / 86_400.0;
     let walls: Vec<f64> = rows.iter().map(|r| r["wall_s"].as_f64().unwrap()).collect();
     let rss: Vec<f64> = rows
@@ -200,6 +203,10 @@ fn main() {
         "sacct_measured_jobs_per_s": SACCT_MEASURED_JOBS_PER_S,
         "per_run": rows,
         "sealed_days": sealed
+            .iter()
+            .map(|(name, wall, child)| json!({"run": name, "wall_s": wall, "child": child}))
+            .collect::<Vec<_>>(),
+        "past_horizon": past
             .iter()
             .map(|(name, wall, child)| json!({"run": name, "wall_s": wall, "child": child}))
             .collect::<Vec<_>>(),
@@ -240,6 +247,26 @@ fn main() {
         "sealed vs listing everything (--rescan), nothing new: wall {:.2}x, peak RSS {:.2}x",
         w_sealed / w_all,
         rss(1) / rss(2)
+    );
+    println!();
+    println!("past the horizon: max_age_days = 0 removes every job from the ledger; its manifests stay in the spool");
+    println!("| run | wall | peak RSS | manifests read | skipped before the horizon | in sealed directories, not listed | directories sealed |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, wall, child) in &past {
+        println!(
+            "| {name} | {wall:.2} s | {:.0} MiB | {} | {} | {} | {} |",
+            child["maxrss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            child["manifests_read"],
+            child["skipped_before_horizon"],
+            child["manifests_in_skipped_dirs"],
+            child["dirs_sealed"]
+        );
+    }
+    let rss = |i: usize| past[i].2["maxrss_kib"].as_f64().unwrap_or(0.0);
+    println!(
+        "sealed vs reading them all (each run's cost for such directories before they could be sealed): wall {:.2}x, peak RSS {:.2}x",
+        past[2].1 / past[1].1,
+        rss(2) / rss(1)
     );
     if let Some(path) = json_path {
         std::fs::write(
@@ -370,6 +397,39 @@ fn sealed_days(spool: &Path, config: &Path) -> Vec<(&'static str, f64, Value)> {
     out
 }
 
+/// Every job past the age bound (`max_age_days = 0`: the ledger is emptied, the horizon moves
+/// to the newest job), the manifests still in the spool, every directory old enough to seal:
+/// a run with `--rescan` (the first: it prunes, reads every manifest, skips each as before the
+/// horizon and seals every directory), another (`--rescan`: reads them all again, as every run
+/// did, before such directories could be sealed, for a directory whose jobs passed the horizon
+/// unsealed: a spool from before sealing, or a directory changed since), then one without
+/// (sealed). (name, wall s,
+/// the child's JSON line) of each.
+fn past_horizon(config: &Path) -> Vec<(&'static str, f64, Value)> {
+    let aged = config.with_file_name("accounting-aged.toml");
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(&aged, text + "\n[state]\nmax_age_days = 0\n").unwrap();
+    let mut out = Vec::new();
+    for (name, rescan) in [
+        ("pruning run (--rescan)", true),
+        ("reading them all (--rescan)", true),
+        ("sealed", false),
+    ] {
+        let (wall, child) = run_child_with(&aged, rescan);
+        assert_eq!(child["collected"], 0, "{child}");
+        eprintln!(
+            "{name}: {wall:.2} s, peak RSS {:.0} MiB, {} manifests read, {} jobs before the horizon, {} in sealed directories, {} sealed",
+            child["maxrss_kib"].as_f64().unwrap_or(0.0) / 1024.0,
+            child["manifests_read"],
+            child["skipped_before_horizon"],
+            child["manifests_in_skipped_dirs"],
+            child["dirs_sealed"]
+        );
+        out.push((name, wall, child));
+    }
+    out
+}
+
 /// Run `ergon run` in a child process; (wall seconds, the child's JSON line).
 fn run_child(config: &Path) -> (f64, Value) {
     run_child_with(config, false)
@@ -417,6 +477,7 @@ fn child_run(config_path: &Path, rescan: bool) {
             "manifests_read": summary.manifests_read,
             "manifests_known": summary.manifests_known,
             "manifests_in_skipped_dirs": summary.manifests_in_skipped_dirs,
+            "skipped_before_horizon": summary.skipped_before_horizon,
             "dirs_skipped": summary.dirs_skipped,
             "dirs_sealed": summary.dirs_sealed,
             "complete": summary.complete(),

@@ -255,6 +255,75 @@ fn sealed_node_directories_are_not_listed_and_late_nodes_still_combine() {
     assert!(!sealed_rows(&s).contains(&n1.to_str().unwrap().to_owned()));
 }
 
+/// A node directory whose manifests are of jobs that ended before the horizon (their entries
+/// removed by `max_age_days`, the files still in the spool), alone or beside delivered ones, is
+/// sealed too: without it every run would read those files again only to skip them.
+#[test]
+fn directories_of_jobs_before_the_horizon_are_sealed_too() {
+    let s = Setup::new();
+    s.write_config("");
+    let day = "2026-12-05";
+    let ended_days_ago = |job: u32, node: &str, days: u64| {
+        ergon_protocol::testing::ManifestBuilder::new("c1", job, node)
+            .ended(now_ns() - days * 86_400_000_000_000, 100)
+            .gpu(Some(1.0))
+            .socket(1.0, None)
+            .build()
+    };
+    // n1: a job of ten days ago beside a recent one; n2: only a job of ten days ago.
+    write_sharded(&s.spool(), day, &ended_days_ago(1, "n1", 10));
+    write_sharded(&s.spool(), day, &manifest("c1", 2, "n1", 10.0, 1.0, 1.0));
+    write_sharded(&s.spool(), day, &ended_days_ago(3, "n2", 10));
+    let (n1, n2) = (
+        s.spool().join(day).join("n1"),
+        s.spool().join(day).join("n2"),
+    );
+    // Collected while the directories are young: nothing sealed yet.
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(line.contains("collected 3 new"), "{line}");
+    assert!(sealed_rows(&s).is_empty(), "{:?}", sealed_rows(&s));
+
+    // The age bound removes jobs 1 and 3 (delivered: nothing lost) and moves the horizon; the
+    // directories are now old enough. Their files are read and skipped before the horizon,
+    // and both directories are sealed.
+    s.write_config("[state]\nmax_age_days = 5\n");
+    let old = std::time::Duration::from_secs(3600);
+    age_dir(&n1, old);
+    age_dir(&n2, old);
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(line.contains("2 before horizon"), "{line}");
+    assert!(line.contains("2 directories sealed"), "{line}");
+    assert_eq!(
+        sealed_rows(&s),
+        vec![n1.to_str().unwrap(), n2.to_str().unwrap()]
+    );
+
+    // The next run lists neither directory and reads nothing.
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(
+        line.contains(
+            "(0 manifests read, 0 known unchanged), 3 manifests in 2 sealed directories not listed"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("0 before horizon"), "{line}");
+    assert_eq!(s.status_json()["skipped_before_horizon"], 0);
+
+    // A new manifest in n2 unseals it: read with the old one, which is skipped again.
+    write_sharded(&s.spool(), day, &manifest("c1", 4, "n2", 10.0, 1.0, 1.0));
+    run_ok(&s);
+    let line = last_line(&s);
+    assert!(line.contains("collected 1 new"), "{line}");
+    assert!(line.contains("1 before horizon"), "{line}");
+    assert!(
+        line.contains("2 manifests in 1 sealed directories not listed"),
+        "{line}"
+    );
+}
+
 fn run_ok(s: &Setup) {
     let out = s.run();
     assert_eq!(out.status.code(), Some(0), "{}", show(&out));

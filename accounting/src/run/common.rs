@@ -70,8 +70,19 @@ pub fn build_sinks(config: &Config, dry_run: bool) -> Result<Vec<SharedSink>> {
     }
     Ok(sinks)
 }
-/// A new entry for `record`, or `None` when the job is in the state (or, delivered, in the
-/// ledger) with the same key, or ended before the horizon (counted). The state's entry wins
+/// What [`new_entry`] made of a job's manifests.
+pub(super) enum Entered {
+    /// A new or updated entry.
+    Entry(JobEntry),
+    /// The job is in the state (or, delivered, in the ledger) with the same key.
+    Known,
+    /// The job ended at or before the horizon (counted): the paths of its manifests, which are
+    /// never collected again.
+    BeforeHorizon(Vec<std::path::PathBuf>),
+}
+
+/// A new entry for `record`, or why there is none: the job is in the state (or, delivered, in
+/// the ledger) with the same key, or ended before the horizon (counted). The state's entry wins
 /// over the ledger's row.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn new_entry(
@@ -84,19 +95,20 @@ pub(super) fn new_entry(
     found: Vec<FoundManifest>,
     horizon_unix_ns: u64,
     factors: Option<&crate::carbon::Factors>,
-) -> Result<Option<JobEntry>> {
-    let manifests: Vec<_> = found.into_iter().map(|f| f.manifest).collect();
+) -> Result<Entered> {
+    let (paths, manifests): (Vec<_>, Vec<_>) =
+        found.into_iter().map(|f| (f.path, f.manifest)).unzip();
     let mut record = combine(&manifests);
     let existing = match state.jobs.get(key) {
         Some(e) => Some(e.key.clone()),
         None => ledger.job(key)?.map(|j| j.key),
     };
     if existing.as_ref() == Some(&record.idempotency_key) {
-        return Ok(None);
+        return Ok(Entered::Known);
     }
     if existing.is_none() && record.end_unix_ns <= horizon_unix_ns {
         summary.skipped_before_horizon += 1;
-        return Ok(None);
+        return Ok(Entered::BeforeHorizon(paths));
     }
     if let Some(f) = factors {
         f.apply(&mut record, &manifests);
@@ -106,7 +118,7 @@ pub(super) fn new_entry(
     } else {
         summary.collected += 1;
     }
-    Ok(Some(JobEntry {
+    Ok(Entered::Entry(JobEntry {
         key: record.idempotency_key.clone(),
         collected_unix: now_unix(),
         end_unix_ns: record.end_unix_ns,

@@ -2,6 +2,7 @@
 //! as soon as it is read, one uploader thread per sink sends while the scan goes on, and the
 //! collecting side alone changes the state.
 
+use std::collections::BTreeSet;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,15 +10,16 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::collect::{self, FoundManifest, SealCandidates, Streamed};
+use crate::collect::{self, FoundManifest, Streamed};
 use crate::config::{Config, RetryConfig};
 use crate::job::JobRecordFull;
 use crate::ledger::Ledger;
 use crate::sinks::{deliver_batch, verify_and_repair, BatchResult, Sink, Verify};
 use crate::state::{Bounds, JournalOp, SinkStatus, State};
 
-use super::common::{keep_ledger_files, new_entry, now_unix, now_unix_ns, SharedSink};
+use super::common::{keep_ledger_files, new_entry, now_unix, now_unix_ns, Entered, SharedSink};
 use super::saver::Saver;
+use super::seal::ToSeal;
 use super::summary::{RunOptions, RunSummary};
 
 /// Jobs per write-ahead chunk in a pipelined run: each chunk's entries are appended to the
@@ -305,6 +307,8 @@ struct Pipeline<'a, 'c> {
     /// Per sink: whether its stop was logged (a stop is logged once, however many requests
     /// were in flight).
     stop_logged: Vec<bool>,
+    /// The manifests read of jobs skipped before the horizon (for sealing).
+    before_horizon: BTreeSet<String>,
 }
 
 impl Pipeline<'_, '_> {
@@ -343,8 +347,16 @@ impl Pipeline<'_, '_> {
             self.factors,
         )?;
         match entry {
-            None => self.less_planned(),
-            Some(entry) => {
+            Entered::Known => self.less_planned(),
+            Entered::BeforeHorizon(paths) => {
+                self.before_horizon.extend(
+                    paths
+                        .into_iter()
+                        .filter_map(|p| p.into_os_string().into_string().ok()),
+                );
+                self.less_planned();
+            }
+            Entered::Entry(entry) => {
                 self.state.jobs.insert(key.clone(), entry);
                 // The age bound, as at the end of a sequential collection.
                 let pruned = self.state.prune_entry(&key, self.bounds, now_unix_ns());
@@ -516,7 +528,7 @@ pub(super) fn run_pipelined(
     ledger: &mut Ledger,
     bounds: Bounds,
     factors: Option<&crate::carbon::Factors>,
-) -> Result<Option<SealCandidates>> {
+) -> Result<Option<ToSeal>> {
     let started = Instant::now();
     // The records left pending by earlier runs go first, oldest job first (a verifying sink
     // checks them before sending what is missing: see `uploader`).
@@ -603,6 +615,7 @@ pub(super) fn run_pipelined(
             chunk: Vec::new(),
             busy: Duration::ZERO,
             stop_logged: vec![false; sinks.len()],
+            before_horizon: BTreeSet::new(),
         };
         for (i, feed) in backlogs.iter().enumerate() {
             if !feed.is_empty() {
@@ -646,7 +659,10 @@ pub(super) fn run_pipelined(
                     pipe.summary.manifests_in_skipped_dirs,
                 ) = s.skipped;
             }
-            *sealing_found = scan.sealing;
+            *sealing_found = scan.sealing.map(|found| ToSeal {
+                found,
+                before_horizon: std::mem::take(&mut pipe.before_horizon),
+            });
             // The spool index: the good files of the jobs the state has (see run_sequential).
             let jobs = &pipe.state.jobs;
             pipe.state.index = scan

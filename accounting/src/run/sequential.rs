@@ -12,7 +12,9 @@ use crate::ledger::Ledger;
 use crate::sinks::{deliver_batch, verify_and_repair, BatchResult, Sink};
 use crate::state::{Bounds, Delivery, SinkStatus, State};
 
-use super::common::{bar, keep_ledger_files, new_entry, now_unix, now_unix_ns, SharedSink};
+use super::common::{
+    bar, keep_ledger_files, new_entry, now_unix, now_unix_ns, Entered, SharedSink,
+};
 use super::sacct::{write_sacct, SACCT};
 use super::saver::Saver;
 use super::summary::{RunOptions, RunSummary};
@@ -54,7 +56,7 @@ pub(super) fn run_sequential(
     summary.manifests_known = scan.known;
     let horizon = state.horizon_unix_ns;
     for (key, found) in scan.jobs {
-        if let Some(entry) = new_entry(
+        if let Entered::Entry(entry) = new_entry(
             config, state, ledger, sinks, summary, &key, found, horizon, factors,
         )? {
             state.jobs.insert(key, entry);
