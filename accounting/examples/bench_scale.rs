@@ -20,6 +20,9 @@
 //! bench_scale [--runs N] [--jobs-per-run J] [--json PATH]
 //! ```
 
+#[path = "common/peak.rs"]
+mod peak;
+
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
@@ -468,8 +471,6 @@ fn child_run(config_path: &Path, rescan: bool) {
         },
     )
     .expect("ergon run");
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .expect("getrusage");
     println!(
         "{}",
         json!({
@@ -487,7 +488,7 @@ fn child_run(config_path: &Path, rescan: bool) {
             "state_bytes_final": file_len(&ergon_accounting::state::State::path(&config.state_dir)),
             "ledger_bytes": file_len(&ergon_accounting::ledger::Ledger::path(&config.state_dir)),
             "run_s": summary.timings.total.as_secs_f64(),
-            "maxrss_kib": usage.max_rss(),
+            "maxrss_kib": peak::peak_rss_kib(),
         })
     );
 }
