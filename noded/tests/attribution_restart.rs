@@ -482,6 +482,57 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     assert_eq!(m.coverage.fraction, 0.0);
 }
 
+/// At a fresh start the attributor's first reading has a value for every sensor, so a job found
+/// running gets each sensor's energy from then on. Here every GPU read takes 300 ms (a driver
+/// call on a busy GPU, or a starved sampling thread): ergond finds the job before the GPU's
+/// first sample, and without waiting for it the job's first second of GPU energy was lost, with
+/// nothing saying so.
+#[test]
+fn a_job_found_at_a_fresh_start_gets_its_gpu_from_the_first_reading() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fake = FakeNvml::new(json!({"gpus": [{
+        "uuid": "GPU-00000000-0000-4000-8000-000000000005", "name": "Fake", "minor": 0,
+        "profile": {"kind": "constant", "watts": 100.0}, "update_period_ms": 20.0,
+        "read_delay_us": 300_000,
+    }]}));
+    let dir = tempfile::tempdir().unwrap();
+    let driver = Driver::start(dir.path());
+    let cg = "slurm/uid_1000/job_8/step_batch";
+    driver.add_cgroup(dir.path(), cg, 1.0);
+    std::fs::write(
+        dir.path().join("cgroup").join(cg).join("cgroup.procs"),
+        "4242\n",
+    )
+    .unwrap();
+    let environ = dir.path().join("proc/4242/environ");
+    std::fs::create_dir_all(environ.parent().unwrap()).unwrap();
+    std::fs::write(
+        &environ,
+        b"SLURM_JOB_ID=8\0SLURM_JOB_UID=1000\0SLURM_JOB_GPUS=0\0",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let e = start(dir.path(), &fake.lib, "", "ergond.log");
+    let socket = dir.path().join("run/ergond.sock");
+    match request(&socket, &Request::QueryJob { job_id: 8 }).unwrap() {
+        Reply::Job(_) => {}
+        other => panic!("job 8 not found in the cgroup tree: {other:?}\n{}", e.log()),
+    }
+    let t_found = Instant::now();
+    std::thread::sleep(Duration::from_millis(2000));
+    // Measured from the first reading (after ergond started, before it answered) to the end.
+    let (least, most) = (t_found.elapsed().as_secs_f64(), t0.elapsed().as_secs_f64());
+    send(&socket, job_end(8));
+    let m = manifest(&dir.path().join("spool"), 8, &e);
+    let gpu_j = m.totals.gpu_j.unwrap();
+    assert!(
+        gpu_j > 100.0 * least * 0.95 && gpu_j < 100.0 * most * 1.05,
+        "{gpu_j} J, expected 100 W over {least:.2}-{most:.2} s; coverage {:?}\n{}",
+        m.coverage,
+        e.log()
+    );
+}
+
 #[test]
 fn a_gpu_two_jobs_share_is_split_by_their_processes_utilisation() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
