@@ -1,6 +1,7 @@
 //! Sealing node directories of the sharded spool at the end of a pipelined run (see
-//! [`crate::spool::Sealed`]): a directory whose every manifest is in the ledger, as listed, is
-//! not listed by later runs while its modification time stays the same.
+//! [`crate::spool::Sealed`]): a directory whose every manifest is in the ledger, as listed, or
+//! of a job before the horizon, is not listed by later runs while its modification time stays
+//! the same.
 
 use std::collections::BTreeSet;
 
