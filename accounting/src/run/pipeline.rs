@@ -189,11 +189,16 @@ fn uploader(
                         BatchResult::Delivered { .. } => {
                             bar.inc(keys.len() as u64);
                             let mut due = Feed::new();
+                            // Asked here: the outer `verifier` cannot cross threads (`dyn Verify` is not `Sync`).
                             let verifier = sink.verifier();
-                            let taken = match (verifier, accepted.lock()) {
-                                (Some(v), Ok(mut a)) => {
+                            let taken = match verifier {
+                                Some(v) => {
                                     // Reported under the lock, so that the batch is known as
-                                    // sent before another lane's verification reports it.
+                                    // sent before another lane's verification reports it (a
+                                    // poisoned lock still holds a plain list).
+                                    let mut a = accepted
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                                     a.extend(batch);
                                     let taken =
                                         events.send(Uploaded::Accepted { sink: index, keys });
@@ -205,7 +210,7 @@ fn uploader(
                                     }
                                     taken
                                 }
-                                _ => events.send(Uploaded::Delivered { sink: index, keys }),
+                                None => events.send(Uploaded::Delivered { sink: index, keys }),
                             };
                             if taken.is_err() {
                                 // The run failed (its state cannot be written): what is sent
