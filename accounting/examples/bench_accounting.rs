@@ -32,9 +32,6 @@
 //! bench_accounting [--jobs N] [--sizes lean,realistic,realistic-v1] [--json PATH]
 //! ```
 
-#[path = "common/peak.rs"]
-mod peak;
-
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::TcpListener;
@@ -422,7 +419,7 @@ fn child_run(config_path: &Path) {
             "run_s": t.total.as_secs_f64(),
             "user_cpu_s": cpu(usage.user_time()),
             "sys_cpu_s": cpu(usage.system_time()),
-            "maxrss_kib": peak::peak_rss_kib(),
+            "maxrss_kib": ergon_testkit::peak_rss_kib(),
         })
     );
 }

@@ -20,9 +20,6 @@
 //! bench_scale [--runs N] [--jobs-per-run J] [--json PATH]
 //! ```
 
-#[path = "common/peak.rs"]
-mod peak;
-
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
@@ -488,7 +485,7 @@ fn child_run(config_path: &Path, rescan: bool) {
             "state_bytes_final": file_len(&ergon_accounting::state::State::path(&config.state_dir)),
             "ledger_bytes": file_len(&ergon_accounting::ledger::Ledger::path(&config.state_dir)),
             "run_s": summary.timings.total.as_secs_f64(),
-            "maxrss_kib": peak::peak_rss_kib(),
+            "maxrss_kib": ergon_testkit::peak_rss_kib(),
         })
     );
 }

@@ -212,11 +212,7 @@ fn build_node(fake_nvml: &Path) -> Node {
 }
 
 fn vm_rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    ergon_testkit::proc_status_kib("self", "VmRSS")
 }
 
 fn process_cpu_ns() -> u64 {

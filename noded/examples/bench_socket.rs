@@ -351,14 +351,9 @@ impl Ergond {
 
     /// VmRSS and VmHWM in KiB.
     fn rss_kib(&self) -> (u64, u64) {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |name: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        let pid = self.pid().to_string();
+        let field = |name| ergon_testkit::proc_status_kib(&pid, name);
+        (field("VmRSS"), field("VmHWM"))
     }
 
     /// CPU time (utime + stime, ms) per thread name, summed over threads of the same name.

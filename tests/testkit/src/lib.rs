@@ -76,6 +76,30 @@ pub fn child_processes(ppid: u32, name: &str) -> Vec<(u32, char)> {
     .collect()
 }
 
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`, …; `pid` `"self"` for this
+/// process), 0 where unreadable.
+pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// This process's peak resident set size (KiB) since it was started: `VmHWM`.
+///
+/// Not `getrusage`'s `ru_maxrss`: Linux keeps in it the high-water mark of the memory a process
+/// had before `exec`, which for a child forked from a benchmark is the benchmark's own, so a
+/// child of a large parent would report at least the parent's size (seen: a 14 MiB run reported
+/// 87 MiB after the benchmark had listed 83,328 jobs). `VmHWM` belongs to the memory image
+/// `exec` made.
+pub fn peak_rss_kib() -> u64 {
+    proc_status_kib("self", "VmHWM")
+}
+
 /// Whether the effective uid is 0 (from `/proc/self/status`, so this crate needs no libc).
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
