@@ -180,6 +180,19 @@ fn job_end(job_id: u32) -> Request {
     })
 }
 
+/// Process `pid` in step cgroup `cg` (under `dir`'s generated trees), with `environ` as its
+/// environment (what ergond reads of a job it finds running).
+fn task_with_environ(dir: &Path, cg: &str, pid: u32, environ: &[u8]) {
+    std::fs::write(
+        dir.join("cgroup").join(cg).join("cgroup.procs"),
+        format!("{pid}\n"),
+    )
+    .unwrap();
+    let path = dir.join(format!("proc/{pid}/environ"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, environ).unwrap();
+}
+
 fn manifest(spool: &Path, job_id: u32, e: &Ergond) -> Manifest {
     common::wait_manifest(&spool.join(format!("c-{job_id}-{NODE}.json")), e)
 }
@@ -397,19 +410,13 @@ fn a_job_running_before_ergond_starts_is_found_in_the_cgroup_tree() {
     let cg = "slurm/uid_1000/job_8/step_batch";
     driver.add_cgroup(dir.path(), cg, 1.0);
     driver.add_cgroup(dir.path(), "slurm/uid_1000/job_9/step_batch", 0.0);
-    std::fs::write(
-        dir.path().join("cgroup").join(cg).join("cgroup.procs"),
-        "4242\n",
-    )
-    .unwrap();
-    let environ = dir.path().join("proc/4242/environ");
-    std::fs::create_dir_all(environ.parent().unwrap()).unwrap();
-    std::fs::write(
-        &environ,
+    task_with_environ(
+        dir.path(),
+        cg,
+        4242,
         b"SLURM_JOB_ID=8\0SLURM_JOB_UID=1000\0SLURM_JOB_USER=alice\0SLURM_JOB_ACCOUNT=proj\0\
           SLURM_JOB_GPUS=0\0SLURMD_NODENAME=n7\0",
-    )
-    .unwrap();
+    );
     // Slurm's cgroup/v2 plugin confines the job to its CPUs.
     std::fs::write(
         dir.path()
@@ -499,18 +506,12 @@ fn a_job_found_at_a_fresh_start_gets_its_gpu_from_the_first_reading() {
     let driver = Driver::start(dir.path());
     let cg = "slurm/uid_1000/job_8/step_batch";
     driver.add_cgroup(dir.path(), cg, 1.0);
-    std::fs::write(
-        dir.path().join("cgroup").join(cg).join("cgroup.procs"),
-        "4242\n",
-    )
-    .unwrap();
-    let environ = dir.path().join("proc/4242/environ");
-    std::fs::create_dir_all(environ.parent().unwrap()).unwrap();
-    std::fs::write(
-        &environ,
+    task_with_environ(
+        dir.path(),
+        cg,
+        4242,
         b"SLURM_JOB_ID=8\0SLURM_JOB_UID=1000\0SLURM_JOB_GPUS=0\0",
-    )
-    .unwrap();
+    );
     let t0 = Instant::now();
     let e = start(dir.path(), &fake.lib, "", "ergond.log");
     let socket = dir.path().join("run/ergond.sock");
