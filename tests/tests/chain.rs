@@ -815,13 +815,21 @@ fn a_job_run_while_ergond_is_down_is_measured_from_its_queued_events() {
         std::thread::sleep(Duration::from_millis(1500));
         std::fs::write(&release, b"")?;
         c.wait_completed(job)?;
-        let queued = c.queued_events()?;
-        ensure!(
-            queued
-                .iter()
-                .any(|r| matches!(r, Request::JobEnd(e) if e.job_id == job)),
-            "the job's end is not queued: {queued:?}"
-        );
+        // sacct says COMPLETED when the job ends, before the epilog (whose job_epilog hook
+        // queues the end) has finished: the end is awaited.
+        let mut queued = Vec::new();
+        wait_for(
+            Duration::from_secs(30),
+            "the job's end in the queue",
+            || {
+                queued = c.queued_events()?;
+                Ok(queued
+                    .iter()
+                    .any(|r| matches!(r, Request::JobEnd(e) if e.job_id == job))
+                    .then_some(()))
+            },
+        )
+        .with_context(|| format!("the job's end is not queued: {queued:?}"))?;
         s.ergond.spawn()?;
         let (_, m) = s.ergond.wait_manifest(job, &c.node)?;
         // Its GPUs, from the queued start.
