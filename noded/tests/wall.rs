@@ -702,11 +702,17 @@ fn a_killed_ergond_leaves_no_ipmitool_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // ergond reads the BMC through it.
-    let before = metric(
-        &scrape_metrics(dir.path()),
-        "ergon_node_meter_power_watts{source=\"ipmi\"}",
-    );
+    // ergond reads the BMC through it (the session starts before its first reading is in:
+    // await the reading).
+    let name = "ergon_node_meter_power_watts{source=\"ipmi\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        let text = scrape_metrics(dir.path());
+        if text.lines().any(|l| l.starts_with(name)) || Instant::now() >= deadline {
+            break metric(&text, name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(before, 300.0);
     ergond.child.kill().unwrap();
     ergond.child.wait().unwrap();
