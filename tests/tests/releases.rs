@@ -3,8 +3,9 @@
 //! - `a_failing_spank_function_fails_the_job_but_ergon_never_does`: a plugin that only fails
 //!   (`tests/fixtures/spank_fail.c`, built here against the release's own headers) returns -1,
 //!   then 1, from `slurm_spank_task_post_fork`, the hook where ergon sends `StepStart`. On every
-//!   release -1 fails the job's launch: the job goes back to the queue, and the node drains when
-//!   the batch step (not the extern step) met the failure first; 1 is ignored before 25.05 and
+//!   release -1 fails the job's launch and its script never runs: 22.05 drains the node (and
+//!   records the job COMPLETED, exit code 0), 24.11 and 26.05 requeue the job and drain the node
+//!   when the batch step (not the extern step) met the failure first; 1 is ignored before 25.05 and
 //!   fails the launch the same way from 25.05 on, where any non-zero return is an error. With
 //!   ergon's plugin and no ergond at all, the same job completes, is never requeued, and the
 //!   node stays up, on every release.
@@ -71,6 +72,8 @@ fn resume(c: &Cluster) {
 /// What a job did and what became of the node.
 #[derive(Debug, PartialEq)]
 struct Outcome {
+    /// The job's script ran: its step left the file it writes.
+    ran: bool,
     /// The job's last state word in sacct when it was seen to end or go back to the queue.
     state: String,
     /// Slurm put the job back in the queue (`Restarts` > 0 in `scontrol show job`).
@@ -81,7 +84,13 @@ struct Outcome {
 impl Outcome {
     /// The job ran to completion and nothing else happened to it or to the node.
     fn completed_cleanly(&self) -> bool {
-        self.state == "COMPLETED" && !self.requeued && !self.node_drained
+        self.ran && self.state == "COMPLETED" && !self.requeued && !self.node_drained
+    }
+
+    /// The job's script never ran, and Slurm said so: it requeued the job or drained the node
+    /// (22.05 records such a job as COMPLETED with exit code 0: its state alone says nothing).
+    fn launch_failed(&self) -> bool {
+        !self.ran && (self.requeued || self.node_drained)
     }
 }
 
@@ -97,12 +106,15 @@ fn restarts(c: &Cluster, job: u32) -> u32 {
         .unwrap_or(0)
 }
 
-/// Runs `srun true` inside a batch job and says how it ended. A job that goes back to the queue
-/// is cancelled, and a drained node is resumed, so that the next job finds the node idle.
-fn run_job(c: &Cluster, extra: &[&str]) -> Outcome {
+/// Runs a batch job whose one step writes `mark` and says how it ended. A job that goes back to
+/// the queue is cancelled, and a drained node is resumed, so that the next job finds the node
+/// idle.
+fn run_job(c: &Cluster, mark: &Path, extra: &[&str]) -> Outcome {
+    let _ = std::fs::remove_file(mark);
+    let wrap = format!("srun touch {}", mark.display());
     let mut args = vec!["--output=/dev/null", "--time=2"];
     args.extend_from_slice(extra);
-    args.extend(["--wrap", "srun true"]);
+    args.extend(["--wrap", &wrap]);
     let job = c.sbatch(&args).unwrap();
     // A job whose launch fails goes back to the queue: it never ends by itself. Which of its
     // first two steps meets a failing plugin first is a race: when the batch step's launch fails,
@@ -154,6 +166,7 @@ fn run_job(c: &Cluster, extra: &[&str]) -> Outcome {
         resume(c);
     }
     Outcome {
+        ran: mark.exists(),
         state,
         requeued,
         node_drained: drained,
@@ -188,7 +201,7 @@ fn a_failing_spank_function_fails_the_job_but_ergon_never_does() {
     let mut seen = Vec::new();
     for rc in [-1, 1] {
         std::fs::write(&dropin, format!("required {} rc={rc}\n", so.display())).unwrap();
-        let outcome = run_job(c, &[]);
+        let outcome = run_job(c, &dir.path().join(format!("ran-{rc}")), &[]);
         println!(
             "Slurm {}: a SPANK task_post_fork returning {rc}: {outcome:?}",
             c.release
@@ -198,7 +211,7 @@ fn a_failing_spank_function_fails_the_job_but_ergon_never_does() {
     drop(guard);
     // ergon's own plugin, its daemon absent, on the same release: the job completes and the node
     // stays up.
-    let ergon = run_job(c, &["--energy-report"]);
+    let ergon = run_job(c, &dir.path().join("ran-ergon"), &["--energy-report"]);
     println!("Slurm {}: ergon with no ergond: {ergon:?}", c.release);
     assert!(
         ergon.completed_cleanly(),
@@ -207,19 +220,19 @@ fn a_failing_spank_function_fails_the_job_but_ergon_never_does() {
     );
     println!("Slurm {}: failing plugin {seen:?}", c.release);
     // What each release does with a failing task_post_fork (observed on 22.05, 24.11 and 26.05):
-    // -1 fails the launch on all three, and the job goes back to the queue (requeued; the node
-    // drains too when the batch step was the one to fail); 1 is ignored before 25.05 and fails
-    // the launch the same way from 25.05 on ("any non-zero return is an error").
+    // -1 fails the launch on all three, and the script never runs. 22.05 drains the node and
+    // records the job as COMPLETED, exit code 0; 24.11 and 26.05 requeue the job, and drain the
+    // node when the batch step was the one to meet the failure. 1 is ignored before 25.05 and
+    // fails the launch the same way from 25.05 on ("any non-zero return is an error").
     let (minus_one, one) = (&seen[0].1, &seen[1].1);
-    let failed = |o: &Outcome| o.state != "COMPLETED" && (o.requeued || o.node_drained);
     assert!(
-        failed(minus_one),
+        minus_one.launch_failed(),
         "Slurm {}: a SPANK function returning -1 did not fail the launch: {minus_one:?}",
         c.release
     );
     if c.version() >= (25, 5) {
         assert!(
-            failed(one),
+            one.launch_failed(),
             "Slurm {}: returning 1 is an error from 25.05 on: {one:?}",
             c.release
         );
