@@ -124,8 +124,8 @@ fn entries(dir: &Path) -> std::io::Result<Vec<(PathBuf, String, bool)>> {
 /// A node directory of the sharded layout that an earlier run found wholly collected and
 /// delivered (every manifest in it in the ledger, or of a job that ended before the horizon)
 /// and old enough that nothing was being written into it: its modification time then, and how
-/// many manifests it held. A run that finds it
-/// with the same modification time does not list it (see [`list_sealed`]).
+/// many manifests it held. A run that finds it with the same modification time does not list it
+/// (see [`list_sealed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sealed {
     /// The directory's modification time when sealed, ns since the Unix epoch.

@@ -136,11 +136,7 @@ fn run(dir: &Path, meter: Meter, extra: &str, memory_mib: Option<u64>) -> Run {
     fake.wait_for_start();
     if metered {
         // The meter is read: its series has begun.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !scrape_metrics(dir).contains("ergon_node_meter_energy_joules_total{source=") {
-            assert!(Instant::now() < deadline, "no meter:\n{}", ergond.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_metrics_with(dir, "ergon_node_meter_energy_joules_total{source=", &ergond);
     }
     let socket = dir.join("run/ergond.sock");
     let (start_t, start) = (Instant::now(), Timestamp::now());
@@ -705,14 +701,7 @@ fn a_killed_ergond_leaves_no_ipmitool_behind() {
     // ergond reads the BMC through it (the session starts before its first reading is in:
     // await the reading).
     let name = "ergon_node_meter_power_watts{source=\"ipmi\"}";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let before = loop {
-        let text = scrape_metrics(dir.path());
-        if text.lines().any(|l| l.starts_with(name)) || Instant::now() >= deadline {
-            break metric(&text, name);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let before = metric(&common::wait_metrics_with(dir.path(), name, &ergond), name);
     assert_eq!(before, 300.0);
     ergond.child.kill().unwrap();
     ergond.child.wait().unwrap();

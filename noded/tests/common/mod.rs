@@ -222,6 +222,24 @@ pub fn scrape_metrics(dir: &Path) -> String {
     out
 }
 
+/// `/metrics` of the ergond of `dir` once it has a sample whose line starts with `prefix` (a
+/// series that begins with a source's first reading); fails with ergond's log after 20 s.
+pub fn wait_metrics_with(dir: &Path, prefix: &str, e: &Ergond) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = scrape_metrics(dir);
+        if text.lines().any(|l| l.starts_with(prefix)) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {prefix} in /metrics:\n{}",
+            e.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The value of the first sample of `name` in an exposition.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
