@@ -70,7 +70,7 @@ fn resume(c: &Cluster) {
 }
 
 /// What a job did and what became of the node.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct Outcome {
     /// The job's script ran: its step left the file it writes.
     ran: bool,
@@ -96,12 +96,14 @@ impl Outcome {
 
 /// How often slurmctld has requeued a job it still knows (`Restarts=` of `scontrol show job`).
 fn restarts(c: &Cluster, job: u32) -> u32 {
-    c.run("scontrol", ["show", "job", "-o", &job.to_string()])
+    c.scontrol_job(job)
         .ok()
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("Restarts=")?.parse().ok())
+        .and_then(|kv| {
+            kv.into_iter()
+                .find(|(k, _)| k == "Restarts")?
+                .1
+                .parse()
+                .ok()
         })
         .unwrap_or(0)
 }
@@ -116,8 +118,8 @@ fn run_job(c: &Cluster, mark: &Path, extra: &[&str]) -> Outcome {
     args.extend_from_slice(extra);
     args.extend(["--wrap", &wrap]);
     let job = c.sbatch(&args).unwrap();
-    // A job whose launch fails goes back to the queue: it never ends by itself. Which of its
-    // first two steps meets a failing plugin first is a race: when the batch step's launch fails,
+    // A job whose launch fails may go back to the queue and never end by itself (24.11, 26.05;
+    // 22.05 ends it). Which of its first two steps meets a failing plugin first is a race: when the batch step's launch fails,
     // slurmd reports that and the node drains; when the extern step fails first, slurmctld kills
     // the job before its batch step starts, and requeues it without draining the node (both seen
     // on 26.05).
